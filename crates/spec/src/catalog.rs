@@ -1,0 +1,501 @@
+//! The catalog: every key `kiln.toml` accepts, with its kind, default and documentation.
+//!
+//! This table is the single source for three things that must never disagree: the decoder's
+//! knowledge of which keys exist (unknown keys are errors with a "did you mean" hint), the JSON
+//! Schema that `kiln schema` prints, and the reference in `docs/config.md` (a test regenerates
+//! it and fails when the committed file differs).
+
+/// One key of a table.
+#[derive(Debug)]
+pub struct Field {
+    /// The key as written in `kiln.toml`.
+    pub key: &'static str,
+    /// What the value must be.
+    pub kind: Kind,
+    /// Whether the key must be present.
+    pub required: bool,
+    /// The default as a TOML literal (`8080`, `"30s"`), used when the key is absent.
+    pub default: Option<&'static str>,
+    /// One or two sentences for the reference and the schema's `description`.
+    pub doc: &'static str,
+}
+
+/// The kinds of values the decoder understands.
+#[derive(Debug)]
+pub enum Kind {
+    /// Any string (further checks happen when the typed spec is built).
+    String,
+    /// A string matching a regular expression (also emitted in the JSON Schema).
+    Pattern(&'static str),
+    /// `true` or `false`.
+    Bool,
+    /// A whole number in `min..=max`.
+    Integer {
+        /// Smallest allowed value.
+        min: i64,
+        /// Largest allowed value.
+        max: i64,
+    },
+    /// A number (integer or float) that must be greater than zero.
+    Positive,
+    /// A humane duration string: `"500ms"`, `"10s"`, `"2m"`, `"1h 30m"`.
+    Duration,
+    /// A humane size string (`"256MiB"`, `"1GiB"`) or a number of bytes.
+    Size,
+    /// One of a fixed set of strings.
+    Enum(&'static [&'static str]),
+    /// A list of strings.
+    StringList,
+    /// A table of string values (`env`, `labels`).
+    StringMap,
+    /// A whole number, or a percentage string like `"25%"`.
+    CountOrPercent,
+    /// A fraction between 0 and 1, or a percentage string like `"1%"`.
+    Ratio,
+    /// A sub-table.
+    Table(&'static [Field]),
+    /// An array of tables (`[[image.copy]]`).
+    TableList(&'static [Field]),
+}
+
+const fn field(key: &'static str, kind: Kind, doc: &'static str) -> Field {
+    Field {
+        key,
+        kind,
+        required: false,
+        default: None,
+        doc,
+    }
+}
+
+const fn required(key: &'static str, kind: Kind, doc: &'static str) -> Field {
+    Field {
+        key,
+        kind,
+        required: true,
+        default: None,
+        doc,
+    }
+}
+
+const fn default(key: &'static str, kind: Kind, default: &'static str, doc: &'static str) -> Field {
+    Field {
+        key,
+        kind,
+        required: false,
+        default: Some(default),
+        doc,
+    }
+}
+
+/// The pattern an app name must match.
+pub const NAME_PATTERN: &str = "^[a-z][a-z0-9-]{0,39}$";
+
+/// The top level of `kiln.toml`.
+pub const ROOT: &[Field] = &[
+    required(
+        "name",
+        Kind::Pattern(NAME_PATTERN),
+        "The app's name: a lowercase letter, then up to 39 lowercase letters, digits or `-`. \
+         It names the image tag, the releases and the instances.",
+    ),
+    required("image", Kind::Table(IMAGE), "How to build the app's image."),
+    required("service", Kind::Table(SERVICE), "How to run an instance of the image."),
+    field("deploy", Kind::Table(DEPLOY), "How a new release replaces the current one."),
+    field("route", Kind::Table(ROUTE), "Where kiln's router listens for the app's traffic."),
+    field("target", Kind::Table(TARGET), "Where instances run."),
+];
+
+/// Strategies `[deploy] strategy` accepts.
+pub const STRATEGIES: &[&str] = &["rolling", "blue-green", "canary"];
+
+const IMAGE: &[Field] = &[
+    default(
+        "base",
+        Kind::String,
+        "\"scratch\"",
+        "The base image: `\"scratch\"` (empty), `\"oci:PATH[:TAG|@sha256:…]\"` (an OCI image \
+         layout directory), `\"docker-archive:PATH\"` (`docker save` output) or \
+         `\"rootfs:PATH\"` (a directory, `.tar` or `.tar.gz` used as the base layer). Paths are \
+         relative to `kiln.toml`.",
+    ),
+    field(
+        "entrypoint",
+        Kind::StringList,
+        "The program and its first arguments, e.g. `[\"/hello\"]`. Overrides the base's.",
+    ),
+    field(
+        "cmd",
+        Kind::StringList,
+        "Arguments appended to the entrypoint. Overrides the base's.",
+    ),
+    field(
+        "env",
+        Kind::StringMap,
+        "Environment baked into the image, added to (and overriding) the base's.",
+    ),
+    field(
+        "workdir",
+        Kind::String,
+        "The working directory of the process (an absolute path).",
+    ),
+    field(
+        "user",
+        Kind::String,
+        "The user the process runs as: `UID` or `UID:GID` (numbers, so the image needs no \
+         `/etc/passwd`).",
+    ),
+    field("labels", Kind::StringMap, "OCI labels recorded in the image config."),
+    default(
+        "compression",
+        Kind::Enum(&["gzip", "zstd"]),
+        "\"gzip\"",
+        "How layers are compressed. `gzip` is read by every OCI tool and Docker.",
+    ),
+    field(
+        "copy",
+        Kind::TableList(COPY),
+        "Files to put in the image; each `[[image.copy]]` becomes one layer.",
+    ),
+    field(
+        "test",
+        Kind::Table(IMAGE_TEST),
+        "How `kiln test` proves the image works before it can be released.",
+    ),
+];
+
+const COPY: &[Field] = &[
+    required(
+        "from",
+        Kind::String,
+        "A file or directory, relative to `kiln.toml`. It must exist.",
+    ),
+    required(
+        "to",
+        Kind::String,
+        "Where it goes in the image: an absolute, normalised path.",
+    ),
+    field(
+        "mode",
+        Kind::String,
+        "Permission bits for copied files as an octal string, e.g. `\"0755\"`; default: the \
+         source's bits.",
+    ),
+    default(
+        "owner",
+        Kind::String,
+        "\"0:0\"",
+        "Owner of copied files as `UID:GID` (numbers).",
+    ),
+    field(
+        "exclude",
+        Kind::StringList,
+        "Glob patterns (relative to `from`) of files to leave out.",
+    ),
+    default(
+        "closure",
+        Kind::Bool,
+        "false",
+        "Also copy an ELF binary's shared-library closure (its `DT_NEEDED` libraries and the \
+         dynamic loader), so a dynamically linked binary runs on `scratch`.",
+    ),
+];
+
+const IMAGE_TEST: &[Field] = &[
+    field(
+        "command",
+        Kind::StringList,
+        "A command run once inside the image; it must exit 0.",
+    ),
+    field(
+        "http",
+        Kind::String,
+        "A path (e.g. `\"/healthz\"`) that must answer 2xx on a started instance.",
+    ),
+    default(
+        "timeout",
+        Kind::Duration,
+        "\"30s\"",
+        "How long the test may take.",
+    ),
+];
+
+const SERVICE: &[Field] = &[
+    default(
+        "port",
+        Kind::Integer { min: 1, max: 65535 },
+        "8080",
+        "The port the app listens on inside an instance with its own network (a container). \
+         On the local provider's host network kiln picks a free port per instance. Either \
+         way kiln sets `$PORT`, and the app must listen on it.",
+    ),
+    default(
+        "replicas",
+        Kind::Integer { min: 1, max: 1000 },
+        "1",
+        "How many instances serve the live release.",
+    ),
+    field(
+        "env",
+        Kind::StringMap,
+        "Environment for each instance, on top of the image's. `PORT` is set by kiln.",
+    ),
+    field(
+        "writable",
+        Kind::StringList,
+        "Absolute paths mounted as tmpfs, the only places an instance can write. Everything \
+         else is read-only.",
+    ),
+    field(
+        "memory",
+        Kind::Size,
+        "Memory limit per instance, e.g. `\"256MiB\"`.",
+    ),
+    field(
+        "cpus",
+        Kind::Positive,
+        "CPU limit per instance, in cores (e.g. `0.5`).",
+    ),
+    default(
+        "stop_grace",
+        Kind::Duration,
+        "\"10s\"",
+        "How long an instance has to exit after SIGTERM before it is killed.",
+    ),
+    field(
+        "health",
+        Kind::Table(HEALTH),
+        "How kiln decides an instance may receive traffic.",
+    ),
+];
+
+const HEALTH: &[Field] = &[
+    field(
+        "path",
+        Kind::String,
+        "An HTTP path that must answer 2xx; without it the check is a TCP connect.",
+    ),
+    default("interval", Kind::Duration, "\"1s\"", "Time between checks."),
+    default("timeout", Kind::Duration, "\"1s\"", "How long one check may take."),
+    default(
+        "healthy_threshold",
+        Kind::Integer { min: 1, max: 100 },
+        "1",
+        "Consecutive passes before an instance is healthy.",
+    ),
+    default(
+        "unhealthy_threshold",
+        Kind::Integer { min: 1, max: 100 },
+        "3",
+        "Consecutive failures before a healthy instance is unhealthy.",
+    ),
+    default(
+        "start_period",
+        Kind::Duration,
+        "\"30s\"",
+        "Grace time after start during which failures do not count; an instance still not \
+         healthy after it has failed.",
+    ),
+];
+
+const DEPLOY: &[Field] = &[
+    default(
+        "strategy",
+        Kind::Enum(STRATEGIES),
+        "\"rolling\"",
+        "`rolling` replaces instances a few at a time; `blue-green` starts a full new set and \
+         switches all traffic at once; `canary` shifts traffic in `[[deploy.steps]]`, judged by \
+         `[deploy.analysis]`.",
+    ),
+    default(
+        "max_surge",
+        Kind::CountOrPercent,
+        "1",
+        "How many instances above `replicas` a rolling update may start (a number or `\"25%\"`).",
+    ),
+    default(
+        "max_unavailable",
+        Kind::CountOrPercent,
+        "0",
+        "How many of `replicas` may be unavailable during a rolling update (a number or \
+         `\"25%\"`).",
+    ),
+    default(
+        "progress_deadline",
+        Kind::Duration,
+        "\"5m\"",
+        "A rollout that makes no progress for this long is rolled back.",
+    ),
+    default(
+        "keep_previous",
+        Kind::Duration,
+        "\"10m\"",
+        "How long the previous release's instances stay warm (running, out of the route) for \
+         an instant rollback.",
+    ),
+    field(
+        "promote",
+        Kind::Enum(&["auto", "manual"]),
+        "For `blue-green` and `canary`: switch or advance by itself (`auto`, the default) or \
+         wait for `kiln promote` (`manual`).",
+    ),
+    field(
+        "steps",
+        Kind::TableList(STEP),
+        "Canary only: the traffic steps, strictly increasing and ending at 100.",
+    ),
+    field(
+        "analysis",
+        Kind::Table(ANALYSIS),
+        "Canary only: how each step is judged from the router's live measurements.",
+    ),
+    field(
+        "migrate",
+        Kind::Table(MIGRATE),
+        "A migration that runs once, before the new release gets traffic.",
+    ),
+];
+
+const STEP: &[Field] = &[
+    required(
+        "weight",
+        Kind::Integer { min: 1, max: 100 },
+        "Percent of traffic the canary receives in this step.",
+    ),
+    field(
+        "pause",
+        Kind::Duration,
+        "How long the step lasts before it is judged; without it the step waits for \
+         `kiln promote`.",
+    ),
+];
+
+const ANALYSIS: &[Field] = &[
+    default(
+        "max_error_rate",
+        Kind::Ratio,
+        "\"1%\"",
+        "The canary fails when more than this fraction of its requests fail (5xx or upstream \
+         error): `0.01` or `\"1%\"`.",
+    ),
+    field(
+        "max_p99",
+        Kind::Duration,
+        "The canary fails when its 99th percentile latency exceeds this.",
+    ),
+    default(
+        "min_requests",
+        Kind::Integer { min: 1, max: 1_000_000_000 },
+        "50",
+        "Fewer requests than this in a step is inconclusive: the step extends.",
+    ),
+    default(
+        "compare_to_stable",
+        Kind::Bool,
+        "true",
+        "Also fail the canary when its error rate or p99 is clearly worse than the stable \
+         release's over the same window.",
+    ),
+];
+
+const MIGRATE: &[Field] = &[
+    required(
+        "command",
+        Kind::StringList,
+        "Run once in a one-shot instance of the new image; it must exit 0.",
+    ),
+    required(
+        "schema",
+        Kind::Integer { min: 0, max: 1_000_000 },
+        "The schema version this release migrates to.",
+    ),
+    field(
+        "compatible_from",
+        Kind::Integer { min: 0, max: 1_000_000 },
+        "The oldest schema version this release still works with; default: `schema`.",
+    ),
+];
+
+const ROUTE: &[Field] = &[
+    default(
+        "listen",
+        Kind::String,
+        "\"127.0.0.1:8080\"",
+        "The socket address the router listens on, e.g. `\"0.0.0.0:80\"`.",
+    ),
+    field(
+        "hosts",
+        Kind::StringList,
+        "Host names this app answers; apps sharing one `listen` address are told apart by \
+         them.",
+    ),
+    field("tls", Kind::Table(TLS), "Terminate TLS with these files."),
+    default(
+        "sticky",
+        Kind::Enum(&["none", "cookie"]),
+        "\"none\"",
+        "`cookie` keeps a client on the release it first reached (useful for canaries).",
+    ),
+    default(
+        "drain_timeout",
+        Kind::Duration,
+        "\"30s\"",
+        "How long in-flight requests to a leaving instance may take before it is stopped.",
+    ),
+    default(
+        "request_timeout",
+        Kind::Duration,
+        "\"60s\"",
+        "How long one proxied request may take.",
+    ),
+];
+
+const TLS: &[Field] = &[
+    required(
+        "cert",
+        Kind::String,
+        "PEM certificate chain, relative to `kiln.toml`.",
+    ),
+    required(
+        "key",
+        Kind::String,
+        "PEM private key, relative to `kiln.toml`.",
+    ),
+];
+
+const TARGET: &[Field] = &[
+    default(
+        "provider",
+        Kind::Enum(&["local", "docker"]),
+        "\"local\"",
+        "`local` runs instances on this host with an OCI runtime; `docker` on a Docker Engine.",
+    ),
+    default(
+        "runtime",
+        Kind::String,
+        "\"runc\"",
+        "The OCI runtime binary for the local provider (`runc`, `crun`, `youki`).",
+    ),
+    field(
+        "docker_host",
+        Kind::String,
+        "The Docker Engine address for the docker provider; default: `$DOCKER_HOST` or the \
+         local socket.",
+    ),
+];
+
+/// The fields of the table at a dotted path such as `deploy.analysis`, if there is one.
+pub fn table_fields(path: &str) -> Option<&'static [Field]> {
+    let mut fields = ROOT;
+    if path.is_empty() {
+        return Some(fields);
+    }
+    for part in path.split('.') {
+        let f = fields.iter().find(|f| f.key == part)?;
+        fields = match f.kind {
+            Kind::Table(fs) | Kind::TableList(fs) => fs,
+            _ => return None,
+        };
+    }
+    Some(fields)
+}

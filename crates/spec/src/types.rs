@@ -1,0 +1,385 @@
+//! The validated spec: what the rest of kiln trusts.
+//!
+//! These types are built only by [`crate::Spec::parse`], which has checked every rule, so code
+//! that holds a [`Spec`] never re-validates. They deliberately do not derive `serde`: the
+//! on-disk format is `kiln.toml` and the catalog, not these structs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A whole, validated `kiln.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// The app's name.
+    pub name: AppName,
+    /// How to build the image.
+    pub image: ImageSpec,
+    /// How to run an instance.
+    pub service: ServiceSpec,
+    /// How a release replaces the previous one.
+    pub deploy: DeploySpec,
+    /// Where the router listens.
+    pub route: RouteSpec,
+    /// Where instances run.
+    pub target: TargetSpec,
+}
+
+/// An app name: `[a-z][a-z0-9-]{0,39}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AppName(String);
+
+impl AppName {
+    /// Checks `s` and wraps it.
+    pub fn new(s: &str) -> Option<AppName> {
+        let mut chars = s.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        (first_ok && rest_ok && s.len() <= 40).then(|| AppName(s.to_owned()))
+    }
+
+    /// Fills the hole left by a name error that was already reported.
+    pub(crate) fn placeholder() -> AppName {
+        AppName("app".to_owned())
+    }
+
+    /// The name as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for AppName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `[image]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    /// Where the image starts from.
+    pub base: BaseImage,
+    /// Overrides the base's entrypoint when set.
+    pub entrypoint: Option<Vec<String>>,
+    /// Overrides the base's cmd when set.
+    pub cmd: Option<Vec<String>>,
+    /// Added to the base's environment.
+    pub env: BTreeMap<String, String>,
+    /// Overrides the base's working directory when set.
+    pub workdir: Option<String>,
+    /// Overrides the base's user when set.
+    pub user: Option<UserSpec>,
+    /// OCI labels.
+    pub labels: BTreeMap<String, String>,
+    /// Layer compression.
+    pub compression: Compression,
+    /// One layer each, in order.
+    pub copies: Vec<CopySpec>,
+    /// How `kiln test` checks the image.
+    pub test: Option<ImageTest>,
+}
+
+/// `[image] base`. Paths are absolute (resolved against the spec's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseImage {
+    /// An empty image.
+    Scratch,
+    /// An OCI image layout directory, optionally narrowed to a tag or a manifest digest.
+    Oci {
+        /// The layout directory.
+        path: PathBuf,
+        /// Which image in it; `None` means the only one.
+        reference: Option<OciReference>,
+    },
+    /// A `docker save` tarball.
+    DockerArchive(PathBuf),
+    /// A directory or a `.tar`/`.tar.gz` used as the base layer.
+    Rootfs(PathBuf),
+}
+
+/// Selects one image in an OCI layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OciReference {
+    /// `org.opencontainers.image.ref.name`.
+    Tag(String),
+    /// `sha256:` followed by 64 lowercase hex digits.
+    Digest(String),
+}
+
+/// A numeric user and optional group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserSpec {
+    /// User id.
+    pub uid: u32,
+    /// Group id; `None` means the user's primary group as the runtime decides (0 on scratch).
+    pub gid: Option<u32>,
+}
+
+impl std::fmt::Display for UserSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.gid {
+            Some(gid) => write!(f, "{}:{gid}", self.uid),
+            None => write!(f, "{}", self.uid),
+        }
+    }
+}
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// `application/vnd.oci.image.layer.v1.tar+gzip`.
+    Gzip,
+    /// `application/vnd.oci.image.layer.v1.tar+zstd`.
+    Zstd,
+}
+
+/// One `[[image.copy]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySpec {
+    /// The source, absolute (resolved against the spec's directory); it existed at validation.
+    pub from: PathBuf,
+    /// The destination in the image: absolute and normalised.
+    pub to: String,
+    /// Permission bits forced on copied files.
+    pub mode: Option<u32>,
+    /// Owner of copied files.
+    pub owner: Owner,
+    /// Globs relative to `from` to leave out.
+    pub exclude: Vec<String>,
+    /// Copy an ELF binary's shared-library closure too.
+    pub closure: bool,
+}
+
+/// Numeric owner of files in a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// `[image.test]`: at least one of `command` and `http` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageTest {
+    /// Run once in the image; must exit 0.
+    pub command: Option<Vec<String>>,
+    /// Must answer 2xx on a started instance.
+    pub http: Option<String>,
+    /// Bound on the whole test.
+    pub timeout: Duration,
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    /// Port inside an instance with its own network.
+    pub port: u16,
+    /// Instances of the live release.
+    pub replicas: u32,
+    /// Instance environment on top of the image's.
+    pub env: BTreeMap<String, String>,
+    /// Absolute, normalised tmpfs paths.
+    pub writable: Vec<String>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// CPU limit in cores.
+    pub cpus: Option<f64>,
+    /// Time between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// The health check.
+    pub health: HealthCheck,
+}
+
+/// `[service.health]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// HTTP path; `None` means a TCP connect.
+    pub path: Option<String>,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Bound on one check.
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Grace period after start.
+    pub start_period: Duration,
+}
+
+/// `[deploy]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploySpec {
+    /// The rollout strategy with its strategy-specific settings.
+    pub strategy: Strategy,
+    /// Extra instances a rolling update may start.
+    pub max_surge: CountOrPercent,
+    /// Instances a rolling update may take away.
+    pub max_unavailable: CountOrPercent,
+    /// No progress for this long rolls back.
+    pub progress_deadline: Duration,
+    /// How long the previous release stays warm.
+    pub keep_previous: Duration,
+    /// The migration to run before traffic moves.
+    pub migrate: Option<Migrate>,
+}
+
+/// How a release replaces the previous one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Strategy {
+    /// A few instances at a time.
+    Rolling,
+    /// A full new set, then one switch.
+    BlueGreen {
+        /// Switch by itself or wait for `kiln promote`.
+        promote: Promote,
+    },
+    /// Traffic shifted in steps, each judged.
+    Canary {
+        /// Advance by itself or wait for `kiln promote`.
+        promote: Promote,
+        /// Strictly increasing weights ending at 100.
+        steps: Vec<CanaryStep>,
+        /// How each step is judged.
+        analysis: Analysis,
+    },
+}
+
+impl Strategy {
+    /// The name as written in `kiln.toml`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Rolling => "rolling",
+            Strategy::BlueGreen { .. } => "blue-green",
+            Strategy::Canary { .. } => "canary",
+        }
+    }
+}
+
+/// Whether a rollout advances by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promote {
+    /// By itself.
+    Auto,
+    /// Waits for `kiln promote`.
+    Manual,
+}
+
+/// One `[[deploy.steps]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryStep {
+    /// Percent of traffic, 1–100.
+    pub weight: u8,
+    /// Step length; `None` waits for `kiln promote`.
+    pub pause: Option<Duration>,
+}
+
+/// `[deploy.analysis]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    /// Fraction 0–1.
+    pub max_error_rate: f64,
+    /// Bound on the canary's p99.
+    pub max_p99: Option<Duration>,
+    /// Below this a step is inconclusive.
+    pub min_requests: u64,
+    /// Also compare against the stable release.
+    pub compare_to_stable: bool,
+}
+
+/// `[deploy.migrate]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrate {
+    /// Run once in the new image.
+    pub command: Vec<String>,
+    /// Schema version after the migration.
+    pub schema: u32,
+    /// Oldest schema this release works with (≤ `schema`).
+    pub compatible_from: u32,
+}
+
+/// A whole number or a percentage of `replicas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountOrPercent {
+    /// An absolute number of instances.
+    Count(u32),
+    /// A percentage, 0–100.
+    Percent(u8),
+}
+
+impl CountOrPercent {
+    /// The number of instances this means for `replicas`, rounding up as Kubernetes does for
+    /// surge (`round_up = true`) and down for unavailability.
+    pub fn resolve(self, replicas: u32, round_up: bool) -> u32 {
+        match self {
+            CountOrPercent::Count(n) => n,
+            CountOrPercent::Percent(p) => {
+                let scaled = u64::from(replicas) * u64::from(p);
+                let n = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }
+        }
+    }
+}
+
+/// `[route]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Where the router listens.
+    pub listen: SocketAddr,
+    /// Host names; empty means any host.
+    pub hosts: Vec<String>,
+    /// TLS files, absolute.
+    pub tls: Option<TlsFiles>,
+    /// Stickiness.
+    pub sticky: Sticky,
+    /// Bound on draining a leaving instance.
+    pub drain_timeout: Duration,
+    /// Bound on one proxied request.
+    pub request_timeout: Duration,
+}
+
+/// `[route.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[route] sticky`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// Every request is routed afresh.
+    None,
+    /// A cookie pins a client to a release.
+    Cookie,
+}
+
+/// `[target]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// Which provider runs instances.
+    pub provider: ProviderKind,
+    /// OCI runtime binary for `local`.
+    pub runtime: String,
+    /// Engine address for `docker`.
+    pub docker_host: Option<String>,
+}
+
+/// `[target] provider`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// runc + overlayfs on this host.
+    Local,
+    /// A Docker Engine.
+    Docker,
+}

@@ -1,0 +1,725 @@
+//! The second pass: a checked tree becomes a typed [`Spec`], with the rules that span keys.
+//!
+//! Kind checks already happened in [`crate::decode`]; this pass applies meaning: paths are
+//! absolute and normalised, files exist, canary steps climb to 100, strategy-specific keys
+//! appear only with their strategy. Problems are collected like the first pass's; a hole left
+//! by an earlier error is filled with a harmless placeholder because the caller discards the
+//! spec whenever any diagnostic exists.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::decode::{Entry, Span, Table, Value};
+use crate::diag::Diagnostic;
+use crate::types::*;
+
+pub(crate) struct Validator<'a> {
+    /// The directory relative paths are resolved against.
+    pub dir: &'a Path,
+    pub diags: Vec<Diagnostic>,
+}
+
+impl Table {
+    fn entry(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    fn str(&self, key: &str) -> Option<(&str, Span)> {
+        match self.entry(key) {
+            Some(Entry {
+                value: Value::Str(s),
+                span,
+                ..
+            }) => Some((s.as_str(), span.clone())),
+            _ => None,
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.str(key).map(|(s, _)| s.to_owned())
+    }
+
+    fn bool(&self, key: &str) -> bool {
+        matches!(self.entry(key), Some(Entry { value: Value::Bool(true), .. }))
+    }
+
+    fn int(&self, key: &str) -> Option<i64> {
+        match self.entry(key)? {
+            Entry {
+                value: Value::Int(i),
+                ..
+            } => Some(*i),
+            _ => None,
+        }
+    }
+
+    fn duration(&self, key: &str) -> Option<Duration> {
+        match self.entry(key)? {
+            Entry {
+                value: Value::Duration(d),
+                ..
+            } => Some(*d),
+            _ => None,
+        }
+    }
+
+    fn list(&self, key: &str) -> Option<&[(String, Span)]> {
+        match self.entry(key)? {
+            Entry {
+                value: Value::List(l),
+                ..
+            } => Some(l),
+            _ => None,
+        }
+    }
+
+    fn map(&self, key: &str) -> &[(String, String, Span)] {
+        match self.entry(key) {
+            Some(Entry {
+                value: Value::Map(m),
+                ..
+            }) => m,
+            _ => &[],
+        }
+    }
+
+    fn table(&self, key: &str) -> Option<&Table> {
+        match self.entry(key)? {
+            Entry {
+                value: Value::Table(t),
+                ..
+            } => Some(t),
+            _ => None,
+        }
+    }
+
+    fn tables(&self, key: &str) -> &[Table] {
+        match self.entry(key) {
+            Some(Entry {
+                value: Value::Tables(t),
+                ..
+            }) => t,
+            _ => &[],
+        }
+    }
+
+    /// Where to point for `key`: its value, or the table when it is absent or defaulted.
+    fn span_of(&self, key: &str) -> Span {
+        self.entry(key)
+            .filter(|e| !e.defaulted)
+            .map_or_else(|| self.span.clone(), |e| e.span.clone())
+    }
+
+    fn written(&self, key: &str) -> bool {
+        self.entry(key).is_some_and(|e| !e.defaulted)
+    }
+}
+
+fn to_u32(i: Option<i64>, fallback: u32) -> u32 {
+    i.and_then(|i| u32::try_from(i).ok()).unwrap_or(fallback)
+}
+
+impl Validator<'_> {
+    fn error(&mut self, t: &Table, key: &str, message: String) -> &mut Diagnostic {
+        let span = t.span_of(key);
+        self.diags.push(Diagnostic::new(&t.key_path(key), Some(span), message));
+        let last = self.diags.len() - 1;
+        &mut self.diags[last]
+    }
+
+    pub(crate) fn spec(&mut self, root: &Table) -> Spec {
+        let name = match root.str("name") {
+            Some((s, _)) => AppName::new(s).unwrap_or_else(|| {
+                self.error(root, "name", format!("invalid app name {s:?}")).hint = Some(
+                    "use a lowercase letter, then up to 39 lowercase letters, digits or `-`"
+                        .to_owned(),
+                );
+                AppName::placeholder()
+            }),
+            None => AppName::placeholder(),
+        };
+        let section = |key: &str| root.table(key).cloned().unwrap_or_else(|| defaults_of(key));
+        let service = self.service(&section("service"));
+        Spec {
+            name,
+            image: self.image(&section("image")),
+            deploy: self.deploy(&section("deploy"), &service),
+            route: self.route(&section("route")),
+            target: self.target(&section("target")),
+            service,
+        }
+    }
+
+    fn image(&mut self, t: &Table) -> ImageSpec {
+        let base = match t.str("base") {
+            Some((s, _)) => self.base(t, s),
+            None => BaseImage::Scratch,
+        };
+        let user = t.str("user").and_then(|(s, _)| match parse_user(s) {
+            Some(u) => Some(u),
+            None => {
+                self.error(t, "user", format!("invalid user {s:?}")).hint =
+                    Some("write a numeric `UID` or `UID:GID`, e.g. \"1000:1000\"".to_owned());
+                None
+            }
+        });
+        if let Some((w, _)) = t.str("workdir") {
+            if normalised_absolute(w).is_none() {
+                self.error(t, "workdir", format!("workdir {w:?} must be an absolute, normalised path"));
+            }
+        }
+        let copies = t.tables("copy").iter().map(|c| self.copy(c)).collect();
+        let test = t.table("test").map(|tt| self.image_test(tt));
+        ImageSpec {
+            base,
+            entrypoint: self.command(t, "entrypoint"),
+            cmd: t.list("cmd").map(|l| l.iter().map(|(s, _)| s.clone()).collect()),
+            env: self.env(t, "env", false),
+            workdir: t.string("workdir"),
+            user,
+            labels: t.map("labels").iter().map(|(k, v, _)| (k.clone(), v.clone())).collect(),
+            compression: match t.str("compression") {
+                Some(("zstd", _)) => Compression::Zstd,
+                _ => Compression::Gzip,
+            },
+            copies,
+            test,
+        }
+    }
+
+    fn base(&mut self, t: &Table, s: &str) -> BaseImage {
+        if s == "scratch" {
+            return BaseImage::Scratch;
+        }
+        let hint = "use \"scratch\", \"oci:PATH[:TAG|@sha256:…]\", \"docker-archive:PATH\" or \
+                    \"rootfs:PATH\"";
+        let (scheme, rest) = match s.split_once(':') {
+            Some((scheme, rest)) if !rest.is_empty() => (scheme, rest),
+            _ => {
+                self.error(t, "base", format!("invalid base {s:?}")).hint = Some(hint.to_owned());
+                return BaseImage::Scratch;
+            }
+        };
+        let (path, reference) = if scheme == "oci" {
+            match split_oci_reference(rest) {
+                Ok(split) => split,
+                Err(msg) => {
+                    self.error(t, "base", msg).hint = Some(
+                        "a digest is `@sha256:` and 64 lowercase hex digits; a tag follows `:`"
+                            .to_owned(),
+                    );
+                    return BaseImage::Scratch;
+                }
+            }
+        } else {
+            (rest, None)
+        };
+        let abs = self.dir.join(path);
+        let base = match scheme {
+            "oci" => BaseImage::Oci {
+                path: abs.clone(),
+                reference,
+            },
+            "docker-archive" => BaseImage::DockerArchive(abs.clone()),
+            "rootfs" => BaseImage::Rootfs(abs.clone()),
+            other => {
+                let d = self.error(t, "base", format!("unknown base kind `{other}:`"));
+                d.hint = Some(match crate::decode::closest(other, ["oci", "docker-archive", "rootfs"].into_iter()) {
+                    Some(best) => format!("did you mean `{best}:`?"),
+                    None => hint.to_owned(),
+                });
+                return BaseImage::Scratch;
+            }
+        };
+        if !abs.exists() {
+            self.error(t, "base", format!("base {} does not exist", abs.display()))
+                .hint = Some("paths are relative to the directory of kiln.toml".to_owned());
+        }
+        base
+    }
+
+    fn copy(&mut self, t: &Table) -> CopySpec {
+        let from = match t.str("from") {
+            Some((f, _)) => {
+                let abs = self.dir.join(f);
+                if !abs.exists() {
+                    self.error(t, "from", format!("{} does not exist", abs.display())).hint =
+                        Some("paths are relative to the directory of kiln.toml; build the file first if it is a build output".to_owned());
+                }
+                abs
+            }
+            None => PathBuf::new(),
+        };
+        let to = match t.str("to") {
+            Some((to, _)) => match normalised_absolute(to) {
+                Some(n) => n,
+                None => {
+                    self.error(t, "to", format!("`to` must be an absolute, normalised path, got {to:?}"))
+                        .hint = Some("e.g. \"/app/server\"; no `.` or `..` parts".to_owned());
+                    String::new()
+                }
+            },
+            None => String::new(),
+        };
+        let mode = t.str("mode").and_then(|(m, _)| {
+            let digits = m.strip_prefix("0o").unwrap_or(m);
+            match u32::from_str_radix(digits, 8) {
+                Ok(bits) if bits <= 0o7777 && !digits.is_empty() => Some(bits),
+                _ => {
+                    self.error(t, "mode", format!("invalid mode {m:?}")).hint =
+                        Some("write octal permission bits as a string, e.g. \"0755\"".to_owned());
+                    None
+                }
+            }
+        });
+        let owner = match t.str("owner") {
+            Some((o, _)) => match parse_user(o) {
+                Some(u) => Owner {
+                    uid: u.uid,
+                    gid: u.gid.unwrap_or(u.uid),
+                },
+                None => {
+                    self.error(t, "owner", format!("invalid owner {o:?}")).hint =
+                        Some("write numeric `UID:GID`, e.g. \"0:0\"".to_owned());
+                    Owner::default()
+                }
+            },
+            None => Owner::default(),
+        };
+        let exclude = t
+            .list("exclude")
+            .map(|l| l.iter().map(|(s, _)| s.clone()).collect())
+            .unwrap_or_default();
+        CopySpec {
+            from,
+            to,
+            mode,
+            owner,
+            exclude,
+            closure: t.bool("closure"),
+        }
+    }
+
+    fn image_test(&mut self, t: &Table) -> ImageTest {
+        let command = self.command(t, "command");
+        let http = t.string("http");
+        if let Some((p, _)) = t.str("http") {
+            if !p.starts_with('/') {
+                self.error(t, "http", format!("`http` must be a path starting with `/`, got {p:?}"));
+            }
+        }
+        if command.is_none() && http.is_none() {
+            self.error(t, "command", "[image.test] needs `command`, `http` or both".to_owned());
+        }
+        ImageTest {
+            command,
+            http,
+            timeout: t.duration("timeout").unwrap_or(Duration::from_secs(30)),
+        }
+    }
+
+    /// A non-empty list of strings whose first element is the program.
+    fn command(&mut self, t: &Table, key: &str) -> Option<Vec<String>> {
+        let list = t.list(key)?;
+        if list.first().is_none_or(|(p, _)| p.is_empty()) {
+            self.error(t, key, format!("`{key}` must name a program"));
+            return None;
+        }
+        Some(list.iter().map(|(s, _)| s.clone()).collect())
+    }
+
+    fn env(&mut self, t: &Table, key: &str, port_reserved: bool) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (k, v, span) in t.map(key) {
+            let valid = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let path = format!("{}.{k}", t.key_path(key));
+            if !valid {
+                self.diags.push(
+                    Diagnostic::new(&path, Some(span.clone()), format!("invalid environment variable name {k:?}"))
+                        .with_hint("use letters, digits and `_`, not starting with a digit"),
+                );
+            } else if port_reserved && k == "PORT" {
+                self.diags.push(
+                    Diagnostic::new(&path, Some(span.clone()), "`PORT` is set by kiln for each instance".to_owned())
+                        .with_hint("set [service] port instead"),
+                );
+            }
+            out.insert(k.clone(), v.clone());
+        }
+        out
+    }
+
+    fn service(&mut self, t: &Table) -> ServiceSpec {
+        let mut writable = Vec::new();
+        for (w, span) in t.list("writable").unwrap_or_default() {
+            match normalised_absolute(w) {
+                Some(n) if n != "/" => {
+                    if writable.contains(&n) {
+                        self.diags.push(Diagnostic::new(&t.key_path("writable"), Some(span.clone()), format!("{w:?} is listed twice")));
+                    }
+                    writable.push(n);
+                }
+                Some(_) => self.diags.push(
+                    Diagnostic::new(&t.key_path("writable"), Some(span.clone()), "the root `/` cannot be writable".to_owned())
+                        .with_hint("list the directories the app writes to, e.g. \"/tmp\""),
+                ),
+                None => self.diags.push(
+                    Diagnostic::new(&t.key_path("writable"), Some(span.clone()), format!("writable path {w:?} must be absolute and normalised"))
+                        .with_hint("e.g. \"/tmp\" or \"/var/cache/app\"; no `.` or `..` parts, no trailing `/`"),
+                ),
+            }
+        }
+        ServiceSpec {
+            port: t.int("port").and_then(|p| u16::try_from(p).ok()).unwrap_or(8080),
+            replicas: to_u32(t.int("replicas"), 1),
+            env: self.env(t, "env", true),
+            writable,
+            memory: match t.entry("memory") {
+                Some(Entry {
+                    value: Value::Size(n),
+                    ..
+                }) => Some(*n),
+                _ => None,
+            },
+            cpus: match t.entry("cpus") {
+                Some(Entry {
+                    value: Value::Num(n),
+                    ..
+                }) => Some(*n),
+                _ => None,
+            },
+            stop_grace: t.duration("stop_grace").unwrap_or(Duration::from_secs(10)),
+            health: self.health(&t.table("health").cloned().unwrap_or_else(|| defaults_of("service.health"))),
+        }
+    }
+
+    fn health(&mut self, t: &Table) -> HealthCheck {
+        if let Some((p, _)) = t.str("path") {
+            if !p.starts_with('/') {
+                self.error(t, "path", format!("health `path` must start with `/`, got {p:?}"));
+            }
+        }
+        let interval = t.duration("interval").unwrap_or(Duration::from_secs(1));
+        let timeout = t.duration("timeout").unwrap_or(Duration::from_secs(1));
+        if timeout > interval && t.written("timeout") {
+            self.error(t, "timeout", format!("health `timeout` ({}) is longer than `interval` ({})", humantime::format_duration(timeout), humantime::format_duration(interval)))
+                .hint = Some("a check must finish before the next one starts".to_owned());
+        }
+        HealthCheck {
+            path: t.string("path"),
+            interval,
+            timeout,
+            healthy_threshold: to_u32(t.int("healthy_threshold"), 1),
+            unhealthy_threshold: to_u32(t.int("unhealthy_threshold"), 3),
+            start_period: t.duration("start_period").unwrap_or(Duration::from_secs(30)),
+        }
+    }
+
+    fn deploy(&mut self, t: &Table, service: &ServiceSpec) -> DeploySpec {
+        let strategy_name = t.str("strategy").map_or("rolling", |(s, _)| s);
+        let promote = match t.str("promote") {
+            Some(("manual", _)) => Promote::Manual,
+            _ => Promote::Auto,
+        };
+        let canary_only = ["steps", "analysis"];
+        if strategy_name != "canary" {
+            for key in canary_only {
+                if t.written(key) {
+                    self.error(t, key, format!("`{key}` only applies to the canary strategy, but strategy is {strategy_name:?}"))
+                        .hint = Some(format!("remove it, or set strategy = \"canary\""));
+                }
+            }
+        }
+        if strategy_name == "rolling" && t.written("promote") {
+            self.error(t, "promote", "`promote` only applies to blue-green and canary".to_owned())
+                .hint = Some("a rolling update advances as instances become healthy".to_owned());
+        }
+        let max_surge = self.count(t, "max_surge", CountOrPercent::Count(1));
+        let max_unavailable = self.count(t, "max_unavailable", CountOrPercent::Count(0));
+        if strategy_name == "rolling"
+            && max_surge.resolve(service.replicas, true) == 0
+            && max_unavailable.resolve(service.replicas, false) == 0
+        {
+            self.error(t, "max_surge", "`max_surge` and `max_unavailable` are both 0, so a rolling update could never make progress".to_owned())
+                .hint = Some("allow at least one: max_surge = 1".to_owned());
+        }
+        let strategy = match strategy_name {
+            "blue-green" => Strategy::BlueGreen { promote },
+            "canary" => Strategy::Canary {
+                promote,
+                steps: self.steps(t),
+                analysis: self.analysis(&t.table("analysis").cloned().unwrap_or_else(|| defaults_of("deploy.analysis"))),
+            },
+            _ => Strategy::Rolling,
+        };
+        DeploySpec {
+            strategy,
+            max_surge,
+            max_unavailable,
+            progress_deadline: t.duration("progress_deadline").unwrap_or(Duration::from_secs(300)),
+            keep_previous: t.duration("keep_previous").unwrap_or(Duration::from_secs(600)),
+            migrate: t.table("migrate").map(|m| self.migrate(m)),
+        }
+    }
+
+    fn count(&mut self, t: &Table, key: &str, fallback: CountOrPercent) -> CountOrPercent {
+        match t.entry(key) {
+            Some(Entry {
+                value: Value::CountOrPercent(c),
+                ..
+            }) => *c,
+            _ => fallback,
+        }
+    }
+
+    fn steps(&mut self, t: &Table) -> Vec<CanaryStep> {
+        let tables = t.tables("steps");
+        if tables.is_empty() {
+            self.error(t, "steps", "the canary strategy needs at least one [[deploy.steps]]".to_owned())
+                .hint = Some("e.g. steps of weight 10, 50 and 100".to_owned());
+            return Vec::new();
+        }
+        let mut steps = Vec::new();
+        let mut previous: Option<i64> = None;
+        for s in tables {
+            let Some(weight) = s.int("weight") else { continue };
+            if let Some(p) = previous {
+                if weight <= p {
+                    self.error(s, "weight", format!("canary weights must strictly increase, but {weight} follows {p}"));
+                }
+            }
+            previous = Some(weight);
+            steps.push(CanaryStep {
+                weight: u8::try_from(weight).unwrap_or(100),
+                pause: s.duration("pause"),
+            });
+        }
+        if let (Some(last), Some(last_table)) = (previous, tables.last()) {
+            if last != 100 {
+                self.error(last_table, "weight", format!("canary steps must end at weight 100, but the last step is {last}"))
+                    .hint = Some("add a final [[deploy.steps]] with weight = 100".to_owned());
+            }
+        }
+        steps
+    }
+
+    fn analysis(&mut self, t: &Table) -> Analysis {
+        let max_error_rate = match t.entry("max_error_rate") {
+            Some(Entry {
+                value: Value::Ratio(r),
+                ..
+            }) => *r,
+            _ => 0.01,
+        };
+        Analysis {
+            max_error_rate,
+            max_p99: t.duration("max_p99"),
+            min_requests: t.int("min_requests").and_then(|i| u64::try_from(i).ok()).unwrap_or(50),
+            compare_to_stable: t.bool("compare_to_stable"),
+        }
+    }
+
+    fn migrate(&mut self, t: &Table) -> Migrate {
+        let schema = to_u32(t.int("schema"), 0);
+        let compatible_from = match t.int("compatible_from") {
+            Some(c) => {
+                let c = to_u32(Some(c), 0);
+                if c > schema {
+                    self.error(t, "compatible_from", format!("`compatible_from` ({c}) is newer than `schema` ({schema})"))
+                        .hint = Some("a release cannot need a schema newer than the one it migrates to".to_owned());
+                }
+                c
+            }
+            None => schema,
+        };
+        Migrate {
+            command: self.command(t, "command").unwrap_or_default(),
+            schema,
+            compatible_from,
+        }
+    }
+
+    fn route(&mut self, t: &Table) -> RouteSpec {
+        let listen = match t.str("listen") {
+            Some((l, _)) => match l.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.error(t, "listen", format!("invalid listen address {l:?}")).hint =
+                        Some("write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::]:443\"".to_owned());
+                    SocketAddr::from(([127, 0, 0, 1], 8080))
+                }
+            },
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let mut hosts = Vec::new();
+        for (h, span) in t.list("hosts").unwrap_or_default() {
+            if valid_host(h) {
+                hosts.push(h.to_ascii_lowercase());
+            } else {
+                self.diags.push(
+                    Diagnostic::new(&t.key_path("hosts"), Some(span.clone()), format!("invalid host name {h:?}"))
+                        .with_hint("a DNS name such as \"app.example.com\", without scheme, port or path"),
+                );
+            }
+        }
+        let tls = t.table("tls").map(|tls| {
+            let mut file = |key: &str| {
+                let rel = tls.string(key).unwrap_or_default();
+                let abs = self.dir.join(&rel);
+                if !rel.is_empty() && !abs.is_file() {
+                    self.error(tls, key, format!("TLS {key} file {} does not exist", abs.display()))
+                        .hint = Some("paths are relative to the directory of kiln.toml".to_owned());
+                }
+                abs
+            };
+            TlsFiles {
+                cert: file("cert"),
+                key: file("key"),
+            }
+        });
+        RouteSpec {
+            listen,
+            hosts,
+            tls,
+            sticky: match t.str("sticky") {
+                Some(("cookie", _)) => Sticky::Cookie,
+                _ => Sticky::None,
+            },
+            drain_timeout: t.duration("drain_timeout").unwrap_or(Duration::from_secs(30)),
+            request_timeout: t.duration("request_timeout").unwrap_or(Duration::from_secs(60)),
+        }
+    }
+
+    fn target(&mut self, t: &Table) -> TargetSpec {
+        let provider = match t.str("provider") {
+            Some(("docker", _)) => ProviderKind::Docker,
+            _ => ProviderKind::Local,
+        };
+        if provider == ProviderKind::Local && t.written("docker_host") {
+            self.error(t, "docker_host", "`docker_host` only applies to provider = \"docker\"".to_owned());
+        }
+        let runtime = t.string("runtime").unwrap_or_else(|| "runc".to_owned());
+        if runtime.is_empty() {
+            self.error(t, "runtime", "`runtime` must name a program".to_owned());
+        }
+        TargetSpec {
+            provider,
+            runtime,
+            docker_host: t.string("docker_host"),
+        }
+    }
+}
+
+/// A table of `path` holding only its defaults, for sections the user left out.
+fn defaults_of(path: &str) -> Table {
+    let fields = crate::catalog::table_fields(path).unwrap_or(&[]);
+    let mut scratch = Vec::new();
+    crate::decode::defaults_table(path, fields, &mut scratch)
+}
+
+/// `"1000"` or `"1000:1000"`.
+fn parse_user(s: &str) -> Option<UserSpec> {
+    match s.split_once(':') {
+        Some((u, g)) => Some(UserSpec {
+            uid: u.parse().ok()?,
+            gid: Some(g.parse().ok()?),
+        }),
+        None => Some(UserSpec {
+            uid: s.parse().ok()?,
+            gid: None,
+        }),
+    }
+}
+
+/// `Some(path)` when `p` is absolute and already normalised (no `.`, `..`, `//` or trailing
+/// `/`, except the root itself).
+pub fn normalised_absolute(p: &str) -> Option<String> {
+    if p == "/" {
+        return Some("/".to_owned());
+    }
+    let rest = p.strip_prefix('/')?;
+    let ok = rest
+        .split('/')
+        .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains('\0'));
+    ok.then(|| p.to_owned())
+}
+
+fn valid_host(h: &str) -> bool {
+    let h = h.strip_prefix("*.").unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// `PATH[:TAG|@sha256:HEX]` → (path, reference).
+fn split_oci_reference(rest: &str) -> Result<(&str, Option<OciReference>), String> {
+    if let Some((path, digest)) = rest.rsplit_once('@') {
+        let hex = digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+            return Err(format!("invalid digest {digest:?} in base"));
+        }
+        return Ok((path, Some(OciReference::Digest(digest.to_owned()))));
+    }
+    // A tag follows the last `:` unless that `:` is part of the path (a `/` after it).
+    match rest.rsplit_once(':') {
+        Some((path, tag)) if !tag.contains('/') && !tag.is_empty() && !path.is_empty() => {
+            Ok((path, Some(OciReference::Tag(tag.to_owned()))))
+        }
+        _ => Ok((rest, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalised_paths() {
+        for ok in ["/", "/tmp", "/var/cache/app"] {
+            assert_eq!(normalised_absolute(ok).as_deref(), Some(ok));
+        }
+        for bad in ["tmp", "/tmp/", "/a//b", "/a/./b", "/a/../b", ""] {
+            assert_eq!(normalised_absolute(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn oci_references() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            split_oci_reference(&format!("img@{d}")),
+            Ok(("img", Some(OciReference::Digest(d.clone()))))
+        );
+        assert_eq!(
+            split_oci_reference("dir/img:v1"),
+            Ok(("dir/img", Some(OciReference::Tag("v1".into()))))
+        );
+        assert_eq!(split_oci_reference("dir/img"), Ok(("dir/img", None)));
+        assert!(split_oci_reference("img@sha256:abc").is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        assert!(valid_host("app.example.com"));
+        assert!(valid_host("*.example.com"));
+        assert!(!valid_host("http://x"));
+        assert!(!valid_host("a..b"));
+        assert!(!valid_host("x:80"));
+    }
+
+    #[test]
+    fn percent_resolution() {
+        assert_eq!(CountOrPercent::Percent(25).resolve(10, true), 3);
+        assert_eq!(CountOrPercent::Percent(25).resolve(10, false), 2);
+        assert_eq!(CountOrPercent::Count(2).resolve(10, true), 2);
+    }
+}
