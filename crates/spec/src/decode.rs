@@ -136,7 +136,7 @@ fn decode_table(
                     Some(at),
                     format!("missing required key `{}` in {header}", field.key),
                 )
-                .with_hint(field.doc.split(". ").next().unwrap_or(field.doc).to_owned()),
+                .with_hint(hint_from_doc(field.doc)),
             );
         } else if let Some(literal) = field.default {
             // Defaults go through the same decoder as user input, so the catalog's text and
@@ -327,14 +327,11 @@ fn decode_value(
         Kind::Enum(options) => match v.as_str() {
             Some(s) if options.contains(&s) => Some(Value::Str(s.to_owned())),
             Some(s) => {
-                let hint = match closest(s, options.iter().copied()) {
-                    Some(best) => format!("did you mean {best:?}?"),
-                    None => format!("one of: {}", quoted(options)),
-                };
+                let hint = closest(s, options.iter().copied()).map(|b| format!("did you mean {b:?}?"));
                 bad(
                     diags,
                     format!("unknown value {s:?}, expected one of {}", quoted(options)),
-                    Some(&hint),
+                    hint.as_deref(),
                 )
             }
             None => {
@@ -451,6 +448,16 @@ fn decode_value(
                 Some(&format!("write each entry as [[{key}]]")),
             ),
         },
+    }
+}
+
+/// The first sentence of a catalog doc, as a lowercase hint without a trailing period.
+fn hint_from_doc(doc: &str) -> String {
+    let first = doc.split(". ").next().unwrap_or(doc).trim_end_matches('.');
+    let mut chars = first.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 

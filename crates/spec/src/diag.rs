@@ -128,6 +128,7 @@ impl Report {
             let shown = Shown {
                 report: self,
                 diag: d,
+                full: false,
             };
             if handler.render_report(&mut out, &shown).is_err() {
                 // Rendering into a String only fails on a formatter bug; fall back to one line.
@@ -148,7 +149,8 @@ impl fmt::Display for Report {
                 "{}",
                 Shown {
                     report: self,
-                    diag: d
+                    diag: d,
+                    full: true,
                 }
             )?;
         }
@@ -162,12 +164,15 @@ impl std::error::Error for Report {}
 struct Shown<'a> {
     report: &'a Report,
     diag: &'a Diagnostic,
+    /// With place and hint (one-line form); without, when miette shows both itself.
+    full: bool,
 }
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.diag;
         match &d.span {
+            Some(_) if !self.full => {}
             Some(s) => {
                 let p = self.report.position(s.start);
                 write!(f, "{}:{}:{}: ", self.report.file, p.line, p.column)?;
@@ -178,8 +183,9 @@ impl fmt::Display for Shown<'_> {
             write!(f, "{}: ", d.key)?;
         }
         f.write_str(&d.message)?;
-        if let Some(h) = &d.hint {
-            write!(f, " ({h})")?;
+        match &d.hint {
+            Some(h) if self.full => write!(f, " ({h})")?,
+            _ => {}
         }
         Ok(())
     }

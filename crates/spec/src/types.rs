@@ -39,14 +39,16 @@ impl AppName {
         (first_ok && rest_ok && s.len() <= 40).then(|| AppName(s.to_owned()))
     }
 
-    /// Fills the hole left by a name error that was already reported.
-    pub(crate) fn placeholder() -> AppName {
-        AppName("app".to_owned())
-    }
-
     /// The name as written.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Default for AppName {
+    /// `app`, the name used when nothing better is known.
+    fn default() -> AppName {
+        AppName("app".to_owned())
     }
 }
 

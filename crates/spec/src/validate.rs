@@ -136,9 +136,9 @@ impl Validator<'_> {
                     "use a lowercase letter, then up to 39 lowercase letters, digits or `-`"
                         .to_owned(),
                 );
-                AppName::placeholder()
+                AppName::default()
             }),
-            None => AppName::placeholder(),
+            None => AppName::default(),
         };
         let section = |key: &str| root.table(key).cloned().unwrap_or_else(|| defaults_of(key));
         let service = self.service(&section("service"));
@@ -234,7 +234,7 @@ impl Validator<'_> {
             }
         };
         if !abs.exists() {
-            self.error(t, "base", format!("base {} does not exist", abs.display()))
+            self.error(t, "base", format!("base {path:?} does not exist"))
                 .hint = Some("paths are relative to the directory of kiln.toml".to_owned());
         }
         base
@@ -245,7 +245,7 @@ impl Validator<'_> {
             Some((f, _)) => {
                 let abs = self.dir.join(f);
                 if !abs.exists() {
-                    self.error(t, "from", format!("{} does not exist", abs.display())).hint =
+                    self.error(t, "from", format!("{f:?} does not exist")).hint =
                         Some("paths are relative to the directory of kiln.toml; build the file first if it is a build output".to_owned());
                 }
                 abs
@@ -570,7 +570,7 @@ impl Validator<'_> {
                 let rel = tls.string(key).unwrap_or_default();
                 let abs = self.dir.join(&rel);
                 if !rel.is_empty() && !abs.is_file() {
-                    self.error(tls, key, format!("TLS {key} file {} does not exist", abs.display()))
+                    self.error(tls, key, format!("TLS {key} file {rel:?} does not exist"))
                         .hint = Some("paths are relative to the directory of kiln.toml".to_owned());
                 }
                 abs

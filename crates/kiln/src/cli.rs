@@ -1,0 +1,102 @@
+//! The command line as clap sees it: raw flags and arguments, nothing validated beyond their
+//! shape. Commands turn these into richer types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Immutable infrastructure in one binary: describe a service once in kiln.toml; kiln builds
+/// it into a sealed, reproducible image, tests it, rolls it out as brand-new read-only
+/// instances behind its own router, rolls back in milliseconds and replaces drifted instances.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Directory holding kiln's state: images, ledger, socket, instances, logs
+    #[arg(long, global = true, env = "KILN_STATE", default_value = ".kiln", value_name = "DIR")]
+    pub state: PathBuf,
+
+    /// Print data as JSON on stdout instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Print more detail (repeat for even more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// When to use colour (NO_COLOR in the environment means never, unless `always`)
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+}
+
+/// `--color`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// Colour when writing to a terminal and NO_COLOR is unset
+    Auto,
+    /// Always colour
+    Always,
+    /// Never colour
+    Never,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a kiln.toml and report every problem with its line and column
+    Validate(SpecFile),
+    /// Print the JSON Schema of kiln.toml (for editor completion and checks)
+    Schema(SchemaArgs),
+    /// Write a commented starter kiln.toml (never overwrites)
+    Init(InitArgs),
+    /// Print a shell completion script
+    Completions(CompletionsArgs),
+}
+
+/// Which spec file to read.
+#[derive(Debug, Args)]
+pub struct SpecFile {
+    /// The spec file
+    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// `kiln schema`.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Print the Markdown reference of every key instead of the JSON Schema
+    #[arg(long)]
+    pub markdown: bool,
+}
+
+/// `kiln init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write the starter spec
+    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The app's name (default: derived from the directory name)
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `kiln completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to print completions for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}

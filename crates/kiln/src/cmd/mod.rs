@@ -1,0 +1,19 @@
+//! One module per group of commands; [`run`] dispatches.
+
+mod completions;
+mod spec;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::output::Output;
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate(args) => spec::validate(&args, out),
+        Command::Schema(args) => spec::schema(&args, out),
+        Command::Init(args) => spec::init(&args, out),
+        Command::Completions(args) => completions::print(&args),
+    }
+}
