@@ -21,7 +21,13 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Directory holding kiln's state: images, ledger, socket, instances, logs
-    #[arg(long, global = true, env = "KILN_STATE", default_value = ".kiln", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_STATE",
+        default_value = ".kiln",
+        value_name = "DIR"
+    )]
     pub state: PathBuf,
 
     /// Print data as JSON on stdout instead of text
@@ -69,7 +75,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct SpecFile {
     /// The spec file
-    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
     pub file: PathBuf,
 }
 
@@ -85,7 +96,12 @@ pub struct SchemaArgs {
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// Where to write the starter spec
-    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
     pub file: PathBuf,
 
     /// The app's name (default: derived from the directory name)

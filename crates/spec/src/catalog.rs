@@ -100,9 +100,21 @@ pub const ROOT: &[Field] = &[
          It names the image tag, the releases and the instances.",
     ),
     required("image", Kind::Table(IMAGE), "How to build the app's image."),
-    required("service", Kind::Table(SERVICE), "How to run an instance of the image."),
-    field("deploy", Kind::Table(DEPLOY), "How a new release replaces the current one."),
-    field("route", Kind::Table(ROUTE), "Where kiln's router listens for the app's traffic."),
+    required(
+        "service",
+        Kind::Table(SERVICE),
+        "How to run an instance of the image.",
+    ),
+    field(
+        "deploy",
+        Kind::Table(DEPLOY),
+        "How a new release replaces the current one.",
+    ),
+    field(
+        "route",
+        Kind::Table(ROUTE),
+        "Where kiln's router listens for the app's traffic.",
+    ),
     field("target", Kind::Table(TARGET), "Where instances run."),
 ];
 
@@ -145,7 +157,11 @@ const IMAGE: &[Field] = &[
         "The user the process runs as: `UID` or `UID:GID` (numbers, so the image needs no \
          `/etc/passwd`).",
     ),
-    field("labels", Kind::StringMap, "OCI labels recorded in the image config."),
+    field(
+        "labels",
+        Kind::StringMap,
+        "OCI labels recorded in the image config.",
+    ),
     default(
         "compression",
         Kind::Enum(&["gzip", "zstd"]),
@@ -276,7 +292,12 @@ const HEALTH: &[Field] = &[
         "An HTTP path that must answer 2xx; without it the check is a TCP connect.",
     ),
     default("interval", Kind::Duration, "\"1s\"", "Time between checks."),
-    default("timeout", Kind::Duration, "\"1s\"", "How long one check may take."),
+    default(
+        "timeout",
+        Kind::Duration,
+        "\"1s\"",
+        "How long one check may take.",
+    ),
     default(
         "healthy_threshold",
         Kind::Integer { min: 1, max: 100 },
@@ -385,7 +406,10 @@ const ANALYSIS: &[Field] = &[
     ),
     default(
         "min_requests",
-        Kind::Integer { min: 1, max: 1_000_000_000 },
+        Kind::Integer {
+            min: 1,
+            max: 1_000_000_000,
+        },
         "50",
         "Fewer requests than this in a step is inconclusive: the step extends.",
     ),
@@ -406,12 +430,18 @@ const MIGRATE: &[Field] = &[
     ),
     required(
         "schema",
-        Kind::Integer { min: 0, max: 1_000_000 },
+        Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
         "The schema version this release migrates to.",
     ),
     field(
         "compatible_from",
-        Kind::Integer { min: 0, max: 1_000_000 },
+        Kind::Integer {
+            min: 0,
+            max: 1_000_000,
+        },
         "The oldest schema version this release still works with; default: `schema`.",
     ),
 ];

@@ -79,13 +79,7 @@ pub(crate) fn decode(source: &str, diags: &mut Vec<Diagnostic>) -> Option<Table>
         return None;
     }
     let span = doc.span();
-    Some(decode_table(
-        "",
-        ROOT,
-        doc.get_ref(),
-        span,
-        diags,
-    ))
+    Some(decode_table("", ROOT, doc.get_ref(), span, diags))
 }
 
 fn decode_table(
@@ -143,7 +137,8 @@ fn decode_table(
             // the value kiln uses cannot disagree.
             if let Ok(parsed) = DeValue::parse(literal) {
                 let mut scratch = Vec::new();
-                if let Some(v) = decode_value(&out.key_path(field.key), &field.kind, &parsed, &mut scratch)
+                if let Some(v) =
+                    decode_value(&out.key_path(field.key), &field.kind, &parsed, &mut scratch)
                 {
                     out.entries.insert(
                         field.key,
@@ -161,7 +156,11 @@ fn decode_table(
 }
 
 /// A table holding only the defaults of `fields`, for a section the user left out.
-pub(crate) fn defaults_table(path: &str, fields: &'static [Field], diags: &mut Vec<Diagnostic>) -> Table {
+pub(crate) fn defaults_table(
+    path: &str,
+    fields: &'static [Field],
+    diags: &mut Vec<Diagnostic>,
+) -> Table {
     decode_table(path, fields, &DeTable::new(), 0..0, diags)
 }
 
@@ -270,7 +269,11 @@ fn decode_value(
         },
         Kind::Integer { min, max } => match int_of(v) {
             Some(i) if (*min..=*max).contains(&i) => Some(Value::Int(i)),
-            Some(i) => bad(diags, format!("must be between {min} and {max}, got {i}"), None),
+            Some(i) => bad(
+                diags,
+                format!("must be between {min} and {max}, got {i}"),
+                None,
+            ),
             None if v.is_integer() => bad(diags, format!("must be between {min} and {max}"), None),
             None => {
                 diags.push(type_error(key, span, "a whole number", v));
@@ -327,7 +330,8 @@ fn decode_value(
         Kind::Enum(options) => match v.as_str() {
             Some(s) if options.contains(&s) => Some(Value::Str(s.to_owned())),
             Some(s) => {
-                let hint = closest(s, options.iter().copied()).map(|b| format!("did you mean {b:?}?"));
+                let hint =
+                    closest(s, options.iter().copied()).map(|b| format!("did you mean {b:?}?"));
                 bad(
                     diags,
                     format!("unknown value {s:?}, expected one of {}", quoted(options)),
@@ -335,7 +339,12 @@ fn decode_value(
                 )
             }
             None => {
-                diags.push(type_error(key, span, &format!("one of {}", quoted(options)), v));
+                diags.push(type_error(
+                    key,
+                    span,
+                    &format!("one of {}", quoted(options)),
+                    v,
+                ));
                 None
             }
         },
@@ -418,7 +427,10 @@ fn decode_value(
                 ),
                 None => bad(
                     diags,
-                    format!("expected a fraction or a percentage, found {}", v.type_str()),
+                    format!(
+                        "expected a fraction or a percentage, found {}",
+                        v.type_str()
+                    ),
                     Some("write 0.01 or \"1%\""),
                 ),
             }
@@ -437,7 +449,9 @@ fn decode_value(
                     let path = format!("{key}[{i}]");
                     match item.get_ref().as_table() {
                         Some(t) => out.push(decode_table(&path, fields, t, item.span(), diags)),
-                        None => diags.push(type_error(&path, item.span(), "a table", item.get_ref())),
+                        None => {
+                            diags.push(type_error(&path, item.span(), "a table", item.get_ref()))
+                        }
                     }
                 }
                 Some(Value::Tables(out))

@@ -208,7 +208,10 @@ impl miette::Diagnostic for Shown<'_> {
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        self.diag.span.as_ref().map(|_| self as &dyn miette::SourceCode)
+        self.diag
+            .span
+            .as_ref()
+            .map(|_| self as &dyn miette::SourceCode)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
@@ -229,7 +232,10 @@ impl miette::SourceCode for Shown<'_> {
         context_lines_before: usize,
         context_lines_after: usize,
     ) -> Result<Box<dyn miette::SpanContents<'a> + 'a>, miette::MietteError> {
-        let inner = self.report.source.read_span(span, context_lines_before, context_lines_after)?;
+        let inner =
+            self.report
+                .source
+                .read_span(span, context_lines_before, context_lines_after)?;
         Ok(Box::new(miette::MietteSpanContents::new_named(
             self.report.file.clone(),
             inner.data(),

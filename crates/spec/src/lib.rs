@@ -45,7 +45,12 @@ impl std::fmt::Display for LoadError {
             }
             LoadError::Invalid(r) => {
                 let n = r.diagnostics.len();
-                write!(f, "{} has {n} problem{}", r.file, if n == 1 { "" } else { "s" })
+                write!(
+                    f,
+                    "{} has {n} problem{}",
+                    r.file,
+                    if n == 1 { "" } else { "s" }
+                )
             }
         }
     }

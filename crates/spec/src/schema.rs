@@ -154,7 +154,11 @@ fn kind_name(kind: &Kind) -> String {
         Kind::Positive => "number > 0".into(),
         Kind::Duration => "duration".into(),
         Kind::Size => "size".into(),
-        Kind::Enum(o) => o.iter().map(|o| format!("`\"{o}\"`")).collect::<Vec<_>>().join(" \\| "),
+        Kind::Enum(o) => o
+            .iter()
+            .map(|o| format!("`\"{o}\"`"))
+            .collect::<Vec<_>>()
+            .join(" \\| "),
         Kind::StringList => "list of strings".into(),
         Kind::StringMap => "table of strings".into(),
         Kind::CountOrPercent => "integer or `\"N%\"`".into(),

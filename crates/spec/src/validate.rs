@@ -42,7 +42,13 @@ impl Table {
     }
 
     fn bool(&self, key: &str) -> bool {
-        matches!(self.entry(key), Some(Entry { value: Value::Bool(true), .. }))
+        matches!(
+            self.entry(key),
+            Some(Entry {
+                value: Value::Bool(true),
+                ..
+            })
+        )
     }
 
     fn int(&self, key: &str) -> Option<i64> {
@@ -124,7 +130,8 @@ fn to_u32(i: Option<i64>, fallback: u32) -> u32 {
 impl Validator<'_> {
     fn error(&mut self, t: &Table, key: &str, message: String) -> &mut Diagnostic {
         let span = t.span_of(key);
-        self.diags.push(Diagnostic::new(&t.key_path(key), Some(span), message));
+        self.diags
+            .push(Diagnostic::new(&t.key_path(key), Some(span), message));
         let last = self.diags.len() - 1;
         &mut self.diags[last]
     }
@@ -132,7 +139,8 @@ impl Validator<'_> {
     pub(crate) fn spec(&mut self, root: &Table) -> Spec {
         let name = match root.str("name") {
             Some((s, _)) => AppName::new(s).unwrap_or_else(|| {
-                self.error(root, "name", format!("invalid app name {s:?}")).hint = Some(
+                self.error(root, "name", format!("invalid app name {s:?}"))
+                    .hint = Some(
                     "use a lowercase letter, then up to 39 lowercase letters, digits or `-`"
                         .to_owned(),
                 );
@@ -165,21 +173,31 @@ impl Validator<'_> {
                 None
             }
         });
-        if let Some((w, _)) = t.str("workdir") {
-            if normalised_absolute(w).is_none() {
-                self.error(t, "workdir", format!("workdir {w:?} must be an absolute, normalised path"));
-            }
+        if let Some((w, _)) = t.str("workdir")
+            && normalised_absolute(w).is_none()
+        {
+            self.error(
+                t,
+                "workdir",
+                format!("workdir {w:?} must be an absolute, normalised path"),
+            );
         }
         let copies = t.tables("copy").iter().map(|c| self.copy(c)).collect();
         let test = t.table("test").map(|tt| self.image_test(tt));
         ImageSpec {
             base,
             entrypoint: self.command(t, "entrypoint"),
-            cmd: t.list("cmd").map(|l| l.iter().map(|(s, _)| s.clone()).collect()),
+            cmd: t
+                .list("cmd")
+                .map(|l| l.iter().map(|(s, _)| s.clone()).collect()),
             env: self.env(t, "env", false),
             workdir: t.string("workdir"),
             user,
-            labels: t.map("labels").iter().map(|(k, v, _)| (k.clone(), v.clone())).collect(),
+            labels: t
+                .map("labels")
+                .iter()
+                .map(|(k, v, _)| (k.clone(), v.clone()))
+                .collect(),
             compression: match t.str("compression") {
                 Some(("zstd", _)) => Compression::Zstd,
                 _ => Compression::Gzip,
@@ -226,10 +244,15 @@ impl Validator<'_> {
             "rootfs" => BaseImage::Rootfs(abs.clone()),
             other => {
                 let d = self.error(t, "base", format!("unknown base kind `{other}:`"));
-                d.hint = Some(match crate::decode::closest(other, ["oci", "docker-archive", "rootfs"].into_iter()) {
-                    Some(best) => format!("did you mean `{best}:`?"),
-                    None => hint.to_owned(),
-                });
+                d.hint = Some(
+                    match crate::decode::closest(
+                        other,
+                        ["oci", "docker-archive", "rootfs"].into_iter(),
+                    ) {
+                        Some(best) => format!("did you mean `{best}:`?"),
+                        None => hint.to_owned(),
+                    },
+                );
                 return BaseImage::Scratch;
             }
         };
@@ -256,8 +279,12 @@ impl Validator<'_> {
             Some((to, _)) => match normalised_absolute(to) {
                 Some(n) => n,
                 None => {
-                    self.error(t, "to", format!("`to` must be an absolute, normalised path, got {to:?}"))
-                        .hint = Some("e.g. \"/app/server\"; no `.` or `..` parts".to_owned());
+                    self.error(
+                        t,
+                        "to",
+                        format!("`to` must be an absolute, normalised path, got {to:?}"),
+                    )
+                    .hint = Some("e.g. \"/app/server\"; no `.` or `..` parts".to_owned());
                     String::new()
                 }
             },
@@ -305,13 +332,21 @@ impl Validator<'_> {
     fn image_test(&mut self, t: &Table) -> ImageTest {
         let command = self.command(t, "command");
         let http = t.string("http");
-        if let Some((p, _)) = t.str("http") {
-            if !p.starts_with('/') {
-                self.error(t, "http", format!("`http` must be a path starting with `/`, got {p:?}"));
-            }
+        if let Some((p, _)) = t.str("http")
+            && !p.starts_with('/')
+        {
+            self.error(
+                t,
+                "http",
+                format!("`http` must be a path starting with `/`, got {p:?}"),
+            );
         }
         if command.is_none() && http.is_none() {
-            self.error(t, "command", "[image.test] needs `command`, `http` or both".to_owned());
+            self.error(
+                t,
+                "command",
+                "[image.test] needs `command`, `http` or both".to_owned(),
+            );
         }
         ImageTest {
             command,
@@ -333,18 +368,29 @@ impl Validator<'_> {
     fn env(&mut self, t: &Table, key: &str, port_reserved: bool) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (k, v, span) in t.map(key) {
-            let valid = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let valid = k
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             let path = format!("{}.{k}", t.key_path(key));
             if !valid {
                 self.diags.push(
-                    Diagnostic::new(&path, Some(span.clone()), format!("invalid environment variable name {k:?}"))
-                        .with_hint("use letters, digits and `_`, not starting with a digit"),
+                    Diagnostic::new(
+                        &path,
+                        Some(span.clone()),
+                        format!("invalid environment variable name {k:?}"),
+                    )
+                    .with_hint("use letters, digits and `_`, not starting with a digit"),
                 );
             } else if port_reserved && k == "PORT" {
                 self.diags.push(
-                    Diagnostic::new(&path, Some(span.clone()), "`PORT` is set by kiln for each instance".to_owned())
-                        .with_hint("set [service] port instead"),
+                    Diagnostic::new(
+                        &path,
+                        Some(span.clone()),
+                        "`PORT` is set by kiln for each instance".to_owned(),
+                    )
+                    .with_hint("set [service] port instead"),
                 );
             }
             out.insert(k.clone(), v.clone());
@@ -373,7 +419,10 @@ impl Validator<'_> {
             }
         }
         ServiceSpec {
-            port: t.int("port").and_then(|p| u16::try_from(p).ok()).unwrap_or(8080),
+            port: t
+                .int("port")
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(8080),
             replicas: to_u32(t.int("replicas"), 1),
             env: self.env(t, "env", true),
             writable,
@@ -392,21 +441,37 @@ impl Validator<'_> {
                 _ => None,
             },
             stop_grace: t.duration("stop_grace").unwrap_or(Duration::from_secs(10)),
-            health: self.health(&t.table("health").cloned().unwrap_or_else(|| defaults_of("service.health"))),
+            health: self.health(
+                &t.table("health")
+                    .cloned()
+                    .unwrap_or_else(|| defaults_of("service.health")),
+            ),
         }
     }
 
     fn health(&mut self, t: &Table) -> HealthCheck {
-        if let Some((p, _)) = t.str("path") {
-            if !p.starts_with('/') {
-                self.error(t, "path", format!("health `path` must start with `/`, got {p:?}"));
-            }
+        if let Some((p, _)) = t.str("path")
+            && !p.starts_with('/')
+        {
+            self.error(
+                t,
+                "path",
+                format!("health `path` must start with `/`, got {p:?}"),
+            );
         }
         let interval = t.duration("interval").unwrap_or(Duration::from_secs(1));
         let timeout = t.duration("timeout").unwrap_or(Duration::from_secs(1));
         if timeout > interval && t.written("timeout") {
-            self.error(t, "timeout", format!("health `timeout` ({}) is longer than `interval` ({})", humantime::format_duration(timeout), humantime::format_duration(interval)))
-                .hint = Some("a check must finish before the next one starts".to_owned());
+            self.error(
+                t,
+                "timeout",
+                format!(
+                    "health `timeout` ({}) is longer than `interval` ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            )
+            .hint = Some("a check must finish before the next one starts".to_owned());
         }
         HealthCheck {
             path: t.string("path"),
@@ -414,7 +479,9 @@ impl Validator<'_> {
             timeout,
             healthy_threshold: to_u32(t.int("healthy_threshold"), 1),
             unhealthy_threshold: to_u32(t.int("unhealthy_threshold"), 3),
-            start_period: t.duration("start_period").unwrap_or(Duration::from_secs(30)),
+            start_period: t
+                .duration("start_period")
+                .unwrap_or(Duration::from_secs(30)),
         }
     }
 
@@ -429,13 +496,17 @@ impl Validator<'_> {
             for key in canary_only {
                 if t.written(key) {
                     self.error(t, key, format!("`{key}` only applies to the canary strategy, but strategy is {strategy_name:?}"))
-                        .hint = Some(format!("remove it, or set strategy = \"canary\""));
+                        .hint = Some("remove it, or set strategy = \"canary\"".to_string());
                 }
             }
         }
         if strategy_name == "rolling" && t.written("promote") {
-            self.error(t, "promote", "`promote` only applies to blue-green and canary".to_owned())
-                .hint = Some("a rolling update advances as instances become healthy".to_owned());
+            self.error(
+                t,
+                "promote",
+                "`promote` only applies to blue-green and canary".to_owned(),
+            )
+            .hint = Some("a rolling update advances as instances become healthy".to_owned());
         }
         let max_surge = self.count(t, "max_surge", CountOrPercent::Count(1));
         let max_unavailable = self.count(t, "max_unavailable", CountOrPercent::Count(0));
@@ -451,7 +522,11 @@ impl Validator<'_> {
             "canary" => Strategy::Canary {
                 promote,
                 steps: self.steps(t),
-                analysis: self.analysis(&t.table("analysis").cloned().unwrap_or_else(|| defaults_of("deploy.analysis"))),
+                analysis: self.analysis(
+                    &t.table("analysis")
+                        .cloned()
+                        .unwrap_or_else(|| defaults_of("deploy.analysis")),
+                ),
             },
             _ => Strategy::Rolling,
         };
@@ -459,8 +534,12 @@ impl Validator<'_> {
             strategy,
             max_surge,
             max_unavailable,
-            progress_deadline: t.duration("progress_deadline").unwrap_or(Duration::from_secs(300)),
-            keep_previous: t.duration("keep_previous").unwrap_or(Duration::from_secs(600)),
+            progress_deadline: t
+                .duration("progress_deadline")
+                .unwrap_or(Duration::from_secs(300)),
+            keep_previous: t
+                .duration("keep_previous")
+                .unwrap_or(Duration::from_secs(600)),
             migrate: t.table("migrate").map(|m| self.migrate(m)),
         }
     }
@@ -478,18 +557,28 @@ impl Validator<'_> {
     fn steps(&mut self, t: &Table) -> Vec<CanaryStep> {
         let tables = t.tables("steps");
         if tables.is_empty() {
-            self.error(t, "steps", "the canary strategy needs at least one [[deploy.steps]]".to_owned())
-                .hint = Some("e.g. steps of weight 10, 50 and 100".to_owned());
+            self.error(
+                t,
+                "steps",
+                "the canary strategy needs at least one [[deploy.steps]]".to_owned(),
+            )
+            .hint = Some("e.g. steps of weight 10, 50 and 100".to_owned());
             return Vec::new();
         }
         let mut steps = Vec::new();
         let mut previous: Option<i64> = None;
         for s in tables {
-            let Some(weight) = s.int("weight") else { continue };
-            if let Some(p) = previous {
-                if weight <= p {
-                    self.error(s, "weight", format!("canary weights must strictly increase, but {weight} follows {p}"));
-                }
+            let Some(weight) = s.int("weight") else {
+                continue;
+            };
+            if let Some(p) = previous
+                && weight <= p
+            {
+                self.error(
+                    s,
+                    "weight",
+                    format!("canary weights must strictly increase, but {weight} follows {p}"),
+                );
             }
             previous = Some(weight);
             steps.push(CanaryStep {
@@ -497,11 +586,15 @@ impl Validator<'_> {
                 pause: s.duration("pause"),
             });
         }
-        if let (Some(last), Some(last_table)) = (previous, tables.last()) {
-            if last != 100 {
-                self.error(last_table, "weight", format!("canary steps must end at weight 100, but the last step is {last}"))
-                    .hint = Some("add a final [[deploy.steps]] with weight = 100".to_owned());
-            }
+        if let (Some(last), Some(last_table)) = (previous, tables.last())
+            && last != 100
+        {
+            self.error(
+                last_table,
+                "weight",
+                format!("canary steps must end at weight 100, but the last step is {last}"),
+            )
+            .hint = Some("add a final [[deploy.steps]] with weight = 100".to_owned());
         }
         steps
     }
@@ -517,7 +610,10 @@ impl Validator<'_> {
         Analysis {
             max_error_rate,
             max_p99: t.duration("max_p99"),
-            min_requests: t.int("min_requests").and_then(|i| u64::try_from(i).ok()).unwrap_or(50),
+            min_requests: t
+                .int("min_requests")
+                .and_then(|i| u64::try_from(i).ok())
+                .unwrap_or(50),
             compare_to_stable: t.bool("compare_to_stable"),
         }
     }
@@ -528,8 +624,15 @@ impl Validator<'_> {
             Some(c) => {
                 let c = to_u32(Some(c), 0);
                 if c > schema {
-                    self.error(t, "compatible_from", format!("`compatible_from` ({c}) is newer than `schema` ({schema})"))
-                        .hint = Some("a release cannot need a schema newer than the one it migrates to".to_owned());
+                    self.error(
+                        t,
+                        "compatible_from",
+                        format!("`compatible_from` ({c}) is newer than `schema` ({schema})"),
+                    )
+                    .hint = Some(
+                        "a release cannot need a schema newer than the one it migrates to"
+                            .to_owned(),
+                    );
                 }
                 c
             }
@@ -547,7 +650,8 @@ impl Validator<'_> {
             Some((l, _)) => match l.parse::<SocketAddr>() {
                 Ok(a) => a,
                 Err(_) => {
-                    self.error(t, "listen", format!("invalid listen address {l:?}")).hint =
+                    self.error(t, "listen", format!("invalid listen address {l:?}"))
+                        .hint =
                         Some("write IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::]:443\"".to_owned());
                     SocketAddr::from(([127, 0, 0, 1], 8080))
                 }
@@ -560,8 +664,14 @@ impl Validator<'_> {
                 hosts.push(h.to_ascii_lowercase());
             } else {
                 self.diags.push(
-                    Diagnostic::new(&t.key_path("hosts"), Some(span.clone()), format!("invalid host name {h:?}"))
-                        .with_hint("a DNS name such as \"app.example.com\", without scheme, port or path"),
+                    Diagnostic::new(
+                        &t.key_path("hosts"),
+                        Some(span.clone()),
+                        format!("invalid host name {h:?}"),
+                    )
+                    .with_hint(
+                        "a DNS name such as \"app.example.com\", without scheme, port or path",
+                    ),
                 );
             }
         }
@@ -588,8 +698,12 @@ impl Validator<'_> {
                 Some(("cookie", _)) => Sticky::Cookie,
                 _ => Sticky::None,
             },
-            drain_timeout: t.duration("drain_timeout").unwrap_or(Duration::from_secs(30)),
-            request_timeout: t.duration("request_timeout").unwrap_or(Duration::from_secs(60)),
+            drain_timeout: t
+                .duration("drain_timeout")
+                .unwrap_or(Duration::from_secs(30)),
+            request_timeout: t
+                .duration("request_timeout")
+                .unwrap_or(Duration::from_secs(60)),
         }
     }
 
@@ -599,7 +713,11 @@ impl Validator<'_> {
             _ => ProviderKind::Local,
         };
         if provider == ProviderKind::Local && t.written("docker_host") {
-            self.error(t, "docker_host", "`docker_host` only applies to provider = \"docker\"".to_owned());
+            self.error(
+                t,
+                "docker_host",
+                "`docker_host` only applies to provider = \"docker\"".to_owned(),
+            );
         }
         let runtime = t.string("runtime").unwrap_or_else(|| "runc".to_owned());
         if runtime.is_empty() {
@@ -664,7 +782,11 @@ fn valid_host(h: &str) -> bool {
 fn split_oci_reference(rest: &str) -> Result<(&str, Option<OciReference>), String> {
     if let Some((path, digest)) = rest.rsplit_once('@') {
         let hex = digest.strip_prefix("sha256:").unwrap_or("");
-        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        {
             return Err(format!("invalid digest {digest:?} in base"));
         }
         return Ok((path, Some(OciReference::Digest(digest.to_owned()))));

@@ -28,11 +28,15 @@ fn parse(path: &Path) -> Result<Spec, kiln_spec::Report> {
     let source = std::fs::read_to_string(path).unwrap();
     let name = format!(
         "{}/{}",
-        path.parent().unwrap().file_name().unwrap().to_string_lossy(),
+        path.parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy(),
         path.file_name().unwrap().to_string_lossy()
     );
-    // Relative paths in fixtures resolve against the fixtures directory, which holds `files/`.
-    Spec::parse(&source, &name, &fixtures())
+    // As `kiln validate` does: relative paths resolve against the spec file's directory.
+    Spec::parse(&source, &name, path.parent().unwrap())
 }
 
 #[test]
@@ -78,9 +82,18 @@ fn full_fixture_has_every_value() {
     use kiln_spec::*;
     let spec = parse(&fixtures().join("valid/full.toml")).unwrap();
     assert_eq!(spec.name.as_str(), "full-app");
-    assert_eq!(spec.image.base, BaseImage::Rootfs(fixtures().join("files")));
+    assert_eq!(
+        spec.image.base,
+        BaseImage::Rootfs(fixtures().join("valid/../files"))
+    );
     assert_eq!(spec.image.compression, Compression::Zstd);
-    assert_eq!(spec.image.user, Some(UserSpec { uid: 1000, gid: Some(1000) }));
+    assert_eq!(
+        spec.image.user,
+        Some(UserSpec {
+            uid: 1000,
+            gid: Some(1000)
+        })
+    );
     assert_eq!(spec.image.copies[0].mode, Some(0o755));
     assert!(spec.image.copies[0].closure);
     assert_eq!(spec.image.copies[1].to, "/srv/static");
@@ -90,11 +103,19 @@ fn full_fixture_has_every_value() {
     assert_eq!(spec.service.health.start_period.as_secs(), 60);
     assert_eq!(spec.deploy.max_surge, CountOrPercent::Percent(25));
     assert_eq!(spec.deploy.keep_previous.as_secs(), 3600);
-    let Strategy::Canary { promote, steps, analysis } = &spec.deploy.strategy else {
+    let Strategy::Canary {
+        promote,
+        steps,
+        analysis,
+    } = &spec.deploy.strategy
+    else {
         panic!("expected canary, got {:?}", spec.deploy.strategy);
     };
     assert_eq!(*promote, Promote::Manual);
-    assert_eq!(steps.iter().map(|s| s.weight).collect::<Vec<_>>(), [10, 50, 100]);
+    assert_eq!(
+        steps.iter().map(|s| s.weight).collect::<Vec<_>>(),
+        [10, 50, 100]
+    );
     assert_eq!(steps[2].pause, None);
     assert!((analysis.max_error_rate - 0.01).abs() < 1e-12);
     assert_eq!(analysis.max_p99.map(|d| d.as_millis()), Some(300));

@@ -35,10 +35,11 @@ fn check(path: &Path) -> Result<(), String> {
 
 #[test]
 fn schema_accepts_valid_specs() {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(root().join("crates/spec/tests/fixtures/valid"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut paths: Vec<PathBuf> =
+        std::fs::read_dir(root().join("crates/spec/tests/fixtures/valid"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
     paths.push(root().join("examples/hello/kiln.toml"));
     for p in paths {
         if let Err(e) = check(&p) {
@@ -49,7 +50,13 @@ fn schema_accepts_valid_specs() {
 
 #[test]
 fn schema_rejects_kind_mistakes() {
-    for name in ["three-mistakes", "bad-values", "canary-steps", "wrong-shapes", "missing"] {
+    for name in [
+        "three-mistakes",
+        "bad-values",
+        "canary-steps",
+        "wrong-shapes",
+        "missing",
+    ] {
         let p = root().join(format!("crates/spec/tests/fixtures/invalid/{name}.toml"));
         assert!(check(&p).is_err(), "schema accepts {name}");
     }

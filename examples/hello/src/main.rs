@@ -45,7 +45,11 @@ impl Knobs {
         let fail_rate = match std::env::var("HELLO_FAIL_RATE") {
             Ok(s) => match s.parse::<f64>() {
                 Ok(r) if (0.0..=1.0).contains(&r) => r,
-                _ => return Err(format!("HELLO_FAIL_RATE must be between 0 and 1, got {s:?}")),
+                _ => {
+                    return Err(format!(
+                        "HELLO_FAIL_RATE must be between 0 and 1, got {s:?}"
+                    ));
+                }
             },
             Err(_) => 0.0,
         };
@@ -86,9 +90,10 @@ impl App {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/healthz") if self.knobs.never_healthy => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "never healthy\n".to_owned())
-            }
+            (&Method::GET | &Method::HEAD, "/healthz") if self.knobs.never_healthy => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "never healthy\n".to_owned(),
+            ),
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".to_owned()),
             (&Method::GET | &Method::HEAD, "/version") => {
                 text(StatusCode::OK, format!("{}\n", self.knobs.version))
@@ -104,7 +109,10 @@ impl App {
                         format!("injected failure from {}\n", self.knobs.version),
                     )
                 } else {
-                    text(StatusCode::OK, format!("hello from {}\n", self.knobs.version))
+                    text(
+                        StatusCode::OK,
+                        format!("hello from {}\n", self.knobs.version),
+                    )
                 }
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
@@ -207,7 +215,12 @@ mod tests {
 
     #[test]
     fn fail_rate_is_exact_over_whole_periods() {
-        for (rate, n, want) in [(0.2, 1000, 200), (0.0, 1000, 0), (1.0, 50, 50), (0.01, 300, 3)] {
+        for (rate, n, want) in [
+            (0.2, 1000, 200),
+            (0.0, 1000, 0),
+            (1.0, 50, 50),
+            (0.01, 300, 3),
+        ] {
             let a = app(rate);
             let failed = (1..=n).filter(|&i| a.should_fail(i)).count();
             assert_eq!(failed, want, "rate {rate} over {n}");

@@ -79,7 +79,11 @@ fn summary(spec: &Spec) -> String {
         "app {}, {} layer{}, {replicas} replica{}, {}{steps}, listening on {}",
         spec.name,
         spec.image.copies.len(),
-        if spec.image.copies.len() == 1 { "" } else { "s" },
+        if spec.image.copies.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
         if replicas == 1 { "" } else { "s" },
         spec.deploy.strategy.name(),
         spec.route.listen,
@@ -92,21 +96,37 @@ fn details(spec: &Spec) -> String {
     let d = humantime::format_duration;
     let mut s = String::new();
     let i = &spec.image;
-    let _ = writeln!(s, "image:   base {:?}, compression {:?}", i.base, i.compression);
+    let _ = writeln!(
+        s,
+        "image:   base {:?}, compression {:?}",
+        i.base, i.compression
+    );
     for c in &i.copies {
-        let _ = writeln!(s, "  copy   {} -> {} (owner {}:{})", c.from.display(), c.to, c.owner.uid, c.owner.gid);
+        let _ = writeln!(
+            s,
+            "  copy   {} -> {} (owner {}:{})",
+            c.from.display(),
+            c.to,
+            c.owner.uid,
+            c.owner.gid
+        );
     }
     let v = &spec.service;
     let _ = writeln!(
         s,
         "service: port {}, {} replicas, writable {:?}, stop grace {}",
-        v.port, v.replicas, v.writable, d(v.stop_grace)
+        v.port,
+        v.replicas,
+        v.writable,
+        d(v.stop_grace)
     );
     let h = &v.health;
     let _ = writeln!(
         s,
         "health:  {} every {}, timeout {}, healthy after {}, unhealthy after {}, start period {}",
-        h.path.as_deref().map_or("TCP connect".to_owned(), |p| format!("GET {p}")),
+        h.path
+            .as_deref()
+            .map_or("TCP connect".to_owned(), |p| format!("GET {p}")),
         d(h.interval),
         d(h.timeout),
         h.healthy_threshold,
@@ -117,7 +137,11 @@ fn details(spec: &Spec) -> String {
     let _ = writeln!(
         s,
         "deploy:  {:?}, surge {:?}, unavailable {:?}, deadline {}, keep previous {}",
-        dp.strategy, dp.max_surge, dp.max_unavailable, d(dp.progress_deadline), d(dp.keep_previous)
+        dp.strategy,
+        dp.max_surge,
+        dp.max_unavailable,
+        d(dp.progress_deadline),
+        d(dp.keep_previous)
     );
     let r = &spec.route;
     let _ = writeln!(
@@ -130,7 +154,11 @@ fn details(spec: &Spec) -> String {
         d(r.drain_timeout),
         d(r.request_timeout)
     );
-    let _ = writeln!(s, "target:  {:?} ({})", spec.target.provider, spec.target.runtime);
+    let _ = writeln!(
+        s,
+        "target:  {:?} ({})",
+        spec.target.provider, spec.target.runtime
+    );
     s
 }
 
@@ -186,11 +214,21 @@ pub fn init(args: &InitArgs, out: &Output) -> anyhow::Result<ExitCode> {
 fn default_name(file: &Path) -> AppName {
     let dir = std::path::absolute(file)
         .ok()
-        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
+        .and_then(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_default();
     let mut name: String = dir
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .skip_while(|c| !c.is_ascii_lowercase())
         .take(40)
         .collect();

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the real components kiln's tests and benchmarks drive (runc, a Docker Engine, OCI
+# tools, load generators and peer proxies) and starts dockerd. Needs root; idempotent.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+packages=(runc docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts nginx on install where it can; the benchmarks start their own.
+service nginx stop >/dev/null 2>&1 || true
+
+if ! docker info >/dev/null 2>&1; then
+  (dockerd >/tmp/kiln-ci-dockerd.log 2>&1 &)
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+  if ! docker info >/dev/null 2>&1; then
+    echo "dockerd did not start; its log:" >&2
+    tail -n 50 /tmp/kiln-ci-dockerd.log >&2
+    exit 1
+  fi
+fi
+echo "ci-setup: $(runc --version | head -n1); docker $(docker version --format '{{.Server.Version}}')"
