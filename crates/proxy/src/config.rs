@@ -1,0 +1,93 @@
+//! The router's own configuration types: what a listener and an app need, with defaults.
+//!
+//! These are domain values, not a file format: the daemon fills them from `kiln.toml`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::header::HeaderName;
+
+/// One listen address and how it accepts connections.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Where to accept connections.
+    pub listen: SocketAddr,
+    /// Terminate TLS with these PEM files; plain TCP (HTTP/1.1 and h2c) when `None`.
+    pub tls: Option<TlsFiles>,
+    /// The largest request head accepted, in bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// The largest request body accepted, in bytes; `None` for no limit.
+    pub max_body_bytes: Option<u64>,
+    /// How long a client may take to send a request head before its connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl ListenerConfig {
+    /// A plain-TCP listener with the default limits.
+    #[must_use]
+    pub fn new(listen: SocketAddr) -> ListenerConfig {
+        ListenerConfig {
+            listen,
+            tls: None,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: None,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// PEM files for TLS termination.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Whether a client stays on the release it first got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sticky {
+    /// Every request is weighted afresh.
+    #[default]
+    Off,
+    /// A cookie ([`crate::STICKY_COOKIE`]) remembers the release while it keeps a weight.
+    Cookie,
+}
+
+/// One app behind a listener.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// The app's name, used in metrics labels and error messages.
+    pub name: String,
+    /// Host names routed to this app (case-insensitive, without port). Empty means "every
+    /// host", which is allowed only when the app is alone on its listen address.
+    pub hosts: Vec<String>,
+    /// Sticky sessions.
+    pub sticky: Sticky,
+    /// A request header whose value names a release to pin the request to (for smoke-testing a
+    /// release that has no weight yet). Off when `None`.
+    pub preview_header: Option<HeaderName>,
+    /// The longest wait for an upstream's response head, connect and retries included.
+    /// Response bodies are not bounded by it, so long streams (SSE) keep flowing.
+    pub request_timeout: Duration,
+    /// The longest [`crate::App::drain`] waits for an instance's in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+impl AppConfig {
+    /// An app with no host names, no stickiness, no preview header, a 30 s request timeout and
+    /// a 30 s drain timeout.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> AppConfig {
+        AppConfig {
+            name: name.into(),
+            hosts: Vec::new(),
+            sticky: Sticky::Off,
+            preview_header: None,
+            request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Host routing: which app on a listen address answers a request, by its `Host`.
+//!
+//! Pure data: built once per listener from the apps' host names, then only read. An unknown
+//! host finds no app (the listener answers 404); it never falls through to an arbitrary app.
+
+use std::collections::HashMap;
+
+use crate::error::ConfigError;
+
+/// Maps normalised host names to app indexes.
+#[derive(Debug, Default)]
+pub(crate) struct HostTable {
+    exact: HashMap<String, usize>,
+    /// The app that answers every host: set only when a lone app declared no host names.
+    default: Option<usize>,
+}
+
+impl HostTable {
+    /// Builds the table from `(app name, host names)` in listener order.
+    pub(crate) fn build<'a>(
+        apps: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Result<HostTable, ConfigError> {
+        let apps: Vec<(&str, &[String])> = apps.into_iter().collect();
+        let mut table = HostTable::default();
+        let mut owner: HashMap<String, &str> = HashMap::new();
+        let mut names: Vec<&str> = Vec::new();
+        for (index, (app, hosts)) in apps.iter().enumerate() {
+            if names.contains(app) {
+                return Err(ConfigError::DuplicateApp {
+                    app: (*app).to_owned(),
+                });
+            }
+            names.push(app);
+            if hosts.is_empty() {
+                if apps.len() > 1 {
+                    return Err(ConfigError::AppWithoutHosts {
+                        app: (*app).to_owned(),
+                    });
+                }
+                table.default = Some(index);
+            }
+            for host in *hosts {
+                let normal = normalise(host).filter(|h| valid_host(h)).ok_or_else(|| {
+                    ConfigError::InvalidHost {
+                        app: (*app).to_owned(),
+                        host: host.clone(),
+                    }
+                })?;
+                if let Some(first) = owner.get(&normal) {
+                    return Err(ConfigError::DuplicateHost {
+                        host: normal,
+                        first: (*first).to_owned(),
+                        second: (*app).to_owned(),
+                    });
+                }
+                owner.insert(normal.clone(), app);
+                table.exact.insert(normal, index);
+            }
+        }
+        Ok(table)
+    }
+
+    /// The app for a request whose host (from `Host` or the URI authority) is `host`.
+    pub(crate) fn lookup(&self, host: Option<&str>) -> Option<usize> {
+        if let Some(index) = self.default {
+            return Some(index);
+        }
+        let host = host?;
+        // Most requests already carry a lowercase host without a port: look it up without
+        // allocating first.
+        if let Some(&index) = self.exact.get(host) {
+            return Some(index);
+        }
+        let normal = normalise(host)?;
+        self.exact.get(&normal).copied()
+    }
+}
+
+/// Lowercases a host and strips its port and a trailing dot; `None` when nothing is left.
+pub(crate) fn normalise(host: &str) -> Option<String> {
+    let host = host.trim();
+    let without_port = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal keeps its brackets so that it cannot be confused with a port.
+        let end = rest.find(']')?;
+        &host[..end + 2]
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let trimmed = without_port.strip_suffix('.').unwrap_or(without_port);
+    if trimmed.is_empty() {
+        None
+    } else {
+        Some(trimmed.to_ascii_lowercase())
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    host.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn table(apps: &[(&str, &[&str])]) -> Result<HostTable, ConfigError> {
+        let owned: Vec<(String, Vec<String>)> = apps
+            .iter()
+            .map(|(a, hs)| {
+                (
+                    (*a).to_owned(),
+                    hs.iter().map(|h| (*h).to_owned()).collect(),
+                )
+            })
+            .collect();
+        HostTable::build(owned.iter().map(|(a, hs)| (a.as_str(), hs.as_slice())))
+    }
+
+    #[test]
+    fn routes_by_host_ignoring_case_port_and_trailing_dot() {
+        let t = table(&[("shop", &["shop.example"]), ("blog", &["Blog.Example"])]).unwrap();
+        for (host, want) in [
+            (Some("shop.example"), Some(0)),
+            (Some("SHOP.example:8080"), Some(0)),
+            (Some("blog.example."), Some(1)),
+            (Some("other.example"), None),
+            (None, None),
+            (Some(""), None),
+        ] {
+            assert_eq!(t.lookup(host), want, "host {host:?}");
+        }
+    }
+
+    #[test]
+    fn a_lone_app_without_hosts_answers_every_host() {
+        let t = table(&[("only", &[])]).unwrap();
+        assert_eq!(t.lookup(Some("anything.example")), Some(0));
+        assert_eq!(t.lookup(None), Some(0));
+    }
+
+    #[test]
+    fn a_lone_app_with_hosts_does_not_answer_other_hosts() {
+        let t = table(&[("only", &["a.example"])]).unwrap();
+        assert_eq!(t.lookup(Some("b.example")), None);
+    }
+
+    #[test]
+    fn an_app_without_hosts_among_others_is_refused() {
+        let err = table(&[("a", &["a.example"]), ("b", &[])]).unwrap_err();
+        assert!(matches!(err, ConfigError::AppWithoutHosts { app } if app == "b"));
+    }
+
+    #[test]
+    fn a_host_claimed_twice_is_refused() {
+        let err = table(&[("a", &["x.example"]), ("b", &["X.example:443"])]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"host "x.example" is claimed by both app "a" and app "b""#
+        );
+    }
+
+    #[test]
+    fn invalid_host_and_duplicate_app_are_refused() {
+        assert!(matches!(
+            table(&[("a", &["bad host"])]).unwrap_err(),
+            ConfigError::InvalidHost { .. }
+        ));
+        assert!(matches!(
+            table(&[("a", &["a.example"]), ("a", &["b.example"])]).unwrap_err(),
+            ConfigError::DuplicateApp { .. }
+        ));
+    }
+
+    #[test]
+    fn ipv6_literals_keep_their_brackets() {
+        assert_eq!(normalise("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(normalise("[::1]").as_deref(), Some("[::1]"));
+    }
+}

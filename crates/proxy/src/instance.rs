@@ -1,0 +1,234 @@
+//! One upstream instance as the router tracks it: its outstanding requests (for
+//! least-outstanding selection and for draining) and its pool of keep-alive connections.
+//!
+//! An `InstanceState` outlives route tables: the same address keeps the same state across
+//! swaps, so a request started under an old table is still counted when the instance is
+//! drained after leaving the new one.
+//!
+//! **Invariant:** a request is counted (`InFlight`) before it uses an instance, and it only
+//! uses the instance if the instance was not removed at that moment. Removal sets `removed`
+//! and then reads the count; acquisition bumps the count and then reads `removed`; both use
+//! sequentially consistent atomics, so at least one side sees the other and a drain can never
+//! report "no request in flight" while a request is about to start.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::body::UpstreamBody;
+
+/// The most idle connections kept per instance; more are closed when released.
+const MAX_IDLE: usize = 512;
+
+/// A keep-alive HTTP/1.1 connection to an instance.
+pub(crate) type Sender = http1::SendRequest<UpstreamBody>;
+
+/// Why a new upstream connection could not be made. Nothing was sent, so the request can go
+/// elsewhere.
+#[derive(Debug)]
+pub(crate) struct ConnectFailed;
+
+pub(crate) struct InstanceState {
+    pub(crate) addr: SocketAddr,
+    outstanding: AtomicUsize,
+    removed: AtomicBool,
+    /// Woken when `outstanding` drops to zero while removed.
+    idle_notify: Notify,
+    idle: Mutex<Vec<Sender>>,
+}
+
+impl InstanceState {
+    pub(crate) fn new(addr: SocketAddr) -> InstanceState {
+        InstanceState {
+            addr,
+            outstanding: AtomicUsize::new(0),
+            removed: AtomicBool::new(false),
+            idle_notify: Notify::new(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request against this instance, unless the instance has left the route.
+    pub(crate) fn acquire(self: &Arc<Self>) -> Option<InFlight> {
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight {
+            instance: Arc::clone(self),
+        };
+        if self.removed.load(Ordering::SeqCst) {
+            // Dropping the guard undoes the count (and wakes a drain if it was the last).
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Marks the instance as out of the route and closes its idle connections, so that the
+    /// instance sees only the requests already in flight.
+    pub(crate) fn remove(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        self.clear_idle();
+    }
+
+    /// Closes every idle connection.
+    pub(crate) fn clear_idle(&self) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Puts the instance back into a route (a rollback can re-add an instance being drained).
+    pub(crate) fn restore(&self) {
+        self.removed.store(false, Ordering::SeqCst);
+        // A drain waiting on this instance must learn that it is routed again.
+        self.idle_notify.notify_waiters();
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request is in flight, or the instance is routed again. Returns at once
+    /// when either holds.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle_notify.notified();
+            tokio::pin!(notified);
+            // Register before reading the count so a wake-up between the two is not lost.
+            notified.as_mut().enable();
+            if self.outstanding.load(Ordering::SeqCst) == 0 || !self.is_removed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A connection to the instance: an idle pooled one if any is still open, else a new one.
+    pub(crate) async fn connection(&self) -> Result<Sender, ConnectFailed> {
+        loop {
+            let pooled = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            let Some(mut sender) = pooled else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            // A connection returns to the pool when its last response body ended; it is
+            // ready as soon as its task has seen that.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        self.connect().await
+    }
+
+    async fn connect(&self) -> Result<Sender, ConnectFailed> {
+        let stream = TcpStream::connect(self.addr).await.map_err(|error| {
+            tracing::debug!(instance = %self.addr, %error, "connect failed");
+            ConnectFailed
+        })?;
+        // Small requests and responses must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ConnectFailed)?;
+        let addr = self.addr;
+        tokio::spawn(async move {
+            // Upgrades are enabled on every connection so that a 101 can become a tunnel.
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(instance = %addr, %error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Returns a connection whose last exchange completed cleanly.
+    pub(crate) fn release(&self, sender: Sender) {
+        if sender.is_closed() || self.is_removed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+}
+
+/// One request counted against an instance until it is dropped (when the response body ends,
+/// the client goes away, or an upgraded tunnel closes).
+pub(crate) struct InFlight {
+    instance: Arc<InstanceState>,
+}
+
+impl InFlight {
+    pub(crate) fn instance(&self) -> &Arc<InstanceState> {
+        &self.instance
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let before = self.instance.outstanding.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.instance.removed.load(Ordering::SeqCst) {
+            self.instance.idle_notify.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn instance() -> Arc<InstanceState> {
+        Arc::new(InstanceState::new("127.0.0.1:9".parse().unwrap()))
+    }
+
+    #[test]
+    fn a_removed_instance_takes_no_new_request() {
+        let i = instance();
+        let held = i.acquire().unwrap();
+        assert_eq!(i.outstanding(), 1);
+        i.remove();
+        assert!(i.acquire().is_none());
+        assert_eq!(
+            i.outstanding(),
+            1,
+            "a refused acquisition must not leak a count"
+        );
+        drop(held);
+        assert_eq!(i.outstanding(), 0);
+        i.restore();
+        assert!(i.acquire().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_resolves_when_the_last_request_ends() {
+        let i = instance();
+        let a = i.acquire().unwrap();
+        let b = i.acquire().unwrap();
+        i.remove();
+        let waiter = tokio::spawn({
+            let i = Arc::clone(&i);
+            async move { i.idle().await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one request is still in flight");
+        drop(b);
+        waiter.await.unwrap();
+        assert_eq!(i.outstanding(), 0);
+    }
+}

@@ -1,0 +1,203 @@
+//! A listen address: accepting connections, terminating TLS, speaking HTTP/1.1 and HTTP/2 to
+//! clients, and handing each request to the app its host names.
+//!
+//! The apps on a listener are fixed when it is bound; their route tables change freely.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::app::App;
+use crate::config::{ListenerConfig, TlsFiles};
+use crate::error::{ConfigError, ListenerError};
+use crate::forward::{self, Shared};
+use crate::hosts::HostTable;
+
+/// A bound listen address serving its apps.
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    header_read_timeout: Duration,
+}
+
+impl Listener {
+    /// Validates the apps' host names against each other, loads the TLS files if any, and
+    /// binds the address. Nothing is served until [`Listener::serve`].
+    pub async fn bind(
+        config: ListenerConfig,
+        apps: Vec<Arc<App>>,
+    ) -> Result<Listener, ListenerError> {
+        if apps.is_empty() {
+            return Err(ConfigError::NoApps {
+                listen: config.listen,
+            }
+            .into());
+        }
+        if config.max_header_bytes < 8192 {
+            return Err(ConfigError::HeaderLimitTooSmall {
+                got: config.max_header_bytes,
+            }
+            .into());
+        }
+        let hosts = HostTable::build(apps.iter().map(|a| (a.name(), a.config().hosts.as_slice())))?;
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let tcp = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ListenerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        Ok(Listener {
+            tcp,
+            shared: Arc::new(Shared {
+                apps,
+                hosts,
+                max_body_bytes: config.max_body_bytes,
+                scheme: if tls.is_some() { "https" } else { "http" },
+            }),
+            tls,
+            http: Arc::new(http),
+            header_read_timeout: config.header_read_timeout,
+        })
+    }
+
+    /// The bound address (useful when binding port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, asks every connection to finish
+    /// its requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
+    /// returns when they have, or after the longest drain timeout of its apps.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.tcp.accept() => accepted,
+                () = &mut shutdown => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.spawn_connection(stream, peer, &graceful),
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let grace = self
+            .shared
+            .apps
+            .iter()
+            .map(|a| a.config().drain_timeout)
+            .max()
+            .unwrap_or_default();
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the drain timeout");
+        }
+    }
+
+    fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr, graceful: &GracefulShutdown) {
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&self.shared);
+        let http = Arc::clone(&self.http);
+        let watcher = graceful.watcher();
+        let tls = self.tls.clone();
+        let handshake_timeout = self.header_read_timeout;
+        tokio::spawn(async move {
+            match tls {
+                None => serve_io(stream, peer, shared, &http, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_io(stream, peer, shared, &http, watcher).await,
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_io<I>(
+    io: I,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    http: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(forward::handle(&shared, peer, req).await) }
+    });
+    let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(%peer, %error, "client connection ended");
+    }
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| ListenerError::TlsFile {
+            what: "certificate",
+            path: files.cert.clone(),
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(ListenerError::TlsFile {
+            what: "certificate",
+            path: files.cert.clone(),
+            message: "no certificate in the file".to_owned(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| ListenerError::TlsFile {
+        what: "private key",
+        path: files.key.clone(),
+        message: e.to_string(),
+    })?;
+    let tls_error = |source| ListenerError::TlsConfig {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        source,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(tls_error)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(tls_error)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
