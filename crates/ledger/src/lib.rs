@@ -1,0 +1,405 @@
+//! The ledger: kiln's durable state in one SQLite file (WAL, `synchronous=FULL`).
+//!
+//! It holds the releases of every app (only ever added), the current rollout state of each
+//! app, per-app apply locks, and an append-only event log in which every entry carries the
+//! hash of the previous one, so [`Ledger::verify`] can prove that nothing was edited, deleted
+//! or reordered.
+//!
+//! **Invariant:** releases and events are never updated or deleted — SQLite triggers refuse
+//! it, and the hash chain exposes anyone who bypasses the triggers.
+//!
+//! **API boundary:** no HTTP, no providers, no clocks: callers pass the time in (milliseconds
+//! since the Unix epoch), which keeps every function deterministic under test.
+
+mod chain;
+mod schema;
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+pub use chain::{GENESIS, VerifyError, VerifyReport};
+
+/// What can go wrong with the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite failed; the message names the operation.
+    #[error("ledger {op}: {source}")]
+    Sqlite {
+        /// What the ledger was doing.
+        op: &'static str,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer kiln.
+    #[error(
+        "ledger schema version {found} is newer than this kiln understands ({known}); upgrade kiln"
+    )]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+    /// Another apply holds the app's lock.
+    #[error(
+        "app {app} is locked by {holder} since {since_ms} ms after the epoch; wait for it to finish"
+    )]
+    Locked {
+        /// The app.
+        app: String,
+        /// Who holds it.
+        holder: String,
+        /// When it was taken.
+        since_ms: i64,
+    },
+    /// A stored record could not be decoded (the file was edited by hand or is corrupt).
+    #[error("ledger record {what} is corrupt: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A name that cannot be stored as given.
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        /// Which argument.
+        what: &'static str,
+        /// The value.
+        value: String,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |source| Error::Sqlite { op, source }
+}
+
+/// A release to record; the ledger assigns its number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewRelease {
+    /// Manifest digest of the image (`sha256:…`).
+    pub image: String,
+    /// The runtime configuration instances of this release get (env, ports, limits…).
+    pub config: serde_json::Value,
+    /// Digest of the `kiln.toml` text the release came from.
+    pub spec_digest: String,
+    /// The git commit of the spec's tree, when it was in one.
+    pub source_commit: Option<String>,
+    /// Who asked for it (user@host, or "reconciler").
+    pub actor: String,
+}
+
+/// A recorded release. Immutable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// The app.
+    pub app: String,
+    /// 1, 2, 3… per app.
+    pub number: u64,
+    /// When it was recorded, ms since the epoch.
+    pub created_ms: i64,
+    /// What was recorded.
+    #[serde(flatten)]
+    pub body: NewRelease,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log, from 1, without gaps.
+    pub seq: u64,
+    /// When it happened, ms since the epoch.
+    pub at_ms: i64,
+    /// The app it is about.
+    pub app: String,
+    /// What happened, e.g. `release.created`, `route.changed`, `drift.detected`.
+    pub kind: String,
+    /// The details, as JSON.
+    pub data: serde_json::Value,
+    /// Hash of the previous entry (hex), [`GENESIS`] for the first.
+    pub prev_hash: String,
+    /// Hash of this entry (hex).
+    pub hash: String,
+}
+
+/// The ledger file, open.
+pub struct Ledger {
+    conn: Connection,
+}
+
+impl Ledger {
+    /// Opens (creating and migrating when needed) the ledger at `path`.
+    pub fn open(path: &Path) -> Result<Ledger> {
+        let conn = Connection::open(path).map_err(sql("open"))?;
+        Ledger::setup(conn)
+    }
+
+    /// An in-memory ledger, for tests of code above it.
+    pub fn open_in_memory() -> Result<Ledger> {
+        let conn = Connection::open_in_memory().map_err(sql("open"))?;
+        Ledger::setup(conn)
+    }
+
+    fn setup(mut conn: Connection) -> Result<Ledger> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql("set busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql("set synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql("enable foreign keys"))?;
+        schema::migrate(&mut conn)?;
+        Ok(Ledger { conn })
+    }
+
+    /// The schema version of the open file.
+    pub fn schema_version(&self) -> Result<i64> {
+        schema::version(&self.conn)
+    }
+
+    /// Records release N+1 of `app` and its `release.created` event in one transaction.
+    pub fn record_release(
+        &mut self,
+        app: &str,
+        release: NewRelease,
+        now_ms: i64,
+    ) -> Result<Release> {
+        check_name("app", app)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let last: Option<i64> = tx
+            .query_row(
+                "SELECT MAX(number) FROM releases WHERE app = ?1",
+                [app],
+                |r| r.get(0),
+            )
+            .map_err(sql("read last release number"))?;
+        let number = u64::try_from(last.unwrap_or(0)).unwrap_or(0) + 1;
+        let record = Release {
+            app: app.to_owned(),
+            number,
+            created_ms: now_ms,
+            body: release,
+        };
+        let body = encode(&record.body)?;
+        tx.execute(
+            "INSERT INTO releases (app, number, created_ms, body) VALUES (?1, ?2, ?3, ?4)",
+            params![app, number as i64, now_ms, body],
+        )
+        .map_err(sql("insert release"))?;
+        // The event carries the release's digest, so editing the release row is caught by
+        // `verify` even though the row itself is outside the chain.
+        let data = serde_json::json!({
+            "number": number,
+            "image": record.body.image,
+            "actor": record.body.actor,
+            "record_sha256": chain::sha256_hex(body.as_bytes()),
+        });
+        chain::append(&tx, app, "release.created", &data, now_ms)?;
+        tx.commit().map_err(sql("commit release"))?;
+        Ok(record)
+    }
+
+    /// Every release of `app`, oldest first.
+    pub fn releases(&self, app: &str) -> Result<Vec<Release>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT number, created_ms, body FROM releases WHERE app = ?1 ORDER BY number")
+            .map_err(sql("prepare releases"))?;
+        let rows = stmt
+            .query_map([app], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(sql("read releases"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (number, created_ms, body) = row.map_err(sql("read release"))?;
+            out.push(Release {
+                app: app.to_owned(),
+                number: u64::try_from(number).unwrap_or(0),
+                created_ms,
+                body: decode(&format!("release {app}#{number}"), &body)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Release `number` of `app`, if recorded.
+    pub fn release(&self, app: &str, number: u64) -> Result<Option<Release>> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT created_ms, body FROM releases WHERE app = ?1 AND number = ?2",
+                params![app, number as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read release"))?;
+        row.map(|(created_ms, body)| {
+            Ok(Release {
+                app: app.to_owned(),
+                number,
+                created_ms,
+                body: decode(&format!("release {app}#{number}"), &body)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Appends one event to the log.
+    pub fn append(
+        &mut self,
+        app: &str,
+        kind: &str,
+        data: &serde_json::Value,
+        now_ms: i64,
+    ) -> Result<Event> {
+        check_name("app", app)?;
+        check_name("event kind", kind)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let event = chain::append(&tx, app, kind, data, now_ms)?;
+        tx.commit().map_err(sql("commit event"))?;
+        Ok(event)
+    }
+
+    /// Events, oldest first; only `app`'s when given; at most the last `limit`.
+    pub fn events(&self, app: Option<&str>, limit: Option<usize>) -> Result<Vec<Event>> {
+        chain::events(&self.conn, app, limit)
+    }
+
+    /// Walks the whole chain and every release's digest.
+    pub fn verify(&self) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+        chain::verify(&self.conn)
+    }
+
+    /// Takes the apply lock of `app` for `holder`, or says who has it.
+    pub fn lock(&mut self, app: &str, holder: &str, now_ms: i64) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let current: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT holder, since_ms FROM locks WHERE app = ?1",
+                [app],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read lock"))?;
+        if let Some((holder_now, since_ms)) = current {
+            return Err(Error::Locked {
+                app: app.to_owned(),
+                holder: holder_now,
+                since_ms,
+            });
+        }
+        tx.execute(
+            "INSERT INTO locks (app, holder, since_ms) VALUES (?1, ?2, ?3)",
+            params![app, holder, now_ms],
+        )
+        .map_err(sql("take lock"))?;
+        tx.commit().map_err(sql("commit lock"))
+    }
+
+    /// Gives back the lock of `app` if `holder` has it.
+    pub fn unlock(&mut self, app: &str, holder: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM locks WHERE app = ?1 AND holder = ?2",
+                params![app, holder],
+            )
+            .map(|_| ())
+            .map_err(sql("drop lock"))
+    }
+
+    /// Drops every lock: called by a daemon at start, since it is the only writer of its
+    /// state directory and locks of a previous, dead daemon are stale.
+    pub fn clear_locks(&mut self) -> Result<usize> {
+        self.conn
+            .execute("DELETE FROM locks", [])
+            .map_err(sql("clear locks"))
+    }
+
+    /// Stores the current rollout state of `app` (a document owned by the deploy crate).
+    pub fn put_rollout(&mut self, app: &str, state: &serde_json::Value, now_ms: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO rollouts (app, state, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(app) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
+                params![app, encode(state)?, now_ms],
+            )
+            .map(|_| ())
+            .map_err(sql("store rollout state"))
+    }
+
+    /// The current rollout state of `app`, if any.
+    pub fn rollout(&self, app: &str) -> Result<Option<serde_json::Value>> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT state FROM rollouts WHERE app = ?1", [app], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql("read rollout state"))?;
+        text.map(|t| decode(&format!("rollout state of {app}"), &t))
+            .transpose()
+    }
+
+    /// Every app that has a release or an event.
+    pub fn apps(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT app FROM releases UNION SELECT app FROM events ORDER BY 1")
+            .map_err(sql("prepare apps"))?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql("read apps"))?;
+        rows.collect::<std::result::Result<Vec<String>, _>>()
+            .map_err(sql("read apps"))
+    }
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what,
+            value: value.to_owned(),
+            why: "use letters, digits, `-`, `_` or `.`",
+        })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Corrupt {
+        what: "new record".to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
