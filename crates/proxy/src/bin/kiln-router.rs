@@ -1,2 +1,255 @@
-//! placeholder
-fn main() {}
+//! `kiln-router`: the router on its own, for benchmarks and for tests that need a backend in a
+//! separate process. It is a tool for this crate's bench scripts and tests, not kiln's CLI.
+//!
+//! ```text
+//! kiln-router proxy   --listen ADDR --threads N --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
+//! kiln-router backend --listen ADDR --name NAME
+//! kiln-router probe   --addr ADDR --expect TEXT (--unix PATH --send LINE | --exec COMMAND)
+//! ```
+//!
+//! - `proxy` routes everything to the blue release; each line `blue` or `green` written to the
+//!   control Unix socket switches all traffic to that release and is answered `ok`.
+//! - `backend` answers every request with `NAME\n` and prints `listening on ADDR` once bound.
+//! - `probe` starts a clock, performs a switch (a line to a Unix socket, or a shell command),
+//!   then sends `GET /` on a new connection each time until a response body contains TEXT,
+//!   and prints the elapsed microseconds.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use kiln_proxy::{App, AppConfig, Listener, ListenerConfig, Release, RouteTable};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+type Flags = HashMap<String, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("usage: kiln-router (proxy|backend|probe) --flag value …");
+        return ExitCode::from(2);
+    };
+    let flags = match parse_flags(rest) {
+        Ok(flags) => flags,
+        Err(e) => {
+            eprintln!("kiln-router: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let threads: usize = flags
+        .get("threads")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kiln-router: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command.as_str() {
+            "proxy" => proxy(&flags).await,
+            "backend" => backend(&flags).await,
+            "probe" => probe(&flags).await,
+            other => Err(format!("unknown command {other:?}")),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-router: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_flags(args: &[String]) -> Result<Flags, String> {
+    let mut flags = HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let name = flag
+            .strip_prefix("--")
+            .ok_or_else(|| format!("expected a --flag, got {flag:?}"))?;
+        let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+        flags.insert(name.to_owned(), value.clone());
+    }
+    Ok(flags)
+}
+
+fn flag<'a>(flags: &'a Flags, name: &str) -> Result<&'a str, String> {
+    flags
+        .get(name)
+        .map(String::as_str)
+        .ok_or_else(|| format!("--{name} is required"))
+}
+
+fn addrs(list: &str) -> Result<Vec<SocketAddr>, String> {
+    list.split(',')
+        .map(|a| a.parse().map_err(|_| format!("{a:?} is not an address")))
+        .collect()
+}
+
+async fn proxy(flags: &Flags) -> Result<(), String> {
+    let listen: SocketAddr = flag(flags, "listen")?
+        .parse()
+        .map_err(|_| "--listen must be an address".to_owned())?;
+    let blue = addrs(flag(flags, "blue")?)?;
+    let green = flags
+        .get("green")
+        .map(|g| addrs(g))
+        .transpose()?
+        .unwrap_or_default();
+    let tables = |to_green: bool| {
+        let (bw, gw) = if to_green { (0, 1) } else { (1, 0) };
+        let mut releases = vec![Release::new("blue", bw, &blue)];
+        if !green.is_empty() {
+            releases.push(Release::new("green", gw, &green));
+        }
+        RouteTable::new(releases).map_err(|e| e.to_string())
+    };
+    let (to_blue, to_green) = (tables(false)?, tables(true)?);
+    let app = App::new(AppConfig::new("bench"));
+    app.set_route(&to_blue);
+    let listener = Listener::bind(ListenerConfig::new(listen), vec![Arc::clone(&app)])
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(path) = flags.get("control") {
+        let _ = std::fs::remove_file(path);
+        let control = UnixListener::bind(path).map_err(|e| format!("cannot bind {path}: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = control.accept().await {
+                let app = Arc::clone(&app);
+                let (to_blue, to_green) = (to_blue.clone(), to_green.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply = match line.trim() {
+                            "blue" => {
+                                app.set_route(&to_blue);
+                                "ok\n"
+                            }
+                            "green" => {
+                                app.set_route(&to_green);
+                                "ok\n"
+                            }
+                            _ => "unknown command\n",
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    println!(
+        "listening on {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    listener
+        .serve(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    Ok(())
+}
+
+async fn backend(flags: &Flags) -> Result<(), String> {
+    let listen = flag(flags, "listen")?;
+    let body = Bytes::from(format!("{}\n", flag(flags, "name")?));
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "listening on {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn probe(flags: &Flags) -> Result<(), String> {
+    let addr = flag(flags, "addr")?.to_owned();
+    let expect = flag(flags, "expect")?.to_owned();
+    let started = Instant::now();
+    if let Some(path) = flags.get("unix") {
+        let mut stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| format!("cannot connect to {path}: {e}"))?;
+        let line = format!("{}\n", flag(flags, "send")?);
+        stream
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        // Wait for the answer: the switch is done when the router or HAProxy says so.
+        let mut answer = [0_u8; 256];
+        let _ = stream.read(&mut answer).await;
+    } else {
+        let command = flag(flags, "exec")?;
+        // Blocking is fine here: nothing else runs until the switch command is done.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("{command:?} failed: {status}"));
+        }
+    }
+    let deadline = started + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(body) = get(&addr).await
+            && body.contains(&expect)
+        {
+            println!("{}", started.elapsed().as_micros());
+            return Ok(());
+        }
+    }
+    Err(format!("no response containing {expect:?} within 10 s"))
+}
+
+async fn get(addr: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}

@@ -1,0 +1,449 @@
+//! End to end on real sockets: weights, sticky sessions, host routing, preview, forwarding
+//! headers, limits, timeouts, HTTP/2 (h2c and TLS) and the metrics they produce.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Backend, Client, app, router, router_with};
+use http_body_util::BodyExt;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kiln_proxy::{App, ListenerConfig, Release, RouteTable, Sticky, TlsFiles, render_prometheus};
+
+fn table(releases: Vec<Release>) -> RouteTable {
+    RouteTable::new(releases).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_10_90_give_10_percent_over_10000_requests() {
+    let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![
+        Release::new("blue", 10, &[blue.addr]),
+        Release::new("green", 90, &[green.addr]),
+    ]));
+    let router = router(vec![Arc::clone(&shop)]).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let addr = router.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await;
+            let mut counts: HashMap<String, u32> = HashMap::new();
+            for _ in 0..2_500 {
+                let reply = client.get("/").await;
+                assert_eq!(reply.status, StatusCode::OK);
+                *counts.entry(reply.body).or_default() += 1;
+            }
+            counts
+        }));
+    }
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for task in tasks {
+        for (k, v) in task.await.unwrap() {
+            *counts.entry(k).or_default() += v;
+        }
+    }
+    let blue_count = counts.get("blue\n").copied().unwrap_or(0);
+    let green_count = counts.get("green\n").copied().unwrap_or(0);
+    assert_eq!(blue_count + green_count, 10_000, "{counts:?}");
+    assert!(
+        blue_count.abs_diff(1_000) <= 100,
+        "blue got {blue_count} of 10,000"
+    );
+
+    // The router's own measurements agree with what the clients saw.
+    let snapshot = shop.snapshot("blue", Duration::from_secs(60)).unwrap();
+    assert_eq!(snapshot.requests, u64::from(blue_count));
+    assert_eq!(snapshot.errors, 0);
+    let metrics = render_prometheus(&[Arc::clone(&shop)]);
+    assert!(
+        metrics.contains(&format!(
+            "kiln_requests_total{{app=\"shop\",release=\"green\",code_class=\"2xx\"}} {green_count}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "kiln_request_duration_seconds_count{{app=\"shop\",release=\"blue\"}} {blue_count}\n"
+    )));
+    assert!(metrics.contains(
+        "kiln_upstream_errors_total{app=\"shop\",release=\"blue\",kind=\"connect\"} 0\n"
+    ));
+}
+
+#[tokio::test]
+async fn the_sticky_cookie_keeps_a_client_on_its_release() {
+    let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
+    let mut config = app("shop");
+    config.sticky = Sticky::Cookie;
+    let shop = App::new(config);
+    shop.set_route(&table(vec![
+        Release::new("blue", 50, &[blue.addr]),
+        Release::new("green", 50, &[green.addr]),
+    ]));
+    let router = router(vec![Arc::clone(&shop)]).await;
+
+    let mut first_releases = Vec::new();
+    let mut cookies = Vec::new();
+    for _ in 0..10 {
+        let mut client = Client::connect(router.addr).await;
+        let first = client.get("/").await;
+        let set_cookie = first.headers["set-cookie"].to_str().unwrap().to_owned();
+        let cookie = set_cookie.split(';').next().unwrap().to_owned();
+        assert_eq!(cookie, format!("kiln_release={}", first.body.trim()));
+        for _ in 0..20 {
+            let reply = client
+                .send(Request::get("/").header("cookie", &cookie), common::empty())
+                .await;
+            assert_eq!(reply.body, first.body, "a sticky client changed release");
+            assert!(!reply.headers.contains_key("set-cookie"));
+        }
+        first_releases.push(first.body);
+        cookies.push(cookie);
+    }
+    // Alternating weights must have put clients on both releases, or stickiness proved nothing.
+    assert!(first_releases.contains(&"blue\n".to_owned()));
+    assert!(first_releases.contains(&"green\n".to_owned()));
+
+    // A release that loses its weight (an aborted canary) lets its sticky clients go.
+    shop.set_route(&table(vec![
+        Release::new("blue", 1, &[blue.addr]),
+        Release::new("green", 0, &[green.addr]),
+    ]));
+    let mut client = Client::connect(router.addr).await;
+    let reply = client
+        .send(
+            Request::get("/").header("cookie", "kiln_release=green"),
+            common::empty(),
+        )
+        .await;
+    assert_eq!(reply.body, "blue\n");
+    assert!(
+        reply.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("kiln_release=blue;")
+    );
+}
+
+#[tokio::test]
+async fn apps_share_an_address_by_host_and_an_unknown_host_gets_404() {
+    let (shop_backend, blog_backend) = (Backend::start("shop").await, Backend::start("blog").await);
+    let mut shop_config = app("shop");
+    shop_config.hosts = vec!["shop.example".into()];
+    let mut blog_config = app("blog");
+    blog_config.hosts = vec!["blog.example".into(), "www.blog.example".into()];
+    let (shop, blog) = (App::new(shop_config), App::new(blog_config));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
+    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    let router = router(vec![shop, blog]).await;
+
+    let mut client = Client::connect(router.addr).await;
+    for (host, status, body) in [
+        ("shop.example", StatusCode::OK, "shop\n"),
+        ("Blog.Example:8080", StatusCode::OK, "blog\n"),
+        ("www.blog.example", StatusCode::OK, "blog\n"),
+        (
+            "other.example",
+            StatusCode::NOT_FOUND,
+            "kiln: no app serves host \"other.example\"\n",
+        ),
+    ] {
+        let reply = client
+            .send(Request::get("/").header("host", host), common::empty())
+            .await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (status, body),
+            "host {host}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_preview_header_pins_a_request_to_a_release() {
+    let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
+    let mut config = app("shop");
+    config.preview_header = Some("x-kiln-release".parse().unwrap());
+    let shop = App::new(config);
+    shop.set_route(&table(vec![
+        Release::new("blue", 1, &[blue.addr]),
+        Release::new("green", 0, &[green.addr]),
+    ]));
+    let router = router(vec![shop]).await;
+    let mut client = Client::connect(router.addr).await;
+    let preview = |name: &'static str| Request::get("/").header("x-kiln-release", name);
+    for _ in 0..3 {
+        assert_eq!(client.get("/").await.body, "blue\n");
+        assert_eq!(
+            client.send(preview("green"), common::empty()).await.body,
+            "green\n"
+        );
+    }
+    let reply = client.send(preview("nope"), common::empty()).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        reply.body,
+        "kiln: app \"shop\" has no release \"nope\" to preview\n"
+    );
+}
+
+#[tokio::test]
+async fn the_preview_header_is_ignored_unless_configured() {
+    let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![
+        Release::new("blue", 1, &[blue.addr]),
+        Release::new("green", 0, &[green.addr]),
+    ]));
+    let router = router(vec![shop]).await;
+    let mut client = Client::connect(router.addr).await;
+    let reply = client
+        .send(
+            Request::get("/").header("x-kiln-release", "green"),
+            common::empty(),
+        )
+        .await;
+    assert_eq!(reply.body, "blue\n");
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let mut client = Client::connect(router.addr).await;
+    let reply = client
+        .send(
+            Request::get("/headers")
+                .header("host", "shop.example")
+                .header("x-forwarded-for", "203.0.113.9")
+                .header("x-forwarded-proto", "https")
+                .header("connection", "x-secret")
+                .header("x-secret", "1"),
+            common::empty(),
+        )
+        .await;
+    let lines: Vec<&str> = reply.body.lines().collect();
+    for want in [
+        "host: shop.example",
+        "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: shop.example",
+        "forwarded: for=127.0.0.1;proto=http;host=\"shop.example\"",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in {lines:?}");
+    }
+    assert!(!reply.body.contains("x-secret"), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_and_no_instance_gets_503() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.max_body_bytes = Some(1024);
+    let router = router_with(config, vec![Arc::clone(&shop)]).await;
+    let mut client = Client::connect(router.addr).await;
+    let reply = client
+        .send(
+            Request::post("/upload").header("content-length", "2048"),
+            http_body_util::Full::new(bytes::Bytes::from(vec![0_u8; 2048]))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(backend.served(), 0);
+
+    let reply = client
+        .send(
+            Request::post("/upload"),
+            http_body_util::Full::new(bytes::Bytes::from(vec![0_u8; 1000]))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "1000\n")
+    );
+
+    // Every instance unhealthy: the router says so instead of trying one.
+    shop.set_route(&table(vec![Release {
+        name: "r1".into(),
+        weight: 1,
+        instances: vec![kiln_proxy::Instance {
+            addr: backend.addr,
+            healthy: false,
+        }],
+    }]));
+    let reply = client.get("/").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        reply.body,
+        "kiln: no healthy instance can take the request\n"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_instance_gets_504_and_is_counted() {
+    let backend = Backend::start("b").await;
+    let mut config = app("shop");
+    config.request_timeout = Duration::from_millis(200);
+    let shop = App::new(config);
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![Arc::clone(&shop)]).await;
+    let mut client = Client::connect(router.addr).await;
+    let reply = client.get("/hang").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    let snapshot = shop.snapshot("r1", Duration::from_secs(60)).unwrap();
+    assert_eq!((snapshot.requests, snapshot.errors), (1, 1));
+    assert!((snapshot.error_rate - 1.0).abs() < f64::EPSILON);
+    let metrics = render_prometheus(&[shop]);
+    assert!(
+        metrics.contains(
+            "kiln_upstream_errors_total{app=\"shop\",release=\"r1\",kind=\"timeout\"} 1\n"
+        )
+    );
+    assert!(
+        metrics.contains("kiln_requests_total{app=\"shop\",release=\"r1\",code_class=\"5xx\"} 1\n")
+    );
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_skipped_by_retrying_the_connect() {
+    let live = Backend::start("live").await;
+    // A port nobody listens on: bind, note it, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[dead, live.addr])]));
+    let router = router(vec![Arc::clone(&shop)]).await;
+    let mut client = Client::connect(router.addr).await;
+    for _ in 0..20 {
+        // POST is not idempotent, but a failed connect sent nothing, so it may go elsewhere.
+        let reply = client.send(Request::post("/upload"), common::empty()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(live.served(), 20);
+    let metrics = render_prometheus(&[shop]);
+    assert!(
+        !metrics.contains("kind=\"connect\"} 0\n"),
+        "the dead instance was never tried: {metrics}"
+    );
+}
+
+fn tls_files(dir: &std::path::Path) -> TlsFiles {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.cert, cert.cert.pem()).unwrap();
+    std::fs::write(&files.key, cert.key_pair.serialize_pem()).unwrap();
+    files
+}
+
+#[tokio::test]
+async fn http2_over_tls_and_h2c_reach_http1_instances() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+
+    // h2c with prior knowledge on a plain listener.
+    let plain = router(vec![Arc::clone(&shop)]).await;
+    let stream = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(
+            Request::get("http://shop.example/headers")
+                .body(common::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("host: shop.example\n"), "{body}");
+
+    // TLS with ALPN h2.
+    let dir = std::env::temp_dir().join(format!("kiln-proxy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = tls_files(&dir);
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.tls = Some(files.clone());
+    let secure = router_with(config, vec![shop]).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&files.cert).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client_config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let tcp = tokio::net::TcpStream::connect(secure.addr).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(
+            Request::get("https://localhost/headers")
+                .body(common::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("x-forwarded-proto: https\n"), "{body}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn bad_tls_files_are_reported_with_their_path() {
+    let shop = App::new(app("shop"));
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.tls = Some(TlsFiles {
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+    });
+    let Err(err) = kiln_proxy::Listener::bind(config, vec![shop]).await else {
+        panic!("binding with missing TLS files succeeded");
+    };
+    assert!(
+        err.to_string()
+            .starts_with("cannot load TLS certificate from /nonexistent/cert.pem: "),
+        "{err}"
+    );
+}

@@ -1,0 +1,99 @@
+//! End to end on real sockets: server-sent events flow event by event, and an `Upgrade`
+//! (WebSocket-style) connection becomes a two-way tunnel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Backend, app, router};
+use http_body_util::BodyExt;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use kiln_proxy::{App, Release, RouteTable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn routed(backend: &Backend) -> (Arc<App>, common::Router) {
+    let shop = App::new(app("shop"));
+    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[backend.addr])]).unwrap());
+    let router = router(vec![Arc::clone(&shop)]).await;
+    (shop, router)
+}
+
+#[tokio::test]
+async fn server_sent_events_flow_without_buffering() {
+    let backend = Backend::start("b").await;
+    let (shop, router) = routed(&backend).await;
+    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(
+            Request::get("/sse")
+                .header("host", "app.example")
+                .body(common::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    // The backend holds its second event until the first has reached this client: a router
+    // that buffered the response would never deliver the first, and this would hang.
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    // While the stream is open the request counts against its instance.
+    assert_eq!(shop.in_flight(backend.addr), 1);
+    backend.sse_next.add_permits(1);
+    let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&second[..], b"data: two\n\n");
+    assert!(body.frame().await.is_none());
+    assert_eq!(shop.in_flight(backend.addr), 0);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_echoes_both_ways() {
+    let backend = Backend::start("b").await;
+    let (shop, router) = routed(&backend).await;
+    let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 101 switching protocols\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("upgrade: echo\r\n"), "{head}");
+    for message in [
+        &b"ping"[..],
+        b"a longer message after the first",
+        &[0_u8, 255, 10, 13],
+    ] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0_u8; message.len()];
+        stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+    // The tunnel is in flight until it closes, so draining waits for it.
+    assert_eq!(shop.in_flight(backend.addr), 1);
+    drop(stream);
+    shop.set_route(&RouteTable::empty());
+    assert_eq!(
+        shop.drain(backend.addr).await,
+        kiln_proxy::DrainOutcome::Drained
+    );
+    assert_eq!(shop.in_flight(backend.addr), 0);
+}
