@@ -1,0 +1,186 @@
+//! Resolving `[image] base` into layers and a config to start from.
+//!
+//! `oci:` and `docker-archive:` bases are imported into the store with their layers
+//! byte-for-byte (same digests) and their config inherited. A `rootfs:` directory becomes a
+//! layer built like a copy to `/` (exact permission bits, owner 0:0); a `rootfs:` tarball is
+//! first unpacked with [`crate::unpack`] — which refuses or contains hostile entries — into
+//! a temp directory, then treated as a directory.
+
+use std::path::{Path, PathBuf};
+
+use kiln_spec::{BaseImage, Compression};
+use serde_json::Value;
+
+use crate::archive;
+use crate::build::{BuildError, BuildOptions};
+use crate::cache::BuildCache;
+use crate::digest::Digest;
+use crate::layer::LayerReport;
+use crate::oci::Descriptor;
+use crate::store::Store;
+use crate::unpack::{self, UnpackOptions, WhiteoutMode};
+
+/// A resolved base.
+pub(crate) struct Base {
+    /// Imported layers (empty for scratch and rootfs).
+    pub(crate) layers: Vec<Descriptor>,
+    /// Reports for those layers.
+    pub(crate) reports: Vec<LayerReport>,
+    /// The config to inherit (`{}` for scratch and rootfs).
+    pub(crate) config: Value,
+    /// A root filesystem to turn into the first layer.
+    pub(crate) rootfs: Option<PathBuf>,
+    /// Keeps an unpacked rootfs tarball alive for the build.
+    pub(crate) _tmp: Option<tempfile::TempDir>,
+}
+
+fn describe(base: &BaseImage) -> String {
+    match base {
+        BaseImage::Scratch => "scratch".to_owned(),
+        BaseImage::Oci { path, .. } => format!("oci:{}", path.display()),
+        BaseImage::DockerArchive(p) => format!("docker-archive:{}", p.display()),
+        BaseImage::Rootfs(p) => format!("rootfs:{}", p.display()),
+    }
+}
+
+pub(crate) fn load(
+    base: &BaseImage,
+    store: &Store,
+    cache: &BuildCache,
+    opts: &BuildOptions,
+    _compression: Compression,
+) -> Result<Base, BuildError> {
+    let name = describe(base);
+    let arch_err = |e: archive::ArchiveError| match e {
+        archive::ArchiveError::Store(s) => BuildError::Store(s),
+        archive::ArchiveError::Unpack(u) => BuildError::BaseUnpack {
+            base: name.clone(),
+            source: u,
+        },
+        other => BuildError::Base {
+            base: name.clone(),
+            reason: other.to_string(),
+        },
+    };
+    match base {
+        BaseImage::Scratch => Ok(Base {
+            layers: Vec::new(),
+            reports: Vec::new(),
+            config: Value::Object(Default::default()),
+            rootfs: None,
+            _tmp: None,
+        }),
+        BaseImage::Oci { path, reference } => {
+            let m = archive::import_oci_base(store, path, reference.as_ref(), &opts.architecture)
+                .map_err(arch_err)?;
+            from_manifest(store, &m.digest, &name)
+        }
+        BaseImage::DockerArchive(path) => {
+            let imported = archive::import_docker_archive(store, path).map_err(arch_err)?;
+            match imported.as_slice() {
+                [one] => from_manifest(store, &one.manifest.digest, &name),
+                _ => Err(BuildError::Base {
+                    base: name,
+                    reason: format!("holds {} images; a base must hold exactly one", imported.len()),
+                }),
+            }
+        }
+        BaseImage::Rootfs(path) => {
+            if path.is_dir() {
+                return Ok(Base {
+                    layers: Vec::new(),
+                    reports: Vec::new(),
+                    config: Value::Object(Default::default()),
+                    rootfs: Some(path.clone()),
+                    _tmp: None,
+                });
+            }
+            let tmp = unpack_rootfs_tar(path, cache, &name)?;
+            Ok(Base {
+                layers: Vec::new(),
+                reports: Vec::new(),
+                config: Value::Object(Default::default()),
+                rootfs: Some(tmp.path().to_path_buf()),
+                _tmp: Some(tmp),
+            })
+        }
+    }
+}
+
+fn unpack_rootfs_tar(
+    path: &Path,
+    cache: &BuildCache,
+    name: &str,
+) -> Result<tempfile::TempDir, BuildError> {
+    let tmp_root = cache.dir().join("tmp");
+    crate::fsutil::ensure_dir(&tmp_root).map_err(BuildError::io("create", &tmp_root))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("rootfs-")
+        .tempdir_in(&tmp_root)
+        .map_err(BuildError::io("create temp dir in", &tmp_root))?;
+    let file = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+    let reader = unpack::decompress(std::io::BufReader::new(file)).map_err(BuildError::io("read", path))?;
+    let opts = UnpackOptions {
+        whiteouts: WhiteoutMode::Record,
+        // Owners are not kept: a rootfs base is owned by 0:0 like every copy.
+        preserve_owners: false,
+        ..UnpackOptions::default()
+    };
+    unpack::unpack(reader, tmp.path(), &opts).map_err(|source| BuildError::BaseUnpack {
+        base: name.to_owned(),
+        source,
+    })?;
+    Ok(tmp)
+}
+
+fn from_manifest(store: &Store, digest: &Digest, name: &str) -> Result<Base, BuildError> {
+    let manifest = store.manifest(digest)?;
+    let config = store.config(&manifest.config.digest)?;
+    let diff_ids: Vec<Digest> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().and_then(|s| Digest::parse(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(BuildError::Base {
+            base: name.to_owned(),
+            reason: format!(
+                "its config lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
+        });
+    }
+    let mut layers = Vec::new();
+    let mut reports = Vec::new();
+    for (l, diff_id) in manifest.layers.iter().zip(diff_ids) {
+        let media_type = archive::oci_layer_type(&l.media_type);
+        reports.push(LayerReport {
+            digest: l.digest.clone(),
+            diff_id,
+            size: l.size,
+            media_type: media_type.clone(),
+            files: 0,
+            bytes: 0,
+            units_compressed: 0,
+            units: 0,
+            cache_hit: true,
+            source: "base".to_owned(),
+        });
+        layers.push(Descriptor {
+            media_type,
+            ..l.clone()
+        });
+    }
+    Ok(Base {
+        layers,
+        reports,
+        config,
+        rootfs: None,
+        _tmp: None,
+    })
+}

@@ -1,0 +1,169 @@
+//! The build cache: what makes a rebuild cheap. Three maps, all rebuildable from scratch:
+//!
+//! - `stat.json`: host path + (dev, inode, size, mtime, ctime) → content digest, like git's
+//!   index, so an unchanged file is not read again. An entry whose mtime is not safely older
+//!   than the scan that recorded it is "racily clean" (as git calls it) and is not trusted.
+//! - `units/<xx>/<key>`: compressed members, named by their unit key.
+//! - `layers/<key>.json`: layer key (its unit keys) → blob digest, diff_id and size.
+//!
+//! Cache files are written temp → rename, without fsync: losing them costs time, not
+//! correctness. It never decides what goes into an image, only whether work can be skipped.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::build::BuildError;
+use crate::digest::Digest;
+use crate::fsutil::{ensure_dir, write_durable};
+use crate::tree::StatKey;
+
+/// A layer the cache has assembled before.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CachedLayer {
+    pub(crate) digest: Digest,
+    pub(crate) diff_id: Digest,
+    pub(crate) size: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StatEntry {
+    stat: StatKey,
+    digest: Digest,
+    /// Nanoseconds since the epoch when the scan that recorded this entry started.
+    scanned_at_ns: i128,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct StatFile {
+    entries: BTreeMap<PathBuf, StatEntry>,
+}
+
+/// Timestamps coarser than this could hide a change made right after a scan.
+const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+/// The on-disk build cache.
+#[derive(Debug)]
+pub struct BuildCache {
+    dir: PathBuf,
+    stat: StatFile,
+}
+
+impl BuildCache {
+    /// Opens (creating) the cache at `dir`. A damaged `stat.json` is treated as empty.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<BuildCache, BuildError> {
+        let dir = dir.into();
+        for d in [dir.join("units"), dir.join("layers")] {
+            ensure_dir(&d).map_err(BuildError::io("create", &d))?;
+        }
+        let stat = fs::read(dir.join("stat.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Ok(BuildCache { dir, stat })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The content digest recorded for `path` if its stat is unchanged and not racy.
+    pub(crate) fn content_digest(&self, path: &Path, stat: &StatKey) -> Option<Digest> {
+        let e = self.stat.entries.get(path)?;
+        let safe = stat.mtime_ns + RACY_WINDOW_NS < e.scanned_at_ns
+            && stat.ctime_ns + RACY_WINDOW_NS < e.scanned_at_ns;
+        (e.stat == *stat && safe).then(|| e.digest.clone())
+    }
+
+    /// Records digests freshly computed by a build whose scan started at `scanned_at_ns`
+    /// (the content was read after that instant, so a later change moves mtime or ctime).
+    pub(crate) fn save_digests(
+        &mut self,
+        seen: impl IntoIterator<Item = (PathBuf, StatKey, Digest)>,
+        scanned_at_ns: i128,
+    ) -> Result<(), BuildError> {
+        for (path, stat, digest) in seen {
+            self.stat.entries.insert(
+                path,
+                StatEntry {
+                    stat,
+                    digest,
+                    scanned_at_ns,
+                },
+            );
+        }
+        let path = self.dir.join("stat.json");
+        let bytes = serde_json::to_vec(&self.stat).map_err(|e| BuildError::Internal {
+            reason: format!("cannot encode the stat cache: {e}"),
+        })?;
+        write_durable(&path, &bytes).map_err(BuildError::io("write", &path))
+    }
+
+    fn unit_path(&self, key: &Digest) -> PathBuf {
+        let hex = key.hex();
+        self.dir
+            .join("units")
+            .join(hex.get(..2).unwrap_or("00"))
+            .join(hex)
+    }
+
+    pub(crate) fn has_member(&self, key: &Digest) -> bool {
+        self.unit_path(key).is_file()
+    }
+
+    pub(crate) fn put_member(&self, key: &Digest, bytes: &[u8]) -> Result<(), BuildError> {
+        let path = self.unit_path(key);
+        let dir = path.parent().unwrap_or(&self.dir);
+        ensure_dir(dir).map_err(BuildError::io("create", dir))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(dir)
+            .map_err(BuildError::io("create temp file in", dir))?;
+        tmp.write_all(bytes).map_err(BuildError::io("write", tmp.path()))?;
+        tmp.persist(&path)
+            .map_err(|e| BuildError::io("rename into", &path)(e.error))?;
+        Ok(())
+    }
+
+    pub(crate) fn copy_member(&self, key: &Digest, out: &mut dyn Write) -> Result<u64, BuildError> {
+        let path = self.unit_path(key);
+        let mut f = File::open(&path).map_err(BuildError::io("open", &path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(BuildError::io("read", &path))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(BuildError::io("write blob from", &path))?;
+            total += n as u64;
+        }
+        if total == 0 {
+            return Err(BuildError::io("read", &path)(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "empty cached unit",
+            )));
+        }
+        Ok(total)
+    }
+
+    fn layer_path(&self, key: &Digest) -> PathBuf {
+        self.dir.join("layers").join(format!("{}.json", key.hex()))
+    }
+
+    pub(crate) fn layer(&self, key: &Digest) -> Option<CachedLayer> {
+        let bytes = fs::read(self.layer_path(key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub(crate) fn put_layer(&self, key: &Digest, layer: &CachedLayer) -> Result<(), BuildError> {
+        let path = self.layer_path(key);
+        let bytes = serde_json::to_vec(layer).map_err(|e| BuildError::Internal {
+            reason: format!("cannot encode a layer cache entry: {e}"),
+        })?;
+        write_durable(&path, &bytes).map_err(BuildError::io("write", &path))
+    }
+}

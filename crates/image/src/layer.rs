@@ -1,0 +1,564 @@
+//! Layer encoding: a sorted entry list → a tar stream → a compressed blob, incrementally.
+//!
+//! The tar stream is cut into *units* at entry boundaries (and large files into chunks), and
+//! each unit is compressed on its own as one gzip member or zstd frame. Concatenated
+//! members decompress to exactly the one tar stream, so the blob is an ordinary
+//! `tar+gzip`/`tar+zstd` layer. Each compressed unit is cached under a key made of its tar
+//! header bytes and its files' content digests, so a one-file change recompresses only that
+//! file's unit; then the members are concatenated and hashed again.
+//!
+//! Unit boundaries depend only on paths (a hash of the path) and on file sizes, never on the
+//! thread count or the cache, so the bytes are the same however the work is scheduled.
+//! **Invariant:** the compressed bytes of a unit are a pure function of its key — the pinned
+//! backend (flate2's miniz_oxide, zstd's bundled libzstd) and a fixed level guarantee it.
+//! This module writes blobs through the [`Store`] and cache files through [`BuildCache`];
+//! it knows nothing about image configs or bases.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kiln_spec::Compression;
+use sha2::{Digest as _, Sha256};
+
+use crate::build::BuildError;
+use crate::cache::{BuildCache, CachedLayer};
+use crate::digest::Digest;
+use crate::oci;
+use crate::store::Store;
+use crate::tree::{EntryKind, LayerEntry, StatKey};
+
+/// gzip level: 6 is zlib's default and a good size/speed balance for miniz_oxide.
+pub(crate) const GZIP_LEVEL: u32 = 6;
+/// zstd level: the library default.
+pub(crate) const ZSTD_LEVEL: i32 = 3;
+/// Files at least this large get units of their own.
+const BIG_FILE: u64 = 256 * 1024;
+/// Large files are split into members of this many bytes, so one file compresses on all cores.
+const CHUNK: u64 = 4 * 1024 * 1024;
+/// About one small entry in this many ends a unit (decided by a hash of its path).
+const UNIT_SPREAD: u8 = 32;
+/// Bumped whenever the bytes of a unit for a given key would change.
+const KEY_VERSION: &[u8] = b"kiln-unit-v1";
+
+/// What the builder reports for each layer, for progress and `--json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerReport {
+    /// Compressed blob digest.
+    pub digest: Digest,
+    /// Uncompressed tar digest (the config's `diff_id`).
+    pub diff_id: Digest,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// OCI media type.
+    pub media_type: String,
+    /// Entries in the layer (files, directories, links).
+    pub files: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Units compressed by this build.
+    pub units_compressed: u64,
+    /// Units in the layer.
+    pub units: u64,
+    /// Whether the whole layer came from the cache (no unit compressed, nothing rehashed).
+    pub cache_hit: bool,
+    /// Where it came from: `base` or the `to` of its copy.
+    pub source: String,
+}
+
+/// One piece of a unit's uncompressed bytes.
+#[derive(Debug, Clone)]
+enum Piece {
+    Bytes(Vec<u8>),
+    File {
+        source: PathBuf,
+        stat: StatKey,
+        offset: u64,
+        len: u64,
+    },
+    Zeros(u64),
+}
+
+/// A run of the tar stream compressed as one member.
+#[derive(Debug, Clone)]
+struct Unit {
+    pieces: Vec<Piece>,
+    key: Option<Digest>,
+}
+
+/// A layer ready to be encoded.
+pub(crate) struct PlannedLayer {
+    units: Vec<Unit>,
+    compression: Compression,
+    files: u64,
+    bytes: u64,
+    pub(crate) source: String,
+}
+
+fn path_hash_ends_unit(path: &str) -> bool {
+    let h = Sha256::digest(path.as_bytes());
+    h[0] % UNIT_SPREAD == 0
+}
+
+fn mtime_of(stat: &StatKey, epoch: u64) -> u64 {
+    let secs = u64::try_from(stat.mtime_ns.div_euclid(1_000_000_000)).unwrap_or(0);
+    secs.min(epoch)
+}
+
+/// The tar header bytes of `e` (with a GNU long-name entry before it when needed).
+fn header_bytes(
+    tb: &mut tar::Builder<Vec<u8>>,
+    e: &LayerEntry,
+    epoch: u64,
+) -> Result<Vec<u8>, BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(e.mode);
+    h.set_uid(u64::from(e.uid));
+    h.set_gid(u64::from(e.gid));
+    h.set_size(0);
+    let err = |source| BuildError::Tar {
+        path: e.path.clone(),
+        source,
+    };
+    match &e.kind {
+        EntryKind::Dir => {
+            h.set_mtime(epoch);
+            h.set_entry_type(tar::EntryType::Directory);
+            tb.append_data(&mut h, format!("{}/", e.path), io::empty())
+                .map_err(err)?;
+        }
+        EntryKind::File { stat, .. } => {
+            h.set_mtime(mtime_of(stat, epoch));
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(stat.size);
+            tb.append_data(&mut h, &e.path, io::empty()).map_err(err)?;
+        }
+        EntryKind::Symlink { target } => {
+            h.set_mtime(epoch);
+            h.set_entry_type(tar::EntryType::Symlink);
+            let target = Path::new(std::ffi::OsStr::from_bytes(target));
+            tb.append_link(&mut h, &e.path, target).map_err(err)?;
+        }
+        EntryKind::Hardlink { target } => {
+            h.set_mtime(epoch);
+            h.set_entry_type(tar::EntryType::Link);
+            tb.append_link(&mut h, &e.path, target).map_err(err)?;
+        }
+    }
+    Ok(std::mem::take(tb.get_mut()))
+}
+
+/// Cuts a layer's entries into units. Reads no file content.
+pub(crate) fn plan_layer(
+    entries: &[LayerEntry],
+    compression: Compression,
+    epoch: u64,
+    source: String,
+) -> Result<PlannedLayer, BuildError> {
+    let mut tb = tar::Builder::new(Vec::new());
+    let mut units = Vec::new();
+    let mut current: Vec<Piece> = Vec::new();
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for e in entries {
+        files += 1;
+        let header = header_bytes(&mut tb, e, epoch)?;
+        match &e.kind {
+            EntryKind::File { source, stat } => {
+                bytes += stat.size;
+                let pad = (512 - stat.size % 512) % 512;
+                if stat.size >= BIG_FILE {
+                    if !current.is_empty() {
+                        units.push(std::mem::take(&mut current));
+                    }
+                    let mut offset = 0;
+                    let mut first = true;
+                    while offset < stat.size {
+                        let len = CHUNK.min(stat.size - offset);
+                        let mut pieces = Vec::new();
+                        if first {
+                            pieces.push(Piece::Bytes(header.clone()));
+                            first = false;
+                        }
+                        pieces.push(Piece::File {
+                            source: source.clone(),
+                            stat: *stat,
+                            offset,
+                            len,
+                        });
+                        offset += len;
+                        if offset == stat.size && pad > 0 {
+                            pieces.push(Piece::Zeros(pad));
+                        }
+                        units.push(pieces);
+                    }
+                    continue;
+                }
+                current.push(Piece::Bytes(header));
+                if stat.size > 0 {
+                    current.push(Piece::File {
+                        source: source.clone(),
+                        stat: *stat,
+                        offset: 0,
+                        len: stat.size,
+                    });
+                }
+                if pad > 0 {
+                    current.push(Piece::Zeros(pad));
+                }
+            }
+            _ => current.push(Piece::Bytes(header)),
+        }
+        if path_hash_ends_unit(&e.path) {
+            units.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        units.push(current);
+    }
+    Ok(PlannedLayer {
+        units: units
+            .into_iter()
+            .map(|pieces| Unit { pieces, key: None })
+            .collect(),
+        compression,
+        files,
+        bytes,
+        source,
+    })
+}
+
+fn compression_tag(c: Compression) -> String {
+    match c {
+        Compression::Gzip => format!("gzip-{GZIP_LEVEL}"),
+        Compression::Zstd => format!("zstd-{ZSTD_LEVEL}"),
+    }
+}
+
+/// The media type of a layer with this compression.
+pub(crate) fn media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::Gzip => oci::MEDIA_LAYER_GZIP,
+        Compression::Zstd => oci::MEDIA_LAYER_ZSTD,
+    }
+}
+
+/// Runs `f` on every job on up to `threads` threads; results in job order.
+pub(crate) fn parallel<T: Sync, R: Send>(
+    jobs: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<R>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let workers = threads.clamp(1, jobs.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let r = f(job);
+                    if let Some(slot) = results.get(i)
+                        && let Ok(mut slot) = slot.lock()
+                    {
+                        *slot = Some(r);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .filter_map(|m| m.into_inner().ok().flatten())
+        .collect()
+}
+
+/// Opens a source file and checks it is still the file that was planned.
+fn open_unchanged(source: &Path, stat: &StatKey) -> Result<File, BuildError> {
+    let f = File::open(source).map_err(BuildError::io("open", source))?;
+    let m = f.metadata().map_err(BuildError::io("stat", source))?;
+    if StatKey::of(&m) != *stat {
+        return Err(BuildError::ChangedDuringBuild {
+            path: source.to_path_buf(),
+        });
+    }
+    Ok(f)
+}
+
+fn check_unchanged(f: &File, source: &Path, stat: &StatKey) -> Result<(), BuildError> {
+    let m = f.metadata().map_err(BuildError::io("stat", source))?;
+    if StatKey::of(&m) != *stat || m.nlink() == 0 {
+        return Err(BuildError::ChangedDuringBuild {
+            path: source.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Feeds a unit's uncompressed bytes to `sink`, reading file pieces from disk.
+fn emit_unit(pieces: &[Piece], sink: &mut dyn Write, buf: &mut [u8]) -> Result<(), BuildError> {
+    for p in pieces {
+        match p {
+            Piece::Bytes(b) => sink.write_all(b).map_err(BuildError::io("encode", Path::new("-")))?,
+            Piece::Zeros(n) => {
+                io::copy(&mut io::repeat(0).take(*n), sink)
+                    .map_err(BuildError::io("encode", Path::new("-")))?;
+            }
+            Piece::File {
+                source,
+                stat,
+                offset,
+                len,
+            } => {
+                let mut f = open_unchanged(source, stat)?;
+                if *offset > 0 {
+                    f.seek(SeekFrom::Start(*offset))
+                        .map_err(BuildError::io("seek", source))?;
+                }
+                let mut left = *len;
+                while left > 0 {
+                    let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+                    let n = f
+                        .read(&mut buf[..want])
+                        .map_err(BuildError::io("read", source))?;
+                    if n == 0 {
+                        return Err(BuildError::ChangedDuringBuild {
+                            path: source.clone(),
+                        });
+                    }
+                    sink.write_all(&buf[..n])
+                        .map_err(BuildError::io("encode", source))?;
+                    left -= n as u64;
+                }
+                check_unchanged(&f, source, stat)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compresses `pieces` as one member with the pinned backend.
+fn compress_unit(pieces: &[Piece], c: Compression, out: &mut Vec<u8>) -> Result<(), BuildError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let enc_err = BuildError::io("compress", Path::new("-"));
+    match c {
+        Compression::Gzip => {
+            let mut enc = flate2::GzBuilder::new()
+                .operating_system(255)
+                .mtime(0)
+                .write(out, flate2::Compression::new(GZIP_LEVEL));
+            emit_unit(pieces, &mut enc, &mut buf)?;
+            enc.finish().map_err(enc_err)?;
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)
+                .map_err(BuildError::io("compress", Path::new("-")))?;
+            emit_unit(pieces, &mut enc, &mut buf)?;
+            enc.finish().map_err(enc_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// The member that ends every layer: tar's two zero blocks.
+fn trailer_member(c: Compression) -> Result<Vec<u8>, BuildError> {
+    let mut out = Vec::new();
+    compress_unit(&[Piece::Zeros(1024)], c, &mut out)?;
+    Ok(out)
+}
+
+/// Fills in every unit's key from the content digests in `digests` (path → digest).
+fn unit_key(unit: &Unit, c: Compression, digest_of: &dyn Fn(&Path) -> Option<Digest>) -> Option<Digest> {
+    let mut h = Sha256::new();
+    h.update(KEY_VERSION);
+    h.update(compression_tag(c).as_bytes());
+    for p in &unit.pieces {
+        match p {
+            Piece::Bytes(b) => {
+                h.update(b"B");
+                h.update((b.len() as u64).to_le_bytes());
+                h.update(b);
+            }
+            Piece::Zeros(n) => {
+                h.update(b"Z");
+                h.update(n.to_le_bytes());
+            }
+            Piece::File {
+                source,
+                offset,
+                len,
+                ..
+            } => {
+                h.update(b"F");
+                h.update(digest_of(source)?.as_str().as_bytes());
+                h.update(offset.to_le_bytes());
+                h.update(len.to_le_bytes());
+            }
+        }
+    }
+    Some(Digest::from_hasher(h))
+}
+
+/// Every source file of a layer with its planned stat.
+pub(crate) fn layer_files(layer: &PlannedLayer) -> Vec<(PathBuf, StatKey)> {
+    let mut out = Vec::new();
+    for u in &layer.units {
+        for p in &u.pieces {
+            if let Piece::File {
+                source,
+                stat,
+                offset: 0,
+                ..
+            } = p
+            {
+                out.push((source.clone(), *stat));
+            }
+        }
+    }
+    out
+}
+
+/// Hashes a whole file's content, checking it did not change while read.
+pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<Digest, BuildError> {
+    let mut f = open_unchanged(source, stat)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(BuildError::io("read", source))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    check_unchanged(&f, source, stat)?;
+    Ok(Digest::from_hasher(h))
+}
+
+/// Keys all units, compresses those the cache lacks (in parallel across all layers), then
+/// assembles and stores each layer blob.
+pub(crate) fn encode_layers(
+    layers: &mut [PlannedLayer],
+    digest_of: &(dyn Fn(&Path) -> Option<Digest> + Sync),
+    cache: &BuildCache,
+    store: &Store,
+    threads: usize,
+) -> Result<Vec<LayerReport>, BuildError> {
+    // Key every unit, and collect the ones whose compressed member is not cached.
+    let mut missing: Vec<(usize, usize)> = Vec::new();
+    for (li, layer) in layers.iter_mut().enumerate() {
+        let c = layer.compression;
+        for (ui, unit) in layer.units.iter_mut().enumerate() {
+            let key = unit_key(unit, c, digest_of).ok_or_else(|| BuildError::Internal {
+                reason: "a file's content digest was not computed".to_owned(),
+            })?;
+            if !cache.has_member(&key) {
+                missing.push((li, ui));
+            }
+            unit.key = Some(key);
+        }
+    }
+    let layers_ref: &[PlannedLayer] = layers;
+    let results = parallel(&missing, threads, |&(li, ui)| -> Result<(), BuildError> {
+        let layer = &layers_ref[li];
+        let unit = &layer.units[ui];
+        let mut out = Vec::new();
+        compress_unit(&unit.pieces, layer.compression, &mut out)?;
+        if let Some(key) = &unit.key {
+            cache.put_member(key, &out)?;
+        }
+        Ok(())
+    });
+    for r in results {
+        r?;
+    }
+    let mut reports = Vec::new();
+    for (li, layer) in layers.iter().enumerate() {
+        let compressed_here = missing.iter().filter(|(l, _)| *l == li).count() as u64;
+        reports.push(assemble(layer, compressed_here, cache, store)?);
+    }
+    Ok(reports)
+}
+
+fn layer_key(layer: &PlannedLayer) -> Digest {
+    let mut h = Sha256::new();
+    h.update(KEY_VERSION);
+    h.update(compression_tag(layer.compression).as_bytes());
+    for u in &layer.units {
+        if let Some(k) = &u.key {
+            h.update(k.as_str().as_bytes());
+        }
+    }
+    Digest::from_hasher(h)
+}
+
+/// Concatenates a layer's members into a blob, hashing the compressed stream on this thread
+/// and the uncompressed tar stream on another.
+fn assemble(
+    layer: &PlannedLayer,
+    compressed_here: u64,
+    cache: &BuildCache,
+    store: &Store,
+) -> Result<LayerReport, BuildError> {
+    let key = layer_key(layer);
+    let report = |cached: &CachedLayer, hit: bool| LayerReport {
+        digest: cached.digest.clone(),
+        diff_id: cached.diff_id.clone(),
+        size: cached.size,
+        media_type: media_type(layer.compression).to_owned(),
+        files: layer.files,
+        bytes: layer.bytes,
+        units_compressed: compressed_here,
+        units: layer.units.len() as u64,
+        cache_hit: hit,
+        source: layer.source.clone(),
+    };
+    if let Some(cached) = cache.layer(&key)
+        && store.has_blob(&cached.digest)
+    {
+        return Ok(report(&cached, compressed_here == 0));
+    }
+    let trailer = trailer_member(layer.compression)?;
+    let (blob, diff) = std::thread::scope(|s| {
+        let diff = s.spawn(|| -> Result<Digest, BuildError> {
+            let mut h = crate::digest::HashingWriter::new(io::sink());
+            let mut buf = vec![0u8; 1 << 20];
+            for u in &layer.units {
+                emit_unit(&u.pieces, &mut h, &mut buf)?;
+            }
+            h.write_all(&[0u8; 1024])
+                .map_err(BuildError::io("hash", Path::new("-")))?;
+            Ok(Digest::from_hasher(h.hasher))
+        });
+        let blob = (|| -> Result<(Digest, u64), BuildError> {
+            let mut w = store.blob_writer()?;
+            for u in &layer.units {
+                let key = u.key.as_ref().ok_or_else(|| BuildError::Internal {
+                    reason: "unit without key".to_owned(),
+                })?;
+                cache.copy_member(key, &mut w)?;
+            }
+            w.write_all(&trailer)
+                .map_err(BuildError::io("write", store.root()))?;
+            Ok(w.commit(None)?)
+        })();
+        let diff = diff.join().unwrap_or_else(|_| {
+            Err(BuildError::Internal {
+                reason: "the hashing thread panicked".to_owned(),
+            })
+        });
+        (blob, diff)
+    });
+    let (digest, size) = blob?;
+    let diff_id = diff?;
+    let cached = CachedLayer {
+        digest,
+        diff_id,
+        size,
+    };
+    cache.put_layer(&key, &cached)?;
+    Ok(report(&cached, false))
+}

@@ -1,0 +1,33 @@
+//! `kiln-image`: reproducible, daemonless OCI image builds; the content-addressed image
+//! store; safe layer unpacking; import and export.
+//!
+//! The CLI calls [`build()`], the [`Store`] (list, inspect, tag, gc, attestations) and the
+//! [`archive`] functions (import, export); the runtime calls [`unpack()`] on each layer.
+//!
+//! **API boundary:** this crate reads an `[image]` spec and files on this host and writes
+//! only under the store and cache directories it is given (and export targets). It knows
+//! nothing of providers, releases or routes: the caller passes in the digests that releases
+//! retain when it asks for garbage collection.
+
+pub mod archive;
+mod base;
+mod build;
+mod cache;
+mod closure;
+mod digest;
+mod fsutil;
+mod layer;
+pub mod oci;
+mod store;
+mod tree;
+mod unpack;
+
+pub use build::{BuildError, BuildOptions, BuildOutput, Progress, build};
+pub use cache::BuildCache;
+pub use digest::{Digest, InvalidDigest};
+pub use layer::LayerReport;
+pub use store::{
+    BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
+    VerifiedReader, normalize_tag,
+};
+pub use unpack::{Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack};
