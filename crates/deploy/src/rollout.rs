@@ -1,0 +1,742 @@
+//! The rollout state machine.
+//!
+//! One function, [`decide`], serves every strategy and also the steady state after a rollout
+//! (a completed rollout keeps the replica count, replaces failed and drifted instances and
+//! retires the previous release when `keep_previous` expires), so the reconciler and the
+//! rollout are the same code.
+//!
+//! Vocabulary: the rollout moves traffic from the **stable** release (the one live before) to
+//! the **new** release. An instance is **ready** when healthy and not drifted. The previous
+//! release's instances leave the route but keep running ("warm") so a rollback is one route
+//! swap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kiln_spec::{CountOrPercent, DeploySpec, Promote, Strategy};
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{StepMetrics, Verdict, Window, judge};
+
+/// Milliseconds since the Unix epoch; passed in, never read from a clock here.
+pub type Millis = i64;
+
+/// What the user asked for: release `release` of an app, replacing `stable`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Goal {
+    /// The release being rolled out.
+    pub release: u64,
+    /// The release live before it, if any.
+    pub stable: Option<u64>,
+    /// Instances the new release must end with.
+    pub replicas: u32,
+    /// Strategy and its settings.
+    pub deploy: DeploySpec,
+}
+
+/// An instance's health as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Started, not yet passed its health check.
+    Starting,
+    /// Passing its health check.
+    Healthy,
+    /// Was healthy, now failing.
+    Unhealthy,
+    /// Exited, or never became healthy within its start period.
+    Failed,
+}
+
+/// One instance as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceObs {
+    /// Provider-unique id.
+    pub id: String,
+    /// The release it runs.
+    pub release: u64,
+    /// Its health.
+    pub health: Health,
+    /// Drift found on it (it must be replaced); `None` when clean.
+    pub drift: Option<String>,
+}
+
+impl InstanceObs {
+    fn ready(&self) -> bool {
+        self.health == Health::Healthy && self.drift.is_none()
+    }
+    fn dead(&self) -> bool {
+        matches!(self.health, Health::Failed | Health::Unhealthy)
+    }
+}
+
+/// The router's table for the app: which instances receive traffic and each release's share.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RouteTarget {
+    /// Percent of traffic per release; releases at 0 are reachable only by preview.
+    pub weights: BTreeMap<u64, u32>,
+    /// Instances in the table.
+    pub members: BTreeSet<String>,
+}
+
+/// Everything observed about the app at one moment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    /// Every instance of the app, any release.
+    pub instances: Vec<InstanceObs>,
+    /// The router's current table.
+    pub route: RouteTarget,
+    /// For a canary step: the router's measurements since the step started.
+    pub metrics: Option<StepMetrics>,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Moving traffic.
+    Progressing,
+    /// All traffic on the new release; the state keeps reconciling it.
+    Completed {
+        /// When the last traffic moved.
+        at_ms: Millis,
+    },
+    /// Traffic back on the stable release; the new release failed.
+    Aborted {
+        /// When.
+        at_ms: Millis,
+        /// Why, with the numbers.
+        reason: String,
+    },
+}
+
+/// The persisted state of one app's rollout (stored in the ledger as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// The release being rolled out.
+    pub release: u64,
+    /// The release it replaces.
+    pub stable: Option<u64>,
+    /// Where it is.
+    pub phase: Phase,
+    /// When it started.
+    pub started_ms: Millis,
+    /// The last time it made progress (the progress deadline counts from here).
+    pub last_progress_ms: Millis,
+    /// The most new instances seen ready at once (progress = this grows).
+    pub best_ready: u32,
+    /// Canary: index of the current step.
+    pub step: usize,
+    /// Canary: when the current step's weights took effect.
+    pub step_started_ms: Option<Millis>,
+    /// `kiln promote` was asked.
+    pub promote_requested: bool,
+    /// `kiln abort` was asked, with who/why.
+    pub abort_requested: Option<String>,
+    /// The last failure of a new instance, for the abort reason.
+    pub last_failure: Option<String>,
+    /// Waiting for `kiln promote` (manual promotion), announced once.
+    pub awaiting_promotion: bool,
+}
+
+impl RolloutState {
+    /// A rollout of `goal` starting at `now`.
+    pub fn start(goal: &Goal, now: Millis) -> RolloutState {
+        RolloutState {
+            release: goal.release,
+            stable: goal.stable,
+            phase: Phase::Progressing,
+            started_ms: now,
+            last_progress_ms: now,
+            best_ready: 0,
+            step: 0,
+            step_started_ms: None,
+            promote_requested: false,
+            abort_requested: None,
+            last_failure: None,
+            awaiting_promotion: false,
+        }
+    }
+}
+
+/// What the executor must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start `count` new instances of `release`.
+    Create {
+        /// Release to instantiate.
+        release: u64,
+        /// How many.
+        count: u32,
+    },
+    /// Swap the router's table to this one (atomically).
+    Route(RouteTarget),
+    /// Take `instance` out of the route, let it drain, then stop and destroy it.
+    Destroy {
+        /// The instance.
+        instance: String,
+        /// Why, for the event log.
+        reason: String,
+    },
+}
+
+/// Something worth recording in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    /// A canary step's weights took effect.
+    StepStarted {
+        /// 1-based step.
+        step: usize,
+        /// Canary weight.
+        weight: u8,
+    },
+    /// A canary step was judged.
+    StepJudged {
+        /// 1-based step.
+        step: usize,
+        /// Canary weight.
+        weight: u8,
+        /// The verdict with its numbers.
+        verdict: Verdict,
+    },
+    /// Waiting for `kiln promote`.
+    AwaitingPromotion,
+    /// All traffic is on the new release.
+    Completed {
+        /// The release.
+        release: u64,
+    },
+    /// Traffic went back to stable.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// The previous release's warm instances were retired.
+    PreviousRetired {
+        /// That release.
+        release: u64,
+    },
+}
+
+impl RolloutEvent {
+    /// The ledger event kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RolloutEvent::StepStarted { .. } => "rollout.step_started",
+            RolloutEvent::StepJudged { .. } => "rollout.step_judged",
+            RolloutEvent::AwaitingPromotion => "rollout.awaiting_promotion",
+            RolloutEvent::Completed { .. } => "rollout.completed",
+            RolloutEvent::Aborted { .. } => "rollout.aborted",
+            RolloutEvent::PreviousRetired { .. } => "rollout.previous_retired",
+        }
+    }
+}
+
+/// The result of one [`decide`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The state to persist before acting.
+    pub state: RolloutState,
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// What to record.
+    pub events: Vec<RolloutEvent>,
+}
+
+/// An inconclusive canary step may run this many times its pause before it fails.
+pub const INCONCLUSIVE_LIMIT: u32 = 3;
+
+/// Decides the next actions. Pure: same inputs, same output.
+pub fn decide(goal: &Goal, state: &RolloutState, obs: &Observed, now: Millis) -> Decision {
+    let mut d = Decision {
+        state: state.clone(),
+        actions: Vec::new(),
+        events: Vec::new(),
+    };
+    let split = Split::of(goal, obs);
+
+    // Failed and drifted new instances are replaced whatever the phase.
+    for i in &split.new {
+        if i.dead() {
+            let reason = format!(
+                "instance {} of release {} {}",
+                i.id,
+                i.release,
+                describe(i.health)
+            );
+            d.state.last_failure = Some(reason.clone());
+            d.actions.push(Action::Destroy {
+                instance: i.id.clone(),
+                reason,
+            });
+        }
+    }
+    // Instances of releases that are neither new nor stable have no place any more.
+    for i in &split.other {
+        d.actions.push(Action::Destroy {
+            instance: i.id.clone(),
+            reason: format!("release {} is neither live nor previous", i.release),
+        });
+    }
+
+    match state.phase.clone() {
+        Phase::Aborted { .. } => aborted(goal, &split, obs, &mut d),
+        Phase::Completed { at_ms } => completed(goal, &split, obs, at_ms, now, &mut d),
+        Phase::Progressing => {
+            if let Some(who) = &state.abort_requested {
+                abort(goal, &split, obs, now, format!("aborted by {who}"), &mut d);
+            } else {
+                progressing(goal, &split, obs, now, &mut d);
+            }
+        }
+    }
+    d
+}
+
+/// The app's instances sorted by role.
+struct Split<'a> {
+    new: Vec<&'a InstanceObs>,
+    stable: Vec<&'a InstanceObs>,
+    other: Vec<&'a InstanceObs>,
+}
+
+impl<'a> Split<'a> {
+    fn of(goal: &Goal, obs: &'a Observed) -> Split<'a> {
+        let mut s = Split {
+            new: Vec::new(),
+            stable: Vec::new(),
+            other: Vec::new(),
+        };
+        let mut all: Vec<&InstanceObs> = obs.instances.iter().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        for i in all {
+            if i.release == goal.release {
+                s.new.push(i);
+            } else if Some(i.release) == goal.stable {
+                s.stable.push(i);
+            } else {
+                s.other.push(i);
+            }
+        }
+        s
+    }
+
+    /// New instances that count toward the replica target (alive and clean).
+    fn new_live(&self) -> u32 {
+        count(self.new.iter().filter(|i| !i.dead() && i.drift.is_none()))
+    }
+
+    fn new_ready(&self) -> Vec<&'a InstanceObs> {
+        self.new.iter().copied().filter(|i| i.ready()).collect()
+    }
+
+    fn stable_ready(&self) -> Vec<&'a InstanceObs> {
+        self.stable.iter().copied().filter(|i| i.ready()).collect()
+    }
+}
+
+fn count<'a>(it: impl Iterator<Item = &'a &'a InstanceObs>) -> u32 {
+    u32::try_from(it.count()).unwrap_or(u32::MAX)
+}
+
+fn describe(h: Health) -> &'static str {
+    match h {
+        Health::Failed => "failed (exited or never became healthy)",
+        Health::Unhealthy => "became unhealthy",
+        Health::Starting => "is starting",
+        Health::Healthy => "is healthy",
+    }
+}
+
+/// A route with `new` and `stable` members and weights proportional to the given shares.
+fn route(
+    goal: &Goal,
+    new: &[&InstanceObs],
+    new_w: u32,
+    stable: &[&InstanceObs],
+    stable_w: u32,
+) -> RouteTarget {
+    let mut r = RouteTarget::default();
+    if !new.is_empty() || new_w > 0 {
+        r.weights.insert(goal.release, new_w);
+    }
+    if let Some(s) = goal.stable
+        && (!stable.is_empty() || stable_w > 0)
+    {
+        r.weights.insert(s, stable_w);
+    }
+    r.members = new.iter().chain(stable).map(|i| i.id.clone()).collect();
+    r
+}
+
+fn set_route(obs: &Observed, target: RouteTarget, d: &mut Decision) {
+    if obs.route != target {
+        d.actions.push(Action::Route(target));
+    }
+}
+
+/// Creates instances of the new release up to `want` live ones.
+fn top_up(goal: &Goal, split: &Split<'_>, want: u32, d: &mut Decision) {
+    let live = split.new_live();
+    if want > live {
+        d.actions.push(Action::Create {
+            release: goal.release,
+            count: want - live,
+        });
+    }
+}
+
+/// Replaces drifted new instances once a clean replacement is ready.
+fn retire_drifted(split: &Split<'_>, d: &mut Decision) {
+    let spare = split.new_ready().len();
+    for i in split
+        .new
+        .iter()
+        .filter(|i| i.drift.is_some() && !i.dead())
+        .take(spare)
+    {
+        d.actions.push(Action::Destroy {
+            instance: i.id.clone(),
+            reason: format!(
+                "instance {} drifted: {}",
+                i.id,
+                i.drift.as_deref().unwrap_or_default()
+            ),
+        });
+    }
+}
+
+fn progressing(goal: &Goal, split: &Split<'_>, obs: &Observed, now: Millis, d: &mut Decision) {
+    let ready = u32::try_from(split.new_ready().len()).unwrap_or(u32::MAX);
+    if ready > d.state.best_ready {
+        d.state.best_ready = ready;
+        d.state.last_progress_ms = now;
+    }
+    let waiting_for_instances = match &goal.deploy.strategy {
+        Strategy::Rolling => rolling(goal, split, obs, now, d),
+        Strategy::BlueGreen { promote } => blue_green(goal, split, obs, *promote, now, d),
+        Strategy::Canary {
+            promote,
+            steps,
+            analysis,
+        } => canary(goal, split, obs, *promote, steps, analysis, now, d),
+    };
+    if !waiting_for_instances {
+        // Time spent waiting on a pause or on `kiln promote` is not a lack of progress.
+        d.state.last_progress_ms = now;
+    }
+    let deadline = millis(goal.deploy.progress_deadline);
+    if d.state.phase == Phase::Progressing && now - d.state.last_progress_ms > deadline {
+        let why = d.state.last_failure.clone().unwrap_or_else(|| {
+            format!("{ready} of {} new instances became healthy", goal.replicas)
+        });
+        let reason = format!(
+            "progress deadline {} exceeded: {why}",
+            humane(goal.deploy.progress_deadline)
+        );
+        d.actions.clear();
+        abort(goal, split, obs, now, reason, d);
+    }
+}
+
+/// Rolling: replace instances a few at a time. Returns whether it waits on instances.
+fn rolling(goal: &Goal, split: &Split<'_>, obs: &Observed, now: Millis, d: &mut Decision) -> bool {
+    let r = goal.replicas;
+    let surge = goal.deploy.max_surge.resolve(r, true);
+    let unavailable = goal.deploy.max_unavailable.resolve(r, false);
+    let new_ready = split.new_ready();
+    let ready = u32::try_from(new_ready.len()).unwrap_or(u32::MAX);
+    let stable_routed: Vec<&InstanceObs> = split
+        .stable_ready()
+        .into_iter()
+        .filter(|i| obs.route.members.contains(&i.id))
+        .collect();
+    // Keep enough stable instances in the route that (new ready + stable kept) never falls
+    // below replicas - max_unavailable; a new instance in, a stable one out.
+    let floor = r.saturating_sub(unavailable).saturating_sub(ready);
+    let keep = usize::try_from(floor)
+        .unwrap_or(usize::MAX)
+        .min(stable_routed.len());
+    let kept = &stable_routed[..keep];
+    let new_in: Vec<&InstanceObs> = new_ready.iter().copied().take(r as usize).collect();
+    let (nw, sw) = shares(new_in.len(), kept.len());
+    set_route(obs, route(goal, &new_in, nw, kept, sw), d);
+
+    // Start new instances within the surge: (stable kept + new live) ≤ replicas + surge.
+    let live = split.new_live();
+    let room = (r + surge).saturating_sub(u32::try_from(keep).unwrap_or(u32::MAX) + live);
+    let want = live + r.saturating_sub(live).min(room);
+    top_up(goal, split, want, d);
+    retire_drifted(split, d);
+
+    if ready >= r && keep == 0 {
+        complete(goal, now, d);
+        return false;
+    }
+    true
+}
+
+/// Blue-green: a full new set beside the live one, then one switch.
+fn blue_green(
+    goal: &Goal,
+    split: &Split<'_>,
+    obs: &Observed,
+    promote: Promote,
+    now: Millis,
+    d: &mut Decision,
+) -> bool {
+    let r = goal.replicas;
+    top_up(goal, split, r, d);
+    let green = split.new_ready();
+    let blue = split.stable_ready();
+    let all_green = u32::try_from(green.len()).unwrap_or(u32::MAX) >= r;
+    if all_green && (promote == Promote::Auto || d.state.promote_requested) {
+        set_route(obs, route(goal, &green, 100, &[], 0), d);
+        complete(goal, now, d);
+        return false;
+    }
+    // Green is in the table at weight 0: reachable by the preview header only.
+    set_route(obs, route(goal, &green, 0, &blue, 100), d);
+    if all_green {
+        await_promotion(d);
+        return false;
+    }
+    true
+}
+
+/// Announces, once, that the rollout waits for `kiln promote`.
+fn await_promotion(d: &mut Decision) {
+    if !d.state.awaiting_promotion {
+        d.state.awaiting_promotion = true;
+        d.events.push(RolloutEvent::AwaitingPromotion);
+    }
+}
+
+/// Canary: shift traffic in steps, judge each step, abort on a failed verdict.
+#[allow(clippy::too_many_arguments)]
+fn canary(
+    goal: &Goal,
+    split: &Split<'_>,
+    obs: &Observed,
+    promote: Promote,
+    steps: &[kiln_spec::CanaryStep],
+    analysis: &kiln_spec::Analysis,
+    now: Millis,
+    d: &mut Decision,
+) -> bool {
+    let r = goal.replicas;
+    let last = steps.len().saturating_sub(1);
+    if d.state.promote_requested && d.state.step < last {
+        // `kiln promote` skips the remaining steps.
+        d.state.step = last;
+        d.state.step_started_ms = None;
+        d.state.awaiting_promotion = false;
+    }
+    let Some(step) = steps.get(d.state.step).copied() else {
+        complete(goal, now, d);
+        return false;
+    };
+    let weight = u32::from(step.weight);
+    let need = if weight >= 100 {
+        r
+    } else {
+        CountOrPercent::Percent(step.weight).resolve(r, true).max(1)
+    };
+    top_up(goal, split, need, d);
+    retire_drifted(split, d);
+    let canaries = split.new_ready();
+    let stable = split.stable_ready();
+    if u32::try_from(canaries.len()).unwrap_or(u32::MAX) < need {
+        // Hold the previous step's table until this step's canaries are ready.
+        return true;
+    }
+    let canaries = &canaries[..need as usize];
+    if weight >= 100 {
+        set_route(obs, route(goal, canaries, 100, &[], 0), d);
+        complete(goal, now, d);
+        return false;
+    }
+    let table = route(goal, canaries, weight, &stable, 100 - weight);
+    let n = d.state.step + 1;
+    if d.state.awaiting_promotion {
+        // Every judged step passed; the last move waits for a person.
+        set_route(obs, table, d);
+        return false;
+    }
+    let Some(started) = d.state.step_started_ms else {
+        set_route(obs, table, d);
+        d.state.step_started_ms = Some(now);
+        d.events.push(RolloutEvent::StepStarted {
+            step: n,
+            weight: step.weight,
+        });
+        return false;
+    };
+    set_route(obs, table, d);
+    let Some(pause) = step.pause else {
+        // A step without a pause holds until `kiln promote`.
+        return false;
+    };
+    let pause_ms = millis(pause);
+    if now - started < pause_ms {
+        return false;
+    }
+    let metrics = obs.metrics.unwrap_or(StepMetrics {
+        canary: Window {
+            requests: 0,
+            errors: 0,
+            p99_ms: 0.0,
+        },
+        stable: Window {
+            requests: 0,
+            errors: 0,
+            p99_ms: 0.0,
+        },
+    });
+    let verdict = match judge(analysis, metrics) {
+        Verdict::Inconclusive { metrics }
+            if now - started >= pause_ms * i64::from(INCONCLUSIVE_LIMIT) =>
+        {
+            Verdict::Fail {
+                metrics,
+                reason: format!(
+                    "inconclusive: {} requests in {}, fewer than min_requests = {}",
+                    metrics.canary.requests,
+                    humane(Duration::from_millis(
+                        u64::try_from(now - started).unwrap_or(0)
+                    )),
+                    analysis.min_requests
+                ),
+            }
+        }
+        Verdict::Inconclusive { .. } => return false,
+        v => v,
+    };
+    d.events.push(RolloutEvent::StepJudged {
+        step: n,
+        weight: step.weight,
+        verdict: verdict.clone(),
+    });
+    match verdict {
+        Verdict::Fail { reason, .. } => {
+            let reason = format!("aborted at step {n} ({}%): {reason}", step.weight);
+            abort(goal, split, obs, now, reason, d);
+        }
+        _ => {
+            let next = d.state.step + 1;
+            if next == last && promote == Promote::Manual && !d.state.promote_requested {
+                await_promotion(d);
+                return false;
+            }
+            d.state.step = next;
+            d.state.step_started_ms = None;
+        }
+    }
+    false
+}
+
+fn complete(goal: &Goal, now: Millis, d: &mut Decision) {
+    d.state.phase = Phase::Completed { at_ms: now };
+    d.events.push(RolloutEvent::Completed {
+        release: goal.release,
+    });
+}
+
+fn abort(
+    goal: &Goal,
+    split: &Split<'_>,
+    obs: &Observed,
+    now: Millis,
+    reason: String,
+    d: &mut Decision,
+) {
+    d.state.phase = Phase::Aborted {
+        at_ms: now,
+        reason: reason.clone(),
+    };
+    d.events.push(RolloutEvent::Aborted { reason });
+    aborted(goal, split, obs, d);
+}
+
+/// After an abort: all traffic on stable (warm instances included), new instances destroyed.
+fn aborted(goal: &Goal, split: &Split<'_>, obs: &Observed, d: &mut Decision) {
+    let stable = split.stable_ready();
+    set_route(obs, route(goal, &[], 0, &stable, 100), d);
+    for i in &split.new {
+        if !i.dead() {
+            d.actions.push(Action::Destroy {
+                instance: i.id.clone(),
+                reason: format!("release {} was aborted", goal.release),
+            });
+        }
+    }
+}
+
+/// The steady state: all traffic on the new release, replicas kept, failures and drift
+/// replaced, the previous release retired after `keep_previous`.
+fn completed(
+    goal: &Goal,
+    split: &Split<'_>,
+    obs: &Observed,
+    at_ms: Millis,
+    now: Millis,
+    d: &mut Decision,
+) {
+    let ready = split.new_ready();
+    let r = goal.replicas as usize;
+    set_route(
+        obs,
+        route(goal, &ready[..ready.len().min(r)], 100, &[], 0),
+        d,
+    );
+    top_up(goal, split, goal.replicas, d);
+    retire_drifted(split, d);
+    // Scale down: ready instances beyond the replica count, newest ids last.
+    for i in ready.iter().skip(r) {
+        d.actions.push(Action::Destroy {
+            instance: i.id.clone(),
+            reason: format!("scaled to {} replicas", goal.replicas),
+        });
+    }
+    if now - at_ms >= millis(goal.deploy.keep_previous) && !split.stable.is_empty() {
+        for i in &split.stable {
+            d.actions.push(Action::Destroy {
+                instance: i.id.clone(),
+                reason: format!(
+                    "release {} stayed warm for {}",
+                    i.release,
+                    humane(goal.deploy.keep_previous)
+                ),
+            });
+        }
+        if let Some(s) = goal.stable {
+            d.events.push(RolloutEvent::PreviousRetired { release: s });
+        }
+    }
+}
+
+/// Percent shares for two counts, summing to 100 (or 0 when both are empty).
+fn shares(a: usize, b: usize) -> (u32, u32) {
+    let total = a + b;
+    if total == 0 {
+        return (0, 0);
+    }
+    let wa = u32::try_from((a * 100 + total / 2) / total).unwrap_or(100);
+    (wa, 100 - wa)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn humane(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_millis() != 0 || secs == 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}

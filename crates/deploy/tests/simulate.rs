@@ -1,0 +1,581 @@
+//! The rollout state machine driven through whole rollouts in a simulated world: a fake
+//! executor applies every action at once, instances become healthy (or fail) on a script,
+//! and time advances in 100 ms ticks. Each scenario checks the invariants on every tick and
+//! pins its event timeline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_deploy::*;
+use kiln_spec::{Analysis, CanaryStep, CountOrPercent, DeploySpec, Promote, Strategy};
+
+const TICK: Millis = 100;
+
+/// How instances of one release behave.
+#[derive(Clone, Copy)]
+struct Behavior {
+    /// Healthy this long after creation; `None` = never (fails at `FAIL_AFTER`).
+    ready_after: Option<Millis>,
+    error_rate: f64,
+    p99_ms: f64,
+}
+
+const GOOD: Behavior = Behavior {
+    ready_after: Some(300),
+    error_rate: 0.0,
+    p99_ms: 4.0,
+};
+const FAIL_AFTER: Millis = 2_000;
+/// Requests per second the simulated clients send.
+const RPS: f64 = 200.0;
+
+struct Sim {
+    now: Millis,
+    next_id: u32,
+    instances: Vec<(InstanceObs, Millis)>,
+    route: RouteTarget,
+    behaviors: BTreeMap<u64, Behavior>,
+    goal: Goal,
+    state: RolloutState,
+    timeline: Vec<String>,
+    destroyed: u32,
+}
+
+impl Sim {
+    /// Release 1 running `replicas` healthy instances and fully routed; release 2 starts.
+    fn new(deploy: DeploySpec, replicas: u32, new: Behavior) -> Sim {
+        let mut sim = Sim {
+            now: 1_000_000,
+            next_id: 0,
+            instances: Vec::new(),
+            route: RouteTarget::default(),
+            behaviors: BTreeMap::from([(1, GOOD), (2, new)]),
+            goal: Goal {
+                release: 2,
+                stable: Some(1),
+                replicas,
+                deploy,
+            },
+            state: RolloutState::start(
+                &Goal {
+                    release: 2,
+                    stable: Some(1),
+                    replicas,
+                    deploy: rolling(1, 0),
+                },
+                1_000_000,
+            ),
+            timeline: Vec::new(),
+            destroyed: 0,
+        };
+        for _ in 0..replicas {
+            let id = sim.spawn(1);
+            sim.instances.last_mut().unwrap().0.health = Health::Healthy;
+            sim.route.members.insert(id);
+        }
+        sim.route.weights.insert(1, 100);
+        sim.state = RolloutState::start(&sim.goal, sim.now);
+        sim
+    }
+
+    fn spawn(&mut self, release: u64) -> String {
+        self.next_id += 1;
+        let id = format!("i{:02}", self.next_id);
+        self.instances.push((
+            InstanceObs {
+                id: id.clone(),
+                release,
+                health: Health::Starting,
+                drift: None,
+            },
+            self.now,
+        ));
+        id
+    }
+
+    fn observe(&self) -> Observed {
+        Observed {
+            instances: self.instances.iter().map(|(i, _)| i.clone()).collect(),
+            route: self.route.clone(),
+            metrics: self.state.step_started_ms.map(|start| self.metrics(start)),
+        }
+    }
+
+    /// What the router would have measured since `start` with the current weights.
+    fn metrics(&self, start: Millis) -> StepMetrics {
+        let secs = (self.now - start) as f64 / 1000.0;
+        let window = |release: u64| {
+            let w = f64::from(*self.route.weights.get(&release).unwrap_or(&0)) / 100.0;
+            let b = self.behaviors[&release];
+            let requests = (RPS * w * secs) as u64;
+            Window {
+                requests,
+                errors: (requests as f64 * b.error_rate).round() as u64,
+                p99_ms: if requests == 0 { 0.0 } else { b.p99_ms },
+            }
+        };
+        StepMetrics {
+            canary: window(2),
+            stable: window(1),
+        }
+    }
+
+    fn apply(&mut self, actions: &[Action]) {
+        for a in actions {
+            match a {
+                Action::Create { release, count } => {
+                    for _ in 0..*count {
+                        self.spawn(*release);
+                    }
+                }
+                Action::Route(r) => self.route = r.clone(),
+                Action::Destroy { instance, .. } => {
+                    self.route.members.remove(instance);
+                    self.instances.retain(|(i, _)| &i.id != instance);
+                    self.destroyed += 1;
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self) {
+        self.now += TICK;
+        let now = self.now;
+        for (i, created) in &mut self.instances {
+            if i.health != Health::Starting {
+                continue;
+            }
+            match self.behaviors[&i.release].ready_after {
+                Some(after) if now - *created >= after => i.health = Health::Healthy,
+                None if now - *created >= FAIL_AFTER => i.health = Health::Failed,
+                _ => {}
+            }
+        }
+    }
+
+    fn check_invariants(&self) {
+        // Traffic only reaches instances that passed their health check.
+        for m in &self.route.members {
+            let (i, _) = self.instances.iter().find(|(i, _)| &i.id == m).unwrap();
+            assert_eq!(
+                i.health,
+                Health::Healthy,
+                "{m} is routed but {:?}",
+                i.health
+            );
+        }
+        let total: u32 = self.route.weights.values().sum();
+        assert!(
+            total == 100 || total == 0,
+            "weights {:?}",
+            self.route.weights
+        );
+    }
+
+    /// Runs until the rollout ends (or `limit` ms pass), recording events with their time.
+    fn run(&mut self, limit: Millis, mut hook: impl FnMut(&mut Sim)) -> &Phase {
+        let start = self.now;
+        while self.now - start < limit {
+            hook(self);
+            let d = decide(&self.goal, &self.state, &self.observe(), self.now);
+            for e in &d.events {
+                let at = (self.now - start) as f64 / 1000.0;
+                self.timeline.push(format!("{at:>5.1}s {}", describe(e)));
+            }
+            self.state = d.state;
+            self.apply(&d.actions);
+            self.check_invariants();
+            if !matches!(self.state.phase, Phase::Progressing) {
+                break;
+            }
+            self.advance();
+        }
+        &self.state.phase
+    }
+
+    fn count(&self, release: u64) -> usize {
+        self.instances
+            .iter()
+            .filter(|(i, _)| i.release == release)
+            .count()
+    }
+}
+
+fn describe(e: &RolloutEvent) -> String {
+    match e {
+        RolloutEvent::StepStarted { step, weight } => format!("step {step} started at {weight}%"),
+        RolloutEvent::StepJudged { step, verdict, .. } => format!("step {step} {verdict}"),
+        RolloutEvent::AwaitingPromotion => "awaiting kiln promote".into(),
+        RolloutEvent::Completed { release } => format!("completed release {release}"),
+        RolloutEvent::Aborted { reason } => format!("aborted: {reason}"),
+        RolloutEvent::PreviousRetired { release } => format!("retired release {release}"),
+    }
+}
+
+fn deploy(strategy: Strategy) -> DeploySpec {
+    DeploySpec {
+        strategy,
+        max_surge: CountOrPercent::Count(1),
+        max_unavailable: CountOrPercent::Count(0),
+        progress_deadline: Duration::from_secs(10),
+        keep_previous: Duration::from_secs(60),
+        migrate: None,
+    }
+}
+
+fn rolling(surge: u32, unavailable: u32) -> DeploySpec {
+    DeploySpec {
+        max_surge: CountOrPercent::Count(surge),
+        max_unavailable: CountOrPercent::Count(unavailable),
+        ..deploy(Strategy::Rolling)
+    }
+}
+
+fn canary(promote: Promote) -> DeploySpec {
+    let step = |weight, pause: u64| CanaryStep {
+        weight,
+        pause: Some(Duration::from_secs(pause)),
+    };
+    deploy(Strategy::Canary {
+        promote,
+        steps: vec![step(10, 5), step(50, 5), step(100, 0)],
+        analysis: Analysis {
+            max_error_rate: 0.01,
+            max_p99: Some(Duration::from_millis(300)),
+            min_requests: 50,
+            compare_to_stable: true,
+        },
+    })
+}
+
+#[test]
+fn rolling_replaces_one_at_a_time_without_losing_capacity() {
+    let mut sim = Sim::new(rolling(1, 0), 3, GOOD);
+    let phase = sim.run(60_000, |s| {
+        // With max_unavailable = 0, at least 3 ready instances are always routed.
+        assert!(
+            s.route.members.len() >= 3,
+            "capacity fell to {:?}",
+            s.route.members
+        );
+        // With max_surge = 1: new instances alive + stable still routed ≤ 4.
+        let routed_stable = s
+            .instances
+            .iter()
+            .filter(|(i, _)| i.release == 1 && s.route.members.contains(&i.id))
+            .count();
+        assert!(routed_stable + s.count(2) <= 4);
+    });
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    assert_eq!(sim.timeline, ["  0.9s completed release 2"]);
+    assert_eq!(sim.route.weights, BTreeMap::from([(2, 100)]));
+    assert_eq!(sim.count(2), 3);
+    // The previous release stays warm for an instant rollback.
+    assert_eq!(sim.count(1), 3);
+}
+
+#[test]
+fn rolling_with_unavailable_and_no_surge() {
+    let mut sim = Sim::new(rolling(0, 1), 2, GOOD);
+    let phase = sim.run(60_000, |s| {
+        assert!(s.route.members.len() >= 1);
+        let routed_stable = s
+            .instances
+            .iter()
+            .filter(|(i, _)| i.release == 1 && s.route.members.contains(&i.id))
+            .count();
+        assert!(routed_stable + s.count(2) <= 2);
+    });
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+}
+
+#[test]
+fn rolling_that_never_becomes_healthy_rolls_back_at_the_deadline() {
+    let never = Behavior {
+        ready_after: None,
+        ..GOOD
+    };
+    let mut sim = Sim::new(rolling(1, 0), 2, never);
+    let phase = sim.run(60_000, |_| {}).clone();
+    let Phase::Aborted { reason, .. } = phase else {
+        panic!("expected abort, got {phase:?}");
+    };
+    assert!(
+        reason.starts_with("progress deadline 10s exceeded: instance"),
+        "{reason}"
+    );
+    assert!(reason.contains("failed"), "{reason}");
+    // Stable got all the traffic back and kept its instances; new ones are gone.
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+    assert_eq!(sim.route.members.len(), 2);
+    assert_eq!(sim.count(2), 0);
+}
+
+#[test]
+fn blue_green_switches_once_when_all_green_is_ready() {
+    let mut sim = Sim::new(
+        deploy(Strategy::BlueGreen {
+            promote: Promote::Auto,
+        }),
+        3,
+        GOOD,
+    );
+    let mut switched = 0;
+    let mut last = sim.route.weights.clone();
+    let phase = sim.run(60_000, |s| {
+        if s.route.weights.get(&2) == Some(&100) && last.get(&2) != Some(&100) {
+            switched += 1;
+        }
+        // Before the switch, green never gets a share of the traffic.
+        if s.route.weights.get(&1) == Some(&100) {
+            assert!(s.route.weights.get(&2).is_none_or(|w| *w == 0));
+        }
+        last = s.route.weights.clone();
+    });
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    assert_eq!(sim.route.weights, BTreeMap::from([(2, 100)]));
+    assert_eq!(switched, 0, "the switch happens in the final decision");
+    assert_eq!(sim.timeline, ["  0.3s completed release 2"]);
+}
+
+#[test]
+fn blue_green_manual_waits_for_promote() {
+    let mut sim = Sim::new(
+        deploy(Strategy::BlueGreen {
+            promote: Promote::Manual,
+        }),
+        2,
+        GOOD,
+    );
+    sim.run(30_000, |_| {});
+    assert!(matches!(sim.state.phase, Phase::Progressing));
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100), (2, 0)]));
+    assert_eq!(
+        sim.route.members.len(),
+        4,
+        "green is in the table for preview"
+    );
+    sim.state.promote_requested = true;
+    let phase = sim.run(1_000, |_| {});
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    assert_eq!(
+        sim.timeline,
+        ["  0.3s awaiting kiln promote", "  0.0s completed release 2"]
+    );
+}
+
+#[test]
+fn blue_green_with_failing_health_never_gets_traffic() {
+    let never = Behavior {
+        ready_after: None,
+        ..GOOD
+    };
+    let mut sim = Sim::new(
+        deploy(Strategy::BlueGreen {
+            promote: Promote::Auto,
+        }),
+        2,
+        never,
+    );
+    let phase = sim
+        .run(60_000, |s| {
+            assert!(s.route.weights.get(&2).is_none_or(|w| *w == 0))
+        })
+        .clone();
+    assert!(matches!(phase, Phase::Aborted { .. }), "{phase:?}");
+}
+
+#[test]
+fn canary_of_a_good_version_promotes_through_every_step() {
+    let mut sim = Sim::new(canary(Promote::Auto), 4, GOOD);
+    let phase = sim.run(120_000, |_| {});
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    assert_eq!(
+        sim.timeline,
+        [
+            "  0.3s step 1 started at 10%",
+            "  5.3s step 1 passed: error rate 0.0% over 100 requests, p99 4ms",
+            "  5.7s step 2 started at 50%",
+            " 10.7s step 2 passed: error rate 0.0% over 500 requests, p99 4ms",
+            " 11.1s completed release 2",
+        ]
+    );
+    assert_eq!(sim.count(2), 4);
+}
+
+#[test]
+fn canary_failing_20_percent_aborts_at_the_first_step() {
+    let bad = Behavior {
+        error_rate: 0.2,
+        ..GOOD
+    };
+    let mut sim = Sim::new(canary(Promote::Auto), 4, bad);
+    let phase = sim.run(120_000, |_| {}).clone();
+    assert!(matches!(phase, Phase::Aborted { .. }), "{phase:?}");
+    assert_eq!(
+        sim.timeline,
+        [
+            "  0.3s step 1 started at 10%",
+            "  5.3s step 1 error rate 20.0% over 100 requests > 1.0%",
+            "  5.3s aborted: aborted at step 1 (10%): error rate 20.0% over 100 requests > 1.0%",
+        ]
+    );
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+    assert_eq!(sim.count(2), 0);
+}
+
+#[test]
+fn canary_200ms_slower_aborts_on_latency() {
+    let slow = Behavior {
+        p99_ms: 204.0,
+        ..GOOD
+    };
+    let mut sim = Sim::new(canary(Promote::Auto), 2, slow);
+    let Phase::Aborted { reason, .. } = sim.run(120_000, |_| {}).clone() else {
+        panic!("expected abort");
+    };
+    assert_eq!(
+        reason,
+        "aborted at step 1 (10%): p99 204ms over 100 requests > stable's 4ms (tolerance 25ms)"
+    );
+}
+
+#[test]
+fn canary_without_traffic_is_inconclusive_then_fails() {
+    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+    sim.behaviors.insert(2, GOOD);
+    // No clients: drive decisions with empty metrics.
+    let start = sim.now;
+    loop {
+        let mut obs = sim.observe();
+        obs.metrics = None;
+        let d = decide(&sim.goal, &sim.state, &obs, sim.now);
+        sim.state = d.state;
+        sim.apply(&d.actions);
+        if !matches!(sim.state.phase, Phase::Progressing) || sim.now - start > 60_000 {
+            break;
+        }
+        sim.advance();
+    }
+    let Phase::Aborted { reason, .. } = &sim.state.phase else {
+        panic!("expected abort, got {:?}", sim.state.phase);
+    };
+    assert_eq!(
+        reason,
+        "aborted at step 1 (10%): inconclusive: 0 requests in 15s, fewer than min_requests = 50"
+    );
+}
+
+#[test]
+fn canary_manual_waits_then_promote_skips_to_100() {
+    let mut sim = Sim::new(canary(Promote::Manual), 2, GOOD);
+    sim.run(30_000, |_| {});
+    assert!(matches!(sim.state.phase, Phase::Progressing));
+    assert!(
+        sim.timeline
+            .last()
+            .unwrap()
+            .ends_with("awaiting kiln promote")
+    );
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 50), (2, 50)]));
+    sim.state.promote_requested = true;
+    assert!(matches!(sim.run(5_000, |_| {}), Phase::Completed { .. }));
+    assert_eq!(sim.route.weights, BTreeMap::from([(2, 100)]));
+}
+
+#[test]
+fn kiln_abort_puts_all_traffic_back_on_stable() {
+    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+    sim.run(7_000, |_| {});
+    assert_eq!(sim.route.weights.get(&2), Some(&50));
+    sim.state.abort_requested = Some("alice".into());
+    sim.run(1_000, |_| {});
+    assert_eq!(
+        sim.state.phase,
+        Phase::Aborted {
+            at_ms: sim.now,
+            reason: "aborted by alice".into()
+        }
+    );
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+    assert_eq!(sim.count(2), 0);
+}
+
+#[test]
+fn restart_mid_step_continues_from_persisted_state() {
+    // A daemon killed mid-step restarts with the persisted state (a JSON round trip) and the
+    // world as it is: the rollout continues where it was, with the same step timing.
+    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+    sim.run(3_000, |_| {});
+    let persisted = serde_json::to_string(&sim.state).unwrap();
+    sim.state = serde_json::from_str(&persisted).unwrap();
+    let phase = sim.run(120_000, |_| {});
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    assert_eq!(sim.timeline[0], "  0.3s step 1 started at 10%");
+    assert!(
+        sim.timeline[1].starts_with("  2.3s step 1 passed"),
+        "{:?}",
+        sim.timeline
+    );
+}
+
+#[test]
+fn decide_is_idempotent_when_nothing_changed() {
+    let mut sim = Sim::new(rolling(1, 0), 2, GOOD);
+    sim.run(1_000, |_| {});
+    let obs = sim.observe();
+    let a = decide(&sim.goal, &sim.state, &obs, sim.now);
+    let b = decide(&sim.goal, &sim.state, &obs, sim.now);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn steady_state_replaces_failures_and_drift_and_retires_previous() {
+    let mut sim = Sim::new(rolling(1, 0), 2, GOOD);
+    assert!(matches!(sim.run(60_000, |_| {}), Phase::Completed { .. }));
+    let tick = |sim: &mut Sim| {
+        let d = decide(&sim.goal, &sim.state, &sim.observe(), sim.now);
+        for e in &d.events {
+            sim.timeline.push(describe(e));
+        }
+        sim.state = d.state;
+        sim.apply(&d.actions);
+        sim.check_invariants();
+        sim.advance();
+    };
+    // A crashed instance is replaced.
+    let victim = sim.route.members.iter().next().unwrap().clone();
+    sim.instances
+        .iter_mut()
+        .find(|(i, _)| i.id == victim)
+        .unwrap()
+        .0
+        .health = Health::Failed;
+    for _ in 0..10 {
+        tick(&mut sim);
+    }
+    assert!(!sim.instances.iter().any(|(i, _)| i.id == victim));
+    assert_eq!(sim.route.members.len(), 2);
+    // A drifted one keeps serving until its replacement is ready, then goes.
+    let drifted = sim.route.members.iter().next().unwrap().clone();
+    sim.instances
+        .iter_mut()
+        .find(|(i, _)| i.id == drifted)
+        .unwrap()
+        .0
+        .drift = Some("/etc/passwd written".into());
+    for _ in 0..10 {
+        tick(&mut sim);
+        assert!(sim.route.members.len() >= 1);
+    }
+    assert!(!sim.instances.iter().any(|(i, _)| i.id == drifted));
+    assert_eq!(sim.route.members.len(), 2);
+    // After keep_previous, release 1's warm instances are retired.
+    assert_eq!(sim.count(1), 2);
+    sim.now += 60_000;
+    tick(&mut sim);
+    assert_eq!(sim.count(1), 0);
+    assert_eq!(sim.timeline.last().unwrap(), "retired release 1");
+}
