@@ -280,7 +280,7 @@ fn rolling_replaces_one_at_a_time_without_losing_capacity() {
 fn rolling_with_unavailable_and_no_surge() {
     let mut sim = Sim::new(rolling(0, 1), 2, GOOD);
     let phase = sim.run(60_000, |s| {
-        assert!(s.route.members.len() >= 1);
+        assert!(!s.route.members.is_empty());
         let routed_stable = s
             .instances
             .iter()
@@ -568,7 +568,7 @@ fn steady_state_replaces_failures_and_drift_and_retires_previous() {
         .drift = Some("/etc/passwd written".into());
     for _ in 0..10 {
         tick(&mut sim);
-        assert!(sim.route.members.len() >= 1);
+        assert!(!sim.route.members.is_empty());
     }
     assert!(!sim.instances.iter().any(|(i, _)| i.id == drifted));
     assert_eq!(sim.route.members.len(), 2);
