@@ -1,0 +1,266 @@
+//! Image commands: `kiln build`, `kiln images`, `kiln image inspect|export|import`, `kiln gc`.
+//!
+//! Thin over `kiln-image`: parse arguments, call the library, print. The store lives at
+//! `<state>/images` and the build cache at `<state>/cache/build`. `kiln gc` here has no
+//! releases to retain yet; once the ledger is wired in, the daemon passes their digests.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_image::archive::{self, ExportFormat};
+use kiln_image::{BuildCache, BuildOptions, Progress, Store};
+use serde_json::json;
+
+use crate::output::Output;
+
+/// `kiln build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The spec file
+    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Worker threads (default: all cores; never changes the digest)
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// `kiln image …`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// The `kiln image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Show an image's manifest, config, layers and tags
+    Inspect {
+        /// A tag (NAME or NAME:TAG) or a manifest digest (sha256:…, or a unique prefix)
+        reference: String,
+    },
+    /// Write an image out as an OCI layout, an oci-archive, a docker-archive or a rootfs
+    Export {
+        /// A tag or a manifest digest
+        reference: String,
+        /// Output format: oci, oci-archive, docker-archive or rootfs
+        #[arg(long, value_name = "FORMAT")]
+        format: ExportFormat,
+        /// Where to write (must not exist, except an OCI layout to add to)
+        #[arg(short = 'o', long = "output", value_name = "PATH")]
+        output: PathBuf,
+    },
+    /// Bring images in from an OCI layout directory, an oci-archive or a docker-archive
+    Import {
+        /// The directory or tarball
+        path: PathBuf,
+    },
+}
+
+/// `kiln gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Only report what would be removed
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// A manifest digest to keep even if untagged (repeatable)
+    #[arg(long = "retain", value_name = "DIGEST")]
+    pub retain: Vec<String>,
+}
+
+fn store(state: &Path) -> anyhow::Result<Store> {
+    let root = state.join("images");
+    Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn source_date_epoch() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a whole number of seconds")),
+        _ => Ok(0),
+    }
+}
+
+pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let spec = match super::spec::load(&args.file, out)? {
+        Ok(spec) => spec,
+        Err(code) => return Ok(code),
+    };
+    let store = store(state)?;
+    let cache_dir = state.join("cache").join("build");
+    let mut cache = BuildCache::open(&cache_dir)
+        .with_context(|| format!("cannot open the build cache at {}", cache_dir.display()))?;
+    let mut opts = BuildOptions {
+        source_date_epoch: source_date_epoch()?,
+        tag: Some(format!("{}:latest", spec.name)),
+        ..BuildOptions::default()
+    };
+    if let Some(t) = args.threads {
+        opts.threads = t.max(1);
+    }
+    let tty = std::io::stderr().is_terminal();
+    let quiet = out.quiet;
+    let started = std::time::Instant::now();
+    let mut progress = |p: Progress<'_>| {
+        if quiet {
+            return;
+        }
+        match p {
+            Progress::Base { layers } if layers > 0 => eprintln!("base: {layers} layer(s) reused"),
+            Progress::Base { .. } => {}
+            Progress::Hashing { files } => eprintln!("hashing {files} changed file(s)"),
+            Progress::Layer(l) => {
+                let state = if l.cache_hit {
+                    "cached".to_owned()
+                } else {
+                    format!("{}/{} units compressed", l.units_compressed, l.units)
+                };
+                let line = format!(
+                    "layer {}: {} entries, {} → {} ({state}) {}",
+                    l.source,
+                    l.files,
+                    human(l.bytes),
+                    human(l.size),
+                    l.digest.short()
+                );
+                if tty {
+                    eprintln!("\x1b[2K{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    };
+    let built = kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)
+        .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
+    if out.json {
+        out.data(&json!({
+            "digest": built.digest,
+            "size": built.size,
+            "tag": built.tag,
+            "config": built.config,
+            "layers": built.layers,
+        }))?;
+    } else {
+        if !quiet {
+            eprintln!(
+                "built {} ({}, {} layer(s)) in {:.2}s",
+                built.tag.as_deref().unwrap_or("image"),
+                human(built.size),
+                built.layers.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        println!("{}", built.digest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let list = store(state)?.images()?;
+    if out.json {
+        out.data(&serde_json::to_value(&list)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    out.say(&format!("{:<32} {:<19} {:>10}  {}", "TAG", "DIGEST", "SIZE", "CREATED"));
+    for i in list {
+        out.say(&format!(
+            "{:<32} sha256:{} {:>10}  {}",
+            i.tag,
+            i.digest.short(),
+            human(i.size),
+            i.created.unwrap_or_default()
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let store = store(state)?;
+    match &args.command {
+        ImageCommand::Inspect { reference } => {
+            let info = store.inspect(reference)?;
+            if out.json {
+                out.data(&serde_json::to_value(&info)?)?;
+            } else {
+                out.say(&format!("digest:  {}", info.digest));
+                out.say(&format!("tags:    {}", info.tags.join(", ")));
+                out.say(&format!("size:    {}", human(info.size)));
+                if let Some(c) = info.config.get("created").and_then(|c| c.as_str()) {
+                    out.say(&format!("created: {c}"));
+                }
+                out.say(&format!("config:  {}", info.manifest.config.digest));
+                for (i, l) in info.manifest.layers.iter().enumerate() {
+                    out.say(&format!("layer {i}: {} {} {}", l.digest, human(l.size), l.media_type));
+                }
+                if let Some(c) = info.config.get("config") {
+                    out.say(&format!("runtime: {}", serde_json::to_string(c)?));
+                }
+            }
+        }
+        ImageCommand::Export { reference, format, output } => {
+            let desc = archive::export(&store, reference, *format, output)
+                .with_context(|| format!("cannot export {reference} to {}", output.display()))?;
+            if out.json {
+                out.data(&json!({"digest": desc.digest, "output": output}))?;
+            } else {
+                out.say(&format!("exported {} to {}", desc.digest, output.display()));
+            }
+        }
+        ImageCommand::Import { path } => {
+            let imported = archive::import(&store, path)
+                .with_context(|| format!("cannot import {}", path.display()))?;
+            if out.json {
+                out.data(&serde_json::to_value(&imported)?)?;
+            } else {
+                for i in imported {
+                    out.say(&format!("{} {}", i.manifest.digest, i.tags.join(", ")));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(args: &GcArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let store = store(state)?;
+    let mut retained = BTreeSet::new();
+    for r in &args.retain {
+        retained.insert(kiln_image::Digest::parse(r)?);
+    }
+    let report = store.gc(&retained, args.dry_run)?;
+    if out.json {
+        out.data(&serde_json::to_value(&report)?)?;
+    } else {
+        let verb = if args.dry_run { "would remove" } else { "removed" };
+        for (d, size) in &report.removed {
+            out.say(&format!("{verb} {d} ({})", human(*size)));
+        }
+        out.say(&format!(
+            "{verb} {} blob(s), {}; kept {}",
+            report.removed.len(),
+            human(report.freed),
+            report.kept
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
