@@ -69,6 +69,14 @@ pub enum Command {
     Init(InitArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+    /// Build the [image] section into a reproducible OCI image and tag it NAME:latest
+    Build(crate::cmd::image::BuildArgs),
+    /// List the images in the store
+    Images,
+    /// Inspect, export or import images
+    Image(crate::cmd::image::ImageArgs),
+    /// Remove image blobs that no tag (or retained release) refers to
+    Gc(crate::cmd::image::GcArgs),
 }
 
 /// Which spec file to read.

@@ -1,6 +1,7 @@
 //! One module per group of commands; [`run`] dispatches.
 
 mod completions;
+pub mod image;
 mod spec;
 
 use std::process::ExitCode;
@@ -15,5 +16,9 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Schema(args) => spec::schema(&args, out),
         Command::Init(args) => spec::init(&args, out),
         Command::Completions(args) => completions::print(&args),
+        Command::Build(args) => image::build(&args, &cli.global.state, out),
+        Command::Images => image::images(&cli.global.state, out),
+        Command::Image(args) => image::image(&args, &cli.global.state, out),
+        Command::Gc(args) => image::gc(&args, &cli.global.state, out),
     }
 }
