@@ -1,0 +1,918 @@
+//! The local provider: instances on this host with an OCI runtime (runc) and overlayfs.
+//!
+//! Layout under the state directory:
+//!
+//! ```text
+//! layers/sha256-<hex>/            a cached layer (overlay lower dir), shared read-only
+//! layers/sha256-<hex>.tree.json   its metadata as unpacked (for drift)
+//! runc/                           the OCI runtime's --root: only kiln's containers
+//! instances/<id>/instance.json    the record a new kiln adopts the instance from
+//! instances/<id>/bundle/          config.json + rootfs (the overlay mount point)
+//! instances/<id>/upper, work      the instance's overlay upper and work dirs
+//! instances/<id>/logs/            output.log and its rotations
+//! instances/<id>/{pid,started,stopped,exit}  lifecycle markers
+//! ```
+//!
+//! **Invariant:** everything an instance owns is under `instances/<id>/` (plus its runc
+//! state under `runc/<id>`), and `destroy` removes all of it in an order that is safe to
+//! repeat after a crash at any point: process, runtime state, mounts, files.
+//!
+//! This module does not decide when to replace an instance; it reports state, health and
+//! drift, and the controller decides.
+
+mod bundle;
+mod drift;
+mod fsutil;
+pub mod host;
+mod layers;
+mod logs;
+pub mod mounts;
+mod record;
+pub mod runc;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use kiln_spec::HealthCheck;
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use crate::health::{HealthMachine, Liveness, monitor, prober_for};
+use crate::image::ImageSource;
+use crate::provider::{Provider, ProviderError};
+use crate::types::{
+    Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
+    InstanceState, LogChunk, Observation, local_addr,
+};
+
+use self::bundle::BundleInput;
+use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
+use self::fsutil::write_durable;
+use self::layers::LayerCache;
+use self::logs::LogFiles;
+use self::mounts::{KernelMounter, Mounter};
+use self::record::{HealthRecord, InstanceRecord, ProcIdentity};
+use self::runc::{OciRuntime, RuncCli};
+
+/// How the local provider is set up.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// kiln's state directory.
+    pub state: PathBuf,
+    /// The OCI runtime binary (`[target] runtime`).
+    pub runtime: String,
+    /// Size at which an instance's log file is rotated.
+    pub log_cap: u64,
+    /// Rotated log files kept.
+    pub log_keep: u32,
+    /// Period of the full drift rescan that backs the inotify watches.
+    pub rescan_interval: Duration,
+}
+
+impl LocalConfig {
+    /// Defaults: 10 MiB logs, 2 rotations, a rescan every 5 s.
+    pub fn new(state: impl Into<PathBuf>, runtime: impl Into<String>) -> LocalConfig {
+        LocalConfig {
+            state: state.into(),
+            runtime: runtime.into(),
+            log_cap: 10 << 20,
+            log_keep: 2,
+            rescan_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What kiln holds in memory about an instance it created or adopted.
+struct Live {
+    health: watch::Receiver<Health>,
+    health_task: Option<AbortHandle>,
+    /// For instances whose runtime process this kiln spawned: `Some(code)` once it exited.
+    exit: Option<watch::Receiver<Option<Option<i32>>>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(task) = &self.health_task {
+            task.abort();
+        }
+    }
+}
+
+/// The local provider.
+pub struct LocalProvider {
+    cfg: LocalConfig,
+    images: Arc<dyn ImageSource>,
+    layers: LayerCache,
+    mounter: Arc<dyn Mounter>,
+    runtime: Arc<dyn OciRuntime>,
+    cgroup_limits: bool,
+    live: Mutex<HashMap<InstanceId, Live>>,
+    drift_tx: broadcast::Sender<DriftReport>,
+    watcher: Option<Arc<Watcher>>,
+}
+
+impl std::fmt::Debug for LocalProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProvider")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalProvider {
+    /// A provider on the real kernel and the configured runtime binary. Must be called
+    /// inside a tokio runtime: it starts the periodic drift rescan.
+    pub fn new(
+        cfg: LocalConfig,
+        images: Arc<dyn ImageSource>,
+    ) -> Result<Arc<LocalProvider>, ProviderError> {
+        let runtime = Arc::new(RuncCli {
+            binary: cfg.runtime.clone(),
+            root: cfg.state.join("runc"),
+        });
+        LocalProvider::with_parts(cfg, images, Arc::new(KernelMounter), runtime)
+    }
+
+    /// A provider with the given mounter and runtime (tests use fakes).
+    pub fn with_parts(
+        cfg: LocalConfig,
+        images: Arc<dyn ImageSource>,
+        mounter: Arc<dyn Mounter>,
+        runtime: Arc<dyn OciRuntime>,
+    ) -> Result<Arc<LocalProvider>, ProviderError> {
+        for dir in ["instances", "layers", "runc"] {
+            let path = cfg.state.join(dir);
+            fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
+        }
+        let (drift_tx, _) = broadcast::channel(256);
+        let watcher = match Watcher::start(drift_tx.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable: drift is found by the rescan only");
+                None
+            }
+        };
+        let provider = Arc::new(LocalProvider {
+            layers: LayerCache::new(cfg.state.join("layers")),
+            cgroup_limits: host::cgroups().1,
+            cfg,
+            images,
+            mounter,
+            runtime,
+            live: Mutex::new(HashMap::new()),
+            drift_tx,
+            watcher,
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(rescan_loop(Arc::downgrade(&provider)));
+        }
+        Ok(provider)
+    }
+
+    fn dir(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("instances").join(id.as_str())
+    }
+
+    /// Where an instance keeps its files.
+    pub fn paths(&self, id: &InstanceId) -> InstancePaths {
+        let dir = self.dir(id);
+        InstancePaths {
+            log: self.log_files(id).current(),
+            dir,
+        }
+    }
+
+    fn log_files(&self, id: &InstanceId) -> LogFiles {
+        LogFiles::new(
+            self.dir(id).join("logs"),
+            self.cfg.log_cap,
+            self.cfg.log_keep,
+        )
+    }
+
+    fn record(&self, id: &InstanceId) -> Result<InstanceRecord, ProviderError> {
+        let path = self.dir(id).join("instance.json");
+        if !path.exists() {
+            return Err(ProviderError::NotFound(id.clone()));
+        }
+        InstanceRecord::read(&path)
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn runtime_err(&self, id: &InstanceId, f: runc::RuntimeFailure) -> ProviderError {
+        ProviderError::Runtime {
+            id: id.clone(),
+            command: f.command,
+            message: f.message,
+        }
+    }
+
+    /// Ports already given to instances on record.
+    fn used_ports(&self) -> HashSet<u16> {
+        let mut used = HashSet::new();
+        if let Ok(entries) = fs::read_dir(self.cfg.state.join("instances")) {
+            for e in entries.flatten() {
+                if let Ok(r) = InstanceRecord::read(&e.path().join("instance.json")) {
+                    used.insert(r.port);
+                }
+            }
+        }
+        used
+    }
+
+    fn prepare(&self, id: &InstanceId, spec: &InstanceSpec) -> Result<(), ProviderError> {
+        let resolved = self
+            .images
+            .resolve(&spec.image)
+            .map_err(|e| ProviderError::Image {
+                digest: spec.image.clone(),
+                message: e.to_string(),
+            })?;
+        let mut lower = Vec::new();
+        for layer in &resolved.layers {
+            lower.push(
+                self.layers
+                    .ensure(self.images.as_ref(), &spec.image, layer)?,
+            );
+        }
+        if lower.is_empty() {
+            lower.push(self.layers.empty_dir()?);
+        }
+        // overlayfs lists the top-most layer first.
+        lower.reverse();
+        let port = match spec.port {
+            Some(p) => p,
+            None => allocate_port(&self.used_ports()).map_err(|e| ProviderError::Config {
+                id: id.clone(),
+                message: format!("no free port on 127.0.0.1: {e}"),
+            })?,
+        };
+        let config = bundle::config_json(&BundleInput {
+            id: id.as_str(),
+            image: &resolved.config,
+            command: spec.command.as_deref(),
+            env: &spec.env,
+            port,
+            writable: &spec.writable,
+            memory: spec.memory,
+            cpus: spec.cpus,
+            cgroup_limits: self.cgroup_limits,
+            nofile: bundle::nofile_limit(),
+        })
+        .map_err(|message| ProviderError::Config {
+            id: id.clone(),
+            message,
+        })?;
+        let config_digest = Digest::of(&config);
+
+        let dir = self.dir(id);
+        let rootfs = dir.join("bundle/rootfs");
+        for d in [
+            rootfs.clone(),
+            dir.join("upper"),
+            dir.join("work"),
+            dir.join("logs"),
+        ] {
+            fs::create_dir_all(&d).map_err(ProviderError::io("create", &d))?;
+        }
+        let config_path = dir.join("bundle/config.json");
+        write_durable(&config_path, &config).map_err(ProviderError::io("write", &config_path))?;
+        let record = InstanceRecord {
+            version: 1,
+            id: id.to_string(),
+            app: spec.app.clone(),
+            image: spec.image.to_string(),
+            layers: resolved.layers.iter().map(ToString::to_string).collect(),
+            port,
+            writable: spec.writable.clone(),
+            env: spec.env.clone(),
+            memory: spec.memory,
+            cpus: spec.cpus,
+            stop_grace_ms: record::ms(spec.stop_grace),
+            health: spec.health.as_ref().map(HealthRecord::from),
+            command: spec.command.clone(),
+            config_digest: config_digest.to_string(),
+            created_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(record::ms)
+                .unwrap_or_default(),
+            runtime: self.runtime.binary().to_owned(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
+            id: id.clone(),
+            message: e.to_string(),
+        })?;
+        let record_path = dir.join("instance.json");
+        write_durable(&record_path, &bytes).map_err(ProviderError::io("write", &record_path))?;
+        self.mounter
+            .mount_overlay(&lower, &dir.join("upper"), &dir.join("work"), &rootfs)
+            .map_err(|source| ProviderError::Mount {
+                op: "mount overlay on",
+                target: rootfs.clone(),
+                source,
+            })?;
+        self.watch(id, &record);
+        Ok(())
+    }
+
+    /// Starts the drift watches of an instance (once).
+    fn watch(&self, id: &InstanceId, record: &InstanceRecord) {
+        let Some(watcher) = &self.watcher else {
+            return;
+        };
+        if watcher.is_watched(id) {
+            return;
+        }
+        let dir = self.dir(id);
+        let layers = record.layer_digests().unwrap_or_default();
+        let with_trees = layers
+            .iter()
+            .filter_map(|d| {
+                self.layers
+                    .tree(d)
+                    .ok()
+                    .map(|t| (d.clone(), self.layers.layer_dir(d), t))
+            })
+            .collect();
+        watcher.watch_instance(
+            id,
+            WatchedInstance {
+                upper: dir.join("upper"),
+                bundle: dir.join("bundle"),
+                mount_points: bundle::mount_points(&record.writable),
+                layers,
+                config_digest: record.config_digest(),
+            },
+            with_trees,
+        );
+    }
+
+    /// Starts the health monitor of a running instance.
+    fn start_health(
+        &self,
+        record: &InstanceRecord,
+        alive: Liveness,
+        started: tokio::time::Instant,
+    ) -> (watch::Receiver<Health>, Option<AbortHandle>) {
+        let Some(h) = &record.health else {
+            let (_tx, rx) = watch::channel(Health::Unknown);
+            return (rx, None);
+        };
+        let check = HealthCheck::from(h);
+        let prober = prober_for(&check, local_addr(record.port));
+        let (tx, rx) = watch::channel(Health::Starting);
+        let task = tokio::spawn(monitor(
+            HealthMachine::new(check, started),
+            prober,
+            alive,
+            tx,
+        ));
+        (rx, Some(task.abort_handle()))
+    }
+
+    /// Adopts an instance a previous kiln process left: drift watches, and a health monitor
+    /// if its process still runs.
+    async fn adopt(&self, id: &InstanceId, record: &InstanceRecord) -> Result<(), ProviderError> {
+        if self.lock_live().contains_key(id) {
+            return Ok(());
+        }
+        self.watch(id, record);
+        let state = self
+            .runtime
+            .state(id.as_str())
+            .await
+            .map_err(|f| self.runtime_err(id, f))?;
+        let identity = state
+            .filter(|s| s.status == "running")
+            .and_then(|s| ProcIdentity::of(s.pid));
+        let (health, task) = match identity {
+            Some(ident) => {
+                let alive: Liveness = Arc::new(move || ident.alive());
+                // An adopted instance may have been healthy for hours: no start period.
+                let started = tokio::time::Instant::now()
+                    .checked_sub(Duration::from_secs(86_400))
+                    .unwrap_or_else(tokio::time::Instant::now);
+                self.start_health(record, alive, started)
+            }
+            None => {
+                let (_tx, rx) = watch::channel(if self.dir(id).join("started").exists() {
+                    Health::Failed
+                } else {
+                    Health::Unknown
+                });
+                (rx, None)
+            }
+        };
+        self.lock_live().entry(id.clone()).or_insert(Live {
+            health,
+            health_task: task,
+            exit: None,
+        });
+        Ok(())
+    }
+
+    /// Whether the process runs, per the runtime; with its pid.
+    async fn running_pid(&self, id: &InstanceId) -> Result<Option<u32>, ProviderError> {
+        let state = self
+            .runtime
+            .state(id.as_str())
+            .await
+            .map_err(|f| self.runtime_err(id, f))?;
+        Ok(state
+            .filter(|s| s.status == "running" || s.status == "created" || s.status == "paused")
+            .map(|s| s.pid))
+    }
+
+    /// Waits up to `limit` for the instance's process to be gone.
+    async fn wait_gone(&self, id: &InstanceId, limit: Duration) -> Result<bool, ProviderError> {
+        let exit = self.lock_live().get(id).and_then(|l| l.exit.clone());
+        if let Some(mut exit) = exit {
+            return Ok(tokio::time::timeout(limit, exit.wait_for(Option::is_some))
+                .await
+                .is_ok());
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.running_pid(id).await? {
+                None => return Ok(true),
+                Some(pid) if ProcIdentity::of(pid).is_none() => return Ok(true),
+                Some(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn exit_code(&self, id: &InstanceId) -> Option<Option<i32>> {
+        if let Some(code) = self
+            .lock_live()
+            .get(id)
+            .and_then(|l| l.exit.as_ref().and_then(|e| *e.borrow()))
+        {
+            return Some(code);
+        }
+        let text = fs::read_to_string(self.dir(id).join("exit")).ok()?;
+        Some(text.trim().parse().ok())
+    }
+
+    /// The full drift check of one instance: upper dir, config digest, layers, vanished.
+    async fn drift_findings(
+        &self,
+        id: &InstanceId,
+        record: &InstanceRecord,
+        verified_layers: &mut HashMap<Digest, Vec<(String, &'static str)>>,
+    ) -> Result<Vec<DriftFinding>, ProviderError> {
+        let dir = self.dir(id);
+        let upper = dir.join("upper");
+        let mut findings: Vec<DriftFinding> =
+            scan_upper(&upper, &bundle::mount_points(&record.writable))
+                .map_err(ProviderError::io("scan", &upper))?
+                .into_iter()
+                .map(|path| DriftFinding::Write { path })
+                .collect();
+        findings.extend(config_finding(&dir.join("bundle"), &record.config_digest()));
+        for layer in record.layer_digests().unwrap_or_default() {
+            let changes = match verified_layers.get(&layer) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.layers.verify(&layer)?;
+                    verified_layers.insert(layer.clone(), c.clone());
+                    c
+                }
+            };
+            for (path, change) in changes {
+                findings.push(DriftFinding::Layer {
+                    layer: layer.clone(),
+                    path,
+                    change,
+                });
+            }
+        }
+        let obs = self.observe(id).await?;
+        if obs.state == InstanceState::Vanished {
+            findings.push(DriftFinding::Vanished {
+                what: "process (exited or removed without kiln stopping it)".to_owned(),
+            });
+        } else if obs.state == InstanceState::Running {
+            let rootfs = dir.join("bundle/rootfs");
+            let mounted = self
+                .mounter
+                .mounts_under(&rootfs)
+                .map(|m| m.contains(&rootfs))
+                .unwrap_or(true);
+            if !mounted {
+                findings.push(DriftFinding::Vanished {
+                    what: format!("root filesystem mount {}", rootfs.display()),
+                });
+            }
+        }
+        Ok(findings)
+    }
+
+    fn publish(&self, id: &InstanceId, findings: Vec<DriftFinding>) -> Option<DriftReport> {
+        match &self.watcher {
+            Some(w) => {
+                w.publish(id, findings.clone());
+            }
+            None if !findings.is_empty() => {
+                let _ = self.drift_tx.send(DriftReport {
+                    instance: id.clone(),
+                    findings: findings.clone(),
+                    at: SystemTime::now(),
+                });
+            }
+            None => {}
+        }
+        let mut findings = findings;
+        findings.sort_by_key(ToString::to_string);
+        findings.dedup();
+        (!findings.is_empty()).then(|| DriftReport {
+            instance: id.clone(),
+            findings,
+            at: SystemTime::now(),
+        })
+    }
+
+    /// One pass of the periodic rescan over every instance this process holds.
+    async fn rescan(&self) {
+        let ids: Vec<InstanceId> = self.lock_live().keys().cloned().collect();
+        let mut verified = HashMap::new();
+        for id in ids {
+            let _ = self.log_files(&id).rotate_if_needed();
+            let Ok(record) = self.record(&id) else {
+                continue;
+            };
+            match self.drift_findings(&id, &record, &mut verified).await {
+                Ok(findings) => {
+                    self.publish(&id, findings);
+                }
+                Err(e) => tracing::warn!(instance = %id, error = %e, "drift rescan failed"),
+            }
+        }
+    }
+
+    /// Removes an instance's mounts and files (the part of destroy that needs no runtime).
+    fn remove_files(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        let dir = self.dir(id);
+        let rootfs = dir.join("bundle/rootfs");
+        self.mounter
+            .unmount(&rootfs)
+            .map_err(|source| ProviderError::Mount {
+                op: "unmount",
+                target: rootfs.clone(),
+                source,
+            })?;
+        // Anything else mounted below the instance (by hand, or by a runtime that leaked a
+        // mount) goes too, deepest first.
+        let mut others = self
+            .mounter
+            .mounts_under(&dir)
+            .map_err(ProviderError::io("read mounts under", &dir))?;
+        others.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in others {
+            self.mounter
+                .unmount(&m)
+                .map_err(|source| ProviderError::Mount {
+                    op: "unmount",
+                    target: m.clone(),
+                    source,
+                })?;
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::Io {
+                op: "remove",
+                path: dir,
+                source: e,
+            }),
+        }
+    }
+}
+
+async fn rescan_loop(provider: Weak<LocalProvider>) {
+    let interval = match provider.upgrade() {
+        Some(p) => p.cfg.rescan_interval,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(p) = provider.upgrade() else {
+            return;
+        };
+        p.rescan().await;
+    }
+}
+
+/// A port on 127.0.0.1 that is free now and not given to another instance.
+fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
+    for _ in 0..64 {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let port = listener.local_addr()?.port();
+        if !used.contains(&port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "every port offered was already given to an instance",
+    ))
+}
+
+fn touch(path: &Path) -> Result<(), ProviderError> {
+    write_durable(path, b"").map_err(ProviderError::io("write", path))
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<InstanceId, ProviderError> {
+        let id = InstanceId::generate(&spec.app);
+        if let Err(e) = self.prepare(&id, &spec) {
+            if let Some(w) = &self.watcher {
+                w.unwatch_instance(&id);
+            }
+            if let Err(cleanup) = self.remove_files(&id) {
+                tracing::warn!(instance = %id, error = %cleanup, "cleanup after a failed create");
+            }
+            return Err(e);
+        }
+        let (_tx, health) = watch::channel(Health::Unknown);
+        self.lock_live().insert(
+            id.clone(),
+            Live {
+                health,
+                health_task: None,
+                exit: None,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        let record = self.record(id)?;
+        let dir = self.dir(id);
+        let started = dir.join("started");
+        if started.exists() {
+            return Err(ProviderError::InvalidState {
+                id: id.clone(),
+                action: "start",
+                state: "started",
+            });
+        }
+        touch(&started)?;
+        let logs = self.log_files(id);
+        let log = logs
+            .open_for_instance()
+            .map_err(ProviderError::io("open", logs.current()))?;
+        let t0 = tokio::time::Instant::now();
+        let mut child = self
+            .runtime
+            .run(id.as_str(), &dir.join("bundle"), &dir.join("pid"), log)
+            .map_err(|f| self.runtime_err(id, f))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let exit_file = dir.join("exit");
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(status) => status.code().or_else(|| {
+                    std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s)
+                }),
+                Err(_) => None,
+            };
+            if let Some(code) = code {
+                // The directory may be gone already (destroyed): nothing to record then.
+                let _ = write_durable(&exit_file, code.to_string().as_bytes());
+            }
+            exit_tx.send_replace(Some(code));
+        });
+        let exited = exit_rx.clone();
+        let alive: Liveness = Arc::new(move || exited.borrow().is_none());
+        let (health, task) = self.start_health(&record, alive, t0);
+        self.lock_live().insert(
+            id.clone(),
+            Live {
+                health,
+                health_task: task,
+                exit: Some(exit_rx),
+            },
+        );
+        Ok(())
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<(), ProviderError> {
+        self.record(id)?;
+        let stopped = self.dir(id).join("stopped");
+        touch(&stopped)?;
+        if self.wait_gone(id, Duration::ZERO).await? {
+            return Ok(());
+        }
+        self.runtime
+            .kill(id.as_str(), "TERM")
+            .await
+            .map_err(|f| self.runtime_err(id, f))?;
+        if self.wait_gone(id, grace).await? {
+            return Ok(());
+        }
+        self.runtime
+            .kill(id.as_str(), "KILL")
+            .await
+            .map_err(|f| self.runtime_err(id, f))?;
+        if self.wait_gone(id, Duration::from_secs(10)).await? {
+            Ok(())
+        } else {
+            Err(ProviderError::Runtime {
+                id: id.clone(),
+                command: format!("{} kill {id} KILL", self.runtime.binary()),
+                message: "the process did not exit 10 s after SIGKILL".to_owned(),
+            })
+        }
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        if let Some(w) = &self.watcher {
+            w.unwatch_instance(id);
+        }
+        let dir = self.dir(id);
+        if dir.exists() {
+            // Whatever happens next, this exit was kiln's doing, not drift.
+            let _ = touch(&dir.join("stopped"));
+        }
+        let mut first_error = None;
+        if let Err(f) = self.runtime.kill(id.as_str(), "KILL").await {
+            first_error.get_or_insert(self.runtime_err(id, f));
+        }
+        match self.wait_gone(id, Duration::from_secs(10)).await {
+            Ok(_) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(f) = self.runtime.delete(id.as_str()).await {
+            first_error.get_or_insert(self.runtime_err(id, f));
+        }
+        self.lock_live().remove(id);
+        self.remove_files(id)?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn observe(&self, id: &InstanceId) -> Result<Observation, ProviderError> {
+        let record = self.record(id)?;
+        let dir = self.dir(id);
+        let pid = self.running_pid(id).await?;
+        let exit_code = self.exit_code(id);
+        let owned_running = self
+            .lock_live()
+            .get(id)
+            .and_then(|l| l.exit.as_ref().map(|e| e.borrow().is_none()))
+            .unwrap_or(false);
+        let started = dir.join("started").exists();
+        let state = if pid.is_some() {
+            InstanceState::Running
+        } else if !started {
+            InstanceState::Created
+        } else if exit_code.is_some() || dir.join("stopped").exists() {
+            InstanceState::Exited
+        } else if owned_running {
+            // Launched; the runtime has not registered it yet.
+            InstanceState::Running
+        } else {
+            InstanceState::Vanished
+        };
+        let health = match self.lock_live().get(id) {
+            Some(l) => *l.health.borrow(),
+            None => Health::Unknown,
+        };
+        let health = match state {
+            InstanceState::Exited | InstanceState::Vanished => Health::Failed,
+            InstanceState::Created => Health::Unknown,
+            InstanceState::Running => health,
+        };
+        Ok(Observation {
+            id: id.clone(),
+            image: record.image().map_err(|e| ProviderError::Record {
+                path: dir.join("instance.json"),
+                message: e.to_string(),
+            })?,
+            app: record.app.clone(),
+            state,
+            exit_code: exit_code.flatten(),
+            health,
+            addr: local_addr(record.port),
+            pid,
+            created: record.created(),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<Observation>, ProviderError> {
+        let instances = self.cfg.state.join("instances");
+        let entries = fs::read_dir(&instances).map_err(ProviderError::io("read", &instances))?;
+        let mut known = HashSet::new();
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(ProviderError::io("read", &instances))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(id) = InstanceId::new(&name) else {
+                continue;
+            };
+            known.insert(name);
+            if !entry.path().join("instance.json").exists() {
+                // A create that crashed before its record was written: nothing runs from
+                // it, so finish the cleanup it never got.
+                self.destroy(&id).await?;
+                continue;
+            }
+            let record = self.record(&id)?;
+            self.adopt(&id, &record).await?;
+            out.push(self.observe(&id).await?);
+        }
+        // Runtime state with no instance directory is a destroy that crashed after removing
+        // the files: remove the rest.
+        let containers = self
+            .runtime
+            .list()
+            .await
+            .map_err(|f| ProviderError::Runtime {
+                id: InstanceId::generate("list"),
+                command: f.command,
+                message: f.message,
+            })?;
+        for c in containers {
+            if !known.contains(&c.id)
+                && let Ok(id) = InstanceId::new(&c.id)
+            {
+                self.destroy(&id).await?;
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn logs(&self, id: &InstanceId, from: u64) -> Result<LogChunk, ProviderError> {
+        self.record(id)?;
+        let logs = self.log_files(id);
+        let _ = logs.rotate_if_needed();
+        logs.read(from)
+            .map_err(ProviderError::io("read", logs.current()))
+    }
+
+    async fn check_drift(&self, id: &InstanceId) -> Result<Option<DriftReport>, ProviderError> {
+        let record = self.record(id)?;
+        let findings = self
+            .drift_findings(id, &record, &mut HashMap::new())
+            .await?;
+        Ok(self.publish(id, findings))
+    }
+
+    fn drift_events(&self) -> broadcast::Receiver<DriftReport> {
+        self.drift_tx.subscribe()
+    }
+
+    async fn health(&self, id: &InstanceId) -> Result<watch::Receiver<Health>, ProviderError> {
+        if let Some(live) = self.lock_live().get(id) {
+            return Ok(live.health.clone());
+        }
+        let record = self.record(id)?;
+        self.adopt(id, &record).await?;
+        self.lock_live()
+            .get(id)
+            .map(|l| l.health.clone())
+            .ok_or_else(|| ProviderError::NotFound(id.clone()))
+    }
+
+    async fn wait(&self, id: &InstanceId) -> Result<Option<i32>, ProviderError> {
+        self.record(id)?;
+        let exit = self.lock_live().get(id).and_then(|l| l.exit.clone());
+        if let Some(mut exit) = exit {
+            let code = exit
+                .wait_for(Option::is_some)
+                .await
+                .map(|c| c.flatten())
+                .unwrap_or(None);
+            return Ok(code);
+        }
+        loop {
+            if let Some(code) = self.exit_code(id) {
+                return Ok(code);
+            }
+            if self.running_pid(id).await?.is_none() {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

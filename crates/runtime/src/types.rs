@@ -1,0 +1,402 @@
+//! The domain types every provider speaks: instance ids, digests, what to run
+//! ([`InstanceSpec`]), what is observed ([`Observation`]), health and drift.
+//!
+//! These are domain types and deliberately do not derive `serde`; the local provider's
+//! on-disk record is its own type (`local::record`), so changing a field here never silently
+//! changes a stored format.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use kiln_spec::{HealthCheck, ServiceSpec};
+
+/// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
+/// runc container, so it is checked before it can reach a path or a command line.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceId(String);
+
+/// A string that cannot be an instance id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid instance id {0:?}: expected [a-z0-9][a-z0-9-]{{0,62}}")]
+pub struct InvalidInstanceId(pub String);
+
+impl InstanceId {
+    /// Checks `s` and wraps it.
+    pub fn new(s: &str) -> Result<InstanceId, InvalidInstanceId> {
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if first_ok && rest_ok && s.len() <= 63 {
+            Ok(InstanceId(s.to_owned()))
+        } else {
+            Err(InvalidInstanceId(s.to_owned()))
+        }
+    }
+
+    /// A fresh id `<prefix>-<12 hex>`; the prefix is trimmed to what an id allows.
+    pub fn generate(prefix: &str) -> InstanceId {
+        let clean: String = prefix
+            .chars()
+            .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+            .take(40)
+            .collect();
+        let clean = clean.trim_matches('-');
+        let prefix = if clean.is_empty() { "instance" } else { clean };
+        InstanceId(format!("{prefix}-{}", random_hex(6)))
+    }
+
+    /// The id as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `n` random bytes as hex, from the kernel's random source; falls back to the clock and the
+/// process id when that is unavailable (uniqueness, not secrecy, is what ids need).
+pub(crate) fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    if rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let seed = nanos ^ (u128::from(std::process::id()) << 64);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (seed >> ((i % 16) * 8)) as u8;
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A `sha256:<64 lowercase hex>` content digest of an image or a layer.
+///
+/// The runtime keeps its own small digest type so it does not depend on the image crate;
+/// the binary converts at the seam.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(String);
+
+/// A string that is not a `sha256:` digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid digest {0:?}: expected sha256: followed by 64 lowercase hex digits")]
+pub struct InvalidDigest(pub String);
+
+impl Digest {
+    /// Parses `sha256:` and 64 lowercase hex digits.
+    pub fn parse(s: &str) -> Result<Digest, InvalidDigest> {
+        let ok = s.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if ok {
+            Ok(Digest(s.to_owned()))
+        } else {
+            Err(InvalidDigest(s.to_owned()))
+        }
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(bytes);
+        Digest(format!(
+            "sha256:{}",
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ))
+    }
+
+    /// `sha256:…`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The 64 hex digits.
+    pub fn hex(&self) -> &str {
+        self.0.get(7..).unwrap_or_default()
+    }
+
+    /// The first 12 hex digits, for humans.
+    pub fn short(&self) -> &str {
+        self.0.get(7..19).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What to run: one image with one runtime configuration. This is the "runtime config" of a
+/// release; a provider turns it into an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// The image, by digest only.
+    pub image: Digest,
+    /// The app the instance belongs to (names the instance and labels it).
+    pub app: String,
+    /// Environment on top of the image's; the provider adds `PORT`.
+    pub env: BTreeMap<String, String>,
+    /// Absolute paths that are a fresh tmpfs each; everything else is read-only.
+    pub writable: Vec<String>,
+    /// Memory limit in bytes, applied when the host's cgroups allow it.
+    pub memory: Option<u64>,
+    /// CPU limit in cores, applied when the host's cgroups allow it.
+    pub cpus: Option<f64>,
+    /// Time between SIGTERM and SIGKILL when kiln stops the instance.
+    pub stop_grace: Duration,
+    /// How the provider checks the instance; `None` means no check (one-off commands).
+    pub health: Option<HealthCheck>,
+    /// The port to give the instance in `PORT`; `None` lets the provider allocate one.
+    pub port: Option<u16>,
+    /// Replaces the image's entrypoint and cmd (for one-off commands such as image tests).
+    pub command: Option<Vec<String>>,
+}
+
+impl InstanceSpec {
+    /// The runtime config `[service]` describes for `image`.
+    pub fn from_service(image: Digest, app: &str, service: &ServiceSpec) -> InstanceSpec {
+        InstanceSpec {
+            image,
+            app: app.to_owned(),
+            env: service.env.clone(),
+            writable: service.writable.clone(),
+            memory: service.memory,
+            cpus: service.cpus,
+            stop_grace: service.stop_grace,
+            health: Some(service.health.clone()),
+            port: None,
+            command: None,
+        }
+    }
+}
+
+/// The lifecycle state of an instance as its provider sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    /// Prepared (filesystem, bundle), not started.
+    Created,
+    /// Its process is running.
+    Running,
+    /// Its process exited or was stopped.
+    Exited,
+    /// kiln knows the instance but its process or its files disappeared without kiln
+    /// stopping it: this is drift.
+    Vanished,
+}
+
+impl InstanceState {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Created => "created",
+            InstanceState::Running => "running",
+            InstanceState::Exited => "exited",
+            InstanceState::Vanished => "vanished",
+        }
+    }
+}
+
+/// Health as the health check sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked: no health check, or the instance was never started.
+    Unknown,
+    /// Started; not yet passed `healthy_threshold` checks in a row.
+    Starting,
+    /// Passing: may receive traffic.
+    Healthy,
+    /// Failed `unhealthy_threshold` checks in a row after being healthy or after the start
+    /// period.
+    Unhealthy,
+    /// The process exited: it will never be healthy again.
+    Failed,
+}
+
+impl Health {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Failed => "failed",
+        }
+    }
+}
+
+/// One observation of one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// Which instance.
+    pub id: InstanceId,
+    /// The image it runs.
+    pub image: Digest,
+    /// The app it belongs to.
+    pub app: String,
+    /// Its lifecycle state.
+    pub state: InstanceState,
+    /// The exit code when it exited and the provider saw it (a provider that was restarted
+    /// while the instance exited cannot know it).
+    pub exit_code: Option<i32>,
+    /// Its health.
+    pub health: Health,
+    /// Where it listens: `127.0.0.1:PORT` on the local provider.
+    pub addr: SocketAddr,
+    /// Its main process id on the host, while running.
+    pub pid: Option<u32>,
+    /// When it was created.
+    pub created: SystemTime,
+}
+
+impl Observation {
+    /// The port the instance was given.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Where an instance listens on the local host.
+pub(crate) fn local_addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// One change made to an instance outside kiln.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriftFinding {
+    /// A path in the instance's root filesystem, outside its `writable` paths, was created,
+    /// changed or deleted (a copy-up or whiteout in its overlay upper dir).
+    Write {
+        /// The path as the instance sees it (absolute).
+        path: String,
+    },
+    /// A file of a cached image layer the instance runs on changed.
+    Layer {
+        /// The layer.
+        layer: Digest,
+        /// The path inside the layer (absolute).
+        path: String,
+        /// What changed, for people: `modified`, `added`, `removed`.
+        change: &'static str,
+    },
+    /// The instance's runtime configuration is not the one kiln wrote.
+    Config {
+        /// The digest kiln recorded.
+        expected: Digest,
+        /// The digest found; `None` when the file is gone.
+        found: Option<Digest>,
+    },
+    /// The instance's process or its files disappeared without kiln stopping it.
+    Vanished {
+        /// What is missing.
+        what: String,
+    },
+}
+
+impl fmt::Display for DriftFinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DriftFinding::Write { path } => write!(f, "written outside writable paths: {path}"),
+            DriftFinding::Layer {
+                layer,
+                path,
+                change,
+            } => write!(f, "layer {} {change}: {path}", layer.short()),
+            DriftFinding::Config { expected, found } => match found {
+                Some(found) => write!(
+                    f,
+                    "runtime config changed: expected {}, found {}",
+                    expected.short(),
+                    found.short()
+                ),
+                None => write!(f, "runtime config removed (expected {})", expected.short()),
+            },
+            DriftFinding::Vanished { what } => write!(f, "vanished: {what}"),
+        }
+    }
+}
+
+/// Drift found on one instance: the data the controller needs to replace it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriftReport {
+    /// The drifted instance.
+    pub instance: InstanceId,
+    /// Every finding, sorted and without duplicates.
+    pub findings: Vec<DriftFinding>,
+    /// When the drift was found.
+    pub at: SystemTime,
+}
+
+impl DriftReport {
+    /// The paths the findings name (instance paths, layer paths, or what vanished).
+    pub fn paths(&self) -> Vec<String> {
+        self.findings
+            .iter()
+            .map(|f| match f {
+                DriftFinding::Write { path } | DriftFinding::Layer { path, .. } => path.clone(),
+                DriftFinding::Config { .. } => "config.json".to_owned(),
+                DriftFinding::Vanished { what } => what.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A piece of an instance's output (stdout and stderr, interleaved as written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The bytes from the requested offset.
+    pub data: Vec<u8>,
+    /// The offset to ask for next.
+    pub next: u64,
+}
+
+/// Where an instance keeps its files, for people (`kiln run` prints it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstancePaths {
+    /// `<state>/instances/<id>`.
+    pub dir: PathBuf,
+    /// The current log file.
+    pub log: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_checked() {
+        assert!(InstanceId::new("hello-0a1b2c").is_ok());
+        for bad in ["", "-a", "A", "a/b", "..", "a b", &"a".repeat(64)] {
+            assert!(InstanceId::new(bad).is_err(), "{bad:?} accepted");
+        }
+        let id = InstanceId::generate("Hello_World/../x");
+        assert!(InstanceId::new(id.as_str()).is_ok(), "{id}");
+        assert!(id.as_str().starts_with("elloorld"), "{id}");
+        assert_ne!(InstanceId::generate("a"), InstanceId::generate("a"));
+    }
+
+    #[test]
+    fn digests_are_checked() {
+        let d = Digest::of(b"");
+        assert_eq!(
+            d.as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(Digest::parse(d.as_str()).is_ok());
+        assert!(Digest::parse("sha256:../../etc").is_err());
+        assert_eq!(d.short(), "e3b0c44298fc");
+    }
+}
