@@ -21,6 +21,10 @@ pub struct ListenerConfig {
     pub max_body_bytes: Option<u64>,
     /// How long a client may take to send a request head before its connection is closed.
     pub header_read_timeout: Duration,
+    /// Bind with `SO_REUSEPORT`, so that several listeners (say one per thread, each on its
+    /// own single-threaded runtime) share the address and the kernel spreads connections
+    /// across them.
+    pub reuse_port: bool,
 }
 
 impl ListenerConfig {
@@ -33,6 +37,7 @@ impl ListenerConfig {
             max_header_bytes: 64 * 1024,
             max_body_bytes: None,
             header_read_timeout: Duration::from_secs(30),
+            reuse_port: false,
         }
     }
 }

@@ -282,21 +282,29 @@ impl Context<'_> {
         mut req: Request<UpstreamBody>,
         mut replay: Option<(Method, Uri, HeaderMap)>,
     ) -> Result<Served, Failure> {
+        // Instances that failed this request, and those that left the route after it read the
+        // table (forgotten when it reads the table again: a quick switch back may restore them).
         let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        let mut reloads = 0;
         let mut release_name = table
             .releases
             .get(choice.release)
             .map(|r| Arc::clone(&r.name));
         let mut table_is_stale = false;
         let mut failed = false;
-        for _ in 0..MAX_ATTEMPTS {
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            let skip: Vec<SocketAddr> = tried.iter().chain(&refused).copied().collect();
             let Some((release, instance)) =
-                pick_instance(table, release_name.as_deref(), choice.pinned, &tried)
+                pick_instance(table, release_name.as_deref(), choice.pinned, &skip)
             else {
-                if table_is_stale {
+                if table_is_stale && reloads < MAX_ATTEMPTS {
                     // Every candidate left the route after this request read the table: read
                     // the new one and choose again.
                     table_is_stale = false;
+                    reloads += 1;
+                    refused.clear();
                     *table = self.app.current();
                     if !choice.pinned {
                         release_name = release_name
@@ -314,9 +322,10 @@ impl Context<'_> {
             };
             let Some(in_flight) = instance.acquire() else {
                 table_is_stale = true;
-                tried.push(instance.addr);
+                refused.push(instance.addr);
                 continue;
             };
+            attempts += 1;
             let stats = table.releases.get(release).map(|r| Arc::clone(&r.stats));
             let record = |kind| {
                 if let Some(stats) = &stats {

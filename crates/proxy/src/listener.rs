@@ -17,7 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
@@ -56,12 +56,10 @@ impl Listener {
         }
         let hosts = HostTable::build(apps.iter().map(|a| (a.name(), a.config().hosts.as_slice())))?;
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-        let tcp = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ListenerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let tcp = bind(config.listen, config.reuse_port).map_err(|source| ListenerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -163,6 +161,21 @@ async fn serve_io<I>(
     if let Err(error) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%peer, %error, "client connection ended");
     }
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std and tokio do for a plain bind: a restarted router must not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {

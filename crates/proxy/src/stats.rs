@@ -172,7 +172,7 @@ pub(crate) struct ReleaseStats {
     /// Responses by status class, 1xx to 5xx.
     by_class: [AtomicU64; 5],
     upstream_errors: [AtomicU64; 3],
-    /// Cumulative (not per-bucket) counts for the Prometheus histogram.
+    /// Responses per duration bucket (not cumulative); slower than the last bound: none.
     duration_buckets: [AtomicU64; DURATION_BOUNDS.len()],
     duration_sum_micros: AtomicU64,
     window: Option<Mutex<Window>>,
@@ -196,11 +196,15 @@ impl ReleaseStats {
         if let Some(counter) = self.by_class.get(class) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+        // One increment per response: the buckets hold per-bucket counts, summed into
+        // Prometheus' cumulative form only when rendered.
         let seconds = latency.as_secs_f64();
-        for (bound, counter) in DURATION_BOUNDS.iter().zip(&self.duration_buckets) {
-            if seconds <= *bound {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(counter) = DURATION_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .and_then(|i| self.duration_buckets.get(i))
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.duration_sum_micros
@@ -289,11 +293,12 @@ pub fn render_prometheus(apps: &[Arc<App>]) -> String {
     for (app, stats) in &releases {
         let release = label(&stats.release);
         let mut count = 0;
+        let mut cumulative = 0;
         for (bound, counter) in DURATION_BOUNDS.iter().zip(&stats.duration_buckets) {
+            cumulative += counter.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "kiln_request_duration_seconds_bucket{{app=\"{app}\",release=\"{release}\",le=\"{bound}\"}} {}",
-                counter.load(Ordering::Relaxed)
+                "kiln_request_duration_seconds_bucket{{app=\"{app}\",release=\"{release}\",le=\"{bound}\"}} {cumulative}"
             );
         }
         for counter in &stats.by_class {
@@ -403,12 +408,35 @@ mod tests {
         assert_eq!(s.by_class[4].load(Ordering::Relaxed), 1);
         assert_eq!(s.upstream_errors[0].load(Ordering::Relaxed), 1);
         assert_eq!(s.upstream_errors[2].load(Ordering::Relaxed), 1);
-        // le=0.0025 holds only the 2 ms response; le=0.025 holds both.
+        // The 2 ms response falls in (0.001, 0.0025], the 20 ms one in (0.01, 0.025].
         assert_eq!(s.duration_buckets[2].load(Ordering::Relaxed), 1);
-        assert_eq!(s.duration_buckets[5].load(Ordering::Relaxed), 2);
+        assert_eq!(s.duration_buckets[5].load(Ordering::Relaxed), 1);
         assert_eq!(s.duration_sum_micros.load(Ordering::Relaxed), 22_000);
         let snap = s.snapshot(1, 1);
         assert_eq!((snap.requests, snap.errors), (2, 1));
+    }
+
+    #[test]
+    fn the_rendered_histogram_is_cumulative() {
+        let app = App::new(crate::AppConfig::new("shop"));
+        app.set_route(&crate::RouteTable::new(vec![crate::Release::new("r1", 1, &[])]).unwrap());
+        let stats = app.all_stats().pop().unwrap();
+        stats.record(0, 200, ms(2));
+        stats.record(0, 200, ms(20));
+        stats.record(0, 200, Duration::from_secs(30));
+        let text = render_prometheus(&[app]);
+        for want in [
+            "kiln_request_duration_seconds_bucket{app=\"shop\",release=\"r1\",le=\"0.001\"} 0\n",
+            "kiln_request_duration_seconds_bucket{app=\"shop\",release=\"r1\",le=\"0.0025\"} 1\n",
+            "kiln_request_duration_seconds_bucket{app=\"shop\",release=\"r1\",le=\"0.025\"} 2\n",
+            "kiln_request_duration_seconds_bucket{app=\"shop\",release=\"r1\",le=\"10\"} 2\n",
+            "kiln_request_duration_seconds_bucket{app=\"shop\",release=\"r1\",le=\"+Inf\"} 3\n",
+            "kiln_request_duration_seconds_count{app=\"shop\",release=\"r1\"} 3\n",
+            "kiln_request_duration_seconds_sum{app=\"shop\",release=\"r1\"} 30.022\n",
+            "kiln_requests_total{app=\"shop\",release=\"r1\",code_class=\"2xx\"} 3\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[test]

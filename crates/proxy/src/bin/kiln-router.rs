@@ -2,7 +2,7 @@
 //! separate process. It is a tool for this crate's bench scripts and tests, not kiln's CLI.
 //!
 //! ```text
-//! kiln-router proxy   --listen ADDR --threads N --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
+//! kiln-router proxy   --listen ADDR [--threads N] --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
 //! kiln-router backend --listen ADDR --name NAME
 //! kiln-router probe   --addr ADDR --expect TEXT (--unix PATH --send LINE | --exec COMMAND)
 //! ```
@@ -10,9 +10,10 @@
 //! - `proxy` routes everything to the blue release; each line `blue` or `green` written to the
 //!   control Unix socket switches all traffic to that release and is answered `ok`.
 //! - `backend` answers every request with `NAME\n` and prints `listening on ADDR` once bound.
-//! - `probe` starts a clock, performs a switch (a line to a Unix socket, or a shell command),
-//!   then sends `GET /` on a new connection each time until a response body contains TEXT,
-//!   and prints the elapsed microseconds.
+//! - `probe` opens a keep-alive connection, starts a clock, performs a switch (a line to a Unix
+//!   socket, or a shell command), then sends `GET /` back to back (reconnecting if the proxy
+//!   closes the connection) until a response body contains TEXT, and prints the microseconds
+//!   to that response and to the switch's acknowledgement.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -50,16 +51,18 @@ fn main() -> ExitCode {
         .get("threads")
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
-    let runtime = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    };
+    if command == "proxy" {
+        return match proxy(&flags, threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-router: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
@@ -69,7 +72,6 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command.as_str() {
-            "proxy" => proxy(&flags).await,
             "backend" => backend(&flags).await,
             "probe" => probe(&flags).await,
             other => Err(format!("unknown command {other:?}")),
@@ -110,8 +112,11 @@ fn addrs(list: &str) -> Result<Vec<SocketAddr>, String> {
         .collect()
 }
 
-async fn proxy(flags: &Flags) -> Result<(), String> {
-    let listen: SocketAddr = flag(flags, "listen")?
+/// Runs the router on `threads` single-threaded runtimes, one per OS thread, each with its own
+/// listener on the shared address (`SO_REUSEPORT`), as nginx runs its workers. All share one
+/// app, so a switch applies to every thread at once.
+fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
+    let mut listen: SocketAddr = flag(flags, "listen")?
         .parse()
         .map_err(|_| "--listen must be an address".to_owned())?;
     let blue = addrs(flag(flags, "blue")?)?;
@@ -131,49 +136,78 @@ async fn proxy(flags: &Flags) -> Result<(), String> {
     let (to_blue, to_green) = (tables(false)?, tables(true)?);
     let app = App::new(AppConfig::new("bench"));
     app.set_route(&to_blue);
-    let listener = Listener::bind(ListenerConfig::new(listen), vec![Arc::clone(&app)])
-        .await
-        .map_err(|e| e.to_string())?;
+
+    let mut workers = Vec::new();
     if let Some(path) = flags.get("control") {
+        // The control socket gets its own thread, as the daemon's API would: a switch must not
+        // queue behind the traffic it switches.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
         let _ = std::fs::remove_file(path);
-        let control = UnixListener::bind(path).map_err(|e| format!("cannot bind {path}: {e}"))?;
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = control.accept().await {
-                let app = Arc::clone(&app);
-                let (to_blue, to_green) = (to_blue.clone(), to_green.clone());
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply = match line.trim() {
-                            "blue" => {
-                                app.set_route(&to_blue);
-                                "ok\n"
-                            }
-                            "green" => {
-                                app.set_route(&to_green);
-                                "ok\n"
-                            }
-                            _ => "unknown command\n",
-                        };
-                        if write.write_all(reply.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        let control = runtime
+            .block_on(async { UnixListener::bind(path) })
+            .map_err(|e| format!("cannot bind {path}: {e}"))?;
+        let app = Arc::clone(&app);
+        workers.push(std::thread::spawn(move || {
+            runtime.block_on(control_loop(control, app, to_blue, to_green));
+        }));
     }
-    println!(
-        "listening on {}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
-    listener
-        .serve(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
+    for _ in 0..threads.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        let mut config = ListenerConfig::new(listen);
+        config.reuse_port = true;
+        let listener = runtime
+            .block_on(Listener::bind(config, vec![Arc::clone(&app)]))
+            .map_err(|e| e.to_string())?;
+        // Later threads bind the port the first one got (it may have asked for port 0).
+        listen = listener.local_addr().map_err(|e| e.to_string())?;
+        workers.push(std::thread::spawn(move || {
+            runtime.block_on(listener.serve(async {
+                let _ = tokio::signal::ctrl_c().await;
+            }));
+        }));
+    }
+    println!("listening on {listen}");
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| "a router thread panicked".to_owned())?;
+    }
     Ok(())
+}
+
+/// Each line `blue` or `green` switches all traffic to that release and is answered `ok`.
+async fn control_loop(
+    control: UnixListener,
+    app: Arc<App>,
+    to_blue: RouteTable,
+    to_green: RouteTable,
+) {
+    while let Ok((stream, _)) = control.accept().await {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let reply = match line.trim() {
+                "blue" => {
+                    app.set_route(&to_blue);
+                    "ok\n"
+                }
+                "green" => {
+                    app.set_route(&to_green);
+                    "ok\n"
+                }
+                _ => "unknown command\n",
+            };
+            if write.write_all(reply.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    }
 }
 
 async fn backend(flags: &Flags) -> Result<(), String> {
@@ -206,6 +240,9 @@ async fn backend(flags: &Flags) -> Result<(), String> {
 async fn probe(flags: &Flags) -> Result<(), String> {
     let addr = flag(flags, "addr")?.to_owned();
     let expect = flag(flags, "expect")?.to_owned();
+    // The probe's connection is open before the switch, as a client's would be, so that the
+    // timing is the switch's and not the proxy's accept queue.
+    let mut client = Probe::connect(&addr).await;
     let started = Instant::now();
     if let Some(path) = flags.get("unix") {
         let mut stream = UnixStream::connect(path)
@@ -231,25 +268,75 @@ async fn probe(flags: &Flags) -> Result<(), String> {
             return Err(format!("{command:?} failed: {status}"));
         }
     }
+    let acknowledged = started.elapsed();
     let deadline = started + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if let Ok(body) = get(&addr).await
-            && body.contains(&expect)
+        if client
+            .get(&addr)
+            .await
+            .is_some_and(|body| body.contains(&expect))
         {
-            println!("{}", started.elapsed().as_micros());
+            println!(
+                "{} {}",
+                started.elapsed().as_micros(),
+                acknowledged.as_micros()
+            );
             return Ok(());
         }
     }
     Err(format!("no response containing {expect:?} within 10 s"))
 }
 
-async fn get(addr: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    Ok(String::from_utf8_lossy(&response).into_owned())
+/// A keep-alive connection that reconnects when the proxy closes it (as nginx's old workers do
+/// after a reload).
+struct Probe {
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>>,
+}
+
+impl Probe {
+    async fn connect(addr: &str) -> Probe {
+        let mut probe = Probe { sender: None };
+        probe.reconnect(addr).await;
+        probe
+    }
+
+    async fn reconnect(&mut self, addr: &str) {
+        self.sender = None;
+        let Ok(stream) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        if let Ok((sender, connection)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        {
+            tokio::spawn(connection);
+            self.sender = Some(sender);
+        }
+    }
+
+    async fn get(&mut self, addr: &str) -> Option<String> {
+        let ready = match self.sender.as_mut() {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !ready {
+            self.reconnect(addr).await;
+        }
+        let request = Request::get("/")
+            .header("host", "probe")
+            .body(http_body_util::Empty::new())
+            .ok()?;
+        let response = match self.sender.as_mut()?.send_request(request).await {
+            Ok(response) => response,
+            Err(_) => {
+                self.sender = None;
+                return None;
+            }
+        };
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
+    }
 }
