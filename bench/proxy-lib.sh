@@ -1,0 +1,167 @@
+# Shared by bench/proxy.sh and bench/switch.sh: installing the peers, building kiln's router,
+# writing configs, starting and stopping processes, and reading wrk's output.
+# Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="$(mktemp -d /tmp/kiln-bench.XXXXXX)"
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need_peers() {
+  local missing=()
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # The packages start their own services; this benchmark runs its own instances instead.
+  systemctl stop nginx haproxy 2>/dev/null || true
+}
+
+build_router() {
+  # KILN_ROUTER names an already built router binary (skips the build).
+  if [ -n "${KILN_ROUTER:-}" ]; then ROUTER="$KILN_ROUTER"; return; fi
+  (cd "$ROOT" && cargo build --release -q -p kiln-proxy --bin kiln-router)
+  local target="${CARGO_TARGET_DIR:-$ROOT/target}"
+  ROUTER="$target/x86_64-unknown-linux-gnu/release/kiln-router"
+  [ -x "$ROUTER" ] || { echo "kiln-router not found at $ROUTER" >&2; exit 1; }
+}
+
+# start NAME COMMAND...: runs COMMAND in the background, remembering its pid.
+start() {
+  local name="$1"; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=("$!")
+  LAST_PID=$!
+}
+
+stop_pid() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# wait_port PORT: waits (at most 10 s) until something accepts on 127.0.0.1:PORT.
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  exit 1
+}
+
+# nginx_backend PORT BODY...: an nginx that answers every request with BODY; one worker.
+nginx_backends() {
+  local dir="$WORK/backend"
+  mkdir -p "$dir/logs"
+  {
+    echo "worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 1000000;"
+    while [ $# -gt 0 ]; do
+      echo "  server { listen 127.0.0.1:$1 reuseport; location / { return 200 \"$2\n\"; } }"
+      shift 2
+    done
+    echo "}"
+  } >"$dir/nginx.conf"
+  start nginx-backend nginx -p "$dir" -c "$dir/nginx.conf"
+}
+
+# nginx_proxy PORT WORKERS UPSTREAM: nginx as a reverse proxy with keep-alive upstream
+# connections; the upstream block lives in its own file so a switch can rewrite it.
+nginx_proxy() {
+  local port="$1" workers="$2" upstream="$3" dir="$WORK/nginx-proxy"
+  mkdir -p "$dir/logs"
+  echo "upstream app { server $upstream; keepalive 64; }" >"$dir/upstream.conf"
+  cat >"$dir/nginx.conf" <<CONF
+worker_processes $workers; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  include $dir/upstream.conf;
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+    }
+  }
+}
+CONF
+  NGINX_PROXY_DIR="$dir"
+  start nginx-proxy nginx -p "$dir" -c "$dir/nginx.conf"
+}
+
+# haproxy_proxy PORT THREADS BLUE [GREEN]: HAProxy with keep-alive upstream connections and
+# an admin socket; GREEN, if given, starts in maintenance.
+haproxy_proxy() {
+  local port="$1" threads="$2" blue="$3" green="${4:-}" dir="$WORK/haproxy"
+  mkdir -p "$dir"
+  cat >"$dir/haproxy.cfg" <<CONF
+global
+  nbthread $threads
+  maxconn 8000
+  stats socket $dir/admin.sock mode 600 level admin
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$port
+  default_backend be
+backend be
+  http-reuse always
+  server blue $blue
+CONF
+  [ -n "$green" ] && echo "  server green $green disabled" >>"$dir/haproxy.cfg"
+  HAPROXY_SOCK="$dir/admin.sock"
+  start haproxy haproxy -f "$dir/haproxy.cfg" -db
+}
+
+# kiln_proxy PORT THREADS BLUE [GREEN]: kiln's router with a control socket.
+kiln_proxy() {
+  local port="$1" threads="$2" blue="$3" green="${4:-}"
+  KILN_SOCK="$WORK/kiln.sock"
+  local args=(proxy --listen "127.0.0.1:$port" --threads "$threads" --blue "$blue" --control "$KILN_SOCK")
+  [ -n "$green" ] && args+=(--green "$green")
+  start kiln "$ROUTER" "${args[@]}"
+}
+
+# to_ms VALUE: wrk's "1.23ms" / "456.00us" / "1.20s" in milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else printf "%s", v }'
+}
+
+# wrk_fields FILE: prints "req/s p50_ms p99_ms failures" from a wrk --latency output.
+wrk_fields() {
+  local f="$1" rps p50 p99 non2xx sockerr
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$f")
+  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$f")")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$f")")
+  non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ { print $2 }' "$f")
+  sockerr=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$f")
+  echo "${rps:-0} ${p50:-0} ${p99:-0} $(( ${non2xx:-0} + ${sockerr:-0} ))"
+}
