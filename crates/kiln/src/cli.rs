@@ -77,6 +77,12 @@ pub enum Command {
     Image(crate::cmd::image::ImageArgs),
     /// Remove image blobs that no tag (or retained release) refers to
     Gc(crate::cmd::image::GcArgs),
+    /// Run one instance of an image in the foreground; Ctrl-C stops and destroys it
+    Run(crate::cmd::run::RunArgs),
+    /// Run the spec's [image.test] against an image and record a test attestation
+    Test(crate::cmd::test::TestArgs),
+    /// Check that this host can run instances and say what to install or change
+    Doctor(crate::cmd::doctor::DoctorArgs),
 }
 
 /// Which spec file to read.

@@ -1,8 +1,12 @@
 //! One module per group of commands; [`run`] dispatches.
 
 mod completions;
+pub mod doctor;
 pub mod image;
+mod instance;
+pub mod run;
 mod spec;
+pub mod test;
 
 use std::process::ExitCode;
 
@@ -20,5 +24,8 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Images => image::images(&cli.global.state, out),
         Command::Image(args) => image::image(&args, &cli.global.state, out),
         Command::Gc(args) => image::gc(&args, &cli.global.state, out),
+        Command::Run(args) => run::run(&args, &cli.global.state, out),
+        Command::Test(args) => test::test(&args, &cli.global.state, out),
+        Command::Doctor(args) => doctor::doctor(&args, &cli.global.state, out),
     }
 }

@@ -1,0 +1,114 @@
+//! What `kiln run` and `kiln test` share: the seam between the image store and the runtime
+//! ([`StoreImages`]), the local provider on kiln's state directory, and reading the spec
+//! when there is one.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use kiln_image::{Store, UnpackOptions, WhiteoutMode};
+use kiln_runtime::image::SourceError;
+use kiln_runtime::{Digest, ImageConfig, ImageSource, LocalConfig, LocalProvider, ResolvedImage};
+use kiln_spec::Spec;
+
+use crate::output::Output;
+
+/// The image store seen as the runtime's [`ImageSource`]: manifests and configs by digest,
+/// and layers unpacked by the image crate's safe unpack with overlayfs whiteouts.
+pub struct StoreImages {
+    store: Store,
+}
+
+impl StoreImages {
+    /// Opens the store at `<state>/images`.
+    pub fn open(state: &Path) -> anyhow::Result<StoreImages> {
+        let root = state.join("images");
+        let store = Store::open(&root)
+            .with_context(|| format!("cannot open the image store at {}", root.display()))?;
+        Ok(StoreImages { store })
+    }
+
+    /// The manifest digest a tag or digest reference names.
+    pub fn resolve_ref(&self, reference: &str) -> anyhow::Result<Digest> {
+        let desc = self
+            .store
+            .resolve(reference)
+            .with_context(|| format!("no image {reference:?} in the store (run `kiln build`)"))?;
+        Ok(Digest::parse(desc.digest.as_str())?)
+    }
+
+    /// The store, for attestations.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn image_digest(d: &Digest) -> Result<kiln_image::Digest, SourceError> {
+    Ok(kiln_image::Digest::parse(d.as_str())?)
+}
+
+impl ImageSource for StoreImages {
+    fn resolve(&self, image: &Digest) -> Result<ResolvedImage, SourceError> {
+        let manifest = self.store.manifest(&image_digest(image)?)?;
+        let config = self.store.config(&manifest.config.digest)?;
+        let config = ImageConfig::from_oci_json(&config)?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| Digest::parse(l.digest.as_str()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ResolvedImage {
+            digest: image.clone(),
+            config,
+            layers,
+        })
+    }
+
+    fn unpack_layer(
+        &self,
+        _image: &Digest,
+        layer: &Digest,
+        dest: &Path,
+    ) -> Result<(), SourceError> {
+        let blob = self.store.open_blob(&image_digest(layer)?)?;
+        let reader = kiln_image::decompress(blob)?;
+        let opts = UnpackOptions {
+            whiteouts: WhiteoutMode::Overlay,
+            ..UnpackOptions::default()
+        };
+        kiln_image::unpack(reader, dest, &opts)?;
+        Ok(())
+    }
+}
+
+/// The spec at `file` when it exists; `Ok(None)` when it does not (commands then use
+/// defaults); `Err(code)` when it is invalid (its diagnostics are printed).
+pub fn spec_if_present(
+    file: &Path,
+    out: &Output,
+) -> anyhow::Result<Result<Option<Spec>, ExitCode>> {
+    if !file.exists() {
+        return Ok(Ok(None));
+    }
+    Ok(super::spec::load(file, out)?.map(Some))
+}
+
+/// The local provider on `<state>` with the store as its image source.
+pub fn local_provider(
+    state: &Path,
+    runtime: &str,
+    images: Arc<StoreImages>,
+) -> anyhow::Result<Arc<LocalProvider>> {
+    LocalProvider::new(LocalConfig::new(state, runtime), images)
+        .context("cannot set up the local provider (see `kiln doctor`)")
+}
+
+/// A tokio runtime for one command.
+pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

@@ -1,0 +1,288 @@
+//! `kiln test [REF]`: the lifecycle's "test" step. Runs `[image.test]` against an image —
+//! `command` once in a one-off instance (it must exit 0), `http` on a started instance (it
+//! must answer 2xx) — all within `timeout`, and records a test attestation next to the image
+//! in the store, passed or failed, for `kiln image inspect` and later policy.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use clap::Args;
+use kiln_runtime::health::http_get_status;
+use kiln_runtime::{InstanceSpec, InstanceState, LocalProvider, Provider};
+use serde_json::json;
+
+use super::instance::{StoreImages, local_provider, tokio_runtime};
+use crate::output::Output;
+
+/// `kiln test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The image: a tag or a manifest digest (default: the spec's latest build, NAME:latest)
+    pub reference: Option<String>,
+
+    /// The spec whose [image.test] runs
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
+    pub file: PathBuf,
+}
+
+/// How much of a failing test's output is kept in the attestation.
+const OUTPUT_TAIL: usize = 4096;
+
+/// The result of one test.
+struct TestResult {
+    record: serde_json::Value,
+    passed: bool,
+    /// What to tell the user when it failed.
+    failure: Option<String>,
+}
+
+/// Runs `kiln test`.
+pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let spec = match super::spec::load(&args.file, out)? {
+        Ok(spec) => spec,
+        Err(code) => return Ok(code),
+    };
+    let Some(test) = spec.image.test.clone() else {
+        anyhow::bail!(
+            "{} has no [image.test]: add `command` or `http` to say how to test the image",
+            args.file.display()
+        );
+    };
+    let reference = args
+        .reference
+        .clone()
+        .unwrap_or_else(|| format!("{}:latest", spec.name));
+    let images = Arc::new(StoreImages::open(state)?);
+    let digest = images.resolve_ref(&reference)?;
+    let started_at = SystemTime::now();
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + test.timeout;
+    let base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
+    let results = tokio_runtime()?.block_on(async {
+        let provider = local_provider(state, &spec.target.runtime, images.clone())?;
+        let mut results = Vec::new();
+        if let Some(command) = &test.command {
+            let mut instance = base.clone();
+            instance.command = Some(command.clone());
+            instance.health = None;
+            results.push(command_test(&provider, instance, command, deadline).await?);
+        }
+        if let Some(path) = &test.http {
+            let mut instance = base.clone();
+            instance.health = None;
+            results.push(http_test(&provider, instance, path, deadline).await?);
+        }
+        anyhow::Ok(results)
+    })?;
+    let passed = results.iter().all(|r| r.passed);
+    let duration = t0.elapsed();
+    let time = started_at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| kiln_image::oci::rfc3339(d.as_secs()))
+        .unwrap_or_default();
+    let attestation = json!({
+        "type": "kiln.test/v1",
+        "image": digest.as_str(),
+        "reference": reference,
+        "result": if passed { "passed" } else { "failed" },
+        "tests": results.iter().map(|r| r.record.clone()).collect::<Vec<_>>(),
+        "timeout_ms": millis(test.timeout),
+        "duration_ms": millis(duration),
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "time": time,
+    });
+    let image = kiln_image::Digest::parse(digest.as_str())?;
+    let path = images
+        .store()
+        .write_attestation(&image, &attestation)
+        .with_context(|| format!("cannot record the test attestation of {digest}"))?;
+    if out.json {
+        out.data(&attestation)?;
+    }
+    for r in &results {
+        if let Some(failure) = &r.failure {
+            out.report(&format!("{failure}\n"));
+        }
+    }
+    if passed {
+        if !out.json {
+            out.say(&format!(
+                "image {} passed its tests in {} (attestation {})",
+                digest.short(),
+                humantime::format_duration(Duration::from_millis(millis(duration))),
+                path.display()
+            ));
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        out.error(&anyhow::anyhow!(
+            "image {} failed its tests (attestation {})",
+            digest.short(),
+            path.display()
+        ));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The last [`OUTPUT_TAIL`] bytes of an instance's output.
+async fn output_tail(provider: &LocalProvider, id: &kiln_runtime::InstanceId) -> String {
+    let mut data = Vec::new();
+    let mut from = 0;
+    while let Ok(chunk) = provider.logs(id, from).await {
+        if chunk.data.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&chunk.data);
+        from = chunk.next;
+    }
+    let start = data.len().saturating_sub(OUTPUT_TAIL);
+    String::from_utf8_lossy(&data[start..]).into_owned()
+}
+
+async fn command_test(
+    provider: &Arc<LocalProvider>,
+    instance: InstanceSpec,
+    command: &[String],
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<TestResult> {
+    let id = provider.create(instance).await?;
+    let run = async {
+        provider.start(&id).await?;
+        anyhow::Ok(tokio::time::timeout_at(deadline, provider.wait(&id)).await)
+    };
+    let outcome = run.await;
+    let output = output_tail(provider, &id).await;
+    let destroyed = provider.destroy(&id).await;
+    let waited = outcome?;
+    destroyed.with_context(|| format!("cannot destroy test instance {id}"))?;
+    let shown = shell_words(command);
+    let (exit_code, timed_out) = match waited {
+        Ok(code) => (code?, false),
+        Err(_) => (None, true),
+    };
+    let passed = exit_code == Some(0);
+    let failure = (!passed).then(|| {
+        let why = if timed_out {
+            "did not finish within the test timeout".to_owned()
+        } else {
+            match exit_code {
+                Some(c) => format!("exited with code {c}"),
+                None => "exited with an unknown code".to_owned(),
+            }
+        };
+        format!(
+            "test command `{shown}` {why}; its output:\n{}",
+            indent(&output)
+        )
+    });
+    Ok(TestResult {
+        record: json!({
+            "kind": "command",
+            "command": command,
+            "exit_code": exit_code,
+            "timed_out": timed_out,
+            "passed": passed,
+            "output": if passed { serde_json::Value::Null } else { json!(output) },
+        }),
+        passed,
+        failure,
+    })
+}
+
+async fn http_test(
+    provider: &Arc<LocalProvider>,
+    instance: InstanceSpec,
+    path: &str,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<TestResult> {
+    let id = provider.create(instance).await?;
+    let probe = async {
+        provider.start(&id).await?;
+        let addr = provider.observe(&id).await?.addr;
+        let mut last;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            match http_get_status(addr, path).await {
+                Ok(status) if (200..300).contains(&status) => return anyhow::Ok(Ok(status)),
+                Ok(status) => last = format!("answered {status}"),
+                Err(e) => last = e,
+            }
+            let obs = provider.observe(&id).await?;
+            if matches!(obs.state, InstanceState::Exited | InstanceState::Vanished) {
+                return Ok(Err(format!(
+                    "the instance exited (code {}) before answering",
+                    obs.exit_code
+                        .map_or("unknown".to_owned(), |c| c.to_string())
+                )));
+            }
+            if tokio::time::Instant::now() + delay >= deadline {
+                return Ok(Err(format!(
+                    "no 2xx within the test timeout (last: {last})"
+                )));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    };
+    let outcome = probe.await;
+    let output = output_tail(provider, &id).await;
+    let destroyed = provider.destroy(&id).await;
+    let outcome = outcome?;
+    destroyed.with_context(|| format!("cannot destroy test instance {id}"))?;
+    let passed = outcome.is_ok();
+    Ok(TestResult {
+        record: json!({
+            "kind": "http",
+            "path": path,
+            "status": outcome.as_ref().ok(),
+            "passed": passed,
+            "error": outcome.as_ref().err(),
+            "output": if passed { serde_json::Value::Null } else { json!(output) },
+        }),
+        passed,
+        failure: outcome.err().map(|why| {
+            format!(
+                "test GET {path}: {why}; instance output:\n{}",
+                indent(&output)
+            )
+        }),
+    })
+}
+
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn indent(text: &str) -> String {
+    if text.trim().is_empty() {
+        return "  (no output)".to_owned();
+    }
+    text.lines()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
