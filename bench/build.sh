@@ -38,7 +38,7 @@ fi
 "$DOCKER" rmi -f kiln-bench-probe >/dev/null 2>&1 || true
 
 # --- the reference tree -------------------------------------------------------------------
-if [ ! -f "$WORK/tree.done" ]; then
+if [ ! -f "$WORK/tree.v2" ]; then
   echo "generating the reference tree in $WORK/tree…" >&2
   rm -rf "$WORK/tree"
   python3 - "$WORK/tree" <<'PY'
@@ -59,24 +59,27 @@ def text(n):
 def mixed(n):
     # half structured (compressible), half noise: like object files and images with headers
     return bytes(b if i % 2 else b ^ 0x5a for i, b in enumerate(text(n // 2))) + rng.randbytes(n - n // 2)
-plan = [("src", 4000, lambda: text(rng.randint(1_000, 19_000))),
-        ("lib", 900, lambda: mixed(rng.randint(20_000, 200_000))),
-        ("assets", 100, lambda: rng.randbytes(rng.randint(1_000_000, 2_400_000)))]
+# 50 top-level directories, each with source files, mixed binaries and assets, so small and
+# large files interleave in sort order as they do in a real application tree.
+kinds = [("src", 80, lambda: text(rng.randint(1_000, 19_000))),
+         ("lib", 18, lambda: mixed(rng.randint(20_000, 200_000))),
+         ("assets", 2, lambda: rng.randbytes(rng.randint(1_000_000, 2_400_000)))]
 total = files = 0
-for top, count, gen in plan:
-    for i in range(count):
-        d = os.path.join(root, top, f"d{i % 50:02d}", f"e{i % 7}")
-        os.makedirs(d, exist_ok=True)
-        data = gen()
-        with open(os.path.join(d, f"f{i:05d}.dat"), "wb") as f:
-            f.write(data)
-        total += len(data); files += 1
+for top in range(50):
+    for kind, count, gen in kinds:
+        for i in range(count):
+            d = os.path.join(root, f"m{top:02d}", kind, f"g{i % 4}")
+            os.makedirs(d, exist_ok=True)
+            data = gen()
+            with open(os.path.join(d, f"f{i:03d}.dat"), "wb") as f:
+                f.write(data)
+            total += len(data); files += 1
 print(f"tree: {files} files, {total / 1e6:.0f} MB", file=sys.stderr)
 PY
   # Age the tree: a file written this very second would be "racily clean" for any
   # stat cache (kiln's and git's alike) and be re-read on the next build.
   find "$WORK/tree" -exec touch -d '-1 hour' {} +
-  touch "$WORK/tree.done"
+  touch "$WORK/tree.v2"
 fi
 echo "tree: $(find "$WORK/tree" -type f | wc -l) files, $(du -sm "$WORK/tree" | cut -f1) MB" >&2
 
@@ -99,9 +102,11 @@ port = 8080
 listen = "127.0.0.1:18099"
 TOML
 printf 'FROM scratch\nCOPY tree/ /data/\n' > "$WORK/Dockerfile"
-printf 'kiln.toml\nstate\n*.log\n*.done\n' > "$WORK/.dockerignore"
+printf '*\n!tree\n' > "$WORK/.dockerignore"
 
-SMALL="$WORK/tree/src/d07/e0/f00007.dat"
+# A small source file in the middle of the tree's sort order: a change costs kiln the part
+# of the layer after it (SHA-256 is sequential), so neither end would be a fair pick.
+SMALL="$WORK/tree/m25/src/g1/f041.dat"
 ORIGINAL="$WORK/original-small.dat"
 cp -p "$SMALL" "$ORIGINAL"
 

@@ -41,7 +41,9 @@ pub enum ArchiveError {
         reason: String,
     },
     /// A layer's content does not match its `diff_id`.
-    #[error("layer {layer} in {path} does not match its diff_id {diff_id} (content hashes to {actual})")]
+    #[error(
+        "layer {layer} in {path} does not match its diff_id {diff_id} (content hashes to {actual})"
+    )]
     DiffIdMismatch {
         /// The archive.
         path: PathBuf,
@@ -225,7 +227,11 @@ fn layout_images(
 
 /// Copies one image (manifest, config, layers) from a layout into the store and returns
 /// its manifest descriptor in the store.
-fn import_layout_image(store: &Store, dir: &Path, m: &Descriptor) -> Result<Descriptor, ArchiveError> {
+fn import_layout_image(
+    store: &Store,
+    dir: &Path,
+    m: &Descriptor,
+) -> Result<Descriptor, ArchiveError> {
     let (manifest, bytes): (Manifest, _) = read_layout_json(dir, &m.digest, "manifest")?;
     copy_blob(store, dir, &manifest.config.digest)?;
     for l in &manifest.layers {
@@ -278,7 +284,9 @@ struct TarIndex {
 }
 
 fn clean_name(name: &str) -> String {
-    name.trim_start_matches("./").trim_start_matches('/').to_owned()
+    name.trim_start_matches("./")
+        .trim_start_matches('/')
+        .to_owned()
 }
 
 impl TarIndex {
@@ -286,9 +294,10 @@ impl TarIndex {
         let mut file = File::open(path).map_err(io_err("open", path))?;
         let mut magic = [0u8; 4];
         let n = file.read(&mut magic).map_err(io_err("read", path))?;
-        file.seek(SeekFrom::Start(0)).map_err(io_err("seek", path))?;
-        let compressed = (n >= 2 && magic[..2] == [0x1f, 0x8b])
-            || (n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd]);
+        file.seek(SeekFrom::Start(0))
+            .map_err(io_err("seek", path))?;
+        let compressed =
+            (n >= 2 && magic[..2] == [0x1f, 0x8b]) || (n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd]);
         let mut tmp = None;
         if compressed {
             // Seeking needs the plain tar: decompress it once to a temp file.
@@ -296,7 +305,8 @@ impl TarIndex {
                 .prefix("import-")
                 .tempfile_in(tmp_dir)
                 .map_err(io_err("create temp file in", tmp_dir))?;
-            let mut r = unpack::decompress(io::BufReader::new(file)).map_err(io_err("read", path))?;
+            let mut r =
+                unpack::decompress(io::BufReader::new(file)).map_err(io_err("read", path))?;
             io::copy(&mut r, t.as_file_mut()).map_err(io_err("decompress", path))?;
             file = t.reopen().map_err(io_err("reopen", t.path()))?;
             tmp = Some(t);
@@ -308,7 +318,10 @@ impl TarIndex {
                 let e = e.map_err(io_err("read tar", path))?;
                 let name = clean_name(&String::from_utf8_lossy(&e.path_bytes()));
                 let link = (e.header().entry_type() == tar::EntryType::Symlink)
-                    .then(|| e.link_name_bytes().map(|l| String::from_utf8_lossy(&l).into_owned()))
+                    .then(|| {
+                        e.link_name_bytes()
+                            .map(|l| String::from_utf8_lossy(&l).into_owned())
+                    })
                     .flatten();
                 entries.insert(name, (e.raw_file_position(), e.size(), link));
             }
@@ -355,7 +368,8 @@ impl TarIndex {
     fn reader(&self, name: &str) -> Result<impl Read + '_, ArchiveError> {
         let (off, size) = self.locate(name)?;
         let mut f = &self.file;
-        f.seek(SeekFrom::Start(off)).map_err(io_err("seek", &self.path))?;
+        f.seek(SeekFrom::Start(off))
+            .map_err(io_err("seek", &self.path))?;
         Ok(io::BufReader::with_capacity(1 << 20, f.take(size)))
     }
 
@@ -458,7 +472,10 @@ fn import_docker_layer(
 ) -> Result<Descriptor, ArchiveError> {
     let path = tar.path.as_path();
     let mut head = [0u8; 4];
-    let n = tar.reader(name)?.read(&mut head).map_err(io_err("read", path))?;
+    let n = tar
+        .reader(name)?
+        .read(&mut head)
+        .map_err(io_err("read", path))?;
     let media_type = if n >= 2 && head[..2] == [0x1f, 0x8b] {
         oci::MEDIA_LAYER_GZIP
     } else if n == 4 && head == [0x28, 0xb5, 0x2f, 0xfd] {
@@ -466,9 +483,8 @@ fn import_docker_layer(
     } else {
         oci::MEDIA_LAYER_TAR
     };
-    let mut plain = HashingReader::new(
-        unpack::decompress(tar.reader(name)?).map_err(io_err("read", path))?,
-    );
+    let mut plain =
+        HashingReader::new(unpack::decompress(tar.reader(name)?).map_err(io_err("read", path))?);
     io::copy(&mut plain, &mut io::sink()).map_err(io_err("decompress", path))?;
     let actual = Digest::from_hasher(plain.hasher);
     if &actual != diff_id {
@@ -581,7 +597,8 @@ pub fn export(
             };
             for l in &manifest.layers {
                 let blob = store.open_blob(&l.digest)?;
-                let r = unpack::decompress(blob).map_err(io_err("read", &store.blob_path(&l.digest)))?;
+                let r = unpack::decompress(blob)
+                    .map_err(io_err("read", &store.blob_path(&l.digest)))?;
                 unpack::unpack(r, dest, &opts)?;
             }
         }
@@ -657,7 +674,8 @@ fn write_tar(
         w.flush().map_err(io_err("write", dest))?;
     }
     tmp.as_file().sync_all().map_err(io_err("sync", dest))?;
-    tmp.persist(dest).map_err(|e| io_err("rename into", dest)(e.error))?;
+    tmp.persist(dest)
+        .map_err(|e| io_err("rename into", dest)(e.error))?;
     Ok(())
 }
 
@@ -679,7 +697,8 @@ fn append_bytes<W: Write>(
     dest: &Path,
 ) -> Result<(), ArchiveError> {
     let mut h = tar_header(bytes.len() as u64, 0o644, tar::EntryType::Regular);
-    b.append_data(&mut h, name, bytes).map_err(io_err("write", dest))
+    b.append_data(&mut h, name, bytes)
+        .map_err(io_err("write", dest))
 }
 
 fn append_dir_sorted<W: Write>(
@@ -705,7 +724,8 @@ fn append_dir_sorted<W: Write>(
         } else if meta.is_file() {
             let mut h = tar_header(meta.len(), 0o644, tar::EntryType::Regular);
             let f = File::open(&p).map_err(io_err("open", &p))?;
-            b.append_data(&mut h, &name, f).map_err(io_err("write", &p))?;
+            b.append_data(&mut h, &name, f)
+                .map_err(io_err("write", &p))?;
         }
     }
     Ok(())
@@ -763,14 +783,19 @@ fn export_docker(
                 let mut r = unpack::decompress(store.open_blob(&l.digest)?)
                     .map_err(io_err("read", &blob_path))?;
                 let n = io::copy(&mut r, &mut t).map_err(io_err("decompress", &blob_path))?;
-                t.seek(SeekFrom::Start(0)).map_err(io_err("seek", &blob_path))?;
+                t.seek(SeekFrom::Start(0))
+                    .map_err(io_err("seek", &blob_path))?;
                 let mut h = tar_header(n, 0o644, tar::EntryType::Regular);
-                b.append_data(&mut h, name, t).map_err(io_err("write", dest))?;
+                b.append_data(&mut h, name, t)
+                    .map_err(io_err("write", dest))?;
             } else {
                 let r = store.open_blob(&l.digest)?;
                 let mut h = tar_header(l.size, 0o644, tar::EntryType::Regular);
                 b.append_data(&mut h, name, r).map_err(|e| {
-                    match e.get_ref().and_then(|i| i.downcast_ref::<crate::store::CorruptBlob>()) {
+                    match e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<crate::store::CorruptBlob>())
+                    {
                         Some(c) => ArchiveError::Store(StoreError::Corrupt {
                             digest: c.expected.clone(),
                             actual: c.actual.clone(),

@@ -81,7 +81,10 @@ pub(crate) fn load(
                 [one] => from_manifest(store, &one.manifest.digest, &name),
                 _ => Err(BuildError::Base {
                     base: name,
-                    reason: format!("holds {} images; a base must hold exactly one", imported.len()),
+                    reason: format!(
+                        "holds {} images; a base must hold exactly one",
+                        imported.len()
+                    ),
                 }),
             }
         }
@@ -119,7 +122,8 @@ fn unpack_rootfs_tar(
         .tempdir_in(&tmp_root)
         .map_err(BuildError::io("create temp dir in", &tmp_root))?;
     let file = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
-    let reader = unpack::decompress(std::io::BufReader::new(file)).map_err(BuildError::io("read", path))?;
+    let reader =
+        unpack::decompress(std::io::BufReader::new(file)).map_err(BuildError::io("read", path))?;
     let opts = UnpackOptions {
         whiteouts: WhiteoutMode::Record,
         // Owners are not kept: a rootfs base is owned by 0:0 like every copy.

@@ -58,7 +58,9 @@ pub enum BuildError {
         reason: String,
     },
     /// A `DT_NEEDED` library was not found where the loader would look.
-    #[error("library {library} needed by {needed_by} not found in its RUNPATH, RPATH, /etc/ld.so.conf or the system directories")]
+    #[error(
+        "library {library} needed by {needed_by} not found in its RUNPATH, RPATH, /etc/ld.so.conf or the system directories"
+    )]
     LibraryNotFound {
         /// The `DT_NEEDED` name.
         library: String,
@@ -168,6 +170,11 @@ pub enum Progress<'a> {
         /// How many.
         files: usize,
     },
+    /// Units (runs of files) are being compressed.
+    Compressing {
+        /// How many.
+        units: usize,
+    },
     /// A layer is done.
     Layer(&'a LayerReport),
 }
@@ -216,10 +223,14 @@ pub fn build(
     let digests = hash_sources(&planned, cache, opts, scan_started, progress)?;
     let digest_of = |p: &Path| digests.get(p).cloned();
     let mut reports = base.reports.clone();
-    let ours = layer::encode_layers(&mut planned, &digest_of, cache, store, opts.threads)?;
-    for r in &ours {
-        progress(Progress::Layer(r));
-    }
+    let ours = layer::encode_layers(
+        &mut planned,
+        &digest_of,
+        cache,
+        store,
+        opts.threads,
+        progress,
+    )?;
     reports.extend(ours);
     finish(spec, store, opts, base, reports)
 }
@@ -321,7 +332,12 @@ fn finish(
 }
 
 /// The base config, with kiln's fields set and the spec's overrides applied.
-fn image_config(spec: &ImageSpec, opts: &BuildOptions, base: &Base, reports: &[LayerReport]) -> Value {
+fn image_config(
+    spec: &ImageSpec,
+    opts: &BuildOptions,
+    base: &Base,
+    reports: &[LayerReport],
+) -> Value {
     let mut config = match &base.config {
         Value::Object(_) => base.config.clone(),
         _ => json!({}),
@@ -329,7 +345,8 @@ fn image_config(spec: &ImageSpec, opts: &BuildOptions, base: &Base, reports: &[L
     let created = oci::rfc3339(opts.source_date_epoch);
     if let Value::Object(obj) = &mut config {
         obj.insert("created".to_owned(), json!(created));
-        obj.entry("architecture").or_insert_with(|| json!(opts.architecture));
+        obj.entry("architecture")
+            .or_insert_with(|| json!(opts.architecture));
         obj.entry("os").or_insert_with(|| json!(opts.os));
         let inner = obj.entry("config").or_insert_with(|| json!({}));
         if !inner.is_object() {
@@ -373,11 +390,18 @@ fn apply_overrides(spec: &ImageSpec, c: &mut serde_json::Map<String, Value>) {
         let mut env: Vec<String> = c
             .get("Env")
             .and_then(|e| e.as_array())
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         for (k, v) in &spec.env {
             let item = format!("{k}={v}");
-            match env.iter_mut().find(|e| e.split('=').next() == Some(k.as_str())) {
+            match env
+                .iter_mut()
+                .find(|e| e.split('=').next() == Some(k.as_str()))
+            {
                 Some(slot) => *slot = item,
                 None => env.push(item),
             }

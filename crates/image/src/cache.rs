@@ -121,7 +121,8 @@ impl BuildCache {
             .prefix(".tmp-")
             .tempfile_in(dir)
             .map_err(BuildError::io("create temp file in", dir))?;
-        tmp.write_all(bytes).map_err(BuildError::io("write", tmp.path()))?;
+        tmp.write_all(bytes)
+            .map_err(BuildError::io("write", tmp.path()))?;
         tmp.persist(&path)
             .map_err(|e| BuildError::io("rename into", &path)(e.error))?;
         Ok(())

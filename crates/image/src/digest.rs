@@ -21,7 +21,10 @@ impl Digest {
     /// Parses `s`, which must be `sha256:` and 64 lowercase hex digits.
     pub fn parse(s: &str) -> Result<Digest, InvalidDigest> {
         let ok = s.strip_prefix("sha256:").is_some_and(|hex| {
-            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         });
         if ok {
             Ok(Digest(s.to_owned()))
@@ -149,6 +152,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -30,4 +30,6 @@ pub use store::{
     BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
     VerifiedReader, normalize_tag,
 };
-pub use unpack::{Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack};
+pub use unpack::{
+    Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack,
+};

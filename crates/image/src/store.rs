@@ -208,7 +208,8 @@ impl Store {
             return Ok(digest);
         }
         let mut w = self.blob_writer()?;
-        w.write_all(bytes).map_err(io_err("write", &self.tmp_dir()))?;
+        w.write_all(bytes)
+            .map_err(io_err("write", &self.tmp_dir()))?;
         w.commit(Some(&digest)).map(|(d, _)| d)
     }
 
@@ -337,6 +338,13 @@ impl Store {
         }
         let _lock = self.lock_index()?;
         let mut index = self.index()?;
+        let unchanged = index.manifests.iter().any(|d| {
+            d.digest == manifest.digest && d.annotations.get(oci::ANNOTATION_REF_NAME) == Some(&tag)
+        });
+        if unchanged {
+            // A no-change rebuild writes (and fsyncs) nothing.
+            return Ok(());
+        }
         index
             .manifests
             .retain(|d| d.annotations.get(oci::ANNOTATION_REF_NAME) != Some(&tag));
@@ -561,12 +569,14 @@ impl Store {
     ) -> Result<Option<serde_json::Value>, StoreError> {
         let path = self.attestation_path(manifest);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::BadJson {
-                    what: path.display().to_string(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::BadJson {
+                        what: path.display().to_string(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("read", &path)(e)),
         }
@@ -658,7 +668,9 @@ impl BlobWriter {
         if path.exists() {
             return Ok((digest, len));
         }
-        tmp.as_file().sync_all().map_err(io_err("sync", tmp.path()))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err("sync", tmp.path()))?;
         match tmp.persist_noclobber(&path) {
             Ok(_) => {}
             // Another writer stored the same content first: blobs are written once.

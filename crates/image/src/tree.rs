@@ -109,8 +109,9 @@ pub(crate) fn plan_rootfs(root: &Path) -> Result<Vec<LayerEntry>, BuildError> {
         file_mode: None,
         strip_umask: false,
     };
+    let root = std::path::absolute(root).map_err(BuildError::io("resolve", root))?;
     let mut entries = BTreeMap::new();
-    walk_dir(&walk, root, "", "", &mut entries)?;
+    walk_dir(&walk, &root, "", "", &mut entries)?;
     Ok(link_hardlinks(entries.into_values().collect()))
 }
 
@@ -123,6 +124,13 @@ pub(crate) fn plan_copy(copy: &CopySpec) -> Result<Vec<LayerEntry>, BuildError> 
         gid: copy.owner.gid,
         file_mode: copy.mode,
         strip_umask: true,
+    };
+    // Absolute source paths: the stat cache is keyed on them, and the working directory
+    // must not decide whether a rebuild hits it.
+    let from = std::path::absolute(&copy.from).map_err(BuildError::io("resolve", &copy.from))?;
+    let copy = &CopySpec {
+        from,
+        ..copy.clone()
     };
     let mut entries: BTreeMap<String, LayerEntry> = BTreeMap::new();
     let to = copy.to.trim_start_matches('/').to_owned();
@@ -318,7 +326,10 @@ fn link_hardlinks(mut entries: Vec<LayerEntry>) -> Vec<LayerEntry> {
 
 /// Adds a host path the dynamic loader opens, mirroring every directory and symlink met on
 /// the way (so `/lib64/ld-linux-x86-64.so.2` keeps working on a merged-/usr layout).
-fn add_host_path(entries: &mut BTreeMap<String, LayerEntry>, path: &Path) -> Result<(), BuildError> {
+fn add_host_path(
+    entries: &mut BTreeMap<String, LayerEntry>,
+    path: &Path,
+) -> Result<(), BuildError> {
     let mut pending: Vec<PathBuf> = vec![path.to_path_buf()];
     let mut hops = 0;
     while let Some(p) = pending.pop() {
@@ -349,7 +360,8 @@ fn add_host_path(entries: &mut BTreeMap<String, LayerEntry>, path: &Path) -> Res
             let meta = fs::symlink_metadata(&current).map_err(BuildError::io("stat", &current))?;
             let last = i + 1 == comps.len();
             if meta.file_type().is_symlink() {
-                let target = fs::read_link(&current).map_err(BuildError::io("read link", &current))?;
+                let target =
+                    fs::read_link(&current).map_err(BuildError::io("read link", &current))?;
                 entries.entry(rel.clone()).or_insert_with(|| LayerEntry {
                     path: rel.clone(),
                     kind: EntryKind::Symlink {
@@ -393,6 +405,7 @@ fn add_host_path(entries: &mut BTreeMap<String, LayerEntry>, path: &Path) -> Res
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

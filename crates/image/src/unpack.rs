@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
@@ -219,8 +219,14 @@ fn open_dir(root: &OwnedFd, parts: &[Vec<u8>], entry: &str) -> Result<OwnedFd, U
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_err("create parent of", entry)(e)),
         }
-        dir = rustix::fs::openat2(root, join(&parts[..=i]), flags, Mode::empty(), resolve_flags())
-            .map_err(io_err("open parent of", entry))?;
+        dir = rustix::fs::openat2(
+            root,
+            join(&parts[..=i]),
+            flags,
+            Mode::empty(),
+            resolve_flags(),
+        )
+        .map_err(io_err("open parent of", entry))?;
     }
     Ok(dir)
 }
@@ -305,7 +311,9 @@ pub fn unpack(
         let Some((last, parent)) = parts.split_last() else {
             continue; // the root itself ("./"): nothing to create
         };
-        let size = header.entry_size().map_err(|source| UnpackError::Malformed { source })?;
+        let size = header
+            .entry_size()
+            .map_err(|source| UnpackError::Malformed { source })?;
         if report.bytes.saturating_add(size) > opts.limits.max_bytes {
             return Err(UnpackError::TooLarge {
                 entry: name,
@@ -314,7 +322,8 @@ pub fn unpack(
         }
         // Whiteouts.
         if let Some(victim) = last.strip_prefix(b".wh.") {
-            let parent_path = String::from_utf8_lossy(&join(parent).into_os_string().into_vec()).into_owned();
+            let parent_path =
+                String::from_utf8_lossy(&join(parent).into_os_string().into_vec()).into_owned();
             if victim == b".wh..opq" {
                 report.opaque_dirs.push(parent_path);
                 match opts.whiteouts {
@@ -345,9 +354,9 @@ pub fn unpack(
                 }
                 let mut p = parent.to_vec();
                 p.push(victim.to_vec());
-                report
-                    .whiteouts
-                    .push(String::from_utf8_lossy(&join(&p).into_os_string().into_vec()).into_owned());
+                report.whiteouts.push(
+                    String::from_utf8_lossy(&join(&p).into_os_string().into_vec()).into_owned(),
+                );
                 let victim = OsStr::from_bytes(victim);
                 match opts.whiteouts {
                     WhiteoutMode::Record => {}
@@ -410,7 +419,11 @@ pub fn unpack(
                 let fd = rustix::fs::openat(
                     &dir,
                     leaf,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_err("create", &name))?;
@@ -488,7 +501,13 @@ pub fn unpack(
                     }
                 };
                 remove_all(&dir, leaf, &name)?;
-                match rustix::fs::linkat(&tdir, OsStr::from_bytes(tlast), &dir, leaf, AtFlags::empty()) {
+                match rustix::fs::linkat(
+                    &tdir,
+                    OsStr::from_bytes(tlast),
+                    &dir,
+                    leaf,
+                    AtFlags::empty(),
+                ) {
                     Ok(()) => {}
                     Err(rustix::io::Errno::NOENT) => {
                         return Err(UnpackError::LinkTargetMissing {
@@ -561,5 +580,3 @@ pub fn decompress<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + '
         Ok(Box::new(head))
     }
 }
-
-use std::os::unix::ffi::OsStringExt;

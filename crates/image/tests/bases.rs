@@ -34,12 +34,23 @@ fn check_inherits(env: &Env, base: &kiln_image::BuildOutput, out: &kiln_image::B
         assert_eq!(b.diff_id, o.diff_id);
     }
     let cfg = env.store.inspect(out.digest.as_str()).unwrap().config;
-    let envs: Vec<&str> = cfg["config"]["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let envs: Vec<&str> = cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(envs.contains(&"BASE_ONLY=1"), "{envs:?}");
     assert!(envs.contains(&"MODE=test"));
     assert_eq!(cfg["config"]["Entrypoint"][0], "/app/bin/app");
-    assert!(cfg["config"].get("Cmd").is_none(), "a new entrypoint drops the base's cmd");
-    assert_eq!(cfg["rootfs"]["diff_ids"].as_array().unwrap().len(), out.layers.len());
+    assert!(
+        cfg["config"].get("Cmd").is_none(),
+        "a new entrypoint drops the base's cmd"
+    );
+    assert_eq!(
+        cfg["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        out.layers.len()
+    );
     assert_eq!(cfg["history"].as_array().unwrap().len(), out.layers.len());
 }
 
@@ -57,7 +68,10 @@ fn an_oci_layout_base_by_tag_and_by_digest() {
         None,
     ] {
         let s = spec(
-            BaseImage::Oci { path: layout.clone(), reference },
+            BaseImage::Oci {
+                path: layout.clone(),
+                reference,
+            },
             vec![copy(&src, "/app")],
             Compression::Gzip,
         );
@@ -65,12 +79,25 @@ fn an_oci_layout_base_by_tag_and_by_digest() {
         check_inherits(&other, &base, &out);
     }
     let s = spec(
-        BaseImage::Oci { path: layout, reference: Some(OciReference::Tag("nope".to_owned())) },
+        BaseImage::Oci {
+            path: layout,
+            reference: Some(OciReference::Tag("nope".to_owned())),
+        },
         vec![],
         Compression::Gzip,
     );
-    let err = kiln_image::build(&s, &other.store, &mut other.cache, &Default::default(), &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("no image tagged \"nope\""), "{err}");
+    let err = kiln_image::build(
+        &s,
+        &other.store,
+        &mut other.cache,
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("no image tagged \"nope\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -81,14 +108,21 @@ fn a_docker_archive_base_and_import() {
     archive::export(&env.store, "base:v1", ExportFormat::DockerArchive, &tarball).unwrap();
     let mut other = Env::new();
     let src = app_src(&env);
-    let s = spec(BaseImage::DockerArchive(tarball.clone()), vec![copy(&src, "/app")], Compression::Gzip);
+    let s = spec(
+        BaseImage::DockerArchive(tarball.clone()),
+        vec![copy(&src, "/app")],
+        Compression::Gzip,
+    );
     let out = other.build(&s, "app:latest");
     check_inherits(&other, &base, &out);
     // Import tags what the archive names.
     let third = Env::new();
     let imported = archive::import(&third.store, &tarball).unwrap();
     assert_eq!(imported[0].tags, vec!["base:v1".to_owned()]);
-    assert_eq!(third.store.inspect("base:v1").unwrap().manifest.layers[0].digest, base.layers[0].digest);
+    assert_eq!(
+        third.store.inspect("base:v1").unwrap().manifest.layers[0].digest,
+        base.layers[0].digest
+    );
 }
 
 #[test]
@@ -110,7 +144,12 @@ fn oci_archive_round_trip_keeps_the_digest() {
     let layout = env.path().join("layout");
     archive::export(&env.store, "base:v1", ExportFormat::Oci, &layout).unwrap();
     let fourth = Env::new();
-    assert_eq!(archive::import(&fourth.store, &layout).unwrap()[0].manifest.digest, base.digest);
+    assert_eq!(
+        archive::import(&fourth.store, &layout).unwrap()[0]
+            .manifest
+            .digest,
+        base.digest
+    );
     // Refuses to overwrite.
     assert!(archive::export(&env.store, "base:v1", ExportFormat::OciArchive, &tarball).is_err());
 }
@@ -121,24 +160,42 @@ fn rootfs_bases_from_a_directory_and_a_tarball_agree() {
     base_image(&mut env);
     let rootfs = env.path().join("rootfs");
     archive::export(&env.store, "base:v1", ExportFormat::Rootfs, &rootfs).unwrap();
-    assert_eq!(fs::read(rootfs.join("etc/os-release")).unwrap(), b"ID=fixture\n");
+    assert_eq!(
+        fs::read(rootfs.join("etc/os-release")).unwrap(),
+        b"ID=fixture\n"
+    );
     // Tar the exported rootfs (with the system tar, as a user would) and use both as bases.
     let tarball = env.path().join("rootfs.tar.gz");
     let st = std::process::Command::new("tar")
-        .args(["-czf", tarball.to_str().unwrap(), "-C", rootfs.to_str().unwrap(), "."])
+        .args([
+            "-czf",
+            tarball.to_str().unwrap(),
+            "-C",
+            rootfs.to_str().unwrap(),
+            ".",
+        ])
         .status()
         .unwrap();
     assert!(st.success());
     let src = app_src(&env);
     let mut digests = Vec::new();
-    for b in [BaseImage::Rootfs(rootfs.clone()), BaseImage::Rootfs(tarball)] {
+    for b in [
+        BaseImage::Rootfs(rootfs.clone()),
+        BaseImage::Rootfs(tarball),
+    ] {
         let mut e = Env::new();
-        let out = e.build(&spec(b, vec![copy(&src, "/app")], Compression::Gzip), "app:latest");
+        let out = e.build(
+            &spec(b, vec![copy(&src, "/app")], Compression::Gzip),
+            "app:latest",
+        );
         assert_eq!(out.layers.len(), 2);
         assert_eq!(out.layers[0].source, "base rootfs");
         digests.push(out.digest);
     }
-    assert_eq!(digests[0], digests[1], "a directory and its tarball give one image");
+    assert_eq!(
+        digests[0], digests[1],
+        "a directory and its tarball give one image"
+    );
 }
 
 #[test]
@@ -152,16 +209,22 @@ fn closure_copies_the_loader_and_libraries_of_a_dynamic_binary() {
     let mut c = copy(ls, "/bin/ls");
     c.closure = true;
     c.exclude.clear();
-    let out = env.build(&spec(BaseImage::Scratch, vec![c], Compression::Gzip), "ls:latest");
+    let out = env.build(
+        &spec(BaseImage::Scratch, vec![c], Compression::Gzip),
+        "ls:latest",
+    );
     let dest = env.path().join("rootfs");
     archive::export(&env.store, "ls", ExportFormat::Rootfs, &dest).unwrap();
     assert!(out.layers[0].files > 3);
     // The loader named by PT_INTERP and libc resolve inside the rootfs.
     let interp = dest.join("lib64/ld-linux-x86-64.so.2");
     assert!(fs::symlink_metadata(&interp).is_ok(), "loader path present");
-    let found_libc = ["lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"]
-        .iter()
-        .any(|p| fs::symlink_metadata(dest.join(p)).is_ok());
+    let found_libc = [
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+    ]
+    .iter()
+    .any(|p| fs::symlink_metadata(dest.join(p)).is_ok());
     assert!(found_libc);
     // Copying a non-ELF file with closure is a clear error.
     let txt = env.path().join("note.txt");
@@ -169,6 +232,13 @@ fn closure_copies_the_loader_and_libraries_of_a_dynamic_binary() {
     let mut c = copy(&txt, "/note");
     c.closure = true;
     let s = spec(BaseImage::Scratch, vec![c], Compression::Gzip);
-    let err = kiln_image::build(&s, &env.store, &mut env.cache, &Default::default(), &mut |_| {}).unwrap_err();
+    let err = kiln_image::build(
+        &s,
+        &env.store,
+        &mut env.cache,
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("needs an ELF binary"), "{err}");
 }

@@ -17,7 +17,11 @@ use kiln_spec::{BaseImage, Compression};
 fn touch_all(root: &Path, t: SystemTime) {
     for e in walk(root) {
         if !fs::symlink_metadata(&e).unwrap().file_type().is_symlink() {
-            fs::File::options().write(true).open(&e).ok().map(|f| f.set_modified(t));
+            fs::File::options()
+                .write(true)
+                .open(&e)
+                .ok()
+                .map(|f| f.set_modified(t));
             if e.is_dir() {
                 let f = fs::File::open(&e).unwrap();
                 let _ = f.set_modified(t);
@@ -47,8 +51,14 @@ fn two_checkouts_with_different_mtimes_owners_and_umask_give_one_digest() {
     let b = tempfile::tempdir().unwrap();
     fixture_tree(a.path(), false);
     fixture_tree(b.path(), true);
-    touch_all(a.path(), SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000));
-    touch_all(b.path(), SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    touch_all(
+        a.path(),
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
+    );
+    touch_all(
+        b.path(),
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    );
     if rustix::process::geteuid().is_root() {
         for e in walk(b.path()) {
             std::os::unix::fs::lchown(&e, Some(1234), Some(5678)).unwrap();
@@ -58,7 +68,11 @@ fn two_checkouts_with_different_mtimes_owners_and_umask_give_one_digest() {
         let mut env_a = Env::new();
         let mut env_b = Env::new();
         let out_a = env_a.build_with(
-            &spec(BaseImage::Scratch, vec![copy(a.path(), "/app")], compression),
+            &spec(
+                BaseImage::Scratch,
+                vec![copy(a.path(), "/app")],
+                compression,
+            ),
             "fixture:latest",
             1,
         );
@@ -66,7 +80,11 @@ fn two_checkouts_with_different_mtimes_owners_and_umask_give_one_digest() {
         let cwd = std::env::current_dir().unwrap();
         std::env::set_current_dir(b.path()).unwrap();
         let out_b = env_b.build_with(
-            &spec(BaseImage::Scratch, vec![copy(b.path(), "/app")], compression),
+            &spec(
+                BaseImage::Scratch,
+                vec![copy(b.path(), "/app")],
+                compression,
+            ),
             "fixture:latest",
             2,
         );
@@ -85,11 +103,19 @@ fn golden_digests_of_the_fixture() {
     fixture_tree(src.path(), false);
     let mut env = Env::new();
     let gzip = env.build(
-        &spec(BaseImage::Scratch, vec![copy(src.path(), "/app")], Compression::Gzip),
+        &spec(
+            BaseImage::Scratch,
+            vec![copy(src.path(), "/app")],
+            Compression::Gzip,
+        ),
         "fixture:gzip",
     );
     let zstd = env.build(
-        &spec(BaseImage::Scratch, vec![copy(src.path(), "/app")], Compression::Zstd),
+        &spec(
+            BaseImage::Scratch,
+            vec![copy(src.path(), "/app")],
+            Compression::Zstd,
+        ),
         "fixture:zstd",
     );
     let got = format!("gzip {}\nzstd {}\n", gzip.digest, zstd.digest);
@@ -101,7 +127,10 @@ fn golden_digests_of_the_fixture() {
         )
         .unwrap();
     } else {
-        assert_eq!(got, want, "image bytes changed; rerun with UPDATE_GOLDEN=1 if intended");
+        assert_eq!(
+            got, want,
+            "image bytes changed; rerun with UPDATE_GOLDEN=1 if intended"
+        );
     }
 }
 
@@ -111,7 +140,11 @@ fn rebuild_reuses_the_cache_and_one_file_change_recompresses_one_unit() {
     fixture_tree(src.path(), false);
     // Make the files look old, so the stat cache is not "racily clean".
     touch_all(src.path(), SystemTime::now() - Duration::from_secs(60));
-    let s = spec(BaseImage::Scratch, vec![copy(src.path(), "/app")], Compression::Gzip);
+    let s = spec(
+        BaseImage::Scratch,
+        vec![copy(src.path(), "/app")],
+        Compression::Gzip,
+    );
     let mut env = Env::new();
     let first = env.build(&s, "fixture:latest");
     assert!(!first.layers[0].cache_hit);
@@ -135,11 +168,21 @@ fn rebuild_reuses_the_cache_and_one_file_change_recompresses_one_unit() {
 fn a_layer_holds_sorted_normalised_entries() {
     let src = tempfile::tempdir().unwrap();
     fixture_tree(src.path(), true);
-    fs::set_permissions(src.path().join("bin/app"), fs::Permissions::from_mode(0o4775)).unwrap();
+    fs::set_permissions(
+        src.path().join("bin/app"),
+        fs::Permissions::from_mode(0o4775),
+    )
+    .unwrap();
     let mut c = copy(src.path(), "/app");
-    c.owner = kiln_spec::Owner { uid: 1000, gid: 100 };
+    c.owner = kiln_spec::Owner {
+        uid: 1000,
+        gid: 100,
+    };
     let mut env = Env::new();
-    let out = env.build(&spec(BaseImage::Scratch, vec![c], Compression::Gzip), "fixture:latest");
+    let out = env.build(
+        &spec(BaseImage::Scratch, vec![c], Compression::Gzip),
+        "fixture:latest",
+    );
     assert_eq!(out.layers.len(), 1);
     let blob = env.store.open_blob(&out.layers[0].digest).unwrap();
     let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(blob));
@@ -152,7 +195,10 @@ fn a_layer_holds_sorted_normalised_entries() {
         assert!(h.username_bytes().is_none_or(|u| u.is_empty()), "{name}");
         let mode = h.mode().unwrap();
         match name.as_str() {
-            "app" => assert_eq!((h.uid().unwrap(), h.gid().unwrap(), mode), (1000, 100, 0o755)),
+            "app" => assert_eq!(
+                (h.uid().unwrap(), h.gid().unwrap(), mode),
+                (1000, 100, 0o755)
+            ),
             "app/bin/app" => assert_eq!(mode, 0o4755, "setuid kept, group write dropped"),
             "app/secret/key" => assert_eq!(mode, 0o600),
             // README.hardlink sorts first, so it carries the data and README.txt links to it.
@@ -163,11 +209,17 @@ fn a_layer_holds_sorted_normalised_entries() {
             }
             "app/README.txt" => {
                 assert_eq!(h.entry_type(), tar::EntryType::Link);
-                assert_eq!(e.link_name().unwrap().unwrap().to_str(), Some("app/README.hardlink"));
+                assert_eq!(
+                    e.link_name().unwrap().unwrap().to_str(),
+                    Some("app/README.hardlink")
+                );
             }
             "app/app-link" => assert_eq!(e.link_name().unwrap().unwrap().to_str(), Some("bin/app")),
             "app/abs-link" => {
-                assert_eq!(e.link_name().unwrap().unwrap().to_str(), Some("/etc/hostname"))
+                assert_eq!(
+                    e.link_name().unwrap().unwrap().to_str(),
+                    Some("/etc/hostname")
+                )
             }
             _ => {}
         }
@@ -176,19 +228,39 @@ fn a_layer_holds_sorted_normalised_entries() {
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
-    assert!(names.iter().any(|n| n.ends_with("past-one-hundred-bytes.txt")));
-    assert!(!names.iter().any(|n| n.ends_with("skip.tmp")), "exclude applies");
-    let config = env.store.config(&env.store.manifest(&out.digest).unwrap().config.digest).unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("past-one-hundred-bytes.txt"))
+    );
+    assert!(
+        !names.iter().any(|n| n.ends_with("skip.tmp")),
+        "exclude applies"
+    );
+    let config = env
+        .store
+        .config(&env.store.manifest(&out.digest).unwrap().config.digest)
+        .unwrap();
     assert_eq!(config["created"], "1970-01-01T00:00:00Z");
     assert_eq!(config["config"]["Env"][0], "MODE=test");
-    assert_eq!(config["rootfs"]["diff_ids"][0], out.layers[0].diff_id.as_str());
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0],
+        out.layers[0].diff_id.as_str()
+    );
 
     // And it unpacks back to the same content.
     let dest = tempfile::tempdir().unwrap();
     let r = kiln_image::decompress(env.store.open_blob(&out.layers[0].digest).unwrap()).unwrap();
-    let opts = UnpackOptions { whiteouts: WhiteoutMode::Apply, preserve_owners: false, ..UnpackOptions::default() };
+    let opts = UnpackOptions {
+        whiteouts: WhiteoutMode::Apply,
+        preserve_owners: false,
+        ..UnpackOptions::default()
+    };
     kiln_image::unpack(r, dest.path(), &opts).unwrap();
-    assert_eq!(fs::read(dest.path().join("app/data/big.bin")).unwrap(), bytes(2, 600_000));
+    assert_eq!(
+        fs::read(dest.path().join("app/data/big.bin")).unwrap(),
+        bytes(2, 600_000)
+    );
     let a = fs::metadata(dest.path().join("app/README.txt")).unwrap();
     let b = fs::metadata(dest.path().join("app/README.hardlink")).unwrap();
     assert_eq!(a.ino(), b.ino());
@@ -198,14 +270,21 @@ fn a_layer_holds_sorted_normalised_entries() {
 fn source_date_epoch_sets_created_and_clamps_mtimes() {
     let src = tempfile::tempdir().unwrap();
     fixture_tree(src.path(), false);
-    touch_all(src.path(), SystemTime::UNIX_EPOCH + Duration::from_secs(1_000));
+    touch_all(
+        src.path(),
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000),
+    );
     let mut env = Env::new();
     let opts = BuildOptions {
         source_date_epoch: 1_700_000_000,
         tag: Some("fixture:latest".to_owned()),
         ..BuildOptions::default()
     };
-    let s = spec(BaseImage::Scratch, vec![copy(src.path(), "/app")], Compression::Gzip);
+    let s = spec(
+        BaseImage::Scratch,
+        vec![copy(src.path(), "/app")],
+        Compression::Gzip,
+    );
     let out = kiln_image::build(&s, &env.store, &mut env.cache, &opts, &mut |_| {}).unwrap();
     let info = env.store.inspect("fixture").unwrap();
     assert_eq!(info.digest, out.digest);
@@ -215,7 +294,11 @@ fn source_date_epoch_sets_created_and_clamps_mtimes() {
     for e in ar.entries().unwrap() {
         let e = e.unwrap();
         if e.header().entry_type() == tar::EntryType::Regular {
-            assert_eq!(e.header().mtime().unwrap(), 1_000, "older than the epoch: kept");
+            assert_eq!(
+                e.header().mtime().unwrap(),
+                1_000,
+                "older than the epoch: kept"
+            );
         }
     }
 }

@@ -33,11 +33,17 @@ fn have(tool: &str) -> bool {
 
 fn docker() -> Option<String> {
     // Debian's docker.io client matches its dockerd; prefer it over a newer client.
-    let bin = if Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" };
+    let bin = if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    };
     if !have(bin) {
         return None;
     }
-    let up = Command::new(bin).args(["info", "--format", "{{.ServerVersion}}"]).output();
+    let up = Command::new(bin)
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
     if !up.is_ok_and(|o| o.status.success()) {
         assert!(!in_ci(), "CI must start dockerd");
         eprintln!("skipped: dockerd is not running");
@@ -113,7 +119,11 @@ fn umoci_unpacks_the_store() {
             eprintln!("note: this umoci does not read zstd layers");
             continue;
         }
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(bundle.join("rootfs/echo").is_file());
         assert!(bundle.join("config.json").is_file());
     }
@@ -125,13 +135,27 @@ fn docker_loads_and_runs_a_docker_archive_export() {
     let mut env = Env::new();
     let out = echo_image(&mut env, "kiln-interop-test:latest", Compression::Gzip);
     let tarball = env.path().join("image.tar");
-    archive::export(&env.store, "kiln-interop-test", ExportFormat::DockerArchive, &tarball).unwrap();
+    archive::export(
+        &env.store,
+        "kiln-interop-test",
+        ExportFormat::DockerArchive,
+        &tarball,
+    )
+    .unwrap();
     let loaded = run(Command::new(&docker).args(["load", "-i", tarball.to_str().unwrap()]));
     assert!(loaded.contains("kiln-interop-test:latest"), "{loaded}");
     let said = run(Command::new(&docker).args(["run", "--rm", "kiln-interop-test:latest"]));
     assert_eq!(said.trim(), "hello from kiln");
     // Docker's image id is the config digest: the same bytes kiln wrote.
-    let id = run(Command::new(&docker).args(["image", "inspect", "--format", "{{.Id}}", "kiln-interop-test:latest"]));
+    let id = run(Command::new(&docker).args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "kiln-interop-test:latest",
+    ]));
     assert_eq!(id.trim(), out.config.as_str());
-    let _ = Command::new(&docker).args(["rmi", "-f", "kiln-interop-test:latest"]).output();
+    let _ = Command::new(&docker)
+        .args(["rmi", "-f", "kiln-interop-test:latest"])
+        .output();
 }

@@ -14,7 +14,14 @@ use kiln_spec::{BaseImage, Compression};
 fn built(env: &mut Env, seed: u64, tag: &str) -> kiln_image::BuildOutput {
     let src = env.path().join(format!("src-{seed}"));
     write(&src.join("file"), &bytes(seed, 5000), 0o644);
-    env.build(&spec(BaseImage::Scratch, vec![copy(&src, "/app")], Compression::Gzip), tag)
+    env.build(
+        &spec(
+            BaseImage::Scratch,
+            vec![copy(&src, "/app")],
+            Compression::Gzip,
+        ),
+        tag,
+    )
 }
 
 #[test]
@@ -28,7 +35,10 @@ fn a_corrupted_blob_is_detected_on_read_and_named() {
     data[mid] ^= 0xff;
     fs::write(&path, &data).unwrap();
     let err = env.store.verify_blob(layer).unwrap_err();
-    assert!(matches!(&err, StoreError::Corrupt { digest, .. } if digest == layer), "{err}");
+    assert!(
+        matches!(&err, StoreError::Corrupt { digest, .. } if digest == layer),
+        "{err}"
+    );
     assert!(err.to_string().contains(layer.as_str()));
     let err = env.store.read_blob(layer).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }));
@@ -70,8 +80,15 @@ fn gc_removes_only_what_no_tag_or_retained_release_reaches() {
     let retained = BTreeSet::from([a.digest.clone()]);
     let kept = env.store.gc(&retained, false).unwrap();
     assert!(kept.removed.is_empty());
-    assert!(blobs_of(&a).iter().all(|d| env.store.verify_blob(d).is_ok()));
-    assert_eq!(env.store.inspect(a.digest.as_str()).unwrap().digest, a.digest);
+    assert!(
+        blobs_of(&a)
+            .iter()
+            .all(|d| env.store.verify_blob(d).is_ok())
+    );
+    assert_eq!(
+        env.store.inspect(a.digest.as_str()).unwrap().digest,
+        a.digest
+    );
     // Without: a goes, b and c stay intact.
     let done = env.store.gc(&BTreeSet::new(), false).unwrap();
     assert_eq!(done.removed.len(), 3);
@@ -81,8 +98,17 @@ fn gc_removes_only_what_no_tag_or_retained_release_reaches() {
             env.store.verify_blob(&d).unwrap();
         }
     }
-    let tags: Vec<String> = env.store.images().unwrap().into_iter().map(|i| i.tag).collect();
-    assert_eq!(tags, vec!["app:latest".to_owned(), "other:latest".to_owned()]);
+    let tags: Vec<String> = env
+        .store
+        .images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.tag)
+        .collect();
+    assert_eq!(
+        tags,
+        vec!["app:latest".to_owned(), "other:latest".to_owned()]
+    );
 }
 
 #[test]
@@ -90,7 +116,8 @@ fn attestations_round_trip_by_manifest_digest() {
     let mut env = Env::new();
     let out = built(&mut env, 1, "app:latest");
     assert_eq!(env.store.read_attestation(&out.digest).unwrap(), None);
-    let att = serde_json::json!({"passed": true, "command": ["/app/file"], "at": "2026-01-01T00:00:00Z"});
+    let att =
+        serde_json::json!({"passed": true, "command": ["/app/file"], "at": "2026-01-01T00:00:00Z"});
     let path = env.store.write_attestation(&out.digest, &att).unwrap();
     assert!(path.ends_with(format!("attestations/sha256-{}.json", out.digest.hex())));
     assert_eq!(env.store.read_attestation(&out.digest).unwrap(), Some(att));
@@ -101,21 +128,44 @@ fn the_store_is_a_standard_oci_layout() {
     let mut env = Env::new();
     let out = built(&mut env, 1, "hello:latest");
     let root = env.store.root();
-    let layout: serde_json::Value = serde_json::from_slice(&fs::read(root.join("oci-layout")).unwrap()).unwrap();
+    let layout: serde_json::Value =
+        serde_json::from_slice(&fs::read(root.join("oci-layout")).unwrap()).unwrap();
     assert_eq!(layout["imageLayoutVersion"], "1.0.0");
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["schemaVersion"], 2);
     assert_eq!(index["manifests"][0]["digest"], out.digest.as_str());
-    assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "hello:latest");
-    let manifest: serde_json::Value = serde_json::from_slice(&env.store.read_blob(&out.digest).unwrap()).unwrap();
-    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
-    assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.image.config.v1+json");
-    assert_eq!(manifest["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "hello:latest"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&env.store.read_blob(&out.digest).unwrap()).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    assert_eq!(
+        manifest["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
     // Tags resolve with and without :latest, and by digest prefix.
-    for r in ["hello", "hello:latest", out.digest.as_str(), &out.digest.hex()[..12]] {
+    for r in [
+        "hello",
+        "hello:latest",
+        out.digest.as_str(),
+        &out.digest.hex()[..12],
+    ] {
         assert_eq!(env.store.resolve(r).unwrap().digest, out.digest, "{r}");
     }
-    assert!(matches!(env.store.resolve("nope"), Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        env.store.resolve("nope"),
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -127,11 +177,19 @@ fn concurrent_builds_into_one_store_all_land() {
             let root = root.clone();
             s.spawn(move || {
                 let store = Store::open(root.join("images")).unwrap();
-                let mut cache = kiln_image::BuildCache::open(root.join(format!("cache-{i}"))).unwrap();
+                let mut cache =
+                    kiln_image::BuildCache::open(root.join(format!("cache-{i}"))).unwrap();
                 let src = root.join(format!("c-{i}"));
                 write(&src.join("f"), &bytes(i, 3000), 0o644);
-                let opts = kiln_image::BuildOptions { tag: Some(format!("app{i}:latest")), ..Default::default() };
-                let s = spec(BaseImage::Scratch, vec![copy(&src, "/x")], Compression::Gzip);
+                let opts = kiln_image::BuildOptions {
+                    tag: Some(format!("app{i}:latest")),
+                    ..Default::default()
+                };
+                let s = spec(
+                    BaseImage::Scratch,
+                    vec![copy(&src, "/x")],
+                    Compression::Gzip,
+                );
                 kiln_image::build(&s, &store, &mut cache, &opts, &mut |_| {}).unwrap();
             });
         }
@@ -139,5 +197,11 @@ fn concurrent_builds_into_one_store_all_land() {
     let images = env.store.images().unwrap();
     assert_eq!(images.len(), 4, "{images:?}");
     // gc alongside finds nothing to remove: everything is tagged.
-    assert!(env.store.gc(&BTreeSet::new(), false).unwrap().removed.is_empty());
+    assert!(
+        env.store
+            .gc(&BTreeSet::new(), false)
+            .unwrap()
+            .removed
+            .is_empty()
+    );
 }

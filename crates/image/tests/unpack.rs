@@ -55,7 +55,11 @@ fn sandbox() -> Sandbox {
     fs::create_dir_all(&root).unwrap();
     fs::create_dir_all(&outside).unwrap();
     fs::write(outside.join("secret"), b"do not touch").unwrap();
-    Sandbox { _dir: dir, root, outside }
+    Sandbox {
+        _dir: dir,
+        root,
+        outside,
+    }
 }
 
 fn listing(dir: &Path) -> Vec<String> {
@@ -73,7 +77,10 @@ fn assert_outside_untouched(s: &Sandbox) {
     assert_eq!(fs::read(s.outside.join("secret")).unwrap(), b"do not touch");
     assert_eq!(fs::metadata(s.outside.join("secret")).unwrap().nlink(), 1);
     let parent = s.root.parent().unwrap();
-    assert_eq!(listing(parent), vec!["outside".to_owned(), "root".to_owned()]);
+    assert_eq!(
+        listing(parent),
+        vec!["outside".to_owned(), "root".to_owned()]
+    );
 }
 
 fn opts() -> UnpackOptions {
@@ -84,7 +91,11 @@ fn opts() -> UnpackOptions {
     }
 }
 
-fn run(s: &Sandbox, tar: &[u8], o: &UnpackOptions) -> Result<kiln_image::UnpackReport, UnpackError> {
+fn run(
+    s: &Sandbox,
+    tar: &[u8],
+    o: &UnpackOptions,
+) -> Result<kiln_image::UnpackReport, UnpackError> {
     unpack(tar, &s.root, o)
 }
 
@@ -103,7 +114,12 @@ fn dot_dot_in_a_name_is_refused() {
 fn absolute_names_are_contained() {
     let s = sandbox();
     let evil = format!("{}/evil", s.outside.display());
-    run(&s, &archive(&[file(&evil, b"x"), file("/etc/passwd", b"root")]), &opts()).unwrap();
+    run(
+        &s,
+        &archive(&[file(&evil, b"x"), file("/etc/passwd", b"root")]),
+        &opts(),
+    )
+    .unwrap();
     assert_eq!(fs::read(s.root.join("etc/passwd")).unwrap(), b"root");
     assert!(s.root.join(evil.trim_start_matches('/')).is_file());
     assert_outside_untouched(&s);
@@ -127,11 +143,21 @@ fn symlink_escapes_are_contained() {
     // Through `abs` (an absolute path outside) the write either fails or lands inside.
     let r = run(&s, &archive(&[file("abs/pwned", b"x")]), &opts());
     if r.is_ok() {
-        assert!(s.root.join(outside.trim_start_matches('/')).join("pwned").is_file());
+        assert!(
+            s.root
+                .join(outside.trim_start_matches('/'))
+                .join("pwned")
+                .is_file()
+        );
     }
     // A symlink that replaces a file is never followed by a later write to that name.
     let tar = archive(&[
-        entry("victim", tar::EntryType::Symlink, &format!("{outside}/secret"), b""),
+        entry(
+            "victim",
+            tar::EntryType::Symlink,
+            &format!("{outside}/secret"),
+            b"",
+        ),
         file("victim", b"overwritten?"),
     ]);
     run(&s, &tar, &opts()).unwrap();
@@ -153,11 +179,19 @@ fn hardlink_escapes_are_refused_or_contained() {
     // An absolute target resolves inside the root, where there is no such file.
     let err = run(
         &s,
-        &archive(&[entry("h", tar::EntryType::Link, &format!("{outside}/secret"), b"")]),
+        &archive(&[entry(
+            "h",
+            tar::EntryType::Link,
+            &format!("{outside}/secret"),
+            b"",
+        )]),
         &opts(),
     )
     .unwrap_err();
-    assert!(matches!(err, UnpackError::LinkTargetMissing { .. }), "{err}");
+    assert!(
+        matches!(err, UnpackError::LinkTargetMissing { .. }),
+        "{err}"
+    );
     // Through a symlink to the outside directory: resolved inside the root too.
     let r = run(
         &s,
@@ -171,7 +205,10 @@ fn hardlink_escapes_are_refused_or_contained() {
     // A legitimate hardlink works.
     run(
         &s,
-        &archive(&[file("a", b"data"), entry("b", tar::EntryType::Link, "a", b"")]),
+        &archive(&[
+            file("a", b"data"),
+            entry("b", tar::EntryType::Link, "a", b""),
+        ]),
         &opts(),
     )
     .unwrap();
@@ -198,12 +235,18 @@ fn device_nodes_are_refused() {
 fn absurd_sizes_and_counts_are_refused() {
     let s = sandbox();
     let small = UnpackOptions {
-        limits: Limits { max_entries: 10, max_bytes: 1000 },
+        limits: Limits {
+            max_entries: 10,
+            max_bytes: 1000,
+        },
         ..opts()
     };
     let many: Vec<Vec<u8>> = (0..11).map(|i| file(&format!("f{i}"), b"")).collect();
     let err = run(&s, &archive(&many), &small).unwrap_err();
-    assert!(matches!(err, UnpackError::TooManyEntries { limit: 10 }), "{err}");
+    assert!(
+        matches!(err, UnpackError::TooManyEntries { limit: 10 }),
+        "{err}"
+    );
     let err = run(&s, &archive(&[file("big", &[7u8; 1001])]), &small).unwrap_err();
     assert!(matches!(err, UnpackError::TooLarge { .. }), "{err}");
     // A header claiming a terabyte, with no data behind it: refused before reading.
@@ -219,15 +262,26 @@ fn absurd_sizes_and_counts_are_refused() {
     assert!(!s.root.join("huge").exists());
     // A truncated archive is malformed, not a panic.
     let err = run(&s, &file("trunc", &[1u8; 2000])[..700], &opts()).unwrap_err();
-    assert!(matches!(err, UnpackError::Malformed { .. } | UnpackError::Io { .. }), "{err}");
+    assert!(
+        matches!(err, UnpackError::Malformed { .. } | UnpackError::Io { .. }),
+        "{err}"
+    );
     assert_outside_untouched(&s);
 }
 
 fn layered(s: &Sandbox, mode: WhiteoutMode) -> kiln_image::UnpackReport {
-    let o = UnpackOptions { whiteouts: mode, ..opts() };
+    let o = UnpackOptions {
+        whiteouts: mode,
+        ..opts()
+    };
     run(
         s,
-        &archive(&[file("a/x", b"1"), file("a/y", b"2"), file("b", b"3"), file("c/keep", b"4")]),
+        &archive(&[
+            file("a/x", b"1"),
+            file("a/y", b"2"),
+            file("b", b"3"),
+            file("c/keep", b"4"),
+        ]),
         &o,
     )
     .unwrap();
@@ -248,7 +302,11 @@ fn layered(s: &Sandbox, mode: WhiteoutMode) -> kiln_image::UnpackReport {
 fn whiteouts_apply_onto_a_rootfs() {
     let s = sandbox();
     let report = layered(&s, WhiteoutMode::Apply);
-    assert_eq!(listing(&s.root.join("a")), vec!["z".to_owned()], "opaque keeps this layer's z");
+    assert_eq!(
+        listing(&s.root.join("a")),
+        vec!["z".to_owned()],
+        "opaque keeps this layer's z"
+    );
     assert!(!s.root.join("b").exists());
     assert!(s.root.join("c/keep").exists());
     assert_eq!(report.whiteouts, vec!["b".to_owned(), "c/gone".to_owned()]);
@@ -280,7 +338,12 @@ fn whiteouts_become_overlayfs_whiteouts_as_root() {
     assert!(m.file_type().is_char_device());
     assert_eq!(m.rdev(), 0);
     let mut buf = [0u8; 8];
-    let n = rustix::fs::getxattr(s.root.join("a").as_path(), "trusted.overlay.opaque", &mut buf).unwrap();
+    let n = rustix::fs::getxattr(
+        s.root.join("a").as_path(),
+        "trusted.overlay.opaque",
+        &mut buf,
+    )
+    .unwrap();
     assert_eq!(&buf[..n], b"y");
 }
 
@@ -289,17 +352,34 @@ fn a_hostile_rootfs_tarball_base_is_refused_with_the_entry_named() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("traversal", archive(&[file("../evil", b"x")]), "../evil"),
-        ("device", archive(&[entry("dev/kmem", tar::EntryType::Char, "", b"")]), "dev/kmem"),
-        ("hardlink", archive(&[entry("h", tar::EntryType::Link, "../../etc/shadow", b"")]), "../../etc/shadow"),
+        (
+            "device",
+            archive(&[entry("dev/kmem", tar::EntryType::Char, "", b"")]),
+            "dev/kmem",
+        ),
+        (
+            "hardlink",
+            archive(&[entry("h", tar::EntryType::Link, "../../etc/shadow", b"")]),
+            "../../etc/shadow",
+        ),
     ];
     for (name, tar, needle) in cases {
         let path = dir.path().join(format!("{name}.tar"));
         fs::write(&path, &tar).unwrap();
         let mut env = common::Env::new();
         let spec = common::spec(BaseImage::Rootfs(path), vec![], Compression::Gzip);
-        let err = kiln_image::build(&spec, &env.store, &mut env.cache, &Default::default(), &mut |_| {})
-            .unwrap_err();
+        let err = kiln_image::build(
+            &spec,
+            &env.store,
+            &mut env.cache,
+            &Default::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("rootfs:") && msg.contains(needle), "{name}: {msg}");
+        assert!(
+            msg.contains("rootfs:") && msg.contains(needle),
+            "{name}: {msg}"
+        );
     }
 }

@@ -41,9 +41,12 @@ pub fn fixture_tree(root: &Path, loose: bool) {
     write(&root.join("bin/app"), &bytes(1, 70_000), x);
     write(&root.join("data/big.bin"), &bytes(2, 600_000), f);
     write(&root.join("data/empty"), b"", f);
-    let text: Vec<u8> = (0..20_000u32).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+    let text: Vec<u8> = (0..20_000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
     write(&root.join("data/text.log"), &text, f);
-    let long = "a-very-long-directory-name-that-goes-on/".repeat(3) + "and-a-file-name-past-one-hundred-bytes.txt";
+    let long = "a-very-long-directory-name-that-goes-on/".repeat(3)
+        + "and-a-file-name-past-one-hundred-bytes.txt";
     write(&root.join(&long), b"long\n", f);
     write(&root.join("secret/key"), b"private\n", 0o600);
     write(&root.join("tmp/skip.tmp"), b"excluded\n", f);
@@ -74,7 +77,10 @@ pub fn spec(base: BaseImage, copies: Vec<CopySpec>, compression: Compression) ->
         env: BTreeMap::from([("MODE".to_owned(), "test".to_owned())]),
         workdir: Some("/app".to_owned()),
         user: None,
-        labels: BTreeMap::from([("org.opencontainers.image.title".to_owned(), "fixture".to_owned())]),
+        labels: BTreeMap::from([(
+            "org.opencontainers.image.title".to_owned(),
+            "fixture".to_owned(),
+        )]),
         compression,
         copies,
         test: None,

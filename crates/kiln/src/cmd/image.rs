@@ -21,7 +21,12 @@ use crate::output::Output;
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The spec file
-    #[arg(short = 'f', long = "file", default_value = "kiln.toml", value_name = "FILE")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
     pub file: PathBuf,
 
     /// Worker threads (default: all cores; never changes the digest)
@@ -87,7 +92,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn source_date_epoch() -> anyhow::Result<u64> {
@@ -120,14 +129,19 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     let tty = std::io::stderr().is_terminal();
     let quiet = out.quiet;
     let started = std::time::Instant::now();
+    let verbose = out.verbose > 0;
     let mut progress = |p: Progress<'_>| {
         if quiet {
             return;
+        }
+        if verbose {
+            eprint!("[{:7.3}s] ", started.elapsed().as_secs_f64());
         }
         match p {
             Progress::Base { layers } if layers > 0 => eprintln!("base: {layers} layer(s) reused"),
             Progress::Base { .. } => {}
             Progress::Hashing { files } => eprintln!("hashing {files} changed file(s)"),
+            Progress::Compressing { units } => eprintln!("compressing {units} unit(s)"),
             Progress::Layer(l) => {
                 let state = if l.cache_hit {
                     "cached".to_owned()
@@ -181,7 +195,10 @@ pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
         out.data(&serde_json::to_value(&list)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    out.say(&format!("{:<32} {:<19} {:>10}  {}", "TAG", "DIGEST", "SIZE", "CREATED"));
+    out.say(&format!(
+        "{:<32} {:<19} {:>10}  {}",
+        "TAG", "DIGEST", "SIZE", "CREATED"
+    ));
     for i in list {
         out.say(&format!(
             "{:<32} sha256:{} {:>10}  {}",
@@ -210,14 +227,23 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 }
                 out.say(&format!("config:  {}", info.manifest.config.digest));
                 for (i, l) in info.manifest.layers.iter().enumerate() {
-                    out.say(&format!("layer {i}: {} {} {}", l.digest, human(l.size), l.media_type));
+                    out.say(&format!(
+                        "layer {i}: {} {} {}",
+                        l.digest,
+                        human(l.size),
+                        l.media_type
+                    ));
                 }
                 if let Some(c) = info.config.get("config") {
                     out.say(&format!("runtime: {}", serde_json::to_string(c)?));
                 }
             }
         }
-        ImageCommand::Export { reference, format, output } => {
+        ImageCommand::Export {
+            reference,
+            format,
+            output,
+        } => {
             let desc = archive::export(&store, reference, *format, output)
                 .with_context(|| format!("cannot export {reference} to {}", output.display()))?;
             if out.json {
@@ -251,7 +277,11 @@ pub fn gc(args: &GcArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
     if out.json {
         out.data(&serde_json::to_value(&report)?)?;
     } else {
-        let verb = if args.dry_run { "would remove" } else { "removed" };
+        let verb = if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
         for (d, size) in &report.removed {
             out.say(&format!("{verb} {d} ({})", human(*size)));
         }
