@@ -4,7 +4,7 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(runc docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+packages=(runc busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

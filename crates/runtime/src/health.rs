@@ -3,10 +3,11 @@
 //! ([`monitor`]).
 //!
 //! States: `starting` → `healthy` ↔ `unhealthy`; an exited process is `failed`, for good.
-//! Failures during the start period do not count. While `starting`, probes back off from
-//! [`FIRST_PROBE`] up to `interval`, so an instance that is ready in milliseconds is healthy
-//! in milliseconds instead of one interval later; once it has a verdict, probes run every
-//! `interval`. This module knows nothing of how an instance runs: liveness is a function it
+//! Failures during the start period do not count. While `starting`, the gap between probes
+//! is a tenth of the time since start (at least [`FIRST_PROBE`], at most `interval`), so
+//! noticing readiness adds at most ~10% to an instance's start-up time: one that is ready in
+//! 25 ms is healthy by ~28 ms, not one interval later. Once it has a verdict, probes run
+//! every `interval`. This module knows nothing of how an instance runs: liveness is a function it
 //! is given.
 
 use std::net::SocketAddr;
@@ -23,8 +24,9 @@ use tokio::time::Instant;
 
 use crate::types::Health;
 
-/// The first probe's delay after start; later starting probes double it up to `interval`.
-pub const FIRST_PROBE: Duration = Duration::from_millis(5);
+/// The shortest gap between two probes while starting (a refused localhost connection costs
+/// microseconds, so this is cheap).
+pub const FIRST_PROBE: Duration = Duration::from_millis(1);
 
 /// The health state machine of one instance: a pure function of probe results and time.
 #[derive(Debug, Clone)]
@@ -84,11 +86,11 @@ impl HealthMachine {
         self.state
     }
 
-    /// How long to wait before the next probe, given how many probes ran so far.
-    pub fn next_delay(&self, probes_run: u32) -> Duration {
+    /// How long to wait before the next probe, at `now`.
+    pub fn next_delay(&self, now: Instant) -> Duration {
         if self.state == Health::Starting {
-            let backoff = FIRST_PROBE.saturating_mul(1u32 << probes_run.min(16));
-            backoff.min(self.check.interval)
+            let since_start = now.saturating_duration_since(self.started);
+            (since_start / 10).clamp(FIRST_PROBE, self.check.interval.max(FIRST_PROBE))
         } else {
             self.check.interval
         }
@@ -187,7 +189,6 @@ pub async fn monitor(
     tx: watch::Sender<Health>,
 ) {
     let timeout = machine.check.timeout;
-    let mut probes_run = 0u32;
     tx.send_replace(machine.state());
     loop {
         if !alive() {
@@ -204,8 +205,7 @@ pub async fn monitor(
         }
         let state = machine.record(pass, Instant::now());
         tx.send_if_modified(|s| std::mem::replace(s, state) != state);
-        let delay = machine.next_delay(probes_run);
-        probes_run = probes_run.saturating_add(1);
+        let delay = machine.next_delay(Instant::now());
         tokio::time::sleep(delay).await;
     }
 }
@@ -318,10 +318,15 @@ mod tests {
     }
 
     #[test]
-    fn starting_probes_back_off_up_to_the_interval() {
-        let m = HealthMachine::new(check(1, 1, 0), Instant::now());
-        let delays: Vec<u128> = (0..10).map(|n| m.next_delay(n).as_millis()).collect();
-        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 500, 500, 500]);
+    fn starting_probes_are_a_tenth_of_the_time_since_start_apart() {
+        let t0 = Instant::now();
+        let mut m = HealthMachine::new(check(1, 1, 60_000), t0);
+        let delays: Vec<Duration> = [0, 5, 50, 1000, 10_000]
+            .map(|n| m.next_delay(t0 + ms(n)))
+            .to_vec();
+        assert_eq!(delays, [ms(1), ms(1), ms(5), ms(100), ms(500)]);
+        m.record(true, t0);
+        assert_eq!(m.next_delay(t0), ms(500), "healthy: every interval");
     }
 
     #[tokio::test(start_paused = true)]
@@ -332,8 +337,8 @@ mod tests {
             2,
         )
         .await;
-        // Probes at 0, 5 and 5+10 ms: healthy at 15 ms, not one 500 ms interval later.
-        assert_eq!(seen, [(Health::Starting, ms(0)), (Health::Healthy, ms(15))]);
+        // Probes at 0, 1 and 2 ms: healthy at 2 ms, not one 500 ms interval later.
+        assert_eq!(seen, [(Health::Starting, ms(0)), (Health::Healthy, ms(2))]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -344,14 +349,14 @@ mod tests {
             3,
         )
         .await;
-        // Healthy at 5 ms; then probes every 500 ms, each cut at the 200 ms timeout:
-        // 505→705 and 1205→1405 make two failures in a row.
+        // Healthy at 1 ms; then probes every 500 ms, each cut at the 200 ms timeout:
+        // 501→701 and 1201→1401 make two failures in a row.
         assert_eq!(
             seen,
             [
                 (Health::Starting, ms(0)),
-                (Health::Healthy, ms(5)),
-                (Health::Unhealthy, ms(1405)),
+                (Health::Healthy, ms(1)),
+                (Health::Unhealthy, ms(1401)),
             ]
         );
     }
@@ -370,9 +375,9 @@ mod tests {
             seen,
             [
                 (Health::Starting, ms(0)),
-                (Health::Healthy, ms(5)),
-                (Health::Unhealthy, ms(1005)),
-                (Health::Healthy, ms(1505)),
+                (Health::Healthy, ms(1)),
+                (Health::Unhealthy, ms(1001)),
+                (Health::Healthy, ms(1501)),
             ]
         );
     }

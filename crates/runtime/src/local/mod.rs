@@ -672,7 +672,10 @@ impl Provider for LocalProvider {
                 state: "started",
             });
         }
-        touch(&started)?;
+        // Not fsynced: it is on the start path, and losing it in a host crash only makes an
+        // instance that also lost its process look `created` instead of `vanished`; both are
+        // replaced by the controller.
+        fs::write(&started, b"").map_err(ProviderError::io("write", &started))?;
         let logs = self.log_files(id);
         let log = logs
             .open_for_instance()
