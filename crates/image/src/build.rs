@@ -208,6 +208,7 @@ pub fn build(
             spec.compression,
             opts.source_date_epoch,
             "base rootfs".to_owned(),
+            lineage(root, "/", spec.compression),
         )?);
     }
     for (i, copy) in spec.copies.iter().enumerate() {
@@ -218,6 +219,7 @@ pub fn build(
             spec.compression,
             opts.source_date_epoch,
             source,
+            lineage(&copy.from, &copy.to, spec.compression),
         )?);
     }
     let digests = hash_sources(&planned, cache, opts, scan_started, progress)?;
@@ -233,6 +235,12 @@ pub fn build(
     )?;
     reports.extend(ours);
     finish(spec, store, opts, base, reports)
+}
+
+/// Names a layer across builds: the same source copied to the same place.
+fn lineage(from: &Path, to: &str, c: kiln_spec::Compression) -> Digest {
+    let from = std::path::absolute(from).unwrap_or_else(|_| from.to_path_buf());
+    Digest::of(format!("{}\0{to}\0{c:?}", from.display()).as_bytes())
 }
 
 /// Content digests for every source file: from the stat cache where it can vouch, else by

@@ -25,6 +25,23 @@ pub(crate) struct CachedLayer {
     pub(crate) digest: Digest,
     pub(crate) diff_id: Digest,
     pub(crate) size: u64,
+    /// Where each unit starts in both streams, with the SHA-256 states there, so the next
+    /// assembly of this layer can resume after the units it shares with this one.
+    #[serde(default)]
+    pub(crate) marks: Vec<UnitMark>,
+}
+
+/// The start of one unit in an assembled layer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct UnitMark {
+    /// The unit's key.
+    pub(crate) key: Digest,
+    /// Offset of its member in the compressed blob.
+    pub(crate) offset: u64,
+    /// Serialized hasher state of the compressed stream before it (hex).
+    pub(crate) compressed: String,
+    /// Serialized hasher state of the uncompressed stream before it (hex).
+    pub(crate) uncompressed: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -149,6 +166,36 @@ impl BuildCache {
             )));
         }
         Ok(total)
+    }
+
+    /// Opens a cached member for a raw copy, with its length.
+    pub(crate) fn open_member(&self, key: &Digest) -> Result<(File, u64), BuildError> {
+        let path = self.unit_path(key);
+        let f = File::open(&path).map_err(BuildError::io("open", &path))?;
+        let len = f.metadata().map_err(BuildError::io("stat", &path))?.len();
+        Ok((f, len))
+    }
+
+    /// The length of a cached member, if present.
+    pub(crate) fn member_len(&self, key: &Digest) -> Option<u64> {
+        fs::metadata(self.unit_path(key)).ok().map(|m| m.len())
+    }
+
+    fn lineage_path(&self, lineage: &Digest) -> PathBuf {
+        self.dir.join("lineage").join(lineage.hex())
+    }
+
+    /// The layer key last assembled for this source (a copy of one app), if any.
+    pub(crate) fn lineage(&self, lineage: &Digest) -> Option<Digest> {
+        let text = fs::read_to_string(self.lineage_path(lineage)).ok()?;
+        Digest::parse(text.trim()).ok()
+    }
+
+    pub(crate) fn put_lineage(&self, lineage: &Digest, layer: &Digest) -> Result<(), BuildError> {
+        let path = self.lineage_path(lineage);
+        let dir = self.dir.join("lineage");
+        ensure_dir(&dir).map_err(BuildError::io("create", &dir))?;
+        write_durable(&path, layer.as_str().as_bytes()).map_err(BuildError::io("write", &path))
     }
 
     fn layer_path(&self, key: &Digest) -> PathBuf {

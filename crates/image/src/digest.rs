@@ -85,6 +85,26 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// A hasher's state as hex, to be resumed later by [`resume_hasher`].
+pub(crate) fn save_hasher(h: &Sha256) -> String {
+    use sha2::digest::common::hazmat::SerializableState;
+    hex(h.serialize().as_slice())
+}
+
+/// The hasher [`save_hasher`] saved, or `None` if `s` is not one (e.g. another version).
+pub(crate) fn resume_hasher(s: &str) -> Option<Sha256> {
+    use sha2::digest::common::hazmat::{SerializableState, SerializedState};
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect::<Option<_>>()?;
+    let state = SerializedState::<Sha256>::try_from(bytes.as_slice()).ok()?;
+    Sha256::deserialize(&state).ok()
+}
+
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

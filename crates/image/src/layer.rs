@@ -26,7 +26,7 @@ use kiln_spec::Compression;
 use sha2::{Digest as _, Sha256};
 
 use crate::build::BuildError;
-use crate::cache::{BuildCache, CachedLayer};
+use crate::cache::{BuildCache, CachedLayer, UnitMark};
 use crate::digest::Digest;
 use crate::oci;
 use crate::store::Store;
@@ -102,6 +102,8 @@ pub(crate) struct PlannedLayer {
     files: u64,
     bytes: u64,
     pub(crate) source: String,
+    /// Names "this layer of this app" across builds, so a rebuild can resume from the last.
+    lineage: Digest,
 }
 
 fn path_hash_ends_unit(path: &str) -> bool {
@@ -163,6 +165,7 @@ pub(crate) fn plan_layer(
     compression: Compression,
     epoch: u64,
     source: String,
+    lineage: Digest,
 ) -> Result<PlannedLayer, BuildError> {
     let mut tb = tar::Builder::new(Vec::new());
     let mut units = Vec::new();
@@ -233,6 +236,7 @@ pub(crate) fn plan_layer(
         files,
         bytes,
         source,
+        lineage,
     })
 }
 
@@ -548,6 +552,12 @@ fn layer_key(layer: &PlannedLayer) -> Digest {
 
 /// Concatenates a layer's members into a blob, hashing the compressed stream on this thread
 /// and the uncompressed tar stream on another.
+///
+/// When the last assembly of the same layer (its lineage) shares a run of leading units with
+/// this one, both hashes resume from the states recorded at the first differing unit and the
+/// shared members are copied in-kernel: a change costs the part of the layer after it. The
+/// recorded states came from hashing those very members and files, so this trusts the build
+/// cache exactly as far as the rest of the build does.
 fn assemble(
     layer: &PlannedLayer,
     compressed_here: u64,
@@ -572,29 +582,56 @@ fn assemble(
     {
         return Ok(report(&cached, compressed_here == 0));
     }
+    let keys: Vec<&Digest> = layer.units.iter().filter_map(|u| u.key.as_ref()).collect();
+    if keys.len() != layer.units.len() {
+        return Err(BuildError::Internal {
+            reason: "unit without key".to_owned(),
+        });
+    }
+    let resume = resume_point(layer, &keys, cache);
+    let start = resume.as_ref().map_or(0, |r| r.index);
     let trailer = trailer_member(layer.compression)?;
     let (blob, diff) = std::thread::scope(|s| {
-        let diff = s.spawn(|| -> Result<Digest, BuildError> {
+        let resume = &resume;
+        let diff = s.spawn(move || -> Result<(Digest, Vec<String>), BuildError> {
             let mut h = crate::digest::HashingWriter::new(io::sink());
+            if let Some(r) = resume {
+                h.hasher = r.uncompressed.clone();
+            }
+            let mut states = Vec::new();
             let mut buf = vec![0u8; 1 << 20];
-            for u in &layer.units {
+            for u in &layer.units[start..] {
+                states.push(crate::digest::save_hasher(&h.hasher));
                 emit_unit(&u.pieces, &mut h, &mut buf)?;
             }
             h.write_all(&[0u8; 1024])
                 .map_err(BuildError::io("hash", Path::new("-")))?;
-            Ok(Digest::from_hasher(h.hasher))
+            Ok((Digest::from_hasher(h.hasher), states))
         });
-        let blob = (|| -> Result<(Digest, u64), BuildError> {
+        let blob = (|| -> Result<(Digest, u64, Vec<(u64, String)>), BuildError> {
             let mut w = store.blob_writer()?;
-            for u in &layer.units {
-                let key = u.key.as_ref().ok_or_else(|| BuildError::Internal {
-                    reason: "unit without key".to_owned(),
-                })?;
-                cache.copy_member(key, &mut w)?;
+            if let Some(r) = resume {
+                for k in &keys[..start] {
+                    let (mut f, _) = cache.open_member(k)?;
+                    w.write_unhashed(&mut f)
+                        .map_err(BuildError::io("write", store.root()))?;
+                }
+                if w.len() != r.offset {
+                    return Err(BuildError::Internal {
+                        reason: "cached units changed size while being copied".to_owned(),
+                    });
+                }
+                w.resume(r.compressed.clone());
+            }
+            let mut marks = Vec::new();
+            for k in &keys[start..] {
+                marks.push((w.len(), crate::digest::save_hasher(w.hasher())));
+                cache.copy_member(k, &mut w)?;
             }
             w.write_all(&trailer)
                 .map_err(BuildError::io("write", store.root()))?;
-            Ok(w.commit(None)?)
+            let (d, size) = w.commit(None)?;
+            Ok((d, size, marks))
         })();
         let diff = diff.join().unwrap_or_else(|_| {
             Err(BuildError::Internal {
@@ -603,13 +640,75 @@ fn assemble(
         });
         (blob, diff)
     });
-    let (digest, size) = blob?;
-    let diff_id = diff?;
+    let (digest, size, blob_marks) = blob?;
+    let (diff_id, diff_states) = diff?;
+    let mut marks: Vec<UnitMark> = match &resume {
+        Some(r) => r.shared.clone(),
+        None => Vec::new(),
+    };
+    for ((k, (offset, compressed)), uncompressed) in
+        keys[start..].iter().zip(blob_marks).zip(diff_states)
+    {
+        marks.push(UnitMark {
+            key: (*k).clone(),
+            offset,
+            compressed,
+            uncompressed,
+        });
+    }
     let cached = CachedLayer {
         digest,
         diff_id,
         size,
+        marks,
     };
     cache.put_layer(&key, &cached)?;
+    cache.put_lineage(&layer.lineage, &key)?;
     Ok(report(&cached, false))
+}
+
+/// Where an assembly can pick up from the previous one of the same lineage.
+struct Resume {
+    /// The first unit to process.
+    index: usize,
+    /// Compressed offset there.
+    offset: u64,
+    compressed: Sha256,
+    uncompressed: Sha256,
+    /// Marks of the shared units, reused as they are.
+    shared: Vec<UnitMark>,
+}
+
+fn resume_point(layer: &PlannedLayer, keys: &[&Digest], cache: &BuildCache) -> Option<Resume> {
+    let prev = cache.layer(&cache.lineage(&layer.lineage)?)?;
+    let common = prev
+        .marks
+        .iter()
+        .zip(keys)
+        .take_while(|(m, k)| &m.key == **k)
+        .count();
+    // Everything shared (only the blob was collected): still redo the last unit, so there is
+    // always a mark to resume from.
+    let index = common
+        .min(keys.len().saturating_sub(1))
+        .min(prev.marks.len());
+    if index == 0 {
+        return None;
+    }
+    let mark = prev.marks.get(index)?;
+    // The shared members must be the bytes the recorded offset counts.
+    let mut total = 0u64;
+    for k in &keys[..index] {
+        total += cache.member_len(k)?;
+    }
+    if total != mark.offset {
+        return None;
+    }
+    Some(Resume {
+        index,
+        offset: mark.offset,
+        compressed: crate::digest::resume_hasher(&mark.compressed)?,
+        uncompressed: crate::digest::resume_hasher(&mark.uncompressed)?,
+        shared: prev.marks[..index].to_vec(),
+    })
 }

@@ -9,6 +9,10 @@
 //! nothing of providers, releases or routes: the caller passes in the digests that releases
 //! retain when it asks for garbage collection.
 
+// sha2 0.11 under its usual name: this crate needs its serializable hasher state, while the
+// rest of the workspace stays on 0.10.
+extern crate sha2_serializable as sha2;
+
 pub mod archive;
 mod base;
 mod build;
