@@ -90,6 +90,7 @@ async fn main() {
         }),
         port: None,
         command: None,
+        labels: Default::default(),
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

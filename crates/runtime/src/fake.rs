@@ -125,6 +125,7 @@ impl FakeProvider {
             addr: local_addr(i.port),
             pid: (i.state == InstanceState::Running).then_some(1),
             created: i.created,
+            labels: i.spec.labels.clone(),
         }
     }
 }
@@ -298,6 +299,7 @@ mod tests {
             }),
             port: None,
             command: None,
+            labels: BTreeMap::new(),
         }
     }
 

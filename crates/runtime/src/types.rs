@@ -163,6 +163,9 @@ pub struct InstanceSpec {
     pub port: Option<u16>,
     /// Replaces the image's entrypoint and cmd (for one-off commands such as image tests).
     pub command: Option<Vec<String>>,
+    /// Opaque key-value pairs recorded with the instance and returned by `observe`/`list`
+    /// (the control plane records the release an instance belongs to here).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl InstanceSpec {
@@ -179,6 +182,7 @@ impl InstanceSpec {
             health: Some(service.health.clone()),
             port: None,
             command: None,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -260,6 +264,8 @@ pub struct Observation {
     pub pid: Option<u32>,
     /// When it was created.
     pub created: SystemTime,
+    /// The labels it was created with.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Observation {

@@ -304,6 +304,7 @@ impl LocalProvider {
                 .map(record::ms)
                 .unwrap_or_default(),
             runtime: self.runtime.binary().to_owned(),
+            labels: spec.labels.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),
@@ -818,6 +819,7 @@ impl Provider for LocalProvider {
             addr: local_addr(record.port),
             pid,
             created: record.created(),
+            labels: record.labels.clone(),
         })
     }
 

@@ -33,6 +33,9 @@ pub(crate) struct InstanceRecord {
     pub config_digest: String,
     pub created_unix_ms: u64,
     pub runtime: String,
+    /// Added after version 1 records were first written; absent means none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// `[service.health]` as recorded.
