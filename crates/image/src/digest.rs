@@ -94,7 +94,7 @@ pub(crate) fn save_hasher(h: &Sha256) -> String {
 /// The hasher [`save_hasher`] saved, or `None` if `s` is not one (e.g. another version).
 pub(crate) fn resume_hasher(s: &str) -> Option<Sha256> {
     use sha2::digest::common::hazmat::{SerializableState, SerializedState};
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Vec<u8> = (0..s.len())

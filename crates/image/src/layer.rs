@@ -175,7 +175,7 @@ pub(crate) fn plan_layer(
         files += 1;
         let header = header_bytes(&mut tb, e, epoch)?;
         match &e.kind {
-            EntryKind::File { source, stat } => {
+            EntryKind::File { source, stat, .. } => {
                 bytes += stat.size;
                 let pad = (512 - stat.size % 512) % 512;
                 if stat.size >= BIG_FILE {
@@ -286,16 +286,10 @@ pub(crate) fn parallel<T: Sync, R: Send>(
         .collect()
 }
 
-/// Opens a source file and checks it is still the file that was planned.
-fn open_unchanged(source: &Path, stat: &StatKey) -> Result<File, BuildError> {
-    let f = File::open(source).map_err(BuildError::io("open", source))?;
-    let m = f.metadata().map_err(BuildError::io("stat", source))?;
-    if StatKey::of(&m) != *stat {
-        return Err(BuildError::ChangedDuringBuild {
-            path: source.to_path_buf(),
-        });
-    }
-    Ok(f)
+/// Opens a source file. Whether it is still the planned file is checked once, after reading
+/// ([`check_unchanged`]): a replaced file has another inode, a rewritten one a new ctime.
+fn open_unchanged(source: &Path, _stat: &StatKey) -> Result<File, BuildError> {
+    File::open(source).map_err(BuildError::io("open", source))
 }
 
 fn check_unchanged(f: &File, source: &Path, stat: &StatKey) -> Result<(), BuildError> {
@@ -608,7 +602,7 @@ fn assemble(
                 .map_err(BuildError::io("hash", Path::new("-")))?;
             Ok((Digest::from_hasher(h.hasher), states))
         });
-        let blob = (|| -> Result<(Digest, u64, Vec<(u64, String)>), BuildError> {
+        let blob = (|| -> Result<AssembledBlob, BuildError> {
             let mut w = store.blob_writer()?;
             if let Some(r) = resume {
                 for k in &keys[..start] {
@@ -666,6 +660,9 @@ fn assemble(
     cache.put_lineage(&layer.lineage, &key)?;
     Ok(report(&cached, false))
 }
+
+/// A written blob: digest, size, and (offset, compressed hasher state) at each new unit.
+type AssembledBlob = (Digest, u64, Vec<(u64, String)>);
 
 /// Where an assembly can pick up from the previous one of the same lineage.
 struct Resume {

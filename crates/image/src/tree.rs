@@ -49,6 +49,8 @@ pub(crate) enum EntryKind {
     File {
         source: PathBuf,
         stat: StatKey,
+        /// Names the inode has on the host (above 1: maybe a hardlink within the layer).
+        nlink: u64,
     },
     Symlink {
         target: Vec<u8>,
@@ -265,6 +267,7 @@ fn file_entry(
             EntryKind::File {
                 source: host.to_path_buf(),
                 stat: StatKey::of(meta),
+                nlink: meta.nlink(),
             },
             mode,
         )
@@ -304,9 +307,8 @@ fn file_entry(
 fn link_hardlinks(mut entries: Vec<LayerEntry>) -> Vec<LayerEntry> {
     let mut first: HashMap<(u64, u64), String> = HashMap::new();
     for e in &mut entries {
-        if let EntryKind::File { stat, source } = &e.kind {
-            let nlink = fs::symlink_metadata(source).map(|m| m.nlink()).unwrap_or(1);
-            if nlink < 2 {
+        if let EntryKind::File { stat, nlink, .. } = &e.kind {
+            if *nlink < 2 {
                 continue;
             }
             match first.get(&(stat.dev, stat.ino)) {
@@ -393,6 +395,7 @@ fn add_host_path(
                     kind: EntryKind::File {
                         source: current.clone(),
                         stat: StatKey::of(&meta),
+                        nlink: meta.nlink(),
                     },
                     mode: normal_mode(meta.mode()),
                     uid: 0,

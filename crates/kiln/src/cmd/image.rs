@@ -134,7 +134,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         if quiet {
             return;
         }
-        if verbose {
+        if verbose && !matches!(p, Progress::Base { layers: 0 }) {
             eprint!("[{:7.3}s] ", started.elapsed().as_secs_f64());
         }
         match p {
