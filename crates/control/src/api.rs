@@ -1,0 +1,363 @@
+//! The daemon's HTTP/JSON API, served on `<state>/kiln.sock` (mode 0600) and optionally on
+//! TCP with a bearer token. `docs/openapi.json` describes it; a test checks that [`ROUTES`]
+//! and the document list the same operations.
+//!
+//! **Invariant:** [`error_response`] is the one place errors become HTTP statuses, and a 5xx
+//! body never carries internals (they go to the daemon's log).
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::controller::{ApplyRequest, ControlError, Controller};
+
+/// Every operation the API serves, as (method, path pattern); `{x}` is a path parameter.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("GET", "/v1/apps"),
+    ("GET", "/v1/apps/{app}"),
+    ("DELETE", "/v1/apps/{app}"),
+    ("GET", "/v1/apps/{app}/releases"),
+    ("POST", "/v1/apps/{app}/releases"),
+    ("POST", "/v1/apps/{app}/rollback"),
+    ("POST", "/v1/apps/{app}/promote"),
+    ("POST", "/v1/apps/{app}/abort"),
+    ("POST", "/v1/apps/{app}/scale"),
+    ("GET", "/v1/apps/{app}/instances"),
+    ("GET", "/v1/instances/{instance}/logs"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/verify"),
+    ("GET", "/metrics"),
+];
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+/// An API failure: a status and a message for the client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        let status = match &e {
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) | ControlError::Router(_) => StatusCode::CONFLICT,
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Provider(_) => StatusCode::BAD_GATEWAY,
+            ControlError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// The one mapping from errors to responses.
+pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let message = if e.status.is_server_error() && e.status != StatusCode::BAD_GATEWAY {
+        eprintln!("kiln: internal error: {}", e.message);
+        "internal error; the daemon's log has the details".to_owned()
+    } else {
+        e.message.clone()
+    };
+    json_response(e.status, &json!({ "error": message }))
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn ok(v: Value) -> Result<Response<Full<Bytes>>, ApiError> {
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActorBody {
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    to: Option<u64>,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleBody {
+    replicas: u32,
+    #[serde(default)]
+    actor: Option<String>,
+}
+
+async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the request body: {e}"),
+            )
+        })?
+        .to_bytes();
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"{}")
+    } else {
+        bytes
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then(|| v.to_owned())
+    })
+}
+
+fn actor(a: Option<String>) -> String {
+    a.unwrap_or_else(|| "api".to_owned())
+}
+
+/// Handles one request.
+pub async fn handle(c: Arc<Controller>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match route(c, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn route(
+    c: Arc<Controller>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, parts.as_slice()) {
+        (&Method::GET, ["v1", "health"]) => {
+            ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
+        }
+        (&Method::GET, ["v1", "apps"]) => ok(json!(c.app_names().await)),
+        (&Method::GET, ["v1", "apps", app]) => ok(to_json(&c.status(app).await?)?),
+        (&Method::DELETE, ["v1", "apps", app]) => {
+            let who = actor(query(&req, "actor"));
+            let n = c.down(app, &who).await?;
+            ok(json!({"app": app, "instances_destroyed": n}))
+        }
+        (&Method::GET, ["v1", "apps", app, "releases"]) => ok(to_json(&c.releases(app)?)?),
+        (&Method::POST, ["v1", "apps", app, "releases"]) => {
+            let app = (*app).to_owned();
+            let r: ApplyRequest = body(req).await?;
+            ok(to_json(&c.apply(&app, r).await?)?)
+        }
+        (&Method::POST, ["v1", "apps", app, "rollback"]) => {
+            let app = (*app).to_owned();
+            let b: RollbackBody = body(req).await?;
+            ok(to_json(&c.rollback(&app, b.to, &actor(b.actor)).await?)?)
+        }
+        (&Method::POST, ["v1", "apps", app, "promote"]) => {
+            let app = (*app).to_owned();
+            let b: ActorBody = body(req).await?;
+            c.promote(&app, &actor(b.actor)).await?;
+            ok(json!({"app": app, "promote": "requested"}))
+        }
+        (&Method::POST, ["v1", "apps", app, "abort"]) => {
+            let app = (*app).to_owned();
+            let b: ActorBody = body(req).await?;
+            c.abort(&app, &actor(b.actor)).await?;
+            ok(json!({"app": app, "abort": "requested"}))
+        }
+        (&Method::POST, ["v1", "apps", app, "scale"]) => {
+            let app = (*app).to_owned();
+            let b: ScaleBody = body(req).await?;
+            c.scale(&app, b.replicas, &actor(b.actor)).await?;
+            ok(json!({"app": app, "replicas": b.replicas}))
+        }
+        (&Method::GET, ["v1", "apps", app, "instances"]) => ok(json!(c.instances(app).await?)),
+        (&Method::GET, ["v1", "instances", id, "logs"]) => {
+            let from = query(&req, "from")
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
+            let chunk = c.logs(id, from).await?;
+            ok(json!({"data": String::from_utf8_lossy(&chunk.data), "next": chunk.next}))
+        }
+        (&Method::GET, ["v1", "events"]) => {
+            let app = query(&req, "app");
+            let limit = query(&req, "limit").and_then(|l| l.parse().ok());
+            ok(to_json(&c.events(app.as_deref(), limit)?)?)
+        }
+        (&Method::GET, ["v1", "verify"]) => match c.verify()? {
+            Ok(r) => {
+                ok(json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head}))
+            }
+            Err(e) => ok(
+                json!({"ok": false, "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string()}),
+            ),
+        },
+        (&Method::GET, ["metrics"]) => {
+            let mut r = Response::new(Full::new(Bytes::from(c.metrics().await)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(r)
+        }
+        _ => {
+            let known = ROUTES.iter().any(|(_, p)| matches_pattern(p, &parts));
+            if known {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} is not allowed on {path}"),
+                ))
+            } else {
+                Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no API operation at {path}"),
+                ))
+            }
+        }
+    }
+}
+
+fn matches_pattern(pattern: &str, parts: &[&str]) -> bool {
+    let p: Vec<&str> = pattern.trim_matches('/').split('/').collect();
+    p.len() == parts.len()
+        && p.iter()
+            .zip(parts)
+            .all(|(a, b)| a.starts_with('{') || a == b)
+}
+
+/// Serves the API on a Unix socket until `stop` resolves. A stale socket file (no daemon
+/// answering) is replaced; a live one is an error.
+pub async fn serve_unix(
+    path: &Path,
+    c: Arc<Controller>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("a kiln daemon already serves {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let c = Arc::clone(&c);
+                        async move { Ok::<_, Infallible>(handle(c, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Serves the API on TCP, requiring `Authorization: Bearer <token>` on every request.
+pub async fn serve_tcp(
+    addr: std::net::SocketAddr,
+    token: String,
+    c: Arc<Controller>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let token: Arc<str> = Arc::from(format!("Bearer {token}"));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let c = Arc::clone(&c);
+                let token = Arc::clone(&token);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let c = Arc::clone(&c);
+                        let token = Arc::clone(&token);
+                        async move {
+                            let authorized = req
+                                .headers()
+                                .get(hyper::header::AUTHORIZATION)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()));
+                            if !authorized {
+                                return Ok::<_, Infallible>(error_response(&ApiError::new(
+                                    StatusCode::UNAUTHORIZED,
+                                    "a bearer token is required (see --token-file)",
+                                )));
+                            }
+                            Ok(handle(c, req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,168 @@
+//! The controller over the in-memory fake provider, a real ledger file and a real router:
+//! apply, rolling update, warm rollback, drift and crash replacement, scale, down, restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_control::{ApplyRequest, Controller, ControllerConfig, ReleaseConfig};
+use kiln_runtime::{DriftFinding, FakeProvider, InstanceId, Provider};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(port: u16, env: &str) -> ReleaseConfig {
+    let src = format!(
+        "name = \"web\"\n[image]\n[service]\nreplicas = 2\nenv = {{ V = \"{env}\" }}\n\
+         [deploy]\nkeep_previous = \"10m\"\n[route]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let spec = kiln_spec::Spec::parse(&src, "kiln.toml", std::path::Path::new(".")).unwrap();
+    ReleaseConfig::from_spec(&spec)
+}
+
+fn apply_req(cfg: ReleaseConfig, image: &str) -> ApplyRequest {
+    ApplyRequest {
+        image: format!("sha256:{}", image.repeat(64 / image.len())),
+        config: cfg,
+        spec_digest: "sha256:spec".into(),
+        source_commit: None,
+        actor: "test".into(),
+    }
+}
+
+async fn settle(c: &Controller, app: &str, phase: &str) -> kiln_control::AppStatus {
+    for _ in 0..200 {
+        c.reconcile().await.unwrap();
+        let s = c.status(app).await.unwrap();
+        let routed = s.instances.iter().filter(|i| i.routed).count();
+        if s.phase == phase
+            && s.instances.iter().all(|i| i.health != "starting")
+            && routed == s.replicas as usize
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "{app} never reached {phase}: {:?}",
+        c.status(app).await.unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_roll_rollback_heal_scale_down_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeProvider::new(true));
+    let provider: Arc<dyn Provider> = fake.clone();
+    let cfg = ControllerConfig {
+        state_dir: dir.path().to_owned(),
+    };
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    let port = free_port();
+
+    // Release 1.
+    let r1 = c
+        .apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    assert_eq!(r1.number, 1);
+    let s = settle(&c, "web", "completed").await;
+    assert_eq!(s.live, Some(1));
+    assert_eq!(s.weights.get(&1), Some(&100));
+    assert_eq!(s.instances.len(), 2);
+
+    // A second apply while one is in progress is refused.
+    let r2 = c
+        .apply("web", apply_req(config(port, "2"), "b"))
+        .await
+        .unwrap();
+    let err = c
+        .apply("web", apply_req(config(port, "3"), "c"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in progress"), "{err}");
+    let s = settle(&c, "web", "completed").await;
+    assert_eq!((s.live, s.stable), (Some(r2.number), Some(1)));
+    assert_eq!(s.weights.keys().copied().collect::<Vec<_>>(), [2]);
+    // Release 1 stays warm, out of the route.
+    assert_eq!(
+        s.instances.iter().filter(|i| i.release == Some(1)).count(),
+        2
+    );
+    assert!(
+        s.instances
+            .iter()
+            .filter(|i| i.release == Some(1))
+            .all(|i| !i.routed)
+    );
+
+    // Warm rollback: one swap.
+    let rb = c.rollback("web", None, "test").await.unwrap();
+    assert!(rb.warm);
+    assert_eq!((rb.from, rb.to), (2, 1));
+    let s = c.status("web").await.unwrap();
+    assert_eq!(s.weights.keys().copied().collect::<Vec<_>>(), [1]);
+    assert_eq!(s.live, Some(1));
+
+    // A crashed instance is replaced; a drifted one too.
+    let victim = InstanceId::new(&s.instances.iter().find(|i| i.routed).unwrap().id).unwrap();
+    fake.exit(&victim, 137);
+    let s = settle(&c, "web", "completed").await;
+    assert!(!s.instances.iter().any(|i| i.id == victim.to_string()));
+    assert_eq!(s.instances.iter().filter(|i| i.routed).count(), 2);
+    let drifted = InstanceId::new(&s.instances.iter().find(|i| i.routed).unwrap().id).unwrap();
+    // The run loop subscribes to drift reports; report while it runs.
+    let runner = tokio::spawn(Arc::clone(&c).run(tokio::time::sleep(Duration::from_millis(600))));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fake.drift(
+        &drifted,
+        vec![DriftFinding::Write {
+            path: "/etc/evil".into(),
+        }],
+    );
+    runner.await.unwrap();
+    let s = settle(&c, "web", "completed").await;
+    assert!(
+        !s.instances.iter().any(|i| i.id == drifted.to_string()),
+        "{s:?}"
+    );
+    let kinds: Vec<String> = c
+        .events(Some("web"), None)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&"drift.detected".to_owned()), "{kinds:?}");
+    assert!(kinds.contains(&"instance.replaced".to_owned()), "{kinds:?}");
+    assert!(kinds.contains(&"rollback".to_owned()), "{kinds:?}");
+
+    // Scale.
+    c.scale("web", 3, "test").await.unwrap();
+    let s = settle(&c, "web", "completed").await;
+    assert_eq!(s.instances.iter().filter(|i| i.routed).count(), 3);
+
+    // Restart: a new controller over the same state adopts everything.
+    c.shutdown().await;
+    drop(c);
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    let s = settle(&c, "web", "completed").await;
+    assert_eq!(s.live, Some(1));
+    assert_eq!(s.instances.iter().filter(|i| i.routed).count(), 3);
+    assert!(c.verify().unwrap().is_ok());
+
+    // Down destroys every instance.
+    c.down("web", "test").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(provider.list().await.unwrap().is_empty());
+    assert!(c.status("web").await.is_err());
+}
