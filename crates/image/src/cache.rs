@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::build::BuildError;
@@ -143,29 +143,6 @@ impl BuildCache {
         tmp.persist(&path)
             .map_err(|e| BuildError::io("rename into", &path)(e.error))?;
         Ok(())
-    }
-
-    pub(crate) fn copy_member(&self, key: &Digest, out: &mut dyn Write) -> Result<u64, BuildError> {
-        let path = self.unit_path(key);
-        let mut f = File::open(&path).map_err(BuildError::io("open", &path))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = f.read(&mut buf).map_err(BuildError::io("read", &path))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])
-                .map_err(BuildError::io("write blob from", &path))?;
-            total += n as u64;
-        }
-        if total == 0 {
-            return Err(BuildError::io("read", &path)(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "empty cached unit",
-            )));
-        }
-        Ok(total)
     }
 
     /// Opens a cached member for a raw copy, with its length.

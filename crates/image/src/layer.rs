@@ -602,31 +602,92 @@ fn assemble(
                 .map_err(BuildError::io("hash", Path::new("-")))?;
             Ok((Digest::from_hasher(h.hasher), states))
         });
-        let blob = (|| -> Result<AssembledBlob, BuildError> {
-            let mut w = store.blob_writer()?;
-            if let Some(r) = resume {
-                for k in &keys[..start] {
+        // The compressed stream is hashed on its own thread, reading the members, while this
+        // one builds the blob with in-kernel copies: the bytes never pass through user space
+        // on the write side, and both run at once.
+        let (keys, trailer) = (&keys, &trailer);
+        let hashed = s.spawn(
+            move || -> Result<(Sha256, Vec<(u64, String)>, u64), BuildError> {
+                let (mut h, mut offset) = match resume {
+                    Some(r) => (r.compressed.clone(), r.offset),
+                    None => (Sha256::new(), 0),
+                };
+                let mut marks = Vec::new();
+                let mut buf = vec![0u8; 1 << 20];
+                for k in &keys[start..] {
+                    marks.push((offset, crate::digest::save_hasher(&h)));
                     let (mut f, _) = cache.open_member(k)?;
-                    w.write_unhashed(&mut f)
-                        .map_err(BuildError::io("write", store.root()))?;
+                    loop {
+                        let n = f
+                            .read(&mut buf)
+                            .map_err(BuildError::io("read", cache.dir()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                        offset += n as u64;
+                    }
+                }
+                h.update(trailer);
+                offset += trailer.len() as u64;
+                Ok((h, marks, offset))
+            },
+        );
+        let blob = (|| -> Result<BlobWriterAndLen, BuildError> {
+            let mut w = store.blob_writer()?;
+            let werr = BuildError::io("write", store.root());
+            if let Some(r) = resume {
+                // The previous blob starts with exactly these members: one in-kernel copy of
+                // its prefix is much cheaper than one per member. Collected? Use the members.
+                let from_blob = std::fs::File::open(store.blob_path(&r.previous_blob))
+                    .ok()
+                    .filter(|f| f.metadata().is_ok_and(|m| m.len() == r.previous_size));
+                match from_blob {
+                    Some(f) => {
+                        w.write_unhashed(&mut f.take(r.offset)).map_err(werr)?;
+                    }
+                    None => {
+                        for k in &keys[..start] {
+                            let (mut f, _) = cache.open_member(k)?;
+                            w.write_unhashed(&mut f)
+                                .map_err(BuildError::io("write", store.root()))?;
+                        }
+                    }
                 }
                 if w.len() != r.offset {
                     return Err(BuildError::Internal {
                         reason: "cached units changed size while being copied".to_owned(),
                     });
                 }
-                w.resume(r.compressed.clone());
             }
-            let mut marks = Vec::new();
             for k in &keys[start..] {
-                marks.push((w.len(), crate::digest::save_hasher(w.hasher())));
-                cache.copy_member(k, &mut w)?;
+                let (mut f, _) = cache.open_member(k)?;
+                w.write_unhashed(&mut f)
+                    .map_err(BuildError::io("write", store.root()))?;
             }
-            w.write_all(&trailer)
+            w.write_unhashed(&mut trailer.as_slice())
                 .map_err(BuildError::io("write", store.root()))?;
-            let (d, size) = w.commit(None)?;
-            Ok((d, size, marks))
+            let len = w.len();
+            Ok((w, len))
         })();
+        let blob = match (blob, hashed.join()) {
+            (Ok((mut w, len)), Ok(Ok((h, marks, hashed_len)))) => {
+                if len != hashed_len {
+                    Err(BuildError::Internal {
+                        reason: format!("blob has {len} bytes but {hashed_len} were hashed"),
+                    })
+                } else {
+                    w.resume(h);
+                    w.commit(None)
+                        .map(|(d, size)| (d, size, marks))
+                        .map_err(BuildError::from)
+                }
+            }
+            (Err(e), _) | (_, Ok(Err(e))) => Err(e),
+            (_, Err(_)) => Err(BuildError::Internal {
+                reason: "the hashing thread panicked".to_owned(),
+            }),
+        };
         let diff = diff.join().unwrap_or_else(|_| {
             Err(BuildError::Internal {
                 reason: "the hashing thread panicked".to_owned(),
@@ -661,8 +722,8 @@ fn assemble(
     Ok(report(&cached, false))
 }
 
-/// A written blob: digest, size, and (offset, compressed hasher state) at each new unit.
-type AssembledBlob = (Digest, u64, Vec<(u64, String)>);
+/// A blob being written, with its length.
+type BlobWriterAndLen = (crate::store::BlobWriter, u64);
 
 /// Where an assembly can pick up from the previous one of the same lineage.
 struct Resume {
@@ -674,6 +735,9 @@ struct Resume {
     uncompressed: Sha256,
     /// Marks of the shared units, reused as they are.
     shared: Vec<UnitMark>,
+    /// The blob that assembly produced, and its size.
+    previous_blob: Digest,
+    previous_size: u64,
 }
 
 fn resume_point(layer: &PlannedLayer, keys: &[&Digest], cache: &BuildCache) -> Option<Resume> {
@@ -707,5 +771,7 @@ fn resume_point(layer: &PlannedLayer, keys: &[&Digest], cache: &BuildCache) -> O
         compressed: crate::digest::resume_hasher(&mark.compressed)?,
         uncompressed: crate::digest::resume_hasher(&mark.uncompressed)?,
         shared: prev.marks[..index].to_vec(),
+        previous_blob: prev.digest.clone(),
+        previous_size: prev.size,
     })
 }

@@ -35,5 +35,5 @@ pub use store::{
     VerifiedReader, normalize_tag,
 };
 pub use unpack::{
-    Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack,
+    Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack, unpack_blob,
 };

@@ -639,7 +639,7 @@ impl Write for BlobWriter {
 impl BlobWriter {
     /// Appends `src` without hashing it: the caller vouches for its content and then
     /// [`BlobWriter::resume`]s the hasher from the state recorded after those same bytes.
-    pub(crate) fn write_unhashed(&mut self, src: &mut File) -> io::Result<u64> {
+    pub(crate) fn write_unhashed<R: Read>(&mut self, src: &mut R) -> io::Result<u64> {
         self.inner.inner.flush()?;
         // File to file: std uses copy_file_range, so the bytes never enter this process.
         let n = io::copy(src, self.inner.inner.get_mut().as_file_mut())?;
@@ -650,11 +650,6 @@ impl BlobWriter {
     /// Replaces the hasher with `state`, which must describe exactly the bytes written.
     pub(crate) fn resume(&mut self, state: Sha256) {
         self.inner.hasher = state;
-    }
-
-    /// The hasher as it stands (to record a resumable state).
-    pub(crate) fn hasher(&self) -> &Sha256 {
-        &self.inner.hasher
     }
 
     /// Bytes written so far.

@@ -559,6 +559,35 @@ fn set_owner_mode(
     Ok(())
 }
 
+/// Unpacks the layer blob `layer` from `store` into `root`, decompressing as its bytes say.
+/// The blob is verified against its digest as it is read (to its very end, past the tar
+/// trailer); on any error the caller should discard `root`, which may hold a partial layer.
+pub fn unpack_blob(
+    store: &crate::Store,
+    layer: &crate::Digest,
+    root: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackReport, UnpackError> {
+    let path = store.blob_path(layer);
+    let name = path.display().to_string();
+    let mut blob = store.open_blob(layer).map_err(|e| UnpackError::Io {
+        op: "open layer",
+        entry: name.clone(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let report = {
+        let r = decompress(&mut blob).map_err(|source| UnpackError::Malformed { source })?;
+        unpack(r, root, opts)?
+    };
+    // tar stops at its end marker; the rest of the blob must still be read to verify it.
+    io::copy(&mut blob, &mut io::sink()).map_err(|source| UnpackError::Io {
+        op: "verify layer",
+        entry: name,
+        source,
+    })?;
+    Ok(report)
+}
+
 /// Wraps a layer stream in the decompressor its first bytes call for (gzip — all members —
 /// zstd, or none).
 pub fn decompress<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {

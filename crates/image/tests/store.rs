@@ -53,6 +53,16 @@ fn a_corrupted_blob_is_detected_on_read_and_named() {
     .unwrap_err();
     assert!(err.to_string().contains(layer.as_str()), "{err}");
     assert!(!dest.exists());
+    // Unpacking it (as the runtime does, layer by layer) fails naming the blob, even though
+    // tar itself stops reading at its end marker.
+    let root = env.path().join("unpacked");
+    fs::create_dir_all(&root).unwrap();
+    let err = kiln_image::unpack_blob(&env.store, layer, &root, &Default::default()).unwrap_err();
+    assert!(
+        err.to_string().contains(layer.as_str())
+            || matches!(err, kiln_image::UnpackError::Malformed { .. }),
+        "{err}"
+    );
     // A corrupted manifest is caught before it is parsed.
     let mpath = env.store.blob_path(&out.digest);
     fs::write(&mpath, b"{}").unwrap();

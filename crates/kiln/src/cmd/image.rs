@@ -114,6 +114,40 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         Ok(spec) => spec,
         Err(code) => return Ok(code),
     };
+    let started = std::time::Instant::now();
+    let built = build_spec(&spec, args.threads, state, out)
+        .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
+    if out.json {
+        out.data(&json!({
+            "digest": built.digest,
+            "size": built.size,
+            "tag": built.tag,
+            "config": built.config,
+            "layers": built.layers,
+        }))?;
+    } else {
+        if !out.quiet {
+            eprintln!(
+                "built {} ({}, {} layer(s)) in {:.2}s",
+                built.tag.as_deref().unwrap_or("image"),
+                human(built.size),
+                built.layers.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        println!("{}", built.digest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds a validated spec's image into the store and tags it `NAME:latest`, showing
+/// per-layer progress on stderr (shared by `kiln build`, `plan`, `apply` and `up`).
+pub fn build_spec(
+    spec: &kiln_spec::Spec,
+    threads: Option<usize>,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<kiln_image::BuildOutput> {
     let store = store(state)?;
     let cache_dir = state.join("cache").join("build");
     let mut cache = BuildCache::open(&cache_dir)
@@ -123,7 +157,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         tag: Some(format!("{}:latest", spec.name)),
         ..BuildOptions::default()
     };
-    if let Some(t) = args.threads {
+    if let Some(t) = threads {
         opts.threads = t.max(1);
     }
     let tty = std::io::stderr().is_terminal();
@@ -164,29 +198,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             }
         }
     };
-    let built = kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)
-        .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
-    if out.json {
-        out.data(&json!({
-            "digest": built.digest,
-            "size": built.size,
-            "tag": built.tag,
-            "config": built.config,
-            "layers": built.layers,
-        }))?;
-    } else {
-        if !quiet {
-            eprintln!(
-                "built {} ({}, {} layer(s)) in {:.2}s",
-                built.tag.as_deref().unwrap_or("image"),
-                human(built.size),
-                built.layers.len(),
-                started.elapsed().as_secs_f64()
-            );
-        }
-        println!("{}", built.digest);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)?)
 }
 
 pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
