@@ -606,33 +606,31 @@ fn assemble(
         // one builds the blob with in-kernel copies: the bytes never pass through user space
         // on the write side, and both run at once.
         let (keys, trailer) = (&keys, &trailer);
-        let hashed = s.spawn(
-            move || -> Result<(Sha256, Vec<(u64, String)>, u64), BuildError> {
-                let (mut h, mut offset) = match resume {
-                    Some(r) => (r.compressed.clone(), r.offset),
-                    None => (Sha256::new(), 0),
-                };
-                let mut marks = Vec::new();
-                let mut buf = vec![0u8; 1 << 20];
-                for k in &keys[start..] {
-                    marks.push((offset, crate::digest::save_hasher(&h)));
-                    let (mut f, _) = cache.open_member(k)?;
-                    loop {
-                        let n = f
-                            .read(&mut buf)
-                            .map_err(BuildError::io("read", cache.dir()))?;
-                        if n == 0 {
-                            break;
-                        }
-                        h.update(&buf[..n]);
-                        offset += n as u64;
+        let hashed = s.spawn(move || -> Result<HashedStream, BuildError> {
+            let (mut h, mut offset) = match resume {
+                Some(r) => (r.compressed.clone(), r.offset),
+                None => (Sha256::new(), 0),
+            };
+            let mut marks = Vec::new();
+            let mut buf = vec![0u8; 1 << 20];
+            for k in &keys[start..] {
+                marks.push((offset, crate::digest::save_hasher(&h)));
+                let (mut f, _) = cache.open_member(k)?;
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(BuildError::io("read", cache.dir()))?;
+                    if n == 0 {
+                        break;
                     }
+                    h.update(&buf[..n]);
+                    offset += n as u64;
                 }
-                h.update(trailer);
-                offset += trailer.len() as u64;
-                Ok((h, marks, offset))
-            },
-        );
+            }
+            h.update(trailer);
+            offset += trailer.len() as u64;
+            Ok((h, marks, offset))
+        });
         let blob = (|| -> Result<BlobWriterAndLen, BuildError> {
             let mut w = store.blob_writer()?;
             let werr = BuildError::io("write", store.root());
@@ -721,6 +719,9 @@ fn assemble(
     cache.put_lineage(&layer.lineage, &key)?;
     Ok(report(&cached, false))
 }
+
+/// The compressed stream's hasher, the (offset, state) at each new unit, and its length.
+type HashedStream = (Sha256, Vec<(u64, String)>, u64);
 
 /// A blob being written, with its length.
 type BlobWriterAndLen = (crate::store::BlobWriter, u64);

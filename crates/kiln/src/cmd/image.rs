@@ -198,7 +198,13 @@ pub fn build_spec(
             }
         }
     };
-    Ok(kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)?)
+    Ok(kiln_image::build(
+        &spec.image,
+        &store,
+        &mut cache,
+        &opts,
+        &mut progress,
+    )?)
 }
 
 pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
