@@ -550,7 +550,18 @@ impl Controller {
                         self.create(name, a, release).await;
                     }
                 }
-                Action::Route(target) => self.publish(a, target, &addrs, &releases_of)?,
+                Action::Route(target) => {
+                    let weights = target.weights.clone();
+                    if weights != a.route.weights {
+                        let _ = self.ledger().append(
+                            name,
+                            "route.changed",
+                            &serde_json::json!({"weights": weights, "instances": target.members.len()}),
+                            now,
+                        );
+                    }
+                    self.publish(a, target, &addrs, &releases_of)?;
+                }
                 Action::Destroy { instance, reason } => {
                     if let (Ok(id), Some(addr)) = (InstanceId::new(&instance), addrs.get(&instance))
                     {

@@ -83,6 +83,34 @@ pub enum Command {
     Test(crate::cmd::test::TestArgs),
     /// Check that this host can run instances and say what to install or change
     Doctor(crate::cmd::doctor::DoctorArgs),
+    /// Run the daemon: API on <state>/kiln.sock, one router per app, the reconciler
+    Serve(crate::cmd::daemon::ServeArgs),
+    /// Build, test and roll out the spec with a daemon (started in-process if none runs)
+    Up(crate::cmd::deploy::UpArgs),
+    /// Show what `kiln apply` would change (exit 2 with --detailed-exitcode when something would)
+    Plan(crate::cmd::deploy::PlanArgs),
+    /// Build (unless --image), record a new release and roll it out
+    Apply(crate::cmd::deploy::ApplyArgs),
+    /// Return to the previous release (a route swap when it is still warm)
+    Rollback(crate::cmd::deploy::RollbackArgs),
+    /// Advance a blue-green or canary rollout waiting for a person (skips remaining steps)
+    Promote(crate::cmd::deploy::AppArg),
+    /// Abort a rollout: all traffic back to the stable release
+    Abort(crate::cmd::deploy::AppArg),
+    /// Change the number of instances of the live release
+    Scale(crate::cmd::deploy::ScaleArgs),
+    /// Releases, route weights, instances with health and age, rollout progress
+    Status(crate::cmd::deploy::AppArg),
+    /// The ledger's events (releases, traffic changes, drift, replacements, rollbacks)
+    History(crate::cmd::deploy::HistoryArgs),
+    /// Check the ledger's hash chain end to end; exit 1 naming the first bad entry
+    Verify,
+    /// Drift found on instances and what was done about it
+    Drift(crate::cmd::deploy::AppArg),
+    /// Print an app's (or one instance's) output
+    Logs(crate::cmd::deploy::LogsArgs),
+    /// Stop an app: destroy its instances and stop routing it
+    Down(crate::cmd::deploy::AppArg),
 }
 
 /// Which spec file to read.

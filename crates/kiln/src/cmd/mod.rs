@@ -1,6 +1,8 @@
 //! One module per group of commands; [`run`] dispatches.
 
 mod completions;
+pub mod daemon;
+pub mod deploy;
 pub mod doctor;
 pub mod image;
 mod instance;
@@ -27,5 +29,19 @@ pub fn run(cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(&args, &cli.global.state, out),
         Command::Test(args) => test::test(&args, &cli.global.state, out),
         Command::Doctor(args) => doctor::doctor(&args, &cli.global.state, out),
+        Command::Serve(args) => daemon::serve(&args, &cli.global.state, out),
+        Command::Up(args) => deploy::up(&args, &cli.global.state, out),
+        Command::Plan(args) => deploy::plan(&args, &cli.global.state, out),
+        Command::Apply(args) => deploy::apply(&args, &cli.global.state, out),
+        Command::Rollback(args) => deploy::rollback(&args, &cli.global.state, out),
+        Command::Promote(args) => deploy::promote(&args, &cli.global.state, out),
+        Command::Abort(args) => deploy::abort(&args, &cli.global.state, out),
+        Command::Scale(args) => deploy::scale(&args, &cli.global.state, out),
+        Command::Status(args) => deploy::status(&args, &cli.global.state, out),
+        Command::History(args) => deploy::history(&args, &cli.global.state, out),
+        Command::Verify => deploy::verify(&cli.global.state, out),
+        Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
+        Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
+        Command::Down(args) => deploy::down(&args, &cli.global.state, out),
     }
 }

@@ -1,0 +1,172 @@
+//! `kiln serve`: the daemon — the controller, its API on `<state>/kiln.sock` (and optional
+//! TCP with a bearer token), one router listener per app, and the reconciler. SIGTERM or
+//! Ctrl-C stops the daemon and its listeners; instances keep running and a restarted daemon
+//! adopts them (`kiln down APP` is the way to stop an app).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_control::{Controller, ControllerConfig};
+use kiln_runtime::Provider;
+
+use super::instance::{StoreImages, local_provider};
+use crate::output::Output;
+
+/// `kiln serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Also serve the API on this TCP address (requires --token-file)
+    #[arg(long, value_name = "ADDR", requires = "token_file")]
+    pub api_listen: Option<SocketAddr>,
+
+    /// File holding the bearer token TCP clients must send
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The OCI runtime binary of the local provider
+    #[arg(long, default_value = "runc", value_name = "BIN")]
+    pub runtime: String,
+}
+
+/// The daemon's socket in a state directory.
+pub fn socket(state: &Path) -> PathBuf {
+    state.join("kiln.sock")
+}
+
+/// A started daemon: its controller and what stops it.
+pub struct Daemon {
+    /// The controller (for in-process use by `kiln up`).
+    pub controller: Arc<Controller>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts the controller, the reconciler and the API on `state`. Call inside a tokio
+    /// runtime.
+    pub async fn start(
+        state: &Path,
+        runtime: &str,
+        tcp: Option<(SocketAddr, String)>,
+    ) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(state)
+            .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+        let images = Arc::new(StoreImages::open(state)?);
+        let provider: Arc<dyn Provider> = local_provider(state, runtime, images)?;
+        let controller = Controller::start(
+            &ControllerConfig {
+                state_dir: state.to_owned(),
+            },
+            provider,
+        )
+        .await
+        .context("cannot start the controller")?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(
+            Arc::clone(&controller).run(wait(stopped.clone())),
+        ));
+        let sock = socket(state);
+        // Bind now, so a second daemon on the same state fails here rather than later.
+        let api = {
+            let c = Arc::clone(&controller);
+            let stop = wait(stopped.clone());
+            if sock.exists() && tokio::net::UnixStream::connect(&sock).await.is_ok() {
+                anyhow::bail!("a kiln daemon already serves {}", sock.display());
+            }
+            tokio::spawn(async move {
+                if let Err(e) = kiln_control::api::serve_unix(&sock, c, stop).await {
+                    eprintln!("kiln: API on {}: {e}", sock.display());
+                }
+            })
+        };
+        tasks.push(api);
+        if let Some((addr, token)) = tcp {
+            let c = Arc::clone(&controller);
+            let stop = wait(stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = kiln_control::api::serve_tcp(addr, token, c, stop).await {
+                    eprintln!("kiln: API on {addr}: {e}");
+                }
+            }));
+        }
+        // Wait until the socket answers, so clients started right after us find it.
+        let client = kiln_control::client::Client::new(&socket(state));
+        for _ in 0..200 {
+            if client.alive().await {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Ok(Daemon {
+            controller,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops the API, the reconciler and the listeners; instances keep running.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.controller.shutdown().await;
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn signalled() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let tcp = match (&args.api_listen, &args.token_file) {
+        (Some(addr), Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "the token file {} is empty",
+                file.display()
+            );
+            Some((*addr, token))
+        }
+        _ => None,
+    };
+    let rt = super::instance::tokio_runtime()?;
+    rt.block_on(async {
+        let daemon = Daemon::start(state, &args.runtime, tcp).await?;
+        let apps = daemon.controller.app_names().await;
+        out.say(&format!(
+            "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, instances keep running",
+            socket(state).display(),
+            apps.len(),
+            if apps.len() == 1 { "" } else { "s" }
+        ));
+        signalled().await;
+        daemon.stop().await;
+        out.say("kiln daemon stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,867 @@
+//! The commands that talk to the daemon: `plan`, `apply`, `status`, `history`, `verify`,
+//! `rollback`, `promote`, `abort`, `scale`, `down`, `logs`, `drift`, and `up`, which starts
+//! a daemon in-process when none is running.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Args;
+use kiln_control::client::{Client, ClientError};
+use kiln_control::{AppStatus, ApplyRequest, ReleaseConfig};
+use kiln_spec::Spec;
+use serde_json::{Value, json};
+
+use super::daemon::{Daemon, signalled, socket};
+use crate::output::Output;
+
+/// `kiln plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The spec file
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
+    pub file: PathBuf,
+    /// Exit 0 when nothing would change, 2 when something would (1 on errors)
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+/// `kiln apply`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The spec file
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
+    pub file: PathBuf,
+    /// Release this image (a manifest digest in the store) instead of building
+    #[arg(long, value_name = "DIGEST")]
+    pub image: Option<String>,
+    /// Return once the release is recorded, without waiting for the rollout
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `kiln up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The spec file
+    #[arg(
+        short = 'f',
+        long = "file",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
+    pub file: PathBuf,
+    /// The OCI runtime binary (when `up` starts the daemon)
+    #[arg(long, default_value = "runc", value_name = "BIN")]
+    pub runtime: String,
+}
+
+/// Commands that name an app (default: the `name` in ./kiln.toml).
+#[derive(Debug, Args)]
+pub struct AppArg {
+    /// The app (default: the name in ./kiln.toml)
+    pub app: Option<String>,
+}
+
+/// `kiln history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Only this app's events
+    pub app: Option<String>,
+    /// Only the last N events
+    #[arg(short = 'n', long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+/// `kiln rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The app (default: the name in ./kiln.toml)
+    pub app: Option<String>,
+    /// The release to return to (default: the previous one)
+    #[arg(long, value_name = "N")]
+    pub to: Option<u64>,
+    /// Return at once, without waiting for a cold rollback's rollout
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `kiln scale`.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The app
+    pub app: String,
+    /// Instances of the live release
+    pub replicas: u32,
+}
+
+/// `kiln logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// An app (all its instances) or one instance id
+    pub target: Option<String>,
+    /// Keep printing new output
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+fn client(state: &Path) -> Client {
+    Client::new(&socket(state))
+}
+
+fn block<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    super::instance::tokio_runtime()?.block_on(f)
+}
+
+/// The app a command is about: as given, or the `name` of ./kiln.toml.
+fn app_name(app: Option<&str>) -> anyhow::Result<String> {
+    if let Some(a) = app {
+        return Ok(a.to_owned());
+    }
+    let text = std::fs::read_to_string("kiln.toml")
+        .context("name the app (no ./kiln.toml to take its name from)")?;
+    let name = text.lines().find_map(|l| {
+        let l = l.trim();
+        let v = l
+            .strip_prefix("name")?
+            .trim_start()
+            .strip_prefix('=')?
+            .trim();
+        Some(v.trim_matches('"').to_owned())
+    });
+    name.filter(|n| !n.is_empty())
+        .context("name the app (./kiln.toml has no `name`)")
+}
+
+/// Who is acting, for the ledger: `user@host`.
+fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata("/proc/self").map(|m| m.uid()) {
+                Ok(0) => "root".to_owned(),
+                Ok(uid) => format!("uid{uid}"),
+                Err(_) => "unknown".to_owned(),
+            }
+        });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{user}@{host}")
+}
+
+/// The commit checked out in the git tree holding `dir`, read from `.git` directly.
+fn git_commit(dir: &Path) -> Option<String> {
+    let abs = std::path::absolute(dir).ok()?;
+    let git = abs
+        .ancestors()
+        .map(|d| d.join(".git"))
+        .find(|g| g.is_dir())?;
+    let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref: ") else {
+        return Some(head.to_owned());
+    };
+    if let Ok(id) = std::fs::read_to_string(git.join(reference)) {
+        return Some(id.trim().to_owned());
+    }
+    let packed = std::fs::read_to_string(git.join("packed-refs")).ok()?;
+    packed.lines().find_map(|l| {
+        let (id, name) = l.split_once(' ')?;
+        (name == reference).then(|| id.to_owned())
+    })
+}
+
+fn load(file: &Path, out: &Output) -> anyhow::Result<Result<Spec, ExitCode>> {
+    super::spec::load(file, out)
+}
+
+/// Builds (or takes `image`), checks the test attestation, and forms the apply request.
+fn release_request(
+    spec: &Spec,
+    file: &Path,
+    image: Option<&str>,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<ApplyRequest> {
+    let digest = match image {
+        Some(d) => d.to_owned(),
+        None => super::image::build_spec(spec, None, state, out)?
+            .digest
+            .to_string(),
+    };
+    if spec.image.test.is_some() {
+        let store = kiln_image::Store::open(state.join("images"))?;
+        let parsed = kiln_image::Digest::parse(&digest)
+            .with_context(|| format!("{digest:?} is not an image digest"))?;
+        let attestation = store.read_attestation(&parsed)?;
+        let passed = attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed");
+        anyhow::ensure!(
+            passed,
+            "image {digest} has not passed its tests and {} has [image.test]: run `kiln test {digest}` first",
+            file.display()
+        );
+    }
+    let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    Ok(ApplyRequest {
+        image: digest,
+        config: ReleaseConfig::from_spec(spec),
+        spec_digest: kiln_runtime::Digest::of(&text).to_string(),
+        source_commit: git_commit(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }),
+        actor: actor(),
+    })
+}
+
+pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let spec = match load(&args.file, out)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let req = release_request_untested(&spec, state, out)?;
+    let current = block(async {
+        match client(state).get(&format!("/v1/apps/{}", spec.name)).await {
+            Ok(v) => Ok(Some(serde_json::from_value::<AppStatus>(v)?)),
+            Err(ClientError::Api { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })?;
+    let mut changes = Vec::new();
+    let strategy = spec.deploy.strategy.name();
+    match &current {
+        None => changes.push(format!(
+            "+ new app {}: release 1, image {}, {} instance(s), {strategy}, listening on {}",
+            spec.name, req.image, spec.service.replicas, spec.route.listen
+        )),
+        Some(cur) => {
+            if cur.image != req.image {
+                changes.push(format!("~ image: {} → {}", cur.image, req.image));
+            }
+            for line in req.config.diff(&cur.config) {
+                changes.push(format!("~ {line}"));
+            }
+        }
+    }
+    if out.json {
+        out.data(&json!({"app": spec.name.as_str(), "changes": changes, "current_release": current.as_ref().map(|c| c.release)}))?;
+    } else if changes.is_empty() {
+        out.say(&format!(
+            "{}: no changes; release {} is what kiln.toml describes",
+            spec.name,
+            current.as_ref().map_or(0, |c| c.release)
+        ));
+    } else {
+        let next = current.as_ref().map_or(1, |c| c.release + 1);
+        out.say(&format!(
+            "{}: apply would record release {next} and roll it out ({strategy}):",
+            spec.name
+        ));
+        for c in &changes {
+            out.say(&format!("  {c}"));
+        }
+        if let Some(cur) = &current {
+            out.say(&format!(
+                "  instances: create {} of release {next}; release {} stays warm for rollback",
+                spec.service.replicas, cur.release
+            ));
+        }
+    }
+    Ok(if args.detailed_exitcode && !changes.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// For `plan`: the image digest and config apply would use, without requiring tests.
+fn release_request_untested(
+    spec: &Spec,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<ApplyRequest> {
+    let quiet = Output {
+        quiet: true,
+        ..*out
+    };
+    let built = super::image::build_spec(spec, None, state, &quiet)?;
+    Ok(ApplyRequest {
+        image: built.digest.to_string(),
+        config: ReleaseConfig::from_spec(spec),
+        spec_digest: String::new(),
+        source_commit: None,
+        actor: actor(),
+    })
+}
+
+pub fn apply(args: &ApplyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let spec = match load(&args.file, out)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let req = release_request(&spec, &args.file, args.image.as_deref(), state, out)?;
+    block(async {
+        let c = client(state);
+        let number = submit(&c, spec.name.as_str(), &req, out).await?;
+        if args.no_wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        wait(&c, spec.name.as_str(), number, out).await
+    })
+}
+
+async fn submit(c: &Client, app: &str, req: &ApplyRequest, out: &Output) -> anyhow::Result<u64> {
+    let v = c
+        .post(
+            &format!("/v1/apps/{app}/releases"),
+            &serde_json::to_value(req)?,
+        )
+        .await?;
+    let number = v["number"]
+        .as_u64()
+        .context("the daemon did not say the release number")?;
+    if out.json {
+        out.data(&v)?;
+    } else {
+        out.say(&format!(
+            "{app}: release {number} recorded (image {})",
+            req.image
+        ));
+    }
+    Ok(number)
+}
+
+/// Follows a rollout until it completes (exit 0) or aborts (exit 1), printing each change.
+async fn wait(c: &Client, app: &str, release: u64, out: &Output) -> anyhow::Result<ExitCode> {
+    let mut last = String::new();
+    let started = std::time::Instant::now();
+    loop {
+        let s: AppStatus = serde_json::from_value(c.get(&format!("/v1/apps/{app}")).await?)?;
+        let line = progress_line(&s);
+        if line != last && !out.json {
+            out.say(&format!(
+                "  [{:5.1}s] {line}",
+                started.elapsed().as_secs_f64()
+            ));
+            last = line;
+        }
+        if s.release == release {
+            match s.phase.as_str() {
+                "completed" => {
+                    out.say(&format!(
+                        "{app}: release {release} is live on http://{}",
+                        s.listen
+                    ));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                "aborted" => {
+                    out.error(&anyhow::anyhow!(
+                        "{app}: release {release} was rolled back: {}",
+                        s.reason.as_deref().unwrap_or("aborted")
+                    ));
+                    return Ok(ExitCode::FAILURE);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn progress_line(s: &AppStatus) -> String {
+    let healthy = |r: u64| {
+        s.instances
+            .iter()
+            .filter(|i| i.release == Some(r) && i.health == "healthy")
+            .count()
+    };
+    let weights: Vec<String> = s
+        .weights
+        .iter()
+        .map(|(r, w)| format!("r{r} {w}%"))
+        .collect();
+    let mut line = format!(
+        "{} · r{} {}/{} healthy",
+        s.phase,
+        s.release,
+        healthy(s.release),
+        s.replicas
+    );
+    if let Some(st) = s.stable {
+        line.push_str(&format!(", r{st} {} healthy", healthy(st)));
+    }
+    line.push_str(&format!(
+        " · route {}",
+        if weights.is_empty() {
+            "empty".to_owned()
+        } else {
+            weights.join(", ")
+        }
+    ));
+    if s.awaiting_promotion {
+        line.push_str(" · waiting for `kiln promote`");
+    }
+    line
+}
+
+pub fn status(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    block(async {
+        let c = client(state);
+        let apps: Vec<String> = match &args.app {
+            Some(a) => vec![a.clone()],
+            None => serde_json::from_value(c.get("/v1/apps").await?)?,
+        };
+        let mut all = Vec::new();
+        for app in &apps {
+            all.push(c.get(&format!("/v1/apps/{app}")).await?);
+        }
+        if out.json {
+            out.data(&Value::Array(all))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if all.is_empty() {
+            out.say("no apps are running; start one with `kiln apply` or `kiln up`");
+        }
+        for v in all {
+            let s: AppStatus = serde_json::from_value(v)?;
+            print_status(&s, out);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn print_status(s: &AppStatus, out: &Output) {
+    out.say(&format!(
+        "{}  live release {}  ({} of release {}: {})  on http://{}",
+        s.app,
+        s.live.map_or("none".to_owned(), |l| l.to_string()),
+        s.strategy,
+        s.release,
+        s.phase,
+        s.listen
+    ));
+    if let Some(r) = &s.reason {
+        out.say(&format!("  reason: {r}"));
+    }
+    out.say(&format!("  {}", progress_line(s)));
+    out.say(&format!(
+        "  {:<20} {:>3} {:<8} {:<9} {:<21} {:>7} routed",
+        "instance", "rel", "state", "health", "address", "age"
+    ));
+    for i in &s.instances {
+        out.say(&format!(
+            "  {:<20} {:>3} {:<8} {:<9} {:<21} {:>7} {}{}",
+            i.id,
+            i.release.map_or("?".to_owned(), |r| r.to_string()),
+            i.state,
+            i.health,
+            i.addr,
+            age(i.age_ms),
+            if i.routed { "yes" } else { "no" },
+            i.drift
+                .as_ref()
+                .map_or(String::new(), |d| format!("  DRIFT: {d}"))
+        ));
+    }
+}
+
+fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn when(ms: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn history(args: &HistoryArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    block(async {
+        let mut path = "/v1/events?".to_owned();
+        if let Some(a) = &args.app {
+            path.push_str(&format!("app={a}&"));
+        }
+        if let Some(n) = args.limit {
+            path.push_str(&format!("limit={n}"));
+        }
+        let events = client(state).get(&path).await?;
+        if out.json {
+            out.data(&events)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        for e in events.as_array().into_iter().flatten() {
+            out.say(&format!(
+                "{:>5} {} {:<12} {:<26} {}",
+                e["seq"],
+                when(e["at_ms"].as_i64().unwrap_or(0)),
+                e["app"].as_str().unwrap_or(""),
+                e["kind"].as_str().unwrap_or(""),
+                summary(&e["data"])
+            ));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// A compact one-line rendering of an event's data.
+fn summary(data: &Value) -> String {
+    if let Some(reason) = data["reason"].as_str() {
+        return reason.to_owned();
+    }
+    if let Some(verdict) = data.get("verdict") {
+        return verdict.to_string();
+    }
+    data.to_string()
+}
+
+pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let v = block(async {
+        let c = client(state);
+        if c.alive().await {
+            return Ok(c.get("/v1/verify").await?);
+        }
+        // No daemon: read the ledger file directly.
+        let path = state.join("ledger.db");
+        anyhow::ensure!(
+            path.exists(),
+            "no ledger at {}: nothing has been deployed with this --state",
+            path.display()
+        );
+        let ledger = kiln_ledger::Ledger::open(&path)?;
+        Ok(match ledger.verify()? {
+            Ok(r) => {
+                json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head})
+            }
+            Err(e) => {
+                json!({"ok": false, "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string()})
+            }
+        })
+    })?;
+    if out.json {
+        out.data(&v)?;
+    } else if v["ok"] == true {
+        out.say(&format!(
+            "ledger ok: {} events and {} releases verified; chain head {}",
+            v["events"],
+            v["releases"],
+            v["head"].as_str().unwrap_or("")
+        ));
+    } else {
+        out.error(&anyhow::anyhow!(
+            "{}",
+            v["message"]
+                .as_str()
+                .unwrap_or("the ledger does not verify")
+        ));
+    }
+    Ok(if v["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn rollback(args: &RollbackArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let app = app_name(args.app.as_deref())?;
+    block(async {
+        let c = client(state);
+        let v = c
+            .post(
+                &format!("/v1/apps/{app}/rollback"),
+                &json!({"to": args.to, "actor": actor()}),
+            )
+            .await?;
+        if out.json {
+            out.data(&v)?;
+        }
+        let (from, to) = (
+            v["from"].as_u64().unwrap_or(0),
+            v["to"].as_u64().unwrap_or(0),
+        );
+        if v["warm"] == true {
+            out.say(&format!(
+                "{app}: rolled back from release {from} to {to} (warm: route switched in {} µs)",
+                v["switch_us"]
+            ));
+            Ok(ExitCode::SUCCESS)
+        } else {
+            out.say(&format!(
+                "{app}: release {to} is not warm; rolling it out again (no rebuild)"
+            ));
+            if args.no_wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait(&c, &app, to, out).await
+        }
+    })
+}
+
+fn simple(
+    state: &Path,
+    out: &Output,
+    path: String,
+    body: Value,
+    done: String,
+) -> anyhow::Result<ExitCode> {
+    block(async {
+        let v = client(state).post(&path, &body).await?;
+        if out.json {
+            out.data(&v)?;
+        } else {
+            out.say(&done);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn promote(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let app = app_name(args.app.as_deref())?;
+    simple(
+        state,
+        out,
+        format!("/v1/apps/{app}/promote"),
+        json!({"actor": actor()}),
+        format!("{app}: promotion requested"),
+    )
+}
+
+pub fn abort(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let app = app_name(args.app.as_deref())?;
+    simple(
+        state,
+        out,
+        format!("/v1/apps/{app}/abort"),
+        json!({"actor": actor()}),
+        format!("{app}: abort requested; traffic returns to the stable release"),
+    )
+}
+
+pub fn scale(args: &ScaleArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let app = &args.app;
+    simple(
+        state,
+        out,
+        format!("/v1/apps/{app}/scale"),
+        json!({"replicas": args.replicas, "actor": actor()}),
+        format!("{app}: scaling to {} instance(s)", args.replicas),
+    )
+}
+
+pub fn down(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let app = app_name(args.app.as_deref())?;
+    block(async {
+        let v = client(state)
+            .delete(&format!("/v1/apps/{app}?actor={}", actor()))
+            .await?;
+        if out.json {
+            out.data(&v)?;
+        } else {
+            out.say(&format!(
+                "{app}: stopped; {} instance(s) destroyed",
+                v["instances_destroyed"]
+            ));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn logs(args: &LogsArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let target = app_name(args.target.as_deref())?;
+    block(async {
+        let c = client(state);
+        let instances: Vec<String> = match c.get(&format!("/v1/apps/{target}/instances")).await {
+            Ok(v) => serde_json::from_value(v)?,
+            Err(ClientError::Api { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+                vec![target.clone()]
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let many = instances.len() > 1;
+        let mut offsets: std::collections::BTreeMap<String, u64> =
+            std::collections::BTreeMap::new();
+        loop {
+            for id in &instances {
+                let from = offsets.get(id).copied().unwrap_or(0);
+                let chunk = match c.get(&format!("/v1/instances/{id}/logs?from={from}")).await {
+                    Ok(v) => v,
+                    Err(ClientError::Api { message, .. }) if args.follow => {
+                        let _ = message;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let data = chunk["data"].as_str().unwrap_or("");
+                for line in data.lines() {
+                    if many {
+                        println!("{id} | {line}");
+                    } else {
+                        println!("{line}");
+                    }
+                }
+                offsets.insert(id.clone(), chunk["next"].as_u64().unwrap_or(from));
+            }
+            if !args.follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let _ = out;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+pub fn drift(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    block(async {
+        let mut path = "/v1/events?".to_owned();
+        if let Some(a) = &args.app {
+            path.push_str(&format!("app={a}"));
+        }
+        let events = client(state).get(&path).await?;
+        let found: Vec<&Value> = events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                let kind = e["kind"].as_str().unwrap_or("");
+                kind == "drift.detected"
+                    || (kind == "instance.replaced"
+                        && e["data"]["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("drifted")))
+            })
+            .collect();
+        if out.json {
+            out.data(&json!(found))?;
+        } else if found.is_empty() {
+            out.say("no drift found");
+        } else {
+            for e in found {
+                let d = &e["data"];
+                let what = if e["kind"] == "drift.detected" {
+                    format!(
+                        "found on {}: {}",
+                        d["instance"].as_str().unwrap_or("?"),
+                        d["findings"]
+                    )
+                } else {
+                    format!("replaced: {}", d["reason"].as_str().unwrap_or(""))
+                };
+                out.say(&format!(
+                    "{} {:<12} {what}",
+                    when(e["at_ms"].as_i64().unwrap_or(0)),
+                    e["app"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let spec = match load(&args.file, out)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let app = spec.name.to_string();
+    out.say(&format!("==> building {app}"));
+    let built = super::image::build_spec(&spec, None, state, out)?;
+    let digest = built.digest.to_string();
+    if spec.image.test.is_some() {
+        out.say(&format!("==> testing {digest}"));
+        let code = super::test::test(
+            &super::test::TestArgs {
+                reference: Some(digest.clone()),
+                file: args.file.clone(),
+            },
+            state,
+            out,
+        )?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+    }
+    let req = release_request(&spec, &args.file, Some(&digest), state, out)?;
+    block(async {
+        let c = client(state);
+        let daemon = if c.alive().await {
+            out.say(&format!(
+                "==> using the kiln daemon on {}",
+                socket(state).display()
+            ));
+            None
+        } else {
+            out.say("==> starting a kiln daemon in this process");
+            Some(Daemon::start(state, &args.runtime, None).await?)
+        };
+        out.say(&format!("==> rolling out {app}"));
+        let number = submit(&c, &app, &req, out).await?;
+        let code = wait(&c, &app, number, out).await?;
+        if code == ExitCode::SUCCESS {
+            out.say(&format!(
+                "\n{app} is up on http://{} — try, in another terminal:\n  \
+                 kiln status {app}\n  \
+                 (edit kiln.toml, e.g. HELLO_VERSION) then: kiln apply -f {}\n  \
+                 kiln rollback {app}\n  \
+                 kiln history {app}\n\
+                 Streaming events; Ctrl-C stops {}.",
+                spec.route.listen,
+                args.file.display(),
+                if daemon.is_some() {
+                    "the app and the daemon"
+                } else {
+                    "following (the app keeps running)"
+                }
+            ));
+            let mut seen = c
+                .get(&format!("/v1/events?app={app}"))
+                .await?
+                .as_array()
+                .and_then(|a| a.last())
+                .and_then(|e| e["seq"].as_u64())
+                .unwrap_or(0);
+            let stop = signalled();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    () = tokio::time::sleep(Duration::from_millis(300)) => {
+                        let events = c.get(&format!("/v1/events?app={app}&limit=50")).await?;
+                        for e in events.as_array().into_iter().flatten() {
+                            let seq = e["seq"].as_u64().unwrap_or(0);
+                            if seq > seen {
+                                seen = seq;
+                                out.say(&format!("{} {:<26} {}", when(e["at_ms"].as_i64().unwrap_or(0)), e["kind"].as_str().unwrap_or(""), summary(&e["data"])));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(d) = daemon {
+            out.say(&format!("==> stopping {app} and the daemon"));
+            let _ = c.delete(&format!("/v1/apps/{app}?actor={}", actor())).await;
+            d.stop().await;
+        }
+        Ok(code)
+    })
+}
