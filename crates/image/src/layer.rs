@@ -47,6 +47,8 @@ const BIG_FILE: u64 = 256 * 1024;
 const CHUNK: u64 = 4 * 1024 * 1024;
 /// About one small entry in this many ends a unit (decided by a hash of its path).
 const UNIT_SPREAD: u8 = 32;
+/// Blob bytes written between background flushes.
+const SYNC_EVERY: u64 = 32 * 1024 * 1024;
 /// Bumped whenever the bytes of a unit for a given key would change.
 const KEY_VERSION: &[u8] = b"kiln-unit-v2";
 
@@ -631,8 +633,26 @@ fn assemble(
             offset += trailer.len() as u64;
             Ok((h, marks, offset))
         });
+        // The blob must be fsynced before it is named; flushing it in the background every
+        // SYNC_EVERY bytes while the rest is still being written leaves the final fsync only
+        // the tail. Errors here are not lost: the final fsync reports them.
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<File>();
+        s.spawn(move || {
+            for f in sync_rx {
+                let _ = f.sync_data();
+            }
+        });
         let blob = (|| -> Result<BlobWriterAndLen, BuildError> {
             let mut w = store.blob_writer()?;
+            let mut synced_at = 0u64;
+            let mut background_sync = |w: &crate::store::BlobWriter| {
+                if w.len() - synced_at >= SYNC_EVERY
+                    && let Ok(f) = w.file_handle()
+                {
+                    synced_at = w.len();
+                    let _ = sync_tx.send(f);
+                }
+            };
             let werr = BuildError::io("write", store.root());
             if let Some(r) = resume {
                 // The previous blob starts with exactly these members: one in-kernel copy of
@@ -657,11 +677,13 @@ fn assemble(
                         reason: "cached units changed size while being copied".to_owned(),
                     });
                 }
+                background_sync(&w);
             }
             for k in &keys[start..] {
                 let (mut f, _) = cache.open_member(k)?;
                 w.write_unhashed(&mut f)
                     .map_err(BuildError::io("write", store.root()))?;
+                background_sync(&w);
             }
             w.write_unhashed(&mut trailer.as_slice())
                 .map_err(BuildError::io("write", store.root()))?;

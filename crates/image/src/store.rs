@@ -647,6 +647,11 @@ impl BlobWriter {
         Ok(n)
     }
 
+    /// A second handle on the file being written, to fsync what has reached it early.
+    pub(crate) fn file_handle(&self) -> io::Result<File> {
+        self.inner.inner.get_ref().as_file().try_clone()
+    }
+
     /// Replaces the hasher with `state`, which must describe exactly the bytes written.
     pub(crate) fn resume(&mut self, state: Sha256) {
         self.inner.hasher = state;
