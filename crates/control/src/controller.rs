@@ -711,7 +711,12 @@ fn release_of(o: &Observation) -> Option<u64> {
 
 fn health_of(o: &Observation) -> DHealth {
     match (o.state, o.health) {
-        (InstanceState::Exited | InstanceState::Vanished, _) => DHealth::Failed,
+        // The controller creates and starts an instance within one tick, so an instance
+        // still only created when a tick looks was left by a controller killed in between:
+        // it will never start by itself.
+        (InstanceState::Exited | InstanceState::Vanished | InstanceState::Created, _) => {
+            DHealth::Failed
+        }
         (_, Health::Healthy) => DHealth::Healthy,
         (_, Health::Unhealthy) => DHealth::Unhealthy,
         (_, Health::Failed) => DHealth::Failed,
@@ -844,8 +849,9 @@ impl Controller {
         actor: &str,
     ) -> Result<RollbackOutcome> {
         let started = std::time::Instant::now();
-        let observed = self.provider.list().await?;
         let mut apps = self.apps.lock().await;
+        // Observed under the apps lock, so no tick is half-way through creating an instance.
+        let observed = self.provider.list().await?;
         let a = apps
             .get_mut(app)
             .ok_or_else(|| ControlError::NotFound(format!("no app named {app} is running")))?;

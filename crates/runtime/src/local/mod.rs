@@ -841,9 +841,23 @@ impl Provider for LocalProvider {
                 self.destroy(&id).await?;
                 continue;
             }
-            let record = self.record(&id)?;
+            // An instance destroyed while we list (its directory gone between the read_dir
+            // and here) is simply no longer there.
+            let record = match self.record(&id) {
+                Ok(r) => r,
+                Err(_) if !instances.join(id.as_str()).exists() => continue,
+                Err(e) => return Err(e),
+            };
             self.adopt(&id, &record).await?;
-            out.push(self.observe(&id).await?);
+            match self.observe(&id).await {
+                Ok(o) => out.push(o),
+                Err(ProviderError::NotFound(_)) => continue,
+                Err(e) if !instances.join(id.as_str()).exists() => {
+                    let _ = e;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         // Runtime state with no instance directory is a destroy that crashed after removing
         // the files: remove the rest.

@@ -193,7 +193,19 @@ impl OciRuntime for RuncCli {
 
     async fn list(&self) -> Result<Vec<RuntimeState>, RuntimeFailure> {
         let args = ["list", "--format", "json"];
-        let out = self.output(&args).await?;
+        let mut out = self.output(&args).await?;
+        // `runc list` reads each container's state directory after listing the root, so a
+        // container deleted in between (a concurrent destroy) fails the whole listing with
+        // "no such file or directory". That is a race, not an error: list again.
+        for _ in 0..5 {
+            if out.status.success()
+                || !String::from_utf8_lossy(&out.stderr).contains("no such file or directory")
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            out = self.output(&args).await?;
+        }
         if !out.status.success() {
             return Err(self.failure(&args, &out));
         }
