@@ -2,7 +2,8 @@
 //! store; safe layer unpacking; import and export.
 //!
 //! The CLI calls [`build()`], the [`Store`] (list, inspect, tag, gc, attestations) and the
-//! [`archive`] functions (import, export); the runtime calls [`unpack()`] on each layer.
+//! [`archive`] functions (import, export); the runtime calls [`unpack_blob()`] on each layer
+//! (it verifies the blob to its end; [`unpack()`] takes any tar stream).
 //!
 //! **API boundary:** this crate reads an `[image]` spec and files on this host and writes
 //! only under the store and cache directories it is given (and export targets). It knows
