@@ -6,7 +6,7 @@
 //! body never carries internals (they go to the daemon's log).
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -274,10 +274,11 @@ fn matches_pattern(pattern: &str, parts: &[&str]) -> bool {
 /// Serves the API on a Unix socket until `stop` resolves. A stale socket file (no daemon
 /// answering) is replaced; a live one is an error.
 pub async fn serve_unix(
-    path: &Path,
+    path: PathBuf,
     c: Arc<Controller>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let path = path.as_path();
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(

@@ -82,7 +82,7 @@ impl Daemon {
                 anyhow::bail!("a kiln daemon already serves {}", sock.display());
             }
             tokio::spawn(async move {
-                if let Err(e) = kiln_control::api::serve_unix(&sock, c, stop).await {
+                if let Err(e) = kiln_control::api::serve_unix(sock.clone(), c, stop).await {
                     eprintln!("kiln: API on {}: {e}", sock.display());
                 }
             })
