@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# kiln's main job on the example app: builds kiln and the example, then checks the example's
-# kiln.toml. (Later issues grow this into a live rollout: build, test, apply, rollback.)
+# kiln's main job on the example app, on the embedded local provider (runc): builds kiln and
+# the example, then `kiln up` builds the image, tests it, starts a daemon in this process,
+# rolls the app out behind kiln's router and streams events until Ctrl-C (which stops the
+# app and the daemon).
 source "$(dirname "$0")/lib.sh"
 need_cargo
+if ! command -v runc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing runc (the OCI runtime kiln's local provider drives)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runc >/dev/null
+  else
+    echo "kiln's local provider needs runc and root: run 'sudo apt-get install -y runc', then this script as root" >&2
+    exit 1
+  fi
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "kiln's local provider mounts overlay filesystems and runs runc: run this script as root" >&2
+  exit 1
+fi
 echo "==> building kiln and the example app (release)"
 cargo build --release --locked -p kiln
 build_example
 KILN=$TARGET_DIR/release/kiln
-echo "==> kiln validate -f examples/hello/kiln.toml -v"
-"$KILN" validate -f examples/hello/kiln.toml -v
-echo
-echo "kiln is at $KILN; try: $KILN --help"
+echo "==> kiln is $KILN; in another terminal: export PATH=$(dirname "$KILN"):\$PATH"
+exec "$KILN" up -f examples/hello/kiln.toml "$@"
