@@ -207,15 +207,19 @@ impl App {
             let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
             control.stats.get(release).cloned()
         }?;
-        Some(stats.snapshot(self.now_second(), window.as_secs().max(1)))
+        Some(stats.snapshot(
+            self.second_at(tokio::time::Instant::now()),
+            window.as_secs().max(1),
+        ))
     }
 
     pub(crate) fn current(&self) -> Arc<Published> {
         self.route.load_full()
     }
 
-    pub(crate) fn now_second(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
+    /// The stats windows' second that `instant` falls in.
+    pub(crate) fn second_at(&self, instant: tokio::time::Instant) -> u64 {
+        instant.saturating_duration_since(self.epoch).as_secs()
     }
 
     pub(crate) fn all_stats(&self) -> Vec<Arc<ReleaseStats>> {

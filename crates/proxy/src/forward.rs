@@ -10,7 +10,7 @@
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
 //! tell the router's 404/502/503/504 from the app's.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use crate::body::{ProxyBody, Upstream, UpstreamBody};
 use crate::config::Sticky;
 use crate::hosts::HostTable;
 use crate::instance::{InFlight, InstanceState, Sender};
+use crate::peer::Peer;
 use crate::route::Published;
 use crate::stats::UpstreamError;
 use crate::sticky;
@@ -52,14 +53,14 @@ pub(crate) struct Shared {
 /// Serves one client request.
 pub(crate) async fn handle(
     shared: &Shared,
-    peer: SocketAddr,
+    peer: &Peer,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let host = request_host(&req);
     let Some(app) = shared
         .hosts
-        .lookup(host.as_deref())
+        .lookup(host.as_ref().and_then(|h| h.to_str().ok()))
         .and_then(|i| shared.apps.get(i))
     else {
         return local(
@@ -96,9 +97,10 @@ pub(crate) async fn handle(
 
 struct Context<'a> {
     app: &'a Arc<App>,
-    peer: SocketAddr,
+    peer: &'a Peer,
     scheme: &'static str,
-    host: Option<String>,
+    /// The request's host as the client named it (`Host` or the URI authority).
+    host: Option<HeaderValue>,
     start: Instant,
     max_body_bytes: Option<u64>,
 }
@@ -152,11 +154,16 @@ impl Context<'_> {
             .get(choice.release)
             .map(|r| Arc::clone(&r.stats));
         let attempt = self.send(&mut table, &choice, upstream, replay);
-        let outcome = tokio::time::timeout(self.app.config().request_timeout, attempt).await;
-        let now = self.app.now_second();
+        // The deadline counts from the request's arrival, so no second clock read is needed.
+        let deadline = self.start + self.app.config().request_timeout;
+        let outcome = tokio::time::timeout_at(deadline, attempt).await;
+        // One clock read gives both the latency and the stats window's second.
+        let end = Instant::now();
+        let now = self.app.second_at(end);
+        let latency = end.saturating_duration_since(self.start);
         let failure = |status: StatusCode, text: &str| {
             if let Some(stats) = &chosen_stats {
-                stats.record(now, status.as_u16(), self.start.elapsed());
+                stats.record(now, status.as_u16(), latency);
             }
             local(status, format!("kiln: {text}\n"))
         };
@@ -190,8 +197,7 @@ impl Context<'_> {
         let Some(live) = table.releases.get(release) else {
             return local(StatusCode::BAD_GATEWAY, "kiln: route changed\n".to_owned());
         };
-        live.stats
-            .record(now, response.status().as_u16(), self.start.elapsed());
+        live.stats.record(now, response.status().as_u16(), latency);
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -392,46 +398,23 @@ impl Context<'_> {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
-        if !headers.contains_key(header::HOST) {
-            // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
-            if let Some(value) = self
-                .host
-                .as_deref()
-                .and_then(|h| HeaderValue::from_str(h).ok())
-            {
-                headers.insert(header::HOST, value);
+        if let Some(host) = &self.host {
+            if !headers.contains_key(header::HOST) {
+                // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
+                headers.insert(header::HOST, host.clone());
             }
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        let ip = client_ip(self.peer);
-        let ip_text = ip.to_string();
-        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {ip_text}"),
-            None => ip_text.clone(),
-        };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert(X_FORWARDED_FOR.clone(), value);
-        }
+        // The values come from the connection's `Peer`, built once per client connection:
+        // per request they are reference-counted clones, not freshly formatted strings.
+        let forwarded_for = self.peer.forwarded_for(headers.get(&X_FORWARDED_FOR));
+        headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
         // This router is the edge: what a client claims about the scheme is not passed on.
         headers.insert(
             X_FORWARDED_PROTO.clone(),
             HeaderValue::from_static(self.scheme),
         );
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        let mut forwarded = format!("for={node};proto={}", self.scheme);
-        if let Some(host) = self.host.as_deref() {
-            if let Ok(value) = HeaderValue::from_str(host) {
-                headers.insert(X_FORWARDED_HOST.clone(), value);
-            }
-            forwarded.push_str(";host=\"");
-            forwarded.push_str(host);
-            forwarded.push('"');
-        }
-        if let Ok(value) = HeaderValue::from_str(&forwarded) {
-            headers.append(FORWARDED.clone(), value);
-        }
+        headers.append(FORWARDED.clone(), self.peer.forwarded(self.host.as_ref()));
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let path = parts
                 .uri
@@ -495,15 +478,14 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
     drop(in_flight);
 }
 
-/// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header. The
+/// header is a reference-counted view of the request's bytes, so the common case copies
+/// nothing.
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str().to_owned());
+        return HeaderValue::from_str(authority.as_str()).ok();
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    req.headers().get(header::HOST).cloned()
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -525,36 +507,64 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// IPv4 clients reached over a dual-stack socket show as `::ffff:a.b.c.d`; report them as IPv4.
-fn client_ip(peer: SocketAddr) -> IpAddr {
-    peer.ip().to_canonical()
-}
-
 /// Removes the headers that describe one connection rather than the message.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
+    // Most messages carry none of these, or only `Connection: keep-alive`: one pass over the
+    // names (no hashing, no allocation) tells which removals are needed.
+    let mut connection = false;
+    let mut fixed = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(name) {
+            fixed = true;
+        }
+    }
+    if connection {
+        // Every header the `Connection` header names describes this connection only.
+        // A repeated `Connection` header is rare enough to collect; `remove` returns only
+        // the first value.
+        let more: Vec<HeaderValue> = if headers.get_all(header::CONNECTION).iter().count() > 1 {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .skip(1)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let first = headers.remove(header::CONNECTION);
+        for value in first.iter().chain(&more) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',') {
+                // A `&str` key is looked up without building a `HeaderName`.
+                headers.remove(token.trim());
+            }
+        }
+    }
+    if fixed {
+        for name in [
+            &KEEP_ALIVE,
+            &PROXY_CONNECTION,
+            &header::TE,
+            &header::TRAILER,
+            &header::TRANSFER_ENCODING,
+            &header::UPGRADE,
+        ] {
             headers.remove(name);
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
+}
+
+/// The hop-by-hop headers every message loses, besides `Connection` and those it names.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
@@ -593,6 +603,23 @@ mod tests {
     }
 
     #[test]
+    fn every_connection_header_names_headers_to_drop() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "X-One"),
+            ("connection", " x-two ,close"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-kept", "3"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
     fn upgrade_needs_both_headers_on_http11() {
         let req = |conn: &str, version| {
             Request::builder()
@@ -619,11 +646,5 @@ mod tests {
         ] {
             assert_eq!(is_idempotent(&method), want, "{method}");
         }
-    }
-
-    #[test]
-    fn mapped_ipv4_clients_are_reported_as_ipv4() {
-        let peer: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
-        assert_eq!(client_ip(peer).to_string(), "10.1.2.3");
     }
 }

@@ -22,8 +22,27 @@ use tokio::sync::Notify;
 
 use crate::body::UpstreamBody;
 
-/// The most idle connections kept per instance; more are closed when released.
+/// The most idle connections kept per instance and pool shard; more are closed when released.
 const MAX_IDLE: usize = 512;
+
+/// How many shards an instance's idle pool has. A connection's task runs on the runtime of the
+/// thread that opened it; with one single-threaded runtime per thread (`reuse_port`), a
+/// connection handed to a request on another thread would cost two cross-thread wake-ups per
+/// exchange (measured: the two-thread router was slower than the one-thread one). So each
+/// thread returns connections to, and takes them from, its own shard; threads beyond this
+/// many share shards, which is correct, only slower.
+const POOL_SHARDS: usize = 16;
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's pool shard, assigned on first use.
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % POOL_SHARDS;
+}
+
+fn shard() -> usize {
+    SHARD.with(|shard| *shard)
+}
 
 /// A keep-alive HTTP/1.1 connection to an instance.
 pub(crate) type Sender = http1::SendRequest<UpstreamBody>;
@@ -39,7 +58,8 @@ pub(crate) struct InstanceState {
     removed: AtomicBool,
     /// Woken when `outstanding` drops to zero while removed.
     idle_notify: Notify,
-    idle: Mutex<Vec<Sender>>,
+    /// Keep-alive connections not in use, by pool shard.
+    idle: [Mutex<Vec<Sender>>; POOL_SHARDS],
 }
 
 impl InstanceState {
@@ -49,7 +69,7 @@ impl InstanceState {
             outstanding: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
             idle_notify: Notify::new(),
-            idle: Mutex::new(Vec::new()),
+            idle: std::array::from_fn(|_| Mutex::new(Vec::new())),
         }
     }
 
@@ -79,10 +99,9 @@ impl InstanceState {
 
     /// Closes every idle connection.
     pub(crate) fn clear_idle(&self) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        for shard in &self.idle {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
     }
 
     /// Puts the instance back into a route (a rollback can re-add an instance being drained).
@@ -113,12 +132,10 @@ impl InstanceState {
 
     /// A connection to the instance: an idle pooled one if any is still open, else a new one.
     pub(crate) async fn connection(&self) -> Result<Sender, ConnectFailed> {
+        let shard = self.idle.get(shard());
         loop {
-            let pooled = self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
+            let pooled =
+                shard.and_then(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).pop());
             let Some(mut sender) = pooled else { break };
             if sender.is_closed() {
                 continue;
@@ -158,7 +175,10 @@ impl InstanceState {
         if sender.is_closed() || self.is_removed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(shard) = self.idle.get(shard()) else {
+            return;
+        };
+        let mut idle = shard.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }

@@ -28,6 +28,7 @@ mod forward;
 mod hosts;
 mod instance;
 mod listener;
+mod peer;
 mod route;
 mod stats;
 mod sticky;

@@ -25,6 +25,7 @@ use crate::config::{ListenerConfig, TlsFiles};
 use crate::error::{ConfigError, ListenerError};
 use crate::forward::{self, Shared};
 use crate::hosts::HostTable;
+use crate::peer::Peer;
 
 /// A bound listen address serving its apps.
 pub struct Listener {
@@ -153,13 +154,20 @@ async fn serve_io<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The client's forwarding identity is worked out once for the connection's life.
+    let addr = peer;
+    let peer = Peer::new(peer, shared.scheme);
+    let client = Arc::new((shared, peer));
     let service = service_fn(move |req: Request<Incoming>| {
-        let shared = Arc::clone(&shared);
-        async move { Ok::<_, Infallible>(forward::handle(&shared, peer, req).await) }
+        let client = Arc::clone(&client);
+        async move {
+            let (shared, peer) = &*client;
+            Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
+        }
     });
     let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(error) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(%peer, %error, "client connection ended");
+        tracing::debug!(peer = %addr, %error, "client connection ended");
     }
 }
 
