@@ -66,8 +66,11 @@ pub enum Sticky {
 pub struct AppConfig {
     /// The app's name, used in metrics labels and error messages.
     pub name: String,
-    /// Host names routed to this app (case-insensitive, without port). Empty means "every
-    /// host", which is allowed only when the app is alone on its listen address.
+    /// Host names routed to this app (case-insensitive, without port). A leading `*.` makes a
+    /// wildcard (`*.example.com` matches `a.example.com` and `a.b.example.com`, not
+    /// `example.com`); an exact name wins over wildcards, the longest wildcard over shorter
+    /// ones. Empty means "every host", which is allowed only when the app is alone on its
+    /// listen address.
     pub hosts: Vec<String>,
     /// Sticky sessions.
     pub sticky: Sticky,

@@ -2,6 +2,11 @@
 //!
 //! Pure data: built once per listener from the apps' host names, then only read. An unknown
 //! host finds no app (the listener answers 404); it never falls through to an arbitrary app.
+//!
+//! A host name is exact (`shop.example.com`) or a wildcard (`*.example.com`, which matches
+//! any name ending in `.example.com` — `a.example.com`, `a.b.example.com` — but not
+//! `example.com` itself). An exact name wins over every wildcard, and the longest matching
+//! wildcard suffix wins over shorter ones (`*.eu.example.com` over `*.example.com`).
 
 use std::collections::HashMap;
 
@@ -11,6 +16,8 @@ use crate::error::ConfigError;
 #[derive(Debug, Default)]
 pub(crate) struct HostTable {
     exact: HashMap<String, usize>,
+    /// Wildcards by their suffix with its leading dot (`.example.com` for `*.example.com`).
+    wildcard: HashMap<String, usize>,
     /// The app that answers every host: set only when a lone app declared no host names.
     default: Option<usize>,
 }
@@ -54,7 +61,10 @@ impl HostTable {
                     });
                 }
                 owner.insert(normal.clone(), app);
-                table.exact.insert(normal, index);
+                match normal.strip_prefix('*') {
+                    Some(suffix) => table.wildcard.insert(suffix.to_owned(), index),
+                    None => table.exact.insert(normal, index),
+                };
             }
         }
         Ok(table)
@@ -72,7 +82,23 @@ impl HostTable {
             return Some(index);
         }
         let normal = normalise(host)?;
-        self.exact.get(&normal).copied()
+        if let Some(&index) = self.exact.get(&normal) {
+            return Some(index);
+        }
+        self.wildcard_match(&normal)
+    }
+
+    /// The app of the longest wildcard suffix of `host` (already normalised): each dot that
+    /// has at least one character before it starts a candidate suffix, and the leftmost dot
+    /// gives the longest one.
+    fn wildcard_match(&self, host: &str) -> Option<usize> {
+        if self.wildcard.is_empty() {
+            return None;
+        }
+        host.char_indices()
+            .filter(|&(i, c)| c == '.' && i > 0)
+            .find_map(|(i, _)| host.get(i..).and_then(|suffix| self.wildcard.get(suffix)))
+            .copied()
     }
 }
 
@@ -98,7 +124,13 @@ pub(crate) fn normalise(host: &str) -> Option<String> {
 }
 
 fn valid_host(host: &str) -> bool {
-    host.bytes()
+    // A wildcard is `*.` before an ordinary name; a `*` anywhere else is not a host.
+    let name = match host.strip_prefix("*.") {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('.') && !rest.starts_with('[') => rest,
+        Some(_) => return false,
+        None => host,
+    };
+    name.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'))
 }
 
@@ -173,6 +205,58 @@ mod tests {
             table(&[("a", &["a.example"]), ("a", &["b.example"])]).unwrap_err(),
             ConfigError::DuplicateApp { .. }
         ));
+    }
+
+    #[test]
+    fn exact_names_win_over_wildcards_and_longer_wildcards_over_shorter() {
+        let t = table(&[
+            ("any", &["*.example.com"]),
+            ("eu", &["*.EU.example.com"]),
+            ("shop", &["shop.eu.example.com", "example.com"]),
+        ])
+        .unwrap();
+        for (host, want) in [
+            (Some("a.example.com"), Some(0)),
+            (Some("a.b.example.com:8080"), Some(0)),
+            (Some("x.eu.example.com"), Some(1)),
+            (Some("y.x.eu.example.com."), Some(1)),
+            // `*.eu.example.com` does not cover `eu.example.com`; `*.example.com` does.
+            (Some("eu.example.com"), Some(0)),
+            (Some("shop.eu.example.com"), Some(2)),
+            (Some("SHOP.eu.example.com"), Some(2)),
+            // A wildcard needs at least one label before its suffix.
+            (Some("example.com"), Some(2)),
+            (Some(".example.com"), None),
+            (Some("example.org"), None),
+            (Some("badexample.com"), None),
+        ] {
+            assert_eq!(t.lookup(host), want, "host {host:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_wildcards_and_duplicate_wildcards_are_refused() {
+        for host in [
+            "*",
+            "*.",
+            "*example.com",
+            "a.*.example.com",
+            "*..example.com",
+            "**.x",
+        ] {
+            assert!(
+                matches!(
+                    table(&[("a", &[host])]).unwrap_err(),
+                    ConfigError::InvalidHost { .. }
+                ),
+                "{host:?}"
+            );
+        }
+        let err = table(&[("a", &["*.x.example"]), ("b", &["*.X.example"])]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"host "*.x.example" is claimed by both app "a" and app "b""#
+        );
     }
 
     #[test]

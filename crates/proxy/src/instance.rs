@@ -146,7 +146,10 @@ impl InstanceState {
                 return Ok(sender);
             }
         }
-        self.connect().await
+        // Connecting is the rare path and its future is large (the TCP connect and the HTTP
+        // handshake): boxed, it does not inflate every request's future, which is moved
+        // (copied) several times on its way into the connection task.
+        Box::pin(self.connect()).await
     }
 
     async fn connect(&self) -> Result<Sender, ConnectFailed> {
