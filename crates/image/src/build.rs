@@ -175,6 +175,11 @@ pub enum Progress<'a> {
         /// How many.
         units: usize,
     },
+    /// A layer's blob is being written and hashed.
+    Assembling {
+        /// Where the layer came from (`copy #N → /to`, `base rootfs`).
+        source: &'a str,
+    },
     /// A layer is done.
     Layer(&'a LayerReport),
 }

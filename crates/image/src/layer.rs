@@ -37,8 +37,10 @@ use crate::tree::{EntryKind, LayerEntry, StatKey};
 pub(crate) const GZIP_LEVEL: u32 = 1;
 /// Each block of a unit is its own member, so incompressible parts can be stored.
 const BLOCK: usize = 256 * 1024;
-/// How much of a block is test-compressed to decide whether to store it.
-const SAMPLE: usize = 32 * 1024;
+/// A block is test-compressed on this many slices of [`SAMPLE`] bytes to decide whether to
+/// store it (3% of it: the test must cost much less than the compression it saves).
+const SAMPLES: usize = 4;
+const SAMPLE: usize = 2 * 1024;
 /// zstd level: the library default.
 pub(crate) const ZSTD_LEVEL: i32 = 3;
 /// Files at least this large get units of their own.
@@ -244,7 +246,9 @@ pub(crate) fn plan_layer(
 
 fn compression_tag(c: Compression) -> String {
     match c {
-        Compression::Gzip => format!("gzip-{GZIP_LEVEL}-block-{BLOCK}-sample-{SAMPLE}"),
+        Compression::Gzip => {
+            format!("gzip-{GZIP_LEVEL}-block-{BLOCK}-sample-{SAMPLES}x{SAMPLE}")
+        }
         Compression::Zstd => format!("zstd-{ZSTD_LEVEL}"),
     }
 }
@@ -388,19 +392,25 @@ fn compress_bytes(plain: &[u8], c: Compression, out: &mut Vec<u8>) -> Result<(),
     Ok(())
 }
 
-/// Whether deflate would gain less than a tenth on `block`, judged on its first
-/// [`SAMPLE`] bytes at the fastest level (random data, media and compressed files).
+/// Whether deflate would gain less than a tenth on `block`, judged at the fastest level on
+/// [`SAMPLES`] slices of [`SAMPLE`] bytes spread over it (random data, media, archives).
 fn incompressible(block: &[u8], scratch: &mut Vec<u8>) -> Result<bool, BuildError> {
-    let sample = &block[..block.len().min(SAMPLE)];
-    if sample.len() < 512 {
+    if block.len() < SAMPLES * SAMPLE * 2 {
         return Ok(false);
     }
     scratch.clear();
     let mut enc = flate2::write::DeflateEncoder::new(&mut *scratch, flate2::Compression::new(1));
-    enc.write_all(sample)
-        .and_then(|_| enc.finish().map(|_| ()))
+    let stride = block.len() / SAMPLES;
+    let mut sampled = 0;
+    for i in 0..SAMPLES {
+        let slice = &block[i * stride..i * stride + SAMPLE];
+        sampled += slice.len();
+        enc.write_all(slice)
+            .map_err(BuildError::io("compress", Path::new("-")))?;
+    }
+    enc.finish()
         .map_err(BuildError::io("compress", Path::new("-")))?;
-    Ok(scratch.len() * 10 > sample.len() * 9)
+    Ok(scratch.len() * 10 > sampled * 9)
 }
 
 /// The member that ends every layer: tar's two zero blocks.
@@ -527,6 +537,9 @@ pub(crate) fn encode_layers(
     let mut reports = Vec::new();
     for (li, layer) in layers.iter().enumerate() {
         let compressed_here = missing.iter().filter(|(l, _)| *l == li).count() as u64;
+        progress(crate::build::Progress::Assembling {
+            source: &layer.source,
+        });
         let report = assemble(layer, compressed_here, cache, store)?;
         progress(crate::build::Progress::Layer(&report));
         reports.push(report);

@@ -168,7 +168,12 @@ pub fn build_spec(
         if quiet {
             return;
         }
-        if verbose && !matches!(p, Progress::Base { layers: 0 }) {
+        if verbose
+            && !matches!(
+                p,
+                Progress::Base { layers: 0 } | Progress::Assembling { .. }
+            )
+        {
             eprint!("[{:7.3}s] ", started.elapsed().as_secs_f64());
         }
         match p {
@@ -176,6 +181,11 @@ pub fn build_spec(
             Progress::Base { .. } => {}
             Progress::Hashing { files } => eprintln!("hashing {files} changed file(s)"),
             Progress::Compressing { units } => eprintln!("compressing {units} unit(s)"),
+            Progress::Assembling { source } if verbose => eprintln!(
+                "[{:7.3}s] writing layer {source}",
+                started.elapsed().as_secs_f64()
+            ),
+            Progress::Assembling { .. } => {}
             Progress::Layer(l) => {
                 let state = if l.cache_hit {
                     "cached".to_owned()
