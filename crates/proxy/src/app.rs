@@ -198,6 +198,26 @@ impl App {
             .map_or(0, |s| s.outstanding())
     }
 
+    /// Starts watching for `release`'s next response: [`App::first_response`] then tells when
+    /// it arrived. Call it before [`App::set_route`] to learn how soon after a switch the new
+    /// release answered. Returns `false` when `release` is not in the route table.
+    pub fn watch_first_response(&self, release: &str) -> bool {
+        let stats = {
+            let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+            control.stats.get(release).cloned()
+        };
+        stats.map(|stats| stats.watch_first_response()).is_some()
+    }
+
+    /// When the router received the first response head from `release` (for any client)
+    /// since the last [`App::watch_first_response`]; `None` until then, or when `release` is
+    /// not in the route table.
+    #[must_use]
+    pub fn first_response(&self, release: &str) -> Option<tokio::time::Instant> {
+        let control = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        control.stats.get(release)?.first_response()
+    }
+
     /// The measurements of `release` over the last `window` (whole seconds, the current one
     /// included, at most [`crate::WINDOW_MAX_SECONDS`]); `None` when the release is not in the
     /// route table.
@@ -275,6 +295,18 @@ mod tests {
             app.snapshot("r2", Duration::from_secs(1)).unwrap().requests,
             0
         );
+    }
+
+    #[test]
+    fn a_first_response_watch_needs_a_routed_release() {
+        let app = app(Duration::from_secs(30));
+        assert!(!app.watch_first_response("r1"));
+        app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        assert!(app.watch_first_response("r1"));
+        assert_eq!(app.first_response("r1"), None);
+        let at = tokio::time::Instant::now();
+        app.all_stats().pop().unwrap().saw_response(at);
+        assert_eq!(app.first_response("r1"), Some(at));
     }
 
     #[tokio::test(start_paused = true)]

@@ -198,6 +198,7 @@ impl Context<'_> {
             return local(StatusCode::BAD_GATEWAY, "kiln: route changed\n".to_owned());
         };
         live.stats.record(now, response.status().as_u16(), latency);
+        live.stats.saw_response(end);
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {

@@ -7,11 +7,12 @@
 //! head (time to first byte): a stream's length says nothing about the release's health.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use tokio::time::Instant;
 
 use crate::app::App;
 
@@ -176,6 +177,10 @@ pub(crate) struct ReleaseStats {
     duration_buckets: [AtomicU64; DURATION_BOUNDS.len()],
     duration_sum_micros: AtomicU64,
     window: Option<Mutex<Window>>,
+    /// Set by [`ReleaseStats::watch_first_response`]; the next response clears it and leaves
+    /// its time in `first_response`. Requests only load the flag (relaxed) while unset.
+    watching: AtomicBool,
+    first_response: Mutex<Option<Instant>>,
 }
 
 impl ReleaseStats {
@@ -187,6 +192,8 @@ impl ReleaseStats {
             duration_buckets: Default::default(),
             duration_sum_micros: AtomicU64::new(0),
             window: Window::new().map(Mutex::new),
+            watching: AtomicBool::new(false),
+            first_response: Mutex::new(None),
         }
     }
 
@@ -214,6 +221,33 @@ impl ReleaseStats {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .record(now, latency, status >= 500);
+        }
+    }
+
+    /// Forgets the last watched response and catches the time of the next one.
+    pub(crate) fn watch_first_response(&self) {
+        *self
+            .first_response
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.watching.store(true, Ordering::SeqCst);
+    }
+
+    /// When the first response after the last [`ReleaseStats::watch_first_response`] arrived.
+    pub(crate) fn first_response(&self) -> Option<Instant> {
+        *self
+            .first_response
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes a response head that arrived at `at`, for a watch in progress.
+    pub(crate) fn saw_response(&self, at: Instant) {
+        if self.watching.load(Ordering::Relaxed) && self.watching.swap(false, Ordering::AcqRel) {
+            *self
+                .first_response
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(at);
         }
     }
 
@@ -414,6 +448,21 @@ mod tests {
         assert_eq!(s.duration_sum_micros.load(Ordering::Relaxed), 22_000);
         let snap = s.snapshot(1, 1);
         assert_eq!((snap.requests, snap.errors), (2, 1));
+    }
+
+    #[test]
+    fn a_watch_catches_only_the_first_response_after_it() {
+        let s = ReleaseStats::new("r1".into());
+        let t0 = Instant::now();
+        s.saw_response(t0);
+        assert_eq!(s.first_response(), None, "no watch yet");
+        s.watch_first_response();
+        let t1 = t0 + ms(1);
+        s.saw_response(t1);
+        s.saw_response(t1 + ms(1));
+        assert_eq!(s.first_response(), Some(t1));
+        s.watch_first_response();
+        assert_eq!(s.first_response(), None);
     }
 
     #[test]

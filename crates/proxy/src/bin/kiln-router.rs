@@ -8,12 +8,17 @@
 //! ```
 //!
 //! - `proxy` routes everything to the blue release; each line `blue` or `green` written to the
-//!   control Unix socket switches all traffic to that release and is answered `ok`.
+//!   control Unix socket switches all traffic to that release and is answered
+//!   `ok SWAP_US FIRST_US`: the microseconds the route-table swap took, and from the swap to
+//!   the first response head the router received from the new release for any client (the
+//!   load's or the probe's), as the router stamped it (`-` if none came within a second). This is the switch as the router sees it, without the probe's own
+//!   process and socket hops.
 //! - `backend` answers every request with `NAME\n` and prints `listening on ADDR` once bound.
-//! - `probe` opens a keep-alive connection, starts a clock, performs a switch (a line to a Unix
-//!   socket, or a shell command), then sends `GET /` back to back (reconnecting if the proxy
-//!   closes the connection) until a response body contains TEXT, and prints the microseconds
-//!   to that response and to the switch's acknowledgement.
+//! - `probe` opens a keep-alive connection and sends `GET /` on it back to back (reconnecting
+//!   if the proxy closes it); meanwhile it starts a clock and performs a switch (a line to a
+//!   Unix socket, or a shell command). It prints the microseconds from the switch command to
+//!   the first response whose body contains TEXT, to the switch's acknowledgement, and then
+//!   whatever the acknowledgement said after `ok` (kiln's router: its own two timings).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -192,21 +197,52 @@ async fn control_loop(
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let reply = match line.trim() {
-                "blue" => {
-                    app.set_route(&to_blue);
-                    "ok\n"
+            let release = line.trim();
+            let table = match release {
+                "blue" => &to_blue,
+                "green" => &to_green,
+                _ => {
+                    if write.write_all(b"unknown command\n").await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
-                "green" => {
-                    app.set_route(&to_green);
-                    "ok\n"
-                }
-                _ => "unknown command\n",
             };
+            let reply = switch(&app, release, table);
             if write.write_all(reply.as_bytes()).await.is_err() {
                 break;
             }
         }
+    }
+}
+
+/// Publishes `table`, which sends all weighted traffic to `release`, and waits (at most a
+/// second) for the first response from `release`. Returns the `ok SWAP_US FIRST_US` reply.
+///
+/// The watch is armed before the swap; before it `release` has weight 0, so no request is
+/// routed to it and the first response the watch catches is from a request routed by the new
+/// table. The router stamps that response's arrival itself, so the figure does not depend on
+/// how soon this thread notices: it polls every 50 µs only to know when to answer. Waiting
+/// blocks this thread, which serves only the control socket.
+fn switch(app: &App, release: &str, table: &RouteTable) -> String {
+    app.watch_first_response(release);
+    let swap = tokio::time::Instant::now();
+    app.set_route(table);
+    let swapped = swap.elapsed();
+    let deadline = swap + Duration::from_secs(1);
+    let first = loop {
+        if let Some(first) = app.first_response(release) {
+            break Some(first.saturating_duration_since(swap));
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+        // Sleep rather than spin: a spinning thread would take CPU from the router threads.
+        std::thread::sleep(Duration::from_micros(50));
+    };
+    match first {
+        Some(first) => format!("ok {} {}\n", swapped.as_micros(), first.as_micros()),
+        None => format!("ok {} -\n", swapped.as_micros()),
     }
 }
 
@@ -244,6 +280,38 @@ async fn probe(flags: &Flags) -> Result<(), String> {
     // timing is the switch's and not the proxy's accept queue.
     let mut client = Probe::connect(&addr).await;
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    // Requests go back to back while the switch command runs, so the first request the proxy
+    // routes after its switch is not held back by the command's own acknowledgement.
+    let first_new = async {
+        while Instant::now() < deadline {
+            if client
+                .get(&addr)
+                .await
+                .is_some_and(|body| body.contains(&expect))
+            {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    };
+    let (first_new, switched) = tokio::join!(first_new, perform_switch(flags, started));
+    let (acknowledged, answer) = switched?;
+    let Some(first_new) = first_new else {
+        return Err(format!("no response containing {expect:?} within 10 s"));
+    };
+    println!(
+        "{} {} {}",
+        first_new.as_micros(),
+        acknowledged.as_micros(),
+        answer.trim().strip_prefix("ok").unwrap_or_default().trim()
+    );
+    Ok(())
+}
+
+/// Performs the switch; returns when it was acknowledged (relative to `started`) and what the
+/// acknowledgement said.
+async fn perform_switch(flags: &Flags, started: Instant) -> Result<(Duration, String), String> {
     if let Some(path) = flags.get("unix") {
         let mut stream = UnixStream::connect(path)
             .await
@@ -253,38 +321,32 @@ async fn probe(flags: &Flags) -> Result<(), String> {
             .write_all(line.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        // Wait for the answer: the switch is done when the router or HAProxy says so.
+        // The switch is done when the router or HAProxy says so.
         let mut answer = [0_u8; 256];
-        let _ = stream.read(&mut answer).await;
-    } else {
-        let command = flag(flags, "exec")?;
-        // Blocking is fine here: nothing else runs until the switch command is done.
-        let status = std::process::Command::new("sh")
+        let n = stream.read(&mut answer).await.unwrap_or(0);
+        let text = String::from_utf8_lossy(answer.get(..n).unwrap_or_default()).into_owned();
+        return Ok((started.elapsed(), text));
+    }
+    let command = flag(flags, "exec")?.to_owned();
+    // On the blocking pool, so the probe's requests keep flowing while the command runs.
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
             .arg("-c")
-            .arg(command)
+            .arg(&command)
             .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("{command:?} failed: {status}"));
-        }
-    }
-    let acknowledged = started.elapsed();
-    let deadline = started + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if client
-            .get(&addr)
-            .await
-            .is_some_and(|body| body.contains(&expect))
-        {
-            println!(
-                "{} {}",
-                started.elapsed().as_micros(),
-                acknowledged.as_micros()
-            );
-            return Ok(());
-        }
-    }
-    Err(format!("no response containing {expect:?} within 10 s"))
+            .map_err(|e| e.to_string())
+            .and_then(|status| {
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{command:?} failed: {status}"))
+                }
+            })
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    status?;
+    Ok((started.elapsed(), String::new()))
 }
 
 /// A keep-alive connection that reconnects when the proxy closes it (as nginx's old workers do
