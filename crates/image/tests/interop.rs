@@ -155,6 +155,42 @@ fn docker_loads_and_runs_a_docker_archive_export() {
         "kiln-interop-test:latest",
     ]));
     assert_eq!(id.trim(), out.config.as_str());
+
+    // What `docker save` writes (uncompressed layers here) imports, and serves as a base.
+    let saved = env.path().join("saved.tar");
+    run(Command::new(&docker).args([
+        "save",
+        "-o",
+        saved.to_str().unwrap(),
+        "kiln-interop-test:latest",
+    ]));
+    let mut other = Env::new();
+    let imported = archive::import(&other.store, &saved).unwrap();
+    assert_eq!(
+        imported[0].tags,
+        vec!["kiln-interop-test:latest".to_owned()]
+    );
+    let info = other.store.inspect("kiln-interop-test").unwrap();
+    assert_eq!(
+        info.config["rootfs"]["diff_ids"][0],
+        out.layers[0].diff_id.as_str()
+    );
+    let app = env.path().join("app");
+    write(&app.join("note"), b"on top of a docker base\n", 0o644);
+    let mut s = spec(
+        BaseImage::DockerArchive(saved),
+        vec![copy(&app, "/srv")],
+        Compression::Gzip,
+    );
+    s.entrypoint = None;
+    s.workdir = None;
+    let layered = other.build(&s, "layered:latest");
+    assert_eq!(layered.layers.len(), 2);
+    let cfg = other.store.inspect("layered").unwrap().config;
+    assert_eq!(
+        cfg["config"]["Entrypoint"][1], "hello from kiln",
+        "inherited from the base"
+    );
     let _ = Command::new(&docker)
         .args(["rmi", "-f", "kiln-interop-test:latest"])
         .output();
