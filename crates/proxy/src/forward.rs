@@ -119,7 +119,10 @@ struct Served {
     response: Response<Incoming>,
     sender: Sender,
     in_flight: InFlight,
+    /// The release's index in `reloaded`, or in the table the request first read.
     release: usize,
+    /// The table the request read again when every candidate of the first had left it.
+    reloaded: Option<Arc<Published>>,
 }
 
 enum Failure {
@@ -131,7 +134,7 @@ enum Failure {
 
 impl Context<'_> {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let mut table = self.app.current();
+        let table = self.app.current();
         let choice = match self.choose(&table, &req) {
             Ok(choice) => choice,
             Err(response) => return *response,
@@ -149,11 +152,10 @@ impl Context<'_> {
                     upstream.headers().clone(),
                 )
             });
-        let chosen_stats = table
-            .releases
-            .get(choice.release)
-            .map(|r| Arc::clone(&r.stats));
-        let attempt = self.send(&mut table, &choice, upstream, replay);
+        // Borrowed, not cloned: on two threads every reference-count change on the shared
+        // table is a cache line moving between cores.
+        let chosen_stats = table.releases.get(choice.release).map(|r| &r.stats);
+        let attempt = self.send(&table, &choice, upstream, replay);
         // The deadline counts from the request's arrival, so no second clock read is needed.
         let deadline = self.start + self.app.config().request_timeout;
         let outcome = tokio::time::timeout_at(deadline, attempt).await;
@@ -193,8 +195,9 @@ impl Context<'_> {
             sender,
             in_flight,
             release,
+            reloaded,
         } = served;
-        let Some(live) = table.releases.get(release) else {
+        let Some(live) = reloaded.as_deref().unwrap_or(&table).releases.get(release) else {
             return local(StatusCode::BAD_GATEWAY, "kiln: route changed\n".to_owned());
         };
         live.stats.record(now, response.status().as_u16(), latency);
@@ -284,7 +287,7 @@ impl Context<'_> {
     /// Tries instances until one answers with a response head.
     async fn send(
         &self,
-        table: &mut Arc<Published>,
+        original: &Published,
         choice: &Choice,
         mut req: Request<UpstreamBody>,
         mut replay: Option<(Method, Uri, HeaderMap)>,
@@ -294,17 +297,16 @@ impl Context<'_> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut refused: Vec<SocketAddr> = Vec::new();
         let mut reloads = 0;
-        let mut release_name = table
-            .releases
-            .get(choice.release)
-            .map(|r| Arc::clone(&r.name));
+        let mut reloaded: Option<Arc<Published>> = None;
+        // The preferred release, as an index into the table in use.
+        let mut preferred = Some(choice.release);
         let mut table_is_stale = false;
         let mut failed = false;
         let mut attempts = 0;
         while attempts < MAX_ATTEMPTS {
+            let table = reloaded.as_deref().unwrap_or(original);
             let skip: Vec<SocketAddr> = tried.iter().chain(&refused).copied().collect();
-            let Some((release, instance)) =
-                pick_instance(table, release_name.as_deref(), choice.pinned, &skip)
+            let Some((release, instance)) = pick_instance(table, preferred, choice.pinned, &skip)
             else {
                 if table_is_stale && reloads < MAX_ATTEMPTS {
                     // Every candidate left the route after this request read the table: read
@@ -312,17 +314,17 @@ impl Context<'_> {
                     table_is_stale = false;
                     reloads += 1;
                     refused.clear();
-                    *table = self.app.current();
-                    if !choice.pinned {
-                        release_name = release_name
-                            .filter(|name| table.sticky(name).is_some())
-                            .or_else(|| {
-                                table
-                                    .pick_weighted()
-                                    .and_then(|i| table.releases.get(i))
-                                    .map(|r| Arc::clone(&r.name))
-                            });
-                    }
+                    let name = preferred
+                        .and_then(|i| table.releases.get(i))
+                        .map(|r| Arc::clone(&r.name));
+                    let table = self.app.current();
+                    preferred = if choice.pinned {
+                        name.and_then(|name| table.by_name(&name))
+                    } else {
+                        name.and_then(|name| table.sticky(&name))
+                            .or_else(|| table.pick_weighted())
+                    };
+                    reloaded = Some(table);
                     continue;
                 }
                 break;
@@ -333,9 +335,9 @@ impl Context<'_> {
                 continue;
             };
             attempts += 1;
-            let stats = table.releases.get(release).map(|r| Arc::clone(&r.stats));
+            let stats = table.releases.get(release).map(|r| &r.stats);
             let record = |kind| {
-                if let Some(stats) = &stats {
+                if let Some(stats) = stats {
                     stats.upstream_error(kind);
                 }
             };
@@ -352,6 +354,7 @@ impl Context<'_> {
                         sender,
                         in_flight,
                         release,
+                        reloaded,
                     });
                 }
                 Err(mut error) => {
@@ -433,11 +436,10 @@ impl Context<'_> {
 /// (unless pinned) one of another release that takes weighted traffic.
 fn pick_instance<'t>(
     table: &'t Published,
-    release: Option<&str>,
+    preferred: Option<usize>,
     pinned: bool,
     tried: &[SocketAddr],
 ) -> Option<(usize, &'t Arc<InstanceState>)> {
-    let preferred = release.and_then(|name| table.by_name(name));
     if let Some(i) = preferred
         && let Some(instance) = table
             .releases
