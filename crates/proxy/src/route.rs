@@ -201,7 +201,13 @@ impl LiveRelease {
         if n == 0 {
             return None;
         }
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        // A lone instance needs no tie-break; skipping the shared counter keeps its cache line
+        // from moving between the router's threads on every request.
+        let start = if n == 1 {
+            0
+        } else {
+            self.rotation.fetch_add(1, Ordering::Relaxed) % n
+        };
         let mut best: Option<(&Arc<InstanceState>, usize)> = None;
         for k in 0..n {
             let instance = &self.healthy[(start + k) % n];
@@ -230,8 +236,12 @@ impl Published {
 
     /// The next release by weight, or `None` when no release has weight.
     pub(crate) fn pick_weighted(&self) -> Option<usize> {
-        if self.cycle.is_empty() {
-            return None;
+        match self.cycle.as_slice() {
+            [] => return None,
+            // One release takes all weighted traffic (the steady state, and either side of a
+            // blue-green switch): no need to advance the shared counter.
+            [only] => return Some(usize::from(*only)),
+            _ => {}
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.cycle
