@@ -256,7 +256,7 @@ fn hash_sources(
     opts: &BuildOptions,
     scan_started: i128,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<std::collections::HashMap<PathBuf, Digest>, BuildError> {
+) -> Result<std::collections::HashMap<PathBuf, crate::digest::ContentId>, BuildError> {
     let mut digests = std::collections::HashMap::new();
     let mut todo: Vec<(PathBuf, StatKey)> = Vec::new();
     for l in planned {

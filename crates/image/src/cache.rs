@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::build::BuildError;
-use crate::digest::Digest;
+use crate::digest::{ContentId, Digest};
 use crate::fsutil::{ensure_dir, write_durable};
 use crate::tree::StatKey;
 
@@ -47,7 +47,7 @@ pub(crate) struct UnitMark {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct StatEntry {
     stat: StatKey,
-    digest: Digest,
+    digest: ContentId,
     /// Nanoseconds since the epoch when the scan that recorded this entry started.
     scanned_at_ns: i128,
 }
@@ -87,7 +87,7 @@ impl BuildCache {
     }
 
     /// The content digest recorded for `path` if its stat is unchanged and not racy.
-    pub(crate) fn content_digest(&self, path: &Path, stat: &StatKey) -> Option<Digest> {
+    pub(crate) fn content_digest(&self, path: &Path, stat: &StatKey) -> Option<ContentId> {
         let e = self.stat.entries.get(path)?;
         let safe = stat.mtime_ns + RACY_WINDOW_NS < e.scanned_at_ns
             && stat.ctime_ns + RACY_WINDOW_NS < e.scanned_at_ns;
@@ -98,7 +98,7 @@ impl BuildCache {
     /// (the content was read after that instant, so a later change moves mtime or ctime).
     pub(crate) fn save_digests(
         &mut self,
-        seen: impl IntoIterator<Item = (PathBuf, StatKey, Digest)>,
+        seen: impl IntoIterator<Item = (PathBuf, StatKey, ContentId)>,
         scanned_at_ns: i128,
     ) -> Result<(), BuildError> {
         for (path, stat, digest) in seen {

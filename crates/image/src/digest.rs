@@ -85,6 +85,22 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
+/// What the build cache knows a file's content by: `blake3:<hex>`. Never part of an image —
+/// only a cache key — so it can use the fastest sound hash.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub(crate) struct ContentId(String);
+
+impl ContentId {
+    pub(crate) fn from_hasher(h: &blake3::Hasher) -> ContentId {
+        ContentId(format!("blake3:{}", h.finalize().to_hex()))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A hasher's state as hex, to be resumed later by [`resume_hasher`].
 pub(crate) fn save_hasher(h: &Sha256) -> String {
     use sha2::digest::common::hazmat::SerializableState;

@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::build::BuildError;
 use crate::cache::{BuildCache, CachedLayer, UnitMark};
-use crate::digest::Digest;
+use crate::digest::{ContentId, Digest};
 use crate::oci;
 use crate::store::Store;
 use crate::tree::{EntryKind, LayerEntry, StatKey};
@@ -52,7 +52,7 @@ const UNIT_SPREAD: u8 = 32;
 /// Blob bytes written between background flushes.
 const SYNC_EVERY: u64 = 32 * 1024 * 1024;
 /// Bumped whenever the bytes of a unit for a given key would change.
-const KEY_VERSION: &[u8] = b"kiln-unit-v2";
+const KEY_VERSION: &[u8] = b"kiln-unit-v3";
 
 /// What the builder reports for each layer, for progress and `--json`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -424,7 +424,7 @@ fn trailer_member(c: Compression) -> Result<Vec<u8>, BuildError> {
 fn unit_key(
     unit: &Unit,
     c: Compression,
-    digest_of: &dyn Fn(&Path) -> Option<Digest>,
+    digest_of: &dyn Fn(&Path) -> Option<ContentId>,
 ) -> Option<Digest> {
     let mut h = Sha256::new();
     h.update(KEY_VERSION);
@@ -476,9 +476,9 @@ pub(crate) fn layer_files(layer: &PlannedLayer) -> Vec<(PathBuf, StatKey)> {
 }
 
 /// Hashes a whole file's content, checking it did not change while read.
-pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<Digest, BuildError> {
+pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<ContentId, BuildError> {
     let mut f = open_unchanged(source, stat)?;
-    let mut h = Sha256::new();
+    let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(BuildError::io("read", source))?;
@@ -488,14 +488,14 @@ pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<Digest, BuildEr
         h.update(&buf[..n]);
     }
     check_unchanged(&f, source, stat)?;
-    Ok(Digest::from_hasher(h))
+    Ok(ContentId::from_hasher(&h))
 }
 
 /// Keys all units, compresses those the cache lacks (in parallel across all layers), then
 /// assembles and stores each layer blob.
 pub(crate) fn encode_layers(
     layers: &mut [PlannedLayer],
-    digest_of: &(dyn Fn(&Path) -> Option<Digest> + Sync),
+    digest_of: &(dyn Fn(&Path) -> Option<ContentId> + Sync),
     cache: &BuildCache,
     store: &Store,
     threads: usize,
