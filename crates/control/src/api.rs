@@ -116,6 +116,8 @@ struct RollbackBody {
     #[serde(default)]
     to: Option<u64>,
     #[serde(default)]
+    force: bool,
+    #[serde(default)]
     actor: Option<String>,
 }
 
@@ -197,7 +199,9 @@ async fn route(
         (&Method::POST, ["v1", "apps", app, "rollback"]) => {
             let app = (*app).to_owned();
             let b: RollbackBody = body(req).await?;
-            ok(to_json(&c.rollback(&app, b.to, &actor(b.actor)).await?)?)
+            ok(to_json(
+                &c.rollback(&app, b.to, b.force, &actor(b.actor)).await?,
+            )?)
         }
         (&Method::POST, ["v1", "apps", app, "promote"]) => {
             let app = (*app).to_owned();

@@ -73,7 +73,18 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        let (status, bytes) = self.raw(method, path, body).await?;
+        // A GET is safe to repeat: a connection that broke before its answer (a daemon
+        // restarting under us) is tried again, briefly.
+        let mut tries = if method == Method::GET { 3 } else { 1 };
+        let (status, bytes) = loop {
+            tries -= 1;
+            match self.raw(method.clone(), path, body).await {
+                Err(ClientError::Transport(_)) if tries > 0 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Transport(format!("the daemon sent invalid JSON: {e}")))?;
         if status.is_success() {

@@ -143,6 +143,9 @@ pub struct RouteConfig {
     pub drain_timeout_ms: u64,
     /// Request bound.
     pub request_timeout_ms: u64,
+    /// The header that pins a request to a release by name (`r3`), for previews.
+    #[serde(default)]
+    pub preview_header: Option<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -238,6 +241,7 @@ impl ReleaseConfig {
                 sticky: r.sticky == Sticky::Cookie,
                 drain_timeout_ms: ms(r.drain_timeout),
                 request_timeout_ms: ms(r.request_timeout),
+                preview_header: r.preview_header.clone(),
             },
         }
     }

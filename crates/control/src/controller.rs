@@ -66,6 +66,30 @@ struct AppDoc {
     stable: Option<u64>,
     replicas: u32,
     state: RolloutState,
+    /// The database schema the last successful migration left.
+    #[serde(default)]
+    schema: Option<LiveSchema>,
+}
+
+/// The schema a migration left live, and the oldest schema code may expect and still work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSchema {
+    /// The schema version.
+    pub schema: u32,
+    /// Releases written for a schema older than this cannot run against it.
+    pub compatible_from: u32,
+    /// The release whose migration set it.
+    pub release: u64,
+}
+
+/// The label that marks a migration's one-shot instance (not part of any release's count).
+pub const ROLE_LABEL: &str = "kiln.role";
+
+/// A migration's progress, shared between its task and the reconciler.
+#[derive(Debug, Clone)]
+enum Migration {
+    Running,
+    Done(std::result::Result<(), String>),
 }
 
 /// One app the controller runs.
@@ -78,6 +102,8 @@ struct AppCtl {
     state: RolloutState,
     /// The table last published to the router.
     route: RouteTarget,
+    /// The live database schema, when migrations set one.
+    schema: Option<LiveSchema>,
 }
 
 struct ListenerHandle {
@@ -98,6 +124,7 @@ pub struct Controller {
     apps: tokio::sync::Mutex<BTreeMap<String, AppCtl>>,
     listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, ListenerHandle>>,
     drift: Arc<Mutex<BTreeMap<InstanceId, String>>>,
+    migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
     destroying: Arc<Mutex<BTreeSet<InstanceId>>>,
 }
 
@@ -166,6 +193,9 @@ pub struct AppStatus {
     pub config: ReleaseConfig,
     /// Every instance.
     pub instances: Vec<InstanceStatus>,
+    /// The live database schema, when migrations set one.
+    #[serde(default)]
+    pub schema: Option<LiveSchema>,
 }
 
 /// What `apply` records.
@@ -212,6 +242,7 @@ impl Controller {
             apps: tokio::sync::Mutex::new(BTreeMap::new()),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
             drift: Arc::new(Mutex::new(BTreeMap::new())),
+            migrations: Arc::new(Mutex::new(BTreeMap::new())),
             destroying: Arc::new(Mutex::new(BTreeSet::new())),
         });
         c.restore().await?;
@@ -258,7 +289,8 @@ impl Controller {
                 replicas: doc.replicas,
                 deploy: config.deploy_spec(),
             };
-            self.add_app(&name, goal, config, image, doc.state).await?;
+            self.add_app(&name, goal, config, image, doc.state, doc.schema)
+                .await?;
         }
         Ok(())
     }
@@ -270,6 +302,7 @@ impl Controller {
         config: ReleaseConfig,
         image: Digest,
         state: RolloutState,
+        schema: Option<LiveSchema>,
     ) -> Result<()> {
         let mut app_cfg = AppConfig::new(name);
         app_cfg.hosts = config.route.hosts.clone();
@@ -280,7 +313,11 @@ impl Controller {
         };
         app_cfg.request_timeout = Duration::from_millis(config.route.request_timeout_ms);
         app_cfg.drain_timeout = Duration::from_millis(config.route.drain_timeout_ms);
-        app_cfg.preview_header = hyper::header::HeaderName::from_static("x-kiln-release").into();
+        app_cfg.preview_header = config
+            .route
+            .preview_header
+            .as_deref()
+            .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok());
         let proxy = kiln_proxy::App::new(app_cfg);
         let listen = config.route.listen;
         self.attach(listen, Arc::clone(&proxy), config.route.tls.clone())
@@ -295,6 +332,7 @@ impl Controller {
                 image,
                 state,
                 route: RouteTarget::default(),
+                schema,
             },
         );
         Ok(())
@@ -410,7 +448,8 @@ impl Controller {
             deploy: req.config.deploy_spec(),
         };
         let state = RolloutState::start(&goal, now);
-        self.persist(app, &goal, &state)?;
+        let schema = apps.get(app).and_then(|a| a.schema);
+        self.persist(app, &goal, &state, schema)?;
         self.ledger().append(
             app,
             "rollout.started",
@@ -431,18 +470,26 @@ impl Controller {
             }
             _ => {
                 drop(apps);
-                self.add_app(app, goal, req.config, image, state).await?;
+                self.add_app(app, goal, req.config, image, state, None)
+                    .await?;
             }
         }
         Ok(release)
     }
 
-    fn persist(&self, app: &str, goal: &Goal, state: &RolloutState) -> Result<()> {
+    fn persist(
+        &self,
+        app: &str,
+        goal: &Goal,
+        state: &RolloutState,
+        schema: Option<LiveSchema>,
+    ) -> Result<()> {
         let doc = AppDoc {
             release: goal.release,
             stable: goal.stable,
             replicas: goal.replicas,
             state: state.clone(),
+            schema,
         };
         let value = serde_json::to_value(&doc).map_err(|e| ControlError::Invalid(e.to_string()))?;
         self.ledger().put_rollout(app, &value, now_ms())?;
@@ -451,8 +498,15 @@ impl Controller {
 
     /// One pass of the reconciler over every app.
     pub async fn reconcile(&self) -> Result<()> {
-        let observed = self.provider.list().await?;
         let mut apps = self.apps.lock().await;
+        let observed = self.provider.list().await?;
+        {
+            let listed: BTreeSet<&InstanceId> = observed.iter().map(|o| &o.id).collect();
+            self.destroying
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|id| listed.contains(id));
+        }
         let names: Vec<String> = apps.keys().cloned().collect();
         for name in names {
             if let Some(a) = apps.get_mut(&name) {
@@ -478,7 +532,9 @@ impl Controller {
         let mine: Vec<&Observation> = all
             .iter()
             .filter(|o| o.app == name && !destroying.contains(&o.id))
+            .filter(|o| o.labels.get(ROLE_LABEL).map(String::as_str) != Some("migration"))
             .collect();
+        self.fold_migration(name, a, now)?;
         let addrs: BTreeMap<String, SocketAddr> =
             mine.iter().map(|o| (o.id.to_string(), o.addr)).collect();
         let mut instances = Vec::new();
@@ -536,7 +592,7 @@ impl Controller {
         };
         let d = decide(&a.goal, &a.state, &obs, now);
         if d.state != a.state {
-            self.persist(name, &a.goal, &d.state)?;
+            self.persist(name, &a.goal, &d.state, a.schema)?;
             a.state = d.state.clone();
         }
         for e in &d.events {
@@ -545,6 +601,7 @@ impl Controller {
         }
         for action in d.actions {
             match action {
+                Action::Migrate { release } => self.migrate(name, a, release),
                 Action::Create { release, count } => {
                     for _ in 0..count {
                         self.create(name, a, release).await;
@@ -653,6 +710,102 @@ impl Controller {
         Ok(())
     }
 
+    /// Moves a finished migration's outcome into the rollout state (and the live schema).
+    fn fold_migration(&self, name: &str, a: &mut AppCtl, now: Millis) -> Result<()> {
+        let done = {
+            let mut m = self
+                .migrations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match m.get(name) {
+                Some(Migration::Done(_)) => m.remove(name),
+                _ => None,
+            }
+        };
+        let Some(Migration::Done(outcome)) = done else {
+            return Ok(());
+        };
+        let release = a.goal.release;
+        match outcome {
+            Ok(()) => {
+                a.state.migrated = true;
+                if let Some(m) = &a.config.deploy.migrate {
+                    a.schema = Some(LiveSchema {
+                        schema: m.schema,
+                        compatible_from: m.compatible_from,
+                        release,
+                    });
+                    self.ledger().append(
+                        name,
+                        "migration.completed",
+                        &serde_json::json!({"release": release, "schema": m.schema, "compatible_from": m.compatible_from}),
+                        now,
+                    )?;
+                }
+            }
+            Err(why) => {
+                self.ledger().append(
+                    name,
+                    "migration.failed",
+                    &serde_json::json!({"release": release, "error": why}),
+                    now,
+                )?;
+                a.state.migration_failed = Some(why);
+            }
+        }
+        self.persist(name, &a.goal, &a.state, a.schema)
+    }
+
+    /// Starts `[deploy.migrate]` in a one-shot instance of `release`, unless one runs.
+    fn migrate(&self, name: &str, a: &AppCtl, release: u64) {
+        let Some(m) = a.config.deploy.migrate.clone() else {
+            return;
+        };
+        {
+            let mut running = self
+                .migrations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if running.contains_key(name) {
+                return;
+            }
+            running.insert(name.to_owned(), Migration::Running);
+        }
+        let mut labels = BTreeMap::new();
+        labels.insert(RELEASE_LABEL.to_owned(), release.to_string());
+        labels.insert(ROLE_LABEL.to_owned(), "migration".to_owned());
+        let spec = InstanceSpec {
+            image: a.image.clone(),
+            app: name.to_owned(),
+            env: a.config.service.env.clone(),
+            writable: a.config.service.writable.clone(),
+            memory: a.config.service.memory,
+            cpus: a.config.service.cpus,
+            stop_grace: Duration::from_millis(a.config.service.stop_grace_ms),
+            health: None,
+            port: None,
+            command: Some(m.command.clone()),
+            labels,
+        };
+        let deadline = Duration::from_millis(a.config.deploy.progress_deadline_ms);
+        let provider = Arc::clone(&self.provider);
+        let migrations = Arc::clone(&self.migrations);
+        let app = name.to_owned();
+        let _ = self.ledger().append(
+            name,
+            "migration.started",
+            &serde_json::json!({"release": release, "command": m.command, "schema": m.schema}),
+            now_ms(),
+        );
+        tokio::spawn(async move {
+            let outcome = run_once(provider.as_ref(), spec, deadline).await;
+            migrations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(app, Migration::Done(outcome));
+        });
+    }
+
     /// Drains, stops and destroys an instance in the background.
     fn destroy(
         &self,
@@ -696,10 +849,16 @@ impl Controller {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&id);
-            destroying
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
+            if outcome == kiln_proxy::DrainOutcome::StillRouted {
+                // Not destroyed: let a later decision see it again.
+                destroying
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+            }
+            // Otherwise the id stays in `destroying` until a listing no longer shows it
+            // (`reconcile` prunes it), so a listing taken before the destroy finished cannot
+            // bring it back into a decision.
         });
     }
 }
@@ -709,14 +868,19 @@ fn release_of(o: &Observation) -> Option<u64> {
     o.labels.get(RELEASE_LABEL).and_then(|v| v.parse().ok())
 }
 
+/// How long an instance may stay only *created*: the runtime reports a just-started
+/// container as created until its process runs, but one still created after this was left
+/// by a controller killed between create and start, and will never start by itself.
+const CREATED_LIMIT: Duration = Duration::from_secs(15);
+
 fn health_of(o: &Observation) -> DHealth {
+    let stuck = o.state == InstanceState::Created
+        && SystemTime::now()
+            .duration_since(o.created)
+            .is_ok_and(|age| age > CREATED_LIMIT);
     match (o.state, o.health) {
-        // The controller creates and starts an instance within one tick, so an instance
-        // still only created when a tick looks was left by a controller killed in between:
-        // it will never start by itself.
-        (InstanceState::Exited | InstanceState::Vanished | InstanceState::Created, _) => {
-            DHealth::Failed
-        }
+        _ if stuck => DHealth::Failed,
+        (InstanceState::Exited | InstanceState::Vanished, _) => DHealth::Failed,
         (_, Health::Healthy) => DHealth::Healthy,
         (_, Health::Unhealthy) => DHealth::Unhealthy,
         (_, Health::Failed) => DHealth::Failed,
@@ -837,6 +1001,7 @@ impl Controller {
             image: a.image.to_string(),
             config: a.config.clone(),
             instances,
+            schema: a.schema,
         })
     }
 
@@ -846,6 +1011,7 @@ impl Controller {
         &self,
         app: &str,
         to: Option<u64>,
+        force: bool,
         actor: &str,
     ) -> Result<RollbackOutcome> {
         let started = std::time::Instant::now();
@@ -916,6 +1082,26 @@ impl Controller {
                 "release {target} of {app} has a different [route]; `kiln down {app}` and apply it instead"
             )));
         }
+        if let (Some(live), Some(m)) = (a.schema, &config.deploy.migrate)
+            && m.schema < live.compatible_from
+        {
+            {
+                if !force {
+                    return Err(ControlError::Conflict(format!(
+                        "release {target} of {app} works with schema {}, but the live schema is {} \
+                         (migrated by release {}, which works only with code for schema {} or later); \
+                         rolling back needs a backward migration first, or --force to roll back anyway (recorded)",
+                        m.schema, live.schema, live.release, live.compatible_from
+                    )));
+                }
+                self.ledger().append(
+                    app,
+                    "rollback.forced",
+                    &serde_json::json!({"to": target, "target_schema": m.schema, "live_schema": live.schema, "actor": actor}),
+                    now,
+                )?;
+            }
+        }
         let image =
             Digest::parse(&release.body.image).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let warm = observed.iter().any(|o| {
@@ -931,7 +1117,7 @@ impl Controller {
         if warm {
             state.phase = Phase::Completed { at_ms: now };
         }
-        self.persist(app, &goal, &state)?;
+        self.persist(app, &goal, &state, a.schema)?;
         a.goal = goal;
         a.config = config;
         a.image = image;
@@ -983,7 +1169,7 @@ impl Controller {
             )));
         }
         change(&mut a.state);
-        self.persist(app, &a.goal, &a.state)?;
+        self.persist(app, &a.goal, &a.state, a.schema)?;
         self.ledger().append(
             app,
             &format!("rollout.{what}_requested"),
@@ -1006,7 +1192,7 @@ impl Controller {
             .ok_or_else(|| ControlError::NotFound(format!("no app named {app} is running")))?;
         let before = a.goal.replicas;
         a.goal.replicas = replicas;
-        self.persist(app, &a.goal, &a.state)?;
+        self.persist(app, &a.goal, &a.state, a.schema)?;
         self.ledger().append(
             app,
             "app.scaled",
@@ -1108,4 +1294,41 @@ impl Controller {
 
 fn micros(since: std::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Runs a one-shot instance to completion: `Ok` when it exits 0, else why, with the tail of
+/// its output. The instance is destroyed either way.
+async fn run_once(
+    provider: &dyn Provider,
+    spec: InstanceSpec,
+    deadline: Duration,
+) -> std::result::Result<(), String> {
+    let id = provider.create(spec).await.map_err(|e| e.to_string())?;
+    let outcome = async {
+        provider.start(&id).await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(deadline, provider.wait(&id)).await {
+            Ok(Ok(Some(0))) => Ok(()),
+            Ok(Ok(code)) => {
+                let out = provider
+                    .logs(&id, 0)
+                    .await
+                    .map(|c| c.data)
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&out);
+                let start = text.len().saturating_sub(500);
+                let tail = text.get(start..).unwrap_or(&text);
+                Err(format!(
+                    "exit {}: {}",
+                    code.map_or("unknown".to_owned(), |c| c.to_string()),
+                    tail.trim()
+                ))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("did not finish within {deadline:?}")),
+        }
+    }
+    .await;
+    let _ = provider.stop(&id, Duration::from_secs(1)).await;
+    let _ = provider.destroy(&id).await;
+    outcome
 }

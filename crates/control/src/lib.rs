@@ -16,5 +16,5 @@ pub mod controller;
 pub use config::ReleaseConfig;
 pub use controller::{
     AppStatus, ApplyRequest, ControlError, Controller, ControllerConfig, InstanceStatus,
-    RollbackOutcome,
+    LiveSchema, RollbackOutcome,
 };

@@ -105,7 +105,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     );
 
     // Warm rollback: one swap.
-    let rb = c.rollback("web", None, "test").await.unwrap();
+    let rb = c.rollback("web", None, false, "test").await.unwrap();
     assert!(rb.warm);
     assert_eq!((rb.from, rb.to), (2, 1));
     let s = c.status("web").await.unwrap();

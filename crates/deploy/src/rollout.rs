@@ -137,6 +137,13 @@ pub struct RolloutState {
     pub last_failure: Option<String>,
     /// Waiting for `kiln promote` (manual promotion), announced once.
     pub awaiting_promotion: bool,
+    /// `[deploy.migrate]` ran and exited 0 (or there is none to run). States written before
+    /// migrations existed had nothing to run.
+    #[serde(default = "yes")]
+    pub migrated: bool,
+    /// `[deploy.migrate]` failed, with its output: the rollout aborts.
+    #[serde(default)]
+    pub migration_failed: Option<String>,
 }
 
 impl RolloutState {
@@ -155,8 +162,14 @@ impl RolloutState {
             abort_requested: None,
             last_failure: None,
             awaiting_promotion: false,
+            migrated: goal.deploy.migrate.is_none(),
+            migration_failed: None,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the executor must do, in order.
@@ -171,6 +184,13 @@ pub enum Action {
     },
     /// Swap the router's table to this one (atomically).
     Route(RouteTarget),
+    /// Run `[deploy.migrate]` once in a one-shot instance of `release`, then report the
+    /// outcome in the state (`migrated` or `migration_failed`). Repeating it while it runs
+    /// must not start a second one.
+    Migrate {
+        /// The release whose image runs the migration.
+        release: u64,
+    },
     /// Take `instance` out of the route, let it drain, then stop and destroy it.
     Destroy {
         /// The instance.
@@ -286,6 +306,22 @@ pub fn decide(goal: &Goal, state: &RolloutState, obs: &Observed, now: Millis) ->
         Phase::Progressing => {
             if let Some(who) = &state.abort_requested {
                 abort(goal, &split, obs, now, format!("aborted by {who}"), &mut d);
+            } else if let Some(why) = &state.migration_failed {
+                abort(
+                    goal,
+                    &split,
+                    obs,
+                    now,
+                    format!("migration failed: {why}"),
+                    &mut d,
+                );
+            } else if !state.migrated {
+                // The migration runs before any instance of the new release exists; its
+                // duration is not a lack of progress.
+                d.state.last_progress_ms = now;
+                d.actions.push(Action::Migrate {
+                    release: goal.release,
+                });
             } else {
                 progressing(goal, &split, obs, now, &mut d);
             }

@@ -41,6 +41,8 @@ struct Sim {
     state: RolloutState,
     timeline: Vec<String>,
     destroyed: u32,
+    /// Migrate actions seen.
+    migrations: u32,
 }
 
 impl Sim {
@@ -69,6 +71,7 @@ impl Sim {
             ),
             timeline: Vec::new(),
             destroyed: 0,
+            migrations: 0,
         };
         for _ in 0..replicas {
             let id = sim.spawn(1);
@@ -131,6 +134,10 @@ impl Sim {
                     }
                 }
                 Action::Route(r) => self.route = r.clone(),
+                Action::Migrate { release } => {
+                    assert_eq!(*release, 2);
+                    self.migrations += 1;
+                }
                 Action::Destroy { instance, .. } => {
                     self.route.members.remove(instance);
                     self.instances.retain(|(i, _)| &i.id != instance);
@@ -578,4 +585,57 @@ fn steady_state_replaces_failures_and_drift_and_retires_previous() {
     tick(&mut sim);
     assert_eq!(sim.count(1), 0);
     assert_eq!(sim.timeline.last().unwrap(), "retired release 1");
+}
+
+fn with_migration(mut d: DeploySpec) -> DeploySpec {
+    d.migrate = Some(kiln_spec::Migrate {
+        command: vec!["/app".into(), "migrate".into()],
+        schema: 3,
+        compatible_from: 2,
+    });
+    d
+}
+
+#[test]
+fn migration_runs_before_any_new_instance_then_the_rollout_goes_on() {
+    let mut sim = Sim::new(with_migration(rolling(1, 0)), 2, GOOD);
+    // While the migration runs (the executor has not reported), nothing else happens.
+    for _ in 0..5 {
+        let d = decide(&sim.goal, &sim.state, &sim.observe(), sim.now);
+        assert_eq!(d.actions, [Action::Migrate { release: 2 }]);
+        sim.state = d.state;
+        sim.advance();
+    }
+    sim.state.migrated = true;
+    assert!(matches!(sim.run(60_000, |_| {}), Phase::Completed { .. }));
+}
+
+#[test]
+fn failed_migration_aborts_without_touching_traffic() {
+    let mut sim = Sim::new(with_migration(rolling(1, 0)), 2, GOOD);
+    let before = sim.route.clone();
+    sim.state.migration_failed = Some("exit 1: column exists".into());
+    let Phase::Aborted { reason, .. } = sim.run(1_000, |_| {}).clone() else {
+        panic!("expected abort");
+    };
+    assert_eq!(reason, "migration failed: exit 1: column exists");
+    assert_eq!(sim.route, before);
+    assert_eq!(sim.count(2), 0);
+}
+
+#[test]
+fn states_from_before_migrations_count_as_migrated() {
+    let mut v = serde_json::to_value(RolloutState::start(
+        &Goal {
+            release: 1,
+            stable: None,
+            replicas: 1,
+            deploy: rolling(1, 0),
+        },
+        0,
+    ))
+    .unwrap();
+    v.as_object_mut().unwrap().remove("migrated");
+    let s: RolloutState = serde_json::from_value(v).unwrap();
+    assert!(s.migrated);
 }

@@ -478,6 +478,13 @@ const ROUTE: &[Field] = &[
         "\"60s\"",
         "How long one proxied request may take.",
     ),
+    field(
+        "preview_header",
+        Kind::Pattern("^[A-Za-z0-9-]{1,64}$"),
+        "A request header that pins a request to a release by name (`r3`), so a blue-green \
+         \"green\" or a canary can be tried before it gets traffic, e.g. `\"X-Kiln-Release\"`. \
+         Off when absent.",
+    ),
 ];
 
 const TLS: &[Field] = &[

@@ -346,6 +346,8 @@ pub struct RouteSpec {
     pub drain_timeout: Duration,
     /// Bound on one proxied request.
     pub request_timeout: Duration,
+    /// The preview header's name, lowercase; `None` means off.
+    pub preview_header: Option<String>,
 }
 
 /// `[route.tls]`.

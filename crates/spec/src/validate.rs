@@ -704,6 +704,20 @@ impl Validator<'_> {
             request_timeout: t
                 .duration("request_timeout")
                 .unwrap_or(Duration::from_secs(60)),
+            preview_header: match t.str("preview_header") {
+                Some((h, _))
+                    if h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        && !h.is_empty() =>
+                {
+                    Some(h.to_ascii_lowercase())
+                }
+                Some((h, _)) => {
+                    self.error(t, "preview_header", format!("invalid header name {h:?}"))
+                        .hint = Some("letters, digits and `-`, e.g. \"X-Kiln-Release\"".to_owned());
+                    None
+                }
+                None => None,
+            },
         }
     }
 

@@ -13,6 +13,9 @@
 //! - `HELLO_LATENCY_MS=200`: wait that long before answering `/`.
 //! - `HELLO_NEVER_HEALTHY=1`: `/healthz` always answers 503.
 //! - `HELLO_STARTUP_DELAY_MS=500`: wait that long before listening.
+//!
+//! `hello migrate` is a one-shot stand-in for a schema migration (kiln's `[deploy.migrate]`):
+//! it prints what it did and exits 0, or exits 1 when `HELLO_MIGRATION_FAILS=1`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -132,6 +135,9 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("migrate") {
+        return migrate();
+    }
     match serve().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -139,6 +145,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn migrate() -> ExitCode {
+    let version = std::env::var("HELLO_VERSION").unwrap_or_else(|_| "v1".to_owned());
+    if std::env::var("HELLO_MIGRATION_FAILS").is_ok_and(|v| v == "1") {
+        eprintln!("hello {version}: migration failed: column \"greeting\" already exists");
+        return ExitCode::FAILURE;
+    }
+    println!("hello {version}: schema migrated");
+    ExitCode::SUCCESS
 }
 
 async fn serve() -> Result<(), String> {

@@ -92,6 +92,10 @@ pub struct RollbackArgs {
     /// The release to return to (default: the previous one)
     #[arg(long, value_name = "N")]
     pub to: Option<u64>,
+    /// Roll back even when the target cannot run against the live database schema
+    /// (recorded in the ledger)
+    #[arg(long)]
+    pub force: bool,
     /// Return at once, without waiting for a cold rollback's rollout
     #[arg(long)]
     pub no_wait: bool,
@@ -257,6 +261,29 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
             }
             for line in req.config.diff(&cur.config) {
                 changes.push(format!("~ {line}"));
+            }
+            if let Some(m) = &spec.deploy.migrate {
+                let live = cur
+                    .schema
+                    .map_or("none recorded".to_owned(), |l| l.schema.to_string());
+                let mut line = format!(
+                    "~ schema: live {live} → {} (works with schema {} or later)",
+                    m.schema, m.compatible_from
+                );
+                let blocked: Vec<String> = cur
+                    .live
+                    .into_iter()
+                    .filter(|_| m.compatible_from > cur.schema.map_or(0, |l| l.schema))
+                    .map(|r| r.to_string())
+                    .collect();
+                if !blocked.is_empty() {
+                    line.push_str(&format!(
+                        "; after it, rolling back to release {} will be refused (it needs schema {} or older)",
+                        blocked.join(", "),
+                        cur.schema.map_or(0, |l| l.schema)
+                    ));
+                }
+                changes.push(line);
             }
         }
     }
@@ -589,7 +616,7 @@ pub fn rollback(args: &RollbackArgs, state: &Path, out: &Output) -> anyhow::Resu
         let v = c
             .post(
                 &format!("/v1/apps/{app}/rollback"),
-                &json!({"to": args.to, "actor": actor()}),
+                &json!({"to": args.to, "force": args.force, "actor": actor()}),
             )
             .await?;
         if out.json {

@@ -3,6 +3,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 
@@ -72,4 +76,320 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A `kiln serve` child process on a state directory; dropping it kills the daemon and
+/// removes every instance it left (runc containers, mounts).
+pub struct Daemon {
+    state: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(state: &Path) -> Daemon {
+        let mut d = Daemon {
+            state: state.to_owned(),
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn spawn(&mut self) {
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+            .arg("--state")
+            .arg(&self.state)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(self.log())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let sock = self.state.join("kiln.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemons' stderr, appended across restarts, shown when a test fails.
+    fn log(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.with_extension("log"))
+            .unwrap()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default();
+            eprintln!("--- daemon log ---\n{log}--- end of daemon log ---");
+        }
+        let root = self.state.join("runc");
+        if let Ok(out) = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = std::process::Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "-f", id])
+                    .output();
+            }
+        }
+        let mut mounts = mounts_under(&self.state);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", &m])
+                .output();
+        }
+    }
+}
+
+/// A spec for the example app listening on `port`, version `version` (a [service] env, so
+/// versions share one image), with `replicas` instances and a rolling update.
+pub fn write_spec(dir: &Path, port: u16, version: &str, replicas: u32) -> PathBuf {
+    write_spec_with(
+        dir,
+        port,
+        &format!("HELLO_VERSION = \"{version}\""),
+        replicas,
+        "[deploy]\nkeep_previous = \"10m\"\nprogress_deadline = \"1m\"\n",
+    )
+}
+
+/// A spec for the example app: `env` is the inside of `[service] env = { … }`, `deploy` the
+/// whole `[deploy]` section (and its sub-tables).
+pub fn write_spec_with(dir: &Path, port: u16, env: &str, replicas: u32, deploy: &str) -> PathBuf {
+    let spec = dir.join("kiln.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "web"
+
+[image]
+entrypoint = ["/hello"]
+
+[[image.copy]]
+from = {hello:?}
+to = "/hello"
+
+[service]
+replicas = {replicas}
+writable = ["/tmp"]
+stop_grace = "2s"
+env = {{ {env} }}
+
+[service.health]
+path = "/healthz"
+interval = "100ms"
+timeout = "100ms"
+start_period = "10s"
+
+[route]
+listen = "127.0.0.1:{port}"
+drain_timeout = "5s"
+sticky = "none"
+
+{deploy}
+"#,
+            hello = hello_binary()
+        ),
+    )
+    .unwrap();
+    spec
+}
+
+pub fn build(state: &Path, spec: &Path) -> String {
+    let out = kiln(state)
+        .args(["build", "-q", "-f"])
+        .arg(spec)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out).unwrap().trim().to_owned()
+}
+
+pub fn apply(state: &Path, spec: &Path, image: &str) {
+    kiln(state)
+        .args(["apply", "-f"])
+        .arg(spec)
+        .args(["--image", image])
+        .timeout(Duration::from_secs(120))
+        .assert()
+        .success();
+}
+
+pub fn status(state: &Path) -> serde_json::Value {
+    let out = kiln(state)
+        .args(["status", "web", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice::<serde_json::Value>(&out).unwrap()[0].clone()
+}
+
+/// Polls `kiln status` until `ok` holds or `limit` passes; returns how long it took.
+pub fn wait_until(
+    state: &Path,
+    limit: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = status(state);
+        if ok(&s) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached within {limit:?}: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn routed(s: &serde_json::Value) -> Vec<String> {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["routed"] == true && i["health"] == "healthy")
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Clients sending `GET /` over keep-alive connections until stopped, counting failures
+/// (a non-200 answer or a request that got no answer).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(port: u16, connections: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..connections {
+                    let (s, o, f) = (Arc::clone(&s), Arc::clone(&o), Arc::clone(&f));
+                    tasks.push(tokio::spawn(async move { client(port, s, o, f).await }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// (ok, failed) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+
+    pub fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+pub async fn client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
+    use http_body_util::{BodyExt, Empty};
+    let mut sender = None;
+    while !stop.load(Ordering::SeqCst) {
+        if sender.is_none() {
+            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                failed.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let (s, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let s = sender.as_mut().unwrap();
+        if s.ready().await.is_err() {
+            // The router closed an idle connection between requests: nothing was sent.
+            sender = None;
+            continue;
+        }
+        let req = hyper::Request::get("/")
+            .header("host", "web")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        match s.send_request(req).await {
+            Ok(resp) if resp.status() == 200 => {
+                let _ = resp.into_body().collect().await;
+                ok.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                if failed.fetch_add(1, Ordering::SeqCst) < 3
+                    && std::env::var_os("KILN_TEST_LOAD_DEBUG").is_some()
+                {
+                    eprintln!("load: HTTP {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Err(e) => {
+                eprintln!("load: {e}");
+                failed.fetch_add(1, Ordering::SeqCst);
+                sender = None;
+            }
+        }
+    }
 }
