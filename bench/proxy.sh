@@ -7,6 +7,11 @@
 # Prints req/s, p50 and p99, and kiln's ratios to nginx. Targets: kiln >= 1.0x nginx req/s,
 # kiln p99 <= nginx p99.
 #
+# Also printed: each proxy's CPU time per request (user + system, all its threads or worker
+# processes, from /proc over the run). On this 2-core machine the load generator, the backend
+# and the proxy share the cores (and other work may too), so req/s says how the cores were
+# shared as much as how fast the proxy is; CPU per request is the proxy's own cost.
+#
 # Usage: bench/proxy.sh            (DURATION=10s by default; set DURATION=3s for a quick look)
 source "$(dirname "$0")/proxy-lib.sh"
 
@@ -17,16 +22,34 @@ build_router
 nginx_backends "$BACKEND" "hello"
 wait_port "$BACKEND"
 
-# measure NAME PORT: runs wrk against 127.0.0.1:PORT and prints one table row.
-measure() {
-  local name="$1" port="$2" out="$WORK/wrk-$1.txt"
-  wrk -t2 -c64 -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$out"
-  read -r rps p50 p99 failed < <(wrk_fields "$out")
-  printf '%-22s %12s %10s %10s %8s\n' "$name" "$rps" "$p50" "$p99" "$failed"
-  RESULT_RPS="$rps"; RESULT_P99="$p99"
+# cpu_ticks PID...: user + system clock ticks of these processes (all their threads).
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
 }
 
-printf '%-22s %12s %10s %10s %8s\n' "target" "req/s" "p50 ms" "p99 ms" "failed"
+# measure NAME PORT [PID...]: runs wrk against 127.0.0.1:PORT and prints one table row, with
+# the CPU time the PIDs used per request.
+measure() {
+  local name="$1" port="$2" out="$WORK/wrk-$1.txt" before after requests cpu=-
+  shift 2
+  before=$(cpu_ticks "$@")
+  wrk -t2 -c64 -d"$DURATION" --latency "http://127.0.0.1:$port/" >"$out"
+  after=$(cpu_ticks "$@")
+  read -r rps p50 p99 failed < <(wrk_fields "$out")
+  requests=$(awk '/requests in/ { print $1 }' "$out")
+  if [ $# -gt 0 ] && [ "${requests:-0}" -gt 0 ]; then
+    cpu=$(awk -v t="$((after - before))" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
+  fi
+  printf '%-22s %12s %10s %10s %8s %12s\n' "$name" "$rps" "$p50" "$p99" "$failed" "$cpu"
+  RESULT_RPS="$rps"; RESULT_P99="$p99"; RESULT_CPU="$cpu"
+}
+
+printf '%-22s %12s %10s %10s %8s %12s\n' "target" "req/s" "p50 ms" "p99 ms" "failed" "cpu us/req"
 measure direct "$BACKEND"
 for threads in 1 2; do
   nginx_proxy 18081 "$threads" "127.0.0.1:$BACKEND"; pid_nginx=$LAST_PID
@@ -34,10 +57,14 @@ for threads in 1 2; do
   kiln_proxy 18083 "$threads" "127.0.0.1:$BACKEND"; pid_kiln=$LAST_PID
   wait_port 18081; wait_port 18082; wait_port 18083
   # Each proxy runs alone while it is measured; the idle ones cost nothing.
-  measure "nginx ($threads worker)" 18081; nginx_rps=$RESULT_RPS; nginx_p99=$RESULT_P99
-  measure "haproxy ($threads thread)" 18082
-  measure "kiln ($threads thread)" 18083; kiln_rps=$RESULT_RPS; kiln_p99=$RESULT_P99
+  # nginx's workers are the master's children; HAProxy and kiln are one process each.
+  measure "nginx ($threads worker)" 18081 $(pgrep -P "$pid_nginx")
+  nginx_rps=$RESULT_RPS; nginx_p99=$RESULT_P99; nginx_cpu=$RESULT_CPU
+  measure "haproxy ($threads thread)" 18082 "$pid_haproxy"
+  measure "kiln ($threads thread)" 18083 "$pid_kiln"
+  kiln_rps=$RESULT_RPS; kiln_p99=$RESULT_P99; kiln_cpu=$RESULT_CPU
   awk -v kr="$kiln_rps" -v nr="$nginx_rps" -v kp="$kiln_p99" -v np="$nginx_p99" -v t="$threads" \
-    'BEGIN { printf "kiln/nginx at %d: req/s %.2fx (target >= 1.00x), p99 %.2fx (target <= 1.00x)\n", t, kr / nr, kp / np }'
+    -v kc="$kiln_cpu" -v nc="$nginx_cpu" \
+    'BEGIN { printf "kiln/nginx at %d: req/s %.2fx (target >= 1.00x), p99 %.2fx (target <= 1.00x), CPU per request %.2fx\n", t, kr / nr, kp / np, kc / nc }'
   stop_pid "$pid_nginx"; stop_pid "$pid_haproxy"; stop_pid "$pid_kiln"
 done
