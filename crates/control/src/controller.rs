@@ -125,6 +125,8 @@ pub struct Controller {
     listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, ListenerHandle>>,
     drift: Arc<Mutex<BTreeMap<InstanceId, String>>>,
     migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
+    /// The last listing of the provider, taken by `reconcile` (at most a tick old).
+    observed: Mutex<Arc<Vec<Observation>>>,
     destroying: Arc<Mutex<BTreeSet<InstanceId>>>,
 }
 
@@ -243,6 +245,7 @@ impl Controller {
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
             drift: Arc::new(Mutex::new(BTreeMap::new())),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
+            observed: Mutex::new(Arc::new(Vec::new())),
             destroying: Arc::new(Mutex::new(BTreeSet::new())),
         });
         c.restore().await?;
@@ -498,8 +501,11 @@ impl Controller {
 
     /// One pass of the reconciler over every app.
     pub async fn reconcile(&self) -> Result<()> {
-        let mut apps = self.apps.lock().await;
+        // Listed before taking the apps lock, so API calls never wait on the runtime; only
+        // this loop creates instances, so the listing cannot miss one half-created.
         let observed = self.provider.list().await?;
+        *self.observed.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(observed.clone());
+        let mut apps = self.apps.lock().await;
         {
             let listed: BTreeSet<&InstanceId> = observed.iter().map(|o| &o.id).collect();
             self.destroying
@@ -952,7 +958,7 @@ impl Controller {
 
     /// `kiln status APP`.
     pub async fn status(&self, app: &str) -> Result<AppStatus> {
-        let observed = self.provider.list().await?;
+        let observed = self.last_observed().await?;
         let apps = self.apps.lock().await;
         let a = apps
             .get(app)
@@ -1016,8 +1022,9 @@ impl Controller {
     ) -> Result<RollbackOutcome> {
         let started = std::time::Instant::now();
         let mut apps = self.apps.lock().await;
-        // Observed under the apps lock, so no tick is half-way through creating an instance.
-        let observed = self.provider.list().await?;
+        // The reconciler's last listing: a rollback must not wait for the runtime.
+        let observed: Arc<Vec<Observation>> =
+            Arc::clone(&self.observed.lock().unwrap_or_else(PoisonError::into_inner));
         let a = apps
             .get_mut(app)
             .ok_or_else(|| ControlError::NotFound(format!("no app named {app} is running")))?;
@@ -1122,8 +1129,24 @@ impl Controller {
         a.config = config;
         a.image = image;
         a.state = state;
-        // The swap itself: the steady state routes all traffic to the warm instances.
-        self.tick(app, a, &observed).await?;
+        if warm {
+            // The swap itself, here and now: all traffic to the target's ready instances.
+            // The next tick's steady state computes this same table and tops up replicas.
+            let ready: Vec<&Observation> = observed
+                .iter()
+                .filter(|o| o.app == app && release_of(o) == Some(target))
+                .filter(|o| health_of(o) == DHealth::Healthy)
+                .take(a.goal.replicas as usize)
+                .collect();
+            let mut route = RouteTarget::default();
+            route.weights.insert(target, 100);
+            route.members = ready.iter().map(|o| o.id.to_string()).collect();
+            let addrs = ready.iter().map(|o| (o.id.to_string(), o.addr)).collect();
+            let releases_of = ready.iter().map(|o| (o.id.to_string(), target)).collect();
+            self.publish(a, route, &addrs, &releases_of)?;
+        } else {
+            self.tick(app, a, &observed).await?;
+        }
         let switch_us = warm.then(|| micros(started));
         self.ledger().append(
             app,
@@ -1260,11 +1283,20 @@ impl Controller {
         Ok(self.provider.logs(&id, from).await?)
     }
 
+    /// The reconciler's last listing (at most a tick old), or a fresh one before the first.
+    /// Status calls read this instead of listing: listing costs a runtime call per request.
+    async fn last_observed(&self) -> Result<Vec<Observation>> {
+        let cached = Arc::clone(&self.observed.lock().unwrap_or_else(PoisonError::into_inner));
+        if cached.is_empty() {
+            return Ok(self.provider.list().await?);
+        }
+        Ok(cached.as_ref().clone())
+    }
+
     /// The instances of `app` (for `kiln logs APP`).
     pub async fn instances(&self, app: &str) -> Result<Vec<String>> {
         Ok(self
-            .provider
-            .list()
+            .last_observed()
             .await?
             .into_iter()
             .filter(|o| o.app == app)

@@ -18,9 +18,9 @@ use kiln_spec::Analysis;
 use serde::{Deserialize, Serialize};
 
 /// A canary p99 may exceed stable's by this factor (plus [`P99_TOLERANCE_MS`]).
-pub const P99_TOLERANCE_RATIO: f64 = 1.2;
+pub const P99_TOLERANCE_RATIO: f64 = 1.5;
 /// …and by this many milliseconds on top, so a few ms of jitter on fast endpoints pass.
-pub const P99_TOLERANCE_MS: f64 = 20.0;
+pub const P99_TOLERANCE_MS: f64 = 50.0;
 
 /// What the router measured for one release over a window.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -212,7 +212,7 @@ mod tests {
         check(
             w(412, 0, 205.0),
             w(4000, 0, 5.0),
-            "p99 205ms over 412 requests > stable's 5ms (tolerance 26ms)",
+            "p99 205ms over 412 requests > stable's 5ms (tolerance 58ms)",
         );
         check(
             w(1000, 8, 5.0),

@@ -16,6 +16,7 @@ fn apply_and_warm_rollback_cycles_under_load_fail_no_request() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();
@@ -49,6 +50,7 @@ fn drifted_and_killed_instances_are_replaced() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();
@@ -110,6 +112,7 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();
@@ -129,8 +132,16 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
         std::thread::sleep(Duration::from_millis(30 * (round - 1)));
         daemon.kill();
         daemon.spawn();
+        // Converged: the new release live on 3 instances, and older releases' instances
+        // (retired in the background) gone.
         wait_until(&state, Duration::from_secs(60), |s| {
-            s["phase"] == "completed" && s["release"] == round && routed(s).len() == 3
+            s["phase"] == "completed"
+                && s["release"] == round
+                && routed(s).len() == 3
+                && s["instances"].as_array().unwrap().iter().all(|i| {
+                    let r = i["release"].as_u64().unwrap_or(0);
+                    r == round || r == round - 1
+                })
         });
         let s = status(&state);
         // Exactly one live release routed, the previous one warm, nothing else.
@@ -176,6 +187,7 @@ fn verify_names_an_edited_event_and_plan_shows_the_diff() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();

@@ -30,7 +30,7 @@ weight = 100
 
 [deploy.analysis]
 max_error_rate = "1%"
-max_p99 = "150ms"
+max_p99 = "1s"
 min_requests = 50
 compare_to_stable = true
 "#;
@@ -80,6 +80,7 @@ fn canary_failing_20_percent_aborts_at_the_first_step() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = stable_v1(dir.path());
     let load = Load::start(port, 8);
@@ -128,6 +129,7 @@ fn canary_of_a_good_version_promotes_through_every_step() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = stable_v1(dir.path());
     let load = Load::start(port, 8);
@@ -153,6 +155,7 @@ fn canary_200ms_slower_aborts_on_latency() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = stable_v1(dir.path());
     let load = Load::start(port, 8);
@@ -180,6 +183,7 @@ fn blue_green_switches_under_load_fail_no_request() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = stable_v1(dir.path());
     let load = Load::start(port, 8);
@@ -205,6 +209,7 @@ fn green_that_never_becomes_healthy_never_gets_traffic() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = stable_v1(dir.path());
     let load = Load::start(port, 4);
@@ -242,6 +247,7 @@ fn rollback_across_an_incompatible_migration_is_refused() {
     if !runc_prerequisites() {
         return;
     }
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();

@@ -137,6 +137,12 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default();
             eprintln!("--- daemon log ---\n{log}--- end of daemon log ---");
+            if std::env::var_os("KILN_TEST_HISTORY").is_some() {
+                self.spawn();
+                let out = kiln(&self.state).arg("history").output().unwrap();
+                eprintln!("--- history ---\n{}", String::from_utf8_lossy(&out.stdout));
+                self.kill();
+            }
         }
         let root = self.state.join("runc");
         if let Ok(out) = std::process::Command::new("runc")
@@ -392,4 +398,13 @@ pub async fn client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed
             }
         }
     }
+}
+
+/// Runs the heavy end-to-end tests of one test binary one at a time: each starts a daemon,
+/// instances and a load generator, and on a 2-core machine two at once only measure the
+/// machine.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

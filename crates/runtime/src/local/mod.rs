@@ -614,6 +614,10 @@ async fn rescan_loop(provider: Weak<LocalProvider>) {
     }
 }
 
+/// How long an instance directory may exist without its record before `list` takes it for
+/// the leftover of a crashed create; a create writes its record within milliseconds.
+const UNRECORDED_GRACE: Duration = Duration::from_secs(60);
+
 /// A port on 127.0.0.1 that is free now and not given to another instance.
 fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
     for _ in 0..64 {
@@ -837,8 +841,16 @@ impl Provider for LocalProvider {
             known.insert(name);
             if !entry.path().join("instance.json").exists() {
                 // A create that crashed before its record was written: nothing runs from
-                // it, so finish the cleanup it never got.
-                self.destroy(&id).await?;
+                // it, so finish the cleanup it never got. A young one may be a create in
+                // progress (in this process or another kiln on the same state): leave it.
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| SystemTime::now().duration_since(t).ok());
+                if age.is_some_and(|a| a > UNRECORDED_GRACE) {
+                    self.destroy(&id).await?;
+                }
                 continue;
             }
             // An instance destroyed while we list (its directory gone between the read_dir
