@@ -289,6 +289,21 @@ fn test_passes_for_the_example_and_records_an_attestation() {
     let stored: serde_json::Value =
         serde_json::from_slice(&std::fs::read(stored).unwrap()).unwrap();
     assert_eq!(stored, attestation);
+    // `kiln image inspect` shows it, as text and as data.
+    kiln(&state)
+        .args(["image", "inspect", digest])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("tested:  passed"));
+    let inspected = kiln(&state)
+        .args(["image", "inspect", digest, "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let inspected: serde_json::Value = serde_json::from_slice(&inspected).unwrap();
+    assert_eq!(inspected["attestation"], attestation);
     assert!(instance_dirs(&state).is_empty());
     assert_eq!(mounts_under(&state), Vec::<String>::new());
 }

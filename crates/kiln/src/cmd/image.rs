@@ -244,9 +244,22 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     match &args.command {
         ImageCommand::Inspect { reference } => {
             let info = store.inspect(reference)?;
+            // The test attestation `kiln test` recorded next to the image, if any.
+            let attestation = store.read_attestation(&info.digest)?;
             if out.json {
-                out.data(&serde_json::to_value(&info)?)?;
+                let mut v = serde_json::to_value(&info)?;
+                v["attestation"] = attestation.clone().unwrap_or(serde_json::Value::Null);
+                out.data(&v)?;
             } else {
+                match &attestation {
+                    Some(a) => out.say(&format!(
+                        "tested:  {} at {} (kiln {})",
+                        a["result"].as_str().unwrap_or("?"),
+                        a["time"].as_str().or(a["at"].as_str()).unwrap_or("?"),
+                        a["kiln_version"].as_str().unwrap_or("?")
+                    )),
+                    None => out.say("tested:  never (run `kiln test`)"),
+                }
                 out.say(&format!("digest:  {}", info.digest));
                 out.say(&format!("tags:    {}", info.tags.join(", ")));
                 out.say(&format!("size:    {}", human(info.size)));
