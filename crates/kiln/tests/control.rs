@@ -231,3 +231,64 @@ fn verify_names_an_edited_event_and_plan_shows_the_diff() {
         ))
         .stderr(predicates::str::contains("edited"));
 }
+
+/// One raw HTTP/1.1 GET over TCP; returns the status line and body.
+fn tcp_get(port: u16, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kiln\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn tcp_api_requires_the_bearer_token() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let port = free_port();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .arg("--state")
+        .arg(&state)
+        .args([
+            "serve",
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the TCP API did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let denied = tcp_get(port, "/v1/apps", None);
+    let wrong = tcp_get(port, "/v1/apps", Some("guess"));
+    let allowed = tcp_get(port, "/v1/apps", Some("s3cret-token"));
+    // The Unix socket is private to its owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("kiln.sock")).map(|m| m.permissions().mode() & 0o777);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+    assert!(denied.contains("bearer token"), "{denied}");
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    assert!(allowed.starts_with("HTTP/1.1 200"), "{allowed}");
+    assert!(allowed.ends_with("[]"), "{allowed}");
+    assert_eq!(mode.unwrap(), 0o600);
+}
