@@ -161,16 +161,28 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
             .count();
         assert_eq!(live, 3, "{s:#}");
     }
-    // No instance directory without a runc container, no container without a directory.
-    let dirs = std::fs::read_dir(state.join("instances")).unwrap().count();
-    let listed = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(state.join("runc"))
-        .args(["list", "-q"])
-        .output()
-        .unwrap();
-    let containers = String::from_utf8_lossy(&listed.stdout).lines().count();
-    assert_eq!(dirs, containers);
+    // No instance directory without a runc container, no container without a directory
+    // (once the background destroys of retired instances have finished).
+    let consistent = || {
+        let dirs = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);
+        let listed = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(state.join("runc"))
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        (
+            dirs,
+            String::from_utf8_lossy(&listed.stdout).lines().count(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut dirs, mut containers) = consistent();
+    while dirs != containers && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        (dirs, containers) = consistent();
+    }
+    assert_eq!(dirs, containers, "instance directories vs runc containers");
     kiln(&state).arg("verify").assert().success();
     kiln(&state).args(["down", "web"]).assert().success();
     let left = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);

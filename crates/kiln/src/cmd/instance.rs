@@ -71,13 +71,13 @@ impl ImageSource for StoreImages {
         layer: &Digest,
         dest: &Path,
     ) -> Result<(), SourceError> {
-        let blob = self.store.open_blob(&image_digest(layer)?)?;
-        let reader = kiln_image::decompress(blob)?;
         let opts = UnpackOptions {
             whiteouts: WhiteoutMode::Overlay,
             ..UnpackOptions::default()
         };
-        kiln_image::unpack(reader, dest, &opts)?;
+        // `unpack_blob` reads the blob to its end and checks its digest: tar stops at its
+        // end marker, so a plain unpack would never notice a corrupted tail.
+        kiln_image::unpack_blob(&self.store, &image_digest(layer)?, dest, &opts)?;
         Ok(())
     }
 }

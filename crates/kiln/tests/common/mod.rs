@@ -125,6 +125,9 @@ impl Daemon {
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!("note: the kiln daemon had already exited: {status}");
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -264,7 +267,22 @@ pub fn wait_until(
 ) -> Duration {
     let start = Instant::now();
     loop {
-        let s = status(state);
+        // A daemon that was just restarted may not answer for a moment; one that never
+        // answers fails below with what it said.
+        let out = kiln(state)
+            .args(["status", "web", "--json"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            assert!(
+                start.elapsed() < limit,
+                "kiln status kept failing for {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let s = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone();
         if ok(&s) {
             return start.elapsed();
         }
