@@ -538,7 +538,9 @@ impl Controller {
         let mine: Vec<&Observation> = all
             .iter()
             .filter(|o| o.app == name && !destroying.contains(&o.id))
-            .filter(|o| o.labels.get(ROLE_LABEL).map(String::as_str) != Some("migration"))
+            // One-shot instances (migrations, `kiln run`, `kiln test`) are not part of any
+            // release's count, and not the reconciler's to remove.
+            .filter(|o| !o.labels.contains_key(ROLE_LABEL))
             .collect();
         self.fold_migration(name, a, now)?;
         let addrs: BTreeMap<String, SocketAddr> =
@@ -874,10 +876,11 @@ fn release_of(o: &Observation) -> Option<u64> {
     o.labels.get(RELEASE_LABEL).and_then(|v| v.parse().ok())
 }
 
-/// How long an instance may stay only *created*: the runtime reports a just-started
-/// container as created until its process runs, but one still created after this was left
-/// by a controller killed between create and start, and will never start by itself.
-const CREATED_LIMIT: Duration = Duration::from_secs(15);
+/// How long an instance may stay only *created* (never started). The reconciler creates and
+/// starts within one tick and lists between ticks, so a created instance in a listing was
+/// left by a controller killed in between and will never start by itself; the grace only
+/// absorbs clock and file-system noise.
+const CREATED_LIMIT: Duration = Duration::from_secs(2);
 
 fn health_of(o: &Observation) -> DHealth {
     let stuck = o.state == InstanceState::Created

@@ -106,6 +106,11 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
         ),
     };
     let mut instance = InstanceSpec::from_service(digest, &app, &service);
+    // A one-off: a daemon managing the same app leaves it alone.
+    instance.labels.insert(
+        kiln_control::controller::ROLE_LABEL.to_owned(),
+        "run".to_owned(),
+    );
     instance.env.extend(env);
     instance.port = args.port;
     let grace = service.stop_grace;

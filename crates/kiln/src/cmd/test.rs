@@ -65,7 +65,12 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     let started_at = SystemTime::now();
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + test.timeout;
-    let base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
+    let mut base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
+    // A one-off: a daemon managing the same app leaves it alone.
+    base.labels.insert(
+        kiln_control::controller::ROLE_LABEL.to_owned(),
+        "test".to_owned(),
+    );
     let results = tokio_runtime()?.block_on(async {
         let provider = local_provider(state, &spec.target.runtime, images.clone())?;
         let mut results = Vec::new();
