@@ -162,7 +162,8 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
         assert_eq!(live, 3, "{s:#}");
     }
     // No instance directory without a runc container, no container without a directory
-    // (once the background destroys of retired instances have finished).
+    // (once the background destroys of retired instances have finished, and the leftover of
+    // a create the kill interrupted has been cleaned up: 15 s after it was made).
     let consistent = || {
         let dirs = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);
         let listed = std::process::Command::new("runc")
@@ -176,13 +177,38 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
             String::from_utf8_lossy(&listed.stdout).lines().count(),
         )
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let (mut dirs, mut containers) = consistent();
     while dirs != containers && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         (dirs, containers) = consistent();
     }
-    assert_eq!(dirs, containers, "instance directories vs runc containers");
+    if dirs != containers {
+        let names: Vec<String> = std::fs::read_dir(state.join("instances"))
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                let files: Vec<String> = std::fs::read_dir(&p)
+                    .map(|d| {
+                        d.map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("{} {files:?}", p.display())
+            })
+            .collect();
+        let listed = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(state.join("runc"))
+            .arg("list")
+            .output()
+            .unwrap();
+        panic!(
+            "instance directories vs runc containers: {dirs} vs {containers}\n{names:#?}\n{}\n{:#}",
+            String::from_utf8_lossy(&listed.stdout),
+            status(&state)
+        );
+    }
     kiln(&state).arg("verify").assert().success();
     kiln(&state).args(["down", "web"]).assert().success();
     let left = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);

@@ -615,8 +615,9 @@ async fn rescan_loop(provider: Weak<LocalProvider>) {
 }
 
 /// How long an instance directory may exist without its record before `list` takes it for
-/// the leftover of a crashed create; a create writes its record within milliseconds.
-const UNRECORDED_GRACE: Duration = Duration::from_secs(60);
+/// the leftover of a crashed create (a create writes the record last, after unpacking the
+/// image's layers, which takes seconds for large images).
+const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
 
 /// A port on 127.0.0.1 that is free now and not given to another instance.
 fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
