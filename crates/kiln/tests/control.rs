@@ -330,3 +330,59 @@ fn tcp_api_requires_the_bearer_token() {
     assert!(allowed.ends_with("[]"), "{allowed}");
     assert_eq!(mode.unwrap(), 0o600);
 }
+
+/// Regression: with a relative `--state` (the default is `./.kiln`), the periodic drift
+/// rescan compared mount points with relative paths, reported every instance's root as
+/// vanished every 5 s, and the reconciler replaced them all in a loop.
+#[test]
+fn relative_state_dir_does_not_look_like_drift() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let spec = write_spec(dir.path(), port, "v1", 2);
+    let rel = |args: &[&str]| {
+        let mut cmd = assert_cmd::Command::cargo_bin("kiln").unwrap();
+        cmd.current_dir(dir.path())
+            .env_remove("KILN_STATE")
+            .args(["--state", "rel-state"])
+            .args(args);
+        cmd
+    };
+    let mut daemon = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .current_dir(dir.path())
+        .env_remove("KILN_STATE")
+        .args(["--state", "rel-state", "serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Absolute from here on, for the cleanup guard (which kills nothing: the child is ours).
+    let guard = Daemon {
+        state: dir.path().join("rel-state"),
+        child: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(guard.state.join("kiln.sock")).is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let image = rel(&["build", "-q", "-f"]).arg(&spec).output().unwrap();
+    let image = String::from_utf8(image.stdout).unwrap().trim().to_owned();
+    rel(&["apply", "--image", &image, "-f"])
+        .arg(&spec)
+        .assert()
+        .success();
+    let before = routed(&status(&guard.state));
+    // Past the provider's 5 s rescan.
+    std::thread::sleep(Duration::from_secs(7));
+    let after = routed(&status(&guard.state));
+    let history = rel(&["history", "web"]).output().unwrap();
+    let history = String::from_utf8(history.stdout).unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(!history.contains("drift.detected"), "{history}");
+    assert_eq!(before, after, "instances were replaced");
+}

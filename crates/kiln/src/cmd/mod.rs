@@ -16,7 +16,12 @@ use crate::cli::{Cli, Command};
 use crate::output::Output;
 
 /// Runs the command the user asked for.
-pub fn run(cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
+pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
+    // One absolute state directory for everything below: the daemon's socket, the store,
+    // instance mounts and the runtime all outlive the current directory's meaning.
+    cli.global.state = std::path::absolute(&cli.global.state).map_err(|e| {
+        anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
+    })?;
     match cli.command {
         Command::Validate(args) => spec::validate(&args, out),
         Command::Schema(args) => spec::schema(&args, out),

@@ -81,8 +81,8 @@ pub fn free_port() -> u16 {
 /// A `kiln serve` child process on a state directory; dropping it kills the daemon and
 /// removes every instance it left (runc containers, mounts).
 pub struct Daemon {
-    state: PathBuf,
-    child: Option<Child>,
+    pub state: PathBuf,
+    pub child: Option<Child>,
 }
 
 impl Daemon {

@@ -130,20 +130,27 @@ impl LocalProvider {
         cfg: LocalConfig,
         images: Arc<dyn ImageSource>,
     ) -> Result<Arc<LocalProvider>, ProviderError> {
+        let root = std::path::absolute(cfg.state.join("runc"))
+            .map_err(ProviderError::io("resolve", &cfg.state))?;
         let runtime = Arc::new(RuncCli {
             binary: cfg.runtime.clone(),
-            root: cfg.state.join("runc"),
+            root,
         });
         LocalProvider::with_parts(cfg, images, Arc::new(KernelMounter), runtime)
     }
 
     /// A provider with the given mounter and runtime (tests use fakes).
     pub fn with_parts(
-        cfg: LocalConfig,
+        mut cfg: LocalConfig,
         images: Arc<dyn ImageSource>,
         mounter: Arc<dyn Mounter>,
         runtime: Arc<dyn OciRuntime>,
     ) -> Result<Arc<LocalProvider>, ProviderError> {
+        // Mount points are compared with /proc/self/mountinfo, which lists absolute paths,
+        // and runc resolves bundles against its own working directory: the state directory
+        // must be absolute whatever the caller passed (`--state .kiln` is the default).
+        cfg.state =
+            std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
         for dir in ["instances", "layers", "runc"] {
             let path = cfg.state.join(dir);
             fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
