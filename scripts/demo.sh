@@ -19,8 +19,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 echo "==> building kiln and the example app (release)"
-cargo build --release --locked -p kiln
-build_example
+# One invocation, so kiln and the example share their dependencies' build.
+cargo build --release --locked -p kiln -p hello
 KILN=$TARGET_DIR/release/kiln
 echo "==> kiln is $KILN; in another terminal: export PATH=$(dirname "$KILN"):\$PATH"
 exec "$KILN" up -f examples/hello/kiln.toml "$@"

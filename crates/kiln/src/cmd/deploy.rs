@@ -214,7 +214,8 @@ fn release_request(
         let passed = attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed");
         anyhow::ensure!(
             passed,
-            "image {digest} has not passed its tests and {} has [image.test]: run `kiln test {digest}` first",
+            "image {digest} has not passed its tests and {} has [image.test]: run `kiln test -f {} {digest}` first",
+            file.display(),
             file.display()
         );
     }
@@ -844,20 +845,21 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
         let number = submit(&c, &app, &req, out).await?;
         let code = wait(&c, &app, number, out).await?;
         if code == ExitCode::SUCCESS {
+            let file = args.file.display();
+            let listen = spec.route.listen;
+            let stops = if daemon.is_some() {
+                "the app and the daemon"
+            } else {
+                "following (the app keeps running)"
+            };
             out.say(&format!(
-                "\n{app} is up on http://{} — try, in another terminal:\n  \
+                "\n{app} is up on http://{listen} — try, in another terminal:\n  \
                  kiln status {app}\n  \
-                 (edit kiln.toml, e.g. HELLO_VERSION) then: kiln apply -f {}\n  \
+                 (edit {file}, e.g. HELLO_VERSION) then: kiln build -f {file}; \
+                 kiln test -f {file}; kiln apply -f {file}\n  \
                  kiln rollback {app}\n  \
                  kiln history {app}\n\
-                 Streaming events; Ctrl-C stops {}.",
-                spec.route.listen,
-                args.file.display(),
-                if daemon.is_some() {
-                    "the app and the daemon"
-                } else {
-                    "following (the app keeps running)"
-                }
+                 Streaming events; Ctrl-C stops {stops}."
             ));
             let mut seen = c
                 .get(&format!("/v1/events?app={app}"))
