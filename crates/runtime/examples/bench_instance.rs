@@ -97,23 +97,28 @@ async fn main() {
     provider.destroy(&warm).await.unwrap();
 
     let mut kiln = Vec::new();
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        let id = provider.create(spec.clone()).await.unwrap();
-        provider.start(&id).await.unwrap();
-        let mut health = provider.health(&id).await.unwrap();
-        health.wait_for(|h| *h == Health::Healthy).await.unwrap();
-        kiln.push(t0.elapsed());
-        provider.destroy(&id).await.unwrap();
-    }
-
+    let (mut creates, mut starts) = (Vec::new(), Vec::new());
     // The same bundle (config.json + mounted overlay root) that kiln wrote, run bare.
     let id = provider.create(spec.clone()).await.unwrap();
     let addr = provider.observe(&id).await.unwrap().addr;
     let bundle = provider.paths(&id).dir.join("bundle");
     let root = work.path().join("bare-runc");
     let mut bare = Vec::new();
+    // kiln and bare runc alternate, so whatever else the machine does at a moment weighs
+    // on both series alike.
     for i in 0..runs {
+        let t0 = Instant::now();
+        let k = provider.create(spec.clone()).await.unwrap();
+        let t1 = Instant::now();
+        provider.start(&k).await.unwrap();
+        let t2 = Instant::now();
+        let mut health = provider.health(&k).await.unwrap();
+        health.wait_for(|h| *h == Health::Healthy).await.unwrap();
+        kiln.push(t0.elapsed());
+        creates.push(t1 - t0);
+        starts.push(t2 - t1);
+        provider.destroy(&k).await.unwrap();
+
         let name = format!("bare-{i}");
         let t0 = Instant::now();
         let mut child = tokio::process::Command::new("runc")
@@ -138,6 +143,11 @@ async fn main() {
         assert!(killed.success());
         child.wait().await.unwrap();
     }
+    eprintln!(
+        "  (kiln's median split: create {:.1} ms, start {:.1} ms, then health)",
+        median(creates).as_secs_f64() * 1000.0,
+        median(starts).as_secs_f64() * 1000.0
+    );
     provider.destroy(&id).await.unwrap();
 
     let mut fork = Vec::new();
