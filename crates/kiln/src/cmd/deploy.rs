@@ -2,7 +2,7 @@
 //! `rollback`, `promote`, `abort`, `scale`, `down`, `logs`, `drift`, and `up`, which starts
 //! a daemon in-process when none is running.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -14,19 +14,14 @@ use kiln_spec::Spec;
 use serde_json::{Value, json};
 
 use super::daemon::{Daemon, signalled, socket};
+use crate::cli::SpecFile;
 use crate::output::Output;
 
 /// `kiln plan`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// The spec file
-    #[arg(
-        short = 'f',
-        long = "file",
-        default_value = "kiln.toml",
-        value_name = "FILE"
-    )]
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub spec: SpecFile,
     /// Exit 0 when nothing would change, 2 when something would (1 on errors)
     #[arg(long)]
     pub detailed_exitcode: bool,
@@ -35,14 +30,8 @@ pub struct PlanArgs {
 /// `kiln apply`.
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// The spec file
-    #[arg(
-        short = 'f',
-        long = "file",
-        default_value = "kiln.toml",
-        value_name = "FILE"
-    )]
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub spec: SpecFile,
     /// Release this image (a manifest digest in the store) instead of building
     #[arg(long, value_name = "DIGEST")]
     pub image: Option<String>,
@@ -54,14 +43,8 @@ pub struct ApplyArgs {
 /// `kiln up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// The spec file
-    #[arg(
-        short = 'f',
-        long = "file",
-        default_value = "kiln.toml",
-        value_name = "FILE"
-    )]
-    pub file: PathBuf,
+    #[command(flatten)]
+    pub spec: SpecFile,
     /// The OCI runtime binary (when `up` starts the daemon)
     #[arg(long, default_value = "runc", value_name = "BIN")]
     pub runtime: String,
@@ -235,7 +218,7 @@ fn release_request(
 }
 
 pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let spec = match load(&args.file, out)? {
+    let spec = match load(&args.spec.file, out)? {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
@@ -340,11 +323,11 @@ fn release_request_untested(
 }
 
 pub fn apply(args: &ApplyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let spec = match load(&args.file, out)? {
+    let spec = match load(&args.spec.file, out)? {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let req = release_request(&spec, &args.file, args.image.as_deref(), state, out)?;
+    let req = release_request(&spec, &args.spec.file, args.image.as_deref(), state, out)?;
     block(async {
         let c = client(state);
         let number = submit(&c, spec.name.as_str(), &req, out).await?;
@@ -806,7 +789,7 @@ pub fn drift(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCo
 }
 
 pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let spec = match load(&args.file, out)? {
+    let spec = match load(&args.spec.file, out)? {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
@@ -819,7 +802,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
         let code = super::test::test(
             &super::test::TestArgs {
                 reference: Some(digest.clone()),
-                file: args.file.clone(),
+                file: args.spec.file.clone(),
             },
             state,
             out,
@@ -828,7 +811,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
             return Ok(code);
         }
     }
-    let req = release_request(&spec, &args.file, Some(&digest), state, out)?;
+    let req = release_request(&spec, &args.spec.file, Some(&digest), state, out)?;
     block(async {
         let c = client(state);
         let daemon = if c.alive().await {
@@ -845,7 +828,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
         let number = submit(&c, &app, &req, out).await?;
         let code = wait(&c, &app, number, out).await?;
         if code == ExitCode::SUCCESS {
-            let file = args.file.display();
+            let file = args.spec.file.display();
             let listen = spec.route.listen;
             let stops = if daemon.is_some() {
                 "the app and the daemon"
