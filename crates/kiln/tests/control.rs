@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -385,4 +386,125 @@ fn relative_state_dir_does_not_look_like_drift() {
     let _ = daemon.wait();
     assert!(!history.contains("drift.detected"), "{history}");
     assert_eq!(before, after, "instances were replaced");
+}
+
+#[test]
+fn scale_logs_and_status_through_the_cli() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = write_spec(dir.path(), port, "v1", 2);
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    kiln(&state)
+        .args(["scale", "web", "3"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("scaling to 3"));
+    wait_until(&state, Duration::from_secs(20), |s| routed(s).len() == 3);
+    kiln(&state)
+        .args(["status", "web"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("live release 1"))
+        .stdout(predicates::str::contains("healthy"));
+    // Each instance's output, prefixed by its id.
+    kiln(&state)
+        .args(["logs", "web"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("| hello v1 listening on"));
+    kiln(&state)
+        .args(["scale", "web", "0"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains(
+            "replicas must be between 1 and 1000",
+        ));
+    kiln(&state)
+        .args(["status", "nope"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("no app named nope"));
+}
+
+#[test]
+fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let spec = write_spec(dir.path(), port, "v1", 2);
+    // `up` runs [image.test] first: give the spec one.
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "[service]\n",
+        "[image.test]\nhttp = \"/healthz\"\n\n[service]\n",
+    );
+    std::fs::write(&spec, text).unwrap();
+    let mut up = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .arg("--state")
+        .arg(&state)
+        .args(["up", "-f"])
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("kiln up never said it was up: {seen:#?}"));
+        let done = line.contains("is up on http://");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("==> testing")), "{seen:#?}");
+    let body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(body.ends_with("hello from v1\n"), "{body}");
+    // Ctrl-C: the app and the daemon `up` started stop, and nothing is left behind.
+    let pid = up.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let left = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);
+    assert_eq!(left, 0);
+    let mounts: Vec<String> = mounts_under(&state)
+        .into_iter()
+        .filter(|m| m.contains("/instances/"))
+        .collect();
+    assert!(mounts.is_empty(), "{mounts:?}");
 }
