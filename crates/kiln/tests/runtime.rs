@@ -11,33 +11,22 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
 use assert_cmd::cargo::CommandCargoExt;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn hello_binary() -> PathBuf {
-    root().join("target/x86_64-unknown-linux-gnu/release/hello")
-}
+use common::{kiln, mounts_under, root, runc_prerequisites};
 
-/// Whether the real-runc tests can run here; panics in CI when they cannot.
+/// Whether the real-runc tests can run here (root, runc, the example's release build, and
+/// `/bin/busybox` for the read-only checks); panics in CI when they cannot.
 fn prerequisites() -> bool {
-    let root_user = rustix_is_root();
-    let runc = std::process::Command::new("runc")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let busybox = Path::new("/bin/busybox").exists();
-    let hello = hello_binary().exists();
-    if root_user && runc && busybox && hello {
+    if !runc_prerequisites() {
+        return false;
+    }
+    if Path::new("/bin/busybox").exists() {
         return true;
     }
-    let why = format!(
-        "root={root_user} runc={runc} /bin/busybox={busybox} hello built={hello} \
-         (cargo build --release -p hello)"
-    );
+    let why = "/bin/busybox is missing (apt-get install busybox-static)";
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true but the real-runc prerequisites are missing: {why}");
     }
@@ -45,31 +34,8 @@ fn prerequisites() -> bool {
     false
 }
 
-fn rustix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn kiln(state: &Path) -> Command {
-    let mut cmd = Command::cargo_bin("kiln").unwrap();
-    cmd.env_remove("KILN_STATE")
-        .env("NO_COLOR", "1")
-        .arg("--state")
-        .arg(state);
-    cmd
-}
-
 fn build(state: &Path, spec: &Path) {
-    kiln(state)
-        .arg("build")
-        .arg("-f")
-        .arg(spec)
-        .assert()
-        .success();
+    common::build(state, spec);
 }
 
 /// A busybox image from a `rootfs:` base: an httpd serving `/www`, a writable `/tmp`, and
@@ -107,17 +73,6 @@ interval = "200ms"
     )
     .unwrap();
     spec
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&dir))
-        .map(str::to_owned)
-        .collect()
 }
 
 fn instance_dirs(state: &Path) -> Vec<String> {
