@@ -519,6 +519,14 @@ const TARGET: &[Field] = &[
         "The Docker Engine address for the docker provider; default: `$DOCKER_HOST` or the \
          local socket.",
     ),
+    default(
+        "exec",
+        Kind::Enum(&["taint", "allow"]),
+        "\"taint\"",
+        "What a `docker exec` into an instance means (docker provider): `taint` marks the \
+         instance drifted and kiln replaces it (nobody patches a running instance); `allow` \
+         lets it be.",
+    ),
 ];
 
 /// The fields of the table at a dotted path such as `deploy.analysis`, if there is one.

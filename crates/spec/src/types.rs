@@ -377,6 +377,49 @@ pub struct TargetSpec {
     pub runtime: String,
     /// Engine address for `docker`.
     pub docker_host: Option<String>,
+    /// What an exec into an instance means (`docker`).
+    pub exec: ExecPolicy,
+}
+
+impl Default for TargetSpec {
+    /// `[target]` left out: the local provider on runc.
+    fn default() -> TargetSpec {
+        TargetSpec {
+            provider: ProviderKind::Local,
+            runtime: "runc".to_owned(),
+            docker_host: None,
+            exec: ExecPolicy::Taint,
+        }
+    }
+}
+
+impl ProviderKind {
+    /// The name as `[target] provider` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Docker => "docker",
+        }
+    }
+}
+
+/// `[target] exec`: what a command executed inside a running instance means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecPolicy {
+    /// The instance is tainted (drift) and replaced.
+    Taint,
+    /// Execs are allowed.
+    Allow,
+}
+
+impl ExecPolicy {
+    /// The name as `[target] exec` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecPolicy::Taint => "taint",
+            ExecPolicy::Allow => "allow",
+        }
+    }
 }
 
 /// `[target] provider`.

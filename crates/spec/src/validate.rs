@@ -726,12 +726,14 @@ impl Validator<'_> {
             Some(("docker", _)) => ProviderKind::Docker,
             _ => ProviderKind::Local,
         };
-        if provider == ProviderKind::Local && t.written("docker_host") {
-            self.error(
-                t,
-                "docker_host",
-                "`docker_host` only applies to provider = \"docker\"".to_owned(),
-            );
+        for key in ["docker_host", "exec"] {
+            if provider == ProviderKind::Local && t.written(key) {
+                self.error(
+                    t,
+                    key,
+                    format!("`{key}` only applies to provider = \"docker\""),
+                );
+            }
         }
         let runtime = t.string("runtime").unwrap_or_else(|| "runc".to_owned());
         if runtime.is_empty() {
@@ -741,6 +743,10 @@ impl Validator<'_> {
             provider,
             runtime,
             docker_host: t.string("docker_host"),
+            exec: match t.str("exec") {
+                Some(("allow", _)) => ExecPolicy::Allow,
+                _ => ExecPolicy::Taint,
+            },
         }
     }
 }
