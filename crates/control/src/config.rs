@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_spec::{
-    Analysis, CanaryStep, CountOrPercent, DeploySpec, HealthCheck, Migrate, Promote, Spec, Sticky,
-    Strategy,
+    Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
+    ProviderKind, Spec, Sticky, Strategy, TargetSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,40 @@ pub struct ReleaseConfig {
     pub deploy: DeployConfig,
     /// `[route]`.
     pub route: RouteConfig,
+    /// `[target]`; releases recorded before it was stored ran on the local provider.
+    #[serde(default)]
+    pub target: TargetConfig,
+}
+
+/// `[target]` as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `local` or `docker`.
+    pub provider: String,
+    /// The OCI runtime of the local provider.
+    pub runtime: String,
+    /// The Docker Engine address.
+    pub docker_host: Option<String>,
+    /// `taint` or `allow`.
+    pub exec: String,
+}
+
+impl Default for TargetConfig {
+    fn default() -> TargetConfig {
+        TargetConfig::from(&TargetSpec::default())
+    }
+}
+
+impl From<&TargetSpec> for TargetConfig {
+    fn from(t: &TargetSpec) -> TargetConfig {
+        TargetConfig {
+            provider: t.provider.as_str().to_owned(),
+            runtime: t.runtime.clone(),
+            docker_host: t.docker_host.clone(),
+            exec: t.exec.as_str().to_owned(),
+        }
+    }
 }
 
 /// `[service]` as stored.
@@ -242,6 +276,26 @@ impl ReleaseConfig {
                 drain_timeout_ms: ms(r.drain_timeout),
                 request_timeout_ms: ms(r.request_timeout),
                 preview_header: r.preview_header.clone(),
+            },
+            target: TargetConfig::from(&spec.target),
+        }
+    }
+
+    /// Where instances run.
+    pub fn target(&self) -> TargetSpec {
+        let t = &self.target;
+        TargetSpec {
+            provider: if t.provider == "docker" {
+                ProviderKind::Docker
+            } else {
+                ProviderKind::Local
+            },
+            runtime: t.runtime.clone(),
+            docker_host: t.docker_host.clone(),
+            exec: if t.exec == "allow" {
+                ExecPolicy::Allow
+            } else {
+                ExecPolicy::Taint
             },
         }
     }

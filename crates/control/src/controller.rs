@@ -662,6 +662,7 @@ impl Controller {
             port: None,
             command: None,
             labels: BTreeMap::new(),
+            target: a.config.target(),
         };
         spec.labels
             .insert(RELEASE_LABEL.to_owned(), release.to_string());
@@ -794,6 +795,7 @@ impl Controller {
             port: None,
             command: Some(m.command.clone()),
             labels,
+            target: a.config.target(),
         };
         let deadline = Duration::from_millis(a.config.deploy.progress_deadline_ms);
         let provider = Arc::clone(&self.provider);

@@ -606,6 +606,21 @@ pub fn export(
     Ok(desc)
 }
 
+/// Writes the image whose manifest is `manifest` as a `docker save`-style archive at `dest`
+/// (which must not exist), naming it `tags` (`repo:tag`) instead of its tags in the store,
+/// and returns its config digest: the image ID a Docker Engine reports after loading it.
+pub fn export_docker_archive(
+    store: &Store,
+    manifest: &Digest,
+    tags: &[String],
+    dest: &Path,
+) -> Result<Digest, ArchiveError> {
+    refuse_existing(dest)?;
+    let manifest = store.manifest(manifest)?;
+    export_docker(store, &manifest, tags, dest)?;
+    Ok(manifest.config.digest.clone())
+}
+
 fn refuse_existing(dest: &Path) -> Result<(), ArchiveError> {
     if dest.exists() {
         return Err(invalid(dest, "already exists; choose a new path"));

@@ -91,6 +91,7 @@ async fn main() {
         port: None,
         command: None,
         labels: Default::default(),
+        target: kiln_spec::TargetSpec::default(),
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

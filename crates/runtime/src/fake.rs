@@ -300,6 +300,7 @@ mod tests {
             port: None,
             command: None,
             labels: BTreeMap::new(),
+            target: kiln_spec::TargetSpec::default(),
         }
     }
 

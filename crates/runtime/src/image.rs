@@ -21,6 +21,19 @@ pub trait ImageSource: Send + Sync {
     /// Unpacks `layer` of `image` into `dest` (an existing, empty directory), converting OCI
     /// whiteouts to overlayfs whiteouts, refusing paths that escape `dest`.
     fn unpack_layer(&self, image: &Digest, layer: &Digest, dest: &Path) -> Result<(), SourceError>;
+
+    /// Writes `image` as a `docker save`-style archive at `dest` (which must not exist),
+    /// tagged `tags`, and returns its config digest (the image ID a Docker Engine reports).
+    /// Sources that cannot do this say so.
+    fn export_docker_archive(
+        &self,
+        image: &Digest,
+        tags: &[String],
+        dest: &Path,
+    ) -> Result<Digest, SourceError> {
+        let _ = (tags, dest);
+        Err(format!("image {image}: this image source cannot export docker archives").into())
+    }
 }
 
 /// What the runtime needs to know about one image.
@@ -30,6 +43,8 @@ pub struct ResolvedImage {
     pub digest: Digest,
     /// The process defaults from its config.
     pub config: ImageConfig,
+    /// The digest of its config document (the image ID a Docker Engine reports).
+    pub config_digest: Digest,
     /// Layer (blob) digests, base first.
     pub layers: Vec<Digest>,
 }
@@ -126,6 +141,7 @@ impl ImageSource for DirImageSource {
             .ok_or_else(|| format!("image {image} not known"))?;
         Ok(ResolvedImage {
             digest: image.clone(),
+            config_digest: Digest::of(format!("{config:?}").as_bytes()),
             config: config.clone(),
             layers: layers.iter().map(|(d, _)| d.clone()).collect(),
         })

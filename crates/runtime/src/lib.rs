@@ -8,6 +8,8 @@
 //! by digest) and knows nothing of releases, routes or rollout strategies. It reports state,
 //! health and drift; deciding to replace an instance is the controller's job.
 
+pub mod docker;
+pub mod engines;
 pub mod fake;
 pub mod health;
 pub mod image;
@@ -15,6 +17,8 @@ pub mod local;
 pub mod provider;
 pub mod types;
 
+pub use docker::{DockerConfig, DockerProvider};
+pub use engines::Engines;
 pub use fake::FakeProvider;
 pub use image::{DirImageSource, ImageConfig, ImageSource, ResolvedImage};
 pub use local::host::{Check, CheckStatus, doctor};

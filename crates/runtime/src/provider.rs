@@ -142,6 +142,14 @@ pub enum ProviderError {
         /// What is wrong.
         message: String,
     },
+    /// The Docker Engine refused or failed a call.
+    #[error("Docker Engine: cannot {what}: {message}")]
+    Engine {
+        /// What kiln asked, naming the instance or image.
+        what: String,
+        /// The engine's answer.
+        message: String,
+    },
     /// An instance record on disk cannot be read.
     #[error("instance record {}: {message}", path.display())]
     Record {

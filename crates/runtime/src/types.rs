@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use kiln_spec::{HealthCheck, ServiceSpec};
+use kiln_spec::{HealthCheck, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
 /// runc container, so it is checked before it can reach a path or a command line.
@@ -166,6 +166,8 @@ pub struct InstanceSpec {
     /// Opaque key-value pairs recorded with the instance and returned by `observe`/`list`
     /// (the control plane records the release an instance belongs to here).
     pub labels: BTreeMap<String, String>,
+    /// Where it runs (`[target]`): which provider, and that provider's settings.
+    pub target: TargetSpec,
 }
 
 impl InstanceSpec {
@@ -183,6 +185,7 @@ impl InstanceSpec {
             port: None,
             command: None,
             labels: BTreeMap::new(),
+            target: TargetSpec::default(),
         }
     }
 }
@@ -310,6 +313,22 @@ pub enum DriftFinding {
         /// What is missing.
         what: String,
     },
+    /// A command was executed inside the instance (`docker exec`): it may have changed
+    /// anything, so the instance is tainted.
+    Exec {
+        /// The command as the engine reported it.
+        command: String,
+    },
+    /// A runtime setting of the instance (limits, env, mounts, security) is not the one
+    /// kiln created it with (e.g. `docker update`).
+    Setting {
+        /// The setting, e.g. `HostConfig.Memory`.
+        name: String,
+        /// As kiln created it.
+        expected: String,
+        /// As found.
+        found: String,
+    },
 }
 
 impl fmt::Display for DriftFinding {
@@ -331,6 +350,12 @@ impl fmt::Display for DriftFinding {
                 None => write!(f, "runtime config removed (expected {})", expected.short()),
             },
             DriftFinding::Vanished { what } => write!(f, "vanished: {what}"),
+            DriftFinding::Exec { command } => write!(f, "exec into the instance: {command}"),
+            DriftFinding::Setting {
+                name,
+                expected,
+                found,
+            } => write!(f, "runtime setting {name} changed: {expected} → {found}"),
         }
     }
 }
@@ -355,6 +380,8 @@ impl DriftReport {
                 DriftFinding::Write { path } | DriftFinding::Layer { path, .. } => path.clone(),
                 DriftFinding::Config { .. } => "config.json".to_owned(),
                 DriftFinding::Vanished { what } => what.clone(),
+                DriftFinding::Exec { command } => format!("exec: {command}"),
+                DriftFinding::Setting { name, .. } => name.clone(),
             })
             .collect()
     }

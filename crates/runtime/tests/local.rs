@@ -95,6 +95,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         port: None,
         command: command.map(|c| vec!["/bin/busybox".into(), "sh".into(), "-c".into(), c.into()]),
         labels: Default::default(),
+        target: kiln_spec::TargetSpec::default(),
     }
 }
 

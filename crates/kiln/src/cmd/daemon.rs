@@ -13,7 +13,7 @@ use clap::Args;
 use kiln_control::{Controller, ControllerConfig};
 use kiln_runtime::Provider;
 
-use super::instance::{StoreImages, local_provider};
+use super::instance::{StoreImages, engines};
 use crate::output::Output;
 
 /// `kiln serve`.
@@ -56,7 +56,7 @@ impl Daemon {
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
         let images = Arc::new(StoreImages::open(state)?);
-        let provider: Arc<dyn Provider> = local_provider(state, runtime, images)?;
+        let provider: Arc<dyn Provider> = engines(state, runtime, images).await?;
         let controller = Controller::start(
             &ControllerConfig {
                 state_dir: state.to_owned(),

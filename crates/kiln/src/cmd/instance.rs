@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_image::{Store, UnpackOptions, WhiteoutMode};
 use kiln_runtime::image::SourceError;
-use kiln_runtime::{Digest, ImageConfig, ImageSource, LocalConfig, LocalProvider, ResolvedImage};
+use kiln_runtime::{Digest, Engines, ImageConfig, ImageSource, ResolvedImage};
 use kiln_spec::Spec;
 
 use crate::output::Output;
@@ -60,9 +60,21 @@ impl ImageSource for StoreImages {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ResolvedImage {
             digest: image.clone(),
+            config_digest: Digest::parse(manifest.config.digest.as_str())?,
             config,
             layers,
         })
+    }
+
+    fn export_docker_archive(
+        &self,
+        image: &Digest,
+        tags: &[String],
+        dest: &Path,
+    ) -> Result<Digest, SourceError> {
+        let config =
+            kiln_image::archive::export_docker_archive(&self.store, &image_digest(image)?, tags, dest)?;
+        Ok(Digest::parse(config.as_str())?)
     }
 
     fn unpack_layer(
@@ -94,14 +106,16 @@ pub fn spec_if_present(
     Ok(super::spec::load(file, out)?.map(Some))
 }
 
-/// The local provider on `<state>` with the store as its image source.
-pub fn local_provider(
+/// The providers of `<state>` (local, and docker when an instance asks for it) with the
+/// store as their image source. Call inside a tokio runtime.
+pub async fn engines(
     state: &Path,
     runtime: &str,
     images: Arc<StoreImages>,
-) -> anyhow::Result<Arc<LocalProvider>> {
-    LocalProvider::new(LocalConfig::new(state, runtime), images)
-        .context("cannot set up the local provider (see `kiln doctor`)")
+) -> anyhow::Result<Arc<Engines>> {
+    Engines::new(state, runtime, images)
+        .await
+        .context("cannot set up the providers (see `kiln doctor`)")
 }
 
 /// A tokio runtime for one command.

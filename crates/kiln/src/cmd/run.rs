@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_runtime::{Health, InstanceId, InstanceSpec, LocalProvider, Provider};
+use kiln_runtime::{Engines, Health, InstanceId, InstanceSpec, Provider};
+use kiln_spec::TargetSpec;
 use kiln_spec::{HealthCheck, ServiceSpec};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::instance::{StoreImages, local_provider, spec_if_present, tokio_runtime};
+use super::instance::{StoreImages, engines, spec_if_present, tokio_runtime};
 use crate::output::Output;
 
 /// `kiln run`.
@@ -93,19 +94,17 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
     let env = parse_env(&args.env)?;
     let images = Arc::new(StoreImages::open(state)?);
     let digest = images.resolve_ref(&args.reference)?;
-    let (app, service, runtime) = match &spec {
-        Some(s) => (
-            s.name.to_string(),
-            s.service.clone(),
-            s.target.runtime.clone(),
-        ),
+    let (app, service, target) = match &spec {
+        Some(s) => (s.name.to_string(), s.service.clone(), s.target.clone()),
         None => (
             app_from_reference(&args.reference),
             default_service(),
-            "runc".to_owned(),
+            TargetSpec::default(),
         ),
     };
+    let runtime = target.runtime.clone();
     let mut instance = InstanceSpec::from_service(digest, &app, &service);
+    instance.target = target;
     // A one-off: a daemon managing the same app leaves it alone.
     instance.labels.insert(
         kiln_control::controller::ROLE_LABEL.to_owned(),
@@ -115,7 +114,7 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
     instance.port = args.port;
     let grace = service.stop_grace;
     tokio_runtime()?.block_on(async {
-        let provider = local_provider(state, &runtime, images)?;
+        let provider = engines(state, &runtime, images).await?;
         let id = provider.create(instance).await?;
         let outcome = foreground(&provider, &id, grace, out).await;
         let destroyed = provider.destroy(&id).await;
@@ -150,7 +149,7 @@ enum Outcome {
 }
 
 async fn foreground(
-    provider: &Arc<LocalProvider>,
+    provider: &Arc<Engines>,
     id: &InstanceId,
     grace: Duration,
     out: &Output,
@@ -165,11 +164,14 @@ async fn foreground(
             eprintln!("kiln: {line}");
         }
     };
+    let logs = match provider.local().paths(id).log {
+        log if log.exists() => log.display().to_string(),
+        _ => format!("docker logs {id}"),
+    };
     say(format!(
-        "instance {id} of {} listening on http://{} (logs: {})",
+        "instance {id} of {} listening on http://{} (logs: {logs})",
         obs.image.short(),
         obs.addr,
-        provider.paths(id).log.display()
     ));
     let mut health = provider.health(id).await?;
     let mut health_open = true;
@@ -224,7 +226,7 @@ async fn foreground(
 
 /// Copies new output to stdout; returns the next offset.
 async fn pump_logs(
-    provider: &Arc<LocalProvider>,
+    provider: &Arc<Engines>,
     id: &InstanceId,
     from: u64,
 ) -> anyhow::Result<u64> {

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use clap::Args;
 use kiln_runtime::health::http_get_status;
-use kiln_runtime::{InstanceSpec, InstanceState, LocalProvider, Provider};
+use kiln_runtime::{Engines, InstanceSpec, InstanceState, Provider};
 use serde_json::json;
 
-use super::instance::{StoreImages, local_provider, tokio_runtime};
+use super::instance::{StoreImages, engines, tokio_runtime};
 use crate::output::Output;
 
 /// `kiln test`.
@@ -66,13 +66,14 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + test.timeout;
     let mut base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
+    base.target = spec.target.clone();
     // A one-off: a daemon managing the same app leaves it alone.
     base.labels.insert(
         kiln_control::controller::ROLE_LABEL.to_owned(),
         "test".to_owned(),
     );
     let results = tokio_runtime()?.block_on(async {
-        let provider = local_provider(state, &spec.target.runtime, images.clone())?;
+        let provider = engines(state, &spec.target.runtime, images.clone()).await?;
         let mut results = Vec::new();
         if let Some(command) = &test.command {
             let mut instance = base.clone();
@@ -142,7 +143,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// The last [`OUTPUT_TAIL`] bytes of an instance's output.
-async fn output_tail(provider: &LocalProvider, id: &kiln_runtime::InstanceId) -> String {
+async fn output_tail(provider: &Engines, id: &kiln_runtime::InstanceId) -> String {
     let mut data = Vec::new();
     let mut from = 0;
     while let Ok(chunk) = provider.logs(id, from).await {
@@ -157,7 +158,7 @@ async fn output_tail(provider: &LocalProvider, id: &kiln_runtime::InstanceId) ->
 }
 
 async fn command_test(
-    provider: &Arc<LocalProvider>,
+    provider: &Arc<Engines>,
     instance: InstanceSpec,
     command: &[String],
     deadline: tokio::time::Instant,
@@ -207,7 +208,7 @@ async fn command_test(
 }
 
 async fn http_test(
-    provider: &Arc<LocalProvider>,
+    provider: &Arc<Engines>,
     instance: InstanceSpec,
     path: &str,
     deadline: tokio::time::Instant,

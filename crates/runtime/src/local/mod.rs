@@ -22,12 +22,12 @@
 
 mod bundle;
 mod drift;
-mod fsutil;
+pub(crate) mod fsutil;
 pub mod host;
 mod layers;
 mod logs;
 pub mod mounts;
-mod record;
+pub(crate) mod record;
 pub mod runc;
 
 use std::collections::{HashMap, HashSet};

@@ -1,0 +1,1068 @@
+//! The docker provider: instances as containers on a Docker Engine, driven through its API
+//! (bollard, version negotiated: Debian's Engine 20.10 speaks 1.41), never the `docker` CLI.
+//!
+//! - **Images without a registry**: when the engine lacks an instance's image (looked up by
+//!   its config digest, which is the image ID an engine reports), kiln exports it from its
+//!   own store as a docker-archive tagged `kiln.local/image:<manifest hex>` and loads it
+//!   through the API, then checks the ID the engine reports is the config digest it built.
+//! - **Containers as immutable instances**: read-only root, a tmpfs per `writable` path,
+//!   `PORT`, the port published on 127.0.0.1 for the router, no restart policy, no new
+//!   privileges, every capability dropped, limits, labels (`container.rs`).
+//! - **Drift**: filesystem changes outside `writable` (`/changes`), runtime settings that
+//!   differ from the ones recorded right after create (`docker update`), a container removed
+//!   or recreated behind kiln's back, and — from the engine's event stream — an `exec` into
+//!   an instance, which taints it when `[target] exec = "taint"`.
+//!
+//! Layout under the state directory: `docker/<id>.json` is the record a new kiln adopts an
+//! instance from (the container's ID and the settings it was created with); `docker/<id>.exec`
+//! marks an instance tainted by an exec, so a restarted kiln still replaces it.
+//!
+//! **Invariant:** every container kiln creates carries the label `kiln.state=<this state
+//! directory's id>`; a container with that label and no record (a crashed create, or one
+//! made by hand) is removed by `list`.
+
+mod container;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, EventMessage};
+use bollard::query_parameters::{
+    CreateContainerOptions, EventsOptions, ImportImageOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    StopContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use kiln_spec::{ExecPolicy, HealthCheck};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use crate::health::{HealthMachine, Liveness, monitor, prober_for};
+use crate::image::ImageSource;
+use crate::local::fsutil::write_durable;
+use crate::local::record::{HealthRecord, ms};
+use crate::provider::{Provider, ProviderError};
+use crate::types::{
+    Digest, DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
+    Observation, local_addr,
+};
+
+use self::container::{
+    IMAGE_REPO, LABEL_INSTANCE, LABEL_STATE, Wanted, changed_settings, create_body,
+    drifted_paths, image_tag, settings,
+};
+
+/// How the docker provider is set up.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// kiln's state directory (records, and the temporary archives of images being loaded).
+    pub state: PathBuf,
+    /// The engine: `unix:///…`, `tcp://…`; `None` means `$DOCKER_HOST` or the local socket.
+    pub host: Option<String>,
+    /// Period of the full drift rescan that backs the event stream.
+    pub rescan_interval: Duration,
+}
+
+impl DockerConfig {
+    /// Defaults: the engine `$DOCKER_HOST` names (or the local socket), a rescan every 5 s.
+    pub fn new(state: impl Into<PathBuf>, host: Option<String>) -> DockerConfig {
+        DockerConfig {
+            state: state.into(),
+            host,
+            rescan_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the provider records about an instance (a storage format, so its own serde type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DockerRecord {
+    version: u32,
+    id: String,
+    /// The engine's container ID: a container recreated by hand under the same name is not
+    /// this one.
+    container: String,
+    app: String,
+    /// The manifest digest kiln built.
+    image: String,
+    port: u16,
+    writable: Vec<String>,
+    health: Option<HealthRecord>,
+    stop_grace_ms: u64,
+    exec: String,
+    created_unix_ms: u64,
+    labels: BTreeMap<String, String>,
+    /// The container's runtime settings as the engine reported them right after create.
+    settings: BTreeMap<String, Value>,
+}
+
+impl DockerRecord {
+    fn image(&self) -> Result<Digest, ProviderError> {
+        Digest::parse(&self.image).map_err(|e| ProviderError::Record {
+            path: PathBuf::from(format!("docker/{}.json", self.id)),
+            message: e.to_string(),
+        })
+    }
+
+    fn created(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.created_unix_ms)
+    }
+}
+
+/// What kiln holds in memory about an instance it created or adopted.
+struct Live {
+    health: watch::Receiver<Health>,
+    health_task: Option<AbortHandle>,
+    /// `Some(code)` once the engine reported the container died.
+    exit: watch::Sender<Option<Option<i32>>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(task) = &self.health_task {
+            task.abort();
+        }
+    }
+}
+
+/// The docker provider.
+pub struct DockerProvider {
+    cfg: DockerConfig,
+    docker: Docker,
+    images: Arc<dyn ImageSource>,
+    /// This state directory's id on the engine (`kiln.state` label).
+    state_label: String,
+    live: Mutex<HashMap<InstanceId, Live>>,
+    /// Instances kiln is destroying: their disappearance is not drift.
+    destroying: Mutex<HashSet<InstanceId>>,
+    /// The findings last published per instance, so a finding is announced once.
+    reported: Mutex<HashMap<InstanceId, Vec<DriftFinding>>>,
+    drift_tx: broadcast::Sender<DriftReport>,
+    /// One image load at a time (two instances of a new release need it once).
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for DockerProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerProvider")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine_err(what: impl std::fmt::Display, e: DockerError) -> ProviderError {
+    ProviderError::Engine {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(ms)
+        .unwrap_or_default()
+}
+
+impl DockerProvider {
+    /// Connects to the engine, negotiates the API version, and starts following its events
+    /// and the periodic drift rescan. Call inside a tokio runtime.
+    pub async fn connect(
+        cfg: DockerConfig,
+        images: Arc<dyn ImageSource>,
+    ) -> Result<Arc<DockerProvider>, ProviderError> {
+        let mut cfg = cfg;
+        cfg.state =
+            std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
+        let host = cfg
+            .host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+        let docker = Docker::connect_with_host(&host)
+            .map_err(|e| engine_err(format!("connect to the Docker Engine at {host}"), e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| engine_err(format!("reach the Docker Engine at {host}"), e))?;
+        for dir in ["docker", "docker/tmp"] {
+            let path = cfg.state.join(dir);
+            std::fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
+        }
+        let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
+            .short()
+            .to_owned();
+        let (drift_tx, _) = broadcast::channel(256);
+        let provider = Arc::new(DockerProvider {
+            cfg,
+            docker,
+            images,
+            state_label,
+            live: Mutex::new(HashMap::new()),
+            destroying: Mutex::new(HashSet::new()),
+            reported: Mutex::new(HashMap::new()),
+            drift_tx,
+            loading: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(follow_events(Arc::downgrade(&provider)));
+        tokio::spawn(rescan_loop(Arc::downgrade(&provider)));
+        Ok(provider)
+    }
+
+    /// The engine client (for the image gc and tests).
+    pub fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
+    fn record_path(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("docker").join(format!("{id}.json"))
+    }
+
+    fn taint_path(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("docker").join(format!("{id}.exec"))
+    }
+
+    fn record(&self, id: &InstanceId) -> Result<DockerRecord, ProviderError> {
+        let path = self.record_path(id);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ProviderError::NotFound(id.clone()));
+            }
+            Err(e) => return Err(ProviderError::io("read", &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Record {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_destroying(&self, id: &InstanceId) -> bool {
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Makes sure the engine has `image`; returns its image ID there (the config digest).
+    async fn ensure_image(&self, image: &Digest) -> Result<Digest, ProviderError> {
+        let resolved = self
+            .images
+            .resolve(image)
+            .map_err(|e| ProviderError::Image {
+                digest: image.clone(),
+                message: e.to_string(),
+            })?;
+        let id = resolved.config_digest.clone();
+        if self.docker.inspect_image(id.as_str()).await.is_ok() {
+            return Ok(id);
+        }
+        let _one = self.loading.lock().await;
+        if self.docker.inspect_image(id.as_str()).await.is_ok() {
+            return Ok(id);
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("load-")
+            .tempdir_in(self.cfg.state.join("docker/tmp"))
+            .map_err(ProviderError::io("create temp dir in", &self.cfg.state))?;
+        let archive = tmp.path().join("image.tar");
+        let images = Arc::clone(&self.images);
+        let (img, dest) = (image.clone(), archive.clone());
+        let exported = tokio::task::spawn_blocking(move || {
+            images
+                .export_docker_archive(&img, &[image_tag(&img)], &dest)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|message| ProviderError::Image {
+            digest: image.clone(),
+            message: format!("export as a docker archive: {message}"),
+        })?;
+        if exported != id {
+            return Err(ProviderError::Image {
+                digest: image.clone(),
+                message: format!("exported config {exported} is not the resolved {id}"),
+            });
+        }
+        let file = tokio::fs::File::open(&archive)
+            .await
+            .map_err(ProviderError::io("open", &archive))?;
+        let body = futures_util::stream::unfold(file, |mut file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+            match file.read_buf(&mut buf).await {
+                Ok(0) => None,
+                Ok(_) => Some((Ok::<_, std::io::Error>(buf.freeze()), file)),
+                Err(e) => Some((Err(e), file)),
+            }
+        });
+        let mut progress =
+            self.docker
+                .import_image_stream(ImportImageOptions::default(), body, None);
+        while let Some(item) = progress.next().await {
+            item.map_err(|e| ProviderError::Image {
+                digest: image.clone(),
+                message: format!("load into the Docker Engine: {e}"),
+            })?;
+        }
+        let loaded = self
+            .docker
+            .inspect_image(id.as_str())
+            .await
+            .map_err(|e| ProviderError::Image {
+                digest: image.clone(),
+                message: format!("the engine does not show the loaded image {id}: {e}"),
+            })?;
+        if loaded.id.as_deref() != Some(id.as_str()) {
+            return Err(ProviderError::Image {
+                digest: image.clone(),
+                message: format!(
+                    "the engine reports image ID {}, kiln built {id}",
+                    loaded.id.unwrap_or_default()
+                ),
+            });
+        }
+        Ok(id)
+    }
+
+    /// A host port on 127.0.0.1 free now and not given to another of kiln's containers.
+    fn allocate_port(&self) -> std::io::Result<u16> {
+        let mut used = HashSet::new();
+        if let Ok(entries) = std::fs::read_dir(self.cfg.state.join("docker")) {
+            for e in entries.flatten() {
+                if let Ok(bytes) = std::fs::read(e.path())
+                    && let Ok(r) = serde_json::from_slice::<DockerRecord>(&bytes)
+                {
+                    used.insert(r.port);
+                }
+            }
+        }
+        for _ in 0..64 {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            let port = listener.local_addr()?.port();
+            if !used.contains(&port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "every port offered was already given to an instance",
+        ))
+    }
+
+    async fn inspect(
+        &self,
+        record: &DockerRecord,
+    ) -> Result<Option<ContainerInspectResponse>, ProviderError> {
+        match self
+            .docker
+            .inspect_container(&record.container, None)
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(engine_err(format!("inspect instance {}", record.id), e)),
+        }
+    }
+
+    /// Starts (once) what kiln follows for an instance: its exit, and its health once its
+    /// container runs.
+    fn adopt(&self, id: &InstanceId, record: &DockerRecord, running: bool, long_running: bool) {
+        let mut live = self.lock_live();
+        if let Some(l) = live.get(id)
+            && (l.health_task.is_some() || !running)
+        {
+            return;
+        }
+        let exit = live
+            .remove(id)
+            .map(|mut l| {
+                l.health_task.take();
+                l.exit.clone()
+            })
+            .unwrap_or_else(|| watch::channel(None).0);
+        let (health, health_task) = match (&record.health, running) {
+            (Some(h), true) => {
+                let check = HealthCheck::from(h);
+                let prober = prober_for(&check, local_addr(record.port));
+                let (tx, rx) = watch::channel(Health::Starting);
+                let exited = exit.subscribe();
+                let alive: Liveness = Arc::new(move || exited.borrow().is_none());
+                let started = if long_running {
+                    // An adopted instance may have been healthy for hours: no start period.
+                    tokio::time::Instant::now()
+                        .checked_sub(Duration::from_secs(86_400))
+                        .unwrap_or_else(tokio::time::Instant::now)
+                } else {
+                    tokio::time::Instant::now()
+                };
+                let task = tokio::spawn(monitor(
+                    HealthMachine::new(check, started),
+                    prober,
+                    alive,
+                    tx,
+                ));
+                (rx, Some(task.abort_handle()))
+            }
+            _ => (watch::channel(Health::Unknown).1, None),
+        };
+        live.insert(
+            id.clone(),
+            Live {
+                health,
+                health_task,
+                exit,
+            },
+        );
+    }
+
+    /// The full drift check of one instance.
+    async fn drift_findings(
+        &self,
+        id: &InstanceId,
+        record: &DockerRecord,
+    ) -> Result<Vec<DriftFinding>, ProviderError> {
+        let mut findings = Vec::new();
+        if let Ok(command) = std::fs::read_to_string(self.taint_path(id)) {
+            findings.push(DriftFinding::Exec { command });
+        }
+        let Some(c) = self.inspect(record).await? else {
+            findings.push(DriftFinding::Vanished {
+                what: format!(
+                    "container {} (removed outside kiln)",
+                    short_id(&record.container)
+                ),
+            });
+            return Ok(findings);
+        };
+        for (name, expected, found) in changed_settings(&record.settings, &settings(&c)) {
+            findings.push(DriftFinding::Setting {
+                name,
+                expected,
+                found,
+            });
+        }
+        let changes = match self.docker.container_changes(&record.container).await {
+            Ok(c) => c.unwrap_or_default(),
+            Err(e) if is_not_found(&e) => Vec::new(),
+            Err(e) => return Err(engine_err(format!("list the changes of {id}"), e)),
+        };
+        let paths: Vec<String> = changes.into_iter().map(|c| c.path).collect();
+        for path in drifted_paths(&paths, &record.writable) {
+            findings.push(DriftFinding::Write { path });
+        }
+        Ok(findings)
+    }
+
+    /// Announces `findings` when they hold something not announced before; returns them as a
+    /// report (or `None` when clean).
+    fn publish(&self, id: &InstanceId, findings: Vec<DriftFinding>) -> Option<DriftReport> {
+        let mut findings = findings;
+        findings.sort_by_key(ToString::to_string);
+        findings.dedup();
+        if findings.is_empty() {
+            return None;
+        }
+        let report = DriftReport {
+            instance: id.clone(),
+            findings: findings.clone(),
+            at: SystemTime::now(),
+        };
+        let new = {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let before = reported.entry(id.clone()).or_default();
+            let new = findings.iter().any(|f| !before.contains(f));
+            *before = findings;
+            new
+        };
+        if new && !self.is_destroying(id) {
+            let _ = self.drift_tx.send(report.clone());
+        }
+        Some(report)
+    }
+
+    async fn check(&self, id: &InstanceId) {
+        if self.is_destroying(id) {
+            return;
+        }
+        let Ok(record) = self.record(id) else {
+            return;
+        };
+        match self.drift_findings(id, &record).await {
+            Ok(findings) => {
+                self.publish(id, findings);
+            }
+            Err(e) => tracing::warn!(instance = %id, error = %e, "drift check failed"),
+        }
+    }
+
+    /// One pass of the periodic rescan over every instance this process holds.
+    async fn rescan(&self) {
+        let ids: Vec<InstanceId> = self.lock_live().keys().cloned().collect();
+        for id in ids {
+            self.check(&id).await;
+        }
+    }
+
+    /// Reacts to one engine event about one of kiln's containers.
+    async fn on_event(self: &Arc<Self>, event: EventMessage) {
+        let action = event.action.unwrap_or_default();
+        let attributes = event
+            .actor
+            .and_then(|a| a.attributes)
+            .unwrap_or_default();
+        let Some(id) = attributes
+            .get(LABEL_INSTANCE)
+            .and_then(|s| InstanceId::new(s).ok())
+        else {
+            return;
+        };
+        let verb = action.split(':').next().unwrap_or_default().trim();
+        match verb {
+            "die" => {
+                let code = attributes.get("exitCode").and_then(|c| c.parse().ok());
+                if let Some(l) = self.lock_live().get(&id) {
+                    l.exit.send_replace(Some(code));
+                }
+            }
+            "exec_create" | "exec_start" => {
+                let Ok(record) = self.record(&id) else {
+                    return;
+                };
+                if record.exec != ExecPolicy::Taint.as_str() || self.is_destroying(&id) {
+                    return;
+                }
+                let command = action
+                    .split_once(':')
+                    .map(|(_, c)| c.trim().to_owned())
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| "(unknown command)".to_owned());
+                let path = self.taint_path(&id);
+                if !path.exists()
+                    && let Err(e) = write_durable(&path, command.as_bytes())
+                {
+                    tracing::warn!(instance = %id, error = %e, "cannot record an exec taint");
+                }
+                // Let the exec finish, so the report names what it wrote too; the
+                // instance is tainted either way.
+                let exec_id = attributes.get("execID").cloned();
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Some(exec_id) = exec_id {
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while tokio::time::Instant::now() < deadline {
+                            match this.docker.inspect_exec(&exec_id).await {
+                                Ok(e) if e.running == Some(true) => {}
+                                _ => break,
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    this.check(&id).await;
+                });
+            }
+            "update" | "rename" | "destroy" | "start" | "restart" => {
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.check(&id).await });
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes the container and the record, whatever their state.
+    async fn remove(&self, id: &InstanceId, container: &str) -> Result<(), ProviderError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        match self
+            .docker
+            .remove_container(container, Some(options))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // Removal already under way (a second destroy): wait for it below.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_err(format!("remove instance {id}"), e)),
+        }
+    }
+
+    /// Removes the images kiln loaded into the engine that no container uses and that are
+    /// not in `keep` (manifest digests). Returns the tags removed.
+    pub async fn gc_images(&self, keep: &HashSet<Digest>) -> Result<Vec<String>, ProviderError> {
+        let mut filters = HashMap::new();
+        filters.insert("reference".to_owned(), vec![format!("{IMAGE_REPO}:*")]);
+        let images = self
+            .docker
+            .list_images(Some(ListImagesOptions {
+                filters: Some(filters),
+                ..ListImagesOptions::default()
+            }))
+            .await
+            .map_err(|e| engine_err("list the engine's images", e))?;
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..ListContainersOptions::default()
+            }))
+            .await
+            .map_err(|e| engine_err("list the engine's containers", e))?;
+        let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
+        let mut removed = Vec::new();
+        for image in images {
+            if in_use.contains(&image.id) {
+                continue;
+            }
+            for tag in &image.repo_tags {
+                let Some(hex) = tag.strip_prefix(&format!("{IMAGE_REPO}:")) else {
+                    continue;
+                };
+                if keep
+                    .iter()
+                    .any(|d| d.hex() == hex || d.hex().starts_with(hex))
+                {
+                    continue;
+                }
+                match self
+                    .docker
+                    .remove_image(tag, None::<RemoveImageOptions>, None)
+                    .await
+                {
+                    Ok(_) => removed.push(tag.clone()),
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(engine_err(format!("remove image {tag}"), e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn short_id(container: &str) -> &str {
+    container.get(..12).unwrap_or(container)
+}
+
+/// Follows the engine's events about kiln's containers for as long as the provider lives,
+/// reconnecting after an error.
+async fn follow_events(provider: Weak<DockerProvider>) {
+    loop {
+        let Some(p) = provider.upgrade() else {
+            return;
+        };
+        let mut filters = HashMap::new();
+        filters.insert("type".to_owned(), vec!["container".to_owned()]);
+        filters.insert(
+            "label".to_owned(),
+            vec![format!("{LABEL_STATE}={}", p.state_label)],
+        );
+        let mut events = p.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..EventsOptions::default()
+        }));
+        drop(p);
+        while let Some(event) = events.next().await {
+            let Some(p) = provider.upgrade() else {
+                return;
+            };
+            match event {
+                Ok(e) => p.on_event(e).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Docker Engine's event stream failed");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Whatever happened while the stream was down is found by a full check.
+        if let Some(p) = provider.upgrade() {
+            p.rescan().await;
+        }
+    }
+}
+
+async fn rescan_loop(provider: Weak<DockerProvider>) {
+    let interval = match provider.upgrade() {
+        Some(p) => p.cfg.rescan_interval,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(p) = provider.upgrade() else {
+            return;
+        };
+        p.rescan().await;
+    }
+}
+
+/// How long a container with kiln's state label may exist without a record before `list`
+/// takes it for the leftover of a crashed create, or one made by hand, and removes it.
+const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
+
+fn state_of(c: &ContainerInspectResponse) -> (InstanceState, Option<i32>, Option<u32>) {
+    let state = c.state.as_ref();
+    let status = state.and_then(|s| s.status);
+    let code = state
+        .and_then(|s| s.exit_code)
+        .and_then(|c| i32::try_from(c).ok());
+    let pid = state
+        .and_then(|s| s.pid)
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p > 0);
+    match status {
+        Some(ContainerStateStatusEnum::CREATED) => (InstanceState::Created, None, None),
+        Some(
+            ContainerStateStatusEnum::RUNNING
+            | ContainerStateStatusEnum::PAUSED
+            | ContainerStateStatusEnum::RESTARTING,
+        ) => (InstanceState::Running, None, pid),
+        _ => (InstanceState::Exited, code, None),
+    }
+}
+
+#[async_trait]
+impl Provider for DockerProvider {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<InstanceId, ProviderError> {
+        let id = InstanceId::generate(&spec.app);
+        let image_id = self.ensure_image(&spec.image).await?;
+        let port = match spec.port {
+            Some(p) => p,
+            None => self.allocate_port().map_err(|e| ProviderError::Config {
+                id: id.clone(),
+                message: format!("no free port on 127.0.0.1: {e}"),
+            })?,
+        };
+        let body = create_body(&Wanted {
+            id: &id,
+            spec: &spec,
+            image_id: &image_id,
+            port,
+            state_label: &self.state_label,
+        });
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(id.to_string()),
+                    platform: String::new(),
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| engine_err(format!("create instance {id}"), e))?;
+        let cleanup = |e: ProviderError| async {
+            let _ = self.remove(&id, &created.id).await;
+            e
+        };
+        let inspected = match self.docker.inspect_container(&created.id, None).await {
+            Ok(c) => c,
+            Err(e) => return Err(cleanup(engine_err(format!("inspect instance {id}"), e)).await),
+        };
+        let record = DockerRecord {
+            version: 1,
+            id: id.to_string(),
+            container: created.id.clone(),
+            app: spec.app.clone(),
+            image: spec.image.to_string(),
+            port,
+            writable: spec.writable.clone(),
+            health: spec.health.as_ref().map(HealthRecord::from),
+            stop_grace_ms: ms(spec.stop_grace),
+            exec: spec.target.exec.as_str().to_owned(),
+            created_unix_ms: unix_ms(SystemTime::now()),
+            labels: spec.labels.clone(),
+            settings: settings(&inspected),
+        };
+        let path = self.record_path(&id);
+        let written = serde_json::to_vec_pretty(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_durable(&path, &bytes));
+        if let Err(e) = written {
+            return Err(cleanup(ProviderError::io("write", &path)(e)).await);
+        }
+        self.adopt(&id, &record, false, false);
+        Ok(id)
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        let record = self.record(id)?;
+        let c = self
+            .inspect(&record)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(id.clone()))?;
+        if state_of(&c).0 != InstanceState::Created {
+            return Err(ProviderError::InvalidState {
+                id: id.clone(),
+                action: "start",
+                state: "started",
+            });
+        }
+        self.docker
+            .start_container(&record.container, None)
+            .await
+            .map_err(|e| engine_err(format!("start instance {id}"), e))?;
+        self.adopt(id, &record, true, false);
+        Ok(())
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<(), ProviderError> {
+        let record = self.record(id)?;
+        let t = i32::try_from(grace.as_secs_f64().ceil() as u64).unwrap_or(i32::MAX);
+        match self
+            .docker
+            .stop_container(
+                &record.container,
+                Some(StopContainerOptions {
+                    t: Some(t),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 304: already stopped.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_err(format!("stop instance {id}"), e)),
+        }
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        let result = async {
+            match self.record(id) {
+                Ok(r) => self.remove(id, &r.container).await?,
+                Err(ProviderError::NotFound(_)) => self.remove(id, id.as_str()).await?,
+                // An unreadable record: the container still goes, by name.
+                Err(_) => self.remove(id, id.as_str()).await?,
+            }
+            for path in [self.record_path(id), self.taint_path(id)] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ProviderError::io("remove", &path)(e)),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.lock_live().remove(id);
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        result
+    }
+
+    async fn observe(&self, id: &InstanceId) -> Result<Observation, ProviderError> {
+        let record = self.record(id)?;
+        let (state, exit_code, pid) = match self.inspect(&record).await? {
+            Some(c) => state_of(&c),
+            None => (InstanceState::Vanished, None, None),
+        };
+        let health = match state {
+            InstanceState::Exited | InstanceState::Vanished => Health::Failed,
+            InstanceState::Created => Health::Unknown,
+            InstanceState::Running => self
+                .lock_live()
+                .get(id)
+                .map_or(Health::Unknown, |l| *l.health.borrow()),
+        };
+        Ok(Observation {
+            id: id.clone(),
+            image: record.image()?,
+            app: record.app.clone(),
+            state,
+            exit_code,
+            health,
+            addr: SocketAddr::from(local_addr(record.port)),
+            pid,
+            created: record.created(),
+            labels: record.labels.clone(),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<Observation>, ProviderError> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_owned(),
+            vec![format!("{LABEL_STATE}={}", self.state_label)],
+        );
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..ListContainersOptions::default()
+            }))
+            .await
+            .map_err(|e| engine_err("list kiln's containers", e))?;
+        let dir = self.cfg.state.join("docker");
+        let mut out = Vec::new();
+        let mut recorded = HashSet::new();
+        let entries = std::fs::read_dir(&dir).map_err(ProviderError::io("read", &dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".json")
+                .and_then(|n| InstanceId::new(n).ok())
+            else {
+                continue;
+            };
+            let record = match self.record(&id) {
+                Ok(r) => r,
+                Err(ProviderError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            recorded.insert(record.container.clone());
+            let obs = match self.observe(&id).await {
+                Ok(o) => o,
+                Err(ProviderError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            self.adopt(&id, &record, obs.state == InstanceState::Running, true);
+            // Health as adoption left it.
+            let obs = self.observe(&id).await.unwrap_or(obs);
+            out.push(obs);
+        }
+        let now = SystemTime::now();
+        for c in containers {
+            let Some(cid) = c.id else { continue };
+            if recorded.contains(&cid) {
+                continue;
+            }
+            let age = c
+                .created
+                .and_then(|s| u64::try_from(s).ok())
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+                .and_then(|t| now.duration_since(t).ok());
+            if age.is_some_and(|a| a > UNRECORDED_GRACE) {
+                let name = c
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LABEL_INSTANCE).cloned())
+                    .unwrap_or_else(|| cid.clone());
+                tracing::warn!(container = %cid, name = %name, "removing a container with kiln's labels that kiln did not create");
+                if let Ok(id) = InstanceId::new(&name) {
+                    self.remove(&id, &cid).await?;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn logs(&self, id: &InstanceId, from: u64) -> Result<LogChunk, ProviderError> {
+        let record = self.record(id)?;
+        let mut stream = self.docker.logs(
+            &record.container,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "all".to_owned(),
+                ..LogsOptions::default()
+            }),
+        );
+        let mut all = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(out) => all.extend_from_slice(&out.into_bytes()),
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => return Err(engine_err(format!("read the logs of {id}"), e)),
+            }
+        }
+        let total = all.len() as u64;
+        // The engine rotates logs: an offset past the end means they were rotated.
+        let from = if from > total { 0 } else { from };
+        let start = usize::try_from(from).unwrap_or(0);
+        Ok(LogChunk {
+            data: all.get(start..).unwrap_or_default().to_vec(),
+            next: total,
+        })
+    }
+
+    async fn check_drift(&self, id: &InstanceId) -> Result<Option<DriftReport>, ProviderError> {
+        let record = self.record(id)?;
+        let findings = self.drift_findings(id, &record).await?;
+        Ok(self.publish(id, findings))
+    }
+
+    fn drift_events(&self) -> broadcast::Receiver<DriftReport> {
+        self.drift_tx.subscribe()
+    }
+
+    async fn health(&self, id: &InstanceId) -> Result<watch::Receiver<Health>, ProviderError> {
+        if let Some(live) = self.lock_live().get(id) {
+            return Ok(live.health.clone());
+        }
+        let record = self.record(id)?;
+        let running = matches!(
+            self.inspect(&record).await?.map(|c| state_of(&c).0),
+            Some(InstanceState::Running)
+        );
+        self.adopt(id, &record, running, true);
+        self.lock_live()
+            .get(id)
+            .map(|l| l.health.clone())
+            .ok_or_else(|| ProviderError::NotFound(id.clone()))
+    }
+
+    async fn wait(&self, id: &InstanceId) -> Result<Option<i32>, ProviderError> {
+        let record = self.record(id)?;
+        let mut stream = self.docker.wait_container(
+            &record.container,
+            Some(WaitContainerOptions {
+                condition: "not-running".to_owned(),
+            }),
+        );
+        match stream.next().await {
+            Some(Ok(r)) => Ok(i32::try_from(r.status_code).ok()),
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => {
+                Ok(i32::try_from(code).ok())
+            }
+            Some(Err(e)) if is_not_found(&e) => Ok(None),
+            Some(Err(e)) => Err(engine_err(format!("wait for instance {id}"), e)),
+            None => Ok(None),
+        }
+    }
+}
