@@ -69,8 +69,7 @@ impl Engines {
         images: Arc<dyn ImageSource>,
     ) -> Result<Arc<Engines>, ProviderError> {
         let state = state.into();
-        let state =
-            std::path::absolute(&state).map_err(ProviderError::io("resolve", &state))?;
+        let state = std::path::absolute(&state).map_err(ProviderError::io("resolve", &state))?;
         let local = LocalProvider::new(LocalConfig::new(&state, runtime), Arc::clone(&images))?;
         let (drift_tx, _) = broadcast::channel(256);
         let engines = Arc::new(Engines {
@@ -83,18 +82,20 @@ impl Engines {
         });
         forward(engines.local.drift_events(), engines.drift_tx.clone());
         if has_entries(&engines.state.join("docker"), ".json") {
-            let host = std::fs::read_to_string(engine_file(&engines.state))
-                .ok()
-                .map(|h| h.trim().to_owned())
-                .filter(|h| !h.is_empty());
-            engines.docker(host.as_deref()).await?;
+            engines.docker(None).await?;
         }
         Ok(engines)
     }
 
-    /// The docker provider, connected to `host` (or `$DOCKER_HOST`, or the local socket) on
-    /// first use. One engine per state directory: asking for another is an error.
+    /// The docker provider, connected to `host` (or the engine this state directory used
+    /// before, or `$DOCKER_HOST`, or the local socket) on first use. One engine per state
+    /// directory: asking for another is an error.
     pub async fn docker(&self, host: Option<&str>) -> Result<Arc<DockerProvider>, ProviderError> {
+        let remembered = std::fs::read_to_string(engine_file(&self.state))
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty());
+        let host = host.or(remembered.as_deref());
         let provider = self
             .docker
             .get_or_try_init(|| async {

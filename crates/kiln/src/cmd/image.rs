@@ -79,6 +79,54 @@ pub struct GcArgs {
     pub retain: Vec<String>,
 }
 
+/// The images of every release the ledger records, when there is a ledger.
+fn released_images(state: &Path) -> anyhow::Result<BTreeSet<kiln_image::Digest>> {
+    let path = state.join("ledger.db");
+    let mut out = BTreeSet::new();
+    if !path.exists() {
+        return Ok(out);
+    }
+    let ledger = kiln_ledger::Ledger::open(&path)
+        .with_context(|| format!("cannot open the ledger {}", path.display()))?;
+    for app in ledger.apps()? {
+        for release in ledger.releases(&app)? {
+            if let Ok(d) = kiln_image::Digest::parse(&release.body.image) {
+                out.insert(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes from the Docker Engine the images kiln loaded there whose image is no longer in
+/// the store (nor retained) and that no container uses. Only when kiln has used an engine
+/// from this state directory; returns the tags removed.
+fn gc_engine(
+    state: &Path,
+    store: &Store,
+    retained: &BTreeSet<kiln_image::Digest>,
+) -> anyhow::Result<Vec<String>> {
+    if !state.join("docker/engine").exists() {
+        return Ok(Vec::new());
+    }
+    let mut keep = std::collections::HashSet::new();
+    for d in retained {
+        keep.insert(kiln_runtime::Digest::parse(d.as_str())?);
+    }
+    for m in store.index()?.manifests {
+        keep.insert(kiln_runtime::Digest::parse(m.digest.as_str())?);
+    }
+    let images = std::sync::Arc::new(super::instance::StoreImages::open(state)?);
+    super::instance::tokio_runtime()?.block_on(async {
+        let engines = kiln_runtime::Engines::new(state, "runc", images).await?;
+        let docker = engines.docker(None).await?;
+        docker
+            .gc_images(&keep)
+            .await
+            .context("cannot remove unused images from the Docker Engine")
+    })
+}
+
 fn store(state: &Path) -> anyhow::Result<Store> {
     let root = state.join("images");
     Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
@@ -314,7 +362,17 @@ pub fn gc(args: &GcArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
     for r in &args.retain {
         retained.insert(kiln_image::Digest::parse(r)?);
     }
+    // Every recorded release stays runnable: a rollback must find its image.
+    retained.extend(released_images(state)?);
     let report = store.gc(&retained, args.dry_run)?;
+    let engine_removed = if args.dry_run {
+        Vec::new()
+    } else {
+        gc_engine(state, &store, &retained)?
+    };
+    for tag in &engine_removed {
+        out.say(&format!("removed {tag} from the Docker Engine"));
+    }
     if out.json {
         out.data(&serde_json::to_value(&report)?)?;
     } else {

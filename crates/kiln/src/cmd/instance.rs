@@ -72,8 +72,12 @@ impl ImageSource for StoreImages {
         tags: &[String],
         dest: &Path,
     ) -> Result<Digest, SourceError> {
-        let config =
-            kiln_image::archive::export_docker_archive(&self.store, &image_digest(image)?, tags, dest)?;
+        let config = kiln_image::archive::export_docker_archive(
+            &self.store,
+            &image_digest(image)?,
+            tags,
+            dest,
+        )?;
         Ok(Digest::parse(config.as_str())?)
     }
 

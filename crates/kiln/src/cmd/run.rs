@@ -225,11 +225,7 @@ async fn foreground(
 }
 
 /// Copies new output to stdout; returns the next offset.
-async fn pump_logs(
-    provider: &Arc<Engines>,
-    id: &InstanceId,
-    from: u64,
-) -> anyhow::Result<u64> {
+async fn pump_logs(provider: &Arc<Engines>, id: &InstanceId, from: u64) -> anyhow::Result<u64> {
     use std::io::Write;
     let chunk = provider.logs(id, from).await?;
     if !chunk.data.is_empty() {

@@ -147,6 +147,17 @@ impl Drop for Daemon {
                 self.kill();
             }
         }
+        // Docker instances: one record per container, named after it.
+        if let Ok(entries) = std::fs::read_dir(self.state.join("docker")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(".json") {
+                    let _ = std::process::Command::new("docker")
+                        .args(["rm", "-f", "-v", id])
+                        .output();
+                }
+            }
+        }
         let root = self.state.join("runc");
         if let Ok(out) = std::process::Command::new("runc")
             .arg("--root")

@@ -231,6 +231,7 @@ pub(crate) fn drifted_paths(changes: &[String], writable: &[String]) -> Vec<Stri
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::time::Duration;
 
@@ -347,8 +348,19 @@ mod tests {
     fn mount_points_and_writable_paths_are_not_drift() {
         let writable = vec!["/tmp".to_owned(), "/var/cache/app".to_owned()];
         let changes: Vec<String> = [
-            "/dev", "/etc", "/etc/hosts", "/proc", "/sys", "/tmp", "/tmp/x", "/var", "/var/cache",
-            "/var/cache/app", "/etc/passwd", "/evil", "/variable",
+            "/dev",
+            "/etc",
+            "/etc/hosts",
+            "/proc",
+            "/sys",
+            "/tmp",
+            "/tmp/x",
+            "/var",
+            "/var/cache",
+            "/var/cache/app",
+            "/etc/passwd",
+            "/evil",
+            "/variable",
         ]
         .iter()
         .map(|s| (*s).to_owned())

@@ -24,7 +24,6 @@
 mod container;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -56,8 +55,8 @@ use crate::types::{
 };
 
 use self::container::{
-    IMAGE_REPO, LABEL_INSTANCE, LABEL_STATE, Wanted, changed_settings, create_body,
-    drifted_paths, image_tag, settings,
+    IMAGE_REPO, LABEL_INSTANCE, LABEL_STATE, Wanted, changed_settings, create_body, drifted_paths,
+    image_tag, settings,
 };
 
 /// How the docker provider is set up.
@@ -328,14 +327,14 @@ impl DockerProvider {
                 message: format!("load into the Docker Engine: {e}"),
             })?;
         }
-        let loaded = self
-            .docker
-            .inspect_image(id.as_str())
-            .await
-            .map_err(|e| ProviderError::Image {
-                digest: image.clone(),
-                message: format!("the engine does not show the loaded image {id}: {e}"),
-            })?;
+        let loaded =
+            self.docker
+                .inspect_image(id.as_str())
+                .await
+                .map_err(|e| ProviderError::Image {
+                    digest: image.clone(),
+                    message: format!("the engine does not show the loaded image {id}: {e}"),
+                })?;
         if loaded.id.as_deref() != Some(id.as_str()) {
             return Err(ProviderError::Image {
                 digest: image.clone(),
@@ -377,11 +376,7 @@ impl DockerProvider {
         &self,
         record: &DockerRecord,
     ) -> Result<Option<ContainerInspectResponse>, ProviderError> {
-        match self
-            .docker
-            .inspect_container(&record.container, None)
-            .await
-        {
+        match self.docker.inspect_container(&record.container, None).await {
             Ok(c) => Ok(Some(c)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(engine_err(format!("inspect instance {}", record.id), e)),
@@ -530,10 +525,7 @@ impl DockerProvider {
     /// Reacts to one engine event about one of kiln's containers.
     async fn on_event(self: &Arc<Self>, event: EventMessage) {
         let action = event.action.unwrap_or_default();
-        let attributes = event
-            .actor
-            .and_then(|a| a.attributes)
-            .unwrap_or_default();
+        let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
         let Some(id) = attributes
             .get(LABEL_INSTANCE)
             .and_then(|s| InstanceId::new(s).ok())
@@ -599,11 +591,7 @@ impl DockerProvider {
             v: true,
             link: false,
         };
-        match self
-            .docker
-            .remove_container(container, Some(options))
-            .await
-        {
+        match self.docker.remove_container(container, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             // Removal already under way (a second destroy): wait for it below.
@@ -915,7 +903,7 @@ impl Provider for DockerProvider {
             state,
             exit_code,
             health,
-            addr: SocketAddr::from(local_addr(record.port)),
+            addr: local_addr(record.port),
             pid,
             created: record.created(),
             labels: record.labels.clone(),

@@ -1,0 +1,491 @@
+//! End-to-end tests of the docker provider on a real Docker Engine, driving the real `kiln`
+//! binary: the example deploys with `provider = "docker"`; rolling, blue-green and canary
+//! rollouts and a warm rollback fail no request under load; an exec into an instance, a
+//! write into its filesystem, a `docker update` and a `docker kill` each get it replaced; a
+//! restarted daemon adopts its containers; `kiln down` and `kiln gc` leave nothing behind.
+//!
+//! Needs root, a Docker Engine answering on its socket and the example binary built
+//! (`cargo build --release -p hello`); with `CI=true` a missing prerequisite fails the test.
+//! The image carries busybox (as `/bin/true` and `/bin/sh`) when the host has a static one,
+//! so `docker exec <instance> true` works as a user would type it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn docker_prerequisites() -> bool {
+    let engine = std::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let busybox = Path::new(BUSYBOX).exists();
+    let hello = hello_binary().exists();
+    if is_root() && engine && hello && busybox {
+        return true;
+    }
+    let why = format!(
+        "root={} docker engine={engine} busybox={busybox} hello built={hello}",
+        is_root()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but the Docker prerequisites are missing: {why}");
+    }
+    eprintln!("note: skipping Docker Engine test ({why})");
+    false
+}
+
+/// The test spec on the docker provider, with busybox in the image.
+fn docker_spec(dir: &Path, port: u16, env: &str, replicas: u32, deploy: &str) -> PathBuf {
+    let spec = write_spec_with(
+        dir,
+        port,
+        env,
+        replicas,
+        &format!("{deploy}\n[target]\nprovider = \"docker\"\n"),
+    );
+    let text = std::fs::read_to_string(&spec).unwrap().replacen(
+        "to = \"/hello\"\n",
+        &format!(
+            "to = \"/hello\"\n\n[[image.copy]]\nfrom = {BUSYBOX:?}\nto = \"/bin/true\"\n\n\
+             [[image.copy]]\nfrom = {BUSYBOX:?}\nto = \"/bin/sh\"\n"
+        ),
+        1,
+    );
+    std::fs::write(&spec, text).unwrap();
+    spec
+}
+
+const ROLLING: &str = "[deploy]\nkeep_previous = \"10m\"\nprogress_deadline = \"1m\"\n";
+
+fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The names of the running containers of app `web` kiln made from this state directory.
+fn containers(state: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.join("docker"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".json")
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let running = docker(&[
+        "ps",
+        "--filter",
+        "label=kiln.app=web",
+        "--format",
+        "{{.Names}}",
+    ]);
+    names.retain(|n| running.lines().any(|l| l == n));
+    names
+}
+
+fn history(state: &Path) -> Vec<serde_json::Value> {
+    let out = kiln(state)
+        .args(["history", "web", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The first `drift.detected` finding recorded for `instance`, waiting up to `limit`.
+fn drift_of(state: &Path, instance: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let found = history(state).into_iter().find(|e| {
+            e["kind"] == "drift.detected" && e["data"]["instance"].as_str() == Some(instance)
+        });
+        if let Some(e) = found {
+            return e["data"]["findings"].to_string();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no drift recorded for {instance} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `instance` is no longer routed and the app has `n` healthy routed
+/// instances again; returns how long that took.
+fn replaced(state: &Path, instance: &str, n: usize, limit: Duration) -> Duration {
+    wait_until(state, limit, |s| {
+        let routed = routed(s);
+        routed.len() == n && !routed.iter().any(|r| r == instance)
+    })
+}
+
+fn deploy_v1(dir: &Path, replicas: u32) -> (Daemon, PathBuf, u16, String) {
+    let state = dir.join("state");
+    let port = free_port();
+    let daemon = Daemon::start(&state);
+    let spec = docker_spec(dir, port, r#"HELLO_VERSION = "v1""#, replicas, ROLLING);
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    (daemon, state, port, image)
+}
+
+#[test]
+fn rolling_blue_green_canary_and_rollback_on_docker_fail_no_request() {
+    if !docker_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, state, port, image) = deploy_v1(dir.path(), 2);
+    assert_eq!(containers(&state).len(), 2, "two containers run release 1");
+    let body = reqwest_like_get(port);
+    assert!(body.contains("v1"), "{body}");
+
+    let load = Load::start(port, 8);
+    let rolling = docker_spec(dir.path(), port, r#"HELLO_VERSION = "v2""#, 2, ROLLING);
+    apply(&state, &rolling, &image);
+    let blue_green = docker_spec(
+        dir.path(),
+        port,
+        r#"HELLO_VERSION = "v3""#,
+        2,
+        "[deploy]\nstrategy = \"blue-green\"\nkeep_previous = \"10m\"\nprogress_deadline = \"1m\"\n",
+    );
+    apply(&state, &blue_green, &image);
+    let canary = docker_spec(
+        dir.path(),
+        port,
+        r#"HELLO_VERSION = "v4""#,
+        2,
+        r#"[deploy]
+strategy = "canary"
+keep_previous = "10m"
+progress_deadline = "1m"
+
+[[deploy.steps]]
+weight = 20
+pause = "2s"
+
+[[deploy.steps]]
+weight = 100
+
+[deploy.analysis]
+max_error_rate = "1%"
+min_requests = 20
+"#,
+    );
+    apply(&state, &canary, &image);
+    assert!(reqwest_like_get(port).contains("v4"));
+    let t = Instant::now();
+    kiln(&state)
+        .args(["rollback", "web"])
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    let rollback = t.elapsed();
+    assert!(reqwest_like_get(port).contains("v3"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    eprintln!(
+        "docker: rolling, blue-green, canary and a warm rollback ({rollback:?} end to end): \
+         {ok} requests ok, {failed} failed"
+    );
+    assert!(ok > 500, "{ok}");
+    assert_eq!(failed, 0);
+    let s = status(&state);
+    assert_eq!(s["weights"], serde_json::json!({"3": 100}));
+}
+
+/// A plain GET of `/` through kiln's router.
+fn reqwest_like_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn exec_writes_update_and_kill_get_an_instance_replaced() {
+    if !docker_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, state, _port, _image) = deploy_v1(dir.path(), 2);
+
+    // `docker exec <instance> true`: tainted, replaced within 3 s, the event names the exec.
+    let victim = routed(&status(&state))[0].clone();
+    let t = Instant::now();
+    docker(&["exec", &victim, "true"]);
+    let took = replaced(&state, &victim, 2, Duration::from_secs(10));
+    let findings = drift_of(&state, &victim, Duration::from_secs(1));
+    eprintln!(
+        "docker exec true: replaced in {:?} ({findings})",
+        t.elapsed()
+    );
+    assert!(
+        findings.contains("exec into the instance: true"),
+        "{findings}"
+    );
+    assert!(took < Duration::from_secs(3), "replaced after {took:?}");
+
+    // An exec that writes outside `writable`: the read-only root refuses the write, and the
+    // exec alone taints the instance; the event names the command and so the path.
+    let victim = routed(&status(&state))[0].clone();
+    let t = Instant::now();
+    let out = std::process::Command::new("docker")
+        .args(["exec", &victim, "sh", "-c", "echo patched > /etc/evil"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the root filesystem must be read-only"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = replaced(&state, &victim, 2, Duration::from_secs(10));
+    let findings = drift_of(&state, &victim, Duration::from_secs(1));
+    eprintln!(
+        "docker exec writing /etc/evil: replaced in {:?} ({findings})",
+        t.elapsed()
+    );
+    assert!(findings.contains("/etc/evil"), "{findings}");
+    assert!(took < Duration::from_secs(3), "replaced after {took:?}");
+
+    // A write into the container's filesystem from the host (its overlay upper dir), where
+    // no exec announces it: found by the rescan (every 5 s) through the engine's /changes.
+    let victim = routed(&status(&state))[0].clone();
+    let upper = docker(&[
+        "inspect",
+        "--format",
+        "{{.GraphDriver.Data.UpperDir}}",
+        &victim,
+    ]);
+    std::fs::write(Path::new(upper.trim()).join("planted"), b"x").unwrap();
+    let t = Instant::now();
+    replaced(&state, &victim, 2, Duration::from_secs(15));
+    let findings = drift_of(&state, &victim, Duration::from_secs(1));
+    eprintln!(
+        "file planted in the upper dir: replaced in {:?} ({findings})",
+        t.elapsed()
+    );
+    assert!(
+        findings.contains("written outside writable paths: /planted"),
+        "{findings}"
+    );
+
+    // `docker update`: its limits are not the ones kiln created it with.
+    let victim = routed(&status(&state))[0].clone();
+    docker(&[
+        "update",
+        "--memory",
+        "96m",
+        "--memory-swap",
+        "192m",
+        &victim,
+    ]);
+    let t = Instant::now();
+    replaced(&state, &victim, 2, Duration::from_secs(10));
+    let findings = drift_of(&state, &victim, Duration::from_secs(1));
+    eprintln!("docker update: replaced in {:?} ({findings})", t.elapsed());
+    assert!(findings.contains("HostConfig.Memory"), "{findings}");
+
+    // `docker kill`: an instance that died is replaced.
+    let victim = routed(&status(&state))[0].clone();
+    let t = Instant::now();
+    docker(&["kill", &victim]);
+    let took = replaced(&state, &victim, 2, Duration::from_secs(10));
+    eprintln!(
+        "docker kill: replaced in {took:?} ({:?} in all)",
+        t.elapsed()
+    );
+
+    // `docker rm -f`: the instance vanished.
+    let victim = routed(&status(&state))[0].clone();
+    docker(&["rm", "-f", &victim]);
+    replaced(&state, &victim, 2, Duration::from_secs(10));
+}
+
+#[test]
+fn exec_allowed_leaves_the_instance_alone() {
+    if !docker_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = docker_spec(dir.path(), port, r#"HELLO_VERSION = "v1""#, 1, ROLLING);
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "provider = \"docker\"\n",
+        "provider = \"docker\"\nexec = \"allow\"\n",
+    );
+    std::fs::write(&spec, text).unwrap();
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    let instance = containers(&state)[0].clone();
+    docker(&["exec", &instance, "true"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(routed(&status(&state)), vec![instance.clone()]);
+    assert!(
+        !history(&state)
+            .iter()
+            .any(|e| e["kind"] == "drift.detected"),
+        "an allowed exec was taken for drift"
+    );
+}
+
+#[test]
+fn a_restarted_daemon_adopts_its_containers_and_down_and_gc_leave_nothing() {
+    if !docker_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut daemon, state, port, image) = deploy_v1(dir.path(), 2);
+    let before = containers(&state);
+    daemon.kill();
+    daemon.spawn();
+    wait_until(&state, Duration::from_secs(20), |s| routed(s).len() == 2);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(containers(&state), before, "the same containers, adopted");
+    assert!(reqwest_like_get(port).contains("v1"));
+    let s = status(&state);
+    let mut adopted = routed(&s);
+    adopted.sort();
+    assert_eq!(adopted, before);
+
+    // The image the engine got from kiln is the one kiln built: its ID is the config digest.
+    let engine_id = |image: &str| {
+        std::process::Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}"])
+            .arg(format!(
+                "kiln.local/image:{}",
+                image.trim_start_matches("sha256:")
+            ))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let inspect = kiln(&state)
+        .args(["image", "inspect", "--json", &image])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect).unwrap();
+    assert_eq!(
+        engine_id(&image).as_deref(),
+        inspect["manifest"]["config"]["digest"].as_str(),
+        "{inspect:#}"
+    );
+
+    kiln(&state)
+        .args(["down", "web"])
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    let left = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=kiln.app=web",
+        "--format",
+        "{{.Names}}",
+    ]);
+    for name in &before {
+        assert!(!left.contains(name.as_str()), "{name} left behind: {left}");
+    }
+
+    // An image that only `kiln test` ran on the engine, then untagged by a newer build and
+    // released by no app: `kiln gc` removes it from the store and from the engine; the
+    // released image stays on both.
+    let spec = dir.path().join("kiln.toml");
+    let rebuild = |marker: &str| {
+        let text = std::fs::read_to_string(&spec).unwrap();
+        let text = match text.find("\n[image.test]") {
+            Some(_) => text,
+            None => text.replacen(
+                "[service]\n",
+                "[image.test]\nhttp = \"/healthz\"\n\n[service]\n",
+                1,
+            ),
+        };
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("labels = "))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replacen(
+                "entrypoint = [\"/hello\"]",
+                &format!("entrypoint = [\"/hello\"]\nlabels = {{ build = \"{marker}\" }}"),
+                1,
+            );
+        std::fs::write(&spec, text).unwrap();
+        build(&state, &spec)
+    };
+    let tested = rebuild("b");
+    assert_ne!(tested, image);
+    kiln(&state)
+        .args(["test", "-f"])
+        .arg(&spec)
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .success();
+    assert!(engine_id(&tested).is_some(), "kiln test loads the image");
+    let latest = rebuild("c");
+    assert_ne!(latest, tested);
+    drop(daemon);
+    kiln(&state).arg("gc").assert().success();
+    assert_eq!(
+        engine_id(&tested),
+        None,
+        "kiln gc left the unused image on the engine"
+    );
+    assert!(engine_id(&image).is_some(), "the released image must stay");
+    let out = kiln(&state)
+        .args(["image", "inspect", &tested])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "kiln gc left the unused image in the store"
+    );
+}
