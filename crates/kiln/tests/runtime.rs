@@ -381,6 +381,7 @@ fn doctor_reports_every_check_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let out = kiln(dir.path())
         .args(["--json", "doctor", "--runtime", "kiln-no-such-runtime"])
+        .args(["--docker-host", "unix:///nonexistent/docker.sock"])
         .assert()
         .code(1);
     let report: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
@@ -398,7 +399,8 @@ fn doctor_reports_every_check_as_json() {
             "cgroups",
             "privileges",
             "state",
-            "inotify"
+            "inotify",
+            "docker"
         ]
     );
     assert_eq!(report["checks"][0]["status"], "fail");
@@ -407,5 +409,13 @@ fn doctor_reports_every_check_as_json() {
             .as_str()
             .unwrap()
             .contains("apt-get install -y runc")
+    );
+    // No engine is a warning, not a failure: only provider = "docker" needs one.
+    assert_eq!(report["checks"][6]["status"], "warn");
+    assert!(
+        report["checks"][6]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unix:///nonexistent/docker.sock")
     );
 }

@@ -1,5 +1,6 @@
 //! `kiln doctor`: can this host run instances? Checks the OCI runtime binary, kernel
-//! overlayfs, the cgroup mode, privileges, the state directory and inotify, and for each
+//! overlayfs, the cgroup mode, privileges, the state directory, inotify and the Docker
+//! Engine (a warning only: the docker provider needs it), and for each
 //! problem prints exactly what to install or change. Exit 1 when a check fails.
 
 use std::path::Path;
@@ -17,11 +18,20 @@ pub struct DoctorArgs {
     /// The OCI runtime binary to check (as `[target] runtime` names it)
     #[arg(long, default_value = "runc", value_name = "BINARY")]
     pub runtime: String,
+
+    /// The Docker Engine to check (default: `$DOCKER_HOST` or the local socket)
+    #[arg(long, value_name = "ADDR")]
+    pub docker_host: Option<String>,
 }
 
 /// Runs `kiln doctor`.
 pub fn doctor(args: &DoctorArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let checks = kiln_runtime::doctor(&args.runtime, state);
+    let mut checks = kiln_runtime::doctor(&args.runtime, state);
+    checks.push(
+        super::instance::tokio_runtime()?.block_on(kiln_runtime::docker::engine_check(
+            args.docker_host.as_deref(),
+        )),
+    );
     let failed = checks.iter().any(|c| c.status == CheckStatus::Fail);
     if out.json {
         out.data(&json!({

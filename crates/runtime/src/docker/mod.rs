@@ -181,6 +181,48 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or_default()
 }
 
+/// The engine address `host` names, or `$DOCKER_HOST`, or the local socket.
+fn engine_address(host: Option<&str>) -> String {
+    host.map(str::to_owned)
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned())
+}
+
+/// `kiln doctor`'s check of the Docker Engine: its version and API when it answers; a
+/// warning otherwise (only `provider = "docker"` needs one).
+pub async fn engine_check(host: Option<&str>) -> crate::Check {
+    let address = engine_address(host);
+    let answer = match Docker::connect_with_host(&address) {
+        Ok(d) => match d.negotiate_version().await {
+            Ok(d) => d.version().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(v) => crate::Check {
+            name: "docker",
+            status: crate::CheckStatus::Ok,
+            detail: format!(
+                "Docker Engine {} (API {}) at {address}",
+                v.version.unwrap_or_default(),
+                v.api_version.unwrap_or_default()
+            ),
+            fix: None,
+        },
+        Err(e) => crate::Check {
+            name: "docker",
+            status: crate::CheckStatus::Warn,
+            detail: format!(
+                "no Docker Engine answers at {address} ({e}); only provider = \"docker\" needs one"
+            ),
+            fix: Some(
+                "apt-get install -y docker.io and start dockerd (or set DOCKER_HOST)".to_owned(),
+            ),
+        },
+    }
+}
+
 impl DockerProvider {
     /// Connects to the engine, negotiates the API version, and starts following its events
     /// and the periodic drift rescan. Call inside a tokio runtime.
@@ -191,11 +233,7 @@ impl DockerProvider {
         let mut cfg = cfg;
         cfg.state =
             std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
-        let host = cfg
-            .host
-            .clone()
-            .or_else(|| std::env::var("DOCKER_HOST").ok())
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned());
+        let host = engine_address(cfg.host.as_deref());
         let docker = Docker::connect_with_host(&host)
             .map_err(|e| engine_err(format!("connect to the Docker Engine at {host}"), e))?
             .negotiate_version()
