@@ -488,3 +488,47 @@ fn a_restarted_daemon_adopts_its_containers_and_down_and_gc_leave_nothing() {
         "kiln gc left the unused image in the store"
     );
 }
+
+#[test]
+fn migrations_run_as_one_shot_containers_before_traffic() {
+    if !docker_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = docker_spec(
+        dir.path(),
+        port,
+        r#"HELLO_VERSION = "v1""#,
+        1,
+        "[deploy]\nprogress_deadline = \"30s\"\n\n[deploy.migrate]\n\
+         command = [\"/hello\", \"migrate\"]\nschema = 2\ncompatible_from = 1\n",
+    );
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    let kinds: Vec<String> = history(&state)
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let migrated = kinds.iter().position(|k| k == "migration.completed");
+    let routed_at = kinds.iter().position(|k| k == "route.changed");
+    assert!(
+        migrated.is_some() && migrated < routed_at,
+        "the migration must complete before traffic: {kinds:?}"
+    );
+    let one_shots = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        "label=kiln.role=migration",
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert!(
+        one_shots.trim().is_empty(),
+        "migration containers left: {one_shots}"
+    );
+}
