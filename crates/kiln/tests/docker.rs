@@ -333,6 +333,44 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
         t.elapsed()
     );
 
+    // A container made by hand with kiln's labels is not an instance: it is removed.
+    let model = routed(&status(&state))[0].clone();
+    let labels = docker(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"kiln.state\"}} {{.Image}}",
+        &model,
+    ]);
+    let (state_label, image_id) = labels.trim().split_once(' ').unwrap();
+    docker(&[
+        "create",
+        "--name",
+        "web-handmade",
+        "--label",
+        &format!("kiln.state={state_label}"),
+        "--label",
+        "kiln.app=web",
+        "--label",
+        "kiln.instance=web-handmade",
+        image_id,
+    ]);
+    let t = Instant::now();
+    while docker(&["ps", "-a", "--format", "{{.Names}}"])
+        .lines()
+        .any(|n| n == "web-handmade")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the hand-made container was left alone"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "hand-made container with kiln's labels removed in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(routed(&status(&state)).len(), 2);
+
     // `docker rm -f`: the instance vanished.
     let victim = routed(&status(&state))[0].clone();
     docker(&["rm", "-f", &victim]);

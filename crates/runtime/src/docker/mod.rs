@@ -563,7 +563,10 @@ impl DockerProvider {
     /// Reacts to one engine event about one of kiln's containers.
     async fn on_event(self: &Arc<Self>, event: EventMessage) {
         let action = event.action.unwrap_or_default();
-        let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+        let (container, attributes) = event
+            .actor
+            .map(|a| (a.id, a.attributes.unwrap_or_default()))
+            .unwrap_or_default();
         let Some(id) = attributes
             .get(LABEL_INSTANCE)
             .and_then(|s| InstanceId::new(s).ok())
@@ -617,6 +620,25 @@ impl DockerProvider {
             "update" | "rename" | "destroy" | "start" | "restart" => {
                 let this = Arc::clone(self);
                 tokio::spawn(async move { this.check(&id).await });
+            }
+            "create" => {
+                // A kiln (this one, or `kiln test` on the same state) records a container it
+                // creates within milliseconds; one still unrecorded after ADOPT_WINDOW was
+                // made by hand with kiln's labels, and goes.
+                let Some(container) = container else {
+                    return;
+                };
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(ADOPT_WINDOW).await;
+                    if this.record(&id).is_ok_and(|r| r.container == container) {
+                        return;
+                    }
+                    tracing::warn!(container = %container, name = %id, "removing a container with kiln's labels that kiln did not create");
+                    if let Err(e) = this.remove(&id, &container).await {
+                        tracing::warn!(container = %container, error = %e, "cannot remove it");
+                    }
+                });
             }
             _ => {}
         }
@@ -747,6 +769,10 @@ async fn rescan_loop(provider: Weak<DockerProvider>) {
         p.rescan().await;
     }
 }
+
+/// How long after its `create` event a container with kiln's state label may go without a
+/// record before the event follower takes it for one made by hand.
+const ADOPT_WINDOW: Duration = Duration::from_secs(2);
 
 /// How long a container with kiln's state label may exist without a record before `list`
 /// takes it for the leftover of a crashed create, or one made by hand, and removes it.
