@@ -165,6 +165,23 @@ fn rolling_blue_green_canary_and_rollback_on_docker_fail_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, state, port, image) = deploy_v1(dir.path(), 2);
     assert_eq!(containers(&state).len(), 2, "two containers run release 1");
+    // Sealed: read-only root, no capabilities, no new privileges, no restart; the app
+    // listens on [service] port (8080) in its own network, published on 127.0.0.1 only.
+    for name in containers(&state) {
+        let seal = docker(&[
+            "inspect",
+            "--format",
+            "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} \
+             {{.HostConfig.RestartPolicy.Name}}",
+            &name,
+        ]);
+        assert_eq!(seal.trim(), "true [ALL] [no-new-privileges] no", "{name}");
+        let published = docker(&["port", &name]);
+        assert!(
+            published.starts_with("8080/tcp -> 127.0.0.1:"),
+            "{name}: {published}"
+        );
+    }
     let body = reqwest_like_get(port);
     assert!(body.contains("v1"), "{body}");
 

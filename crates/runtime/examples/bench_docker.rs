@@ -317,6 +317,7 @@ async fn main() {
             start_period: Duration::from_secs(10),
         }),
         port: None,
+        container_port: None,
         command: None,
         labels: BTreeMap::from([("kiln-bench".to_owned(), label.clone())]),
         target: TargetSpec {

@@ -89,6 +89,7 @@ async fn main() {
             start_period: Duration::from_secs(10),
         }),
         port: None,
+        container_port: None,
         command: None,
         labels: Default::default(),
         target: kiln_spec::TargetSpec::default(),

@@ -298,6 +298,7 @@ mod tests {
                 start_period: Duration::from_secs(1),
             }),
             port: None,
+            container_port: None,
             command: None,
             labels: BTreeMap::new(),
             target: kiln_spec::TargetSpec::default(),

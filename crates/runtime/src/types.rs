@@ -160,7 +160,12 @@ pub struct InstanceSpec {
     /// How the provider checks the instance; `None` means no check (one-off commands).
     pub health: Option<HealthCheck>,
     /// The port to give the instance in `PORT`; `None` lets the provider allocate one.
+    /// With its own network (the docker provider) this is the host port it is published on.
     pub port: Option<u16>,
+    /// The port the app listens on inside an instance with its own network (`[service]
+    /// port`, given in `PORT` there); `None` means the same as the host port. Providers on
+    /// the host network ignore it.
+    pub container_port: Option<u16>,
     /// Replaces the image's entrypoint and cmd (for one-off commands such as image tests).
     pub command: Option<Vec<String>>,
     /// Opaque key-value pairs recorded with the instance and returned by `observe`/`list`
@@ -183,6 +188,7 @@ impl InstanceSpec {
             stop_grace: service.stop_grace,
             health: Some(service.health.clone()),
             port: None,
+            container_port: Some(service.port),
             command: None,
             labels: BTreeMap::new(),
             target: TargetSpec::default(),

@@ -93,6 +93,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
             start_period: Duration::from_secs(5),
         }),
         port: None,
+        container_port: None,
         command: command.map(|c| vec!["/bin/busybox".into(), "sh".into(), "-c".into(), c.into()]),
         labels: Default::default(),
         target: kiln_spec::TargetSpec::default(),

@@ -38,8 +38,8 @@ pub(crate) struct Wanted<'a> {
     pub state_label: &'a str,
 }
 
-/// The container create request: read-only root, a tmpfs per writable path, `PORT`, the port
-/// published on 127.0.0.1 only, no restart (kiln replaces), no new privileges, every
+/// The container create request: read-only root, a tmpfs per writable path, `PORT` (the
+/// spec's container port, else the host port), that port published on 127.0.0.1 only, no restart (kiln replaces), no new privileges, every
 /// capability dropped, limits, capped json-file logs, kiln's labels.
 pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let spec = w.spec;
@@ -49,7 +49,9 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
         .filter(|(k, _)| k.as_str() != "PORT")
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    env.push(format!("PORT={}", w.port));
+    // With its own network the app listens on `[service] port`; the host port maps to it.
+    let inside = spec.container_port.unwrap_or(w.port);
+    env.push(format!("PORT={inside}"));
     let mut labels: HashMap<String, String> = spec
         .labels
         .iter()
@@ -64,7 +66,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
         .iter()
         .map(|p| (p.clone(), "rw,nosuid,nodev,size=64m".to_owned()))
         .collect();
-    let port_key = format!("{}/tcp", w.port);
+    let port_key = format!("{inside}/tcp");
     let mut bindings = HashMap::new();
     bindings.insert(
         port_key.clone(),
@@ -240,6 +242,7 @@ mod tests {
     fn spec() -> InstanceSpec {
         let mut env = BTreeMap::new();
         env.insert("A".to_owned(), "1".to_owned());
+        // PORT from the spec is kiln's to set.
         env.insert("PORT".to_owned(), "1".to_owned());
         InstanceSpec {
             image: Digest::of(b"manifest"),
@@ -251,6 +254,7 @@ mod tests {
             stop_grace: Duration::from_secs(3),
             health: None,
             port: None,
+            container_port: None,
             command: None,
             labels: BTreeMap::from([("kiln.release".to_owned(), "4".to_owned())]),
             target: kiln_spec::TargetSpec::default(),
@@ -274,6 +278,23 @@ mod tests {
         assert_eq!(
             body.env.clone().unwrap(),
             vec!["A=1".to_owned(), "PORT=41000".to_owned()]
+        );
+        // With a container port, the app listens on it and the host port maps to it.
+        let mut inside = s.clone();
+        inside.container_port = Some(8080);
+        let mapped = create_body(&Wanted {
+            id: &id,
+            spec: &inside,
+            image_id: &image_id,
+            port: 41000,
+            state_label: "abc",
+        });
+        assert!(mapped.env.unwrap().contains(&"PORT=8080".to_owned()));
+        assert_eq!(mapped.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
+        let binding = &mapped.host_config.unwrap().port_bindings.unwrap()["8080/tcp"];
+        assert_eq!(
+            binding.as_ref().unwrap()[0].host_port.as_deref(),
+            Some("41000")
         );
         let labels = body.labels.clone().unwrap();
         assert_eq!(labels["kiln.app"], "web");
