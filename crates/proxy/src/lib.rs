@@ -32,6 +32,7 @@ mod peer;
 mod route;
 mod stats;
 mod sticky;
+mod upstream;
 
 pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};
