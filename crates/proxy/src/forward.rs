@@ -465,19 +465,27 @@ fn request_head(
     framing: RequestFraming,
 ) -> Vec<u8> {
     let headers = &parts.headers;
-    // Every header the `Connection` header names describes the client's connection only.
+    // One walk over the headers (no hashing) finds what the rewrite needs: the headers the
+    // `Connection` header names (they describe the client's connection only), and the
+    // client's own `X-Forwarded-For`.
     let mut named: [&str; MAX_CONNECTION_TOKENS] = [""; MAX_CONNECTION_TOKENS];
     let mut named_count = 0;
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',').map(str::trim) {
-            if let Some(slot) = named.get_mut(named_count) {
-                *slot = token;
-                named_count += 1;
+    let mut earlier_for = None;
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if let Some(slot) = named.get_mut(named_count) {
+                    *slot = token;
+                    named_count += 1;
+                }
             }
+        } else if name == X_FORWARDED_FOR && earlier_for.is_none() {
+            earlier_for = Some(value);
         }
     }
     let named = named.get(..named_count).unwrap_or_default();
+    let is_named = |name: &str| named.iter().any(|n| n.eq_ignore_ascii_case(name));
     let target = parts
         .uri
         .path_and_query()
@@ -493,7 +501,7 @@ fn request_head(
             || name == X_FORWARDED_FOR
             || name == X_FORWARDED_PROTO
             || (host.is_some() && name == X_FORWARDED_HOST)
-            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
+            || (!named.is_empty() && is_named(name.as_str()))
         {
             continue;
         }

@@ -52,7 +52,13 @@ pub(crate) struct Connection {
     /// atomic store, where a fresh timer per request costs a registration and a removal in the
     /// runtime's timer wheel.
     timer: Pin<Box<Sleep>>,
+    /// Scratch space for a response head's field offsets, kept between responses.
+    offsets: Vec<FieldAt>,
 }
+
+/// Where one header field of a response head lies in it: name offset and length, value
+/// offset and length.
+type FieldAt = (usize, usize, usize, usize);
 
 /// How one exchange on a connection failed.
 #[derive(Debug)]
@@ -130,6 +136,7 @@ impl Connection {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            offsets: Vec::new(),
         }))
     }
 
@@ -168,11 +175,16 @@ impl Connection {
         head_request: bool,
         deadline: Instant,
     ) -> Result<Answer, ExchangeError> {
-        let Connection { io, buf, timer } = self;
+        let Connection {
+            io,
+            buf,
+            timer,
+            offsets,
+        } = self;
         timer.as_mut().reset(deadline);
         let exchange = async {
             write_request(io, head, body).await?;
-            read_head(io, buf, head_request).await
+            read_head(io, buf, offsets, head_request).await
         };
         tokio::select! {
             biased;
@@ -270,13 +282,14 @@ pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 async fn read_head(
     io: &mut TcpStream,
     buf: &mut BytesMut,
+    offsets: &mut Vec<FieldAt>,
     head_request: bool,
 ) -> Result<Answer, ExchangeError> {
     let mut answered = false;
     loop {
         if !buf.is_empty() {
             answered = true;
-            if let Some(answer) = parse_head(buf, head_request)? {
+            if let Some(answer) = parse_head(buf, offsets, head_request)? {
                 return Ok(answer);
             }
             if buf.len() > MAX_HEAD_BYTES {
@@ -295,7 +308,11 @@ async fn read_head(
 
 /// Parses a response head at the start of `buf`, consuming it. `Ok(None)` when more bytes are
 /// needed; informational (1xx) heads other than 101 are consumed and skipped.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Answer>, ExchangeError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    offsets: &mut Vec<FieldAt>,
+    head_request: bool,
+) -> Result<Option<Answer>, ExchangeError> {
     loop {
         // Uninitialised slots: the parser fills only as many as the head has.
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -319,54 +336,41 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Answer>, 
         // Header values become slices of the head's bytes (one shared buffer, no copies);
         // the fields are first noted as offsets, since the parse borrows the buffer.
         let base = buf.as_ptr() as usize;
-        let mut fields_at = [(0, 0, 0, 0); MAX_HEADERS];
-        let mut count = 0;
-        for (slot, field) in fields_at.iter_mut().zip(parsed.headers.iter()) {
-            *slot = (
+        offsets.clear();
+        offsets.extend(parsed.headers.iter().map(|field| {
+            (
                 field.name.as_ptr() as usize - base,
                 field.name.len(),
                 field.value.as_ptr() as usize - base,
                 field.value.len(),
-            );
-            count += 1;
-        }
+            )
+        }));
         let head = buf.split_to(len).freeze();
-        let fields = fields_at.get(..count).unwrap_or_default();
-        return build_answer(&head, fields, status, http10, head_request).map(Some);
+        return build_answer(&head, offsets, status, http10, head_request).map(Some);
     }
 }
 
 fn build_answer(
     head: &Bytes,
-    fields: &[(usize, usize, usize, usize)],
+    fields: &[FieldAt],
     status: StatusCode,
     http10: bool,
     head_request: bool,
 ) -> Result<Answer, ExchangeError> {
-    let bytes = |at: usize, len: usize| head.get(at..at + len).unwrap_or_default();
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-    // First pass: what the `Connection` header says, and the framing headers.
     let mut close = http10;
     let mut keep_alive_token = false;
-    let mut named: [&[u8]; 8] = [&[]; 8];
-    let mut named_count = 0;
+    let mut names_others = false;
     let mut length: Option<u64> = None;
     let mut chunked = None;
+    // One pass: each name is parsed once (a known name becomes a constant that compares as
+    // an integer), the framing and connection headers are read, the rest kept.
+    let mut headers = HeaderMap::with_capacity(fields.len());
     for &(name_at, name_len, value_at, value_len) in fields {
-        let name = bytes(name_at, name_len);
-        let value = bytes(value_at, value_len);
-        if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else if let Some(slot) = named.get_mut(named_count) {
-                    *slot = token;
-                    named_count += 1;
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        let name = head.get(name_at..name_at + name_len).unwrap_or_default();
+        let name = HeaderName::from_bytes(name).map_err(|_| ExchangeError::Invalid)?;
+        let value = head.get(value_at..value_at + value_len).unwrap_or_default();
+        if name == header::CONTENT_LENGTH {
             let n = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -375,10 +379,52 @@ fn build_answer(
                 return Err(ExchangeError::Invalid);
             }
             length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name == header::CONNECTION {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else if !token.is_empty() {
+                    names_others = true;
+                }
+            }
+            if !upgrade {
+                continue;
+            }
+        } else if name == header::TRANSFER_ENCODING {
             // Only the last coding decides whether the body is chunked.
             let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
             chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            continue;
+        } else if is_hop_by_hop(&name, upgrade) {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|_| ExchangeError::Invalid)?;
+        headers.append(name, value);
+    }
+    if chunked.is_some() {
+        // A chunked body reaches the client framed anew; its length is not this one.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    // Every header `Connection` names describes this connection only (rare: look again). A
+    // 101's `Connection: upgrade` names the `Upgrade` header the client needs.
+    if names_others && !upgrade {
+        for value in fields
+            .iter()
+            .filter_map(|&(name_at, name_len, value_at, value_len)| {
+                let name = head.get(name_at..name_at + name_len)?;
+                name.eq_ignore_ascii_case(b"connection")
+                    .then(|| head.get(value_at..value_at + value_len))
+                    .flatten()
+            })
+        {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if let Ok(token) = std::str::from_utf8(token) {
+                    headers.remove(token);
+                }
+            }
         }
     }
     if http10 && keep_alive_token {
@@ -398,24 +444,6 @@ fn build_answer(
             (None, Some(n)) => ResponseFraming::Length(n),
         }
     };
-    // Second pass: the end-to-end headers.
-    let named = named.get(..named_count).unwrap_or_default();
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for &(name_at, name_len, value_at, value_len) in fields {
-        let name = bytes(name_at, name_len);
-        if is_hop_by_hop(name, upgrade)
-            // A 101's `Connection: upgrade` names the `Upgrade` header the client needs.
-            || (!upgrade && named.iter().any(|n| n.eq_ignore_ascii_case(name)))
-            // A chunked body reaches the client framed anew; its length is not this one.
-            || (chunked.is_some() && name.eq_ignore_ascii_case(b"content-length"))
-        {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(|_| ExchangeError::Invalid)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| ExchangeError::Invalid)?;
-        headers.append(name, value);
-    }
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.headers_mut() = headers;
@@ -426,20 +454,15 @@ fn build_answer(
     })
 }
 
-/// The headers that describe one connection rather than the message (RFC 9110 §7.6.1). A 101
-/// keeps `Connection` and `Upgrade`: the client needs them to take the switch.
-fn is_hop_by_hop(name: &[u8], upgrade: bool) -> bool {
-    let always = [
-        &b"keep-alive"[..],
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-    ];
-    if always.iter().any(|h| h.eq_ignore_ascii_case(name)) {
-        return true;
-    }
-    !upgrade && (name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"upgrade"))
+/// The headers that describe one connection rather than the message (RFC 9110 §7.6.1),
+/// besides `Connection`, `Transfer-Encoding` and those `Connection` names. A 101 keeps
+/// `Upgrade`: the client needs it to take the switch.
+fn is_hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
+    name == header::TE
+        || name == header::TRAILER
+        || (name == header::UPGRADE && !upgrade)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 /// Where a response body's decoding is.
@@ -669,16 +692,19 @@ mod tests {
 
     fn answer(head: &str, head_request: bool) -> Result<Option<Answer>, ExchangeError> {
         let mut buf = BytesMut::from(head.as_bytes());
-        parse_head(&mut buf, head_request)
+        parse_head(&mut buf, &mut Vec::new(), head_request)
     }
 
+    /// The header names kept, sorted (a map's order across names means nothing).
     fn names(answer: &Answer) -> Vec<&str> {
-        answer
+        let mut names: Vec<&str> = answer
             .response
             .headers()
             .keys()
             .map(HeaderName::as_str)
-            .collect()
+            .collect();
+        names.sort_unstable();
+        names
     }
 
     #[test]
@@ -692,7 +718,7 @@ mod tests {
         assert_eq!(a.response.status(), StatusCode::OK);
         assert_eq!(a.framing, ResponseFraming::Length(6));
         assert!(a.keep_alive);
-        assert_eq!(names(&a), ["server", "content-length"]);
+        assert_eq!(names(&a), ["content-length", "server"]);
     }
 
     #[test]
@@ -793,7 +819,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(names(&a), ["x-kept", "content-length"]);
+        assert_eq!(names(&a), ["content-length", "x-kept"]);
         assert!(matches!(
             answer(
                 "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
