@@ -151,21 +151,20 @@ impl ProxyBody {
                 }
                 ProxyBody::empty()
             }
-            Ok(reader) => match reader.take_whole() {
-                Ok((data, conn)) => {
-                    if let Some(conn) = conn {
-                        release(conn);
-                    }
-                    ProxyBody::Whole {
-                        data: Some(data),
-                        in_flight: Some(in_flight),
-                    }
+            Ok(reader) if reader.is_whole() => {
+                let (data, conn) = reader.into_whole();
+                if let Some(conn) = conn {
+                    release(conn);
                 }
-                Err(reader) => ProxyBody::Upstream(Upstream {
-                    reader: Some(reader),
+                ProxyBody::Whole {
+                    data: Some(data),
                     in_flight: Some(in_flight),
-                }),
-            },
+                }
+            }
+            Ok(reader) => ProxyBody::Upstream(Upstream {
+                reader: Some(reader),
+                in_flight: Some(in_flight),
+            }),
         }
     }
 }

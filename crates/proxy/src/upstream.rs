@@ -525,18 +525,30 @@ impl ResponseReader {
         })
     }
 
-    /// The whole body when it is a `Content-Length` body that arrived with its head (the
-    /// common small response), and the connection if it can be reused; else the reader back.
-    pub(crate) fn take_whole(self) -> Result<(Bytes, Option<Connection>), ResponseReader> {
-        match self.decode {
-            Decode::Length(n) if n <= self.conn.buf.len() as u64 => {
-                let mut conn = self.conn;
-                let data = conn.buf.split_to(usize::try_from(n).unwrap_or(0)).freeze();
-                let reusable = self.keep_alive && conn.buf.is_empty();
-                Ok((data, reusable.then_some(conn)))
-            }
-            _ => Err(self),
-        }
+    /// Whether the body is a `Content-Length` body that arrived whole with its head (the
+    /// common small response).
+    pub(crate) fn is_whole(&self) -> bool {
+        matches!(self.decode, Decode::Length(n) if n <= self.conn.buf.len() as u64)
+    }
+
+    /// The whole body, and the connection if it can be reused. Only for a reader that
+    /// [`ResponseReader::is_whole`]; any other gives an empty body and drops the connection.
+    pub(crate) fn into_whole(self) -> (Bytes, Option<Connection>) {
+        let ResponseReader {
+            mut conn,
+            decode,
+            keep_alive,
+        } = self;
+        let whole = match decode {
+            Decode::Length(n) => usize::try_from(n).ok().filter(|&n| n <= conn.buf.len()),
+            _ => None,
+        };
+        let Some(n) = whole else {
+            return (Bytes::new(), None);
+        };
+        let data = conn.buf.split_to(n).freeze();
+        let reusable = keep_alive && conn.buf.is_empty();
+        (data, reusable.then_some(conn))
     }
 
     /// Whether the body has been read to its end (or failed): nothing more will come.
