@@ -22,7 +22,9 @@
 
 mod app;
 mod body;
+mod closing;
 mod config;
+mod conn_timer;
 mod error;
 mod forward;
 mod hosts;
