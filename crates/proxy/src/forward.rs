@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
@@ -464,28 +464,6 @@ fn request_head(
     upgrade: Option<&HeaderValue>,
     framing: RequestFraming,
 ) -> Vec<u8> {
-    let headers = &parts.headers;
-    // One walk over the headers (no hashing) finds what the rewrite needs: the headers the
-    // `Connection` header names (they describe the client's connection only), and the
-    // client's own `X-Forwarded-For`.
-    let mut named: [&str; MAX_CONNECTION_TOKENS] = [""; MAX_CONNECTION_TOKENS];
-    let mut named_count = 0;
-    let mut earlier_for = None;
-    for (name, value) in headers {
-        if name == header::CONNECTION {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                if let Some(slot) = named.get_mut(named_count) {
-                    *slot = token;
-                    named_count += 1;
-                }
-            }
-        } else if name == X_FORWARDED_FOR && earlier_for.is_none() {
-            earlier_for = Some(value);
-        }
-    }
-    let named = named.get(..named_count).unwrap_or_default();
-    let is_named = |name: &str| named.iter().any(|n| n.eq_ignore_ascii_case(name));
     let target = parts
         .uri
         .path_and_query()
@@ -495,21 +473,34 @@ fn request_head(
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut has_host = false;
-    for (name, value) in headers {
-        if is_hop_by_hop(name)
-            || name == X_FORWARDED_FOR
-            || name == X_FORWARDED_PROTO
-            || (host.is_some() && name == X_FORWARDED_HOST)
-            || (!named.is_empty() && is_named(name.as_str()))
-        {
-            continue;
+    let start = head.len();
+    // Nearly always the client's `Connection` header names only headers that go anyway
+    // (`keep-alive`, `upgrade`), and one walk over the headers writes them. When it names
+    // others, they are collected and the headers written again without them.
+    let copied = match copy_headers(&mut head, &parts.headers, host, &[]) {
+        Ok(copied) => copied,
+        Err(NamesOthers) => {
+            head.truncate(start);
+            let mut named: [&str; MAX_CONNECTION_TOKENS] = [""; MAX_CONNECTION_TOKENS];
+            let tokens = parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim);
+            let mut count = 0;
+            for (slot, token) in named.iter_mut().zip(tokens) {
+                *slot = token;
+                count += 1;
+            }
+            let named = named.get(..count).unwrap_or_default();
+            // With `named` given, the copy does not fail.
+            copy_headers(&mut head, &parts.headers, host, named).unwrap_or_default()
         }
-        has_host |= name == header::HOST;
-        upstream::push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
-    }
+    };
     if let Some(host) = host {
-        if !has_host {
+        if !copied.has_host {
             // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
             upstream::push_header(&mut head, b"host", host.as_bytes());
         }
@@ -520,12 +511,7 @@ fn request_head(
         upstream::push_header(&mut head, b"upgrade", protocol.as_bytes());
     }
     // The values come from the connection's `Peer`, built once per client connection.
-    let earlier = headers.get(&X_FORWARDED_FOR).filter(|_| {
-        !named
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case("x-forwarded-for"))
-    });
-    let forwarded_for = peer.forwarded_for(earlier);
+    let forwarded_for = peer.forwarded_for(copied.forwarded_for);
     upstream::push_header(&mut head, b"x-forwarded-for", forwarded_for.as_bytes());
     // This router is the edge: what a client claims about the scheme is not passed on.
     upstream::push_header(&mut head, b"x-forwarded-proto", scheme.as_bytes());
@@ -535,6 +521,69 @@ fn request_head(
     }
     head.extend_from_slice(b"\r\n");
     head
+}
+
+/// What copying the client's headers found.
+#[derive(Default)]
+struct Copied<'h> {
+    has_host: bool,
+    /// The client's own `X-Forwarded-For` (the first one), to which this hop is appended.
+    forwarded_for: Option<&'h HeaderValue>,
+}
+
+/// The client's `Connection` header names headers other than the hop-by-hop ones.
+struct NamesOthers;
+
+/// Writes the client's end-to-end headers, in order. The hop-by-hop ones, those in `named`,
+/// and the forwarding headers this router sets itself are left out. Fails when `named` is
+/// empty and the `Connection` header names headers that are not left out anyway.
+fn copy_headers<'h>(
+    head: &mut Vec<u8>,
+    headers: &'h HeaderMap,
+    host: Option<&HeaderValue>,
+    named: &[&str],
+) -> Result<Copied<'h>, NamesOthers> {
+    let mut copied = Copied::default();
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            if named.is_empty() && names_others(value) {
+                return Err(NamesOthers);
+            }
+            continue;
+        }
+        if name == X_FORWARDED_FOR {
+            if copied.forwarded_for.is_none() && !is_named(named, X_FORWARDED_FOR.as_str()) {
+                copied.forwarded_for = Some(value);
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || name == X_FORWARDED_PROTO
+            || (host.is_some() && name == X_FORWARDED_HOST)
+            || is_named(named, name.as_str())
+        {
+            continue;
+        }
+        copied.has_host |= name == header::HOST;
+        upstream::push_header(head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    Ok(copied)
+}
+
+fn is_named(named: &[&str], name: &str) -> bool {
+    named.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Whether a `Connection` value names a header that is not hop-by-hop already.
+fn names_others(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').any(|token| {
+        let token = token.trim_ascii();
+        !(token.is_empty()
+            || token.eq_ignore_ascii_case(b"keep-alive")
+            || token.eq_ignore_ascii_case(b"close")
+            || token.eq_ignore_ascii_case(b"upgrade")
+            || token.eq_ignore_ascii_case(b"te"))
+    })
 }
 
 /// The next instance to try: the chosen release's least loaded untried healthy instance, else
@@ -677,6 +726,30 @@ mod tests {
              host: shop.example\r\n\
              x-kept: 1\r\n\
              forwarded: for=203.0.113.9\r\n\
+             x-forwarded-host: shop.example\r\n\
+             x-forwarded-for: 203.0.113.9, 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\n\
+             forwarded: for=10.1.2.3;proto=http;host=\"shop.example\"\r\n\
+             \r\n"
+        );
+    }
+
+    #[test]
+    fn a_keep_alive_connection_header_is_dropped_and_the_client_list_extended() {
+        let req = Request::get("/")
+            .header("host", "shop.example")
+            .header("connection", "Keep-Alive")
+            .header("keep-alive", "timeout=5")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-for", "198.51.100.7")
+            .header("accept", "*/*")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head(req, Some("shop.example"), RequestFraming::Empty),
+            "GET / HTTP/1.1\r\n\
+             host: shop.example\r\n\
+             accept: */*\r\n\
              x-forwarded-host: shop.example\r\n\
              x-forwarded-for: 203.0.113.9, 10.1.2.3\r\n\
              x-forwarded-proto: http\r\n\
