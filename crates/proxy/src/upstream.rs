@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -183,8 +183,39 @@ impl Connection {
         } = self;
         timer.as_mut().reset(deadline);
         let exchange = async {
-            write_request(io, head, body).await?;
-            read_head(io, buf, offsets, head_request).await
+            write_head(io, head).await?;
+            let Some((body, framing)) = body.take() else {
+                return read_head(io, buf, offsets, head_request).await;
+            };
+            // The body goes up while the answer is awaited: an instance may answer before it
+            // has read the whole body (a 413, a 401) and then stop reading it.
+            let (mut reader, mut writer) = io.split();
+            let sending = write_body(&mut writer, body, framing);
+            let answer = read_head(&mut reader, buf, offsets, head_request);
+            tokio::pin!(sending, answer);
+            let sent = tokio::select! {
+                biased;
+                sent = &mut sending => sent,
+                answer = &mut answer => {
+                    // Answered before the body was all sent: the connection is mid-message.
+                    return answer.map(|answer| Answer {
+                        keep_alive: false,
+                        ..answer
+                    });
+                }
+            };
+            match sent {
+                Ok(()) => answer.await,
+                // The instance stopped taking the body; it may have answered first.
+                Err(ExchangeError::Reset) => match answer.await {
+                    Ok(answer) => Ok(Answer {
+                        keep_alive: false,
+                        ..answer
+                    }),
+                    Err(_) => Err(ExchangeError::Reset),
+                },
+                Err(error) => Err(error),
+            }
         };
         tokio::select! {
             biased;
@@ -221,13 +252,9 @@ fn make_room(buf: &mut BytesMut) {
     }
 }
 
-async fn write_request(
-    io: &mut TcpStream,
-    head: &[u8],
-    body: &mut Option<(UpstreamBody, RequestFraming)>,
-) -> Result<(), ExchangeError> {
-    // The first write is the one that tells "nothing was sent" from "something was": a single
-    // write that fails has put no byte on the connection.
+/// Writes the request head. The first write tells "nothing was sent" from "something was": a
+/// single write that fails has put no byte on the connection.
+async fn write_head(io: &mut TcpStream, head: &[u8]) -> Result<(), ExchangeError> {
     let mut written = 0;
     while written < head.len() {
         match io.write(head.get(written..).unwrap_or_default()).await {
@@ -236,9 +263,15 @@ async fn write_request(
             Ok(n) => written += n,
         }
     }
-    let Some((mut body, framing)) = body.take() else {
-        return Ok(());
-    };
+    Ok(())
+}
+
+/// Streams the request body, framed as its head said.
+async fn write_body<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut body: UpstreamBody,
+    framing: RequestFraming,
+) -> Result<(), ExchangeError> {
     let sent = |result: std::io::Result<()>| result.map_err(|_| ExchangeError::Reset);
     let chunked = framing == RequestFraming::Chunked;
     while let Some(frame) = body.frame().await {
@@ -279,8 +312,8 @@ pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Reads until a final (non-1xx, or 101) response head is complete and parses it.
-async fn read_head(
-    io: &mut TcpStream,
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
     buf: &mut BytesMut,
     offsets: &mut Vec<FieldAt>,
     head_request: bool,

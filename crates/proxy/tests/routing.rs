@@ -294,6 +294,30 @@ async fn oversized_bodies_get_413_and_no_instance_gets_503() {
 }
 
 #[tokio::test]
+async fn an_instance_that_answers_before_reading_the_body_is_heard() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let mut client = Client::connect(router.addr).await;
+    // Far more than the socket buffers hold: the router cannot finish sending it before the
+    // instance's answer, which must reach the client rather than a 502 or a timeout.
+    let body = vec![0_u8; 32 << 20];
+    let reply = client
+        .send(
+            Request::post("/reject"),
+            http_body_util::Full::new(bytes::Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "rejected\n")
+    );
+}
+
+#[tokio::test]
 async fn a_silent_instance_gets_504_and_is_counted() {
     let backend = Backend::start("b").await;
     let mut config = app("shop");
