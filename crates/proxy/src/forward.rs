@@ -4,8 +4,10 @@
 //!
 //! **Invariant:** a request is retried only when that cannot do anything twice: after a
 //! connect failure or a connection that closed before the request was written (nothing was
-//! sent), or once after a reset before any response byte when the request is idempotent and
-//! has no body. Bodies are never buffered to make a retry possible.
+//! sent), or after a reset before any response byte when the request is idempotent and has no
+//! body: once on a fresh connection to the same instance when the reset connection was a
+//! reused idle one (the instance's keep-alive timeout racing the request), and once on another
+//! instance. Bodies are never buffered to make a retry possible.
 //!
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
 //! tell the router's 404/502/503/504 from the app's.
@@ -335,6 +337,7 @@ impl Context<'_> {
         let mut preferred = Some(choice.release);
         let mut table_is_stale = false;
         let mut failed = false;
+        let mut stale_retried = false;
         let mut attempts = 0;
         while attempts < MAX_ATTEMPTS {
             let table = reloaded.as_deref().unwrap_or(original);
@@ -415,6 +418,15 @@ impl Context<'_> {
                     record(UpstreamError::Reset);
                     failed = true;
                     tracing::debug!(instance = %instance.addr, "upstream reset");
+                    if request.replayable && conn.is_reused() && !stale_retried {
+                        // An idle connection the instance closed as it was reused (its
+                        // keep-alive timeout racing this request): the request most likely
+                        // never reached the application. Once, it goes again to the same
+                        // instance on a fresh connection; the idle siblings go too.
+                        stale_retried = true;
+                        instance.clear_idle();
+                        continue;
+                    }
                     if !std::mem::take(&mut request.replayable) {
                         return Err(Failure::Upstream);
                     }

@@ -145,7 +145,8 @@ impl InstanceState {
     }
 
     /// Returns a connection whose last exchange completed cleanly.
-    pub(crate) fn release(&self, conn: Connection) {
+    pub(crate) fn release(&self, mut conn: Connection) {
+        conn.set_reused();
         if self.is_removed() {
             return;
         }

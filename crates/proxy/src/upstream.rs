@@ -54,6 +54,8 @@ pub(crate) struct Connection {
     timer: Pin<Box<Sleep>>,
     /// Scratch space for a response head's field offsets, kept between responses.
     offsets: Vec<FieldAt>,
+    /// Whether the connection has carried an exchange before (it came from the pool).
+    reused: bool,
 }
 
 /// Where one header field of a response head lies in it: name offset and length, value
@@ -137,6 +139,7 @@ impl Connection {
             buf: BytesMut::with_capacity(READ_CHUNK),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             offsets: Vec::new(),
+            reused: false,
         }))
     }
 
@@ -180,6 +183,7 @@ impl Connection {
             buf,
             timer,
             offsets,
+            ..
         } = self;
         timer.as_mut().reset(deadline);
         let exchange = async {
@@ -222,6 +226,16 @@ impl Connection {
             result = exchange => result,
             () = timer.as_mut() => Err(ExchangeError::Timeout),
         }
+    }
+
+    /// Whether the connection carried an exchange before this one.
+    pub(crate) fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Marks the connection as one that goes back to the pool.
+    pub(crate) fn set_reused(&mut self) {
+        self.reused = true;
     }
 
     /// Whether bytes past the last response are waiting in the buffer (a connection with any
