@@ -747,6 +747,8 @@ pub(crate) fn request_framing(headers: &HeaderMap, body: &UpstreamBody) -> Reque
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     fn answer(head: &str, head_request: bool) -> Result<Option<Answer>, ExchangeError> {
@@ -868,6 +870,105 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(names(&a), ["connection", "upgrade"]);
+    }
+
+    /// An instance on a real socket that answers one request with `reply`, written in
+    /// `pieces` (separate writes, so the router reads them as they come), then keeps the
+    /// connection open.
+    async fn exchange_with(pieces: &'static [&'static [u8]]) -> (Answer, Connection) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0_u8; 1024];
+            let _ = stream.read(&mut buf).await.unwrap();
+            for piece in pieces {
+                stream.write_all(piece).await.unwrap();
+                stream.flush().await.unwrap();
+                // Not a wait for anything: a pause so that the pieces usually reach the router
+                // as separate reads (the test holds whether they do or not).
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            std::future::pending::<()>().await;
+        });
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut conn = Connection::open(addr, deadline).await.unwrap().unwrap();
+        let answer = conn
+            .exchange(
+                b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+                &mut None,
+                false,
+                deadline,
+            )
+            .await
+            .unwrap();
+        (answer, conn)
+    }
+
+    async fn read_all(reader: &mut ResponseReader) -> (Vec<u8>, Option<HeaderMap>) {
+        let (mut data, mut trailers) = (Vec::new(), None);
+        while let Some(frame) = std::future::poll_fn(|cx| reader.poll_frame(cx)).await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        (data, trailers)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_split_across_reads_is_decoded_with_its_trailers() {
+        let (answer, conn) = exchange_with(&[
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+            b"lo\r\n6;ext=1\r\n world\r",
+            b"\n0\r\nx-check: 42\r\n",
+            b"\r\n",
+        ])
+        .await;
+        assert_eq!(answer.framing, ResponseFraming::Chunked);
+        let mut reader = ResponseReader::new(conn, answer.framing, answer.keep_alive)
+            .ok()
+            .unwrap();
+        let (data, trailers) = read_all(&mut reader).await;
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.unwrap()["x-check"], "42");
+        assert!(reader.is_end());
+        assert!(
+            reader.into_reusable().is_some(),
+            "a clean end keeps the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_length_body_that_arrives_late_is_streamed_and_the_connection_kept() {
+        let (answer, conn) = exchange_with(&[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123",
+            b"456789",
+        ])
+        .await;
+        let mut reader = ResponseReader::new(conn, answer.framing, answer.keep_alive)
+            .ok()
+            .unwrap();
+        assert!(!reader.is_whole());
+        let (data, _) = read_all(&mut reader).await;
+        assert_eq!(data, b"0123456789");
+        assert!(reader.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_chunk_fails_the_body_and_drops_the_connection() {
+        let (answer, conn) =
+            exchange_with(&[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY"])
+                .await;
+        let mut reader = ResponseReader::new(conn, answer.framing, answer.keep_alive)
+            .ok()
+            .unwrap();
+        let first = std::future::poll_fn(|cx| reader.poll_frame(cx)).await;
+        assert_eq!(&first.unwrap().unwrap().into_data().unwrap()[..], b"abc");
+        let second = std::future::poll_fn(|cx| reader.poll_frame(cx)).await;
+        assert!(matches!(second, Some(Err(ResponseBodyError::Malformed))));
+        assert!(reader.into_reusable().is_none());
     }
 
     #[test]
