@@ -1,7 +1,8 @@
 //! The bodies the router streams: client request bodies on their way upstream
 //! ([`UpstreamBody`], which enforces the body size limit as bytes pass), and responses on their
 //! way to the client (`ProxyBody`, which keeps the request counted against its instance until
-//! the last byte, then returns the upstream connection to the pool).
+//! the last byte, and returns the upstream connection to the pool as soon as the instance's
+//! response has been read to its end).
 //!
 //! Neither buffers: each frame is handed on as it arrives.
 
@@ -11,7 +12,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::instance::{InFlight, Sender};
+use crate::instance::InFlight;
+use crate::upstream::{Connection, ResponseBodyError, ResponseFraming, ResponseReader};
 
 /// Why a request body stopped before its end.
 #[derive(Debug, thiserror::Error)]
@@ -28,21 +30,15 @@ pub(crate) enum RequestBodyError {
 }
 
 /// A request body sent to an instance.
-pub(crate) enum UpstreamBody {
-    /// No body (also what a retried request carries: only bodiless requests are retried after
-    /// being sent).
-    Empty,
-    /// The client's body, streamed.
-    Streamed {
-        inner: Incoming,
-        seen: u64,
-        limit: u64,
-    },
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    seen: u64,
+    limit: u64,
 }
 
 impl UpstreamBody {
     pub(crate) fn streamed(inner: Incoming, limit: Option<u64>) -> UpstreamBody {
-        UpstreamBody::Streamed {
+        UpstreamBody {
             inner,
             seen: 0,
             limit: limit.unwrap_or(u64::MAX),
@@ -58,39 +54,31 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Streamed { inner, seen, limit } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        *seen = seen.saturating_add(data.len() as u64);
-                        if *seen > *limit {
-                            return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
-                                limit: *limit,
-                            })));
-                        }
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen = this.seen.saturating_add(data.len() as u64);
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: this.limit,
+                        })));
                     }
-                    Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Streamed { inner, .. } => inner.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Streamed { inner, .. } => inner.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
@@ -98,31 +86,31 @@ impl Body for UpstreamBody {
 pub(crate) enum ProxyBody {
     /// A short body the router wrote itself (errors, 404s).
     Local(Option<Bytes>),
+    /// An instance's response body that arrived whole with its head (the connection is
+    /// already back in the pool); the request stays counted until the client has it.
+    Whole {
+        data: Option<Bytes>,
+        in_flight: Option<InFlight>,
+    },
     /// An instance's response, streamed.
     Upstream(Upstream),
 }
 
 /// An instance's response body with what it holds until the end.
 pub(crate) struct Upstream {
-    inner: Incoming,
+    reader: Option<ResponseReader>,
     /// Counts the request against the instance until the body ends or is dropped.
     in_flight: Option<InFlight>,
-    /// The connection, returned to the pool only after a clean end of the body.
-    sender: Option<Sender>,
 }
 
 impl Upstream {
-    pub(crate) fn new(inner: Incoming, in_flight: InFlight, sender: Sender) -> Upstream {
-        Upstream {
-            inner,
-            in_flight: Some(in_flight),
-            sender: Some(sender),
-        }
-    }
-
+    /// Returns the connection to the pool if the body ended cleanly, and stops counting the
+    /// request.
     fn finish(&mut self) {
-        if let (Some(sender), Some(in_flight)) = (self.sender.take(), self.in_flight.as_ref()) {
-            in_flight.instance().release(sender);
+        if let (Some(reader), Some(in_flight)) = (self.reader.take(), self.in_flight.as_ref())
+            && let Some(conn) = reader.into_reusable()
+        {
+            in_flight.instance().release(conn);
         }
         self.in_flight = None;
     }
@@ -132,7 +120,7 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         // hyper stops polling a body that reports its end, so a body dropped after its last
         // frame has still ended cleanly and its connection can be reused.
-        if self.inner.is_end_stream() {
+        if self.reader.as_ref().is_some_and(ResponseReader::is_end) {
             self.finish();
         }
     }
@@ -146,25 +134,70 @@ impl ProxyBody {
     pub(crate) fn empty() -> ProxyBody {
         ProxyBody::Local(None)
     }
+
+    /// The body of a response whose head was read from `conn`.
+    pub(crate) fn upstream(
+        conn: Connection,
+        framing: ResponseFraming,
+        keep_alive: bool,
+        in_flight: InFlight,
+    ) -> ProxyBody {
+        let release = |conn: Connection| in_flight.instance().release(conn);
+        match ResponseReader::new(conn, framing, keep_alive) {
+            // No body: the exchange is over.
+            Err(conn) => {
+                if keep_alive && !conn.has_unread() {
+                    release(conn);
+                }
+                ProxyBody::empty()
+            }
+            Ok(reader) if reader.is_whole() => {
+                let (data, conn) = reader.into_whole();
+                if let Some(conn) = conn {
+                    release(conn);
+                }
+                ProxyBody::Whole {
+                    data: Some(data),
+                    in_flight: Some(in_flight),
+                }
+            }
+            Ok(reader) => ProxyBody::Upstream(Upstream {
+                reader: Some(reader),
+                in_flight: Some(in_flight),
+            }),
+        }
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
         match self.get_mut() {
             ProxyBody::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Whole { data, in_flight } => {
+                *in_flight = None;
+                Poll::Ready(data.take().map(|b| Ok(Frame::data(b))))
+            }
             ProxyBody::Upstream(up) => {
-                let polled = Pin::new(&mut up.inner).poll_frame(cx);
+                let Some(reader) = up.reader.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let polled = reader.poll_frame(cx);
                 match &polled {
-                    Poll::Ready(None) => up.finish(),
-                    Poll::Ready(Some(Ok(_))) if up.inner.is_end_stream() => up.finish(),
-                    // A failed stream leaves the connection in an unknown state: it is dropped
-                    // with the body, not pooled.
+                    // The last frame: the connection goes back now, not when hyper drops
+                    // the body.
+                    Poll::Ready(Some(Ok(_)) | None) if reader.is_end() => up.finish(),
+                    // A failed stream leaves the connection in an unknown state: it is
+                    // dropped with the reader, not pooled.
+                    Poll::Ready(Some(Err(_))) => {
+                        up.reader = None;
+                        up.in_flight = None;
+                    }
                     _ => {}
                 }
                 polled
@@ -174,16 +207,23 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Local(bytes) => bytes.is_none(),
-            ProxyBody::Upstream(up) => up.inner.is_end_stream(),
+            ProxyBody::Local(bytes) | ProxyBody::Whole { data: bytes, .. } => bytes.is_none(),
+            ProxyBody::Upstream(up) => up.reader.as_ref().is_none_or(ResponseReader::is_end),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Local(None) => SizeHint::with_exact(0),
-            ProxyBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ProxyBody::Upstream(up) => up.inner.size_hint(),
+            ProxyBody::Local(None) | ProxyBody::Whole { data: None, .. } => SizeHint::with_exact(0),
+            ProxyBody::Local(Some(b)) | ProxyBody::Whole { data: Some(b), .. } => {
+                SizeHint::with_exact(b.len() as u64)
+            }
+            ProxyBody::Upstream(up) => match up.reader.as_ref().and_then(ResponseReader::exact_len)
+            {
+                Some(n) => SizeHint::with_exact(n),
+                None if up.reader.is_none() => SizeHint::with_exact(0),
+                None => SizeHint::default(),
+            },
         }
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! **Invariant:** a request is retried only when that cannot do anything twice: after a
 //! connect failure or a connection that closed before the request was written (nothing was
-//! sent), or once after a reset before any response byte when the request is idempotent and
-//! has no body. Bodies are never buffered to make a retry possible.
+//! sent), or after a reset before any response byte when the request is idempotent and has no
+//! body: once on a fresh connection to the same instance when the reset connection was a
+//! reused idle one (the instance's keep-alive timeout racing the request), and once on another
+//! instance. Bodies are never buffered to make a retry possible.
 //!
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
 //! tell the router's 404/502/503/504 from the app's.
@@ -14,22 +16,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::body::{ProxyBody, Upstream, UpstreamBody};
+use crate::body::{ProxyBody, RequestBodyError, UpstreamBody};
 use crate::config::Sticky;
 use crate::hosts::HostTable;
-use crate::instance::{InFlight, InstanceState, Sender};
+use crate::instance::{InFlight, InstanceState};
 use crate::peer::Peer;
 use crate::route::Published;
 use crate::stats::UpstreamError;
 use crate::sticky;
+use crate::upstream::{self, Answer, Connection, ExchangeError, RequestFraming, ResponseFraming};
 
 /// The most attempts one request makes (connects and sends together) before giving up.
 const MAX_ATTEMPTS: usize = 8;
@@ -37,9 +41,11 @@ const MAX_ATTEMPTS: usize = 8;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The most `Connection`-named headers a request may drop (more are forwarded).
+const MAX_CONNECTION_TOKENS: usize = 16;
 
 /// What one listener serves, shared by its connections.
 pub(crate) struct Shared {
@@ -116,8 +122,8 @@ struct Choice {
 
 /// A response head from an instance, with what the response body must hold on to.
 struct Served {
-    response: Response<Incoming>,
-    sender: Sender,
+    answer: Answer,
+    conn: Connection,
     in_flight: InFlight,
     /// The release's index in `reloaded`, or in the table the request first read.
     release: usize,
@@ -130,6 +136,12 @@ enum Failure {
     NoInstance,
     /// Instances were tried and all failed.
     Upstream,
+    /// No response head before the request's deadline.
+    Timeout,
+    /// The client's body grew past the listener's limit.
+    TooLarge(u64),
+    /// The client's body broke off.
+    ClientBody,
 }
 
 impl Context<'_> {
@@ -141,24 +153,38 @@ impl Context<'_> {
         };
         let client_upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let bodiless = body.is_end_stream();
-        let upstream = self.upstream_request(parts, body, client_upgrade.is_some());
-        // Keep what a replay needs only for requests that may be replayed.
-        let replay = (bodiless && is_idempotent(upstream.method()) && client_upgrade.is_none())
-            .then(|| {
-                (
-                    upstream.method().clone(),
-                    upstream.uri().clone(),
-                    upstream.headers().clone(),
-                )
-            });
+        let body = UpstreamBody::streamed(body, self.max_body_bytes);
+        let framing = upstream::request_framing(&parts.headers, &body);
+        let upgrade = client_upgrade
+            .is_some()
+            .then(|| parts.headers.get(header::UPGRADE))
+            .flatten();
+        // The head is encoded once; a retry sends the same bytes to another instance.
+        let head = request_head(
+            &parts,
+            self.host.as_ref(),
+            self.peer,
+            self.scheme,
+            upgrade,
+            framing,
+        );
+        // Only a request that has sent nothing but its head can be sent again after a reset.
+        let replayable = framing == RequestFraming::Empty
+            && is_idempotent(&parts.method)
+            && client_upgrade.is_none();
+        let body = (framing != RequestFraming::Empty).then_some((body, framing));
+        let request = Outgoing {
+            head,
+            body,
+            replayable,
+            head_request: parts.method == Method::HEAD,
+        };
         // Borrowed, not cloned: on two threads every reference-count change on the shared
         // table is a cache line moving between cores.
         let chosen_stats = table.releases.get(choice.release).map(|r| &r.stats);
-        let attempt = self.send(&table, &choice, upstream, replay);
         // The deadline counts from the request's arrival, so no second clock read is needed.
         let deadline = self.start + self.app.config().request_timeout;
-        let outcome = tokio::time::timeout_at(deadline, attempt).await;
+        let outcome = self.send(&table, &choice, request, deadline).await;
         // One clock read gives both the latency and the stats window's second.
         let end = Instant::now();
         let now = self.app.second_at(end);
@@ -170,17 +196,17 @@ impl Context<'_> {
             local(status, format!("kiln: {text}\n"))
         };
         let served = match outcome {
-            Ok(Ok(served)) => served,
-            Ok(Err(Failure::NoInstance)) => {
+            Ok(served) => served,
+            Err(Failure::NoInstance) => {
                 return failure(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no healthy instance can take the request",
                 );
             }
-            Ok(Err(Failure::Upstream)) => {
+            Err(Failure::Upstream) => {
                 return failure(StatusCode::BAD_GATEWAY, "the upstream instance failed");
             }
-            Err(_) => {
+            Err(Failure::Timeout) => {
                 if let Some(stats) = &chosen_stats {
                     stats.upstream_error(UpstreamError::Timeout);
                 }
@@ -189,10 +215,19 @@ impl Context<'_> {
                     "the upstream instance did not answer in time",
                 );
             }
+            Err(Failure::TooLarge(limit)) => {
+                return failure(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body larger than {limit} bytes"),
+                );
+            }
+            Err(Failure::ClientBody) => {
+                return failure(StatusCode::BAD_REQUEST, "the request body broke off");
+            }
         };
         let Served {
-            mut response,
-            sender,
+            answer,
+            conn,
             in_flight,
             release,
             reloaded,
@@ -200,33 +235,33 @@ impl Context<'_> {
         let Some(live) = reloaded.as_deref().unwrap_or(&table).releases.get(release) else {
             return local(StatusCode::BAD_GATEWAY, "kiln: route changed\n".to_owned());
         };
+        let Answer {
+            response,
+            framing,
+            keep_alive,
+        } = answer;
         live.stats.record(now, response.status().as_u16(), latency);
         live.stats.saw_response(end);
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if framing == ResponseFraming::Upgrade {
             let Some(client_upgrade) = client_upgrade else {
                 return local(
                     StatusCode::BAD_GATEWAY,
                     "kiln: the upstream switched protocols unasked\n".to_owned(),
                 );
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            let (parts, _) = response.into_parts();
-            return Response::from_parts(parts, ProxyBody::empty());
+            tokio::spawn(tunnel(client_upgrade, conn, in_flight));
+            return response.map(|()| ProxyBody::empty());
         }
 
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        let mut response =
+            response.map(|()| ProxyBody::upstream(conn, framing, keep_alive, in_flight));
         if choice.set_cookie
             && let Some(cookie) = sticky::set_cookie(&live.name)
         {
-            parts.headers.append(header::SET_COOKIE, cookie);
+            response.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        Response::from_parts(
-            parts,
-            ProxyBody::Upstream(Upstream::new(body, in_flight, sender)),
-        )
+        response
     }
 
     fn choose(
@@ -289,8 +324,8 @@ impl Context<'_> {
         &self,
         original: &Published,
         choice: &Choice,
-        mut req: Request<UpstreamBody>,
-        mut replay: Option<(Method, Uri, HeaderMap)>,
+        mut request: Outgoing,
+        deadline: Instant,
     ) -> Result<Served, Failure> {
         // Instances that failed this request, and those that left the route after it read the
         // table (forgotten when it reads the table again: a quick switch back may restore them).
@@ -302,6 +337,7 @@ impl Context<'_> {
         let mut preferred = Some(choice.release);
         let mut table_is_stale = false;
         let mut failed = false;
+        let mut stale_retried = false;
         let mut attempts = 0;
         while attempts < MAX_ATTEMPTS {
             let table = reloaded.as_deref().unwrap_or(original);
@@ -341,40 +377,73 @@ impl Context<'_> {
                     stats.upstream_error(kind);
                 }
             };
-            let Ok(mut sender) = instance.connection().await else {
-                record(UpstreamError::Connect);
-                failed = true;
-                tried.push(instance.addr);
-                continue;
+            let mut conn = match instance.connection(deadline, !request.replayable).await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => {
+                    record(UpstreamError::Connect);
+                    failed = true;
+                    tried.push(instance.addr);
+                    continue;
+                }
+                Err(_) => return Err(Failure::Timeout),
             };
-            match sender.try_send_request(req).await {
-                Ok(response) => {
+            let exchanged = conn
+                .exchange(
+                    &request.head,
+                    &mut request.body,
+                    request.head_request,
+                    deadline,
+                )
+                .await;
+            match exchanged {
+                Ok(answer) => {
                     return Ok(Served {
-                        response,
-                        sender,
+                        answer,
+                        conn,
                         in_flight,
                         release,
                         reloaded,
                     });
                 }
-                Err(mut error) => {
+                Err(ExchangeError::Unsent) => {
+                    // The connection was dead before the request went out (an idle connection
+                    // the instance had just closed): nothing was sent, so any request may go
+                    // again. Its idle siblings are likely just as stale (the instance
+                    // restarted), so they go too.
                     record(UpstreamError::Reset);
                     failed = true;
-                    if let Some(unsent) = error.take_message() {
-                        // The connection closed before the request went out (an idle
-                        // connection the instance had just closed): nothing was sent, so any
-                        // request may go again, on a fresh connection. Its idle siblings are
-                        // likely just as stale (the instance restarted), so they go too.
+                    instance.clear_idle();
+                }
+                Err(ExchangeError::Reset) => {
+                    record(UpstreamError::Reset);
+                    failed = true;
+                    tracing::debug!(instance = %instance.addr, "upstream reset");
+                    if request.replayable && conn.is_reused() && !stale_retried {
+                        // An idle connection the instance closed as it was reused (its
+                        // keep-alive timeout racing this request): the request most likely
+                        // never reached the application. Once, it goes again to the same
+                        // instance on a fresh connection; the idle siblings go too.
+                        stale_retried = true;
                         instance.clear_idle();
-                        req = unsent;
                         continue;
                     }
-                    tracing::debug!(instance = %instance.addr, error = %error.into_error(), "upstream reset");
-                    let Some((method, uri, headers)) = replay.take() else {
+                    if !std::mem::take(&mut request.replayable) {
                         return Err(Failure::Upstream);
-                    };
+                    }
                     tried.push(instance.addr);
-                    req = rebuild(method, uri, headers);
+                }
+                Err(ExchangeError::Invalid) => {
+                    record(UpstreamError::Reset);
+                    tracing::debug!(instance = %instance.addr, "invalid upstream response");
+                    return Err(Failure::Upstream);
+                }
+                Err(ExchangeError::Timeout) => return Err(Failure::Timeout),
+                Err(ExchangeError::Body(RequestBodyError::TooLarge { limit })) => {
+                    return Err(Failure::TooLarge(limit));
+                }
+                Err(ExchangeError::Body(RequestBodyError::Client(error))) => {
+                    tracing::debug!(%error, "client request body failed");
+                    return Err(Failure::ClientBody);
                 }
             }
         }
@@ -384,52 +453,149 @@ impl Context<'_> {
             Failure::NoInstance
         })
     }
+}
 
-    /// The request as the instance gets it: origin-form URI, HTTP/1.1, no hop-by-hop headers,
-    /// and the forwarding headers.
-    fn upstream_request(
-        &self,
-        mut parts: hyper::http::request::Parts,
-        body: Incoming,
-        upgrade: bool,
-    ) -> Request<UpstreamBody> {
-        let upgrade_protocol = upgrade
-            .then(|| parts.headers.get(header::UPGRADE).cloned())
-            .flatten();
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        if let Some(protocol) = upgrade_protocol {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocol);
-        }
-        if let Some(host) = &self.host {
-            if !headers.contains_key(header::HOST) {
-                // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
-                headers.insert(header::HOST, host.clone());
+/// A request ready for an instance.
+struct Outgoing {
+    /// The encoded request line and headers.
+    head: Vec<u8>,
+    /// The body still to send, if any (taken by the attempt that sends it).
+    body: Option<(UpstreamBody, RequestFraming)>,
+    /// Whether the request may be sent once more after a reset (cleared when it has been).
+    replayable: bool,
+    head_request: bool,
+}
+
+/// The request head as the instance gets it: origin-form target, HTTP/1.1, the client's
+/// end-to-end headers in their order, then the forwarding headers and the body's framing.
+fn request_head(
+    parts: &hyper::http::request::Parts,
+    host: Option<&HeaderValue>,
+    peer: &Peer,
+    scheme: &'static str,
+    upgrade: Option<&HeaderValue>,
+    framing: RequestFraming,
+) -> Vec<u8> {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", hyper::http::uri::PathAndQuery::as_str);
+    let mut head = Vec::with_capacity(256 + target.len());
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let start = head.len();
+    // Nearly always the client's `Connection` header names only headers that go anyway
+    // (`keep-alive`, `upgrade`), and one walk over the headers writes them. When it names
+    // others, they are collected and the headers written again without them.
+    let copied = match copy_headers(&mut head, &parts.headers, host, &[]) {
+        Ok(copied) => copied,
+        Err(NamesOthers) => {
+            head.truncate(start);
+            let mut named: [&str; MAX_CONNECTION_TOKENS] = [""; MAX_CONNECTION_TOKENS];
+            let tokens = parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim);
+            let mut count = 0;
+            for (slot, token) in named.iter_mut().zip(tokens) {
+                *slot = token;
+                count += 1;
             }
-            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            let named = named.get(..count).unwrap_or_default();
+            // With `named` given, the copy does not fail.
+            copy_headers(&mut head, &parts.headers, host, named).unwrap_or_default()
         }
-        // The values come from the connection's `Peer`, built once per client connection:
-        // per request they are reference-counted clones, not freshly formatted strings.
-        let forwarded_for = self.peer.forwarded_for(headers.get(&X_FORWARDED_FOR));
-        headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-        // This router is the edge: what a client claims about the scheme is not passed on.
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(self.scheme),
-        );
-        headers.append(FORWARDED.clone(), self.peer.forwarded(self.host.as_ref()));
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-            parts.uri = Uri::from(path);
+    };
+    if let Some(host) = host {
+        if !copied.has_host {
+            // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
+            upstream::push_header(&mut head, b"host", host.as_bytes());
         }
-        parts.version = Version::HTTP_11;
-        Request::from_parts(parts, UpstreamBody::streamed(body, self.max_body_bytes))
+        upstream::push_header(&mut head, b"x-forwarded-host", host.as_bytes());
     }
+    if let Some(protocol) = upgrade {
+        head.extend_from_slice(b"connection: upgrade\r\n");
+        upstream::push_header(&mut head, b"upgrade", protocol.as_bytes());
+    }
+    // The values come from the connection's `Peer`, built once per client connection.
+    let forwarded_for = peer.forwarded_for(copied.forwarded_for);
+    upstream::push_header(&mut head, b"x-forwarded-for", forwarded_for.as_bytes());
+    // This router is the edge: what a client claims about the scheme is not passed on.
+    upstream::push_header(&mut head, b"x-forwarded-proto", scheme.as_bytes());
+    upstream::push_header(&mut head, b"forwarded", peer.forwarded(host).as_bytes());
+    if framing == RequestFraming::Chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// What copying the client's headers found.
+#[derive(Default)]
+struct Copied<'h> {
+    has_host: bool,
+    /// The client's own `X-Forwarded-For` (the first one), to which this hop is appended.
+    forwarded_for: Option<&'h HeaderValue>,
+}
+
+/// The client's `Connection` header names headers other than the hop-by-hop ones.
+struct NamesOthers;
+
+/// Writes the client's end-to-end headers, in order. The hop-by-hop ones, those in `named`,
+/// and the forwarding headers this router sets itself are left out. Fails when `named` is
+/// empty and the `Connection` header names headers that are not left out anyway.
+fn copy_headers<'h>(
+    head: &mut Vec<u8>,
+    headers: &'h HeaderMap,
+    host: Option<&HeaderValue>,
+    named: &[&str],
+) -> Result<Copied<'h>, NamesOthers> {
+    let mut copied = Copied::default();
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            if named.is_empty() && names_others(value) {
+                return Err(NamesOthers);
+            }
+            continue;
+        }
+        if name == X_FORWARDED_FOR {
+            if copied.forwarded_for.is_none() && !is_named(named, X_FORWARDED_FOR.as_str()) {
+                copied.forwarded_for = Some(value);
+            }
+            continue;
+        }
+        if is_hop_by_hop(name)
+            || name == X_FORWARDED_PROTO
+            || (host.is_some() && name == X_FORWARDED_HOST)
+            || is_named(named, name.as_str())
+        {
+            continue;
+        }
+        copied.has_host |= name == header::HOST;
+        upstream::push_header(head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    Ok(copied)
+}
+
+fn is_named(named: &[&str], name: &str) -> bool {
+    named.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Whether a `Connection` value names a header that is not hop-by-hop already.
+fn names_others(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').any(|token| {
+        let token = token.trim_ascii();
+        !(token.is_empty()
+            || token.eq_ignore_ascii_case(b"keep-alive")
+            || token.eq_ignore_ascii_case(b"close")
+            || token.eq_ignore_ascii_case(b"upgrade")
+            || token.eq_ignore_ascii_case(b"te"))
+    })
 }
 
 /// The next instance to try: the chosen release's least loaded untried healthy instance, else
@@ -459,24 +625,18 @@ fn pick_instance<'t>(
         .find_map(|(i, r)| r.least_outstanding(tried).map(|instance| (i, instance)))
 }
 
-fn rebuild(method: Method, uri: Uri, headers: HeaderMap) -> Request<UpstreamBody> {
-    let mut req = Request::new(UpstreamBody::Empty);
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    req
-}
-
 /// Copies bytes both ways between an upgraded client and instance until either side closes;
 /// the request stays in flight (and its instance undrained) until then.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight) {
-    let (client, upstream) = tokio::join!(client, upstream);
-    if let (Ok(client), Ok(upstream)) = (client, upstream) {
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(%error, "upgraded connection ended");
-        }
+async fn tunnel(client: OnUpgrade, upstream: Connection, in_flight: InFlight) {
+    let Ok(client) = client.await else { return };
+    let mut client = TokioIo::new(client);
+    // Bytes the instance sent right after its 101 were read with the head.
+    let (mut upstream, early) = upstream.into_parts();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection ended");
     }
     drop(in_flight);
 }
@@ -510,59 +670,11 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Removes the headers that describe one connection rather than the message.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these, or only `Connection: keep-alive`: one pass over the
-    // names (no hashing, no allocation) tells which removals are needed.
-    let mut connection = false;
-    let mut fixed = false;
-    for name in headers.keys() {
-        if name == header::CONNECTION {
-            connection = true;
-        } else if is_hop_by_hop(name) {
-            fixed = true;
-        }
-    }
-    if connection {
-        // Every header the `Connection` header names describes this connection only.
-        // A repeated `Connection` header is rare enough to collect; `remove` returns only
-        // the first value.
-        let more: Vec<HeaderValue> = if headers.get_all(header::CONNECTION).iter().count() > 1 {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .skip(1)
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let first = headers.remove(header::CONNECTION);
-        for value in first.iter().chain(&more) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',') {
-                // A `&str` key is looked up without building a `HeaderName`.
-                headers.remove(token.trim());
-            }
-        }
-    }
-    if fixed {
-        for name in [
-            &KEEP_ALIVE,
-            &PROXY_CONNECTION,
-            &header::TE,
-            &header::TRAILER,
-            &header::TRANSFER_ENCODING,
-            &header::UPGRADE,
-        ] {
-            headers.remove(name);
-        }
-    }
-}
-
-/// The hop-by-hop headers every message loses, besides `Connection` and those it names.
+/// The headers that describe one connection rather than the message (RFC 9110 §7.6.1),
+/// besides those `Connection` names.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TE
+    name == header::CONNECTION
+        || name == header::TE
         || name == header::TRAILER
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
@@ -585,41 +697,120 @@ fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
 mod tests {
     use super::*;
 
+    fn head(req: Request<()>, host: Option<&str>, framing: RequestFraming) -> String {
+        let (parts, ()) = req.into_parts();
+        let peer = Peer::new("10.1.2.3:5000".parse().unwrap(), "http");
+        let host = host.map(HeaderValue::from_str).transpose().unwrap();
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        let bytes = request_head(
+            &parts,
+            host.as_ref(),
+            &peer,
+            "http",
+            upgrade.as_ref().filter(|_| wants_upgrade_parts(&parts)),
+            framing,
+        );
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn wants_upgrade_parts(parts: &hyper::http::request::Parts) -> bool {
+        parts.headers.contains_key(header::UPGRADE)
+    }
+
     #[test]
-    fn hop_by_hop_headers_and_those_named_by_connection_go() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, x-private"),
-            ("keep-alive", "timeout=5"),
-            ("x-private", "1"),
-            ("transfer-encoding", "chunked"),
-            ("upgrade", "websocket"),
-            ("content-type", "text/plain"),
-            ("x-kept", "1"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["content-type", "x-kept"]);
+    fn the_request_head_keeps_end_to_end_headers_and_adds_forwarding_ones() {
+        let req = Request::get("http://shop.example/a?b=1")
+            .header("host", "shop.example")
+            .header("connection", "keep-alive, X-Private")
+            .header("keep-alive", "timeout=5")
+            .header("x-private", "1")
+            .header("te", "trailers")
+            .header("x-kept", "1")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("forwarded", "for=203.0.113.9")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head(req, Some("shop.example"), RequestFraming::Empty),
+            "GET /a?b=1 HTTP/1.1\r\n\
+             host: shop.example\r\n\
+             x-kept: 1\r\n\
+             forwarded: for=203.0.113.9\r\n\
+             x-forwarded-host: shop.example\r\n\
+             x-forwarded-for: 203.0.113.9, 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\n\
+             forwarded: for=10.1.2.3;proto=http;host=\"shop.example\"\r\n\
+             \r\n"
+        );
+    }
+
+    #[test]
+    fn a_keep_alive_connection_header_is_dropped_and_the_client_list_extended() {
+        let req = Request::get("/")
+            .header("host", "shop.example")
+            .header("connection", "Keep-Alive")
+            .header("keep-alive", "timeout=5")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-for", "198.51.100.7")
+            .header("accept", "*/*")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head(req, Some("shop.example"), RequestFraming::Empty),
+            "GET / HTTP/1.1\r\n\
+             host: shop.example\r\n\
+             accept: */*\r\n\
+             x-forwarded-host: shop.example\r\n\
+             x-forwarded-for: 203.0.113.9, 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\n\
+             forwarded: for=10.1.2.3;proto=http;host=\"shop.example\"\r\n\
+             \r\n"
+        );
     }
 
     #[test]
     fn every_connection_header_names_headers_to_drop() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "X-One"),
-            ("connection", " x-two ,close"),
-            ("x-one", "1"),
-            ("x-two", "2"),
-            ("x-kept", "3"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["x-kept"]);
+        let req = Request::post("/up")
+            .header("connection", "X-One")
+            .header("connection", " x-two ,close")
+            .header("x-one", "1")
+            .header("x-two", "2")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head(req, None, RequestFraming::Chunked),
+            "POST /up HTTP/1.1\r\n\
+             x-forwarded-for: 10.1.2.3\r\n\
+             x-forwarded-proto: http\r\n\
+             forwarded: for=10.1.2.3;proto=http\r\n\
+             transfer-encoding: chunked\r\n\
+             \r\n"
+        );
+    }
+
+    #[test]
+    fn an_http2_request_gets_a_host_and_an_upgrade_keeps_its_protocol() {
+        let req = Request::get("https://shop.example/")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(
+            head(req, Some("shop.example"), RequestFraming::Empty)
+                .starts_with("GET / HTTP/1.1\r\nhost: shop.example\r\n")
+        );
+        let req = Request::get("/ws")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        let text = head(req, None, RequestFraming::Empty);
+        assert!(
+            text.starts_with("GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n"),
+            "{text}"
+        );
     }
 
     #[test]

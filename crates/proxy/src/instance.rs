@@ -15,20 +15,19 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use crate::body::UpstreamBody;
+use crate::upstream::{Connection, ExchangeError};
 
 /// The most idle connections kept per instance and pool shard; more are closed when released.
 const MAX_IDLE: usize = 512;
 
-/// How many shards an instance's idle pool has. A connection's task runs on the runtime of the
-/// thread that opened it; with one single-threaded runtime per thread (`reuse_port`), a
-/// connection handed to a request on another thread would cost two cross-thread wake-ups per
-/// exchange (measured: the two-thread router was slower than the one-thread one). So each
+/// How many shards an instance's idle pool has. A connection's socket is registered with the
+/// I/O driver of the runtime that opened it; with one single-threaded runtime per thread
+/// (`reuse_port`), a connection used by a request on another thread would have its readiness
+/// delivered by that other thread, a cross-thread wake-up per read (measured, with hyper's
+/// connection tasks: the two-thread router was slower than the one-thread one). So each
 /// thread returns connections to, and takes them from, its own shard; threads beyond this
 /// many share shards, which is correct, only slower.
 const POOL_SHARDS: usize = 16;
@@ -44,14 +43,6 @@ fn shard() -> usize {
     SHARD.with(|shard| *shard)
 }
 
-/// A keep-alive HTTP/1.1 connection to an instance.
-pub(crate) type Sender = http1::SendRequest<UpstreamBody>;
-
-/// Why a new upstream connection could not be made. Nothing was sent, so the request can go
-/// elsewhere.
-#[derive(Debug)]
-pub(crate) struct ConnectFailed;
-
 pub(crate) struct InstanceState {
     pub(crate) addr: SocketAddr,
     outstanding: AtomicUsize,
@@ -59,7 +50,7 @@ pub(crate) struct InstanceState {
     /// Woken when `outstanding` drops to zero while removed.
     idle_notify: Notify,
     /// Keep-alive connections not in use, by pool shard.
-    idle: [Mutex<Vec<Sender>>; POOL_SHARDS],
+    idle: [Mutex<Vec<Connection>>; POOL_SHARDS],
 }
 
 impl InstanceState {
@@ -130,52 +121,33 @@ impl InstanceState {
         }
     }
 
-    /// A connection to the instance: an idle pooled one if any is still open, else a new one.
-    pub(crate) async fn connection(&self) -> Result<Sender, ConnectFailed> {
-        let shard = self.idle.get(shard());
-        loop {
-            let pooled =
-                shard.and_then(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).pop());
-            let Some(mut sender) = pooled else { break };
-            if sender.is_closed() {
-                continue;
-            }
-            // A connection returns to the pool when its last response body ended; it is
-            // ready as soon as its task has seen that.
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
+    /// A connection to the instance: an idle pooled one if any is still open, else a new one
+    /// made before `deadline`. `Ok(None)` when a new one could not be made (nothing was sent).
+    /// With `probe`, a pooled connection is also asked whether the instance closed it (a
+    /// system call), for requests that cannot be replayed once sent.
+    pub(crate) async fn connection(
+        &self,
+        deadline: Instant,
+        probe: bool,
+    ) -> Result<Option<Connection>, ExchangeError> {
+        if let Some(shard) = self.idle.get(shard()) {
+            loop {
+                let pooled = shard.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                let Some(mut conn) = pooled else { break };
+                if conn.is_reusable() && (!probe || conn.probe_open()) {
+                    return Ok(Some(conn));
+                }
             }
         }
-        // Connecting is the rare path and its future is large (the TCP connect and the HTTP
-        // handshake): boxed, it does not inflate every request's future, which is moved
-        // (copied) several times on its way into the connection task.
-        Box::pin(self.connect()).await
-    }
-
-    async fn connect(&self) -> Result<Sender, ConnectFailed> {
-        let stream = TcpStream::connect(self.addr).await.map_err(|error| {
-            tracing::debug!(instance = %self.addr, %error, "connect failed");
-            ConnectFailed
-        })?;
-        // Small requests and responses must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| ConnectFailed)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            // Upgrades are enabled on every connection so that a 101 can become a tunnel.
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(instance = %addr, %error, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        // Connecting is the rare path and its future is large: boxed, it does not inflate
+        // every request's future.
+        Box::pin(Connection::open(self.addr, deadline)).await
     }
 
     /// Returns a connection whose last exchange completed cleanly.
-    pub(crate) fn release(&self, sender: Sender) {
-        if sender.is_closed() || self.is_removed() {
+    pub(crate) fn release(&self, mut conn: Connection) {
+        conn.set_reused();
+        if self.is_removed() {
             return;
         }
         let Some(shard) = self.idle.get(shard()) else {
@@ -183,7 +155,7 @@ impl InstanceState {
         };
         let mut idle = shard.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(conn);
         }
     }
 }

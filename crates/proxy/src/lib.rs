@@ -22,7 +22,9 @@
 
 mod app;
 mod body;
+mod closing;
 mod config;
+mod conn_timer;
 mod error;
 mod forward;
 mod hosts;
@@ -32,6 +34,7 @@ mod peer;
 mod route;
 mod stats;
 mod sticky;
+mod upstream;
 
 pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};

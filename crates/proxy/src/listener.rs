@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -21,7 +20,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
+use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
+use crate::conn_timer::ConnectionTimer;
 use crate::error::{ConfigError, ListenerError};
 use crate::forward::{self, Shared};
 use crate::hosts::HostTable;
@@ -32,8 +33,8 @@ pub struct Listener {
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    http: Arc<auto::Builder<TokioExecutor>>,
     header_read_timeout: Duration,
+    max_header_bytes: usize,
 }
 
 impl Listener {
@@ -61,14 +62,6 @@ impl Listener {
             addr: config.listen,
             source,
         })?;
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .max_buf_size(config.max_header_bytes);
-        http.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
         Ok(Listener {
             tcp,
             shared: Arc::new(Shared {
@@ -78,8 +71,8 @@ impl Listener {
                 scheme: if tls.is_some() { "https" } else { "http" },
             }),
             tls,
-            http: Arc::new(http),
             header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
         })
     }
 
@@ -92,7 +85,7 @@ impl Listener {
     /// its requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
     /// returns when they have, or after the longest drain timeout of its apps.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let graceful = GracefulShutdown::new();
+        let closing = Arc::new(Closing::default());
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
@@ -100,7 +93,7 @@ impl Listener {
                 () = &mut shutdown => break,
             };
             match accepted {
-                Ok((stream, peer)) => self.spawn_connection(stream, peer, &graceful),
+                Ok((stream, peer)) => self.spawn_connection(stream, peer, &closing),
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "accept failed");
@@ -115,27 +108,43 @@ impl Listener {
             .map(|a| a.config().drain_timeout)
             .max()
             .unwrap_or_default();
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, closing.close()).await.is_err() {
             tracing::warn!("connections still open after the drain timeout");
         }
     }
 
-    fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr, graceful: &GracefulShutdown) {
+    /// The HTTP settings for one client connection. Each connection gets its own builder for
+    /// the sake of its own header read timer ([`ConnectionTimer`]).
+    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(ConnectionTimer::default())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_bytes)
+            // Copy each response into one buffer and write it with one `write`: for the small
+            // responses that dominate, cheaper than queueing the body as its own slice for a
+            // vectored write (measured: 21.3k -> 20.8k instructions per request; a 200 MB
+            // download is as fast).
+            .writev(false);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+        http
+    }
+
+    fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr, closing: &Arc<Closing>) {
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&self.shared);
-        let http = Arc::clone(&self.http);
-        let watcher = graceful.watcher();
+        let http = self.http_builder();
+        let closing = Arc::clone(closing);
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
         tokio::spawn(async move {
             match tls {
-                None => serve_io(stream, peer, shared, &http, watcher).await,
+                None => serve_io(stream, peer, shared, &http, &closing).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_io(stream, peer, shared, &http, watcher).await,
+                        Ok(Ok(stream)) => serve_io(stream, peer, shared, &http, &closing).await,
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -150,7 +159,7 @@ async fn serve_io<I>(
     peer: SocketAddr,
     shared: Arc<Shared>,
     http: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    closing: &Arc<Closing>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -166,7 +175,7 @@ async fn serve_io<I>(
         }
     });
     let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
+    if let Err(error) = closing.watch(connection.into_owned()).await {
         tracing::debug!(peer = %addr, %error, "client connection ended");
     }
 }
@@ -221,4 +230,19 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {
     .map_err(tls_error)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl<I, S> Finish for auto::UpgradeableConnection<'static, I, S, TokioExecutor>
+where
+    auto::UpgradeableConnection<'static, I, S, TokioExecutor>: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Future: Send + 'static,
+    S::ResBody: hyper::body::Body + Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn finish(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }

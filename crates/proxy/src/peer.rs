@@ -72,7 +72,10 @@ impl Peer {
         element.extend_from_slice(host.as_bytes());
         element.push(b'"');
         let element = value(element);
-        *last = Some((host.clone(), element.clone()));
+        // A copy of the host, not a view of the request: the view would keep the client
+        // connection's whole read buffer alive for as long as the host stays the same.
+        let seen = HeaderValue::from_bytes(host.as_bytes()).unwrap_or_else(|_| host.clone());
+        *last = Some((seen, element.clone()));
         element
     }
 }

@@ -294,6 +294,82 @@ async fn oversized_bodies_get_413_and_no_instance_gets_503() {
 }
 
 #[tokio::test]
+async fn an_instance_that_answers_before_reading_the_body_is_heard() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let mut client = Client::connect(router.addr).await;
+    // Far more than the socket buffers hold: the router cannot finish sending it before the
+    // instance's answer, which must reach the client rather than a 502 or a timeout.
+    let body = vec![0_u8; 32 << 20];
+    let reply = client
+        .send(
+            Request::post("/reject"),
+            http_body_util::Full::new(bytes::Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "rejected\n")
+    );
+}
+
+/// A raw backend that answers the first request on each connection and closes the
+/// connection, unanswered, when a second request arrives on it: an idle connection the
+/// instance gave up on (its keep-alive timeout) just as the router reused it.
+async fn closes_reused_connections() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0_u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nfresh\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                // The next request on this connection is read and dropped with it.
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_get_on_a_reused_connection_the_instance_closed_goes_again_on_a_fresh_one() {
+    let backend = closes_reused_connections().await;
+    let shop = App::new(app("shop"));
+    // One instance: there is no other instance to replay on.
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
+    let router = router(vec![Arc::clone(&shop)]).await;
+    let mut client = Client::connect(router.addr).await;
+    for _ in 0..5 {
+        let reply = client.get("/").await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "fresh\n")
+        );
+    }
+    let metrics = render_prometheus(&[shop]);
+    assert!(
+        !metrics.contains("kind=\"reset\"} 0\n"),
+        "no reused connection was reset, so the retry was never exercised: {metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_silent_instance_gets_504_and_is_counted() {
     let backend = Backend::start("b").await;
     let mut config = app("shop");

@@ -39,6 +39,7 @@ fn full(text: impl Into<Bytes>) -> BoxBody {
 /// - `/sse` sends one event, waits for [`Backend::sse_next`], sends a second, ends;
 /// - `/upload` counts the request body into [`Backend::received`] and answers the count;
 /// - `/hang` never answers;
+/// - `/reject` answers 413 at once without reading the request body;
 /// - an `Upgrade` request gets 101 and an echo of every byte.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -188,6 +189,10 @@ impl State {
                     Response::new(full(format!("{total}\n")))
                 }
                 "/hang" => std::future::pending().await,
+                "/reject" => Response::builder()
+                    .status(StatusCode::PAYLOAD_TOO_LARGE)
+                    .body(full("rejected\n"))
+                    .unwrap(),
                 _ => Response::new(full(format!("{}\n", self.name))),
             }
         };
