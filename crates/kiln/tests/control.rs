@@ -271,21 +271,6 @@ fn verify_names_an_edited_event_and_plan_shows_the_diff() {
         .stderr(predicates::str::contains("edited"));
 }
 
-/// One raw HTTP/1.1 GET over TCP; returns the status line and body.
-fn tcp_get(port: u16, path: &str, token: Option<&str>) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: kiln\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn tcp_api_requires_the_bearer_token() {
     if !runc_prerequisites() {

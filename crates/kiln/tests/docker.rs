@@ -104,21 +104,6 @@ fn containers(state: &Path) -> Vec<String> {
     names
 }
 
-fn history(state: &Path) -> Vec<serde_json::Value> {
-    let out = kiln(state)
-        .args(["history", "web", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice::<serde_json::Value>(&out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 /// The first `drift.detected` finding recorded for `instance`, waiting up to `limit`.
 fn drift_of(state: &Path, instance: &str, limit: Duration) -> String {
     let start = Instant::now();
@@ -144,6 +129,15 @@ fn replaced(state: &Path, instance: &str, n: usize, limit: Duration) -> Duration
         let routed = routed(s);
         routed.len() == n && !routed.iter().any(|r| r == instance)
     })
+}
+
+/// Waits until drifted `victim` is replaced (see [`replaced`]), prints how long it took since
+/// `t` as `what`, and returns the findings recorded for it.
+fn drift_replaced(state: &Path, victim: &str, t: Instant, limit: Duration, what: &str) -> String {
+    replaced(state, victim, 2, limit);
+    let findings = drift_of(state, victim, Duration::from_secs(1));
+    eprintln!("{what}: replaced in {:?} ({findings})", t.elapsed());
+    findings
 }
 
 fn deploy_v1(dir: &Path, replicas: u32) -> (Daemon, PathBuf, u16, String) {
@@ -182,7 +176,7 @@ fn rolling_blue_green_canary_and_rollback_on_docker_fail_no_request() {
             "{name}: {published}"
         );
     }
-    let body = reqwest_like_get(port);
+    let body = tcp_get(port, "/", None);
     assert!(body.contains("v1"), "{body}");
 
     let load = Load::start(port, 8);
@@ -219,7 +213,7 @@ min_requests = 20
 "#,
     );
     apply(&state, &canary, &image);
-    assert!(reqwest_like_get(port).contains("v4"));
+    assert!(tcp_get(port, "/", None).contains("v4"));
     let t = Instant::now();
     kiln(&state)
         .args(["rollback", "web"])
@@ -227,7 +221,7 @@ min_requests = 20
         .assert()
         .success();
     let rollback = t.elapsed();
-    assert!(reqwest_like_get(port).contains("v3"));
+    assert!(tcp_get(port, "/", None).contains("v3"));
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = load.finish();
     eprintln!(
@@ -238,18 +232,6 @@ min_requests = 20
     assert_eq!(failed, 0);
     let s = status(&state);
     assert_eq!(s["weights"], serde_json::json!({"3": 100}));
-}
-
-/// A plain GET of `/` through kiln's router.
-fn reqwest_like_get(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]
@@ -266,11 +248,12 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
     let victim = routed(&status(&state))[0].clone();
     let t = Instant::now();
     docker(&["exec", &victim, "true"]);
-    replaced(&state, &victim, 2, Duration::from_secs(10));
-    let findings = drift_of(&state, &victim, Duration::from_secs(1));
-    eprintln!(
-        "docker exec true: replaced in {:?} ({findings})",
-        t.elapsed()
+    let findings = drift_replaced(
+        &state,
+        &victim,
+        t,
+        Duration::from_secs(10),
+        "docker exec true",
     );
     assert!(
         findings.contains("exec into the instance: true"),
@@ -294,11 +277,12 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    replaced(&state, &victim, 2, Duration::from_secs(10));
-    let findings = drift_of(&state, &victim, Duration::from_secs(1));
-    eprintln!(
-        "docker exec writing /etc/evil: replaced in {:?} ({findings})",
-        t.elapsed()
+    let findings = drift_replaced(
+        &state,
+        &victim,
+        t,
+        Duration::from_secs(10),
+        "docker exec writing /etc/evil",
     );
     assert!(findings.contains("/etc/evil"), "{findings}");
 
@@ -313,11 +297,12 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
     ]);
     std::fs::write(Path::new(upper.trim()).join("planted"), b"x").unwrap();
     let t = Instant::now();
-    replaced(&state, &victim, 2, Duration::from_secs(15));
-    let findings = drift_of(&state, &victim, Duration::from_secs(1));
-    eprintln!(
-        "file planted in the upper dir: replaced in {:?} ({findings})",
-        t.elapsed()
+    let findings = drift_replaced(
+        &state,
+        &victim,
+        t,
+        Duration::from_secs(15),
+        "file planted in the upper dir",
     );
     assert!(
         findings.contains("written outside writable paths: /planted"),
@@ -335,9 +320,7 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
         &victim,
     ]);
     let t = Instant::now();
-    replaced(&state, &victim, 2, Duration::from_secs(10));
-    let findings = drift_of(&state, &victim, Duration::from_secs(1));
-    eprintln!("docker update: replaced in {:?} ({findings})", t.elapsed());
+    let findings = drift_replaced(&state, &victim, t, Duration::from_secs(10), "docker update");
     assert!(findings.contains("HostConfig.Memory"), "{findings}");
 
     // `docker kill`: an instance that died is replaced.
@@ -438,7 +421,7 @@ fn a_restarted_daemon_adopts_its_containers_and_down_and_gc_leave_nothing() {
     wait_until(&state, Duration::from_secs(20), |s| routed(s).len() == 2);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(containers(&state), before, "the same containers, adopted");
-    assert!(reqwest_like_get(port).contains("v1"));
+    assert!(tcp_get(port, "/", None).contains("v1"));
     let s = status(&state);
     let mut adopted = routed(&s);
     adopted.sort();

@@ -53,17 +53,6 @@ fn apply_code(state: &Path, spec: &Path, image: &str) -> (i32, String) {
     )
 }
 
-fn history(state: &Path) -> serde_json::Value {
-    let out = kiln(state)
-        .args(["history", "web", "--json"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    serde_json::from_slice(&out).unwrap()
-}
-
 /// Starts a daemon, deploys v1 (2 replicas, rolling) and returns what the test needs.
 fn stable_v1(dir: &Path) -> (Daemon, std::path::PathBuf, u16, String) {
     let state = dir.join("state");
@@ -117,8 +106,6 @@ fn canary_failing_20_percent_aborts_at_the_first_step() {
     assert_eq!(s["phase"], "aborted");
     assert_eq!(s["weights"], serde_json::json!({"1": 100}));
     let judged = history(&state)
-        .as_array()
-        .unwrap()
         .iter()
         .any(|e| e["kind"] == "rollout.step_judged");
     assert!(judged);
@@ -140,8 +127,6 @@ fn canary_of_a_good_version_promotes_through_every_step() {
     eprintln!("good canary: {ok} requests ok, {failed} failed");
     assert_eq!(failed, 0);
     let steps: Vec<String> = history(&state)
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|e| e["kind"] == "rollout.step_started")
         .map(|e| e["data"]["weight"].to_string())
@@ -227,7 +212,7 @@ fn green_that_never_becomes_healthy_never_gets_traffic() {
     assert!(out.contains("progress deadline 12s exceeded"), "{out}");
     eprintln!("failing green aborted after {:?}: {out}", started.elapsed());
     assert_eq!(failed, 0, "{ok} ok");
-    for e in history(&state).as_array().unwrap() {
+    for e in &history(&state) {
         if e["kind"] == "route.changed" {
             let w = e["data"]["weights"]["2"].as_u64().unwrap_or(0);
             assert_eq!(w, 0, "green got traffic: {e}");
@@ -276,8 +261,6 @@ fn rollback_across_an_incompatible_migration_is_refused() {
         .stdout(predicates::str::contains("schema: live 2 → 3"));
     apply(&state, &spec, &image);
     let events: Vec<String> = history(&state)
-        .as_array()
-        .unwrap()
         .iter()
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();

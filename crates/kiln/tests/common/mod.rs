@@ -437,3 +437,33 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// One raw HTTP/1.1 GET over TCP; returns the status line and body.
+pub fn tcp_get(port: u16, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kiln\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// `kiln history web --json`, oldest first.
+pub fn history(state: &Path) -> Vec<serde_json::Value> {
+    let out = kiln(state)
+        .args(["history", "web", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    match serde_json::from_slice::<serde_json::Value>(&out).unwrap() {
+        serde_json::Value::Array(events) => events,
+        other => panic!("kiln history --json printed {other}"),
+    }
+}
