@@ -15,6 +15,7 @@ pub mod health;
 pub mod image;
 pub mod local;
 pub mod provider;
+mod rescan;
 pub mod types;
 
 pub use docker::{DockerConfig, DockerProvider};

@@ -259,7 +259,7 @@ impl DockerProvider {
             loading: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(follow_events(Arc::downgrade(&provider)));
-        tokio::spawn(rescan_loop(Arc::downgrade(&provider)));
+        tokio::spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
         Ok(provider)
     }
 
@@ -756,20 +756,6 @@ async fn follow_events(provider: Weak<DockerProvider>) {
     }
 }
 
-async fn rescan_loop(provider: Weak<DockerProvider>) {
-    let interval = match provider.upgrade() {
-        Some(p) => p.cfg.rescan_interval,
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(p) = provider.upgrade() else {
-            return;
-        };
-        p.rescan().await;
-    }
-}
-
 /// How long after its `create` event a container with kiln's state label may go without a
 /// record before the event follower takes it for one made by hand.
 const ADOPT_WINDOW: Duration = Duration::from_secs(2);
@@ -1116,5 +1102,15 @@ impl Provider for DockerProvider {
             Some(Err(e)) => Err(engine_err(format!("wait for instance {id}"), e)),
             None => Ok(None),
         }
+    }
+}
+
+impl crate::rescan::Rescan for DockerProvider {
+    fn interval(&self) -> Duration {
+        self.cfg.rescan_interval
+    }
+
+    async fn pass(&self) {
+        self.rescan().await;
     }
 }

@@ -33,7 +33,7 @@ pub mod runc;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -175,7 +175,7 @@ impl LocalProvider {
             watcher,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(rescan_loop(Arc::downgrade(&provider)));
+            handle.spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
         }
         Ok(provider)
     }
@@ -607,20 +607,6 @@ impl LocalProvider {
     }
 }
 
-async fn rescan_loop(provider: Weak<LocalProvider>) {
-    let interval = match provider.upgrade() {
-        Some(p) => p.cfg.rescan_interval,
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(p) = provider.upgrade() else {
-            return;
-        };
-        p.rescan().await;
-    }
-}
-
 /// How long an instance directory may exist without its record before `list` takes it for
 /// the leftover of a crashed create (a create writes the record last, after unpacking the
 /// image's layers, which takes seconds for large images).
@@ -953,5 +939,15 @@ impl Provider for LocalProvider {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl crate::rescan::Rescan for LocalProvider {
+    fn interval(&self) -> Duration {
+        self.cfg.rescan_interval
+    }
+
+    async fn pass(&self) {
+        self.rescan().await;
     }
 }
