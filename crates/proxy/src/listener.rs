@@ -125,7 +125,16 @@ impl Listener {
             // responses that dominate, cheaper than queueing the body as its own slice for a
             // vectored write (measured: 21.3k -> 20.8k instructions per request; a 200 MB
             // download is as fast).
-            .writev(false);
+            .writev(false)
+            // A client that shuts down its sending side after its request still gets the
+            // response (HTTP-compliant; HAProxy's default, where nginx aborts the request). The
+            // reason is cost: without it hyper probes the client socket for end-of-stream while
+            // each request waits, and that probe makes it allocate a fresh read buffer per
+            // request because the waiting request's headers still share the old one (measured:
+            // -4% instructions per request). Trade-off: a client that vanishes while its request
+            // waits is noticed when the response is written, so the request runs on, bounded by
+            // the app's request timeout, as a served one would.
+            .half_close(true);
         http.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));

@@ -317,6 +317,30 @@ async fn an_instance_that_answers_before_reading_the_body_is_heard() {
     );
 }
 
+#[tokio::test]
+async fn a_client_that_shuts_down_its_sending_side_still_gets_its_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    // The instance answers /slow after a pause, so the end of the client's stream reaches the
+    // router while the request waits; a half-closed client is not a client that went away.
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK\r\n") && reply.ends_with("\r\n\r\nb\n"),
+        "{reply:?}"
+    );
+}
+
 /// A raw backend that answers the first request on each connection and closes the
 /// connection, unanswered, when a second request arrives on it: an idle connection the
 /// instance gave up on (its keep-alive timeout) just as the router reused it.
