@@ -21,6 +21,7 @@
 //!    [`render_prometheus`] writes every app's metrics in the Prometheus text format.
 
 mod app;
+mod batch;
 mod body;
 mod closing;
 mod config;

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
+use crate::batch::{OnDrop, Socket};
 use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
 use crate::conn_timer::ConnectionTimer;
@@ -149,6 +150,8 @@ impl Listener {
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
         tokio::spawn(async move {
+            // Responses leave with the thread's batch (see `batch`).
+            let stream = Socket::new(stream, OnDrop::Send);
             match tls {
                 None => serve_io(stream, peer, shared, &http, &closing).await,
                 Some(acceptor) => {

@@ -24,10 +24,11 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::batch::{OnDrop, Socket};
 use crate::body::{RequestBodyError, UpstreamBody};
 
 /// Bytes a read asks the socket for at least (the buffer grows to this when it has less room).
@@ -44,7 +45,9 @@ const MAX_HEADERS: usize = 100;
 
 /// A keep-alive HTTP/1.1 connection to an instance.
 pub(crate) struct Connection {
-    io: TcpStream,
+    /// Requests wait in the socket's outbox and leave with the thread's batch (see `batch`).
+    /// A request still waiting when the connection is dropped is thrown away, never sent.
+    io: Socket,
     /// Bytes read from the instance and not yet handed on.
     buf: BytesMut,
     /// The request timeout of the exchange in progress. One timer lives as long as the
@@ -135,7 +138,7 @@ impl Connection {
         // Small requests and responses must not wait for Nagle's algorithm.
         let _ = io.set_nodelay(true);
         Ok(Some(Connection {
-            io,
+            io: Socket::new(io, OnDrop::Discard),
             buf: BytesMut::with_capacity(READ_CHUNK),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             offsets: Vec::new(),
@@ -149,11 +152,12 @@ impl Connection {
     /// junk), and the connection is not reused.
     pub(crate) fn is_reusable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => self.probe_open(),
-        }
+        let mut byte = [0_u8; 1];
+        // Pending without a system call unless the socket has been readable since; then one
+        // peek, as `probe_open` would.
+        self.io
+            .poll_peek(&mut cx, &mut ReadBuf::new(&mut byte))
+            .is_pending()
     }
 
     /// Whether the instance has not closed this idle connection, asking the socket itself (one
@@ -186,8 +190,15 @@ impl Connection {
             ..
         } = self;
         timer.as_mut().reset(deadline);
+        let before = io.bytes_sent();
+        let had_body = body.is_some();
         let exchange = async {
             write_head(io, head).await?;
+            if body.is_some() {
+                // The body is taken only once the head has left (not merely reached the
+                // outbox), so after `Unsent` it is still there to send elsewhere.
+                io.send_waiting().await.map_err(|_| ExchangeError::Reset)?;
+            }
             let Some((body, framing)) = body.take() else {
                 return read_head(io, buf, offsets, head_request).await;
             };
@@ -221,10 +232,20 @@ impl Connection {
                 Err(error) => Err(error),
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             biased;
             result = exchange => result,
             () = timer.as_mut() => Err(ExchangeError::Timeout),
+        };
+        match result {
+            // The connection failed before the thread's batch sent the request: no byte of it
+            // left, and none will (a dropped connection throws its outbox away).
+            Err(ExchangeError::Reset)
+                if io.bytes_sent() == before && (!had_body || body.is_some()) =>
+            {
+                Err(ExchangeError::Unsent)
+            }
+            result => result,
         }
     }
 
@@ -245,7 +266,7 @@ impl Connection {
     }
 
     /// The socket and any bytes already read past the response head, for an upgraded tunnel.
-    pub(crate) fn into_parts(self) -> (TcpStream, BytesMut) {
+    pub(crate) fn into_parts(self) -> (Socket, BytesMut) {
         (self.io, self.buf)
     }
 
@@ -266,18 +287,10 @@ fn make_room(buf: &mut BytesMut) {
     }
 }
 
-/// Writes the request head. The first write tells "nothing was sent" from "something was": a
-/// single write that fails has put no byte on the connection.
-async fn write_head(io: &mut TcpStream, head: &[u8]) -> Result<(), ExchangeError> {
-    let mut written = 0;
-    while written < head.len() {
-        match io.write(head.get(written..).unwrap_or_default()).await {
-            Ok(0) | Err(_) if written == 0 => return Err(ExchangeError::Unsent),
-            Ok(0) | Err(_) => return Err(ExchangeError::Reset),
-            Ok(n) => written += n,
-        }
-    }
-    Ok(())
+/// Writes the request head (into the socket's outbox, as a rule). A failure is a `Reset`;
+/// [`Connection::exchange`] tells an unsent request from it by the bytes the socket sent.
+async fn write_head(io: &mut Socket, head: &[u8]) -> Result<(), ExchangeError> {
+    io.write_all(head).await.map_err(|_| ExchangeError::Reset)
 }
 
 /// Streams the request body, framed as its head said.
