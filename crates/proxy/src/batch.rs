@@ -477,6 +477,8 @@ async fn run(flusher: Arc<Flusher>) {
         for outbox in batch.drain(..) {
             outbox.flush();
         }
+        // The end of a batch is where a thread that holds its core too long lets go.
+        crate::courtesy::after_batch();
         Poll::<()>::Pending
     })
     .await;

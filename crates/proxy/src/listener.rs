@@ -28,10 +28,15 @@ use crate::error::{ConfigError, ListenerError};
 use crate::forward::{self, Shared};
 use crate::hosts::HostTable;
 use crate::peer::Peer;
+use crate::spread::{Counted, Group, Handed};
 
 /// A bound listen address serving its apps.
 pub struct Listener {
-    tcp: TcpListener,
+    /// Registered with a runtime only when served, so that a copy ([`Listener::try_clone`])
+    /// can be served on another thread's runtime.
+    tcp: std::net::TcpListener,
+    /// The copies of this listener, to spread connections over their threads.
+    group: Arc<Group>,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     header_read_timeout: Duration,
@@ -65,6 +70,7 @@ impl Listener {
         })?;
         Ok(Listener {
             tcp,
+            group: Arc::default(),
             shared: Arc::new(Shared {
                 apps,
                 hosts,
@@ -82,25 +88,58 @@ impl Listener {
         self.tcp.local_addr()
     }
 
+    /// Another listener on the same socket and apps, to serve on another thread (on a
+    /// single-threaded runtime each, the router's way: see [`crate::Workers`]).
+    ///
+    /// Copies being served keep their threads' connection counts even: a thread that accepts
+    /// a connection while another serves fewer passes it over (see `spread`).
+    pub fn try_clone(&self) -> std::io::Result<Listener> {
+        Ok(Listener {
+            tcp: self.tcp.try_clone()?,
+            group: Arc::clone(&self.group),
+            tls: self.tls.clone(),
+            shared: Arc::clone(&self.shared),
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+        })
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to finish
     /// its requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
     /// returns when they have, or after the longest drain timeout of its apps.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Listener { tcp, .. } = &self;
+        let tcp = match tcp.try_clone().and_then(TcpListener::from_std) {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                tracing::error!(%error, "cannot serve the listener's socket on this runtime");
+                return;
+            }
+        };
         let closing = Arc::new(Closing::default());
+        let mut membership = self.group.join();
         tokio::pin!(shutdown);
         loop {
-            let accepted = tokio::select! {
-                accepted = self.tcp.accept() => accepted,
+            tokio::select! {
+                accepted = tcp.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        if let Some((stream, peer, load)) = membership.place(stream, peer) {
+                            self.spawn_connection(stream, peer, load, &closing);
+                        }
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(handed) = membership.inbox.recv() => self.take(handed, &closing),
                 () = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((stream, peer)) => self.spawn_connection(stream, peer, &closing),
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
             }
+        }
+        // Connections passed to this thread just before it stopped are served like the rest.
+        for handed in membership.leave() {
+            self.take(handed, &closing);
         }
         let grace = self
             .shared
@@ -142,7 +181,21 @@ impl Listener {
         http
     }
 
-    fn spawn_connection(&self, stream: TcpStream, peer: SocketAddr, closing: &Arc<Closing>) {
+    /// Serves a connection another thread passed to this one.
+    fn take(&self, handed: Handed, closing: &Arc<Closing>) {
+        match TcpStream::from_std(handed.stream) {
+            Ok(stream) => self.spawn_connection(stream, handed.peer, handed.load, closing),
+            Err(error) => tracing::warn!(peer = %handed.peer, %error, "cannot take a connection"),
+        }
+    }
+
+    fn spawn_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        load: Counted,
+        closing: &Arc<Closing>,
+    ) {
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&self.shared);
         let http = self.http_builder();
@@ -150,6 +203,8 @@ impl Listener {
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
         tokio::spawn(async move {
+            // The connection counts on this thread until it ends.
+            let _load = load;
             // Responses leave with the thread's batch (see `batch`).
             let stream = Socket::new(stream, OnDrop::Send);
             match tls {
@@ -192,7 +247,8 @@ async fn serve_io<I>(
     }
 }
 
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// A listening socket (non-blocking), not yet registered with any runtime.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -204,7 +260,7 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
-    socket.listen(4096)
+    socket.listen(4096)?.into_std()
 }
 
 fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {

@@ -2,7 +2,7 @@
 //! separate process. It is a tool for this crate's bench scripts and tests, not kiln's CLI.
 //!
 //! ```text
-//! kiln-router proxy   --listen ADDR [--threads N] --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
+//! kiln-router proxy   --listen ADDR [--threads N] [--pin true|false] --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
 //! kiln-router backend --listen ADDR --name NAME
 //! kiln-router probe   --addr ADDR --expect TEXT (--unix PATH --send LINE | --exec COMMAND)
 //! ```
@@ -33,7 +33,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kiln_proxy::{App, AppConfig, Listener, ListenerConfig, Release, RouteTable};
+use kiln_proxy::{
+    App, AppConfig, Listener, ListenerConfig, Release, RouteTable, Workers, WorkersConfig,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -123,11 +125,11 @@ fn addrs(list: &str) -> Result<Vec<SocketAddr>, String> {
         .collect()
 }
 
-/// Runs the router on `threads` single-threaded runtimes, one per OS thread, each with its own
-/// listener on the shared address (`SO_REUSEPORT`), as nginx runs its workers. All share one
-/// app, so a switch applies to every thread at once.
+/// Runs the router as the daemon does: [`Workers`], `threads` of them (pinned to cores as
+/// [`WorkersConfig::new`] decides, unless `--pin` says), each serving a copy of one listener. All share one app, so a switch applies to
+/// every thread at once.
 fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
-    let mut listen: SocketAddr = flag(flags, "listen")?
+    let listen: SocketAddr = flag(flags, "listen")?
         .parse()
         .map_err(|_| "--listen must be an address".to_owned())?;
     let blue = addrs(flag(flags, "blue")?)?;
@@ -148,7 +150,6 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
     let app = App::new(AppConfig::new("bench"));
     app.set_route(&to_blue);
 
-    let mut workers = Vec::new();
     if let Some(path) = flags.get("control") {
         // The control socket gets its own thread, as the daemon's API would: a switch must not
         // queue behind the traffic it switches.
@@ -161,34 +162,35 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
             .block_on(async { UnixListener::bind(path) })
             .map_err(|e| format!("cannot bind {path}: {e}"))?;
         let app = Arc::clone(&app);
-        workers.push(std::thread::spawn(move || {
+        std::thread::spawn(move || {
             runtime.block_on(control_loop(control, app, to_blue, to_green));
-        }));
+        });
     }
-    for _ in 0..threads.max(1) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
-        let mut config = ListenerConfig::new(listen);
-        config.reuse_port = true;
-        let listener = runtime
-            .block_on(Listener::bind(config, vec![Arc::clone(&app)]))
-            .map_err(|e| e.to_string())?;
-        // Later threads bind the port the first one got (it may have asked for port 0).
-        listen = listener.local_addr().map_err(|e| e.to_string())?;
-        workers.push(std::thread::spawn(move || {
-            runtime.block_on(listener.serve(async {
-                let _ = tokio::signal::ctrl_c().await;
-            }));
-        }));
+    let listener = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?
+        .block_on(Listener::bind(
+            ListenerConfig::new(listen),
+            vec![Arc::clone(&app)],
+        ))
+        .map_err(|e| e.to_string())?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut config = WorkersConfig::new(threads);
+    if let Some(pin) = flags.get("pin") {
+        config.pin = pin == "true";
     }
+    let router = Workers::start(config).map_err(|e| format!("cannot start the router: {e}"))?;
+    let serving = router.serve(listener).map_err(|e| e.to_string())?;
     println!("listening on {listen}");
-    for worker in workers {
-        worker
-            .join()
-            .map_err(|_| "a router thread panicked".to_owned())?;
-    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    drop(serving);
     Ok(())
 }
 
