@@ -81,14 +81,17 @@ nginx_backends() {
   start nginx-backend nginx -p "$dir" -c "$dir/nginx.conf"
 }
 
-# nginx_proxy PORT WORKERS UPSTREAM: nginx as a reverse proxy with keep-alive upstream
-# connections; the upstream block lives in its own file so a switch can rewrite it.
+# nginx_proxy PORT WORKERS UPSTREAM [pin]: nginx as a reverse proxy with keep-alive upstream
+# connections; the upstream block lives in its own file so a switch can rewrite it. With
+# "pin", each worker is pinned to a core (worker_cpu_affinity auto).
 nginx_proxy() {
-  local port="$1" workers="$2" upstream="$3" dir="$WORK/nginx-proxy"
+  local port="$1" workers="$2" upstream="$3" pin="${4:-}" dir="$WORK/nginx-proxy$4"
+  local affinity=""
+  [ "$pin" = pin ] && affinity="worker_cpu_affinity auto;"
   mkdir -p "$dir/logs"
   echo "upstream app { server $upstream; keepalive 64; }" >"$dir/upstream.conf"
   cat >"$dir/nginx.conf" <<CONF
-worker_processes $workers; daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
+worker_processes $workers; $affinity daemon off; pid $dir/nginx.pid; error_log $dir/error.log;
 events { worker_connections 4096; }
 http {
   access_log off;

@@ -7,6 +7,12 @@
 # Prints req/s, p50 and p99, and kiln's ratios to nginx. Targets: kiln >= 1.0x nginx req/s,
 # kiln p99 <= nginx p99.
 #
+# kiln runs as the daemon runs it by default: one thread per core is pinned (here: at 2
+# threads), fewer threads are not pinned and yield their core once per ms of running (see
+# ARCHITECTURE.md, "Threads and scheduling"). nginx and HAProxy run with their defaults
+# (unpinned); an extra row shows nginx with its workers pinned (worker_cpu_affinity auto), so
+# that what pinning alone buys is visible, with kiln's ratios to it.
+#
 # Also printed: each proxy's CPU time per request (user + system, all its threads or worker
 # processes, from /proc over the run). On this 2-core machine the load generator, the backend
 # and the proxy share the cores (and other work may too), so req/s says how the cores were
@@ -66,5 +72,11 @@ for threads in 1 2; do
   awk -v kr="$kiln_rps" -v nr="$nginx_rps" -v kp="$kiln_p99" -v np="$nginx_p99" -v t="$threads" \
     -v kc="$kiln_cpu" -v nc="$nginx_cpu" \
     'BEGIN { printf "kiln/nginx at %d: req/s %.2fx (target >= 1.00x), p99 %.2fx (target <= 1.00x), CPU per request %.2fx\n", t, kr / nr, kp / np, kc / nc }'
-  stop_pid "$pid_nginx"; stop_pid "$pid_haproxy"; stop_pid "$pid_kiln"
+  stop_pid "$pid_nginx"; stop_pid "$pid_haproxy"
+  nginx_proxy 18084 "$threads" "127.0.0.1:$BACKEND" pin; pid_pinned=$LAST_PID
+  wait_port 18084
+  measure "nginx ($threads, pinned)" 18084 $(pgrep -P "$pid_pinned")
+  awk -v kr="$kiln_rps" -v nr="$RESULT_RPS" -v kp="$kiln_p99" -v np="$RESULT_P99" -v t="$threads" \
+    'BEGIN { printf "kiln/pinned nginx at %d: req/s %.2fx, p99 %.2fx\n", t, kr / nr, kp / np }'
+  stop_pid "$pid_pinned"; stop_pid "$pid_kiln"
 done

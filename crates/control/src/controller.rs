@@ -19,12 +19,11 @@ use kiln_deploy::{
     RolloutState, RouteTarget, StepMetrics, Window, decide,
 };
 use kiln_ledger::{Ledger, NewRelease};
-use kiln_proxy::{AppConfig, ListenerConfig, RouteTable};
+use kiln_proxy::{AppConfig, ListenerConfig, RouteTable, Workers, WorkersConfig};
 use kiln_runtime::{
     Digest, Health, InstanceId, InstanceSpec, InstanceState, Observation, Provider,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::config::ReleaseConfig;
 
@@ -108,13 +107,16 @@ struct AppCtl {
 
 struct ListenerHandle {
     apps: Vec<Arc<kiln_proxy::App>>,
-    stop: oneshot::Sender<()>,
+    /// Served on every router thread; dropping it stops the listener.
+    serving: kiln_proxy::Serving,
 }
 
 /// What the controller needs to start.
 pub struct ControllerConfig {
     /// The state directory (`--state`).
     pub state_dir: PathBuf,
+    /// The router's threads (`--router-threads`, `--router-pin`).
+    pub router: WorkersConfig,
 }
 
 /// The daemon's controller.
@@ -123,6 +125,8 @@ pub struct Controller {
     provider: Arc<dyn Provider>,
     apps: tokio::sync::Mutex<BTreeMap<String, AppCtl>>,
     listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, ListenerHandle>>,
+    /// The router's threads, which serve every listener.
+    router: Workers,
     drift: Arc<Mutex<BTreeMap<InstanceId, String>>>,
     migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
     /// The last listing of the provider, taken by `reconcile` (at most a tick old).
@@ -243,6 +247,9 @@ impl Controller {
             provider,
             apps: tokio::sync::Mutex::new(BTreeMap::new()),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
+            router: Workers::start(cfg.router).map_err(|e| {
+                ControlError::Router(format!("cannot start the router's threads: {e}"))
+            })?,
             drift: Arc::new(Mutex::new(BTreeMap::new())),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
             observed: Mutex::new(Arc::new(Vec::new())),
@@ -373,7 +380,7 @@ impl Controller {
             .collect();
         if apps.is_empty() {
             if let Some(h) = listeners.remove(&listen) {
-                let _ = h.stop.send(());
+                h.serving.stop();
             }
             return Ok(());
         }
@@ -393,12 +400,12 @@ impl Controller {
         let listener = kiln_proxy::Listener::bind(cfg, apps.clone())
             .await
             .map_err(|e| ControlError::Router(e.to_string()))?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(listener.serve(async move {
-            let _ = stopped.await;
-        }));
-        if let Some(old) = listeners.insert(listen, ListenerHandle { apps, stop }) {
-            let _ = old.stop.send(());
+        let serving = self
+            .router
+            .serve(listener)
+            .map_err(|e| ControlError::Router(e.to_string()))?;
+        if let Some(old) = listeners.insert(listen, ListenerHandle { apps, serving }) {
+            old.serving.stop();
         }
         Ok(())
     }
@@ -1326,7 +1333,7 @@ impl Controller {
     /// Stops every listener (instances keep running: a restarted daemon adopts them).
     pub async fn shutdown(&self) {
         for (_, h) in std::mem::take(&mut *self.listeners.lock().await) {
-            let _ = h.stop.send(());
+            h.serving.stop();
         }
     }
 }

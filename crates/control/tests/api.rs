@@ -62,6 +62,7 @@ async fn every_operation_answers_as_documented() {
     let c = Controller::start(
         &ControllerConfig {
             state_dir: dir.path().to_owned(),
+            router: kiln_proxy::WorkersConfig::new(2),
         },
         provider,
     )

@@ -62,6 +62,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     let provider: Arc<dyn Provider> = fake.clone();
     let cfg = ControllerConfig {
         state_dir: dir.path().to_owned(),
+        router: kiln_proxy::WorkersConfig::new(2),
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
         .await

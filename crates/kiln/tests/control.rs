@@ -12,6 +12,75 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The allowed cores of each `kiln-router-N` thread of a process.
+fn router_threads(pid: u32) -> Vec<String> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with("kiln-router-") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(path.join("status")) else {
+            continue;
+        };
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        threads.push(allowed.trim().to_owned());
+    }
+    threads.sort();
+    threads
+}
+
+#[test]
+fn the_router_flags_set_the_daemons_threads_and_their_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = kiln(&state)
+        .args(["serve", "--router-threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--router-threads"));
+
+    let daemon = Daemon::start_with(&state, &["--router-threads", "3", "--router-pin", "false"]);
+    let pid = daemon.child.as_ref().unwrap().id();
+    let unpinned = router_threads(pid);
+    assert_eq!(unpinned.len(), 3, "{unpinned:?}");
+    let all = std::fs::read_to_string("/proc/self/status").unwrap();
+    let all = all
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(unpinned.iter().all(|a| *a == all), "{unpinned:?} vs {all}");
+    drop(daemon);
+
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores < 2 {
+        eprintln!("one core: pinning two threads apart is not possible here");
+        return;
+    }
+    let daemon = Daemon::start_with(&state, &["--router-threads", "2", "--router-pin", "true"]);
+    let pid = daemon.child.as_ref().unwrap().id();
+    let mut pinned = router_threads(pid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pinned.iter().any(|a| a.contains(['-', ','])) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        pinned = router_threads(pid);
+    }
+    assert_eq!(pinned.len(), 2, "{pinned:?}");
+    assert!(
+        pinned.iter().all(|a| a.parse::<usize>().is_ok()) && pinned[0] != pinned[1],
+        "not a core each: {pinned:?}"
+    );
+}
+
 #[test]
 fn apply_and_warm_rollback_cycles_under_load_fail_no_request() {
     if !runc_prerequisites() {
@@ -349,6 +418,7 @@ fn relative_state_dir_does_not_look_like_drift() {
     let guard = Daemon {
         state: dir.path().join("rel-state"),
         child: None,
+        args: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(guard.state.join("kiln.sock")).is_err() {

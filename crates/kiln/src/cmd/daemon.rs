@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use kiln_control::{Controller, ControllerConfig};
+use kiln_proxy::WorkersConfig;
 use kiln_runtime::Provider;
 
 use super::instance::{StoreImages, engines};
@@ -30,6 +31,36 @@ pub struct ServeArgs {
     /// The OCI runtime binary of the local provider
     #[arg(long, default_value = "runc", value_name = "BIN")]
     pub runtime: String,
+
+    #[command(flatten)]
+    pub router: RouterArgs,
+}
+
+/// How the daemon runs its router (for `kiln serve` and the daemon `kiln up` starts).
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// Router threads [default: one per core this process may use]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub router_threads: Option<u16>,
+
+    /// Pin each router thread to a core of its own [default: true when there is one thread per
+    /// core]
+    #[arg(long, value_name = "BOOL")]
+    pub router_pin: Option<bool>,
+}
+
+impl RouterArgs {
+    /// The router's threads as the flags say.
+    pub fn workers(&self) -> WorkersConfig {
+        let mut config = match self.router_threads {
+            Some(n) => WorkersConfig::new(usize::from(n)),
+            None => WorkersConfig::per_core(),
+        };
+        if let Some(pin) = self.router_pin {
+            config.pin = pin;
+        }
+        config
+    }
 }
 
 /// The daemon's socket in a state directory.
@@ -51,6 +82,7 @@ impl Daemon {
     pub async fn start(
         state: &Path,
         runtime: &str,
+        router: WorkersConfig,
         tcp: Option<(SocketAddr, String)>,
     ) -> anyhow::Result<Daemon> {
         std::fs::create_dir_all(state)
@@ -60,6 +92,7 @@ impl Daemon {
         let controller = Controller::start(
             &ControllerConfig {
                 state_dir: state.to_owned(),
+                router,
             },
             provider,
         )
@@ -156,7 +189,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     };
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
-        let daemon = Daemon::start(state, &args.runtime, tcp).await?;
+        let daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp).await?;
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
             "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, instances keep running",

@@ -48,6 +48,8 @@ pub struct UpArgs {
     /// The OCI runtime binary (when `up` starts the daemon)
     #[arg(long, default_value = "runc", value_name = "BIN")]
     pub runtime: String,
+    #[command(flatten)]
+    pub router: super::daemon::RouterArgs,
 }
 
 /// Commands that name an app (default: the `name` in ./kiln.toml).
@@ -822,7 +824,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
             None
         } else {
             out.say("==> starting a kiln daemon in this process");
-            Some(Daemon::start(state, &args.runtime, None).await?)
+            Some(Daemon::start(state, &args.runtime, args.router.workers(), None).await?)
         };
         out.say(&format!("==> rolling out {app}"));
         let number = submit(&c, &app, &req, out).await?;

@@ -83,13 +83,21 @@ pub fn free_port() -> u16 {
 pub struct Daemon {
     pub state: PathBuf,
     pub child: Option<Child>,
+    /// Flags after `serve`, kept for restarts.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
     pub fn start(state: &Path) -> Daemon {
+        Daemon::start_with(state, &[])
+    }
+
+    /// `kiln serve ARGS…`.
+    pub fn start_with(state: &Path, args: &[&str]) -> Daemon {
         let mut d = Daemon {
             state: state.to_owned(),
             child: None,
+            args: args.iter().map(|&a| a.to_owned()).collect(),
         };
         d.spawn();
         d
@@ -100,6 +108,7 @@ impl Daemon {
             .arg("--state")
             .arg(&self.state)
             .arg("serve")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(self.log())
             .spawn()
