@@ -85,7 +85,7 @@ nginx_backends() {
 # connections; the upstream block lives in its own file so a switch can rewrite it. With
 # "pin", each worker is pinned to a core (worker_cpu_affinity auto).
 nginx_proxy() {
-  local port="$1" workers="$2" upstream="$3" pin="${4:-}" dir="$WORK/nginx-proxy$4"
+  local port="$1" workers="$2" upstream="$3" pin="${4:-}" dir="$WORK/nginx-proxy${4:-}"
   local affinity=""
   [ "$pin" = pin ] && affinity="worker_cpu_affinity auto;"
   mkdir -p "$dir/logs"

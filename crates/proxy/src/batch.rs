@@ -43,6 +43,9 @@ const OUTBOX_LIMIT: usize = 64 * 1024;
 /// of its own (a chunk of a download), and copying it would cost more than it saves.
 const DIRECT_WRITE: usize = 16 * 1024;
 
+/// The buffer an emptied outbox keeps for the next response; a bigger one is freed.
+const KEEP_CAPACITY: usize = 8 * 1024;
+
 /// How long bytes left behind by a dropped connection may take to reach a slow client.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -366,7 +369,12 @@ impl Out {
         self.sent += n;
         self.total_sent += n as u64;
         if self.sent == self.buf.len() {
-            self.buf.clear();
+            if self.buf.capacity() > KEEP_CAPACITY {
+                // An idle keep-alive connection should not hold on to a burst's buffer.
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
             self.sent = 0;
         }
     }
@@ -644,6 +652,28 @@ mod tests {
             got.len(),
             expected.len()
         );
+    }
+
+    #[tokio::test]
+    async fn an_emptied_outbox_gives_back_a_large_buffer() {
+        let (mut ours, mut peer) = small_pair().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        for _ in 0..100 {
+            ours.write_all(&[5_u8; 1000]).await.unwrap();
+        }
+        // A flush waits for the socket only once a batch could not send everything, so
+        // flush, let the batch end, and again, until nothing waits.
+        while ours.outbox.lock().pending() > 0 {
+            ours.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert!(ours.outbox.lock().buf.capacity() <= KEEP_CAPACITY);
+        ours.shutdown().await.unwrap();
+        assert_eq!(reader.await.unwrap(), 100_000);
     }
 
     #[tokio::test]

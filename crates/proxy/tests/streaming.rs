@@ -97,3 +97,62 @@ async fn an_upgraded_connection_echoes_both_ways() {
     );
     assert_eq!(shop.in_flight(backend.addr), 0);
 }
+
+/// A response of many small chunks to a client that reads slowly: the router's writes to the
+/// client wait in its outbox, fill the socket, stall, and must still all arrive, in order,
+/// including the last chunk (written when the router's side of the exchange is done and the
+/// connection only waits for the next request), and the connection then serves another.
+#[tokio::test]
+async fn many_small_chunks_reach_a_slow_client_whole() {
+    let backend = Backend::start("blue").await;
+    let (_app, router) = routed(&backend).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(router.addr).await.unwrap();
+    client
+        .write_all(b"GET /drip HTTP/1.1\r\nhost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let read = async {
+        // Late and slow: the router's writes pile up first.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut xs = 0_usize;
+        let mut tail = Vec::new();
+        let mut piece = [0_u8; 2048];
+        let mut reads = 0_u32;
+        // The chunked body ends with a zero-size chunk.
+        while !tail.ends_with(b"\r\n0\r\n\r\n") {
+            let n = client.read(&mut piece).await.unwrap();
+            assert!(n > 0, "the router closed the connection");
+            xs += piece[..n].iter().filter(|&&b| b == b'x').count();
+            tail.extend_from_slice(&piece[..n]);
+            let keep = tail.len().saturating_sub(16);
+            tail.drain(..keep);
+            reads += 1;
+            if reads.is_multiple_of(50) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        xs
+    };
+    let xs = tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("the response stalled");
+    assert_eq!(xs, 10_000_000);
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("blue\n"),
+        "{rest:?}"
+    );
+}

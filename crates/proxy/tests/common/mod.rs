@@ -36,6 +36,7 @@ fn full(text: impl Into<Bytes>) -> BoxBody {
 /// An in-process backend. Paths:
 /// - `/` answers its name; `/slow` waits 2 ms first;
 /// - `/headers` answers the request headers, one `name: value` per line;
+/// - `/drip` streams 100,000 chunks of 100 bytes of `x` as fast as they are taken;
 /// - `/sse` sends one event, waits for [`Backend::sse_next`], sends a second, ends;
 /// - `/upload` counts the request body into [`Backend::received`] and answers the count;
 /// - `/hang` never answers;
@@ -175,6 +176,18 @@ impl State {
                         .header("content-type", "text/event-stream")
                         .body(ChannelBody(rx).boxed())
                         .unwrap()
+                }
+                "/drip" => {
+                    // Many small chunks, as fast as they are taken: 100,000 × 100 bytes of 'x'.
+                    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+                    tokio::spawn(async move {
+                        for _ in 0..100_000 {
+                            if tx.send(Bytes::from(vec![b'x'; 100])).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    Response::new(ChannelBody(rx).boxed())
                 }
                 "/upload" => {
                     let mut body = req.into_body();
