@@ -14,15 +14,16 @@
 //! responses are all written, and it sends them one after the other. A write is never held
 //! longer than that: the flusher runs before the thread next waits for events.
 //!
-//! The flusher is per thread, so this applies on a current-thread runtime (the router runs one
-//! per core). On a multi-thread runtime a connection's task moves between threads, and the
-//! runtime runs a task woken from another one next rather than last, so writes go straight out.
+//! The flusher is per thread, so this applies on the router's own threads ([`crate::Workers`]:
+//! a current-thread runtime each, which opt in with [`batch_this_thread`]). Elsewhere writes go
+//! straight out: on a multi-thread runtime a connection's task moves between threads, and the
+//! runtime runs a task woken from another one next rather than last.
 //!
 //! What a flush cannot send (a full socket buffer) is sent by the connection's own task on its
 //! next read, write or flush, waiting for the socket; a connection dropped with bytes still to
 //! send leaves them to a task of their own, bounded by [`FINISH_TIMEOUT`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -74,9 +75,9 @@ impl Socket {
             read,
             outbox: Arc::new(Outbox {
                 flusher: Flusher::for_this_thread(),
-                on_drop,
                 stalled: AtomicBool::new(false),
                 out: Mutex::new(Out {
+                    on_drop,
                     socket: write,
                     buf: Vec::new(),
                     sent: 0,
@@ -99,6 +100,24 @@ impl Socket {
     /// Sends what waits in the outbox now, without waiting for the thread's batch.
     pub(crate) async fn send_waiting(&self) -> io::Result<()> {
         poll_fn(|cx| self.outbox.poll_drain(cx)).await
+    }
+
+    /// Throws away what waits in the outbox if no byte has reached the socket since
+    /// `bytes_sent` said `before`; true then. One step under the outbox's lock, so a flush on
+    /// another thread cannot send the bytes between the check and the discard.
+    pub(crate) fn discard_if_unsent(&self, before: u64) -> bool {
+        let mut out = self.outbox.lock();
+        if out.total_sent != before {
+            return false;
+        }
+        out.buf.clear();
+        out.sent = 0;
+        true
+    }
+
+    /// What becomes of waiting bytes when the socket is dropped (a tunnel's are sent).
+    pub(crate) fn set_on_drop(&self, on_drop: OnDrop) {
+        self.outbox.lock().on_drop = on_drop;
     }
 
     /// How many bytes have reached the socket so far (not counting what waits in the outbox).
@@ -190,17 +209,19 @@ impl Drop for Socket {
     fn drop(&mut self) {
         let mut out = self.outbox.lock();
         out.detached = true;
-        if self.outbox.on_drop == OnDrop::Discard {
+        if out.on_drop == OnDrop::Discard {
             out.buf.clear();
             out.sent = 0;
             return;
         }
-        if out.pending() > 0 && !out.queued {
+        // Without a running flusher (the runtime is going away) nothing would send them.
+        if out.pending() > 0
+            && !out.queued
+            && let Some(flusher) = self.outbox.batching()
+        {
             out.queued = true;
             drop(out);
-            if let Some(flusher) = &self.outbox.flusher {
-                flusher.queue(Arc::clone(&self.outbox));
-            }
+            flusher.queue(Arc::clone(&self.outbox));
         }
     }
 }
@@ -230,13 +251,13 @@ impl AsyncWrite for Writer<'_> {
 struct Outbox {
     /// `None`: no batching on this thread, writes go straight out.
     flusher: Option<Arc<Flusher>>,
-    on_drop: OnDrop,
     /// A flush left bytes behind: the connection's task sends them.
     stalled: AtomicBool,
     out: Mutex<Out>,
 }
 
 struct Out {
+    on_drop: OnDrop,
     socket: OwnedWriteHalf,
     buf: Vec<u8>,
     /// How much of `buf` has been sent.
@@ -264,7 +285,9 @@ impl Outbox {
         if let Some(error) = out.error.take() {
             return Poll::Ready(Err(error));
         }
-        let Some(flusher) = &self.flusher else {
+        let Some(flusher) = self.batching() else {
+            // Bytes queued while a flusher still ran go first.
+            ready!(out.poll_send(cx))?;
             let n = ready!(Pin::new(&mut out.socket).poll_write(cx, data))?;
             out.total_sent += n as u64;
             return Poll::Ready(Ok(n));
@@ -298,10 +321,17 @@ impl Outbox {
         if let Some(error) = self.lock().error.take() {
             return Poll::Ready(Err(error));
         }
-        if self.stalled.load(Ordering::Acquire) {
+        if self.stalled.load(Ordering::Acquire) || self.batching().is_none() {
             ready!(self.poll_drain(cx))?;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The flusher that sends this outbox, if one is running.
+    fn batching(&self) -> Option<&Arc<Flusher>> {
+        self.flusher
+            .as_ref()
+            .filter(|f| f.alive.load(Ordering::Acquire))
     }
 
     /// Sends everything still waiting, then shuts down the sending side.
@@ -327,7 +357,8 @@ impl Outbox {
         let mut out = self.lock();
         out.queued = false;
         match out.send_now() {
-            Ok(true) => {}
+            // A pooled connection must not keep the last writer's task alive through its waker.
+            Ok(true) => out.task = None,
             Ok(false) if out.detached => {
                 drop(out);
                 tokio::spawn(finish(self));
@@ -417,14 +448,25 @@ pub(crate) struct Flusher {
     alive: AtomicBool,
 }
 
+/// Makes sockets created on this thread batch their writes. For a thread that runs one
+/// current-thread runtime for its whole life (a router thread): the flusher started on it
+/// belongs to that runtime, and a second runtime on the thread would wait on it in vain.
+pub(crate) fn batch_this_thread() {
+    BATCHING.with(|b| b.set(true));
+}
+
 thread_local! {
+    static BATCHING: Cell<bool> = const { Cell::new(false) };
     static FLUSHER: RefCell<Weak<Flusher>> = const { RefCell::new(Weak::new()) };
 }
 
 impl Flusher {
-    /// This thread's flusher, started on first use; `None` unless the thread runs a
-    /// current-thread runtime.
+    /// This thread's flusher, started on first use; `None` unless [`batch_this_thread`] was
+    /// called on it and it runs a current-thread runtime.
     fn for_this_thread() -> Option<Arc<Flusher>> {
+        if !BATCHING.with(Cell::get) {
+            return None;
+        }
         let handle = Handle::try_current().ok()?;
         if handle.runtime_flavor() != RuntimeFlavor::CurrentThread {
             return None;
@@ -441,18 +483,13 @@ impl Flusher {
                 armed: AtomicBool::new(false),
                 alive: AtomicBool::new(true),
             });
-            handle.spawn(run(Arc::clone(&flusher)));
+            handle.spawn(run(Alive(Arc::clone(&flusher))));
             *slot.borrow_mut() = Arc::downgrade(&flusher);
             Some(flusher)
         })
     }
 
     fn queue(&self, outbox: Arc<Outbox>) {
-        // Once the runtime has dropped the task nothing would send the bytes; holding the
-        // outbox would only keep its socket open (the outbox holds this flusher).
-        if !self.alive.load(Ordering::Acquire) {
-            return;
-        }
         lock(&self.queue).push(outbox);
         if !self.armed.swap(true, Ordering::AcqRel)
             && let Some(task) = lock(&self.task).as_ref()
@@ -462,16 +499,21 @@ impl Flusher {
     }
 }
 
-/// The flusher's task: each time it runs, it sends every queued outbox.
-async fn run(flusher: Arc<Flusher>) {
-    struct Alive<'a>(&'a Flusher);
-    impl Drop for Alive<'_> {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Ordering::Release);
-            lock(&self.0.queue).clear();
-        }
+/// Marks the flusher dead when its task goes, run or not: a future that was never polled
+/// still drops its arguments.
+struct Alive(Arc<Flusher>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+        // Dropping the outboxes closes their sockets (they hold the flusher: no cycle left).
+        lock(&self.0.queue).clear();
     }
-    let _alive = Alive(&flusher);
+}
+
+/// The flusher's task: each time it runs, it sends every queued outbox.
+async fn run(alive: Alive) {
+    let flusher = &alive.0;
     let mut batch = Vec::new();
     poll_fn(|cx| {
         {
@@ -486,7 +528,7 @@ async fn run(flusher: Arc<Flusher>) {
             outbox.flush();
         }
         // The end of a batch is where a thread that holds its core too long lets go.
-        crate::courtesy::after_batch();
+        crate::yielding::after_batch();
         Poll::<()>::Pending
     })
     .await;
@@ -506,6 +548,7 @@ mod tests {
 
     /// A connected pair: (the router's side, wrapped; the peer's side).
     async fn pair(on_drop: OnDrop) -> (Socket, TcpStream) {
+        batch_this_thread();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -613,6 +656,7 @@ mod tests {
 
     /// A pair whose socket buffers are small, so that a few writes fill them.
     async fn small_pair() -> (Socket, TcpStream) {
+        batch_this_thread();
         let listen = tokio::net::TcpSocket::new_v4().unwrap();
         listen.set_recv_buffer_size(4096).unwrap();
         listen.bind("127.0.0.1:0".parse().unwrap()).unwrap();

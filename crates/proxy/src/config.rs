@@ -21,9 +21,9 @@ pub struct ListenerConfig {
     pub max_body_bytes: Option<u64>,
     /// How long a client may take to send a request head before its connection is closed.
     pub header_read_timeout: Duration,
-    /// Bind with `SO_REUSEPORT`, so that several listeners (say one per thread, each on its
-    /// own single-threaded runtime) share the address and the kernel spreads connections
-    /// across them.
+    /// Bind with `SO_REUSEPORT`, so that another listener can bind the same address while
+    /// this one serves (the daemon rebinds an address this way when the apps sharing it
+    /// change). The router's threads serve copies of one socket instead (`Listener::try_clone`).
     pub reuse_port: bool,
 }
 

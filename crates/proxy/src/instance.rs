@@ -24,12 +24,13 @@ use crate::upstream::{Connection, ExchangeError};
 const MAX_IDLE: usize = 512;
 
 /// How many shards an instance's idle pool has. A connection's socket is registered with the
-/// I/O driver of the runtime that opened it; with one single-threaded runtime per thread
-/// (`reuse_port`), a connection used by a request on another thread would have its readiness
-/// delivered by that other thread, a cross-thread wake-up per read (measured, with hyper's
-/// connection tasks: the two-thread router was slower than the one-thread one). So each
-/// thread returns connections to, and takes them from, its own shard; threads beyond this
-/// many share shards, which is correct, only slower.
+/// I/O driver of the runtime that opened it, and its writes wait for that thread's flusher;
+/// with one single-threaded runtime per router thread (`Workers`), a connection used by a
+/// request on another thread would have its readiness delivered, and its requests sent, by
+/// that other thread: a cross-thread wake-up per read (measured, with hyper's connection
+/// tasks: the two-thread router was slower than the one-thread one). So each thread returns
+/// connections to, and takes them from, its own shard; threads beyond this many share shards,
+/// which is correct (an unsent request is discarded under the socket's lock), only slower.
 const POOL_SHARDS: usize = 16;
 
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);

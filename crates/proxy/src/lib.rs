@@ -26,7 +26,6 @@ mod body;
 mod closing;
 mod config;
 mod conn_timer;
-mod courtesy;
 mod error;
 mod forward;
 mod hosts;
@@ -39,6 +38,7 @@ mod stats;
 mod sticky;
 mod upstream;
 mod workers;
+mod yielding;
 
 pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};

@@ -33,8 +33,9 @@ use crate::spread::{Counted, Group, Handed};
 /// A bound listen address serving its apps.
 pub struct Listener {
     /// Registered with a runtime only when served, so that a copy ([`Listener::try_clone`])
-    /// can be served on another thread's runtime.
-    tcp: std::net::TcpListener,
+    /// can be served on another thread's runtime. Taken by `serve`, which closes it as soon
+    /// as it stops accepting.
+    tcp: Option<std::net::TcpListener>,
     /// The copies of this listener, to spread connections over their threads.
     group: Arc<Group>,
     tls: Option<TlsAcceptor>,
@@ -69,7 +70,7 @@ impl Listener {
             source,
         })?;
         Ok(Listener {
-            tcp,
+            tcp: Some(tcp),
             group: Arc::default(),
             shared: Arc::new(Shared {
                 apps,
@@ -85,7 +86,13 @@ impl Listener {
 
     /// The bound address (useful when binding port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
+        self.socket()?.local_addr()
+    }
+
+    fn socket(&self) -> std::io::Result<&std::net::TcpListener> {
+        self.tcp
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the listener's socket has been served"))
     }
 
     /// Another listener on the same socket and apps, to serve on another thread (on a
@@ -95,7 +102,7 @@ impl Listener {
     /// a connection while another serves fewer passes it over (see `spread`).
     pub fn try_clone(&self) -> std::io::Result<Listener> {
         Ok(Listener {
-            tcp: self.tcp.try_clone()?,
+            tcp: Some(self.socket()?.try_clone()?),
             group: Arc::clone(&self.group),
             tls: self.tls.clone(),
             shared: Arc::clone(&self.shared),
@@ -107,9 +114,13 @@ impl Listener {
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to finish
     /// its requests (HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY), and
     /// returns when they have, or after the longest drain timeout of its apps.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Listener { tcp, .. } = &self;
-        let tcp = match tcp.try_clone().and_then(TcpListener::from_std) {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) {
+        let registered = self
+            .tcp
+            .take()
+            .ok_or_else(|| std::io::Error::other("served twice"))
+            .and_then(TcpListener::from_std);
+        let tcp = match registered {
             Ok(tcp) => tcp,
             Err(error) => {
                 tracing::error!(%error, "cannot serve the listener's socket on this runtime");
@@ -124,7 +135,7 @@ impl Listener {
                 accepted = tcp.accept() => match accepted {
                     Ok((stream, peer)) => {
                         if let Some((stream, peer, load)) = membership.place(stream, peer) {
-                            self.spawn_connection(stream, peer, load, &closing);
+                            self.spawn_connection(stream, peer, load, &closing, When::Serving);
                         }
                     }
                     Err(error) => {
@@ -133,13 +144,36 @@ impl Listener {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                Some(handed) = membership.inbox.recv() => self.take(handed, &closing),
+                Some(handed) = membership.inbox.recv() => {
+                    self.take(handed, &closing, When::Serving);
+                }
                 () = &mut shutdown => break,
             }
         }
+        // Stop listening now, not after the drain: while the socket is open the kernel keeps
+        // queueing connections on it (with SO_REUSEPORT, its share of the address's) that
+        // nobody would accept. Those already queued are served; the socket closes when the
+        // last copy lets go of it.
+        match tcp.into_std() {
+            Ok(socket) => {
+                while let Ok((stream, peer)) = socket.accept() {
+                    let registered = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(stream));
+                    match registered {
+                        Ok(stream) => {
+                            let load = membership.count();
+                            self.spawn_connection(stream, peer, load, &closing, When::Stopping);
+                        }
+                        Err(error) => tracing::warn!(%peer, %error, "cannot serve a connection"),
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot take the queued connections"),
+        }
         // Connections passed to this thread just before it stopped are served like the rest.
         for handed in membership.leave() {
-            self.take(handed, &closing);
+            self.take(handed, &closing, When::Stopping);
         }
         let grace = self
             .shared
@@ -182,9 +216,9 @@ impl Listener {
     }
 
     /// Serves a connection another thread passed to this one.
-    fn take(&self, handed: Handed, closing: &Arc<Closing>) {
+    fn take(&self, handed: Handed, closing: &Arc<Closing>, when: When) {
         match TcpStream::from_std(handed.stream) {
-            Ok(stream) => self.spawn_connection(stream, handed.peer, handed.load, closing),
+            Ok(stream) => self.spawn_connection(stream, handed.peer, handed.load, closing, when),
             Err(error) => tracing::warn!(peer = %handed.peer, %error, "cannot take a connection"),
         }
     }
@@ -195,10 +229,14 @@ impl Listener {
         peer: SocketAddr,
         load: Counted,
         closing: &Arc<Closing>,
+        when: When,
     ) {
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&self.shared);
-        let http = self.http_builder();
+        let mut http = self.http_builder();
+        if when == When::Stopping {
+            http.http1().keep_alive(false);
+        }
         let closing = Arc::clone(closing);
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
@@ -208,10 +246,12 @@ impl Listener {
             // Responses leave with the thread's batch (see `batch`).
             let stream = Socket::new(stream, OnDrop::Send);
             match tls {
-                None => serve_io(stream, peer, shared, &http, &closing).await,
+                None => serve_io(stream, peer, shared, &http, &closing, when).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_io(stream, peer, shared, &http, &closing).await,
+                        Ok(Ok(stream)) => {
+                            serve_io(stream, peer, shared, &http, &closing, when).await;
+                        }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -221,12 +261,24 @@ impl Listener {
     }
 }
 
+/// Whether a connection was accepted while its listener served or as it stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    Serving,
+    /// Queued on the socket, or passed from another thread, when the listener stopped: the
+    /// client has not been told anything, so (HTTP/1) its first request is answered, with
+    /// `Connection: close`, rather than the connection closed unanswered as a graceful
+    /// shutdown would close an idle one.
+    Stopping,
+}
+
 async fn serve_io<I>(
     io: I,
     peer: SocketAddr,
     shared: Arc<Shared>,
     http: &auto::Builder<TokioExecutor>,
     closing: &Arc<Closing>,
+    when: When,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -242,7 +294,12 @@ async fn serve_io<I>(
         }
     });
     let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(error) = closing.watch(connection.into_owned()).await {
+    let connection = connection.into_owned();
+    let served = match when {
+        When::Serving => closing.watch(connection).await,
+        When::Stopping => closing.watch_late(connection).await,
+    };
+    if let Err(error) = served {
         tracing::debug!(peer = %addr, %error, "client connection ended");
     }
 }

@@ -7,8 +7,8 @@
 //! browser's six) can land mostly on one thread. The connections of a busy thread then wait
 //! for it while another thread idles.
 //!
-//! So each copy counts the connections its thread serves, and a thread that accepts a
-//! connection while another serves fewer passes it to that thread (HAProxy balances its
+//! So each thread counts the connections it serves (on every listener), and a thread that
+//! accepts a connection while another copy's thread serves fewer passes it to that thread (HAProxy balances its
 //! threads the same way). Passing costs a channel message and moving the socket to the other
 //! thread's event loop, once per connection; nothing per request.
 
@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// The copies of one listener being served, and how many connections each thread holds.
+/// The copies of one listener being served, each with its thread's connection count.
 #[derive(Default)]
 pub(crate) struct Group {
     members: Mutex<Vec<Member>>,
@@ -65,10 +65,20 @@ pub(crate) struct Membership {
     pub(crate) inbox: mpsc::UnboundedReceiver<Handed>,
 }
 
+thread_local! {
+    /// How many client connections this thread serves, on all its listeners.
+    static LOAD: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
+}
+
 impl Group {
+    /// Joins from the thread that will serve the copy.
     pub(crate) fn join(self: &Arc<Self>) -> Membership {
+        self.join_counting(LOAD.with(Arc::clone))
+    }
+
+    /// Joins with `load` as the serving thread's count.
+    fn join_counting(self: &Arc<Self>, load: Arc<AtomicUsize>) -> Membership {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let load = Arc::new(AtomicUsize::new(0));
         let (send, inbox) = mpsc::unbounded_channel();
         self.members().push(Member {
             id,
@@ -102,15 +112,20 @@ impl Membership {
         peer: SocketAddr,
     ) -> Option<(TcpStream, SocketAddr, Counted)> {
         let mine = self.load.load(Ordering::Relaxed);
-        let members = self.group.members();
-        let fewest = members
-            .iter()
-            .filter(|m| m.id != self.id)
-            .min_by_key(|m| m.load.load(Ordering::Relaxed));
-        let Some(target) = fewest.filter(|m| m.load.load(Ordering::Relaxed) < mine) else {
+        let target = {
+            let members = self.group.members();
+            members
+                .iter()
+                .filter(|m| m.id != self.id)
+                .min_by_key(|m| m.load.load(Ordering::Relaxed))
+                .filter(|m| m.load.load(Ordering::Relaxed) < mine)
+                .map(|m| (Arc::clone(&m.load), m.inbox.clone()))
+        };
+        // The group's lock is not held across the system calls below.
+        let Some((target_load, inbox)) = target else {
             return Some((stream, peer, self.count()));
         };
-        let load = Counted::new(&target.load);
+        let load = Counted::new(&target_load);
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(error) => {
@@ -119,7 +134,7 @@ impl Membership {
                 return None;
             }
         };
-        match target.inbox.send(Handed { stream, peer, load }) {
+        match inbox.send(Handed { stream, peer, load }) {
             Ok(()) => None,
             // The other thread stopped serving: serve it here.
             Err(mpsc::error::SendError(handed)) => match TcpStream::from_std(handed.stream) {
@@ -169,8 +184,8 @@ mod tests {
     async fn a_burst_accepted_by_one_thread_ends_up_even() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let group = Arc::new(Group::default());
-        let busy = group.join();
-        let mut idle = group.join();
+        let busy = group.join_counting(Arc::default());
+        let mut idle = group.join_counting(Arc::default());
         let (mut here, mut clients) = (Vec::new(), Vec::new());
         for _ in 0..10 {
             let (stream, peer, client) = connection(&listener).await;
@@ -194,8 +209,8 @@ mod tests {
     async fn a_thread_that_left_gets_nothing_and_hands_back_what_it_was_passed() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let group = Arc::new(Group::default());
-        let first = group.join();
-        let second = group.join();
+        let first = group.join_counting(Arc::default());
+        let second = group.join_counting(Arc::default());
         let (stream, peer, _c1) = connection(&listener).await;
         let kept = first.place(stream, peer);
         let (stream, peer, _c2) = connection(&listener).await;

@@ -239,9 +239,9 @@ impl Connection {
         };
         match result {
             // The connection failed before the thread's batch sent the request: no byte of it
-            // left, and none will (a dropped connection throws its outbox away).
+            // left, and the discard makes sure none will.
             Err(ExchangeError::Reset)
-                if io.bytes_sent() == before && (!had_body || body.is_some()) =>
+                if (!had_body || body.is_some()) && io.discard_if_unsent(before) =>
             {
                 Err(ExchangeError::Unsent)
             }
@@ -267,6 +267,9 @@ impl Connection {
 
     /// The socket and any bytes already read past the response head, for an upgraded tunnel.
     pub(crate) fn into_parts(self) -> (Socket, BytesMut) {
+        // The exchange is over: what the tunnel writes must reach the instance even if the
+        // tunnel then ends, as it would on a plain socket.
+        self.io.set_on_drop(OnDrop::Send);
         (self.io, self.buf)
     }
 

@@ -19,13 +19,13 @@
 use std::io;
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::listener::Listener;
 
-/// A listener to serve, and when to stop.
-type Job = (Listener, watch::Receiver<bool>);
+/// A listener to serve, when to stop, and whom to tell once it has stopped.
+type Job = (Listener, watch::Receiver<bool>, oneshot::Sender<()>);
 
 /// The router's threads.
 pub struct Workers {
@@ -39,7 +39,7 @@ pub struct WorkersConfig {
     /// How many threads (at least one).
     pub threads: usize,
     /// Pin thread `i` to the `i`-th core this process may run on (round the list). Unpinned
-    /// threads yield their core to others now and then instead (see `courtesy`).
+    /// threads yield their core to others now and then instead (see `yielding`).
     pub pin: bool,
 }
 
@@ -86,8 +86,9 @@ impl Workers {
                 .spawn(move || {
                     match core {
                         Some(core) => pin_to(core),
-                        None => crate::courtesy::watch_this_thread(),
+                        None => crate::yielding::watch_this_thread(),
                     }
+                    crate::batch::batch_this_thread();
                     runtime.block_on(run(jobs));
                 })?;
             workers.jobs.push(send);
@@ -111,12 +112,15 @@ impl Workers {
             copies.push(listener.try_clone()?);
         }
         copies.push(listener);
+        let mut done = Vec::with_capacity(copies.len());
         for (jobs, copy) in self.jobs.iter().zip(copies) {
-            if jobs.send((copy, stopped.clone())).is_err() {
+            let (tell, told) = oneshot::channel();
+            if jobs.send((copy, stopped.clone(), tell)).is_err() {
                 return Err(io::Error::other("a router thread has stopped"));
             }
+            done.push(told);
         }
-        Ok(Serving { stop })
+        Ok(Serving { stop, done })
     }
 }
 
@@ -131,11 +135,23 @@ impl Drop for Workers {
 /// A listener served by the [`Workers`]; stops when dropped.
 pub struct Serving {
     stop: watch::Sender<bool>,
+    /// One per copy, told when the copy has stopped.
+    done: Vec<oneshot::Receiver<()>>,
 }
 
 impl Serving {
     /// Stops accepting on every thread; open connections finish as [`Listener::serve`] says.
     pub fn stop(self) {}
+
+    /// Stops, and waits until every copy's connections have finished (or the apps' drain
+    /// timeout passed), as [`Listener::serve`] does.
+    pub async fn drain(mut self) {
+        let _ = self.stop.send(true);
+        for done in std::mem::take(&mut self.done) {
+            // An error means the copy's thread is gone: nothing left to wait for.
+            let _ = done.await;
+        }
+    }
 }
 
 impl Drop for Serving {
@@ -151,11 +167,16 @@ async fn run(mut jobs: mpsc::UnboundedReceiver<Job>) {
     loop {
         tokio::select! {
             job = jobs.recv() => match job {
-                Some((listener, mut stop)) => {
-                    serving.spawn(listener.serve(async move {
-                        // A dropped sender stops the listener too.
-                        let _ = stop.wait_for(|stop| *stop).await;
-                    }));
+                Some((listener, mut stop, done)) => {
+                    serving.spawn(async move {
+                        listener
+                            .serve(async move {
+                                // A dropped sender stops the listener too.
+                                let _ = stop.wait_for(|stop| *stop).await;
+                            })
+                            .await;
+                        let _ = done.send(());
+                    });
                 }
                 None => break,
             },

@@ -178,7 +178,9 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     let mut config = WorkersConfig::new(threads);
     if let Some(pin) = flags.get("pin") {
-        config.pin = pin == "true";
+        config.pin = pin
+            .parse()
+            .map_err(|_| format!("--pin must be true or false, not {pin:?}"))?;
     }
     let router = Workers::start(config).map_err(|e| format!("cannot start the router: {e}"))?;
     let serving = router.serve(listener).map_err(|e| e.to_string())?;
@@ -187,10 +189,11 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    // Ctrl-C: stop accepting and let the requests in flight finish, as the daemon would.
     runtime.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
+        serving.drain().await;
     });
-    drop(serving);
     Ok(())
 }
 

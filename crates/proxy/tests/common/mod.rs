@@ -19,7 +19,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use kiln_proxy::{App, AppConfig, Listener, ListenerConfig};
+use kiln_proxy::{App, AppConfig, Listener, ListenerConfig, Serving, Workers, WorkersConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -230,16 +230,12 @@ impl Body for ChannelBody {
     }
 }
 
-/// A router on 127.0.0.1 with `apps`, served until the returned handle is dropped.
+/// A router on 127.0.0.1 with `apps`, served as the daemon serves it (a router thread of its
+/// own, with batched writes) until the returned handle is dropped.
 pub struct Router {
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _serving: Serving,
+    _threads: Workers,
 }
 
 pub async fn router(apps: Vec<Arc<App>>) -> Router {
@@ -249,8 +245,17 @@ pub async fn router(apps: Vec<Arc<App>>) -> Router {
 pub async fn router_with(config: ListenerConfig, apps: Vec<Arc<App>>) -> Router {
     let listener = Listener::bind(config, apps).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(listener.serve(std::future::pending()));
-    Router { addr, task }
+    let threads = Workers::start(WorkersConfig {
+        threads: 1,
+        pin: false,
+    })
+    .unwrap();
+    let serving = threads.serve(listener).unwrap();
+    Router {
+        addr,
+        _serving: serving,
+        _threads: threads,
+    }
 }
 
 pub fn app(name: &str) -> AppConfig {
