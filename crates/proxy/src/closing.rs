@@ -45,15 +45,6 @@ impl Closing {
         }
     }
 
-    /// Counts `connection` among those [`Closing::close`] waits for, but never asks it to
-    /// finish: for a connection that ends by itself after one request (HTTP/1 without
-    /// keep-alive), accepted after the signal.
-    pub(crate) fn watch_late<C: Finish>(self: &Arc<Self>, connection: C) -> Watched<C> {
-        let mut watched = self.watch(connection);
-        watched.finishing = true;
-        watched
-    }
-
     /// Asks every watched connection (and any watched later) to finish, and waits until all
     /// have ended.
     pub(crate) async fn close(&self) {

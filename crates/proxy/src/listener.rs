@@ -5,7 +5,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::Request;
@@ -135,7 +138,7 @@ impl Listener {
                 accepted = tcp.accept() => match accepted {
                     Ok((stream, peer)) => {
                         if let Some((stream, peer, load)) = membership.place(stream, peer) {
-                            self.spawn_connection(stream, peer, load, &closing, When::Serving);
+                            self.spawn_connection(stream, peer, load, &closing);
                         }
                     }
                     Err(error) => {
@@ -144,9 +147,7 @@ impl Listener {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                Some(handed) = membership.inbox.recv() => {
-                    self.take(handed, &closing, When::Serving);
-                }
+                Some(handed) = membership.inbox.recv() => self.take(handed, &closing),
                 () = &mut shutdown => break,
             }
         }
@@ -163,7 +164,7 @@ impl Listener {
                     match registered {
                         Ok(stream) => {
                             let load = membership.count();
-                            self.spawn_connection(stream, peer, load, &closing, When::Stopping);
+                            self.spawn_connection(stream, peer, load, &closing);
                         }
                         Err(error) => tracing::warn!(%peer, %error, "cannot serve a connection"),
                     }
@@ -173,7 +174,7 @@ impl Listener {
         }
         // Connections passed to this thread just before it stopped are served like the rest.
         for handed in membership.leave() {
-            self.take(handed, &closing, When::Stopping);
+            self.take(handed, &closing);
         }
         let grace = self
             .shared
@@ -216,9 +217,9 @@ impl Listener {
     }
 
     /// Serves a connection another thread passed to this one.
-    fn take(&self, handed: Handed, closing: &Arc<Closing>, when: When) {
+    fn take(&self, handed: Handed, closing: &Arc<Closing>) {
         match TcpStream::from_std(handed.stream) {
-            Ok(stream) => self.spawn_connection(stream, handed.peer, handed.load, closing, when),
+            Ok(stream) => self.spawn_connection(stream, handed.peer, handed.load, closing),
             Err(error) => tracing::warn!(peer = %handed.peer, %error, "cannot take a connection"),
         }
     }
@@ -229,14 +230,10 @@ impl Listener {
         peer: SocketAddr,
         load: Counted,
         closing: &Arc<Closing>,
-        when: When,
     ) {
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&self.shared);
-        let mut http = self.http_builder();
-        if when == When::Stopping {
-            http.http1().keep_alive(false);
-        }
+        let http = self.http_builder();
         let closing = Arc::clone(closing);
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
@@ -246,11 +243,11 @@ impl Listener {
             // Responses leave with the thread's batch (see `batch`).
             let stream = Socket::new(stream, OnDrop::Send);
             match tls {
-                None => serve_io(stream, peer, shared, &http, &closing, when).await,
+                None => serve_io(stream, peer, shared, &http, &closing).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_io(stream, peer, shared, &http, &closing, when).await;
+                            serve_io(stream, peer, shared, &http, &closing).await;
                         }
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -261,46 +258,85 @@ impl Listener {
     }
 }
 
-/// Whether a connection was accepted while its listener served or as it stopped.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum When {
-    Serving,
-    /// Queued on the socket, or passed from another thread, when the listener stopped: the
-    /// client has not been told anything, so (HTTP/1) its first request is answered, with
-    /// `Connection: close`, rather than the connection closed unanswered as a graceful
-    /// shutdown would close an idle one.
-    Stopping,
-}
-
 async fn serve_io<I>(
     io: I,
     peer: SocketAddr,
     shared: Arc<Shared>,
     http: &auto::Builder<TokioExecutor>,
     closing: &Arc<Closing>,
-    when: When,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // The client's forwarding identity is worked out once for the connection's life.
     let addr = peer;
     let peer = Peer::new(peer, shared.scheme);
-    let client = Arc::new((shared, peer));
+    let asked = Arc::new(AtomicBool::new(false));
+    let client = Arc::new((shared, peer, Arc::clone(&asked)));
     let service = service_fn(move |req: Request<Incoming>| {
         let client = Arc::clone(&client);
         async move {
-            let (shared, peer) = &*client;
+            let (shared, peer, asked) = &*client;
+            if !asked.load(Ordering::Relaxed) {
+                asked.store(true, Ordering::Relaxed);
+            }
             Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
         }
     });
     let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let connection = connection.into_owned();
-    let served = match when {
-        When::Serving => closing.watch(connection).await,
-        When::Stopping => closing.watch_late(connection).await,
+    let connection = AnswerFirst {
+        connection: Box::pin(connection.into_owned()),
+        asked,
+        finish_pending: None,
     };
-    if let Err(error) = served {
+    if let Err(error) = closing.watch(connection).await {
         tracing::debug!(peer = %addr, %error, "client connection ended");
+    }
+}
+
+/// How long a connection that has not sent its first request yet is given to send it when its
+/// listener stops.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// A client connection that is asked to finish only once its first request has arrived (or
+/// [`FIRST_REQUEST_GRACE`] passed).
+///
+/// A graceful shutdown closes an HTTP/1.1 connection that is between requests, and a fresh
+/// connection is between requests until its first one is read: one accepted just before its
+/// listener stopped (or queued on the socket as it did) would be closed unanswered, though the
+/// client has been told nothing and is sending its request. So such a connection is answered
+/// once (HTTP/1.1: then closed; HTTP/2: then sent GOAWAY). One that sends nothing (a
+/// browser's preconnect) is closed after the grace.
+struct AnswerFirst<C> {
+    connection: Pin<Box<C>>,
+    /// Set by the service when a request arrives.
+    asked: Arc<AtomicBool>,
+    /// Asked to finish before the first request: the end of the grace.
+    finish_pending: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<C: Finish> Future for AnswerFirst<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        if let Some(grace) = &mut this.finish_pending
+            && (this.asked.load(Ordering::Relaxed) || grace.as_mut().poll(cx).is_ready())
+        {
+            this.finish_pending = None;
+            this.connection.as_mut().finish();
+        }
+        this.connection.as_mut().poll(cx)
+    }
+}
+
+impl<C: Finish> Finish for AnswerFirst<C> {
+    fn finish(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        if this.asked.load(Ordering::Relaxed) {
+            this.connection.as_mut().finish();
+        } else {
+            this.finish_pending = Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
+        }
     }
 }
 
