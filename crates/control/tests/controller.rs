@@ -55,6 +55,20 @@ async fn settle(c: &Controller, app: &str, phase: &str) -> kiln_control::AppStat
     );
 }
 
+/// [`settle`], then until a listing no longer shows `gone`: a replaced instance is destroyed
+/// in the background after its drain, and `status` reads the last listing, which may have
+/// been taken before the destroy finished.
+async fn settle_without(c: &Controller, app: &str, gone: &InstanceId) -> kiln_control::AppStatus {
+    for _ in 0..200 {
+        let s = settle(c, app, "completed").await;
+        if !s.instances.iter().any(|i| i.id == gone.to_string()) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{gone} is still listed: {:?}", c.status(app).await.unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_roll_rollback_heal_scale_down_and_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +130,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     // A crashed instance is replaced; a drifted one too.
     let victim = InstanceId::new(&s.instances.iter().find(|i| i.routed).unwrap().id).unwrap();
     fake.exit(&victim, 137);
-    let s = settle(&c, "web", "completed").await;
+    let s = settle_without(&c, "web", &victim).await;
     assert!(!s.instances.iter().any(|i| i.id == victim.to_string()));
     assert_eq!(s.instances.iter().filter(|i| i.routed).count(), 2);
     let drifted = InstanceId::new(&s.instances.iter().find(|i| i.routed).unwrap().id).unwrap();
