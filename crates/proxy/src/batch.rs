@@ -26,13 +26,15 @@
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustix::net::RecvFlags;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -50,11 +52,26 @@ const KEEP_CAPACITY: usize = 8 * 1024;
 /// How long bytes left behind by a dropped connection may take to reach a slow client.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest a closed client connection lingers, reading what its client still sends
+/// (nginx's `lingering_time`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+
+/// A lingering connection whose client sends nothing for this long is closed (nginx's
+/// `lingering_timeout`).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
 /// What becomes of bytes still waiting when a [`Socket`] is dropped.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum OnDrop {
-    /// They are sent, then the socket closes (a client's response).
+    /// They are sent, then the socket closes (a tunnel's bytes).
     Send,
+    /// They are sent; then, if the client is still sending (a request body the router did
+    /// not read, because the instance answered early or the body was too large), the sending
+    /// side is shut down and the socket lingers, reading and discarding what arrives until the
+    /// client closes ([`LINGER_IDLE`], [`LINGER_TIME`]). Closing a socket that has unread bytes
+    /// makes the kernel reset the connection, and a client still busy sending then gets the
+    /// reset instead of the response that says why (a 413): nginx's lingering close.
+    Linger,
     /// They are thrown away (a request to an instance that its exchange gave up on: sending
     /// it after the router chose to retry elsewhere could run it twice).
     Discard,
@@ -153,6 +170,10 @@ impl AsyncRead for Socket {
 
 /// Reads, first sending what a flush could not: those bytes go out while the connection waits
 /// for its next message (a pending send has registered the task for write readiness).
+///
+/// A send that fails does not fail the read: it is kept for the next write or flush, and the
+/// read goes on. A peer that stops reading may still have answered (an instance's 413 to a
+/// body it would not take), and its answer is in the socket to be read.
 fn poll_read(
     read: &mut OwnedReadHalf,
     outbox: &Outbox,
@@ -162,7 +183,7 @@ fn poll_read(
     if outbox.stalled.load(Ordering::Acquire)
         && let Poll::Ready(Err(error)) = outbox.poll_drain(cx)
     {
-        return Poll::Ready(Err(error));
+        outbox.failed(error);
     }
     Pin::new(read).poll_read(cx, buf)
 }
@@ -214,6 +235,17 @@ impl Drop for Socket {
             out.sent = 0;
             return;
         }
+        if out.on_drop == OnDrop::Linger {
+            if let Some(socket) = self.lingering()
+                && let Ok(runtime) = Handle::try_current()
+            {
+                // The lingering task sends what waits: a flush leaves what it cannot send to it.
+                drop(out);
+                runtime.spawn(linger(socket, Arc::clone(&self.outbox)));
+                return;
+            }
+            out.on_drop = OnDrop::Send;
+        }
         // Without a running flusher (the runtime is going away) nothing would send them.
         if out.pending() > 0
             && !out.queued
@@ -223,6 +255,42 @@ impl Drop for Socket {
             drop(out);
             flusher.queue(Arc::clone(&self.outbox));
         }
+    }
+}
+
+impl Socket {
+    /// The socket to linger on, when its client has sent bytes nobody read (a second handle:
+    /// the socket stays open when this one's halves are dropped).
+    fn lingering(&self) -> Option<std::net::TcpStream> {
+        let stream: &TcpStream = self.read.as_ref();
+        // Asks the socket itself: the runtime's readiness may not have seen the latest bytes.
+        let mut probe = [0_u8; 1];
+        match rustix::net::recv(stream, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((n, _)) if n > 0 => {}
+            // The client's end of stream, nothing unread (`WouldBlock`), or a dead socket.
+            _ => return None,
+        }
+        let handle = stream.as_fd().try_clone_to_owned().ok()?;
+        Some(std::net::TcpStream::from(handle))
+    }
+}
+
+/// Sends what waits and the end of the stream, then reads and discards what the client still
+/// sends until it closes (see [`OnDrop::Linger`]).
+async fn linger(socket: std::net::TcpStream, outbox: Arc<Outbox>) {
+    let close = async {
+        poll_fn(|cx| outbox.poll_shutdown(cx)).await?;
+        let mut socket = TcpStream::from_std(socket)?;
+        let mut discard = vec![0_u8; 4096];
+        while let Ok(read) = tokio::time::timeout(LINGER_IDLE, socket.read(&mut discard)).await {
+            if read? == 0 {
+                break;
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    if let Ok(Err(error)) = tokio::time::timeout(LINGER_TIME, close).await {
+        tracing::debug!(%error, "lingering on a closed client connection failed");
     }
 }
 
@@ -352,6 +420,16 @@ impl Outbox {
         Poll::Ready(Ok(()))
     }
 
+    /// A send failed where nobody could be told: the bytes waiting are dropped (the socket
+    /// cannot take them) and the error goes to the next write or flush.
+    fn failed(&self, error: io::Error) {
+        let mut out = self.lock();
+        out.buf.clear();
+        out.sent = 0;
+        out.error = Some(error);
+        self.stalled.store(false, Ordering::Release);
+    }
+
     /// The flusher's turn: sends what the socket takes now.
     fn flush(self: Arc<Self>) {
         let mut out = self.lock();
@@ -359,6 +437,8 @@ impl Outbox {
         match out.send_now() {
             // A pooled connection must not keep the last writer's task alive through its waker.
             Ok(true) => out.task = None,
+            // A lingering connection's task sends the rest.
+            Ok(false) if out.detached && out.on_drop == OnDrop::Linger => {}
             Ok(false) if out.detached => {
                 drop(out);
                 tokio::spawn(finish(self));
@@ -742,6 +822,24 @@ mod tests {
         assert_eq!(ours.bytes_sent(), 4);
         std::thread::sleep(Duration::from_millis(20));
         assert!(!nothing_arrived(&peer));
+    }
+
+    #[tokio::test]
+    async fn a_send_that_fails_does_not_hide_what_the_peer_answered() {
+        let (mut ours, mut peer) = small_pair().await;
+        // Writes until a batch leaves bytes behind: the socket is full, the peer reads nothing.
+        while !ours.outbox.stalled.load(Ordering::Acquire) {
+            ours.write_all(&[7_u8; 1000]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        // The peer answers without reading, then closes: the unread bytes make that a reset.
+        peer.write_all(b"answer").await.unwrap();
+        drop(peer);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut got = [0_u8; 16];
+        let n = ours.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"answer");
+        assert!(ours.write_all(b"more").await.is_err());
     }
 
     #[tokio::test]

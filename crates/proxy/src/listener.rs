@@ -240,8 +240,9 @@ impl Listener {
         tokio::spawn(async move {
             // The connection counts on this thread until it ends.
             let _load = load;
-            // Responses leave with the thread's batch (see `batch`).
-            let stream = Socket::new(stream, OnDrop::Send);
+            // Responses leave with the thread's batch (see `batch`); a client still sending
+            // when the connection ends is given a lingering close.
+            let stream = Socket::new(stream, OnDrop::Linger);
             match tls {
                 None => serve_io(stream, peer, shared, &http, &closing).await,
                 Some(acceptor) => {

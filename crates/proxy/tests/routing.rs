@@ -318,6 +318,54 @@ async fn an_instance_that_answers_before_reading_the_body_is_heard() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_an_unwanted_body_gets_the_answer_and_a_clean_close() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    // The client streams a body the instance refuses without reading. Closing a socket with
+    // unread bytes resets the connection, and a client busy sending can get the reset before
+    // it has read the answer (its next write fails). So the router closes gracefully and
+    // reads what still comes: far more than the socket buffers hold must go through after
+    // the client has read the answer and the end of the stream.
+    let answered = Arc::new(AtomicBool::new(false));
+    let sending = tokio::spawn({
+        let answered = Arc::clone(&answered);
+        async move {
+            write
+                .write_all(
+                    b"POST /reject HTTP/1.1\r\nhost: shop\r\ncontent-length: 1073741824\r\n\r\n",
+                )
+                .await?;
+            let chunk = vec![0_u8; 64 * 1024];
+            let mut after = 0;
+            while after < 16 << 20 {
+                write.write_all(&chunk).await?;
+                if answered.load(Ordering::SeqCst) {
+                    after += chunk.len();
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    let mut reply = Vec::new();
+    read.read_to_end(&mut reply).await.unwrap();
+    answered.store(true, Ordering::SeqCst);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n")
+            && reply.ends_with("\r\n\r\nrejected\n"),
+        "{reply:?}"
+    );
+    let sent = sending.await.unwrap();
+    assert!(sent.is_ok(), "the connection was reset: {sent:?}");
+}
+
+#[tokio::test]
 async fn a_client_that_shuts_down_its_sending_side_still_gets_its_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("b").await;
