@@ -1330,11 +1330,15 @@ impl Controller {
         kiln_proxy::render_prometheus(&apps)
     }
 
-    /// Stops every listener (instances keep running: a restarted daemon adopts them).
+    /// Stops every listener and waits for the requests they are serving to finish (each
+    /// app's `drain_timeout` at most). Instances keep running: a restarted daemon adopts them.
     pub async fn shutdown(&self) {
+        let mut draining = tokio::task::JoinSet::new();
         for (_, h) in std::mem::take(&mut *self.listeners.lock().await) {
-            h.serving.stop();
+            // Spawned, so that every listener stops accepting now, not in turn.
+            draining.spawn(h.serving.drain());
         }
+        draining.join_all().await;
     }
 }
 

@@ -444,6 +444,59 @@ fn relative_state_dir_does_not_look_like_drift() {
 }
 
 #[test]
+fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
+    use std::io::{Read, Write};
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let mut daemon = Daemon::start(&state);
+    // Each request to / takes the instance 1.5 s.
+    let spec = write_spec_with(
+        dir.path(),
+        port,
+        "HELLO_LATENCY_MS = \"1500\"",
+        1,
+        "[deploy]\nprogress_deadline = \"1m\"\n",
+    );
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+
+    let (sent, request_sent) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        sent.send(()).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map(|_| reply)
+    });
+    // Once the connection is made the request is the router's (accepted, or queued on its
+    // socket, which a stopping listener still serves).
+    request_sent.recv().unwrap();
+    let mut child = daemon.child.take().unwrap();
+    let asked = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let took = asked.elapsed();
+    let reply = client.join().unwrap().unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK\r\n") && reply.ends_with("hello from v1\n"),
+        "{reply:?}"
+    );
+    assert!(status.success(), "the daemon exited with {status}");
+    eprintln!("the daemon stopped {took:?} after SIGTERM, its request answered");
+    // Stopped means stopped: nothing accepts on the app's address any more.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
 fn scale_logs_and_status_through_the_cli() {
     if !runc_prerequisites() {
         return;
