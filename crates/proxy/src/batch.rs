@@ -226,7 +226,8 @@ impl AsyncWrite for Socket {
 impl Drop for Socket {
     /// With [`OnDrop::Send`], bytes still waiting are sent before the socket closes: the
     /// outbox keeps the socket's sending half, and the flusher (or a finishing task) holds the
-    /// outbox until they are out.
+    /// outbox until they are out. With [`OnDrop::Linger`] and a client still sending, a
+    /// lingering task holds the outbox and a second handle to the socket instead.
     fn drop(&mut self) {
         let mut out = self.outbox.lock();
         out.detached = true;
