@@ -180,6 +180,16 @@ pub struct RouteConfig {
     /// The header that pins a request to a release by name (`r3`), for previews.
     #[serde(default)]
     pub preview_header: Option<String>,
+    /// The largest request body, in bytes; `None` means no limit.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// The largest request head, in bytes (releases recorded before it existed: 64 KiB).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u64,
+}
+
+fn default_max_header_bytes() -> u64 {
+    64 * 1024
 }
 
 fn ms(d: Duration) -> u64 {
@@ -276,6 +286,8 @@ impl ReleaseConfig {
                 drain_timeout_ms: ms(r.drain_timeout),
                 request_timeout_ms: ms(r.request_timeout),
                 preview_header: r.preview_header.clone(),
+                max_body_bytes: r.max_body_size,
+                max_header_bytes: r.max_header_size,
             },
             target: TargetConfig::from(&spec.target),
         }

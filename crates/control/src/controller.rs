@@ -323,6 +323,9 @@ impl Controller {
         };
         app_cfg.request_timeout = Duration::from_millis(config.route.request_timeout_ms);
         app_cfg.drain_timeout = Duration::from_millis(config.route.drain_timeout_ms);
+        app_cfg.max_body_bytes = config.route.max_body_bytes;
+        app_cfg.max_header_bytes =
+            usize::try_from(config.route.max_header_bytes).unwrap_or(usize::MAX);
         app_cfg.preview_header = config
             .route
             .preview_header

@@ -496,6 +496,77 @@ fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 
+/// Sends `head` then `body` over a fresh connection; the whole reply.
+fn raw_request(port: u16, head: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // The router may answer and close before it has read everything.
+    let _ = s
+        .write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body));
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[test]
+fn the_route_size_limits_of_kiln_toml_reach_the_router() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = write_spec(dir.path(), port, "v1", 1);
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "sticky = \"none\"\n",
+        "sticky = \"none\"\nmax_body_size = \"1KiB\"\nmax_header_size = \"8KiB\"\n",
+    );
+    std::fs::write(&spec, text).unwrap();
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+
+    let post = |size: usize| {
+        raw_request(
+            port,
+            &format!(
+                "POST / HTTP/1.1\r\nHost: web\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+            ),
+            &vec![b'x'; size],
+        )
+    };
+    let reply = post(2048);
+    assert!(
+        reply.starts_with("HTTP/1.1 413 ")
+            && reply.ends_with("kiln: request body larger than 1024 bytes\n"),
+        "{reply:?}"
+    );
+    let reply = post(1000);
+    assert!(
+        reply.starts_with("HTTP/1.1 200 ") && reply.ends_with("hello from v1\n"),
+        "{reply:?}"
+    );
+    let padded = |size: usize| {
+        raw_request(
+            port,
+            &format!(
+                "GET / HTTP/1.1\r\nHost: web\r\nX-Padding: {}\r\nConnection: close\r\n\r\n",
+                "p".repeat(size)
+            ),
+            b"",
+        )
+    };
+    let reply = padded(6 * 1024);
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
+    let reply = padded(16 * 1024);
+    assert!(
+        reply.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{reply:?}"
+    );
+}
+
 #[test]
 fn scale_logs_and_status_through_the_cli() {
     if !runc_prerequisites() {

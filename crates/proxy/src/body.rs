@@ -18,7 +18,7 @@ use crate::upstream::{Connection, ResponseBodyError, ResponseFraming, ResponseRe
 /// Why a request body stopped before its end.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RequestBodyError {
-    /// The client sent more than the listener's `max_body_bytes`.
+    /// The client sent more than the app's `max_body_bytes`.
     #[error("request body exceeds {limit} bytes")]
     TooLarge {
         /// The limit.

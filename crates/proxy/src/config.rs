@@ -15,10 +15,6 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Terminate TLS with these PEM files; plain TCP (HTTP/1.1 and h2c) when `None`.
     pub tls: Option<TlsFiles>,
-    /// The largest request head accepted, in bytes (at least 8192).
-    pub max_header_bytes: usize,
-    /// The largest request body accepted, in bytes; `None` for no limit.
-    pub max_body_bytes: Option<u64>,
     /// How long a client may take to send a request head before its connection is closed.
     pub header_read_timeout: Duration,
     /// Bind with `SO_REUSEPORT`, so that another listener can bind the same address while
@@ -34,8 +30,6 @@ impl ListenerConfig {
         ListenerConfig {
             listen,
             tls: None,
-            max_header_bytes: 64 * 1024,
-            max_body_bytes: None,
             header_read_timeout: Duration::from_secs(30),
             reuse_port: false,
         }
@@ -82,11 +76,17 @@ pub struct AppConfig {
     pub request_timeout: Duration,
     /// The longest [`crate::App::drain`] waits for an instance's in-flight requests.
     pub drain_timeout: Duration,
+    /// The largest request body accepted, in bytes (413 beyond it); `None` for no limit.
+    pub max_body_bytes: Option<u64>,
+    /// The largest request head accepted, in bytes (at least 8192; 431 beyond it). A head is
+    /// read before its `Host` names the app, so a listener serving several apps accepts the
+    /// largest of theirs.
+    pub max_header_bytes: usize,
 }
 
 impl AppConfig {
-    /// An app with no host names, no stickiness, no preview header, a 30 s request timeout and
-    /// a 30 s drain timeout.
+    /// An app with no host names, no stickiness, no preview header, a 30 s request timeout, a
+    /// 30 s drain timeout, no body limit and heads of up to 64 KiB.
     #[must_use]
     pub fn new(name: impl Into<String>) -> AppConfig {
         AppConfig {
@@ -96,6 +96,8 @@ impl AppConfig {
             preview_header: None,
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            max_body_bytes: None,
+            max_header_bytes: 64 * 1024,
         }
     }
 }

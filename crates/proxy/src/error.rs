@@ -49,8 +49,10 @@ pub enum ConfigError {
         listen: SocketAddr,
     },
     /// The header size limit is below what HTTP/1.1 parsing needs.
-    #[error("max_header_bytes must be at least 8192, got {got}")]
+    #[error("app {app}: max_header_bytes must be at least 8192, got {got}")]
     HeaderLimitTooSmall {
+        /// The app whose limit it is.
+        app: String,
         /// The configured limit.
         got: usize,
     },

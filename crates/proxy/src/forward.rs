@@ -51,7 +51,6 @@ const MAX_CONNECTION_TOKENS: usize = 16;
 pub(crate) struct Shared {
     pub(crate) apps: Vec<Arc<App>>,
     pub(crate) hosts: HostTable,
-    pub(crate) max_body_bytes: Option<u64>,
     /// `http` or `https`, for `X-Forwarded-Proto` and `Forwarded`.
     pub(crate) scheme: &'static str,
 }
@@ -77,7 +76,8 @@ pub(crate) async fn handle(
             },
         );
     };
-    if let Some(limit) = shared.max_body_bytes {
+    let max_body_bytes = app.config().max_body_bytes;
+    if let Some(limit) = max_body_bytes {
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -96,7 +96,7 @@ pub(crate) async fn handle(
         scheme: shared.scheme,
         host,
         start,
-        max_body_bytes: shared.max_body_bytes,
+        max_body_bytes,
     };
     ctx.forward(req).await
 }

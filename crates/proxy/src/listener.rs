@@ -60,9 +60,15 @@ impl Listener {
             }
             .into());
         }
-        if config.max_header_bytes < 8192 {
+        let max_header_bytes = apps
+            .iter()
+            .map(|a| a.config().max_header_bytes)
+            .max()
+            .unwrap_or_default();
+        if let Some(app) = apps.iter().find(|a| a.config().max_header_bytes < 8192) {
             return Err(ConfigError::HeaderLimitTooSmall {
-                got: config.max_header_bytes,
+                app: app.name().to_owned(),
+                got: app.config().max_header_bytes,
             }
             .into());
         }
@@ -78,12 +84,11 @@ impl Listener {
             shared: Arc::new(Shared {
                 apps,
                 hosts,
-                max_body_bytes: config.max_body_bytes,
                 scheme: if tls.is_some() { "https" } else { "http" },
             }),
             tls,
             header_read_timeout: config.header_read_timeout,
-            max_header_bytes: config.max_header_bytes,
+            max_header_bytes,
         })
     }
 

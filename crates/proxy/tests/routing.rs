@@ -244,13 +244,92 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
 }
 
 #[tokio::test]
+async fn apps_sharing_an_address_keep_their_body_limits_and_the_largest_head_limit() {
+    let (shop_backend, blog_backend) = (Backend::start("shop").await, Backend::start("blog").await);
+    let mut shop_config = app("shop");
+    shop_config.hosts = vec!["shop.example".into()];
+    shop_config.max_body_bytes = Some(1024);
+    shop_config.max_header_bytes = 8192;
+    let mut blog_config = app("blog");
+    blog_config.hosts = vec!["blog.example".into()];
+    blog_config.max_header_bytes = 32 * 1024;
+    let (shop, blog) = (App::new(shop_config), App::new(blog_config));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
+    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    let router = router(vec![shop, blog]).await;
+
+    let upload = |host: &str| {
+        Request::post("/upload")
+            .header("host", host)
+            .header("content-length", "2048")
+    };
+    let body = || {
+        http_body_util::Full::new(bytes::Bytes::from(vec![0_u8; 2048]))
+            .map_err(|never| match never {})
+            .boxed()
+    };
+    let reply = Client::connect(router.addr)
+        .await
+        .send(upload("shop.example"), body())
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "kiln: request body larger than 1024 bytes\n"
+        )
+    );
+    let reply = Client::connect(router.addr)
+        .await
+        .send(upload("blog.example"), body())
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "2048\n")
+    );
+
+    // A head is read before its Host is known: the listener takes blog's 32 KiB.
+    let head = |size: usize| {
+        Request::get("/")
+            .header("host", "blog.example")
+            .header("x-padding", "p".repeat(size))
+    };
+    let reply = Client::connect(router.addr)
+        .await
+        .send(head(20 * 1024), common::empty())
+        .await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "blog\n")
+    );
+    let reply = raw_status(router.addr, 40 * 1024).await;
+    assert_eq!(reply, "HTTP/1.1 431 Request Header Fields Too Large");
+}
+
+/// Sends a GET whose head is about `padding` bytes over a raw connection; the status line.
+async fn raw_status(addr: std::net::SocketAddr, padding: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nhost: blog.example\r\nx-padding: {}\r\n\r\n",
+        "p".repeat(padding)
+    );
+    // The router may answer and close before it has read the whole head.
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply).await;
+    let reply = String::from_utf8_lossy(&reply);
+    reply.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413_and_no_instance_gets_503() {
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    let mut config = app("shop");
     config.max_body_bytes = Some(1024);
-    let router = router_with(config, vec![Arc::clone(&shop)]).await;
+    let shop = App::new(config);
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![Arc::clone(&shop)]).await;
     let mut client = Client::connect(router.addr).await;
     let reply = client
         .send(

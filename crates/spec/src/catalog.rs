@@ -479,6 +479,20 @@ const ROUTE: &[Field] = &[
         "How long one proxied request may take.",
     ),
     field(
+        "max_body_size",
+        Kind::Size,
+        "The largest request body the router passes on, e.g. `\"10MiB\"`; a bigger one gets \
+         413 (at once when its `Content-Length` says so). No limit when absent.",
+    ),
+    default(
+        "max_header_size",
+        Kind::Size,
+        "\"64KiB\"",
+        "The largest request head (request line and headers) the router reads, from 8KiB to \
+         1MiB; a bigger one gets 431. A head is read before its `Host` names the app, so apps \
+         sharing a `listen` address accept the largest of theirs.",
+    ),
+    field(
         "preview_header",
         Kind::Pattern("^[A-Za-z0-9-]{1,64}$"),
         "A request header that pins a request to a release by name (`r3`), so a blue-green \

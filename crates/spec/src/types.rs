@@ -346,6 +346,10 @@ pub struct RouteSpec {
     pub drain_timeout: Duration,
     /// Bound on one proxied request.
     pub request_timeout: Duration,
+    /// The largest request body, in bytes; `None` means no limit.
+    pub max_body_size: Option<u64>,
+    /// The largest request head, in bytes.
+    pub max_header_size: u64,
     /// The preview header's name, lowercase; `None` means off.
     pub preview_header: Option<String>,
 }

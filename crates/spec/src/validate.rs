@@ -71,6 +71,16 @@ impl Table {
         }
     }
 
+    fn size(&self, key: &str) -> Option<u64> {
+        match self.entry(key)? {
+            Entry {
+                value: Value::Size(n),
+                ..
+            } => Some(*n),
+            _ => None,
+        }
+    }
+
     fn list(&self, key: &str) -> Option<&[(String, Span)]> {
         match self.entry(key)? {
             Entry {
@@ -122,6 +132,12 @@ impl Table {
         self.entry(key).is_some_and(|e| !e.defaulted)
     }
 }
+
+/// `[route] max_header_size`: the router parses no head in less, and a head of more than a
+/// mebibyte is an attack, not a request.
+const MIN_HEADER_SIZE: u64 = 8 * 1024;
+const MAX_HEADER_SIZE: u64 = 1024 * 1024;
+const DEFAULT_HEADER_SIZE: u64 = 64 * 1024;
 
 fn to_u32(i: Option<i64>, fallback: u32) -> u32 {
     i.and_then(|i| u32::try_from(i).ok()).unwrap_or(fallback)
@@ -426,13 +442,7 @@ impl Validator<'_> {
             replicas: to_u32(t.int("replicas"), 1),
             env: self.env(t, "env", true),
             writable,
-            memory: match t.entry("memory") {
-                Some(Entry {
-                    value: Value::Size(n),
-                    ..
-                }) => Some(*n),
-                _ => None,
-            },
+            memory: t.size("memory"),
             cpus: match t.entry("cpus") {
                 Some(Entry {
                     value: Value::Num(n),
@@ -704,6 +714,22 @@ impl Validator<'_> {
             request_timeout: t
                 .duration("request_timeout")
                 .unwrap_or(Duration::from_secs(60)),
+            max_body_size: t.size("max_body_size"),
+            max_header_size: match t.size("max_header_size") {
+                Some(n) if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&n) => {
+                    self.error(
+                        t,
+                        "max_header_size",
+                        format!(
+                            "must be between 8KiB and 1MiB, got {}",
+                            bytesize::ByteSize(n).display().iec()
+                        ),
+                    );
+                    DEFAULT_HEADER_SIZE
+                }
+                Some(n) => n,
+                None => DEFAULT_HEADER_SIZE,
+            },
             preview_header: match t.str("preview_header") {
                 Some((h, _))
                     if h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')

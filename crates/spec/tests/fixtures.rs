@@ -123,6 +123,8 @@ fn full_fixture_has_every_value() {
     assert_eq!((m.schema, m.compatible_from), (3, 2));
     assert_eq!(spec.route.hosts, ["app.example.com", "*.app.example.com"]);
     assert_eq!(spec.route.sticky, Sticky::Cookie);
+    assert_eq!(spec.route.max_body_size, Some(10 << 20));
+    assert_eq!(spec.route.max_header_size, 16 << 10);
     assert_eq!(spec.target.provider, ProviderKind::Docker);
 }
 
@@ -142,6 +144,8 @@ fn defaults_come_from_the_catalog() {
     assert_eq!(spec.deploy.progress_deadline.as_secs(), 300);
     assert_eq!(spec.route.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(spec.route.request_timeout.as_secs(), 60);
+    assert_eq!(spec.route.max_body_size, None);
+    assert_eq!(spec.route.max_header_size, 64 << 10);
     assert_eq!(spec.target.runtime, "runc");
 }
 
