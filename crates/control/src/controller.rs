@@ -103,10 +103,15 @@ struct AppCtl {
     route: RouteTarget,
     /// The live database schema, when migrations set one.
     schema: Option<LiveSchema>,
+    /// Why the router does not serve the app's address (it could not be bound when the
+    /// daemon restarted); each reconcile pass tries again.
+    unserved: Option<String>,
 }
 
 struct ListenerHandle {
     apps: Vec<Arc<kiln_proxy::App>>,
+    /// The PEM files (certificate, key) its apps share, if it terminates TLS.
+    tls: Option<(PathBuf, PathBuf)>,
     /// Served on every router thread; dropping it stops the listener.
     serving: kiln_proxy::Serving,
 }
@@ -193,6 +198,9 @@ pub struct AppStatus {
     pub weights: BTreeMap<u64, u32>,
     /// Where the router listens.
     pub listen: String,
+    /// Why the router does not serve `listen` (the address could not be bound when the daemon
+    /// started); retried on each reconcile pass.
+    pub unserved: Option<String>,
     /// The image of the release being rolled out.
     pub image: String,
     /// Its runtime configuration.
@@ -299,55 +307,48 @@ impl Controller {
                 replicas: doc.replicas,
                 deploy: config.deploy_spec(),
             };
-            self.add_app(&name, goal, config, image, doc.state, doc.schema)
-                .await?;
+            // An address that cannot be bound now (another process took it while the daemon
+            // was down) must not keep every other app down: the app is managed, and its
+            // address is tried again on each reconcile pass.
+            let proxy = router_app(&name, &config);
+            let unserved = match self
+                .attach(
+                    config.route.listen,
+                    Arc::clone(&proxy),
+                    config.route.tls.clone(),
+                )
+                .await
+            {
+                Ok(()) => None,
+                Err(e) => {
+                    eprintln!("kiln: app {name}: {e}; retrying on each reconcile pass");
+                    self.ledger().append(
+                        &name,
+                        "route.unserved",
+                        &serde_json::json!({
+                            "listen": config.route.listen.to_string(),
+                            "error": e.to_string(),
+                        }),
+                        now_ms(),
+                    )?;
+                    Some(e.to_string())
+                }
+            };
+            self.apps.lock().await.insert(
+                name,
+                AppCtl {
+                    proxy,
+                    listen: config.route.listen,
+                    goal,
+                    config,
+                    image,
+                    state: doc.state,
+                    route: RouteTarget::default(),
+                    schema: doc.schema,
+                    unserved,
+                },
+            );
         }
-        Ok(())
-    }
-
-    async fn add_app(
-        &self,
-        name: &str,
-        goal: Goal,
-        config: ReleaseConfig,
-        image: Digest,
-        state: RolloutState,
-        schema: Option<LiveSchema>,
-    ) -> Result<()> {
-        let mut app_cfg = AppConfig::new(name);
-        app_cfg.hosts = config.route.hosts.clone();
-        app_cfg.sticky = if config.route.sticky {
-            kiln_proxy::Sticky::Cookie
-        } else {
-            kiln_proxy::Sticky::Off
-        };
-        app_cfg.request_timeout = Duration::from_millis(config.route.request_timeout_ms);
-        app_cfg.drain_timeout = Duration::from_millis(config.route.drain_timeout_ms);
-        app_cfg.max_body_bytes = config.route.max_body_bytes;
-        app_cfg.max_header_bytes =
-            usize::try_from(config.route.max_header_bytes).unwrap_or(usize::MAX);
-        app_cfg.preview_header = config
-            .route
-            .preview_header
-            .as_deref()
-            .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok());
-        let proxy = kiln_proxy::App::new(app_cfg);
-        let listen = config.route.listen;
-        self.attach(listen, Arc::clone(&proxy), config.route.tls.clone())
-            .await?;
-        self.apps.lock().await.insert(
-            name.to_owned(),
-            AppCtl {
-                proxy,
-                listen,
-                goal,
-                config,
-                image,
-                state,
-                route: RouteTarget::default(),
-                schema,
-            },
-        );
         Ok(())
     }
 
@@ -361,11 +362,21 @@ impl Controller {
         tls: Option<(PathBuf, PathBuf)>,
     ) -> Result<()> {
         let mut listeners = self.listeners.lock().await;
-        let mut apps: Vec<Arc<kiln_proxy::App>> = listeners
-            .get(&listen)
-            .map(|h| h.apps.clone())
-            .unwrap_or_default();
-        apps.retain(|a| a.name() != app.name());
+        let mut apps: Vec<Arc<kiln_proxy::App>> = Vec::new();
+        if let Some(h) = listeners.get(&listen) {
+            apps = h.apps.clone();
+            apps.retain(|a| a.name() != app.name());
+            // One socket has one TLS configuration: an app may not switch it under the others.
+            if !apps.is_empty() && h.tls != tls {
+                let others: Vec<&str> = apps.iter().map(|a| a.name()).collect();
+                return Err(ControlError::Invalid(format!(
+                    "{} cannot share {listen} with {}: their [route] tls differs (apps on one \
+                     address terminate TLS with the same files, or none do)",
+                    app.name(),
+                    others.join(", ")
+                )));
+            }
+        }
         apps.push(app);
         self.rebind(&mut listeners, listen, apps, tls).await
     }
@@ -387,7 +398,8 @@ impl Controller {
             }
             return Ok(());
         }
-        self.rebind(&mut listeners, listen, apps, None).await
+        let tls = h.tls.clone();
+        self.rebind(&mut listeners, listen, apps, tls).await
     }
 
     async fn rebind(
@@ -399,7 +411,9 @@ impl Controller {
     ) -> Result<()> {
         let mut cfg = ListenerConfig::new(listen);
         cfg.reuse_port = true;
-        cfg.tls = tls.map(|(cert, key)| kiln_proxy::TlsFiles { cert, key });
+        cfg.tls = tls
+            .clone()
+            .map(|(cert, key)| kiln_proxy::TlsFiles { cert, key });
         let listener = kiln_proxy::Listener::bind(cfg, apps.clone())
             .await
             .map_err(|e| ControlError::Router(e.to_string()))?;
@@ -407,7 +421,7 @@ impl Controller {
             .router
             .serve(listener)
             .map_err(|e| ControlError::Router(e.to_string()))?;
-        if let Some(old) = listeners.insert(listen, ListenerHandle { apps, serving }) {
+        if let Some(old) = listeners.insert(listen, ListenerHandle { apps, tls, serving }) {
             old.serving.stop();
         }
         Ok(())
@@ -435,6 +449,66 @@ impl Controller {
             }
             None => (None, None),
         };
+        // A new app's address is bound before anything is recorded, so an address that
+        // another process holds, or a host another app on it claims, fails the apply here
+        // rather than the next daemon start.
+        let fresh = match existing_listen {
+            Some(_) => None,
+            None => {
+                let proxy = router_app(app, &req.config);
+                let route = &req.config.route;
+                self.attach(route.listen, Arc::clone(&proxy), route.tls.clone())
+                    .await?;
+                Some(proxy)
+            }
+        };
+        let schema = apps.get(app).and_then(|a| a.schema);
+        let started = self.start_rollout(app, &req, stable, schema, now);
+        let (release, goal, state) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                if fresh.is_some()
+                    && let Err(undo) = self.detach(req.config.route.listen, app).await
+                {
+                    eprintln!("kiln: apply of {app} failed, and unbinding its address too: {undo}");
+                }
+                return Err(e);
+            }
+        };
+        if let Some(proxy) = fresh {
+            apps.insert(
+                app.to_owned(),
+                AppCtl {
+                    proxy,
+                    listen: req.config.route.listen,
+                    goal,
+                    config: req.config,
+                    image,
+                    state,
+                    route: RouteTarget::default(),
+                    schema: None,
+                    unserved: None,
+                },
+            );
+        } else if let Some(a) = apps.get_mut(app) {
+            a.goal = goal;
+            a.config = req.config;
+            a.image = image;
+            a.state = state;
+        }
+        Ok(release)
+    }
+
+    /// Records `req` as the app's next release and its rollout as started: the release, the
+    /// app's document, the event.
+    fn start_rollout(
+        &self,
+        app: &str,
+        req: &ApplyRequest,
+        stable: Option<u64>,
+        schema: Option<LiveSchema>,
+        now: i64,
+    ) -> Result<(kiln_ledger::Release, Goal, RolloutState)> {
         let holder = format!("apply by {}", req.actor);
         let release = {
             let mut ledger = self.ledger();
@@ -461,7 +535,6 @@ impl Controller {
             deploy: req.config.deploy_spec(),
         };
         let state = RolloutState::start(&goal, now);
-        let schema = apps.get(app).and_then(|a| a.schema);
         self.persist(app, &goal, &state, schema)?;
         self.ledger().append(
             app,
@@ -474,20 +547,7 @@ impl Controller {
             }),
             now,
         )?;
-        match apps.get_mut(app) {
-            Some(a) if existing_listen.is_some() => {
-                a.goal = goal;
-                a.config = req.config;
-                a.image = image;
-                a.state = state;
-            }
-            _ => {
-                drop(apps);
-                self.add_app(app, goal, req.config, image, state, None)
-                    .await?;
-            }
-        }
-        Ok(release)
+        Ok((release, goal, state))
     }
 
     fn persist(
@@ -526,8 +586,32 @@ impl Controller {
         let names: Vec<String> = apps.keys().cloned().collect();
         for name in names {
             if let Some(a) = apps.get_mut(&name) {
+                if a.unserved.is_some() {
+                    self.serve_again(&name, a).await?;
+                }
                 self.tick(&name, a, &observed).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Tries again to serve the address of an app whose address could not be bound.
+    async fn serve_again(&self, name: &str, a: &mut AppCtl) -> Result<()> {
+        let route = &a.config.route;
+        match self
+            .attach(route.listen, Arc::clone(&a.proxy), route.tls.clone())
+            .await
+        {
+            Ok(()) => {
+                a.unserved = None;
+                self.ledger().append(
+                    name,
+                    "route.served",
+                    &serde_json::json!({"listen": route.listen.to_string()}),
+                    now_ms(),
+                )?;
+            }
+            Err(e) => a.unserved = Some(e.to_string()),
         }
         Ok(())
     }
@@ -1021,6 +1105,7 @@ impl Controller {
             replicas: a.goal.replicas,
             weights: a.route.weights.clone(),
             listen: a.listen.to_string(),
+            unserved: a.unserved.clone(),
             image: a.image.to_string(),
             config: a.config.clone(),
             instances,
@@ -1343,6 +1428,27 @@ impl Controller {
         }
         draining.join_all().await;
     }
+}
+
+/// The router's side of an app, as its release's `[route]` configures it.
+fn router_app(name: &str, config: &ReleaseConfig) -> Arc<kiln_proxy::App> {
+    let route = &config.route;
+    let mut app = AppConfig::new(name);
+    app.hosts = route.hosts.clone();
+    app.sticky = if route.sticky {
+        kiln_proxy::Sticky::Cookie
+    } else {
+        kiln_proxy::Sticky::Off
+    };
+    app.request_timeout = Duration::from_millis(route.request_timeout_ms);
+    app.drain_timeout = Duration::from_millis(route.drain_timeout_ms);
+    app.max_body_bytes = route.max_body_bytes;
+    app.max_header_bytes = usize::try_from(route.max_header_bytes).unwrap_or(usize::MAX);
+    app.preview_header = route
+        .preview_header
+        .as_deref()
+        .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok());
+    kiln_proxy::App::new(app)
 }
 
 fn micros(since: std::time::Instant) -> u64 {

@@ -181,3 +181,153 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     assert!(provider.list().await.unwrap().is_empty());
     assert!(c.status("web").await.is_err());
 }
+
+/// `web`-like config for app `name`, with `route` added to its `[route]` table (paths are
+/// relative to `dir`).
+fn config_for(dir: &std::path::Path, name: &str, port: u16, route: &str) -> ReleaseConfig {
+    let src = format!(
+        "name = \"{name}\"\n[image]\n[service]\nreplicas = 1\n\
+         [route]\nlisten = \"127.0.0.1:{port}\"\n{route}\n"
+    );
+    let spec = kiln_spec::Spec::parse(&src, "kiln.toml", dir).unwrap();
+    ReleaseConfig::from_spec(&spec)
+}
+
+/// A plain HTTP GET to the port: the reply, whatever it is (a TLS listener answers with a TLS
+/// alert record, whose first byte is 0x15).
+fn plain_get(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return "refused".to_owned();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: web.example\r\nConnection: close\r\n\r\n");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+async fn controller(
+    dir: &std::path::Path,
+) -> (Arc<Controller>, ControllerConfig, Arc<dyn Provider>) {
+    let provider: Arc<dyn Provider> = Arc::new(FakeProvider::new(true));
+    let cfg = ControllerConfig {
+        state_dir: dir.to_owned(),
+        router: kiln_proxy::WorkersConfig::new(1),
+    };
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    (c, cfg, provider)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_to_an_address_in_use_fails_and_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _, _) = controller(dir.path()).await;
+    let port = free_port();
+    let other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let err = c
+        .apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(c.releases("web").unwrap().is_empty());
+    assert!(c.status("web").await.is_err());
+
+    drop(other_process);
+    let r = c
+        .apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    assert_eq!(r.number, 1);
+    settle(&c, "web", "completed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_finding_its_address_taken_serves_it_once_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, cfg, provider) = controller(dir.path()).await;
+    let port = free_port();
+    c.apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    settle(&c, "web", "completed").await;
+    c.shutdown().await;
+    drop(c);
+
+    // Another process takes the address while the daemon is down.
+    let other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    let s = c.status("web").await.unwrap();
+    let why = s.unserved.clone().unwrap_or_default();
+    assert!(why.contains(&format!("127.0.0.1:{port}")), "{s:?}");
+    // The app is still managed: its instances are kept as they are.
+    c.reconcile().await.unwrap();
+    assert!(c.status("web").await.unwrap().unserved.is_some());
+
+    drop(other_process);
+    c.reconcile().await.unwrap();
+    let s = settle(&c, "web", "completed").await;
+    assert_eq!(s.unserved, None);
+    assert!(
+        plain_get(port).starts_with("HTTP/1.1 "),
+        "the router does not serve {port}"
+    );
+    let kinds: Vec<String> = c
+        .events(Some("web"), None)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"route.unserved".to_owned()) && kinds.contains(&"route.served".to_owned()),
+        "{kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_on_one_address_share_its_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _, _) = controller(dir.path()).await;
+    let port = free_port();
+    let cert = rcgen::generate_simple_self_signed(vec!["web.example".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let tls = "[route.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"";
+    let web = config_for(
+        dir.path(),
+        "web",
+        port,
+        &format!("hosts = [\"web.example\"]\n{tls}"),
+    );
+    c.apply("web", apply_req(web, "a")).await.unwrap();
+    assert!(plain_get(port).starts_with('\u{15}'), "no TLS on {port}");
+
+    // Plain HTTP on a TLS address would take TLS away from web.
+    let plain_api = config_for(dir.path(), "api", port, "hosts = [\"api.example\"]");
+    let err = c.apply("api", apply_req(plain_api, "b")).await.unwrap_err();
+    assert!(err.to_string().contains("tls differs"), "{err}");
+    assert!(c.releases("api").unwrap().is_empty());
+    assert!(plain_get(port).starts_with('\u{15}'), "no TLS on {port}");
+
+    // The same files are fine, and the address keeps them when one app leaves it.
+    let api = config_for(
+        dir.path(),
+        "api",
+        port,
+        &format!("hosts = [\"api.example\"]\n{tls}"),
+    );
+    c.apply("api", apply_req(api, "b")).await.unwrap();
+    c.down("api", "test").await.unwrap();
+    let reply = plain_get(port);
+    assert!(
+        reply.starts_with('\u{15}'),
+        "TLS lost when api left: {reply:?}"
+    );
+}

@@ -568,6 +568,37 @@ fn the_route_size_limits_of_kiln_toml_reach_the_router() {
 }
 
 #[test]
+fn an_apply_to_an_address_in_use_fails_and_a_later_one_is_release_1() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = write_spec(dir.path(), port, "v1", 1);
+    let image = build(&state, &spec);
+    let other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    kiln(&state)
+        .args(["apply", "-f"])
+        .arg(&spec)
+        .args(["--image", &image])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains(format!("127.0.0.1:{port}")));
+    drop(other_process);
+    kiln(&state)
+        .args(["apply", "-f"])
+        .arg(&spec)
+        .args(["--image", &image])
+        .timeout(Duration::from_secs(120))
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("release 1"));
+}
+
+#[test]
 fn scale_logs_and_status_through_the_cli() {
     if !runc_prerequisites() {
         return;

@@ -473,6 +473,11 @@ fn print_status(s: &AppStatus, out: &Output) {
     if let Some(r) = &s.reason {
         out.say(&format!("  reason: {r}"));
     }
+    if let Some(why) = &s.unserved {
+        out.say(&format!(
+            "  not served: {why} (tried again on each reconcile pass)"
+        ));
+    }
     out.say(&format!("  {}", progress_line(s)));
     out.say(&format!(
         "  {:<20} {:>3} {:<8} {:<9} {:<21} {:>7} routed",
