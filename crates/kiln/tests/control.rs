@@ -445,7 +445,6 @@ fn relative_state_dir_does_not_look_like_drift() {
 
 #[test]
 fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
-    use std::io::{Read, Write};
     if !runc_prerequisites() {
         return;
     }
@@ -465,25 +464,11 @@ fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
     let image = build(&state, &spec);
     apply(&state, &spec, &image);
 
-    let (sent, request_sent) = std::sync::mpsc::channel();
-    let client = std::thread::spawn(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        sent.send(()).unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map(|_| reply)
-    });
-    // Once the connection is made the request is the router's (accepted, or queued on its
-    // socket, which a stopping listener still serves).
-    request_sent.recv().unwrap();
+    let client = slow_request(port);
     let mut child = daemon.child.take().unwrap();
     let asked = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
+    terminate(&child);
+    let status = wait_exit(&mut child);
     let took = asked.elapsed();
     let reply = client.join().unwrap().unwrap();
     assert!(
@@ -494,6 +479,64 @@ fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
     eprintln!("the daemon stopped {took:?} after SIGTERM, its request answered");
     // Stopped means stopped: nothing accepts on the app's address any more.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+
+    // A second signal stops it without waiting.
+    daemon.spawn();
+    wait_until(&state, Duration::from_secs(20), |s| routed(s).len() == 1);
+    let client = slow_request(port);
+    let mut child = daemon.child.take().unwrap();
+    terminate(&child);
+    // Once the address refuses connections the daemon is stopping, and listens for another
+    // signal.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "the daemon kept accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    terminate(&child);
+    assert!(wait_exit(&mut child).success());
+    let reply = client.join().unwrap().unwrap_or_default();
+    assert!(!reply.contains("hello from v1"), "{reply:?}");
+}
+
+/// Sends a GET / (the instance takes its time) and returns once it is on its way; the thread
+/// then reads the whole reply.
+fn slow_request(port: u16) -> std::thread::JoinHandle<std::io::Result<String>> {
+    use std::io::{Read, Write};
+    let (sent, request_sent) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")?;
+        let _ = sent.send(());
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map(|_| reply)
+    });
+    // Once the connection is made the request is the router's (accepted, or queued on its
+    // socket, which a stopping listener still serves).
+    let _ = request_sent.recv();
+    client
+}
+
+fn terminate(child: &std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// Waits up to 30 s for the daemon to exit.
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Sends `head` then `body` over a fresh connection; the whole reply.

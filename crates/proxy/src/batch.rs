@@ -21,12 +21,12 @@
 //!
 //! What a flush cannot send (a full socket buffer) is sent by the connection's own task on its
 //! next read, write or flush, waiting for the socket; a connection dropped with bytes still to
-//! send leaves them to a task of their own, bounded by [`FINISH_TIMEOUT`].
+//! send leaves them to a task of their own, bounded by [`FINISH_TIMEOUT`]. A client's socket
+//! dropped while its client may still be sending lingers instead (see [`Socket::client`]).
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -63,15 +63,8 @@ const LINGER_IDLE: Duration = Duration::from_secs(5);
 /// What becomes of bytes still waiting when a [`Socket`] is dropped.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum OnDrop {
-    /// They are sent, then the socket closes (a tunnel's bytes).
+    /// They are sent, then the socket closes (a client's response, a tunnel's bytes).
     Send,
-    /// They are sent; then, if the client is still sending (a request body the router did
-    /// not read, because the instance answered early or the body was too large), the sending
-    /// side is shut down and the socket lingers, reading and discarding what arrives until the
-    /// client closes ([`LINGER_IDLE`], [`LINGER_TIME`]). Closing a socket that has unread bytes
-    /// makes the kernel reset the connection, and a client still busy sending then gets the
-    /// reset instead of the response that says why (a 413): nginx's lingering close.
-    Linger,
     /// They are thrown away (a request to an instance that its exchange gave up on: sending
     /// it after the router chose to retry elsewhere could run it twice).
     Discard,
@@ -80,16 +73,38 @@ pub(crate) enum OnDrop {
 /// A TCP socket whose writes wait in an [`Outbox`] for the thread's [`Flusher`] (or go straight
 /// out where there is none).
 pub(crate) struct Socket {
-    read: OwnedReadHalf,
+    /// Always there; taken only by a dropped client socket that lingers.
+    read: Option<OwnedReadHalf>,
     outbox: Arc<Outbox>,
+    /// A client's socket: set once a request with a body arrived on it (see
+    /// [`Socket::client`]).
+    sent_body: Option<Arc<AtomicBool>>,
 }
 
 impl Socket {
     /// Wraps `stream`; its writes are batched when this thread runs a current-thread runtime.
     pub(crate) fn new(stream: TcpStream, on_drop: OnDrop) -> Socket {
+        Socket::wrap(stream, on_drop, None)
+    }
+
+    /// Wraps a client's `stream`, whose response is sent when it is dropped. If the client may
+    /// still be sending then (bytes nobody read wait on the socket, or `sent_body` says a
+    /// request came with a body and the client has not closed its side), the socket lingers
+    /// like nginx's lingering close: what waits is sent with the end of the stream, and what
+    /// arrives is read and thrown away until the client closes ([`LINGER_IDLE`],
+    /// [`LINGER_TIME`]). Closing a socket with unread bytes, or receiving bytes after closing
+    /// it, makes the kernel reset the connection, and a client busy sending a body the router
+    /// did not read (an instance answered early, the body was too large) would get the reset
+    /// instead of the response that says why.
+    pub(crate) fn client(stream: TcpStream, sent_body: Arc<AtomicBool>) -> Socket {
+        Socket::wrap(stream, OnDrop::Send, Some(sent_body))
+    }
+
+    fn wrap(stream: TcpStream, on_drop: OnDrop, sent_body: Option<Arc<AtomicBool>>) -> Socket {
         let (read, write) = stream.into_split();
         Socket {
-            read,
+            read: Some(read),
+            sent_body,
             outbox: Arc::new(Outbox {
                 flusher: Flusher::for_this_thread(),
                 stalled: AtomicBool::new(false),
@@ -103,6 +118,7 @@ impl Socket {
                     task: None,
                     error: None,
                     detached: false,
+                    lingering: false,
                 }),
             }),
         }
@@ -110,7 +126,7 @@ impl Socket {
 
     /// The reading side and the writing side, to be polled at the same time.
     pub(crate) fn split(&mut self) -> (Reader<'_>, Writer<'_>) {
-        let Socket { read, outbox } = self;
+        let Socket { read, outbox, .. } = self;
         (Reader { read, outbox }, Writer(outbox))
     }
 
@@ -144,7 +160,10 @@ impl Socket {
 
     /// Reads without waiting (`WouldBlock` when nothing is there).
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read.try_read(buf)
+        match &self.read {
+            Some(read) => read.try_read(buf),
+            None => Ok(0),
+        }
     }
 
     /// Peeks at what is there to read, registering `cx` if nothing is.
@@ -153,7 +172,10 @@ impl Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<usize>> {
-        self.read.poll_peek(cx, buf)
+        match &mut self.read {
+            Some(read) => read.poll_peek(cx, buf),
+            None => Poll::Ready(Ok(0)),
+        }
     }
 }
 
@@ -164,33 +186,42 @@ impl AsyncRead for Socket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        poll_read(&mut this.read, &this.outbox, cx, buf)
+        // A client that cannot take its responses has nothing more to ask.
+        let keep_reading = this.sent_body.is_none();
+        poll_read(&mut this.read, &this.outbox, keep_reading, cx, buf)
     }
 }
 
 /// Reads, first sending what a flush could not: those bytes go out while the connection waits
 /// for its next message (a pending send has registered the task for write readiness).
 ///
-/// A send that fails does not fail the read: it is kept for the next write or flush, and the
-/// read goes on. A peer that stops reading may still have answered (an instance's 413 to a
-/// body it would not take), and its answer is in the socket to be read.
+/// With `keep_reading`, a send that fails does not fail the read: it is kept for the next
+/// write or flush, and the read goes on. An instance that stops reading may still have
+/// answered (a 413 to a body it would not take), and its answer is in the socket to be read.
 fn poll_read(
-    read: &mut OwnedReadHalf,
+    read: &mut Option<OwnedReadHalf>,
     outbox: &Outbox,
+    keep_reading: bool,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
 ) -> Poll<io::Result<()>> {
     if outbox.stalled.load(Ordering::Acquire)
         && let Poll::Ready(Err(error)) = outbox.poll_drain(cx)
     {
+        if !keep_reading {
+            return Poll::Ready(Err(error));
+        }
         outbox.failed(error);
     }
-    Pin::new(read).poll_read(cx, buf)
+    match read {
+        Some(read) => Pin::new(read).poll_read(cx, buf),
+        None => Poll::Ready(Ok(())),
+    }
 }
 
 /// The reading side of a [`Socket`], from [`Socket::split`].
 pub(crate) struct Reader<'a> {
-    read: &'a mut OwnedReadHalf,
+    read: &'a mut Option<OwnedReadHalf>,
     outbox: &'a Outbox,
 }
 
@@ -201,7 +232,7 @@ impl AsyncRead for Reader<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        poll_read(this.read, this.outbox, cx, buf)
+        poll_read(this.read, this.outbox, true, cx, buf)
     }
 }
 
@@ -226,8 +257,8 @@ impl AsyncWrite for Socket {
 impl Drop for Socket {
     /// With [`OnDrop::Send`], bytes still waiting are sent before the socket closes: the
     /// outbox keeps the socket's sending half, and the flusher (or a finishing task) holds the
-    /// outbox until they are out. With [`OnDrop::Linger`] and a client still sending, a
-    /// lingering task holds the outbox and a second handle to the socket instead.
+    /// outbox until they are out. A client's socket whose client may still be sending lingers
+    /// instead (see [`Socket::client`]): a task of its own holds both halves.
     fn drop(&mut self) {
         let mut out = self.outbox.lock();
         out.detached = true;
@@ -236,16 +267,16 @@ impl Drop for Socket {
             out.sent = 0;
             return;
         }
-        if out.on_drop == OnDrop::Linger {
-            if let Some(socket) = self.lingering()
-                && let Ok(runtime) = Handle::try_current()
-            {
-                // The lingering task sends what waits: a flush leaves what it cannot send to it.
-                drop(out);
-                runtime.spawn(linger(socket, Arc::clone(&self.outbox)));
-                return;
-            }
-            out.on_drop = OnDrop::Send;
+        if let Some(sent_body) = &self.sent_body
+            && let Some(read) = self.read.take()
+            && still_sending(&read, sent_body)
+            && let Ok(runtime) = Handle::try_current()
+        {
+            // The lingering task sends what waits: a flush leaves what it cannot send to it.
+            out.lingering = true;
+            drop(out);
+            runtime.spawn(linger(read, Arc::clone(&self.outbox)));
+            return;
         }
         // Without a running flusher (the runtime is going away) nothing would send them.
         if out.pending() > 0
@@ -259,40 +290,36 @@ impl Drop for Socket {
     }
 }
 
-impl Socket {
-    /// The socket to linger on, when its client has sent bytes nobody read (a second handle:
-    /// the socket stays open when this one's halves are dropped).
-    fn lingering(&self) -> Option<std::net::TcpStream> {
-        let stream: &TcpStream = self.read.as_ref();
-        // Asks the socket itself: the runtime's readiness may not have seen the latest bytes.
-        let mut probe = [0_u8; 1];
-        match rustix::net::recv(stream, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-            Ok((n, _)) if n > 0 => {}
-            // The client's end of stream, nothing unread (`WouldBlock`), or a dead socket.
-            _ => return None,
-        }
-        let handle = stream.as_fd().try_clone_to_owned().ok()?;
-        Some(std::net::TcpStream::from(handle))
+/// Whether a client may still be sending: bytes nobody read wait on the socket, or it sent a
+/// body and has not closed its side. Asks the socket itself: the runtime's readiness may not
+/// have seen the latest bytes.
+fn still_sending(read: &OwnedReadHalf, sent_body: &AtomicBool) -> bool {
+    let stream: &TcpStream = read.as_ref();
+    let mut probe = [0_u8; 1];
+    match rustix::net::recv(stream, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((n, _)) => n > 0,
+        Err(rustix::io::Errno::WOULDBLOCK) => sent_body.load(Ordering::Relaxed),
+        // A dead socket has nothing to linger for.
+        Err(_) => false,
     }
 }
 
-/// Sends what waits and the end of the stream, then reads and discards what the client still
-/// sends until it closes (see [`OnDrop::Linger`]).
-async fn linger(socket: std::net::TcpStream, outbox: Arc<Outbox>) {
-    let close = async {
-        poll_fn(|cx| outbox.poll_shutdown(cx)).await?;
-        let mut socket = TcpStream::from_std(socket)?;
-        let mut discard = vec![0_u8; 4096];
-        while let Ok(read) = tokio::time::timeout(LINGER_IDLE, socket.read(&mut discard)).await {
-            if read? == 0 {
-                break;
-            }
+/// Sends what waits and the end of the stream while reading and throwing away what the client
+/// still sends, until it closes or goes quiet (see [`Socket::client`]). Both at once: a client
+/// that sends without reading must not stall the answer it is waiting for.
+async fn linger(mut read: OwnedReadHalf, outbox: Arc<Outbox>) {
+    let send = async {
+        if let Err(error) = poll_fn(|cx| outbox.poll_shutdown(cx)).await {
+            tracing::debug!(%error, "sending the end of a lingering connection's response failed");
         }
-        Ok::<_, io::Error>(())
     };
-    if let Ok(Err(error)) = tokio::time::timeout(LINGER_TIME, close).await {
-        tracing::debug!(%error, "lingering on a closed client connection failed");
-    }
+    let discard = async {
+        let mut discard = vec![0_u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(LINGER_IDLE, read.read(&mut discard)).await
+            && n > 0
+        {}
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, async { tokio::join!(send, discard) }).await;
 }
 
 /// The writing side of a [`Socket`], from [`Socket::split`].
@@ -341,6 +368,8 @@ struct Out {
     error: Option<io::Error>,
     /// The connection is gone; the outbox lives on only to send what is left.
     detached: bool,
+    /// A lingering task holds the outbox and sends what is left itself.
+    lingering: bool,
 }
 
 impl Outbox {
@@ -439,7 +468,7 @@ impl Outbox {
             // A pooled connection must not keep the last writer's task alive through its waker.
             Ok(true) => out.task = None,
             // A lingering connection's task sends the rest.
-            Ok(false) if out.detached && out.on_drop == OnDrop::Linger => {}
+            Ok(false) if out.lingering => {}
             Ok(false) if out.detached => {
                 drop(out);
                 tokio::spawn(finish(self));
@@ -836,11 +865,82 @@ mod tests {
         // The peer answers without reading, then closes: the unread bytes make that a reset.
         peer.write_all(b"answer").await.unwrap();
         drop(peer);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reset = ours
+            .read
+            .as_ref()
+            .unwrap()
+            .ready(tokio::io::Interest::ERROR);
+        tokio::time::timeout(Duration::from_secs(5), reset)
+            .await
+            .unwrap()
+            .unwrap();
         let mut got = [0_u8; 16];
         let n = ours.read(&mut got).await.unwrap();
         assert_eq!(&got[..n], b"answer");
         assert!(ours.write_all(b"more").await.is_err());
+    }
+
+    /// A client socket, its peer, and the flag that says a request with a body came.
+    async fn client_pair(sent_body: bool) -> (Socket, TcpStream) {
+        let (ours, theirs) = pair(OnDrop::Send).await;
+        let mut ours = ours;
+        ours.sent_body = Some(Arc::new(AtomicBool::new(sent_body)));
+        (ours, theirs)
+    }
+
+    /// After reading the answer and the end of the stream, writes up to 16 MiB (more than
+    /// socket buffers hold, so the other side must be reading): how far it got.
+    async fn write_after_the_answer(peer: &mut TcpStream) -> Result<(), io::Error> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"answer");
+        let chunk = vec![0_u8; 64 * 1024];
+        for _ in 0..256 {
+            tokio::time::timeout(Duration::from_secs(5), peer.write_all(&chunk))
+                .await
+                .unwrap()?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sent_a_body_gets_a_lingering_close() {
+        // Everything the client sent so far was read: only the flag tells it may send more.
+        let (mut ours, mut peer) = client_pair(true).await;
+        ours.write_all(b"answer").await.unwrap();
+        drop(ours);
+        write_after_the_answer(&mut peer).await.unwrap();
+
+        // Without a body under way the socket closes at once, and more bytes reset it.
+        let (mut ours, mut peer) = client_pair(false).await;
+        ours.write_all(b"answer").await.unwrap();
+        drop(ours);
+        assert!(write_after_the_answer(&mut peer).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_socket_closes_once_its_client_goes_quiet() {
+        let (mut ours, mut peer) = client_pair(true).await;
+        ours.write_all(b"answer").await.unwrap();
+        drop(ours);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"answer");
+        // The paused clock jumps to the linger's idle deadline while nothing else happens.
+        tokio::time::sleep(LINGER_IDLE + Duration::from_secs(1)).await;
+        assert!(write_after_the_answer_raw(&mut peer).await.is_err());
+    }
+
+    /// Writes up to 16 MiB: an error once the other side has closed.
+    async fn write_after_the_answer_raw(peer: &mut TcpStream) -> Result<(), io::Error> {
+        let chunk = vec![0_u8; 64 * 1024];
+        for _ in 0..256 {
+            peer.write_all(&chunk).await?;
+        }
+        Ok(())
     }
 
     #[tokio::test]

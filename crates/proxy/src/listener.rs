@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
-use crate::batch::{OnDrop, Socket};
+use crate::batch::Socket;
 use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
 use crate::conn_timer::ConnectionTimer;
@@ -247,14 +247,18 @@ impl Listener {
             let _load = load;
             // Responses leave with the thread's batch (see `batch`); a client still sending
             // when the connection ends is given a lingering close.
-            let stream = Socket::new(stream, OnDrop::Linger);
+            let sent_body = Arc::new(AtomicBool::new(false));
+            let stream = Socket::client(stream, Arc::clone(&sent_body));
+            let client = Client {
+                peer,
+                shared,
+                sent_body,
+            };
             match tls {
-                None => serve_io(stream, peer, shared, &http, &closing).await,
+                None => serve_io(stream, client, &http, &closing).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_io(stream, peer, shared, &http, &closing).await;
-                        }
+                        Ok(Ok(stream)) => serve_io(stream, client, &http, &closing).await,
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -264,26 +268,41 @@ impl Listener {
     }
 }
 
-async fn serve_io<I>(
-    io: I,
+/// A client connection, as its requests see it.
+struct Client {
     peer: SocketAddr,
     shared: Arc<Shared>,
+    /// Set once a request with a body arrives (see [`Socket::client`]).
+    sent_body: Arc<AtomicBool>,
+}
+
+async fn serve_io<I>(
+    io: I,
+    client: Client,
     http: &auto::Builder<TokioExecutor>,
     closing: &Arc<Closing>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Client {
+        peer,
+        shared,
+        sent_body,
+    } = client;
     // The client's forwarding identity is worked out once for the connection's life.
     let addr = peer;
     let peer = Peer::new(peer, shared.scheme);
     let asked = Arc::new(AtomicBool::new(false));
-    let client = Arc::new((shared, peer, Arc::clone(&asked)));
+    let client = Arc::new((shared, peer, Arc::clone(&asked), sent_body));
     let service = service_fn(move |req: Request<Incoming>| {
         let client = Arc::clone(&client);
         async move {
-            let (shared, peer, asked) = &*client;
+            let (shared, peer, asked, sent_body) = &*client;
             if !asked.load(Ordering::Relaxed) {
                 asked.store(true, Ordering::Relaxed);
+            }
+            if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
+                sent_body.store(true, Ordering::Relaxed);
             }
             Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
         }

@@ -432,7 +432,10 @@ async fn a_client_still_sending_an_unwanted_body_gets_the_answer_and_a_clean_clo
         }
     });
     let mut reply = Vec::new();
-    read.read_to_end(&mut reply).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), read.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     answered.store(true, Ordering::SeqCst);
     let reply = String::from_utf8_lossy(&reply);
     assert!(
@@ -440,7 +443,10 @@ async fn a_client_still_sending_an_unwanted_body_gets_the_answer_and_a_clean_clo
             && reply.ends_with("\r\n\r\nrejected\n"),
         "{reply:?}"
     );
-    let sent = sending.await.unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(30), sending)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(sent.is_ok(), "the connection was reset: {sent:?}");
 }
 

@@ -198,8 +198,11 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             if apps.len() == 1 { "" } else { "s" }
         ));
         signalled().await;
-        daemon.stop().await;
-        out.say("kiln daemon stopped");
+        out.say("kiln daemon stopping: requests in flight may finish (Ctrl-C again stops at once)");
+        tokio::select! {
+            () = daemon.stop() => out.say("kiln daemon stopped"),
+            () = signalled() => out.say("kiln daemon stopped without waiting"),
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
