@@ -1340,15 +1340,26 @@ impl Controller {
         self.detach(a.listen, app).await?;
         self.ledger()
             .put_rollout(app, &serde_json::json!({"down": true}), now_ms())?;
-        let mut n = 0;
-        for o in self.provider.list().await? {
-            if o.app == app {
-                let grace = Duration::from_millis(a.config.service.stop_grace_ms);
-                let _ = self.provider.stop(&o.id, grace).await;
-                self.provider.destroy(&o.id).await?;
-                n += 1;
-            }
+        let mine: Vec<Observation> = self
+            .provider
+            .list()
+            .await?
+            .into_iter()
+            .filter(|o| o.app == app)
+            .collect();
+        // The requests in flight finish first (`drain_timeout` at most), as they do when a
+        // rollout retires an instance.
+        let mut draining = tokio::task::JoinSet::new();
+        for o in &mine {
+            draining.spawn(a.proxy.drain(o.addr));
         }
+        draining.join_all().await;
+        let grace = Duration::from_millis(a.config.service.stop_grace_ms);
+        for o in &mine {
+            let _ = self.provider.stop(&o.id, grace).await;
+            self.provider.destroy(&o.id).await?;
+        }
+        let n = mine.len();
         self.ledger().append(
             app,
             "app.down",

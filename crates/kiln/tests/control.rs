@@ -499,6 +499,46 @@ fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
     assert!(!reply.contains("hello from v1"), "{reply:?}");
 }
 
+#[test]
+fn down_lets_the_requests_in_flight_finish() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    // Each request to / takes the instance 1.5 s.
+    let spec = write_spec_with(
+        dir.path(),
+        port,
+        "HELLO_LATENCY_MS = \"1500\"",
+        2,
+        "[deploy]\nprogress_deadline = \"1m\"\n",
+    );
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    let clients: Vec<_> = (0..2).map(|_| slow_request(port)).collect();
+    kiln(&state)
+        .args(["down", "web"])
+        .timeout(Duration::from_secs(30))
+        .assert()
+        .success();
+    for client in clients {
+        let reply = client.join().unwrap().unwrap();
+        assert!(
+            reply.starts_with("HTTP/1.1 200 OK\r\n") && reply.ends_with("hello from v1\n"),
+            "{reply:?}"
+        );
+    }
+    kiln(&state)
+        .args(["status", "web"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("no app named web"));
+}
+
 /// Sends a GET / (the instance takes its time) and returns once it is on its way; the thread
 /// then reads the whole reply.
 fn slow_request(port: u16) -> std::thread::JoinHandle<std::io::Result<String>> {
