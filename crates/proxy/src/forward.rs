@@ -76,6 +76,15 @@ pub(crate) async fn handle(
             },
         );
     };
+    // The listener reads heads up to the largest limit of its apps, and only roughly (in
+    // chunks): this app's own limit is checked here, on the head's size as sent.
+    let max_header_bytes = app.config().max_header_bytes;
+    if head_size(&req) > max_header_bytes {
+        return local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("kiln: request head larger than {max_header_bytes} bytes\n"),
+        );
+    }
     let max_body_bytes = app.config().max_body_bytes;
     if let Some(limit) = max_body_bytes {
         let declared = req
@@ -680,6 +689,24 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::UPGRADE
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
+}
+
+/// The size of a request's HTTP/1.1 head: request line and header lines (an HTTP/2 request's
+/// fields count as they would there).
+fn head_size<B>(req: &Request<B>) -> usize {
+    // "METHOD TARGET HTTP/1.1\r\n", "name: value\r\n" each, and the blank line.
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |a| "https://".len() + a.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + fields + 2
 }
 
 fn local(status: StatusCode, text: String) -> Response<ProxyBody> {

@@ -23,6 +23,7 @@
 mod app;
 mod batch;
 mod body;
+mod client_conn;
 mod closing;
 mod config;
 mod conn_timer;

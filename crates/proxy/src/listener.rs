@@ -14,8 +14,7 @@ use std::time::Duration;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::batch::Socket;
+use crate::client_conn::{Builders, ChooseProtocol, ClientConnection};
 use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
 use crate::conn_timer::ConnectionTimer;
@@ -195,9 +195,11 @@ impl Listener {
 
     /// The HTTP settings for one client connection. Each connection gets its own builder for
     /// the sake of its own header read timer ([`ConnectionTimer`]).
-    fn http_builder(&self) -> auto::Builder<TokioExecutor> {
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
+    /// How a connection is served once its protocol is known (fresh per connection: its
+    /// HTTP/1.1 timer is its own).
+    fn builders(&self) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
             .timer(ConnectionTimer::default())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(self.max_header_bytes)
@@ -215,10 +217,15 @@ impl Listener {
             // waits is noticed when the response is written, so the request runs on, bounded by
             // the app's request timeout, as a served one would.
             .half_close(true);
-        http.http2()
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
-        http
+        Builders {
+            http1,
+            http2,
+            first_bytes_timeout: self.header_read_timeout,
+        }
     }
 
     /// Serves a connection another thread passed to this one.
@@ -238,7 +245,7 @@ impl Listener {
     ) {
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&self.shared);
-        let http = self.http_builder();
+        let builders = self.builders();
         let closing = Arc::clone(closing);
         let tls = self.tls.clone();
         let handshake_timeout = self.header_read_timeout;
@@ -255,10 +262,10 @@ impl Listener {
                 sent_body,
             };
             match tls {
-                None => serve_io(stream, client, &http, &closing).await,
+                None => serve_io(stream, client, builders, &closing).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_io(stream, client, &http, &closing).await,
+                        Ok(Ok(stream)) => serve_io(stream, client, builders, &closing).await,
                         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -276,13 +283,9 @@ struct Client {
     sent_body: Arc<AtomicBool>,
 }
 
-async fn serve_io<I>(
-    io: I,
-    client: Client,
-    http: &auto::Builder<TokioExecutor>,
-    closing: &Arc<Closing>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+async fn serve_io<I>(io: I, client: Client, builders: Builders, closing: &Arc<Closing>)
+where
+    I: ChooseProtocol + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Client {
         peer,
@@ -307,9 +310,8 @@ async fn serve_io<I>(
             Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
         }
     });
-    let connection = http.serve_connection_with_upgrades(TokioIo::new(io), service);
     let connection = AnswerFirst {
-        connection: Box::pin(connection.into_owned()),
+        connection: Box::pin(ClientConnection::new(io, service, builders)),
         asked,
         finish_pending: None,
     };
@@ -416,19 +418,4 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {
     .map_err(tls_error)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-impl<I, S> Finish for auto::UpgradeableConnection<'static, I, S, TokioExecutor>
-where
-    auto::UpgradeableConnection<'static, I, S, TokioExecutor>: Future,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming>,
-    S::Future: Send + 'static,
-    S::ResBody: hyper::body::Body + Send + 'static,
-    <S::ResBody as hyper::body::Body>::Data: Send,
-    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn finish(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }

@@ -302,16 +302,22 @@ async fn apps_sharing_an_address_keep_their_body_limits_and_the_largest_head_lim
         (reply.status, reply.body.as_str()),
         (StatusCode::OK, "blog\n")
     );
-    let reply = raw_status(router.addr, 40 * 1024).await;
-    assert_eq!(reply, "HTTP/1.1 431 Request Header Fields Too Large");
+    for (host, padding) in [("blog.example", 40 * 1024), ("shop.example", 20 * 1024)] {
+        let reply = raw_status(router.addr, host, padding).await;
+        assert_eq!(
+            reply, "HTTP/1.1 431 Request Header Fields Too Large",
+            "{host}"
+        );
+    }
 }
 
-/// Sends a GET whose head is about `padding` bytes over a raw connection; the status line.
-async fn raw_status(addr: std::net::SocketAddr, padding: usize) -> String {
+/// Sends a GET to `host` whose head is about `padding` bytes over a raw connection; the
+/// status line.
+async fn raw_status(addr: std::net::SocketAddr, host: &str, padding: usize) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "GET / HTTP/1.1\r\nhost: blog.example\r\nx-padding: {}\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\nx-padding: {}\r\n\r\n",
         "p".repeat(padding)
     );
     // The router may answer and close before it has read the whole head.
@@ -320,6 +326,32 @@ async fn raw_status(addr: std::net::SocketAddr, padding: usize) -> String {
     let _ = stream.read_to_end(&mut reply).await;
     let reply = String::from_utf8_lossy(&reply);
     reply.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_or_too_slow_a_head_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.header_read_timeout = Duration::from_millis(300);
+    let router = router_with(config, vec![shop]).await;
+    // Not a byte: the protocol is never known, and the connection must not stay open.
+    let mut silent = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {rest:?}");
+    // Half a head: hyper's own timer.
+    let mut slow = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: shop\r\n")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
+    // A prompt client is served.
+    let reply = Client::connect(router.addr).await.get("/").await;
+    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "b\n"));
 }
 
 #[tokio::test]
