@@ -79,8 +79,8 @@ pub struct AppConfig {
     /// The largest request body accepted, in bytes (413 beyond it); `None` for no limit.
     pub max_body_bytes: Option<u64>,
     /// The largest request head accepted, in bytes (at least 8192; 431 beyond it). A head is
-    /// read before its `Host` names the app, so a listener serving several apps accepts the
-    /// largest of theirs.
+    /// read before its `Host` names the app, so a listener reads up to the largest limit of
+    /// its apps, and each app's own is checked once the head is parsed.
     pub max_header_bytes: usize,
 }
 

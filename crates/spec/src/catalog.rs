@@ -488,9 +488,8 @@ const ROUTE: &[Field] = &[
         "max_header_size",
         Kind::Size,
         "\"64KiB\"",
-        "The largest request head (request line and headers) the router reads, from 8KiB to \
-         1MiB; a bigger one gets 431. A head is read before its `Host` names the app, so apps \
-         sharing a `listen` address accept the largest of theirs.",
+        "The largest request head (request line and headers) the router accepts for this app, \
+         from 8KiB to 1MiB; a bigger one gets 431.",
     ),
     field(
         "preview_header",
