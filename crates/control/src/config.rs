@@ -192,6 +192,22 @@ fn default_max_header_bytes() -> u64 {
     64 * 1024
 }
 
+impl RouteConfig {
+    /// The checks `kiln.toml` gets, for a configuration that came through the API instead.
+    pub fn check(&self) -> Result<(), String> {
+        if !(8 * 1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(format!(
+                "[route] max_header_size must be between 8KiB and 1MiB, got {} bytes",
+                self.max_header_bytes
+            ));
+        }
+        if self.max_body_bytes == Some(0) {
+            return Err("[route] max_body_size must be greater than zero".to_owned());
+        }
+        Ok(())
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -430,6 +430,7 @@ impl Controller {
     /// Records a new release of `app` and starts rolling it out.
     pub async fn apply(&self, app: &str, req: ApplyRequest) -> Result<kiln_ledger::Release> {
         let image = Digest::parse(&req.image).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        req.config.route.check().map_err(ControlError::Invalid)?;
         let now = now_ms();
         let mut apps = self.apps.lock().await;
         let (stable, existing_listen) = match apps.get(app) {
@@ -455,8 +456,20 @@ impl Controller {
         let fresh = match existing_listen {
             Some(_) => None,
             None => {
-                let proxy = router_app(app, &req.config);
                 let route = &req.config.route;
+                // An app waiting for its address (taken while the daemon was down) keeps its
+                // claim: the address is only checked against the apps it serves.
+                if let Some((waiting, _)) = apps
+                    .iter()
+                    .find(|(_, a)| a.listen == route.listen && a.unserved.is_some())
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "{} is {waiting}'s, which waits to be served there; `kiln down {waiting}` \
+                         first, or free the address",
+                        route.listen
+                    )));
+                }
+                let proxy = router_app(app, &req.config);
                 self.attach(route.listen, Arc::clone(&proxy), route.tls.clone())
                     .await?;
                 Some(proxy)
@@ -1353,7 +1366,15 @@ impl Controller {
         for o in &mine {
             draining.spawn(a.proxy.drain(o.addr));
         }
-        draining.join_all().await;
+        let cut: usize = draining
+            .join_all()
+            .await
+            .into_iter()
+            .map(|outcome| match outcome {
+                kiln_proxy::DrainOutcome::TimedOut { in_flight } => in_flight,
+                _ => 0,
+            })
+            .sum();
         let grace = Duration::from_millis(a.config.service.stop_grace_ms);
         for o in &mine {
             let _ = self.provider.stop(&o.id, grace).await;
@@ -1363,7 +1384,7 @@ impl Controller {
         self.ledger().append(
             app,
             "app.down",
-            &serde_json::json!({"actor": actor, "instances": n}),
+            &serde_json::json!({"actor": actor, "instances": n, "requests_cut": cut}),
             now_ms(),
         )?;
         Ok(n)

@@ -226,6 +226,14 @@ async fn an_apply_to_an_address_in_use_fails_and_records_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _, _) = controller(dir.path()).await;
     let port = free_port();
+    // Limits the spec would refuse are refused through the API too.
+    let mut tiny_heads = config(port, "1");
+    tiny_heads.route.max_header_bytes = 100;
+    let err = c
+        .apply("web", apply_req(tiny_heads, "a"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_header_size"), "{err}");
     let other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = c
         .apply("web", apply_req(config(port, "1"), "a"))
@@ -272,6 +280,16 @@ async fn a_restart_finding_its_address_taken_serves_it_once_freed() {
     assert!(c.status("web").await.unwrap().unserved.is_some());
 
     drop(other_process);
+    // The address is free, but it is still web's: another app cannot take it before the
+    // reconciler serves web again.
+    let err = c
+        .apply(
+            "api",
+            apply_req(config_for(dir.path(), "api", port, ""), "b"),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("web"), "{err}");
     c.reconcile().await.unwrap();
     let s = settle(&c, "web", "completed").await;
     assert_eq!(s.unserved, None);

@@ -7,13 +7,20 @@
 //! load (`wrk -H "Connection: close"`, 1 router thread), the router's CPU per request went from
 //! 23.6–24.2 to 22.0–22.7 µs without it.
 //!
-//! Until the first bytes arrive the connection has its listener's header read timeout, and a
-//! graceful shutdown closes it: hyper's own timer starts only once the protocol is known.
+//! Until its first request arrives a connection has its listener's header read timeout, and a
+//! graceful shutdown closes it: hyper's HTTP/1.1 timer starts only once the protocol is known,
+//! and its HTTP/2 server has none for a client that opens with the preface and stops there
+//! (its graceful shutdown waits for the handshake).
+//!
+//! Over TLS a client that offers no ALPN is served HTTP/1.1 (HTTP/2 over TLS requires ALPN,
+//! RFC 9113 §3.2).
 
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -79,8 +86,8 @@ impl ChooseProtocol for tokio_rustls::server::TlsStream<Socket> {
 pub(crate) struct Builders {
     pub(crate) http1: http1::Builder,
     pub(crate) http2: http2::Builder<TokioExecutor>,
-    /// How long the first bytes may take.
-    pub(crate) first_bytes_timeout: Duration,
+    /// How long the first request may take to arrive.
+    pub(crate) first_request_timeout: Duration,
 }
 
 /// A client connection: first choosing its protocol, then served by hyper.
@@ -89,6 +96,12 @@ where
     S: HttpService<Incoming>,
 {
     state: State<I, S>,
+    /// Set by the service when a request arrives.
+    asked: Arc<AtomicBool>,
+    /// Until the first request: closed when it passes (see the module's doc).
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Asked to finish before the first request: close.
+    finishing: bool,
 }
 
 // A connection spends its life in `Http1` (or `Http2`), and its caller boxes it whole: a
@@ -103,11 +116,6 @@ where
         io: Option<I>,
         service: Option<S>,
         builders: Builders,
-        /// Set once the first look found nothing (a connection that sends nothing for
-        /// `first_bytes_timeout` is closed).
-        deadline: Option<Pin<Box<Sleep>>>,
-        /// Asked to finish before the protocol was known: close.
-        finishing: bool,
     },
     Http1(http1::UpgradeableConnection<TokioIo<I>, S>),
     /// Boxed: twice the size of an HTTP/1.1 connection, and long-lived where HTTP/1.1 ones
@@ -119,15 +127,23 @@ impl<I, S> ClientConnection<I, S>
 where
     S: HttpService<Incoming>,
 {
-    pub(crate) fn new(io: I, service: S, builders: Builders) -> ClientConnection<I, S> {
+    /// `asked` is set by `service` when a request arrives.
+    pub(crate) fn new(
+        io: I,
+        service: S,
+        builders: Builders,
+        asked: Arc<AtomicBool>,
+    ) -> ClientConnection<I, S> {
+        let first_request = builders.first_request_timeout;
         ClientConnection {
             state: State::Choosing {
                 io: Some(io),
                 service: Some(service),
                 builders,
-                deadline: None,
-                finishing: false,
             },
+            asked,
+            deadline: Some(Box::pin(tokio::time::sleep(first_request))),
+            finishing: false,
         }
     }
 }
@@ -145,34 +161,31 @@ where
     type Output = Result<(), Box<dyn StdError + Send + Sync>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let state = &mut self.get_mut().state;
+        let this = self.get_mut();
+        if this.deadline.is_some() && this.asked.load(Ordering::Relaxed) {
+            // Served a request: from now on hyper's timers and the drain timeout apply.
+            this.deadline = None;
+        }
+        if this.finishing {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err("no request before the header read timeout".into()));
+        }
+        let state = &mut this.state;
         loop {
             match state {
                 State::Choosing {
                     io,
                     service,
                     builders,
-                    deadline,
-                    finishing,
                 } => {
-                    if *finishing {
-                        return Poll::Ready(Ok(()));
-                    }
                     let Some(transport) = io.as_mut() else {
                         return Poll::Ready(Ok(()));
                     };
-                    let protocol = match transport.poll_protocol(cx) {
-                        Poll::Ready(protocol) => protocol?,
-                        Poll::Pending => {
-                            let timeout = builders.first_bytes_timeout;
-                            let deadline = deadline
-                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                            ready!(deadline.as_mut().poll(cx));
-                            return Poll::Ready(Err(
-                                "no request before the header read timeout".into()
-                            ));
-                        }
-                    };
+                    let protocol = ready!(transport.poll_protocol(cx))?;
                     let (Some(transport), Some(service)) = (io.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
@@ -210,11 +223,14 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    /// HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY; a connection still
-    /// choosing its protocol closes.
+    /// HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY; a connection that
+    /// has not had a request yet closes (HTTP/2's graceful shutdown would wait for a handshake
+    /// the client may never finish).
     fn finish(self: Pin<&mut Self>) {
-        match &mut self.get_mut().state {
-            State::Choosing { finishing, .. } => *finishing = true,
+        let this = self.get_mut();
+        match &mut this.state {
+            _ if !this.asked.load(Ordering::Relaxed) => this.finishing = true,
+            State::Choosing { .. } => this.finishing = true,
             State::Http1(connection) => Pin::new(connection).graceful_shutdown(),
             State::Http2(connection) => Pin::new(&mut **connection).graceful_shutdown(),
         }

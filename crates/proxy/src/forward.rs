@@ -724,6 +724,17 @@ fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_head_is_measured_as_it_is_sent() {
+        let raw = "GET /a?b HTTP/1.1\r\nhost: x\r\naccept: */*\r\n\r\n";
+        let req = Request::get("/a?b")
+            .header("host", "x")
+            .header("accept", "*/*")
+            .body(())
+            .unwrap();
+        assert_eq!(head_size(&req), raw.len());
+    }
+
     fn head(req: Request<()>, host: Option<&str>, framing: RequestFraming) -> String {
         let (parts, ()) = req.into_parts();
         let peer = Peer::new("10.1.2.3:5000".parse().unwrap(), "http");

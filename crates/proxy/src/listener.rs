@@ -193,8 +193,6 @@ impl Listener {
         }
     }
 
-    /// The HTTP settings for one client connection. Each connection gets its own builder for
-    /// the sake of its own header read timer ([`ConnectionTimer`]).
     /// How a connection is served once its protocol is known (fresh per connection: its
     /// HTTP/1.1 timer is its own).
     fn builders(&self) -> Builders {
@@ -224,7 +222,7 @@ impl Listener {
         Builders {
             http1,
             http2,
-            first_bytes_timeout: self.header_read_timeout,
+            first_request_timeout: self.header_read_timeout,
         }
     }
 
@@ -311,7 +309,12 @@ where
         }
     });
     let connection = AnswerFirst {
-        connection: Box::pin(ClientConnection::new(io, service, builders)),
+        connection: Box::pin(ClientConnection::new(
+            io,
+            service,
+            builders,
+            Arc::clone(&asked),
+        )),
         asked,
         finish_pending: None,
     };

@@ -113,7 +113,8 @@ pub const ROOT: &[Field] = &[
     field(
         "route",
         Kind::Table(ROUTE),
-        "Where kiln's router listens for the app's traffic.",
+        "Where kiln's router listens for the app's traffic, and how. A running app keeps its \
+         `[route]`: to change it, `kiln down` the app first.",
     ),
     field("target", Kind::Table(TARGET), "Where instances run."),
 ];
