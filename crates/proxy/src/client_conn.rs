@@ -98,7 +98,10 @@ where
     state: State<I, S>,
     /// Set by the service when a request arrives.
     asked: Arc<AtomicBool>,
-    /// Until the first request: closed when it passes (see the module's doc).
+    /// How long the first request may take.
+    first_request_timeout: Duration,
+    /// Until the first request, once waiting started: closed when it passes (see the
+    /// module's doc). HTTP/1.1 needs none once chosen: hyper's header read timer runs.
     deadline: Option<Pin<Box<Sleep>>>,
     /// Asked to finish before the first request: close.
     finishing: bool,
@@ -134,15 +137,15 @@ where
         builders: Builders,
         asked: Arc<AtomicBool>,
     ) -> ClientConnection<I, S> {
-        let first_request = builders.first_request_timeout;
         ClientConnection {
+            first_request_timeout: builders.first_request_timeout,
             state: State::Choosing {
                 io: Some(io),
                 service: Some(service),
                 builders,
             },
             asked,
-            deadline: Some(Box::pin(tokio::time::sleep(first_request))),
+            deadline: None,
             finishing: false,
         }
     }
@@ -162,17 +165,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if this.deadline.is_some() && this.asked.load(Ordering::Relaxed) {
-            // Served a request: from now on hyper's timers and the drain timeout apply.
-            this.deadline = None;
-        }
         if this.finishing {
             return Poll::Ready(Ok(()));
         }
-        if let Some(deadline) = &mut this.deadline
-            && deadline.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(Err("no request before the header read timeout".into()));
+        let asked = this.asked.load(Ordering::Relaxed);
+        if asked {
+            // Served a request: from now on hyper's timers and the drain timeout apply.
+            this.deadline = None;
         }
         let state = &mut this.state;
         loop {
@@ -185,12 +184,15 @@ where
                     let Some(transport) = io.as_mut() else {
                         return Poll::Ready(Ok(()));
                     };
-                    let protocol = ready!(transport.poll_protocol(cx))?;
+                    let Poll::Ready(protocol) = transport.poll_protocol(cx) else {
+                        return expired(&mut this.deadline, this.first_request_timeout, cx);
+                    };
                     let (Some(transport), Some(service)) = (io.take(), service.take()) else {
                         return Poll::Ready(Ok(()));
                     };
                     let transport = TokioIo::new(transport);
-                    *state = match protocol {
+                    // HTTP/1.1 has hyper's header read timer from here on.
+                    *state = match protocol? {
                         Protocol::Http1 => State::Http1(
                             builders
                                 .http1
@@ -206,11 +208,29 @@ where
                     return Pin::new(connection).poll(cx).map_err(Into::into);
                 }
                 State::Http2(connection) => {
+                    if !asked
+                        && expired(&mut this.deadline, this.first_request_timeout, cx).is_ready()
+                    {
+                        return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
+                    }
                     return Pin::new(&mut **connection).poll(cx).map_err(Into::into);
                 }
             }
         }
     }
+}
+
+const NO_FIRST_REQUEST: &str = "no request before the header read timeout";
+
+/// Pending until the first request's deadline (armed on first use) passes, then an error.
+fn expired(
+    deadline: &mut Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Box<dyn StdError + Send + Sync>>> {
+    let deadline = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    ready!(deadline.as_mut().poll(cx));
+    Poll::Ready(Err(NO_FIRST_REQUEST.into()))
 }
 
 impl<I, S, B> Finish for ClientConnection<I, S>
