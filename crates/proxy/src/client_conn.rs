@@ -85,7 +85,7 @@ impl ChooseProtocol for tokio_rustls::server::TlsStream<Socket> {
 #[derive(Clone)]
 pub(crate) struct Builders {
     pub(crate) http1: http1::Builder,
-    pub(crate) http2: http2::Builder<TokioExecutor>,
+    pub(crate) http2: Arc<http2::Builder<TokioExecutor>>,
     /// How long the first request may take to arrive.
     pub(crate) first_request_timeout: Duration,
 }

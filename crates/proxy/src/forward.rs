@@ -565,7 +565,24 @@ fn copy_headers<'h>(
     named: &[&str],
 ) -> Result<Copied<'h>, NamesOthers> {
     let mut copied = Copied::default();
+    // The last line written is a `Cookie` (a map yields a name's values one after another).
+    let mut in_cookie = false;
     for (name, value) in headers {
+        if name == header::COOKIE {
+            if in_cookie {
+                // HTTP/2 sends cookies as separate fields; an HTTP/1.1 server expects them in
+                // one line, joined by "; " (RFC 9113 §8.2.3).
+                head.truncate(head.len() - 2);
+                head.extend_from_slice(b"; ");
+                head.extend_from_slice(value.as_bytes());
+                head.extend_from_slice(b"\r\n");
+                continue;
+            }
+            in_cookie = true;
+            upstream::push_header(head, name.as_str().as_bytes(), value.as_bytes());
+            continue;
+        }
+        in_cookie = false;
         if name == header::CONNECTION {
             if named.is_empty() && names_others(value) {
                 return Err(NamesOthers);
@@ -753,6 +770,22 @@ mod tests {
 
     fn wants_upgrade_parts(parts: &hyper::http::request::Parts) -> bool {
         parts.headers.contains_key(header::UPGRADE)
+    }
+
+    #[test]
+    fn cookies_sent_as_several_fields_reach_the_instance_in_one_line() {
+        let req = Request::get("/")
+            .header("cookie", "a=1")
+            .header("x-kept", "1")
+            .header("cookie", "b=2")
+            .header("cookie", "c=3")
+            .body(())
+            .unwrap();
+        let head = head(req, Some("shop.example"), RequestFraming::Empty);
+        assert!(
+            head.contains("\r\ncookie: a=1; b=2; c=3\r\n") && head.matches("cookie").count() == 1,
+            "{head}"
+        );
     }
 
     #[test]

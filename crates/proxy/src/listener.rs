@@ -45,6 +45,9 @@ pub struct Listener {
     shared: Arc<Shared>,
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    /// How HTTP/2 connections are served (shared: unlike HTTP/1.1's, its timer is not per
+    /// connection).
+    http2: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
 }
 
 impl Listener {
@@ -89,6 +92,7 @@ impl Listener {
             tls,
             header_read_timeout: config.header_read_timeout,
             max_header_bytes,
+            http2: Arc::new(http2_builder(max_header_bytes)),
         })
     }
 
@@ -116,6 +120,7 @@ impl Listener {
             shared: Arc::clone(&self.shared),
             header_read_timeout: self.header_read_timeout,
             max_header_bytes: self.max_header_bytes,
+            http2: Arc::clone(&self.http2),
         })
     }
 
@@ -215,13 +220,9 @@ impl Listener {
             // waits is noticed when the response is written, so the request runs on, bounded by
             // the app's request timeout, as a served one would.
             .half_close(true);
-        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
         Builders {
             http1,
-            http2,
+            http2: Arc::clone(&self.http2),
             first_request_timeout: self.header_read_timeout,
         }
     }
@@ -368,6 +369,14 @@ impl<C: Finish> Finish for AnswerFirst<C> {
             this.finish_pending = Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
         }
     }
+}
+
+fn http2_builder(max_header_bytes: usize) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    http2
 }
 
 /// A listening socket (non-blocking), not yet registered with any runtime.

@@ -643,6 +643,8 @@ async fn http2_over_tls_and_h2c_reach_http1_instances() {
     let response = sender
         .send_request(
             Request::get("http://shop.example/headers")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
                 .body(common::empty())
                 .unwrap(),
         )
@@ -652,6 +654,8 @@ async fn http2_over_tls_and_h2c_reach_http1_instances() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("host: shop.example\n"), "{body}");
+    // HTTP/2's cookie fields become the one line an HTTP/1.1 instance expects.
+    assert!(body.contains("cookie: a=1; b=2\n"), "{body}");
 
     // TLS with ALPN h2.
     let dir = std::env::temp_dir().join(format!("kiln-proxy-tls-{}", std::process::id()));

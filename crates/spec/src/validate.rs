@@ -720,10 +720,7 @@ impl Validator<'_> {
                     self.error(
                         t,
                         "max_header_size",
-                        format!(
-                            "must be between 8KiB and 1MiB, got {}",
-                            bytesize::ByteSize(n).display().iec()
-                        ),
+                        format!("must be between 8KiB and 1MiB, got {n} bytes"),
                     );
                     DEFAULT_HEADER_SIZE
                 }
