@@ -8,9 +8,10 @@
 //! 23.6–24.2 to 22.0–22.7 µs without it.
 //!
 //! Until its first request arrives a connection has its listener's header read timeout, and a
-//! graceful shutdown closes it: hyper's HTTP/1.1 timer starts only once the protocol is known,
-//! and its HTTP/2 server has none for a client that opens with the preface and stops there
-//! (its graceful shutdown waits for the handshake).
+//! graceful shutdown closes it: hyper's HTTP/1.1 timer starts only once the protocol is known
+//! (so a first head may take up to twice the timeout: the wait for its first byte, then
+//! hyper's), and its HTTP/2 server has none for a client that opens with the preface and
+//! stops there (its graceful shutdown waits for the handshake).
 //!
 //! Over TLS a client that offers no ALPN is served HTTP/1.1 (HTTP/2 over TLS requires ALPN,
 //! RFC 9113 §3.2).
@@ -191,14 +192,17 @@ where
                         return Poll::Ready(Ok(()));
                     };
                     let transport = TokioIo::new(transport);
-                    // HTTP/1.1 has hyper's header read timer from here on.
                     *state = match protocol? {
-                        Protocol::Http1 => State::Http1(
-                            builders
-                                .http1
-                                .serve_connection(transport, service)
-                                .with_upgrades(),
-                        ),
+                        Protocol::Http1 => {
+                            // hyper's header read timer takes over.
+                            this.deadline = None;
+                            State::Http1(
+                                builders
+                                    .http1
+                                    .serve_connection(transport, service)
+                                    .with_upgrades(),
+                            )
+                        }
                         Protocol::Http2 => State::Http2(Box::new(
                             builders.http2.serve_connection(transport, service),
                         )),

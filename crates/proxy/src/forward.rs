@@ -569,6 +569,10 @@ fn copy_headers<'h>(
     let mut in_cookie = false;
     for (name, value) in headers {
         if name == header::COOKIE {
+            if is_named(named, name.as_str()) {
+                in_cookie = false;
+                continue;
+            }
             if in_cookie {
                 // HTTP/2 sends cookies as separate fields; an HTTP/1.1 server expects them in
                 // one line, joined by "; " (RFC 9113 §8.2.3).
@@ -786,6 +790,18 @@ mod tests {
             head.contains("\r\ncookie: a=1; b=2; c=3\r\n") && head.matches("cookie").count() == 1,
             "{head}"
         );
+    }
+
+    #[test]
+    fn cookies_named_in_connection_are_dropped_like_any_named_header() {
+        let req = Request::get("/")
+            .header("connection", "cookie")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        let head = head(req, Some("shop.example"), RequestFraming::Empty);
+        assert!(!head.contains("cookie"), "{head}");
     }
 
     #[test]

@@ -297,15 +297,18 @@ where
     let asked = Arc::new(AtomicBool::new(false));
     let client = Arc::new((shared, peer, Arc::clone(&asked), sent_body));
     let service = service_fn(move |req: Request<Incoming>| {
+        // Noted when the request arrives, not when its future first runs: HTTP/2 runs it as a
+        // task of its own, later.
+        let (_, _, asked, sent_body) = &*client;
+        if !asked.load(Ordering::Relaxed) {
+            asked.store(true, Ordering::Relaxed);
+        }
+        if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
+            sent_body.store(true, Ordering::Relaxed);
+        }
         let client = Arc::clone(&client);
         async move {
-            let (shared, peer, asked, sent_body) = &*client;
-            if !asked.load(Ordering::Relaxed) {
-                asked.store(true, Ordering::Relaxed);
-            }
-            if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
-                sent_body.store(true, Ordering::Relaxed);
-            }
+            let (shared, peer, _, _) = &*client;
             Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
         }
     });
