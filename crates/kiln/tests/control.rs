@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -726,52 +727,101 @@ fn scale_logs_and_status_through_the_cli() {
         .stderr(predicates::str::contains("no app named nope"));
 }
 
+/// `kiln up` on a spec with an `[image.test]`, its stdout read line by line.
+struct Up {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Up {
+    fn spawn(dir: &Path, state: &Path, port: u16) -> Self {
+        use std::io::{BufRead, BufReader};
+        let spec = write_spec(dir, port, "v1", 2);
+        // `up` runs [image.test] first: give the spec one.
+        let text = std::fs::read_to_string(&spec).unwrap().replace(
+            "[service]\n",
+            "[image.test]\nhttp = \"/healthz\"\n\n[service]\n",
+        );
+        std::fs::write(&spec, text).unwrap();
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+            .arg("--state")
+            .arg(state)
+            .args(["up", "-f"])
+            .arg(&spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one contains `text`.
+    fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("kiln up never said {text:?}: {:#?}", self.seen));
+            let done = line.contains(text);
+            self.seen.push(line);
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// Sends SIGINT, as Ctrl-C would, and waits for the exit.
+    fn interrupt(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.try_iter());
+        (status, self.seen)
+    }
+}
+
+/// No instance directory or overlay mount is left under `state`.
+fn assert_nothing_left(state: &Path) {
+    let left = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);
+    assert_eq!(left, 0);
+    let mounts: Vec<String> = mounts_under(state)
+        .into_iter()
+        .filter(|m| m.contains("/instances/"))
+        .collect();
+    assert!(mounts.is_empty(), "{mounts:?}");
+}
+
 #[test]
 fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
     if !runc_prerequisites() {
         return;
     }
     let _serial = serial();
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let port = free_port();
-    let spec = write_spec(dir.path(), port, "v1", 2);
-    // `up` runs [image.test] first: give the spec one.
-    let text = std::fs::read_to_string(&spec).unwrap().replace(
-        "[service]\n",
-        "[image.test]\nhttp = \"/healthz\"\n\n[service]\n",
+    let mut up = Up::spawn(dir.path(), &state, port);
+    up.wait_for("is up on http://");
+    assert!(
+        up.seen.iter().any(|l| l.contains("==> testing")),
+        "{:#?}",
+        up.seen
     );
-    std::fs::write(&spec, text).unwrap();
-    let mut up = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
-        .arg("--state")
-        .arg(&state)
-        .args(["up", "-f"])
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = up.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("kiln up never said it was up: {seen:#?}"));
-        let done = line.contains("is up on http://");
-        seen.push(line);
-        if done {
-            break;
-        }
-    }
-    assert!(seen.iter().any(|l| l.contains("==> testing")), "{seen:#?}");
     let body = {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -786,18 +836,53 @@ fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
     };
     assert!(body.ends_with("hello from v1\n"), "{body}");
     // Ctrl-C: the app and the daemon `up` started stop, and nothing is left behind.
-    let pid = up.id().to_string();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    let status = up.wait().unwrap();
-    assert!(status.success(), "{status}");
-    let left = std::fs::read_dir(state.join("instances")).map_or(0, Iterator::count);
-    assert_eq!(left, 0);
-    let mounts: Vec<String> = mounts_under(&state)
-        .into_iter()
-        .filter(|m| m.contains("/instances/"))
-        .collect();
-    assert!(mounts.is_empty(), "{mounts:?}");
+    let (status, seen) = up.interrupt();
+    assert!(status.success(), "{status}: {seen:#?}");
+    assert_nothing_left(&state);
+}
+
+#[test]
+fn ctrl_c_the_moment_up_says_it_is_up_is_not_lost() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // The signal goes out as soon as the line is read: before the fix, SIGINT could arrive
+    // before `up` listened for it and kill it, leaving its instances running.
+    let mut up = Up::spawn(dir.path(), &state, free_port());
+    up.wait_for("is up on http://");
+    let (status, seen) = up.interrupt();
+    assert!(status.success(), "{status}: {seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("==> stopping web and the daemon")),
+        "{seen:#?}"
+    );
+    assert_nothing_left(&state);
+}
+
+#[test]
+fn ctrl_c_during_the_rollout_of_up_stops_what_it_started() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut up = Up::spawn(dir.path(), &state, free_port());
+    up.wait_for("==> rolling out");
+    let (status, seen) = up.interrupt();
+    assert_eq!(status.code(), Some(130), "{seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("interrupted while rolling out web")),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.contains("is up on http://")),
+        "{seen:#?}"
+    );
+    assert_nothing_left(&state);
 }

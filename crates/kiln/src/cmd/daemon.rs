@@ -13,6 +13,7 @@ use clap::Args;
 use kiln_control::{Controller, ControllerConfig};
 use kiln_proxy::WorkersConfig;
 use kiln_runtime::Provider;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::instance::{StoreImages, engines};
 use crate::output::Output;
@@ -155,19 +156,28 @@ impl Daemon {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn signalled() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGINT and SIGTERM, caught from the moment this is made: a signal that arrives before
+/// anyone waits is kept for the next `recv`, instead of killing the process with the default
+/// action (tokio's `ctrl_c()` only installs its handler when first polled).
+pub struct StopSignals {
+    int: Signal,
+    term: Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    /// Waits for the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
 }
 
@@ -189,6 +199,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     };
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
+        let mut signals = StopSignals::new()?;
         let daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp).await?;
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
@@ -197,11 +208,11 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }
         ));
-        signalled().await;
+        signals.recv().await;
         out.say("kiln daemon stopping: requests in flight may finish (Ctrl-C again stops at once)");
         tokio::select! {
             () = daemon.stop() => out.say("kiln daemon stopped"),
-            () = signalled() => out.say("kiln daemon stopped without waiting"),
+            () = signals.recv() => out.say("kiln daemon stopped without waiting"),
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -13,7 +13,7 @@ use kiln_control::{AppStatus, ApplyRequest, ReleaseConfig};
 use kiln_spec::Spec;
 use serde_json::{Value, json};
 
-use super::daemon::{Daemon, signalled, socket};
+use super::daemon::{Daemon, StopSignals, socket};
 use crate::cli::SpecFile;
 use crate::output::Output;
 
@@ -820,6 +820,8 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
     }
     let req = release_request(&spec, &args.spec.file, Some(&digest), state, out)?;
     block(async {
+        // Caught from here on: Ctrl-C during the rollout or while following stops cleanly.
+        let mut signals = StopSignals::new()?;
         let c = client(state);
         let daemon = if c.alive().await {
             out.say(&format!(
@@ -831,56 +833,88 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
             out.say("==> starting a kiln daemon in this process");
             Some(Daemon::start(state, &args.runtime, args.router.workers(), None).await?)
         };
-        out.say(&format!("==> rolling out {app}"));
-        let number = submit(&c, &app, &req, out).await?;
-        let code = wait(&c, &app, number, out).await?;
-        if code == ExitCode::SUCCESS {
-            let file = args.spec.file.display();
-            let listen = spec.route.listen;
-            let stops = if daemon.is_some() {
-                "the app and the daemon"
-            } else {
-                "following (the app keeps running)"
-            };
-            out.say(&format!(
-                "\n{app} is up on http://{listen} — try, in another terminal:\n  \
-                 kiln status {app}\n  \
-                 (edit {file}, e.g. HELLO_VERSION) then: kiln build -f {file}; \
-                 kiln test -f {file}; kiln apply -f {file}\n  \
-                 kiln rollback {app}\n  \
-                 kiln history {app}\n\
-                 Streaming events; Ctrl-C stops {stops}."
-            ));
-            let mut seen = c
-                .get(&format!("/v1/events?app={app}"))
-                .await?
-                .as_array()
-                .and_then(|a| a.last())
-                .and_then(|e| e["seq"].as_u64())
-                .unwrap_or(0);
-            let stop = signalled();
-            tokio::pin!(stop);
-            loop {
+        let outcome = tokio::select! {
+            r = roll_out(&c, &app, &req, out) => r,
+            () = signals.recv() => {
+                out.say(&format!("==> interrupted while rolling out {app}"));
+                if daemon.is_none() {
+                    out.say(&format!(
+                        "==> the kiln daemon on {} goes on with the rollout: kiln status {app}",
+                        socket(state).display()
+                    ));
+                }
+                Ok(ExitCode::from(130))
+            }
+        };
+        let outcome = match outcome {
+            Ok(code) if code == ExitCode::SUCCESS => {
+                let file = args.spec.file.display();
+                let listen = spec.route.listen;
+                let stops = if daemon.is_some() {
+                    "the app and the daemon"
+                } else {
+                    "following (the app keeps running)"
+                };
+                out.say(&format!(
+                    "\n{app} is up on http://{listen} — try, in another terminal:\n  \
+                     kiln status {app}\n  \
+                     (edit {file}, e.g. HELLO_VERSION) then: kiln build -f {file}; \
+                     kiln test -f {file}; kiln apply -f {file}\n  \
+                     kiln rollback {app}\n  \
+                     kiln history {app}\n\
+                     Streaming events; Ctrl-C stops {stops}."
+                ));
                 tokio::select! {
-                    () = &mut stop => break,
-                    () = tokio::time::sleep(Duration::from_millis(300)) => {
-                        let events = c.get(&format!("/v1/events?app={app}&limit=50")).await?;
-                        for e in events.as_array().into_iter().flatten() {
-                            let seq = e["seq"].as_u64().unwrap_or(0);
-                            if seq > seen {
-                                seen = seq;
-                                out.say(&format!("{} {:<26} {}", when(e["at_ms"].as_i64().unwrap_or(0)), e["kind"].as_str().unwrap_or(""), summary(&e["data"])));
-                            }
-                        }
-                    }
+                    r = follow(&c, &app, out) => r.map(|()| code),
+                    () = signals.recv() => Ok(code),
                 }
             }
-        }
+            other => other,
+        };
         if let Some(d) = daemon {
             out.say(&format!("==> stopping {app} and the daemon"));
             let _ = c.delete(&format!("/v1/apps/{app}?actor={}", actor())).await;
             d.stop().await;
         }
-        Ok(code)
+        outcome
     })
+}
+
+/// Submits the release and waits for its end.
+async fn roll_out(
+    c: &Client,
+    app: &str,
+    req: &ApplyRequest,
+    out: &Output,
+) -> anyhow::Result<ExitCode> {
+    out.say(&format!("==> rolling out {app}"));
+    let number = submit(c, app, req, out).await?;
+    wait(c, app, number, out).await
+}
+
+/// Prints the app's new events as they come; returns only if the daemon cannot be asked.
+async fn follow(c: &Client, app: &str, out: &Output) -> anyhow::Result<()> {
+    let mut seen = c
+        .get(&format!("/v1/events?app={app}"))
+        .await?
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or(0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let events = c.get(&format!("/v1/events?app={app}&limit=50")).await?;
+        for e in events.as_array().into_iter().flatten() {
+            let seq = e["seq"].as_u64().unwrap_or(0);
+            if seq > seen {
+                seen = seq;
+                out.say(&format!(
+                    "{} {:<26} {}",
+                    when(e["at_ms"].as_i64().unwrap_or(0)),
+                    e["kind"].as_str().unwrap_or(""),
+                    summary(&e["data"])
+                ));
+            }
+        }
+    }
 }
