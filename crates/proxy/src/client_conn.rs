@@ -13,6 +13,12 @@
 //! hyper's), and its HTTP/2 server has none for a client that opens with the preface and
 //! stops there (its graceful shutdown waits for the handshake).
 //!
+//! An HTTP/2 connection with no stream open for the listener's idle timeout is sent GOAWAY and
+//! ends, as nginx's `keepalive_timeout` does: hyper's HTTP/2 server would keep it open forever
+//! (HTTP/1.1 needs nothing of ours: hyper's header read timer also bounds the wait for the
+//! next request). A stream is open from its request's arrival until its response body is done
+//! or dropped ([`Activity`]), so a long server-sent event stream keeps its connection.
+//!
 //! Over TLS a client that offers no ALPN is served HTTP/1.1 (HTTP/2 over TLS requires ALPN,
 //! RFC 9113 §3.2).
 
@@ -21,16 +27,17 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::batch::Socket;
 use crate::closing::Finish;
@@ -89,6 +96,105 @@ pub(crate) struct Builders {
     pub(crate) http2: Arc<http2::Builder<TokioExecutor>>,
     /// How long the first request may take to arrive.
     pub(crate) first_request_timeout: Duration,
+    /// How long an HTTP/2 connection may go without an open stream.
+    pub(crate) idle_timeout: Duration,
+}
+
+/// What a client connection's requests are doing: shared by its service, which notes each
+/// request ([`Activity::start`]), and the connection, which closes when they stop coming.
+pub(crate) struct Activity {
+    /// Whence `last_end_ms` counts.
+    epoch: Instant,
+    /// Set when the first request arrives.
+    asked: AtomicBool,
+    /// Requests whose response has not been sent whole (or dropped) yet.
+    open: AtomicUsize,
+    /// When the last of them ended, in milliseconds since `epoch`.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            asked: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether a request has arrived.
+    pub(crate) fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// A request arrived: it stays open until the returned guard, which goes with its
+    /// response body ([`Tracked`]), is dropped.
+    pub(crate) fn start(self: &Arc<Activity>) -> OpenRequest {
+        if !self.asked() {
+            self.asked.store(true, Ordering::Relaxed);
+        }
+        self.open.fetch_add(1, Ordering::SeqCst);
+        OpenRequest(Arc::clone(self))
+    }
+
+    /// How long no request has been open: `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.open.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.last_end_ms.load(Ordering::SeqCst));
+        Some(
+            Instant::now()
+                .duration_since(self.epoch)
+                .saturating_sub(since),
+        )
+    }
+}
+
+/// A request counted open in its connection's [`Activity`] until this is dropped.
+pub(crate) struct OpenRequest(Arc<Activity>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let ms = u64::try_from(Instant::now().duration_since(activity.epoch).as_millis())
+            .unwrap_or(u64::MAX);
+        activity.last_end_ms.store(ms, Ordering::SeqCst);
+        activity.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request open until it is sent whole or dropped.
+pub(crate) struct Tracked<B> {
+    body: B,
+    _open: OpenRequest,
+}
+
+impl<B> Tracked<B> {
+    pub(crate) fn new(body: B, open: OpenRequest) -> Tracked<B> {
+        Tracked { body, _open: open }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A client connection: first choosing its protocol, then served by hyper.
@@ -97,10 +203,16 @@ where
     S: HttpService<Incoming>,
 {
     state: State<I, S>,
-    /// Set by the service when a request arrives.
-    asked: Arc<AtomicBool>,
+    /// What the service notes of the connection's requests.
+    activity: Arc<Activity>,
     /// How long the first request may take.
     first_request_timeout: Duration,
+    /// How long an HTTP/2 connection may go without an open request.
+    idle_timeout: Duration,
+    /// HTTP/2, once a request arrived: when to look whether the connection has gone idle.
+    idle_check: Option<Pin<Box<Sleep>>>,
+    /// HTTP/2: it went idle and was sent GOAWAY.
+    gone_idle: bool,
     /// Until the first request, once waiting started: closed when it passes (see the
     /// module's doc). HTTP/1.1 needs none once chosen: hyper's header read timer runs.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -131,21 +243,24 @@ impl<I, S> ClientConnection<I, S>
 where
     S: HttpService<Incoming>,
 {
-    /// `asked` is set by `service` when a request arrives.
+    /// `service` notes each request in `activity`.
     pub(crate) fn new(
         io: I,
         service: S,
         builders: Builders,
-        asked: Arc<AtomicBool>,
+        activity: Arc<Activity>,
     ) -> ClientConnection<I, S> {
         ClientConnection {
             first_request_timeout: builders.first_request_timeout,
+            idle_timeout: builders.idle_timeout,
+            idle_check: None,
+            gone_idle: false,
             state: State::Choosing {
                 io: Some(io),
                 service: Some(service),
                 builders,
             },
-            asked,
+            activity,
             deadline: None,
             finishing: false,
         }
@@ -169,7 +284,7 @@ where
         if this.finishing {
             return Poll::Ready(Ok(()));
         }
-        let asked = this.asked.load(Ordering::Relaxed);
+        let asked = this.activity.asked();
         if asked {
             // Served a request: from now on hyper's timers and the drain timeout apply.
             this.deadline = None;
@@ -212,10 +327,18 @@ where
                     return Pin::new(connection).poll(cx).map_err(Into::into);
                 }
                 State::Http2(connection) => {
-                    if !asked
-                        && expired(&mut this.deadline, this.first_request_timeout, cx).is_ready()
+                    if !asked {
+                        if expired(&mut this.deadline, this.first_request_timeout, cx).is_ready() {
+                            return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
+                        }
+                    } else if !this.gone_idle
+                        && went_idle(&mut this.idle_check, &this.activity, this.idle_timeout, cx)
                     {
-                        return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
+                        // GOAWAY: the client opens its next stream on a new connection, and
+                        // this one ends.
+                        this.gone_idle = true;
+                        this.idle_check = None;
+                        Pin::new(&mut **connection).graceful_shutdown();
                     }
                     return Pin::new(&mut **connection).poll(cx).map_err(Into::into);
                 }
@@ -225,6 +348,26 @@ where
 }
 
 const NO_FIRST_REQUEST: &str = "no request before the header read timeout";
+
+/// Whether no request has been open for `timeout`: looked at when `check` (armed on first
+/// use) fires, which is then set for the soonest time it could be.
+fn went_idle(
+    check: &mut Option<Pin<Box<Sleep>>>,
+    activity: &Activity,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    let sleep = check.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    while sleep.as_mut().poll(cx).is_ready() {
+        let next = match activity.idle_for() {
+            Some(idle) if idle >= timeout => return true,
+            Some(idle) => timeout - idle,
+            None => timeout,
+        };
+        sleep.as_mut().reset(Instant::now() + next);
+    }
+    false
+}
 
 /// Pending until the first request's deadline (armed on first use) passes, then an error.
 fn expired(
@@ -253,10 +396,32 @@ where
     fn finish(self: Pin<&mut Self>) {
         let this = self.get_mut();
         match &mut this.state {
-            _ if !this.asked.load(Ordering::Relaxed) => this.finishing = true,
+            _ if !this.activity.asked() => this.finishing = true,
             State::Choosing { .. } => this.finishing = true,
             State::Http1(connection) => Pin::new(connection).graceful_shutdown(),
             State::Http2(connection) => Pin::new(&mut **connection).graceful_shutdown(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_from_the_end_of_its_last_open_request() {
+        let activity = Activity::new();
+        assert!(!activity.asked());
+        let (first, second) = (activity.start(), activity.start());
+        assert!(activity.asked());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(activity.idle_for(), None);
+        drop(first);
+        assert_eq!(activity.idle_for(), None);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(second);
+        assert_eq!(activity.idle_for(), Some(Duration::ZERO));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(activity.idle_for(), Some(Duration::from_secs(3)));
     }
 }

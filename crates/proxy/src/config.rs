@@ -15,7 +15,9 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     /// Terminate TLS with these PEM files; plain TCP (HTTP/1.1 and h2c) when `None`.
     pub tls: Option<TlsFiles>,
-    /// How long a client may take to send a request head before its connection is closed.
+    /// How long a client may take to send a request head before its connection is closed;
+    /// also how long a connection may stay idle (HTTP/1.1 between requests, HTTP/2 with no
+    /// stream open) before it is.
     pub header_read_timeout: Duration,
     /// Bind with `SO_REUSEPORT`, so that another listener can bind the same address while
     /// this one serves (the daemon rebinds an address this way when the apps sharing it

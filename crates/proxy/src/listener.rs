@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::batch::Socket;
-use crate::client_conn::{Builders, ChooseProtocol, ClientConnection};
+use crate::client_conn::{Activity, Builders, ChooseProtocol, ClientConnection, Tracked};
 use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
 use crate::conn_timer::ConnectionTimer;
@@ -224,6 +224,9 @@ impl Listener {
             http1,
             http2: Arc::clone(&self.http2),
             first_request_timeout: self.header_read_timeout,
+            // HTTP/1.1's idle connections wait this long for their next head (hyper's header
+            // read timer): HTTP/2's wait as long.
+            idle_timeout: self.header_read_timeout,
         }
     }
 
@@ -294,22 +297,21 @@ where
     // The client's forwarding identity is worked out once for the connection's life.
     let addr = peer;
     let peer = Peer::new(peer, shared.scheme);
-    let asked = Arc::new(AtomicBool::new(false));
-    let client = Arc::new((shared, peer, Arc::clone(&asked), sent_body));
+    let activity = Activity::new();
+    let client = Arc::new((shared, peer, Arc::clone(&activity), sent_body));
     let service = service_fn(move |req: Request<Incoming>| {
         // Noted when the request arrives, not when its future first runs: HTTP/2 runs it as a
         // task of its own, later.
-        let (_, _, asked, sent_body) = &*client;
-        if !asked.load(Ordering::Relaxed) {
-            asked.store(true, Ordering::Relaxed);
-        }
+        let (_, _, activity, sent_body) = &*client;
+        let open = activity.start();
         if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
             sent_body.store(true, Ordering::Relaxed);
         }
         let client = Arc::clone(&client);
         async move {
             let (shared, peer, _, _) = &*client;
-            Ok::<_, Infallible>(forward::handle(shared, peer, req).await)
+            let response = forward::handle(shared, peer, req).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open)))
         }
     });
     let connection = AnswerFirst {
@@ -317,9 +319,9 @@ where
             io,
             service,
             builders,
-            Arc::clone(&asked),
+            Arc::clone(&activity),
         )),
-        asked,
+        activity,
         finish_pending: None,
     };
     if let Err(error) = closing.watch(connection).await {
@@ -342,8 +344,8 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 /// browser's preconnect) is closed after the grace.
 struct AnswerFirst<C> {
     connection: Pin<Box<C>>,
-    /// Set by the service when a request arrives.
-    asked: Arc<AtomicBool>,
+    /// Notes the connection's requests.
+    activity: Arc<Activity>,
     /// Asked to finish before the first request: the end of the grace.
     finish_pending: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -354,7 +356,7 @@ impl<C: Finish> Future for AnswerFirst<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
         if let Some(grace) = &mut this.finish_pending
-            && (this.asked.load(Ordering::Relaxed) || grace.as_mut().poll(cx).is_ready())
+            && (this.activity.asked() || grace.as_mut().poll(cx).is_ready())
         {
             this.finish_pending = None;
             this.connection.as_mut().finish();
@@ -366,7 +368,7 @@ impl<C: Finish> Future for AnswerFirst<C> {
 impl<C: Finish> Finish for AnswerFirst<C> {
     fn finish(self: Pin<&mut Self>) {
         let this = self.get_mut();
-        if this.asked.load(Ordering::Relaxed) {
+        if this.activity.asked() {
             this.connection.as_mut().finish();
         } else {
             this.finish_pending = Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));

@@ -362,6 +362,57 @@ async fn a_connection_that_sends_nothing_or_stalls_before_its_first_request_is_c
 }
 
 #[tokio::test]
+async fn idle_connections_are_closed_but_not_while_a_response_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.header_read_timeout = Duration::from_millis(300);
+    let router = router_with(config, vec![shop]).await;
+
+    // HTTP/2: an event stream quiet for longer than the idle timeout keeps its connection.
+    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://shop{path}"))
+            .body(common::empty())
+            .unwrap()
+    };
+    let mut events = sender.send_request(get("/sse")).await.unwrap().into_body();
+    let first = events.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"data: one\n\n");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!conn.is_finished(), "closed while a response was streaming");
+    backend.sse_next.add_permits(1);
+    let second = events.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&second[..], b"data: two\n\n");
+    assert!(events.collect().await.unwrap().to_bytes().is_empty());
+    // Still open for the next request, then closed (GOAWAY) once idle.
+    let reply = sender.send_request(get("/")).await.unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let body = reply.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"b\n");
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+
+    // HTTP/1.1: a keep-alive connection waits as long for its next request (hyper's timer).
+    let mut idle = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut reply)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+}
+
+#[tokio::test]
 async fn oversized_bodies_get_413_and_no_instance_gets_503() {
     let backend = Backend::start("b").await;
     let mut config = app("shop");
