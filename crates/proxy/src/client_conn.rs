@@ -11,7 +11,9 @@
 //! graceful shutdown closes it: hyper's HTTP/1.1 timer starts only once the protocol is known
 //! (so a first head may take up to twice the timeout: the wait for its first byte, then
 //! hyper's), and its HTTP/2 server has none for a client that opens with the preface and
-//! stops there (its graceful shutdown waits for the handshake).
+//! stops there (its graceful shutdown waits for the handshake). An HTTP/2 connection is sent
+//! GOAWAY then, so that its client knows no request was taken, and closed [`GOAWAY_GRACE`]
+//! later if its handshake has not ended.
 //!
 //! An HTTP/2 connection with no stream open for the listener's idle timeout is sent GOAWAY and
 //! ends, as nginx's `keepalive_timeout` does: hyper's HTTP/2 server would keep it open forever
@@ -211,8 +213,8 @@ where
     idle_timeout: Duration,
     /// HTTP/2, once a request arrived: when to look whether the connection has gone idle.
     idle_check: Option<Pin<Box<Sleep>>>,
-    /// HTTP/2: it went idle and was sent GOAWAY.
-    gone_idle: bool,
+    /// HTTP/2: it went idle (or had no first request in time) and was sent GOAWAY.
+    goaway_sent: bool,
     /// Until the first request, once waiting started: closed when it passes (see the
     /// module's doc). HTTP/1.1 needs none once chosen: hyper's header read timer runs.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -254,7 +256,7 @@ where
             first_request_timeout: builders.first_request_timeout,
             idle_timeout: builders.idle_timeout,
             idle_check: None,
-            gone_idle: false,
+            goaway_sent: false,
             state: State::Choosing {
                 io: Some(io),
                 service: Some(service),
@@ -328,15 +330,29 @@ where
                 }
                 State::Http2(connection) => {
                     if !asked {
-                        if expired(&mut this.deadline, this.first_request_timeout, cx).is_ready() {
-                            return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
+                        let timeout = if this.goaway_sent {
+                            GOAWAY_GRACE
+                        } else {
+                            this.first_request_timeout
+                        };
+                        if expired(&mut this.deadline, timeout, cx).is_ready() {
+                            if this.goaway_sent {
+                                // Told, and still no handshake: close.
+                                return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
+                            }
+                            // GOAWAY, so that the client knows no request of its was taken
+                            // (hyper sends it once the handshake is done).
+                            this.goaway_sent = true;
+                            this.deadline = None;
+                            Pin::new(&mut **connection).graceful_shutdown();
+                            let _ = expired(&mut this.deadline, GOAWAY_GRACE, cx);
                         }
-                    } else if !this.gone_idle
+                    } else if !this.goaway_sent
                         && went_idle(&mut this.idle_check, &this.activity, this.idle_timeout, cx)
                     {
                         // GOAWAY: the client opens its next stream on a new connection, and
                         // this one ends.
-                        this.gone_idle = true;
+                        this.goaway_sent = true;
                         this.idle_check = None;
                         Pin::new(&mut **connection).graceful_shutdown();
                     }
@@ -348,6 +364,10 @@ where
 }
 
 const NO_FIRST_REQUEST: &str = "no request before the header read timeout";
+
+/// How long an HTTP/2 connection sent GOAWAY before its first request may take to finish
+/// its handshake, so that GOAWAY reaches the client, before it is closed.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether no request has been open for `timeout`: looked at when `check` (armed on first
 /// use) fires, which is then set for the soonest time it could be.
@@ -391,11 +411,19 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     /// HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY; a connection that
-    /// has not had a request yet closes (HTTP/2's graceful shutdown would wait for a handshake
-    /// the client may never finish).
+    /// has not had a request yet closes (HTTP/2: after GOAWAY, or [`GOAWAY_GRACE`] if its
+    /// handshake does not end, as hyper's graceful shutdown would wait for it).
     fn finish(self: Pin<&mut Self>) {
         let this = self.get_mut();
         match &mut this.state {
+            State::Http2(connection) if !this.activity.asked() => {
+                // GOAWAY, then GOAWAY_GRACE for a handshake that has not ended.
+                if !this.goaway_sent {
+                    this.goaway_sent = true;
+                    this.deadline = None;
+                    Pin::new(&mut **connection).graceful_shutdown();
+                }
+            }
             _ if !this.activity.asked() => this.finishing = true,
             State::Choosing { .. } => this.finishing = true,
             State::Http1(connection) => Pin::new(connection).graceful_shutdown(),

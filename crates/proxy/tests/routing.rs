@@ -400,6 +400,17 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
 
+    // HTTP/2 with a handshake and no request: told so (GOAWAY), not cut.
+    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, common::BoxBody>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+
     // HTTP/1.1: a keep-alive connection waits as long for its next request (hyper's timer).
     let mut idle = tokio::net::TcpStream::connect(router.addr).await.unwrap();
     idle.write_all(b"GET / HTTP/1.1\r\nhost: shop\r\n\r\n")
@@ -410,6 +421,41 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+}
+
+#[tokio::test]
+async fn a_stopping_listener_sends_goaway_to_an_http2_client_that_asked_nothing() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let listener = kiln_proxy::Listener::bind(
+        ListenerConfig::new("127.0.0.1:0".parse().unwrap()),
+        vec![shop],
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let threads = kiln_proxy::Workers::start(kiln_proxy::WorkersConfig {
+        threads: 1,
+        pin: false,
+    })
+    .unwrap();
+    let serving = threads.serve(listener).unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, common::BoxBody>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let drained = tokio::spawn(serving.drain());
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
