@@ -727,17 +727,22 @@ fn scale_logs_and_status_through_the_cli() {
         .stderr(predicates::str::contains("no app named nope"));
 }
 
-/// `kiln up` on a spec with an `[image.test]`, its stdout read line by line.
+/// `kiln up` on a spec with an `[image.test]` in a directory of its own, its stdout read
+/// line by line.
 struct Up {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
+    state: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Up {
-    fn spawn(dir: &Path, state: &Path, port: u16) -> Self {
+    fn spawn(port: u16) -> Self {
         use std::io::{BufRead, BufReader};
-        let spec = write_spec(dir, port, "v1", 2);
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let spec = write_spec(dir.path(), port, "v1", 2);
         // `up` runs [image.test] first: give the spec one.
         let text = std::fs::read_to_string(&spec).unwrap().replace(
             "[service]\n",
@@ -746,7 +751,7 @@ impl Up {
         std::fs::write(&spec, text).unwrap();
         let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
             .arg("--state")
-            .arg(state)
+            .arg(&state)
             .args(["up", "-f"])
             .arg(&spec)
             .stdout(Stdio::piped())
@@ -764,6 +769,8 @@ impl Up {
             child,
             lines,
             seen: Vec::new(),
+            state,
+            _dir: dir,
         }
     }
 
@@ -783,7 +790,8 @@ impl Up {
         }
     }
 
-    /// Sends SIGINT, as Ctrl-C would, and waits for the exit.
+    /// Sends SIGINT, as Ctrl-C would, and waits for the exit; then checks that nothing of
+    /// its instances is left. Returns the exit status and every line printed.
     fn interrupt(mut self) -> (std::process::ExitStatus, Vec<String>) {
         std::process::Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
@@ -791,6 +799,7 @@ impl Up {
             .unwrap();
         let status = self.child.wait().unwrap();
         self.seen.extend(self.lines.try_iter());
+        assert_nothing_left(&self.state);
         (status, self.seen)
     }
 }
@@ -812,10 +821,8 @@ fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     let port = free_port();
-    let mut up = Up::spawn(dir.path(), &state, port);
+    let mut up = Up::spawn(port);
     up.wait_for("is up on http://");
     assert!(
         up.seen.iter().any(|l| l.contains("==> testing")),
@@ -838,7 +845,6 @@ fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
     // Ctrl-C: the app and the daemon `up` started stop, and nothing is left behind.
     let (status, seen) = up.interrupt();
     assert!(status.success(), "{status}: {seen:#?}");
-    assert_nothing_left(&state);
 }
 
 #[test]
@@ -847,11 +853,9 @@ fn ctrl_c_the_moment_up_says_it_is_up_is_not_lost() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     // The signal goes out as soon as the line is read: before the fix, SIGINT could arrive
     // before `up` listened for it and kill it, leaving its instances running.
-    let mut up = Up::spawn(dir.path(), &state, free_port());
+    let mut up = Up::spawn(free_port());
     up.wait_for("is up on http://");
     let (status, seen) = up.interrupt();
     assert!(status.success(), "{status}: {seen:#?}");
@@ -860,7 +864,6 @@ fn ctrl_c_the_moment_up_says_it_is_up_is_not_lost() {
             .any(|l| l.contains("==> stopping web and the daemon")),
         "{seen:#?}"
     );
-    assert_nothing_left(&state);
 }
 
 #[test]
@@ -869,9 +872,7 @@ fn ctrl_c_during_the_rollout_of_up_stops_what_it_started() {
         return;
     }
     let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut up = Up::spawn(dir.path(), &state, free_port());
+    let mut up = Up::spawn(free_port());
     up.wait_for("==> rolling out");
     let (status, seen) = up.interrupt();
     assert_eq!(status.code(), Some(130), "{seen:#?}");
@@ -884,5 +885,4 @@ fn ctrl_c_during_the_rollout_of_up_stops_what_it_started() {
         !seen.iter().any(|l| l.contains("is up on http://")),
         "{seen:#?}"
     );
-    assert_nothing_left(&state);
 }

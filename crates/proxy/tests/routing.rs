@@ -19,6 +19,33 @@ fn table(releases: Vec<Release>) -> RouteTable {
     RouteTable::new(releases).unwrap()
 }
 
+/// An h2c (prior knowledge) client connection to `addr`, its connection task spawned.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<common::BoxBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// A backend answering "b", and a router serving it as app `shop` with a header read (and
+/// idle) timeout of 300 ms.
+async fn quick_timeout_router() -> (Backend, common::Router) {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.header_read_timeout = Duration::from_millis(300);
+    let router = router_with(config, vec![shop]).await;
+    (backend, router)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_10_90_give_10_percent_over_10000_requests() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
@@ -331,12 +358,7 @@ async fn raw_status(addr: std::net::SocketAddr, host: &str, padding: usize) -> S
 #[tokio::test]
 async fn a_connection_that_sends_nothing_or_stalls_before_its_first_request_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
-    config.header_read_timeout = Duration::from_millis(300);
-    let router = router_with(config, vec![shop]).await;
+    let (_backend, router) = quick_timeout_router().await;
     // Not a byte: the protocol is never known, and the connection must not stay open.
     let mut silent = tokio::net::TcpStream::connect(router.addr).await.unwrap();
     let mut rest = Vec::new();
@@ -364,20 +386,10 @@ async fn a_connection_that_sends_nothing_or_stalls_before_its_first_request_is_c
 #[tokio::test]
 async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
-    config.header_read_timeout = Duration::from_millis(300);
-    let router = router_with(config, vec![shop]).await;
+    let (backend, router) = quick_timeout_router().await;
 
     // HTTP/2: an event stream quiet for longer than the idle timeout keeps its connection.
-    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = h2c(router.addr).await;
     let get = |path: &str| {
         Request::get(format!("http://shop{path}"))
             .body(common::empty())
@@ -401,15 +413,9 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
 
     // HTTP/2 with a handshake and no request: told so (GOAWAY), not cut.
-    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
-    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, common::BoxBody>(
-        TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (_sender, conn) = h2c(router.addr).await;
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
-    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
 
     // HTTP/1.1: a keep-alive connection waits as long for its next request (hyper's timer).
     let mut idle = tokio::net::TcpStream::connect(router.addr).await.unwrap();
@@ -441,14 +447,7 @@ async fn a_stopping_listener_sends_goaway_to_an_http2_client_that_asked_nothing(
     })
     .unwrap();
     let serving = threads.serve(listener).unwrap();
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (_sender, conn) = hyper::client::conn::http2::handshake::<_, _, common::BoxBody>(
-        TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (_sender, conn) = h2c(addr).await;
     let drained = tokio::spawn(serving.drain());
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
@@ -731,12 +730,7 @@ async fn http2_over_tls_and_h2c_reach_http1_instances() {
 
     // h2c with prior knowledge on a plain listener.
     let plain = router(vec![Arc::clone(&shop)]).await;
-    let stream = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(plain.addr).await;
     let response = sender
         .send_request(
             Request::get("http://shop.example/headers")
