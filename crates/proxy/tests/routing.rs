@@ -34,14 +34,14 @@ async fn h2c(
     (sender, tokio::spawn(conn))
 }
 
-/// A backend answering "b", and a router serving it as app `shop` with a header read (and
-/// idle) timeout of 300 ms.
-async fn quick_timeout_router() -> (Backend, common::Router) {
+/// A backend answering "b", and a router serving it as app `shop` with a short header read
+/// (and idle) timeout.
+async fn quick_timeout_router(timeout: Duration) -> (Backend, common::Router) {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
     shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
     let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
-    config.header_read_timeout = Duration::from_millis(300);
+    config.header_read_timeout = timeout;
     let router = router_with(config, vec![shop]).await;
     (backend, router)
 }
@@ -358,7 +358,7 @@ async fn raw_status(addr: std::net::SocketAddr, host: &str, padding: usize) -> S
 #[tokio::test]
 async fn a_connection_that_sends_nothing_or_stalls_before_its_first_request_is_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_backend, router) = quick_timeout_router().await;
+    let (_backend, router) = quick_timeout_router(Duration::from_millis(300)).await;
     // Not a byte: the protocol is never known, and the connection must not stay open.
     let mut silent = tokio::net::TcpStream::connect(router.addr).await.unwrap();
     let mut rest = Vec::new();
@@ -386,7 +386,9 @@ async fn a_connection_that_sends_nothing_or_stalls_before_its_first_request_is_c
 #[tokio::test]
 async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (backend, router) = quick_timeout_router().await;
+    // Long enough that a slow machine still sends its first request in time.
+    let timeout = Duration::from_secs(1);
+    let (backend, router) = quick_timeout_router(timeout).await;
 
     // HTTP/2: an event stream quiet for longer than the idle timeout keeps its connection.
     let (mut sender, conn) = h2c(router.addr).await;
@@ -398,7 +400,7 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     let mut events = sender.send_request(get("/sse")).await.unwrap().into_body();
     let first = events.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"data: one\n\n");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(timeout * 5 / 2).await;
     assert!(!conn.is_finished(), "closed while a response was streaming");
     backend.sse_next.add_permits(1);
     let second = events.frame().await.unwrap().unwrap().into_data().unwrap();
