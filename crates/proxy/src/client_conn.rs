@@ -11,15 +11,19 @@
 //! graceful shutdown closes it: hyper's HTTP/1.1 timer starts only once the protocol is known
 //! (so a first head may take up to twice the timeout: the wait for its first byte, then
 //! hyper's), and its HTTP/2 server has none for a client that opens with the preface and
-//! stops there (its graceful shutdown waits for the handshake). An HTTP/2 connection is sent
-//! GOAWAY then, so that its client knows no request was taken, and closed [`GOAWAY_GRACE`]
-//! later if its handshake has not ended.
+//! stops there.
 //!
-//! An HTTP/2 connection with no stream open for the listener's idle timeout is sent GOAWAY and
-//! ends, as nginx's `keepalive_timeout` does: hyper's HTTP/2 server would keep it open forever
-//! (HTTP/1.1 needs nothing of ours: hyper's header read timer also bounds the wait for the
-//! next request). A stream is open from its request's arrival until its response body is done
-//! or dropped ([`Activity`]), so a long server-sent event stream keeps its connection.
+//! An HTTP/2 connection is also sent GOAWAY once no request has been open for the header read
+//! timeout, as nginx's `keepalive_timeout` does (HTTP/1.1 needs nothing of ours: hyper's
+//! header read timer bounds the wait for the next request). A request is open from its arrival
+//! until its response body is sent whole or dropped ([`Activity`]), so a long server-sent
+//! event stream keeps its connection.
+//!
+//! An HTTP/2 connection that is told to go (idle, no first request in time, or its listener
+//! stopping) is sent GOAWAY, so that its client knows which requests were taken, and is
+//! closed once no request has been open for [`GOAWAY_GRACE`]: hyper's graceful shutdown ends
+//! it only when the client acknowledges the PING sent with GOAWAY (and waits for the
+//! handshake first), which a gone or frozen client never does.
 //!
 //! Over TLS a client that offers no ALPN is served HTTP/1.1 (HTTP/2 over TLS requires ALPN,
 //! RFC 9113 §3.2).
@@ -34,6 +38,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::Version;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
@@ -130,14 +135,18 @@ impl Activity {
         self.asked.load(Ordering::Relaxed)
     }
 
-    /// A request arrived: it stays open until the returned guard, which goes with its
-    /// response body ([`Tracked`]), is dropped.
-    pub(crate) fn start(self: &Arc<Activity>) -> OpenRequest {
+    /// A request arrived. An HTTP/2 one stays open until the returned guard, which goes with
+    /// its response body ([`Tracked`]), is dropped; HTTP/1.1 needs none (hyper's header read
+    /// timer bounds its idle connections), and its hot path is spared the clock read.
+    pub(crate) fn start(self: &Arc<Activity>, version: Version) -> Option<OpenRequest> {
         if !self.asked() {
             self.asked.store(true, Ordering::Relaxed);
         }
+        if version != Version::HTTP_2 {
+            return None;
+        }
         self.open.fetch_add(1, Ordering::SeqCst);
-        OpenRequest(Arc::clone(self))
+        Some(OpenRequest(Arc::clone(self)))
     }
 
     /// How long no request has been open: `None` while one is.
@@ -162,19 +171,21 @@ impl Drop for OpenRequest {
         let activity = &self.0;
         let ms = u64::try_from(Instant::now().duration_since(activity.epoch).as_millis())
             .unwrap_or(u64::MAX);
-        activity.last_end_ms.store(ms, Ordering::SeqCst);
+        // `fetch_max`: ends that race must not move it back.
+        activity.last_end_ms.fetch_max(ms, Ordering::SeqCst);
         activity.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// A response body that keeps its request open until it is sent whole or dropped.
+/// A response body that keeps its request open (if it is counted) until it is sent whole or
+/// dropped.
 pub(crate) struct Tracked<B> {
     body: B,
-    _open: OpenRequest,
+    _open: Option<OpenRequest>,
 }
 
 impl<B> Tracked<B> {
-    pub(crate) fn new(body: B, open: OpenRequest) -> Tracked<B> {
+    pub(crate) fn new(body: B, open: Option<OpenRequest>) -> Tracked<B> {
         Tracked { body, _open: open }
     }
 }
@@ -211,9 +222,10 @@ where
     first_request_timeout: Duration,
     /// How long an HTTP/2 connection may go without an open request.
     idle_timeout: Duration,
-    /// HTTP/2, once a request arrived: when to look whether the connection has gone idle.
-    idle_check: Option<Pin<Box<Sleep>>>,
-    /// HTTP/2: it went idle (or had no first request in time) and was sent GOAWAY.
+    /// HTTP/2, once a request arrived: when to look whether the connection has gone quiet
+    /// (for the idle timeout, then, once GOAWAY is sent, for [`GOAWAY_GRACE`]).
+    quiet_check: Option<Pin<Box<Sleep>>>,
+    /// HTTP/2: it was sent GOAWAY.
     goaway_sent: bool,
     /// Until the first request, once waiting started: closed when it passes (see the
     /// module's doc). HTTP/1.1 needs none once chosen: hyper's header read timer runs.
@@ -255,7 +267,7 @@ where
         ClientConnection {
             first_request_timeout: builders.first_request_timeout,
             idle_timeout: builders.idle_timeout,
-            idle_check: None,
+            quiet_check: None,
             goaway_sent: false,
             state: State::Choosing {
                 io: Some(io),
@@ -328,34 +340,28 @@ where
                 State::Http1(connection) => {
                     return Pin::new(connection).poll(cx).map_err(Into::into);
                 }
-                State::Http2(connection) => {
-                    if !asked {
-                        let timeout = if this.goaway_sent {
-                            GOAWAY_GRACE
+                State::Http2(_) => {
+                    if !this.goaway_sent {
+                        let tell = if asked {
+                            went_quiet(&mut this.quiet_check, &this.activity, this.idle_timeout, cx)
                         } else {
-                            this.first_request_timeout
+                            expired(&mut this.deadline, this.first_request_timeout, cx).is_ready()
                         };
-                        if expired(&mut this.deadline, timeout, cx).is_ready() {
-                            if this.goaway_sent {
-                                // Told, and still no handshake: close.
-                                return Poll::Ready(Err(NO_FIRST_REQUEST.into()));
-                            }
-                            // GOAWAY, so that the client knows no request of its was taken
-                            // (hyper sends it once the handshake is done).
-                            this.goaway_sent = true;
-                            this.deadline = None;
-                            Pin::new(&mut **connection).graceful_shutdown();
-                            let _ = expired(&mut this.deadline, GOAWAY_GRACE, cx);
+                        if tell {
+                            // Idle, or no first request in time: GOAWAY (hyper sends it once
+                            // the handshake is done), so the client knows which requests were
+                            // taken and opens its next one on a new connection.
+                            this.go_away();
                         }
-                    } else if !this.goaway_sent
-                        && went_idle(&mut this.idle_check, &this.activity, this.idle_timeout, cx)
-                    {
-                        // GOAWAY: the client opens its next stream on a new connection, and
-                        // this one ends.
-                        this.goaway_sent = true;
-                        this.idle_check = None;
-                        Pin::new(&mut **connection).graceful_shutdown();
                     }
+                    if this.goaway_sent
+                        && went_quiet(&mut this.quiet_check, &this.activity, GOAWAY_GRACE, cx)
+                    {
+                        return Poll::Ready(Err(GOAWAY_UNANSWERED.into()));
+                    }
+                    let State::Http2(connection) = &mut this.state else {
+                        return Poll::Ready(Ok(()));
+                    };
                     return Pin::new(&mut **connection).poll(cx).map_err(Into::into);
                 }
             }
@@ -363,15 +369,42 @@ where
     }
 }
 
+impl<I, S, B> ClientConnection<I, S>
+where
+    I: ChooseProtocol + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    /// HTTP/2: sends GOAWAY (once), and starts the [`GOAWAY_GRACE`] after which a connection
+    /// with nothing open is closed.
+    fn go_away(&mut self) {
+        if let State::Http2(connection) = &mut self.state
+            && !self.goaway_sent
+        {
+            self.goaway_sent = true;
+            self.quiet_check = None;
+            Pin::new(&mut **connection).graceful_shutdown();
+        }
+    }
+}
+
 const NO_FIRST_REQUEST: &str = "no request before the header read timeout";
 
-/// How long an HTTP/2 connection sent GOAWAY before its first request may take to finish
-/// its handshake, so that GOAWAY reaches the client, before it is closed.
+const GOAWAY_UNANSWERED: &str = "sent GOAWAY, and not closed by the client in time";
+
+/// How long an HTTP/2 connection sent GOAWAY, with no request open, is left to end by itself
+/// before it is closed. hyper's graceful shutdown ends it once the client acknowledges the
+/// PING sent with GOAWAY (an exchange of a round trip), and waits for the handshake first: a
+/// client that never answers (gone, frozen, or hostile) would hold it forever.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Whether no request has been open for `timeout`: looked at when `check` (armed on first
 /// use) fires, which is then set for the soonest time it could be.
-fn went_idle(
+fn went_quiet(
     check: &mut Option<Pin<Box<Sleep>>>,
     activity: &Activity,
     timeout: Duration,
@@ -410,24 +443,16 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    /// HTTP/1.1 closes after the current response, HTTP/2 sends GOAWAY; a connection that
-    /// has not had a request yet closes (HTTP/2: after GOAWAY, or [`GOAWAY_GRACE`] if its
-    /// handshake does not end, as hyper's graceful shutdown would wait for it).
+    /// HTTP/1.1 closes after the current response, or at once if it has not had a request
+    /// yet; HTTP/2 sends GOAWAY, and closes once its requests are done (or [`GOAWAY_GRACE`]
+    /// after that, if its client does not end it).
     fn finish(self: Pin<&mut Self>) {
         let this = self.get_mut();
         match &mut this.state {
-            State::Http2(connection) if !this.activity.asked() => {
-                // GOAWAY, then GOAWAY_GRACE for a handshake that has not ended.
-                if !this.goaway_sent {
-                    this.goaway_sent = true;
-                    this.deadline = None;
-                    Pin::new(&mut **connection).graceful_shutdown();
-                }
-            }
+            State::Http2(_) => this.go_away(),
             _ if !this.activity.asked() => this.finishing = true,
             State::Choosing { .. } => this.finishing = true,
             State::Http1(connection) => Pin::new(connection).graceful_shutdown(),
-            State::Http2(connection) => Pin::new(&mut **connection).graceful_shutdown(),
         }
     }
 }
@@ -440,8 +465,13 @@ mod tests {
     async fn a_connection_is_idle_from_the_end_of_its_last_open_request() {
         let activity = Activity::new();
         assert!(!activity.asked());
-        let (first, second) = (activity.start(), activity.start());
+        assert!(activity.start(Version::HTTP_11).is_none());
         assert!(activity.asked());
+        assert_eq!(activity.idle_for(), Some(Duration::ZERO));
+        let (first, second) = (
+            activity.start(Version::HTTP_2),
+            activity.start(Version::HTTP_2),
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(activity.idle_for(), None);
         drop(first);

@@ -303,7 +303,7 @@ where
         // Noted when the request arrives, not when its future first runs: HTTP/2 runs it as a
         // task of its own, later.
         let (_, _, activity, sent_body) = &*client;
-        let open = activity.start();
+        let open = activity.start(req.version());
         if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
             sent_body.store(true, Ordering::Relaxed);
         }

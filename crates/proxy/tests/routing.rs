@@ -401,16 +401,16 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     let first = events.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&first[..], b"data: one\n\n");
     tokio::time::sleep(timeout * 5 / 2).await;
-    assert!(!conn.is_finished(), "closed while a response was streaming");
-    backend.sse_next.add_permits(1);
-    let second = events.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(&second[..], b"data: two\n\n");
-    assert!(events.collect().await.unwrap().to_bytes().is_empty());
-    // Still open for the next request, then closed (GOAWAY) once idle.
+    // Not told GOAWAY meanwhile: a new request is still taken on this connection.
     let reply = sender.send_request(get("/")).await.unwrap();
     assert_eq!(reply.status(), StatusCode::OK);
     let body = reply.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"b\n");
+    backend.sse_next.add_permits(1);
+    let second = events.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&second[..], b"data: two\n\n");
+    assert!(events.collect().await.unwrap().to_bytes().is_empty());
+    // Then idle: GOAWAY, and the connection ends.
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
 
@@ -429,6 +429,41 @@ async fn idle_connections_are_closed_but_not_while_a_response_streams() {
     assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_never_answers_goaway_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_backend, router) = quick_timeout_router(Duration::from_millis(300)).await;
+    // By hand: the preface, empty SETTINGS, and `GET http://shop/` (HPACK: the static table's
+    // :method GET, :scheme http, :path /, then :authority "shop") on stream 1, ending it. Then
+    // nothing: no SETTINGS or PING acknowledgement, so hyper's graceful shutdown never ends.
+    let mut client = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(&[0, 0, 9, 0x1, 0x5, 0, 0, 0, 1]);
+    hello.extend_from_slice(&[0x82, 0x86, 0x84, 0x41, 4, b's', b'h', b'o', b'p']);
+    client.write_all(&hello).await.unwrap();
+    let mut frames = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut frames)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "{closed:?}");
+    // It was answered, then told GOAWAY.
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = usize::from(frames[at]) << 16
+            | usize::from(frames[at + 1]) << 8
+            | usize::from(frames[at + 2]);
+        kinds.push(frames[at + 3]);
+        at += 9 + len;
+    }
+    let (headers, data, goaway) = (0x1, 0x0, 0x7);
+    assert!(
+        kinds.contains(&headers) && kinds.contains(&data),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&goaway), "{kinds:?}");
 }
 
 #[tokio::test]
