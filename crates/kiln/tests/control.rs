@@ -748,6 +748,11 @@ struct Up {
 
 impl Up {
     fn spawn(port: u16) -> Self {
+        Self::spawn_with(port, |spec| spec)
+    }
+
+    /// With `edit` applied to the spec's text.
+    fn spawn_with(port: u16, edit: impl Fn(String) -> String) -> Self {
         use std::io::{BufRead, BufReader};
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -757,7 +762,7 @@ impl Up {
             "[service]\n",
             "[image.test]\nhttp = \"/healthz\"\n\n[service]\n",
         );
-        std::fs::write(&spec, text).unwrap();
+        std::fs::write(&spec, edit(text)).unwrap();
         let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
             .arg("--state")
             .arg(&state)
@@ -881,8 +886,26 @@ fn ctrl_c_during_the_rollout_of_up_stops_what_it_started() {
         return;
     }
     let _serial = serial();
-    let mut up = Up::spawn(free_port());
+    // Instances that never pass their health check: the rollout cannot end by itself.
+    let mut up = Up::spawn_with(free_port(), |spec| {
+        assert!(spec.contains("[service.health]\npath = \"/healthz\""));
+        spec.replace(
+            "[service.health]\npath = \"/healthz\"",
+            "[service.health]\npath = \"/never\"",
+        )
+    });
     up.wait_for("==> rolling out");
+    let instances = up.state.join("instances");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&instances).map_or(0, Iterator::count) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no instance started: {:#?}",
+            up.seen
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `interrupt` checks that the started instances are gone.
     let (status, seen) = up.interrupt();
     assert_eq!(status.code(), Some(130), "{seen:#?}");
     assert!(

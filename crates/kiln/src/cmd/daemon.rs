@@ -13,9 +13,9 @@ use clap::Args;
 use kiln_control::{Controller, ControllerConfig};
 use kiln_proxy::WorkersConfig;
 use kiln_runtime::Provider;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use super::instance::{StoreImages, engines};
+use super::signals::StopSignals;
 use crate::output::Output;
 
 /// `kiln serve`.
@@ -156,31 +156,6 @@ impl Daemon {
     }
 }
 
-/// SIGINT and SIGTERM, caught from the moment this is made: a signal that arrives before
-/// anyone waits is kept for the next `recv`, instead of killing the process with the default
-/// action (tokio's `ctrl_c()` only installs its handler when first polled).
-pub struct StopSignals {
-    int: Signal,
-    term: Signal,
-}
-
-impl StopSignals {
-    pub fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-        })
-    }
-
-    /// Waits for the next SIGINT or SIGTERM.
-    pub async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-        }
-    }
-}
-
 pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     let tcp = match (&args.api_listen, &args.token_file) {
         (Some(addr), Some(file)) => {
@@ -200,7 +175,12 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
         let mut signals = StopSignals::new()?;
-        let daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp).await?;
+        let daemon = tokio::select! {
+            biased;
+            // Nothing is served yet: stop here.
+            stop = signals.recv() => return Ok(stop.exit_code()),
+            daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp) => daemon?,
+        };
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
             "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, instances keep running",
@@ -212,7 +192,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         out.say("kiln daemon stopping: requests in flight may finish (Ctrl-C again stops at once)");
         tokio::select! {
             () = daemon.stop() => out.say("kiln daemon stopped"),
-            () = signals.recv() => out.say("kiln daemon stopped without waiting"),
+            _ = signals.recv() => out.say("kiln daemon stopped without waiting"),
         }
         Ok(ExitCode::SUCCESS)
     })

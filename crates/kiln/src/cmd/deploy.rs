@@ -13,7 +13,8 @@ use kiln_control::{AppStatus, ApplyRequest, ReleaseConfig};
 use kiln_spec::Spec;
 use serde_json::{Value, json};
 
-use super::daemon::{Daemon, StopSignals, socket};
+use super::daemon::{Daemon, socket};
+use super::signals::StopSignals;
 use crate::cli::SpecFile;
 use crate::output::Output;
 
@@ -40,7 +41,8 @@ pub struct ApplyArgs {
     pub no_wait: bool,
 }
 
-/// `kiln up`.
+/// `kiln up`. Ctrl-C (or SIGTERM) while it rolls out stops what it started and exits 130 (143);
+/// once the app is up, Ctrl-C stops it and the daemon `up` started, and exits 0.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
@@ -823,19 +825,15 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
         // Caught from here on: Ctrl-C during the rollout or while following stops cleanly.
         let mut signals = StopSignals::new()?;
         let c = client(state);
-        let daemon = if c.alive().await {
-            out.say(&format!(
-                "==> using the kiln daemon on {}",
-                socket(state).display()
-            ));
-            None
-        } else {
-            out.say("==> starting a kiln daemon in this process");
-            Some(Daemon::start(state, &args.runtime, args.router.workers(), None).await?)
+        // Nothing is started yet: a signal just ends `up`.
+        let daemon = tokio::select! {
+            biased;
+            stop = signals.recv() => return Ok(stop.exit_code()),
+            daemon = connect_or_start(&c, args, state, out) => daemon?,
         };
         let outcome = tokio::select! {
-            r = roll_out(&c, &app, &req, out) => r,
-            () = signals.recv() => {
+            biased;
+            stop = signals.recv() => {
                 out.say(&format!("==> interrupted while rolling out {app}"));
                 if daemon.is_none() {
                     out.say(&format!(
@@ -843,8 +841,9 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
                         socket(state).display()
                     ));
                 }
-                Ok(ExitCode::from(130))
+                Ok(stop.exit_code())
             }
+            r = roll_out(&c, &app, &req, out) => r,
         };
         let outcome = match outcome {
             Ok(code) if code == ExitCode::SUCCESS => {
@@ -865,19 +864,50 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
                      Streaming events; Ctrl-C stops {stops}."
                 ));
                 tokio::select! {
+                    biased;
+                    _ = signals.recv() => Ok(code),
                     r = follow(&c, &app, out) => r.map(|()| code),
-                    () = signals.recv() => Ok(code),
                 }
             }
             other => other,
         };
         if let Some(d) = daemon {
-            out.say(&format!("==> stopping {app} and the daemon"));
-            let _ = c.delete(&format!("/v1/apps/{app}?actor={}", actor())).await;
-            d.stop().await;
+            out.say(&format!(
+                "==> stopping {app} and the daemon (Ctrl-C again leaves {app} running)"
+            ));
+            let stopping = async {
+                let _ = c.delete(&format!("/v1/apps/{app}?actor={}", actor())).await;
+                d.stop().await;
+            };
+            tokio::select! {
+                biased;
+                _ = signals.recv() => out.say(&format!(
+                    "==> left {app} running: `kiln serve` takes it over, `kiln down {app}` stops it"
+                )),
+                () = stopping => {}
+            }
         }
         outcome
     })
+}
+
+/// The kiln daemon already serving `state`, or `None` once one is started in this process.
+async fn connect_or_start(
+    c: &Client,
+    args: &UpArgs,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<Option<Daemon>> {
+    if c.alive().await {
+        out.say(&format!(
+            "==> using the kiln daemon on {}",
+            socket(state).display()
+        ));
+        return Ok(None);
+    }
+    out.say("==> starting a kiln daemon in this process");
+    let daemon = Daemon::start(state, &args.runtime, args.router.workers(), None).await?;
+    Ok(Some(daemon))
 }
 
 /// Submits the release and waits for its end.

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod image;
 mod instance;
 pub mod run;
+mod signals;
 mod spec;
 pub mod test;
 

@@ -15,9 +15,9 @@ use clap::Args;
 use kiln_runtime::{Engines, Health, InstanceId, InstanceSpec, Provider};
 use kiln_spec::TargetSpec;
 use kiln_spec::{HealthCheck, ServiceSpec};
-use tokio::signal::unix::{SignalKind, signal};
 
 use super::instance::{StoreImages, engines, spec_if_present, tokio_runtime};
+use super::signals::StopSignals;
 use crate::output::Output;
 
 /// `kiln run`.
@@ -154,8 +154,7 @@ async fn foreground(
     grace: Duration,
     out: &Output,
 ) -> anyhow::Result<Outcome> {
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut signals = StopSignals::new()?;
     let mut drift = provider.drift_events();
     provider.start(id).await?;
     let obs = provider.observe(id).await?;
@@ -181,8 +180,7 @@ async fn foreground(
     tokio::pin!(exited);
     let outcome = loop {
         tokio::select! {
-            _ = sigint.recv() => break None,
-            _ = sigterm.recv() => break None,
+            _ = signals.recv() => break None,
             code = &mut exited => break Some(code?),
             changed = health.changed(), if health_open => {
                 if changed.is_err() {
