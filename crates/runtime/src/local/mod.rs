@@ -612,6 +612,10 @@ impl LocalProvider {
 /// image's layers, which takes seconds for large images).
 const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
 
+/// How long `destroy` waits for an instance's process to go after SIGKILL before it sends
+/// SIGKILL again.
+const KILL_AGAIN_AFTER: Duration = Duration::from_millis(100);
+
 /// A port on 127.0.0.1 that is free now and not given to another instance.
 fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
     for _ in 0..64 {
@@ -752,13 +756,24 @@ impl Provider for LocalProvider {
             let _ = touch(&dir.join("stopped"));
         }
         let mut first_error = None;
-        if let Err(f) = self.runtime.kill(id.as_str(), "KILL").await {
-            first_error.get_or_insert(self.runtime_err(id, f));
-        }
-        match self.wait_gone(id, Duration::from_secs(10)).await {
-            Ok(_) => {}
-            Err(e) => {
-                first_error.get_or_insert(e);
+        // `start` returns once `runc run` is spawned, before the container exists, and a kill
+        // that finds no container succeeds: right after a start it may come too early, so it
+        // is sent again until the process is gone (10 s at most, then `delete --force`).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut killing = true;
+        loop {
+            if killing && let Err(f) = self.runtime.kill(id.as_str(), "KILL").await {
+                first_error.get_or_insert(self.runtime_err(id, f));
+                killing = false;
+            }
+            match self.wait_gone(id, KILL_AGAIN_AFTER).await {
+                Ok(true) => break,
+                Ok(false) if tokio::time::Instant::now() < deadline => {}
+                Ok(false) => break,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    break;
+                }
             }
         }
         if let Err(f) = self.runtime.delete(id.as_str()).await {
