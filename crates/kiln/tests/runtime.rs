@@ -285,6 +285,42 @@ fn test_fails_with_the_output_of_a_failing_command() {
 }
 
 #[test]
+fn ctrl_c_during_a_test_destroys_its_instance() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = busybox_spec(dir.path(), "sleep 60");
+    build(&state, &spec);
+    let test = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .arg("--state")
+        .arg(&state)
+        .args(["test", "-f"])
+        .arg(&spec)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while instance_dirs(&state).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no test instance");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &test.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = test.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(said.contains("the test instance is destroyed"), "{said}");
+    assert!(instance_dirs(&state).is_empty());
+    assert_eq!(mounts_under(&state), Vec::<String>::new());
+}
+
+#[test]
 fn the_root_is_read_only_and_writable_paths_are_writable() {
     if !prerequisites() {
         return;

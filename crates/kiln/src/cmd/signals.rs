@@ -33,6 +33,22 @@ impl Stop {
     }
 }
 
+/// Work cut short by a stop signal, as an error: what made it stops cleanly, and the command
+/// exits with [`Stop::exit_code`].
+#[derive(Debug)]
+pub struct Interrupted(pub Stop);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Stop::Interrupt => "interrupted (SIGINT)",
+            Stop::Terminate => "interrupted (SIGTERM)",
+        })
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 impl StopSignals {
     pub fn new() -> anyhow::Result<Self> {
         Ok(Self {

@@ -15,6 +15,7 @@ use kiln_runtime::{Engines, InstanceSpec, InstanceState, Provider};
 use serde_json::json;
 
 use super::instance::{StoreImages, engines, tokio_runtime};
+use super::signals::{Interrupted, StopSignals};
 use crate::output::Output;
 
 /// `kiln test`.
@@ -73,21 +74,35 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         "test".to_owned(),
     );
     let results = tokio_runtime()?.block_on(async {
+        // Ctrl-C destroys the test instance before `test` ends.
+        let mut signals = StopSignals::new()?;
         let provider = engines(state, &spec.target.runtime, images.clone()).await?;
         let mut results = Vec::new();
         if let Some(command) = &test.command {
             let mut instance = base.clone();
             instance.command = Some(command.clone());
             instance.health = None;
-            results.push(command_test(&provider, instance, command, deadline).await?);
+            let run = command_test(&provider, instance, command, deadline, &mut signals);
+            results.push(run.await?);
         }
         if let Some(path) = &test.http {
             let mut instance = base.clone();
             instance.health = None;
-            results.push(http_test(&provider, instance, path, deadline).await?);
+            let run = http_test(&provider, instance, path, deadline, &mut signals);
+            results.push(run.await?);
         }
         anyhow::Ok(results)
-    })?;
+    });
+    let results = match results {
+        Err(e) => match e.downcast_ref::<Interrupted>() {
+            Some(Interrupted(stop)) => {
+                out.say(&format!("{e}: the test instance is destroyed"));
+                return Ok(stop.exit_code());
+            }
+            None => return Err(e),
+        },
+        Ok(results) => results,
+    };
     let passed = results.iter().all(|r| r.passed);
     let duration = t0.elapsed();
     let time = started_at
@@ -162,13 +177,19 @@ async fn command_test(
     instance: InstanceSpec,
     command: &[String],
     deadline: tokio::time::Instant,
+    signals: &mut StopSignals,
 ) -> anyhow::Result<TestResult> {
     let id = provider.create(instance).await?;
-    let run = async {
-        provider.start(&id).await?;
-        anyhow::Ok(tokio::time::timeout_at(deadline, provider.wait(&id)).await)
+    // Not cut short by a signal: a start dropped half-way could leave a process behind.
+    let started = provider.start(&id).await;
+    let outcome = match started {
+        Err(e) => Err(anyhow::Error::from(e)),
+        Ok(()) => tokio::select! {
+            biased;
+            stop = signals.recv() => Err(Interrupted(stop).into()),
+            waited = tokio::time::timeout_at(deadline, provider.wait(&id)) => Ok(waited),
+        },
     };
-    let outcome = run.await;
     let output = output_tail(provider, &id).await;
     let destroyed = provider.destroy(&id).await;
     let waited = outcome?;
@@ -212,10 +233,10 @@ async fn http_test(
     instance: InstanceSpec,
     path: &str,
     deadline: tokio::time::Instant,
+    signals: &mut StopSignals,
 ) -> anyhow::Result<TestResult> {
     let id = provider.create(instance).await?;
     let probe = async {
-        provider.start(&id).await?;
         let addr = provider.observe(&id).await?.addr;
         let mut last;
         let mut delay = Duration::from_millis(5);
@@ -242,7 +263,16 @@ async fn http_test(
             delay = (delay * 2).min(Duration::from_millis(200));
         }
     };
-    let outcome = probe.await;
+    // Not cut short by a signal: a start dropped half-way could leave a process behind.
+    let started = provider.start(&id).await;
+    let outcome = match started {
+        Err(e) => Err(anyhow::Error::from(e)),
+        Ok(()) => tokio::select! {
+            biased;
+            stop = signals.recv() => Err(Interrupted(stop).into()),
+            outcome = probe => outcome,
+        },
+    };
     let output = output_tail(provider, &id).await;
     let destroyed = provider.destroy(&id).await;
     let outcome = outcome?;
