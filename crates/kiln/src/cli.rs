@@ -86,6 +86,11 @@ pub enum Command {
     /// Run the daemon: API on <state>/kiln.sock, one router per app, the reconciler
     Serve(crate::cmd::daemon::ServeArgs),
     /// Build, test and roll out the spec with a daemon (started in-process if none runs)
+    ///
+    /// Ctrl-C (or SIGTERM) while it tests or rolls out stops what it started and exits 130
+    /// (143); with a daemon that was already running, the rollout goes on there. Once the app
+    /// is up, Ctrl-C stops following; with a daemon `up` started, it stops the app and that
+    /// daemon (Ctrl-C again leaves the app running), and exits 0.
     Up(crate::cmd::deploy::UpArgs),
     /// Show what `kiln apply` would change (exit 2 with --detailed-exitcode when something would)
     Plan(crate::cmd::deploy::PlanArgs),

@@ -41,8 +41,7 @@ pub struct ApplyArgs {
     pub no_wait: bool,
 }
 
-/// `kiln up`. Ctrl-C (or SIGTERM) while it rolls out stops what it started and exits 130 (143);
-/// once the app is up, Ctrl-C stops it and the daemon `up` started, and exits 0.
+/// `kiln up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
     #[command(flatten)]
