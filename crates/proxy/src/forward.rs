@@ -12,6 +12,7 @@
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
 //! tell the router's 404/502/503/504 from the app's.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -62,7 +63,17 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
-    let host = request_host(&req);
+    let host = match request_host(&req) {
+        Ok(host) => host,
+        Err(why) => return local(StatusCode::BAD_REQUEST, format!("kiln: {why}\n")),
+    };
+    if !only_chunked(req.headers().get_all(header::TRANSFER_ENCODING)) {
+        // The body would be framed anew as chunked only, and reach the instance still coded.
+        return local(
+            StatusCode::NOT_IMPLEMENTED,
+            "kiln: a transfer coding other than chunked\n".to_owned(),
+        );
+    }
     let Some(app) = shared
         .hosts
         .lookup(host.as_ref().and_then(|h| h.to_str().ok()))
@@ -494,11 +505,20 @@ fn request_head(
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    // First (RFC 9110 §7.2), and always the host the request was routed by: the target's
+    // authority of an absolute-form or HTTP/2 request wins over a `Host` line (RFC 9112
+    // §3.2.2), and HTTP/1.1 instances need one even when an HTTP/1.0 or HTTP/2 client sent
+    // none (empty then, as for a target without authority).
+    upstream::push_header(
+        &mut head,
+        b"host",
+        host.map_or(&b""[..], HeaderValue::as_bytes),
+    );
     let start = head.len();
     // Nearly always the client's `Connection` header names only headers that go anyway
     // (`keep-alive`, `upgrade`), and one walk over the headers writes them. When it names
     // others, they are collected and the headers written again without them.
-    let copied = match copy_headers(&mut head, &parts.headers, host, &[]) {
+    let copied = match copy_headers(&mut head, &parts.headers, &[]) {
         Ok(copied) => copied,
         Err(NamesOthers) => {
             head.truncate(start);
@@ -517,14 +537,10 @@ fn request_head(
             }
             let named = named.get(..count).unwrap_or_default();
             // With `named` given, the copy does not fail.
-            copy_headers(&mut head, &parts.headers, host, named).unwrap_or_default()
+            copy_headers(&mut head, &parts.headers, named).unwrap_or_default()
         }
     };
     if let Some(host) = host {
-        if !copied.has_host {
-            // HTTP/2 carries the host as `:authority`; HTTP/1.1 instances need `Host`.
-            upstream::push_header(&mut head, b"host", host.as_bytes());
-        }
         upstream::push_header(&mut head, b"x-forwarded-host", host.as_bytes());
     }
     if let Some(protocol) = upgrade {
@@ -532,36 +548,68 @@ fn request_head(
         upstream::push_header(&mut head, b"upgrade", protocol.as_bytes());
     }
     // The values come from the connection's `Peer`, built once per client connection.
-    let forwarded_for = peer.forwarded_for(copied.forwarded_for);
+    let joined;
+    let earlier = if copied.more_forwarded_for {
+        // Several lines are one list (RFC 9110 §5.3): rare, so joined only then.
+        joined = join_lines(parts.headers.get_all(&X_FORWARDED_FOR));
+        Some(&joined)
+    } else {
+        copied.forwarded_for
+    };
+    let forwarded_for = peer.forwarded_for(earlier);
     upstream::push_header(&mut head, b"x-forwarded-for", forwarded_for.as_bytes());
     // This router is the edge: what a client claims about the scheme is not passed on.
     upstream::push_header(&mut head, b"x-forwarded-proto", scheme.as_bytes());
     upstream::push_header(&mut head, b"forwarded", peer.forwarded(host).as_bytes());
-    if framing == RequestFraming::Chunked {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    // The body is framed by this router, never by the client's own framing headers: a
+    // `Connection` option naming `Content-Length` must not leave the body unframed.
+    match framing {
+        RequestFraming::Length(n) => {
+            let _ = write!(head, "content-length: {n}\r\n");
+        }
+        RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Empty if parts.headers.contains_key(header::CONTENT_LENGTH) => {
+            head.extend_from_slice(b"content-length: 0\r\n");
+        }
+        RequestFraming::Empty => {}
     }
     head.extend_from_slice(b"\r\n");
     head
 }
 
+/// The lines of a list header as one value, joined by ", ".
+fn join_lines(lines: hyper::header::GetAll<'_, HeaderValue>) -> HeaderValue {
+    let mut list = Vec::new();
+    for line in lines {
+        if !list.is_empty() {
+            list.extend_from_slice(b", ");
+        }
+        list.extend_from_slice(line.as_bytes());
+    }
+    // Joined valid values with a separator are a valid value.
+    HeaderValue::from_maybe_shared(Bytes::from(list))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 /// What copying the client's headers found.
 #[derive(Default)]
 struct Copied<'h> {
-    has_host: bool,
-    /// The client's own `X-Forwarded-For` (the first one), to which this hop is appended.
+    /// The client's own `X-Forwarded-For` (its first line), to which this hop is appended.
     forwarded_for: Option<&'h HeaderValue>,
+    /// It has more than one line.
+    more_forwarded_for: bool,
 }
 
 /// The client's `Connection` header names headers other than the hop-by-hop ones.
 struct NamesOthers;
 
 /// Writes the client's end-to-end headers, in order. The hop-by-hop ones, those in `named`,
-/// and the forwarding headers this router sets itself are left out. Fails when `named` is
-/// empty and the `Connection` header names headers that are not left out anyway.
+/// and the ones this router writes itself (`Host`, the framing and forwarding headers) are
+/// left out. Fails when `named` is empty and the `Connection` header names headers that are
+/// not left out anyway.
 fn copy_headers<'h>(
     head: &mut Vec<u8>,
     headers: &'h HeaderMap,
-    host: Option<&HeaderValue>,
     named: &[&str],
 ) -> Result<Copied<'h>, NamesOthers> {
     let mut copied = Copied::default();
@@ -594,19 +642,25 @@ fn copy_headers<'h>(
             continue;
         }
         if name == X_FORWARDED_FOR {
-            if copied.forwarded_for.is_none() && !is_named(named, X_FORWARDED_FOR.as_str()) {
+            if is_named(named, X_FORWARDED_FOR.as_str()) {
+                continue;
+            }
+            if copied.forwarded_for.is_some() {
+                copied.more_forwarded_for = true;
+            } else {
                 copied.forwarded_for = Some(value);
             }
             continue;
         }
         if is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
             || name == X_FORWARDED_PROTO
-            || (host.is_some() && name == X_FORWARDED_HOST)
+            || name == X_FORWARDED_HOST
             || is_named(named, name.as_str())
         {
             continue;
         }
-        copied.has_host |= name == header::HOST;
         upstream::push_header(head, name.as_str().as_bytes(), value.as_bytes());
     }
     Ok(copied)
@@ -673,12 +727,36 @@ async fn tunnel(client: OnUpgrade, upstream: Connection, in_flight: InFlight) {
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header. The
 /// header is a reference-counted view of the request's bytes, so the common case copies
-/// nothing.
-fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(authority) = req.uri().authority() {
-        return HeaderValue::from_str(authority.as_str()).ok();
+/// nothing. A request that a server must refuse (RFC 9112 §3.2) says why: two `Host` lines, an
+/// HTTP/1.1 request without one, or a host that is not `uri-host [":" port]`.
+fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, &'static str> {
+    let mut lines = req.headers().get_all(header::HOST).iter();
+    let (line, another) = (lines.next(), lines.next());
+    if another.is_some() {
+        return Err("the request has more than one Host header");
     }
-    req.headers().get(header::HOST).cloned()
+    let host = match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => line.cloned(),
+    };
+    match &host {
+        None if req.version() == Version::HTTP_11 => Err("an HTTP/1.1 request without Host"),
+        Some(host) if !crate::hosts::is_request_host(host.as_bytes()) => {
+            Err("the request's host is not a host name")
+        }
+        _ => Ok(host),
+    }
+}
+
+/// Whether the `Transfer-Encoding` lines (if any) name only `chunked`, the one coding this
+/// router frames bodies with.
+fn only_chunked(lines: hyper::header::GetAll<'_, HeaderValue>) -> bool {
+    lines.iter().all(|line| {
+        line.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .all(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+    })
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
@@ -834,7 +912,7 @@ mod tests {
     }
 
     #[test]
-    fn a_keep_alive_connection_header_is_dropped_and_the_client_list_extended() {
+    fn a_keep_alive_connection_header_is_dropped_and_every_client_line_extended() {
         let req = Request::get("/")
             .header("host", "shop.example")
             .header("connection", "Keep-Alive")
@@ -850,7 +928,7 @@ mod tests {
              host: shop.example\r\n\
              accept: */*\r\n\
              x-forwarded-host: shop.example\r\n\
-             x-forwarded-for: 203.0.113.9, 10.1.2.3\r\n\
+             x-forwarded-for: 203.0.113.9, 198.51.100.7, 10.1.2.3\r\n\
              x-forwarded-proto: http\r\n\
              forwarded: for=10.1.2.3;proto=http;host=\"shop.example\"\r\n\
              \r\n"
@@ -870,6 +948,7 @@ mod tests {
         assert_eq!(
             head(req, None, RequestFraming::Chunked),
             "POST /up HTTP/1.1\r\n\
+             host: \r\n\
              x-forwarded-for: 10.1.2.3\r\n\
              x-forwarded-proto: http\r\n\
              forwarded: for=10.1.2.3;proto=http\r\n\
@@ -895,7 +974,9 @@ mod tests {
             .unwrap();
         let text = head(req, None, RequestFraming::Empty);
         assert!(
-            text.starts_with("GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n"),
+            text.starts_with(
+                "GET /ws HTTP/1.1\r\nhost: \r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+            ),
             "{text}"
         );
     }

@@ -102,6 +102,38 @@ impl HostTable {
     }
 }
 
+/// Whether a request's host is `uri-host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2) as far
+/// as it matters here: only the bytes a host name, an IP literal or a port may hold, and no
+/// `..`. Anything else (a `/`, a space, a quote) is refused, as nginx does: a wildcard would
+/// match `evil.test/.example.com`, and the host reaches the instance's links and the
+/// `Forwarded` header.
+pub(crate) fn is_request_host(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    }) && !host.windows(2).any(|w| w == b"..")
+}
+
 /// Lowercases a host and strips its port and a trailing dot; `None` when nothing is left.
 pub(crate) fn normalise(host: &str) -> Option<String> {
     let host = host.trim();
@@ -138,6 +170,35 @@ fn valid_host(host: &str) -> bool {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_host_is_a_host_name_an_ip_literal_or_either_with_a_port() {
+        for good in [
+            "shop.example.com",
+            "Shop.Example.com:8080",
+            "127.0.0.1:80",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "under_score.example",
+            "",
+        ] {
+            assert!(is_request_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "evil.test/.example.com",
+            "evil.test .example.com",
+            "a\", for=6.6.6.6",
+            "a\\b.example.com",
+            "a..example.com",
+            "user@example.com",
+            "example.com?x",
+            "example.com#x",
+            "\u{e9}.example.com",
+            "tab\t.example.com",
+        ] {
+            assert!(!is_request_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     fn table(apps: &[(&str, &[&str])]) -> Result<HostTable, ConfigError> {
         let owned: Vec<(String, Vec<String>)> = apps

@@ -69,7 +69,15 @@ impl Peer {
         let mut element = Vec::with_capacity(self.forwarded.len() + host.len() + 8);
         element.extend_from_slice(self.forwarded.as_bytes());
         element.extend_from_slice(b";host=\"");
-        element.extend_from_slice(host.as_bytes());
+        // A quoted-string (RFC 7239 §4): a quote or backslash in it is escaped, so that no
+        // host can end the string and add elements of its own (`forward` refuses such hosts
+        // already).
+        for &b in host.as_bytes() {
+            if b == b'"' || b == b'\\' {
+                element.push(b'\\');
+            }
+            element.push(b);
+        }
         element.push(b'"');
         let element = value(element);
         // A copy of the host, not a view of the request: the view would keep the client
@@ -125,6 +133,16 @@ mod tests {
         assert_eq!(
             p.forwarded(Some(&shop)),
             "for=10.1.2.3;proto=http;host=\"shop.example\""
+        );
+    }
+
+    #[test]
+    fn a_host_is_escaped_in_its_quoted_string() {
+        let p = peer("10.1.2.3:5000");
+        let odd = HeaderValue::from_static("a\", for=6.6.6.6;host=\"b\\");
+        assert_eq!(
+            p.forwarded(Some(&odd)),
+            "for=10.1.2.3;proto=http;host=\"a\\\", for=6.6.6.6;host=\\\"b\\\\\""
         );
     }
 

@@ -87,8 +87,8 @@ pub(crate) enum ExchangeError {
 pub(crate) enum RequestFraming {
     /// No body.
     Empty,
-    /// `Content-Length` is in the head: the body's bytes as they are.
-    Length,
+    /// This many bytes, as they are (`Content-Length`).
+    Length(u64),
     /// `Transfer-Encoding: chunked` is in the head.
     Chunked,
 }
@@ -425,7 +425,7 @@ fn build_answer(
     let mut keep_alive_token = false;
     let mut names_others = false;
     let mut length: Option<u64> = None;
-    let mut chunked = None;
+    let mut chunked = false;
     // One pass: each name is parsed once (a known name becomes a constant that compares as
     // an integer), the framing and connection headers are read, the rest kept.
     let mut headers = HeaderMap::with_capacity(fields.len());
@@ -434,9 +434,12 @@ fn build_answer(
         let name = HeaderName::from_bytes(name).map_err(|_| ExchangeError::Invalid)?;
         let value = head.get(value_at..value_at + value_len).unwrap_or_default();
         if name == header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(value)
+            // `1*DIGIT` (RFC 9110 §8.6): Rust's parse would also take a sign.
+            let digits = value.trim_ascii();
+            let n = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
                 .ok_or(ExchangeError::Invalid)?;
             if length.is_some_and(|l| l != n) {
                 return Err(ExchangeError::Invalid);
@@ -456,9 +459,16 @@ fn build_answer(
                 continue;
             }
         } else if name == header::TRANSFER_ENCODING {
-            // Only the last coding decides whether the body is chunked.
-            let last = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-            chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
+            // Only `chunked` is taken off and framed anew: another coding would reach the
+            // client undecoded and unlabelled, so it is refused (nginx: 502).
+            let codings = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+            if chunked
+                || !codings.clone().all(|c| c.eq_ignore_ascii_case(b"chunked"))
+                || codings.count() != 1
+            {
+                return Err(ExchangeError::Invalid);
+            }
+            chunked = true;
             continue;
         } else if is_hop_by_hop(&name, upgrade) {
             continue;
@@ -467,9 +477,12 @@ fn build_answer(
             .map_err(|_| ExchangeError::Invalid)?;
         headers.append(name, value);
     }
-    if chunked.is_some() {
+    if chunked {
         // A chunked body reaches the client framed anew; its length is not this one.
         headers.remove(header::CONTENT_LENGTH);
+        // Both framings: chunked wins, and the connection is not trusted with another
+        // exchange (RFC 9112 §6.3: a sign of smuggling or splitting).
+        close |= length.is_some();
     }
     // Every header `Connection` names describes this connection only (rare: look again). A
     // 101's `Connection: upgrade` names the `Upgrade` header the client needs.
@@ -501,10 +514,10 @@ fn build_answer(
         ResponseFraming::Empty
     } else {
         match (chunked, length) {
-            (Some(true), _) => ResponseFraming::Chunked,
-            (Some(false), _) | (None, None) => ResponseFraming::Close,
-            (None, Some(0)) => ResponseFraming::Empty,
-            (None, Some(n)) => ResponseFraming::Length(n),
+            (true, _) => ResponseFraming::Chunked,
+            (false, None) => ResponseFraming::Close,
+            (false, Some(0)) => ResponseFraming::Empty,
+            (false, Some(n)) => ResponseFraming::Length(n),
         }
     };
     let mut response = Response::new(());
@@ -752,11 +765,16 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, ResponseBodyE
 /// only says which framing header a body needs.
 pub(crate) fn request_framing(headers: &HeaderMap, body: &UpstreamBody) -> RequestFraming {
     if body.is_end_stream() {
-        RequestFraming::Empty
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        RequestFraming::Length
-    } else {
-        RequestFraming::Chunked
+        return RequestFraming::Empty;
+    }
+    // hyper has checked the client's `Content-Length` (its lines agree, digits only).
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
     }
 }
 
@@ -811,15 +829,17 @@ mod tests {
     fn framing_follows_the_head() {
         for (head, head_request, want, keep_alive) in [
             (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
                 false,
                 ResponseFraming::Chunked,
                 true,
             ),
+            // Both framings: chunked wins, and the connection is not trusted again (RFC 9112
+            // §6.3: a sign of smuggling).
             (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
                 false,
-                ResponseFraming::Close,
+                ResponseFraming::Chunked,
                 false,
             ),
             (
@@ -867,6 +887,25 @@ mod tests {
         ] {
             let a = answer(head, head_request).unwrap().unwrap();
             assert_eq!((a.framing, a.keep_alive), (want, keep_alive), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn heads_with_framing_the_router_cannot_pass_on_are_refused() {
+        for head in [
+            // A coding other than chunked would reach the client undecoded and unlabelled.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            // `1*DIGIT` only.
+            "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        ] {
+            assert!(
+                matches!(answer(head, false), Err(ExchangeError::Invalid)),
+                "{head:?}"
+            );
         }
     }
 

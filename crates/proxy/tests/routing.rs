@@ -851,3 +851,335 @@ async fn bad_tls_files_are_reported_with_their_path() {
         "{err}"
     );
 }
+
+// Request smuggling, hosts and framing (found by a review against RFC 9110/9112 and nginx).
+
+/// Writes `request` (which asks the router to close) on a raw connection and returns
+/// everything the router sent back.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test]
+async fn a_connection_header_naming_content_length_does_not_unframe_the_body() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // The body is itself a request: if the router forwards the POST without its framing, the
+    // instance takes the POST as bodiless and the body as a second request that never went
+    // through the router.
+    let smuggled =
+        "GET /smuggled HTTP/1.1\r\nhost: internal.example\r\nx-forwarded-for: 10.0.0.1\r\n\r\n";
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nhost: shop\r\nconnection: close, content-length\r\ncontent-length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let reply = raw_exchange(router.addr, request.as_bytes()).await;
+    let body = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let second = tokio::time::timeout(Duration::from_millis(500), backend.served_more_than(1))
+        .await
+        .is_ok();
+    assert_eq!(
+        (body.as_str(), second),
+        (format!("{}\n", smuggled.len()).as_str(), false),
+        "the instance got the body as a request of its own: {reply:?}"
+    );
+}
+
+/// Two apps on one address, each with its own backend, as `shop.example` and `blog.example`.
+async fn shop_and_blog() -> (Backend, Backend, common::Router) {
+    let (shop_backend, blog_backend) = (Backend::start("shop").await, Backend::start("blog").await);
+    let mut shop_config = app("shop");
+    shop_config.hosts = vec!["shop.example".into()];
+    let mut blog_config = app("blog");
+    blog_config.hosts = vec!["blog.example".into()];
+    let (shop, blog) = (App::new(shop_config), App::new(blog_config));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
+    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    let router = router(vec![shop, blog]).await;
+    (shop_backend, blog_backend, router)
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_is_the_host_the_instance_sees() {
+    let (_shop, _blog, router) = shop_and_blog().await;
+    // RFC 9112 §3.2.2: the Host header of an absolute-form request is ignored, and the
+    // forwarded request's Host is generated from the target.
+    let reply = raw_exchange(
+        router.addr,
+        b"GET http://shop.example/headers HTTP/1.1\r\nhost: blog.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    let lines: Vec<&str> = reply.lines().collect();
+    assert!(
+        lines.contains(&"host: shop.example") && !lines.contains(&"host: blog.example"),
+        "shop's instance was told another app's host: {lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_with_two_host_headers_is_refused() {
+    let (shop, blog, router) = shop_and_blog().await;
+    // RFC 9112 §3.2: a server MUST answer 400 to a request with more than one Host line. The
+    // router routes by the first; an instance (or a framework) that reads the last would
+    // take the request for another app's.
+    let reply = raw_exchange(
+        router.addr,
+        b"GET /headers HTTP/1.1\r\nhost: shop.example\r\nhost: blog.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reply.starts_with("HTTP/1.1 400 "),
+        "served (shop {}, blog {}): {reply}",
+        shop.served(),
+        blog.served()
+    );
+}
+
+#[tokio::test]
+async fn an_http2_request_reaches_the_instance_with_its_authority_as_host() {
+    let (_shop, _blog, router) = shop_and_blog().await;
+    let (mut sender, _conn) = h2c(router.addr).await;
+    // Routed by :authority; a `host` field that disagrees must not reach the instance
+    // (RFC 9113 §8.3.1: such a request is malformed).
+    let response = sender
+        .send_request(
+            Request::get("http://shop.example/headers")
+                .header("host", "blog.example")
+                .body(common::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.starts_with("host: shop.example\n") && !body.contains("blog.example"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn every_x_forwarded_for_line_is_kept_in_the_list() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // RFC 9110 §5.3: several lines of a list field are one list. The first is the client's
+    // claim; the second was added by the load balancer in front, and is the one to trust.
+    let reply = Client::connect(router.addr)
+        .await
+        .send(
+            Request::get("/headers")
+                .header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-for", "198.51.100.7"),
+            common::empty(),
+        )
+        .await;
+    let lines: Vec<&str> = reply.body.lines().collect();
+    assert!(
+        lines.contains(&"x-forwarded-for: 6.6.6.6, 198.51.100.7, 127.0.0.1"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_without_host_is_refused_or_given_an_empty_one() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400. Forwarded as it is, the
+    // instance gets an HTTP/1.1 request without Host, and the client's X-Forwarded-Host,
+    // which the router replaces whenever there is a host.
+    let reply = raw_exchange(
+        router.addr,
+        b"GET /headers HTTP/1.1\r\nx-forwarded-host: evil.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    // HTTP/1.0 may leave Host out; the instance speaks HTTP/1.1 and gets an empty one (RFC 9112
+    // §3.2: a target without authority), and never the client's X-Forwarded-Host.
+    let reply = raw_exchange(
+        router.addr,
+        b"GET /headers HTTP/1.0\r\nx-forwarded-host: evil.example\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.0 200 "), "{reply}");
+    assert!(
+        reply.contains("\r\n\r\nhost: \n") && !reply.contains("evil.example"),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_a_host_name_matches_no_wildcard() {
+    let backend = Backend::start("b").await;
+    let mut config = app("shop");
+    config.hosts = vec!["*.example.com".into()];
+    let shop = App::new(config);
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // A Host is `uri-host [":" port]` (RFC 9110 §7.2); nginx answers 400 to one with a path
+    // separator or a space. An app that builds links from its Host (a password-reset mail)
+    // would send `https://evil.test/.example.com/reset?token=…` to evil.test.
+    for host in ["evil.test/.example.com", "evil.test .example.com"] {
+        let reply = raw_exchange(
+            router.addr,
+            format!("GET /headers HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(
+            reply.starts_with("HTTP/1.1 400 "),
+            "host {host:?} reached the instance: {reply}"
+        );
+    }
+    assert_eq!(backend.served(), 0);
+}
+
+/// A raw instance that answers every request with `response` and closes.
+async fn raw_backend(response: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0_u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_not_silently_dropped() {
+    // The body is gzip-coded, then chunked. The router takes the chunks off and drops the
+    // whole Transfer-Encoding header, so the client gets gzip bytes as if they were the
+    // content. nginx answers 502 ("upstream sent unknown Transfer-Encoding").
+    let backend = raw_backend(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: gzip, chunked\r\n\r\n6\r\n\x1f\x8bGZIP\r\n0\r\n\r\n",
+    )
+    .await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
+    let router = router(vec![shop]).await;
+    let reply = raw_exchange(
+        router.addr,
+        b"GET / HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_request_with_a_transfer_coding_other_than_chunked_is_refused() {
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // Framed anew as chunked only, the body would reach the instance still gzip-coded and
+    // labelled as plain (RFC 9112 §6.1: 501 for a coding the server does not understand).
+    let reply = raw_exchange(
+        router.addr,
+        b"POST /upload HTTP/1.1\r\nhost: shop\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 501 "), "{reply}");
+    assert_eq!(backend.served(), 0);
+}
+
+#[tokio::test]
+async fn an_invalid_content_length_from_an_instance_is_not_passed_on() {
+    // Content-Length is 1*DIGIT (RFC 9110 §8.6). The router reads `+5` as 5 (Rust's integer
+    // parse takes a sign) and passes the header on as it came.
+    let backend = raw_backend(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
+    let router = router(vec![shop]).await;
+    let reply = raw_exchange(
+        router.addr,
+        b"GET / HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_smuggled_request_answer_goes_to_the_next_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("b").await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    let mut victim = Client::connect(router.addr).await;
+    assert!(
+        victim
+            .get("/headers")
+            .await
+            .body
+            .contains("host: app.example")
+    );
+    let smuggled = "GET /slow HTTP/1.1\r\nhost: internal.example\r\n\r\n";
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nhost: shop\r\nconnection: content-length\r\ncontent-length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let mut attacker = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    attacker.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0_u8; 4096];
+    let n = attacker.read(&mut buf).await.unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // At once, while the instance still works on the smuggled /slow.
+    let reply = victim.get("/headers").await;
+    assert!(
+        reply.body.contains("host: app.example"),
+        "the victim got someone else's answer: {:?} (attacker got {first:?})",
+        reply.body
+    );
+}
+
+#[tokio::test]
+async fn a_host_cannot_add_elements_to_the_routers_forwarded_header() {
+    let backend = Backend::start("b").await;
+    let mut config = app("shop");
+    config.hosts = vec!["*.example.com".into()];
+    let shop = App::new(config);
+    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    let router = router(vec![shop]).await;
+    // Quoted into the router's own element unescaped, the quote would end the string and
+    // start an element of the client's (the last, the one an app behind one proxy believes).
+    let reply = raw_exchange(
+        router.addr,
+        b"GET /headers HTTP/1.1\r\nhost: a\", for=6.6.6.6;proto=https;host=\"b.example.com\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert_eq!(backend.served(), 0);
+}
