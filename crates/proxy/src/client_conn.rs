@@ -118,6 +118,11 @@ pub(crate) struct Activity {
     open: AtomicUsize,
     /// When the last of them ended, in milliseconds since `epoch`.
     last_end_ms: AtomicU64,
+    /// HTTP/2 requests that arrived.
+    started: AtomicU64,
+    /// HTTP/2 requests dropped before their response head was given (the client reset the
+    /// stream while the router was forwarding it).
+    cancelled: AtomicU64,
 }
 
 impl Activity {
@@ -127,6 +132,8 @@ impl Activity {
             asked: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
         })
     }
 
@@ -146,7 +153,22 @@ impl Activity {
             return None;
         }
         self.open.fetch_add(1, Ordering::SeqCst);
-        Some(OpenRequest(Arc::clone(self)))
+        self.started.fetch_add(1, Ordering::Relaxed);
+        Some(OpenRequest {
+            activity: Arc::clone(self),
+            answered: false,
+        })
+    }
+
+    /// Whether an HTTP/2 connection has had enough: [`MAX_HTTP2_REQUESTS`] requests, or a
+    /// client that resets most of the streams the router is forwarding (the "rapid reset" of
+    /// CVE-2023-44487 once streams are accepted: each reset request cost an instance
+    /// connection). The rule is Envoy's: at least [`RESETS_TOLERATED`] resets, and more than
+    /// half of the requests.
+    fn had_enough(&self) -> bool {
+        let started = self.started.load(Ordering::Relaxed);
+        let cancelled = self.cancelled.load(Ordering::Relaxed);
+        started >= MAX_HTTP2_REQUESTS || (cancelled >= RESETS_TOLERATED && cancelled * 2 > started)
     }
 
     /// How long no request has been open: `None` while one is.
@@ -163,12 +185,27 @@ impl Activity {
     }
 }
 
+/// How many requests one HTTP/2 connection serves before it is sent GOAWAY (nginx's
+/// `keepalive_requests`): a client opens a new connection, and no connection lives for ever.
+const MAX_HTTP2_REQUESTS: u64 = 1000;
+
+/// How many requests an HTTP/2 client may reset before its answer before the router looks
+/// at the share of them.
+const RESETS_TOLERATED: u64 = 100;
+
 /// A request counted open in its connection's [`Activity`] until this is dropped.
-pub(crate) struct OpenRequest(Arc<Activity>);
+pub(crate) struct OpenRequest {
+    activity: Arc<Activity>,
+    /// Its response head was given: set when it goes with its body ([`Tracked`]).
+    answered: bool,
+}
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
+        if !self.answered {
+            activity.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
         let ms = u64::try_from(Instant::now().duration_since(activity.epoch).as_millis())
             .unwrap_or(u64::MAX);
         // `fetch_max`: ends that race must not move it back.
@@ -185,7 +222,10 @@ pub(crate) struct Tracked<B> {
 }
 
 impl<B> Tracked<B> {
-    pub(crate) fn new(body: B, open: Option<OpenRequest>) -> Tracked<B> {
+    pub(crate) fn new(body: B, mut open: Option<OpenRequest>) -> Tracked<B> {
+        if let Some(open) = &mut open {
+            open.answered = true;
+        }
         Tracked { body, _open: open }
     }
 }
@@ -342,7 +382,9 @@ where
                 }
                 State::Http2(_) => {
                     if !this.goaway_sent {
-                        let tell = if asked {
+                        let tell = if this.activity.had_enough() {
+                            true
+                        } else if asked {
                             went_quiet(&mut this.quiet_check, &this.activity, this.idle_timeout, cx)
                         } else {
                             expired(&mut this.deadline, this.first_request_timeout, cx).is_ready()
@@ -481,5 +523,30 @@ mod tests {
         assert_eq!(activity.idle_for(), Some(Duration::ZERO));
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(activity.idle_for(), Some(Duration::from_secs(3)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_has_had_enough_of_resets_or_after_its_request_cap() {
+        let answer = |activity: &Arc<Activity>| {
+            drop(Tracked::new((), activity.start(Version::HTTP_2)));
+        };
+        let reset = |activity: &Arc<Activity>| drop(activity.start(Version::HTTP_2));
+        // 99 resets among 99 requests: tolerated; the 100th is not.
+        let activity = Activity::new();
+        (0..99).for_each(|_| reset(&activity));
+        assert!(!activity.had_enough());
+        reset(&activity);
+        assert!(activity.had_enough());
+        // As many resets, but not the most of the requests: a client that cancels some.
+        let activity = Activity::new();
+        (0..150).for_each(|_| answer(&activity));
+        (0..150).for_each(|_| reset(&activity));
+        assert!(!activity.had_enough());
+        // HTTP/1.1 requests are not counted.
+        let activity = Activity::new();
+        (0..MAX_HTTP2_REQUESTS).for_each(|_| drop(activity.start(Version::HTTP_11)));
+        assert!(!activity.had_enough());
+        (0..MAX_HTTP2_REQUESTS).for_each(|_| answer(&activity));
+        assert!(activity.had_enough());
     }
 }

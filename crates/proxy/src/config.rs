@@ -19,6 +19,11 @@ pub struct ListenerConfig {
     /// also how long a connection may stay idle (HTTP/1.1 between requests, HTTP/2 with no
     /// stream open) before it is.
     pub header_read_timeout: Duration,
+    /// How long a client may leave the response it is sent untaken (a full receive window)
+    /// before its connection is closed, as nginx's `send_timeout`: the kernel's
+    /// `TCP_USER_TIMEOUT` on its socket. Without it a client that stops reading holds its
+    /// request's instance connection for as long as it likes.
+    pub send_timeout: Duration,
     /// Bind with `SO_REUSEPORT`, so that another listener can bind the same address while
     /// this one serves (the daemon rebinds an address this way when the apps sharing it
     /// change). The router's threads serve copies of one socket instead (`Listener::try_clone`).
@@ -33,6 +38,7 @@ impl ListenerConfig {
             listen,
             tls: None,
             header_read_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             reuse_port: false,
         }
     }

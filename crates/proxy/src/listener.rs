@@ -77,10 +77,13 @@ impl Listener {
         }
         let hosts = HostTable::build(apps.iter().map(|a| (a.name(), a.config().hosts.as_slice())))?;
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-        let tcp = bind(config.listen, config.reuse_port).map_err(|source| ListenerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let tcp =
+            bind(config.listen, config.reuse_port, config.send_timeout).map_err(|source| {
+                ListenerError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
         Ok(Listener {
             tcp: Some(tcp),
             group: Arc::default(),
@@ -376,16 +379,31 @@ impl<C: Finish> Finish for AnswerFirst<C> {
     }
 }
 
+/// Most streams one HTTP/2 connection may have open at once (nginx's
+/// `http2_max_concurrent_streams`; hyper's default is 200).
+const HTTP2_MAX_STREAMS: u32 = 128;
+
+/// How much of a response hyper buffers per HTTP/2 stream for a client that does not take it
+/// (hyper's default is 400 KiB: with 200 streams, a client that opened its windows and read
+/// nothing pinned 100 MiB per connection).
+const HTTP2_SEND_BUFFER: usize = 64 * 1024;
+
 fn http2_builder(max_header_bytes: usize) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
+        .max_send_buf_size(HTTP2_SEND_BUFFER)
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
     http2
 }
 
 /// A listening socket (non-blocking), not yet registered with any runtime.
-fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+fn bind(
+    addr: SocketAddr,
+    reuse_port: bool,
+    send_timeout: Duration,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -396,6 +414,9 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpList
     if reuse_port {
         socket.set_reuseport(true)?;
     }
+    // Accepted sockets inherit it: no system call per connection.
+    let millis = u32::try_from(send_timeout.as_millis()).unwrap_or(u32::MAX);
+    rustix::net::sockopt::set_tcp_user_timeout(&socket, millis)?;
     socket.bind(addr)?;
     socket.listen(4096)?.into_std()
 }
@@ -435,4 +456,29 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ListenerError> {
     .map_err(tls_error)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The send timeout is set once on the listening socket: every accepted socket must carry
+    /// it (Linux copies it to the connections it accepts).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_send_timeout() {
+        let listener = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            false,
+            Duration::from_millis(1234),
+        )
+        .unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(
+            rustix::net::sockopt::tcp_user_timeout(&accepted).unwrap(),
+            1234
+        );
+    }
 }
