@@ -31,7 +31,7 @@ use crate::error::{ConfigError, ListenerError};
 use crate::forward::{self, Shared};
 use crate::hosts::HostTable;
 use crate::peer::Peer;
-use crate::spread::{Counted, Group, Handed};
+use crate::spread::{Counted, Group, Handed, Membership};
 
 /// A bound listen address serving its apps.
 pub struct Listener {
@@ -41,6 +41,9 @@ pub struct Listener {
     tcp: Option<std::net::TcpListener>,
     /// The copies of this listener, to spread connections over their threads.
     group: Arc<Group>,
+    /// This copy's place in `group`, when joined before it is served (by `Workers::serve`,
+    /// for all copies at once); else it joins when served.
+    membership: Option<Membership>,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     header_read_timeout: Duration,
@@ -87,6 +90,7 @@ impl Listener {
         Ok(Listener {
             tcp: Some(tcp),
             group: Arc::default(),
+            membership: None,
             shared: Arc::new(Shared {
                 apps,
                 hosts,
@@ -119,12 +123,20 @@ impl Listener {
         Ok(Listener {
             tcp: Some(self.socket()?.try_clone()?),
             group: Arc::clone(&self.group),
+            membership: None,
             tls: self.tls.clone(),
             shared: Arc::clone(&self.shared),
             header_read_timeout: self.header_read_timeout,
             max_header_bytes: self.max_header_bytes,
             http2: Arc::clone(&self.http2),
         })
+    }
+
+    /// Joins the copies' group ahead of serving, for the thread that counts its connections
+    /// in `load`: every copy is a member before any accepts, so the first connections are
+    /// spread even over threads that have not run yet.
+    pub(crate) fn join_ahead(&mut self, load: Arc<std::sync::atomic::AtomicUsize>) {
+        self.membership = Some(self.group.join_counting(load));
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, asks every connection to finish
@@ -144,7 +156,10 @@ impl Listener {
             }
         };
         let closing = Arc::new(Closing::default());
-        let mut membership = self.group.join();
+        let mut membership = match self.membership.take() {
+            Some(membership) => membership,
+            None => self.group.join(),
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

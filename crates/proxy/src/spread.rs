@@ -76,8 +76,9 @@ impl Group {
         self.join_counting(LOAD.with(Arc::clone))
     }
 
-    /// Joins with `load` as the serving thread's count.
-    fn join_counting(self: &Arc<Self>, load: Arc<AtomicUsize>) -> Membership {
+    /// Joins with `load` as the serving thread's count (made ahead for that thread: see
+    /// `Workers::serve`).
+    pub(crate) fn join_counting(self: &Arc<Self>, load: Arc<AtomicUsize>) -> Membership {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (send, inbox) = mpsc::unbounded_channel();
         self.members().push(Member {

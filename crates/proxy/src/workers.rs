@@ -17,6 +17,8 @@
 //! gives it back.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -31,6 +33,8 @@ type Job = (Listener, watch::Receiver<bool>, oneshot::Sender<()>);
 pub struct Workers {
     jobs: Vec<mpsc::UnboundedSender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    /// How many connections each thread serves, on all its listeners.
+    loads: Vec<Arc<AtomicUsize>>,
 }
 
 /// How to run the router's threads.
@@ -74,6 +78,7 @@ impl Workers {
         let mut workers = Workers {
             jobs: Vec::new(),
             threads: Vec::new(),
+            loads: Vec::new(),
         };
         for i in 0..config.threads.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -93,6 +98,7 @@ impl Workers {
                 })?;
             workers.jobs.push(send);
             workers.threads.push(thread);
+            workers.loads.push(Arc::default());
         }
         Ok(workers)
     }
@@ -112,6 +118,11 @@ impl Workers {
             copies.push(listener.try_clone()?);
         }
         copies.push(listener);
+        // All copies join before any is served: a thread that has not run yet still gets its
+        // share of the first connections (they wait in its inbox).
+        for (copy, load) in copies.iter_mut().zip(&self.loads) {
+            copy.join_ahead(Arc::clone(load));
+        }
         let mut done = Vec::with_capacity(copies.len());
         for (jobs, copy) in self.jobs.iter().zip(copies) {
             let (tell, told) = oneshot::channel();
