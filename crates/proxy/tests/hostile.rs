@@ -124,6 +124,24 @@ async fn until_nothing_in_flight(shop: &App, instance: SocketAddr) -> usize {
     shop.in_flight(instance)
 }
 
+/// An instance that never answers, a router to it, and an `h2` client connection to the
+/// router (its connection task spawned).
+async fn h2_to_a_hanging_instance() -> (
+    Hanging,
+    common::Router,
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let instance = hanging_backend().await;
+    let shop = shop_on(instance.addr, Duration::from_secs(30));
+    let router = router_with(listener_config(Duration::from_secs(60)), vec![shop]).await;
+    let tcp = TcpStream::connect(router.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let client = client.ready().await.unwrap();
+    (instance, router, client, conn)
+}
+
 /// One HTTP/2 frame.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len();
@@ -139,14 +157,7 @@ const GET_SHOP: &[u8] = &[0x82, 0x86, 0x84, 0x01, 4, b's', b'h', b'o', b'p'];
 
 #[tokio::test]
 async fn rapid_reset_after_the_router_accepted_the_streams_is_bounded() {
-    let instance = hanging_backend().await;
-    let shop = shop_on(instance.addr, Duration::from_secs(30));
-    let router = router_with(listener_config(Duration::from_secs(60)), vec![shop]).await;
-
-    let tcp = TcpStream::connect(router.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let (instance, _router, mut client, conn) = h2_to_a_hanging_instance().await;
     let started = Instant::now();
     let rounds: u64 = 30;
     let per_round = 100_u64;
@@ -207,13 +218,7 @@ async fn rapid_reset_after_the_router_accepted_the_streams_is_bounded() {
 /// The classic rapid reset (HEADERS then RST_STREAM at once): h2's pending-accept limit.
 #[tokio::test]
 async fn rapid_reset_before_the_router_accepted_the_streams_gets_goaway() {
-    let instance = hanging_backend().await;
-    let shop = shop_on(instance.addr, Duration::from_secs(30));
-    let router = router_with(listener_config(Duration::from_secs(60)), vec![shop]).await;
-    let tcp = TcpStream::connect(router.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let (instance, _router, mut client, conn) = h2_to_a_hanging_instance().await;
     let mut sent = 0;
     let mut error = None;
     for _ in 0..100_000 {

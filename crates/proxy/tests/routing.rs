@@ -868,12 +868,19 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&reply).into_owned()
 }
 
+/// A router serving one app, `shop`, whose one release has one instance at `instance`.
+async fn shop_router(instance: std::net::SocketAddr) -> common::Router {
+    let shop = App::new(app("shop"));
+    shop.set_route(&table(vec![Release::new("r1", 1, &[instance])]));
+    router(vec![shop]).await
+}
+
+const GET_AND_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n";
+
 #[tokio::test]
 async fn a_connection_header_naming_content_length_does_not_unframe_the_body() {
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let router = router(vec![shop]).await;
+    let router = shop_router(backend.addr).await;
     // The body is itself a request: if the router forwards the POST without its framing, the
     // instance takes the POST as bodiless and the body as a second request that never went
     // through the router.
@@ -978,9 +985,7 @@ async fn an_http2_request_reaches_the_instance_with_its_authority_as_host() {
 #[tokio::test]
 async fn every_x_forwarded_for_line_is_kept_in_the_list() {
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let router = router(vec![shop]).await;
+    let router = shop_router(backend.addr).await;
     // RFC 9110 §5.3: several lines of a list field are one list. The first is the client's
     // claim; the second was added by the load balancer in front, and is the one to trust.
     let reply = Client::connect(router.addr)
@@ -1002,9 +1007,7 @@ async fn every_x_forwarded_for_line_is_kept_in_the_list() {
 #[tokio::test]
 async fn a_request_without_host_is_refused_or_given_an_empty_one() {
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let router = router(vec![shop]).await;
+    let router = shop_router(backend.addr).await;
     // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400. Forwarded as it is, the
     // instance gets an HTTP/1.1 request without Host, and the client's X-Forwarded-Host,
     // which the router replaces whenever there is a host.
@@ -1087,23 +1090,15 @@ async fn a_transfer_coding_other_than_chunked_is_not_silently_dropped() {
         b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: gzip, chunked\r\n\r\n6\r\n\x1f\x8bGZIP\r\n0\r\n\r\n",
     )
     .await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
-    let router = router(vec![shop]).await;
-    let reply = raw_exchange(
-        router.addr,
-        b"GET / HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n",
-    )
-    .await;
+    let router = shop_router(backend).await;
+    let reply = raw_exchange(router.addr, GET_AND_CLOSE).await;
     assert!(reply.starts_with("HTTP/1.1 502 "), "{reply:?}");
 }
 
 #[tokio::test]
 async fn a_request_with_a_transfer_coding_other_than_chunked_is_refused() {
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let router = router(vec![shop]).await;
+    let router = shop_router(backend.addr).await;
     // Framed anew as chunked only, the body would reach the instance still gzip-coded and
     // labelled as plain (RFC 9112 §6.1: 501 for a coding the server does not understand).
     let reply = raw_exchange(
@@ -1120,14 +1115,8 @@ async fn an_invalid_content_length_from_an_instance_is_not_passed_on() {
     // Content-Length is 1*DIGIT (RFC 9110 §8.6). The router reads `+5` as 5 (Rust's integer
     // parse takes a sign) and passes the header on as it came.
     let backend = raw_backend(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
-    let router = router(vec![shop]).await;
-    let reply = raw_exchange(
-        router.addr,
-        b"GET / HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n",
-    )
-    .await;
+    let router = shop_router(backend).await;
+    let reply = raw_exchange(router.addr, GET_AND_CLOSE).await;
     assert!(reply.starts_with("HTTP/1.1 502 "), "{reply:?}");
 }
 
@@ -1135,9 +1124,7 @@ async fn an_invalid_content_length_from_an_instance_is_not_passed_on() {
 async fn a_smuggled_request_answer_goes_to_the_next_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("b").await;
-    let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
-    let router = router(vec![shop]).await;
+    let router = shop_router(backend.addr).await;
     let mut victim = Client::connect(router.addr).await;
     assert!(
         victim

@@ -172,6 +172,22 @@ async fn output_tail(provider: &Engines, id: &kiln_runtime::InstanceId) -> Strin
     String::from_utf8_lossy(&data[start..]).into_owned()
 }
 
+/// Starts the test instance `id`, then does `work` unless a stop signal comes first. The start
+/// itself is not cut short: one dropped half-way could leave a process behind.
+async fn start_then<T>(
+    provider: &Arc<Engines>,
+    id: &kiln_runtime::InstanceId,
+    signals: &mut StopSignals,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    provider.start(id).await?;
+    tokio::select! {
+        biased;
+        stop = signals.recv() => Err(Interrupted(stop).into()),
+        done = work => done,
+    }
+}
+
 async fn command_test(
     provider: &Arc<Engines>,
     instance: InstanceSpec,
@@ -180,16 +196,8 @@ async fn command_test(
     signals: &mut StopSignals,
 ) -> anyhow::Result<TestResult> {
     let id = provider.create(instance).await?;
-    // Not cut short by a signal: a start dropped half-way could leave a process behind.
-    let started = provider.start(&id).await;
-    let outcome = match started {
-        Err(e) => Err(anyhow::Error::from(e)),
-        Ok(()) => tokio::select! {
-            biased;
-            stop = signals.recv() => Err(Interrupted(stop).into()),
-            waited = tokio::time::timeout_at(deadline, provider.wait(&id)) => Ok(waited),
-        },
-    };
+    let wait = async { anyhow::Ok(tokio::time::timeout_at(deadline, provider.wait(&id)).await) };
+    let outcome = start_then(provider, &id, signals, wait).await;
     let output = output_tail(provider, &id).await;
     let destroyed = provider.destroy(&id).await;
     let waited = outcome?;
@@ -263,16 +271,7 @@ async fn http_test(
             delay = (delay * 2).min(Duration::from_millis(200));
         }
     };
-    // Not cut short by a signal: a start dropped half-way could leave a process behind.
-    let started = provider.start(&id).await;
-    let outcome = match started {
-        Err(e) => Err(anyhow::Error::from(e)),
-        Ok(()) => tokio::select! {
-            biased;
-            stop = signals.recv() => Err(Interrupted(stop).into()),
-            outcome = probe => outcome,
-        },
-    };
+    let outcome = start_then(provider, &id, signals, probe).await;
     let output = output_tail(provider, &id).await;
     let destroyed = provider.destroy(&id).await;
     let outcome = outcome?;
