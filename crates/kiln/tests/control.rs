@@ -212,34 +212,22 @@ fn daemon_killed_during_a_rolling_update_converges_every_time() {
         std::thread::sleep(Duration::from_millis(30 * (round - 1)));
         daemon.kill();
         daemon.spawn();
-        // Converged: the new release live on 3 instances, and older releases' instances
-        // (retired in the background) gone.
+        // Converged: the new release live and routed on 3 instances, the previous one warm,
+        // and older releases' instances (retired in the background) gone. One condition: on a
+        // busy machine an instance whose health checks time out is replaced, and a second look
+        // could catch it between its destroy and its successor.
         wait_until(&state, Duration::from_secs(60), |s| {
+            let instances = s["instances"].as_array().unwrap();
+            let live = instances.iter().filter(|i| i["release"] == round).count();
             s["phase"] == "completed"
                 && s["release"] == round
                 && routed(s).len() == 3
-                && s["instances"].as_array().unwrap().iter().all(|i| {
+                && live == 3
+                && instances.iter().all(|i| {
                     let r = i["release"].as_u64().unwrap_or(0);
-                    r == round || r == round - 1
+                    (r == round || r == round - 1) && (i["routed"] == true) == (r == round)
                 })
         });
-        let s = status(&state);
-        // Exactly one live release routed, the previous one warm, nothing else.
-        for i in s["instances"].as_array().unwrap() {
-            let r = i["release"].as_u64().unwrap();
-            assert!(
-                r == round || r == round - 1,
-                "orphan instance of release {r}: {s:#}"
-            );
-            assert_eq!(i["routed"] == true, r == round, "{s:#}");
-        }
-        let live = s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|i| i["release"] == round)
-            .count();
-        assert_eq!(live, 3, "{s:#}");
     }
     // No instance directory without a runc container, no container without a directory
     // (once the background destroys of retired instances have finished, and the leftover of
