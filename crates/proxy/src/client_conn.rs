@@ -160,15 +160,19 @@ impl Activity {
         })
     }
 
-    /// Whether an HTTP/2 connection has had enough: [`MAX_HTTP2_REQUESTS`] requests, or a
-    /// client that resets most of the streams the router is forwarding (the "rapid reset" of
-    /// CVE-2023-44487 once streams are accepted: each reset request cost an instance
-    /// connection). The rule is Envoy's: at least [`RESETS_TOLERATED`] resets, and more than
-    /// half of the requests.
-    fn had_enough(&self) -> bool {
+    /// Whether an HTTP/2 connection has served its [`MAX_HTTP2_REQUESTS`].
+    fn served_enough(&self) -> bool {
+        self.started.load(Ordering::Relaxed) >= MAX_HTTP2_REQUESTS
+    }
+
+    /// Whether an HTTP/2 client resets most of the requests the router is forwarding: the
+    /// "rapid reset" of CVE-2023-44487 once streams are accepted, where each reset request
+    /// costs an instance connection. At least [`RESETS_TOLERATED`] resets, and more than half
+    /// of the requests (after Envoy's premature-reset rule, which also looks at the share).
+    fn resets_too_many(&self) -> bool {
         let started = self.started.load(Ordering::Relaxed);
         let cancelled = self.cancelled.load(Ordering::Relaxed);
-        started >= MAX_HTTP2_REQUESTS || (cancelled >= RESETS_TOLERATED && cancelled * 2 > started)
+        cancelled >= RESETS_TOLERATED && cancelled * 2 > started
     }
 
     /// How long no request has been open: `None` while one is.
@@ -381,8 +385,13 @@ where
                     return Pin::new(connection).poll(cx).map_err(Into::into);
                 }
                 State::Http2(_) => {
+                    if this.activity.resets_too_many() {
+                        // Closed at once, as Envoy does: a graceful GOAWAY takes new streams
+                        // until the client acknowledges its PING, which this one need not do.
+                        return Poll::Ready(Err(TOO_MANY_RESETS.into()));
+                    }
                     if !this.goaway_sent {
-                        let tell = if this.activity.had_enough() {
+                        let tell = if this.activity.served_enough() {
                             true
                         } else if asked {
                             went_quiet(&mut this.quiet_check, &this.activity, this.idle_timeout, cx)
@@ -437,6 +446,8 @@ where
 const NO_FIRST_REQUEST: &str = "no request before the header read timeout";
 
 const GOAWAY_UNANSWERED: &str = "sent GOAWAY, and not closed by the client in time";
+
+const TOO_MANY_RESETS: &str = "the client reset most of its requests";
 
 /// How long an HTTP/2 connection sent GOAWAY, with no request open, is left to end by itself
 /// before it is closed. hyper's graceful shutdown ends it once the client acknowledges the
@@ -526,7 +537,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_has_had_enough_of_resets_or_after_its_request_cap() {
+    async fn a_connection_has_had_enough_after_many_resets_or_its_request_cap() {
         let answer = |activity: &Arc<Activity>| {
             drop(Tracked::new((), activity.start(Version::HTTP_2)));
         };
@@ -534,19 +545,19 @@ mod tests {
         // 99 resets among 99 requests: tolerated; the 100th is not.
         let activity = Activity::new();
         (0..99).for_each(|_| reset(&activity));
-        assert!(!activity.had_enough());
+        assert!(!activity.resets_too_many());
         reset(&activity);
-        assert!(activity.had_enough());
+        assert!(activity.resets_too_many());
         // As many resets, but not the most of the requests: a client that cancels some.
         let activity = Activity::new();
         (0..150).for_each(|_| answer(&activity));
         (0..150).for_each(|_| reset(&activity));
-        assert!(!activity.had_enough());
+        assert!(!activity.resets_too_many());
         // HTTP/1.1 requests are not counted.
         let activity = Activity::new();
         (0..MAX_HTTP2_REQUESTS).for_each(|_| drop(activity.start(Version::HTTP_11)));
-        assert!(!activity.had_enough());
+        assert!(!activity.served_enough());
         (0..MAX_HTTP2_REQUESTS).for_each(|_| answer(&activity));
-        assert!(activity.had_enough());
+        assert!(activity.served_enough() && !activity.resets_too_many());
     }
 }

@@ -739,24 +739,29 @@ fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, &'static str
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => line.cloned(),
     };
-    match &host {
+    match host {
         None if req.version() == Version::HTTP_11 => Err("an HTTP/1.1 request without Host"),
+        // An empty `Host` says the target has no authority (RFC 9112 §3.2): no host.
+        Some(host) if host.is_empty() => Ok(None),
         Some(host) if !crate::hosts::is_request_host(host.as_bytes()) => {
             Err("the request's host is not a host name")
         }
-        _ => Ok(host),
+        host => Ok(host),
     }
 }
 
-/// Whether the `Transfer-Encoding` lines (if any) name only `chunked`, the one coding this
-/// router frames bodies with.
+/// Whether the `Transfer-Encoding` lines (if any) name `chunked` once and nothing else: the
+/// one coding this router frames bodies with (`chunked, chunked` would reach the instance
+/// still chunked once).
 fn only_chunked(lines: hyper::header::GetAll<'_, HeaderValue>) -> bool {
-    lines.iter().all(|line| {
-        line.as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-            .all(|coding| coding.eq_ignore_ascii_case(b"chunked"))
-    })
+    let mut codings = lines
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {

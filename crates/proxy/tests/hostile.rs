@@ -183,11 +183,15 @@ async fn rapid_reset_after_the_router_accepted_the_streams_is_bounded() {
             }
             sent += 1;
         }
-        // Until the instance has every one of them (the router forwarded them).
+        // Until the instance has every one of them (the router forwarded them), or the router
+        // has stopped taking them.
         let want = (round + 1) * per_round;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(2);
         while instance.heads.load(Ordering::SeqCst) < want && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if conn.is_finished() {
+            break;
         }
         for (response, mut stream) in streams {
             stream.send_reset(h2::Reason::CANCEL);
@@ -213,6 +217,52 @@ async fn rapid_reset_after_the_router_accepted_the_streams_is_bounded() {
         "one client connection had {sent} requests forwarded and reset ({forwarded} reached the \
          instance, on {accepted} fresh connections) and was never told GOAWAY"
     );
+}
+
+/// The same with a client that never acknowledges the PING sent with GOAWAY, so hyper would
+/// go on taking its new streams: it is closed all the same.
+#[tokio::test]
+async fn rapid_reset_from_a_client_that_ignores_goaway_is_cut_off() {
+    let instance = hanging_backend().await;
+    let shop = shop_on(instance.addr, Duration::from_secs(30));
+    let router = router_with(listener_config(Duration::from_secs(60)), vec![shop]).await;
+    let (mut read, mut write) = TcpStream::connect(router.addr).await.unwrap().into_split();
+    // Reads (frames are not answered by reading) until the router closes.
+    let closed = tokio::spawn(async move {
+        let mut sink = Vec::new();
+        read.read_to_end(&mut sink).await
+    });
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    write.write_all(&hello).await.unwrap();
+    let mut stream = 1_u32;
+    for round in 1..=30_u64 {
+        let first = stream;
+        let mut headers = Vec::new();
+        for _ in 0..100 {
+            headers.extend(frame(0x1, 0x5, stream, GET_SHOP));
+            stream += 2;
+        }
+        if write.write_all(&headers).await.is_err() || closed.is_finished() {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while instance.heads.load(Ordering::SeqCst) < round * 100 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // RST_STREAM (CANCEL) for each.
+        let resets: Vec<u8> = (first..stream)
+            .step_by(2)
+            .flat_map(|id| frame(0x3, 0, id, &[0, 0, 0, 0x8]))
+            .collect();
+        if write.write_all(&resets).await.is_err() {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), closed).await;
+    assert!(matches!(ended, Ok(Ok(Ok(_)))), "{ended:?}");
+    let forwarded = instance.heads.load(Ordering::SeqCst);
+    assert!(forwarded < 3000, "{forwarded} requests forwarded");
 }
 
 /// The classic rapid reset (HEADERS then RST_STREAM at once): h2's pending-accept limit.

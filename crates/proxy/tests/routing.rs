@@ -1029,6 +1029,18 @@ async fn a_request_without_host_is_refused_or_given_an_empty_one() {
         reply.contains("\r\n\r\nhost: \n") && !reply.contains("evil.example"),
         "{reply}"
     );
+    // An empty Host says the target has no authority: accepted (RFC 9112 §3.2), and no empty
+    // host is claimed in the forwarding headers.
+    let reply = raw_exchange(
+        router.addr,
+        b"GET /headers HTTP/1.1\r\nhost:\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
+    assert!(
+        !reply.contains("x-forwarded-host") && !reply.contains("host=\"\""),
+        "{reply}"
+    );
 }
 
 #[tokio::test]
@@ -1042,7 +1054,13 @@ async fn a_host_that_is_not_a_host_name_matches_no_wildcard() {
     // A Host is `uri-host [":" port]` (RFC 9110 §7.2); nginx answers 400 to one with a path
     // separator or a space. An app that builds links from its Host (a password-reset mail)
     // would send `https://evil.test/.example.com/reset?token=…` to evil.test.
-    for host in ["evil.test/.example.com", "evil.test .example.com"] {
+    for host in [
+        "evil.test/.example.com",
+        "evil.test .example.com",
+        // Many URL libraries read these as the host evil.test.
+        "evil.test:x.example.com",
+        "evil.test,x.example.com",
+    ] {
         let reply = raw_exchange(
             router.addr,
             format!("GET /headers HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
@@ -1101,12 +1119,13 @@ async fn a_request_with_a_transfer_coding_other_than_chunked_is_refused() {
     let router = shop_router(backend.addr).await;
     // Framed anew as chunked only, the body would reach the instance still gzip-coded and
     // labelled as plain (RFC 9112 §6.1: 501 for a coding the server does not understand).
-    let reply = raw_exchange(
-        router.addr,
-        b"POST /upload HTTP/1.1\r\nhost: shop\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(reply.starts_with("HTTP/1.1 501 "), "{reply}");
+    for codings in ["gzip, chunked", "chunked, chunked"] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nhost: shop\r\ntransfer-encoding: {codings}\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let reply = raw_exchange(router.addr, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 501 "), "{codings}: {reply}");
+    }
     assert_eq!(backend.served(), 0);
 }
 
