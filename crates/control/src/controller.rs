@@ -114,6 +114,9 @@ struct ListenerHandle {
     tls: Option<(PathBuf, PathBuf)>,
     /// Served on every router thread; dropping it stops the listener.
     serving: kiln_proxy::Serving,
+    /// A copy of its listening socket: the next listener for the address is built on it, so
+    /// the socket stays open across the change (no connection refused).
+    socket: std::net::TcpListener,
 }
 
 /// What the controller needs to start.
@@ -414,14 +417,28 @@ impl Controller {
         cfg.tls = tls
             .clone()
             .map(|(cert, key)| kiln_proxy::TlsFiles { cert, key });
-        let listener = kiln_proxy::Listener::bind(cfg, apps.clone())
-            .await
+        let listener = match listeners.get(&listen).map(|h| h.socket.try_clone()) {
+            Some(socket) => {
+                let socket = socket.map_err(|e| ControlError::Router(e.to_string()))?;
+                kiln_proxy::Listener::bind_to(cfg, apps.clone(), socket).await
+            }
+            None => kiln_proxy::Listener::bind(cfg, apps.clone()).await,
+        }
+        .map_err(|e| ControlError::Router(e.to_string()))?;
+        let socket = listener
+            .socket_copy()
             .map_err(|e| ControlError::Router(e.to_string()))?;
         let serving = self
             .router
             .serve(listener)
             .map_err(|e| ControlError::Router(e.to_string()))?;
-        if let Some(old) = listeners.insert(listen, ListenerHandle { apps, tls, serving }) {
+        let handle = ListenerHandle {
+            apps,
+            tls,
+            serving,
+            socket,
+        };
+        if let Some(old) = listeners.insert(listen, handle) {
             old.serving.stop();
         }
         Ok(())

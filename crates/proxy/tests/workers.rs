@@ -203,9 +203,9 @@ async fn one_shot(addr: std::net::SocketAddr) -> Result<(), String> {
         .map_err(|_| "no answer within 3 s".to_owned())?
 }
 
-/// The daemon's way of changing the apps on an address: bind a new listener (SO_REUSEPORT),
-/// serve it, stop the old one. The old one drains a slow request for a while; connections
-/// opened meanwhile must all be served, none left queued on the old socket.
+/// The daemon's way of changing the apps on an address: a new listener on a copy of the old
+/// one's socket, served, then the old one stopped. The old one drains a slow request for a
+/// while; connections opened meanwhile must all be served, none refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebinding_an_address_loses_no_new_connection() {
     let _serial = SERIAL.lock().await;
@@ -226,6 +226,7 @@ async fn rebinding_an_address_loses_no_new_connection() {
     };
     let old = bind("127.0.0.1:0").await.unwrap();
     let addr = old.local_addr().unwrap();
+    let socket = old.socket_copy().unwrap();
     let old = router.serve(old).unwrap();
     // Keeps the old listener draining after it stops.
     let mut slow = Client::connect(addr).await;
@@ -247,9 +248,10 @@ async fn rebinding_an_address_loses_no_new_connection() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let new = router
-        .serve(bind(&addr.to_string()).await.unwrap())
+    let new = Listener::bind_to(ListenerConfig::new(addr), vec![Arc::clone(&shop)], socket)
+        .await
         .unwrap();
+    let new = router.serve(new).unwrap();
     let draining = tokio::spawn(old.drain());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
