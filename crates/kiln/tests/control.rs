@@ -518,6 +518,10 @@ fn down_lets_the_requests_in_flight_finish() {
     let image = build(&state, &spec);
     apply(&state, &spec, &image);
     let clients: Vec<_> = (0..2).map(|_| slow_request(port)).collect();
+    // Sent is not yet routed: a request the router reads after `down` emptied the route gets
+    // a 503, rightly. The instances take 1.5 s over each, so 300 ms lets both reach them even
+    // on a busy machine (under two CPU burners, the router once read one only after `down`).
+    std::thread::sleep(Duration::from_millis(300));
     kiln(&state)
         .args(["down", "web"])
         .timeout(Duration::from_secs(30))
