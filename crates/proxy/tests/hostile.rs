@@ -80,13 +80,8 @@ async fn endless_backend() -> SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let mut buf = vec![0_u8; 16 * 1024];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !common::read_head(&mut stream).await {
+                    return;
                 }
                 let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n";
                 if stream.write_all(head).await.is_err() {

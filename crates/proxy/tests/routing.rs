@@ -650,26 +650,21 @@ async fn a_client_that_shuts_down_its_sending_side_still_gets_its_response() {
 /// connection, unanswered, when a second request arrives on it: an idle connection the
 /// instance gave up on (its keep-alive timeout) just as the router reused it.
 async fn closes_reused_connections() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0_u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !common::read_head(&mut stream).await {
+                    return;
                 }
                 let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nfresh\n";
                 if stream.write_all(answer).await.is_err() {
                     return;
                 }
                 // The next request on this connection is read and dropped with it.
-                let _ = stream.read(&mut buf).await;
+                let _ = common::read_head(&mut stream).await;
             });
         }
     });
@@ -1077,19 +1072,14 @@ async fn a_host_that_is_not_a_host_name_matches_no_wildcard() {
 
 /// A raw instance that answers every request with `response` and closes.
 async fn raw_backend(response: &'static [u8]) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0_u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !common::read_head(&mut stream).await {
+                    return;
                 }
                 let _ = stream.write_all(response).await;
                 let _ = stream.shutdown().await;

@@ -444,3 +444,18 @@ pub fn parse_wrk(text: &str) -> WrkReport {
     assert!(found_requests, "wrk printed no summary:\n{text}");
     report
 }
+
+/// Reads from `stream` until a whole request head (up to its blank line) has arrived; false
+/// if the peer closed or failed first. Bytes past the head are read with it and dropped.
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0_u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
