@@ -9,7 +9,7 @@
 use rusqlite::{Connection, Transaction, params};
 use sha2::{Digest, Sha256};
 
-use crate::{Error, Event, Result, sql};
+use crate::{Entry, Error, Result, sql};
 
 /// The `prev_hash` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -57,7 +57,7 @@ pub(crate) fn append(
     kind: &str,
     data: &serde_json::Value,
     at_ms: i64,
-) -> Result<Event> {
+) -> Result<Entry> {
     let last: Option<(i64, String)> = tx
         .query_row(
             "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1",
@@ -82,7 +82,7 @@ pub(crate) fn append(
         params![seq as i64, at_ms, app, kind, text, prev_hash, hash],
     )
     .map_err(sql("append event"))?;
-    Ok(Event {
+    Ok(Entry {
         seq,
         at_ms,
         app: app.to_owned(),
@@ -131,7 +131,7 @@ pub(crate) fn events(
     conn: &Connection,
     app: Option<&str>,
     limit: Option<usize>,
-) -> Result<Vec<Event>> {
+) -> Result<Vec<Entry>> {
     let all = rows(conn, app)?;
     let skip = limit.map_or(0, |l| all.len().saturating_sub(l));
     all.into_iter()
@@ -141,7 +141,7 @@ pub(crate) fn events(
                 what: format!("event {}", r.seq),
                 detail: e.to_string(),
             })?;
-            Ok(Event {
+            Ok(Entry {
                 seq: u64::try_from(r.seq).unwrap_or(0),
                 at_ms: r.at_ms,
                 app: r.app,

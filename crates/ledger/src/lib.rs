@@ -12,6 +12,7 @@
 //! since the Unix epoch), which keeps every function deterministic under test.
 
 mod chain;
+mod event;
 mod schema;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 pub use chain::{GENESIS, VerifyError, VerifyReport};
+pub use event::{Cause, Event, StepMetrics, Verdict, Window};
 
 /// What can go wrong with the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -109,9 +111,9 @@ pub struct Release {
     pub body: NewRelease,
 }
 
-/// One entry of the event log.
+/// One entry of the event log, as stored (its kind and data are an [`Event`]'s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
+pub struct Entry {
     /// Position in the log, from 1, without gaps.
     pub seq: u64,
     /// When it happened, ms since the epoch.
@@ -128,6 +130,16 @@ pub struct Event {
     pub hash: String,
 }
 
+impl Entry {
+    /// The typed event this entry records.
+    pub fn event(&self) -> Result<Event> {
+        Event::decode(&self.kind, &self.data).map_err(|e| Error::Corrupt {
+            what: format!("event {} ({})", self.seq, self.kind),
+            detail: e.to_string(),
+        })
+    }
+}
+
 /// The ledger file, open.
 pub struct Ledger {
     conn: Connection,
@@ -138,6 +150,26 @@ impl Ledger {
     pub fn open(path: &Path) -> Result<Ledger> {
         let conn = Connection::open(path).map_err(sql("open"))?;
         Ledger::setup(conn)
+    }
+
+    /// Opens an existing ledger for reading only (`kiln verify` and `kiln gc` without a
+    /// daemon): nothing is created, migrated or written.
+    pub fn open_read_only(path: &Path) -> Result<Ledger> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("open read-only"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql("set busy timeout"))?;
+        let found = schema::version(&conn)?;
+        if found > schema::CURRENT {
+            return Err(Error::TooNew {
+                found,
+                known: schema::CURRENT,
+            });
+        }
+        Ok(Ledger { conn })
     }
 
     /// An in-memory ledger, for tests of code above it.
@@ -198,13 +230,13 @@ impl Ledger {
         .map_err(sql("insert release"))?;
         // The event carries the release's digest, so editing the release row is caught by
         // `verify` even though the row itself is outside the chain.
-        let data = serde_json::json!({
-            "number": number,
-            "image": record.body.image,
-            "actor": record.body.actor,
-            "record_sha256": chain::sha256_hex(body.as_bytes()),
-        });
-        chain::append(&tx, app, "release.created", &data, now_ms)?;
+        let event = Event::ReleaseCreated {
+            number,
+            image: record.body.image.clone(),
+            actor: record.body.actor.clone(),
+            record_sha256: chain::sha256_hex(body.as_bytes()),
+        };
+        chain::append(&tx, app, event.kind(), &event.data(), now_ms)?;
         tx.commit().map_err(sql("commit release"))?;
         Ok(record)
     }
@@ -260,26 +292,19 @@ impl Ledger {
     }
 
     /// Appends one event to the log.
-    pub fn append(
-        &mut self,
-        app: &str,
-        kind: &str,
-        data: &serde_json::Value,
-        now_ms: i64,
-    ) -> Result<Event> {
+    pub fn append(&mut self, app: &str, event: &Event, now_ms: i64) -> Result<Entry> {
         check_name("app", app)?;
-        check_name("event kind", kind)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
-        let event = chain::append(&tx, app, kind, data, now_ms)?;
+        let entry = chain::append(&tx, app, event.kind(), &event.data(), now_ms)?;
         tx.commit().map_err(sql("commit event"))?;
-        Ok(event)
+        Ok(entry)
     }
 
     /// Events, oldest first; only `app`'s when given; at most the last `limit`.
-    pub fn events(&self, app: Option<&str>, limit: Option<usize>) -> Result<Vec<Event>> {
+    pub fn events(&self, app: Option<&str>, limit: Option<usize>) -> Result<Vec<Entry>> {
         chain::events(&self.conn, app, limit)
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use kiln_ledger::{Error, Ledger, NewRelease};
+use kiln_ledger::{Error, Event, Ledger, NewRelease};
 use serde_json::json;
 
 fn release(image: &str) -> NewRelease {
@@ -23,25 +23,23 @@ fn populated() -> (tempfile::TempDir, std::path::PathBuf) {
     let mut l = Ledger::open(&path).unwrap();
     l.record_release("hello", release("sha256:aaa"), 1_000)
         .unwrap();
-    l.append(
-        "hello",
-        "route.changed",
-        &json!({"weights": {"1": 100}}),
-        2_000,
-    )
-    .unwrap();
+    l.append("hello", &routed(1), 2_000).unwrap();
     l.record_release("hello", release("sha256:bbb"), 3_000)
         .unwrap();
-    l.append(
-        "hello",
-        "drift.detected",
-        &json!({"instance": "i-1", "paths": ["/etc/x"]}),
-        4_000,
-    )
-    .unwrap();
-    l.append("other", "route.changed", &json!({}), 5_000)
-        .unwrap();
+    let drift = Event::DriftDetected {
+        instance: "i-1".into(),
+        findings: vec!["/etc/x modified".into()],
+    };
+    l.append("hello", &drift, 4_000).unwrap();
+    l.append("other", &routed(1), 5_000).unwrap();
     (dir, path)
+}
+
+fn routed(release: u64) -> Event {
+    Event::RouteChanged {
+        weights: [(release, 100)].into(),
+        instances: 2,
+    }
 }
 
 fn raw(path: &std::path::Path) -> rusqlite::Connection {
@@ -197,7 +195,31 @@ fn a_newer_schema_is_refused() {
 #[test]
 fn bad_names_are_refused() {
     let mut l = Ledger::open_in_memory().unwrap();
-    assert!(l.append("hello\nworld", "x", &json!({}), 1).is_err());
-    assert!(l.append("hello", "", &json!({}), 1).is_err());
+    assert!(l.append("hello\nworld", &routed(1), 1).is_err());
+    assert!(l.append("", &routed(1), 1).is_err());
     assert!(l.events(None, None).unwrap().is_empty());
+}
+
+#[test]
+fn stored_entries_decode_to_the_events_appended() {
+    let (_dir, path) = populated();
+    let l = Ledger::open_read_only(&path).unwrap();
+    let events: Vec<Event> = l
+        .events(Some("hello"), None)
+        .unwrap()
+        .iter()
+        .map(|e| e.event().unwrap())
+        .collect();
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[1], routed(1));
+    assert!(events[3].is_drift());
+    assert!(matches!(events[0], Event::ReleaseCreated { number: 1, .. }));
+}
+
+#[test]
+fn a_read_only_ledger_cannot_be_written() {
+    let (_dir, path) = populated();
+    let mut l = Ledger::open_read_only(&path).unwrap();
+    assert!(l.append("hello", &routed(2), 9_000).is_err());
+    assert!(l.verify().unwrap().is_ok());
 }

@@ -1,0 +1,569 @@
+//! The typed events the ledger records: every kind, with its fields, serialised in one place.
+//!
+//! An [`Event`] is stored as its kind (`instance.replaced`, the variant's `rename`) and its
+//! fields as a JSON object; [`Entry::event`](crate::Entry::event) decodes a stored entry back.
+//! These are storage types: the deploy crate's domain types (destroy reasons, verdicts) are
+//! mapped to them by the control plane, so changing a domain type never changes this format.
+//!
+//! **Invariant:** a field is only ever added with `#[serde(default)]`: entries already in a
+//! ledger are hashed as written and must keep decoding.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Something that happened to an app, as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum Event {
+    /// A release was recorded (written by [`Ledger::record_release`](crate::Ledger::record_release)
+    /// in the same transaction as the release row).
+    #[serde(rename = "release.created")]
+    ReleaseCreated {
+        /// Its number.
+        number: u64,
+        /// Its image digest.
+        image: String,
+        /// Who recorded it.
+        actor: String,
+        /// SHA-256 of the stored release row, so `verify` catches an edited row.
+        record_sha256: String,
+    },
+    /// A rollout of `release` began.
+    #[serde(rename = "rollout.started")]
+    RolloutStarted {
+        /// The release rolled out.
+        release: u64,
+        /// The release it replaces.
+        stable: Option<u64>,
+        /// `rolling`, `blue-green` or `canary`.
+        strategy: String,
+        /// Its image.
+        image: String,
+    },
+    /// A canary step's weights took effect.
+    #[serde(rename = "rollout.step_started")]
+    StepStarted {
+        /// 1-based step.
+        step: usize,
+        /// Canary weight, percent.
+        weight: u8,
+    },
+    /// A canary step was judged.
+    #[serde(rename = "rollout.step_judged")]
+    StepJudged {
+        /// 1-based step.
+        step: usize,
+        /// Canary weight, percent.
+        weight: u8,
+        /// The verdict with its numbers.
+        verdict: Verdict,
+    },
+    /// The rollout waits for `kiln promote`.
+    #[serde(rename = "rollout.awaiting_promotion")]
+    AwaitingPromotion {
+        /// The release waiting (absent in entries written before it was recorded).
+        #[serde(default)]
+        release: Option<u64>,
+    },
+    /// All traffic is on `release`.
+    #[serde(rename = "rollout.completed")]
+    RolloutCompleted {
+        /// The release.
+        release: u64,
+    },
+    /// Traffic went back to the stable release.
+    #[serde(rename = "rollout.aborted")]
+    RolloutAborted {
+        /// Why, with the numbers.
+        reason: String,
+    },
+    /// The previous release's warm instances were retired.
+    #[serde(rename = "rollout.previous_retired")]
+    PreviousRetired {
+        /// That release.
+        release: u64,
+    },
+    /// `kiln promote` was asked.
+    #[serde(rename = "rollout.promote_requested")]
+    PromoteRequested {
+        /// The release in progress.
+        release: u64,
+        /// Who asked.
+        actor: String,
+    },
+    /// `kiln abort` was asked.
+    #[serde(rename = "rollout.abort_requested")]
+    AbortRequested {
+        /// The release in progress.
+        release: u64,
+        /// Who asked.
+        actor: String,
+    },
+    /// The router's weights for the app changed.
+    #[serde(rename = "route.changed")]
+    RouteChanged {
+        /// Percent per release.
+        weights: BTreeMap<u64, u32>,
+        /// Instances in the table.
+        instances: usize,
+    },
+    /// The app's address could not be bound; retried on each reconcile pass.
+    #[serde(rename = "route.unserved")]
+    RouteUnserved {
+        /// The address.
+        listen: String,
+        /// Why.
+        error: String,
+    },
+    /// The app's address is served again.
+    #[serde(rename = "route.served")]
+    RouteServed {
+        /// The address.
+        listen: String,
+    },
+    /// An instance was created and started.
+    #[serde(rename = "instance.created")]
+    InstanceCreated {
+        /// Its id.
+        instance: String,
+        /// Its release.
+        release: u64,
+    },
+    /// Creating or starting an instance failed.
+    #[serde(rename = "instance.create_failed")]
+    InstanceCreateFailed {
+        /// The release.
+        release: u64,
+        /// The provider's error.
+        error: String,
+    },
+    /// The provider kept failing; creates are retried with backoff (one event per change).
+    #[serde(rename = "instance.create_backoff")]
+    CreateBackoff {
+        /// The release.
+        release: u64,
+        /// Failures in a row.
+        failures: u32,
+        /// Milliseconds until the next try.
+        retry_in_ms: u64,
+        /// The last error.
+        error: String,
+    },
+    /// A failed or drifted instance is being replaced.
+    #[serde(rename = "instance.replaced")]
+    InstanceReplaced {
+        /// Its id.
+        instance: String,
+        /// Its release.
+        release: Option<u64>,
+        /// Why.
+        cause: Cause,
+    },
+    /// An instance is being destroyed (scaled down, retired, superseded…).
+    #[serde(rename = "instance.destroyed")]
+    InstanceDestroyed {
+        /// Its id.
+        instance: String,
+        /// Its release.
+        release: Option<u64>,
+        /// Why.
+        cause: Cause,
+    },
+    /// Drift was found on an instance.
+    #[serde(rename = "drift.detected")]
+    DriftDetected {
+        /// The instance.
+        instance: String,
+        /// What changed.
+        findings: Vec<String>,
+    },
+    /// `[deploy.migrate]` started.
+    #[serde(rename = "migration.started")]
+    MigrationStarted {
+        /// The release whose image runs it.
+        release: u64,
+        /// The command.
+        command: Vec<String>,
+        /// The schema it migrates to.
+        schema: u32,
+    },
+    /// `[deploy.migrate]` exited 0.
+    #[serde(rename = "migration.completed")]
+    MigrationCompleted {
+        /// The release.
+        release: u64,
+        /// The schema now live.
+        schema: u32,
+        /// The oldest schema code may expect.
+        compatible_from: u32,
+    },
+    /// `[deploy.migrate]` failed; the rollout aborts.
+    #[serde(rename = "migration.failed")]
+    MigrationFailed {
+        /// The release.
+        release: u64,
+        /// Why, with the tail of its output.
+        error: String,
+    },
+    /// `kiln rollback`.
+    #[serde(rename = "rollback")]
+    Rollback {
+        /// The release that was live.
+        from: u64,
+        /// The release now live (or rolling out).
+        to: u64,
+        /// A route swap (true) or a new rollout.
+        warm: bool,
+        /// Who asked.
+        actor: String,
+        /// Microseconds from the request to the swap.
+        #[serde(default)]
+        switch_us: Option<u64>,
+    },
+    /// A rollback past the live schema's compatibility, with `--force`.
+    #[serde(rename = "rollback.forced")]
+    RollbackForced {
+        /// The target release.
+        to: u64,
+        /// The schema its code expects.
+        target_schema: u32,
+        /// The schema live.
+        live_schema: u32,
+        /// Who asked.
+        actor: String,
+    },
+    /// `kiln scale`.
+    #[serde(rename = "app.scaled")]
+    Scaled {
+        /// Replicas before.
+        from: u32,
+        /// Replicas now.
+        to: u32,
+        /// Who asked.
+        actor: String,
+    },
+    /// `kiln down`.
+    #[serde(rename = "app.down")]
+    Down {
+        /// Who asked.
+        actor: String,
+        /// Instances destroyed.
+        instances: usize,
+        /// Requests still in flight when the drain timed out.
+        requests_cut: usize,
+    },
+    /// A stored release cannot be decoded; the app is not run until it is fixed or replaced.
+    #[serde(rename = "release.corrupt")]
+    ReleaseCorrupt {
+        /// The release.
+        release: u64,
+        /// What is wrong, naming the field.
+        error: String,
+    },
+}
+
+/// Why an instance was destroyed, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum Cause {
+    /// Its process ended; `code` 128+N means killed by signal N.
+    Exited {
+        /// The exit status, when known.
+        code: Option<i32>,
+    },
+    /// It never became healthy within its start period.
+    NeverHealthy,
+    /// It was healthy, then failed its checks.
+    Unhealthy,
+    /// It drifted from its image.
+    Drifted {
+        /// What changed.
+        findings: String,
+    },
+    /// Its release is neither the new nor the stable one.
+    Superseded,
+    /// Its release's rollout was aborted.
+    Aborted,
+    /// More ready instances than replicas.
+    ScaledDown {
+        /// The replica count.
+        replicas: u32,
+    },
+    /// The previous release's `keep_previous` ended.
+    Retired {
+        /// How long it stayed warm, in milliseconds.
+        kept_ms: u64,
+    },
+    /// kiln did not create it (no release label).
+    Foreign,
+}
+
+/// A canary verdict, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// `pass`, `fail` or `inconclusive`.
+    pub verdict: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The numbers it was judged on.
+    pub metrics: StepMetrics,
+}
+
+/// The measurements of one canary step, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// The canary release.
+    pub canary: Window,
+    /// The stable release, over the same window.
+    pub stable: Window,
+}
+
+/// What the router measured for one release over a step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// Requests that completed.
+    pub requests: u64,
+    /// Failed ones.
+    pub errors: u64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+}
+
+impl Event {
+    /// The kind as stored (`instance.replaced`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::ReleaseCreated { .. } => "release.created",
+            Event::RolloutStarted { .. } => "rollout.started",
+            Event::StepStarted { .. } => "rollout.step_started",
+            Event::StepJudged { .. } => "rollout.step_judged",
+            Event::AwaitingPromotion { .. } => "rollout.awaiting_promotion",
+            Event::RolloutCompleted { .. } => "rollout.completed",
+            Event::RolloutAborted { .. } => "rollout.aborted",
+            Event::PreviousRetired { .. } => "rollout.previous_retired",
+            Event::PromoteRequested { .. } => "rollout.promote_requested",
+            Event::AbortRequested { .. } => "rollout.abort_requested",
+            Event::RouteChanged { .. } => "route.changed",
+            Event::RouteUnserved { .. } => "route.unserved",
+            Event::RouteServed { .. } => "route.served",
+            Event::InstanceCreated { .. } => "instance.created",
+            Event::InstanceCreateFailed { .. } => "instance.create_failed",
+            Event::CreateBackoff { .. } => "instance.create_backoff",
+            Event::InstanceReplaced { .. } => "instance.replaced",
+            Event::InstanceDestroyed { .. } => "instance.destroyed",
+            Event::DriftDetected { .. } => "drift.detected",
+            Event::MigrationStarted { .. } => "migration.started",
+            Event::MigrationCompleted { .. } => "migration.completed",
+            Event::MigrationFailed { .. } => "migration.failed",
+            Event::Rollback { .. } => "rollback",
+            Event::RollbackForced { .. } => "rollback.forced",
+            Event::Scaled { .. } => "app.scaled",
+            Event::Down { .. } => "app.down",
+            Event::ReleaseCorrupt { .. } => "release.corrupt",
+        }
+    }
+
+    /// The fields as the JSON object stored beside the kind.
+    pub(crate) fn data(&self) -> serde_json::Value {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut m)) => m
+                .remove("data")
+                .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    /// Decodes a stored kind and its data.
+    pub fn decode(kind: &str, data: &serde_json::Value) -> Result<Event, serde_json::Error> {
+        // Through text: map keys that are numbers (route weights per release) are strings in
+        // JSON, and only the text deserializer reads them back as numbers.
+        serde_json::from_str(&serde_json::json!({ "kind": kind, "data": data }).to_string())
+    }
+
+    /// Whether this event is about drift: found, or an instance replaced for it.
+    pub fn is_drift(&self) -> bool {
+        matches!(
+            self,
+            Event::DriftDetected { .. }
+                | Event::InstanceReplaced {
+                    cause: Cause::Drifted { .. },
+                    ..
+                }
+        )
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Exited { code: Some(code) } => match signal_name(*code) {
+                Some((n, name)) => write!(f, "killed by signal {n} ({name})"),
+                None => write!(f, "exited with status {code}"),
+            },
+            Cause::Exited { code: None } => f.write_str("exited (status unknown)"),
+            Cause::NeverHealthy => f.write_str("never became healthy"),
+            Cause::Unhealthy => f.write_str("became unhealthy"),
+            Cause::Drifted { findings } => write!(f, "drifted: {findings}"),
+            Cause::Superseded => f.write_str("its release is neither live nor previous"),
+            Cause::Aborted => f.write_str("its release was aborted"),
+            Cause::ScaledDown { replicas } => write!(f, "scaled to {replicas} replicas"),
+            Cause::Retired { kept_ms } => write!(f, "stayed warm for {} s", kept_ms / 1000),
+            Cause::Foreign => f.write_str("not created by this kiln"),
+        }
+    }
+}
+
+/// The signal an exit status of 128+N names, for the signals that end processes.
+fn signal_name(code: i32) -> Option<(i32, &'static str)> {
+    let n = code.checked_sub(128)?;
+    let name = match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return None,
+    };
+    Some((n, name))
+}
+
+impl std::fmt::Display for Event {
+    /// One line for `kiln history`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::ReleaseCreated { number, image, actor, .. } => {
+                write!(f, "release {number} ({image}) by {actor}")
+            }
+            Event::RolloutStarted { release, stable, strategy, .. } => match stable {
+                Some(s) => write!(f, "release {release} replacing {s} ({strategy})"),
+                None => write!(f, "release {release} ({strategy})"),
+            },
+            Event::StepStarted { step, weight } => write!(f, "step {step}: {weight}%"),
+            Event::StepJudged { step, weight, verdict } => {
+                write!(f, "step {step} ({weight}%): {}", verdict.verdict)?;
+                if let Some(r) = &verdict.reason {
+                    write!(f, ": {r}")?;
+                }
+                write!(
+                    f,
+                    " (canary {} requests, {} errors, p99 {:.1} ms)",
+                    verdict.metrics.canary.requests,
+                    verdict.metrics.canary.errors,
+                    verdict.metrics.canary.p99_ms
+                )
+            }
+            Event::AwaitingPromotion { .. } => f.write_str("waiting for `kiln promote`"),
+            Event::RolloutCompleted { release } => write!(f, "release {release} is live"),
+            Event::RolloutAborted { reason } => f.write_str(reason),
+            Event::PreviousRetired { release } => write!(f, "release {release} retired"),
+            Event::PromoteRequested { release, actor } => {
+                write!(f, "promote release {release} by {actor}")
+            }
+            Event::AbortRequested { release, actor } => {
+                write!(f, "abort release {release} by {actor}")
+            }
+            Event::RouteChanged { weights, instances } => {
+                let w: Vec<String> = weights.iter().map(|(r, w)| format!("r{r} {w}%")).collect();
+                write!(f, "{} over {instances} instance(s)", w.join(", "))
+            }
+            Event::RouteUnserved { listen, error } => write!(f, "{listen} not served: {error}"),
+            Event::RouteServed { listen } => write!(f, "{listen} served"),
+            Event::InstanceCreated { instance, release } => {
+                write!(f, "{instance} of release {release}")
+            }
+            Event::InstanceCreateFailed { release, error } => {
+                write!(f, "release {release}: {error}")
+            }
+            Event::CreateBackoff { release, failures, retry_in_ms, error } => write!(
+                f,
+                "release {release}: {failures} failure(s) in a row, next try in {retry_in_ms} ms: {error}"
+            ),
+            Event::InstanceReplaced { instance, cause, .. }
+            | Event::InstanceDestroyed { instance, cause, .. } => write!(f, "{instance} {cause}"),
+            Event::DriftDetected { instance, findings } => {
+                write!(f, "{instance}: {}", findings.join("; "))
+            }
+            Event::MigrationStarted { release, command, schema } => write!(
+                f,
+                "release {release} to schema {schema}: {}",
+                command.join(" ")
+            ),
+            Event::MigrationCompleted { release, schema, .. } => {
+                write!(f, "release {release}: schema {schema}")
+            }
+            Event::MigrationFailed { release, error } => write!(f, "release {release}: {error}"),
+            Event::Rollback { from, to, warm, actor, switch_us } => {
+                write!(f, "{from} → {to} by {actor}")?;
+                match (warm, switch_us) {
+                    (true, Some(us)) => write!(f, " (warm, {us} µs)"),
+                    (true, None) => f.write_str(" (warm)"),
+                    (false, _) => f.write_str(" (rolled out again)"),
+                }
+            }
+            Event::RollbackForced { to, target_schema, live_schema, actor } => write!(
+                f,
+                "to {to} (schema {target_schema}) over live schema {live_schema}, forced by {actor}"
+            ),
+            Event::Scaled { from, to, actor } => write!(f, "{from} → {to} by {actor}"),
+            Event::Down { actor, instances, requests_cut } => write!(
+                f,
+                "by {actor}: {instances} instance(s) destroyed, {requests_cut} request(s) cut"
+            ),
+            Event::ReleaseCorrupt { release, error } => {
+                write!(f, "release {release} is corrupt: {error}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_stored_form() {
+        let events = [
+            Event::AwaitingPromotion { release: Some(2) },
+            Event::InstanceReplaced {
+                instance: "i1".into(),
+                release: Some(3),
+                cause: Cause::Exited { code: Some(137) },
+            },
+            Event::Down {
+                actor: "a".into(),
+                instances: 2,
+                requests_cut: 0,
+            },
+        ];
+        for e in events {
+            let back = Event::decode(e.kind(), &e.data()).unwrap();
+            assert_eq!(back, e);
+        }
+    }
+
+    #[test]
+    fn entries_written_before_typed_events_still_decode() {
+        // Rollout events used to carry their own `event` tag inside the data.
+        let old = serde_json::json!({"event": "awaiting_promotion"});
+        assert_eq!(
+            Event::decode("rollout.awaiting_promotion", &old).unwrap(),
+            Event::AwaitingPromotion { release: None }
+        );
+    }
+
+    #[test]
+    fn a_sigkilled_instance_names_the_signal() {
+        let c = Cause::Exited { code: Some(137) };
+        assert_eq!(c.to_string(), "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            Cause::Exited { code: Some(3) }.to_string(),
+            "exited with status 3"
+        );
+    }
+}
