@@ -104,6 +104,7 @@ pub enum Event {
     #[serde(rename = "route.changed")]
     RouteChanged {
         /// Percent per release.
+        #[serde(deserialize_with = "release_keys")]
         weights: BTreeMap<u64, u32>,
         /// Instances in the table.
         instances: usize,
@@ -263,6 +264,19 @@ pub enum Event {
     },
 }
 
+/// A map keyed by release number. JSON keys are strings, and a tagged enum's buffered
+/// content does not parse them as numbers, so this does.
+fn release_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, u32>, D::Error> {
+    let raw = BTreeMap::<String, u32>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse()
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom(format!("release number {k:?}")))
+        })
+        .collect()
+}
+
 /// Why an instance was destroyed, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cause", rename_all = "snake_case")]
@@ -377,9 +391,7 @@ impl Event {
 
     /// Decodes a stored kind and its data.
     pub fn decode(kind: &str, data: &serde_json::Value) -> Result<Event, serde_json::Error> {
-        // Through text: map keys that are numbers (route weights per release) are strings in
-        // JSON, and only the text deserializer reads them back as numbers.
-        serde_json::from_str(&serde_json::json!({ "kind": kind, "data": data }).to_string())
+        serde_json::from_value(serde_json::json!({ "kind": kind, "data": data }))
     }
 
     /// Whether this event is about drift: found, or an instance replaced for it.
