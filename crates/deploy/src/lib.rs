@@ -15,6 +15,6 @@ pub mod rollout;
 
 pub use analysis::{StepMetrics, Verdict, Window, judge};
 pub use rollout::{
-    Action, Decision, Goal, Health, InstanceObs, Millis, Observed, Phase, RolloutEvent,
-    RolloutState, RouteTarget, decide,
+    Action, Decision, DestroyReason, Goal, Health, InstanceObs, Millis, Observed, Phase,
+    RolloutEvent, RolloutState, RouteTarget, decide, steady_route,
 };

@@ -11,6 +11,7 @@
 //! swap.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::time::Duration;
 
 use kiln_spec::{CountOrPercent, DeploySpec, Promote, Strategy};
@@ -44,8 +45,13 @@ pub enum Health {
     Healthy,
     /// Was healthy, now failing.
     Unhealthy,
-    /// Exited, or never became healthy within its start period.
+    /// Never became healthy within its start period.
     Failed,
+    /// The process ended.
+    Exited {
+        /// Its exit status when the provider knows it; `128 + N` means killed by signal `N`.
+        code: Option<i32>,
+    },
 }
 
 /// One instance as observed.
@@ -62,11 +68,25 @@ pub struct InstanceObs {
 }
 
 impl InstanceObs {
-    fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.health == Health::Healthy && self.drift.is_none()
     }
     fn dead(&self) -> bool {
-        matches!(self.health, Health::Failed | Health::Unhealthy)
+        matches!(
+            self.health,
+            Health::Failed | Health::Unhealthy | Health::Exited { .. }
+        )
+    }
+
+    /// Why a dead instance is replaced; `None` while it is alive.
+    fn death(&self) -> Option<DestroyReason> {
+        let release = self.release;
+        match self.health {
+            Health::Exited { code } => Some(DestroyReason::Exited { release, code }),
+            Health::Failed => Some(DestroyReason::NeverHealthy { release }),
+            Health::Unhealthy => Some(DestroyReason::Unhealthy { release }),
+            Health::Starting | Health::Healthy => None,
+        }
     }
 }
 
@@ -196,8 +216,145 @@ pub enum Action {
         /// The instance.
         instance: String,
         /// Why, for the event log.
-        reason: String,
+        reason: DestroyReason,
     },
+}
+
+/// Why [`decide`] destroys an instance. The first four are replacements (the instance is
+/// broken and a new one takes its place); the rest remove an instance that has no place any
+/// more. `Display` gives the lowercase text for logs and events; code matches on the variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestroyReason {
+    /// The process ended; `code` is its exit status when known (`128 + N`: killed by signal
+    /// `N`).
+    Exited {
+        /// The instance's release.
+        release: u64,
+        /// Its exit status.
+        code: Option<i32>,
+    },
+    /// It never became healthy within its start period.
+    NeverHealthy {
+        /// The instance's release.
+        release: u64,
+    },
+    /// It was healthy, then failed its checks.
+    Unhealthy {
+        /// The instance's release.
+        release: u64,
+    },
+    /// Its file system or configuration drifted from the image.
+    Drifted {
+        /// The instance's release.
+        release: u64,
+        /// What drift detection found.
+        findings: String,
+    },
+    /// Its release is neither the one rolled out nor the stable one any more.
+    Superseded {
+        /// That release.
+        release: u64,
+    },
+    /// Its release's rollout was aborted.
+    Aborted {
+        /// That release.
+        release: u64,
+    },
+    /// More ready instances than replicas.
+    ScaledDown {
+        /// The instance's release.
+        release: u64,
+        /// The replica count.
+        replicas: u32,
+    },
+    /// The previous release's `keep_previous` ended.
+    Retired {
+        /// That release.
+        release: u64,
+        /// How long it was kept warm.
+        kept: Duration,
+    },
+}
+
+impl DestroyReason {
+    /// Whether the instance is destroyed because it is broken (a new one replaces it), as
+    /// opposed to having no place in the app any more.
+    pub fn is_replacement(&self) -> bool {
+        matches!(
+            self,
+            DestroyReason::Exited { .. }
+                | DestroyReason::NeverHealthy { .. }
+                | DestroyReason::Unhealthy { .. }
+                | DestroyReason::Drifted { .. }
+        )
+    }
+
+    /// The release of the destroyed instance.
+    pub fn release(&self) -> u64 {
+        match self {
+            DestroyReason::Exited { release, .. }
+            | DestroyReason::NeverHealthy { release }
+            | DestroyReason::Unhealthy { release }
+            | DestroyReason::Drifted { release, .. }
+            | DestroyReason::Superseded { release }
+            | DestroyReason::Aborted { release }
+            | DestroyReason::ScaledDown { release, .. }
+            | DestroyReason::Retired { release, .. } => *release,
+        }
+    }
+}
+
+impl fmt::Display for DestroyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DestroyReason::Exited { code: None, .. } => f.write_str("exit status unknown"),
+            DestroyReason::Exited {
+                code: Some(code), ..
+            } => match killed_by(*code) {
+                Some(signal) => {
+                    write!(f, "killed by signal {signal}")?;
+                    match signal_name(signal) {
+                        Some(name) => write!(f, " ({name})"),
+                        None => Ok(()),
+                    }
+                }
+                None => write!(f, "exited with status {code}"),
+            },
+            DestroyReason::NeverHealthy { .. } => f.write_str("never became healthy"),
+            DestroyReason::Unhealthy { .. } => f.write_str("became unhealthy"),
+            DestroyReason::Drifted { findings, .. } => write!(f, "drifted: {findings}"),
+            DestroyReason::Superseded { release } => {
+                write!(f, "release {release} is neither live nor previous")
+            }
+            DestroyReason::Aborted { release } => write!(f, "release {release} was aborted"),
+            DestroyReason::ScaledDown { replicas, .. } => {
+                write!(f, "scaled to {replicas} replicas")
+            }
+            DestroyReason::Retired { release, kept } => {
+                write!(f, "release {release} stayed warm for {}", humane(*kept))
+            }
+        }
+    }
+}
+
+/// The signal behind an exit status, by the shell and container-runtime convention of
+/// reporting death by signal `N` as status `128 + N` (Linux signals are 1 to 64).
+fn killed_by(code: i32) -> Option<i32> {
+    Some(code - 128).filter(|n| (1..=64).contains(n))
+}
+
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return None,
+    })
 }
 
 /// Something worth recording in the ledger.
@@ -278,14 +435,11 @@ pub fn decide(goal: &Goal, state: &RolloutState, obs: &Observed, now: Millis) ->
 
     // Failed and drifted new instances are replaced whatever the phase.
     for i in &split.new {
-        if i.dead() {
-            let reason = format!(
-                "instance {} of release {} {}",
-                i.id,
-                i.release,
-                describe(i.health)
-            );
-            d.state.last_failure = Some(reason.clone());
+        if let Some(reason) = i.death() {
+            d.state.last_failure = Some(format!(
+                "instance {} of release {} {reason}",
+                i.id, i.release
+            ));
             d.actions.push(Action::Destroy {
                 instance: i.id.clone(),
                 reason,
@@ -296,7 +450,7 @@ pub fn decide(goal: &Goal, state: &RolloutState, obs: &Observed, now: Millis) ->
     for i in &split.other {
         d.actions.push(Action::Destroy {
             instance: i.id.clone(),
-            reason: format!("release {} is neither live nor previous", i.release),
+            reason: DestroyReason::Superseded { release: i.release },
         });
     }
 
@@ -376,15 +530,6 @@ fn count<'a>(it: impl Iterator<Item = &'a &'a InstanceObs>) -> u32 {
     u32::try_from(it.count()).unwrap_or(u32::MAX)
 }
 
-fn describe(h: Health) -> &'static str {
-    match h {
-        Health::Failed => "failed (exited or never became healthy)",
-        Health::Unhealthy => "became unhealthy",
-        Health::Starting => "is starting",
-        Health::Healthy => "is healthy",
-    }
-}
-
 /// A route with `new` and `stable` members and weights proportional to the given shares.
 fn route(
     goal: &Goal,
@@ -434,11 +579,10 @@ fn retire_drifted(split: &Split<'_>, d: &mut Decision) {
     {
         d.actions.push(Action::Destroy {
             instance: i.id.clone(),
-            reason: format!(
-                "instance {} drifted: {}",
-                i.id,
-                i.drift.as_deref().unwrap_or_default()
-            ),
+            reason: DestroyReason::Drifted {
+                release: i.release,
+                findings: i.drift.clone().unwrap_or_default(),
+            },
         });
     }
 }
@@ -703,10 +847,25 @@ fn aborted(goal: &Goal, split: &Split<'_>, obs: &Observed, d: &mut Decision) {
         if !i.dead() {
             d.actions.push(Action::Destroy {
                 instance: i.id.clone(),
-                reason: format!("release {} was aborted", goal.release),
+                reason: DestroyReason::Aborted {
+                    release: goal.release,
+                },
             });
         }
     }
+}
+
+/// The table of the steady state after a rollout: all traffic to the goal release's ready
+/// instances, at most `replicas` of them, lowest ids first. A warm rollback publishes this
+/// same table at once, so the next [`decide`] finds nothing to change.
+pub fn steady_route(goal: &Goal, obs: &Observed) -> RouteTarget {
+    steady(goal, &Split::of(goal, obs))
+}
+
+fn steady(goal: &Goal, split: &Split<'_>) -> RouteTarget {
+    let ready = split.new_ready();
+    let r = ready.len().min(goal.replicas as usize);
+    route(goal, &ready[..r], 100, &[], 0)
 }
 
 /// The steady state: all traffic on the new release, replicas kept, failures and drift
@@ -719,31 +878,27 @@ fn completed(
     now: Millis,
     d: &mut Decision,
 ) {
-    let ready = split.new_ready();
-    let r = goal.replicas as usize;
-    set_route(
-        obs,
-        route(goal, &ready[..ready.len().min(r)], 100, &[], 0),
-        d,
-    );
+    set_route(obs, steady(goal, split), d);
     top_up(goal, split, goal.replicas, d);
     retire_drifted(split, d);
     // Scale down: ready instances beyond the replica count, newest ids last.
-    for i in ready.iter().skip(r) {
+    for i in split.new_ready().iter().skip(goal.replicas as usize) {
         d.actions.push(Action::Destroy {
             instance: i.id.clone(),
-            reason: format!("scaled to {} replicas", goal.replicas),
+            reason: DestroyReason::ScaledDown {
+                release: i.release,
+                replicas: goal.replicas,
+            },
         });
     }
     if now - at_ms >= millis(goal.deploy.keep_previous) && !split.stable.is_empty() {
         for i in &split.stable {
             d.actions.push(Action::Destroy {
                 instance: i.id.clone(),
-                reason: format!(
-                    "release {} stayed warm for {}",
-                    i.release,
-                    humane(goal.deploy.keep_previous)
-                ),
+                reason: DestroyReason::Retired {
+                    release: i.release,
+                    kept: goal.deploy.keep_previous,
+                },
             });
         }
         if let Some(s) = goal.stable {
