@@ -1,5 +1,5 @@
 //! Deployment logic with no I/O: the rollout state machine shared by the rolling, blue-green
-//! and canary strategies, and canary analysis.
+//! and canary strategies, canary analysis, and rollback decisions.
 //!
 //! [`rollout::decide`] is a pure function of (goal, persisted state, observations, now) →
 //! (next state, actions, events). The daemon executes the actions (create and destroy
@@ -8,12 +8,25 @@
 //! memory beyond the persisted state, a daemon killed at any point and restarted converges
 //! by simply calling it again.
 //!
+//! [`rollback::rollback_target`] and [`rollback::plan_rollback`] decide `kiln rollback`: the
+//! target (the release live before, from the app's history of live releases), the route and
+//! schema checks, and the new goal and state; a warm rollback's swap is
+//! [`rollout::steady_route`], the table `decide` publishes once a rollout completes.
+//!
+//! Reasons are types ([`rollout::DestroyReason`], [`rollback::RollbackRefused`]) whose
+//! `Display` is the text for people; callers match on the variants, never on the text.
+//!
 //! **API boundary:** no clocks (time is a parameter), no providers, no router, no ledger.
 
 pub mod analysis;
+pub mod rollback;
 pub mod rollout;
 
 pub use analysis::{StepMetrics, Verdict, Window, judge};
+pub use rollback::{
+    ForcedRollback, HISTORY_LIMIT, LiveSchema, RollbackPlan, RollbackRefused, RollbackRequest,
+    RollbackTarget, TargetRelease, became_live, plan_rollback, rollback_target,
+};
 pub use rollout::{
     Action, Decision, DestroyReason, Goal, Health, InstanceObs, Millis, Observed, Phase,
     RolloutEvent, RolloutState, RouteTarget, decide, steady_route,
