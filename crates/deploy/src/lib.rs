@@ -1,5 +1,6 @@
 //! Deployment logic with no I/O: the rollout state machine shared by the rolling, blue-green
-//! and canary strategies, canary analysis, and rollback decisions.
+//! and canary strategies, canary analysis, rollback decisions, and the changes `kiln plan`
+//! prints.
 //!
 //! [`rollout::decide`] is a pure function of (goal, persisted state, observations, now) →
 //! (next state, actions, events). The daemon executes the actions (create and destroy
@@ -13,16 +14,21 @@
 //! schema checks, and the new goal and state; a warm rollback's swap is
 //! [`rollout::steady_route`], the table `decide` publishes once a rollout completes.
 //!
+//! [`plan::plan`] lists what `kiln apply` would change (image, configuration key by key,
+//! schema and the rollbacks it would block); `kiln plan` prints each [`plan::Change`].
+//!
 //! Reasons are types ([`rollout::DestroyReason`], [`rollback::RollbackRefused`]) whose
 //! `Display` is the text for people; callers match on the variants, never on the text.
 //!
 //! **API boundary:** no clocks (time is a parameter), no providers, no router, no ledger.
 
 pub mod analysis;
+pub mod plan;
 pub mod rollback;
 pub mod rollout;
 
 pub use analysis::{StepMetrics, Verdict, Window, judge};
+pub use plan::{Change, PlanCurrent, PlanNext, config_diff, plan};
 pub use rollback::{
     ForcedRollback, HISTORY_LIMIT, LiveSchema, RollbackPlan, RollbackRefused, RollbackRequest,
     RollbackTarget, TargetRelease, became_live, plan_rollback, rollback_target,
