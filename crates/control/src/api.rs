@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::controller::{ApplyRequest, ControlError, Controller};
+use crate::controller::Controller;
+use crate::dto::ApplyRequest;
+use crate::error::ControlError;
 
 /// Every operation the API serves, as (method, path pattern); `{x}` is a path parameter.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -63,7 +65,9 @@ impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> ApiError {
         let status = match &e {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
-            ControlError::Conflict(_) | ControlError::Router(_) => StatusCode::CONFLICT,
+            ControlError::Conflict(_) | ControlError::Router(_) | ControlError::Corrupt(_) => {
+                StatusCode::CONFLICT
+            }
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::Provider(_) => StatusCode::BAD_GATEWAY,
             ControlError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,20 +1,42 @@
 //! kiln's control plane: what `kiln serve` runs.
 //!
-//! - [`controller`]: the [`Controller`] — ledger, provider, router and the reconciler loop
-//!   that executes the rollout state machine's decisions.
+//! - [`controller`]: the [`Controller`], the conductor: apps, apply, rollback, promote,
+//!   abort, scale, down; `reconcile.rs` is its loop (observe → decide → persist → act) and
+//!   `status.rs` what it reports.
+//! - `executor.rs`: carries the planner's actions out through the provider and records
+//!   typed events; [`oneshot`]: create → start → wait → output → destroy, for migrations and
+//!   `kiln test`.
+//! - `listeners.rs`: the router's listeners, one per address.
+//! - [`gate`]: what every apply must pass, whichever client sent it.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
-//! - [`api`]: the HTTP/JSON API over a Unix socket (and optional TCP with a bearer token),
-//!   the one place errors map to HTTP statuses; [`client`]: the CLI's side of it.
+//! - [`clock`]: the injected [`Clock`].
+//! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; [`client`]:
+//!   the CLI's side of it; [`dto`]: its data.
 //!
-//! **API boundary:** no clap, no terminal output; the binary owns those.
+//! **API boundary:** no clap, no terminal output; the binary owns those. No decision is
+//! made here that `kiln_deploy` could make.
 
 pub mod api;
+mod app;
 pub mod client;
+pub mod clock;
 pub mod config;
+mod config_ext;
 pub mod controller;
+pub mod dto;
+mod error;
+mod executor;
+pub mod gate;
+mod listeners;
+pub mod oneshot;
+mod reconcile;
+mod status;
 
+pub use app::{RELEASE_LABEL, ROLE_LABEL};
+pub use clock::{Clock, SystemClock, TokioClock};
 pub use config::ReleaseConfig;
-pub use controller::{
-    AppStatus, ApplyRequest, ControlError, Controller, ControllerConfig, InstanceStatus,
-    LiveSchema, RollbackOutcome,
-};
+pub use controller::{Controller, ControllerConfig};
+pub use dto::{AppStatus, ApplyRequest, InstanceStatus, LiveSchema, RollbackOutcome};
+pub use error::ControlError;
+pub use gate::Attestations;
+pub use reconcile::TICK;

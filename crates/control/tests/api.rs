@@ -63,6 +63,7 @@ async fn every_operation_answers_as_documented() {
         &ControllerConfig {
             state_dir: dir.path().to_owned(),
             router: kiln_proxy::WorkersConfig::new(2),
+            attestations: None,
         },
         provider,
     )

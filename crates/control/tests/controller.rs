@@ -77,6 +77,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     let cfg = ControllerConfig {
         state_dir: dir.path().to_owned(),
         router: kiln_proxy::WorkersConfig::new(2),
+        attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
         .await
@@ -214,6 +215,7 @@ async fn controller(
     let cfg = ControllerConfig {
         state_dir: dir.to_owned(),
         router: kiln_proxy::WorkersConfig::new(1),
+        attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
         .await

@@ -407,6 +407,16 @@ impl Event {
     }
 }
 
+impl Cause {
+    /// Whether the instance is replaced (it failed or drifted) rather than simply removed.
+    pub fn replaces(&self) -> bool {
+        matches!(
+            self,
+            Cause::Exited { .. } | Cause::NeverHealthy | Cause::Unhealthy | Cause::Drifted { .. }
+        )
+    }
+}
+
 impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -448,15 +458,29 @@ impl std::fmt::Display for Event {
     /// One line for `kiln history`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Event::ReleaseCreated { number, image, actor, .. } => {
+            Event::ReleaseCreated {
+                number,
+                image,
+                actor,
+                ..
+            } => {
                 write!(f, "release {number} ({image}) by {actor}")
             }
-            Event::RolloutStarted { release, stable, strategy, .. } => match stable {
+            Event::RolloutStarted {
+                release,
+                stable,
+                strategy,
+                ..
+            } => match stable {
                 Some(s) => write!(f, "release {release} replacing {s} ({strategy})"),
                 None => write!(f, "release {release} ({strategy})"),
             },
             Event::StepStarted { step, weight } => write!(f, "step {step}: {weight}%"),
-            Event::StepJudged { step, weight, verdict } => {
+            Event::StepJudged {
+                step,
+                weight,
+                verdict,
+            } => {
                 write!(f, "step {step} ({weight}%): {}", verdict.verdict)?;
                 if let Some(r) = &verdict.reason {
                     write!(f, ": {r}")?;
@@ -491,25 +515,46 @@ impl std::fmt::Display for Event {
             Event::InstanceCreateFailed { release, error } => {
                 write!(f, "release {release}: {error}")
             }
-            Event::CreateBackoff { release, failures, retry_in_ms, error } => write!(
+            Event::CreateBackoff {
+                release,
+                failures,
+                retry_in_ms,
+                error,
+            } => write!(
                 f,
                 "release {release}: {failures} failure(s) in a row, next try in {retry_in_ms} ms: {error}"
             ),
-            Event::InstanceReplaced { instance, cause, .. }
-            | Event::InstanceDestroyed { instance, cause, .. } => write!(f, "{instance} {cause}"),
+            Event::InstanceReplaced {
+                instance, cause, ..
+            }
+            | Event::InstanceDestroyed {
+                instance, cause, ..
+            } => write!(f, "{instance} {cause}"),
             Event::DriftDetected { instance, findings } => {
                 write!(f, "{instance}: {}", findings.join("; "))
             }
-            Event::MigrationStarted { release, command, schema } => write!(
+            Event::MigrationStarted {
+                release,
+                command,
+                schema,
+            } => write!(
                 f,
                 "release {release} to schema {schema}: {}",
                 command.join(" ")
             ),
-            Event::MigrationCompleted { release, schema, .. } => {
+            Event::MigrationCompleted {
+                release, schema, ..
+            } => {
                 write!(f, "release {release}: schema {schema}")
             }
             Event::MigrationFailed { release, error } => write!(f, "release {release}: {error}"),
-            Event::Rollback { from, to, warm, actor, switch_us } => {
+            Event::Rollback {
+                from,
+                to,
+                warm,
+                actor,
+                switch_us,
+            } => {
                 write!(f, "{from} → {to} by {actor}")?;
                 match (warm, switch_us) {
                     (true, Some(us)) => write!(f, " (warm, {us} µs)"),
@@ -517,12 +562,21 @@ impl std::fmt::Display for Event {
                     (false, _) => f.write_str(" (rolled out again)"),
                 }
             }
-            Event::RollbackForced { to, target_schema, live_schema, actor } => write!(
+            Event::RollbackForced {
+                to,
+                target_schema,
+                live_schema,
+                actor,
+            } => write!(
                 f,
                 "to {to} (schema {target_schema}) over live schema {live_schema}, forced by {actor}"
             ),
             Event::Scaled { from, to, actor } => write!(f, "{from} → {to} by {actor}"),
-            Event::Down { actor, instances, requests_cut } => write!(
+            Event::Down {
+                actor,
+                instances,
+                requests_cut,
+            } => write!(
                 f,
                 "by {actor}: {instances} instance(s) destroyed, {requests_cut} request(s) cut"
             ),

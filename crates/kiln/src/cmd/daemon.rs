@@ -89,11 +89,12 @@ impl Daemon {
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
         let images = Arc::new(StoreImages::open(state)?);
-        let provider: Arc<dyn Provider> = engines(state, runtime, images).await?;
+        let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
         let controller = Controller::start(
             &ControllerConfig {
                 state_dir: state.to_owned(),
                 router,
+                attestations: Some(images),
             },
             provider,
         )

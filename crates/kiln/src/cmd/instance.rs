@@ -44,6 +44,17 @@ impl StoreImages {
     }
 }
 
+impl kiln_control::Attestations for StoreImages {
+    fn passed(&self, image: &Digest) -> Result<bool, String> {
+        let digest = image_digest(image).map_err(|e| e.to_string())?;
+        let attestation = self
+            .store
+            .read_attestation(&digest)
+            .map_err(|e| format!("cannot read the test attestation of {image}: {e}"))?;
+        Ok(attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed"))
+    }
+}
+
 fn image_digest(d: &Digest) -> Result<kiln_image::Digest, SourceError> {
     Ok(kiln_image::Digest::parse(d.as_str())?)
 }

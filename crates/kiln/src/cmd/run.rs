@@ -107,7 +107,7 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
     instance.target = target;
     // A one-off: a daemon managing the same app leaves it alone.
     instance.labels.insert(
-        kiln_control::controller::ROLE_LABEL.to_owned(),
+        kiln_control::ROLE_LABEL.to_owned(),
         "run".to_owned(),
     );
     instance.env.extend(env);

@@ -70,7 +70,7 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     base.target = spec.target.clone();
     // A one-off: a daemon managing the same app leaves it alone.
     base.labels.insert(
-        kiln_control::controller::ROLE_LABEL.to_owned(),
+        kiln_control::ROLE_LABEL.to_owned(),
         "test".to_owned(),
     );
     let results = tokio_runtime()?.block_on(async {

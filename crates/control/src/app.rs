@@ -1,0 +1,115 @@
+//! `AppCtl`: one app as the controller runs it — its goal and rollout state, its release's
+//! configuration, its router side and what was last published to it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_deploy::{Goal, LiveSchema, Phase, RolloutState, RouteTarget};
+use kiln_proxy::AppConfig;
+use kiln_runtime::{Digest, InstanceSpec};
+
+use crate::config::ReleaseConfig;
+
+/// The label that records which release an instance runs.
+pub const RELEASE_LABEL: &str = "kiln.release";
+
+/// The label that marks a one-shot instance (`migration`, `run`, `test`): not part of any
+/// release's count, and not the reconciler's to remove.
+pub const ROLE_LABEL: &str = "kiln.role";
+
+/// One app the controller runs.
+pub(crate) struct AppCtl {
+    pub proxy: Arc<kiln_proxy::App>,
+    pub listen: SocketAddr,
+    pub goal: Goal,
+    pub config: ReleaseConfig,
+    pub image: Digest,
+    pub state: RolloutState,
+    /// The releases that became live, oldest first: what `kiln rollback` returns to.
+    pub history: Vec<u64>,
+    /// The table last published to the router.
+    pub route: RouteTarget,
+    /// The live database schema, when migrations set one.
+    pub schema: Option<LiveSchema>,
+    /// Why the router does not serve the app's address (it could not be bound when the
+    /// daemon restarted); each reconcile pass tries again.
+    pub unserved: Option<String>,
+}
+
+impl AppCtl {
+    /// The release live now: the rolled-out one once complete, the stable one otherwise.
+    pub fn live_release(&self) -> Option<u64> {
+        match self.state.phase {
+            Phase::Completed { .. } => Some(self.goal.release),
+            Phase::Aborted { .. } | Phase::Progressing => self.goal.stable,
+        }
+    }
+
+    /// An instance of `release` as the release's configuration describes it; `role` marks a
+    /// one-shot (no health check, `command` instead of the image's).
+    pub fn instance_spec(
+        &self,
+        name: &str,
+        release: u64,
+        role: Option<(&str, Vec<String>)>,
+    ) -> InstanceSpec {
+        let service = &self.config.service;
+        let mut labels = BTreeMap::new();
+        labels.insert(RELEASE_LABEL.to_owned(), release.to_string());
+        let (health, command) = match role {
+            Some((role, command)) => {
+                labels.insert(ROLE_LABEL.to_owned(), role.to_owned());
+                (None, Some(command))
+            }
+            None => (Some(self.config.health()), None),
+        };
+        InstanceSpec {
+            image: self.image.clone(),
+            app: name.to_owned(),
+            env: service.env.clone(),
+            writable: service.writable.clone(),
+            memory: service.memory,
+            cpus: service.cpus,
+            stop_grace: self.stop_grace(),
+            health,
+            port: None,
+            container_port: Some(service.port),
+            command,
+            labels,
+            target: self.config.target(),
+        }
+    }
+
+    /// SIGTERM → SIGKILL for this app's instances.
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_millis(self.config.service.stop_grace_ms)
+    }
+}
+
+/// The router's side of an app, as its release's `[route]` configures it.
+pub(crate) fn router_app(name: &str, config: &ReleaseConfig) -> Arc<kiln_proxy::App> {
+    let route = &config.route;
+    let mut app = AppConfig::new(name);
+    app.hosts = route.hosts.clone();
+    app.sticky = if route.sticky {
+        kiln_proxy::Sticky::Cookie
+    } else {
+        kiln_proxy::Sticky::Off
+    };
+    app.request_timeout = Duration::from_millis(route.request_timeout_ms);
+    app.drain_timeout = Duration::from_millis(route.drain_timeout_ms);
+    app.max_body_bytes = route.max_body_bytes;
+    app.max_header_bytes = usize::try_from(route.max_header_bytes).unwrap_or(usize::MAX);
+    app.preview_header = route
+        .preview_header
+        .as_deref()
+        .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok());
+    kiln_proxy::App::new(app)
+}
+
+/// The router's name for a release.
+pub(crate) fn release_name(n: u64) -> String {
+    format!("r{n}")
+}

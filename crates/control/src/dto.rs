@@ -1,0 +1,129 @@
+//! The API's data: what `kiln status`, `apply` and `rollback` send and receive. Wire formats,
+//! so their own serde types; the controller builds them from its domain state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ReleaseConfig;
+
+/// The schema a migration left live, and the oldest schema code may expect and still work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSchema {
+    /// The schema version.
+    pub schema: u32,
+    /// Releases written for a schema older than this cannot run against it.
+    pub compatible_from: u32,
+    /// The release whose migration set it.
+    pub release: u64,
+}
+
+impl LiveSchema {
+    /// The stored form of the planner's live schema.
+    pub fn from_domain(s: kiln_deploy::LiveSchema) -> LiveSchema {
+        LiveSchema {
+            schema: s.schema,
+            compatible_from: s.compatible_from,
+            release: s.release,
+        }
+    }
+
+    /// The planner's form.
+    pub fn into_domain(self) -> kiln_deploy::LiveSchema {
+        kiln_deploy::LiveSchema {
+            schema: self.schema,
+            compatible_from: self.compatible_from,
+            release: self.release,
+        }
+    }
+}
+
+/// A release's status line for `kiln status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Instance id.
+    pub id: String,
+    /// Release it runs.
+    pub release: Option<u64>,
+    /// created / running / exited / vanished.
+    pub state: String,
+    /// unknown / starting / healthy / unhealthy / failed.
+    pub health: String,
+    /// Where it listens.
+    pub addr: String,
+    /// Age in milliseconds.
+    pub age_ms: u64,
+    /// Whether it is in the route.
+    pub routed: bool,
+    /// Drift found, if any.
+    pub drift: Option<String>,
+}
+
+/// `kiln status APP` as data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// The app.
+    pub app: String,
+    /// The release taking traffic (after a completed rollout: the rolled-out one).
+    pub live: Option<u64>,
+    /// The release being (or last) rolled out.
+    pub release: u64,
+    /// The release before it.
+    pub stable: Option<u64>,
+    /// progressing / completed / aborted.
+    pub phase: String,
+    /// Why it aborted.
+    pub reason: Option<String>,
+    /// The strategy of the release being rolled out.
+    pub strategy: String,
+    /// Canary: 1-based step.
+    pub step: Option<usize>,
+    /// Waiting for `kiln promote`.
+    pub awaiting_promotion: bool,
+    /// Desired instances.
+    pub replicas: u32,
+    /// Percent of traffic per release.
+    pub weights: BTreeMap<u64, u32>,
+    /// Where the router listens.
+    pub listen: String,
+    /// Why the router does not serve `listen` (the address could not be bound when the daemon
+    /// started); retried on each reconcile pass.
+    pub unserved: Option<String>,
+    /// The image of the release being rolled out.
+    pub image: String,
+    /// Its runtime configuration.
+    pub config: ReleaseConfig,
+    /// Every instance.
+    pub instances: Vec<InstanceStatus>,
+    /// The live database schema, when migrations set one.
+    #[serde(default)]
+    pub schema: Option<LiveSchema>,
+}
+
+/// What `apply` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// Manifest digest of a built (and, if the spec asks, tested) image.
+    pub image: String,
+    /// The runtime configuration.
+    pub config: ReleaseConfig,
+    /// Digest of the spec text.
+    pub spec_digest: String,
+    /// Git commit of the spec's tree.
+    pub source_commit: Option<String>,
+    /// Who applies.
+    pub actor: String,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackOutcome {
+    /// The release that was live.
+    pub from: u64,
+    /// The release now live (or rolling out).
+    pub to: u64,
+    /// Whether the target was warm (a route swap) or is rolled out anew.
+    pub warm: bool,
+    /// Microseconds from the request to the route swap (warm only).
+    pub switch_us: Option<u64>,
+}

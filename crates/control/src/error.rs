@@ -1,0 +1,31 @@
+//! `ControlError`: what can go wrong in a controller call. `api.rs` maps each variant to an
+//! HTTP status, in one place.
+
+/// What can go wrong in a controller call.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such app (or release).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with what is happening (a rollout in progress, a lock).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stored record cannot be decoded: the app is not run from it.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] kiln_ledger::Error),
+    /// The provider failed.
+    #[error(transparent)]
+    Provider(#[from] kiln_runtime::ProviderError),
+    /// The router refused a listener or a table.
+    #[error("router: {0}")]
+    Router(String),
+}
+
+/// A controller call's result.
+pub type Result<T> = std::result::Result<T, ControlError>;

@@ -1,0 +1,423 @@
+//! The executor: carries out what the planner decided. It owns the provider and the event
+//! sink (the ledger), and does each action — create, migrate, destroy, publish a route — and
+//! records what happened as typed events.
+//!
+//! **Invariant:** every action is idempotent (a create is guarded by the next observation, a
+//! destroy by the `destroying` set, a migration by the `migrations` map), so a controller
+//! killed at any point and started again converges by reconciling again.
+//!
+//! **Invariant:** an event that cannot be recorded is an error returned to the action that
+//! needed it, never dropped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use kiln_deploy::{DestroyReason, Millis, RolloutEvent, RouteTarget, Verdict};
+use kiln_ledger::{Cause, Event, Ledger};
+use kiln_proxy::RouteTable;
+use kiln_runtime::{InstanceId, InstanceSpec, Provider};
+
+use crate::app::{AppCtl, release_name};
+use crate::clock::Clock;
+use crate::error::{ControlError, Result};
+use crate::oneshot::run_once;
+
+/// How much of a failed migration's output its event keeps.
+const MIGRATION_OUTPUT: usize = 500;
+
+/// The first retry after a failed create; doubled per failure in a row, up to [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between creates of an app whose provider keeps failing.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A migration's progress, shared between its task and the reconciler.
+#[derive(Debug, Clone)]
+pub(crate) enum Migration {
+    Running,
+    Done(std::result::Result<(), String>),
+}
+
+/// Creates of one app that keep failing: when the next may be tried.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next_ms: Millis,
+}
+
+/// Carries out actions and records events.
+pub(crate) struct Executor {
+    pub provider: Arc<dyn Provider>,
+    ledger: Arc<Mutex<Ledger>>,
+    pub clock: Arc<dyn Clock>,
+    /// Drift found per instance (a summary of the findings), until it is destroyed.
+    pub drift: Arc<Mutex<BTreeMap<InstanceId, String>>>,
+    /// Instances being drained and destroyed in the background.
+    pub destroying: Arc<Mutex<BTreeSet<InstanceId>>>,
+    migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
+    backoff: Mutex<BTreeMap<String, Backoff>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Executor {
+    pub fn new(provider: Arc<dyn Provider>, ledger: Ledger, clock: Arc<dyn Clock>) -> Executor {
+        Executor {
+            provider,
+            ledger: Arc::new(Mutex::new(ledger)),
+            clock,
+            drift: Arc::default(),
+            destroying: Arc::default(),
+            migrations: Arc::default(),
+            backoff: Mutex::default(),
+        }
+    }
+
+    /// The ledger, for reads and for records that are not events (releases, documents).
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
+    }
+
+    /// Records `event` about `app` now.
+    pub fn record(&self, app: &str, event: &Event) -> Result<()> {
+        let now = self.clock.now_ms();
+        self.ledger().append(app, event, now)?;
+        Ok(())
+    }
+
+    /// Records a decision's events.
+    pub fn record_rollout(&self, app: &str, events: &[RolloutEvent], release: u64) -> Result<()> {
+        for e in events {
+            self.record(app, &rollout_event(e, release))?;
+        }
+        Ok(())
+    }
+
+    /// Creates and starts `count` instances, unless the app's creates are backing off.
+    pub async fn create(&self, app: &str, a: &AppCtl, release: u64, count: u32) -> Result<()> {
+        for _ in 0..count {
+            let now = self.clock.now_ms();
+            if lock(&self.backoff)
+                .get(app)
+                .is_some_and(|b| now < b.next_ms)
+            {
+                return Ok(());
+            }
+            match self.create_one(a.instance_spec(app, release, None)).await {
+                Ok(id) => {
+                    lock(&self.backoff).remove(app);
+                    let instance = id.to_string();
+                    self.record(app, &Event::InstanceCreated { instance, release })?;
+                }
+                Err(e) => return self.create_failed(app, release, &e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_one(&self, spec: InstanceSpec) -> Result<InstanceId> {
+        let id = self.provider.create(spec).await?;
+        if let Err(e) = self.provider.start(&id).await {
+            // Nothing to keep of an instance that did not start; the error is the start's.
+            let _undone = self.provider.destroy(&id).await;
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    /// Backs the app's creates off and records the failure: the first one in a row as
+    /// itself, later ones only when the wait doubles, so a provider that keeps failing gives
+    /// a few events an hour, not ten a second.
+    fn create_failed(&self, app: &str, release: u64, error: &str) -> Result<()> {
+        let now = self.clock.now_ms();
+        let b = {
+            let mut all = lock(&self.backoff);
+            let b = all.entry(app.to_owned()).or_insert(Backoff {
+                failures: 0,
+                next_ms: now,
+            });
+            b.failures = b.failures.saturating_add(1);
+            let wait = backoff_delay(b.failures);
+            b.next_ms = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+            *b
+        };
+        let error = error.to_owned();
+        if b.failures == 1 {
+            return self.record(app, &Event::InstanceCreateFailed { release, error });
+        }
+        if backoff_delay(b.failures) > backoff_delay(b.failures - 1) {
+            let retry_in_ms = u64::try_from(b.next_ms - now).unwrap_or(0);
+            let failures = b.failures;
+            let event = Event::CreateBackoff {
+                release,
+                failures,
+                retry_in_ms,
+                error,
+            };
+            return self.record(app, &event);
+        }
+        Ok(())
+    }
+
+    /// Swaps the router's table to `target` (one atomic swap), recording a weight change.
+    pub fn publish(
+        &self,
+        app: &str,
+        a: &mut AppCtl,
+        target: RouteTarget,
+        addrs: &BTreeMap<String, (SocketAddr, u64)>,
+    ) -> Result<()> {
+        let mut releases = Vec::new();
+        for (release, weight) in &target.weights {
+            let members: Vec<SocketAddr> = target
+                .members
+                .iter()
+                .filter_map(|m| addrs.get(m))
+                .filter(|(_, r)| r == release)
+                .map(|(addr, _)| *addr)
+                .collect();
+            releases.push(kiln_proxy::Release::new(
+                release_name(*release),
+                *weight,
+                &members,
+            ));
+        }
+        let table = RouteTable::new(releases).map_err(|e| ControlError::Router(e.to_string()))?;
+        let changed = target.weights != a.route.weights;
+        a.proxy.set_route(&table);
+        let event = Event::RouteChanged {
+            weights: target.weights.clone(),
+            instances: target.members.len(),
+        };
+        a.route = target;
+        if changed {
+            self.record(app, &event)?;
+        }
+        Ok(())
+    }
+
+    /// Starts `[deploy.migrate]` in a one-shot instance of `release`, unless one runs.
+    pub fn migrate(&self, app: &str, a: &AppCtl, release: u64) -> Result<()> {
+        let Some(m) = a.config.deploy.migrate.clone() else {
+            return Ok(());
+        };
+        {
+            let mut running = lock(&self.migrations);
+            if running.contains_key(app) {
+                return Ok(());
+            }
+            running.insert(app.to_owned(), Migration::Running);
+        }
+        let spec = a.instance_spec(app, release, Some(("migration", m.command.clone())));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(a.config.deploy.progress_deadline_ms);
+        let event = Event::MigrationStarted {
+            release,
+            command: m.command,
+            schema: m.schema,
+        };
+        self.record(app, &event)?;
+        let provider = Arc::clone(&self.provider);
+        let migrations = Arc::clone(&self.migrations);
+        let name = app.to_owned();
+        tokio::spawn(async move {
+            let ran = run_once(
+                provider.as_ref(),
+                spec,
+                deadline,
+                MIGRATION_OUTPUT,
+                std::future::pending(),
+            )
+            .await;
+            let outcome = match ran {
+                Ok(one) => one.failure().map_or(Ok(()), Err),
+                Err(e) => Err(e.to_string()),
+            };
+            lock(&migrations).insert(name, Migration::Done(outcome));
+        });
+        Ok(())
+    }
+
+    /// A finished migration's outcome, once (`None` while none finished).
+    pub fn take_migration(&self, app: &str) -> Option<std::result::Result<(), String>> {
+        let mut m = lock(&self.migrations);
+        match m.get(app) {
+            Some(Migration::Done(_)) => match m.remove(app) {
+                Some(Migration::Done(outcome)) => Some(outcome),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Records why `id` goes, then drains, stops and destroys it in the background.
+    pub fn destroy(
+        &self,
+        app: &str,
+        a: &AppCtl,
+        id: InstanceId,
+        addr: SocketAddr,
+        why: Why,
+    ) -> Result<()> {
+        if !lock(&self.destroying).insert(id.clone()) {
+            return Ok(());
+        }
+        let instance = id.to_string();
+        let event = if why.cause.replaces() {
+            Event::InstanceReplaced {
+                instance,
+                release: why.release,
+                cause: why.cause,
+            }
+        } else {
+            Event::InstanceDestroyed {
+                instance,
+                release: why.release,
+                cause: why.cause,
+            }
+        };
+        if let Err(e) = self.record(app, &event) {
+            // Not destroyed, so a later pass decides again and records it then.
+            lock(&self.destroying).remove(&id);
+            return Err(e);
+        }
+        let provider = Arc::clone(&self.provider);
+        let proxy = Arc::clone(&a.proxy);
+        let destroying = Arc::clone(&self.destroying);
+        let drift = Arc::clone(&self.drift);
+        let grace = a.stop_grace();
+        tokio::spawn(async move {
+            let outcome = proxy.drain(addr).await;
+            if outcome == kiln_proxy::DrainOutcome::StillRouted {
+                // Not destroyed: let a later decision see it again.
+                lock(&destroying).remove(&id);
+                return;
+            }
+            let stopped = provider.stop(&id, grace).await;
+            match provider.destroy(&id).await {
+                Ok(()) => {
+                    lock(&drift).remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %id, error = %e, stopped = stopped.is_ok(), "destroy failed; retried on the next pass");
+                    lock(&destroying).remove(&id);
+                }
+            }
+            // Otherwise the id stays in `destroying` until a listing no longer shows it
+            // (`reconcile` prunes it), so a listing taken before the destroy finished cannot
+            // bring it back into a decision.
+        });
+        Ok(())
+    }
+}
+
+/// Why an instance is destroyed, for its event.
+pub(crate) struct Why {
+    pub release: Option<u64>,
+    pub cause: Cause,
+}
+
+impl Why {
+    /// The planner's reason as the ledger records it. A dead instance with drift on record
+    /// was removed or broken behind kiln's back: the drift is its cause, in one event.
+    pub fn of(reason: &DestroyReason, drift: Option<&String>) -> Why {
+        let cause = match (reason, drift) {
+            (r, Some(findings)) if r.is_replacement() => Cause::Drifted {
+                findings: findings.clone(),
+            },
+            (DestroyReason::Exited { code, .. }, _) => Cause::Exited { code: *code },
+            (DestroyReason::NeverHealthy { .. }, _) => Cause::NeverHealthy,
+            (DestroyReason::Unhealthy { .. }, _) => Cause::Unhealthy,
+            (DestroyReason::Drifted { findings, .. }, _) => Cause::Drifted {
+                findings: findings.clone(),
+            },
+            (DestroyReason::Superseded { .. }, _) => Cause::Superseded,
+            (DestroyReason::Aborted { .. }, _) => Cause::Aborted,
+            (DestroyReason::ScaledDown { replicas, .. }, _) => Cause::ScaledDown {
+                replicas: *replicas,
+            },
+            (DestroyReason::Retired { kept, .. }, _) => Cause::Retired {
+                kept_ms: u64::try_from(kept.as_millis()).unwrap_or(u64::MAX),
+            },
+        };
+        Why {
+            release: Some(reason.release()),
+            cause,
+        }
+    }
+}
+
+/// The wait after `failures` failed creates in a row.
+fn backoff_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BACKOFF_FIRST
+        .saturating_mul(1 << doublings)
+        .min(BACKOFF_MAX)
+}
+
+/// A rollout decision's event as the ledger records it.
+fn rollout_event(e: &RolloutEvent, release: u64) -> Event {
+    match e {
+        RolloutEvent::StepStarted { step, weight } => Event::StepStarted {
+            step: *step,
+            weight: *weight,
+        },
+        RolloutEvent::StepJudged {
+            step,
+            weight,
+            verdict,
+        } => Event::StepJudged {
+            step: *step,
+            weight: *weight,
+            verdict: verdict_record(verdict),
+        },
+        RolloutEvent::AwaitingPromotion => Event::AwaitingPromotion {
+            release: Some(release),
+        },
+        RolloutEvent::Completed { release } => Event::RolloutCompleted { release: *release },
+        RolloutEvent::Aborted { reason } => Event::RolloutAborted {
+            reason: reason.clone(),
+        },
+        RolloutEvent::PreviousRetired { release } => Event::PreviousRetired { release: *release },
+    }
+}
+
+fn verdict_record(v: &Verdict) -> kiln_ledger::Verdict {
+    let (name, metrics, reason) = match v {
+        Verdict::Pass { metrics } => ("pass", metrics, None),
+        Verdict::Inconclusive { metrics } => ("inconclusive", metrics, None),
+        Verdict::Fail { metrics, reason } => ("fail", metrics, Some(reason.clone())),
+    };
+    let window = |w: &kiln_deploy::Window| kiln_ledger::Window {
+        requests: w.requests,
+        errors: w.errors,
+        p99_ms: w.p99_ms,
+    };
+    kiln_ledger::Verdict {
+        verdict: name.to_owned(),
+        reason,
+        metrics: kiln_ledger::StepMetrics {
+            canary: window(&metrics.canary),
+            stable: window(&metrics.stable),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let waits: Vec<u64> = (1..=10)
+            .map(|n| u64::try_from(backoff_delay(n).as_millis()).unwrap_or(0))
+            .collect();
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+    }
+}

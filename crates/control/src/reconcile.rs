@@ -1,0 +1,314 @@
+//! The reconcile loop: observe the provider, ask the planner ([`kiln_deploy::decide`]) what
+//! to do, persist the app's document and events, then let the executor act.
+//!
+//! **Invariant:** the app's document is persisted before actions run, so a controller killed
+//! between the two decides the same again when it restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use kiln_deploy::{
+    Action, Health as Planned, InstanceObs, Observed, RolloutEvent, StepMetrics, Window, decide,
+};
+use kiln_ledger::{Cause, Event};
+use kiln_runtime::{Health, InstanceState, Observation};
+
+use crate::app::{AppCtl, RELEASE_LABEL, ROLE_LABEL, release_name};
+use crate::clock::millis_since_epoch;
+use crate::controller::Controller;
+use crate::error::Result;
+use crate::executor::Why;
+
+/// How often the reconciler looks at every app.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// How long an instance may stay only *created* (never started). The reconciler creates and
+/// starts within one tick and lists between ticks, so a created instance in a listing was
+/// left by a controller killed in between and will never start by itself; the grace only
+/// absorbs clock and file-system noise.
+const CREATED_LIMIT_MS: i64 = 2_000;
+
+/// One app's instances as the planner sees them, and where each listens.
+pub(crate) struct AppView {
+    pub observed: Observed,
+    /// Instance id → (address, release).
+    pub addrs: BTreeMap<String, (SocketAddr, u64)>,
+}
+
+impl Controller {
+    /// Runs the reconciler until `stop` resolves: a pass every [`TICK`], and drift reports
+    /// recorded as they arrive.
+    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let mut drift = self.exec.provider.drift_events();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                report = drift.recv() => {
+                    if let Ok(report) = report
+                        && let Err(e) = self.record_drift(&report).await
+                    {
+                        tracing::error!(instance = %report.instance, error = %e, "cannot record drift");
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile().await {
+                        tracing::error!(error = %e, "reconcile pass failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass of the reconciler over every app. An app whose pass fails is logged and
+    /// retried on the next pass; it never stops the others.
+    pub async fn reconcile(&self) -> Result<()> {
+        // Listed before taking the apps lock, so API calls never wait on the runtime; only
+        // this loop creates instances, so the listing cannot miss one half-created.
+        let observed = self.exec.provider.list().await?;
+        *self.observed.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(observed.clone());
+        {
+            let listed: BTreeSet<_> = observed.iter().map(|o| &o.id).collect();
+            self.exec
+                .destroying
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|id| listed.contains(id));
+        }
+        let mut apps = self.apps.lock().await;
+        for (name, a) in apps.iter_mut() {
+            if a.unserved.is_some() {
+                self.serve_again(name, a).await?;
+            }
+            if let Err(e) = self.tick(name, a, &observed).await {
+                tracing::error!(app = %name, error = %e, "reconcile of app failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries again to serve the address of an app whose address could not be bound.
+    async fn serve_again(&self, name: &str, a: &mut AppCtl) -> Result<()> {
+        let route = &a.config.route;
+        match self
+            .listeners
+            .attach(route.listen, Arc::clone(&a.proxy), route.tls.clone())
+            .await
+        {
+            Ok(()) => {
+                a.unserved = None;
+                let listen = route.listen.to_string();
+                self.exec.record(name, &Event::RouteServed { listen })?;
+            }
+            Err(e) => a.unserved = Some(e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// Observe → decide → persist → act, for one app.
+    pub(crate) async fn tick(&self, name: &str, a: &mut AppCtl, all: &[Observation]) -> Result<()> {
+        let now = self.exec.clock.now_ms();
+        self.fold_migration(name, a)?;
+        let view = self.observe(name, a, all)?;
+        let d = decide(&a.goal, &a.state, &view.observed, now);
+        if d.state != a.state {
+            self.persist(name, a, &d.state)?;
+            a.state = d.state.clone();
+        }
+        self.exec.record_rollout(name, &d.events, a.goal.release)?;
+        for e in &d.events {
+            if let RolloutEvent::Completed { release } = e {
+                kiln_deploy::became_live(&mut a.history, *release);
+            }
+        }
+        let drift = self
+            .exec
+            .drift
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for action in d.actions {
+            match action {
+                Action::Migrate { release } => self.exec.migrate(name, a, release)?,
+                Action::Create { release, count } => {
+                    self.exec.create(name, a, release, count).await?;
+                }
+                Action::Route(target) => self.exec.publish(name, a, target, &view.addrs)?,
+                Action::Destroy { instance, reason } => {
+                    let found = view.addrs.get(&instance).map(|(addr, _)| *addr);
+                    let id = kiln_runtime::InstanceId::new(&instance);
+                    if let (Ok(id), Some(addr)) = (id, found) {
+                        let why = Why::of(&reason, drift.get(&id));
+                        self.exec.destroy(name, a, id, addr, why)?;
+                    }
+                }
+            }
+        }
+        if matches!(
+            d.events.last(),
+            Some(RolloutEvent::Completed { .. } | RolloutEvent::Aborted { .. })
+        ) {
+            a.state.awaiting_promotion = false;
+        }
+        Ok(())
+    }
+
+    /// The app's instances (not the one-shots, not those being destroyed) for the planner,
+    /// and the router's measurements of the current canary step.
+    pub(crate) fn observe(&self, name: &str, a: &AppCtl, all: &[Observation]) -> Result<AppView> {
+        let now = self.exec.clock.now_ms();
+        let destroying = self
+            .exec
+            .destroying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let drift = self
+            .exec
+            .drift
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut instances = Vec::new();
+        let mut addrs = BTreeMap::new();
+        let mine = all
+            .iter()
+            .filter(|o| o.app == name && !destroying.contains(&o.id))
+            .filter(|o| !o.labels.contains_key(ROLE_LABEL));
+        for o in mine {
+            let Some(release) = release_of(o) else {
+                // An instance kiln did not label is not kiln's: remove it.
+                let why = Why {
+                    release: None,
+                    cause: Cause::Foreign,
+                };
+                self.exec.destroy(name, a, o.id.clone(), o.addr, why)?;
+                continue;
+            };
+            addrs.insert(o.id.to_string(), (o.addr, release));
+            instances.push(InstanceObs {
+                id: o.id.to_string(),
+                release,
+                health: planned_health(o, now),
+                drift: drift.get(&o.id).cloned(),
+            });
+        }
+        let observed = Observed {
+            instances,
+            route: a.route.clone(),
+            metrics: step_metrics(a, now),
+        };
+        Ok(AppView { observed, addrs })
+    }
+
+    /// Moves a finished migration's outcome into the rollout state (and the live schema).
+    fn fold_migration(&self, name: &str, a: &mut AppCtl) -> Result<()> {
+        let Some(outcome) = self.exec.take_migration(name) else {
+            return Ok(());
+        };
+        let release = a.goal.release;
+        match outcome {
+            Ok(()) => {
+                a.state.migrated = true;
+                if let Some(m) = &a.config.deploy.migrate {
+                    a.schema = Some(kiln_deploy::LiveSchema {
+                        schema: m.schema,
+                        compatible_from: m.compatible_from,
+                        release,
+                    });
+                    let event = Event::MigrationCompleted {
+                        release,
+                        schema: m.schema,
+                        compatible_from: m.compatible_from,
+                    };
+                    self.exec.record(name, &event)?;
+                }
+            }
+            Err(error) => {
+                a.state.migration_failed = Some(error.clone());
+                self.exec
+                    .record(name, &Event::MigrationFailed { release, error })?;
+            }
+        }
+        let state = a.state.clone();
+        self.persist(name, a, &state)
+    }
+
+    /// Records drift found on an instance (once per instance) for the next pass to act on.
+    /// An instance that only vanished gets no drift event of its own: its replacement's
+    /// event names the drift, so a `docker rm -f` is one event.
+    pub(crate) async fn record_drift(&self, report: &kiln_runtime::DriftReport) -> Result<()> {
+        let findings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+        let first = self
+            .exec
+            .drift
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(report.instance.clone(), findings.join("; "))
+            .is_none();
+        let vanished = report
+            .findings
+            .iter()
+            .all(|f| matches!(f, kiln_runtime::DriftFinding::Vanished { .. }));
+        if !first || vanished {
+            return Ok(());
+        }
+        let Ok(o) = self.exec.provider.observe(&report.instance).await else {
+            return Ok(());
+        };
+        let instance = report.instance.to_string();
+        self.exec
+            .record(&o.app, &Event::DriftDetected { instance, findings })
+    }
+}
+
+/// The release an instance runs, from its label.
+pub(crate) fn release_of(o: &Observation) -> Option<u64> {
+    o.labels.get(RELEASE_LABEL).and_then(|v| v.parse().ok())
+}
+
+/// An instance's health as the planner sees it.
+pub(crate) fn planned_health(o: &Observation, now: kiln_deploy::Millis) -> Planned {
+    let stuck =
+        o.state == InstanceState::Created && now - millis_since_epoch(o.created) > CREATED_LIMIT_MS;
+    match (o.state, o.health) {
+        _ if stuck => Planned::Failed,
+        (InstanceState::Exited | InstanceState::Vanished, _) => {
+            Planned::Exited { code: o.exit_code }
+        }
+        (_, Health::Healthy) => Planned::Healthy,
+        (_, Health::Unhealthy) => Planned::Unhealthy,
+        (_, Health::Failed) => Planned::Failed,
+        (_, Health::Unknown | Health::Starting) => Planned::Starting,
+    }
+}
+
+/// The router's measurements of the canary and stable releases since the step started.
+fn step_metrics(a: &AppCtl, now: kiln_deploy::Millis) -> Option<StepMetrics> {
+    let started = a.state.step_started_ms?;
+    let window = Duration::from_millis(u64::try_from(now - started).unwrap_or(0).max(1000));
+    let snap = |release: Option<u64>| {
+        release
+            .and_then(|r| a.proxy.snapshot(&release_name(r), window))
+            .map_or(
+                Window {
+                    requests: 0,
+                    errors: 0,
+                    p99_ms: 0.0,
+                },
+                |s| Window {
+                    requests: s.requests,
+                    errors: s.errors,
+                    p99_ms: s.p99.as_secs_f64() * 1000.0,
+                },
+            )
+    };
+    Some(StepMetrics {
+        canary: snap(Some(a.goal.release)),
+        stable: snap(a.goal.stable),
+    })
+}

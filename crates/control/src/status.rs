@@ -1,0 +1,135 @@
+//! What the controller reports: `kiln status`, the event log, releases, `kiln verify`,
+//! instances and metrics. Reads only; nothing here acts.
+
+use std::sync::{Arc, PoisonError};
+
+use kiln_deploy::Phase;
+use kiln_runtime::Observation;
+
+use crate::controller::Controller;
+use crate::dto::{AppStatus, InstanceStatus, LiveSchema};
+use crate::error::{ControlError, Result};
+use crate::reconcile::release_of;
+
+impl Controller {
+    /// Every app the controller manages, including those whose stored release is corrupt.
+    pub async fn app_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.apps.lock().await.keys().cloned().collect();
+        names.extend(self.corrupt_apps().into_keys());
+        names.sort();
+        names
+    }
+
+    /// `kiln status APP`.
+    pub async fn status(&self, app: &str) -> Result<AppStatus> {
+        let observed = self.last_observed().await?;
+        let apps = self.apps.lock().await;
+        let Some(a) = apps.get(app) else {
+            return Err(match self.corrupt_apps().remove(app) {
+                Some(why) => ControlError::Corrupt(why),
+                None => ControlError::NotFound(format!("no app named {app} is running")),
+            });
+        };
+        let drift = self
+            .exec
+            .drift
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let now = self.exec.clock.now_ms();
+        let instances = observed
+            .iter()
+            .filter(|o| o.app == app)
+            .map(|o| InstanceStatus {
+                id: o.id.to_string(),
+                release: release_of(o),
+                state: o.state.as_str().to_owned(),
+                health: o.health.as_str().to_owned(),
+                addr: o.addr.to_string(),
+                age_ms: u64::try_from(now - crate::clock::millis_since_epoch(o.created))
+                    .unwrap_or(0),
+                routed: a.route.members.contains(&o.id.to_string()),
+                drift: drift.get(&o.id).cloned(),
+            })
+            .collect();
+        let (phase, reason) = match &a.state.phase {
+            Phase::Progressing => ("progressing", None),
+            Phase::Completed { .. } => ("completed", None),
+            Phase::Aborted { reason, .. } => ("aborted", Some(reason.clone())),
+        };
+        Ok(AppStatus {
+            app: app.to_owned(),
+            live: a.live_release(),
+            release: a.goal.release,
+            stable: a.goal.stable,
+            phase: phase.to_owned(),
+            reason,
+            strategy: a.goal.deploy.strategy.name().to_owned(),
+            step: matches!(a.goal.deploy.strategy, kiln_spec::Strategy::Canary { .. })
+                .then_some(a.state.step + 1),
+            awaiting_promotion: a.state.awaiting_promotion,
+            replicas: a.goal.replicas,
+            weights: a.route.weights.clone(),
+            listen: a.listen.to_string(),
+            unserved: a.unserved.clone(),
+            image: a.image.to_string(),
+            config: a.config.clone(),
+            instances,
+            schema: a.schema.map(LiveSchema::from_domain),
+        })
+    }
+
+    /// Events, oldest first.
+    pub fn events(
+        &self,
+        app: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<kiln_ledger::Entry>> {
+        Ok(self.exec.ledger().events(app, limit)?)
+    }
+
+    /// Every release of `app`.
+    pub fn releases(&self, app: &str) -> Result<Vec<kiln_ledger::Release>> {
+        Ok(self.exec.ledger().releases(app)?)
+    }
+
+    /// `kiln verify`.
+    pub fn verify(
+        &self,
+    ) -> Result<std::result::Result<kiln_ledger::VerifyReport, kiln_ledger::VerifyError>> {
+        Ok(self.exec.ledger().verify()?)
+    }
+
+    /// The reconciler's last listing (at most a tick old), or a fresh one before the first.
+    /// Status calls read this instead of listing: listing costs a runtime call per request.
+    async fn last_observed(&self) -> Result<Vec<Observation>> {
+        let cached = Arc::clone(&self.observed.lock().unwrap_or_else(PoisonError::into_inner));
+        if cached.is_empty() {
+            return Ok(self.exec.provider.list().await?);
+        }
+        Ok(cached.as_ref().clone())
+    }
+
+    /// The instances of `app` (for `kiln logs APP`).
+    pub async fn instances(&self, app: &str) -> Result<Vec<String>> {
+        Ok(self
+            .last_observed()
+            .await?
+            .into_iter()
+            .filter(|o| o.app == app)
+            .map(|o| o.id.to_string())
+            .collect())
+    }
+
+    /// The Prometheus text of every app's router metrics.
+    pub async fn metrics(&self) -> String {
+        let apps: Vec<Arc<kiln_proxy::App>> = self
+            .apps
+            .lock()
+            .await
+            .values()
+            .map(|a| Arc::clone(&a.proxy))
+            .collect();
+        kiln_proxy::render_prometheus(&apps)
+    }
+}
