@@ -30,6 +30,7 @@ pub mod gate;
 mod listeners;
 pub mod oneshot;
 mod reconcile;
+mod rollback;
 mod status;
 
 pub use app::{RELEASE_LABEL, ROLE_LABEL};

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use kiln_control::client::{Client, ClientError};
 use kiln_control::{AppStatus, ApplyRequest, ReleaseConfig};
+use kiln_ledger::{Entry, Event};
 use kiln_spec::Spec;
 use serde_json::{Value, json};
 
@@ -235,45 +236,30 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
             Err(e) => Err(e.into()),
         }
     })?;
-    let mut changes = Vec::new();
     let strategy = spec.deploy.strategy.name();
-    match &current {
-        None => changes.push(format!(
-            "+ new app {}: release 1, image {}, {} instance(s), {strategy}, listening on {}",
-            spec.name, req.image, spec.service.replicas, spec.route.listen
-        )),
-        Some(cur) => {
-            if cur.image != req.image {
-                changes.push(format!("~ image: {} → {}", cur.image, req.image));
-            }
-            for line in req.config.diff(&cur.config) {
-                changes.push(format!("~ {line}"));
-            }
-            if let Some(m) = &spec.deploy.migrate {
-                let live = cur
-                    .schema
-                    .map_or("none recorded".to_owned(), |l| l.schema.to_string());
-                let mut line = format!(
-                    "~ schema: live {live} → {} (works with schema {} or later)",
-                    m.schema, m.compatible_from
-                );
-                let blocked: Vec<String> = cur
-                    .live
-                    .into_iter()
-                    .filter(|_| m.compatible_from > cur.schema.map_or(0, |l| l.schema))
-                    .map(|r| r.to_string())
-                    .collect();
-                if !blocked.is_empty() {
-                    line.push_str(&format!(
-                        "; after it, rolling back to release {} will be refused (it needs schema {} or older)",
-                        blocked.join(", "),
-                        cur.schema.map_or(0, |l| l.schema)
-                    ));
-                }
-                changes.push(line);
-            }
-        }
-    }
+    let current_plan = match &current {
+        Some(cur) => Some(kiln_deploy::PlanCurrent {
+            release: cur.release,
+            live: cur.live,
+            image: cur.image.clone(),
+            config: serde_json::to_value(&cur.config)?,
+            schema: cur.schema.map(kiln_control::LiveSchema::into_domain),
+        }),
+        None => None,
+    };
+    let next = kiln_deploy::PlanNext {
+        app: spec.name.to_string(),
+        image: req.image.clone(),
+        config: serde_json::to_value(&req.config)?,
+        replicas: spec.service.replicas,
+        strategy: strategy.to_owned(),
+        listen: spec.route.listen.to_string(),
+        migrate: spec.deploy.migrate.clone(),
+    };
+    let changes: Vec<String> = kiln_deploy::plan(current_plan.as_ref(), &next)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     if out.json {
         out.data(&json!({"app": spec.name.as_str(), "changes": changes, "current_release": current.as_ref().map(|c| c.release)}))?;
     } else if changes.is_empty() {
@@ -529,29 +515,28 @@ pub fn history(args: &HistoryArgs, state: &Path, out: &Output) -> anyhow::Result
             out.data(&events)?;
             return Ok(ExitCode::SUCCESS);
         }
-        for e in events.as_array().into_iter().flatten() {
+        let entries: Vec<Entry> = serde_json::from_value(events)?;
+        for e in &entries {
             out.say(&format!(
                 "{:>5} {} {:<12} {:<26} {}",
-                e["seq"],
-                when(e["at_ms"].as_i64().unwrap_or(0)),
-                e["app"].as_str().unwrap_or(""),
-                e["kind"].as_str().unwrap_or(""),
-                summary(&e["data"])
+                e.seq,
+                when(e.at_ms),
+                e.app,
+                e.kind,
+                summary(e)
             ));
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// A compact one-line rendering of an event's data.
-fn summary(data: &Value) -> String {
-    if let Some(reason) = data["reason"].as_str() {
-        return reason.to_owned();
+/// One line for an entry: its event's own words, or its raw data when it was written before
+/// events were typed.
+fn summary(e: &Entry) -> String {
+    match e.event() {
+        Ok(event) => event.to_string(),
+        Err(_) => e.data.to_string(),
     }
-    if let Some(verdict) = data.get("verdict") {
-        return verdict.to_string();
-    }
-    data.to_string()
 }
 
 pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
@@ -567,7 +552,7 @@ pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
             "no ledger at {}: nothing has been deployed with this --state",
             path.display()
         );
-        let ledger = kiln_ledger::Ledger::open(&path)?;
+        let ledger = kiln_ledger::Ledger::open_read_only(&path)?;
         Ok(match ledger.verify()? {
             Ok(r) => {
                 json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head})
@@ -755,41 +740,25 @@ pub fn drift(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCo
         if let Some(a) = &args.app {
             path.push_str(&format!("app={a}"));
         }
-        let events = client(state).get(&path).await?;
-        let found: Vec<&Value> = events
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| {
-                let kind = e["kind"].as_str().unwrap_or("");
-                kind == "drift.detected"
-                    || (kind == "instance.replaced"
-                        && e["data"]["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.contains("drifted")))
-            })
+        let entries: Vec<Entry> = serde_json::from_value(client(state).get(&path).await?)?;
+        // An entry written before events were typed does not decode; it is not drift.
+        let found: Vec<(&Entry, Event)> = entries
+            .iter()
+            .filter_map(|e| Some((e, e.event().ok()?)))
+            .filter(|(_, event)| event.is_drift())
             .collect();
         if out.json {
-            out.data(&json!(found))?;
+            let raw: Vec<&Entry> = found.iter().map(|(e, _)| *e).collect();
+            out.data(&json!(raw))?;
         } else if found.is_empty() {
             out.say("no drift found");
         } else {
-            for e in found {
-                let d = &e["data"];
-                let what = if e["kind"] == "drift.detected" {
-                    format!(
-                        "found on {}: {}",
-                        d["instance"].as_str().unwrap_or("?"),
-                        d["findings"]
-                    )
-                } else {
-                    format!("replaced: {}", d["reason"].as_str().unwrap_or(""))
+            for (e, event) in found {
+                let what = match &event {
+                    Event::DriftDetected { .. } => format!("found on {event}"),
+                    _ => format!("replaced: {event}"),
                 };
-                out.say(&format!(
-                    "{} {:<12} {what}",
-                    when(e["at_ms"].as_i64().unwrap_or(0)),
-                    e["app"].as_str().unwrap_or("")
-                ));
+                out.say(&format!("{} {:<12} {what}", when(e.at_ms), e.app));
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -933,17 +902,11 @@ async fn follow(c: &Client, app: &str, out: &Output) -> anyhow::Result<()> {
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let events = c.get(&format!("/v1/events?app={app}&limit=50")).await?;
-        for e in events.as_array().into_iter().flatten() {
-            let seq = e["seq"].as_u64().unwrap_or(0);
-            if seq > seen {
-                seen = seq;
-                out.say(&format!(
-                    "{} {:<26} {}",
-                    when(e["at_ms"].as_i64().unwrap_or(0)),
-                    e["kind"].as_str().unwrap_or(""),
-                    summary(&e["data"])
-                ));
-            }
+        let entries: Vec<Entry> = serde_json::from_value(events)?;
+        let last = seen;
+        for e in entries.iter().filter(|e| e.seq > last) {
+            seen = e.seq;
+            out.say(&format!("{} {:<26} {}", when(e.at_ms), e.kind, summary(e)));
         }
     }
 }

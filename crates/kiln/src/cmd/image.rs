@@ -86,7 +86,7 @@ fn released_images(state: &Path) -> anyhow::Result<BTreeSet<kiln_image::Digest>>
     if !path.exists() {
         return Ok(out);
     }
-    let ledger = kiln_ledger::Ledger::open(&path)
+    let ledger = kiln_ledger::Ledger::open_read_only(&path)
         .with_context(|| format!("cannot open the ledger {}", path.display()))?;
     for app in ledger.apps()? {
         for release in ledger.releases(&app)? {

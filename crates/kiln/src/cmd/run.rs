@@ -106,10 +106,9 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
     let mut instance = InstanceSpec::from_service(digest, &app, &service);
     instance.target = target;
     // A one-off: a daemon managing the same app leaves it alone.
-    instance.labels.insert(
-        kiln_control::ROLE_LABEL.to_owned(),
-        "run".to_owned(),
-    );
+    instance
+        .labels
+        .insert(kiln_control::ROLE_LABEL.to_owned(), "run".to_owned());
     instance.env.extend(env);
     instance.port = args.port;
     let grace = service.stop_grace;

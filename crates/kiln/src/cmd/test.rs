@@ -69,10 +69,8 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     let mut base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
     base.target = spec.target.clone();
     // A one-off: a daemon managing the same app leaves it alone.
-    base.labels.insert(
-        kiln_control::ROLE_LABEL.to_owned(),
-        "test".to_owned(),
-    );
+    base.labels
+        .insert(kiln_control::ROLE_LABEL.to_owned(), "test".to_owned());
     let results = tokio_runtime()?.block_on(async {
         // Ctrl-C destroys the test instance before `test` ends.
         let mut signals = StopSignals::new()?;
