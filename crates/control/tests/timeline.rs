@@ -1,0 +1,248 @@
+//! The controller's timelines on tokio's paused time: the controller reads a `TokioClock`,
+//! so a test advances time instead of sleeping, and asserts what happened at each moment
+//! (crash → replaced, drift → replaced, progress deadline → aborted, keep_previous →
+//! retired). Over the in-memory fake provider, a real ledger and a real router.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_control::{ApplyRequest, Controller, ControllerConfig, ReleaseConfig, TokioClock};
+use kiln_ledger::{Cause, Event};
+use kiln_runtime::{DriftFinding, FakeProvider, Health, InstanceId, Provider};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn request(port: u16, version: &str, deploy: &str) -> ApplyRequest {
+    let src = format!(
+        "name = \"web\"\n[image]\n[service]\nreplicas = 2\nenv = {{ V = \"{version}\" }}\n\
+         [deploy]\n{deploy}\n[route]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let spec = kiln_spec::Spec::parse(&src, "kiln.toml", std::path::Path::new(".")).unwrap();
+    let image = if version == "1" { "a" } else { "b" };
+    ApplyRequest {
+        image: format!("sha256:{}", image.repeat(64)),
+        config: ReleaseConfig::from_spec(&spec),
+        spec_digest: "sha256:spec".into(),
+        source_commit: None,
+        actor: "test".into(),
+    }
+}
+
+struct Timeline {
+    _dir: tempfile::TempDir,
+    fake: Arc<FakeProvider>,
+    c: Arc<Controller>,
+}
+
+impl Timeline {
+    async fn start(auto_healthy: bool) -> Timeline {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeProvider::new(auto_healthy));
+        let provider: Arc<dyn Provider> = fake.clone();
+        let cfg = ControllerConfig {
+            state_dir: dir.path().to_owned(),
+            router: kiln_proxy::WorkersConfig::new(1),
+            attestations: None,
+        };
+        let clock = Arc::new(TokioClock::new());
+        let c = Controller::start_with_clock(&cfg, provider, clock)
+            .await
+            .unwrap();
+        Timeline { _dir: dir, fake, c }
+    }
+
+    /// One reconcile pass, then `by` of virtual time.
+    async fn pass(&self, by: Duration) {
+        self.c.reconcile().await.unwrap();
+        // Background drains and destroys run on this runtime: let them.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(by).await;
+    }
+
+    /// Passes until `done`, at most `limit` of virtual time; returns the time it took.
+    async fn until(
+        &self,
+        limit: Duration,
+        done: impl Fn(&kiln_control::AppStatus) -> bool,
+    ) -> Duration {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() <= limit {
+            self.pass(kiln_control::TICK).await;
+            if done(&self.c.status("web").await.unwrap()) {
+                return start.elapsed();
+            }
+        }
+        panic!(
+            "not reached within {limit:?}: {:?}",
+            self.c.status("web").await.unwrap()
+        );
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.c
+            .events(Some("web"), None)
+            .unwrap()
+            .iter()
+            .map(|e| e.event().unwrap())
+            .collect()
+    }
+
+    async fn routed(&self) -> Vec<InstanceId> {
+        let s = self.c.status("web").await.unwrap();
+        s.instances
+            .iter()
+            .filter(|i| i.routed)
+            .map(|i| InstanceId::new(&i.id).unwrap())
+            .collect()
+    }
+}
+
+fn settled(s: &kiln_control::AppStatus) -> bool {
+    s.phase == "completed" && s.instances.iter().filter(|i| i.routed).count() == 2
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_instance_is_replaced_on_the_next_pass_and_its_event_names_the_signal() {
+    let t = Timeline::start(true).await;
+    t.c.apply("web", request(free_port(), "1", ""))
+        .await
+        .unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    let victim = t.routed().await[0].clone();
+    t.fake.exit(&victim, 137);
+    t.pass(Duration::ZERO).await;
+    // The same pass that saw the exit replaced it, in one event naming the signal.
+    let replaced: Vec<Event> = t
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::InstanceReplaced { .. }))
+        .collect();
+    assert_eq!(
+        replaced,
+        [Event::InstanceReplaced {
+            instance: victim.to_string(),
+            release: Some(1),
+            cause: Cause::Exited { code: Some(137) },
+        }]
+    );
+    assert_eq!(
+        replaced[0].to_string(),
+        format!("{victim} killed by signal 9 (SIGKILL)")
+    );
+    let took = t
+        .until(Duration::from_secs(5), |s| {
+            settled(s) && !s.instances.iter().any(|i| i.id == victim.to_string())
+        })
+        .await;
+    assert!(took <= Duration::from_secs(1), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drifted_instance_is_recorded_then_replaced_once_a_clean_one_is_ready() {
+    let t = Timeline::start(true).await;
+    t.c.apply("web", request(free_port(), "1", ""))
+        .await
+        .unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    let runner = tokio::spawn(Arc::clone(&t.c).run(std::future::pending()));
+    tokio::task::yield_now().await;
+    let drifted = t.routed().await[0].clone();
+    let finding = DriftFinding::Write {
+        path: "/etc/passwd".into(),
+    };
+    t.fake.drift(&drifted, vec![finding]);
+    // The run loop records the report as it arrives and replaces it on its next ticks.
+    let start = tokio::time::Instant::now();
+    loop {
+        tokio::time::advance(kiln_control::TICK).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let s = t.c.status("web").await.unwrap();
+        if settled(&s) && !s.instances.iter().any(|i| i.id == drifted.to_string()) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{s:?}");
+    }
+    runner.abort();
+    let kinds: Vec<&'static str> = t
+        .events()
+        .iter()
+        .filter(|e| e.is_drift())
+        .map(Event::kind)
+        .collect();
+    assert_eq!(kinds, ["drift.detected", "instance.replaced"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_that_never_becomes_healthy_aborts_at_its_progress_deadline() {
+    let t = Timeline::start(false).await;
+    let port = free_port();
+    t.c.apply("web", request(port, "1", "")).await.unwrap();
+    // The fake's instances stay `starting` until told: make release 1 healthy by hand.
+    for _ in 0..3 {
+        t.pass(kiln_control::TICK).await;
+        for i in t.fake.list().await.unwrap() {
+            t.fake.set_health(&i.id, Health::Healthy);
+        }
+    }
+    t.until(Duration::from_secs(5), settled).await;
+    t.c.apply("web", request(port, "2", "progress_deadline = \"10s\""))
+        .await
+        .unwrap();
+    // Release 2's instances never become healthy.
+    let took = t
+        .until(Duration::from_secs(20), |s| s.phase == "aborted")
+        .await;
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(11)).contains(&took),
+        "aborted after {took:?}"
+    );
+    let s = t.c.status("web").await.unwrap();
+    assert!(
+        s.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("progress deadline 10s"),
+        "{s:?}"
+    );
+    assert_eq!(s.weights.keys().copied().collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_previous_release_is_retired_when_keep_previous_ends() {
+    let t = Timeline::start(true).await;
+    let port = free_port();
+    let keep = "keep_previous = \"2m\"";
+    t.c.apply("web", request(port, "1", keep)).await.unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    t.c.apply("web", request(port, "2", keep)).await.unwrap();
+    t.until(Duration::from_secs(5), |s| settled(s) && s.live == Some(2))
+        .await;
+    let warm =
+        |s: &kiln_control::AppStatus| s.instances.iter().filter(|i| i.release == Some(1)).count();
+    // Warm for the whole two minutes…
+    let s = t.c.status("web").await.unwrap();
+    assert_eq!(warm(&s), 2);
+    tokio::time::advance(Duration::from_secs(119)).await;
+    t.pass(Duration::ZERO).await;
+    assert_eq!(warm(&t.c.status("web").await.unwrap()), 2);
+    // …then retired.
+    let took = t.until(Duration::from_secs(5), |s| warm(s) == 0).await;
+    assert!(took <= Duration::from_secs(2), "{took:?}");
+    assert!(
+        t.events().contains(&Event::PreviousRetired { release: 1 }),
+        "{:?}",
+        t.events()
+    );
+}
