@@ -671,7 +671,7 @@ impl BlobWriter {
     /// [`StoreError::Corrupt`] and nothing is stored.
     pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let HashingWriter { inner, hasher, len } = self.inner;
-        let digest = Digest::from_hasher(hasher);
+        let digest = crate::digest::finish(hasher);
         let tmp = inner
             .into_inner()
             .map_err(|e| io_err("write", &self.blobs)(e.into_error()))?;
@@ -742,7 +742,7 @@ impl Read for VerifiedReader {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() && !self.done {
             self.done = true;
-            let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+            let actual = crate::digest::finish(std::mem::take(&mut self.hasher));
             if actual != self.expected {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
