@@ -46,7 +46,6 @@ use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
-use crate::local::fsutil::write_durable;
 use crate::local::record::{HealthRecord, ms};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
@@ -595,7 +594,7 @@ impl DockerProvider {
                     .unwrap_or_else(|| "(unknown command)".to_owned());
                 let path = self.taint_path(&id);
                 if !path.exists()
-                    && let Err(e) = write_durable(&path, command.as_bytes())
+                    && let Err(e) = kiln_durable::write(&path, command.as_bytes())
                 {
                     tracing::warn!(instance = %id, error = %e, "cannot record an exec taint");
                 }
@@ -845,7 +844,7 @@ impl Provider for DockerProvider {
         let path = self.record_path(&id);
         let written = serde_json::to_vec_pretty(&record)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_durable(&path, &bytes));
+            .and_then(|bytes| kiln_durable::write(&path, &bytes));
         if let Err(e) = written {
             return Err(cleanup(ProviderError::io("write", &path)(e)).await);
         }

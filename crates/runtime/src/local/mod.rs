@@ -22,7 +22,6 @@
 
 mod bundle;
 mod drift;
-pub(crate) mod fsutil;
 pub mod host;
 mod layers;
 mod logs;
@@ -51,7 +50,6 @@ use crate::types::{
 
 use self::bundle::BundleInput;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
-use self::fsutil::write_durable;
 use self::layers::LayerCache;
 use self::logs::LogFiles;
 use self::mounts::{KernelMounter, Mounter};
@@ -290,7 +288,8 @@ impl LocalProvider {
             fs::create_dir_all(&d).map_err(ProviderError::io("create", &d))?;
         }
         let config_path = dir.join("bundle/config.json");
-        write_durable(&config_path, &config).map_err(ProviderError::io("write", &config_path))?;
+        kiln_durable::write(&config_path, &config)
+            .map_err(ProviderError::io("write", &config_path))?;
         let record = InstanceRecord {
             version: 1,
             id: id.to_string(),
@@ -318,7 +317,8 @@ impl LocalProvider {
             message: e.to_string(),
         })?;
         let record_path = dir.join("instance.json");
-        write_durable(&record_path, &bytes).map_err(ProviderError::io("write", &record_path))?;
+        kiln_durable::write(&record_path, &bytes)
+            .map_err(ProviderError::io("write", &record_path))?;
         self.mounter
             .mount_overlay(&lower, &dir.join("upper"), &dir.join("work"), &rootfs)
             .map_err(|source| ProviderError::Mount {
@@ -632,7 +632,7 @@ fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
 }
 
 fn touch(path: &Path) -> Result<(), ProviderError> {
-    write_durable(path, b"").map_err(ProviderError::io("write", path))
+    kiln_durable::write(path, b"").map_err(ProviderError::io("write", path))
 }
 
 #[async_trait]
@@ -699,7 +699,7 @@ impl Provider for LocalProvider {
             };
             if let Some(code) = code {
                 // The directory may be gone already (destroyed): nothing to record then.
-                let _ = write_durable(&exit_file, code.to_string().as_bytes());
+                let _ = kiln_durable::write(&exit_file, code.to_string().as_bytes());
             }
             exit_tx.send_replace(Some(code));
         });
