@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -224,11 +224,6 @@ impl Observation {
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
-}
-
-/// Where an instance listens on the local host.
-pub(crate) fn local_addr(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// One change made to an instance outside kiln.

@@ -47,10 +47,11 @@ use tokio::task::AbortHandle;
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
 use crate::local::record::{HealthRecord, ms};
+use crate::ports::{allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
-    Observation, local_addr,
+    Observation,
 };
 
 use self::container::{
@@ -384,8 +385,8 @@ impl DockerProvider {
         Ok(id)
     }
 
-    /// A host port on 127.0.0.1 free now and not given to another of kiln's containers.
-    fn allocate_port(&self) -> std::io::Result<u16> {
+    /// Host ports already given to kiln's containers on record.
+    fn used_ports(&self) -> HashSet<u16> {
         let mut used = HashSet::new();
         if let Ok(entries) = std::fs::read_dir(self.cfg.state.join("docker")) {
             for e in entries.flatten() {
@@ -396,17 +397,7 @@ impl DockerProvider {
                 }
             }
         }
-        for _ in 0..64 {
-            let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-            let port = listener.local_addr()?.port();
-            if !used.contains(&port) {
-                return Ok(port);
-            }
-        }
-        Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            "every port offered was already given to an instance",
-        ))
+        used
     }
 
     async fn inspect(
@@ -795,7 +786,7 @@ impl Provider for DockerProvider {
         let image_id = self.ensure_image(&spec.image).await?;
         let port = match spec.port {
             Some(p) => p,
-            None => self.allocate_port().map_err(|e| ProviderError::Config {
+            None => allocate_port(&self.used_ports()).map_err(|e| ProviderError::Config {
                 id: id.clone(),
                 message: format!("no free port on 127.0.0.1: {e}"),
             })?,

@@ -42,10 +42,11 @@ use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
+use crate::ports::{allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
-    InstanceState, LogChunk, Observation, local_addr,
+    InstanceState, LogChunk, Observation,
 };
 
 use self::bundle::BundleInput;
@@ -615,21 +616,6 @@ const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
 /// How long `destroy` waits for an instance's process to go after SIGKILL before it sends
 /// SIGKILL again.
 const KILL_AGAIN_AFTER: Duration = Duration::from_millis(100);
-
-/// A port on 127.0.0.1 that is free now and not given to another instance.
-fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
-    for _ in 0..64 {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let port = listener.local_addr()?.port();
-        if !used.contains(&port) {
-            return Ok(port);
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AddrInUse,
-        "every port offered was already given to an instance",
-    ))
-}
 
 fn touch(path: &Path) -> Result<(), ProviderError> {
     kiln_durable::write(path, b"").map_err(ProviderError::io("write", path))
