@@ -47,7 +47,7 @@ use tokio::task::AbortHandle;
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
 use crate::local::record::{HealthRecord, ms};
-use crate::ports::{allocate_port, local_addr};
+use crate::ports::{self, allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
@@ -93,6 +93,7 @@ struct DockerRecord {
     app: String,
     /// The manifest digest kiln built.
     image: String,
+    /// Also read by `ports::on_record`, so no provider gives the port to another instance.
     port: u16,
     writable: Vec<String>,
     health: Option<HealthRecord>,
@@ -383,21 +384,6 @@ impl DockerProvider {
             });
         }
         Ok(id)
-    }
-
-    /// Host ports already given to kiln's containers on record.
-    fn used_ports(&self) -> HashSet<u16> {
-        let mut used = HashSet::new();
-        if let Ok(entries) = std::fs::read_dir(self.cfg.state.join("docker")) {
-            for e in entries.flatten() {
-                if let Ok(bytes) = std::fs::read(e.path())
-                    && let Ok(r) = serde_json::from_slice::<DockerRecord>(&bytes)
-                {
-                    used.insert(r.port);
-                }
-            }
-        }
-        used
     }
 
     async fn inspect(
@@ -786,9 +772,11 @@ impl Provider for DockerProvider {
         let image_id = self.ensure_image(&spec.image).await?;
         let port = match spec.port {
             Some(p) => p,
-            None => allocate_port(&self.used_ports()).map_err(|e| ProviderError::Config {
-                id: id.clone(),
-                message: format!("no free port on 127.0.0.1: {e}"),
+            None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
+                ProviderError::Config {
+                    id: id.clone(),
+                    message: format!("no free port on 127.0.0.1: {e}"),
+                }
             })?,
         };
         let body = create_body(&Wanted {

@@ -42,7 +42,7 @@ use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
-use crate::ports::{allocate_port, local_addr};
+use crate::ports::{self, allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
@@ -220,19 +220,6 @@ impl LocalProvider {
         }
     }
 
-    /// Ports already given to instances on record.
-    fn used_ports(&self) -> HashSet<u16> {
-        let mut used = HashSet::new();
-        if let Ok(entries) = fs::read_dir(self.cfg.state.join("instances")) {
-            for e in entries.flatten() {
-                if let Ok(r) = InstanceRecord::read(&e.path().join("instance.json")) {
-                    used.insert(r.port);
-                }
-            }
-        }
-        used
-    }
-
     fn prepare(&self, id: &InstanceId, spec: &InstanceSpec) -> Result<(), ProviderError> {
         let resolved = self
             .images
@@ -255,9 +242,11 @@ impl LocalProvider {
         lower.reverse();
         let port = match spec.port {
             Some(p) => p,
-            None => allocate_port(&self.used_ports()).map_err(|e| ProviderError::Config {
-                id: id.clone(),
-                message: format!("no free port on 127.0.0.1: {e}"),
+            None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
+                ProviderError::Config {
+                    id: id.clone(),
+                    message: format!("no free port on 127.0.0.1: {e}"),
+                }
             })?,
         };
         let config = bundle::config_json(&BundleInput {
