@@ -486,7 +486,7 @@ fn import_docker_layer(
     let mut plain =
         HashingReader::new(unpack::decompress(tar.reader(name)?).map_err(io_err("read", path))?);
     io::copy(&mut plain, &mut io::sink()).map_err(io_err("decompress", path))?;
-    let actual = Digest::from_hasher(plain.hasher);
+    let actual = crate::digest::finish(plain.hasher);
     if &actual != diff_id {
         return Err(ArchiveError::DiffIdMismatch {
             path: path.to_path_buf(),

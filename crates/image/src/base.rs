@@ -116,7 +116,7 @@ fn unpack_rootfs_tar(
     name: &str,
 ) -> Result<tempfile::TempDir, BuildError> {
     let tmp_root = cache.dir().join("tmp");
-    crate::fsutil::ensure_dir(&tmp_root).map_err(BuildError::io("create", &tmp_root))?;
+    std::fs::create_dir_all(&tmp_root).map_err(BuildError::io("create", &tmp_root))?;
     let tmp = tempfile::Builder::new()
         .prefix("rootfs-")
         .tempdir_in(&tmp_root)

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use crate::build::BuildError;
 use crate::digest::{ContentId, Digest};
-use crate::fsutil::{ensure_dir, write_durable};
 use crate::tree::StatKey;
 
 /// A layer the cache has assembled before.
@@ -72,7 +71,7 @@ impl BuildCache {
     pub fn open(dir: impl Into<PathBuf>) -> Result<BuildCache, BuildError> {
         let dir = dir.into();
         for d in [dir.join("units"), dir.join("layers")] {
-            ensure_dir(&d).map_err(BuildError::io("create", &d))?;
+            fs::create_dir_all(&d).map_err(BuildError::io("create", &d))?;
         }
         let stat = fs::read(dir.join("stat.json"))
             .ok()
@@ -115,7 +114,7 @@ impl BuildCache {
         let bytes = serde_json::to_vec(&self.stat).map_err(|e| BuildError::Internal {
             reason: format!("cannot encode the stat cache: {e}"),
         })?;
-        write_durable(&path, &bytes).map_err(BuildError::io("write", &path))
+        kiln_durable::write(&path, &bytes).map_err(BuildError::io("write", &path))
     }
 
     fn unit_path(&self, key: &Digest) -> PathBuf {
@@ -133,7 +132,7 @@ impl BuildCache {
     pub(crate) fn put_member(&self, key: &Digest, bytes: &[u8]) -> Result<(), BuildError> {
         let path = self.unit_path(key);
         let dir = path.parent().unwrap_or(&self.dir);
-        ensure_dir(dir).map_err(BuildError::io("create", dir))?;
+        fs::create_dir_all(dir).map_err(BuildError::io("create", dir))?;
         let mut tmp = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(dir)
@@ -171,8 +170,9 @@ impl BuildCache {
     pub(crate) fn put_lineage(&self, lineage: &Digest, layer: &Digest) -> Result<(), BuildError> {
         let path = self.lineage_path(lineage);
         let dir = self.dir.join("lineage");
-        ensure_dir(&dir).map_err(BuildError::io("create", &dir))?;
-        write_durable(&path, layer.as_str().as_bytes()).map_err(BuildError::io("write", &path))
+        fs::create_dir_all(&dir).map_err(BuildError::io("create", &dir))?;
+        kiln_durable::write(&path, layer.as_str().as_bytes())
+            .map_err(BuildError::io("write", &path))
     }
 
     fn layer_path(&self, key: &Digest) -> PathBuf {
@@ -189,6 +189,6 @@ impl BuildCache {
         let bytes = serde_json::to_vec(layer).map_err(|e| BuildError::Internal {
             reason: format!("cannot encode a layer cache entry: {e}"),
         })?;
-        write_durable(&path, &bytes).map_err(BuildError::io("write", &path))
+        kiln_durable::write(&path, &bytes).map_err(BuildError::io("write", &path))
     }
 }

@@ -1,88 +1,18 @@
-//! Content digests: the only way kiln names an image, a config or a layer.
+//! Hashing as the image crate streams it: finishing a SHA-256 into a [`Digest`], the build
+//! cache's [`ContentId`], hashing reader/writer, and hasher state save/resume.
 //!
-//! A [`Digest`] is validated on construction (`sha256:` and 64 lowercase hex digits), so code
-//! that holds one can build a blob path from it without re-checking for `/` or `..`.
+//! [`Digest`] itself is `kiln_digest::Digest`, the one digest type of the workspace;
+//! `kiln_image::Digest` re-exports it.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
 use sha2::{Digest as _, Sha256};
 
-/// A `sha256:<64 lowercase hex>` content digest.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Digest(String);
+pub use kiln_digest::{Digest, InvalidDigest};
 
-/// A string that is not a `sha256:` digest.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid digest {0:?}: expected sha256: followed by 64 lowercase hex digits")]
-pub struct InvalidDigest(pub String);
-
-impl Digest {
-    /// Parses `s`, which must be `sha256:` and 64 lowercase hex digits.
-    pub fn parse(s: &str) -> Result<Digest, InvalidDigest> {
-        let ok = s.strip_prefix("sha256:").is_some_and(|hex| {
-            hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        });
-        if ok {
-            Ok(Digest(s.to_owned()))
-        } else {
-            Err(InvalidDigest(s.to_owned()))
-        }
-    }
-
-    /// The digest of `bytes`.
-    pub fn of(bytes: &[u8]) -> Digest {
-        Digest::from_hasher(Sha256::new_with_prefix(bytes))
-    }
-
-    /// Finishes `hasher` into a digest.
-    pub fn from_hasher(hasher: Sha256) -> Digest {
-        Digest(format!("sha256:{}", hex(&hasher.finalize())))
-    }
-
-    /// `sha256:…`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The 64 hex digits without the algorithm.
-    pub fn hex(&self) -> &str {
-        self.0.get(7..).unwrap_or_default()
-    }
-
-    /// The first 12 hex digits, for humans.
-    pub fn short(&self) -> &str {
-        self.0.get(7..19).unwrap_or_default()
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<&str> for Digest {
-    type Error = InvalidDigest;
-    fn try_from(s: &str) -> Result<Digest, InvalidDigest> {
-        Digest::parse(s)
-    }
-}
-
-impl serde::Serialize for Digest {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
-        let s = String::deserialize(d)?;
-        Digest::parse(&s).map_err(serde::de::Error::custom)
-    }
+/// Finishes `hasher` into a digest.
+pub(crate) fn finish(hasher: Sha256) -> Digest {
+    Digest::from_sha256(hasher.finalize().into())
 }
 
 /// What the build cache knows a file's content by: `blake3:<hex>`. Never part of an image —
@@ -122,7 +52,7 @@ pub(crate) fn resume_hasher(s: &str) -> Option<Sha256> {
 }
 
 /// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -193,16 +123,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_accepts_only_lowercase_sha256() {
-        let d = Digest::of(b"");
-        assert_eq!(
-            d.as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert!(Digest::parse(d.as_str()).is_ok());
-        assert!(Digest::parse(&d.as_str().to_uppercase()).is_err());
-        assert!(Digest::parse("sha256:../../etc/passwd").is_err());
-        assert!(Digest::parse("sha512:00").is_err());
-        assert_eq!(d.short(), "e3b0c44298fc");
+    fn a_finished_hasher_is_the_digest_of_what_it_hashed() {
+        let mut w = HashingWriter::new(io::sink());
+        w.write_all(b"kiln").unwrap();
+        assert_eq!(w.len, 4);
+        assert_eq!(finish(w.hasher), Digest::of(b"kiln"));
+        let saved = save_hasher(&Sha256::new_with_prefix(b"ki"));
+        let mut resumed = resume_hasher(&saved).unwrap();
+        resumed.update(b"ln");
+        assert_eq!(finish(resumed), Digest::of(b"kiln"));
     }
 }

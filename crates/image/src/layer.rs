@@ -453,7 +453,7 @@ fn unit_key(
             }
         }
     }
-    Some(Digest::from_hasher(h))
+    Some(crate::digest::finish(h))
 }
 
 /// Every source file of a layer with its planned stat.
@@ -556,7 +556,7 @@ fn layer_key(layer: &PlannedLayer) -> Digest {
             h.update(k.as_str().as_bytes());
         }
     }
-    Digest::from_hasher(h)
+    crate::digest::finish(h)
 }
 
 /// Concatenates a layer's members into a blob, hashing the compressed stream on this thread
@@ -615,7 +615,7 @@ fn assemble(
             }
             h.write_all(&[0u8; 1024])
                 .map_err(BuildError::io("hash", Path::new("-")))?;
-            Ok((Digest::from_hasher(h.hasher), states))
+            Ok((crate::digest::finish(h.hasher), states))
         });
         // The compressed stream is hashed on its own thread, reading the members, while this
         // one builds the blob with in-kernel copies: the bytes never pass through user space

@@ -20,7 +20,6 @@ mod build;
 mod cache;
 mod closure;
 mod digest;
-mod fsutil;
 mod layer;
 pub mod oci;
 mod store;

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::{Digest, HashingWriter, InvalidDigest};
-use crate::fsutil::{ensure_dir, fsync_dir, write_durable};
 use crate::oci::{self, Descriptor, Index, Manifest};
 
 /// Why a store operation failed.
@@ -141,18 +140,18 @@ impl Store {
         let root = root.into();
         let store = Store { root };
         for dir in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
-            ensure_dir(&dir).map_err(io_err("create", &dir))?;
+            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         }
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
-            write_durable(&layout, LAYOUT).map_err(io_err("write", &layout))?;
+            kiln_durable::write(&layout, LAYOUT).map_err(io_err("write", &layout))?;
         }
         let index = store.index_path();
         if !index.exists() {
             let _lock = store.lock_index()?;
             if !index.exists() {
                 let bytes = canonical(&Index::empty(), "index.json")?;
-                write_durable(&index, &bytes).map_err(io_err("write", &index))?;
+                kiln_durable::write(&index, &bytes).map_err(io_err("write", &index))?;
             }
         }
         Ok(store)
@@ -378,7 +377,7 @@ impl Store {
     fn write_index(&self, index: &Index) -> Result<(), StoreError> {
         let path = self.index_path();
         let bytes = canonical(index, "index.json")?;
-        write_durable(&path, &bytes).map_err(io_err("write", &path))
+        kiln_durable::write(&path, &bytes).map_err(io_err("write", &path))
     }
 
     /// Finds an image by tag (`NAME` means `NAME:latest`) or by manifest digest (a full
@@ -531,7 +530,7 @@ impl Store {
             report.removed.push((digest, size));
         }
         if !dry_run {
-            fsync_dir(&dir).map_err(io_err("sync", &dir))?;
+            kiln_durable::sync_dir(&dir).map_err(io_err("sync", &dir))?;
             // No writer holds the gc lock now, so any temp file left is from a crash.
             let tmp = self.tmp_dir();
             if let Ok(entries) = fs::read_dir(&tmp) {
@@ -555,10 +554,10 @@ impl Store {
         attestation: &serde_json::Value,
     ) -> Result<PathBuf, StoreError> {
         let dir = self.attestations_dir();
-        ensure_dir(&dir).map_err(io_err("create", &dir))?;
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
         let path = self.attestation_path(manifest);
         let bytes = canonical(attestation, "attestation")?;
-        write_durable(&path, &bytes).map_err(io_err("write", &path))?;
+        kiln_durable::write(&path, &bytes).map_err(io_err("write", &path))?;
         Ok(path)
     }
 
@@ -671,7 +670,7 @@ impl BlobWriter {
     /// [`StoreError::Corrupt`] and nothing is stored.
     pub fn commit(self, expected: Option<&Digest>) -> Result<(Digest, u64), StoreError> {
         let HashingWriter { inner, hasher, len } = self.inner;
-        let digest = Digest::from_hasher(hasher);
+        let digest = crate::digest::finish(hasher);
         let tmp = inner
             .into_inner()
             .map_err(|e| io_err("write", &self.blobs)(e.into_error()))?;
@@ -697,7 +696,7 @@ impl BlobWriter {
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => return Ok((digest, len)),
             Err(e) => return Err(io_err("rename into", &path)(e.error)),
         }
-        fsync_dir(&self.blobs).map_err(io_err("sync", &self.blobs))?;
+        kiln_durable::sync_dir(&self.blobs).map_err(io_err("sync", &self.blobs))?;
         Ok((digest, len))
     }
 }
@@ -742,7 +741,7 @@ impl Read for VerifiedReader {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() && !self.done {
             self.done = true;
-            let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+            let actual = crate::digest::finish(std::mem::take(&mut self.hasher));
             if actual != self.expected {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

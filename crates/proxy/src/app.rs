@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::AppConfig;
-use crate::instance::InstanceState;
+use crate::instance::Backend;
 use crate::route::{LiveRelease, Published, RouteTable};
 use crate::stats::{ReleaseStats, Snapshot};
 
@@ -30,9 +30,9 @@ pub struct App {
 #[derive(Default)]
 struct Control {
     /// Every instance in the published table.
-    routed: HashMap<SocketAddr, Arc<InstanceState>>,
+    routed: HashMap<SocketAddr, Arc<Backend>>,
     /// Instances that left the route with requests still in flight.
-    retired: HashMap<SocketAddr, Arc<InstanceState>>,
+    retired: HashMap<SocketAddr, Arc<Backend>>,
     /// Measurements of the releases in the published table.
     stats: HashMap<String, Arc<ReleaseStats>>,
 }
@@ -108,7 +108,7 @@ impl App {
                     None => {
                         change.added.push(instance.addr);
                         control.retired.remove(&instance.addr).map_or_else(
-                            || Arc::new(InstanceState::new(instance.addr)),
+                            || Arc::new(Backend::new(instance.addr)),
                             |state| {
                                 state.restore();
                                 state

@@ -29,7 +29,7 @@ use crate::app::App;
 use crate::body::{ProxyBody, RequestBodyError, UpstreamBody};
 use crate::config::Sticky;
 use crate::hosts::HostTable;
-use crate::instance::{InFlight, InstanceState};
+use crate::instance::{Backend, InFlight};
 use crate::peer::Peer;
 use crate::route::Published;
 use crate::stats::UpstreamError;
@@ -689,7 +689,7 @@ fn pick_instance<'t>(
     preferred: Option<usize>,
     pinned: bool,
     tried: &[SocketAddr],
-) -> Option<(usize, &'t Arc<InstanceState>)> {
+) -> Option<(usize, &'t Arc<Backend>)> {
     if let Some(i) = preferred
         && let Some(instance) = table
             .releases

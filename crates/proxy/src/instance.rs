@@ -1,7 +1,7 @@
 //! One upstream instance as the router tracks it: its outstanding requests (for
 //! least-outstanding selection and for draining) and its pool of keep-alive connections.
 //!
-//! An `InstanceState` outlives route tables: the same address keeps the same state across
+//! A `Backend` outlives route tables: the same address keeps the same state across
 //! swaps, so a request started under an old table is still counted when the instance is
 //! drained after leaving the new one.
 //!
@@ -44,7 +44,9 @@ fn shard() -> usize {
     SHARD.with(|shard| *shard)
 }
 
-pub(crate) struct InstanceState {
+/// One instance as the router tracks it, by address: its outstanding requests, whether it
+/// left the route, and its idle connections.
+pub(crate) struct Backend {
     pub(crate) addr: SocketAddr,
     outstanding: AtomicUsize,
     removed: AtomicBool,
@@ -54,9 +56,9 @@ pub(crate) struct InstanceState {
     idle: [Mutex<Vec<Connection>>; POOL_SHARDS],
 }
 
-impl InstanceState {
-    pub(crate) fn new(addr: SocketAddr) -> InstanceState {
-        InstanceState {
+impl Backend {
+    pub(crate) fn new(addr: SocketAddr) -> Backend {
+        Backend {
             addr,
             outstanding: AtomicUsize::new(0),
             removed: AtomicBool::new(false),
@@ -164,11 +166,11 @@ impl InstanceState {
 /// One request counted against an instance until it is dropped (when the response body ends,
 /// the client goes away, or an upgraded tunnel closes).
 pub(crate) struct InFlight {
-    instance: Arc<InstanceState>,
+    instance: Arc<Backend>,
 }
 
 impl InFlight {
-    pub(crate) fn instance(&self) -> &Arc<InstanceState> {
+    pub(crate) fn instance(&self) -> &Arc<Backend> {
         &self.instance
     }
 }
@@ -187,8 +189,8 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
 
-    fn instance() -> Arc<InstanceState> {
-        Arc::new(InstanceState::new("127.0.0.1:9".parse().unwrap()))
+    fn instance() -> Arc<Backend> {
+        Arc::new(Backend::new("127.0.0.1:9".parse().unwrap()))
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::RouteError;
-use crate::instance::InstanceState;
+use crate::instance::Backend;
 use crate::stats::ReleaseStats;
 
 /// The longest smooth weighted round-robin cycle precomputed for a table.
@@ -173,7 +173,7 @@ pub(crate) struct LiveRelease {
     pub(crate) name: Arc<str>,
     pub(crate) weight: u32,
     /// Only the healthy instances: unhealthy ones are not candidates.
-    pub(crate) healthy: Vec<Arc<InstanceState>>,
+    pub(crate) healthy: Vec<Arc<Backend>>,
     pub(crate) stats: Arc<ReleaseStats>,
     /// Where the least-outstanding scan starts, so that ties are spread across instances.
     rotation: AtomicUsize,
@@ -183,7 +183,7 @@ impl LiveRelease {
     pub(crate) fn new(
         name: Arc<str>,
         weight: u32,
-        healthy: Vec<Arc<InstanceState>>,
+        healthy: Vec<Arc<Backend>>,
         stats: Arc<ReleaseStats>,
     ) -> LiveRelease {
         LiveRelease {
@@ -196,7 +196,7 @@ impl LiveRelease {
     }
 
     /// The healthy instance with the fewest outstanding requests, skipping `tried`.
-    pub(crate) fn least_outstanding(&self, tried: &[SocketAddr]) -> Option<&Arc<InstanceState>> {
+    pub(crate) fn least_outstanding(&self, tried: &[SocketAddr]) -> Option<&Arc<Backend>> {
         let n = self.healthy.len();
         if n == 0 {
             return None;
@@ -208,7 +208,7 @@ impl LiveRelease {
         } else {
             self.rotation.fetch_add(1, Ordering::Relaxed) % n
         };
-        let mut best: Option<(&Arc<InstanceState>, usize)> = None;
+        let mut best: Option<(&Arc<Backend>, usize)> = None;
         for k in 0..n {
             let instance = &self.healthy[(start + k) % n];
             if tried.contains(&instance.addr) {

@@ -45,24 +45,15 @@ use kiln_spec::{HealthCheck, ProviderKind, TargetSpec};
 /// docker provider never unpacks layers, so that part is left out).
 struct StoreImages(kiln_image::Store);
 
-fn image_digest(d: &Digest) -> Result<kiln_image::Digest, SourceError> {
-    Ok(kiln_image::Digest::parse(d.as_str())?)
-}
-
 impl ImageSource for StoreImages {
     fn resolve(&self, image: &Digest) -> Result<ResolvedImage, SourceError> {
-        let manifest = self.0.manifest(&image_digest(image)?)?;
+        let manifest = self.0.manifest(image)?;
         let config = ImageConfig::from_oci_json(&self.0.config(&manifest.config.digest)?)?;
-        let layers = manifest
-            .layers
-            .iter()
-            .map(|l| Digest::parse(l.digest.as_str()))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(ResolvedImage {
             digest: image.clone(),
-            config_digest: Digest::parse(manifest.config.digest.as_str())?,
+            config_digest: manifest.config.digest,
             config,
-            layers,
+            layers: manifest.layers.into_iter().map(|l| l.digest).collect(),
         })
     }
 
@@ -76,9 +67,9 @@ impl ImageSource for StoreImages {
         tags: &[String],
         dest: &Path,
     ) -> Result<Digest, SourceError> {
-        let config =
-            kiln_image::archive::export_docker_archive(&self.0, &image_digest(image)?, tags, dest)?;
-        Ok(Digest::parse(config.as_str())?)
+        Ok(kiln_image::archive::export_docker_archive(
+            &self.0, image, tags, dest,
+        )?)
     }
 }
 

@@ -105,7 +105,7 @@ impl Engines {
                 )
                 .await?;
                 let file = engine_file(&self.state);
-                crate::local::fsutil::write_durable(&file, host.unwrap_or_default().as_bytes())
+                kiln_durable::write(&file, host.unwrap_or_default().as_bytes())
                     .map_err(ProviderError::io("write", &file))?;
                 forward(p.drift_events(), self.drift_tx.clone());
                 Ok::<_, ProviderError>(p)

@@ -11,10 +11,11 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
+use crate::ports::local_addr;
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
-    Observation, local_addr,
+    Observation,
 };
 
 struct FakeInstance {

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod health;
 pub mod image;
 pub mod local;
+mod ports;
 pub mod provider;
 mod rescan;
 pub mod types;

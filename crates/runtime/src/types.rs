@@ -3,14 +3,16 @@
 //!
 //! These are domain types and deliberately do not derive `serde`; the local provider's
 //! on-disk record is its own type (`local::record`), so changing a field here never silently
-//! changes a stored format.
+//! changes a stored format. [`Digest`] is the workspace's one digest type (`kiln_digest`),
+//! the same the image store uses, so the binary hands digests across without converting.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+pub use kiln_digest::{Digest, InvalidDigest};
 use kiln_spec::{HealthCheck, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
@@ -77,66 +79,6 @@ pub(crate) fn random_hex(n: usize) -> String {
         }
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A `sha256:<64 lowercase hex>` content digest of an image or a layer.
-///
-/// The runtime keeps its own small digest type so it does not depend on the image crate;
-/// the binary converts at the seam.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Digest(String);
-
-/// A string that is not a `sha256:` digest.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid digest {0:?}: expected sha256: followed by 64 lowercase hex digits")]
-pub struct InvalidDigest(pub String);
-
-impl Digest {
-    /// Parses `sha256:` and 64 lowercase hex digits.
-    pub fn parse(s: &str) -> Result<Digest, InvalidDigest> {
-        let ok = s.strip_prefix("sha256:").is_some_and(|hex| {
-            hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        });
-        if ok {
-            Ok(Digest(s.to_owned()))
-        } else {
-            Err(InvalidDigest(s.to_owned()))
-        }
-    }
-
-    /// The digest of `bytes`.
-    pub fn of(bytes: &[u8]) -> Digest {
-        use sha2::Digest as _;
-        let hash = sha2::Sha256::digest(bytes);
-        Digest(format!(
-            "sha256:{}",
-            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ))
-    }
-
-    /// `sha256:…`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The 64 hex digits.
-    pub fn hex(&self) -> &str {
-        self.0.get(7..).unwrap_or_default()
-    }
-
-    /// The first 12 hex digits, for humans.
-    pub fn short(&self) -> &str {
-        self.0.get(7..19).unwrap_or_default()
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// What to run: one image with one runtime configuration. This is the "runtime config" of a
@@ -284,11 +226,6 @@ impl Observation {
     }
 }
 
-/// Where an instance listens on the local host.
-pub(crate) fn local_addr(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
 /// One change made to an instance outside kiln.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriftFinding {
@@ -425,17 +362,5 @@ mod tests {
         assert!(InstanceId::new(id.as_str()).is_ok(), "{id}");
         assert!(id.as_str().starts_with("elloorld"), "{id}");
         assert_ne!(InstanceId::generate("a"), InstanceId::generate("a"));
-    }
-
-    #[test]
-    fn digests_are_checked() {
-        let d = Digest::of(b"");
-        assert_eq!(
-            d.as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert!(Digest::parse(d.as_str()).is_ok());
-        assert!(Digest::parse("sha256:../../etc").is_err());
-        assert_eq!(d.short(), "e3b0c44298fc");
     }
 }

@@ -109,13 +109,9 @@ fn gc_engine(
     if !state.join("docker/engine").exists() {
         return Ok(Vec::new());
     }
-    let mut keep = std::collections::HashSet::new();
-    for d in retained {
-        keep.insert(kiln_runtime::Digest::parse(d.as_str())?);
-    }
-    for m in store.index()?.manifests {
-        keep.insert(kiln_runtime::Digest::parse(m.digest.as_str())?);
-    }
+    let mut keep: std::collections::HashSet<kiln_runtime::Digest> =
+        retained.iter().cloned().collect();
+    keep.extend(store.index()?.manifests.into_iter().map(|m| m.digest));
     let images = std::sync::Arc::new(super::instance::StoreImages::open(state)?);
     super::instance::tokio_runtime()?.block_on(async {
         let engines = kiln_runtime::Engines::new(state, "runc", images).await?;

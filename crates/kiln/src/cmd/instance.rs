@@ -35,7 +35,7 @@ impl StoreImages {
             .store
             .resolve(reference)
             .with_context(|| format!("no image {reference:?} in the store (run `kiln build`)"))?;
-        Ok(Digest::parse(desc.digest.as_str())?)
+        Ok(desc.digest)
     }
 
     /// The store, for attestations.
@@ -46,34 +46,24 @@ impl StoreImages {
 
 impl kiln_control::Attestations for StoreImages {
     fn passed(&self, image: &Digest) -> Result<bool, String> {
-        let digest = image_digest(image).map_err(|e| e.to_string())?;
         let attestation = self
             .store
-            .read_attestation(&digest)
+            .read_attestation(image)
             .map_err(|e| format!("cannot read the test attestation of {image}: {e}"))?;
         Ok(attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed"))
     }
 }
 
-fn image_digest(d: &Digest) -> Result<kiln_image::Digest, SourceError> {
-    Ok(kiln_image::Digest::parse(d.as_str())?)
-}
-
 impl ImageSource for StoreImages {
     fn resolve(&self, image: &Digest) -> Result<ResolvedImage, SourceError> {
-        let manifest = self.store.manifest(&image_digest(image)?)?;
+        let manifest = self.store.manifest(image)?;
         let config = self.store.config(&manifest.config.digest)?;
         let config = ImageConfig::from_oci_json(&config)?;
-        let layers = manifest
-            .layers
-            .iter()
-            .map(|l| Digest::parse(l.digest.as_str()))
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(ResolvedImage {
             digest: image.clone(),
-            config_digest: Digest::parse(manifest.config.digest.as_str())?,
+            config_digest: manifest.config.digest,
             config,
-            layers,
+            layers: manifest.layers.into_iter().map(|l| l.digest).collect(),
         })
     }
 
@@ -83,13 +73,12 @@ impl ImageSource for StoreImages {
         tags: &[String],
         dest: &Path,
     ) -> Result<Digest, SourceError> {
-        let config = kiln_image::archive::export_docker_archive(
+        Ok(kiln_image::archive::export_docker_archive(
             &self.store,
-            &image_digest(image)?,
+            image,
             tags,
             dest,
-        )?;
-        Ok(Digest::parse(config.as_str())?)
+        )?)
     }
 
     fn unpack_layer(
@@ -104,7 +93,7 @@ impl ImageSource for StoreImages {
         };
         // `unpack_blob` reads the blob to its end and checks its digest: tar stops at its
         // end marker, so a plain unpack would never notice a corrupted tail.
-        kiln_image::unpack_blob(&self.store, &image_digest(layer)?, dest, &opts)?;
+        kiln_image::unpack_blob(&self.store, layer, dest, &opts)?;
         Ok(())
     }
 }

@@ -118,10 +118,9 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "time": time,
     });
-    let image = kiln_image::Digest::parse(digest.as_str())?;
     let path = images
         .store()
-        .write_attestation(&image, &attestation)
+        .write_attestation(&digest, &attestation)
         .with_context(|| format!("cannot record the test attestation of {digest}"))?;
     if out.json {
         out.data(&attestation)?;

@@ -46,12 +46,12 @@ use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
-use crate::local::fsutil::write_durable;
 use crate::local::record::{HealthRecord, ms};
+use crate::ports::{self, allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
-    Observation, local_addr,
+    Observation,
 };
 
 use self::container::{
@@ -93,6 +93,7 @@ struct DockerRecord {
     app: String,
     /// The manifest digest kiln built.
     image: String,
+    /// Also read by `ports::on_record`, so no provider gives the port to another instance.
     port: u16,
     writable: Vec<String>,
     health: Option<HealthRecord>,
@@ -385,31 +386,6 @@ impl DockerProvider {
         Ok(id)
     }
 
-    /// A host port on 127.0.0.1 free now and not given to another of kiln's containers.
-    fn allocate_port(&self) -> std::io::Result<u16> {
-        let mut used = HashSet::new();
-        if let Ok(entries) = std::fs::read_dir(self.cfg.state.join("docker")) {
-            for e in entries.flatten() {
-                if let Ok(bytes) = std::fs::read(e.path())
-                    && let Ok(r) = serde_json::from_slice::<DockerRecord>(&bytes)
-                {
-                    used.insert(r.port);
-                }
-            }
-        }
-        for _ in 0..64 {
-            let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-            let port = listener.local_addr()?.port();
-            if !used.contains(&port) {
-                return Ok(port);
-            }
-        }
-        Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            "every port offered was already given to an instance",
-        ))
-    }
-
     async fn inspect(
         &self,
         record: &DockerRecord,
@@ -595,7 +571,7 @@ impl DockerProvider {
                     .unwrap_or_else(|| "(unknown command)".to_owned());
                 let path = self.taint_path(&id);
                 if !path.exists()
-                    && let Err(e) = write_durable(&path, command.as_bytes())
+                    && let Err(e) = kiln_durable::write(&path, command.as_bytes())
                 {
                     tracing::warn!(instance = %id, error = %e, "cannot record an exec taint");
                 }
@@ -796,9 +772,11 @@ impl Provider for DockerProvider {
         let image_id = self.ensure_image(&spec.image).await?;
         let port = match spec.port {
             Some(p) => p,
-            None => self.allocate_port().map_err(|e| ProviderError::Config {
-                id: id.clone(),
-                message: format!("no free port on 127.0.0.1: {e}"),
+            None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
+                ProviderError::Config {
+                    id: id.clone(),
+                    message: format!("no free port on 127.0.0.1: {e}"),
+                }
             })?,
         };
         let body = create_body(&Wanted {
@@ -845,7 +823,7 @@ impl Provider for DockerProvider {
         let path = self.record_path(&id);
         let written = serde_json::to_vec_pretty(&record)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_durable(&path, &bytes));
+            .and_then(|bytes| kiln_durable::write(&path, &bytes));
         if let Err(e) = written {
             return Err(cleanup(ProviderError::io("write", &path)(e)).await);
         }

@@ -20,7 +20,6 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::image::ImageSource;
-use crate::local::fsutil::write_durable;
 use crate::provider::ProviderError;
 use crate::types::Digest;
 
@@ -229,7 +228,7 @@ impl LayerCache {
             entries: tree,
         })
         .map_err(|e| layer_err(e.to_string()))?;
-        write_durable(&record, &bytes).map_err(ProviderError::io("write", &record))?;
+        kiln_durable::write(&record, &bytes).map_err(ProviderError::io("write", &record))?;
         Ok(dest)
     }
 

@@ -22,7 +22,6 @@
 
 mod bundle;
 mod drift;
-pub(crate) mod fsutil;
 pub mod host;
 mod layers;
 mod logs;
@@ -43,15 +42,15 @@ use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
+use crate::ports::{self, allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
-    InstanceState, LogChunk, Observation, local_addr,
+    InstanceState, LogChunk, Observation,
 };
 
 use self::bundle::BundleInput;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
-use self::fsutil::write_durable;
 use self::layers::LayerCache;
 use self::logs::LogFiles;
 use self::mounts::{KernelMounter, Mounter};
@@ -221,19 +220,6 @@ impl LocalProvider {
         }
     }
 
-    /// Ports already given to instances on record.
-    fn used_ports(&self) -> HashSet<u16> {
-        let mut used = HashSet::new();
-        if let Ok(entries) = fs::read_dir(self.cfg.state.join("instances")) {
-            for e in entries.flatten() {
-                if let Ok(r) = InstanceRecord::read(&e.path().join("instance.json")) {
-                    used.insert(r.port);
-                }
-            }
-        }
-        used
-    }
-
     fn prepare(&self, id: &InstanceId, spec: &InstanceSpec) -> Result<(), ProviderError> {
         let resolved = self
             .images
@@ -256,9 +242,11 @@ impl LocalProvider {
         lower.reverse();
         let port = match spec.port {
             Some(p) => p,
-            None => allocate_port(&self.used_ports()).map_err(|e| ProviderError::Config {
-                id: id.clone(),
-                message: format!("no free port on 127.0.0.1: {e}"),
+            None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
+                ProviderError::Config {
+                    id: id.clone(),
+                    message: format!("no free port on 127.0.0.1: {e}"),
+                }
             })?,
         };
         let config = bundle::config_json(&BundleInput {
@@ -290,7 +278,8 @@ impl LocalProvider {
             fs::create_dir_all(&d).map_err(ProviderError::io("create", &d))?;
         }
         let config_path = dir.join("bundle/config.json");
-        write_durable(&config_path, &config).map_err(ProviderError::io("write", &config_path))?;
+        kiln_durable::write(&config_path, &config)
+            .map_err(ProviderError::io("write", &config_path))?;
         let record = InstanceRecord {
             version: 1,
             id: id.to_string(),
@@ -318,7 +307,8 @@ impl LocalProvider {
             message: e.to_string(),
         })?;
         let record_path = dir.join("instance.json");
-        write_durable(&record_path, &bytes).map_err(ProviderError::io("write", &record_path))?;
+        kiln_durable::write(&record_path, &bytes)
+            .map_err(ProviderError::io("write", &record_path))?;
         self.mounter
             .mount_overlay(&lower, &dir.join("upper"), &dir.join("work"), &rootfs)
             .map_err(|source| ProviderError::Mount {
@@ -616,23 +606,8 @@ const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
 /// SIGKILL again.
 const KILL_AGAIN_AFTER: Duration = Duration::from_millis(100);
 
-/// A port on 127.0.0.1 that is free now and not given to another instance.
-fn allocate_port(used: &HashSet<u16>) -> std::io::Result<u16> {
-    for _ in 0..64 {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let port = listener.local_addr()?.port();
-        if !used.contains(&port) {
-            return Ok(port);
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AddrInUse,
-        "every port offered was already given to an instance",
-    ))
-}
-
 fn touch(path: &Path) -> Result<(), ProviderError> {
-    write_durable(path, b"").map_err(ProviderError::io("write", path))
+    kiln_durable::write(path, b"").map_err(ProviderError::io("write", path))
 }
 
 #[async_trait]
@@ -699,7 +674,7 @@ impl Provider for LocalProvider {
             };
             if let Some(code) = code {
                 // The directory may be gone already (destroyed): nothing to record then.
-                let _ = write_durable(&exit_file, code.to_string().as_bytes());
+                let _ = kiln_durable::write(&exit_file, code.to_string().as_bytes());
             }
             exit_tx.send_replace(Some(code));
         });

@@ -21,6 +21,7 @@ pub(crate) struct InstanceRecord {
     pub app: String,
     pub image: String,
     pub layers: Vec<String>,
+    /// Also read by `ports::on_record`, so no provider gives the port to another instance.
     pub port: u16,
     pub writable: Vec<String>,
     pub env: BTreeMap<String, String>,
