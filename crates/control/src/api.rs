@@ -183,6 +183,14 @@ async fn route(
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    // An app name is checked at the door, for every operation that names one, so a bad
+    // name is a 400 naming it rather than a 404 or a ledger error.
+    if let ["v1", "apps", app, ..] = parts.as_slice() {
+        crate::gate::check_app_name(app)?;
+    }
+    if let Some(app) = query(&req, "app") {
+        crate::gate::check_app_name(&app)?;
+    }
     match (&method, parts.as_slice()) {
         (&Method::GET, ["v1", "health"]) => {
             ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use clap::Args;
 use kiln_runtime::health::http_get_status;
+use kiln_control::oneshot::{Finished, output_tail, run_once};
 use kiln_runtime::{Engines, InstanceSpec, InstanceState, Provider};
 use serde_json::json;
 
@@ -154,21 +155,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The last [`OUTPUT_TAIL`] bytes of an instance's output.
-async fn output_tail(provider: &Engines, id: &kiln_runtime::InstanceId) -> String {
-    let mut data = Vec::new();
-    let mut from = 0;
-    while let Ok(chunk) = provider.logs(id, from).await {
-        if chunk.data.is_empty() {
-            break;
-        }
-        data.extend_from_slice(&chunk.data);
-        from = chunk.next;
-    }
-    let start = data.len().saturating_sub(OUTPUT_TAIL);
-    String::from_utf8_lossy(&data[start..]).into_owned()
-}
-
 /// Starts the test instance `id`, then does `work` unless a stop signal comes first. The start
 /// itself is not cut short: one dropped half-way could leave a process behind.
 async fn start_then<T>(
@@ -192,18 +178,20 @@ async fn command_test(
     deadline: tokio::time::Instant,
     signals: &mut StopSignals,
 ) -> anyhow::Result<TestResult> {
-    let id = provider.create(instance).await?;
-    let wait = async { anyhow::Ok(tokio::time::timeout_at(deadline, provider.wait(&id)).await) };
-    let outcome = start_then(provider, &id, signals, wait).await;
-    let output = output_tail(provider, &id).await;
-    let destroyed = provider.destroy(&id).await;
-    let waited = outcome?;
-    destroyed.with_context(|| format!("cannot destroy test instance {id}"))?;
-    let shown = shell_words(command);
-    let (exit_code, timed_out) = match waited {
-        Ok(code) => (code?, false),
-        Err(_) => (None, true),
+    let mut stop = None;
+    let interrupt = async { stop = Some(signals.recv().await) };
+    let one = run_once(provider.as_ref(), instance, deadline, OUTPUT_TAIL, interrupt)
+        .await
+        .context("cannot run the test command")?;
+    if let Some(stop) = stop {
+        return Err(Interrupted(stop).into());
+    }
+    let output = one.output;
+    let (exit_code, timed_out) = match one.finished {
+        Finished::Exited(code) => (code, false),
+        Finished::TimedOut | Finished::Interrupted => (None, true),
     };
+    let shown = shell_words(command);
     let passed = exit_code == Some(0);
     let failure = (!passed).then(|| {
         let why = if timed_out {
@@ -269,7 +257,7 @@ async fn http_test(
         }
     };
     let outcome = start_then(provider, &id, signals, probe).await;
-    let output = output_tail(provider, &id).await;
+    let output = output_tail(provider.as_ref(), &id, OUTPUT_TAIL).await;
     let destroyed = provider.destroy(&id).await;
     let outcome = outcome?;
     destroyed.with_context(|| format!("cannot destroy test instance {id}"))?;
