@@ -142,7 +142,10 @@ pub fn header_size(n: u64) -> Result<(), Broken> {
 }
 
 /// One environment variable of an instance (`port_reserved`) or of the image.
-pub fn env_var(name: &str, port_reserved: bool) -> Result<(), Broken> {
+///
+/// A process's environment cannot carry a NUL byte: the runtime would refuse the instance
+/// long after the release was accepted.
+pub fn env_var(name: &str, value: &str, port_reserved: bool) -> Result<(), Broken> {
     let valid = name
         .chars()
         .next()
@@ -158,14 +161,24 @@ pub fn env_var(name: &str, port_reserved: bool) -> Result<(), Broken> {
         return Err(Broken::new("`PORT` is set by kiln for each instance")
             .hint("set [service] port instead"));
     }
+    if value.contains('\0') {
+        return Err(
+            Broken::new(format!("the value of {name} contains a NUL byte"))
+                .hint("a process's environment cannot carry NUL; remove it"),
+        );
+    }
     Ok(())
 }
 
-/// A command line (`key` names it in the message): a program, then its arguments.
+/// A command line (`key` names it in the message): a program, then its arguments, none of
+/// them holding a NUL byte, which no `execve` can pass.
 pub fn command<'a>(key: &str, args: impl IntoIterator<Item = &'a str>) -> Result<(), Broken> {
-    let mut args = args.into_iter();
-    if args.next().is_none_or(|program| program.is_empty()) {
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_none_or(|program| program.is_empty()) {
         return Err(Broken::new(format!("`{key}` must name a program")));
+    }
+    if args.any(|a| a.contains('\0')) {
+        return Err(Broken::new(format!("`{key}` contains a NUL byte")));
     }
     Ok(())
 }
@@ -180,6 +193,11 @@ pub fn health_path(path: &str) -> Result<(), Broken> {
     if !path.starts_with('/') {
         return Err(Broken::new(format!(
             "health `path` must start with `/`, got {path:?}"
+        )));
+    }
+    if path.contains('\0') {
+        return Err(Broken::new(format!(
+            "health `path` must not contain a NUL byte, got {path:?}"
         )));
     }
     Ok(())
@@ -406,11 +424,12 @@ mod tests {
     }
 
     #[test]
-    fn commands_name_a_program() {
+    fn commands_name_a_program_and_hold_no_nul() {
         assert_eq!(command("command", ["/bin/migrate", "--up"]), Ok(()));
         for (args, want) in [
             (&[][..], "`command` must name a program"),
             (&[""][..], "`command` must name a program"),
+            (&["/bin/m", "a\0b"][..], "`command` contains a NUL byte"),
         ] {
             assert_eq!(
                 command("command", args.iter().copied()).map_err(|b| b.message),

@@ -402,7 +402,7 @@ impl Validator<'_> {
     fn env(&mut self, t: &Table, key: &str, port_reserved: bool) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (k, v, span) in t.map(key) {
-            if let Err(b) = rules::env_var(k, port_reserved) {
+            if let Err(b) = rules::env_var(k, v, port_reserved) {
                 let path = format!("{}.{k}", t.key_path(key));
                 self.diags.push(broken_at(&path, span.clone(), b));
             }
