@@ -3,6 +3,12 @@
 //! A storage format, so its own serde type: the validated `kiln_spec::Spec` is turned into
 //! this at apply time, and the daemon rebuilds what it runs from it after a restart without
 //! needing the spec file or its build context.
+//!
+//! Every choice among fixed names (`provider`, `exec`, `strategy`, `promote`) and every
+//! count (`max_surge`, `max_unavailable`) is typed and decodes strictly: an unknown name or a
+//! malformed count fails to decode instead of falling back to a default, so an edited or
+//! hand-written release cannot silently run somewhere or somehow else. Valid data is stored
+//! exactly as before (`"docker"`, `"blue-green"`, `"25%"`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,7 +19,7 @@ use kiln_spec::{
     Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
     ProviderKind, Spec, Sticky, Strategy, TargetSpec,
 };
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Everything a release needs to run, route and roll out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,13 +41,224 @@ pub struct ReleaseConfig {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// `local` or `docker`.
-    pub provider: String,
+    pub provider: ProviderName,
     /// The OCI runtime of the local provider.
     pub runtime: String,
     /// The Docker Engine address.
     pub docker_host: Option<String>,
     /// `taint` or `allow`.
-    pub exec: String,
+    pub exec: ExecPolicyName,
+}
+
+/// Declares a storage enum written in JSON as one of fixed strings. It serialises as its
+/// spelling and decodes only from one, failing with the spellings it accepts.
+macro_rules! spelled {
+    (
+        $(#[$doc:meta])*
+        $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order an error lists them.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The spelling in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        serde::de::Error::custom(unknown_spelling(
+                            &s,
+                            $name::ALL.iter().map(|v| v.as_str()),
+                        ))
+                    })
+            }
+        }
+    };
+}
+
+/// `unknown variant "dockr", expected "local" or "docker"`.
+fn unknown_spelling<'a>(got: &str, known: impl Iterator<Item = &'a str>) -> String {
+    let known: Vec<String> = known.map(|k| format!("{k:?}")).collect();
+    let expected = match known.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "nothing".to_owned(),
+    };
+    format!("unknown variant {got:?}, expected {expected}")
+}
+
+spelled! {
+    /// `[target] provider` as stored.
+    ProviderName {
+        /// `local`: runc + overlayfs on the daemon's host.
+        Local = "local",
+        /// `docker`: a Docker Engine.
+        Docker = "docker",
+    }
+}
+
+spelled! {
+    /// `[target] exec` as stored.
+    ExecPolicyName {
+        /// `taint`: an exec marks the instance drifted.
+        Taint = "taint",
+        /// `allow`: execs are allowed.
+        Allow = "allow",
+    }
+}
+
+spelled! {
+    /// `[deploy] strategy` as stored.
+    StrategyName {
+        /// `rolling`.
+        Rolling = "rolling",
+        /// `blue-green`.
+        BlueGreen = "blue-green",
+        /// `canary`.
+        Canary = "canary",
+    }
+}
+
+spelled! {
+    /// `[deploy] promote` as stored.
+    PromoteName {
+        /// `auto`: the rollout advances by itself.
+        Auto = "auto",
+        /// `manual`: it waits for `kiln promote`.
+        Manual = "manual",
+    }
+}
+
+impl From<ProviderKind> for ProviderName {
+    fn from(p: ProviderKind) -> ProviderName {
+        match p {
+            ProviderKind::Local => ProviderName::Local,
+            ProviderKind::Docker => ProviderName::Docker,
+        }
+    }
+}
+
+impl From<ProviderName> for ProviderKind {
+    fn from(p: ProviderName) -> ProviderKind {
+        match p {
+            ProviderName::Local => ProviderKind::Local,
+            ProviderName::Docker => ProviderKind::Docker,
+        }
+    }
+}
+
+impl From<ExecPolicy> for ExecPolicyName {
+    fn from(e: ExecPolicy) -> ExecPolicyName {
+        match e {
+            ExecPolicy::Taint => ExecPolicyName::Taint,
+            ExecPolicy::Allow => ExecPolicyName::Allow,
+        }
+    }
+}
+
+impl From<ExecPolicyName> for ExecPolicy {
+    fn from(e: ExecPolicyName) -> ExecPolicy {
+        match e {
+            ExecPolicyName::Taint => ExecPolicy::Taint,
+            ExecPolicyName::Allow => ExecPolicy::Allow,
+        }
+    }
+}
+
+impl From<Promote> for PromoteName {
+    fn from(p: Promote) -> PromoteName {
+        match p {
+            Promote::Auto => PromoteName::Auto,
+            Promote::Manual => PromoteName::Manual,
+        }
+    }
+}
+
+impl From<PromoteName> for Promote {
+    fn from(p: PromoteName) -> Promote {
+        match p {
+            PromoteName::Auto => Promote::Auto,
+            PromoteName::Manual => Promote::Manual,
+        }
+    }
+}
+
+/// `max_surge` or `max_unavailable` as stored: `"3"` or `"25%"`, in the one way each number
+/// is written (no sign, no leading zero, no space), a percentage at most 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountText(pub CountOrPercent);
+
+impl CountText {
+    /// Parses the stored text; the error says what was expected.
+    pub fn parse(s: &str) -> Result<CountText, String> {
+        let (digits, percent) = match s.strip_suffix('%') {
+            Some(d) => (d, true),
+            None => (s, false),
+        };
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'));
+        let parsed = match (canonical, percent) {
+            (false, _) => None,
+            (true, true) => digits
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 100)
+                .map(CountOrPercent::Percent),
+            (true, false) => digits.parse::<u32>().ok().map(CountOrPercent::Count),
+        };
+        parsed.map(CountText).ok_or_else(|| {
+            format!(
+                "invalid count {s:?}, expected a whole number such as \"3\" or a percentage \
+                 from \"0%\" to \"100%\""
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for CountText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            CountOrPercent::Count(n) => write!(f, "{n}"),
+            CountOrPercent::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for CountText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CountText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CountText, D::Error> {
+        let s = String::deserialize(d)?;
+        CountText::parse(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for TargetConfig {
@@ -53,10 +270,10 @@ impl Default for TargetConfig {
 impl From<&TargetSpec> for TargetConfig {
     fn from(t: &TargetSpec) -> TargetConfig {
         TargetConfig {
-            provider: t.provider.as_str().to_owned(),
+            provider: t.provider.into(),
             runtime: t.runtime.clone(),
             docker_host: t.docker_host.clone(),
-            exec: t.exec.as_str().to_owned(),
+            exec: t.exec.into(),
         }
     }
 }
@@ -106,17 +323,17 @@ pub struct HealthConfig {
 #[serde(deny_unknown_fields)]
 pub struct DeployConfig {
     /// `rolling`, `blue-green` or `canary`.
-    pub strategy: String,
+    pub strategy: StrategyName,
     /// `auto` or `manual`.
-    pub promote: String,
+    pub promote: PromoteName,
     /// Canary steps.
     pub steps: Vec<StepConfig>,
     /// Canary analysis.
     pub analysis: Option<AnalysisConfig>,
     /// `3` or `25%`.
-    pub max_surge: String,
+    pub max_surge: CountText,
     /// `0` or `25%`.
-    pub max_unavailable: String,
+    pub max_unavailable: CountText,
     /// No progress for this long rolls back.
     pub progress_deadline_ms: u64,
     /// Warm previous release.
@@ -216,20 +433,6 @@ fn dur(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
-fn count_text(c: CountOrPercent) -> String {
-    match c {
-        CountOrPercent::Count(n) => n.to_string(),
-        CountOrPercent::Percent(p) => format!("{p}%"),
-    }
-}
-
-fn count_parse(s: &str) -> CountOrPercent {
-    match s.strip_suffix('%') {
-        Some(p) => CountOrPercent::Percent(p.parse().unwrap_or(0)),
-        None => CountOrPercent::Count(s.parse().unwrap_or(0)),
-    }
-}
-
 impl ReleaseConfig {
     /// The configuration a validated spec describes.
     pub fn from_spec(spec: &Spec) -> ReleaseConfig {
@@ -237,13 +440,20 @@ impl ReleaseConfig {
         let h = &s.health;
         let d = &spec.deploy;
         let (strategy, promote, steps, analysis) = match &d.strategy {
-            Strategy::Rolling => ("rolling", Promote::Auto, Vec::new(), None),
-            Strategy::BlueGreen { promote } => ("blue-green", *promote, Vec::new(), None),
+            Strategy::Rolling => (StrategyName::Rolling, Promote::Auto, Vec::new(), None),
+            Strategy::BlueGreen { promote } => {
+                (StrategyName::BlueGreen, *promote, Vec::new(), None)
+            }
             Strategy::Canary {
                 promote,
                 steps,
                 analysis,
-            } => ("canary", *promote, steps.clone(), Some(analysis.clone())),
+            } => (
+                StrategyName::Canary,
+                *promote,
+                steps.clone(),
+                Some(analysis.clone()),
+            ),
         };
         let r = &spec.route;
         ReleaseConfig {
@@ -265,12 +475,8 @@ impl ReleaseConfig {
                 },
             },
             deploy: DeployConfig {
-                strategy: strategy.to_owned(),
-                promote: match promote {
-                    Promote::Auto => "auto",
-                    Promote::Manual => "manual",
-                }
-                .to_owned(),
+                strategy,
+                promote: promote.into(),
                 steps: steps
                     .iter()
                     .map(|s| StepConfig {
@@ -284,8 +490,8 @@ impl ReleaseConfig {
                     min_requests: a.min_requests,
                     compare_to_stable: a.compare_to_stable,
                 }),
-                max_surge: count_text(d.max_surge),
-                max_unavailable: count_text(d.max_unavailable),
+                max_surge: CountText(d.max_surge),
+                max_unavailable: CountText(d.max_unavailable),
                 progress_deadline_ms: ms(d.progress_deadline),
                 keep_previous_ms: ms(d.keep_previous),
                 migrate: d.migrate.as_ref().map(|m| MigrateConfig {
@@ -313,18 +519,10 @@ impl ReleaseConfig {
     pub fn target(&self) -> TargetSpec {
         let t = &self.target;
         TargetSpec {
-            provider: if t.provider == "docker" {
-                ProviderKind::Docker
-            } else {
-                ProviderKind::Local
-            },
+            provider: t.provider.into(),
             runtime: t.runtime.clone(),
             docker_host: t.docker_host.clone(),
-            exec: if t.exec == "allow" {
-                ExecPolicy::Allow
-            } else {
-                ExecPolicy::Taint
-            },
+            exec: t.exec.into(),
         }
     }
 
@@ -344,14 +542,11 @@ impl ReleaseConfig {
     /// The rollout settings for the state machine.
     pub fn deploy_spec(&self) -> DeploySpec {
         let d = &self.deploy;
-        let promote = if d.promote == "manual" {
-            Promote::Manual
-        } else {
-            Promote::Auto
-        };
-        let strategy = match d.strategy.as_str() {
-            "blue-green" => Strategy::BlueGreen { promote },
-            "canary" => Strategy::Canary {
+        let promote = Promote::from(d.promote);
+        let strategy = match d.strategy {
+            StrategyName::Rolling => Strategy::Rolling,
+            StrategyName::BlueGreen => Strategy::BlueGreen { promote },
+            StrategyName::Canary => Strategy::Canary {
                 promote,
                 steps: d
                     .steps
@@ -377,12 +572,11 @@ impl ReleaseConfig {
                         compare_to_stable: true,
                     }),
             },
-            _ => Strategy::Rolling,
         };
         DeploySpec {
             strategy,
-            max_surge: count_parse(&d.max_surge),
-            max_unavailable: count_parse(&d.max_unavailable),
+            max_surge: d.max_surge.0,
+            max_unavailable: d.max_unavailable.0,
             progress_deadline: dur(d.progress_deadline_ms),
             keep_previous: dur(d.keep_previous_ms),
             migrate: d.migrate.as_ref().map(|m| Migrate {
@@ -450,6 +644,173 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.deploy_spec(), s.deploy);
         assert_eq!(back.health(), s.service.health);
+    }
+
+    /// A release as the daemon recorded it before these fields were typed: the stored format
+    /// must not change, or old ledgers would stop decoding.
+    const RECORDED: &str = r#"
+    {
+      "service": {
+        "port": 8080,
+        "replicas": 2,
+        "env": {
+          "A": "1"
+        },
+        "writable": [
+          "/tmp"
+        ],
+        "memory": null,
+        "cpus": null,
+        "stop_grace_ms": 10000,
+        "health": {
+          "path": null,
+          "interval_ms": 1000,
+          "timeout_ms": 1000,
+          "healthy_threshold": 1,
+          "unhealthy_threshold": 3,
+          "start_period_ms": 30000
+        }
+      },
+      "deploy": {
+        "strategy": "canary",
+        "promote": "manual",
+        "steps": [
+          {
+            "weight": 10,
+            "pause_ms": 5000
+          },
+          {
+            "weight": 100,
+            "pause_ms": null
+          }
+        ],
+        "analysis": {
+          "max_error_rate": 0.01,
+          "max_p99_ms": null,
+          "min_requests": 50,
+          "compare_to_stable": true
+        },
+        "max_surge": "25%",
+        "max_unavailable": "1",
+        "progress_deadline_ms": 300000,
+        "keep_previous_ms": 600000,
+        "migrate": {
+          "command": [
+            "/migrate"
+          ],
+          "schema": 2,
+          "compatible_from": 2
+        }
+      },
+      "route": {
+        "listen": "127.0.0.1:8080",
+        "hosts": [],
+        "tls": null,
+        "sticky": false,
+        "drain_timeout_ms": 30000,
+        "request_timeout_ms": 60000,
+        "preview_header": null,
+        "max_body_bytes": null,
+        "max_header_bytes": 65536
+      },
+      "target": {
+        "provider": "docker",
+        "runtime": "runc",
+        "docker_host": null,
+        "exec": "allow"
+      }
+    }
+"#;
+
+    /// The `kiln.toml` that `RECORDED` was made from.
+    const RECORDED_SPEC: &str = r#"
+name = "a"
+[image]
+[service]
+replicas = 2
+env = { A = "1" }
+writable = ["/tmp"]
+[deploy]
+strategy = "canary"
+promote = "manual"
+max_surge = "25%"
+max_unavailable = 1
+[[deploy.steps]]
+weight = 10
+pause = "5s"
+[[deploy.steps]]
+weight = 100
+[deploy.migrate]
+command = ["/migrate"]
+schema = 2
+[target]
+provider = "docker"
+exec = "allow"
+"#;
+
+    #[test]
+    fn the_stored_format_is_unchanged_for_valid_data() {
+        let s = Spec::parse(RECORDED_SPEC, "kiln.toml", std::path::Path::new(".")).unwrap();
+        let recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let c: ReleaseConfig = serde_json::from_value(recorded.clone()).unwrap();
+        assert_eq!(c, ReleaseConfig::from_spec(&s));
+        assert_eq!(serde_json::to_value(&c).unwrap(), recorded);
+        assert_eq!(c.deploy_spec(), s.deploy);
+        assert_eq!(c.target(), s.target);
+    }
+
+    #[test]
+    fn a_release_recorded_before_target_runs_on_the_local_provider() {
+        let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        recorded.as_object_mut().unwrap().remove("target");
+        let c: ReleaseConfig = serde_json::from_value(recorded).unwrap();
+        assert_eq!(c.target(), TargetSpec::default());
+    }
+
+    #[test]
+    fn counts_decode_only_in_their_one_spelling() {
+        for (text, want) in [
+            ("0", Some(CountOrPercent::Count(0))),
+            ("3", Some(CountOrPercent::Count(3))),
+            ("4294967295", Some(CountOrPercent::Count(u32::MAX))),
+            ("0%", Some(CountOrPercent::Percent(0))),
+            ("25%", Some(CountOrPercent::Percent(25))),
+            ("100%", Some(CountOrPercent::Percent(100))),
+            ("", None),
+            ("%", None),
+            ("abc", None),
+            ("-1", None),
+            ("+3", None),
+            ("03", None),
+            (" 3", None),
+            ("3 ", None),
+            ("2.5", None),
+            ("25 %", None),
+            ("101%", None),
+            ("4294967296", None),
+        ] {
+            assert_eq!(CountText::parse(text).ok().map(|c| c.0), want, "{text:?}");
+            if let Some(c) = want {
+                assert_eq!(CountText(c).to_string(), text);
+            }
+        }
+    }
+
+    #[test]
+    fn names_spell_as_the_spec_does() {
+        let strategies: Vec<&str> = StrategyName::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(strategies, kiln_spec::STRATEGIES);
+        for p in [ProviderKind::Local, ProviderKind::Docker] {
+            assert_eq!(ProviderName::from(p).as_str(), p.as_str());
+            assert_eq!(ProviderKind::from(ProviderName::from(p)), p);
+        }
+        for e in [ExecPolicy::Taint, ExecPolicy::Allow] {
+            assert_eq!(ExecPolicyName::from(e).as_str(), e.as_str());
+            assert_eq!(ExecPolicy::from(ExecPolicyName::from(e)), e);
+        }
+        for p in [Promote::Auto, Promote::Manual] {
+            assert_eq!(Promote::from(PromoteName::from(p)), p);
+        }
     }
 
     #[test]
