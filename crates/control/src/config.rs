@@ -9,6 +9,10 @@
 //! malformed count fails to decode instead of falling back to a default, so an edited or
 //! hand-written release cannot silently run somewhere or somehow else. Valid data is stored
 //! exactly as before (`"docker"`, `"blue-green"`, `"25%"`).
+//!
+//! [`ReleaseConfig::decode`] is the way in for JSON from outside (the API, the ledger): its
+//! [`ConfigError`] names the JSON path of the field that failed, e.g.
+//! `target.provider: unknown variant "dockr", expected "local" or "docker"`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,6 +24,17 @@ use kiln_spec::{
     ProviderKind, Spec, Sticky, Strategy, TargetSpec,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a release configuration is refused: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// The JSON path of the field (`target.provider`, `deploy.steps[1].weight`,
+    /// `service.env.TOKEN`); `config` when the problem is the whole value.
+    pub field: String,
+    /// What is wrong: lowercase, no trailing period.
+    pub message: String,
+}
 
 /// Everything a release needs to run, route and roll out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -434,6 +449,15 @@ fn dur(ms: u64) -> Duration {
 }
 
 impl ReleaseConfig {
+    /// Decodes a configuration sent to the API or read from the ledger. Only the shape and
+    /// the spellings are checked here; [`ReleaseConfig::validate`] checks the values.
+    pub fn decode(value: &serde_json::Value) -> Result<ReleaseConfig, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| ConfigError {
+            field: json_path(e.path()),
+            message: e.inner().to_string(),
+        })
+    }
+
     /// The configuration a validated spec describes.
     pub fn from_spec(spec: &Spec) -> ReleaseConfig {
         let s = &spec.service;
@@ -597,6 +621,42 @@ impl ReleaseConfig {
     }
 }
 
+/// `path` as this module names fields: `deploy.steps[1].weight`, with a map key that is not
+/// a plain word quoted (`service.env["A B"]`) so that no key can forge a path or put a control
+/// character in a message.
+fn json_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => push_key(&mut out, key),
+            Segment::Unknown => push_key(&mut out, "?"),
+        }
+    }
+    if out.is_empty() {
+        "config".to_owned()
+    } else {
+        out
+    }
+}
+
+/// Appends `.key` to a field path, or `["key"]` when the key is not a plain word.
+fn push_key(path: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !plain {
+        path.push_str(&format!("[{key:?}]"));
+        return;
+    }
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(key);
+}
+
 fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
     use serde_json::Value;
     match (a, b) {
@@ -623,7 +683,7 @@ fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     fn spec(extra: &str) -> Spec {
@@ -811,6 +871,115 @@ exec = "allow"
         for p in [Promote::Auto, Promote::Manual] {
             assert_eq!(Promote::from(PromoteName::from(p)), p);
         }
+    }
+
+    /// `RECORDED` with the value at `pointer` replaced by `value` (or removed when `None`),
+    /// decoded as the API decodes it.
+    fn decode_edited(
+        pointer: &str,
+        value: Option<serde_json::Value>,
+    ) -> Result<ReleaseConfig, ConfigError> {
+        let mut json: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        let parent = json.pointer_mut(parent).unwrap();
+        match (parent, value) {
+            (serde_json::Value::Object(m), Some(v)) => {
+                m.insert(key.to_owned(), v);
+            }
+            (serde_json::Value::Object(m), None) => {
+                m.remove(key);
+            }
+            (serde_json::Value::Array(a), Some(v)) => a[key.parse::<usize>().unwrap()] = v,
+            (other, _) => panic!("cannot edit {pointer} in {other}"),
+        }
+        ReleaseConfig::decode(&json)
+    }
+
+    #[test]
+    fn decode_names_the_field_that_fails() {
+        use serde_json::json;
+        let cases: &[(&str, Option<serde_json::Value>, &str)] = &[
+            (
+                "/target/provider",
+                Some(json!("dockr")),
+                r#"target.provider: unknown variant "dockr", expected "local" or "docker""#,
+            ),
+            (
+                "/target/exec",
+                Some(json!("sometimes")),
+                r#"target.exec: unknown variant "sometimes", expected "taint" or "allow""#,
+            ),
+            (
+                "/deploy/strategy",
+                Some(json!("canery")),
+                r#"deploy.strategy: unknown variant "canery", expected "rolling", "blue-green" or "canary""#,
+            ),
+            (
+                "/deploy/promote",
+                Some(json!("later")),
+                r#"deploy.promote: unknown variant "later", expected "auto" or "manual""#,
+            ),
+            (
+                "/deploy/max_surge",
+                Some(json!("lots")),
+                r#"deploy.max_surge: invalid count "lots", expected a whole number such as "3" or a percentage from "0%" to "100%""#,
+            ),
+            (
+                "/deploy/max_unavailable",
+                Some(json!("150%")),
+                r#"deploy.max_unavailable: invalid count "150%", expected a whole number such as "3" or a percentage from "0%" to "100%""#,
+            ),
+            (
+                "/deploy/max_surge",
+                Some(json!(3)),
+                "deploy.max_surge: invalid type: integer `3`, expected a string",
+            ),
+            (
+                "/deploy/steps/1",
+                Some(json!({"weight": 300, "pause_ms": null})),
+                "deploy.steps[1].weight: invalid value: integer `300`, expected u8",
+            ),
+            (
+                "/service/replicas",
+                Some(json!(-1)),
+                "service.replicas: invalid value: integer `-1`, expected u32",
+            ),
+            (
+                "/service/env/A",
+                Some(json!(1)),
+                "service.env.A: invalid type: integer `1`, expected a string",
+            ),
+            (
+                "/service/env/A B",
+                Some(json!(null)),
+                r#"service.env["A B"]: invalid type: null, expected a string"#,
+            ),
+            (
+                "/route/listen",
+                Some(json!("localhost:80")),
+                "route.listen: invalid socket address syntax",
+            ),
+            (
+                "/service/health/extra",
+                Some(json!(1)),
+                "service.health.extra: unknown field `extra`, expected one of `path`, `interval_ms`, \
+                 `timeout_ms`, `healthy_threshold`, `unhealthy_threshold`, `start_period_ms`",
+            ),
+            ("/service", None, "config: missing field `service`"),
+        ];
+        for (pointer, value, want) in cases {
+            let got = decode_edited(pointer, value.clone())
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert_eq!(got, Err((*want).to_owned()), "{pointer} = {value:?}");
+        }
+    }
+
+    #[test]
+    fn decode_accepts_what_the_spec_produces() {
+        let c = ReleaseConfig::from_spec(&spec(""));
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(ReleaseConfig::decode(&json), Ok(c));
     }
 
     #[test]

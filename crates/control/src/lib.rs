@@ -13,7 +13,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 
-pub use config::ReleaseConfig;
+pub use config::{ConfigError, ReleaseConfig};
 pub use controller::{
     AppStatus, ApplyRequest, ControlError, Controller, ControllerConfig, InstanceStatus,
     LiveSchema, RollbackOutcome,
