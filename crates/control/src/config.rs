@@ -13,12 +13,15 @@
 //! [`ReleaseConfig::decode`] is the way in for JSON from outside (the API, the ledger): its
 //! [`ConfigError`] names the JSON path of the field that failed, e.g.
 //! `target.provider: unknown variant "dockr", expected "local" or "docker"`.
+//! [`ReleaseConfig::validate`] then holds the values to the rules `kiln.toml` gets, calling
+//! the spec crate's own [`kiln_spec::rules`] so the two cannot disagree.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_spec::rules::{self, Broken};
 use kiln_spec::{
     Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
     ProviderKind, Spec, Sticky, Strategy, TargetSpec,
@@ -425,16 +428,16 @@ fn default_max_header_bytes() -> u64 {
 }
 
 impl RouteConfig {
-    /// The checks `kiln.toml` gets, for a configuration that came through the API instead.
+    /// The router's limits checked as `kiln.toml`'s are, worded with its keys. Part of
+    /// [`ReleaseConfig::validate`], which checks them and everything else.
     pub fn check(&self) -> Result<(), String> {
-        if !(8 * 1024..=1024 * 1024).contains(&self.max_header_bytes) {
-            return Err(format!(
-                "[route] max_header_size must be between 8KiB and 1MiB, got {} bytes",
-                self.max_header_bytes
-            ));
+        if let Err(b) = rules::header_size(self.max_header_bytes) {
+            return Err(format!("[route] max_header_size {b}"));
         }
-        if self.max_body_bytes == Some(0) {
-            return Err("[route] max_body_size must be greater than zero".to_owned());
+        if let Some(n) = self.max_body_bytes
+            && let Err(b) = rules::size(n)
+        {
+            return Err(format!("[route] max_body_size {b}"));
         }
         Ok(())
     }
@@ -456,6 +459,24 @@ impl ReleaseConfig {
             field: json_path(e.path()),
             message: e.inner().to_string(),
         })
+    }
+
+    /// Every way this configuration breaks the rules `kiln.toml` gets, each at its JSON path
+    /// and in field order; `Ok` when there is none. What `from_spec` makes from a valid spec
+    /// always passes.
+    ///
+    /// Two of the spec's rules need to know whether a key was written, which a stored
+    /// configuration cannot tell: a key that only applies to another strategy or provider
+    /// counts as written when it differs from what `from_spec` stores for it, and the health
+    /// `timeout` may exceed the `interval` (the spec allows it while `timeout` is defaulted).
+    /// TLS files are not checked here: whether they exist is the controller's I/O.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut p = Problems::default();
+        self.service.validate(&mut p);
+        self.deploy.validate(self.service.replicas, &mut p);
+        self.route.validate(&mut p);
+        self.target.validate(&mut p);
+        if p.0.is_empty() { Ok(()) } else { Err(p.0) }
     }
 
     /// The configuration a validated spec describes.
@@ -618,6 +639,184 @@ impl ReleaseConfig {
         let mut out = Vec::new();
         diff_values("", &a, &b, &mut out);
         out
+    }
+}
+
+/// The problems [`ReleaseConfig::validate`] has found so far.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    /// Records `result`'s problem, if any, at `field`.
+    fn check(&mut self, field: &str, result: Result<(), Broken>) {
+        if let Err(b) = result {
+            self.0.push(ConfigError {
+                field: field.to_owned(),
+                message: b.message,
+            });
+        }
+    }
+
+    /// A duration stored in milliseconds.
+    fn duration(&mut self, field: &str, ms: u64) {
+        self.check(field, rules::duration(dur(ms)));
+    }
+}
+
+impl ServiceConfig {
+    fn validate(&self, p: &mut Problems) {
+        p.check("service.port", rules::PORT.check(self.port));
+        p.check("service.replicas", rules::REPLICAS.check(self.replicas));
+        for (name, value) in &self.env {
+            let mut field = "service.env".to_owned();
+            push_key(&mut field, name);
+            p.check(&field, rules::env_var(name, value, true));
+        }
+        for (i, b) in rules::writable(self.writable.iter().map(String::as_str)) {
+            p.check(&format!("service.writable[{i}]"), Err(b));
+        }
+        if let Some(m) = self.memory {
+            p.check("service.memory", rules::size(m));
+        }
+        if let Some(c) = self.cpus {
+            p.check("service.cpus", rules::positive(c));
+        }
+        p.duration("service.stop_grace_ms", self.stop_grace_ms);
+        let h = &self.health;
+        if let Some(path) = &h.path {
+            p.check("service.health.path", rules::health_path(path));
+        }
+        p.duration("service.health.interval_ms", h.interval_ms);
+        p.duration("service.health.timeout_ms", h.timeout_ms);
+        p.check(
+            "service.health.healthy_threshold",
+            rules::HEALTH_THRESHOLD.check(h.healthy_threshold),
+        );
+        p.check(
+            "service.health.unhealthy_threshold",
+            rules::HEALTH_THRESHOLD.check(h.unhealthy_threshold),
+        );
+        p.duration("service.health.start_period_ms", h.start_period_ms);
+    }
+}
+
+impl DeployConfig {
+    fn validate(&self, replicas: u32, p: &mut Problems) {
+        let strategy = self.strategy.as_str();
+        // What `from_spec` stores for a key the spec left out counts as not set.
+        let set = |key: &str| match key {
+            "steps" => !self.steps.is_empty(),
+            "analysis" => self.analysis.is_some(),
+            "promote" => self.promote != PromoteName::Auto,
+            _ => false,
+        };
+        for (key, b) in rules::strategy_keys(strategy, set) {
+            p.check(&format!("deploy.{key}"), Err(b));
+        }
+        for (field, count) in [
+            ("deploy.max_surge", self.max_surge),
+            ("deploy.max_unavailable", self.max_unavailable),
+        ] {
+            // Only a value built in code gets here: decoding refuses it.
+            if let CountOrPercent::Percent(pc) = count.0
+                && pc > 100
+            {
+                p.0.push(ConfigError {
+                    field: field.to_owned(),
+                    message: format!("must be at most 100%, got {pc}%"),
+                });
+            }
+        }
+        p.check(
+            "deploy.max_surge",
+            rules::rolling_progress(strategy, self.max_surge.0, self.max_unavailable.0, replicas),
+        );
+        if self.strategy == StrategyName::Canary {
+            p.check("deploy.steps", rules::canary_has_steps(self.steps.len()));
+            let mut previous = None;
+            for (i, step) in self.steps.iter().enumerate() {
+                let weight = i64::from(step.weight);
+                let field = format!("deploy.steps[{i}].weight");
+                p.check(&field, rules::CANARY_WEIGHT.check(weight));
+                if let Some((_, before)) = previous {
+                    p.check(&field, rules::canary_weight_follows(before, weight));
+                }
+                previous = Some((i, weight));
+                if let Some(ms) = step.pause_ms {
+                    p.duration(&format!("deploy.steps[{i}].pause_ms"), ms);
+                }
+            }
+            if let Some((i, last)) = previous {
+                let field = format!("deploy.steps[{i}].weight");
+                p.check(&field, rules::canary_last_weight(last));
+            }
+            if let Some(a) = &self.analysis {
+                p.check(
+                    "deploy.analysis.max_error_rate",
+                    rules::ratio(a.max_error_rate),
+                );
+                if let Some(ms) = a.max_p99_ms {
+                    p.duration("deploy.analysis.max_p99_ms", ms);
+                }
+                p.check(
+                    "deploy.analysis.min_requests",
+                    rules::MIN_REQUESTS.check(a.min_requests),
+                );
+            }
+        }
+        p.duration("deploy.progress_deadline_ms", self.progress_deadline_ms);
+        p.duration("deploy.keep_previous_ms", self.keep_previous_ms);
+        if let Some(m) = &self.migrate {
+            p.check(
+                "deploy.migrate.command",
+                rules::command("command", m.command.iter().map(String::as_str)),
+            );
+            p.check(
+                "deploy.migrate.schema",
+                rules::SCHEMA_VERSION.check(m.schema),
+            );
+            p.check(
+                "deploy.migrate.compatible_from",
+                rules::SCHEMA_VERSION
+                    .check(m.compatible_from)
+                    .and_then(|()| rules::compatible_from(m.compatible_from, m.schema)),
+            );
+        }
+    }
+}
+
+impl RouteConfig {
+    fn validate(&self, p: &mut Problems) {
+        for (i, h) in self.hosts.iter().enumerate() {
+            p.check(&format!("route.hosts[{i}]"), rules::host(h));
+        }
+        p.duration("route.drain_timeout_ms", self.drain_timeout_ms);
+        p.duration("route.request_timeout_ms", self.request_timeout_ms);
+        if let Some(h) = &self.preview_header {
+            p.check("route.preview_header", rules::preview_header(h));
+        }
+        if let Some(n) = self.max_body_bytes {
+            p.check("route.max_body_bytes", rules::size(n));
+        }
+        p.check(
+            "route.max_header_bytes",
+            rules::header_size(self.max_header_bytes),
+        );
+    }
+}
+
+impl TargetConfig {
+    fn validate(&self, p: &mut Problems) {
+        // What `from_spec` stores for a key the spec left out counts as not set.
+        let set = |key: &str| match key {
+            "docker_host" => self.docker_host.is_some(),
+            "exec" => self.exec != ExecPolicyName::Taint,
+            _ => false,
+        };
+        for (key, b) in rules::target_keys(self.provider.into(), set) {
+            p.check(&format!("target.{key}"), Err(b));
+        }
+        p.check("target.runtime", rules::runtime(&self.runtime));
     }
 }
 
@@ -873,106 +1072,266 @@ exec = "allow"
         }
     }
 
-    /// `RECORDED` with the value at `pointer` replaced by `value` (or removed when `None`),
-    /// decoded as the API decodes it.
-    fn decode_edited(
-        pointer: &str,
-        value: Option<serde_json::Value>,
-    ) -> Result<ReleaseConfig, ConfigError> {
+    /// Edits to `RECORDED` and what the daemon says of the result: the decode error, or
+    /// every problem `validate` finds, in order. A case is edit lines — `POINTER = JSON` sets
+    /// a value, `-POINTER` removes it — then the expected lines, indented; a case with none
+    /// expects no problem. Cases are separated by blank lines.
+    const REFUSED: &str = r#"
+# RECORDED itself is valid.
+/service/replicas = 2
+
+# Decoding: shapes and spellings.
+/target/provider = "dockr"
+    target.provider: unknown variant "dockr", expected "local" or "docker"
+
+/target/exec = "sometimes"
+    target.exec: unknown variant "sometimes", expected "taint" or "allow"
+
+/deploy/strategy = "canery"
+    deploy.strategy: unknown variant "canery", expected "rolling", "blue-green" or "canary"
+
+/deploy/promote = "later"
+    deploy.promote: unknown variant "later", expected "auto" or "manual"
+
+/deploy/max_surge = "lots"
+    deploy.max_surge: invalid count "lots", expected a whole number such as "3" or a percentage from "0%" to "100%"
+
+/deploy/max_unavailable = "150%"
+    deploy.max_unavailable: invalid count "150%", expected a whole number such as "3" or a percentage from "0%" to "100%"
+
+/deploy/max_surge = 3
+    deploy.max_surge: invalid type: integer `3`, expected a string
+
+/deploy/steps/1 = {"weight": 300, "pause_ms": null}
+    deploy.steps[1].weight: invalid value: integer `300`, expected u8
+
+/service/replicas = -1
+    service.replicas: invalid value: integer `-1`, expected u32
+
+/service/env = {"A": 1}
+    service.env.A: invalid type: integer `1`, expected a string
+
+/service/env = {"A B": null}
+    service.env["A B"]: invalid type: null, expected a string
+
+/route/listen = "localhost:80"
+    route.listen: invalid socket address syntax
+
+/service/health/extra = 1
+    service.health.extra: unknown field `extra`, expected one of `path`, `interval_ms`, `timeout_ms`, `healthy_threshold`, `unhealthy_threshold`, `start_period_ms`
+
+-/service
+    config: missing field `service`
+
+# Validation: the rules kiln.toml gets.
+/service/replicas = 1000000
+    service.replicas: must be between 1 and 1000, got 1000000
+
+/service/replicas = 0
+    service.replicas: must be between 1 and 1000, got 0
+
+/service/port = 0
+    service.port: must be between 1 and 65535, got 0
+
+/service/env = {"A": "1\u0000"}
+    service.env.A: the value of A contains a NUL byte
+
+/service/env = {"1BAD": "x", "A\u0000B": "x", "PORT": "9000"}
+    service.env.1BAD: invalid environment variable name "1BAD"
+    service.env["A\0B"]: invalid environment variable name "A\0B"
+    service.env.PORT: `PORT` is set by kiln for each instance
+
+/service/writable = ["tmp", "/", "/a/../b", "/tmp/", "/x", "/x"]
+    service.writable[0]: writable path "tmp" must be absolute and normalised
+    service.writable[1]: the root `/` cannot be writable
+    service.writable[2]: writable path "/a/../b" must be absolute and normalised
+    service.writable[3]: writable path "/tmp/" must be absolute and normalised
+    service.writable[5]: "/x" is listed twice
+
+/service/memory = 0
+/service/cpus = -0.5
+/service/stop_grace_ms = 0
+    service.memory: must be greater than zero, got 0
+    service.cpus: must be greater than 0, got -0.5
+    service.stop_grace_ms: must be greater than zero
+
+/service/health/path = "healthz"
+/service/health/interval_ms = 0
+/service/health/healthy_threshold = 0
+/service/health/unhealthy_threshold = 101
+    service.health.path: health `path` must start with `/`, got "healthz"
+    service.health.interval_ms: must be greater than zero
+    service.health.healthy_threshold: must be between 1 and 100, got 0
+    service.health.unhealthy_threshold: must be between 1 and 100, got 101
+
+/service/health/path = "/ok\u0000"
+    service.health.path: health `path` must not contain a NUL byte, got "/ok\0"
+
+/deploy/steps = [{"weight": 10, "pause_ms": 0}, {"weight": 5, "pause_ms": null}]
+    deploy.steps[0].pause_ms: must be greater than zero
+    deploy.steps[1].weight: canary weights must strictly increase, but 5 follows 10
+    deploy.steps[1].weight: canary steps must end at weight 100, but the last step is 5
+
+/deploy/steps = [{"weight": 0, "pause_ms": null}, {"weight": 100, "pause_ms": null}]
+    deploy.steps[0].weight: must be between 1 and 100, got 0
+
+/deploy/steps = []
+    deploy.steps: the canary strategy needs at least one [[deploy.steps]]
+
+/deploy/analysis = {"max_error_rate": 2.0, "max_p99_ms": 0, "min_requests": 0, "compare_to_stable": true}
+    deploy.analysis.max_error_rate: must be between 0 and 1
+    deploy.analysis.max_p99_ms: must be greater than zero
+    deploy.analysis.min_requests: must be between 1 and 1000000000, got 0
+
+/deploy/strategy = "rolling"
+/deploy/max_surge = "0"
+/deploy/max_unavailable = "0%"
+    deploy.steps: `steps` only applies to the canary strategy, but strategy is "rolling"
+    deploy.analysis: `analysis` only applies to the canary strategy, but strategy is "rolling"
+    deploy.promote: `promote` only applies to blue-green and canary
+    deploy.max_surge: `max_surge` and `max_unavailable` are both 0, so a rolling update could never make progress
+
+/deploy/strategy = "blue-green"
+/deploy/steps = []
+/deploy/analysis = null
+/deploy/keep_previous_ms = 0
+    deploy.keep_previous_ms: must be greater than zero
+
+/deploy/migrate = {"command": ["/migrate", "\u0000"], "schema": 2, "compatible_from": 3}
+    deploy.migrate.command: `command` contains a NUL byte
+    deploy.migrate.compatible_from: `compatible_from` (3) is newer than `schema` (2)
+
+/deploy/migrate = {"command": [], "schema": 2000000, "compatible_from": 0}
+    deploy.migrate.command: `command` must name a program
+    deploy.migrate.schema: must be between 0 and 1000000, got 2000000
+
+/route/hosts = ["app.example.com", "http://x", "a\u0000b"]
+/route/preview_header = "X Release"
+/route/max_body_bytes = 0
+/route/max_header_bytes = 100
+/route/request_timeout_ms = 0
+    route.hosts[1]: invalid host name "http://x"
+    route.hosts[2]: invalid host name "a\0b"
+    route.request_timeout_ms: must be greater than zero
+    route.preview_header: invalid header name "X Release"
+    route.max_body_bytes: must be greater than zero, got 0
+    route.max_header_bytes: must be between 8KiB and 1MiB, got 100 bytes
+
+/target/provider = "local"
+/target/docker_host = "unix:///run/docker.sock"
+/target/runtime = ""
+    target.docker_host: `docker_host` only applies to provider = "docker"
+    target.exec: `exec` only applies to provider = "docker"
+    target.runtime: `runtime` must name a program
+"#;
+
+    /// What the daemon says of `RECORDED` after `edits` (see `REFUSED`).
+    fn problems(edits: &[&str]) -> Vec<String> {
         let mut json: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
-        let (parent, key) = pointer.rsplit_once('/').unwrap();
-        let parent = json.pointer_mut(parent).unwrap();
-        match (parent, value) {
-            (serde_json::Value::Object(m), Some(v)) => {
-                m.insert(key.to_owned(), v);
+        for edit in edits {
+            let (pointer, value) = match edit.strip_prefix('-') {
+                Some(pointer) => (pointer, None),
+                None => {
+                    let (pointer, value) = edit.split_once(" = ").unwrap();
+                    (pointer, Some(serde_json::from_str(value).unwrap()))
+                }
+            };
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            match (json.pointer_mut(parent).unwrap(), value) {
+                (serde_json::Value::Object(m), Some(v)) => {
+                    m.insert(key.to_owned(), v);
+                }
+                (serde_json::Value::Object(m), None) => {
+                    m.remove(key);
+                }
+                (serde_json::Value::Array(a), Some(v)) => a[key.parse::<usize>().unwrap()] = v,
+                (other, _) => panic!("cannot apply {edit} to {other}"),
             }
-            (serde_json::Value::Object(m), None) => {
-                m.remove(key);
-            }
-            (serde_json::Value::Array(a), Some(v)) => a[key.parse::<usize>().unwrap()] = v,
-            (other, _) => panic!("cannot edit {pointer} in {other}"),
         }
-        ReleaseConfig::decode(&json)
+        match ReleaseConfig::decode(&json).map(|c| c.validate()) {
+            Err(e) => vec![e.to_string()],
+            Ok(Ok(())) => Vec::new(),
+            Ok(Err(errors)) => errors.iter().map(ToString::to_string).collect(),
+        }
     }
 
     #[test]
-    fn decode_names_the_field_that_fails() {
-        use serde_json::json;
-        let cases: &[(&str, Option<serde_json::Value>, &str)] = &[
-            (
-                "/target/provider",
-                Some(json!("dockr")),
-                r#"target.provider: unknown variant "dockr", expected "local" or "docker""#,
-            ),
-            (
-                "/target/exec",
-                Some(json!("sometimes")),
-                r#"target.exec: unknown variant "sometimes", expected "taint" or "allow""#,
-            ),
-            (
-                "/deploy/strategy",
-                Some(json!("canery")),
-                r#"deploy.strategy: unknown variant "canery", expected "rolling", "blue-green" or "canary""#,
-            ),
-            (
-                "/deploy/promote",
-                Some(json!("later")),
-                r#"deploy.promote: unknown variant "later", expected "auto" or "manual""#,
-            ),
-            (
-                "/deploy/max_surge",
-                Some(json!("lots")),
-                r#"deploy.max_surge: invalid count "lots", expected a whole number such as "3" or a percentage from "0%" to "100%""#,
-            ),
-            (
-                "/deploy/max_unavailable",
-                Some(json!("150%")),
-                r#"deploy.max_unavailable: invalid count "150%", expected a whole number such as "3" or a percentage from "0%" to "100%""#,
-            ),
-            (
-                "/deploy/max_surge",
-                Some(json!(3)),
-                "deploy.max_surge: invalid type: integer `3`, expected a string",
-            ),
-            (
-                "/deploy/steps/1",
-                Some(json!({"weight": 300, "pause_ms": null})),
-                "deploy.steps[1].weight: invalid value: integer `300`, expected u8",
-            ),
-            (
-                "/service/replicas",
-                Some(json!(-1)),
-                "service.replicas: invalid value: integer `-1`, expected u32",
-            ),
-            (
-                "/service/env/A",
-                Some(json!(1)),
-                "service.env.A: invalid type: integer `1`, expected a string",
-            ),
-            (
-                "/service/env/A B",
-                Some(json!(null)),
-                r#"service.env["A B"]: invalid type: null, expected a string"#,
-            ),
-            (
-                "/route/listen",
-                Some(json!("localhost:80")),
-                "route.listen: invalid socket address syntax",
-            ),
-            (
-                "/service/health/extra",
-                Some(json!(1)),
-                "service.health.extra: unknown field `extra`, expected one of `path`, `interval_ms`, \
-                 `timeout_ms`, `healthy_threshold`, `unhealthy_threshold`, `start_period_ms`",
-            ),
-            ("/service", None, "config: missing field `service`"),
-        ];
-        for (pointer, value, want) in cases {
-            let got = decode_edited(pointer, value.clone())
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            assert_eq!(got, Err((*want).to_owned()), "{pointer} = {value:?}");
+    fn a_bad_release_config_is_refused_at_its_field() {
+        let mut failures = Vec::new();
+        let mut cases = 0;
+        for case in REFUSED.split("\n\n") {
+            let lines = case
+                .lines()
+                .filter(|l| !l.is_empty() && !l.starts_with('#'));
+            let (expected, edits): (Vec<&str>, Vec<&str>) =
+                lines.partition(|l| l.starts_with("    "));
+            assert!(!edits.is_empty(), "a case without edits:\n{case}");
+            let want: Vec<&str> = expected.iter().map(|l| l.trim_start()).collect();
+            let got = problems(&edits);
+            if got != want {
+                failures.push(format!(
+                    "{}\n  want {want:#?}\n  got {got:#?}",
+                    edits.join("\n")
+                ));
+            }
+            cases += 1;
         }
+        assert!(cases > 30, "only {cases} cases");
+        assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    }
+
+    #[test]
+    fn validate_answers_for_every_key_the_strategy_and_target_rules_ask_about() {
+        // The `set` closures in validate know these keys; a new one must be taught to them.
+        let asked: Vec<&str> = rules::strategy_keys("rolling", |_| true)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(asked, ["steps", "analysis", "promote"]);
+        let asked: Vec<&str> = rules::target_keys(ProviderKind::Local, |_| true)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(asked, ["docker_host", "exec"]);
+    }
+
+    #[test]
+    fn every_valid_spec_fixture_gives_a_config_that_validates() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/tests/fixtures/valid");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let spec = Spec::load(&path).unwrap();
+            let c = ReleaseConfig::from_spec(&spec);
+            assert_eq!(c.validate(), Ok(()), "{}", path.display());
+            assert_eq!(
+                ReleaseConfig::decode(&serde_json::to_value(&c).unwrap()),
+                Ok(c)
+            );
+            seen += 1;
+        }
+        assert!(seen >= 3, "only {seen} fixtures in {}", dir.display());
+    }
+
+    #[test]
+    fn route_check_keeps_the_spec_s_wording() {
+        let mut c = ReleaseConfig::from_spec(&spec(""));
+        assert_eq!(c.route.check(), Ok(()));
+        c.route.max_header_bytes = 100;
+        assert_eq!(
+            c.route.check(),
+            Err("[route] max_header_size must be between 8KiB and 1MiB, got 100 bytes".to_owned())
+        );
+        c.route.max_header_bytes = 8 * 1024;
+        c.route.max_body_bytes = Some(0);
+        assert_eq!(
+            c.route.check(),
+            Err("[route] max_body_size must be greater than zero, got 0".to_owned())
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The rules a value must keep, as small functions of the value alone.
 //!
-//! The spec's two passes call them for `kiln.toml`; they are public so that a release
-//! configuration that arrives through kiln's API or from its ledger instead is held to the
-//! very same rules, and the two can never disagree on what is allowed. A rule
+//! The spec's two passes call them for `kiln.toml`, and `kiln_control`'s
+//! `ReleaseConfig::validate` calls them for a release configuration that arrives through the
+//! API or from the ledger instead, so the two can never disagree on what is allowed. A rule
 //! says what is wrong ([`Broken::message`], naming the value) and, for someone editing
 //! `kiln.toml`, what to write instead ([`Broken::hint`]); the caller says where.
 //!
