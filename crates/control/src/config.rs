@@ -443,8 +443,12 @@ impl RouteConfig {
     }
 }
 
+/// `d` in whole milliseconds, as stored. A duration the spec allows is never zero, and
+/// must not become zero here (`"500us"` would store "no time at all"): under a millisecond
+/// counts as one. Longer durations are truncated as before.
 fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    let n = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if n == 0 && !d.is_zero() { 1 } else { n }
 }
 
 fn dur(ms: u64) -> Duration {
@@ -1315,6 +1319,19 @@ exec = "allow"
             seen += 1;
         }
         assert!(seen >= 3, "only {seen} fixtures in {}", dir.display());
+    }
+
+    #[test]
+    fn a_duration_under_a_millisecond_is_stored_as_one_not_zero() {
+        // The spec allows "500us"; stored as 0 ms it would mean "no time at all".
+        let c = ReleaseConfig::from_spec(&spec(
+            "[service.health]\ninterval = \"500us\"\ntimeout = \"500us\"\n",
+        ));
+        assert_eq!(c.service.health.interval_ms, 1);
+        assert_eq!(c.service.health.timeout_ms, 1);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(ms(Duration::from_micros(1500)), 1);
+        assert_eq!(ms(Duration::ZERO), 0);
     }
 
     #[test]
