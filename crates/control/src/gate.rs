@@ -54,9 +54,10 @@ pub fn check_apply(
     check_app_name(app)?;
     let image =
         Digest::parse(&req.image).map_err(|e| ControlError::Invalid(format!("image: {e}")))?;
-    req.config
-        .validate()
-        .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    if let Err(problems) = req.config.validate() {
+        let all: Vec<String> = problems.iter().map(|p| format!("config.{p}")).collect();
+        return Err(ControlError::Invalid(all.join("; ")));
+    }
     if req.config.test_required() {
         let passed = match attestations {
             Some(a) => a.passed(&image).map_err(ControlError::Invalid)?,

@@ -21,7 +21,6 @@ mod app;
 pub mod client;
 pub mod clock;
 pub mod config;
-mod config_ext;
 pub mod controller;
 pub mod dto;
 mod error;
@@ -35,7 +34,7 @@ mod status;
 
 pub use app::{RELEASE_LABEL, ROLE_LABEL};
 pub use clock::{Clock, SystemClock, TokioClock};
-pub use config::ReleaseConfig;
+pub use config::{ConfigError, ReleaseConfig};
 pub use controller::{Controller, ControllerConfig};
 pub use dto::{AppStatus, ApplyRequest, InstanceStatus, LiveSchema, RollbackOutcome};
 pub use error::ControlError;

@@ -235,7 +235,7 @@ async fn an_apply_to_an_address_in_use_fails_and_records_nothing() {
         .apply("web", apply_req(tiny_heads, "a"))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("max_header_size"), "{err}");
+    assert!(err.to_string().contains("route.max_header_bytes"), "{err}");
     let other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = c
         .apply("web", apply_req(config(port, "1"), "a"))

@@ -5,6 +5,8 @@
 //! Schema that `kiln schema` prints, and the reference in `docs/config.md` (a test regenerates
 //! it and fails when the committed file differs).
 
+use crate::rules::{self, Bounds};
+
 /// One key of a table.
 #[derive(Debug)]
 pub struct Field {
@@ -29,13 +31,8 @@ pub enum Kind {
     Pattern(&'static str),
     /// `true` or `false`.
     Bool,
-    /// A whole number in `min..=max`.
-    Integer {
-        /// Smallest allowed value.
-        min: i64,
-        /// Largest allowed value.
-        max: i64,
-    },
+    /// A whole number within bounds (the [`rules`](crate::rules) constants).
+    Integer(Bounds),
     /// A number (integer or float) that must be greater than zero.
     Positive,
     /// A humane duration string: `"500ms"`, `"10s"`, `"2m"`, `"1h 30m"`.
@@ -240,7 +237,7 @@ const IMAGE_TEST: &[Field] = &[
 const SERVICE: &[Field] = &[
     default(
         "port",
-        Kind::Integer { min: 1, max: 65535 },
+        Kind::Integer(rules::PORT),
         "8080",
         "The port the app listens on inside an instance with its own network (a container). \
          On the local provider's host network kiln picks a free port per instance. Either \
@@ -248,7 +245,7 @@ const SERVICE: &[Field] = &[
     ),
     default(
         "replicas",
-        Kind::Integer { min: 1, max: 1000 },
+        Kind::Integer(rules::REPLICAS),
         "1",
         "How many instances serve the live release.",
     ),
@@ -301,13 +298,13 @@ const HEALTH: &[Field] = &[
     ),
     default(
         "healthy_threshold",
-        Kind::Integer { min: 1, max: 100 },
+        Kind::Integer(rules::HEALTH_THRESHOLD),
         "1",
         "Consecutive passes before an instance is healthy.",
     ),
     default(
         "unhealthy_threshold",
-        Kind::Integer { min: 1, max: 100 },
+        Kind::Integer(rules::HEALTH_THRESHOLD),
         "3",
         "Consecutive failures before a healthy instance is unhealthy.",
     ),
@@ -381,7 +378,7 @@ const DEPLOY: &[Field] = &[
 const STEP: &[Field] = &[
     required(
         "weight",
-        Kind::Integer { min: 1, max: 100 },
+        Kind::Integer(rules::CANARY_WEIGHT),
         "Percent of traffic the canary receives in this step.",
     ),
     field(
@@ -407,10 +404,7 @@ const ANALYSIS: &[Field] = &[
     ),
     default(
         "min_requests",
-        Kind::Integer {
-            min: 1,
-            max: 1_000_000_000,
-        },
+        Kind::Integer(rules::MIN_REQUESTS),
         "50",
         "Fewer requests than this in a step is inconclusive: the step extends.",
     ),
@@ -431,18 +425,12 @@ const MIGRATE: &[Field] = &[
     ),
     required(
         "schema",
-        Kind::Integer {
-            min: 0,
-            max: 1_000_000,
-        },
+        Kind::Integer(rules::SCHEMA_VERSION),
         "The schema version this release migrates to.",
     ),
     field(
         "compatible_from",
-        Kind::Integer {
-            min: 0,
-            max: 1_000_000,
-        },
+        Kind::Integer(rules::SCHEMA_VERSION),
         "The oldest schema version this release still works with; default: `schema`.",
     ),
 ];

@@ -14,6 +14,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::catalog::{Field, Kind, ROOT};
 use crate::diag::Diagnostic;
+use crate::rules::{self, Bounds};
 use crate::types::CountOrPercent;
 
 pub(crate) type Span = Range<usize>;
@@ -267,22 +268,25 @@ fn decode_value(
                 None
             }
         },
-        Kind::Integer { min, max } => match int_of(v) {
-            Some(i) if (*min..=*max).contains(&i) => Some(Value::Int(i)),
-            Some(i) => bad(
-                diags,
-                format!("must be between {min} and {max}, got {i}"),
-                None,
-            ),
-            None if v.is_integer() => bad(diags, format!("must be between {min} and {max}"), None),
+        Kind::Integer(bounds) => match int_of(v) {
+            Some(i) => match bounds.check(i) {
+                Ok(()) => Some(Value::Int(i)),
+                Err(b) => bad(diags, b.message, None),
+            },
+            None if v.is_integer() => {
+                let Bounds { min, max } = bounds;
+                bad(diags, format!("must be between {min} and {max}"), None)
+            }
             None => {
                 diags.push(type_error(key, span, "a whole number", v));
                 None
             }
         },
         Kind::Positive => match int_of(v).map(|i| i as f64).or_else(|| float_of(v)) {
-            Some(n) if n > 0.0 && n.is_finite() => Some(Value::Num(n)),
-            Some(n) => bad(diags, format!("must be greater than 0, got {n}"), None),
+            Some(n) => match rules::positive(n) {
+                Ok(()) => Some(Value::Num(n)),
+                Err(b) => bad(diags, b.message, None),
+            },
             None => {
                 diags.push(type_error(key, span, "a number", v));
                 None
@@ -290,8 +294,10 @@ fn decode_value(
         },
         Kind::Duration => match v.as_str() {
             Some(s) => match humantime::parse_duration(s) {
-                Ok(d) if d.is_zero() => bad(diags, "must be greater than zero".to_owned(), None),
-                Ok(d) => Some(Value::Duration(d)),
+                Ok(d) => match rules::duration(d) {
+                    Ok(()) => Some(Value::Duration(d)),
+                    Err(b) => bad(diags, b.message, None),
+                },
                 Err(e) => bad(
                     diags,
                     format!("invalid duration {s:?}: {e}"),
@@ -306,9 +312,10 @@ fn decode_value(
         },
         Kind::Size => {
             if let Some(i) = int_of(v) {
-                return match u64::try_from(i) {
-                    Ok(n) if n > 0 => Some(Value::Size(n)),
-                    _ => bad(diags, format!("must be greater than zero, got {i}"), None),
+                return match rules::size(i) {
+                    // Positive, so the same number.
+                    Ok(()) => Some(Value::Size(i.unsigned_abs())),
+                    Err(b) => bad(diags, b.message, None),
                 };
             }
             match v.as_str() {
@@ -418,11 +425,11 @@ fn decode_value(
                 (None, Some(s)) => percent(s).map(|p| p / 100.0),
                 _ => None,
             };
-            match r {
-                Some(r) if (0.0..=1.0).contains(&r) => Some(Value::Ratio(r)),
-                Some(_) => bad(
+            match r.map(|r| (r, rules::ratio(r))) {
+                Some((r, Ok(()))) => Some(Value::Ratio(r)),
+                Some((_, Err(b))) => bad(
                     diags,
-                    "must be between 0 and 1 (or between \"0%\" and \"100%\")".to_owned(),
+                    format!("{} (or between \"0%\" and \"100%\")", b.message),
                     None,
                 ),
                 None => bad(

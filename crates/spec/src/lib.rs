@@ -11,6 +11,7 @@
 mod catalog;
 mod decode;
 mod diag;
+pub mod rules;
 mod schema;
 mod types;
 mod validate;
@@ -19,9 +20,9 @@ use std::path::{Path, PathBuf};
 
 pub use catalog::{Field, Kind, NAME_PATTERN, STRATEGIES};
 pub use diag::{Diagnostic, DiagnosticJson, Position, Report};
+pub use rules::normalised_absolute;
 pub use schema::{json_schema, reference_markdown};
 pub use types::*;
-pub use validate::normalised_absolute;
 
 /// Why a spec file could not be loaded.
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::catalog::{Field, Kind, ROOT};
+use crate::rules::Bounds;
 
 /// Pattern for humane durations: one or more number-unit pairs (`"1h 30m"`).
 const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*[a-zA-Zµ]+\s*)+$";
@@ -57,7 +58,9 @@ fn kind_schema(kind: &Kind) -> Value {
         Kind::String => json!({"type": "string"}),
         Kind::Pattern(p) => json!({"type": "string", "pattern": p}),
         Kind::Bool => json!({"type": "boolean"}),
-        Kind::Integer { min, max } => json!({"type": "integer", "minimum": min, "maximum": max}),
+        Kind::Integer(Bounds { min, max }) => {
+            json!({"type": "integer", "minimum": min, "maximum": max})
+        }
         Kind::Positive => json!({"type": "number", "exclusiveMinimum": 0}),
         Kind::Duration => json!({"type": "string", "pattern": DURATION_PATTERN}),
         Kind::Size => json!({"oneOf": [
@@ -150,7 +153,7 @@ fn kind_name(kind: &Kind) -> String {
         Kind::String => "string".into(),
         Kind::Pattern(p) => format!("string matching `{p}`"),
         Kind::Bool => "boolean".into(),
-        Kind::Integer { min, max } => format!("integer {min}–{max}"),
+        Kind::Integer(Bounds { min, max }) => format!("integer {min}–{max}"),
         Kind::Positive => "number > 0".into(),
         Kind::Duration => "duration".into(),
         Kind::Size => "size".into(),

@@ -5,6 +5,11 @@
 //! appear only with their strategy. Problems are collected like the first pass's; a hole left
 //! by an earlier error is filled with a harmless placeholder because the caller discards the
 //! spec whenever any diagnostic exists.
+//!
+//! A rule that a value must keep on its own (a range, an env name, a host, canary weights)
+//! lives in [`crate::rules`], which `kiln_control` applies to release configurations that
+//! come through its API; only rules that need the file itself (was a key written, does a
+//! path exist) are written here.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use crate::decode::{Entry, Span, Table, Value};
 use crate::diag::Diagnostic;
+use crate::rules::{self, Broken, normalised_absolute};
 use crate::types::*;
 
 pub(crate) struct Validator<'a> {
@@ -133,11 +139,17 @@ impl Table {
     }
 }
 
-/// `[route] max_header_size`: the router parses no head in less, and a head of more than a
-/// mebibyte is an attack, not a request.
-const MIN_HEADER_SIZE: u64 = 8 * 1024;
-const MAX_HEADER_SIZE: u64 = 1024 * 1024;
+/// `[route] max_header_size` when absent or invalid.
 const DEFAULT_HEADER_SIZE: u64 = 64 * 1024;
+
+/// The diagnostic for a broken rule at `key` (a dotted path) and `span`.
+fn broken_at(key: &str, span: Span, b: Broken) -> Diagnostic {
+    let d = Diagnostic::new(key, Some(span), b.message);
+    match b.hint {
+        Some(h) => d.with_hint(h),
+        None => d,
+    }
+}
 
 fn to_u32(i: Option<i64>, fallback: u32) -> u32 {
     i.and_then(|i| u32::try_from(i).ok()).unwrap_or(fallback)
@@ -150,6 +162,12 @@ impl Validator<'_> {
             .push(Diagnostic::new(&t.key_path(key), Some(span), message));
         let last = self.diags.len() - 1;
         &mut self.diags[last]
+    }
+
+    /// Reports a broken rule at `key` of `t`, pointing at its value.
+    fn broken(&mut self, t: &Table, key: &str, b: Broken) {
+        self.diags
+            .push(broken_at(&t.key_path(key), t.span_of(key), b));
     }
 
     pub(crate) fn spec(&mut self, root: &Table) -> Spec {
@@ -374,8 +392,8 @@ impl Validator<'_> {
     /// A non-empty list of strings whose first element is the program.
     fn command(&mut self, t: &Table, key: &str) -> Option<Vec<String>> {
         let list = t.list(key)?;
-        if list.first().is_none_or(|(p, _)| p.is_empty()) {
-            self.error(t, key, format!("`{key}` must name a program"));
+        if let Err(b) = rules::command(key, list.iter().map(|(s, _)| s.as_str())) {
+            self.broken(t, key, b);
             return None;
         }
         Some(list.iter().map(|(s, _)| s.clone()).collect())
@@ -384,30 +402,9 @@ impl Validator<'_> {
     fn env(&mut self, t: &Table, key: &str, port_reserved: bool) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for (k, v, span) in t.map(key) {
-            let valid = k
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            let path = format!("{}.{k}", t.key_path(key));
-            if !valid {
-                self.diags.push(
-                    Diagnostic::new(
-                        &path,
-                        Some(span.clone()),
-                        format!("invalid environment variable name {k:?}"),
-                    )
-                    .with_hint("use letters, digits and `_`, not starting with a digit"),
-                );
-            } else if port_reserved && k == "PORT" {
-                self.diags.push(
-                    Diagnostic::new(
-                        &path,
-                        Some(span.clone()),
-                        "`PORT` is set by kiln for each instance".to_owned(),
-                    )
-                    .with_hint("set [service] port instead"),
-                );
+            if let Err(b) = rules::env_var(k, v, port_reserved) {
+                let path = format!("{}.{k}", t.key_path(key));
+                self.diags.push(broken_at(&path, span.clone(), b));
             }
             out.insert(k.clone(), v.clone());
         }
@@ -415,25 +412,14 @@ impl Validator<'_> {
     }
 
     fn service(&mut self, t: &Table) -> ServiceSpec {
-        let mut writable = Vec::new();
-        for (w, span) in t.list("writable").unwrap_or_default() {
-            match normalised_absolute(w) {
-                Some(n) if n != "/" => {
-                    if writable.contains(&n) {
-                        self.diags.push(Diagnostic::new(&t.key_path("writable"), Some(span.clone()), format!("{w:?} is listed twice")));
-                    }
-                    writable.push(n);
-                }
-                Some(_) => self.diags.push(
-                    Diagnostic::new(&t.key_path("writable"), Some(span.clone()), "the root `/` cannot be writable".to_owned())
-                        .with_hint("list the directories the app writes to, e.g. \"/tmp\""),
-                ),
-                None => self.diags.push(
-                    Diagnostic::new(&t.key_path("writable"), Some(span.clone()), format!("writable path {w:?} must be absolute and normalised"))
-                        .with_hint("e.g. \"/tmp\" or \"/var/cache/app\"; no `.` or `..` parts, no trailing `/`"),
-                ),
+        let listed = t.list("writable").unwrap_or_default();
+        for (i, b) in rules::writable(listed.iter().map(|(w, _)| w.as_str())) {
+            if let Some((_, span)) = listed.get(i) {
+                self.diags
+                    .push(broken_at(&t.key_path("writable"), span.clone(), b));
             }
         }
+        let writable = listed.iter().map(|(w, _)| w.clone()).collect();
         ServiceSpec {
             port: t
                 .int("port")
@@ -461,13 +447,9 @@ impl Validator<'_> {
 
     fn health(&mut self, t: &Table) -> HealthCheck {
         if let Some((p, _)) = t.str("path")
-            && !p.starts_with('/')
+            && let Err(b) = rules::health_path(p)
         {
-            self.error(
-                t,
-                "path",
-                format!("health `path` must start with `/`, got {p:?}"),
-            );
+            self.broken(t, "path", b);
         }
         let interval = t.duration("interval").unwrap_or(Duration::from_secs(1));
         let timeout = t.duration("timeout").unwrap_or(Duration::from_secs(1));
@@ -501,31 +483,15 @@ impl Validator<'_> {
             Some(("manual", _)) => Promote::Manual,
             _ => Promote::Auto,
         };
-        let canary_only = ["steps", "analysis"];
-        if strategy_name != "canary" {
-            for key in canary_only {
-                if t.written(key) {
-                    self.error(t, key, format!("`{key}` only applies to the canary strategy, but strategy is {strategy_name:?}"))
-                        .hint = Some("remove it, or set strategy = \"canary\"".to_string());
-                }
-            }
-        }
-        if strategy_name == "rolling" && t.written("promote") {
-            self.error(
-                t,
-                "promote",
-                "`promote` only applies to blue-green and canary".to_owned(),
-            )
-            .hint = Some("a rolling update advances as instances become healthy".to_owned());
+        for (key, b) in rules::strategy_keys(strategy_name, |key| t.written(key)) {
+            self.broken(t, key, b);
         }
         let max_surge = self.count(t, "max_surge", CountOrPercent::Count(1));
         let max_unavailable = self.count(t, "max_unavailable", CountOrPercent::Count(0));
-        if strategy_name == "rolling"
-            && max_surge.resolve(service.replicas, true) == 0
-            && max_unavailable.resolve(service.replicas, false) == 0
+        if let Err(b) =
+            rules::rolling_progress(strategy_name, max_surge, max_unavailable, service.replicas)
         {
-            self.error(t, "max_surge", "`max_surge` and `max_unavailable` are both 0, so a rolling update could never make progress".to_owned())
-                .hint = Some("allow at least one: max_surge = 1".to_owned());
+            self.broken(t, "max_surge", b);
         }
         let strategy = match strategy_name {
             "blue-green" => Strategy::BlueGreen { promote },
@@ -566,13 +532,8 @@ impl Validator<'_> {
 
     fn steps(&mut self, t: &Table) -> Vec<CanaryStep> {
         let tables = t.tables("steps");
-        if tables.is_empty() {
-            self.error(
-                t,
-                "steps",
-                "the canary strategy needs at least one [[deploy.steps]]".to_owned(),
-            )
-            .hint = Some("e.g. steps of weight 10, 50 and 100".to_owned());
+        if let Err(b) = rules::canary_has_steps(tables.len()) {
+            self.broken(t, "steps", b);
             return Vec::new();
         }
         let mut steps = Vec::new();
@@ -582,13 +543,9 @@ impl Validator<'_> {
                 continue;
             };
             if let Some(p) = previous
-                && weight <= p
+                && let Err(b) = rules::canary_weight_follows(p, weight)
             {
-                self.error(
-                    s,
-                    "weight",
-                    format!("canary weights must strictly increase, but {weight} follows {p}"),
-                );
+                self.broken(s, "weight", b);
             }
             previous = Some(weight);
             steps.push(CanaryStep {
@@ -597,14 +554,9 @@ impl Validator<'_> {
             });
         }
         if let (Some(last), Some(last_table)) = (previous, tables.last())
-            && last != 100
+            && let Err(b) = rules::canary_last_weight(last)
         {
-            self.error(
-                last_table,
-                "weight",
-                format!("canary steps must end at weight 100, but the last step is {last}"),
-            )
-            .hint = Some("add a final [[deploy.steps]] with weight = 100".to_owned());
+            self.broken(last_table, "weight", b);
         }
         steps
     }
@@ -633,16 +585,8 @@ impl Validator<'_> {
         let compatible_from = match t.int("compatible_from") {
             Some(c) => {
                 let c = to_u32(Some(c), 0);
-                if c > schema {
-                    self.error(
-                        t,
-                        "compatible_from",
-                        format!("`compatible_from` ({c}) is newer than `schema` ({schema})"),
-                    )
-                    .hint = Some(
-                        "a release cannot need a schema newer than the one it migrates to"
-                            .to_owned(),
-                    );
+                if let Err(b) = rules::compatible_from(c, schema) {
+                    self.broken(t, "compatible_from", b);
                 }
                 c
             }
@@ -670,19 +614,11 @@ impl Validator<'_> {
         };
         let mut hosts = Vec::new();
         for (h, span) in t.list("hosts").unwrap_or_default() {
-            if valid_host(h) {
-                hosts.push(h.to_ascii_lowercase());
-            } else {
-                self.diags.push(
-                    Diagnostic::new(
-                        &t.key_path("hosts"),
-                        Some(span.clone()),
-                        format!("invalid host name {h:?}"),
-                    )
-                    .with_hint(
-                        "a DNS name such as \"app.example.com\", without scheme, port or path",
-                    ),
-                );
+            match rules::host(h) {
+                Ok(()) => hosts.push(h.to_ascii_lowercase()),
+                Err(b) => self
+                    .diags
+                    .push(broken_at(&t.key_path("hosts"), span.clone(), b)),
             }
         }
         let tls = t.table("tls").map(|tls| {
@@ -716,29 +652,23 @@ impl Validator<'_> {
                 .unwrap_or(Duration::from_secs(60)),
             max_body_size: t.size("max_body_size"),
             max_header_size: match t.size("max_header_size") {
-                Some(n) if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&n) => {
-                    self.error(
-                        t,
-                        "max_header_size",
-                        format!("must be between 8KiB and 1MiB, got {n} bytes"),
-                    );
-                    DEFAULT_HEADER_SIZE
-                }
-                Some(n) => n,
+                Some(n) => match rules::header_size(n) {
+                    Ok(()) => n,
+                    Err(b) => {
+                        self.broken(t, "max_header_size", b);
+                        DEFAULT_HEADER_SIZE
+                    }
+                },
                 None => DEFAULT_HEADER_SIZE,
             },
             preview_header: match t.str("preview_header") {
-                Some((h, _))
-                    if h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                        && !h.is_empty() =>
-                {
-                    Some(h.to_ascii_lowercase())
-                }
-                Some((h, _)) => {
-                    self.error(t, "preview_header", format!("invalid header name {h:?}"))
-                        .hint = Some("letters, digits and `-`, e.g. \"X-Kiln-Release\"".to_owned());
-                    None
-                }
+                Some((h, _)) => match rules::preview_header(h) {
+                    Ok(()) => Some(h.to_ascii_lowercase()),
+                    Err(b) => {
+                        self.broken(t, "preview_header", b);
+                        None
+                    }
+                },
                 None => None,
             },
         }
@@ -749,18 +679,12 @@ impl Validator<'_> {
             Some(("docker", _)) => ProviderKind::Docker,
             _ => ProviderKind::Local,
         };
-        for key in ["docker_host", "exec"] {
-            if provider == ProviderKind::Local && t.written(key) {
-                self.error(
-                    t,
-                    key,
-                    format!("`{key}` only applies to provider = \"docker\""),
-                );
-            }
+        for (key, b) in rules::target_keys(provider, |key| t.written(key)) {
+            self.broken(t, key, b);
         }
         let runtime = t.string("runtime").unwrap_or_else(|| "runc".to_owned());
-        if runtime.is_empty() {
-            self.error(t, "runtime", "`runtime` must name a program".to_owned());
+        if let Err(b) = rules::runtime(&runtime) {
+            self.broken(t, "runtime", b);
         }
         TargetSpec {
             provider,
@@ -795,32 +719,6 @@ fn parse_user(s: &str) -> Option<UserSpec> {
     }
 }
 
-/// `Some(path)` when `p` is absolute and already normalised (no `.`, `..`, `//` or trailing
-/// `/`, except the root itself).
-pub fn normalised_absolute(p: &str) -> Option<String> {
-    if p == "/" {
-        return Some("/".to_owned());
-    }
-    let rest = p.strip_prefix('/')?;
-    let ok = rest
-        .split('/')
-        .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains('\0'));
-    ok.then(|| p.to_owned())
-}
-
-fn valid_host(h: &str) -> bool {
-    let h = h.strip_prefix("*.").unwrap_or(h);
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
 /// `PATH[:TAG|@sha256:HEX]` → (path, reference).
 fn split_oci_reference(rest: &str) -> Result<(&str, Option<OciReference>), String> {
     if let Some((path, digest)) = rest.rsplit_once('@') {
@@ -848,16 +746,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalised_paths() {
-        for ok in ["/", "/tmp", "/var/cache/app"] {
-            assert_eq!(normalised_absolute(ok).as_deref(), Some(ok));
-        }
-        for bad in ["tmp", "/tmp/", "/a//b", "/a/./b", "/a/../b", ""] {
-            assert_eq!(normalised_absolute(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn oci_references() {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(
@@ -870,15 +758,6 @@ mod tests {
         );
         assert_eq!(split_oci_reference("dir/img"), Ok(("dir/img", None)));
         assert!(split_oci_reference("img@sha256:abc").is_err());
-    }
-
-    #[test]
-    fn hosts() {
-        assert!(valid_host("app.example.com"));
-        assert!(valid_host("*.example.com"));
-        assert!(!valid_host("http://x"));
-        assert!(!valid_host("a..b"));
-        assert!(!valid_host("x:80"));
     }
 
     #[test]

@@ -1,0 +1,459 @@
+//! The rules a value must keep, as small functions of the value alone.
+//!
+//! The spec's two passes call them for `kiln.toml`, and `kiln_control`'s
+//! `ReleaseConfig::validate` calls them for a release configuration that arrives through the
+//! API or from the ledger instead, so the two can never disagree on what is allowed. A rule
+//! says what is wrong ([`Broken::message`], naming the value) and, for someone editing
+//! `kiln.toml`, what to write instead ([`Broken::hint`]); the caller says where.
+//!
+//! **API boundary:** no I/O, no spans, no key paths: where a value is belongs to the caller.
+//! Rules that need a fact only the spec file has (was a key written, does a file exist) stay
+//! in [`crate::validate`].
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::types::{CountOrPercent, ProviderKind};
+
+/// A rule a value breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    /// What is wrong: lowercase, no trailing period.
+    pub message: String,
+    /// What to write in `kiln.toml` instead, when there is something useful to say.
+    pub hint: Option<&'static str>,
+}
+
+impl Broken {
+    fn new(message: impl Into<String>) -> Broken {
+        Broken {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn hint(mut self, hint: &'static str) -> Broken {
+        self.hint = Some(hint);
+        self
+    }
+}
+
+impl fmt::Display for Broken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The inclusive range a whole-number key must be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Smallest allowed value.
+    pub min: i64,
+    /// Largest allowed value.
+    pub max: i64,
+}
+
+impl Bounds {
+    /// Whether `n` is in range. Takes any integer type the value may be stored as.
+    pub fn check(self, n: impl Into<i128>) -> Result<(), Broken> {
+        let n = n.into();
+        if (i128::from(self.min)..=i128::from(self.max)).contains(&n) {
+            Ok(())
+        } else {
+            Err(Broken::new(format!(
+                "must be between {} and {}, got {n}",
+                self.min, self.max
+            )))
+        }
+    }
+}
+
+/// `[service] port`.
+pub const PORT: Bounds = Bounds { min: 1, max: 65535 };
+/// `[service] replicas`: more than a thousand instances of one app is a typo, not a plan.
+pub const REPLICAS: Bounds = Bounds { min: 1, max: 1000 };
+/// `[service.health] healthy_threshold` and `unhealthy_threshold`.
+pub const HEALTH_THRESHOLD: Bounds = Bounds { min: 1, max: 100 };
+/// `[[deploy.steps]] weight`, a percentage of traffic.
+pub const CANARY_WEIGHT: Bounds = Bounds { min: 1, max: 100 };
+/// `[deploy.analysis] min_requests`.
+pub const MIN_REQUESTS: Bounds = Bounds {
+    min: 1,
+    max: 1_000_000_000,
+};
+/// `[deploy.migrate] schema` and `compatible_from`.
+pub const SCHEMA_VERSION: Bounds = Bounds {
+    min: 0,
+    max: 1_000_000,
+};
+
+/// A duration key: zero would mean "never wait" or "never finish", so it is always a mistake.
+pub fn duration(d: Duration) -> Result<(), Broken> {
+    if d.is_zero() {
+        Err(Broken::new("must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A size in bytes (`memory`, `max_body_size`), given as whatever integer type holds it.
+pub fn size(n: impl Into<i128>) -> Result<(), Broken> {
+    let n = n.into();
+    if n > 0 {
+        Ok(())
+    } else {
+        Err(Broken::new(format!("must be greater than zero, got {n}")))
+    }
+}
+
+/// A number that must be greater than zero and finite (`cpus`).
+pub fn positive(n: f64) -> Result<(), Broken> {
+    if n > 0.0 && n.is_finite() {
+        Ok(())
+    } else {
+        Err(Broken::new(format!("must be greater than 0, got {n}")))
+    }
+}
+
+/// A fraction (`max_error_rate`).
+pub fn ratio(r: f64) -> Result<(), Broken> {
+    if (0.0..=1.0).contains(&r) {
+        Ok(())
+    } else {
+        Err(Broken::new("must be between 0 and 1"))
+    }
+}
+
+/// The smallest and largest `[route] max_header_size`: the router parses no head in less,
+/// and a head of more than a mebibyte is an attack, not a request.
+pub const MIN_HEADER_SIZE: u64 = 8 * 1024;
+/// See [`MIN_HEADER_SIZE`].
+pub const MAX_HEADER_SIZE: u64 = 1024 * 1024;
+
+/// `[route] max_header_size`, in bytes.
+pub fn header_size(n: u64) -> Result<(), Broken> {
+    if (MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&n) {
+        Ok(())
+    } else {
+        Err(Broken::new(format!(
+            "must be between 8KiB and 1MiB, got {n} bytes"
+        )))
+    }
+}
+
+/// One environment variable of an instance (`port_reserved`) or of the image.
+///
+/// A process's environment cannot carry a NUL byte: the runtime would refuse the instance
+/// long after the release was accepted.
+pub fn env_var(name: &str, value: &str, port_reserved: bool) -> Result<(), Broken> {
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(
+            Broken::new(format!("invalid environment variable name {name:?}"))
+                .hint("use letters, digits and `_`, not starting with a digit"),
+        );
+    }
+    if port_reserved && name == "PORT" {
+        return Err(Broken::new("`PORT` is set by kiln for each instance")
+            .hint("set [service] port instead"));
+    }
+    if value.contains('\0') {
+        return Err(
+            Broken::new(format!("the value of {name} contains a NUL byte"))
+                .hint("a process's environment cannot carry NUL; remove it"),
+        );
+    }
+    Ok(())
+}
+
+/// A command line (`key` names it in the message): a program, then its arguments, none of
+/// them holding a NUL byte, which no `execve` can pass.
+pub fn command<'a>(key: &str, args: impl IntoIterator<Item = &'a str>) -> Result<(), Broken> {
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_none_or(|program| program.is_empty()) {
+        return Err(Broken::new(format!("`{key}` must name a program")));
+    }
+    if args.any(|a| a.contains('\0')) {
+        return Err(Broken::new(format!("`{key}` contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// `[target] runtime`: the OCI runtime's program name.
+pub fn runtime(runtime: &str) -> Result<(), Broken> {
+    command("runtime", [runtime])
+}
+
+/// `[service.health] path`: it becomes the target of an HTTP request line.
+pub fn health_path(path: &str) -> Result<(), Broken> {
+    if !path.starts_with('/') {
+        return Err(Broken::new(format!(
+            "health `path` must start with `/`, got {path:?}"
+        )));
+    }
+    if path.contains('\0') {
+        return Err(Broken::new(format!(
+            "health `path` must not contain a NUL byte, got {path:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// `[service] writable`: each problem with the index of the path it is about.
+pub fn writable<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<(usize, Broken)> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut problems = Vec::new();
+    for (i, w) in paths.into_iter().enumerate() {
+        match normalised_absolute(w) {
+            Some(n) if n != "/" => {
+                if seen.contains(&w) {
+                    problems.push((i, Broken::new(format!("{w:?} is listed twice"))));
+                }
+                seen.push(w);
+            }
+            Some(_) => problems.push((
+                i,
+                Broken::new("the root `/` cannot be writable")
+                    .hint("list the directories the app writes to, e.g. \"/tmp\""),
+            )),
+            None => problems.push((
+                i,
+                Broken::new(format!(
+                    "writable path {w:?} must be absolute and normalised"
+                ))
+                .hint("e.g. \"/tmp\" or \"/var/cache/app\"; no `.` or `..` parts, no trailing `/`"),
+            )),
+        }
+    }
+    problems
+}
+
+/// `Some(path)` when `p` is absolute and already normalised (no `.`, `..`, `//` or trailing
+/// `/`, except the root itself, and no NUL byte).
+pub fn normalised_absolute(p: &str) -> Option<String> {
+    if p == "/" {
+        return Some("/".to_owned());
+    }
+    let rest = p.strip_prefix('/')?;
+    let ok = rest
+        .split('/')
+        .all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains('\0'));
+    ok.then(|| p.to_owned())
+}
+
+/// Keys that only mean something with some strategies, given whether each was set: the
+/// canary's `steps` and `analysis`, and `promote`, which a rolling update has no use for.
+pub fn strategy_keys(strategy: &str, set: impl Fn(&str) -> bool) -> Vec<(&'static str, Broken)> {
+    let mut problems = Vec::new();
+    if strategy != "canary" {
+        for key in ["steps", "analysis"] {
+            if set(key) {
+                problems.push((
+                    key,
+                    Broken::new(format!(
+                        "`{key}` only applies to the canary strategy, but strategy is \
+                         {strategy:?}"
+                    ))
+                    .hint("remove it, or set strategy = \"canary\""),
+                ));
+            }
+        }
+    }
+    if strategy == "rolling" && set("promote") {
+        problems.push((
+            "promote",
+            Broken::new("`promote` only applies to blue-green and canary")
+                .hint("a rolling update advances as instances become healthy"),
+        ));
+    }
+    problems
+}
+
+/// A rolling update must be allowed to start or stop at least one instance at a time; the
+/// problem is about `max_surge`.
+pub fn rolling_progress(
+    strategy: &str,
+    max_surge: CountOrPercent,
+    max_unavailable: CountOrPercent,
+    replicas: u32,
+) -> Result<(), Broken> {
+    if strategy == "rolling"
+        && max_surge.resolve(replicas, true) == 0
+        && max_unavailable.resolve(replicas, false) == 0
+    {
+        return Err(Broken::new(
+            "`max_surge` and `max_unavailable` are both 0, so a rolling update could never make \
+             progress",
+        )
+        .hint("allow at least one: max_surge = 1"));
+    }
+    Ok(())
+}
+
+/// The canary strategy has at least one step (`count` of them).
+pub fn canary_has_steps(count: usize) -> Result<(), Broken> {
+    if count == 0 {
+        return Err(
+            Broken::new("the canary strategy needs at least one [[deploy.steps]]")
+                .hint("e.g. steps of weight 10, 50 and 100"),
+        );
+    }
+    Ok(())
+}
+
+/// A canary step's weight against the step before it: weights strictly increase.
+pub fn canary_weight_follows(previous: i64, weight: i64) -> Result<(), Broken> {
+    if weight <= previous {
+        return Err(Broken::new(format!(
+            "canary weights must strictly increase, but {weight} follows {previous}"
+        )));
+    }
+    Ok(())
+}
+
+/// The last canary step's weight: the canary ends with all the traffic.
+pub fn canary_last_weight(last: i64) -> Result<(), Broken> {
+    if last != 100 {
+        return Err(Broken::new(format!(
+            "canary steps must end at weight 100, but the last step is {last}"
+        ))
+        .hint("add a final [[deploy.steps]] with weight = 100"));
+    }
+    Ok(())
+}
+
+/// `[deploy.migrate] compatible_from` against `schema`.
+pub fn compatible_from(compatible_from: u32, schema: u32) -> Result<(), Broken> {
+    if compatible_from > schema {
+        return Err(Broken::new(format!(
+            "`compatible_from` ({compatible_from}) is newer than `schema` ({schema})"
+        ))
+        .hint("a release cannot need a schema newer than the one it migrates to"));
+    }
+    Ok(())
+}
+
+/// One `[route] hosts` entry: a DNS name, or `*.` and one.
+pub fn host(h: &str) -> Result<(), Broken> {
+    if valid_host(h) {
+        return Ok(());
+    }
+    Err(Broken::new(format!("invalid host name {h:?}"))
+        .hint("a DNS name such as \"app.example.com\", without scheme, port or path"))
+}
+
+fn valid_host(h: &str) -> bool {
+    let h = h.strip_prefix("*.").unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// `[route] preview_header`: an HTTP header name.
+pub fn preview_header(h: &str) -> Result<(), Broken> {
+    if !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Ok(());
+    }
+    Err(Broken::new(format!("invalid header name {h:?}"))
+        .hint("letters, digits and `-`, e.g. \"X-Kiln-Release\""))
+}
+
+/// Keys of `[target]` that only the docker provider reads, given whether each was set.
+pub fn target_keys(
+    provider: ProviderKind,
+    set: impl Fn(&str) -> bool,
+) -> Vec<(&'static str, Broken)> {
+    if provider == ProviderKind::Docker {
+        return Vec::new();
+    }
+    ["docker_host", "exec"]
+        .into_iter()
+        .filter(|key| set(key))
+        .map(|key| {
+            (
+                key,
+                Broken::new(format!("`{key}` only applies to provider = \"docker\"")),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalised_paths() {
+        for ok in ["/", "/tmp", "/var/cache/app"] {
+            assert_eq!(normalised_absolute(ok).as_deref(), Some(ok));
+        }
+        for bad in ["tmp", "/tmp/", "/a//b", "/a/./b", "/a/../b", "", "/a\0b"] {
+            assert_eq!(normalised_absolute(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        assert!(valid_host("app.example.com"));
+        assert!(valid_host("*.example.com"));
+        assert!(!valid_host("http://x"));
+        assert!(!valid_host("a..b"));
+        assert!(!valid_host("x:80"));
+        assert!(!valid_host("a\0b"));
+    }
+
+    #[test]
+    fn bounds_take_any_integer_type() {
+        assert_eq!(REPLICAS.check(1000_u32), Ok(()));
+        assert_eq!(
+            REPLICAS.check(1_000_000_u32).map_err(|b| b.message),
+            Err("must be between 1 and 1000, got 1000000".to_owned())
+        );
+        assert!(MIN_REQUESTS.check(u64::MAX).is_err());
+        assert!(PORT.check(0_u16).is_err());
+    }
+
+    #[test]
+    fn commands_name_a_program_and_hold_no_nul() {
+        assert_eq!(command("command", ["/bin/migrate", "--up"]), Ok(()));
+        for (args, want) in [
+            (&[][..], "`command` must name a program"),
+            (&[""][..], "`command` must name a program"),
+            (&["/bin/m", "a\0b"][..], "`command` contains a NUL byte"),
+        ] {
+            assert_eq!(
+                command("command", args.iter().copied()).map_err(|b| b.message),
+                Err(want.to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn writable_paths_report_each_problem_by_index() {
+        let got: Vec<(usize, String)> = writable(["/tmp", "tmp", "/", "/tmp"])
+            .into_iter()
+            .map(|(i, b)| (i, b.message))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    1,
+                    "writable path \"tmp\" must be absolute and normalised".to_owned()
+                ),
+                (2, "the root `/` cannot be writable".to_owned()),
+                (3, "\"/tmp\" is listed twice".to_owned()),
+            ]
+        );
+    }
+}
