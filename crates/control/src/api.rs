@@ -149,11 +149,17 @@ async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T,
     } else {
         bytes
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
+    // The error names the field (`config.target.provider: unknown variant …`).
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let why = e.into_inner();
+        let message = if field == "." {
+            format!("invalid request body: {why}")
+        } else {
+            format!("invalid request body: {field}: {why}")
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, message)
     })
 }
 

@@ -26,7 +26,12 @@ fn daemon(state: &Path) -> (Daemon, u16) {
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(
         state,
-        &["--api-listen", &addr, "--token-file", token.to_str().unwrap()],
+        &[
+            "--api-listen",
+            &addr,
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
     );
     (d, port)
 }
@@ -66,10 +71,18 @@ fn apply_body(listen_port: u16, extra: &str) -> Value {
 }
 
 fn refused(port: u16, app: &str, body: &Value, naming: &str) {
-    let (status, answer) = call(port, "POST", &format!("/v1/apps/{app}/releases"), Some(body));
+    let (status, answer) = call(
+        port,
+        "POST",
+        &format!("/v1/apps/{app}/releases"),
+        Some(body),
+    );
     let message = answer["error"].as_str().unwrap_or_default();
     assert_eq!(status, 400, "{answer}");
-    assert!(message.contains(naming), "{message:?} does not name {naming:?}");
+    assert!(
+        message.contains(naming),
+        "{message:?} does not name {naming:?}"
+    );
 }
 
 #[test]
@@ -130,7 +143,12 @@ fn create_events(port: u16) -> Vec<Value> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"].as_str().unwrap_or("").starts_with("instance.create"))
+        .filter(|e| {
+            e["kind"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("instance.create")
+        })
         .cloned()
         .collect()
 }
@@ -140,12 +158,10 @@ fn an_unreachable_docker_engine_gives_a_bounded_number_of_events_and_the_api_ans
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (_daemon, port) = daemon(&state);
-    let mut body = apply_body(
+    let body = apply_body(
         free_port(),
         "replicas = 2\n[target]\nprovider = \"docker\"\ndocker_host = \"tcp://127.0.0.1:1\"",
     );
-    // The TOML above puts [target] before [route]: rebuild it the way the CLI would.
-    body["config"]["target"]["provider"] = json!("docker");
     let (status, answer) = call(port, "POST", "/v1/apps/web/releases", Some(&body));
     assert_eq!(status, 200, "{answer}");
     // Every call answers while the provider fails (before backoff: ten events a second).
@@ -193,6 +209,7 @@ fn a_release_edited_in_the_ledger_is_reported_corrupt_by_name_not_deployed() {
     );
     let (status, answer) = call(port, "POST", "/v1/apps/web/releases", Some(&body));
     assert_eq!(status, 200, "{answer}");
+    let before = create_events(port).len();
     daemon.kill();
 
     // Someone edits the stored release behind kiln's back (dropping the trigger first).
@@ -223,8 +240,10 @@ fn a_release_edited_in_the_ledger_is_reported_corrupt_by_name_not_deployed() {
             .any(|e| e["kind"] == "release.corrupt"),
         "{events}"
     );
-    // Nothing was started from it.
-    assert!(create_events(port).iter().all(|e| e["data"]["release"] != 2));
+    // Nothing is started from it: read leniently, "elsewhere" used to mean the local
+    // provider, whose creates would be recorded here within a few ticks.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(create_events(port).len(), before);
     // `kiln down` clears it.
     kiln(&state).args(["down", "web"]).assert().success();
     let (_, apps) = call(port, "GET", "/v1/apps", None);
