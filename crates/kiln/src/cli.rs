@@ -34,13 +34,27 @@ pub struct Global {
     #[arg(long, global = true)]
     pub json: bool,
 
-    /// Print only errors
+    /// Print only errors (and log only errors)
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
 
-    /// Print more detail (repeat for even more)
+    /// Print more detail, and log more: each -v is one level (info, debug, trace)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// How log events are written to stderr: `human` lines, or one JSON object per line
+    ///
+    /// Logs go to stderr at warn level (info for `kiln serve`); -v and -q move that level, and
+    /// KILN_LOG sets it per crate (`kiln_proxy=debug,info`).
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Human,
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
 
     /// When to use colour (NO_COLOR in the environment means never, unless `always`)
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
@@ -56,6 +70,15 @@ pub enum ColorChoice {
     Always,
     /// Never colour
     Never,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Time, level, message and key=value fields; coloured as `--color` says
+    Human,
+    /// One JSON object per line: timestamp, level, message, fields and target
+    Json,
 }
 
 /// The commands.

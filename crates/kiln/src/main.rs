@@ -1,5 +1,6 @@
-//! `kiln`: the command-line entry point. It parses arguments, runs one command, prints the
-//! error chain once and maps the outcome to an exit code (0 ok, 1 failure, 2 usage).
+//! `kiln`: the command-line entry point. It parses arguments, installs the log subscriber, runs
+//! one command, prints the error chain once and maps the outcome to an exit code (0 ok,
+//! 1 failure, 2 usage).
 
 mod cli;
 mod cmd;
@@ -8,6 +9,7 @@ mod output;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tracing_subscriber::filter::LevelFilter;
 
 /// mimalloc rather than glibc's allocator, as in `kiln-router`: the daemon's router allocates
 /// a little per request, and mimalloc's thread-local free lists make that cheap.
@@ -17,11 +19,23 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let out = output::Output::new(&cli.global);
-    match cmd::run(cli, &out) {
+    match run(cli, &out) {
         Ok(code) => code,
         Err(e) => {
             out.error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Installs the log subscriber, then runs the command.
+fn run(cli: cli::Cli, out: &output::Output) -> anyhow::Result<ExitCode> {
+    // The daemon's log is its record of what it did, so it logs at info; other commands print
+    // their own progress and log only what went wrong.
+    let base = match cli.command {
+        cli::Command::Serve(_) => LevelFilter::INFO,
+        _ => LevelFilter::WARN,
+    };
+    out.install_logs(cli.global.log_format, base)?;
+    cmd::run(cli, out)
 }

@@ -1,9 +1,24 @@
 //! How commands talk to the person or program that ran them: data on stdout (text or JSON),
-//! progress and errors on stderr, colour only when wanted.
+//! progress, errors and log events on stderr, colour only when wanted. Nothing here ever
+//! writes a log event to stdout, so `--json` data stays a clean JSON document.
 
 use std::io::{IsTerminal, Write};
 
-use crate::cli::{ColorChoice, Global};
+use anyhow::Context;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::cli::{ColorChoice, Global, LogFormat};
+
+/// Log levels from quietest to loudest, for `-v` to step through.
+const LEVELS: [LevelFilter; 5] = [
+    LevelFilter::ERROR,
+    LevelFilter::WARN,
+    LevelFilter::INFO,
+    LevelFilter::DEBUG,
+    LevelFilter::TRACE,
+];
 
 /// The output settings of one run.
 pub struct Output {
@@ -31,6 +46,60 @@ impl Output {
             verbose: g.verbose,
             color,
         }
+    }
+
+    /// Installs the process's `tracing` subscriber, so events from every kiln crate (router,
+    /// runtime, control plane) reach stderr in `format`. `base` is the level with neither `-v`
+    /// nor `-q`; each `-v` is one level louder and `-q` is errors only. `KILN_LOG` (a list of
+    /// `target=level` and an optional bare level) sets levels per crate; its bare level, when
+    /// it has one, replaces the flags'. Call once, before the command runs.
+    pub fn install_logs(&self, format: LogFormat, base: LevelFilter) -> anyhow::Result<()> {
+        let level = if self.quiet {
+            LevelFilter::ERROR
+        } else {
+            let base = LEVELS.iter().position(|l| *l == base).unwrap_or(1);
+            LEVELS[(base + usize::from(self.verbose)).min(LEVELS.len() - 1)]
+        };
+        let targets = match std::env::var("KILN_LOG") {
+            Ok(filter) if !filter.trim().is_empty() => filter
+                .parse::<Targets>()
+                .with_context(|| format!("KILN_LOG={filter:?} is not a log filter"))?,
+            _ => Targets::new(),
+        };
+        let targets = match targets.default_level() {
+            Some(_) => targets,
+            None => targets.with_default(level),
+        };
+        // The two formats are two optional layers rather than one boxed layer: a `None` layer
+        // costs nothing, and the subscriber keeps one concrete type.
+        let (human, json) = match format {
+            LogFormat::Human => (
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .compact()
+                        .with_target(false)
+                        .with_ansi(self.color)
+                        .with_writer(std::io::stderr),
+                ),
+                None,
+            ),
+            LogFormat::Json => (
+                None,
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_ansi(false)
+                        .with_writer(std::io::stderr),
+                ),
+            ),
+        };
+        tracing_subscriber::registry()
+            .with(targets)
+            .with(human)
+            .with(json)
+            .try_init()
+            .context("cannot install the log subscriber")
     }
 
     /// A line of human-readable result on stdout (suppressed by `-q`).

@@ -118,7 +118,7 @@ impl Daemon {
             }
             tokio::spawn(async move {
                 if let Err(e) = kiln_control::api::serve_unix(sock.clone(), c, stop).await {
-                    eprintln!("kiln: API on {}: {e}", sock.display());
+                    tracing::error!(socket = %sock.display(), error = %e, "API stopped");
                 }
             })
         };
@@ -128,7 +128,7 @@ impl Daemon {
             let stop = wait(stopped.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = kiln_control::api::serve_tcp(addr, token, c, stop).await {
-                    eprintln!("kiln: API on {addr}: {e}");
+                    tracing::error!(%addr, error = %e, "API stopped");
                 }
             }));
         }
