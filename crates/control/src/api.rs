@@ -79,7 +79,7 @@ impl From<ControlError> for ApiError {
 /// The one mapping from errors to responses.
 pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     let message = if e.status.is_server_error() && e.status != StatusCode::BAD_GATEWAY {
-        eprintln!("kiln: internal error: {}", e.message);
+        tracing::error!(status = %e.status, error = %e.message, "internal error");
         "internal error; the daemon's log has the details".to_owned()
     } else {
         e.message.clone()
@@ -191,55 +191,20 @@ async fn route(
     let method = req.method().clone();
     // An app name is checked at the door, for every operation that names one, so a bad
     // name is a 400 naming it rather than a 404 or a ledger error.
-    if let ["v1", "apps", app, ..] = parts.as_slice() {
-        crate::gate::check_app_name(app)?;
-    }
     if let Some(app) = query(&req, "app") {
         crate::gate::check_app_name(&app)?;
     }
     match (&method, parts.as_slice()) {
+        (_, ["v1", "apps", app, rest @ ..]) => {
+            crate::gate::check_app_name(app)?;
+            let app = (*app).to_owned();
+            let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
+            app_operation(&c, req, &app, &rest).await
+        }
         (&Method::GET, ["v1", "health"]) => {
             ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
         }
         (&Method::GET, ["v1", "apps"]) => ok(json!(c.app_names().await)),
-        (&Method::GET, ["v1", "apps", app]) => ok(to_json(&c.status(app).await?)?),
-        (&Method::DELETE, ["v1", "apps", app]) => {
-            let who = actor(query(&req, "actor"));
-            let n = c.down(app, &who).await?;
-            ok(json!({"app": app, "instances_destroyed": n}))
-        }
-        (&Method::GET, ["v1", "apps", app, "releases"]) => ok(to_json(&c.releases(app)?)?),
-        (&Method::POST, ["v1", "apps", app, "releases"]) => {
-            let app = (*app).to_owned();
-            let r: ApplyRequest = body(req).await?;
-            ok(to_json(&c.apply(&app, r).await?)?)
-        }
-        (&Method::POST, ["v1", "apps", app, "rollback"]) => {
-            let app = (*app).to_owned();
-            let b: RollbackBody = body(req).await?;
-            ok(to_json(
-                &c.rollback(&app, b.to, b.force, &actor(b.actor)).await?,
-            )?)
-        }
-        (&Method::POST, ["v1", "apps", app, "promote"]) => {
-            let app = (*app).to_owned();
-            let b: ActorBody = body(req).await?;
-            c.promote(&app, &actor(b.actor)).await?;
-            ok(json!({"app": app, "promote": "requested"}))
-        }
-        (&Method::POST, ["v1", "apps", app, "abort"]) => {
-            let app = (*app).to_owned();
-            let b: ActorBody = body(req).await?;
-            c.abort(&app, &actor(b.actor)).await?;
-            ok(json!({"app": app, "abort": "requested"}))
-        }
-        (&Method::POST, ["v1", "apps", app, "scale"]) => {
-            let app = (*app).to_owned();
-            let b: ScaleBody = body(req).await?;
-            c.scale(&app, b.replicas, &actor(b.actor)).await?;
-            ok(json!({"app": app, "replicas": b.replicas}))
-        }
-        (&Method::GET, ["v1", "apps", app, "instances"]) => ok(json!(c.instances(app).await?)),
         (&Method::GET, ["v1", "instances", id, "logs"]) => {
             let from = query(&req, "from")
                 .and_then(|f| f.parse().ok())
@@ -268,20 +233,69 @@ async fn route(
             );
             Ok(r)
         }
-        _ => {
-            let known = ROUTES.iter().any(|(_, p)| matches_pattern(p, &parts));
-            if known {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    format!("{method} is not allowed on {path}"),
-                ))
-            } else {
-                Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("no API operation at {path}"),
-                ))
-            }
+        _ => Err(unknown(&method, &path, &parts)),
+    }
+}
+
+/// The operations on one app: `/v1/apps/{app}/…`.
+async fn app_operation(
+    c: &Controller,
+    req: Request<Incoming>,
+    app: &str,
+    rest: &[String],
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let method = req.method().clone();
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    match (&method, rest.as_slice()) {
+        (&Method::GET, []) => ok(to_json(&c.status(app).await?)?),
+        (&Method::DELETE, []) => {
+            let who = actor(query(&req, "actor"));
+            let n = c.down(app, &who).await?;
+            ok(json!({"app": app, "instances_destroyed": n}))
         }
+        (&Method::GET, ["releases"]) => ok(to_json(&c.releases(app)?)?),
+        (&Method::POST, ["releases"]) => {
+            let r: ApplyRequest = body(req).await?;
+            ok(to_json(&c.apply(app, r).await?)?)
+        }
+        (&Method::POST, ["rollback"]) => {
+            let b: RollbackBody = body(req).await?;
+            let outcome = c.rollback(app, b.to, b.force, &actor(b.actor)).await?;
+            ok(to_json(&outcome)?)
+        }
+        (&Method::POST, ["promote"]) => {
+            let b: ActorBody = body(req).await?;
+            c.promote(app, &actor(b.actor)).await?;
+            ok(json!({"app": app, "promote": "requested"}))
+        }
+        (&Method::POST, ["abort"]) => {
+            let b: ActorBody = body(req).await?;
+            c.abort(app, &actor(b.actor)).await?;
+            ok(json!({"app": app, "abort": "requested"}))
+        }
+        (&Method::POST, ["scale"]) => {
+            let b: ScaleBody = body(req).await?;
+            c.scale(app, b.replicas, &actor(b.actor)).await?;
+            ok(json!({"app": app, "replicas": b.replicas}))
+        }
+        (&Method::GET, ["instances"]) => ok(json!(c.instances(app).await?)),
+        _ => {
+            let path = req.uri().path().to_owned();
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            Err(unknown(&method, &path, &parts))
+        }
+    }
+}
+
+/// 405 for a known path with another method, 404 for no operation at all.
+fn unknown(method: &Method, path: &str, parts: &[&str]) -> ApiError {
+    if ROUTES.iter().any(|(_, p)| matches_pattern(p, parts)) {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        )
+    } else {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no API operation at {path}"))
     }
 }
 

@@ -737,37 +737,7 @@ impl DeployConfig {
             rules::rolling_progress(strategy, self.max_surge.0, self.max_unavailable.0, replicas),
         );
         if self.strategy == StrategyName::Canary {
-            p.check("deploy.steps", rules::canary_has_steps(self.steps.len()));
-            let mut previous = None;
-            for (i, step) in self.steps.iter().enumerate() {
-                let weight = i64::from(step.weight);
-                let field = format!("deploy.steps[{i}].weight");
-                p.check(&field, rules::CANARY_WEIGHT.check(weight));
-                if let Some((_, before)) = previous {
-                    p.check(&field, rules::canary_weight_follows(before, weight));
-                }
-                previous = Some((i, weight));
-                if let Some(ms) = step.pause_ms {
-                    p.duration(&format!("deploy.steps[{i}].pause_ms"), ms);
-                }
-            }
-            if let Some((i, last)) = previous {
-                let field = format!("deploy.steps[{i}].weight");
-                p.check(&field, rules::canary_last_weight(last));
-            }
-            if let Some(a) = &self.analysis {
-                p.check(
-                    "deploy.analysis.max_error_rate",
-                    rules::ratio(a.max_error_rate),
-                );
-                if let Some(ms) = a.max_p99_ms {
-                    p.duration("deploy.analysis.max_p99_ms", ms);
-                }
-                p.check(
-                    "deploy.analysis.min_requests",
-                    rules::MIN_REQUESTS.check(a.min_requests),
-                );
-            }
+            self.validate_canary(p);
         }
         p.duration("deploy.progress_deadline_ms", self.progress_deadline_ms);
         p.duration("deploy.keep_previous_ms", self.keep_previous_ms);
@@ -785,6 +755,43 @@ impl DeployConfig {
                 rules::SCHEMA_VERSION
                     .check(m.compatible_from)
                     .and_then(|()| rules::compatible_from(m.compatible_from, m.schema)),
+            );
+        }
+    }
+}
+
+impl DeployConfig {
+    /// Canary steps and analysis.
+    fn validate_canary(&self, p: &mut Problems) {
+        p.check("deploy.steps", rules::canary_has_steps(self.steps.len()));
+        let mut previous = None;
+        for (i, step) in self.steps.iter().enumerate() {
+            let weight = i64::from(step.weight);
+            let field = format!("deploy.steps[{i}].weight");
+            p.check(&field, rules::CANARY_WEIGHT.check(weight));
+            if let Some((_, before)) = previous {
+                p.check(&field, rules::canary_weight_follows(before, weight));
+            }
+            previous = Some((i, weight));
+            if let Some(ms) = step.pause_ms {
+                p.duration(&format!("deploy.steps[{i}].pause_ms"), ms);
+            }
+        }
+        if let Some((i, last)) = previous {
+            let field = format!("deploy.steps[{i}].weight");
+            p.check(&field, rules::canary_last_weight(last));
+        }
+        if let Some(a) = &self.analysis {
+            p.check(
+                "deploy.analysis.max_error_rate",
+                rules::ratio(a.max_error_rate),
+            );
+            if let Some(ms) = a.max_p99_ms {
+                p.duration("deploy.analysis.max_p99_ms", ms);
+            }
+            p.check(
+                "deploy.analysis.min_requests",
+                rules::MIN_REQUESTS.check(a.min_requests),
             );
         }
     }

@@ -159,10 +159,10 @@ fn drifted_and_killed_instances_are_replaced() {
         .stdout
         .clone();
     let history = String::from_utf8(history).unwrap();
-    assert!(
-        history.contains("drift.detected") && history.contains("/evil"),
-        "{history}"
-    );
+    let drift_line = history
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some("drift.detected"));
+    assert!(drift_line.is_some_and(|l| l.contains("/evil")), "{history}");
     kiln(&state)
         .args(["drift", "web"])
         .assert()
@@ -185,6 +185,25 @@ fn drifted_and_killed_instances_are_replaced() {
         r.len() == 2 && !r.contains(&victim)
     });
     eprintln!("killed instance replaced in {took:?}");
+    // One event for it, naming the signal.
+    let about: Vec<serde_json::Value> = common::history(&state)
+        .into_iter()
+        .filter(|e| e["data"]["instance"] == victim.as_str())
+        .filter(|e| e["kind"] != "instance.created")
+        .collect();
+    assert_eq!(about.len(), 1, "{about:#?}");
+    assert_eq!(about[0]["kind"], "instance.replaced");
+    assert_eq!(
+        about[0]["data"]["cause"],
+        serde_json::json!({"cause": "exited", "code": 137})
+    );
+    kiln(&state)
+        .args(["history", "web"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains(format!(
+            "{victim} killed by signal 9 (SIGKILL)"
+        )));
 }
 
 #[test]
@@ -437,7 +456,11 @@ fn relative_state_dir_does_not_look_like_drift() {
     let history = String::from_utf8(history.stdout).unwrap();
     let _ = daemon.kill();
     let _ = daemon.wait();
-    assert!(!history.contains("drift.detected"), "{history}");
+    let kinds: Vec<&str> = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert!(!kinds.contains(&"drift.detected"), "{history}");
     assert_eq!(before, after, "instances were replaced");
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Args;
-use kiln_runtime::health::http_get_status;
 use kiln_control::oneshot::{Finished, output_tail, run_once};
+use kiln_runtime::health::http_get_status;
 use kiln_runtime::{Engines, InstanceSpec, InstanceState, Provider};
 use serde_json::json;
 
@@ -180,9 +180,15 @@ async fn command_test(
 ) -> anyhow::Result<TestResult> {
     let mut stop = None;
     let interrupt = async { stop = Some(signals.recv().await) };
-    let one = run_once(provider.as_ref(), instance, deadline, OUTPUT_TAIL, interrupt)
-        .await
-        .context("cannot run the test command")?;
+    let one = run_once(
+        provider.as_ref(),
+        instance,
+        deadline,
+        OUTPUT_TAIL,
+        interrupt,
+    )
+    .await
+    .context("cannot run the test command")?;
     if let Some(stop) = stop {
         return Err(Interrupted(stop).into());
     }
