@@ -19,31 +19,16 @@ use kiln_deploy::{Goal, Phase, RolloutState, RouteTarget};
 use kiln_ledger::{Event, Ledger, NewRelease};
 use kiln_proxy::{RouteTable, WorkersConfig};
 use kiln_runtime::{Digest, InstanceId, Observation, Provider};
-use serde::{Deserialize, Serialize};
 
 use crate::app::{AppCtl, router_app};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ReleaseConfig;
+use crate::doc::AppDoc;
 use crate::dto::{ApplyRequest, LiveSchema};
 use crate::error::{ControlError, Result};
 use crate::executor::Executor;
 use crate::gate::Attestations;
 use crate::listeners::Listeners;
-
-/// The per-app document kept in the ledger's rollout table (a storage format).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct AppDoc {
-    release: u64,
-    stable: Option<u64>,
-    replicas: u32,
-    state: RolloutState,
-    /// The database schema the last successful migration left.
-    #[serde(default)]
-    schema: Option<LiveSchema>,
-    /// The releases that became live, oldest first (absent in documents written before).
-    #[serde(default)]
-    history: Vec<u64>,
-}
 
 /// What the controller needs to start.
 pub struct ControllerConfig {
@@ -168,7 +153,7 @@ impl Controller {
             listen: config.route.listen,
             goal,
             image,
-            state: doc.state,
+            state: doc.state.into(),
             history: doc.history,
             route: RouteTarget::default(),
             schema: doc.schema.map(LiveSchema::into_domain),
@@ -351,14 +336,7 @@ impl Controller {
         schema: Option<kiln_deploy::LiveSchema>,
         history: &[u64],
     ) -> Result<()> {
-        let doc = AppDoc {
-            release: goal.release,
-            stable: goal.stable,
-            replicas: goal.replicas,
-            state: state.clone(),
-            schema: schema.map(LiveSchema::from_domain),
-            history: history.to_vec(),
-        };
+        let doc = AppDoc::new(goal, state, schema, history);
         let value = serde_json::to_value(&doc).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let now = self.exec.clock.now_ms();
         self.exec.ledger().put_rollout(app, &value, now)?;

@@ -15,7 +15,6 @@ use std::fmt;
 use std::time::Duration;
 
 use kiln_spec::Analysis;
-use serde::{Deserialize, Serialize};
 
 /// A canary p99 may exceed stable's by this factor (plus [`P99_TOLERANCE_MS`]).
 pub const P99_TOLERANCE_RATIO: f64 = 1.5;
@@ -23,7 +22,7 @@ pub const P99_TOLERANCE_RATIO: f64 = 1.5;
 pub const P99_TOLERANCE_MS: f64 = 50.0;
 
 /// What the router measured for one release over a window.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
     /// Requests that completed.
     pub requests: u64,
@@ -45,7 +44,7 @@ impl Window {
 }
 
 /// The measurements a step is judged on.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepMetrics {
     /// The canary release.
     pub canary: Window,
@@ -54,8 +53,7 @@ pub struct StepMetrics {
 }
 
 /// The outcome of judging one step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "verdict", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Every check passed.
     Pass {

@@ -15,7 +15,6 @@ use std::fmt;
 use std::time::Duration;
 
 use kiln_spec::{CountOrPercent, DeploySpec, Promote, Strategy};
-use serde::{Deserialize, Serialize};
 
 use crate::analysis::{StepMetrics, Verdict, Window, judge};
 
@@ -36,8 +35,7 @@ pub struct Goal {
 }
 
 /// An instance's health as the provider reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     /// Started, not yet passed its health check.
     Starting,
@@ -91,7 +89,7 @@ impl InstanceObs {
 }
 
 /// The router's table for the app: which instances receive traffic and each release's share.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteTarget {
     /// Percent of traffic per release; releases at 0 are reachable only by preview.
     pub weights: BTreeMap<u64, u32>,
@@ -111,8 +109,7 @@ pub struct Observed {
 }
 
 /// Where a rollout is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "phase", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Phase {
     /// Moving traffic.
     Progressing,
@@ -130,8 +127,9 @@ pub enum Phase {
     },
 }
 
-/// The persisted state of one app's rollout (stored in the ledger as JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The state of one app's rollout: everything `decide` remembers (the control crate persists it
+/// in its own stored form, `doc.rs`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RolloutState {
     /// The release being rolled out.
     pub release: u64,
@@ -159,10 +157,8 @@ pub struct RolloutState {
     pub awaiting_promotion: bool,
     /// `[deploy.migrate]` ran and exited 0 (or there is none to run). States written before
     /// migrations existed had nothing to run.
-    #[serde(default = "yes")]
     pub migrated: bool,
     /// `[deploy.migrate]` failed, with its output: the rollout aborts.
-    #[serde(default)]
     pub migration_failed: Option<String>,
 }
 
@@ -186,10 +182,6 @@ impl RolloutState {
             migration_failed: None,
         }
     }
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// What the executor must do, in order.
@@ -358,8 +350,7 @@ fn signal_name(signal: i32) -> Option<&'static str> {
 }
 
 /// Something worth recording in the ledger.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RolloutEvent {
     /// A canary step's weights took effect.
     StepStarted {

@@ -1,0 +1,159 @@
+//! The app's document as the ledger's rollout table stores it: its own serde types, so the
+//! planner's `RolloutState` can change without silently changing what is on disk, and a
+//! document written by an older kiln keeps decoding.
+
+use kiln_deploy::{Goal, Millis, Phase, RolloutState};
+use serde::{Deserialize, Serialize};
+
+use crate::dto::LiveSchema;
+
+/// The per-app document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct AppDoc {
+    pub release: u64,
+    pub stable: Option<u64>,
+    pub replicas: u32,
+    pub state: StoredState,
+    /// The database schema the last successful migration left.
+    #[serde(default)]
+    pub schema: Option<LiveSchema>,
+    /// The releases that became live, oldest first (absent in documents written before).
+    #[serde(default)]
+    pub history: Vec<u64>,
+}
+
+impl AppDoc {
+    /// The document of an app with `goal` in `state`.
+    pub fn new(
+        goal: &Goal,
+        state: &RolloutState,
+        schema: Option<kiln_deploy::LiveSchema>,
+        history: &[u64],
+    ) -> AppDoc {
+        AppDoc {
+            release: goal.release,
+            stable: goal.stable,
+            replicas: goal.replicas,
+            state: StoredState::from(state),
+            schema: schema.map(LiveSchema::from_domain),
+            history: history.to_vec(),
+        }
+    }
+}
+
+/// `RolloutState` as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StoredState {
+    release: u64,
+    stable: Option<u64>,
+    phase: StoredPhase,
+    started_ms: Millis,
+    last_progress_ms: Millis,
+    best_ready: u32,
+    step: usize,
+    step_started_ms: Option<Millis>,
+    promote_requested: bool,
+    abort_requested: Option<String>,
+    last_failure: Option<String>,
+    awaiting_promotion: bool,
+    /// States written before migrations existed had nothing to run.
+    #[serde(default = "yes")]
+    migrated: bool,
+    #[serde(default)]
+    migration_failed: Option<String>,
+}
+
+/// `Phase` as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+enum StoredPhase {
+    Progressing,
+    Completed { at_ms: Millis },
+    Aborted { at_ms: Millis, reason: String },
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<&RolloutState> for StoredState {
+    fn from(s: &RolloutState) -> StoredState {
+        StoredState {
+            release: s.release,
+            stable: s.stable,
+            phase: match &s.phase {
+                Phase::Progressing => StoredPhase::Progressing,
+                Phase::Completed { at_ms } => StoredPhase::Completed { at_ms: *at_ms },
+                Phase::Aborted { at_ms, reason } => StoredPhase::Aborted {
+                    at_ms: *at_ms,
+                    reason: reason.clone(),
+                },
+            },
+            started_ms: s.started_ms,
+            last_progress_ms: s.last_progress_ms,
+            best_ready: s.best_ready,
+            step: s.step,
+            step_started_ms: s.step_started_ms,
+            promote_requested: s.promote_requested,
+            abort_requested: s.abort_requested.clone(),
+            last_failure: s.last_failure.clone(),
+            awaiting_promotion: s.awaiting_promotion,
+            migrated: s.migrated,
+            migration_failed: s.migration_failed.clone(),
+        }
+    }
+}
+
+impl From<StoredState> for RolloutState {
+    fn from(s: StoredState) -> RolloutState {
+        RolloutState {
+            release: s.release,
+            stable: s.stable,
+            phase: match s.phase {
+                StoredPhase::Progressing => Phase::Progressing,
+                StoredPhase::Completed { at_ms } => Phase::Completed { at_ms },
+                StoredPhase::Aborted { at_ms, reason } => Phase::Aborted { at_ms, reason },
+            },
+            started_ms: s.started_ms,
+            last_progress_ms: s.last_progress_ms,
+            best_ready: s.best_ready,
+            step: s.step,
+            step_started_ms: s.step_started_ms,
+            promote_requested: s.promote_requested,
+            abort_requested: s.abort_requested,
+            last_failure: s.last_failure,
+            awaiting_promotion: s.awaiting_promotion,
+            migrated: s.migrated,
+            migration_failed: s.migration_failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A document as an earlier kiln wrote it (before migrations and history existed).
+    const WRITTEN_BEFORE: &str = r#"{"release":2,"stable":1,"replicas":2,"state":{"release":2,"stable":1,"phase":{"phase":"completed","at_ms":1700000000000},"started_ms":1699999990000,"last_progress_ms":1700000000000,"best_ready":2,"step":0,"step_started_ms":null,"promote_requested":false,"abort_requested":null,"last_failure":null,"awaiting_promotion":false}}"#;
+
+    #[test]
+    fn a_document_written_before_decodes_and_keeps_its_form() {
+        let doc: AppDoc = serde_json::from_str(WRITTEN_BEFORE).unwrap();
+        let state = RolloutState::from(doc.state.clone());
+        assert_eq!(
+            state.phase,
+            Phase::Completed {
+                at_ms: 1_700_000_000_000
+            }
+        );
+        assert!(state.migrated);
+        assert!(doc.history.is_empty());
+        // Stored again, the same fields come back (plus the ones added since).
+        let again = serde_json::to_value(StoredState::from(&state)).unwrap();
+        let before: serde_json::Value = serde_json::from_str(WRITTEN_BEFORE).unwrap();
+        for (k, v) in before["state"].as_object().unwrap() {
+            assert_eq!(&again[k], v, "{k}");
+        }
+    }
+}
