@@ -39,25 +39,31 @@ pub(crate) struct AppView {
 
 impl Controller {
     /// Runs the reconciler until `stop` resolves: a pass every [`TICK`], and drift reports
-    /// recorded as they arrive.
-    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+    /// recorded as they arrive. It listens for drift from the moment it is called, before the
+    /// returned future is first polled, so no report sent after this call is missed.
+    pub fn run(
+        self: Arc<Self>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> impl std::future::Future<Output = ()> {
         let mut drift = self.exec.provider.drift_events();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                () = &mut stop => return,
-                report = drift.recv() => {
-                    if let Ok(report) = report
-                        && let Err(e) = self.record_drift(&report).await
-                    {
-                        tracing::error!(instance = %report.instance, error = %e, "cannot record drift");
+        async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    report = drift.recv() => {
+                        if let Ok(report) = report
+                            && let Err(e) = self.record_drift(&report).await
+                        {
+                            tracing::error!(instance = %report.instance, error = %e, "cannot record drift");
+                        }
                     }
-                }
-                _ = tick.tick() => {
-                    if let Err(e) = self.reconcile().await {
-                        tracing::error!(error = %e, "reconcile pass failed");
+                    _ = tick.tick() => {
+                        if let Err(e) = self.reconcile().await {
+                            tracing::error!(error = %e, "reconcile pass failed");
+                        }
                     }
                 }
             }

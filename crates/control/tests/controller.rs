@@ -135,15 +135,31 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     assert!(!s.instances.iter().any(|i| i.id == victim.to_string()));
     assert_eq!(s.instances.iter().filter(|i| i.routed).count(), 2);
     let drifted = InstanceId::new(&s.instances.iter().find(|i| i.routed).unwrap().id).unwrap();
-    // The run loop subscribes to drift reports; report while it runs.
-    let runner = tokio::spawn(Arc::clone(&c).run(tokio::time::sleep(Duration::from_millis(600))));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The run loop hears drift reports from the moment `run` is called.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(Arc::clone(&c).run(async {
+        let _ = stopped.await;
+    }));
     fake.drift(
         &drifted,
         vec![DriftFinding::Write {
             path: "/etc/evil".into(),
         }],
     );
+    let recorded = || {
+        c.events(Some("web"), None)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "instance.replaced" && e.data["instance"] == drifted.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !recorded() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the drifted instance was not replaced");
+    let _ = stop.send(());
     runner.await.unwrap();
     let s = settle(&c, "web", "completed").await;
     assert!(
