@@ -69,6 +69,9 @@ impl From<ControlError> for ApiError {
                 StatusCode::CONFLICT
             }
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Provider(kiln_runtime::ProviderError::NotFound(_)) => {
+                StatusCode::NOT_FOUND
+            }
             ControlError::Provider(_) => StatusCode::BAD_GATEWAY,
             ControlError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -78,7 +81,11 @@ impl From<ControlError> for ApiError {
 
 /// The one mapping from errors to responses.
 pub fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
-    let message = if e.status.is_server_error() && e.status != StatusCode::BAD_GATEWAY {
+    // A 5xx body never carries internals (paths, command lines): they go to the log.
+    let message = if e.status == StatusCode::BAD_GATEWAY {
+        tracing::error!(status = %e.status, error = %e.message, "provider failed");
+        "the instance provider failed; the daemon's log has the details".to_owned()
+    } else if e.status.is_server_error() {
         tracing::error!(status = %e.status, error = %e.message, "internal error");
         "internal error; the daemon's log has the details".to_owned()
     } else {
@@ -192,11 +199,11 @@ async fn route(
     // An app name is checked at the door, for every operation that names one, so a bad
     // name is a 400 naming it rather than a 404 or a ledger error.
     if let Some(app) = query(&req, "app") {
-        crate::gate::check_app_name(&app)?;
+        crate::gate::check_stored_name(&app)?;
     }
     match (&method, parts.as_slice()) {
         (_, ["v1", "apps", app, rest @ ..]) => {
-            crate::gate::check_app_name(app)?;
+            crate::gate::check_stored_name(app)?;
             let app = (*app).to_owned();
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
             app_operation(&c, req, &app, &rest).await

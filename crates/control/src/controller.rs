@@ -86,12 +86,19 @@ impl Controller {
         });
         let names = c.exec.ledger().apps()?;
         for name in names {
-            c.restore(&name).await?;
+            // One app that cannot be restored is reported by name; it never keeps the
+            // others (or the daemon) from starting.
+            if let Err(e) = c.restore(&name).await {
+                tracing::error!(app = %name, error = %e, "app not restored; it is not run");
+                c.corrupt().insert(name.clone(), e.to_string());
+            }
         }
         // Drift that happened while no daemon was watching is found by a full check now.
         for o in c.exec.provider.list().await? {
-            if let Ok(Some(report)) = c.exec.provider.check_drift(&o.id).await {
-                c.record_drift(&report).await?;
+            if let Ok(Some(report)) = c.exec.provider.check_drift(&o.id).await
+                && let Err(e) = c.record_drift(&report).await
+            {
+                tracing::error!(instance = %o.id, error = %e, "cannot record drift");
             }
         }
         Ok(c)
@@ -203,7 +210,12 @@ impl Controller {
                 }
                 (a.live_release(), None)
             }
-            None => (None, Some(self.bind_new(app, &req.config, &apps).await?)),
+            None => {
+                // A new app's name follows the spec's rule; an existing one keeps the name it
+                // was recorded with.
+                crate::gate::check_app_name(app)?;
+                (None, Some(self.bind_new(app, &req.config, &apps).await?))
+            }
         };
         let (schema, history) = apps
             .get(app)
@@ -221,6 +233,7 @@ impl Controller {
                 return Err(e);
             }
         };
+        self.exec.forget(app);
         match (fresh, apps.get_mut(app)) {
             (_, Some(a)) => {
                 a.goal = goal;
@@ -450,6 +463,7 @@ impl Controller {
             let _stopped = self.exec.provider.stop(&o.id, grace).await;
             self.exec.provider.destroy(&o.id).await?;
         }
+        self.exec.forget(app);
         let instances = mine.len();
         let actor = actor.to_owned();
         self.exec.record(

@@ -56,7 +56,8 @@ pub(crate) struct Executor {
     /// Instances being drained and destroyed in the background.
     pub destroying: Arc<Mutex<BTreeSet<InstanceId>>>,
     migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
-    backoff: Mutex<BTreeMap<String, Backoff>>,
+    /// Per app and release.
+    backoff: Mutex<BTreeMap<(String, u64), Backoff>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,6 +75,16 @@ impl Executor {
             migrations: Arc::default(),
             backoff: Mutex::default(),
         }
+    }
+
+    /// Drift found per instance, as it is now.
+    pub fn drift_now(&self) -> BTreeMap<InstanceId, String> {
+        lock(&self.drift).clone()
+    }
+
+    /// The instances being destroyed, as they are now.
+    pub fn destroying_now(&self) -> BTreeSet<InstanceId> {
+        lock(&self.destroying).clone()
     }
 
     /// The ledger, for reads and for records that are not events (releases, documents).
@@ -96,19 +107,20 @@ impl Executor {
         Ok(())
     }
 
-    /// Creates and starts `count` instances, unless the app's creates are backing off.
+    /// Creates and starts `count` instances, unless creates of this release are backing off.
     pub async fn create(&self, app: &str, a: &AppCtl, release: u64, count: u32) -> Result<()> {
         for _ in 0..count {
             let now = self.clock.now_ms();
+            let key = (app.to_owned(), release);
             if lock(&self.backoff)
-                .get(app)
+                .get(&key)
                 .is_some_and(|b| now < b.next_ms)
             {
                 return Ok(());
             }
             match self.create_one(a.instance_spec(app, release, None)).await {
                 Ok(id) => {
-                    lock(&self.backoff).remove(app);
+                    lock(&self.backoff).remove(&key);
                     let instance = id.to_string();
                     self.record(app, &Event::InstanceCreated { instance, release })?;
                 }
@@ -135,7 +147,7 @@ impl Executor {
         let now = self.clock.now_ms();
         let b = {
             let mut all = lock(&self.backoff);
-            let b = all.entry(app.to_owned()).or_insert(Backoff {
+            let b = all.entry((app.to_owned(), release)).or_insert(Backoff {
                 failures: 0,
                 next_ms: now,
             });
@@ -204,12 +216,8 @@ impl Executor {
         let Some(m) = a.config.deploy.migrate.clone() else {
             return Ok(());
         };
-        {
-            let mut running = lock(&self.migrations);
-            if running.contains_key(app) {
-                return Ok(());
-            }
-            running.insert(app.to_owned(), Migration::Running);
+        if lock(&self.migrations).contains_key(app) {
+            return Ok(());
         }
         let spec = a.instance_spec(app, release, Some(("migration", m.command.clone())));
         let deadline = tokio::time::Instant::now()
@@ -219,7 +227,10 @@ impl Executor {
             command: m.command,
             schema: m.schema,
         };
+        // Recorded before it is marked running: a failed record leaves nothing that would
+        // keep the next pass from trying again.
         self.record(app, &event)?;
+        lock(&self.migrations).insert(app.to_owned(), Migration::Running);
         let provider = Arc::clone(&self.provider);
         let migrations = Arc::clone(&self.migrations);
         let name = app.to_owned();
@@ -232,13 +243,30 @@ impl Executor {
                 std::future::pending(),
             )
             .await;
+            // Judged by its exit: a migration that ran and exited 0 changed the database,
+            // whether or not its instance could be removed afterwards.
             let outcome = match ran {
-                Ok(one) => one.failure().map_or(Ok(()), Err),
+                Ok(one) => {
+                    if let Some(e) = &one.destroy_error {
+                        tracing::warn!(instance = %one.id, error = %e, "migration instance not removed");
+                    }
+                    one.failure().map_or(Ok(()), Err)
+                }
                 Err(e) => Err(e.to_string()),
             };
             lock(&migrations).insert(name, Migration::Done(outcome));
         });
         Ok(())
+    }
+
+    /// Forgets what was running or failing for `app`: a new goal (apply, rollback) or `down`
+    /// starts it afresh, without a stale migration outcome or a create backoff.
+    pub fn forget(&self, app: &str) {
+        lock(&self.backoff).retain(|(a, _), _| a != app);
+        let mut m = lock(&self.migrations);
+        if matches!(m.get(app), Some(Migration::Done(_))) {
+            m.remove(app);
+        }
     }
 
     /// A finished migration's outcome, once (`None` while none finished).
@@ -290,25 +318,39 @@ impl Executor {
         let drift = Arc::clone(&self.drift);
         let grace = a.stop_grace();
         tokio::spawn(async move {
-            let outcome = proxy.drain(addr).await;
+            // The route that leaves it out was published in the same pass; a drain that
+            // still finds it routed waits for that change a little before it gives up.
+            let mut outcome = proxy.drain(addr).await;
+            for _ in 0..20 {
+                if outcome != kiln_proxy::DrainOutcome::StillRouted {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                outcome = proxy.drain(addr).await;
+            }
             if outcome == kiln_proxy::DrainOutcome::StillRouted {
                 // Not destroyed: let a later decision see it again.
                 lock(&destroying).remove(&id);
                 return;
             }
-            let stopped = provider.stop(&id, grace).await;
-            match provider.destroy(&id).await {
-                Ok(()) => {
-                    lock(&drift).remove(&id);
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %id, error = %e, stopped = stopped.is_ok(), "destroy failed; retried on the next pass");
-                    lock(&destroying).remove(&id);
+            let _stopped = provider.stop(&id, grace).await;
+            let mut wait = Duration::from_secs(1);
+            for attempt in 1..=5 {
+                match provider.destroy(&id).await {
+                    Ok(()) => {
+                        lock(&drift).remove(&id);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, attempt, "destroy failed");
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                    }
                 }
             }
-            // Otherwise the id stays in `destroying` until a listing no longer shows it
-            // (`reconcile` prunes it), so a listing taken before the destroy finished cannot
-            // bring it back into a decision.
+            // The id stays in `destroying` until a listing no longer shows it (`reconcile`
+            // prunes it), so neither a listing taken before the destroy finished nor one that
+            // kept failing brings it back into a decision (and into a second event).
         });
         Ok(())
     }

@@ -32,6 +32,24 @@ pub fn check_app_name(app: &str) -> Result<()> {
     )))
 }
 
+/// A name the API accepts in a path or a query: what the ledger can hold (letters, digits,
+/// `-`, `_`, `.`; at most 128), so a name no app can have is a 400, not a ledger error. New
+/// apps are held to [`check_app_name`].
+pub fn check_stored_name(app: &str) -> Result<()> {
+    let ok = !app.is_empty()
+        && app.len() <= 128
+        && app
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        return Ok(());
+    }
+    let shown: String = app.chars().take(60).collect();
+    Err(ControlError::Invalid(format!(
+        "app: {shown:?} is not an app name (letters, digits, `-`, `_` or `.`, at most 128)"
+    )))
+}
+
 /// A replica count the daemon will run.
 pub fn check_replicas(replicas: u32) -> std::result::Result<(), String> {
     if (1..=MAX_REPLICAS).contains(&replicas) {
@@ -51,7 +69,7 @@ pub fn check_apply(
     req: &ApplyRequest,
     attestations: Option<&dyn Attestations>,
 ) -> Result<Digest> {
-    check_app_name(app)?;
+    check_stored_name(app)?;
     let image =
         Digest::parse(&req.image).map_err(|e| ControlError::Invalid(format!("image: {e}")))?;
     if let Err(problems) = req.config.validate() {

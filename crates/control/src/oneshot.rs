@@ -26,6 +26,8 @@ pub struct OneShot {
     pub finished: Finished,
     /// The last `tail` bytes of its output.
     pub output: String,
+    /// Why it could not be removed afterwards, if it could not.
+    pub destroy_error: Option<String>,
 }
 
 impl OneShot {
@@ -50,7 +52,7 @@ impl OneShot {
 /// Runs `spec` once: started, then awaited until it exits, `deadline` passes or `interrupt`
 /// resolves. The start itself is never cut short (one dropped half-way could leave a process
 /// behind). Whatever happens after create, the instance is stopped and destroyed before this
-/// returns; an error from the destroy is returned only when the run itself went well.
+/// returns; a failed destroy is reported in [`OneShot::destroy_error`], beside the outcome.
 pub async fn run_once(
     provider: &dyn Provider,
     spec: InstanceSpec,
@@ -76,11 +78,11 @@ pub async fn run_once(
     let _stopped = provider.stop(&id, Duration::from_secs(1)).await;
     let destroyed = provider.destroy(&id).await;
     let finished = ran?;
-    destroyed?;
     Ok(OneShot {
         id,
         finished,
         output,
+        destroy_error: destroyed.err().map(|e| e.to_string()),
     })
 }
 

@@ -121,23 +121,28 @@ impl Controller {
         self.fold_migration(name, a)?;
         let view = self.observe(name, a, all)?;
         let d = decide(&a.goal, &a.state, &view.observed, now);
-        if d.state != a.state {
+        // A release that became live joins the history in the same write as the state that
+        // says so: a restart must not forget it (rollback returns along the history).
+        let mut history = a.history.clone();
+        for e in &d.events {
+            if let RolloutEvent::Completed { release } = e {
+                kiln_deploy::became_live(&mut history, *release);
+            }
+        }
+        if d.state != a.state || history != a.history {
+            a.history = history;
             self.persist(name, a, &d.state)?;
             a.state = d.state.clone();
         }
         self.exec.record_rollout(name, &d.events, a.goal.release)?;
-        for e in &d.events {
-            if let RolloutEvent::Completed { release } = e {
-                kiln_deploy::became_live(&mut a.history, *release);
-            }
-        }
-        let drift = self
-            .exec
-            .drift
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        for action in d.actions {
+        let drift = self.exec.drift_now();
+        // Destroys go last: an instance leaves the route (this pass's route change) before
+        // its drain starts, so the drain does not find it still routed.
+        let (destroys, others): (Vec<Action>, Vec<Action>) = d
+            .actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Destroy { .. }));
+        for action in others.into_iter().chain(destroys) {
             match action {
                 Action::Migrate { release } => self.exec.migrate(name, a, release)?,
                 Action::Create { release, count } => {
@@ -167,18 +172,8 @@ impl Controller {
     /// and the router's measurements of the current canary step.
     pub(crate) fn observe(&self, name: &str, a: &AppCtl, all: &[Observation]) -> Result<AppView> {
         let now = self.exec.clock.now_ms();
-        let destroying = self
-            .exec
-            .destroying
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let drift = self
-            .exec
-            .drift
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let destroying = self.exec.destroying_now();
+        let drift = self.exec.drift_now();
         let mut instances = Vec::new();
         let mut addrs = BTreeMap::new();
         let mine = all

@@ -110,6 +110,7 @@ impl Controller {
             };
             self.exec.record(app, &event)?;
         }
+        self.exec.forget(app);
         a.goal = plan.goal;
         a.config = config;
         a.image = image;

@@ -30,12 +30,7 @@ impl Controller {
                 None => ControlError::NotFound(format!("no app named {app} is running")),
             });
         };
-        let drift = self
-            .exec
-            .drift
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let drift = self.exec.drift_now();
         let now = self.exec.clock.now_ms();
         let instances = observed
             .iter()

@@ -37,7 +37,7 @@ fn request(port: u16, version: &str, deploy: &str) -> ApplyRequest {
 }
 
 struct Timeline {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     fake: Arc<FakeProvider>,
     c: Arc<Controller>,
 }
@@ -46,6 +46,11 @@ impl Timeline {
     async fn start(auto_healthy: bool) -> Timeline {
         let dir = tempfile::tempdir().unwrap();
         let fake = Arc::new(FakeProvider::new(auto_healthy));
+        let c = Timeline::controller(&dir, &fake).await;
+        Timeline { dir, fake, c }
+    }
+
+    async fn controller(dir: &tempfile::TempDir, fake: &Arc<FakeProvider>) -> Arc<Controller> {
         let provider: Arc<dyn Provider> = fake.clone();
         let cfg = ControllerConfig {
             state_dir: dir.path().to_owned(),
@@ -53,10 +58,15 @@ impl Timeline {
             attestations: None,
         };
         let clock = Arc::new(TokioClock::new());
-        let c = Controller::start_with_clock(&cfg, provider, clock)
+        Controller::start_with_clock(&cfg, provider, clock)
             .await
-            .unwrap();
-        Timeline { _dir: dir, fake, c }
+            .unwrap()
+    }
+
+    /// A new controller over the same state directory and instances, as after a restart.
+    async fn restart(&mut self) {
+        self.c.shutdown().await;
+        self.c = Timeline::controller(&self.dir, &self.fake).await;
     }
 
     /// One reconcile pass, then `by` of virtual time.
@@ -245,4 +255,23 @@ async fn the_previous_release_is_retired_when_keep_previous_ends() {
         "{:?}",
         t.events()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_returns_to_the_release_live_before_even_across_a_restart() {
+    let mut t = Timeline::start(true).await;
+    let port = free_port();
+    for version in ["1", "2"] {
+        t.c.apply("web", request(port, version, "")).await.unwrap();
+        t.until(Duration::from_secs(5), settled).await;
+    }
+    // The history of live releases is on disk as soon as release 2 completed.
+    t.restart().await;
+    t.until(Duration::from_secs(5), |s| settled(s) && s.live == Some(2))
+        .await;
+    t.c.apply("web", request(port, "1", "")).await.unwrap();
+    t.until(Duration::from_secs(5), |s| settled(s) && s.live == Some(3))
+        .await;
+    let back = t.c.rollback("web", None, false, "test").await.unwrap();
+    assert_eq!((back.from, back.to), (3, 2));
 }

@@ -186,11 +186,7 @@ fn drifted_and_killed_instances_are_replaced() {
     });
     eprintln!("killed instance replaced in {took:?}");
     // One event for it, naming the signal.
-    let about: Vec<serde_json::Value> = common::history(&state)
-        .into_iter()
-        .filter(|e| e["data"]["instance"] == victim.as_str())
-        .filter(|e| e["kind"] != "instance.created")
-        .collect();
+    let about = events_about(&state, &victim);
     assert_eq!(about.len(), 1, "{about:#?}");
     assert_eq!(about[0]["kind"], "instance.replaced");
     assert_eq!(

@@ -375,11 +375,7 @@ fn exec_writes_update_and_kill_get_an_instance_replaced() {
     let victim = routed(&status(&state))[0].clone();
     docker(&["rm", "-f", &victim]);
     replaced(&state, &victim, 2, Duration::from_secs(10));
-    let about: Vec<serde_json::Value> = history(&state)
-        .into_iter()
-        .filter(|e| e["data"]["instance"] == victim.as_str())
-        .filter(|e| e["kind"] != "instance.created")
-        .collect();
+    let about = events_about(&state, &victim);
     assert_eq!(about.len(), 1, "{about:#?}");
     assert_eq!(about[0]["kind"], "instance.replaced");
     // Drifted when the engine's report came first, exited when the listing did.

@@ -192,6 +192,9 @@ async fn command_test(
     if let Some(stop) = stop {
         return Err(Interrupted(stop).into());
     }
+    if let Some(e) = one.destroy_error {
+        anyhow::bail!("cannot destroy test instance {}: {e}", one.id);
+    }
     let output = one.output;
     let (exit_code, timed_out) = match one.finished {
         Finished::Exited(code) => (code, false),

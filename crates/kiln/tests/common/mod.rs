@@ -476,3 +476,12 @@ pub fn history(state: &Path) -> Vec<serde_json::Value> {
         other => panic!("kiln history --json printed {other}"),
     }
 }
+
+/// The events of `web` about `instance`, other than its creation.
+pub fn events_about(state: &Path, instance: &str) -> Vec<serde_json::Value> {
+    history(state)
+        .into_iter()
+        .filter(|e| e["data"]["instance"] == instance)
+        .filter(|e| e["kind"] != "instance.created")
+        .collect()
+}
