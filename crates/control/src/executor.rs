@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use kiln_deploy::{DestroyReason, Millis, RolloutEvent, RouteTarget, Verdict};
+use kiln_deploy::{DestroyReason, RolloutEvent, RouteTarget, Verdict};
 use kiln_ledger::{Cause, Event, Ledger};
 use kiln_proxy::RouteTable;
-use kiln_runtime::{InstanceId, InstanceSpec, Provider};
+use kiln_runtime::{InstanceId, Provider};
 
 use crate::app::{AppCtl, release_name};
 use crate::clock::Clock;
@@ -27,11 +27,6 @@ use crate::oneshot::run_once;
 /// How much of a failed migration's output its event keeps.
 const MIGRATION_OUTPUT: usize = 500;
 
-/// The first retry after a failed create; doubled per failure in a row, up to [`BACKOFF_MAX`].
-const BACKOFF_FIRST: Duration = Duration::from_millis(200);
-/// The longest wait between creates of an app whose provider keeps failing.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
 /// A migration's progress, shared between its task and the reconciler.
 #[derive(Debug, Clone)]
 pub(crate) enum Migration {
@@ -39,14 +34,9 @@ pub(crate) enum Migration {
     Done(std::result::Result<(), String>),
 }
 
-/// Creates of one app that keep failing: when the next may be tried.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    next_ms: Millis,
-}
-
-/// Carries out actions and records events.
+/// Carries out actions and records events. Cheap to clone: background tasks (creates,
+/// destroys, migrations) carry a clone.
+#[derive(Clone)]
 pub(crate) struct Executor {
     pub provider: Arc<dyn Provider>,
     ledger: Arc<Mutex<Ledger>>,
@@ -56,11 +46,11 @@ pub(crate) struct Executor {
     /// Instances being drained and destroyed in the background.
     pub destroying: Arc<Mutex<BTreeSet<InstanceId>>>,
     migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
-    /// Per app and release.
-    backoff: Mutex<BTreeMap<(String, u64), Backoff>>,
+    /// Creates in flight and their backoff (`create.rs`).
+    pub(crate) creates: Arc<crate::create::Creates>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -73,7 +63,7 @@ impl Executor {
             drift: Arc::default(),
             destroying: Arc::default(),
             migrations: Arc::default(),
-            backoff: Mutex::default(),
+            creates: Arc::default(),
         }
     }
 
@@ -103,73 +93,6 @@ impl Executor {
     pub fn record_rollout(&self, app: &str, events: &[RolloutEvent], release: u64) -> Result<()> {
         for e in events {
             self.record(app, &rollout_event(e, release))?;
-        }
-        Ok(())
-    }
-
-    /// Creates and starts `count` instances, unless creates of this release are backing off.
-    pub async fn create(&self, app: &str, a: &AppCtl, release: u64, count: u32) -> Result<()> {
-        for _ in 0..count {
-            let now = self.clock.now_ms();
-            let key = (app.to_owned(), release);
-            if lock(&self.backoff)
-                .get(&key)
-                .is_some_and(|b| now < b.next_ms)
-            {
-                return Ok(());
-            }
-            match self.create_one(a.instance_spec(app, release, None)).await {
-                Ok(id) => {
-                    lock(&self.backoff).remove(&key);
-                    let instance = id.to_string();
-                    self.record(app, &Event::InstanceCreated { instance, release })?;
-                }
-                Err(e) => return self.create_failed(app, release, &e.to_string()),
-            }
-        }
-        Ok(())
-    }
-
-    async fn create_one(&self, spec: InstanceSpec) -> Result<InstanceId> {
-        let id = self.provider.create(spec).await?;
-        if let Err(e) = self.provider.start(&id).await {
-            // Nothing to keep of an instance that did not start; the error is the start's.
-            let _undone = self.provider.destroy(&id).await;
-            return Err(e.into());
-        }
-        Ok(id)
-    }
-
-    /// Backs the app's creates off and records the failure: the first one in a row as
-    /// itself, later ones only when the wait doubles, so a provider that keeps failing gives
-    /// a few events an hour, not ten a second.
-    fn create_failed(&self, app: &str, release: u64, error: &str) -> Result<()> {
-        let now = self.clock.now_ms();
-        let b = {
-            let mut all = lock(&self.backoff);
-            let b = all.entry((app.to_owned(), release)).or_insert(Backoff {
-                failures: 0,
-                next_ms: now,
-            });
-            b.failures = b.failures.saturating_add(1);
-            let wait = backoff_delay(b.failures);
-            b.next_ms = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
-            *b
-        };
-        let error = error.to_owned();
-        if b.failures == 1 {
-            return self.record(app, &Event::InstanceCreateFailed { release, error });
-        }
-        if backoff_delay(b.failures) > backoff_delay(b.failures - 1) {
-            let retry_in_ms = u64::try_from(b.next_ms - now).unwrap_or(0);
-            let failures = b.failures;
-            let event = Event::CreateBackoff {
-                release,
-                failures,
-                retry_in_ms,
-                error,
-            };
-            return self.record(app, &event);
         }
         Ok(())
     }
@@ -262,7 +185,7 @@ impl Executor {
     /// Forgets what was running or failing for `app`: a new goal (apply, rollback) or `down`
     /// starts it afresh, without a stale migration outcome or a create backoff.
     pub fn forget(&self, app: &str) {
-        lock(&self.backoff).retain(|(a, _), _| a != app);
+        self.creates.forget(app);
         let mut m = lock(&self.migrations);
         if matches!(m.get(app), Some(Migration::Done(_))) {
             m.remove(app);
@@ -392,14 +315,6 @@ impl Why {
     }
 }
 
-/// The wait after `failures` failed creates in a row.
-fn backoff_delay(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    BACKOFF_FIRST
-        .saturating_mul(1 << doublings)
-        .min(BACKOFF_MAX)
-}
-
 /// A rollout decision's event as the ledger records it.
 fn rollout_event(e: &RolloutEvent, release: u64) -> Event {
     match e {
@@ -445,21 +360,5 @@ fn verdict_record(v: &Verdict) -> kiln_ledger::Verdict {
             canary: window(&metrics.canary),
             stable: window(&metrics.stable),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap() {
-        let waits: Vec<u64> = (1..=10)
-            .map(|n| u64::try_from(backoff_delay(n).as_millis()).unwrap_or(0))
-            .collect();
-        assert_eq!(
-            waits,
-            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
-        );
     }
 }

@@ -22,6 +22,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod controller;
+mod create;
 mod doc;
 pub mod dto;
 mod error;

@@ -73,12 +73,14 @@ impl Controller {
     /// One pass of the reconciler over every app. An app whose pass fails is logged and
     /// retried on the next pass; it never stops the others.
     pub async fn reconcile(&self) -> Result<()> {
-        // Listed before taking the apps lock, so API calls never wait on the runtime; only
-        // this loop creates instances, so the listing cannot miss one half-created.
+        // Listed before taking the apps lock, so API calls never wait on the runtime. Creates
+        // in flight that this listing cannot show yet are counted by `Creates` (create.rs).
+        let listing = self.exec.creates.listing_begins();
         let observed = self.exec.provider.list().await?;
         *self.observed.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(observed.clone());
         {
             let listed: BTreeSet<_> = observed.iter().map(|o| &o.id).collect();
+            self.exec.creates.listing_shows(listing, &listed);
             self.exec
                 .destroying
                 .lock()
@@ -145,9 +147,7 @@ impl Controller {
         for action in others.into_iter().chain(destroys) {
             match action {
                 Action::Migrate { release } => self.exec.migrate(name, a, release)?,
-                Action::Create { release, count } => {
-                    self.exec.create(name, a, release, count).await?;
-                }
+                Action::Create { release, count } => self.exec.create(name, a, release, count)?,
                 Action::Route(target) => self.exec.publish(name, a, target, &view.addrs)?,
                 Action::Destroy { instance, reason } => {
                     let found = view.addrs.get(&instance).map(|(addr, _)| *addr);

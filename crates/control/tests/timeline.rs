@@ -275,3 +275,125 @@ async fn rollback_returns_to_the_release_live_before_even_across_a_restart() {
     let back = t.c.rollback("web", None, false, "test").await.unwrap();
     assert_eq!((back.from, back.to), (3, 2));
 }
+
+/// The fake provider, with creates that take `delay` of (virtual) time, counted.
+struct SlowCreates {
+    fake: Arc<FakeProvider>,
+    delay: Duration,
+    creates: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Provider for SlowCreates {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    async fn create(
+        &self,
+        spec: kiln_runtime::InstanceSpec,
+    ) -> Result<InstanceId, kiln_runtime::ProviderError> {
+        self.creates
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.fake.create(spec).await
+    }
+    async fn start(&self, id: &InstanceId) -> Result<(), kiln_runtime::ProviderError> {
+        self.fake.start(id).await
+    }
+    async fn stop(
+        &self,
+        id: &InstanceId,
+        grace: Duration,
+    ) -> Result<(), kiln_runtime::ProviderError> {
+        self.fake.stop(id, grace).await
+    }
+    async fn destroy(&self, id: &InstanceId) -> Result<(), kiln_runtime::ProviderError> {
+        self.fake.destroy(id).await
+    }
+    async fn observe(
+        &self,
+        id: &InstanceId,
+    ) -> Result<kiln_runtime::Observation, kiln_runtime::ProviderError> {
+        self.fake.observe(id).await
+    }
+    async fn list(&self) -> Result<Vec<kiln_runtime::Observation>, kiln_runtime::ProviderError> {
+        self.fake.list().await
+    }
+    async fn logs(
+        &self,
+        id: &InstanceId,
+        from: u64,
+    ) -> Result<kiln_runtime::LogChunk, kiln_runtime::ProviderError> {
+        self.fake.logs(id, from).await
+    }
+    async fn check_drift(
+        &self,
+        id: &InstanceId,
+    ) -> Result<Option<kiln_runtime::DriftReport>, kiln_runtime::ProviderError> {
+        self.fake.check_drift(id).await
+    }
+    fn drift_events(&self) -> tokio::sync::broadcast::Receiver<kiln_runtime::DriftReport> {
+        self.fake.drift_events()
+    }
+    async fn health(
+        &self,
+        id: &InstanceId,
+    ) -> Result<tokio::sync::watch::Receiver<Health>, kiln_runtime::ProviderError> {
+        self.fake.health(id).await
+    }
+    async fn wait(&self, id: &InstanceId) -> Result<Option<i32>, kiln_runtime::ProviderError> {
+        self.fake.wait(id).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Arc::new(SlowCreates {
+        fake: Arc::new(FakeProvider::new(true)),
+        delay: Duration::from_secs(30),
+        creates: std::sync::atomic::AtomicU32::new(0),
+    });
+    let provider: Arc<dyn Provider> = slow.clone();
+    let cfg = ControllerConfig {
+        state_dir: dir.path().to_owned(),
+        router: kiln_proxy::WorkersConfig::new(1),
+        attestations: None,
+    };
+    let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))
+        .await
+        .unwrap();
+    c.apply("web", request(free_port(), "1", "")).await.unwrap();
+    // Every pass returns without waiting for the 30 s creates, and status answers between.
+    let start = tokio::time::Instant::now();
+    for _ in 0..50 {
+        c.reconcile().await.unwrap();
+        assert_eq!(c.status("web").await.unwrap().phase, "progressing");
+        tokio::time::advance(kiln_control::TICK).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    // Two replicas: the provider has been asked for one (they run one at a time), however
+    // many passes ran meanwhile.
+    assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // They finish one after the other; the rollout completes with exactly two instances.
+    let mut passes = 0;
+    loop {
+        c.reconcile().await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let s = c.status("web").await.unwrap();
+        if settled(&s) {
+            assert_eq!(s.instances.len(), 2, "{s:?}");
+            break;
+        }
+        passes += 1;
+        assert!(passes < 2000, "{s:?}");
+        tokio::time::advance(kiln_control::TICK).await;
+    }
+    assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

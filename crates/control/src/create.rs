@@ -1,0 +1,272 @@
+//! Creating instances, in the background: the reconcile pass launches creates and goes on,
+//! so no pass (and no API call waiting on the apps lock behind it) waits for a provider
+//! that is slow to create — a Docker Engine loading an image, a runtime that hangs.
+//!
+//! **Invariant:** the planner never over- or under-creates because of a create in flight.
+//! `decide` counts the instances a listing shows; [`Creates`] counts the creates that
+//! listing cannot show yet: those whose instance has no id yet, or whose id the listing
+//! did not contain. A finished create is forgotten once a listing taken after it finished
+//! has been seen, whether or not the instance is in it (it may already be gone).
+//!
+//! Creates run one at a time (`one_at_a_time`), as they did inside the pass: a provider
+//! picks ports and names per create and is not asked to do two at once.
+//!
+//! A provider that keeps failing is retried with exponential backoff per app and release,
+//! with one event per change: the first failure, then one each time the wait doubles.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiln_deploy::Millis;
+use kiln_ledger::Event;
+use kiln_runtime::{InstanceId, InstanceSpec};
+
+use crate::app::AppCtl;
+use crate::error::Result;
+use crate::executor::{Executor, lock};
+
+/// The first retry after a failed create; doubled per failure in a row, up to [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between creates of a release whose provider keeps failing.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Creates of one release that keep failing: when the next may be tried.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next_ms: Millis,
+}
+
+/// One create in flight.
+#[derive(Debug)]
+struct InFlight {
+    app: String,
+    release: u64,
+    /// The instance, once the provider created it.
+    id: Option<InstanceId>,
+    /// A listing has shown the instance: the planner counts it from there.
+    seen: bool,
+    /// The listing number current when it finished (done, failed or abandoned).
+    finished_at: Option<u64>,
+}
+
+/// The creates in flight and the backoff of failing ones.
+#[derive(Default)]
+pub(crate) struct Creates {
+    next: AtomicU64,
+    in_flight: Mutex<BTreeMap<u64, InFlight>>,
+    backoff: Mutex<BTreeMap<(String, u64), Backoff>>,
+    /// Incremented as each listing of the provider begins.
+    listing: AtomicU64,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Creates {
+    /// Called as a listing begins; returns its number.
+    pub fn listing_begins(&self) -> u64 {
+        self.listing.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Called with what listing `n` showed: creates it shows are counted by the planner from
+    /// now on; those finished before it began are forgotten.
+    pub fn listing_shows(&self, n: u64, listed: &BTreeSet<&InstanceId>) {
+        lock(&self.in_flight).retain(|_, c| {
+            if c.id.as_ref().is_some_and(|id| listed.contains(id)) {
+                c.seen = true;
+            }
+            c.finished_at.is_none_or(|f| f >= n)
+        });
+    }
+
+    /// Creates of `release` of `app` the planner cannot see yet.
+    fn unseen(&self, app: &str, release: u64) -> u32 {
+        let n = lock(&self.in_flight)
+            .values()
+            .filter(|c| c.app == app && c.release == release && !c.seen)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn backing_off(&self, app: &str, release: u64, now: Millis) -> bool {
+        lock(&self.backoff)
+            .get(&(app.to_owned(), release))
+            .is_some_and(|b| now < b.next_ms)
+    }
+
+    fn finish(&self, ticket: u64) {
+        let now = self.listing.load(Ordering::SeqCst);
+        if let Some(c) = lock(&self.in_flight).get_mut(&ticket) {
+            c.finished_at = Some(now);
+        }
+    }
+
+    /// Forgets `app`'s backoff (a new goal, or `down`).
+    pub fn forget(&self, app: &str) {
+        lock(&self.backoff).retain(|(a, _), _| a != app);
+    }
+}
+
+impl Executor {
+    /// Launches creates of `release` until `count` more than the listing shows are on their
+    /// way; returns at once.
+    pub fn create(&self, app: &str, a: &AppCtl, release: u64, count: u32) -> Result<()> {
+        let launch = count.saturating_sub(self.creates.unseen(app, release));
+        if launch == 0 || self.creates.backing_off(app, release, self.clock.now_ms()) {
+            return Ok(());
+        }
+        for _ in 0..launch {
+            let ticket = self.creates.next.fetch_add(1, Ordering::SeqCst);
+            let entry = InFlight {
+                app: app.to_owned(),
+                release,
+                id: None,
+                seen: false,
+                finished_at: None,
+            };
+            lock(&self.creates.in_flight).insert(ticket, entry);
+            let exec = self.clone();
+            let spec = a.instance_spec(app, release, None);
+            let app = app.to_owned();
+            tokio::spawn(async move {
+                exec.create_in_background(ticket, &app, release, spec).await;
+                exec.creates.finish(ticket);
+            });
+        }
+        Ok(())
+    }
+
+    async fn create_in_background(&self, ticket: u64, app: &str, release: u64, spec: InstanceSpec) {
+        let _turn = self.creates.one_at_a_time.lock().await;
+        // A create queued behind one that failed waits out the backoff like the next pass.
+        if self.creates.backing_off(app, release, self.clock.now_ms()) {
+            return;
+        }
+        let outcome = match self.provider.create(spec).await {
+            Ok(id) => {
+                if let Some(c) = lock(&self.creates.in_flight).get_mut(&ticket) {
+                    c.id = Some(id.clone());
+                }
+                match self.provider.start(&id).await {
+                    Ok(()) => Ok(id),
+                    Err(e) => {
+                        // Nothing to keep of an instance that did not start.
+                        let _undone = self.provider.destroy(&id).await;
+                        Err(e.to_string())
+                    }
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let recorded = match outcome {
+            Ok(id) => {
+                lock(&self.creates.backoff).remove(&(app.to_owned(), release));
+                let instance = id.to_string();
+                self.record(app, &Event::InstanceCreated { instance, release })
+            }
+            Err(error) => self.create_failed(app, release, &error),
+        };
+        if let Err(e) = recorded {
+            // The instance exists (or not) as the provider says; the next pass sees it.
+            tracing::error!(app = %app, release, error = %e, "cannot record a create");
+        }
+    }
+
+    /// Backs the release's creates off and records the failure: the first one in a row as
+    /// itself, later ones only when the wait doubles, so a provider that keeps failing gives
+    /// a few events an hour, not ten a second.
+    fn create_failed(&self, app: &str, release: u64, error: &str) -> Result<()> {
+        let now = self.clock.now_ms();
+        let b = {
+            let mut all = lock(&self.creates.backoff);
+            let b = all.entry((app.to_owned(), release)).or_insert(Backoff {
+                failures: 0,
+                next_ms: now,
+            });
+            b.failures = b.failures.saturating_add(1);
+            let wait = backoff_delay(b.failures);
+            b.next_ms = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+            *b
+        };
+        let error = error.to_owned();
+        if b.failures == 1 {
+            return self.record(app, &Event::InstanceCreateFailed { release, error });
+        }
+        if backoff_delay(b.failures) > backoff_delay(b.failures - 1) {
+            let retry_in_ms = u64::try_from(b.next_ms - now).unwrap_or(0);
+            let failures = b.failures;
+            let event = Event::CreateBackoff {
+                release,
+                failures,
+                retry_in_ms,
+                error,
+            };
+            return self.record(app, &event);
+        }
+        Ok(())
+    }
+}
+
+/// The wait after `failures` failed creates in a row.
+fn backoff_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BACKOFF_FIRST
+        .saturating_mul(1 << doublings)
+        .min(BACKOFF_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let waits: Vec<u64> = (1..=10)
+            .map(|n| u64::try_from(backoff_delay(n).as_millis()).unwrap_or(0))
+            .collect();
+        assert_eq!(
+            waits,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+    }
+
+    #[test]
+    fn a_create_counts_until_a_listing_shows_it_then_until_one_after_it_finished() {
+        let c = Creates::default();
+        let id = InstanceId::new("web-1").unwrap();
+        let ticket = 7;
+        let entry = InFlight {
+            app: "web".into(),
+            release: 2,
+            id: None,
+            seen: false,
+            finished_at: None,
+        };
+        lock(&c.in_flight).insert(ticket, entry);
+        let none = BTreeSet::new();
+        let n = c.listing_begins();
+        c.listing_shows(n, &none);
+        assert_eq!(
+            c.unseen("web", 2),
+            1,
+            "no id yet: the planner cannot see it"
+        );
+        if let Some(e) = lock(&c.in_flight).get_mut(&ticket) {
+            e.id = Some(id.clone());
+        }
+        // Listed while still starting: from now on the planner counts it.
+        let n = c.listing_begins();
+        c.listing_shows(n, &[&id].into_iter().collect());
+        assert_eq!(c.unseen("web", 2), 0);
+        c.finish(ticket);
+        // A listing that began before it finished keeps it; the next one forgets it.
+        c.listing_shows(n, &none);
+        assert_eq!(lock(&c.in_flight).len(), 1);
+        let n = c.listing_begins();
+        c.listing_shows(n, &none);
+        assert!(lock(&c.in_flight).is_empty());
+        assert_eq!(c.unseen("web", 2), 0);
+    }
+}
