@@ -2,9 +2,9 @@
 //! sink (the ledger), and does each action — create, migrate, destroy, publish a route — and
 //! records what happened as typed events.
 //!
-//! **Invariant:** every action is idempotent (a create is guarded by the next observation, a
-//! destroy by the `destroying` set, a migration by the `migrations` map), so a controller
-//! killed at any point and started again converges by reconciling again.
+//! **Invariant:** every action is idempotent (a create is counted by `Creates` until a
+//! listing shows it, a destroy by the `destroying` set, a migration by the `migrations` map),
+//! so a controller killed at any point and started again converges by reconciling again.
 //!
 //! **Invariant:** an event that cannot be recorded is an error returned to the action that
 //! needed it, never dropped.

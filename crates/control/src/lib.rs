@@ -4,7 +4,7 @@
 //!   abort, scale, down; `reconcile.rs` is its loop (observe → decide → persist → act) and
 //!   `status.rs` what it reports.
 //! - `executor.rs`: carries the planner's actions out through the provider and records
-//!   typed events; [`oneshot`]: create → start → wait → output → destroy, for migrations and
+//!   typed events; `create.rs` its creates, in the background; [`oneshot`]: create → start → wait → output → destroy, for migrations and
 //!   `kiln test`.
 //! - `listeners.rs`: the router's listeners, one per address.
 //! - [`gate`]: what every apply must pass, whichever client sent it.
