@@ -114,7 +114,7 @@ impl Executor {
                 .filter(|(_, r)| r == release)
                 .map(|(addr, _)| *addr)
                 .collect();
-            releases.push(kiln_proxy::Release::new(
+            releases.push(kiln_proxy::RouteRelease::new(
                 release_name(*release),
                 *weight,
                 &members,
@@ -348,7 +348,7 @@ fn verdict_record(v: &Verdict) -> kiln_ledger::Verdict {
         Verdict::Inconclusive { metrics } => ("inconclusive", metrics, None),
         Verdict::Fail { metrics, reason } => ("fail", metrics, Some(reason.clone())),
     };
-    let window = |w: &kiln_deploy::Window| kiln_ledger::Window {
+    let window = |w: &kiln_deploy::Measurement| kiln_ledger::Measurement {
         requests: w.requests,
         errors: w.errors,
         p99_ms: w.p99_ms,

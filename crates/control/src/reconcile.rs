@@ -10,7 +10,8 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use kiln_deploy::{
-    Action, Health as Planned, InstanceObs, Observed, RolloutEvent, StepMetrics, Window, decide,
+    Action, Condition as Planned, InstanceObs, Measurement, Observed, RolloutEvent, StepMetrics,
+    decide,
 };
 use kiln_ledger::{Cause, Event};
 use kiln_runtime::{Health, InstanceState, Observation};
@@ -296,12 +297,12 @@ fn step_metrics(a: &AppCtl, now: kiln_deploy::Millis) -> Option<StepMetrics> {
         release
             .and_then(|r| a.proxy.snapshot(&release_name(r), window))
             .map_or(
-                Window {
+                Measurement {
                     requests: 0,
                     errors: 0,
                     p99_ms: 0.0,
                 },
-                |s| Window {
+                |s| Measurement {
                     requests: s.requests,
                     errors: s.errors,
                     p99_ms: s.p99.as_secs_f64() * 1000.0,

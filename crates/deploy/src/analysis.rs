@@ -23,7 +23,7 @@ pub const P99_TOLERANCE_MS: f64 = 50.0;
 
 /// What the router measured for one release over a window.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Window {
+pub struct Measurement {
     /// Requests that completed.
     pub requests: u64,
     /// Of those, failures: 5xx responses and upstream errors.
@@ -32,7 +32,7 @@ pub struct Window {
     pub p99_ms: f64,
 }
 
-impl Window {
+impl Measurement {
     /// Errors over requests (0 when there were none).
     pub fn error_rate(&self) -> f64 {
         if self.requests == 0 {
@@ -47,9 +47,9 @@ impl Window {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepMetrics {
     /// The canary release.
-    pub canary: Window,
+    pub canary: Measurement,
     /// The stable release, over the same window.
-    pub stable: Window,
+    pub stable: Measurement,
 }
 
 /// The outcome of judging one step.
@@ -172,15 +172,15 @@ mod tests {
         }
     }
 
-    fn w(requests: u64, errors: u64, p99_ms: f64) -> Window {
-        Window {
+    fn w(requests: u64, errors: u64, p99_ms: f64) -> Measurement {
+        Measurement {
             requests,
             errors,
             p99_ms,
         }
     }
 
-    fn check(canary: Window, stable: Window, expect: &str) {
+    fn check(canary: Measurement, stable: Measurement, expect: &str) {
         let v = judge(&analysis(), StepMetrics { canary, stable });
         assert_eq!(v.to_string(), expect);
     }

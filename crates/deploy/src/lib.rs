@@ -27,13 +27,13 @@ pub mod plan;
 pub mod rollback;
 pub mod rollout;
 
-pub use analysis::{StepMetrics, Verdict, Window, judge};
+pub use analysis::{Measurement, StepMetrics, Verdict, judge};
 pub use plan::{Change, PlanCurrent, PlanNext, config_diff, plan};
 pub use rollback::{
     ForcedRollback, HISTORY_LIMIT, LiveSchema, RollbackPlan, RollbackRefused, RollbackRequest,
     RollbackTarget, TargetRelease, became_live, plan_rollback, rollback_target,
 };
 pub use rollout::{
-    Action, Decision, DestroyReason, Goal, Health, InstanceObs, Millis, Observed, Phase,
+    Action, Condition, Decision, DestroyReason, Goal, InstanceObs, Millis, Observed, Phase,
     RolloutEvent, RolloutState, RouteTarget, decide, steady_route,
 };

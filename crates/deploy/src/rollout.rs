@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use kiln_spec::{CountOrPercent, DeploySpec, Promote, Strategy};
 
-use crate::analysis::{StepMetrics, Verdict, Window, judge};
+use crate::analysis::{Measurement, StepMetrics, Verdict, judge};
 
 /// Milliseconds since the Unix epoch; passed in, never read from a clock here.
 pub type Millis = i64;
@@ -34,9 +34,10 @@ pub struct Goal {
     pub deploy: DeploySpec,
 }
 
-/// An instance's health as the provider reports it.
+/// An instance's condition as the planner sees it: its state and health check together
+/// (`kiln_runtime::Health` is the health check's own view).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub enum Condition {
     /// Started, not yet passed its health check.
     Starting,
     /// Passing its health check.
@@ -60,19 +61,19 @@ pub struct InstanceObs {
     /// The release it runs.
     pub release: u64,
     /// Its health.
-    pub health: Health,
+    pub health: Condition,
     /// Drift found on it (it must be replaced); `None` when clean.
     pub drift: Option<String>,
 }
 
 impl InstanceObs {
     pub(crate) fn ready(&self) -> bool {
-        self.health == Health::Healthy && self.drift.is_none()
+        self.health == Condition::Healthy && self.drift.is_none()
     }
     fn dead(&self) -> bool {
         matches!(
             self.health,
-            Health::Failed | Health::Unhealthy | Health::Exited { .. }
+            Condition::Failed | Condition::Unhealthy | Condition::Exited { .. }
         )
     }
 
@@ -80,10 +81,10 @@ impl InstanceObs {
     fn death(&self) -> Option<DestroyReason> {
         let release = self.release;
         match self.health {
-            Health::Exited { code } => Some(DestroyReason::Exited { release, code }),
-            Health::Failed => Some(DestroyReason::NeverHealthy { release }),
-            Health::Unhealthy => Some(DestroyReason::Unhealthy { release }),
-            Health::Starting | Health::Healthy => None,
+            Condition::Exited { code } => Some(DestroyReason::Exited { release, code }),
+            Condition::Failed => Some(DestroyReason::NeverHealthy { release }),
+            Condition::Unhealthy => Some(DestroyReason::Unhealthy { release }),
+            Condition::Starting | Condition::Healthy => None,
         }
     }
 }
@@ -754,12 +755,12 @@ fn canary(
         return false;
     }
     let metrics = obs.metrics.unwrap_or(StepMetrics {
-        canary: Window {
+        canary: Measurement {
             requests: 0,
             errors: 0,
             p99_ms: 0.0,
         },
-        stable: Window {
+        stable: Measurement {
             requests: 0,
             errors: 0,
             p99_ms: 0.0,

@@ -62,7 +62,7 @@ fn request(to: Option<u64>, force: bool) -> RollbackRequest {
     }
 }
 
-fn inst(id: &str, release: u64, health: Health, drift: Option<&str>) -> InstanceObs {
+fn inst(id: &str, release: u64, health: Condition, drift: Option<&str>) -> InstanceObs {
     InstanceObs {
         id: id.into(),
         release,
@@ -269,8 +269,8 @@ fn rolled_back(schema: Option<(u32, u32)>, warm: bool) -> (Goal, RolloutState) {
 /// Release 3's instances, and release 2's as listed.
 fn world(release_2: &[InstanceObs]) -> Observed {
     let mut instances = vec![
-        inst("x", 3, Health::Healthy, None),
-        inst("y", 3, Health::Healthy, None),
+        inst("x", 3, Condition::Healthy, None),
+        inst("y", 3, Condition::Healthy, None),
     ];
     instances.extend_from_slice(release_2);
     Observed {
@@ -281,7 +281,7 @@ fn world(release_2: &[InstanceObs]) -> Observed {
 
 #[test]
 fn warm_rollback_swaps_at_once_to_the_steady_table() {
-    use Health::{Healthy, Starting};
+    use Condition::{Healthy, Starting};
     // Listed out of order, one more ready than replicas, one drifted, one starting.
     let obs = world(&[
         inst("d", 2, Healthy, None),
@@ -318,7 +318,7 @@ fn warm_rollback_swaps_at_once_to_the_steady_table() {
 
 #[test]
 fn cold_rollback_is_a_rollout_that_does_not_migrate_again() {
-    use Health::{Exited, Healthy, Starting};
+    use Condition::{Exited, Healthy, Starting};
     // Nothing ready: starting, drifted or dead instances do not make a rollback warm.
     for release_2_instances in [
         vec![],
@@ -365,7 +365,7 @@ fn check_allowed(
         compatible_from,
         release: 3,
     });
-    let obs = world(&[inst("a", 2, Health::Healthy, None)]);
+    let obs = world(&[inst("a", 2, Condition::Healthy, None)]);
     let got = plan(target, &obs, schema, force).map(|p| {
         assert!(p.warm);
         p.forced
@@ -597,7 +597,7 @@ impl Controller {
         let warm = rng.chance(60);
         let obs = Observed {
             instances: warm
-                .then(|| inst("w", to, Health::Healthy, None))
+                .then(|| inst("w", to, Condition::Healthy, None))
                 .into_iter()
                 .collect(),
             ..Observed::default()

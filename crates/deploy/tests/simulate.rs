@@ -19,14 +19,14 @@ struct Behavior {
     /// Healthy this long after creation; `None` = never (`dies` at `FAIL_AFTER`).
     ready_after: Option<Millis>,
     /// The health a never-healthy instance ends in.
-    dies: Health,
+    dies: Condition,
     error_rate: f64,
     p99_ms: f64,
 }
 
 const GOOD: Behavior = Behavior {
     ready_after: Some(300),
-    dies: Health::Failed,
+    dies: Condition::Failed,
     error_rate: 0.0,
     p99_ms: 4.0,
 };
@@ -78,7 +78,7 @@ impl Sim {
         };
         for _ in 0..replicas {
             let id = sim.spawn(1);
-            sim.instances.last_mut().unwrap().0.health = Health::Healthy;
+            sim.instances.last_mut().unwrap().0.health = Condition::Healthy;
             sim.route.members.insert(id);
         }
         sim.route.weights.insert(1, 100);
@@ -93,7 +93,7 @@ impl Sim {
             InstanceObs {
                 id: id.clone(),
                 release,
-                health: Health::Starting,
+                health: Condition::Starting,
                 drift: None,
             },
             self.now,
@@ -116,7 +116,7 @@ impl Sim {
             let w = f64::from(*self.route.weights.get(&release).unwrap_or(&0)) / 100.0;
             let b = self.behaviors[&release];
             let requests = (RPS * w * secs) as u64;
-            Window {
+            Measurement {
                 requests,
                 errors: (requests as f64 * b.error_rate).round() as u64,
                 p99_ms: if requests == 0 { 0.0 } else { b.p99_ms },
@@ -154,11 +154,11 @@ impl Sim {
         self.now += TICK;
         let now = self.now;
         for (i, created) in &mut self.instances {
-            if i.health != Health::Starting {
+            if i.health != Condition::Starting {
                 continue;
             }
             match self.behaviors[&i.release].ready_after {
-                Some(after) if now - *created >= after => i.health = Health::Healthy,
+                Some(after) if now - *created >= after => i.health = Condition::Healthy,
                 None if now - *created >= FAIL_AFTER => i.health = self.behaviors[&i.release].dies,
                 _ => {}
             }
@@ -171,7 +171,7 @@ impl Sim {
             let (i, _) = self.instances.iter().find(|(i, _)| &i.id == m).unwrap();
             assert_eq!(
                 i.health,
-                Health::Healthy,
+                Condition::Healthy,
                 "{m} is routed but {:?}",
                 i.health
             );
@@ -562,7 +562,7 @@ fn steady_state_replaces_failures_and_drift_and_retires_previous() {
         .find(|(i, _)| i.id == victim)
         .unwrap()
         .0
-        .health = Health::Failed;
+        .health = Condition::Failed;
     for _ in 0..10 {
         tick(&mut sim);
     }
@@ -632,7 +632,7 @@ fn sigkilled_instances_abort_the_rollout_naming_the_signal() {
     // healthy)", with no word of the signal.
     let killed = Behavior {
         ready_after: None,
-        dies: Health::Exited { code: Some(137) },
+        dies: Condition::Exited { code: Some(137) },
         ..GOOD
     };
     let mut sim = Sim::new(rolling(1, 0), 2, killed);
@@ -647,7 +647,7 @@ fn sigkilled_instances_abort_the_rollout_naming_the_signal() {
 }
 
 /// One instance in a destroy-reason fixture: id, release, health, drift.
-type Inst = (&'static str, u64, Health, Option<&'static str>);
+type Inst = (&'static str, u64, Condition, Option<&'static str>);
 
 /// Checks what `decide` destroys, in order, and the `last_failure` it records, for release 2
 /// replacing release 1 (2 replicas, `keep_previous` 60s) in `phase`, at 100s (the rollout
@@ -695,8 +695,8 @@ fn check_destroys(
 
 #[test]
 fn every_destroy_names_its_reason() {
+    use Condition::{Exited, Failed, Healthy, Starting, Unhealthy};
     use DestroyReason as R;
-    use Health::{Exited, Failed, Healthy, Starting, Unhealthy};
     let done = || Phase::Completed { at_ms: 90_000 };
     let progressing = || Phase::Progressing;
 
@@ -870,7 +870,7 @@ fn destroy_reasons_read_as_text() {
 
 #[test]
 fn steady_route_is_the_table_a_completed_rollout_publishes() {
-    use Health::{Healthy, Starting};
+    use Condition::{Healthy, Starting};
     let goal = Goal {
         release: 2,
         stable: Some(1),

@@ -329,14 +329,14 @@ pub struct Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
     /// The canary release.
-    pub canary: Window,
+    pub canary: Measurement,
     /// The stable release, over the same window.
-    pub stable: Window,
+    pub stable: Measurement,
 }
 
 /// What the router measured for one release over a step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Window {
+pub struct Measurement {
     /// Requests that completed.
     pub requests: u64,
     /// Failed ones.

@@ -21,7 +21,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 pub use chain::{GENESIS, VerifyError, VerifyReport};
-pub use event::{Cause, Event, StepMetrics, Verdict, Window};
+pub use event::{Cause, Event, Measurement, StepMetrics, Verdict};
 
 /// What can go wrong with the ledger.
 #[derive(Debug, thiserror::Error)]

@@ -254,7 +254,7 @@ impl App {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::route::Release;
+    use crate::route::RouteRelease;
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
@@ -266,7 +266,7 @@ mod tests {
         App::new(config)
     }
 
-    fn table(releases: Vec<Release>) -> RouteTable {
+    fn table(releases: Vec<RouteRelease>) -> RouteTable {
         RouteTable::new(releases).unwrap()
     }
 
@@ -284,10 +284,18 @@ mod tests {
     #[test]
     fn route_changes_report_added_and_removed_instances() {
         let app = app(Duration::from_secs(1));
-        let change = app.set_route(&table(vec![Release::new("r1", 1, &[addr(1), addr(2)])]));
+        let change = app.set_route(&table(vec![RouteRelease::new(
+            "r1",
+            1,
+            &[addr(1), addr(2)],
+        )]));
         assert_eq!(change.added, [addr(1), addr(2)]);
         assert!(change.removed.is_empty());
-        let change = app.set_route(&table(vec![Release::new("r2", 1, &[addr(2), addr(3)])]));
+        let change = app.set_route(&table(vec![RouteRelease::new(
+            "r2",
+            1,
+            &[addr(2), addr(3)],
+        )]));
         assert_eq!(change.added, [addr(3)]);
         assert_eq!(change.removed, [addr(1)]);
         assert!(app.snapshot("r1", Duration::from_secs(1)).is_none());
@@ -301,7 +309,7 @@ mod tests {
     fn a_first_response_watch_needs_a_routed_release() {
         let app = app(Duration::from_secs(30));
         assert!(!app.watch_first_response("r1"));
-        app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        app.set_route(&table(vec![RouteRelease::new("r1", 1, &[addr(1)])]));
         assert!(app.watch_first_response("r1"));
         assert_eq!(app.first_response("r1"), None);
         let at = tokio::time::Instant::now();
@@ -312,10 +320,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn drain_waits_for_in_flight_requests() {
         let app = app(Duration::from_secs(30));
-        app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        app.set_route(&table(vec![RouteRelease::new("r1", 1, &[addr(1)])]));
         let request = acquire(&app, 1);
         assert_eq!(app.drain(addr(1)).await, DrainOutcome::StillRouted);
-        app.set_route(&table(vec![Release::new("r2", 1, &[addr(2)])]));
+        app.set_route(&table(vec![RouteRelease::new("r2", 1, &[addr(2)])]));
         let drain = tokio::spawn(app.drain(addr(1)));
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!drain.is_finished(), "a request is still in flight");
@@ -329,7 +337,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn drain_gives_up_after_the_drain_timeout() {
         let app = app(Duration::from_secs(5));
-        app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        app.set_route(&table(vec![RouteRelease::new("r1", 1, &[addr(1)])]));
         let _stuck = acquire(&app, 1);
         app.set_route(&RouteTable::empty());
         let started = tokio::time::Instant::now();
@@ -343,12 +351,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_instance_routed_again_while_draining_is_not_drained() {
         let app = app(Duration::from_secs(30));
-        app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        app.set_route(&table(vec![RouteRelease::new("r1", 1, &[addr(1)])]));
         let request = acquire(&app, 1);
         app.set_route(&RouteTable::empty());
         let drain = tokio::spawn(app.drain(addr(1)));
         tokio::task::yield_now().await;
-        let change = app.set_route(&table(vec![Release::new("r1", 1, &[addr(1)])]));
+        let change = app.set_route(&table(vec![RouteRelease::new("r1", 1, &[addr(1)])]));
         assert_eq!(change.added, [addr(1)]);
         // The re-added instance keeps counting the request that was in flight.
         assert_eq!(app.in_flight(addr(1)), 1);

@@ -45,7 +45,7 @@ pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};
 pub use error::{ConfigError, ListenerError, RouteError};
 pub use listener::Listener;
-pub use route::{Instance, Release, RouteTable};
+pub use route::{Instance, RouteRelease, RouteTable};
 pub use stats::{Snapshot, WINDOW_MAX_SECONDS, render_prometheus};
 pub use sticky::STICKY_COOKIE;
 pub use workers::{Serving, Workers, WorkersConfig};

@@ -20,12 +20,12 @@ pub(crate) const MAX_CYCLE: u64 = 1 << 16;
 /// Where an app's traffic goes: its releases, their weights and their instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteTable {
-    releases: Vec<Release>,
+    releases: Vec<RouteRelease>,
 }
 
 /// One release in a route table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Release {
+pub struct RouteRelease {
     /// The release's name (`1` to `64` of `A-Z a-z 0-9 . _ -`), e.g. `r12`; it is carried in
     /// the sticky cookie, the preview header and metric labels.
     pub name: String,
@@ -56,11 +56,11 @@ impl Instance {
     }
 }
 
-impl Release {
+impl RouteRelease {
     /// A release with healthy instances at `addrs`.
     #[must_use]
-    pub fn new(name: impl Into<String>, weight: u32, addrs: &[SocketAddr]) -> Release {
-        Release {
+    pub fn new(name: impl Into<String>, weight: u32, addrs: &[SocketAddr]) -> RouteRelease {
+        RouteRelease {
             name: name.into(),
             weight,
             instances: addrs.iter().copied().map(Instance::healthy).collect(),
@@ -71,7 +71,7 @@ impl Release {
 impl RouteTable {
     /// Validates a table: release names are valid and distinct, no instance appears twice, and
     /// the weights' exact cycle is at most 65,536 picks long.
-    pub fn new(releases: Vec<Release>) -> Result<RouteTable, RouteError> {
+    pub fn new(releases: Vec<RouteRelease>) -> Result<RouteTable, RouteError> {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for (i, release) in releases.iter().enumerate() {
             if !valid_release_name(&release.name) {
@@ -108,7 +108,7 @@ impl RouteTable {
 
     /// The releases, in the order given.
     #[must_use]
-    pub fn releases(&self) -> &[Release] {
+    pub fn releases(&self) -> &[RouteRelease] {
         &self.releases
     }
 }
@@ -323,26 +323,32 @@ mod tests {
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         assert!(
             RouteTable::new(vec![
-                Release::new("r1", 1, &[a]),
-                Release::new("r2", 1, &[b])
+                RouteRelease::new("r1", 1, &[a]),
+                RouteRelease::new("r2", 1, &[b])
             ])
             .is_ok()
         );
         for (table, want) in [
             (
-                vec![Release::new("r1", 1, &[a]), Release::new("r1", 1, &[b])],
+                vec![
+                    RouteRelease::new("r1", 1, &[a]),
+                    RouteRelease::new("r1", 1, &[b]),
+                ],
                 "release \"r1\" appears twice in the route table",
             ),
             (
-                vec![Release::new("r1", 1, &[a]), Release::new("r2", 1, &[a])],
+                vec![
+                    RouteRelease::new("r1", 1, &[a]),
+                    RouteRelease::new("r2", 1, &[a]),
+                ],
                 "instance 127.0.0.1:1 appears twice in the route table",
             ),
             (
-                vec![Release::new("r 1", 1, &[a])],
+                vec![RouteRelease::new("r 1", 1, &[a])],
                 "release name \"r 1\" is not valid: use 1 to 64 characters from A-Z a-z 0-9 . _ -",
             ),
             (
-                vec![Release::new("", 1, &[a])],
+                vec![RouteRelease::new("", 1, &[a])],
                 "release name \"\" is not valid: use 1 to 64 characters from A-Z a-z 0-9 . _ -",
             ),
         ] {

@@ -468,7 +468,9 @@ mod tests {
     #[test]
     fn the_rendered_histogram_is_cumulative() {
         let app = App::new(crate::AppConfig::new("shop"));
-        app.set_route(&crate::RouteTable::new(vec![crate::Release::new("r1", 1, &[])]).unwrap());
+        app.set_route(
+            &crate::RouteTable::new(vec![crate::RouteRelease::new("r1", 1, &[])]).unwrap(),
+        );
         let stats = app.all_stats().pop().unwrap();
         stats.record(0, 200, ms(2));
         stats.record(0, 200, ms(20));

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::{Backend, Client, CountingBody, app, router};
 use http_body_util::BodyExt;
 use hyper::{Request, StatusCode};
-use kiln_proxy::{App, Release, RouteTable};
+use kiln_proxy::{App, RouteRelease, RouteTable};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -29,7 +29,7 @@ fn peak_rss() -> u64 {
 async fn a_1_gib_request_body_streams_with_bounded_memory() {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[backend.addr])]).unwrap());
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[backend.addr])]).unwrap());
     let router = router(vec![shop]).await;
     let mut client = Client::connect(router.addr).await;
     // Warm up so that one-time allocations are not counted as growth.

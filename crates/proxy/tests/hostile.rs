@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{app, router_with};
-use kiln_proxy::{App, ListenerConfig, Release, RouteTable};
+use kiln_proxy::{App, ListenerConfig, RouteRelease, RouteTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -99,7 +99,7 @@ fn shop_on(addr: SocketAddr, request_timeout: Duration) -> Arc<App> {
     let mut config = app("shop");
     config.request_timeout = request_timeout;
     let shop = App::new(config);
-    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[addr])]).unwrap());
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[addr])]).unwrap());
     shop
 }
 

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Backend, Wrk, app, router};
-use kiln_proxy::{App, DrainOutcome, Release, RouteTable, render_prometheus};
+use kiln_proxy::{App, DrainOutcome, RouteRelease, RouteTable, render_prometheus};
 
-fn table(releases: Vec<Release>) -> RouteTable {
+fn table(releases: Vec<RouteRelease>) -> RouteTable {
     RouteTable::new(releases).unwrap()
 }
 
@@ -26,8 +26,8 @@ fn table(releases: Vec<Release>) -> RouteTable {
 async fn a_thousand_route_switches_under_load_fail_no_request() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
     let shop = App::new(app("shop"));
-    let to_blue = table(vec![Release::new("blue", 1, &[blue.addr])]);
-    let to_green = table(vec![Release::new("green", 1, &[green.addr])]);
+    let to_blue = table(vec![RouteRelease::new("blue", 1, &[blue.addr])]);
+    let to_green = table(vec![RouteRelease::new("green", 1, &[green.addr])]);
     shop.set_route(&to_blue);
     let router = router(vec![Arc::clone(&shop)]).await;
     let wrk = Wrk::start(&format!("http://{}/", router.addr), 16);
@@ -64,7 +64,7 @@ async fn a_hundred_instance_removals_with_draining_fail_no_request() {
     ];
     let publish = |instances: &[Backend]| {
         let addrs: Vec<SocketAddr> = instances.iter().map(|b| b.addr).collect();
-        shop.set_route(&table(vec![Release::new("r1", 1, &addrs)]))
+        shop.set_route(&table(vec![RouteRelease::new("r1", 1, &addrs)]))
     };
     publish(&instances);
     let router = router(vec![Arc::clone(&shop)]).await;
@@ -164,7 +164,7 @@ async fn a_sigkilled_instance_fails_no_idempotent_request() {
         ChildBackend::start("survivor"),
     );
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new(
+    shop.set_route(&table(vec![RouteRelease::new(
         "r1",
         1,
         &[doomed.addr, survivor.addr],

@@ -13,9 +13,11 @@ use common::{Backend, Client, app, router, router_with};
 use http_body_util::BodyExt;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use kiln_proxy::{App, ListenerConfig, Release, RouteTable, Sticky, TlsFiles, render_prometheus};
+use kiln_proxy::{
+    App, ListenerConfig, RouteRelease, RouteTable, Sticky, TlsFiles, render_prometheus,
+};
 
-fn table(releases: Vec<Release>) -> RouteTable {
+fn table(releases: Vec<RouteRelease>) -> RouteTable {
     RouteTable::new(releases).unwrap()
 }
 
@@ -39,7 +41,7 @@ async fn h2c(
 async fn quick_timeout_router(timeout: Duration) -> (Backend, common::Router) {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
     config.header_read_timeout = timeout;
     let router = router_with(config, vec![shop]).await;
@@ -51,8 +53,8 @@ async fn weights_10_90_give_10_percent_over_10000_requests() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
     let shop = App::new(app("shop"));
     shop.set_route(&table(vec![
-        Release::new("blue", 10, &[blue.addr]),
-        Release::new("green", 90, &[green.addr]),
+        RouteRelease::new("blue", 10, &[blue.addr]),
+        RouteRelease::new("green", 90, &[green.addr]),
     ]));
     let router = router(vec![Arc::clone(&shop)]).await;
 
@@ -110,8 +112,8 @@ async fn the_sticky_cookie_keeps_a_client_on_its_release() {
     config.sticky = Sticky::Cookie;
     let shop = App::new(config);
     shop.set_route(&table(vec![
-        Release::new("blue", 50, &[blue.addr]),
-        Release::new("green", 50, &[green.addr]),
+        RouteRelease::new("blue", 50, &[blue.addr]),
+        RouteRelease::new("green", 50, &[green.addr]),
     ]));
     let router = router(vec![Arc::clone(&shop)]).await;
 
@@ -139,8 +141,8 @@ async fn the_sticky_cookie_keeps_a_client_on_its_release() {
 
     // A release that loses its weight (an aborted canary) lets its sticky clients go.
     shop.set_route(&table(vec![
-        Release::new("blue", 1, &[blue.addr]),
-        Release::new("green", 0, &[green.addr]),
+        RouteRelease::new("blue", 1, &[blue.addr]),
+        RouteRelease::new("green", 0, &[green.addr]),
     ]));
     let mut client = Client::connect(router.addr).await;
     let reply = client
@@ -166,8 +168,16 @@ async fn apps_share_an_address_by_host_and_an_unknown_host_gets_404() {
     let mut blog_config = app("blog");
     blog_config.hosts = vec!["blog.example".into(), "www.blog.example".into()];
     let (shop, blog) = (App::new(shop_config), App::new(blog_config));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
-    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[shop_backend.addr],
+    )]));
+    blog.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[blog_backend.addr],
+    )]));
     let router = router(vec![shop, blog]).await;
 
     let mut client = Client::connect(router.addr).await;
@@ -199,8 +209,8 @@ async fn the_preview_header_pins_a_request_to_a_release() {
     config.preview_header = Some("x-kiln-release".parse().unwrap());
     let shop = App::new(config);
     shop.set_route(&table(vec![
-        Release::new("blue", 1, &[blue.addr]),
-        Release::new("green", 0, &[green.addr]),
+        RouteRelease::new("blue", 1, &[blue.addr]),
+        RouteRelease::new("green", 0, &[green.addr]),
     ]));
     let router = router(vec![shop]).await;
     let mut client = Client::connect(router.addr).await;
@@ -225,8 +235,8 @@ async fn the_preview_header_is_ignored_unless_configured() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
     let shop = App::new(app("shop"));
     shop.set_route(&table(vec![
-        Release::new("blue", 1, &[blue.addr]),
-        Release::new("green", 0, &[green.addr]),
+        RouteRelease::new("blue", 1, &[blue.addr]),
+        RouteRelease::new("green", 0, &[green.addr]),
     ]));
     let router = router(vec![shop]).await;
     let mut client = Client::connect(router.addr).await;
@@ -243,7 +253,7 @@ async fn the_preview_header_is_ignored_unless_configured() {
 async fn forwarding_headers_are_set_and_hop_by_hop_headers_dropped() {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     let mut client = Client::connect(router.addr).await;
     let reply = client
@@ -281,8 +291,16 @@ async fn apps_sharing_an_address_keep_their_own_body_and_head_limits() {
     blog_config.hosts = vec!["blog.example".into()];
     blog_config.max_header_bytes = 32 * 1024;
     let (shop, blog) = (App::new(shop_config), App::new(blog_config));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
-    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[shop_backend.addr],
+    )]));
+    blog.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[blog_backend.addr],
+    )]));
     let router = router(vec![shop, blog]).await;
 
     let upload = |host: &str| {
@@ -470,7 +488,7 @@ async fn an_http2_client_that_never_answers_goaway_is_closed() {
 async fn a_stopping_listener_sends_goaway_to_an_http2_client_that_asked_nothing() {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let listener = kiln_proxy::Listener::bind(
         ListenerConfig::new("127.0.0.1:0".parse().unwrap()),
         vec![shop],
@@ -500,7 +518,7 @@ async fn oversized_bodies_get_413_and_no_instance_gets_503() {
     let mut config = app("shop");
     config.max_body_bytes = Some(1024);
     let shop = App::new(config);
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![Arc::clone(&shop)]).await;
     let mut client = Client::connect(router.addr).await;
     let reply = client
@@ -528,7 +546,7 @@ async fn oversized_bodies_get_413_and_no_instance_gets_503() {
     );
 
     // Every instance unhealthy: the router says so instead of trying one.
-    shop.set_route(&table(vec![Release {
+    shop.set_route(&table(vec![RouteRelease {
         name: "r1".into(),
         weight: 1,
         instances: vec![kiln_proxy::Instance {
@@ -548,7 +566,7 @@ async fn oversized_bodies_get_413_and_no_instance_gets_503() {
 async fn an_instance_that_answers_before_reading_the_body_is_heard() {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     let mut client = Client::connect(router.addr).await;
     // Far more than the socket buffers hold: the router cannot finish sending it before the
@@ -574,7 +592,7 @@ async fn a_client_still_sending_an_unwanted_body_gets_the_answer_and_a_clean_clo
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
     let (mut read, mut write) = stream.into_split();
@@ -627,7 +645,7 @@ async fn a_client_that_shuts_down_its_sending_side_still_gets_its_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
     // The instance answers /slow after a pause, so the end of the client's stream reaches the
@@ -676,7 +694,7 @@ async fn a_get_on_a_reused_connection_the_instance_closed_goes_again_on_a_fresh_
     let backend = closes_reused_connections().await;
     let shop = App::new(app("shop"));
     // One instance: there is no other instance to replay on.
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend])]));
     let router = router(vec![Arc::clone(&shop)]).await;
     let mut client = Client::connect(router.addr).await;
     for _ in 0..5 {
@@ -699,7 +717,7 @@ async fn a_silent_instance_gets_504_and_is_counted() {
     let mut config = app("shop");
     config.request_timeout = Duration::from_millis(200);
     let shop = App::new(config);
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![Arc::clone(&shop)]).await;
     let mut client = Client::connect(router.addr).await;
     let reply = client.get("/hang").await;
@@ -727,7 +745,7 @@ async fn a_dead_instance_is_skipped_by_retrying_the_connect() {
         l.local_addr().unwrap()
     };
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[dead, live.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[dead, live.addr])]));
     let router = router(vec![Arc::clone(&shop)]).await;
     let mut client = Client::connect(router.addr).await;
     for _ in 0..20 {
@@ -758,7 +776,7 @@ fn tls_files(dir: &std::path::Path) -> TlsFiles {
 async fn http2_over_tls_and_h2c_reach_http1_instances() {
     let backend = Backend::start("b").await;
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
 
     // h2c with prior knowledge on a plain listener.
     let plain = router(vec![Arc::clone(&shop)]).await;
@@ -866,7 +884,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 /// A router serving one app, `shop`, whose one release has one instance at `instance`.
 async fn shop_router(instance: std::net::SocketAddr) -> common::Router {
     let shop = App::new(app("shop"));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[instance])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[instance])]));
     router(vec![shop]).await
 }
 
@@ -909,8 +927,16 @@ async fn shop_and_blog() -> (Backend, Backend, common::Router) {
     let mut blog_config = app("blog");
     blog_config.hosts = vec!["blog.example".into()];
     let (shop, blog) = (App::new(shop_config), App::new(blog_config));
-    shop.set_route(&table(vec![Release::new("r1", 1, &[shop_backend.addr])]));
-    blog.set_route(&table(vec![Release::new("r1", 1, &[blog_backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[shop_backend.addr],
+    )]));
+    blog.set_route(&table(vec![RouteRelease::new(
+        "r1",
+        1,
+        &[blog_backend.addr],
+    )]));
     let router = router(vec![shop, blog]).await;
     (shop_backend, blog_backend, router)
 }
@@ -1044,7 +1070,7 @@ async fn a_host_that_is_not_a_host_name_matches_no_wildcard() {
     let mut config = app("shop");
     config.hosts = vec!["*.example.com".into()];
     let shop = App::new(config);
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     // A Host is `uri-host [":" port]` (RFC 9110 §7.2); nginx answers 400 to one with a path
     // separator or a space. An app that builds links from its Host (a password-reset mail)
@@ -1167,7 +1193,7 @@ async fn a_host_cannot_add_elements_to_the_routers_forwarded_header() {
     let mut config = app("shop");
     config.hosts = vec!["*.example.com".into()];
     let shop = App::new(config);
-    shop.set_route(&table(vec![Release::new("r1", 1, &[backend.addr])]));
+    shop.set_route(&table(vec![RouteRelease::new("r1", 1, &[backend.addr])]));
     let router = router(vec![shop]).await;
     // Quoted into the router's own element unescaped, the quote would end the string and
     // start an element of the client's (the last, the one an app behind one proxy believes).

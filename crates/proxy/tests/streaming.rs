@@ -11,12 +11,12 @@ use common::{Backend, app, router};
 use http_body_util::BodyExt;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use kiln_proxy::{App, Release, RouteTable};
+use kiln_proxy::{App, RouteRelease, RouteTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn routed(backend: &Backend) -> (Arc<App>, common::Router) {
     let shop = App::new(app("shop"));
-    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[backend.addr])]).unwrap());
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[backend.addr])]).unwrap());
     let router = router(vec![Arc::clone(&shop)]).await;
     (shop, router)
 }

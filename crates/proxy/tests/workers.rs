@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Backend, Client, app};
-use kiln_proxy::{App, Listener, ListenerConfig, Release, RouteTable, Workers, WorkersConfig};
+use kiln_proxy::{App, Listener, ListenerConfig, RouteRelease, RouteTable, Workers, WorkersConfig};
 use tokio::io::AsyncReadExt;
 
 async fn served_app(backend: &Backend) -> Arc<App> {
     let shop = App::new(app("shop"));
-    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[backend.addr])]).unwrap());
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[backend.addr])]).unwrap());
     shop
 }
 
@@ -213,7 +213,7 @@ async fn rebinding_an_address_loses_no_new_connection() {
     let mut config = app("shop");
     config.drain_timeout = Duration::from_secs(2);
     let shop = App::new(config);
-    shop.set_route(&RouteTable::new(vec![Release::new("r1", 1, &[backend.addr])]).unwrap());
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[backend.addr])]).unwrap());
     let router = Workers::start(WorkersConfig {
         threads: 2,
         pin: false,

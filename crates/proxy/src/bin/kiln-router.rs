@@ -34,7 +34,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use kiln_proxy::{
-    App, AppConfig, Listener, ListenerConfig, Release, RouteTable, Workers, WorkersConfig,
+    App, AppConfig, Listener, ListenerConfig, RouteRelease, RouteTable, Workers, WorkersConfig,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -140,9 +140,9 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
         .unwrap_or_default();
     let tables = |to_green: bool| {
         let (bw, gw) = if to_green { (0, 1) } else { (1, 0) };
-        let mut releases = vec![Release::new("blue", bw, &blue)];
+        let mut releases = vec![RouteRelease::new("blue", bw, &blue)];
         if !green.is_empty() {
-            releases.push(Release::new("green", gw, &green));
+            releases.push(RouteRelease::new("green", gw, &green));
         }
         RouteTable::new(releases).map_err(|e| e.to_string())
     };
