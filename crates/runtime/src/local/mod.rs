@@ -17,6 +17,11 @@
 //! state under `runc/<id>`), and `destroy` removes all of it in an order that is safe to
 //! repeat after a crash at any point: process, runtime state, mounts, files.
 //!
+//! **Invariant:** `instances/`, `layers/` and `runc/` are `0700`, whatever the state
+//! directory's mode: the layers keep images' owners and setuid bits, and the records, logs
+//! and configs are the instances' business. Only the root of each overlay (upper dir, layer
+//! root) is `0755`, because it becomes the instance's own `/`.
+//!
 //! This module does not decide when to replace an instance; it reports state, health and
 //! drift, and the controller decides.
 
@@ -43,6 +48,7 @@ use tokio::task::AbortHandle;
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
 use crate::ports::{self, allocate_port, local_addr};
+use crate::private::private_dir;
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
@@ -151,8 +157,7 @@ impl LocalProvider {
         cfg.state =
             std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
         for dir in ["instances", "layers", "runc"] {
-            let path = cfg.state.join(dir);
-            fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
+            private_dir(&cfg.state.join(dir))?;
         }
         let (drift_tx, _) = broadcast::channel(256);
         let watcher = match Watcher::start(drift_tx.clone()) {
@@ -268,6 +273,7 @@ impl LocalProvider {
         let config_digest = Digest::of(&config);
 
         let dir = self.dir(id);
+        private_dir(&dir)?;
         let rootfs = dir.join("bundle/rootfs");
         for d in [
             rootfs.clone(),
@@ -277,6 +283,11 @@ impl LocalProvider {
         ] {
             fs::create_dir_all(&d).map_err(ProviderError::io("create", &d))?;
         }
+        // The upper dir's mode is the mode of the instance's `/`: 0755 whatever kiln's
+        // umask, or a non-root user in the instance could not reach its own files.
+        let upper = dir.join("upper");
+        fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(ProviderError::io("chmod", &upper))?;
         let config_path = dir.join("bundle/config.json");
         kiln_durable::write(&config_path, &config)
             .map_err(ProviderError::io("write", &config_path))?;
