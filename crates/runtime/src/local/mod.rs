@@ -5,6 +5,8 @@
 //! ```text
 //! layers/sha256-<hex>/            a cached layer (overlay lower dir), shared read-only
 //! layers/sha256-<hex>.tree.json   its metadata as unpacked (for drift)
+//! layers/evicted/sha256-<hex>.<inode>[.tree.json]  a copy that failed verification, kept
+//!                                 while instances created before still run on it
 //! runc/                           the OCI runtime's --root: only kiln's containers
 //! instances/<id>/instance.json    the record a new kiln adopts the instance from
 //! instances/<id>/bundle/          config.json + rootfs (the overlay mount point)
@@ -57,7 +59,7 @@ use crate::types::{
 
 use self::bundle::BundleInput;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
-use self::layers::LayerCache;
+use self::layers::{CachedLayer, InUse, LayerCache};
 use self::logs::LogFiles;
 use self::mounts::{KernelMounter, Mounter};
 use self::record::{HealthRecord, InstanceRecord, ProcIdentity};
@@ -178,6 +180,8 @@ impl LocalProvider {
             drift_tx,
             watcher,
         });
+        // Evicted layers whose last instance went while no kiln ran.
+        provider.sweep_layers();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
         }
@@ -234,11 +238,16 @@ impl LocalProvider {
                 message: e.to_string(),
             })?;
         let mut lower = Vec::new();
+        let mut layer_roots = Vec::new();
         for layer in &resolved.layers {
-            lower.push(
-                self.layers
-                    .ensure(self.images.as_ref(), &spec.image, layer)?,
-            );
+            let ensured = self
+                .layers
+                .ensure(self.images.as_ref(), &spec.image, layer)?;
+            if let (Some((copy, dir)), Some(w)) = (ensured.evicted, &self.watcher) {
+                w.layer_moved(&copy, dir);
+            }
+            lower.push(ensured.dir);
+            layer_roots.push(ensured.layer.root);
         }
         if lower.is_empty() {
             lower.push(self.layers.empty_dir()?);
@@ -312,6 +321,7 @@ impl LocalProvider {
                 .unwrap_or_default(),
             runtime: self.runtime.binary().to_owned(),
             labels: spec.labels.clone(),
+            layer_roots,
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),
@@ -340,14 +350,16 @@ impl LocalProvider {
             return;
         }
         let dir = self.dir(id);
-        let layers = record.layer_digests().unwrap_or_default();
-        let with_trees = layers
-            .iter()
-            .filter_map(|d| {
-                self.layers
-                    .tree(d)
-                    .ok()
-                    .map(|t| (d.clone(), self.layers.layer_dir(d), t))
+        let with_trees: Vec<(CachedLayer, PathBuf, layers::Tree)> = record
+            .cached_layers()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(digest, root)| {
+                let tree = self.layers.tree(&digest, root).ok()?;
+                // The copy as its record says (a record older than eviction names none).
+                let root = layers::root_inode(&tree);
+                let dir = self.layers.locate(&digest, Some(root)).0;
+                Some((CachedLayer { digest, root }, dir, tree))
             })
             .collect();
         watcher.watch_instance(
@@ -356,7 +368,7 @@ impl LocalProvider {
                 upper: dir.join("upper"),
                 bundle: dir.join("bundle"),
                 mount_points: bundle::mount_points(&record.writable),
-                layers,
+                layers: with_trees.iter().map(|(c, _, _)| c.clone()).collect(),
                 config_digest: record.config_digest(),
             },
             with_trees,
@@ -478,7 +490,7 @@ impl LocalProvider {
         &self,
         id: &InstanceId,
         record: &InstanceRecord,
-        verified_layers: &mut HashMap<Digest, Vec<(String, &'static str)>>,
+        verified_layers: &mut HashMap<(Digest, Option<u64>), layers::Changes>,
     ) -> Result<Vec<DriftFinding>, ProviderError> {
         let dir = self.dir(id);
         let upper = dir.join("upper");
@@ -489,12 +501,13 @@ impl LocalProvider {
                 .map(|path| DriftFinding::Write { path })
                 .collect();
         findings.extend(config_finding(&dir.join("bundle"), &record.config_digest()));
-        for layer in record.layer_digests().unwrap_or_default() {
-            let changes = match verified_layers.get(&layer) {
+        for (layer, root) in record.cached_layers().unwrap_or_default() {
+            let key = (layer.clone(), root);
+            let changes = match verified_layers.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = self.layers.verify(&layer)?;
-                    verified_layers.insert(layer.clone(), c.clone());
+                    let c = self.layers.verify(&layer, root)?;
+                    verified_layers.insert(key, c.clone());
                     c
                 }
             };
@@ -566,6 +579,42 @@ impl LocalProvider {
                 }
                 Err(e) => tracing::warn!(instance = %id, error = %e, "drift rescan failed"),
             }
+        }
+    }
+
+    /// Removes the evicted layer copies no instance record names any more. A failure is only
+    /// logged: the copies wait for the next destroy or start, and nothing runs from them.
+    fn sweep_layers(&self) {
+        let instances = self.cfg.state.join("instances");
+        let Ok(entries) = fs::read_dir(&instances) else {
+            return;
+        };
+        let mut in_use = InUse::default();
+        for entry in entries.flatten() {
+            let path = entry.path().join("instance.json");
+            if !path.exists() {
+                continue;
+            }
+            let Ok(layers) = InstanceRecord::read(&path).and_then(|r| {
+                r.cached_layers().map_err(|e| ProviderError::Record {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }) else {
+                // A record that cannot be read may name any copy: keep them all.
+                return;
+            };
+            for (digest, root) in layers {
+                match root {
+                    Some(root) => in_use.copies.insert(CachedLayer { digest, root }),
+                    None => in_use.any_copy_of.insert(digest),
+                };
+            }
+        }
+        match self.layers.sweep(&in_use) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "evicted layers no instance runs on removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove evicted layers"),
         }
     }
 
@@ -767,6 +816,7 @@ impl Provider for LocalProvider {
         }
         self.lock_live().remove(id);
         self.remove_files(id)?;
+        self.sweep_layers();
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),
