@@ -316,6 +316,10 @@ fn matches_pattern(pattern: &str, parts: &[&str]) -> bool {
 
 /// Serves the API on a Unix socket until `stop` resolves. A stale socket file (no daemon
 /// answering) is replaced; a live one is an error.
+///
+/// The socket gets its mode from the process umask as it is bound: the kiln binary sets 077
+/// before anything else, so the socket is never connectable by another user, not even in the
+/// moment a chmod after `bind` would leave open; and it lies in the private state directory.
 pub async fn serve_unix(
     path: PathBuf,
     c: Arc<Controller>,
@@ -332,8 +336,6 @@ pub async fn serve_unix(
         std::fs::remove_file(path)?;
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     tokio::pin!(stop);
     loop {
         tokio::select! {

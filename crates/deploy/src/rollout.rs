@@ -848,14 +848,26 @@ fn aborted(goal: &Goal, split: &Split<'_>, obs: &Observed, d: &mut Decision) {
 }
 
 /// The table of the steady state after a rollout: all traffic to the goal release's ready
-/// instances, at most `replicas` of them, lowest ids first. A warm rollback publishes this
-/// same table at once, so the next [`decide`] finds nothing to change.
+/// instances, at most `replicas` of them, lowest ids first; while none is ready, its healthy
+/// drifted ones. A warm rollback publishes this same table at once, so the next [`decide`]
+/// finds nothing to change.
 pub fn steady_route(goal: &Goal, obs: &Observed) -> RouteTarget {
     steady(goal, &Split::of(goal, obs))
 }
 
 fn steady(goal: &Goal, split: &Split<'_>) -> RouteTarget {
-    let ready = split.new_ready();
+    let mut ready = split.new_ready();
+    if ready.is_empty() {
+        // Drift in a layer every instance shares marks them all at once. Rather than fail
+        // every request until a replacement is up, the healthy drifted instances serve until
+        // a clean one is ready; `retire_drifted` then takes them out one per clean instance.
+        ready = split
+            .new
+            .iter()
+            .copied()
+            .filter(|i| i.health == Condition::Healthy)
+            .collect();
+    }
     let r = ready.len().min(goal.replicas as usize);
     route(goal, &ready[..r], 100, &[], 0)
 }

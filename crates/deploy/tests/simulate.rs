@@ -590,6 +590,52 @@ fn steady_state_replaces_failures_and_drift_and_retires_previous() {
     assert_eq!(sim.timeline.last().unwrap(), "retired release 1");
 }
 
+/// The issue: a tampered layer every instance shares drifts them all at once; they left the
+/// route together and requests were answered 503 until a replacement was ready.
+#[test]
+fn instances_all_drifted_at_once_serve_until_a_clean_one_is_ready() {
+    let mut sim = Sim::new(rolling(1, 0), 2, GOOD);
+    assert!(matches!(sim.run(60_000, |_| {}), Phase::Completed { .. }));
+    let drifted: Vec<String> = sim.route.members.iter().cloned().collect();
+    assert_eq!(drifted.len(), 2);
+    for (i, _) in sim.instances.iter_mut() {
+        if drifted.contains(&i.id) {
+            i.drift = Some("layer sha256:aa /www/page.txt modified".into());
+        }
+    }
+    let mut replaced_at = Vec::new();
+    for tick in 0..40 {
+        let d = decide(&sim.goal, &sim.state, &sim.observe(), sim.now);
+        sim.state = d.state;
+        sim.apply(&d.actions);
+        sim.check_invariants();
+        // Never an empty table: drifted instances serve until clean ones take over.
+        assert!(!sim.route.members.is_empty(), "tick {tick}: empty route");
+        let clean = |m: &String| {
+            sim.instances
+                .iter()
+                .any(|(i, _)| &i.id == m && i.drift.is_none())
+        };
+        // Once a clean instance serves, no drifted one does.
+        if sim.route.members.iter().any(clean) {
+            assert!(sim.route.members.iter().all(clean), "{:?}", sim.route);
+        }
+        for id in &drifted {
+            if !replaced_at.contains(id) && !sim.instances.iter().any(|(i, _)| &i.id == id) {
+                replaced_at.push(id.clone());
+            }
+        }
+        sim.advance();
+    }
+    assert_eq!(replaced_at.len(), 2, "both drifted instances were replaced");
+    assert_eq!(sim.route.members.len(), 2);
+    assert!(
+        sim.instances.iter().all(|(i, _)| i.drift.is_none()),
+        "only clean instances are left: {:?}",
+        sim.instances
+    );
+}
+
 fn with_migration(mut d: DeploySpec) -> DeploySpec {
     d.migrate = Some(kiln_spec::Migrate {
         command: vec!["/app".into(), "migrate".into()],

@@ -215,10 +215,11 @@ fn open_dir(root: &OwnedFd, parts: &[Vec<u8>], entry: &str) -> Result<OwnedFd, U
     let mut dir = open_dir(root, &[], entry)?;
     for (i, part) in parts.iter().enumerate() {
         let name = OsStr::from_bytes(part);
-        match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        let created = match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
             Err(e) => return Err(io_err("create parent of", entry)(e)),
-        }
+        };
         dir = rustix::fs::openat2(
             root,
             join(&parts[..=i]),
@@ -227,6 +228,12 @@ fn open_dir(root: &OwnedFd, parts: &[Vec<u8>], entry: &str) -> Result<OwnedFd, U
             resolve_flags(),
         )
         .map_err(io_err("open parent of", entry))?;
+        // A parent the archive does not list is 0755 whatever the umask: kiln runs under
+        // 077, and a 0700 directory would lock an image's non-root user out of its own files.
+        if created {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o755))
+                .map_err(io_err("chmod parent of", entry))?;
+        }
     }
     Ok(dir)
 }

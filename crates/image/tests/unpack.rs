@@ -383,3 +383,23 @@ fn a_hostile_rootfs_tarball_base_is_refused_with_the_entry_named() {
         );
     }
 }
+
+/// kiln runs under umask 077 so its own files are private; the parents an archive does not
+/// list are still 0755, or an image's non-root user could not reach its own files.
+#[test]
+fn unlisted_parents_are_0755_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // Process-wide, and no other test here depends on the umask.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let s = sandbox();
+    run(&s, &archive(&[file("usr/share/page.txt", b"hi")]), &opts()).unwrap();
+    for dir in ["usr", "usr/share"] {
+        let mode = fs::metadata(s.root.join(dir)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{dir}");
+    }
+    let mode = fs::metadata(s.root.join("usr/share/page.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o644);
+}

@@ -5,6 +5,7 @@
 mod cli;
 mod cmd;
 mod output;
+mod state;
 
 use std::process::ExitCode;
 

@@ -8,6 +8,11 @@
 //! **Invariant:** releases and events are never updated or deleted — SQLite triggers refuse
 //! it, and the hash chain exposes anyone who bypasses the triggers.
 //!
+//! **Invariant:** the file and its WAL and shared-memory files are `0600`: the ledger holds
+//! every release's configuration. [`Ledger::open`] creates the file so before SQLite opens it
+//! (SQLite gives the WAL and shared-memory files the database file's mode) and tightens the
+//! files of an older kiln, whatever the process umask.
+//!
 //! **API boundary:** no HTTP, no providers, no clocks: callers pass the time in (milliseconds
 //! since the Unix epoch), which keeps every function deterministic under test.
 
@@ -64,6 +69,16 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
+    /// The ledger's files could not be created or made private.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// A name that cannot be stored as given.
     #[error("invalid {what} {value:?}: {why}")]
     Invalid {
@@ -80,6 +95,39 @@ type Result<T> = std::result::Result<T, Error>;
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
     move |source| Error::Sqlite { op, source }
+}
+
+/// Creates the database file `0600` when missing (SQLite takes an empty file for a new
+/// database) and makes an existing one and its WAL and shared-memory files `0600`.
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { op, path, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("create", path))?;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    for file in [path.to_path_buf(), wal.into(), shm.into()] {
+        match std::fs::metadata(&file) {
+            Ok(md) if md.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io("chmod 600", &file))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("stat", &file)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// A release to record; the ledger assigns its number.
@@ -148,6 +196,7 @@ pub struct Ledger {
 impl Ledger {
     /// Opens (creating and migrating when needed) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Ledger> {
+        make_private(path)?;
         let conn = Connection::open(path).map_err(sql("open"))?;
         Ledger::setup(conn)
     }

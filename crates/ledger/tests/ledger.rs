@@ -223,3 +223,37 @@ fn a_read_only_ledger_cannot_be_written() {
     assert!(l.append("hello", &routed(2), 9_000).is_err());
     assert!(l.verify().unwrap().is_ok());
 }
+
+/// The issue: `ledger.db`, its WAL and its shared-memory file were 0644, so any local user
+/// read every release's configuration.
+#[test]
+fn the_ledger_and_its_wal_are_the_owner_s_alone_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    // The test process runs under the usual 022 umask; the files must not care.
+    let mut l = Ledger::open(&path).unwrap();
+    l.record_release("hello", release("sha256:aaa"), 1_000)
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.path().join(format!("ledger.db{suffix}"));
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    drop(l);
+    // An older kiln's files are tightened when the ledger is opened again.
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.path().join(format!("ledger.db{suffix}"));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let l = Ledger::open(&path).unwrap();
+    assert_eq!(l.releases("hello").unwrap().len(), 1);
+    for suffix in ["", "-wal", "-shm"] {
+        let file = dir.path().join(format!("ledger.db{suffix}"));
+        if file.exists() {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+    }
+}

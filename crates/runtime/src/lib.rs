@@ -15,6 +15,7 @@ pub mod health;
 pub mod image;
 pub mod local;
 mod ports;
+mod private;
 pub mod provider;
 mod rescan;
 pub mod types;

@@ -273,3 +273,100 @@ fn is_zombie(pid: u32) -> bool {
 fn futures_logs(p: &LocalProvider, id: &kiln_runtime::InstanceId) -> String {
     std::fs::read_to_string(p.paths(id).log).unwrap_or_default()
 }
+
+/// `GET path` on 127.0.0.1:`port`; the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(out)
+}
+
+async fn healthy(p: &LocalProvider, id: &kiln_runtime::InstanceId) {
+    let mut health = p.health(id).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        health.wait_for(|h| *h == Health::Healthy),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("not healthy in 10 s; logs:\n{}", futures_logs(p, id)))
+    .unwrap();
+}
+
+/// The issue: a cached layer that failed verification was reused, so the replacement of an
+/// instance drifted by a tampered layer ran the tampered layer too, and drifted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_layer_is_evicted_and_the_next_instance_runs_the_store_s_copy() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let p = provider(&f);
+    let old = p.create(spec(&f, None)).await.unwrap();
+    p.start(&old).await.unwrap();
+    healthy(&p, &old).await;
+    let old_port = p.observe(&old).await.unwrap().port();
+
+    // One byte appended to a file of a cached layer, under the running instance.
+    let layers = f.state.join("layers");
+    let healthz = std::fs::read_dir(&layers)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("www/healthz"))
+        .find(|p| p.exists())
+        .unwrap();
+    let mut drift = p.drift_events();
+    let t0 = Instant::now();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&healthz)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"!").unwrap();
+    drop(file);
+    let report = drift_naming(&mut drift, "/www/healthz", t0).await;
+    assert_eq!(report.instance, old);
+    assert_eq!(http_get(old_port, "/healthz"), "ok\n!");
+
+    // The next instance runs a copy unpacked again from the source, not the tampered one.
+    let new = p.create(spec(&f, None)).await.unwrap();
+    let rootfs = f
+        .state
+        .join("instances")
+        .join(new.as_str())
+        .join("bundle/rootfs");
+    assert_eq!(std::fs::read(rootfs.join("www/healthz")).unwrap(), b"ok\n");
+    assert_eq!(
+        std::fs::read(&healthz).unwrap(),
+        b"ok\n",
+        "the cache holds the store's copy"
+    );
+    p.start(&new).await.unwrap();
+    healthy(&p, &new).await;
+    let new_port = p.observe(&new).await.unwrap().port();
+    assert_eq!(http_get(new_port, "/healthz"), "ok\n");
+    assert_eq!(p.check_drift(&new).await.unwrap(), None);
+    // The old instance is still drifted: it runs the evicted copy.
+    let old_drift = p.check_drift(&old).await.unwrap().expect("still drifted");
+    assert!(
+        old_drift.paths().iter().any(|p| p == "/www/healthz"),
+        "{old_drift:?}"
+    );
+    assert_eq!(http_get(old_port, "/healthz"), "ok\n!");
+    let evicted = layers.join("evicted");
+    assert_eq!(
+        std::fs::read_dir(&evicted).unwrap().count(),
+        2,
+        "a copy and its record"
+    );
+
+    // Once the last instance on it is gone, so is the evicted copy.
+    p.destroy(&old).await.unwrap();
+    assert_eq!(std::fs::read_dir(&evicted).unwrap().count(), 0);
+    assert_eq!(http_get(new_port, "/healthz"), "ok\n");
+    assert_eq!(p.check_drift(&new).await.unwrap(), None);
+    p.destroy(&new).await.unwrap();
+    assert_eq!(mounts_under(&f.state), Vec::<String>::new());
+}

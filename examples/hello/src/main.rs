@@ -13,6 +13,8 @@
 //! - `HELLO_LATENCY_MS=200`: wait that long before answering `/`.
 //! - `HELLO_NEVER_HEALTHY=1`: `/healthz` always answers 503.
 //! - `HELLO_STARTUP_DELAY_MS=500`: wait that long before listening.
+//! - `HELLO_PAGE=/www/page.txt`: answer `/` with that file's content, read at start (a file
+//!   of the image that a test can tell apart from a tampered copy).
 //!
 //! `hello migrate` is a one-shot stand-in for a schema migration (kiln's `[deploy.migrate]`):
 //! it prints what it did and exits 0, or exits 1 when `HELLO_MIGRATION_FAILS=1`.
@@ -40,6 +42,7 @@ struct Knobs {
     latency: Duration,
     never_healthy: bool,
     startup_delay: Duration,
+    page: Option<Bytes>,
 }
 
 impl Knobs {
@@ -62,6 +65,14 @@ impl Knobs {
             latency: Duration::from_millis(env_u64("HELLO_LATENCY_MS")?),
             never_healthy: std::env::var("HELLO_NEVER_HEALTHY").is_ok_and(|v| v == "1"),
             startup_delay: Duration::from_millis(env_u64("HELLO_STARTUP_DELAY_MS")?),
+            page: match std::env::var("HELLO_PAGE") {
+                Ok(path) => Some(
+                    std::fs::read(&path)
+                        .map_err(|e| format!("cannot read HELLO_PAGE {path}: {e}"))?
+                        .into(),
+                ),
+                Err(_) => None,
+            },
         })
     }
 }
@@ -111,6 +122,13 @@ impl App {
                         StatusCode::INTERNAL_SERVER_ERROR,
                         format!("injected failure from {}\n", self.knobs.version),
                     )
+                } else if let Some(page) = &self.knobs.page {
+                    let mut resp = Response::new(Full::new(page.clone()));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    resp
                 } else {
                     text(
                         StatusCode::OK,
@@ -224,6 +242,7 @@ mod tests {
                 latency: Duration::ZERO,
                 never_healthy: false,
                 startup_delay: Duration::ZERO,
+                page: None,
             },
             served: AtomicU64::new(0),
         }

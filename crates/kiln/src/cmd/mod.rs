@@ -15,6 +15,7 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 use crate::output::Output;
+use crate::state::{self, Need};
 
 /// Runs the command the user asked for.
 pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
@@ -23,6 +24,11 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
     cli.global.state = std::path::absolute(&cli.global.state).map_err(|e| {
         anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
     })?;
+    if let Some(need) = state_need(&cli.command) {
+        // Before anything is created: every file from here on is the owner's alone.
+        state::private_umask();
+        state::prepare(&cli.global.state, need)?;
+    }
     match cli.command {
         Command::Validate(args) => spec::validate(&args, out),
         Command::Schema(args) => spec::schema(&args, out),
@@ -49,5 +55,36 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
         Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
         Command::Down(args) => deploy::down(&args, &cli.global.state, out),
+    }
+}
+
+/// Whether a command uses the state directory, and whether it may create it. Commands that
+/// only talk to a daemon still check it: its socket is where they send their requests.
+fn state_need(command: &Command) -> Option<Need> {
+    match command {
+        Command::Validate(_) | Command::Schema(_) | Command::Init(_) | Command::Completions(_) => {
+            None
+        }
+        Command::Build(_)
+        | Command::Images
+        | Command::Image(_)
+        | Command::Gc(_)
+        | Command::Run(_)
+        | Command::Test(_)
+        | Command::Serve(_)
+        | Command::Up(_)
+        | Command::Plan(_)
+        | Command::Apply(_) => Some(Need::Create),
+        Command::Doctor(_)
+        | Command::Rollback(_)
+        | Command::Promote(_)
+        | Command::Abort(_)
+        | Command::Scale(_)
+        | Command::Status(_)
+        | Command::History(_)
+        | Command::Verify
+        | Command::Drift(_)
+        | Command::Logs(_)
+        | Command::Down(_) => Some(Need::Existing),
     }
 }

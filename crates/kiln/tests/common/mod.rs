@@ -325,20 +325,26 @@ pub fn routed(s: &serde_json::Value) -> Vec<String> {
 }
 
 /// Clients sending `GET /` over keep-alive connections until stopped, counting failures
-/// (a non-200 answer or a request that got no answer).
+/// (a non-200 answer or a request that got no answer) and the distinct bodies of the 200s.
 pub struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    bodies: Bodies,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Each distinct body of a 200 answer, with how many times it came.
+pub type Bodies = Arc<std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, u64>>>;
 
 impl Load {
     pub fn start(port: u16, connections: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let bodies = Bodies::default();
         let (s, o, f) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let b = Arc::clone(&bodies);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -348,7 +354,8 @@ impl Load {
                 let mut tasks = Vec::new();
                 for _ in 0..connections {
                     let (s, o, f) = (Arc::clone(&s), Arc::clone(&o), Arc::clone(&f));
-                    tasks.push(tokio::spawn(async move { client(port, s, o, f).await }));
+                    let b = Arc::clone(&b);
+                    tasks.push(tokio::spawn(async move { client(port, s, o, f, b).await }));
                 }
                 for t in tasks {
                     let _ = t.await;
@@ -359,8 +366,14 @@ impl Load {
             stop,
             ok,
             failed,
+            bodies,
             thread: Some(thread),
         }
+    }
+
+    /// The distinct bodies of the 200 answers so far, with their counts.
+    pub fn bodies(&self) -> std::collections::BTreeMap<Vec<u8>, u64> {
+        self.bodies.lock().unwrap().clone()
     }
 
     /// (ok, failed) so far.
@@ -383,7 +396,13 @@ impl Load {
     }
 }
 
-pub async fn client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>) {
+pub async fn client(
+    port: u16,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    bodies: Bodies,
+) {
     use http_body_util::{BodyExt, Empty};
     let mut sender = None;
     while !stop.load(Ordering::SeqCst) {
@@ -411,10 +430,25 @@ pub async fn client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failed
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
         match s.send_request(req).await {
-            Ok(resp) if resp.status() == 200 => {
-                let _ = resp.into_body().collect().await;
-                ok.fetch_add(1, Ordering::SeqCst);
-            }
+            Ok(resp) if resp.status() == 200 => match resp.into_body().collect().await {
+                Ok(body) => {
+                    let body = body.to_bytes();
+                    let mut seen = bodies.lock().unwrap();
+                    match seen.get_mut(body.as_ref()) {
+                        Some(n) => *n += 1,
+                        None => {
+                            seen.insert(body.to_vec(), 1);
+                        }
+                    }
+                    drop(seen);
+                    ok.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    eprintln!("load: body: {e}");
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    sender = None;
+                }
+            },
             Ok(resp) => {
                 let status = resp.status();
                 let body = resp

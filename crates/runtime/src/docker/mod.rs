@@ -241,8 +241,7 @@ impl DockerProvider {
             .await
             .map_err(|e| engine_err(format!("reach the Docker Engine at {host}"), e))?;
         for dir in ["docker", "docker/tmp"] {
-            let path = cfg.state.join(dir);
-            std::fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
+            crate::private::private_dir(&cfg.state.join(dir))?;
         }
         let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
             .short()

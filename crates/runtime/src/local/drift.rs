@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::broadcast;
 
-use crate::local::layers::{Tree, check_path};
+use crate::local::layers::{CachedLayer, Tree, check_path};
 use crate::types::{Digest, DriftFinding, DriftReport, InstanceId};
 
 /// Paths in `upper` that are drift, as the instance sees them (absolute). `mount_points`
@@ -86,8 +86,8 @@ enum Owner {
     Upper(InstanceId, PathBuf),
     /// An instance's bundle directory (its `config.json`).
     Bundle(InstanceId),
-    /// A directory of a cached layer; the string is its path inside the layer.
-    Layer(Digest, String),
+    /// A directory of a cached layer's copy; the string is its path inside the layer.
+    Layer(CachedLayer, String),
 }
 
 /// What the watcher needs to know about one instance.
@@ -96,7 +96,8 @@ pub(crate) struct WatchedInstance {
     pub upper: PathBuf,
     pub bundle: PathBuf,
     pub mount_points: Vec<String>,
-    pub layers: Vec<Digest>,
+    /// The copies of its layers it runs on.
+    pub layers: Vec<CachedLayer>,
     pub config_digest: Digest,
 }
 
@@ -113,7 +114,9 @@ struct WatchedLayer {
 struct Table {
     by_wd: HashMap<WatchDescriptor, Owner>,
     instances: HashMap<InstanceId, (WatchedInstance, Vec<WatchDescriptor>)>,
-    layers: HashMap<Digest, (WatchedLayer, Vec<WatchDescriptor>)>,
+    /// By copy, not digest: after an eviction, the changes seen on the evicted copy are not
+    /// the fresh copy's.
+    layers: HashMap<CachedLayer, (WatchedLayer, Vec<WatchDescriptor>)>,
     /// The last findings published per instance, so a burst of events publishes once.
     published: HashMap<InstanceId, Vec<DriftFinding>>,
 }
@@ -156,7 +159,7 @@ impl Watcher {
         &self,
         id: &InstanceId,
         inst: WatchedInstance,
-        layers: Vec<(Digest, PathBuf, Tree)>,
+        layers: Vec<(CachedLayer, PathBuf, Tree)>,
     ) {
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if table.instances.contains_key(id) {
@@ -169,8 +172,8 @@ impl Watcher {
             table.by_wd.insert(wd.clone(), Owner::Bundle(id.clone()));
             wds.push(wd);
         }
-        for (digest, dir, tree) in layers {
-            if let Some((layer, _)) = table.layers.get_mut(&digest) {
+        for (copy, dir, tree) in layers {
+            if let Some((layer, _)) = table.layers.get_mut(&copy) {
                 layer.users.insert(id.clone());
                 continue;
             }
@@ -179,7 +182,7 @@ impl Watcher {
                 &mut table,
                 &dir,
                 "",
-                &Owner::Layer(digest.clone(), String::new()),
+                &Owner::Layer(copy.clone(), String::new()),
                 &mut lwds,
             );
             let layer = WatchedLayer {
@@ -188,7 +191,7 @@ impl Watcher {
                 users: BTreeSet::from([id.clone()]),
                 changes: BTreeMap::new(),
             };
-            table.layers.insert(digest, (layer, lwds));
+            table.layers.insert(copy, (layer, lwds));
         }
         table.instances.insert(id.clone(), (inst, wds));
     }
@@ -205,20 +208,29 @@ impl Watcher {
             table.by_wd.remove(&wd);
             let _ = watches.remove(wd);
         }
-        for digest in inst.layers {
-            let unused = match table.layers.get_mut(&digest) {
+        for copy in inst.layers {
+            let unused = match table.layers.get_mut(&copy) {
                 Some((layer, _)) => {
                     layer.users.remove(id);
                     layer.users.is_empty()
                 }
                 None => false,
             };
-            if unused && let Some((_, lwds)) = table.layers.remove(&digest) {
+            if unused && let Some((_, lwds)) = table.layers.remove(&copy) {
                 for wd in lwds {
                     table.by_wd.remove(&wd);
                     let _ = watches.remove(wd);
                 }
             }
+        }
+    }
+
+    /// Tells the watcher that an evicted copy's directory moved to `dir` (its watches follow
+    /// the inodes; the paths it checks an event against must follow too).
+    pub(crate) fn layer_moved(&self, copy: &CachedLayer, dir: PathBuf) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((layer, _)) = table.layers.get_mut(copy) {
+            layer.dir = dir;
         }
     }
 
@@ -257,7 +269,7 @@ impl Watcher {
             return;
         };
         let owner_here = match owner {
-            Owner::Layer(d, _) => Owner::Layer(d.clone(), rel.to_owned()),
+            Owner::Layer(c, _) => Owner::Layer(c.clone(), rel.to_owned()),
             Owner::Upper(id, _) => Owner::Upper(id.clone(), dir.to_path_buf()),
             other => other.clone(),
         };
@@ -299,13 +311,13 @@ impl Watcher {
                     self.recheck(&mut table, &id);
                 }
             }
-            Owner::Layer(digest, dir_rel) => {
+            Owner::Layer(copy, dir_rel) => {
                 let rel = match name {
                     Some(n) => format!("{dir_rel}/{}", n.to_string_lossy()),
                     None if dir_rel.is_empty() => "/".to_owned(),
                     None => dir_rel.clone(),
                 };
-                let users: Vec<InstanceId> = match table.layers.get_mut(&digest) {
+                let users: Vec<InstanceId> = match table.layers.get_mut(&copy) {
                     Some((layer, _)) => {
                         if let Some(change) = check_path(&layer.tree, &layer.dir, &rel) {
                             layer.changes.insert(rel.clone(), change);
@@ -314,12 +326,12 @@ impl Watcher {
                     }
                     None => Vec::new(),
                 };
-                if new_dir && let Some((layer, _)) = table.layers.get(&digest) {
+                if new_dir && let Some((layer, _)) = table.layers.get(&copy) {
                     let dir = layer.dir.join(rel.trim_start_matches('/'));
                     let mut wds = Vec::new();
-                    let owner = Owner::Layer(digest.clone(), rel.clone());
+                    let owner = Owner::Layer(copy.clone(), rel.clone());
                     self.add_tree(&mut table, &dir, &rel, &owner, &mut wds);
-                    if let Some((_, all)) = table.layers.get_mut(&digest) {
+                    if let Some((_, all)) = table.layers.get_mut(&copy) {
                         all.extend(wds);
                     }
                 }
@@ -343,11 +355,11 @@ impl Watcher {
         if let Some(f) = config_finding(&inst.bundle, &inst.config_digest) {
             findings.push(f);
         }
-        for digest in &inst.layers {
-            if let Some((layer, _)) = table.layers.get(digest) {
+        for copy in &inst.layers {
+            if let Some((layer, _)) = table.layers.get(copy) {
                 for (path, change) in &layer.changes {
                     findings.push(DriftFinding::Layer {
-                        layer: digest.clone(),
+                        layer: copy.digest.clone(),
                         path: path.clone(),
                         change,
                     });

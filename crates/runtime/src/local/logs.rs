@@ -41,9 +41,8 @@ impl LogFiles {
     /// Opens the current file for the instance to append to.
     pub(crate) fn open_for_instance(&self) -> io::Result<File> {
         fs::create_dir_all(&self.dir)?;
-        OpenOptions::new()
-            .create(true)
-            .append(true)
+        // The instance's output is its business: the owner's alone, whatever the umask.
+        std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
             .open(self.current())
     }
 

@@ -5,6 +5,8 @@
 //! ```text
 //! layers/sha256-<hex>/            a cached layer (overlay lower dir), shared read-only
 //! layers/sha256-<hex>.tree.json   its metadata as unpacked (for drift)
+//! layers/evicted/sha256-<hex>.<inode>[.tree.json]  a copy that failed verification, kept
+//!                                 while instances created before still run on it
 //! runc/                           the OCI runtime's --root: only kiln's containers
 //! instances/<id>/instance.json    the record a new kiln adopts the instance from
 //! instances/<id>/bundle/          config.json + rootfs (the overlay mount point)
@@ -16,6 +18,11 @@
 //! **Invariant:** everything an instance owns is under `instances/<id>/` (plus its runc
 //! state under `runc/<id>`), and `destroy` removes all of it in an order that is safe to
 //! repeat after a crash at any point: process, runtime state, mounts, files.
+//!
+//! **Invariant:** `instances/`, `layers/` and `runc/` are `0700`, whatever the state
+//! directory's mode: the layers keep images' owners and setuid bits, and the records, logs
+//! and configs are the instances' business. Only the root of each overlay (upper dir, layer
+//! root) is `0755`, because it becomes the instance's own `/`.
 //!
 //! This module does not decide when to replace an instance; it reports state, health and
 //! drift, and the controller decides.
@@ -43,6 +50,7 @@ use tokio::task::AbortHandle;
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
 use crate::ports::{self, allocate_port, local_addr};
+use crate::private::private_dir;
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
@@ -51,7 +59,7 @@ use crate::types::{
 
 use self::bundle::BundleInput;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
-use self::layers::LayerCache;
+use self::layers::{CachedLayer, InUse, LayerCache};
 use self::logs::LogFiles;
 use self::mounts::{KernelMounter, Mounter};
 use self::record::{HealthRecord, InstanceRecord, ProcIdentity};
@@ -151,8 +159,7 @@ impl LocalProvider {
         cfg.state =
             std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
         for dir in ["instances", "layers", "runc"] {
-            let path = cfg.state.join(dir);
-            fs::create_dir_all(&path).map_err(ProviderError::io("create", &path))?;
+            private_dir(&cfg.state.join(dir))?;
         }
         let (drift_tx, _) = broadcast::channel(256);
         let watcher = match Watcher::start(drift_tx.clone()) {
@@ -173,6 +180,8 @@ impl LocalProvider {
             drift_tx,
             watcher,
         });
+        // Evicted layers whose last instance went while no kiln ran.
+        provider.sweep_layers();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
         }
@@ -229,11 +238,16 @@ impl LocalProvider {
                 message: e.to_string(),
             })?;
         let mut lower = Vec::new();
+        let mut layer_roots = Vec::new();
         for layer in &resolved.layers {
-            lower.push(
-                self.layers
-                    .ensure(self.images.as_ref(), &spec.image, layer)?,
-            );
+            let ensured = self
+                .layers
+                .ensure(self.images.as_ref(), &spec.image, layer)?;
+            if let (Some((copy, dir)), Some(w)) = (ensured.evicted, &self.watcher) {
+                w.layer_moved(&copy, dir);
+            }
+            lower.push(ensured.dir);
+            layer_roots.push(ensured.layer.root);
         }
         if lower.is_empty() {
             lower.push(self.layers.empty_dir()?);
@@ -268,6 +282,7 @@ impl LocalProvider {
         let config_digest = Digest::of(&config);
 
         let dir = self.dir(id);
+        private_dir(&dir)?;
         let rootfs = dir.join("bundle/rootfs");
         for d in [
             rootfs.clone(),
@@ -277,6 +292,11 @@ impl LocalProvider {
         ] {
             fs::create_dir_all(&d).map_err(ProviderError::io("create", &d))?;
         }
+        // The upper dir's mode is the mode of the instance's `/`: 0755 whatever kiln's
+        // umask, or a non-root user in the instance could not reach its own files.
+        let upper = dir.join("upper");
+        fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(ProviderError::io("chmod", &upper))?;
         let config_path = dir.join("bundle/config.json");
         kiln_durable::write(&config_path, &config)
             .map_err(ProviderError::io("write", &config_path))?;
@@ -301,6 +321,7 @@ impl LocalProvider {
                 .unwrap_or_default(),
             runtime: self.runtime.binary().to_owned(),
             labels: spec.labels.clone(),
+            layer_roots,
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),
@@ -329,14 +350,16 @@ impl LocalProvider {
             return;
         }
         let dir = self.dir(id);
-        let layers = record.layer_digests().unwrap_or_default();
-        let with_trees = layers
-            .iter()
-            .filter_map(|d| {
-                self.layers
-                    .tree(d)
-                    .ok()
-                    .map(|t| (d.clone(), self.layers.layer_dir(d), t))
+        let with_trees: Vec<(CachedLayer, PathBuf, layers::Tree)> = record
+            .cached_layers()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(digest, root)| {
+                let tree = self.layers.tree(&digest, root).ok()?;
+                // The copy as its record says (a record older than eviction names none).
+                let root = layers::root_inode(&tree);
+                let dir = self.layers.locate(&digest, Some(root)).0;
+                Some((CachedLayer { digest, root }, dir, tree))
             })
             .collect();
         watcher.watch_instance(
@@ -345,7 +368,7 @@ impl LocalProvider {
                 upper: dir.join("upper"),
                 bundle: dir.join("bundle"),
                 mount_points: bundle::mount_points(&record.writable),
-                layers,
+                layers: with_trees.iter().map(|(c, _, _)| c.clone()).collect(),
                 config_digest: record.config_digest(),
             },
             with_trees,
@@ -467,7 +490,7 @@ impl LocalProvider {
         &self,
         id: &InstanceId,
         record: &InstanceRecord,
-        verified_layers: &mut HashMap<Digest, Vec<(String, &'static str)>>,
+        verified_layers: &mut HashMap<(Digest, Option<u64>), layers::Changes>,
     ) -> Result<Vec<DriftFinding>, ProviderError> {
         let dir = self.dir(id);
         let upper = dir.join("upper");
@@ -478,12 +501,13 @@ impl LocalProvider {
                 .map(|path| DriftFinding::Write { path })
                 .collect();
         findings.extend(config_finding(&dir.join("bundle"), &record.config_digest()));
-        for layer in record.layer_digests().unwrap_or_default() {
-            let changes = match verified_layers.get(&layer) {
+        for (layer, root) in record.cached_layers().unwrap_or_default() {
+            let key = (layer.clone(), root);
+            let changes = match verified_layers.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = self.layers.verify(&layer)?;
-                    verified_layers.insert(layer.clone(), c.clone());
+                    let c = self.layers.verify(&layer, root)?;
+                    verified_layers.insert(key, c.clone());
                     c
                 }
             };
@@ -555,6 +579,42 @@ impl LocalProvider {
                 }
                 Err(e) => tracing::warn!(instance = %id, error = %e, "drift rescan failed"),
             }
+        }
+    }
+
+    /// Removes the evicted layer copies no instance record names any more. A failure is only
+    /// logged: the copies wait for the next destroy or start, and nothing runs from them.
+    fn sweep_layers(&self) {
+        let instances = self.cfg.state.join("instances");
+        let Ok(entries) = fs::read_dir(&instances) else {
+            return;
+        };
+        let mut in_use = InUse::default();
+        for entry in entries.flatten() {
+            let path = entry.path().join("instance.json");
+            if !path.exists() {
+                continue;
+            }
+            let Ok(layers) = InstanceRecord::read(&path).and_then(|r| {
+                r.cached_layers().map_err(|e| ProviderError::Record {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }) else {
+                // A record that cannot be read may name any copy: keep them all.
+                return;
+            };
+            for (digest, root) in layers {
+                match root {
+                    Some(root) => in_use.copies.insert(CachedLayer { digest, root }),
+                    None => in_use.any_copy_of.insert(digest),
+                };
+            }
+        }
+        match self.layers.sweep(&in_use) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "evicted layers no instance runs on removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove evicted layers"),
         }
     }
 
@@ -756,6 +816,7 @@ impl Provider for LocalProvider {
         }
         self.lock_live().remove(id);
         self.remove_files(id)?;
+        self.sweep_layers();
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),

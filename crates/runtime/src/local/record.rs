@@ -37,6 +37,11 @@ pub(crate) struct InstanceRecord {
     /// Added after version 1 records were first written; absent means none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The root inode of the cached copy of each layer the instance runs on, in the order of
+    /// `layers`: after an eviction it tells the evicted copy from the fresh one. Absent in
+    /// records written before layers were evicted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_roots: Vec<u64>,
 }
 
 /// `[service.health]` as recorded.
@@ -108,6 +113,18 @@ impl InstanceRecord {
 
     pub(crate) fn layer_digests(&self) -> Result<Vec<Digest>, crate::types::InvalidDigest> {
         self.layers.iter().map(|l| Digest::parse(l)).collect()
+    }
+
+    /// Each layer with the root inode of the copy the instance runs on, when recorded.
+    pub(crate) fn cached_layers(
+        &self,
+    ) -> Result<Vec<(Digest, Option<u64>)>, crate::types::InvalidDigest> {
+        let roots = self.layer_roots.iter().copied().map(Some);
+        Ok(self
+            .layer_digests()?
+            .into_iter()
+            .zip(roots.chain(std::iter::repeat(None)))
+            .collect())
     }
 
     pub(crate) fn config_digest(&self) -> Digest {
