@@ -161,7 +161,8 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     .expect("the drifted instance was not replaced");
     let _ = stop.send(());
     runner.await.unwrap();
-    let s = settle(&c, "web", "completed").await;
+    // Its destroy runs in the background after the event: wait for a listing without it.
+    let s = settle_without(&c, "web", &drifted).await;
     assert!(
         !s.instances.iter().any(|i| i.id == drifted.to_string()),
         "{s:?}"
