@@ -30,6 +30,10 @@ use crate::executor::Executor;
 use crate::gate::Attestations;
 use crate::listeners::Listeners;
 
+/// How long `down` waits for the app's creates in flight before it lists what to destroy (a
+/// Docker Engine loading an image takes seconds).
+const CREATES_SETTLE: Duration = Duration::from_secs(30);
+
 /// What the controller needs to start.
 pub struct ControllerConfig {
     /// The state directory (`--state`).
@@ -445,6 +449,11 @@ impl Controller {
         self.exec
             .ledger()
             .put_rollout(app, &serde_json::json!({"down": true}), now)?;
+        // The app is out of `apps`, so no pass starts another create of it; the ones already
+        // begun finish first, or the listing below would miss what they make.
+        if !self.exec.creates_settled(app, CREATES_SETTLE).await {
+            tracing::warn!(app = %app, "creates still running after {CREATES_SETTLE:?}: an instance they make may be left");
+        }
         let mine: Vec<Observation> = self
             .exec
             .provider

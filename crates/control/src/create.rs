@@ -61,6 +61,8 @@ pub(crate) struct Creates {
     /// Incremented as each listing of the provider begins.
     listing: AtomicU64,
     one_at_a_time: tokio::sync::Mutex<()>,
+    /// Woken as each create finishes.
+    finished: tokio::sync::Notify,
 }
 
 impl Creates {
@@ -100,6 +102,14 @@ impl Creates {
         if let Some(c) = lock(&self.in_flight).get_mut(&ticket) {
             c.finished_at = Some(now);
         }
+        self.finished.notify_waiters();
+    }
+
+    /// Whether a create of `app` is running or waiting for its turn.
+    fn busy(&self, app: &str) -> bool {
+        lock(&self.in_flight)
+            .values()
+            .any(|c| c.app == app && c.finished_at.is_none())
     }
 
     /// Forgets `app`'s backoff (a new goal, or `down`).
@@ -135,6 +145,25 @@ impl Executor {
             });
         }
         Ok(())
+    }
+
+    /// Waits until no create of `app` is in flight (for at most `limit`), so that a listing
+    /// shows every instance they made: `down` would otherwise miss an instance whose create
+    /// had begun but not yet recorded it, and leave it running. Whether they all finished.
+    pub async fn creates_settled(&self, app: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let finished = self.creates.finished.notified();
+            tokio::pin!(finished);
+            // Registered before the check, so a create finishing in between still wakes it.
+            finished.as_mut().enable();
+            if !self.creates.busy(app) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return false;
+            }
+        }
     }
 
     async fn create_in_background(&self, ticket: u64, app: &str, release: u64, spec: InstanceSpec) {

@@ -397,3 +397,32 @@ async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replic
     }
     assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn down_during_a_create_destroys_what_the_create_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Arc::new(SlowCreates {
+        fake: Arc::new(FakeProvider::new(true)),
+        delay: Duration::from_secs(3),
+        creates: std::sync::atomic::AtomicU32::new(0),
+    });
+    let provider: Arc<dyn Provider> = slow.clone();
+    let cfg = ControllerConfig {
+        state_dir: dir.path().to_owned(),
+        router: kiln_proxy::WorkersConfig::new(1),
+        attestations: None,
+    };
+    let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))
+        .await
+        .unwrap();
+    c.apply("web", request(free_port(), "1", "")).await.unwrap();
+    // The pass launches both creates; neither has made its instance yet.
+    c.reconcile().await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(slow.fake.list().await.unwrap().is_empty());
+    // `down` now: it waits for them, then destroys what they made; nothing is left running.
+    c.down("web", "test").await.unwrap();
+    assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(slow.fake.list().await.unwrap(), Vec::new());
+}
