@@ -69,7 +69,7 @@ impl AppCtl {
             image: self.image.clone(),
             app: name.to_owned(),
             env: service.env.clone(),
-            writable: service.writable.clone(),
+            writable: service.writable.iter().map(|w| w.path.clone()).collect(),
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: self.stop_grace(),

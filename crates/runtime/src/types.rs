@@ -124,7 +124,7 @@ impl InstanceSpec {
             image,
             app: app.to_owned(),
             env: service.env.clone(),
-            writable: service.writable.clone(),
+            writable: service.writable.iter().map(|w| w.path.clone()).collect(),
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: service.stop_grace,
