@@ -18,6 +18,7 @@ mod ports;
 pub mod provider;
 mod rescan;
 pub mod types;
+mod user;
 
 pub use docker::{DockerConfig, DockerProvider};
 pub use engines::Engines;
@@ -28,5 +29,5 @@ pub use local::{LocalConfig, LocalProvider};
 pub use provider::{Provider, ProviderError};
 pub use types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
-    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation,
+    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation, Tmpfs,
 };

@@ -64,7 +64,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let tmpfs: HashMap<String, String> = spec
         .writable
         .iter()
-        .map(|p| (p.clone(), "rw,nosuid,nodev,size=64m".to_owned()))
+        .map(|w| (w.path.clone(), format!("rw,nosuid,nodev,size={}", w.size)))
         .collect();
     let port_key = format!("{inside}/tcp");
     let mut bindings = HashMap::new();
@@ -248,7 +248,10 @@ mod tests {
             image: Digest::of(b"manifest"),
             app: "web".to_owned(),
             env,
-            writable: vec!["/tmp".to_owned(), "/var/cache/app".to_owned()],
+            writable: vec![
+                crate::types::Tmpfs::new("/tmp", 64 << 20),
+                crate::types::Tmpfs::new("/var/cache/app", 1 << 30),
+            ],
             memory: Some(64 << 20),
             cpus: Some(0.5),
             stop_grace: Duration::from_secs(3),
@@ -258,6 +261,9 @@ mod tests {
             command: None,
             labels: BTreeMap::from([("kiln.release".to_owned(), "4".to_owned())]),
             target: kiln_spec::TargetSpec::default(),
+            user: None,
+            pids: 100,
+            seccomp: kiln_spec::Seccomp::Default,
         }
     }
 

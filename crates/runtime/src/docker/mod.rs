@@ -812,7 +812,7 @@ impl Provider for DockerProvider {
             app: spec.app.clone(),
             image: spec.image.to_string(),
             port,
-            writable: spec.writable.clone(),
+            writable: spec.writable_paths(),
             health: spec.health.as_ref().map(HealthRecord::from),
             stop_grace_ms: ms(spec.stop_grace),
             exec: spec.target.exec.as_str().to_owned(),
