@@ -146,6 +146,32 @@ pub(crate) fn resolve(
     })
 }
 
+/// The `User` a Docker Engine is given, which resolves names in the container itself:
+/// `[service] user` (`root` spelled `0:0`, since a scratch image has no `/etc/passwd` to find
+/// it in), else the image's `User`, else 65534:65534. An image `User` that names root is
+/// refused as [`resolve`] refuses it; a name the image maps to uid 0 cannot be seen from here.
+pub(crate) fn docker_user(
+    requested: Option<&str>,
+    image_user: Option<&str>,
+) -> Result<String, String> {
+    match (requested, image_user) {
+        (Some("root"), _) => Ok("0:0".to_owned()),
+        (Some(u), _) => Ok(u.to_owned()),
+        (None, Some(u)) => {
+            let user = u.split(':').next().unwrap_or(u);
+            if user == "root" || user.parse::<u32>() == Ok(0) {
+                Err(format!(
+                    "the image's User {u:?} is root: an instance runs as root only when the \
+                     spec says so with [service] user = \"root\""
+                ))
+            } else {
+                Ok(u.to_owned())
+            }
+        }
+        (None, None) => Ok(format!("{UNPRIVILEGED}:{UNPRIVILEGED}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -260,6 +286,17 @@ mod tests {
                 (Err(e), Err(w)) => assert!(e.starts_with(w), "{requested:?} {image:?}: {e}"),
                 (got, want) => panic!("{requested:?} {image:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn docker_gets_a_user_string_it_resolves_itself() {
+        assert_eq!(docker_user(None, None).unwrap(), "65534:65534");
+        assert_eq!(docker_user(None, Some("app")).unwrap(), "app");
+        assert_eq!(docker_user(Some("root"), None).unwrap(), "0:0");
+        assert_eq!(docker_user(Some("web"), Some("app")).unwrap(), "web");
+        for root in ["root", "0", "0:0", "root:staff", "00"] {
+            assert!(docker_user(None, Some(root)).is_err(), "{root}");
         }
     }
 }

@@ -51,6 +51,7 @@ use crate::types::{
 };
 
 use self::bundle::BundleInput;
+pub(crate) use self::bundle::OOM_SCORE_ADJ;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
 use self::layers::LayerCache;
 use self::logs::LogFiles;
