@@ -4,7 +4,9 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(runc busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+# golang-github-containers-common: /usr/share/containers/seccomp.json, the seccomp allowlist
+# of every sealed local instance.
+packages=(runc golang-github-containers-common busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

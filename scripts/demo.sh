@@ -5,12 +5,14 @@
 # app and the daemon).
 source "$(dirname "$0")/lib.sh"
 need_cargo
-if ! command -v runc >/dev/null 2>&1; then
+# runc, and the container seccomp profile every sealed instance gets (kiln carries none).
+if ! command -v runc >/dev/null 2>&1 || [ ! -f /usr/share/containers/seccomp.json ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "==> installing runc (the OCI runtime kiln's local provider drives)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runc >/dev/null
+    echo "==> installing runc and the container seccomp profile kiln's local provider needs"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends runc golang-github-containers-common >/dev/null
   else
-    echo "kiln's local provider needs runc and root: run 'sudo apt-get install -y runc', then this script as root" >&2
+    echo "kiln's local provider needs runc, the container seccomp profile and root: run 'sudo apt-get install -y runc golang-github-containers-common', then this script as root" >&2
     exit 1
   fi
 fi

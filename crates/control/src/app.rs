@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kiln_deploy::{Goal, LiveSchema, Phase, RolloutState, RouteTarget};
 use kiln_proxy::AppConfig;
-use kiln_runtime::{Digest, InstanceSpec};
+use kiln_runtime::{Digest, InstanceSpec, Tmpfs};
 
 use crate::config::ReleaseConfig;
 
@@ -69,7 +69,10 @@ impl AppCtl {
             image: self.image.clone(),
             app: name.to_owned(),
             env: service.env.clone(),
-            writable: service.writable.clone(),
+            writable: service
+                .tmpfs()
+                .map(|(path, size)| Tmpfs::new(path, size))
+                .collect(),
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: self.stop_grace(),
@@ -79,6 +82,9 @@ impl AppCtl {
             command,
             labels,
             target: self.config.target(),
+            user: service.user.clone(),
+            pids: service.pids,
+            seccomp: service.seccomp.into(),
         }
     }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use kiln_spec::rules::{self, Broken};
 use kiln_spec::{
     Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
-    ProviderKind, Spec, Sticky, Strategy, TargetSpec,
+    ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec, Writable,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -174,6 +174,106 @@ spelled! {
     }
 }
 
+spelled! {
+    /// `[service] seccomp` as stored.
+    SeccompName {
+        /// `default`: the allowlist.
+        Default = "default",
+        /// `unconfined`: no filter.
+        Unconfined = "unconfined",
+    }
+}
+
+impl Default for SeccompName {
+    /// Releases recorded before the key existed get the allowlist: sealed by default.
+    fn default() -> SeccompName {
+        SeccompName::Default
+    }
+}
+
+impl From<Seccomp> for SeccompName {
+    fn from(s: Seccomp) -> SeccompName {
+        match s {
+            Seccomp::Default => SeccompName::Default,
+            Seccomp::Unconfined => SeccompName::Unconfined,
+        }
+    }
+}
+
+impl From<SeccompName> for Seccomp {
+    fn from(s: SeccompName) -> Seccomp {
+        match s {
+            SeccompName::Default => Seccomp::Default,
+            SeccompName::Unconfined => Seccomp::Unconfined,
+        }
+    }
+}
+
+/// One `[service] writable` entry as stored: the path alone (`"/tmp"`, sized by
+/// `tmpfs_size_bytes`, the only form releases recorded before sizes had) or with its own size
+/// (`{"path": "/var/cache", "size_bytes": 268435456}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritableConfig {
+    /// The tmpfs path.
+    pub path: String,
+    /// Its own size cap; `None` means `tmpfs_size_bytes`.
+    pub size_bytes: Option<u64>,
+}
+
+/// The table form of a [`WritableConfig`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SizedWritable {
+    path: String,
+    size_bytes: u64,
+}
+
+impl Serialize for WritableConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.size_bytes {
+            None => s.serialize_str(&self.path),
+            Some(size_bytes) => SizedWritable {
+                path: self.path.clone(),
+                size_bytes,
+            }
+            .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WritableConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<WritableConfig, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = WritableConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a path or {\"path\", \"size_bytes\"}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WritableConfig, E> {
+                Ok(WritableConfig {
+                    path: v.to_owned(),
+                    size_bytes: None,
+                })
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<WritableConfig, A::Error> {
+                let sized =
+                    SizedWritable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(WritableConfig {
+                    path: sized.path,
+                    size_bytes: Some(sized.size_bytes),
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 impl From<ProviderKind> for ProviderName {
     fn from(p: ProviderKind) -> ProviderName {
         match p {
@@ -311,7 +411,10 @@ pub struct ServiceConfig {
     /// Instance environment.
     pub env: BTreeMap<String, String>,
     /// tmpfs paths.
-    pub writable: Vec<String>,
+    pub writable: Vec<WritableConfig>,
+    /// The size of a tmpfs without its own, in bytes (releases recorded before it: 64 MiB).
+    #[serde(default = "default_tmpfs_size_bytes")]
+    pub tmpfs_size_bytes: u64,
     /// Bytes.
     pub memory: Option<u64>,
     /// Cores.
@@ -320,6 +423,35 @@ pub struct ServiceConfig {
     pub stop_grace_ms: u64,
     /// Health check.
     pub health: HealthConfig,
+    /// `[service] user`; `None` (and releases recorded before it): the image's, else 65534.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The pids limit (releases recorded before it: the spec's default).
+    #[serde(default = "default_pids")]
+    pub pids: u32,
+    /// `default` or `unconfined` (releases recorded before it: `default`).
+    #[serde(default)]
+    pub seccomp: SeccompName,
+}
+
+fn default_tmpfs_size_bytes() -> u64 {
+    ServiceSpec::DEFAULT_TMPFS_SIZE
+}
+
+fn default_pids() -> u32 {
+    ServiceSpec::DEFAULT_PIDS
+}
+
+impl ServiceConfig {
+    /// Each writable path with its size cap in bytes.
+    pub fn tmpfs(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.writable.iter().map(|w| {
+            (
+                w.path.as_str(),
+                w.size_bytes.unwrap_or(self.tmpfs_size_bytes),
+            )
+        })
+    }
 }
 
 /// `[service.health]` as stored.
@@ -514,10 +646,21 @@ impl ReleaseConfig {
                 port: s.port,
                 replicas: s.replicas,
                 env: s.env.clone(),
-                writable: s.writable.clone(),
+                writable: s
+                    .writable
+                    .iter()
+                    .map(|w: &Writable| WritableConfig {
+                        path: w.path.clone(),
+                        size_bytes: w.size,
+                    })
+                    .collect(),
+                tmpfs_size_bytes: s.tmpfs_size,
                 memory: s.memory,
                 cpus: s.cpus,
                 stop_grace_ms: ms(s.stop_grace),
+                user: s.user.clone(),
+                pids: s.pids,
+                seccomp: s.seccomp.into(),
                 health: HealthConfig {
                     path: h.path.clone(),
                     interval_ms: ms(h.interval),
@@ -677,9 +820,18 @@ impl ServiceConfig {
             push_key(&mut field, name);
             p.check(&field, rules::env_var(name, value, true));
         }
-        for (i, b) in rules::writable(self.writable.iter().map(String::as_str)) {
+        for (i, b) in rules::writable(self.writable.iter().map(|w| w.path.as_str())) {
             p.check(&format!("service.writable[{i}]"), Err(b));
         }
+        for (i, w) in self.writable.iter().enumerate() {
+            if let Some(n) = w.size_bytes {
+                p.check(&format!("service.writable[{i}].size_bytes"), rules::size(n));
+            }
+        }
+        p.check(
+            "service.tmpfs_size_bytes",
+            rules::size(self.tmpfs_size_bytes),
+        );
         if let Some(m) = self.memory {
             p.check("service.memory", rules::size(m));
         }
@@ -702,6 +854,10 @@ impl ServiceConfig {
             rules::HEALTH_THRESHOLD.check(h.unhealthy_threshold),
         );
         p.duration("service.health.start_period_ms", h.start_period_ms);
+        if let Some(u) = &self.user {
+            p.check("service.user", rules::user(u));
+        }
+        p.check("service.pids", rules::PIDS.check(self.pids));
     }
 }
 
@@ -904,8 +1060,13 @@ mod tests {
           "A": "1"
         },
         "writable": [
-          "/tmp"
+          "/tmp",
+          {
+            "path": "/data",
+            "size_bytes": 1048576
+          }
         ],
+        "tmpfs_size_bytes": 67108864,
         "memory": null,
         "cpus": null,
         "stop_grace_ms": 10000,
@@ -916,7 +1077,10 @@ mod tests {
           "healthy_threshold": 1,
           "unhealthy_threshold": 3,
           "start_period_ms": 30000
-        }
+        },
+        "user": "app",
+        "pids": 512,
+        "seccomp": "default"
       },
       "deploy": {
         "strategy": "canary",
@@ -976,7 +1140,8 @@ name = "a"
 [service]
 replicas = 2
 env = { A = "1" }
-writable = ["/tmp"]
+writable = ["/tmp", { path = "/data", size = "1MiB" }]
+user = "app"
 [deploy]
 strategy = "canary"
 promote = "manual"
@@ -1012,6 +1177,23 @@ exec = "allow"
         recorded.as_object_mut().unwrap().remove("target");
         let c: ReleaseConfig = serde_json::from_value(recorded).unwrap();
         assert_eq!(c.target(), TargetSpec::default());
+    }
+
+    #[test]
+    fn a_release_recorded_before_sealing_runs_sealed() {
+        let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let service = recorded["service"].as_object_mut().unwrap();
+        for key in ["tmpfs_size_bytes", "user", "pids", "seccomp"] {
+            service.remove(key);
+        }
+        service.insert("writable".to_owned(), serde_json::json!(["/tmp"]));
+        let c = ReleaseConfig::decode(&recorded).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        let s = &c.service;
+        assert_eq!(s.tmpfs().collect::<Vec<_>>(), [("/tmp", 64 << 20)]);
+        assert_eq!(s.user, None);
+        assert_eq!(s.pids, ServiceSpec::DEFAULT_PIDS);
+        assert_eq!(Seccomp::from(s.seccomp), Seccomp::Default);
     }
 
     #[test]
@@ -1135,6 +1317,24 @@ exec = "allow"
     service.writable[2]: writable path "/a/../b" must be absolute and normalised
     service.writable[3]: writable path "/tmp/" must be absolute and normalised
     service.writable[5]: "/x" is listed twice
+
+/service/seccomp = "off"
+    service.seccomp: unknown variant "off", expected "default" or "unconfined"
+
+/service/writable = [7]
+    service.writable[0]: invalid type: integer `7`, expected a path or {"path", "size_bytes"}
+
+/service/writable = [{"path": "/tmp", "size": 1}]
+    service.writable[0].size: unknown field `size`, expected `path` or `size_bytes`
+
+/service/writable = [{"path": "/tmp", "size_bytes": 0}]
+/service/tmpfs_size_bytes = 0
+/service/user = "a:b:c"
+/service/pids = 0
+    service.writable[0].size_bytes: must be greater than zero, got 0
+    service.tmpfs_size_bytes: must be greater than zero, got 0
+    service.user: invalid user "a:b:c"
+    service.pids: must be between 1 and 4194304, got 0
 
 /service/memory = 0
 /service/cpus = -0.5

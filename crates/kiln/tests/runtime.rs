@@ -433,6 +433,7 @@ fn doctor_reports_every_check_as_json() {
             "runtime",
             "overlayfs",
             "cgroups",
+            "seccomp",
             "privileges",
             "state",
             "inotify",
@@ -447,9 +448,9 @@ fn doctor_reports_every_check_as_json() {
             .contains("apt-get install -y runc")
     );
     // No engine is a warning, not a failure: only provider = "docker" needs one.
-    assert_eq!(report["checks"][6]["status"], "warn");
+    assert_eq!(report["checks"][7]["status"], "warn");
     assert!(
-        report["checks"][6]["detail"]
+        report["checks"][7]["detail"]
             .as_str()
             .unwrap()
             .contains("unix:///nonexistent/docker.sock")

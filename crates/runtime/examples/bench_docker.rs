@@ -295,7 +295,7 @@ async fn main() {
         image,
         app: "bench".to_owned(),
         env: BTreeMap::new(),
-        writable: vec!["/tmp".to_owned()],
+        writable: vec![kiln_runtime::Tmpfs::new("/tmp", 64 << 20)],
         memory: Some(64 << 20),
         cpus: None,
         stop_grace: Duration::from_secs(1),
@@ -315,6 +315,9 @@ async fn main() {
             provider: ProviderKind::Docker,
             ..TargetSpec::default()
         },
+        user: None,
+        pids: 512,
+        seccomp: kiln_spec::Seccomp::Default,
     };
     let docker = provider.engine().clone();
 

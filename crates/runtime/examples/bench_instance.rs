@@ -76,7 +76,7 @@ async fn main() {
         image,
         app: "bench".to_owned(),
         env: BTreeMap::new(),
-        writable: vec!["/tmp".to_owned()],
+        writable: vec![kiln_runtime::Tmpfs::new("/tmp", 64 << 20)],
         memory: Some(64 << 20),
         cpus: None,
         stop_grace: Duration::from_secs(1),
@@ -93,6 +93,9 @@ async fn main() {
         command: None,
         labels: Default::default(),
         target: kiln_spec::TargetSpec::default(),
+        user: None,
+        pids: 512,
+        seccomp: kiln_spec::Seccomp::Default,
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

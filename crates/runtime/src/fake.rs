@@ -286,7 +286,7 @@ mod tests {
             image: Digest::of(b"image"),
             app: "hello".to_owned(),
             env: BTreeMap::new(),
-            writable: vec!["/tmp".to_owned()],
+            writable: vec![crate::types::Tmpfs::new("/tmp", 64 << 20)],
             memory: None,
             cpus: None,
             stop_grace: Duration::from_secs(1),
@@ -303,6 +303,9 @@ mod tests {
             command: None,
             labels: BTreeMap::new(),
             target: kiln_spec::TargetSpec::default(),
+            user: None,
+            pids: 512,
+            seccomp: kiln_spec::Seccomp::Default,
         }
     }
 

@@ -19,6 +19,7 @@ mod private;
 pub mod provider;
 mod rescan;
 pub mod types;
+mod user;
 
 pub use docker::{DockerConfig, DockerProvider};
 pub use engines::Engines;
@@ -29,5 +30,5 @@ pub use local::{LocalConfig, LocalProvider};
 pub use provider::{Provider, ProviderError};
 pub use types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
-    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation,
+    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation, Tmpfs,
 };

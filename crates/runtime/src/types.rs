@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 pub use kiln_digest::{Digest, InvalidDigest};
-use kiln_spec::{HealthCheck, ServiceSpec, TargetSpec};
+use kiln_spec::{HealthCheck, Seccomp, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
 /// runc container, so it is checked before it can reach a path or a command line.
@@ -91,8 +91,9 @@ pub struct InstanceSpec {
     pub app: String,
     /// Environment on top of the image's; the provider adds `PORT`.
     pub env: BTreeMap<String, String>,
-    /// Absolute paths that are a fresh tmpfs each; everything else is read-only.
-    pub writable: Vec<String>,
+    /// Absolute paths that are a fresh tmpfs each, with its size cap; everything else is
+    /// read-only.
+    pub writable: Vec<Tmpfs>,
     /// Memory limit in bytes, applied when the host's cgroups allow it.
     pub memory: Option<u64>,
     /// CPU limit in cores, applied when the host's cgroups allow it.
@@ -115,6 +116,34 @@ pub struct InstanceSpec {
     pub labels: BTreeMap<String, String>,
     /// Where it runs (`[target]`): which provider, and that provider's settings.
     pub target: TargetSpec,
+    /// Who the process runs as, as `[service] user` says it (`root`, `UID[:GID]`,
+    /// `NAME[:GROUP]`); `None` means the image's user, or 65534:65534 when it has none. uid 0
+    /// only when this says so.
+    pub user: Option<String>,
+    /// The most processes and threads at once; a provider whose host cannot enforce it
+    /// refuses the instance.
+    pub pids: u32,
+    /// The system-call filter.
+    pub seccomp: Seccomp,
+}
+
+/// One `writable` path: a tmpfs of at most `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tmpfs {
+    /// Absolute and normalised.
+    pub path: String,
+    /// Its size cap in bytes.
+    pub size: u64,
+}
+
+impl Tmpfs {
+    /// A tmpfs at `path` of `size` bytes.
+    pub fn new(path: &str, size: u64) -> Tmpfs {
+        Tmpfs {
+            path: path.to_owned(),
+            size,
+        }
+    }
 }
 
 impl InstanceSpec {
@@ -124,7 +153,10 @@ impl InstanceSpec {
             image,
             app: app.to_owned(),
             env: service.env.clone(),
-            writable: service.writable.clone(),
+            writable: service
+                .tmpfs()
+                .map(|(path, size)| Tmpfs::new(path, size))
+                .collect(),
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: service.stop_grace,
@@ -134,7 +166,15 @@ impl InstanceSpec {
             command: None,
             labels: BTreeMap::new(),
             target: TargetSpec::default(),
+            user: service.user.clone(),
+            pids: service.pids,
+            seccomp: service.seccomp,
         }
+    }
+
+    /// The writable paths alone.
+    pub fn writable_paths(&self) -> Vec<String> {
+        self.writable.iter().map(|w| w.path.clone()).collect()
     }
 }
 

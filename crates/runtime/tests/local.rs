@@ -29,10 +29,15 @@ fn prerequisites() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     let busybox = Path::new("/bin/busybox").exists();
-    if root && runc && busybox {
+    // Sealed instances get the host's seccomp allowlist, or do not start.
+    let profile = Path::new("/usr/share/containers/seccomp.json").exists();
+    if root && runc && busybox && profile {
         return true;
     }
-    let why = format!("root={root} runc={runc} /bin/busybox={busybox}");
+    let why = format!(
+        "root={root} runc={runc} /bin/busybox={busybox} seccomp profile={profile} \
+         (golang-github-containers-common)"
+    );
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true but the real-runc prerequisites are missing: {why}");
     }
@@ -80,7 +85,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         image: f.image.clone(),
         app: "bb".to_owned(),
         env: BTreeMap::from([("SERVICE".to_owned(), "1".to_owned())]),
-        writable: vec!["/tmp".to_owned()],
+        writable: vec![kiln_runtime::Tmpfs::new("/tmp", 64 << 20)],
         memory: Some(64 << 20),
         cpus: Some(0.5),
         stop_grace: Duration::from_secs(1),
@@ -97,12 +102,20 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         command: command.map(|c| vec!["/bin/busybox".into(), "sh".into(), "-c".into(), c.into()]),
         labels: Default::default(),
         target: kiln_spec::TargetSpec::default(),
+        user: None,
+        pids: 512,
+        seccomp: kiln_spec::Seccomp::Default,
     }
 }
 
 fn provider(f: &Fixture) -> Arc<LocalProvider> {
+    provider_with(f, |_| {})
+}
+
+fn provider_with(f: &Fixture, edit: impl FnOnce(&mut LocalConfig)) -> Arc<LocalProvider> {
     let mut cfg = LocalConfig::new(&f.state, "runc");
     cfg.rescan_interval = Duration::from_millis(500);
+    edit(&mut cfg);
     LocalProvider::new(cfg, Arc::new(f.source.clone())).unwrap()
 }
 
@@ -175,6 +188,50 @@ async fn a_one_off_instance_has_a_read_only_root_and_writable_tmp() {
     p.destroy(&id).await.unwrap();
     assert!(!f.state.join("instances").join(id.as_str()).exists());
     assert_eq!(mounts_under(&f.state), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_host_seccomp_profile_only_an_unconfined_instance_starts() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let p = provider_with(&f, |cfg| {
+        cfg.seccomp_profile = f.state.join("no-such-seccomp.json");
+    });
+    let err = p
+        .create(spec(&f, Some("true")))
+        .await
+        .unwrap_err()
+        .to_string();
+    for said in [
+        "no seccomp allowlist for a sealed instance",
+        "apt-get install -y golang-github-containers-common",
+        "[service] seccomp = \"unconfined\"",
+    ] {
+        assert!(err.contains(said), "{err}");
+    }
+    // Refused before anything was left behind.
+    assert_eq!(
+        std::fs::read_dir(f.state.join("instances"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(mounts_under(&f.state), Vec::<String>::new());
+
+    let mut unconfined = spec(&f, Some("grep Seccomp: /proc/self/status"));
+    unconfined.seccomp = kiln_spec::Seccomp::Unconfined;
+    let id = p.create(unconfined).await.unwrap();
+    p.start(&id).await.unwrap();
+    assert_eq!(
+        p.wait(&id).await.unwrap(),
+        Some(0),
+        "{}",
+        logs(&p, &id).await
+    );
+    assert!(logs(&p, &id).await.contains("Seccomp:\t0"));
+    p.destroy(&id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,9 @@ pub enum Kind {
     Table(&'static [Field]),
     /// An array of tables (`[[image.copy]]`).
     TableList(&'static [Field]),
+    /// A list whose items are each a path string or an inline table of these fields, one of
+    /// them a required `path` (`writable = ["/tmp", { path = "/var/cache", size = "1GiB" }]`).
+    PathList(&'static [Field]),
 }
 
 const fn field(key: &'static str, kind: Kind, doc: &'static str) -> Field {
@@ -256,19 +259,30 @@ const SERVICE: &[Field] = &[
     ),
     field(
         "writable",
-        Kind::StringList,
-        "Absolute paths mounted as tmpfs, the only places an instance can write. Everything \
-         else is read-only.",
+        Kind::PathList(WRITABLE),
+        "Absolute paths mounted as tmpfs, the only places an instance can write: `\"/tmp\"`, \
+         or `{ path = \"/var/cache\", size = \"256MiB\" }` to give one its own size. \
+         Everything else is read-only. Each is `nosuid,nodev`, writable by the instance's user \
+         (mode `1777`), and capped at its size: a write past it fails with `ENOSPC`.",
+    ),
+    default(
+        "tmpfs_size",
+        Kind::Size,
+        "\"64MiB\"",
+        "The size cap of each `writable` tmpfs that sets no `size` of its own. What is written \
+         there is memory, counted against `memory`.",
     ),
     field(
         "memory",
         Kind::Size,
-        "Memory limit per instance, e.g. `\"256MiB\"`.",
+        "Memory limit per instance, e.g. `\"256MiB\"`. The host must enforce it (the memory \
+         cgroup controller), or the instance does not start.",
     ),
     field(
         "cpus",
         Kind::Positive,
-        "CPU limit per instance, in cores (e.g. `0.5`).",
+        "CPU limit per instance, in cores (e.g. `0.5`). The host must enforce it (the cpu \
+         cgroup controller), or the instance does not start.",
     ),
     default(
         "stop_grace",
@@ -277,9 +291,51 @@ const SERVICE: &[Field] = &[
         "How long an instance has to exit after SIGTERM before it is killed.",
     ),
     field(
+        "user",
+        Kind::String,
+        "Who an instance's process runs as: `\"root\"`, `\"UID[:GID]\"` or \
+         `\"NAME[:GROUP]\"` (names are looked up in the image's `/etc/passwd` and \
+         `/etc/group`). Default: the image's `User`, or the unprivileged `65534:65534` when it \
+         sets none. An instance runs as uid 0 only when this key says so; root keeps one \
+         capability (`NET_BIND_SERVICE`), any other user none.",
+    ),
+    default(
+        "pids",
+        Kind::Integer(rules::PIDS),
+        "512",
+        "The most processes and threads an instance may have at once; a fork past it fails. \
+         The host must enforce it (the pids cgroup controller), or the instance does not start.",
+    ),
+    default(
+        "seccomp",
+        Kind::Enum(SECCOMP),
+        "\"default\"",
+        "The system calls an instance may make. `default`: an allowlist — on the local \
+         provider the host's container profile (`/usr/share/containers/seccomp.json`, from \
+         Debian's `golang-github-containers-common`; without it instances do not start) with \
+         namespace creation refused, on docker the engine's default profile. `unconfined`: no \
+         filter at all, an explicit weakening.",
+    ),
+    field(
         "health",
         Kind::Table(HEALTH),
         "How kiln decides an instance may receive traffic.",
+    ),
+];
+
+/// What `[service] seccomp` accepts.
+pub const SECCOMP: &[&str] = &["default", "unconfined"];
+
+const WRITABLE: &[Field] = &[
+    required(
+        "path",
+        Kind::String,
+        "The absolute, normalised path to mount a tmpfs on.",
+    ),
+    field(
+        "size",
+        Kind::Size,
+        "Its size cap, e.g. `\"256MiB\"`; default: `tmpfs_size`.",
     ),
 ];
 
@@ -540,7 +596,7 @@ pub fn table_fields(path: &str) -> Option<&'static [Field]> {
     for part in path.split('.') {
         let f = fields.iter().find(|f| f.key == part)?;
         fields = match f.kind {
-            Kind::Table(fs) | Kind::TableList(fs) => fs,
+            Kind::Table(fs) | Kind::TableList(fs) | Kind::PathList(fs) => fs,
             _ => return None,
         };
     }

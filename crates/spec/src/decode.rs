@@ -34,6 +34,17 @@ pub(crate) enum Value {
     Ratio(f64),
     Table(Table),
     Tables(Vec<Table>),
+    Paths(Vec<PathItem>),
+}
+
+/// One item of a [`Kind::PathList`]: a path, written alone or in a table with more fields.
+#[derive(Debug, Clone)]
+pub(crate) struct PathItem {
+    pub path: String,
+    /// Where the path string is.
+    pub span: Span,
+    /// The item's table when it was written as one (its `path` is checked to be there).
+    pub table: Option<Table>,
 }
 
 /// One present (or defaulted) key.
@@ -200,7 +211,7 @@ pub(crate) fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> O
 fn home_of(name: &str) -> Option<String> {
     fn walk(path: &str, fields: &[Field], name: &str) -> Option<String> {
         for f in fields {
-            if let Kind::Table(sub) | Kind::TableList(sub) = &f.kind {
+            if let Kind::Table(sub) | Kind::TableList(sub) | Kind::PathList(sub) = &f.kind {
                 let p = if path.is_empty() {
                     f.key.to_owned()
                 } else {
@@ -448,6 +459,51 @@ fn decode_value(
                 diags.push(type_error(key, span, "a table", v));
                 None
             }
+        },
+        Kind::PathList(fields) => match v.as_array() {
+            Some(items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(s) = item.get_ref().as_str() {
+                        out.push(PathItem {
+                            path: s.to_owned(),
+                            span: item.span(),
+                            table: None,
+                        });
+                        continue;
+                    }
+                    let path = format!("{key}[{i}]");
+                    let Some(t) = item.get_ref().as_table() else {
+                        diags.push(
+                            type_error(&path, item.span(), "a path or a table", item.get_ref())
+                                .with_hint(
+                                    "write \"/tmp\" or { path = \"/tmp\", size = \"64MiB\" }",
+                                ),
+                        );
+                        continue;
+                    };
+                    let table = decode_table(&path, fields, t, item.span(), diags);
+                    // A missing `path` was reported by `decode_table`: the item is a hole.
+                    if let Some(Entry {
+                        value: Value::Str(p),
+                        span,
+                        ..
+                    }) = table.entries.get("path")
+                    {
+                        out.push(PathItem {
+                            path: p.clone(),
+                            span: span.clone(),
+                            table: Some(table.clone()),
+                        });
+                    }
+                }
+                Some(Value::Paths(out))
+            }
+            None => bad(
+                diags,
+                format!("expected a list of paths, found {}", v.type_str()),
+                Some("write it as [\"/tmp\", { path = \"/var/cache\", size = \"256MiB\" }]"),
+            ),
         },
         Kind::TableList(fields) => match v.as_array() {
             Some(items) => {

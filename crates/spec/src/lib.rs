@@ -18,7 +18,7 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
-pub use catalog::{Field, Kind, NAME_PATTERN, STRATEGIES};
+pub use catalog::{Field, Kind, NAME_PATTERN, SECCOMP, STRATEGIES};
 pub use diag::{Diagnostic, DiagnosticJson, Position, Report};
 pub use rules::normalised_absolute;
 pub use schema::{json_schema, reference_markdown};

@@ -87,6 +87,12 @@ pub const SCHEMA_VERSION: Bounds = Bounds {
     max: 1_000_000,
 };
 
+/// `[service] pids`: at least the one process, at most the kernel's `PID_MAX_LIMIT`.
+pub const PIDS: Bounds = Bounds {
+    min: 1,
+    max: 4_194_304,
+};
+
 /// A duration key: zero would mean "never wait" or "never finish", so it is always a mistake.
 pub fn duration(d: Duration) -> Result<(), Broken> {
     if d.is_zero() {
@@ -230,6 +236,31 @@ pub fn writable<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<(usize, Bro
         }
     }
     problems
+}
+
+/// `[service] user`: `root`, `UID[:GID]` or `NAME[:GROUP]`, a name made of the characters
+/// POSIX allows in portable user names and not starting with `-`, a number fitting 32 bits.
+pub fn user(u: &str) -> Result<(), Broken> {
+    let part_ok = |p: &str| {
+        let name = !p.is_empty()
+            && p.len() <= 64
+            && !p.starts_with('-')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        let numeric = p.bytes().all(|b| b.is_ascii_digit());
+        name && (!numeric || p.parse::<u32>().is_ok())
+    };
+    let ok = match u.split_once(':') {
+        Some((user, group)) => part_ok(user) && part_ok(group),
+        None => part_ok(u),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Broken::new(format!("invalid user {u:?}")).hint(
+            "write \"root\", \"UID[:GID]\" or \"NAME[:GROUP]\", e.g. \"1000:1000\" or \"app\"",
+        ))
+    }
 }
 
 /// `Some(path)` when `p` is absolute and already normalised (no `.`, `..`, `//` or trailing
@@ -435,6 +466,38 @@ mod tests {
                 command("command", args.iter().copied()).map_err(|b| b.message),
                 Err(want.to_owned())
             );
+        }
+    }
+
+    #[test]
+    fn users_are_root_ids_or_portable_names() {
+        for ok in [
+            "root",
+            "0",
+            "1000:1000",
+            "app",
+            "app:staff",
+            "www-data",
+            "65534:0",
+            "a.b_c",
+        ] {
+            assert_eq!(user(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":",
+            "1000:",
+            ":1000",
+            "a:b:c",
+            "-x",
+            "4294967296",
+            "1:4294967296",
+            "a b",
+            "a\0",
+            "ä",
+            &"a".repeat(65),
+        ] {
+            assert!(user(bad).is_err(), "{bad:?} accepted");
         }
     }
 

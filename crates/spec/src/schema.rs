@@ -80,6 +80,10 @@ fn kind_schema(kind: &Kind) -> Value {
         ]}),
         Kind::Table(fields) => table_schema(fields),
         Kind::TableList(fields) => json!({"type": "array", "items": table_schema(fields)}),
+        Kind::PathList(fields) => json!({"type": "array", "items": {"oneOf": [
+            {"type": "string"},
+            table_schema(fields),
+        ]}}),
     }
 }
 
@@ -106,16 +110,34 @@ pub fn reference_markdown() -> String {
          strings such as `\"256MiB\"` or `\"1GiB\"`. Unknown keys are errors. Paths in the file \
          are relative to the directory of `kiln.toml`.\n",
     );
-    section(&mut out, "", ROOT, false);
+    section(&mut out, "", ROOT, Nesting::Table);
     out
 }
 
-fn section(out: &mut String, path: &str, fields: &[Field], list: bool) {
+/// How a table of fields is nested in its parent.
+#[derive(Clone, Copy)]
+enum Nesting {
+    /// `[a.b]`.
+    Table,
+    /// `[[a.b]]`.
+    TableList,
+    /// The inline tables of a [`Kind::PathList`].
+    PathList,
+}
+
+fn section(out: &mut String, path: &str, fields: &[Field], list: Nesting) {
     out.push('\n');
     match (path.is_empty(), list) {
         (true, _) => out.push_str("## Top level\n\n"),
-        (false, false) => out.push_str(&format!("## `[{path}]`\n\n")),
-        (false, true) => out.push_str(&format!("## `[[{path}]]`\n\n")),
+        (false, Nesting::Table) => out.push_str(&format!("## `[{path}]`\n\n")),
+        (false, Nesting::TableList) => out.push_str(&format!("## `[[{path}]]`\n\n")),
+        (false, Nesting::PathList) => {
+            let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
+            out.push_str(&format!(
+                "## `[{table}] {key}` items\n\nAn item is a path string, or an inline table of \
+                 these keys.\n\n"
+            ));
+        }
     }
     out.push_str("| key | type | default | description |\n| --- | --- | --- | --- |\n");
     let mut nested = Vec::new();
@@ -138,8 +160,9 @@ fn section(out: &mut String, path: &str, fields: &[Field], list: bool) {
             format!("{path}.{}", f.key)
         };
         match &f.kind {
-            Kind::Table(fs) => nested.push((sub, *fs, false)),
-            Kind::TableList(fs) => nested.push((sub, *fs, true)),
+            Kind::Table(fs) => nested.push((sub, *fs, Nesting::Table)),
+            Kind::TableList(fs) => nested.push((sub, *fs, Nesting::TableList)),
+            Kind::PathList(fs) => nested.push((sub, *fs, Nesting::PathList)),
             _ => {}
         }
     }
@@ -168,5 +191,6 @@ fn kind_name(kind: &Kind) -> String {
         Kind::Ratio => "fraction or `\"N%\"`".into(),
         Kind::Table(_) => "table".into(),
         Kind::TableList(_) => "array of tables".into(),
+        Kind::PathList(_) => "list of paths or tables".into(),
     }
 }

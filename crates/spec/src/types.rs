@@ -183,8 +183,10 @@ pub struct ServiceSpec {
     pub replicas: u32,
     /// Instance environment on top of the image's.
     pub env: BTreeMap<String, String>,
-    /// Absolute, normalised tmpfs paths.
-    pub writable: Vec<String>,
+    /// The tmpfs paths, absolute and normalised, each with the size written for it.
+    pub writable: Vec<Writable>,
+    /// The size of a writable tmpfs that sets none, in bytes.
+    pub tmpfs_size: u64,
     /// Memory limit in bytes.
     pub memory: Option<u64>,
     /// CPU limit in cores.
@@ -193,6 +195,65 @@ pub struct ServiceSpec {
     pub stop_grace: Duration,
     /// The health check.
     pub health: HealthCheck,
+    /// Who the process runs as (`root`, `UID[:GID]`, `NAME[:GROUP]`); `None` means the
+    /// image's user, or 65534:65534 when it has none.
+    pub user: Option<String>,
+    /// The most processes and threads at once.
+    pub pids: u32,
+    /// The system-call filter.
+    pub seccomp: Seccomp,
+}
+
+impl ServiceSpec {
+    /// `[service] pids` when absent.
+    pub const DEFAULT_PIDS: u32 = 512;
+    /// `[service] tmpfs_size` when absent: 64 MiB.
+    pub const DEFAULT_TMPFS_SIZE: u64 = 64 << 20;
+
+    /// Each writable path with its size cap in bytes (its own, else `tmpfs_size`).
+    pub fn tmpfs(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.writable
+            .iter()
+            .map(|w| (w.path.as_str(), w.size.unwrap_or(self.tmpfs_size)))
+    }
+}
+
+/// One `[service] writable` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writable {
+    /// Absolute, normalised, not `/`.
+    pub path: String,
+    /// Its own size cap in bytes; `None` means `tmpfs_size`.
+    pub size: Option<u64>,
+}
+
+impl Writable {
+    /// A path with the default size.
+    pub fn path(path: &str) -> Writable {
+        Writable {
+            path: path.to_owned(),
+            size: None,
+        }
+    }
+}
+
+/// `[service] seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seccomp {
+    /// An allowlist: the host's container profile (local) or the engine's default (docker).
+    Default,
+    /// No filter: an explicit weakening.
+    Unconfined,
+}
+
+impl Seccomp {
+    /// The name as `[service] seccomp` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Seccomp::Default => "default",
+            Seccomp::Unconfined => "unconfined",
+        }
+    }
 }
 
 /// `[service.health]`.

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::decode::{Entry, Span, Table, Value};
+use crate::decode::{Entry, PathItem, Span, Table, Value};
 use crate::diag::Diagnostic;
 use crate::rules::{self, Broken, normalised_absolute};
 use crate::types::*;
@@ -84,6 +84,16 @@ impl Table {
                 ..
             } => Some(*n),
             _ => None,
+        }
+    }
+
+    fn paths(&self, key: &str) -> &[PathItem] {
+        match self.entry(key) {
+            Some(Entry {
+                value: Value::Paths(p),
+                ..
+            }) => p,
+            _ => &[],
         }
     }
 
@@ -412,14 +422,25 @@ impl Validator<'_> {
     }
 
     fn service(&mut self, t: &Table) -> ServiceSpec {
-        let listed = t.list("writable").unwrap_or_default();
-        for (i, b) in rules::writable(listed.iter().map(|(w, _)| w.as_str())) {
-            if let Some((_, span)) = listed.get(i) {
+        let listed = t.paths("writable");
+        for (i, b) in rules::writable(listed.iter().map(|w| w.path.as_str())) {
+            if let Some(w) = listed.get(i) {
                 self.diags
-                    .push(broken_at(&t.key_path("writable"), span.clone(), b));
+                    .push(broken_at(&t.key_path("writable"), w.span.clone(), b));
             }
         }
-        let writable = listed.iter().map(|(w, _)| w.clone()).collect();
+        let writable = listed
+            .iter()
+            .map(|w| Writable {
+                path: w.path.clone(),
+                size: w.table.as_ref().and_then(|t| t.size("size")),
+            })
+            .collect();
+        if let Some((u, _)) = t.str("user")
+            && let Err(b) = rules::user(u)
+        {
+            self.broken(t, "user", b);
+        }
         ServiceSpec {
             port: t
                 .int("port")
@@ -442,6 +463,15 @@ impl Validator<'_> {
                     .cloned()
                     .unwrap_or_else(|| defaults_of("service.health")),
             ),
+            tmpfs_size: t
+                .size("tmpfs_size")
+                .unwrap_or(ServiceSpec::DEFAULT_TMPFS_SIZE),
+            user: t.string("user"),
+            pids: to_u32(t.int("pids"), ServiceSpec::DEFAULT_PIDS),
+            seccomp: match t.str("seccomp") {
+                Some(("unconfined", _)) => Seccomp::Unconfined,
+                _ => Seccomp::Default,
+            },
         }
     }
 

@@ -101,6 +101,13 @@ fn full_fixture_has_every_value() {
     assert_eq!(spec.service.memory, Some(256 * 1024 * 1024));
     assert_eq!(spec.service.cpus, Some(0.5));
     assert_eq!(spec.service.health.start_period.as_secs(), 60);
+    assert_eq!(
+        spec.service.tmpfs().collect::<Vec<_>>(),
+        [("/tmp", 16 << 20), ("/var/cache/app", 256 << 20)]
+    );
+    assert_eq!(spec.service.user.as_deref(), Some("app:staff"));
+    assert_eq!(spec.service.pids, 100);
+    assert_eq!(spec.service.seccomp, Seccomp::Unconfined);
     assert_eq!(spec.deploy.max_surge, CountOrPercent::Percent(25));
     assert_eq!(spec.deploy.keep_previous.as_secs(), 3600);
     let Strategy::Canary {
@@ -139,6 +146,11 @@ fn defaults_come_from_the_catalog() {
     assert_eq!(spec.service.stop_grace.as_secs(), 10);
     assert_eq!(spec.service.health.path, None);
     assert_eq!(spec.service.health.unhealthy_threshold, 3);
+    // Sealed unless the spec says otherwise; the catalog's literals are the constants.
+    assert_eq!(spec.service.tmpfs_size, ServiceSpec::DEFAULT_TMPFS_SIZE);
+    assert_eq!(spec.service.pids, ServiceSpec::DEFAULT_PIDS);
+    assert_eq!(spec.service.user, None);
+    assert_eq!(spec.service.seccomp, Seccomp::Default);
     assert_eq!(spec.deploy.strategy, Strategy::Rolling);
     assert_eq!(spec.deploy.max_surge, CountOrPercent::Count(1));
     assert_eq!(spec.deploy.progress_deadline.as_secs(), 300);

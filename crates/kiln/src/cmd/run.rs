@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Args;
 use kiln_runtime::{Engines, Health, InstanceId, InstanceSpec, Provider};
 use kiln_spec::TargetSpec;
-use kiln_spec::{HealthCheck, ServiceSpec};
+use kiln_spec::{HealthCheck, Seccomp, ServiceSpec, Writable};
 
 use super::instance::{StoreImages, engines, spec_if_present, tokio_runtime};
 use super::signals::StopSignals;
@@ -45,13 +45,15 @@ pub struct RunArgs {
 }
 
 /// The `[service]` an image runs with when there is no spec: `/tmp` writable, a TCP health
-/// check, the spec's own defaults otherwise.
+/// check, the spec's own defaults otherwise (sealed: the image's user or 65534, a pids limit,
+/// the seccomp allowlist).
 pub fn default_service() -> ServiceSpec {
     ServiceSpec {
         port: 8080,
         replicas: 1,
         env: BTreeMap::new(),
-        writable: vec!["/tmp".to_owned()],
+        writable: vec![Writable::path("/tmp")],
+        tmpfs_size: ServiceSpec::DEFAULT_TMPFS_SIZE,
         memory: None,
         cpus: None,
         stop_grace: Duration::from_secs(10),
@@ -63,6 +65,9 @@ pub fn default_service() -> ServiceSpec {
             unhealthy_threshold: 3,
             start_period: Duration::from_secs(30),
         },
+        user: None,
+        pids: ServiceSpec::DEFAULT_PIDS,
+        seccomp: Seccomp::Default,
     }
 }
 

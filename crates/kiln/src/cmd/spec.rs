@@ -112,13 +112,29 @@ fn details(spec: &Spec) -> String {
         );
     }
     let v = &spec.service;
+    let writable: Vec<String> = v
+        .tmpfs()
+        .map(|(path, size)| match size % (1 << 20) {
+            0 => format!("{path} ({}MiB)", size >> 20),
+            _ => format!("{path} ({size} bytes)"),
+        })
+        .collect();
     let _ = writeln!(
         s,
-        "service: port {}, {} replicas, writable {:?}, stop grace {}",
+        "service: port {}, {} replicas, writable [{}], stop grace {}",
         v.port,
         v.replicas,
-        v.writable,
+        writable.join(", "),
         d(v.stop_grace)
+    );
+    let _ = writeln!(
+        s,
+        "sealed:  user {}, pids {}, seccomp {}",
+        v.user
+            .as_deref()
+            .unwrap_or("the image's (65534:65534 when it has none)"),
+        v.pids,
+        v.seccomp.as_str()
     );
     let h = &v.health;
     let _ = writeln!(
@@ -260,9 +276,11 @@ entrypoint = ["/app"]
 [service]
 port = 8080               # the app listens on $PORT; kiln sets it
 replicas = 2
-writable = ["/tmp"]       # everything else is read-only
+writable = ["/tmp"]       # everything else is read-only; each tmpfs is 64MiB (tmpfs_size)
 # env = { LOG_LEVEL = "info" }
 # memory = "256MiB"
+# Sealed by default: the image's user (65534 when it has none), pids = 512, the seccomp
+# allowlist. Weakening it is a line here: user = "root", seccomp = "unconfined".
 
 [service.health]
 path = "/healthz"         # TCP connect when absent

@@ -35,11 +35,14 @@ pub fn runc_prerequisites() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     let hello = hello_binary().exists();
-    if root_user && runc && hello {
+    // Sealed instances get the host's seccomp allowlist, or do not start.
+    let seccomp = Path::new("/usr/share/containers/seccomp.json").exists();
+    if root_user && runc && hello && seccomp {
         return true;
     }
     let why = format!(
-        "root={root_user} runc={runc} hello built={hello} (cargo build --release -p hello)"
+        "root={root_user} runc={runc} hello built={hello} (cargo build --release -p hello) \
+         seccomp profile={seccomp} (apt-get install golang-github-containers-common)"
     );
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true but the real-runc prerequisites are missing: {why}");

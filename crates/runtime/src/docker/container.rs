@@ -9,6 +9,8 @@ use bollard::models::{
 };
 use serde_json::{Value, json};
 
+use kiln_spec::Seccomp;
+
 use crate::types::{Digest, InstanceId, InstanceSpec};
 
 /// Labels every kiln container carries.
@@ -36,11 +38,20 @@ pub(crate) struct Wanted<'a> {
     pub image_id: &'a Digest,
     pub port: u16,
     pub state_label: &'a str,
+    /// The `User` the engine resolves in the container (`crate::user::docker_user`).
+    pub user: &'a str,
 }
 
-/// The container create request: read-only root, a tmpfs per writable path, `PORT` (the
-/// spec's container port, else the host port), that port published on 127.0.0.1 only, no restart (kiln replaces), no new privileges, every
-/// capability dropped, limits, capped json-file logs, kiln's labels.
+/// `OomScoreAdj` of every instance, as on the local provider: out of memory, the kernel
+/// kills an instance before the engine or kiln.
+pub(crate) const OOM_SCORE_ADJ: i64 = crate::local::OOM_SCORE_ADJ as i64;
+
+/// The container create request: read-only root, a size-capped `nosuid,nodev` tmpfs per
+/// writable path, `PORT` (the spec's container port, else the host port), that port published
+/// on 127.0.0.1 only, no restart (kiln replaces), the non-root user, no new privileges, every
+/// capability dropped, the engine's default seccomp profile (never switched off unless the
+/// spec says `unconfined`), a pids limit, memory/CPU limits, the OOM score, capped json-file
+/// logs, kiln's labels.
 pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let spec = w.spec;
     let mut env: Vec<String> = spec
@@ -64,8 +75,17 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let tmpfs: HashMap<String, String> = spec
         .writable
         .iter()
-        .map(|p| (p.clone(), "rw,nosuid,nodev,size=64m".to_owned()))
+        .map(|w| {
+            (
+                w.path.clone(),
+                format!("rw,nosuid,nodev,mode=1777,size={}", w.size),
+            )
+        })
         .collect();
+    let mut security_opt = vec!["no-new-privileges".to_owned()];
+    if spec.seccomp == Seccomp::Unconfined {
+        security_opt.push("seccomp=unconfined".to_owned());
+    }
     let port_key = format!("{inside}/tcp");
     let mut bindings = HashMap::new();
     bindings.insert(
@@ -89,6 +109,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
         cmd,
         labels: Some(labels),
         exposed_ports: Some(vec![port_key]),
+        user: Some(w.user.to_owned()),
         stop_timeout: Some(i64::try_from(spec.stop_grace.as_secs()).unwrap_or(i64::MAX)),
         host_config: Some(HostConfig {
             readonly_rootfs: Some(true),
@@ -98,10 +119,12 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
                 name: Some(RestartPolicyNameEnum::NO),
                 maximum_retry_count: None,
             }),
-            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            security_opt: Some(security_opt),
             cap_drop: Some(vec!["ALL".to_owned()]),
             memory: spec.memory.and_then(|m| i64::try_from(m).ok()),
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: Some(i64::from(spec.pids)),
+            oom_score_adj: Some(OOM_SCORE_ADJ),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".to_owned()),
                 config: Some(log),
@@ -156,6 +179,7 @@ pub(crate) fn settings(c: &ContainerInspectResponse) -> BTreeMap<String, Value> 
         put("HostConfig.CpuQuota", json!(h.cpu_quota));
         put("HostConfig.CpuShares", json!(h.cpu_shares));
         put("HostConfig.PidsLimit", json!(h.pids_limit));
+        put("HostConfig.OomScoreAdj", json!(h.oom_score_adj));
         put("HostConfig.CapAdd", json!(h.cap_add));
         put("HostConfig.CapDrop", json!(h.cap_drop));
         put("HostConfig.Privileged", json!(h.privileged));
@@ -174,16 +198,15 @@ pub(crate) fn settings(c: &ContainerInspectResponse) -> BTreeMap<String, Value> 
     out
 }
 
-/// The settings that differ between `expected` and `found`: (name, expected, found).
+/// The settings that differ between `expected` and `found`: (name, expected, found). Only
+/// the settings recorded at create are compared: one a newer kiln started recording is not
+/// drift of a container an older one made.
 pub(crate) fn changed_settings(
     expected: &BTreeMap<String, Value>,
     found: &BTreeMap<String, Value>,
 ) -> Vec<(String, String, String)> {
-    let mut names: Vec<&String> = expected.keys().chain(found.keys()).collect();
-    names.sort();
-    names.dedup();
-    names
-        .into_iter()
+    expected
+        .keys()
         .filter_map(|name| {
             let e = expected.get(name).unwrap_or(&Value::Null);
             let f = found.get(name).unwrap_or(&Value::Null);
@@ -248,7 +271,10 @@ mod tests {
             image: Digest::of(b"manifest"),
             app: "web".to_owned(),
             env,
-            writable: vec!["/tmp".to_owned(), "/var/cache/app".to_owned()],
+            writable: vec![
+                crate::types::Tmpfs::new("/tmp", 64 << 20),
+                crate::types::Tmpfs::new("/var/cache/app", 1 << 30),
+            ],
             memory: Some(64 << 20),
             cpus: Some(0.5),
             stop_grace: Duration::from_secs(3),
@@ -258,6 +284,9 @@ mod tests {
             command: None,
             labels: BTreeMap::from([("kiln.release".to_owned(), "4".to_owned())]),
             target: kiln_spec::TargetSpec::default(),
+            user: None,
+            pids: 100,
+            seccomp: Seccomp::Default,
         }
     }
 
@@ -272,6 +301,7 @@ mod tests {
             image_id: &image_id,
             port: 41000,
             state_label: "abc",
+            user: "65534:65534",
         });
         assert_eq!(body.image.as_deref(), Some(image_id.as_str()));
         // kiln's PORT wins over one in the spec.
@@ -288,6 +318,7 @@ mod tests {
             image_id: &image_id,
             port: 41000,
             state_label: "abc",
+            user: "65534:65534",
         });
         assert!(mapped.env.unwrap().contains(&"PORT=8080".to_owned()));
         assert_eq!(mapped.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
@@ -305,10 +336,27 @@ mod tests {
         let h = body.host_config.unwrap();
         assert_eq!(h.readonly_rootfs, Some(true));
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        // No seccomp option: the engine's default profile applies.
         assert_eq!(h.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+        assert_eq!(body.user.as_deref(), Some("65534:65534"));
         assert_eq!(h.memory, Some(64 << 20));
         assert_eq!(h.nano_cpus, Some(500_000_000));
-        assert_eq!(h.tmpfs.unwrap().len(), 2);
+        assert_eq!(h.pids_limit, Some(100));
+        assert_eq!(h.oom_score_adj, Some(500));
+        let tmpfs: BTreeMap<String, String> = h.tmpfs.unwrap().into_iter().collect();
+        assert_eq!(
+            tmpfs,
+            BTreeMap::from([
+                (
+                    "/tmp".to_owned(),
+                    "rw,nosuid,nodev,mode=1777,size=67108864".to_owned()
+                ),
+                (
+                    "/var/cache/app".to_owned(),
+                    "rw,nosuid,nodev,mode=1777,size=1073741824".to_owned()
+                ),
+            ])
+        );
         let binding = &h.port_bindings.unwrap()["41000/tcp"];
         assert_eq!(
             binding.as_ref().unwrap()[0].host_ip.as_deref(),
@@ -318,6 +366,30 @@ mod tests {
             h.restart_policy.unwrap().name,
             Some(RestartPolicyNameEnum::NO)
         );
+    }
+
+    #[test]
+    fn unconfined_is_the_only_way_seccomp_is_switched_off() {
+        let mut s = spec();
+        s.seccomp = Seccomp::Unconfined;
+        let id = InstanceId::new("web-0123").unwrap();
+        let image_id = Digest::of(b"config");
+        let body = create_body(&Wanted {
+            id: &id,
+            spec: &s,
+            image_id: &image_id,
+            port: 1,
+            state_label: "abc",
+            user: "0:0",
+        });
+        assert_eq!(
+            body.host_config.unwrap().security_opt,
+            Some(vec![
+                "no-new-privileges".to_owned(),
+                "seccomp=unconfined".to_owned()
+            ])
+        );
+        assert_eq!(body.user.as_deref(), Some("0:0"));
     }
 
     #[test]
@@ -332,6 +404,7 @@ mod tests {
             image_id: &image_id,
             port: 1,
             state_label: "abc",
+            user: "65534:65534",
         });
         assert_eq!(
             body.entrypoint,
@@ -351,6 +424,10 @@ mod tests {
         };
         let before = settings(&c);
         assert!(changed_settings(&before, &settings(&c)).is_empty());
+        // A setting the record does not have (recorded by a newer kiln) is not drift.
+        let mut older = before.clone();
+        older.remove("HostConfig.OomScoreAdj");
+        assert!(changed_settings(&older, &settings(&c)).is_empty());
         if let Some(h) = c.host_config.as_mut() {
             h.memory = Some(128 << 20);
         }

@@ -5,9 +5,12 @@
 //!   its config digest, which is the image ID an engine reports), kiln exports it from its
 //!   own store as a docker-archive tagged `kiln.local/image:<manifest hex>` and loads it
 //!   through the API, then checks the ID the engine reports is the config digest it built.
-//! - **Containers as immutable instances**: read-only root, a tmpfs per `writable` path,
-//!   `PORT`, the port published on 127.0.0.1 for the router, no restart policy, no new
-//!   privileges, every capability dropped, limits, labels (`container.rs`).
+//! - **Containers as immutable instances**: read-only root, a size-capped tmpfs per
+//!   `writable` path, `PORT`, the port published on 127.0.0.1 for the router, no restart
+//!   policy, sealed (a non-root user, no new privileges, every capability dropped, the
+//!   engine's default seccomp profile, which kiln never switches off unless the spec says
+//!   `unconfined` and requires the engine to have, a pids limit, the OOM score), limits,
+//!   labels (`container.rs`).
 //! - **Drift**: filesystem changes outside `writable` (`/changes`), runtime settings that
 //!   differ from the ones recorded right after create (`docker update`), a container removed
 //!   or recreated behind kiln's back, and — from the engine's event stream — an `exec` into
@@ -38,14 +41,14 @@ use bollard::query_parameters::{
     StopContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
-use kiln_spec::{ExecPolicy, HealthCheck};
+use kiln_spec::{ExecPolicy, HealthCheck, Seccomp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
-use crate::image::ImageSource;
+use crate::image::{ImageSource, ResolvedImage};
 use crate::local::record::{HealthRecord, ms};
 use crate::ports::{self, allocate_port, local_addr};
 use crate::provider::{Provider, ProviderError};
@@ -149,6 +152,9 @@ pub struct DockerProvider {
     drift_tx: broadcast::Sender<DriftReport>,
     /// One image load at a time (two instances of a new release need it once).
     loading: tokio::sync::Mutex<()>,
+    /// The engine's seccomp profile as its `SecurityOptions` name it (`default`, `builtin`,
+    /// a path, `unconfined`); `None` when it has none. Sealed instances need one.
+    seccomp_profile: Option<String>,
 }
 
 impl std::fmt::Debug for DockerProvider {
@@ -243,6 +249,11 @@ impl DockerProvider {
         for dir in ["docker", "docker/tmp"] {
             crate::private::private_dir(&cfg.state.join(dir))?;
         }
+        let info = docker
+            .info()
+            .await
+            .map_err(|e| engine_err(format!("ask the Docker Engine at {host} about itself"), e))?;
+        let seccomp_profile = engine_seccomp(&info.security_options.unwrap_or_default());
         let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
             .short()
             .to_owned();
@@ -257,6 +268,7 @@ impl DockerProvider {
             reported: Mutex::new(HashMap::new()),
             drift_tx,
             loading: tokio::sync::Mutex::new(()),
+            seccomp_profile,
         });
         tokio::spawn(follow_events(Arc::downgrade(&provider)));
         tokio::spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
@@ -302,8 +314,9 @@ impl DockerProvider {
             .contains(id)
     }
 
-    /// Makes sure the engine has `image`; returns its image ID there (the config digest).
-    async fn ensure_image(&self, image: &Digest) -> Result<Digest, ProviderError> {
+    /// Makes sure the engine has `image`; returns what the store says of it (its config
+    /// digest is the image ID on the engine).
+    async fn ensure_image(&self, image: &Digest) -> Result<ResolvedImage, ProviderError> {
         let resolved = self
             .images
             .resolve(image)
@@ -313,11 +326,11 @@ impl DockerProvider {
             })?;
         let id = resolved.config_digest.clone();
         if self.docker.inspect_image(id.as_str()).await.is_ok() {
-            return Ok(id);
+            return Ok(resolved);
         }
         let _one = self.loading.lock().await;
         if self.docker.inspect_image(id.as_str()).await.is_ok() {
-            return Ok(id);
+            return Ok(resolved);
         }
         let tmp = tempfile::Builder::new()
             .prefix("load-")
@@ -382,7 +395,7 @@ impl DockerProvider {
                 ),
             });
         }
-        Ok(id)
+        Ok(resolved)
     }
 
     async fn inspect(
@@ -689,6 +702,20 @@ impl DockerProvider {
     }
 }
 
+/// The seccomp profile an engine's `SecurityOptions` name (`name=seccomp,profile=default`);
+/// `None` when seccomp is not among them.
+fn engine_seccomp(options: &[String]) -> Option<String> {
+    options.iter().find_map(|o| {
+        let mut fields = o.split(',');
+        (fields.next() == Some("name=seccomp")).then(|| {
+            fields
+                .find_map(|f| f.strip_prefix("profile="))
+                .unwrap_or("default")
+                .to_owned()
+        })
+    })
+}
+
 fn short_id(container: &str) -> &str {
     container.get(..12).unwrap_or(container)
 }
@@ -768,7 +795,29 @@ impl Provider for DockerProvider {
 
     async fn create(&self, spec: InstanceSpec) -> Result<InstanceId, ProviderError> {
         let id = InstanceId::generate(&spec.app);
-        let image_id = self.ensure_image(&spec.image).await?;
+        if spec.seccomp == Seccomp::Default {
+            match self.seccomp_profile.as_deref() {
+                Some(p) if p != "unconfined" => {}
+                found => {
+                    return Err(ProviderError::Config {
+                        id,
+                        message: format!(
+                            "the Docker Engine applies no seccomp profile ({}), so a sealed \
+                             instance cannot have its allowlist; run dockerd with seccomp, or \
+                             weaken the spec explicitly with [service] seccomp = \"unconfined\"",
+                            found.unwrap_or("none in its SecurityOptions")
+                        ),
+                    });
+                }
+            }
+        }
+        let resolved = self.ensure_image(&spec.image).await?;
+        let image_id = resolved.config_digest.clone();
+        let user = crate::user::docker_user(spec.user.as_deref(), resolved.config.user.as_deref())
+            .map_err(|message| ProviderError::Config {
+                id: id.clone(),
+                message,
+            })?;
         let port = match spec.port {
             Some(p) => p,
             None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
@@ -784,6 +833,7 @@ impl Provider for DockerProvider {
             image_id: &image_id,
             port,
             state_label: &self.state_label,
+            user: &user,
         });
         let created = self
             .docker
@@ -811,7 +861,7 @@ impl Provider for DockerProvider {
             app: spec.app.clone(),
             image: spec.image.to_string(),
             port,
-            writable: spec.writable.clone(),
+            writable: spec.writable_paths(),
             health: spec.health.as_ref().map(HealthRecord::from),
             stop_grace_ms: ms(spec.stop_grace),
             exec: spec.target.exec.as_str().to_owned(),
@@ -1089,5 +1139,28 @@ impl crate::rescan::Rescan for DockerProvider {
 
     async fn pass(&self) {
         self.rescan().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_s_seccomp_profile_is_read_from_its_security_options() {
+        let opts = |o: &[&str]| o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            engine_seccomp(&opts(&["name=apparmor", "name=seccomp,profile=default"])).as_deref(),
+            Some("default")
+        );
+        assert_eq!(
+            engine_seccomp(&opts(&["name=seccomp,profile=unconfined"])).as_deref(),
+            Some("unconfined")
+        );
+        assert_eq!(
+            engine_seccomp(&opts(&["name=seccomp"])).as_deref(),
+            Some("default")
+        );
+        assert_eq!(engine_seccomp(&opts(&["name=userns"])), None);
     }
 }

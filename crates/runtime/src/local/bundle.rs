@@ -1,22 +1,30 @@
 //! The OCI runtime bundle's `config.json` for one instance, built with the `oci-spec` types.
 //!
-//! What it promises: the root is read-only for the process; only `writable` paths (tmpfs
-//! each) can be written; own mount/PID/IPC/UTS namespaces on the host network; no new
-//! privileges; one capability (`NET_BIND_SERVICE`); an open-files rlimit; a device cgroup that
-//! denies everything runc does not allow by default; memory/CPU limits when the host's
-//! cgroups can enforce them. This module does no I/O: it turns inputs into bytes.
+//! What it promises (a sealed instance): the root is read-only, `nosuid` and `nodev` (kiln
+//! mounts it so, see `mounts`); only `writable` paths (a size-capped `nosuid,nodev` tmpfs
+//! each) can be written; own mount/PID/IPC/UTS namespaces on the host network; the resolved
+//! non-root user unless the spec asked for root; no new privileges; no capability but
+//! `NET_BIND_SERVICE`, and that for root only; the seccomp allowlist; an open-files rlimit; a
+//! device cgroup that denies everything runc does not allow by default; a pids limit, and
+//! memory/CPU limits when asked; an OOM score that makes the kernel kill an instance before
+//! the daemon. A limit the host's cgroups cannot enforce is an error, never dropped. This
+//! module does no I/O: it turns inputs into bytes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
-    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount,
-    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder, get_default_maskedpaths, get_default_mounts, get_default_readonly_paths,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
+    LinuxResourcesBuilder, LinuxSeccomp, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder, get_default_maskedpaths, get_default_mounts,
+    get_default_readonly_paths,
 };
 
 use crate::image::ImageConfig;
+use crate::local::host::Controllers;
+use crate::types::Tmpfs;
+use crate::user::ProcessUser;
 
 /// The PATH an image without one gets, as Docker does.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -24,6 +32,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// The open-files limit an instance gets (soft = hard) when the host allows it; a process
 /// cannot raise a hard limit, so it is capped by kiln's own (see [`nofile_limit`]).
 const NOFILE: u64 = 65_536;
+
+/// `oom_score_adj` of every instance: out of memory, the kernel kills an instance's process
+/// before the daemon (which keeps its own score) and before the host's services.
+pub(crate) const OOM_SCORE_ADJ: i32 = 500;
 
 /// The open-files limit for instances: [`NOFILE`], or kiln's own hard limit when lower.
 pub(crate) fn nofile_limit() -> u64 {
@@ -47,16 +59,33 @@ pub(crate) struct BundleInput<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// The port in `PORT`.
     pub port: u16,
-    /// tmpfs paths.
-    pub writable: &'a [String],
+    /// tmpfs paths and their sizes.
+    pub writable: &'a [Tmpfs],
     /// Memory limit in bytes.
     pub memory: Option<u64>,
     /// CPU limit in cores.
     pub cpus: Option<f64>,
-    /// Whether the host's cgroups can enforce memory/CPU limits.
-    pub cgroup_limits: bool,
+    /// The pids limit.
+    pub pids: u32,
+    /// Which limits the host's cgroups can enforce.
+    pub controllers: Controllers,
     /// The open-files limit.
     pub nofile: u64,
+    /// Who the process runs as.
+    pub user: &'a ProcessUser,
+    /// The system-call filter, already made for [`capabilities`]; `None` means unconfined.
+    pub seccomp: Option<&'a LinuxSeccomp>,
+}
+
+/// The capabilities an instance running as `user` keeps: `NET_BIND_SERVICE` for root (which
+/// the spec must have asked for), none for anyone else (the kernel would drop them at exec
+/// anyway; listing none keeps the seccomp profile's capability rules honest).
+pub(crate) fn capabilities(user: &ProcessUser) -> HashSet<Capability> {
+    if user.uid == 0 {
+        [Capability::NetBindService].into_iter().collect()
+    } else {
+        HashSet::new()
+    }
 }
 
 /// The process arguments: the command override, or the image's entrypoint followed by its
@@ -106,46 +135,49 @@ pub(crate) fn process_env(input: &BundleInput<'_>) -> Vec<String> {
         .collect()
 }
 
-/// `uid[:gid]` from the image's `User`; names would need the image's `/etc/passwd`, which a
-/// read-only instance cannot be trusted to resolve the same way later, so they are refused.
-pub(crate) fn parse_user(user: Option<&str>) -> Result<(u32, u32), String> {
-    let Some(user) = user else {
-        return Ok((0, 0));
-    };
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let uid: u32 = u
-        .parse()
-        .map_err(|_| format!("image user {user:?}: only numeric uid[:gid] is supported"))?;
-    let gid: u32 = match g {
-        Some(g) => g
-            .parse()
-            .map_err(|_| format!("image user {user:?}: only numeric uid[:gid] is supported"))?,
-        None => 0,
-    };
-    Ok((uid, gid))
-}
-
-/// The mounts: runc's defaults (`/proc`, `/dev`, `/sys`…) plus one tmpfs per writable path.
-pub(crate) fn mounts(writable: &[String]) -> Result<Vec<Mount>, String> {
+/// The mounts: runc's defaults (`/proc`, `/dev`, `/sys`…) plus one tmpfs per writable path,
+/// capped at its size, owned by the instance's user and writable by anyone in it.
+pub(crate) fn mounts(writable: &[Tmpfs], user: &ProcessUser) -> Result<Vec<Mount>, String> {
     let mut mounts = get_default_mounts();
-    for path in writable {
+    for w in writable {
         let mount = MountBuilder::default()
-            .destination(PathBuf::from(path))
+            .destination(PathBuf::from(&w.path))
             .typ("tmpfs")
             .source(PathBuf::from("tmpfs"))
             .options(vec![
                 "nosuid".to_owned(),
                 "nodev".to_owned(),
                 "mode=1777".to_owned(),
+                format!("size={}", w.size),
+                format!("uid={}", user.uid),
+                format!("gid={}", user.gid),
             ])
             .build()
-            .map_err(|e| format!("tmpfs {path}: {e}"))?;
+            .map_err(|e| format!("tmpfs {}: {e}", w.path))?;
         mounts.push(mount);
     }
     Ok(mounts)
+}
+
+/// Refuses limits the host cannot enforce: an instance never silently runs without one.
+fn enforceable(input: &BundleInput<'_>) -> Result<(), String> {
+    let c = input.controllers;
+    let refuse = |key: &str, controller: &str| {
+        Err(format!(
+            "the host cannot enforce [service] {key}: its cgroups have no {controller} \
+             controller (`kiln doctor` says how to enable it)"
+        ))
+    };
+    if input.memory.is_some() && !c.memory {
+        return refuse("memory", "memory");
+    }
+    if input.cpus.is_some() && !c.cpu {
+        return refuse("cpus", "cpu");
+    }
+    if !c.pids {
+        return refuse("pids (every instance has one)", "pids");
+    }
+    Ok(())
 }
 
 /// `config.json` for `input`: canonical JSON (sorted keys), so the same input gives the same
@@ -160,8 +192,8 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
     fn err(what: &'static str) -> impl Fn(oci_spec::OciSpecError) -> String {
         move |e| format!("{what}: {e}")
     }
-    let (uid, gid) = parse_user(input.image.user.as_deref())?;
-    let caps: HashSet<Capability> = [Capability::NetBindService].into_iter().collect();
+    enforceable(input)?;
+    let caps = capabilities(input.user);
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
@@ -181,14 +213,17 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
                 .clone()
                 .unwrap_or_else(|| "/".to_owned()),
         ))
-        .user(
-            UserBuilder::default()
-                .uid(uid)
-                .gid(gid)
-                .build()
-                .map_err(err("user"))?,
-        )
+        .user({
+            let mut user = UserBuilder::default()
+                .uid(input.user.uid)
+                .gid(input.user.gid);
+            if !input.user.additional_gids.is_empty() {
+                user = user.additional_gids(input.user.additional_gids.clone());
+            }
+            user.build().map_err(err("user"))?
+        })
         .no_new_privileges(true)
+        .oom_score_adj(OOM_SCORE_ADJ)
         .capabilities(capabilities)
         .rlimits(vec![
             PosixRlimitBuilder::default()
@@ -219,29 +254,37 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
             .build()
             .map_err(err("devices"))?,
     ]);
-    if input.cgroup_limits {
-        if let Some(bytes) = input.memory {
-            let limit = i64::try_from(bytes).map_err(|_| format!("memory {bytes} too large"))?;
-            resources = resources.memory(
-                LinuxMemoryBuilder::default()
-                    .limit(limit)
-                    .build()
-                    .map_err(err("memory"))?,
-            );
-        }
-        if let Some(cpus) = input.cpus {
-            // Rounded to whole microseconds of quota; at least 1 ms so a tiny value still runs.
-            let quota = ((cpus * CPU_PERIOD as f64).round() as i64).max(1000);
-            resources = resources.cpu(
-                LinuxCpuBuilder::default()
-                    .quota(quota)
-                    .period(CPU_PERIOD)
-                    .build()
-                    .map_err(err("cpu"))?,
-            );
-        }
+    resources = resources.pids(
+        LinuxPidsBuilder::default()
+            .limit(i64::from(input.pids))
+            .build()
+            .map_err(err("pids"))?,
+    );
+    if let Some(bytes) = input.memory {
+        let limit = i64::try_from(bytes).map_err(|_| format!("memory {bytes} too large"))?;
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(limit)
+                .build()
+                .map_err(err("memory"))?,
+        );
     }
-    let linux = LinuxBuilder::default()
+    if let Some(cpus) = input.cpus {
+        // Rounded to whole microseconds of quota; at least 1 ms so a tiny value still runs.
+        let quota = ((cpus * CPU_PERIOD as f64).round() as i64).max(1000);
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota)
+                .period(CPU_PERIOD)
+                .build()
+                .map_err(err("cpu"))?,
+        );
+    }
+    let mut linux = LinuxBuilder::default();
+    if let Some(seccomp) = input.seccomp {
+        linux = linux.seccomp(seccomp.clone());
+    }
+    let linux = linux
         .namespaces(namespaces)
         .resources(resources.build().map_err(err("resources"))?)
         .cgroups_path(PathBuf::from(format!("/kiln/{}", input.id)))
@@ -253,14 +296,16 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
     let mut spec = Spec::default();
     spec.set_hostname(Some(input.id.to_owned()));
     spec.set_process(Some(process));
+    // Not `readonly` here: kiln mounts the root read-only, nosuid and nodev itself, and
+    // runc's read-only remount would drop nosuid and nodev.
     spec.set_root(Some(
         RootBuilder::default()
             .path(PathBuf::from("rootfs"))
-            .readonly(true)
+            .readonly(false)
             .build()
             .map_err(err("root"))?,
     ));
-    spec.set_mounts(Some(mounts(input.writable)?));
+    spec.set_mounts(Some(mounts(input.writable, input.user)?));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
     Ok(spec)
@@ -279,6 +324,28 @@ fn sorted(v: serde_json::Value) -> serde_json::Value {
         }
         other => other,
     }
+}
+
+/// The mount points the runtime needs in the root itself (not inside another mount), which
+/// kiln creates before it makes the root read-only.
+pub(crate) fn rootfs_mount_points(writable: &[String]) -> Vec<String> {
+    let destinations: Vec<String> = get_default_mounts()
+        .iter()
+        .map(|m| m.destination().to_string_lossy().into_owned())
+        .chain(writable.iter().cloned())
+        .collect();
+    let mut out: Vec<String> = destinations
+        .iter()
+        .filter(|d| {
+            !destinations
+                .iter()
+                .any(|other| other != *d && d.starts_with(&format!("{other}/")))
+        })
+        .cloned()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Mount destinations and all their ancestors: the directories the OCI runtime may create
@@ -309,6 +376,8 @@ pub(crate) fn mount_points(writable: &[String]) -> Vec<String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+    use oci_spec::runtime::LinuxSeccompAction;
+
     use super::*;
 
     fn image() -> ImageConfig {
@@ -321,6 +390,43 @@ mod tests {
         }
     }
 
+    const ALL: Controllers = Controllers {
+        memory: true,
+        cpu: true,
+        pids: true,
+    };
+
+    fn user(uid: u32) -> ProcessUser {
+        ProcessUser {
+            uid,
+            gid: uid + 1,
+            additional_gids: Vec::new(),
+        }
+    }
+
+    /// An input with everything at a plain value; tests change what they look at.
+    fn input<'a>(
+        image: &'a ImageConfig,
+        env: &'a BTreeMap<String, String>,
+        user: &'a ProcessUser,
+    ) -> BundleInput<'a> {
+        BundleInput {
+            id: "x",
+            image,
+            command: None,
+            env,
+            port: 1,
+            writable: &[],
+            memory: None,
+            cpus: None,
+            pids: 512,
+            controllers: ALL,
+            nofile: NOFILE,
+            user,
+            seccomp: None,
+        }
+    }
+
     fn config(input: &BundleInput<'_>) -> serde_json::Value {
         serde_json::from_slice(&config_json(input).unwrap()).unwrap()
     }
@@ -329,7 +435,17 @@ mod tests {
     fn the_config_pins_every_promise() {
         let image = image();
         let env = BTreeMap::from([("A".to_owned(), "service".to_owned())]);
-        let writable = ["/tmp".to_owned(), "/var/cache/app".to_owned()];
+        let writable = [
+            Tmpfs::new("/tmp", 64 << 20),
+            Tmpfs::new("/var/cache/app", 1 << 30),
+        ];
+        let mut seccomp = LinuxSeccomp::default();
+        seccomp.set_default_action(LinuxSeccompAction::ScmpActErrno);
+        let u = ProcessUser {
+            uid: 1000,
+            gid: 1001,
+            additional_gids: vec![50],
+        };
         let input = BundleInput {
             id: "hello-abc",
             image: &image,
@@ -339,13 +455,17 @@ mod tests {
             writable: &writable,
             memory: Some(64 << 20),
             cpus: Some(0.5),
-            cgroup_limits: true,
+            pids: 100,
+            controllers: ALL,
             nofile: NOFILE,
+            user: &u,
+            seccomp: Some(&seccomp),
         };
         let c = config(&input);
+        // Read-only, nosuid and nodev by kiln's own mount (see `mounts`), not runc's remount.
         assert_eq!(
             c["root"],
-            serde_json::json!({"path": "rootfs", "readonly": true})
+            serde_json::json!({"path": "rootfs", "readonly": false})
         );
         let p = &c["process"];
         assert_eq!(p["args"], serde_json::json!(["/hello", "--flag"]));
@@ -358,16 +478,22 @@ mod tests {
                 "PORT=41234"
             ])
         );
-        assert_eq!(p["user"], serde_json::json!({"uid": 1000, "gid": 1001}));
+        assert_eq!(
+            p["user"],
+            serde_json::json!({"uid": 1000, "gid": 1001, "additionalGids": [50]})
+        );
         assert_eq!(p["cwd"], "/srv");
         assert_eq!(p["noNewPrivileges"], true);
-        for set in ["bounding", "effective", "permitted"] {
-            assert_eq!(
-                p["capabilities"][set],
-                serde_json::json!(["CAP_NET_BIND_SERVICE"])
-            );
+        assert_eq!(p["oomScoreAdj"], 500);
+        for set in [
+            "bounding",
+            "effective",
+            "permitted",
+            "inheritable",
+            "ambient",
+        ] {
+            assert_eq!(p["capabilities"][set], serde_json::json!([]), "{set}");
         }
-        assert_eq!(p["capabilities"]["ambient"], serde_json::json!([]));
         assert_eq!(
             p["rlimits"],
             serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 65536, "hard": 65536}])
@@ -383,72 +509,127 @@ mod tests {
             ["mount", "pid", "ipc", "uts"],
             "host network: no network namespace"
         );
-        assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
-        assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 50_000);
+        let r = &c["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 64 << 20);
+        assert_eq!(r["cpu"]["quota"], 50_000);
+        assert_eq!(r["pids"]["limit"], 100);
         assert_eq!(
-            c["linux"]["resources"]["devices"],
+            r["devices"],
             serde_json::json!([{"allow": false, "access": "rwm"}])
         );
-        let tmpfs: Vec<&str> = c["mounts"]
+        assert_eq!(c["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        let tmpfs: Vec<(&str, Vec<&str>)> = c["mounts"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|m| m["source"] == "tmpfs" && m["type"] == "tmpfs")
-            .map(|m| m["destination"].as_str().unwrap())
+            .filter(|m| {
+                m["source"] == "tmpfs" && m["type"] == "tmpfs" && m["destination"] != "/dev"
+            })
+            .map(|m| {
+                let options = m["options"].as_array().unwrap();
+                (
+                    m["destination"].as_str().unwrap(),
+                    options.iter().map(|o| o.as_str().unwrap()).collect(),
+                )
+            })
             .collect();
-        assert_eq!(tmpfs, ["/dev", "/tmp", "/var/cache/app"]);
+        let opts =
+            |size: &'static str| vec!["nosuid", "nodev", "mode=1777", size, "uid=1000", "gid=1001"];
+        assert_eq!(
+            tmpfs,
+            [
+                ("/tmp", opts("size=67108864")),
+                ("/var/cache/app", opts("size=1073741824"))
+            ]
+        );
         assert_eq!(c["hostname"], "hello-abc");
         // Same input, same bytes.
         assert_eq!(config_json(&input).unwrap(), config_json(&input).unwrap());
     }
 
     #[test]
-    fn limits_are_left_out_when_cgroups_cannot_enforce_them() {
+    fn root_keeps_one_capability_and_unconfined_has_no_filter() {
         let image = image();
         let env = BTreeMap::new();
-        let input = BundleInput {
-            id: "x",
-            image: &image,
-            command: Some(&["/bin/true".to_owned()]),
-            env: &env,
-            port: 1,
-            writable: &[],
-            memory: Some(1 << 20),
-            cpus: Some(1.0),
-            cgroup_limits: false,
-            nofile: NOFILE,
+        let root = ProcessUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
         };
-        let c = config(&input);
-        assert!(c["linux"]["resources"].get("memory").is_none());
-        assert!(c["linux"]["resources"].get("cpu").is_none());
-        assert_eq!(c["process"]["args"], serde_json::json!(["/bin/true"]));
+        let c = config(&input(&image, &env, &root));
+        let p = &c["process"];
+        assert_eq!(p["user"], serde_json::json!({"uid": 0, "gid": 0}));
+        for set in ["bounding", "effective", "permitted"] {
+            assert_eq!(
+                p["capabilities"][set],
+                serde_json::json!(["CAP_NET_BIND_SERVICE"])
+            );
+        }
+        assert_eq!(p["capabilities"]["ambient"], serde_json::json!([]));
+        assert!(c["linux"].get("seccomp").is_none());
     }
 
     #[test]
-    fn users_must_be_numeric() {
-        assert_eq!(parse_user(None), Ok((0, 0)));
-        assert_eq!(parse_user(Some("65534")), Ok((65534, 0)));
-        assert_eq!(parse_user(Some("1:2")), Ok((1, 2)));
-        assert!(parse_user(Some("nobody")).unwrap_err().contains("numeric"));
+    fn limits_the_host_cannot_enforce_are_refused() {
+        let image = image();
+        let env = BTreeMap::new();
+        let u = user(1000);
+        for (controllers, memory, cpus, want) in [
+            (
+                Controllers {
+                    memory: false,
+                    ..ALL
+                },
+                Some(1 << 20),
+                None,
+                "cannot enforce [service] memory",
+            ),
+            (
+                Controllers { cpu: false, ..ALL },
+                None,
+                Some(1.0),
+                "cannot enforce [service] cpus",
+            ),
+            (
+                Controllers { pids: false, ..ALL },
+                None,
+                None,
+                "cannot enforce [service] pids",
+            ),
+        ] {
+            let mut i = input(&image, &env, &u);
+            i.controllers = controllers;
+            i.memory = memory;
+            i.cpus = cpus;
+            let err = config_json(&i).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+        // Without a memory controller, an instance that asks for no memory limit still runs.
+        let mut i = input(&image, &env, &u);
+        i.controllers = Controllers {
+            memory: false,
+            cpu: false,
+            pids: true,
+        };
+        let c = config(&BundleInput {
+            command: Some(&["/bin/true".to_owned()]),
+            ..i
+        });
+        assert!(c["linux"]["resources"].get("memory").is_none());
+        assert_eq!(c["linux"]["resources"]["pids"]["limit"], 512);
+        assert_eq!(c["process"]["args"], serde_json::json!(["/bin/true"]));
     }
 
     #[test]
     fn no_args_is_an_error() {
         let image = ImageConfig::default();
         let env = BTreeMap::new();
-        let input = BundleInput {
-            id: "x",
-            image: &image,
-            command: None,
-            env: &env,
-            port: 1,
-            writable: &[],
-            memory: None,
-            cpus: None,
-            cgroup_limits: false,
-            nofile: NOFILE,
-        };
-        assert!(config_json(&input).unwrap_err().contains("no entrypoint"));
+        let u = user(1);
+        assert!(
+            config_json(&input(&image, &env, &u))
+                .unwrap_err()
+                .contains("no entrypoint")
+        );
     }
 
     #[test]
@@ -468,5 +649,15 @@ mod tests {
                 "{p} missing from {points:?}"
             );
         }
+        // In the root itself: only what no other mount holds.
+        assert_eq!(
+            rootfs_mount_points(&[
+                "/tmp".to_owned(),
+                "/tmp/x".to_owned(),
+                "/dev/y".to_owned(),
+                "/var/cache/app".to_owned()
+            ]),
+            ["/dev", "/proc", "/sys", "/tmp", "/var/cache/app"]
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! What this host offers the local provider: the OCI runtime binary, overlayfs, cgroups,
-//! privileges, a state directory that can hold overlay upper dirs, inotify. Each check says
+//! the container seccomp profile, privileges, a state directory that can hold overlay upper
+//! dirs, inotify. Each check says
 //! exactly what to install or change when it fails. Read-only: nothing here changes the host.
 
 use std::path::{Path, PathBuf};
@@ -51,22 +52,61 @@ pub enum CgroupMode {
     None,
 }
 
-/// The cgroup mode and whether memory and CPU limits can be enforced.
-pub fn cgroups() -> (CgroupMode, bool) {
+/// Which limits the host's cgroups can enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Controllers {
+    /// `[service] memory`.
+    pub memory: bool,
+    /// `[service] cpus`.
+    pub cpu: bool,
+    /// `[service] pids`.
+    pub pids: bool,
+}
+
+impl Controllers {
+    /// The names of the missing ones, for messages.
+    pub fn missing(self) -> Vec<&'static str> {
+        [
+            ("memory", self.memory),
+            ("cpu", self.cpu),
+            ("pids", self.pids),
+        ]
+        .into_iter()
+        .filter(|(_, has)| !has)
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
+
+/// The cgroup mode and the controllers that can enforce limits.
+pub fn cgroups() -> (CgroupMode, Controllers) {
     cgroups_at(Path::new("/sys/fs/cgroup"))
 }
 
-fn cgroups_at(root: &Path) -> (CgroupMode, bool) {
+fn cgroups_at(root: &Path) -> (CgroupMode, Controllers) {
     if let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) {
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
-        return (CgroupMode::Unified, has("memory") && has("cpu"));
+        return (
+            CgroupMode::Unified,
+            Controllers {
+                memory: has("memory"),
+                cpu: has("cpu"),
+                pids: has("pids"),
+            },
+        );
     }
-    if root.join("memory").is_dir() || root.join("cpu").is_dir() {
-        let limits = root.join("memory/memory.limit_in_bytes").exists()
-            && root.join("cpu/cpu.cfs_quota_us").exists();
-        return (CgroupMode::Legacy, limits);
+    // v1 (legacy, or hybrid with an empty v2 hierarchy beside it, as runc uses it).
+    if root.join("memory").is_dir() || root.join("cpu").is_dir() || root.join("pids").is_dir() {
+        return (
+            CgroupMode::Legacy,
+            Controllers {
+                memory: root.join("memory/memory.limit_in_bytes").exists(),
+                cpu: root.join("cpu/cpu.cfs_quota_us").exists(),
+                pids: root.join("pids/cgroup.procs").exists(),
+            },
+        );
     }
-    (CgroupMode::None, false)
+    (CgroupMode::None, Controllers::default())
 }
 
 /// Finds `binary` (a path, or a name in `PATH`).
@@ -150,29 +190,38 @@ pub fn doctor(runtime: &str, state: &Path) -> Vec<Check> {
         }
     });
 
-    let (mode, limits) = cgroups();
-    checks.push(match (mode, limits) {
-        (CgroupMode::None, _) => Check {
+    let (mode, controllers) = cgroups();
+    let mode_name = if mode == CgroupMode::Unified {
+        "cgroup v2"
+    } else {
+        "cgroup v1 (legacy/hybrid)"
+    };
+    let missing = controllers.missing();
+    checks.push(match mode {
+        CgroupMode::None => Check {
             name: "cgroups",
             status: CheckStatus::Fail,
             detail: "no cgroup hierarchy at /sys/fs/cgroup".to_owned(),
             fix: Some("mount cgroup2: mount -t cgroup2 none /sys/fs/cgroup".to_owned()),
         },
-        (mode, true) => Check {
+        _ if missing.is_empty() => Check {
             name: "cgroups",
             status: CheckStatus::Ok,
-            detail: format!(
-                "{}; memory and cpu limits are enforced",
-                if mode == CgroupMode::Unified { "cgroup v2" } else { "cgroup v1 (legacy/hybrid)" }
-            ),
+            detail: format!("{mode_name}; memory, cpu and pids limits are enforced"),
             fix: None,
         },
-        (mode, false) => Check {
+        _ => Check {
             name: "cgroups",
-            status: CheckStatus::Warn,
+            status: if controllers.pids {
+                CheckStatus::Warn
+            } else {
+                CheckStatus::Fail
+            },
             detail: format!(
-                "{}; memory/cpu controllers unavailable, so [service] memory and cpus are not enforced",
-                if mode == CgroupMode::Unified { "cgroup v2" } else { "cgroup v1 (legacy/hybrid)" }
+                "{mode_name}; no {} controller: instances that need {} do not start (every \
+                 instance has a pids limit)",
+                missing.join(", "),
+                if missing.len() == 1 { "it" } else { "them" }
             ),
             fix: Some(
                 "enable the controllers: boot with cgroup_enable=memory, or on v2 add them to \
@@ -181,6 +230,8 @@ pub fn doctor(runtime: &str, state: &Path) -> Vec<Check> {
             ),
         },
     });
+
+    checks.push(seccomp_check(Path::new(super::seccomp::HOST_PROFILE)));
 
     let root = rustix::process::geteuid().is_root();
     checks.push(Check {
@@ -248,6 +299,38 @@ pub fn doctor(runtime: &str, state: &Path) -> Vec<Check> {
     checks
 }
 
+/// Whether the host's container seccomp profile is there and converts.
+fn seccomp_check(profile: &Path) -> Check {
+    let fix = format!(
+        "apt-get install -y {} (or set [service] seccomp = \"unconfined\" per app)",
+        super::seccomp::HOST_PROFILE_PACKAGE
+    );
+    let converted = std::fs::read(profile)
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            let host = super::seccomp::Host::this()
+                .ok_or_else(|| format!("no seccomp names for {}", std::env::consts::ARCH))?;
+            super::seccomp::from_profile(&json, &host, &std::collections::HashSet::new())
+        });
+    match converted {
+        Ok(_) => Check {
+            name: "seccomp",
+            status: CheckStatus::Ok,
+            detail: format!("{} (instances get its allowlist)", profile.display()),
+            fix: None,
+        },
+        Err(e) => Check {
+            name: "seccomp",
+            status: CheckStatus::Fail,
+            detail: format!(
+                "{}: {e}; instances with [service] seccomp = \"default\" do not start",
+                profile.display()
+            ),
+            fix: Some(fix),
+        },
+    }
+}
+
 fn existing_ancestor(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     abs.ancestors()
@@ -263,22 +346,52 @@ mod tests {
 
     #[test]
     fn cgroup_modes_are_told_apart() {
+        let all = Controllers {
+            memory: true,
+            cpu: true,
+            pids: true,
+        };
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(cgroups_at(d.path()), (CgroupMode::None, false));
+        assert_eq!(
+            cgroups_at(d.path()),
+            (CgroupMode::None, Controllers::default())
+        );
         std::fs::write(
             d.path().join("cgroup.controllers"),
             "cpuset cpu io memory pids\n",
         )
         .unwrap();
-        assert_eq!(cgroups_at(d.path()), (CgroupMode::Unified, true));
+        assert_eq!(cgroups_at(d.path()), (CgroupMode::Unified, all));
         std::fs::write(d.path().join("cgroup.controllers"), "pids\n").unwrap();
-        assert_eq!(cgroups_at(d.path()), (CgroupMode::Unified, false));
+        let (_, only_pids) = cgroups_at(d.path());
+        assert_eq!(only_pids.missing(), ["memory", "cpu"]);
         let v1 = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(v1.path().join("memory")).unwrap();
         std::fs::write(v1.path().join("memory/memory.limit_in_bytes"), "").unwrap();
         std::fs::create_dir_all(v1.path().join("cpu")).unwrap();
         std::fs::write(v1.path().join("cpu/cpu.cfs_quota_us"), "").unwrap();
-        assert_eq!(cgroups_at(v1.path()), (CgroupMode::Legacy, true));
+        let (mode, no_pids) = cgroups_at(v1.path());
+        assert_eq!(
+            (mode, no_pids.missing()),
+            (CgroupMode::Legacy, vec!["pids"])
+        );
+        std::fs::create_dir_all(v1.path().join("pids")).unwrap();
+        std::fs::write(v1.path().join("pids/cgroup.procs"), "").unwrap();
+        assert_eq!(cgroups_at(v1.path()), (CgroupMode::Legacy, all));
+    }
+
+    #[test]
+    fn a_missing_seccomp_profile_names_the_package() {
+        let check = seccomp_check(Path::new("/nonexistent/seccomp.json"));
+        assert_eq!(check.status, CheckStatus::Fail);
+        assert!(
+            check
+                .fix
+                .unwrap()
+                .contains("golang-github-containers-common"),
+            "{}",
+            check.detail
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ mod logs;
 pub mod mounts;
 pub(crate) mod record;
 pub mod runc;
+pub(crate) mod seccomp;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -58,6 +59,7 @@ use crate::types::{
 };
 
 use self::bundle::BundleInput;
+pub(crate) use self::bundle::OOM_SCORE_ADJ;
 use self::drift::{WatchedInstance, Watcher, config_finding, scan_upper};
 use self::layers::{CachedLayer, InUse, LayerCache};
 use self::logs::LogFiles;
@@ -78,10 +80,14 @@ pub struct LocalConfig {
     pub log_keep: u32,
     /// Period of the full drift rescan that backs the inotify watches.
     pub rescan_interval: Duration,
+    /// The host's container seccomp profile (containers/common format) that instances with
+    /// `[service] seccomp = "default"` get; without it they do not start.
+    pub seccomp_profile: PathBuf,
 }
 
 impl LocalConfig {
-    /// Defaults: 10 MiB logs, 2 rotations, a rescan every 5 s.
+    /// Defaults: 10 MiB logs, 2 rotations, a rescan every 5 s, the seccomp profile where
+    /// Debian installs it.
     pub fn new(state: impl Into<PathBuf>, runtime: impl Into<String>) -> LocalConfig {
         LocalConfig {
             state: state.into(),
@@ -89,6 +95,7 @@ impl LocalConfig {
             log_cap: 10 << 20,
             log_keep: 2,
             rescan_interval: Duration::from_secs(5),
+            seccomp_profile: PathBuf::from(seccomp::HOST_PROFILE),
         }
     }
 }
@@ -116,7 +123,7 @@ pub struct LocalProvider {
     layers: LayerCache,
     mounter: Arc<dyn Mounter>,
     runtime: Arc<dyn OciRuntime>,
-    cgroup_limits: bool,
+    controllers: host::Controllers,
     live: Mutex<HashMap<InstanceId, Live>>,
     drift_tx: broadcast::Sender<DriftReport>,
     watcher: Option<Arc<Watcher>>,
@@ -171,7 +178,7 @@ impl LocalProvider {
         };
         let provider = Arc::new(LocalProvider {
             layers: LayerCache::new(cfg.state.join("layers")),
-            cgroup_limits: host::cgroups().1,
+            controllers: host::cgroups().1,
             cfg,
             images,
             mounter,
@@ -263,24 +270,6 @@ impl LocalProvider {
                 }
             })?,
         };
-        let config = bundle::config_json(&BundleInput {
-            id: id.as_str(),
-            image: &resolved.config,
-            command: spec.command.as_deref(),
-            env: &spec.env,
-            port,
-            writable: &spec.writable,
-            memory: spec.memory,
-            cpus: spec.cpus,
-            cgroup_limits: self.cgroup_limits,
-            nofile: bundle::nofile_limit(),
-        })
-        .map_err(|message| ProviderError::Config {
-            id: id.clone(),
-            message,
-        })?;
-        let config_digest = Digest::of(&config);
-
         let dir = self.dir(id);
         private_dir(&dir)?;
         let rootfs = dir.join("bundle/rootfs");
@@ -297,6 +286,50 @@ impl LocalProvider {
         let upper = dir.join("upper");
         fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(ProviderError::io("chmod", &upper))?;
+        // The root is mounted (read-only, nosuid, nodev) before the record is written: a
+        // create that crashes in between leaves a directory without a record, which `list`
+        // cleans up, mounts included.
+        let paths = spec.writable_paths();
+        self.mounter
+            .mount_overlay(
+                &lower,
+                &dir.join("upper"),
+                &dir.join("work"),
+                &rootfs,
+                &bundle::rootfs_mount_points(&paths),
+            )
+            .map_err(|source| ProviderError::Mount {
+                op: "mount overlay on",
+                target: rootfs.clone(),
+                source,
+            })?;
+        let config_err = |message: String| ProviderError::Config {
+            id: id.clone(),
+            message,
+        };
+        let user = self
+            .process_user(&rootfs, spec, &resolved.config)
+            .map_err(config_err)?;
+        let seccomp = self
+            .seccomp(spec, &bundle::capabilities(&user))
+            .map_err(config_err)?;
+        let config = bundle::config_json(&BundleInput {
+            id: id.as_str(),
+            image: &resolved.config,
+            command: spec.command.as_deref(),
+            env: &spec.env,
+            port,
+            writable: &spec.writable,
+            memory: spec.memory,
+            cpus: spec.cpus,
+            pids: spec.pids,
+            controllers: self.controllers,
+            nofile: bundle::nofile_limit(),
+            user: &user,
+            seccomp: seccomp.as_ref(),
+        })
+        .map_err(config_err)?;
+        let config_digest = Digest::of(&config);
         let config_path = dir.join("bundle/config.json");
         kiln_durable::write(&config_path, &config)
             .map_err(ProviderError::io("write", &config_path))?;
@@ -307,7 +340,7 @@ impl LocalProvider {
             image: spec.image.to_string(),
             layers: resolved.layers.iter().map(ToString::to_string).collect(),
             port,
-            writable: spec.writable.clone(),
+            writable: paths,
             env: spec.env.clone(),
             memory: spec.memory,
             cpus: spec.cpus,
@@ -330,15 +363,68 @@ impl LocalProvider {
         let record_path = dir.join("instance.json");
         kiln_durable::write(&record_path, &bytes)
             .map_err(ProviderError::io("write", &record_path))?;
-        self.mounter
-            .mount_overlay(&lower, &dir.join("upper"), &dir.join("work"), &rootfs)
-            .map_err(|source| ProviderError::Mount {
-                op: "mount overlay on",
-                target: rootfs.clone(),
-                source,
-            })?;
         self.watch(id, &record);
         Ok(())
+    }
+
+    /// Who the instance's process runs as, with names looked up in the image's own account
+    /// files (read inside the mounted root, never through a symlink out of it).
+    fn process_user(
+        &self,
+        rootfs: &Path,
+        spec: &InstanceSpec,
+        image: &crate::image::ImageConfig,
+    ) -> Result<crate::user::ProcessUser, String> {
+        // Without a user to look up, the default needs no account files.
+        let wanted = spec.user.is_some() || image.user.is_some();
+        let read = |path: &str| -> Result<Option<String>, String> {
+            if !wanted {
+                return Ok(None);
+            }
+            mounts::read_in_root(rootfs, path, crate::user::ACCOUNT_FILE_CAP)
+                .map_err(|e| format!("the image's {path}: {e}"))
+        };
+        let passwd = read("/etc/passwd")?;
+        let group = read("/etc/group")?;
+        crate::user::resolve(
+            spec.user.as_deref(),
+            image.user.as_deref(),
+            crate::user::Accounts {
+                passwd: passwd.as_deref(),
+                group: group.as_deref(),
+            },
+        )
+    }
+
+    /// The seccomp filter for an instance whose bounding set is `caps`: the host's profile
+    /// converted, or `None` when the spec says `unconfined`.
+    fn seccomp(
+        &self,
+        spec: &InstanceSpec,
+        caps: &HashSet<oci_spec::runtime::Capability>,
+    ) -> Result<Option<oci_spec::runtime::LinuxSeccomp>, String> {
+        if spec.seccomp == kiln_spec::Seccomp::Unconfined {
+            return Ok(None);
+        }
+        let path = &self.cfg.seccomp_profile;
+        let json = std::fs::read(path).map_err(|e| {
+            format!(
+                "no seccomp allowlist for a sealed instance: {}: {e}; install it (apt-get \
+                 install -y {}) or weaken the spec explicitly with [service] seccomp = \
+                 \"unconfined\"",
+                path.display(),
+                seccomp::HOST_PROFILE_PACKAGE
+            )
+        })?;
+        let host = seccomp::Host::this().ok_or_else(|| {
+            format!(
+                "no seccomp architecture names for {}: set [service] seccomp = \"unconfined\"",
+                std::env::consts::ARCH
+            )
+        })?;
+        seccomp::from_profile(&json, &host, caps)
+            .map(Some)
+            .map_err(|e| format!("the seccomp profile {}: {e}", path.display()))
     }
 
     /// Starts the drift watches of an instance (once).

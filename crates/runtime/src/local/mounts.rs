@@ -5,20 +5,31 @@
 //! Only the overlay root is mounted on the host: tmpfs for `writable` paths, `/proc`, `/dev`
 //! and the rest are mounted by the OCI runtime inside the instance's own mount namespace and
 //! vanish with it.
+//!
+//! The root is read-only, `nosuid` and `nodev` from the moment the runtime sees it: runc makes
+//! a root it is asked to make read-only so with a bind remount that drops `nosuid` and
+//! `nodev`, so kiln makes it read-only itself, after creating the mount points the runtime
+//! needs in it (what runc would have created).
 
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::MountFlags;
+
 /// Mounts and unmounts overlay roots.
 pub trait Mounter: Send + Sync {
-    /// Mounts an overlay on `target`: `lower` (top-most first), `upper`, `work`.
+    /// Mounts an overlay on `target`: `lower` (top-most first), `upper`, `work`; creates the
+    /// directories `mount_points` (absolute paths, resolved inside the root) in it; leaves it
+    /// read-only, `nosuid` and `nodev`.
     fn mount_overlay(
         &self,
         lower: &[PathBuf],
         upper: &Path,
         work: &Path,
         target: &Path,
+        mount_points: &[String],
     ) -> io::Result<()>;
 
     /// Detaches whatever is mounted on `target` (lazily, so a busy mount cannot block
@@ -40,18 +51,30 @@ impl Mounter for KernelMounter {
         upper: &Path,
         work: &Path,
         target: &Path,
+        mount_points: &[String],
     ) -> io::Result<()> {
         let data = overlay_options(lower, upper, work)?;
         let data =
             CString::new(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        rustix::mount::mount(
-            "overlay",
-            target,
-            "overlay",
-            rustix::mount::MountFlags::NODEV,
-            Some(data.as_c_str()),
-        )
-        .map_err(io::Error::from)
+        let sealed = MountFlags::NOSUID | MountFlags::NODEV;
+        rustix::mount::mount("overlay", target, "overlay", sealed, Some(data.as_c_str()))?;
+        let finished = (|| -> io::Result<()> {
+            let root = rustix::fs::open(
+                target,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            for point in mount_points {
+                mkdir_in_root(&root, point)
+                    .map_err(|e| io::Error::new(e.kind(), format!("mount point {point}: {e}")))?;
+            }
+            rustix::mount::mount_remount(target, sealed | MountFlags::RDONLY, "")?;
+            Ok(())
+        })();
+        if finished.is_err() {
+            let _ = self.unmount(target);
+        }
+        finished
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {
@@ -99,6 +122,74 @@ pub(crate) fn overlay_options(lower: &[PathBuf], upper: &Path, work: &Path) -> i
         check(upper)?,
         check(work)?
     ))
+}
+
+/// How paths inside an instance's root are resolved: `..` and absolute symlinks stay in it,
+/// and `/proc` magic links are refused.
+fn in_root() -> ResolveFlags {
+    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
+}
+
+/// `mkdir -p path` inside `root`, following the image's symlinks as the instance would see
+/// them, so a mount point is where the runtime will mount.
+fn mkdir_in_root(root: &rustix::fd::OwnedFd, path: &str) -> io::Result<()> {
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut at = PathBuf::from(".");
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        let next = at.join(part);
+        match rustix::fs::openat2(root, &next, dir_flags, Mode::empty(), in_root()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::NOENT) => {
+                let parent = rustix::fs::openat2(root, &at, dir_flags, Mode::empty(), in_root())?;
+                match rustix::fs::mkdirat(&parent, part, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // A dangling symlink makes `mkdirat` say EEXIST and this fail: say so.
+                rustix::fs::openat2(root, &next, dir_flags, Mode::empty(), in_root())?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        at = next;
+    }
+    Ok(())
+}
+
+/// The regular file at `path` inside the directory tree `root` (an instance's mounted root),
+/// resolved as the instance would resolve it; `None` when there is none. At most `cap` bytes
+/// are read: a bigger file is an error.
+pub(crate) fn read_in_root(root: &Path, path: &str, cap: u64) -> io::Result<Option<String>> {
+    use std::io::Read;
+    let root = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let rel = path.trim_start_matches('/');
+    // Non-blocking, so a FIFO planted at the path cannot hang the create.
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd = match rustix::fs::openat2(&root, rel, flags, Mode::empty(), in_root()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if !rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode).is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} is not a regular file"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(cap + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} is larger than {cap} bytes"),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// The mount points listed in a `/proc/self/mountinfo` text (field 5, octal escapes decoded).
@@ -152,6 +243,43 @@ mod tests {
             overlay_options(&[PathBuf::from("/a:b")], Path::new("/u"), Path::new("/w")).is_err()
         );
         assert!(overlay_options(&[], Path::new("/u,x"), Path::new("/w")).is_err());
+    }
+
+    #[test]
+    fn files_are_read_and_dirs_made_inside_the_root_only() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "app:x:1:1::/:/bin/sh\n").unwrap();
+        std::fs::write(d.path().join("outside"), "host secret\n").unwrap();
+        // Absolute and relative symlinks resolve inside the root, never out of it.
+        std::os::unix::fs::symlink("/etc/passwd", root.join("etc/abs")).unwrap();
+        std::os::unix::fs::symlink("../../outside", root.join("etc/escape")).unwrap();
+        std::os::unix::fs::symlink("/real", root.join("link")).unwrap();
+        assert_eq!(
+            read_in_root(&root, "/etc/passwd", 1024).unwrap().as_deref(),
+            Some("app:x:1:1::/:/bin/sh\n")
+        );
+        assert_eq!(
+            read_in_root(&root, "/etc/abs", 1024).unwrap().as_deref(),
+            Some("app:x:1:1::/:/bin/sh\n")
+        );
+        assert_eq!(read_in_root(&root, "/etc/escape", 1024).unwrap(), None);
+        assert_eq!(read_in_root(&root, "/etc/group", 1024).unwrap(), None);
+        assert!(read_in_root(&root, "/etc/passwd", 4).is_err());
+        assert!(read_in_root(&root, "/etc", 1024).is_err());
+
+        let fd = rustix::fs::open(&root, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        mkdir_in_root(&fd, "/var/cache/app").unwrap();
+        mkdir_in_root(&fd, "/link/tmp").unwrap();
+        mkdir_in_root(&fd, "/var/cache/app").unwrap();
+        assert!(root.join("var/cache/app").is_dir());
+        assert!(
+            root.join("real/tmp").is_dir(),
+            "created through the symlink"
+        );
+        assert!(mkdir_in_root(&fd, "/etc/passwd/x").is_err());
     }
 
     #[test]
