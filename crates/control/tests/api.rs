@@ -99,8 +99,13 @@ async fn every_operation_answers_as_documented() {
     });
     let release = client.post("/v1/apps/web/releases", &apply).await.unwrap();
     conforms("Release", &release);
-    for _ in 0..50 {
+    // Creates run in the background: pass until the rollout completes.
+    for _ in 0..2000 {
         c.reconcile().await.unwrap();
+        if c.status("web").await.unwrap().phase == "completed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     conforms("AppNames", &client.get("/v1/apps").await.unwrap());
     let status = client.get("/v1/apps/web").await.unwrap();

@@ -142,7 +142,15 @@ fn mkdir_in_root(root: &rustix::fd::OwnedFd, path: &str) -> io::Result<()> {
             Err(rustix::io::Errno::NOENT) => {
                 let parent = rustix::fs::openat2(root, &at, dir_flags, Mode::empty(), in_root())?;
                 match rustix::fs::mkdirat(&parent, part, Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    // 0755 whatever kiln's umask (077 on its state): the instance's user
+                    // must be able to reach what is mounted below it.
+                    Ok(()) => rustix::fs::chmodat(
+                        &parent,
+                        part,
+                        Mode::from_raw_mode(0o755),
+                        rustix::fs::AtFlags::empty(),
+                    )?,
+                    Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
                 // A dangling symlink makes `mkdirat` say EEXIST and this fail: say so.
