@@ -346,12 +346,14 @@ impl Provider for SlowCreates {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replicas() {
+/// A controller over a provider whose creates take `delay`.
+async fn slow_controller(
+    delay: Duration,
+) -> (tempfile::TempDir, Arc<SlowCreates>, Arc<Controller>) {
     let dir = tempfile::tempdir().unwrap();
     let slow = Arc::new(SlowCreates {
         fake: Arc::new(FakeProvider::new(true)),
-        delay: Duration::from_secs(30),
+        delay,
         creates: std::sync::atomic::AtomicU32::new(0),
     });
     let provider: Arc<dyn Provider> = slow.clone();
@@ -363,6 +365,12 @@ async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replic
     let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))
         .await
         .unwrap();
+    (dir, slow, c)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replicas() {
+    let (_dir, slow, c) = slow_controller(Duration::from_secs(30)).await;
     c.apply("web", request(free_port(), "1", "")).await.unwrap();
     // Every pass returns without waiting for the 30 s creates, and status answers between.
     let start = tokio::time::Instant::now();
@@ -400,21 +408,7 @@ async fn a_slow_provider_neither_blocks_a_pass_nor_gets_more_creates_than_replic
 
 #[tokio::test(start_paused = true)]
 async fn down_during_a_create_destroys_what_the_create_makes() {
-    let dir = tempfile::tempdir().unwrap();
-    let slow = Arc::new(SlowCreates {
-        fake: Arc::new(FakeProvider::new(true)),
-        delay: Duration::from_secs(3),
-        creates: std::sync::atomic::AtomicU32::new(0),
-    });
-    let provider: Arc<dyn Provider> = slow.clone();
-    let cfg = ControllerConfig {
-        state_dir: dir.path().to_owned(),
-        router: kiln_proxy::WorkersConfig::new(1),
-        attestations: None,
-    };
-    let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))
-        .await
-        .unwrap();
+    let (_dir, slow, c) = slow_controller(Duration::from_secs(3)).await;
     c.apply("web", request(free_port(), "1", "")).await.unwrap();
     // The pass launches both creates; neither has made its instance yet.
     c.reconcile().await.unwrap();
