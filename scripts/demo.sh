@@ -5,14 +5,15 @@
 # app and the daemon).
 source "$(dirname "$0")/lib.sh"
 need_cargo
-# runc, and the container seccomp profile every sealed instance gets (kiln carries none).
-if ! command -v runc >/dev/null 2>&1 || [ ! -f /usr/share/containers/seccomp.json ]; then
+# runc, the container seccomp profile every sealed instance gets (kiln carries none), and the
+# CNI plugins that give each instance its own network namespace.
+if ! command -v runc >/dev/null 2>&1 || [ ! -f /usr/share/containers/seccomp.json ] || [ ! -x /usr/lib/cni/bridge ] || ! command -v iptables >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    echo "==> installing runc and the container seccomp profile kiln's local provider needs"
+    echo "==> installing runc, the container seccomp profile and the CNI plugins kiln's local provider needs"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends runc golang-github-containers-common >/dev/null
+      --no-install-recommends runc golang-github-containers-common containernetworking-plugins iptables >/dev/null
   else
-    echo "kiln's local provider needs runc, the container seccomp profile and root: run 'sudo apt-get install -y runc golang-github-containers-common', then this script as root" >&2
+    echo "kiln's local provider needs runc, the container seccomp profile, the CNI plugins and root: run 'sudo apt-get install -y runc golang-github-containers-common containernetworking-plugins iptables', then this script as root" >&2
     exit 1
   fi
 fi

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kiln_deploy::{Goal, LiveSchema, Phase, RolloutState, RouteTarget};
 use kiln_proxy::AppConfig;
 use kiln_runtime::{Digest, InstanceSpec, Tmpfs};
+use kiln_spec::Network;
 
 use crate::config::ReleaseConfig;
 
@@ -85,6 +86,10 @@ impl AppCtl {
             user: service.user.clone(),
             pids: service.pids,
             seccomp: service.seccomp.into(),
+            network: service
+                .network
+                .as_deref()
+                .map_or(Network::Kiln, Network::from_name),
         }
     }
 

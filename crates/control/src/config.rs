@@ -24,7 +24,7 @@ use std::time::Duration;
 use kiln_spec::rules::{self, Broken};
 use kiln_spec::{
     Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
-    ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec, Writable,
+    Network, ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec, Writable,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -432,6 +432,10 @@ pub struct ServiceConfig {
     /// `default` or `unconfined` (releases recorded before it: `default`).
     #[serde(default)]
     pub seccomp: SeccompName,
+    /// `[service] network` unless it is the default `kiln` (so releases recorded before it
+    /// read and re-encode unchanged, and run on the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 fn default_tmpfs_size_bytes() -> u64 {
@@ -661,6 +665,7 @@ impl ReleaseConfig {
                 user: s.user.clone(),
                 pids: s.pids,
                 seccomp: s.seccomp.into(),
+                network: (s.network != Network::Kiln).then(|| s.network.as_str().to_owned()),
                 health: HealthConfig {
                     path: h.path.clone(),
                     interval_ms: ms(h.interval),
@@ -858,6 +863,9 @@ impl ServiceConfig {
             p.check("service.user", rules::user(u));
         }
         p.check("service.pids", rules::PIDS.check(self.pids));
+        if let Some(n) = &self.network {
+            p.check("service.network", rules::network(n));
+        }
     }
 }
 

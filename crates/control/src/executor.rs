@@ -288,13 +288,22 @@ pub(crate) struct Why {
 impl Why {
     /// The planner's reason as the ledger records it. A dead instance with drift on record
     /// was removed or broken behind kiln's back: the drift is its cause, in one event.
-    pub fn of(reason: &DestroyReason, drift: Option<&String>) -> Why {
+    ///
+    /// `seen` is the instance as last observed: where it is reached and, when its provider
+    /// could tell, what it listened on, which a never-healthy instance's event reports.
+    pub fn of(
+        reason: &DestroyReason,
+        drift: Option<&String>,
+        seen: Option<&(SocketAddr, Option<Vec<SocketAddr>>)>,
+    ) -> Why {
         let cause = match (reason, drift) {
             (r, Some(findings)) if r.is_replacement() => Cause::Drifted {
                 findings: findings.clone(),
             },
             (DestroyReason::Exited { code, .. }, _) => Cause::Exited { code: *code },
-            (DestroyReason::NeverHealthy { .. }, _) => Cause::NeverHealthy,
+            (DestroyReason::NeverHealthy { .. }, _) => Cause::NeverHealthy {
+                listening: seen.and_then(|(addr, l)| Some(listening_note(*addr, l.as_deref()?))),
+            },
             (DestroyReason::Unhealthy { .. }, _) => Cause::Unhealthy,
             (DestroyReason::Drifted { findings, .. }, _) => Cause::Drifted {
                 findings: findings.clone(),
@@ -312,6 +321,32 @@ impl Why {
             release: Some(reason.release()),
             cause,
         }
+    }
+}
+
+/// What an instance that never became healthy at `addr` listened on, said so that the
+/// mistake is plain: nothing, the loopback of its own namespace, or another port.
+pub(crate) fn listening_note(addr: SocketAddr, listening: &[SocketAddr]) -> String {
+    let serves = |l: &SocketAddr| {
+        l.port() == addr.port() && (l.ip().is_unspecified() || l.ip() == addr.ip())
+    };
+    if listening.is_empty() {
+        return format!("it listens on no TCP port (checked at {addr})");
+    }
+    let list = listening
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if listening.iter().any(serves) {
+        format!("it listens on {list}, so its health check itself fails")
+    } else if listening.iter().all(|l| l.ip().is_loopback()) {
+        format!(
+            "it listens on {list} only, its own loopback, not on {addr}: listen on 0.0.0.0 \
+             (all addresses) and $PORT"
+        )
+    } else {
+        format!("it listens on {list}, not on {addr}: listen on $PORT ([service] port)")
     }
 }
 
@@ -360,5 +395,39 @@ fn verdict_record(v: &Verdict) -> kiln_ledger::Verdict {
             canary: window(&metrics.canary),
             stable: window(&metrics.stable),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_never_healthy_instance_is_told_where_it_listens() {
+        let at: SocketAddr = "10.209.0.7:8080".parse().unwrap();
+        let note = |l: &[&str]| {
+            let l: Vec<SocketAddr> = l.iter().map(|a| a.parse().unwrap()).collect();
+            listening_note(at, &l)
+        };
+        assert_eq!(
+            note(&[]),
+            "it listens on no TCP port (checked at 10.209.0.7:8080)"
+        );
+        assert_eq!(
+            note(&["127.0.0.1:8080"]),
+            "it listens on 127.0.0.1:8080 only, its own loopback, not on 10.209.0.7:8080: \
+             listen on 0.0.0.0 (all addresses) and $PORT"
+        );
+        assert_eq!(
+            note(&["0.0.0.0:80", "127.0.0.1:9000"]),
+            "it listens on 0.0.0.0:80, 127.0.0.1:9000, not on 10.209.0.7:8080: listen on \
+             $PORT ([service] port)"
+        );
+        assert_eq!(
+            note(&["[::]:8080"]),
+            "it listens on [::]:8080, so its health check itself fails"
+        );
     }
 }

@@ -36,6 +36,8 @@ pub(crate) struct AppView {
     pub observed: Observed,
     /// Instance id → (address, release).
     pub addrs: BTreeMap<String, (SocketAddr, u64)>,
+    /// Instance id → (address, what it listens on when the provider read it).
+    pub seen: BTreeMap<String, (SocketAddr, Option<Vec<SocketAddr>>)>,
 }
 
 impl Controller {
@@ -154,7 +156,7 @@ impl Controller {
                     let found = view.addrs.get(&instance).map(|(addr, _)| *addr);
                     let id = kiln_runtime::InstanceId::new(&instance);
                     if let (Ok(id), Some(addr)) = (id, found) {
-                        let why = Why::of(&reason, drift.get(&id));
+                        let why = Why::of(&reason, drift.get(&id), view.seen.get(&instance));
                         self.exec.destroy(name, a, id, addr, why)?;
                     }
                 }
@@ -177,6 +179,7 @@ impl Controller {
         let drift = self.exec.drift_now();
         let mut instances = Vec::new();
         let mut addrs = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         let mine = all
             .iter()
             .filter(|o| o.app == name && !destroying.contains(&o.id))
@@ -192,6 +195,7 @@ impl Controller {
                 continue;
             };
             addrs.insert(o.id.to_string(), (o.addr, release));
+            seen.insert(o.id.to_string(), (o.addr, o.listening.clone()));
             instances.push(InstanceObs {
                 id: o.id.to_string(),
                 release,
@@ -204,7 +208,11 @@ impl Controller {
             route: a.route.clone(),
             metrics: step_metrics(a, now),
         };
-        Ok(AppView { observed, addrs })
+        Ok(AppView {
+            observed,
+            addrs,
+            seen,
+        })
     }
 
     /// Moves a finished migration's outcome into the rollout state (and the live schema).

@@ -55,7 +55,7 @@ fn busybox_spec(dir: &Path, test_command: &str) -> PathBuf {
 [image]
 base = "rootfs:rootfs"
 entrypoint = ["/bin/busybox", "sh", "-c"]
-cmd = ["exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"]
+cmd = ["exec /bin/busybox httpd -f -p $PORT -h /www"]
 
 [image.test]
 command = ["/bin/busybox", "sh", "-c", {test_command:?}]

@@ -136,7 +136,7 @@ fn rootfs(dir: &Path) -> PathBuf {
 }
 
 /// A spec for app `name` on the busybox rootfs: `httpd` on `$PORT` (`listen` is what comes
-/// before it: `127.0.0.1:` on the host network, nothing in a container), a 1 MiB `/scratch`
+/// before it: `127.0.0.1:` on the host network, nothing in an instance's own namespace), a 1 MiB `/scratch`
 /// beside the default-sized `/tmp`, a health check that tolerates the fork bomb's 5 s, and
 /// `extra` lines in `[service]`, `image` lines in `[image]`, `tail` at the end.
 fn spec(
@@ -437,7 +437,8 @@ fn sealed_instances_on_runc() {
     rootfs(dir.path());
     let _daemon = Daemon::start(&state);
     let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
-    let local = "127.0.0.1:";
+    // Each instance in its own network namespace: httpd listens on all of its addresses.
+    let local = "";
 
     // The default: no user anywhere, so 65534; every limit at its default.
     let web = spec(dir.path(), "web", ports[0], local, "", "", "");

@@ -287,7 +287,12 @@ pub enum Cause {
         code: Option<i32>,
     },
     /// It never became healthy within its start period.
-    NeverHealthy,
+    NeverHealthy {
+        /// What it listened on instead, when its provider could tell (entries written
+        /// before this field have none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listening: Option<String>,
+    },
     /// It was healthy, then failed its checks.
     Unhealthy,
     /// It drifted from its image.
@@ -412,7 +417,10 @@ impl Cause {
     pub fn replaces(&self) -> bool {
         matches!(
             self,
-            Cause::Exited { .. } | Cause::NeverHealthy | Cause::Unhealthy | Cause::Drifted { .. }
+            Cause::Exited { .. }
+                | Cause::NeverHealthy { .. }
+                | Cause::Unhealthy
+                | Cause::Drifted { .. }
         )
     }
 }
@@ -425,7 +433,10 @@ impl std::fmt::Display for Cause {
                 None => write!(f, "exited with status {code}"),
             },
             Cause::Exited { code: None } => f.write_str("exited (status unknown)"),
-            Cause::NeverHealthy => f.write_str("never became healthy"),
+            Cause::NeverHealthy { listening: None } => f.write_str("never became healthy"),
+            Cause::NeverHealthy {
+                listening: Some(l),
+            } => write!(f, "never became healthy: {l}"),
             Cause::Unhealthy => f.write_str("became unhealthy"),
             Cause::Drifted { findings } => write!(f, "drifted: {findings}"),
             Cause::Superseded => f.write_str("its release is neither live nor previous"),

@@ -96,6 +96,7 @@ async fn main() {
         user: None,
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
+        network: kiln_spec::Network::Kiln,
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

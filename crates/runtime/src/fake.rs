@@ -125,6 +125,7 @@ impl FakeProvider {
             health: *i.health.borrow(),
             addr: local_addr(i.port),
             pid: (i.state == InstanceState::Running).then_some(1),
+            listening: None,
             created: i.created,
             labels: i.spec.labels.clone(),
         }
@@ -306,6 +307,7 @@ mod tests {
             user: None,
             pids: 512,
             seccomp: kiln_spec::Seccomp::Default,
+            network: kiln_spec::Network::Kiln,
         }
     }
 

@@ -26,10 +26,16 @@ pub(crate) fn on_record(state: &Path) -> HashSet<u16> {
     #[derive(serde::Deserialize)]
     struct Port {
         port: u16,
+        /// An instance in its own network namespace holds no port of the host.
+        #[serde(default)]
+        address: Option<serde::de::IgnoredAny>,
     }
     let port = |path: &Path| {
         let bytes = std::fs::read(path).ok()?;
-        serde_json::from_slice::<Port>(&bytes).ok().map(|r| r.port)
+        serde_json::from_slice::<Port>(&bytes)
+            .ok()
+            .filter(|r| r.address.is_none())
+            .map(|r| r.port)
     };
     let entries = |dir: &Path| {
         std::fs::read_dir(dir)

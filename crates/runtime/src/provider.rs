@@ -150,6 +150,14 @@ pub enum ProviderError {
         /// The engine's answer.
         message: String,
     },
+    /// An instance's own network could not be set up or torn down.
+    #[error("instance {id}: network: {source}")]
+    Network {
+        /// The instance.
+        id: InstanceId,
+        /// What failed.
+        source: crate::local::network::NetworkError,
+    },
     /// An instance record on disk cannot be read.
     #[error("instance record {}: {message}", path.display())]
     Record {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 pub use kiln_digest::{Digest, InvalidDigest};
-use kiln_spec::{HealthCheck, Seccomp, ServiceSpec, TargetSpec};
+use kiln_spec::{HealthCheck, Network, Seccomp, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
 /// runc container, so it is checked before it can reach a path or a command line.
@@ -125,6 +125,8 @@ pub struct InstanceSpec {
     pub pids: u32,
     /// The system-call filter.
     pub seccomp: Seccomp,
+    /// The network the instance joins (`Host` only on the local provider).
+    pub network: Network,
 }
 
 /// One `writable` path: a tmpfs of at most `size` bytes.
@@ -169,6 +171,7 @@ impl InstanceSpec {
             user: service.user.clone(),
             pids: service.pids,
             seccomp: service.seccomp,
+            network: service.network.clone(),
         }
     }
 
@@ -249,8 +252,13 @@ pub struct Observation {
     pub exit_code: Option<i32>,
     /// Its health.
     pub health: Health,
-    /// Where it listens: `127.0.0.1:PORT` on the local provider.
+    /// Where it is reached: its own address and the app's port in its own network
+    /// namespace, `127.0.0.1:PORT` on the host's network or a docker host port.
     pub addr: SocketAddr,
+    /// What its processes listen on (TCP), read from its own network namespace while it is
+    /// running and not healthy, so a failed health check can say where the app listens
+    /// instead; `None` when not read (healthy, or a provider that cannot tell).
+    pub listening: Option<Vec<SocketAddr>>,
     /// Its main process id on the host, while running.
     pub pid: Option<u32>,
     /// When it was created.

@@ -65,7 +65,7 @@ fn fixture() -> Fixture {
     let image = source.add(
         ImageConfig {
             entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
-            cmd: vec!["exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www".into()],
+            cmd: vec!["exec /bin/busybox httpd -f -p $PORT -h /www".into()],
             env: vec!["GREETING=hi".into()],
             user: None,
             workdir: None,
@@ -105,6 +105,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         user: None,
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
+        network: kiln_spec::Network::Kiln,
     }
 }
 
@@ -243,10 +244,15 @@ async fn health_drift_adoption_and_a_clean_destroy() {
     let p = provider(&f);
     let id = p.create(spec(&f, None)).await.unwrap();
     let dir = f.state.join("instances").join(id.as_str());
+    let mut mounted = mounts_under(&dir);
+    mounted.sort();
     assert_eq!(
-        mounts_under(&dir).len(),
-        1,
-        "the overlay root is mounted at create"
+        mounted,
+        [
+            dir.join("bundle/rootfs").display().to_string(),
+            dir.join("netns").display().to_string()
+        ],
+        "the overlay root and the network namespace are mounted at create"
     );
     p.start(&id).await.unwrap();
     let mut health = p.health(&id).await.unwrap();
@@ -332,9 +338,9 @@ fn futures_logs(p: &LocalProvider, id: &kiln_runtime::InstanceId) -> String {
 }
 
 /// `GET path` on 127.0.0.1:`port`; the body.
-fn http_get(port: u16, path: &str) -> String {
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -366,7 +372,7 @@ async fn a_tampered_layer_is_evicted_and_the_next_instance_runs_the_store_s_copy
     let old = p.create(spec(&f, None)).await.unwrap();
     p.start(&old).await.unwrap();
     healthy(&p, &old).await;
-    let old_port = p.observe(&old).await.unwrap().port();
+    let old_port = p.observe(&old).await.unwrap().addr;
 
     // One byte appended to a file of a cached layer, under the running instance.
     let layers = f.state.join("layers");
@@ -402,7 +408,7 @@ async fn a_tampered_layer_is_evicted_and_the_next_instance_runs_the_store_s_copy
     );
     p.start(&new).await.unwrap();
     healthy(&p, &new).await;
-    let new_port = p.observe(&new).await.unwrap().port();
+    let new_port = p.observe(&new).await.unwrap().addr;
     assert_eq!(http_get(new_port, "/healthz"), "ok\n");
     assert_eq!(p.check_drift(&new).await.unwrap(), None);
     // The old instance is still drifted: it runs the evicted copy.

@@ -242,9 +242,22 @@ const SERVICE: &[Field] = &[
         "port",
         Kind::Integer(rules::PORT),
         "8080",
-        "The port the app listens on inside an instance with its own network (a container). \
-         On the local provider's host network kiln picks a free port per instance. Either \
-         way kiln sets `$PORT`, and the app must listen on it.",
+        "The port the app listens on inside an instance's own network namespace; the router \
+         reaches each instance at its own address on it. With `network = \"host\"` on the \
+         local provider kiln picks a free port per instance instead. Either way kiln sets \
+         `$PORT`; an app with a fixed port in its own config just sets this key to it.",
+    ),
+    default(
+        "network",
+        Kind::String,
+        "\"kiln\"",
+        "The network an instance joins. `kiln`: its own network namespace on kiln's bridge \
+         (`kiln0`, 10.209.0.0/16, made with the CNI plugins `bridge`, `host-local` and \
+         `firewall`; on docker, the engine's bridge). The instance cannot reach the host's \
+         loopback services, and what it listens on is reachable from this host only (the \
+         router, health checks), never from other machines. `host`: the host's network, an \
+         explicit weakening (local provider only). Any other name: its own \
+         namespace on the CNI network list of that name in `/etc/cni/net.d`.",
     ),
     default(
         "replicas",

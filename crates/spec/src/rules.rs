@@ -238,6 +238,25 @@ pub fn writable<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<(usize, Bro
     problems
 }
 
+/// `[service] network`: `kiln`, `host`, or the name of a CNI network list, which CNI
+/// limits to letters, digits, `_`, `.` and `-`.
+pub fn network(name: &str) -> Result<(), Broken> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Broken::new(format!(
+            "must be \"kiln\", \"host\" or the name of a CNI network list (letters, digits, \
+             `_`, `.` and `-`, at most 64), got {name:?}"
+        )))
+    }
+}
+
 /// `[service] user`: `root`, `UID[:GID]` or `NAME[:GROUP]`, a name made of the characters
 /// POSIX allows in portable user names and not starting with `-`, a number fitting 32 bits.
 pub fn user(u: &str) -> Result<(), Broken> {

@@ -202,6 +202,8 @@ pub struct ServiceSpec {
     pub pids: u32,
     /// The system-call filter.
     pub seccomp: Seccomp,
+    /// The network an instance joins.
+    pub network: Network,
 }
 
 impl ServiceSpec {
@@ -252,6 +254,45 @@ impl Seccomp {
         match self {
             Seccomp::Default => "default",
             Seccomp::Unconfined => "unconfined",
+        }
+    }
+}
+
+/// `[service] network`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Network {
+    /// The instance's own network namespace on kiln's bridge (the local provider's CNI
+    /// network `kiln`); on docker, the engine's default bridge.
+    #[default]
+    Kiln,
+    /// The host's network: no namespace of its own; an explicit weakening.
+    Host,
+    /// Its own namespace on the CNI network list of this name (a `*.conflist` in the CNI
+    /// configuration directory, `/etc/cni/net.d`).
+    Named(String),
+}
+
+impl Network {
+    /// `[service] network` when absent.
+    pub const DEFAULT: &'static str = "kiln";
+    /// The value that means the host's network.
+    pub const HOST: &'static str = "host";
+
+    /// The network a value of `[service] network` names (checked by `rules::network`).
+    pub fn from_name(name: &str) -> Network {
+        match name {
+            Network::DEFAULT => Network::Kiln,
+            Network::HOST => Network::Host,
+            other => Network::Named(other.to_owned()),
+        }
+    }
+
+    /// The name as `[service] network` spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Network::Kiln => Network::DEFAULT,
+            Network::Host => Network::HOST,
+            Network::Named(name) => name,
         }
     }
 }

@@ -441,6 +441,11 @@ impl Validator<'_> {
         {
             self.broken(t, "user", b);
         }
+        if let Some((n, _)) = t.str("network")
+            && let Err(b) = rules::network(n)
+        {
+            self.broken(t, "network", b);
+        }
         ServiceSpec {
             port: t
                 .int("port")
@@ -472,6 +477,9 @@ impl Validator<'_> {
                 Some(("unconfined", _)) => Seccomp::Unconfined,
                 _ => Seccomp::Default,
             },
+            network: t
+                .str("network")
+                .map_or(Network::Kiln, |(n, _)| Network::from_name(n)),
         }
     }
 

@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Args;
 use kiln_runtime::{Engines, Health, InstanceId, InstanceSpec, Provider};
 use kiln_spec::TargetSpec;
-use kiln_spec::{HealthCheck, Seccomp, ServiceSpec, Writable};
+use kiln_spec::{HealthCheck, Network, Seccomp, ServiceSpec, Writable};
 
 use super::instance::{StoreImages, engines, spec_if_present, tokio_runtime};
 use super::signals::StopSignals;
@@ -68,6 +68,7 @@ pub fn default_service() -> ServiceSpec {
         user: None,
         pids: ServiceSpec::DEFAULT_PIDS,
         seccomp: Seccomp::Default,
+        network: Network::Kiln,
     }
 }
 

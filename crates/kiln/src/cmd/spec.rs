@@ -129,12 +129,13 @@ fn details(spec: &Spec) -> String {
     );
     let _ = writeln!(
         s,
-        "sealed:  user {}, pids {}, seccomp {}",
+        "sealed:  user {}, pids {}, seccomp {}, network {}",
         v.user
             .as_deref()
             .unwrap_or("the image's (65534:65534 when it has none)"),
         v.pids,
-        v.seccomp.as_str()
+        v.seccomp.as_str(),
+        v.network.as_str()
     );
     let h = &v.health;
     let _ = writeln!(

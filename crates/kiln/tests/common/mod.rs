@@ -170,6 +170,9 @@ impl Drop for Daemon {
                 }
             }
         }
+        // Local instances: what a later kiln would do with them, a destroy each (network
+        // namespaces, addresses and the host's rules included); then whatever is left.
+        destroy_local_instances(&self.state);
         let root = self.state.join("runc");
         if let Ok(out) = std::process::Command::new("runc")
             .arg("--root")
@@ -193,6 +196,31 @@ impl Drop for Daemon {
                 .output();
         }
     }
+}
+
+/// Destroys every local instance on record in `state` through the local provider.
+pub fn destroy_local_instances(state: &Path) {
+    use kiln_runtime::{DirImageSource, LocalConfig, LocalProvider, Provider};
+    if !state.join("instances").exists() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let Ok(provider) = LocalProvider::new(
+            LocalConfig::new(state, "runc"),
+            Arc::new(DirImageSource::new()),
+        ) else {
+            return;
+        };
+        for o in provider.list().await.unwrap_or_default() {
+            let _ = provider.destroy(&o.id).await;
+        }
+    });
 }
 
 /// A spec for the example app listening on `port`, version `version` (a [service] env, so

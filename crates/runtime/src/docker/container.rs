@@ -287,6 +287,7 @@ mod tests {
             user: None,
             pids: 100,
             seccomp: Seccomp::Default,
+            network: kiln_spec::Network::Kiln,
         }
     }
 

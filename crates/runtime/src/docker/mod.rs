@@ -795,6 +795,16 @@ impl Provider for DockerProvider {
 
     async fn create(&self, spec: InstanceSpec) -> Result<InstanceId, ProviderError> {
         let id = InstanceId::generate(&spec.app);
+        if spec.network != kiln_spec::Network::Kiln {
+            return Err(ProviderError::Config {
+                id,
+                message: format!(
+                    "[service] network = {:?} is for the local provider; on docker an instance \
+                     is on the engine's bridge, published on 127.0.0.1 only",
+                    spec.network.as_str()
+                ),
+            });
+        }
         if spec.seccomp == Seccomp::Default {
             match self.seccomp_profile.as_deref() {
                 Some(p) if p != "unconfined" => {}
@@ -982,6 +992,7 @@ impl Provider for DockerProvider {
             health,
             addr: local_addr(record.port),
             pid,
+            listening: None,
             created: record.created(),
             labels: record.labels.clone(),
         })

@@ -2,7 +2,8 @@
 //!
 //! What it promises (a sealed instance): the root is read-only, `nosuid` and `nodev` (kiln
 //! mounts it so, see `mounts`); only `writable` paths (a size-capped `nosuid,nodev` tmpfs
-//! each) can be written; own mount/PID/IPC/UTS namespaces on the host network; the resolved
+//! each) can be written; own mount/PID/IPC/UTS namespaces, and the network namespace kiln
+//! made (`local::network`) unless the spec asks for the host's; the resolved
 //! non-root user unless the spec asked for root; no new privileges; no capability but
 //! `NET_BIND_SERVICE`, and that for root only; the seccomp allowlist; an open-files rlimit; a
 //! device cgroup that denies everything runc does not allow by default; a pids limit, and
@@ -10,8 +11,8 @@
 //! the daemon. A limit the host's cgroups cannot enforce is an error, never dropped. This
 //! module does no I/O: it turns inputs into bytes.
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
@@ -75,6 +76,9 @@ pub(crate) struct BundleInput<'a> {
     pub user: &'a ProcessUser,
     /// The system-call filter, already made for [`capabilities`]; `None` means unconfined.
     pub seccomp: Option<&'a LinuxSeccomp>,
+    /// The instance's own network namespace (a bind mount kiln made); `None` means the
+    /// host's network.
+    pub netns: Option<&'a Path>,
 }
 
 /// The capabilities an instance running as `user` keeps: `NET_BIND_SERVICE` for root (which
@@ -236,7 +240,7 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
         .build()
         .map_err(err("process"))?;
 
-    let namespaces = [
+    let mut namespaces = [
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
@@ -246,6 +250,15 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
     .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
     .collect::<Result<Vec<_>, _>>()
     .map_err(err("namespaces"))?;
+    if let Some(netns) = input.netns {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(netns.to_path_buf())
+                .build()
+                .map_err(err("network namespace"))?,
+        );
+    }
 
     let mut resources = LinuxResourcesBuilder::default().devices(vec![
         LinuxDeviceCgroupBuilder::default()
@@ -283,6 +296,14 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
     let mut linux = LinuxBuilder::default();
     if let Some(seccomp) = input.seccomp {
         linux = linux.seccomp(seccomp.clone());
+    }
+    if input.netns.is_some() {
+        // Its own namespace, its own ports: any user may bind any of them there, as Docker
+        // allows, so a server's fixed port 80 needs no capability.
+        linux = linux.sysctl(HashMap::from([(
+            "net.ipv4.ip_unprivileged_port_start".to_owned(),
+            "0".to_owned(),
+        )]));
     }
     let linux = linux
         .namespaces(namespaces)
@@ -424,11 +445,32 @@ mod tests {
             nofile: NOFILE,
             user,
             seccomp: None,
+            netns: None,
         }
     }
 
     fn config(input: &BundleInput<'_>) -> serde_json::Value {
         serde_json::from_slice(&config_json(input).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_own_network_namespace_is_joined_by_path_and_opens_low_ports() {
+        let image = image();
+        let env = BTreeMap::new();
+        let u = user(65534);
+        let netns = Path::new("/state/instances/x/netns");
+        let mut input = input(&image, &env, &u);
+        input.netns = Some(netns);
+        let c = config(&input);
+        let ns = c["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(
+            ns.last().unwrap(),
+            &serde_json::json!({"type": "network", "path": "/state/instances/x/netns"})
+        );
+        assert_eq!(
+            c["linux"]["sysctl"],
+            serde_json::json!({"net.ipv4.ip_unprivileged_port_start": "0"})
+        );
     }
 
     #[test]
@@ -460,6 +502,7 @@ mod tests {
             nofile: NOFILE,
             user: &u,
             seccomp: Some(&seccomp),
+            netns: None,
         };
         let c = config(&input);
         // Read-only, nosuid and nodev by kiln's own mount (see `mounts`), not runc's remount.
@@ -518,6 +561,7 @@ mod tests {
             serde_json::json!([{"allow": false, "access": "rwm"}])
         );
         assert_eq!(c["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert!(c["linux"]["sysctl"].is_null(), "the host's sysctls are not ours");
         let tmpfs: Vec<(&str, Vec<&str>)> = c["mounts"]
             .as_array()
             .unwrap()

@@ -33,6 +33,7 @@ pub mod host;
 mod layers;
 mod logs;
 pub mod mounts;
+pub mod network;
 pub(crate) mod record;
 pub mod runc;
 pub(crate) mod seccomp;
@@ -44,13 +45,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use kiln_spec::HealthCheck;
+use kiln_spec::{HealthCheck, Network};
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
-use crate::ports::{self, allocate_port, local_addr};
+use crate::ports::{self, allocate_port};
 use crate::private::private_dir;
 use crate::provider::{Provider, ProviderError};
 use crate::types::{
@@ -83,6 +84,8 @@ pub struct LocalConfig {
     /// The host's container seccomp profile (containers/common format) that instances with
     /// `[service] seccomp = "default"` get; without it they do not start.
     pub seccomp_profile: PathBuf,
+    /// The CNI plugins and network lists instances' own networks are made with.
+    pub cni: network::Cni,
 }
 
 impl LocalConfig {
@@ -96,6 +99,7 @@ impl LocalConfig {
             log_keep: 2,
             rescan_interval: Duration::from_secs(5),
             seccomp_profile: PathBuf::from(seccomp::HOST_PROFILE),
+            cni: network::Cni::default(),
         }
     }
 }
@@ -261,8 +265,11 @@ impl LocalProvider {
         }
         // overlayfs lists the top-most layer first.
         lower.reverse();
+        let own_network = spec.network != Network::Host;
         let port = match spec.port {
             Some(p) => p,
+            // In its own namespace, the app's own port: nothing else listens there.
+            None if own_network => spec.container_port.unwrap_or(DEFAULT_PORT),
             None => allocate_port(&ports::on_record(&self.cfg.state)).map_err(|e| {
                 ProviderError::Config {
                     id: id.clone(),
@@ -303,6 +310,22 @@ impl LocalProvider {
                 target: rootfs.clone(),
                 source,
             })?;
+        // The namespace is made once the root is mounted: the record of what to tear down
+        // (`network.json`) is in the directory first, so `list` cleans up after a crash.
+        let address = if own_network {
+            let addr = self
+                .cfg
+                .cni
+                .attach(id.as_str(), &dir, &spec.network)
+                .map_err(|source| ProviderError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+            Some(addr)
+        } else {
+            None
+        };
+        let netns = own_network.then(|| network::netns_path(&dir));
         let config_err = |message: String| ProviderError::Config {
             id: id.clone(),
             message,
@@ -327,6 +350,7 @@ impl LocalProvider {
             nofile: bundle::nofile_limit(),
             user: &user,
             seccomp: seccomp.as_ref(),
+            netns: netns.as_deref(),
         })
         .map_err(config_err)?;
         let config_digest = Digest::of(&config);
@@ -355,6 +379,7 @@ impl LocalProvider {
             runtime: self.runtime.binary().to_owned(),
             labels: spec.labels.clone(),
             layer_roots,
+            address,
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),
@@ -473,7 +498,7 @@ impl LocalProvider {
             return (rx, None);
         };
         let check = HealthCheck::from(h);
-        let prober = prober_for(&check, local_addr(record.port));
+        let prober = prober_for(&check, record.addr());
         let (tx, rx) = watch::channel(Health::Starting);
         let task = tokio::spawn(monitor(
             HealthMachine::new(check, started),
@@ -704,9 +729,17 @@ impl LocalProvider {
         }
     }
 
-    /// Removes an instance's mounts and files (the part of destroy that needs no runtime).
+    /// Removes an instance's network, mounts and files (the part of destroy that needs no
+    /// runtime). The network goes first: its record is what says how to tear it down.
     fn remove_files(&self, id: &InstanceId) -> Result<(), ProviderError> {
         let dir = self.dir(id);
+        self.cfg
+            .cni
+            .detach(id.as_str(), &dir)
+            .map_err(|source| ProviderError::Network {
+                id: id.clone(),
+                source,
+            })?;
         let rootfs = dir.join("bundle/rootfs");
         self.mounter
             .unmount(&rootfs)
@@ -742,6 +775,9 @@ impl LocalProvider {
         }
     }
 }
+
+/// `PORT` in an instance with its own network when the spec names no port.
+const DEFAULT_PORT: u16 = 8080;
 
 /// How long an instance directory may exist without its record before `list` takes it for
 /// the leftover of a crashed create (a create writes the record last, after unpacking the
@@ -951,7 +987,16 @@ impl Provider for LocalProvider {
             state,
             exit_code: exit_code.flatten(),
             health,
-            addr: local_addr(record.port),
+            addr: record.addr(),
+            // Only in its own namespace: the host's tables list every host socket.
+            listening: match (state, health, pid) {
+                (InstanceState::Running, Health::Starting | Health::Failed, Some(pid))
+                    if record.address.is_some() =>
+                {
+                    network::listening(pid).ok()
+                }
+                _ => None,
+            },
             pid,
             created: record.created(),
             labels: record.labels.clone(),

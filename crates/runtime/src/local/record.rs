@@ -42,6 +42,10 @@ pub(crate) struct InstanceRecord {
     /// records written before layers were evicted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layer_roots: Vec<u64>,
+    /// The instance's address in its own network namespace; absent on the host network
+    /// (where it listens on 127.0.0.1:`port`), as in records written before namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// `[service.health]` as recorded.
@@ -129,6 +133,14 @@ impl InstanceRecord {
 
     pub(crate) fn config_digest(&self) -> Digest {
         Digest::parse(&self.config_digest).unwrap_or_else(|_| Digest::of(b""))
+    }
+
+    /// Where the instance listens: its own address, else the host's loopback.
+    pub(crate) fn addr(&self) -> std::net::SocketAddr {
+        match self.address {
+            Some(ip) => std::net::SocketAddr::from((ip, self.port)),
+            None => crate::ports::local_addr(self.port),
+        }
     }
 
     pub(crate) fn created(&self) -> SystemTime {
