@@ -85,6 +85,7 @@ impl AppCtl {
             user: service.user.clone(),
             pids: service.pids,
             seccomp: service.seccomp.into(),
+            capabilities: service.capability_list(),
         }
     }
 

@@ -318,6 +318,7 @@ async fn main() {
         user: None,
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
+        capabilities: Vec::new(),
     };
     let docker = provider.engine().clone();
 

@@ -96,6 +96,7 @@ async fn main() {
         user: None,
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
+        capabilities: Vec::new(),
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

@@ -306,6 +306,7 @@ mod tests {
             user: None,
             pids: 512,
             seccomp: kiln_spec::Seccomp::Default,
+            capabilities: Vec::new(),
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 pub use kiln_digest::{Digest, InvalidDigest};
-use kiln_spec::{HealthCheck, Seccomp, ServiceSpec, TargetSpec};
+use kiln_spec::{Capability, HealthCheck, Seccomp, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
 /// runc container, so it is checked before it can reach a path or a command line.
@@ -125,6 +125,9 @@ pub struct InstanceSpec {
     pub pids: u32,
     /// The system-call filter.
     pub seccomp: Seccomp,
+    /// Capabilities added to the minimal set (`[service] capabilities`, already checked
+    /// against the spec's rules); the process holds them whoever it runs as.
+    pub capabilities: Vec<Capability>,
 }
 
 /// One `writable` path: a tmpfs of at most `size` bytes.
@@ -169,6 +172,7 @@ impl InstanceSpec {
             user: service.user.clone(),
             pids: service.pids,
             seccomp: service.seccomp,
+            capabilities: service.capabilities.clone(),
         }
     }
 

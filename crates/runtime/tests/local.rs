@@ -105,6 +105,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         user: None,
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
+        capabilities: Vec::new(),
     }
 }
 

@@ -68,6 +68,8 @@ pub fn default_service() -> ServiceSpec {
         user: None,
         pids: ServiceSpec::DEFAULT_PIDS,
         seccomp: Seccomp::Default,
+        capabilities: Vec::new(),
+        allow_dangerous_capabilities: false,
     }
 }
 
