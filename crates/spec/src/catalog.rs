@@ -295,7 +295,8 @@ const SERVICE: &[Field] = &[
         Kind::String,
         "Who an instance's process runs as: `\"root\"`, `\"UID[:GID]\"` or \
          `\"NAME[:GROUP]\"` (names are looked up in the image's `/etc/passwd` and \
-         `/etc/group`). Default: the image's `User`, or the unprivileged `65534:65534` when it \
+         `/etc/group`; on the local provider an image without them sees kiln's, naming \
+         `root`, `nobody`/`nogroup` and the instance's own numeric ids as `app`). Default: the image's `User`, or the unprivileged `65534:65534` when it \
          sets none. An instance runs as uid 0 only when this key says so; root keeps one \
          capability (`NET_BIND_SERVICE`), any other user none, each plus `capabilities`.",
     ),
