@@ -90,6 +90,7 @@ impl AppCtl {
                 .network
                 .as_deref()
                 .map_or(Network::Kiln, Network::from_name),
+            capabilities: service.capability_list(),
         }
     }
 

@@ -23,8 +23,9 @@ use std::time::Duration;
 
 use kiln_spec::rules::{self, Broken};
 use kiln_spec::{
-    Analysis, CanaryStep, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate, Promote,
-    Network, ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec, Writable,
+    Analysis, CanaryStep, Capability, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate,
+    Network, Promote, ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec,
+    Writable,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -206,6 +207,29 @@ impl From<SeccompName> for Seccomp {
             SeccompName::Default => Seccomp::Default,
             SeccompName::Unconfined => Seccomp::Unconfined,
         }
+    }
+}
+
+/// One `[service] capabilities` entry as stored: the name as capabilities(7) writes it
+/// without `CAP_` (`"CHOWN"`), the one spelling that decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapabilityName(pub Capability);
+
+impl Serialize for CapabilityName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CapabilityName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CapabilityName, D::Error> {
+        let s = String::deserialize(d)?;
+        Capability::canonical(&s).map(CapabilityName).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown capability {s:?}, expected a name as capabilities(7) writes it without \
+                 `CAP_`, e.g. \"CHOWN\""
+            ))
+        })
     }
 }
 
@@ -436,6 +460,12 @@ pub struct ServiceConfig {
     /// read and re-encode unchanged, and run on the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Capabilities added to the minimal set (releases recorded before it: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<CapabilityName>,
+    /// The opt-in to dangerous `capabilities` (releases recorded before it: none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_dangerous_capabilities: bool,
 }
 
 fn default_tmpfs_size_bytes() -> u64 {
@@ -666,6 +696,8 @@ impl ReleaseConfig {
                 pids: s.pids,
                 seccomp: s.seccomp.into(),
                 network: (s.network != Network::Kiln).then(|| s.network.as_str().to_owned()),
+                capabilities: s.capabilities.iter().copied().map(CapabilityName).collect(),
+                allow_dangerous_capabilities: s.allow_dangerous_capabilities,
                 health: HealthConfig {
                     path: h.path.clone(),
                     interval_ms: ms(h.interval),
@@ -866,6 +898,20 @@ impl ServiceConfig {
         if let Some(n) = &self.network {
             p.check("service.network", rules::network(n));
         }
+        for (i, b) in
+            rules::capabilities(&self.capability_list(), self.allow_dangerous_capabilities)
+        {
+            let field = match i {
+                Some(i) => format!("service.capabilities[{i}]"),
+                None => "service.allow_dangerous_capabilities".to_owned(),
+            };
+            p.check(&field, Err(b));
+        }
+    }
+
+    /// The capabilities added to an instance's minimal set.
+    pub fn capability_list(&self) -> Vec<Capability> {
+        self.capabilities.iter().map(|c| c.0).collect()
     }
 }
 
@@ -1202,6 +1248,8 @@ exec = "allow"
         assert_eq!(s.user, None);
         assert_eq!(s.pids, ServiceSpec::DEFAULT_PIDS);
         assert_eq!(Seccomp::from(s.seccomp), Seccomp::Default);
+        assert_eq!(s.capability_list(), []);
+        assert!(!s.allow_dangerous_capabilities);
     }
 
     #[test]
@@ -1259,6 +1307,20 @@ exec = "allow"
 /service/replicas = 2
 
 # Decoding: shapes and spellings.
+/service/capabilities = ["CAP_CHOWN"]
+    service.capabilities[0]: unknown capability "CAP_CHOWN", expected a name as capabilities(7) writes it without `CAP_`, e.g. "CHOWN"
+
+/service/capabilities = ["CHOWN", "SETUID", "CHOWN", "SYS_ADMIN"]
+    service.capabilities[2]: capability CHOWN is listed twice
+    service.capabilities[3]: capability SYS_ADMIN is dangerous (mounts, makes namespaces and does most of what root does: the usual way out of a container) and needs `allow_dangerous_capabilities = true`
+
+/service/capabilities = ["SYS_ADMIN"]
+/service/allow_dangerous_capabilities = true
+
+/service/capabilities = ["SETGID"]
+/service/allow_dangerous_capabilities = true
+    service.allow_dangerous_capabilities: `allow_dangerous_capabilities` is set, but no capability listed is dangerous
+
 /target/provider = "dockr"
     target.provider: unknown variant "dockr", expected "local" or "docker"
 

@@ -225,7 +225,14 @@ impl Neighbour {
         ns(&["ip", "addr", "add", "192.168.251.2/30", "dev", "eth0"]);
         ns(&["ip", "link", "set", "eth0", "up"]);
         ns(&["ip", "link", "set", "lo", "up"]);
-        ns(&["ip", "route", "add", "10.209.0.0/16", "via", "192.168.251.1"]);
+        ns(&[
+            "ip",
+            "route",
+            "add",
+            "10.209.0.0/16",
+            "via",
+            "192.168.251.1",
+        ]);
         n
     }
 
@@ -286,11 +293,15 @@ fn each_instance_has_its_own_network() {
             ),
             (
                 "bindhost",
-                format!("/bin/busybox httpd -f -p {host_ip}:{router} -h /squat 2>&1; echo \"exit=$?\""),
+                format!(
+                    "/bin/busybox httpd -f -p {host_ip}:{router} -h /squat 2>&1; echo \"exit=$?\""
+                ),
             ),
             (
                 "squat",
-                format!("/bin/busybox httpd -p 127.0.0.1:{router} -h /squat 2>&1; echo \"exit=$?\""),
+                format!(
+                    "/bin/busybox httpd -p 127.0.0.1:{router} -h /squat 2>&1; echo \"exit=$?\""
+                ),
             ),
             ("addr", "/bin/busybox ip -4 -o addr show eth0".to_owned()),
         ],
@@ -364,9 +375,10 @@ fn each_instance_has_its_own_network() {
     // replacement's event says where it does listen.
     let loopy = spec(dir.path(), "loopy", common::free_port(), "127.0.0.1:", "")
         .with_file_name("loopy.toml");
-    let text = std::fs::read_to_string(&loopy)
-        .unwrap()
-        .replace("[service.health]\n", "[service.health]\nstart_period = \"1s\"\n");
+    let text = std::fs::read_to_string(&loopy).unwrap().replace(
+        "[service.health]\n",
+        "[service.health]\nstart_period = \"1s\"\n",
+    );
     std::fs::write(&loopy, text).unwrap();
     let image = common::build(&state, &loopy);
     let out = kiln(&state)
@@ -376,7 +388,11 @@ fn each_instance_has_its_own_network() {
         .timeout(Duration::from_secs(60))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let said = loop {
         let out = kiln(&state).args(["history", "loopy"]).output().unwrap();
@@ -392,7 +408,11 @@ fn each_instance_has_its_own_network() {
         "{said}"
     );
     let out = kiln(&state).args(["down", "loopy"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Down: the namespace, the address and the host's rules go with the instance.
     let out = kiln(&state)
@@ -400,7 +420,11 @@ fn each_instance_has_its_own_network() {
         .timeout(Duration::from_secs(60))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while state.join("instances").join(&id).exists() {
         assert!(Instant::now() < deadline, "{id} was not destroyed");

@@ -93,6 +93,16 @@ const SCRIPTS: &[(&str, &str)] = &[
         "echo \"mode=$(/bin/busybox stat -c '%a %u' /suid/busybox)\"\n\
          echo \"euid=$(/suid/busybox id -u)\"",
     ),
+    // Every capability set of the process (a CGI child of httpd, after two execs).
+    (
+        "caps",
+        "/bin/busybox grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status",
+    ),
+    // The names of the process's own ids, from the account files it sees.
+    (
+        "names",
+        "echo \"user=$(/bin/busybox id -un 2>&1) group=$(/bin/busybox id -gn 2>&1)\"",
+    ),
     (
         "mounts",
         "/bin/busybox grep -E ' / | /tmp | /scratch ' /proc/self/mountinfo",
@@ -536,6 +546,138 @@ fn sealed_instances_on_runc() {
     assert_eq!(line(&who, "CapBnd:"), "CapBnd:\t0000000000000400", "{who}");
     let suid = run(ports[3], "suid");
     assert_eq!(line(&suid, "euid="), "euid=0", "{suid}");
+}
+
+/// A `scratch` image of busybox and the scripts, with no `/etc` at all, and `service` lines.
+fn scratch_spec(dir: &Path, name: &str, port: u16, service: &str) -> PathBuf {
+    let files = dir.join("scratch-files");
+    if !files.exists() {
+        let root = rootfs(&files);
+        std::fs::remove_dir_all(root.join("etc")).unwrap();
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"name = "{name}"
+
+[image]
+entrypoint = ["/bin/busybox", "sh", "-c"]
+cmd = ["exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"]
+
+[[image.copy]]
+from = "scratch-files/rootfs/bin"
+to = "/bin"
+
+[[image.copy]]
+from = "scratch-files/rootfs/www"
+to = "/www"
+
+[service]
+writable = ["/tmp"]
+stop_grace = "1s"
+{service}
+
+[service.health]
+path = "/healthz"
+interval = "200ms"
+timeout = "200ms"
+
+[route]
+listen = "127.0.0.1:{port}"
+drain_timeout = "1s"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Issue 14: `[service] capabilities` are held by a non-root process (ambient), a dangerous
+/// one only with the opt-in; a `scratch` image resolves its user's name through kiln's
+/// minimal account files, which are not drift.
+#[test]
+fn capabilities_and_account_files_on_runc() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _daemon = Daemon::start(&state);
+
+    // Safe ones in any spelling, and a dangerous one opted in.
+    let port = common::free_port();
+    let bare = scratch_spec(
+        dir.path(),
+        "bare",
+        port,
+        "capabilities = [\"chown\", \"CAP_SETUID\", \"net_admin\"]\n\
+         allow_dangerous_capabilities = true",
+    );
+    let image = build(&state, &bare);
+
+    // A dangerous capability without the opt-in: refused at the door, naming the key.
+    let refused = scratch_spec(
+        dir.path(),
+        "refused",
+        common::free_port(),
+        "capabilities = [\"CHOWN\", \"sys_admin\"]",
+    );
+    let out = kiln(&state)
+        .args(["apply", "-f"])
+        .arg(&refused)
+        .args(["--image", &image])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("service.capabilities: capability SYS_ADMIN is dangerous")
+            && said.contains("allow_dangerous_capabilities = true"),
+        "{said}"
+    );
+
+    // The default user (65534) holds each added capability in every set, ambient included,
+    // and nothing else.
+    apply(&state, &bare, &image);
+    let caps = run(port, "caps");
+    // CHOWN (bit 0), SETUID (7), NET_ADMIN (12).
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            line(&caps, set),
+            format!("{set}:\t0000000000001081"),
+            "{caps}"
+        );
+    }
+    let who = run(port, "whoami");
+    assert_eq!(
+        line(&who, "uid="),
+        "uid=65534 gid=65534 groups=65534",
+        "{who}"
+    );
+
+    // No /etc in the image, yet the process's ids have names: kiln's minimal files.
+    let names = run(port, "names");
+    assert_eq!(
+        line(&names, "user="),
+        "user=nobody group=nogroup",
+        "{names}"
+    );
+    // They are a lower layer, not writes in the instance's upper dir, so not drift.
+    let id = instance_of(&state, "bare");
+    let upper = state.join("instances").join(&id).join("upper");
+    assert!(upper.is_dir(), "{}", upper.display());
+    assert!(!upper.join("etc/passwd").exists() && !upper.join("etc/group").exists());
+    let history = kiln(&state).args(["history", "bare"]).output().unwrap();
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(history.contains("instance.created"), "{history}");
+    assert!(!history.contains("drift.detected"), "{history}");
 }
 
 #[test]

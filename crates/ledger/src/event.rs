@@ -434,9 +434,7 @@ impl std::fmt::Display for Cause {
             },
             Cause::Exited { code: None } => f.write_str("exited (status unknown)"),
             Cause::NeverHealthy { listening: None } => f.write_str("never became healthy"),
-            Cause::NeverHealthy {
-                listening: Some(l),
-            } => write!(f, "never became healthy: {l}"),
+            Cause::NeverHealthy { listening: Some(l) } => write!(f, "never became healthy: {l}"),
             Cause::Unhealthy => f.write_str("became unhealthy"),
             Cause::Drifted { findings } => write!(f, "drifted: {findings}"),
             Cause::Superseded => f.write_str("its release is neither live nor previous"),

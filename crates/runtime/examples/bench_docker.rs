@@ -319,6 +319,7 @@ async fn main() {
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
         network: kiln_spec::Network::Kiln,
+        capabilities: Vec::new(),
     };
     let docker = provider.engine().clone();
 

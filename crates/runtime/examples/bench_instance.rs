@@ -97,6 +97,7 @@ async fn main() {
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
         network: kiln_spec::Network::Kiln,
+        capabilities: Vec::new(),
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

@@ -308,6 +308,7 @@ mod tests {
             pids: 512,
             seccomp: kiln_spec::Seccomp::Default,
             network: kiln_spec::Network::Kiln,
+            capabilities: Vec::new(),
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 pub use kiln_digest::{Digest, InvalidDigest};
-use kiln_spec::{HealthCheck, Network, Seccomp, ServiceSpec, TargetSpec};
+use kiln_spec::{Capability, HealthCheck, Network, Seccomp, ServiceSpec, TargetSpec};
 
 /// An instance's name: `[a-z0-9][a-z0-9-]{0,62}`. It names the instance's directory and its
 /// runc container, so it is checked before it can reach a path or a command line.
@@ -127,6 +127,9 @@ pub struct InstanceSpec {
     pub seccomp: Seccomp,
     /// The network the instance joins (`Host` only on the local provider).
     pub network: Network,
+    /// Capabilities added to the minimal set (`[service] capabilities`, already checked
+    /// against the spec's rules); the process holds them whoever it runs as.
+    pub capabilities: Vec<Capability>,
 }
 
 /// One `writable` path: a tmpfs of at most `size` bytes.
@@ -172,6 +175,7 @@ impl InstanceSpec {
             pids: service.pids,
             seccomp: service.seccomp,
             network: service.network.clone(),
+            capabilities: service.capabilities.clone(),
         }
     }
 

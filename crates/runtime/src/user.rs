@@ -7,6 +7,9 @@
 //! is refused rather than silently run as someone else, since the app would then fail on
 //! permissions far from the cause.
 //!
+//! An image without its own account files sees kiln's [`minimal_accounts`] in their place
+//! (local provider), so `root`, `nobody` and the process's own ids have names.
+//!
 //! Pure: the providers read the files (or let the engine do it) and call in here.
 
 /// The user and group ids the unprivileged default runs as (`nobody`/`nogroup` on Debian).
@@ -30,6 +33,59 @@ pub(crate) struct ProcessUser {
 pub(crate) struct Accounts<'a> {
     pub passwd: Option<&'a str>,
     pub group: Option<&'a str>,
+    /// `passwd` is kiln's [`minimal_accounts`], the image having none.
+    pub minimal: bool,
+}
+
+/// `/etc/passwd` and `/etc/group` for an image that brings none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MinimalAccounts {
+    pub passwd: String,
+    pub group: String,
+}
+
+/// The name of the account [`minimal_accounts`] adds for the process's own ids.
+const OWN_ACCOUNT: &str = "app";
+
+/// The account files an image without its own gets: `root` and `nobody` (group `nogroup`),
+/// as Debian names them, plus an `app` user and group for the ids the instance runs as
+/// (`requested`, else `image_user`) when those are numbers and neither root's nor nobody's,
+/// so that looking up the process's own ids succeeds. A user given by name needs no line:
+/// without the image's files only `root` and `nobody` resolve. A uid given without a group
+/// keeps group 0, as without the files.
+pub(crate) fn minimal_accounts(
+    requested: Option<&str>,
+    image_user: Option<&str>,
+) -> MinimalAccounts {
+    let mut passwd = String::from(
+        "root:x:0:0:root:/root:/sbin/nologin\n\
+         nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n",
+    );
+    let mut group = String::from("root:x:0:\nnogroup:x:65534:\n");
+    let known = |id: u32| id == 0 || id == UNPRIVILEGED;
+    if let Some(text) = requested.or(image_user) {
+        let (user, group_part) = match text.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (text, None),
+        };
+        let gid = match group_part {
+            Some(g) => g.parse::<u32>().ok(),
+            None => Some(0),
+        };
+        if let Ok(uid) = user.parse::<u32>()
+            && !known(uid)
+        {
+            // A named group is looked up in the file, where it is not (unless `nogroup`).
+            let primary = gid.unwrap_or(0);
+            passwd.push_str(&format!(
+                "{OWN_ACCOUNT}:x:{uid}:{primary}:{OWN_ACCOUNT}:/nonexistent:/sbin/nologin\n"
+            ));
+        }
+        if let Some(gid) = gid.filter(|g| !known(*g)) {
+            group.push_str(&format!("{OWN_ACCOUNT}:x:{gid}:\n"));
+        }
+    }
+    MinimalAccounts { passwd, group }
 }
 
 /// One `/etc/passwd` entry: name, uid, primary gid.
@@ -92,8 +148,9 @@ pub(crate) fn resolve(
             None => {
                 return Err(format!(
                     "{origin} {text:?}: no user {user:?} in the image's /etc/passwd{}",
-                    if accounts.passwd.is_none() {
-                        " (the image has none; use a numeric UID[:GID])"
+                    if accounts.passwd.is_none() || accounts.minimal {
+                        " (the image has none, and kiln's names only root and nobody; use a \
+                         numeric UID[:GID])"
                     } else {
                         ""
                     }
@@ -172,6 +229,27 @@ pub(crate) fn docker_user(
     }
 }
 
+/// Refuses `[service] capabilities` for a process a Docker Engine runs as `user` (what
+/// [`docker_user`] gave) unless that is root: the engine puts a non-root process's
+/// capabilities only in its bounding set (moby since 20.10.14, as execve would leave them),
+/// where it can never use them, and an app that silently lacks one fails far from the cause.
+pub(crate) fn docker_capabilities(
+    user: &str,
+    capabilities: &[kiln_spec::Capability],
+) -> Result<(), String> {
+    let name = user.split(':').next().unwrap_or(user);
+    if capabilities.is_empty() || name == "root" || name.parse::<u32>() == Ok(0) {
+        return Ok(());
+    }
+    let names: Vec<&str> = capabilities.iter().map(|c| c.as_str()).collect();
+    Err(format!(
+        "[service] capabilities {}: the Docker Engine gives a non-root process (user {user:?}) \
+         capabilities only in its bounding set, where it cannot use them; run it as root with \
+         [service] user = \"root\", or on the local provider",
+        names.join(", ")
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -193,6 +271,7 @@ mod tests {
         Accounts {
             passwd: Some(PASSWD),
             group: Some(GROUP),
+            minimal: false,
         }
     }
 
@@ -287,6 +366,100 @@ mod tests {
                 (got, want) => panic!("{requested:?} {image:?}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_image_without_account_files_gets_root_nobody_and_its_own_ids() {
+        const BASE_PASSWD: &str = "root:x:0:0:root:/root:/sbin/nologin\n\
+                                   nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n";
+        const BASE_GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
+        let own = |uid: u32, gid: u32| {
+            format!("{BASE_PASSWD}app:x:{uid}:{gid}:app:/nonexistent:/sbin/nologin\n")
+        };
+        for (requested, image, passwd, group) in [
+            (None, None, BASE_PASSWD.to_owned(), BASE_GROUP.to_owned()),
+            (
+                Some("root"),
+                None,
+                BASE_PASSWD.to_owned(),
+                BASE_GROUP.to_owned(),
+            ),
+            (
+                Some("65534:65534"),
+                None,
+                BASE_PASSWD.to_owned(),
+                BASE_GROUP.to_owned(),
+            ),
+            (
+                Some("nobody:nogroup"),
+                None,
+                BASE_PASSWD.to_owned(),
+                BASE_GROUP.to_owned(),
+            ),
+            (
+                None,
+                Some("1000:1001"),
+                own(1000, 1001),
+                format!("{BASE_GROUP}app:x:1001:\n"),
+            ),
+            // The spec's user wins; a lone uid keeps group 0, as without the files.
+            (
+                Some("1000"),
+                Some("2000:2000"),
+                own(1000, 0),
+                BASE_GROUP.to_owned(),
+            ),
+            (
+                Some("0:50"),
+                None,
+                BASE_PASSWD.to_owned(),
+                format!("{BASE_GROUP}app:x:50:\n"),
+            ),
+            (
+                Some("1000:nogroup"),
+                None,
+                own(1000, 0),
+                BASE_GROUP.to_owned(),
+            ),
+        ] {
+            let got = minimal_accounts(requested, image);
+            assert_eq!(
+                got,
+                MinimalAccounts { passwd, group },
+                "{requested:?} {image:?}"
+            );
+        }
+        // What the instance then resolves against them.
+        let resolved = |requested: Option<&str>, image: Option<&str>| {
+            let m = minimal_accounts(requested, image);
+            let accounts = Accounts {
+                passwd: Some(&m.passwd),
+                group: Some(&m.group),
+                minimal: true,
+            };
+            resolve(requested, image, accounts).map(|u| ids(&u))
+        };
+        assert_eq!(resolved(Some("nobody"), None), Ok((65534, 65534, vec![])));
+        assert_eq!(resolved(Some("root"), None), Ok((0, 0, vec![])));
+        assert_eq!(resolved(None, Some("1000:1001")), Ok((1000, 1001, vec![])));
+        assert_eq!(resolved(Some("1000"), None), Ok((1000, 0, vec![])));
+        let e = resolved(Some("www-data"), None).unwrap_err();
+        assert!(e.contains("kiln's names only root and nobody"), "{e}");
+    }
+
+    #[test]
+    fn docker_refuses_capabilities_a_non_root_process_could_not_use() {
+        let chown = [kiln_spec::Capability::parse("CHOWN").unwrap()];
+        for root in ["0:0", "0", "root", "root:staff"] {
+            assert_eq!(docker_capabilities(root, &chown), Ok(()), "{root}");
+        }
+        assert_eq!(docker_capabilities("65534:65534", &[]), Ok(()));
+        let e = docker_capabilities("65534:65534", &chown).unwrap_err();
+        assert!(
+            e.starts_with("[service] capabilities CHOWN: the Docker Engine"),
+            "{e}"
+        );
+        assert!(docker_capabilities("app", &chown).is_err());
     }
 
     #[test]

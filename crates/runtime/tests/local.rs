@@ -106,6 +106,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         pids: 512,
         seccomp: kiln_spec::Seccomp::Default,
         network: kiln_spec::Network::Kiln,
+        capabilities: Vec::new(),
     }
 }
 

@@ -308,9 +308,31 @@ const SERVICE: &[Field] = &[
         Kind::String,
         "Who an instance's process runs as: `\"root\"`, `\"UID[:GID]\"` or \
          `\"NAME[:GROUP]\"` (names are looked up in the image's `/etc/passwd` and \
-         `/etc/group`). Default: the image's `User`, or the unprivileged `65534:65534` when it \
+         `/etc/group`; on the local provider an image without them sees kiln's, naming \
+         `root`, `nobody`/`nogroup` and the instance's own numeric ids as `app`). Default: the image's `User`, or the unprivileged `65534:65534` when it \
          sets none. An instance runs as uid 0 only when this key says so; root keeps one \
-         capability (`NET_BIND_SERVICE`), any other user none.",
+         capability (`NET_BIND_SERVICE`), any other user none, each plus `capabilities`.",
+    ),
+    field(
+        "capabilities",
+        Kind::StringList,
+        "Linux capabilities added to the minimal set, named as in capabilities(7) with or \
+         without `CAP_`, in any case: `[\"CHOWN\", \"SETUID\", \"SETGID\"]` for a server \
+         whose master drops privileges. The process holds them whoever it runs as (a non-root \
+         user as ambient capabilities, on the local provider; the docker provider refuses them \
+         for a non-root user, whom the engine gives capabilities it cannot use). Safe, as \
+         Docker grants by default less `NET_RAW`: `AUDIT_WRITE`, `CHOWN`, `DAC_OVERRIDE`, \
+         `FOWNER`, `FSETID`, `KILL`, `MKNOD`, `NET_BIND_SERVICE`, `SETFCAP`, `SETGID`, \
+         `SETPCAP`, `SETUID`, `SYS_CHROOT`. Any other (`SYS_ADMIN`, `NET_ADMIN`, `NET_RAW`, \
+         `SYS_PTRACE`…) is dangerous: refused without `allow_dangerous_capabilities`.",
+    ),
+    default(
+        "allow_dangerous_capabilities",
+        Kind::Bool,
+        "false",
+        "Grants the dangerous capabilities `capabilities` lists (those that reach past the \
+         instance: the host's network, kernel, clock or other processes). An explicit \
+         weakening, refused when nothing listed needs it.",
     ),
     default(
         "pids",

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::types::{CountOrPercent, ProviderKind};
+use crate::types::{Capability, CountOrPercent, ProviderKind};
 
 /// A rule a value breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,6 +282,154 @@ pub fn user(u: &str) -> Result<(), Broken> {
     }
 }
 
+/// Every Linux capability (capabilities(7), without `CAP_`), alphabetically, each with what
+/// it lets a process reach beyond its instance when it is *dangerous*: granted only with
+/// `[service] allow_dangerous_capabilities = true`.
+///
+/// The safe set is what Docker grants a container by default, less `NET_RAW`: raw sockets
+/// forge and sniff traffic of the whole network the instance is on: kiln's bridge, shared
+/// with every other app's instances, or the host's with `network = "host"` (Podman drops it
+/// by default too). `SETFCAP`, `MKNOD` and
+/// `AUDIT_WRITE` stay safe as in Docker: file capabilities do nothing on kiln's `nosuid`
+/// mounts under no-new-privileges, the device cgroup refuses every node a `mknod` could
+/// make, and namespace creation (where `SETFCAP` maps root) is refused by seccomp.
+pub(crate) const CAPABILITIES: &[(&str, Option<&str>)] = &[
+    (
+        "AUDIT_CONTROL",
+        Some("configures the host kernel's auditing"),
+    ),
+    ("AUDIT_READ", Some("reads the host's audit log")),
+    ("AUDIT_WRITE", None),
+    ("BLOCK_SUSPEND", Some("keeps the host from suspending")),
+    ("BPF", Some("loads BPF programs into the host kernel")),
+    (
+        "CHECKPOINT_RESTORE",
+        Some("reads other processes' memory maps and chooses pids"),
+    ),
+    ("CHOWN", None),
+    ("DAC_OVERRIDE", None),
+    (
+        "DAC_READ_SEARCH",
+        Some("opens files by handle, past its own root"),
+    ),
+    ("FOWNER", None),
+    ("FSETID", None),
+    ("IPC_LOCK", Some("locks memory in RAM")),
+    (
+        "IPC_OWNER",
+        Some("bypasses permissions on System V IPC objects"),
+    ),
+    ("KILL", None),
+    ("LEASE", Some("takes leases on files it does not own")),
+    (
+        "LINUX_IMMUTABLE",
+        Some("sets the immutable and append-only flags of files"),
+    ),
+    (
+        "MAC_ADMIN",
+        Some("configures the host's mandatory access control"),
+    ),
+    (
+        "MAC_OVERRIDE",
+        Some("bypasses the host's mandatory access control"),
+    ),
+    ("MKNOD", None),
+    (
+        "NET_ADMIN",
+        Some(
+            "configures interfaces, routes and firewall of its network (the host's, on the local provider)",
+        ),
+    ),
+    ("NET_BIND_SERVICE", None),
+    ("NET_BROADCAST", Some("broadcasts and listens to multicast")),
+    (
+        "NET_RAW",
+        Some("forges and sniffs packets of the other instances on its bridge, or the host's"),
+    ),
+    (
+        "PERFMON",
+        Some("reads performance data of the kernel and other processes"),
+    ),
+    ("SETFCAP", None),
+    ("SETGID", None),
+    ("SETPCAP", None),
+    ("SETUID", None),
+    ("SYSLOG", Some("reads and clears the host kernel's log")),
+    (
+        "SYS_ADMIN",
+        Some(
+            "mounts, makes namespaces and does most of what root does: the usual way out of a container",
+        ),
+    ),
+    ("SYS_BOOT", Some("reboots the host")),
+    ("SYS_CHROOT", None),
+    ("SYS_MODULE", Some("loads modules into the host kernel")),
+    (
+        "SYS_NICE",
+        Some("raises priorities and takes real-time scheduling from the host"),
+    ),
+    ("SYS_PACCT", Some("switches the host's process accounting")),
+    (
+        "SYS_PTRACE",
+        Some("traces and reads the memory of other processes"),
+    ),
+    (
+        "SYS_RAWIO",
+        Some("does raw I/O on the host's ports and devices"),
+    ),
+    ("SYS_RESOURCE", Some("overrides resource limits and quotas")),
+    ("SYS_TIME", Some("sets the host's clock")),
+    ("SYS_TTY_CONFIG", Some("configures the host's terminals")),
+    ("WAKE_ALARM", Some("sets alarms that wake the host")),
+];
+
+/// One `[service] capabilities` entry: a name of capabilities(7) in any case, with or
+/// without `CAP_`.
+pub fn capability(name: &str) -> Result<Capability, Broken> {
+    Capability::parse(name).ok_or_else(|| {
+        Broken::new(format!("unknown capability {name:?}")).hint(
+            "a name from capabilities(7), with or without `CAP_`, e.g. \"CHOWN\" or \"CAP_SETUID\"",
+        )
+    })
+}
+
+/// `[service] capabilities` with `allow_dangerous_capabilities`: each problem with the index
+/// of the capability it is about, or `None` when it is about the opt-in. The opt-in is
+/// refused when nothing listed needs it: left behind, it would let a dangerous capability
+/// added later pass review unnoticed.
+pub fn capabilities(caps: &[Capability], allow_dangerous: bool) -> Vec<(Option<usize>, Broken)> {
+    let mut problems = Vec::new();
+    for (i, c) in caps.iter().enumerate() {
+        if caps[..i].contains(c) {
+            problems.push((
+                Some(i),
+                Broken::new(format!("capability {c} is listed twice")),
+            ));
+        } else if let Some(danger) = c.danger()
+            && !allow_dangerous
+        {
+            problems.push((
+                Some(i),
+                Broken::new(format!(
+                    "capability {c} is dangerous ({danger}) and needs \
+                     `allow_dangerous_capabilities = true`"
+                ))
+                .hint("remove it, or opt in with [service] allow_dangerous_capabilities = true"),
+            ));
+        }
+    }
+    if allow_dangerous && !caps.iter().any(|c| c.danger().is_some()) {
+        problems.push((
+            None,
+            Broken::new(
+                "`allow_dangerous_capabilities` is set, but no capability listed is dangerous",
+            )
+            .hint("remove it; it only grants what `capabilities` lists"),
+        ));
+    }
+    problems
+}
+
 /// `Some(path)` when `p` is absolute and already normalised (no `.`, `..`, `//` or trailing
 /// `/`, except the root itself, and no NUL byte).
 pub fn normalised_absolute(p: &str) -> Option<String> {
@@ -440,6 +588,8 @@ pub fn target_keys(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -518,6 +668,108 @@ mod tests {
         ] {
             assert!(user(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn capabilities_parse_in_any_spelling_and_refuse_unknown_names() {
+        for (written, want) in [
+            ("CHOWN", "CHOWN"),
+            ("chown", "CHOWN"),
+            ("CAP_SETUID", "SETUID"),
+            ("cap_net_bind_service", "NET_BIND_SERVICE"),
+            ("Sys_Admin", "SYS_ADMIN"),
+        ] {
+            assert_eq!(capability(written).map(Capability::as_str), Ok(want));
+        }
+        for bad in ["", "CAP_", "CHOWNN", "cap-chown", "ALL", " CHOWN"] {
+            let b = capability(bad).unwrap_err();
+            assert_eq!(b.message, format!("unknown capability {bad:?}"));
+        }
+        // Stored names are canonical only.
+        assert_eq!(
+            Capability::canonical("CHOWN").map(Capability::as_str),
+            Some("CHOWN")
+        );
+        assert_eq!(Capability::canonical("chown"), None);
+        assert_eq!(Capability::canonical("CAP_CHOWN"), None);
+    }
+
+    #[test]
+    fn the_safe_set_is_docker_s_default_less_net_raw() {
+        let mut safe: Vec<&str> = Capability::all()
+            .filter(|c| c.danger().is_none())
+            .map(Capability::as_str)
+            .collect();
+        safe.sort_unstable();
+        assert_eq!(
+            safe,
+            [
+                "AUDIT_WRITE",
+                "CHOWN",
+                "DAC_OVERRIDE",
+                "FOWNER",
+                "FSETID",
+                "KILL",
+                "MKNOD",
+                "NET_BIND_SERVICE",
+                "SETFCAP",
+                "SETGID",
+                "SETPCAP",
+                "SETUID",
+                "SYS_CHROOT",
+            ]
+        );
+        assert_eq!(
+            Capability::all().count(),
+            41,
+            "capabilities(7) up to Linux 6.x"
+        );
+        let names: Vec<&str> = CAPABILITIES.iter().map(|(n, _)| *n).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "kept alphabetical");
+    }
+
+    #[test]
+    fn dangerous_capabilities_need_the_opt_in_and_the_opt_in_needs_one() {
+        let caps = |names: &[&str]| -> Vec<Capability> {
+            names.iter().map(|n| capability(n).unwrap()).collect()
+        };
+        let problems = |names: &[&str], allow: bool| -> Vec<(Option<usize>, String)> {
+            capabilities(&caps(names), allow)
+                .into_iter()
+                .map(|(i, b)| (i, b.message))
+                .collect()
+        };
+        assert_eq!(problems(&["CHOWN", "SETUID", "SETGID"], false), []);
+        assert_eq!(problems(&[], false), []);
+        assert_eq!(problems(&["NET_ADMIN", "CHOWN"], true), []);
+        let got = problems(&["CHOWN", "SYS_ADMIN", "NET_RAW", "CAP_CHOWN"], false);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].0, Some(1));
+        assert!(
+            got[0]
+                .1
+                .starts_with("capability SYS_ADMIN is dangerous (mounts")
+                && got[0]
+                    .1
+                    .ends_with("needs `allow_dangerous_capabilities = true`"),
+            "{}",
+            got[0].1
+        );
+        assert_eq!(got[1].0, Some(2));
+        assert_eq!(
+            got[2],
+            (Some(3), "capability CHOWN is listed twice".to_owned())
+        );
+        assert_eq!(
+            problems(&["CHOWN"], true),
+            [(
+                None,
+                "`allow_dangerous_capabilities` is set, but no capability listed is dangerous"
+                    .to_owned()
+            )]
+        );
     }
 
     #[test]

@@ -204,6 +204,10 @@ pub struct ServiceSpec {
     pub seccomp: Seccomp,
     /// The network an instance joins.
     pub network: Network,
+    /// Capabilities added to the minimal set, each once, in the order written.
+    pub capabilities: Vec<Capability>,
+    /// The spec opts in to the capabilities outside the safe set.
+    pub allow_dangerous_capabilities: bool,
 }
 
 impl ServiceSpec {
@@ -294,6 +298,56 @@ impl Network {
             Network::Host => Network::HOST,
             Network::Named(name) => name,
         }
+    }
+}
+
+/// A Linux capability, named as capabilities(7) names it without `CAP_` (`CHOWN`,
+/// `NET_BIND_SERVICE`). Only the names [`Capability::all`] yields exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Capability(&'static str);
+
+impl Capability {
+    /// `NET_BIND_SERVICE`, the one capability a root instance keeps without asking.
+    pub const NET_BIND_SERVICE: Capability = Capability("NET_BIND_SERVICE");
+
+    /// Every capability kiln can name, in alphabetical order.
+    pub fn all() -> impl Iterator<Item = Capability> {
+        crate::rules::CAPABILITIES
+            .iter()
+            .map(|(name, _)| Capability(name))
+    }
+
+    /// The capability `name` means: any case, with or without `CAP_` (`chown`,
+    /// `CAP_SETUID`).
+    pub fn parse(name: &str) -> Option<Capability> {
+        let upper = name.to_ascii_uppercase();
+        let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+        Capability::all().find(|c| c.0 == bare)
+    }
+
+    /// The capability spelled exactly as [`Capability::as_str`] spells it, as stored.
+    pub fn canonical(name: &str) -> Option<Capability> {
+        Capability::all().find(|c| c.0 == name)
+    }
+
+    /// The name without `CAP_`, upper case.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+
+    /// What the capability lets a process reach beyond its instance, when it is outside the
+    /// safe set (see [`crate::rules::CAPABILITIES`]); `None` for a safe one.
+    pub fn danger(self) -> Option<&'static str> {
+        crate::rules::CAPABILITIES
+            .iter()
+            .find(|(name, _)| *name == self.0)
+            .and_then(|(_, danger)| *danger)
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
     }
 }
 

@@ -480,7 +480,31 @@ impl Validator<'_> {
             network: t
                 .str("network")
                 .map_or(Network::Kiln, |(n, _)| Network::from_name(n)),
+            capabilities: self.capabilities(t),
+            allow_dangerous_capabilities: t.bool("allow_dangerous_capabilities"),
         }
+    }
+
+    /// `capabilities`, each normalised (`cap_chown` is `CHOWN`); problems point at the name
+    /// they are about, or at `allow_dangerous_capabilities`.
+    fn capabilities(&mut self, t: &Table) -> Vec<Capability> {
+        let key = t.key_path("capabilities");
+        let mut parsed: Vec<(Capability, Span)> = Vec::new();
+        for (name, span) in t.list("capabilities").unwrap_or_default() {
+            match rules::capability(name) {
+                Ok(c) => parsed.push((c, span.clone())),
+                Err(b) => self.diags.push(broken_at(&key, span.clone(), b)),
+            }
+        }
+        let caps: Vec<Capability> = parsed.iter().map(|(c, _)| *c).collect();
+        let allow = t.bool("allow_dangerous_capabilities");
+        for (i, b) in rules::capabilities(&caps, allow) {
+            match i.and_then(|i| parsed.get(i)) {
+                Some((_, span)) => self.diags.push(broken_at(&key, span.clone(), b)),
+                None => self.broken(t, "allow_dangerous_capabilities", b),
+            }
+        }
+        caps
     }
 
     fn health(&mut self, t: &Table) -> HealthCheck {

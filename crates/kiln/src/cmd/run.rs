@@ -69,6 +69,8 @@ pub fn default_service() -> ServiceSpec {
         pids: ServiceSpec::DEFAULT_PIDS,
         seccomp: Seccomp::Default,
         network: Network::Kiln,
+        capabilities: Vec::new(),
+        allow_dangerous_capabilities: false,
     }
 }
 

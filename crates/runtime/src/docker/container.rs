@@ -49,7 +49,7 @@ pub(crate) const OOM_SCORE_ADJ: i64 = crate::local::OOM_SCORE_ADJ as i64;
 /// The container create request: read-only root, a size-capped `nosuid,nodev` tmpfs per
 /// writable path, `PORT` (the spec's container port, else the host port), that port published
 /// on 127.0.0.1 only, no restart (kiln replaces), the non-root user, no new privileges, every
-/// capability dropped, the engine's default seccomp profile (never switched off unless the
+/// capability dropped but those `[service] capabilities` adds, the engine's default seccomp profile (never switched off unless the
 /// spec says `unconfined`), a pids limit, memory/CPU limits, the OOM score, capped json-file
 /// logs, kiln's labels.
 pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
@@ -121,6 +121,12 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
             }),
             security_opt: Some(security_opt),
             cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: (!spec.capabilities.is_empty()).then(|| {
+                spec.capabilities
+                    .iter()
+                    .map(|c| format!("CAP_{c}"))
+                    .collect()
+            }),
             memory: spec.memory.and_then(|m| i64::try_from(m).ok()),
             nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
             pids_limit: Some(i64::from(spec.pids)),
@@ -288,6 +294,7 @@ mod tests {
             pids: 100,
             seccomp: Seccomp::Default,
             network: kiln_spec::Network::Kiln,
+            capabilities: Vec::new(),
         }
     }
 
@@ -337,6 +344,7 @@ mod tests {
         let h = body.host_config.unwrap();
         assert_eq!(h.readonly_rootfs, Some(true));
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(h.cap_add, None);
         // No seccomp option: the engine's default profile applies.
         assert_eq!(h.security_opt, Some(vec!["no-new-privileges".to_owned()]));
         assert_eq!(body.user.as_deref(), Some("65534:65534"));
@@ -391,6 +399,34 @@ mod tests {
             ])
         );
         assert_eq!(body.user.as_deref(), Some("0:0"));
+    }
+
+    #[test]
+    fn added_capabilities_are_the_only_ones_after_dropping_all() {
+        let mut s = spec();
+        s.capabilities = ["CHOWN", "net_bind_service"]
+            .iter()
+            .map(|n| kiln_spec::Capability::parse(n).unwrap())
+            .collect();
+        let id = InstanceId::new("web-0123").unwrap();
+        let image_id = Digest::of(b"config");
+        let body = create_body(&Wanted {
+            id: &id,
+            spec: &s,
+            image_id: &image_id,
+            port: 1,
+            state_label: "abc",
+            user: "0:0",
+        });
+        let h = body.host_config.unwrap();
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(
+            h.cap_add,
+            Some(vec![
+                "CAP_CHOWN".to_owned(),
+                "CAP_NET_BIND_SERVICE".to_owned()
+            ])
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   through the API, then checks the ID the engine reports is the config digest it built.
 //! - **Containers as immutable instances**: read-only root, a size-capped tmpfs per
 //!   `writable` path, `PORT`, the port published on 127.0.0.1 for the router, no restart
-//!   policy, sealed (a non-root user, no new privileges, every capability dropped, the
+//!   policy, sealed (a non-root user, no new privileges, every capability dropped but the
+//!   spec's `capabilities`, refused for a non-root user who could not hold them, the
 //!   engine's default seccomp profile, which kiln never switches off unless the spec says
 //!   `unconfined` and requires the engine to have, a pids limit, the OOM score), limits,
 //!   labels (`container.rs`).
@@ -824,6 +825,9 @@ impl Provider for DockerProvider {
         let resolved = self.ensure_image(&spec.image).await?;
         let image_id = resolved.config_digest.clone();
         let user = crate::user::docker_user(spec.user.as_deref(), resolved.config.user.as_deref())
+            .and_then(|user| {
+                crate::user::docker_capabilities(&user, &spec.capabilities).map(|()| user)
+            })
             .map_err(|message| ProviderError::Config {
                 id: id.clone(),
                 message,

@@ -5,7 +5,8 @@
 //! each) can be written; own mount/PID/IPC/UTS namespaces, and the network namespace kiln
 //! made (`local::network`) unless the spec asks for the host's; the resolved
 //! non-root user unless the spec asked for root; no new privileges; no capability but
-//! `NET_BIND_SERVICE`, and that for root only; the seccomp allowlist; an open-files rlimit; a
+//! `NET_BIND_SERVICE` for root and those `[service] capabilities` adds (held by a non-root
+//! process as ambient capabilities); the seccomp allowlist; an open-files rlimit; a
 //! device cgroup that denies everything runc does not allow by default; a pids limit, and
 //! memory/CPU limits when asked; an OOM score that makes the kernel kill an instance before
 //! the daemon. A limit the host's cgroups cannot enforce is an error, never dropped. This
@@ -74,22 +75,34 @@ pub(crate) struct BundleInput<'a> {
     pub nofile: u64,
     /// Who the process runs as.
     pub user: &'a ProcessUser,
-    /// The system-call filter, already made for [`capabilities`]; `None` means unconfined.
+    /// The capability set, as [`capabilities`] makes it.
+    pub capabilities: &'a HashSet<Capability>,
+    /// The system-call filter, already made for `capabilities`; `None` means unconfined.
     pub seccomp: Option<&'a LinuxSeccomp>,
     /// The instance's own network namespace (a bind mount kiln made); `None` means the
     /// host's network.
     pub netns: Option<&'a Path>,
 }
 
-/// The capabilities an instance running as `user` keeps: `NET_BIND_SERVICE` for root (which
-/// the spec must have asked for), none for anyone else (the kernel would drop them at exec
-/// anyway; listing none keeps the seccomp profile's capability rules honest).
-pub(crate) fn capabilities(user: &ProcessUser) -> HashSet<Capability> {
+/// The capabilities an instance running as `user` holds: those `[service] capabilities`
+/// adds, plus `NET_BIND_SERVICE` for root (which the spec must have asked for). Nothing else,
+/// so the seccomp profile's capability rules open only what these need.
+pub(crate) fn capabilities(
+    user: &ProcessUser,
+    added: &[kiln_spec::Capability],
+) -> Result<HashSet<Capability>, String> {
+    let mut caps: HashSet<Capability> = added
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .parse::<Capability>()
+                .map_err(|_| format!("the OCI runtime spec has no capability {c}"))
+        })
+        .collect::<Result<_, _>>()?;
     if user.uid == 0 {
-        [Capability::NetBindService].into_iter().collect()
-    } else {
-        HashSet::new()
+        caps.insert(Capability::NetBindService);
     }
+    Ok(caps)
 }
 
 /// The process arguments: the command override, or the image's entrypoint followed by its
@@ -197,13 +210,22 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
         move |e| format!("{what}: {e}")
     }
     enforceable(input)?;
-    let caps = capabilities(input.user);
+    let caps = input.capabilities;
+    // A non-root process loses its permitted and effective capabilities at exec unless they
+    // are ambient (which needs them inheritable too), so that is where it gets them; the
+    // image's files cannot add any (no new privileges, `nosuid`). Root gets them at exec
+    // from the bounding set and needs no ambient ones.
+    let ambient = if input.user.uid == 0 {
+        HashSet::new()
+    } else {
+        caps.clone()
+    };
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
-        .permitted(caps)
-        .inheritable(HashSet::new())
-        .ambient(HashSet::new())
+        .permitted(caps.clone())
+        .inheritable(ambient.clone())
+        .ambient(ambient)
         .build()
         .map_err(err("capabilities"))?;
     let process = ProcessBuilder::default()
@@ -417,6 +439,8 @@ mod tests {
         pids: true,
     };
 
+    static NONE: std::sync::LazyLock<HashSet<Capability>> = std::sync::LazyLock::new(HashSet::new);
+
     fn user(uid: u32) -> ProcessUser {
         ProcessUser {
             uid,
@@ -444,6 +468,7 @@ mod tests {
             controllers: ALL,
             nofile: NOFILE,
             user,
+            capabilities: &NONE,
             seccomp: None,
             netns: None,
         }
@@ -501,6 +526,7 @@ mod tests {
             controllers: ALL,
             nofile: NOFILE,
             user: &u,
+            capabilities: &HashSet::new(),
             seccomp: Some(&seccomp),
             netns: None,
         };
@@ -561,7 +587,10 @@ mod tests {
             serde_json::json!([{"allow": false, "access": "rwm"}])
         );
         assert_eq!(c["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
-        assert!(c["linux"]["sysctl"].is_null(), "the host's sysctls are not ours");
+        assert!(
+            c["linux"]["sysctl"].is_null(),
+            "the host's sysctls are not ours"
+        );
         let tmpfs: Vec<(&str, Vec<&str>)> = c["mounts"]
             .as_array()
             .unwrap()
@@ -600,7 +629,11 @@ mod tests {
             gid: 0,
             additional_gids: Vec::new(),
         };
-        let c = config(&input(&image, &env, &root));
+        let caps = capabilities(&root, &[]).unwrap();
+        let c = config(&BundleInput {
+            capabilities: &caps,
+            ..input(&image, &env, &root)
+        });
         let p = &c["process"];
         assert_eq!(p["user"], serde_json::json!({"uid": 0, "gid": 0}));
         for set in ["bounding", "effective", "permitted"] {
@@ -611,6 +644,81 @@ mod tests {
         }
         assert_eq!(p["capabilities"]["ambient"], serde_json::json!([]));
         assert!(c["linux"].get("seccomp").is_none());
+    }
+
+    /// The five capability sets of `c`'s process, each sorted.
+    fn cap_sets(c: &serde_json::Value) -> Vec<(&'static str, Vec<String>)> {
+        [
+            "bounding",
+            "effective",
+            "permitted",
+            "inheritable",
+            "ambient",
+        ]
+        .into_iter()
+        .map(|set| {
+            let mut names: Vec<String> = c["process"]["capabilities"][set]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_owned())
+                .collect();
+            names.sort();
+            (set, names)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn added_capabilities_are_held_by_root_and_by_a_non_root_user_as_ambient() {
+        let image = image();
+        let env = BTreeMap::new();
+        let added =
+            ["CHOWN", "SETUID", "NET_ADMIN"].map(|n| kiln_spec::Capability::parse(n).unwrap());
+        let names = |list: &[&str]| -> Vec<String> { list.iter().map(|n| n.to_string()).collect() };
+        let all = names(&["CAP_CHOWN", "CAP_NET_ADMIN", "CAP_SETUID"]);
+        // A non-root process holds them only as ambient capabilities (inheritable too).
+        let u = user(1000);
+        let caps = capabilities(&u, &added).unwrap();
+        let c = config(&BundleInput {
+            capabilities: &caps,
+            ..input(&image, &env, &u)
+        });
+        for (set, got) in cap_sets(&c) {
+            assert_eq!(got, all, "{set}");
+        }
+        // Root gets them from the bounding set at exec, and keeps NET_BIND_SERVICE.
+        let root = user(0);
+        let caps = capabilities(&root, &added).unwrap();
+        let c = config(&BundleInput {
+            capabilities: &caps,
+            ..input(&image, &env, &root)
+        });
+        let with_bind = names(&[
+            "CAP_CHOWN",
+            "CAP_NET_ADMIN",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SETUID",
+        ]);
+        assert_eq!(
+            cap_sets(&c),
+            [
+                ("bounding", with_bind.clone()),
+                ("effective", with_bind.clone()),
+                ("permitted", with_bind),
+                ("inheritable", vec![]),
+                ("ambient", vec![]),
+            ]
+        );
+        // Nothing added, nothing held.
+        assert_eq!(capabilities(&u, &[]).unwrap(), HashSet::new());
+    }
+
+    #[test]
+    fn every_capability_the_spec_names_is_one_the_runtime_spec_knows() {
+        let all: Vec<kiln_spec::Capability> = kiln_spec::Capability::all().collect();
+        let caps = capabilities(&user(1), &all).unwrap();
+        assert_eq!(caps.len(), all.len());
     }
 
     #[test]

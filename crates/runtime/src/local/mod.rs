@@ -11,6 +11,8 @@
 //! instances/<id>/instance.json    the record a new kiln adopts the instance from
 //! instances/<id>/bundle/          config.json + rootfs (the overlay mount point)
 //! instances/<id>/upper, work      the instance's overlay upper and work dirs
+//! instances/<id>/accounts/        the bottom-most lower dir: `/etc/passwd`, `/etc/group`
+//!                                 for an image without its own (`accounts`)
 //! instances/<id>/logs/            output.log and its rotations
 //! instances/<id>/{pid,started,stopped,exit}  lifecycle markers
 //! ```
@@ -27,6 +29,7 @@
 //! This module does not decide when to replace an instance; it reports state, health and
 //! drift, and the controller decides.
 
+mod accounts;
 mod bundle;
 mod drift;
 pub mod host;
@@ -293,6 +296,11 @@ impl LocalProvider {
         let upper = dir.join("upper");
         fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .map_err(ProviderError::io("chmod", &upper))?;
+        // Bottom-most, so the image's own account files win wherever it has them.
+        lower.push(accounts::layer(
+            &dir,
+            &crate::user::minimal_accounts(spec.user.as_deref(), resolved.config.user.as_deref()),
+        )?);
         // The root is mounted (read-only, nosuid, nodev) before the record is written: a
         // create that crashes in between leaves a directory without a record, which `list`
         // cleans up, mounts included.
@@ -333,9 +341,8 @@ impl LocalProvider {
         let user = self
             .process_user(&rootfs, spec, &resolved.config)
             .map_err(config_err)?;
-        let seccomp = self
-            .seccomp(spec, &bundle::capabilities(&user))
-            .map_err(config_err)?;
+        let caps = bundle::capabilities(&user, &spec.capabilities).map_err(config_err)?;
+        let seccomp = self.seccomp(spec, &caps).map_err(config_err)?;
         let config = bundle::config_json(&BundleInput {
             id: id.as_str(),
             image: &resolved.config,
@@ -349,6 +356,7 @@ impl LocalProvider {
             controllers: self.controllers,
             nofile: bundle::nofile_limit(),
             user: &user,
+            capabilities: &caps,
             seccomp: seccomp.as_ref(),
             netns: netns.as_deref(),
         })
@@ -411,12 +419,14 @@ impl LocalProvider {
         };
         let passwd = read("/etc/passwd")?;
         let group = read("/etc/group")?;
+        let minimal = crate::user::minimal_accounts(spec.user.as_deref(), image.user.as_deref());
         crate::user::resolve(
             spec.user.as_deref(),
             image.user.as_deref(),
             crate::user::Accounts {
                 passwd: passwd.as_deref(),
                 group: group.as_deref(),
+                minimal: passwd.as_deref() == Some(minimal.passwd.as_str()),
             },
         )
     }

@@ -16,9 +16,9 @@
 //! through the router.
 
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -197,13 +197,13 @@ impl Cni {
             record.result.as_ref(),
         )?;
         if mounted {
-            rustix::mount::unmount(&netns, rustix::mount::UnmountFlags::DETACH).map_err(
-                |e| NetworkError::Io {
+            rustix::mount::unmount(&netns, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+                NetworkError::Io {
                     op: "unmount",
                     path: netns.clone(),
                     source: e.into(),
-                },
-            )?;
+                }
+            })?;
         }
         for file in [netns, path] {
             match std::fs::remove_file(&file) {
@@ -341,7 +341,10 @@ impl Cni {
         let cni_path = std::env::join_paths(&self.bin_dirs).unwrap_or_default();
         let mut child = Command::new(&binary)
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", id)
             .env("CNI_NETNS", netns.map(Path::as_os_str).unwrap_or_default())
@@ -499,8 +502,22 @@ const NSFS_MAGIC: rustix::fs::FsWord = 0x6e73_6673;
 /// needs it too, and says so.
 fn refuse_forwarded_connections() {
     let rule = [
-        "FORWARD", "-o", BRIDGE, "!", "-i", BRIDGE, "-m", "conntrack", "--ctstate", "NEW", "-m",
-        "comment", "--comment", "kiln: instances only through the router", "-j", "DROP",
+        "FORWARD",
+        "-o",
+        BRIDGE,
+        "!",
+        "-i",
+        BRIDGE,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "comment",
+        "--comment",
+        "kiln: instances only through the router",
+        "-j",
+        "DROP",
     ];
     let run = |op: &str| {
         Command::new("iptables")
@@ -608,8 +625,14 @@ mod tests {
     fn a_named_list_is_found_by_name_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let write = |file: &str, text: &str| std::fs::write(dir.path().join(file), text).unwrap();
-        write("10-a.conflist", r#"{"name":"a","plugins":[{"type":"bridge"}]}"#);
-        write("20-b.conflist", r#"{"name":"b","plugins":[{"type":"../../bin/sh"}]}"#);
+        write(
+            "10-a.conflist",
+            r#"{"name":"a","plugins":[{"type":"bridge"}]}"#,
+        );
+        write(
+            "20-b.conflist",
+            r#"{"name":"b","plugins":[{"type":"../../bin/sh"}]}"#,
+        );
         write("30-c.conf", r#"{"name":"c","type":"bridge"}"#);
         write("40-broken.conflist", "{");
         let cni = Cni {
@@ -666,7 +689,10 @@ mod tests {
         let here = listening(std::process::id()).unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let after = listening(std::process::id()).unwrap();
-        assert!(after.contains(&l.local_addr().unwrap()), "{here:?} {after:?}");
+        assert!(
+            after.contains(&l.local_addr().unwrap()),
+            "{here:?} {after:?}"
+        );
     }
 
     #[test]
