@@ -290,21 +290,20 @@ impl Why {
     /// was removed or broken behind kiln's back: the drift is its cause, in one event.
     ///
     /// `seen` is the instance as last observed: where it is reached and, when its provider
-    /// could tell, what it listened on, which a never-healthy instance's event reports.
+    /// could tell, what it listened on, which a failed health check's event reports.
     pub fn of(
         reason: &DestroyReason,
         drift: Option<&String>,
         seen: Option<&(SocketAddr, Option<Vec<SocketAddr>>)>,
     ) -> Why {
+        let listening = seen.and_then(|(addr, l)| Some(listening_note(*addr, l.as_deref()?)));
         let cause = match (reason, drift) {
             (r, Some(findings)) if r.is_replacement() => Cause::Drifted {
                 findings: findings.clone(),
             },
             (DestroyReason::Exited { code, .. }, _) => Cause::Exited { code: *code },
-            (DestroyReason::NeverHealthy { .. }, _) => Cause::NeverHealthy {
-                listening: seen.and_then(|(addr, l)| Some(listening_note(*addr, l.as_deref()?))),
-            },
-            (DestroyReason::Unhealthy { .. }, _) => Cause::Unhealthy,
+            (DestroyReason::NeverHealthy { .. }, _) => Cause::NeverHealthy { listening },
+            (DestroyReason::Unhealthy { .. }, _) => Cause::Unhealthy { listening },
             (DestroyReason::Drifted { findings, .. }, _) => Cause::Drifted {
                 findings: findings.clone(),
             },

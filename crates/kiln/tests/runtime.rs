@@ -434,6 +434,7 @@ fn doctor_reports_every_check_as_json() {
             "overlayfs",
             "cgroups",
             "seccomp",
+            "network",
             "privileges",
             "state",
             "inotify",

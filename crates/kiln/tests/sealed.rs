@@ -563,7 +563,7 @@ fn scratch_spec(dir: &Path, name: &str, port: u16, service: &str) -> PathBuf {
 
 [image]
 entrypoint = ["/bin/busybox", "sh", "-c"]
-cmd = ["exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h /www"]
+cmd = ["exec /bin/busybox httpd -f -p $PORT -h /www"]
 
 [[image.copy]]
 from = "scratch-files/rootfs/bin"

@@ -293,8 +293,13 @@ pub enum Cause {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         listening: Option<String>,
     },
-    /// It was healthy, then failed its checks.
-    Unhealthy,
+    /// It failed its checks.
+    Unhealthy {
+        /// What it listened on, when its provider could tell (entries written before this
+        /// field have none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listening: Option<String>,
+    },
     /// It drifted from its image.
     Drifted {
         /// What changed.
@@ -419,7 +424,7 @@ impl Cause {
             self,
             Cause::Exited { .. }
                 | Cause::NeverHealthy { .. }
-                | Cause::Unhealthy
+                | Cause::Unhealthy { .. }
                 | Cause::Drifted { .. }
         )
     }
@@ -435,7 +440,8 @@ impl std::fmt::Display for Cause {
             Cause::Exited { code: None } => f.write_str("exited (status unknown)"),
             Cause::NeverHealthy { listening: None } => f.write_str("never became healthy"),
             Cause::NeverHealthy { listening: Some(l) } => write!(f, "never became healthy: {l}"),
-            Cause::Unhealthy => f.write_str("became unhealthy"),
+            Cause::Unhealthy { listening: None } => f.write_str("became unhealthy"),
+            Cause::Unhealthy { listening: Some(l) } => write!(f, "became unhealthy: {l}"),
             Cause::Drifted { findings } => write!(f, "drifted: {findings}"),
             Cause::Superseded => f.write_str("its release is neither live nor previous"),
             Cause::Aborted => f.write_str("its release was aborted"),

@@ -434,3 +434,44 @@ async fn a_tampered_layer_is_evicted_and_the_next_instance_runs_the_store_s_copy
     p.destroy(&new).await.unwrap();
     assert_eq!(mounts_under(&f.state), Vec::<String>::new());
 }
+
+// A destroy after a crash that left the network half torn down (here: the namespace gone,
+// the address and the host's rules still there) finishes the job, and repeats harmlessly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_torn_down_network_is_finished_by_destroy() {
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let p = provider(&f);
+    let id = p.create(spec(&f, None)).await.unwrap();
+    let dir = f.state.join("instances").join(id.as_str());
+    let ip = p.observe(&id).await.unwrap().addr.ip().to_string();
+    let reserved = Path::new("/var/lib/cni/networks/kiln").join(&ip);
+    assert!(
+        reserved.exists(),
+        "{ip} is reserved while the instance exists"
+    );
+    let nat = || {
+        String::from_utf8(
+            std::process::Command::new("iptables")
+                .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+    };
+    assert!(nat().contains(id.as_str()), "the bridge's masquerade rule");
+    let umount = std::process::Command::new("umount")
+        .arg(dir.join("netns"))
+        .status()
+        .unwrap();
+    assert!(umount.success());
+
+    p.destroy(&id).await.unwrap();
+    assert!(!reserved.exists(), "{ip} is released");
+    assert!(!nat().contains(id.as_str()), "the rules are gone");
+    assert!(!dir.exists());
+    p.destroy(&id).await.unwrap();
+}

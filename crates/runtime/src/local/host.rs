@@ -232,6 +232,7 @@ pub fn doctor(runtime: &str, state: &Path) -> Vec<Check> {
     });
 
     checks.push(seccomp_check(Path::new(super::seccomp::HOST_PROFILE)));
+    checks.push(network_check(&super::network::Cni::default()));
 
     let root = rustix::process::geteuid().is_root();
     checks.push(Check {
@@ -331,6 +332,51 @@ fn seccomp_check(profile: &Path) -> Check {
     }
 }
 
+/// Whether the CNI plugins kiln's own network list needs, and `iptables`, are there.
+fn network_check(cni: &super::network::Cni) -> Check {
+    let missing: Vec<&str> = super::network::KILN_PLUGINS
+        .iter()
+        .copied()
+        .filter(|p| !cni.bin_dirs.iter().any(|d| d.join(p).is_file()))
+        .collect();
+    let iptables = ["/usr/sbin/iptables", "/sbin/iptables"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    if missing.is_empty() && iptables {
+        return Check {
+            name: "network",
+            status: CheckStatus::Ok,
+            detail: format!(
+                "CNI plugins in {}; instances get their own namespace on {}",
+                cni.bin_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                super::network::BRIDGE
+            ),
+            fix: None,
+        };
+    }
+    let mut lacking: Vec<String> = missing.iter().map(|p| format!("CNI plugin {p}")).collect();
+    if !iptables {
+        lacking.push("iptables".to_owned());
+    }
+    Check {
+        name: "network",
+        status: CheckStatus::Fail,
+        detail: format!(
+            "no {}: instances on the default network do not start",
+            lacking.join(", ")
+        ),
+        fix: Some(
+            "apt-get install -y containernetworking-plugins iptables (or set [service] network \
+             = \"host\" per app)"
+                .to_owned(),
+        ),
+    }
+}
+
 fn existing_ancestor(path: &Path) -> PathBuf {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     abs.ancestors()
@@ -378,6 +424,22 @@ mod tests {
         std::fs::create_dir_all(v1.path().join("pids")).unwrap();
         std::fs::write(v1.path().join("pids/cgroup.procs"), "").unwrap();
         assert_eq!(cgroups_at(v1.path()), (CgroupMode::Legacy, all));
+    }
+
+    #[test]
+    fn missing_cni_plugins_are_named_with_the_package() {
+        let cni = super::super::network::Cni {
+            conf_dir: PathBuf::new(),
+            bin_dirs: vec![PathBuf::from("/nonexistent")],
+        };
+        let check = network_check(&cni);
+        assert_eq!(check.status, CheckStatus::Fail);
+        assert!(
+            check.detail.contains("CNI plugin bridge"),
+            "{}",
+            check.detail
+        );
+        assert!(check.fix.unwrap().contains("containernetworking-plugins"));
     }
 
     #[test]

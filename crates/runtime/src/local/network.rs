@@ -382,6 +382,9 @@ impl Cni {
     }
 }
 
+/// The plugins kiln's own network list runs (`loopback` first, for `lo`).
+pub const KILN_PLUGINS: &[&str] = &["loopback", "bridge", "host-local", "firewall"];
+
 /// kiln's own network list.
 fn kiln_list() -> Value {
     json!({
