@@ -73,7 +73,9 @@ impl From<ControlError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             ControlError::Provider(_) => StatusCode::BAD_GATEWAY,
-            ControlError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Ledger(_) | ControlError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError::new(status, e.to_string())
     }

@@ -91,6 +91,8 @@ impl AppCtl {
                 .as_deref()
                 .map_or(Network::Kiln, Network::from_name),
             capabilities: service.capability_list(),
+            // Filled in by the executor from `Secrets`, never kept here.
+            secrets: Vec::new(),
         }
     }
 

@@ -466,6 +466,55 @@ pub struct ServiceConfig {
     /// The opt-in to dangerous `capabilities` (releases recorded before it: none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_dangerous_capabilities: bool,
+    /// `[service.secrets]`: sources and fingerprints, never values (releases recorded
+    /// before it: none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, SecretConfig>,
+}
+
+/// One secret as a release records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// Where the daemon reads the value.
+    pub source: SecretSourceConfig,
+    /// Also in the instance's environment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expose_env: bool,
+    /// The value's keyed fingerprint, filled in by the daemon at apply (a client's is
+    /// replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// Where a secret's value comes from, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SecretSourceConfig {
+    /// A file's content (an absolute path).
+    File(PathBuf),
+    /// An environment variable of the daemon.
+    Env(String),
+    /// A command's output.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Where it runs (absolute).
+        dir: PathBuf,
+    },
+}
+
+impl From<&kiln_spec::SecretSource> for SecretSourceConfig {
+    fn from(s: &kiln_spec::SecretSource) -> SecretSourceConfig {
+        match s {
+            kiln_spec::SecretSource::File(p) => SecretSourceConfig::File(p.clone()),
+            kiln_spec::SecretSource::Env(v) => SecretSourceConfig::Env(v.clone()),
+            kiln_spec::SecretSource::Command { argv, dir } => SecretSourceConfig::Command {
+                argv: argv.clone(),
+                dir: dir.clone(),
+            },
+        }
+    }
 }
 
 fn default_tmpfs_size_bytes() -> u64 {
@@ -698,6 +747,18 @@ impl ReleaseConfig {
                 network: (s.network != Network::Kiln).then(|| s.network.as_str().to_owned()),
                 capabilities: s.capabilities.iter().copied().map(CapabilityName).collect(),
                 allow_dangerous_capabilities: s.allow_dangerous_capabilities,
+                secrets: s
+                    .secrets
+                    .iter()
+                    .map(|x| {
+                        let config = SecretConfig {
+                            source: (&x.source).into(),
+                            expose_env: x.expose_env,
+                            fingerprint: None,
+                        };
+                        (x.name.clone(), config)
+                    })
+                    .collect(),
                 health: HealthConfig {
                     path: h.path.clone(),
                     interval_ms: ms(h.interval),
@@ -842,6 +903,14 @@ impl Problems {
         }
     }
 
+    /// A problem at `field` that no shared rule names.
+    fn add(&mut self, field: &str, message: String) {
+        self.0.push(ConfigError {
+            field: field.to_owned(),
+            message,
+        });
+    }
+
     /// A duration stored in milliseconds.
     fn duration(&mut self, field: &str, ms: u64) {
         self.check(field, rules::duration(dur(ms)));
@@ -898,6 +967,7 @@ impl ServiceConfig {
         if let Some(n) = &self.network {
             p.check("service.network", rules::network(n));
         }
+        self.validate_secrets(p);
         for (i, b) in
             rules::capabilities(&self.capability_list(), self.allow_dangerous_capabilities)
         {
@@ -906,6 +976,34 @@ impl ServiceConfig {
                 None => "service.allow_dangerous_capabilities".to_owned(),
             };
             p.check(&field, Err(b));
+        }
+    }
+
+    /// The rules a stored secret keeps: a valid name, an absolute file or directory, an env
+    /// variable's name, a command.
+    fn validate_secrets(&self, p: &mut Problems) {
+        for (name, s) in &self.secrets {
+            let field = format!("service.secrets.{name}");
+            p.check(&field, rules::secret_name(name, s.expose_env));
+            if s.expose_env && self.env.contains_key(name) {
+                p.add(&field, format!("{name} is also set in service.env"));
+            }
+            match &s.source {
+                SecretSourceConfig::File(f) if !f.is_absolute() => {
+                    p.add(&field, format!("file {} is not absolute", f.display()));
+                }
+                SecretSourceConfig::Env(v) => p.check(&field, rules::env_var(v, "", false)),
+                SecretSourceConfig::Command { argv, dir } => {
+                    p.check(
+                        &field,
+                        rules::command("command", argv.iter().map(String::as_str)),
+                    );
+                    if !dir.is_absolute() {
+                        p.add(&field, format!("dir {} is not absolute", dir.display()));
+                    }
+                }
+                SecretSourceConfig::File(_) => {}
+            }
         }
     }
 

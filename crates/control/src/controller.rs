@@ -80,8 +80,17 @@ impl Controller {
         let mut ledger = Ledger::open(&cfg.state_dir.join("ledger.db"))?;
         // This daemon is the only writer of its state directory: older locks are stale.
         ledger.clear_locks()?;
+        // Only an app with secrets needs the key: a state where it cannot be made still runs
+        // the others.
+        let key = match crate::secrets::SecretKey::load_or_create(&cfg.state_dir) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %e, "no secrets key: apps with [service.secrets] cannot be applied");
+                None
+            }
+        };
         let c = Arc::new(Controller {
-            exec: Executor::new(provider, ledger, clock),
+            exec: Executor::new(provider, ledger, clock, crate::secrets::Secrets::new(key)),
             listeners: Listeners::start(cfg.router)?,
             apps: tokio::sync::Mutex::new(BTreeMap::new()),
             corrupt: Mutex::new(BTreeMap::new()),
@@ -196,8 +205,23 @@ impl Controller {
     }
 
     /// Records a new release of `app` and starts rolling it out.
-    pub async fn apply(&self, app: &str, req: ApplyRequest) -> Result<kiln_ledger::Release> {
+    pub async fn apply(&self, app: &str, mut req: ApplyRequest) -> Result<kiln_ledger::Release> {
         let image = crate::gate::check_apply(app, &req, self.attestations.as_deref())?;
+        // The daemon reads every secret now (a command may take seconds: off the runtime's
+        // threads) and records its fingerprint, whatever the client sent.
+        let secrets = {
+            let (s, mut refs) = (
+                self.exec.secrets.clone(),
+                req.config.service.secrets.clone(),
+            );
+            let read = tokio::task::spawn_blocking(move || {
+                s.read_for_apply(&mut refs).map(|values| (refs, values))
+            })
+            .await
+            .map_err(|e| ControlError::Internal(format!("reading secrets: {e}")))??;
+            req.config.service.secrets = read.0;
+            read.1
+        };
         let mut apps = self.apps.lock().await;
         let (stable, fresh) = match apps.get(app) {
             Some(a) => {
@@ -238,6 +262,7 @@ impl Controller {
             }
         };
         self.exec.forget(app);
+        self.exec.secrets.keep(app, release.number, secrets);
         match (fresh, apps.get_mut(app)) {
             (_, Some(a)) => {
                 a.goal = goal;
@@ -436,6 +461,7 @@ impl Controller {
     pub async fn down(&self, app: &str, actor: &str) -> Result<usize> {
         let removed = self.apps.lock().await.remove(app);
         let was_corrupt = self.corrupt().remove(app).is_some();
+        self.exec.secrets.forget(app);
         let a = match removed {
             Some(a) => Some(a),
             None if was_corrupt => None,

@@ -24,6 +24,7 @@ use kiln_ledger::Event;
 use kiln_runtime::{InstanceId, InstanceSpec};
 
 use crate::app::AppCtl;
+use crate::config::SecretConfig;
 use crate::error::Result;
 use crate::executor::{Executor, lock};
 
@@ -138,9 +139,11 @@ impl Executor {
             lock(&self.creates.in_flight).insert(ticket, entry);
             let exec = self.clone();
             let spec = a.instance_spec(app, release, None);
+            let secrets = a.config.service.secrets.clone();
             let app = app.to_owned();
             tokio::spawn(async move {
-                exec.create_in_background(ticket, &app, release, spec).await;
+                exec.create_in_background(ticket, &app, release, spec, &secrets)
+                    .await;
                 exec.creates.finish(ticket);
             });
         }
@@ -166,13 +169,33 @@ impl Executor {
         }
     }
 
-    async fn create_in_background(&self, ticket: u64, app: &str, release: u64, spec: InstanceSpec) {
+    async fn create_in_background(
+        &self,
+        ticket: u64,
+        app: &str,
+        release: u64,
+        mut spec: InstanceSpec,
+        secrets: &BTreeMap<String, SecretConfig>,
+    ) {
         let _turn = self.creates.one_at_a_time.lock().await;
         // A create queued behind one that failed waits out the backoff like the next pass.
         if self.creates.backing_off(app, release, self.clock.now_ms()) {
             return;
         }
-        let outcome = match self.provider.create(spec).await {
+        // Read here, off the reconciler's pass: a secret's command may take seconds.
+        let read = {
+            let (s, app, secrets) = (self.secrets.clone(), app.to_owned(), secrets.clone());
+            tokio::task::spawn_blocking(move || s.for_instance(&app, release, &secrets)).await
+        };
+        let created = match read {
+            Ok(Ok(values)) => {
+                spec.secrets = values;
+                self.provider.create(spec).await.map_err(|e| e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("reading secrets: {e}")),
+        };
+        let outcome = match created {
             Ok(id) => {
                 if let Some(c) = lock(&self.creates.in_flight).get_mut(&ticket) {
                     c.id = Some(id.clone());
@@ -186,7 +209,7 @@ impl Executor {
                     }
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         let recorded = match outcome {
             Ok(id) => {

@@ -25,6 +25,9 @@ pub enum ControlError {
     /// The router refused a listener or a table.
     #[error("router: {0}")]
     Router(String),
+    /// Something in the daemon itself failed (a task that panicked).
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 /// A controller call's result.

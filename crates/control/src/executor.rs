@@ -48,6 +48,8 @@ pub(crate) struct Executor {
     migrations: Arc<Mutex<BTreeMap<String, Migration>>>,
     /// Creates in flight and their backoff (`create.rs`).
     pub(crate) creates: Arc<crate::create::Creates>,
+    /// Secrets' values for the instances of the releases applied (`secrets.rs`).
+    pub(crate) secrets: crate::secrets::Secrets,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,8 +57,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Executor {
-    pub fn new(provider: Arc<dyn Provider>, ledger: Ledger, clock: Arc<dyn Clock>) -> Executor {
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        ledger: Ledger,
+        clock: Arc<dyn Clock>,
+        secrets: crate::secrets::Secrets,
+    ) -> Executor {
         Executor {
+            secrets,
             provider,
             ledger: Arc::new(Mutex::new(ledger)),
             clock,
@@ -142,7 +150,10 @@ impl Executor {
         if lock(&self.migrations).contains_key(app) {
             return Ok(());
         }
-        let spec = a.instance_spec(app, release, Some(("migration", m.command.clone())));
+        let mut spec = a.instance_spec(app, release, Some(("migration", m.command.clone())));
+        spec.secrets = self
+            .secrets
+            .for_instance(app, release, &a.config.service.secrets)?;
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(a.config.deploy.progress_deadline_ms);
         let event = Event::MigrationStarted {

@@ -32,6 +32,7 @@ mod listeners;
 pub mod oneshot;
 mod reconcile;
 mod rollback;
+pub mod secrets;
 mod status;
 
 pub use app::{RELEASE_LABEL, ROLE_LABEL};

@@ -449,9 +449,9 @@ fn doctor_reports_every_check_as_json() {
             .contains("apt-get install -y runc")
     );
     // No engine is a warning, not a failure: only provider = "docker" needs one.
-    assert_eq!(report["checks"][7]["status"], "warn");
+    assert_eq!(report["checks"][8]["status"], "warn");
     assert!(
-        report["checks"][7]["detail"]
+        report["checks"][8]["detail"]
             .as_str()
             .unwrap()
             .contains("unix:///nonexistent/docker.sock")

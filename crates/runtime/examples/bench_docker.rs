@@ -320,6 +320,7 @@ async fn main() {
         seccomp: kiln_spec::Seccomp::Default,
         network: kiln_spec::Network::Kiln,
         capabilities: Vec::new(),
+        secrets: Vec::new(),
     };
     let docker = provider.engine().clone();
 

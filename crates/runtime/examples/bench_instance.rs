@@ -98,6 +98,7 @@ async fn main() {
         seccomp: kiln_spec::Seccomp::Default,
         network: kiln_spec::Network::Kiln,
         capabilities: Vec::new(),
+        secrets: Vec::new(),
     };
     // Warm-up: unpacks the layer into the cache (once per image, not per instance).
     let warm = provider.create(spec.clone()).await.unwrap();

@@ -309,6 +309,7 @@ mod tests {
             seccomp: kiln_spec::Seccomp::Default,
             network: kiln_spec::Network::Kiln,
             capabilities: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 

@@ -30,5 +30,6 @@ pub use local::{LocalConfig, LocalProvider};
 pub use provider::{Provider, ProviderError};
 pub use types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
-    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation, Tmpfs,
+    InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation, Secret, SecretBytes,
+    Tmpfs,
 };

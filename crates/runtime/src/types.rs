@@ -127,9 +127,45 @@ pub struct InstanceSpec {
     pub seccomp: Seccomp,
     /// The network the instance joins (`Host` only on the local provider).
     pub network: Network,
+    /// Secrets, delivered on a tmpfs at `/run/secrets/` (and in the environment where asked).
+    pub secrets: Vec<Secret>,
     /// Capabilities added to the minimal set (`[service] capabilities`, already checked
     /// against the spec's rules); the process holds them whoever it runs as.
     pub capabilities: Vec<Capability>,
+}
+
+/// A secret an instance gets: its name, its value, and whether it is also in the
+/// environment. Providers put it on a tmpfs at `/run/secrets/NAME` and nowhere on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// The file name under `/run/secrets/` (and the variable with `expose_env`).
+    pub name: String,
+    /// The value.
+    pub value: SecretBytes,
+    /// Also in the process's environment.
+    pub expose_env: bool,
+}
+
+/// A secret's value: shown by `Debug` as `<redacted>`, never serialised.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(std::sync::Arc<[u8]>);
+
+impl SecretBytes {
+    /// Wraps a value.
+    pub fn new(value: Vec<u8>) -> SecretBytes {
+        SecretBytes(value.into())
+    }
+
+    /// The value itself, for the one place that delivers it.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One `writable` path: a tmpfs of at most `size` bytes.
@@ -176,6 +212,7 @@ impl InstanceSpec {
             seccomp: service.seccomp,
             network: service.network.clone(),
             capabilities: service.capabilities.clone(),
+            secrets: Vec::new(),
         }
     }
 

@@ -56,6 +56,9 @@ pub enum Kind {
     /// A list whose items are each a path string or an inline table of these fields, one of
     /// them a required `path` (`writable = ["/tmp", { path = "/var/cache", size = "1GiB" }]`).
     PathList(&'static [Field]),
+    /// A table whose keys the user names, each value a table of these fields
+    /// (`[service.secrets] DB_PASSWORD = { file = "db.txt" }`).
+    NamedTables(&'static [Field]),
 }
 
 const fn field(key: &'static str, kind: Kind, doc: &'static str) -> Field {
@@ -356,6 +359,47 @@ const SERVICE: &[Field] = &[
         Kind::Table(HEALTH),
         "How kiln decides an instance may receive traffic.",
     ),
+    field(
+        "secrets",
+        Kind::NamedTables(SECRET),
+        "Secrets by name, each from one source the daemon reads whenever it starts an \
+         instance: `DB_PASSWORD = { file = \"secrets/db\" }`, `{ env = \"DB_PASSWORD\" }` \
+         or `{ command = [\"pass\", \"show\", \"db\"] }`. An instance finds each at \
+         `/run/secrets/NAME` (a read-only tmpfs, the file 0400 and its own), and in its \
+         environment only with `expose_env = true`. Values never reach the disk, the image, \
+         the ledger, logs, `status`, `plan` or the API: the ledger keeps the source and a keyed \
+         fingerprint, so `kiln plan` says when a value changed and `kiln apply` rolls it out. \
+         A name is a valid environment variable name.",
+    ),
+];
+
+/// Where a secret comes from: exactly one of `file`, `env`, `command`.
+const SECRET: &[Field] = &[
+    field(
+        "file",
+        Kind::String,
+        "A file whose content is the value (one trailing newline dropped), relative to \
+         `kiln.toml`, read by the daemon (as root) each time it starts an instance.",
+    ),
+    field(
+        "env",
+        Kind::String,
+        "An environment variable of the daemon (`kiln serve`) whose value it is.",
+    ),
+    field(
+        "command",
+        Kind::StringList,
+        "A command whose standard output is the value (one trailing newline dropped), run by \
+         the daemon in the directory of `kiln.toml`, e.g. a password manager's. It must exit 0 \
+         within 10 s and print at most 64 KiB.",
+    ),
+    default(
+        "expose_env",
+        Kind::Bool,
+        "false",
+        "Also set the value as the environment variable NAME of the instance's process \
+         (local provider only: the Docker Engine keeps a container's environment on disk).",
+    ),
 ];
 
 /// What `[service] seccomp` accepts.
@@ -631,7 +675,9 @@ pub fn table_fields(path: &str) -> Option<&'static [Field]> {
     for part in path.split('.') {
         let f = fields.iter().find(|f| f.key == part)?;
         fields = match f.kind {
-            Kind::Table(fs) | Kind::TableList(fs) | Kind::PathList(fs) => fs,
+            Kind::Table(fs) | Kind::TableList(fs) | Kind::PathList(fs) | Kind::NamedTables(fs) => {
+                fs
+            }
             _ => return None,
         };
     }

@@ -35,6 +35,8 @@ pub(crate) enum Value {
     Table(Table),
     Tables(Vec<Table>),
     Paths(Vec<PathItem>),
+    /// A [`Kind::NamedTables`]: each name the user wrote, where, and its table.
+    Named(Vec<(String, Span, Table)>),
 }
 
 /// One item of a [`Kind::PathList`]: a path, written alone or in a table with more fields.
@@ -211,7 +213,11 @@ pub(crate) fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> O
 fn home_of(name: &str) -> Option<String> {
     fn walk(path: &str, fields: &[Field], name: &str) -> Option<String> {
         for f in fields {
-            if let Kind::Table(sub) | Kind::TableList(sub) | Kind::PathList(sub) = &f.kind {
+            if let Kind::Table(sub)
+            | Kind::TableList(sub)
+            | Kind::PathList(sub)
+            | Kind::NamedTables(sub) = &f.kind
+            {
                 let p = if path.is_empty() {
                     f.key.to_owned()
                 } else {
@@ -504,6 +510,29 @@ fn decode_value(
                 format!("expected a list of paths, found {}", v.type_str()),
                 Some("write it as [\"/tmp\", { path = \"/var/cache\", size = \"256MiB\" }]"),
             ),
+        },
+        Kind::NamedTables(fields) => match v.as_table() {
+            Some(t) => {
+                let mut out = Vec::new();
+                for (name, item) in t {
+                    let path = format!("{key}.{}", name.get_ref());
+                    match item.get_ref().as_table() {
+                        Some(sub) => out.push((
+                            name.get_ref().to_string(),
+                            name.span(),
+                            decode_table(&path, fields, sub, item.span(), diags),
+                        )),
+                        None => {
+                            diags.push(type_error(&path, item.span(), "a table", item.get_ref()))
+                        }
+                    }
+                }
+                Some(Value::Named(out))
+            }
+            None => {
+                diags.push(type_error(key, span, "a table of tables", v));
+                None
+            }
         },
         Kind::TableList(fields) => match v.as_array() {
             Some(items) => {

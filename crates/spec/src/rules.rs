@@ -238,6 +238,24 @@ pub fn writable<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<(usize, Bro
     problems
 }
 
+/// A `[service.secrets]` name: a file name under `/run/secrets/` and, with `expose_env`, a
+/// variable of the instance: an environment variable name, at most 64 bytes, not `PORT`.
+pub fn secret_name(name: &str, expose_env: bool) -> Result<(), Broken> {
+    if name.len() > 64 {
+        return Err(Broken::new(format!(
+            "secret name {name:?} is longer than 64 bytes"
+        )));
+    }
+    env_var(name, "", expose_env).map_err(|b| {
+        if b.message.starts_with("invalid environment variable name") {
+            Broken::new(format!("invalid secret name {name:?}"))
+                .hint("use letters, digits and `_`, not starting with a digit")
+        } else {
+            b
+        }
+    })
+}
+
 /// `[service] network`: `kiln`, `host`, or the name of a CNI network list, which CNI
 /// limits to letters, digits, `_`, `.` and `-`.
 pub fn network(name: &str) -> Result<(), Broken> {

@@ -84,6 +84,9 @@ fn kind_schema(kind: &Kind) -> Value {
             {"type": "string"},
             table_schema(fields),
         ]}}),
+        Kind::NamedTables(fields) => {
+            json!({"type": "object", "additionalProperties": table_schema(fields)})
+        }
     }
 }
 
@@ -123,6 +126,8 @@ enum Nesting {
     TableList,
     /// The inline tables of a [`Kind::PathList`].
     PathList,
+    /// The tables of a [`Kind::NamedTables`].
+    Named,
 }
 
 fn section(out: &mut String, path: &str, fields: &[Field], list: Nesting) {
@@ -135,6 +140,13 @@ fn section(out: &mut String, path: &str, fields: &[Field], list: Nesting) {
             let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
             out.push_str(&format!(
                 "## `[{table}] {key}` items\n\nAn item is a path string, or an inline table of \
+                 these keys.\n\n"
+            ));
+        }
+        (false, Nesting::Named) => {
+            let (table, key) = path.rsplit_once('.').unwrap_or(("", path));
+            out.push_str(&format!(
+                "## `[{table}.{key}]` entries\n\nEach `NAME = {{ … }}` is an inline table of \
                  these keys.\n\n"
             ));
         }
@@ -163,6 +175,7 @@ fn section(out: &mut String, path: &str, fields: &[Field], list: Nesting) {
             Kind::Table(fs) => nested.push((sub, *fs, Nesting::Table)),
             Kind::TableList(fs) => nested.push((sub, *fs, Nesting::TableList)),
             Kind::PathList(fs) => nested.push((sub, *fs, Nesting::PathList)),
+            Kind::NamedTables(fs) => nested.push((sub, *fs, Nesting::Named)),
             _ => {}
         }
     }
@@ -192,5 +205,6 @@ fn kind_name(kind: &Kind) -> String {
         Kind::Table(_) => "table".into(),
         Kind::TableList(_) => "array of tables".into(),
         Kind::PathList(_) => "list of paths or tables".into(),
+        Kind::NamedTables(_) => "table of tables".into(),
     }
 }

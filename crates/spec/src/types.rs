@@ -204,6 +204,8 @@ pub struct ServiceSpec {
     pub seccomp: Seccomp,
     /// The network an instance joins.
     pub network: Network,
+    /// `[service.secrets]`, by name.
+    pub secrets: Vec<Secret>,
     /// Capabilities added to the minimal set, each once, in the order written.
     pub capabilities: Vec<Capability>,
     /// The spec opts in to the capabilities outside the safe set.
@@ -260,6 +262,35 @@ impl Seccomp {
             Seccomp::Unconfined => "unconfined",
         }
     }
+}
+
+/// One `[service.secrets]` entry: a name and where its value comes from. The value itself
+/// is never part of a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// The name: the file under `/run/secrets/`, and the variable with `expose_env`.
+    pub name: String,
+    /// Where the daemon reads the value.
+    pub source: SecretSource,
+    /// Also in the instance's environment.
+    pub expose_env: bool,
+}
+
+/// Where a secret's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file's content; an absolute path (relative ones are resolved against the spec's
+    /// directory).
+    File(PathBuf),
+    /// An environment variable of the daemon.
+    Env(String),
+    /// A command's standard output, run in `dir`.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// The directory it runs in: the spec's.
+        dir: PathBuf,
+    },
 }
 
 /// `[service] network`.

@@ -117,6 +117,16 @@ impl Table {
         }
     }
 
+    fn named(&self, key: &str) -> &[(String, Span, Table)] {
+        match self.entry(key) {
+            Some(Entry {
+                value: Value::Named(n),
+                ..
+            }) => n,
+            _ => &[],
+        }
+    }
+
     fn table(&self, key: &str) -> Option<&Table> {
         match self.entry(key)? {
             Entry {
@@ -482,7 +492,82 @@ impl Validator<'_> {
                 .map_or(Network::Kiln, |(n, _)| Network::from_name(n)),
             capabilities: self.capabilities(t),
             allow_dangerous_capabilities: t.bool("allow_dangerous_capabilities"),
+            secrets: self.secrets(t),
         }
+    }
+
+    /// `[service.secrets]`: each name with exactly one source; a file made absolute.
+    fn secrets(&mut self, t: &Table) -> Vec<Secret> {
+        let env = t.map("env");
+        let mut out = Vec::new();
+        for (name, span, s) in t.named("secrets") {
+            let path = format!("{}.{name}", t.key_path("secrets"));
+            let expose_env = s.bool("expose_env");
+            if let Err(b) = rules::secret_name(name, expose_env) {
+                self.diags.push(broken_at(&path, span.clone(), b));
+            }
+            if expose_env && env.iter().any(|(k, _, _)| k == name) {
+                self.diags.push(
+                    Diagnostic::new(
+                        &path,
+                        Some(span.clone()),
+                        format!("{name} is also set in [service] env"),
+                    )
+                    .with_hint("keep it in one place: the secret"),
+                );
+            }
+            let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            let sources: Vec<&str> = ["file", "env", "command"]
+                .into_iter()
+                .filter(|k| s.entry(k).is_some())
+                .collect();
+            let source = match sources.as_slice() {
+                ["file"] => s
+                    .str("file")
+                    .map(|(f, _)| SecretSource::File(absolute(&self.dir.join(f)))),
+                ["env"] => s.str("env").map(|(var, _)| {
+                    if let Err(b) = rules::env_var(var, "", false) {
+                        self.broken(s, "env", b);
+                    }
+                    SecretSource::Env(var.to_owned())
+                }),
+                ["command"] => {
+                    let argv: Vec<String> = s
+                        .list("command")
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|(a, _)| a.clone())
+                        .collect();
+                    if let Err(b) = rules::command("command", argv.iter().map(String::as_str)) {
+                        self.broken(s, "command", b);
+                    }
+                    Some(SecretSource::Command {
+                        argv,
+                        dir: absolute(self.dir),
+                    })
+                }
+                _ => {
+                    self.diags.push(
+                        Diagnostic::new(
+                            &path,
+                            Some(span.clone()),
+                            "a secret needs exactly one of `file`, `env` and `command`".to_owned(),
+                        )
+                        .with_hint("e.g. DB_PASSWORD = { file = \"secrets/db\" }"),
+                    );
+                    None
+                }
+            };
+            if let Some(source) = source {
+                out.push(Secret {
+                    name: name.clone(),
+                    source,
+                    expose_env,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// `capabilities`, each normalised (`cap_chown` is `CHOWN`); problems point at the name

@@ -71,6 +71,7 @@ pub fn default_service() -> ServiceSpec {
         network: Network::Kiln,
         capabilities: Vec::new(),
         allow_dangerous_capabilities: false,
+        secrets: Vec::new(),
     }
 }
 

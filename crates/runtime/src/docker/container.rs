@@ -295,6 +295,7 @@ mod tests {
             seccomp: Seccomp::Default,
             network: kiln_spec::Network::Kiln,
             capabilities: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 

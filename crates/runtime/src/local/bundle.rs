@@ -45,6 +45,9 @@ pub(crate) fn nofile_limit() -> u64 {
     hard.map_or(NOFILE, |h| h.min(NOFILE))
 }
 
+/// Where an instance finds its secrets.
+pub(crate) const SECRETS_DIR: &str = "/run/secrets";
+
 /// The CFS period the CPU quota is computed against (100 ms, the kernel default).
 const CPU_PERIOD: u64 = 100_000;
 
@@ -82,6 +85,9 @@ pub(crate) struct BundleInput<'a> {
     /// The instance's own network namespace (a bind mount kiln made); `None` means the
     /// host's network.
     pub netns: Option<&'a Path>,
+    /// The host directory (on a tmpfs) bound read-only at [`SECRETS_DIR`], when it has
+    /// secrets.
+    pub secrets: Option<&'a Path>,
 }
 
 /// The capabilities an instance running as `user` holds: those `[service] capabilities`
@@ -154,7 +160,11 @@ pub(crate) fn process_env(input: &BundleInput<'_>) -> Vec<String> {
 
 /// The mounts: runc's defaults (`/proc`, `/dev`, `/sys`…) plus one tmpfs per writable path,
 /// capped at its size, owned by the instance's user and writable by anyone in it.
-pub(crate) fn mounts(writable: &[Tmpfs], user: &ProcessUser) -> Result<Vec<Mount>, String> {
+pub(crate) fn mounts(
+    writable: &[Tmpfs],
+    user: &ProcessUser,
+    secrets: Option<&Path>,
+) -> Result<Vec<Mount>, String> {
     let mut mounts = get_default_mounts();
     for w in writable {
         let mount = MountBuilder::default()
@@ -172,6 +182,22 @@ pub(crate) fn mounts(writable: &[Tmpfs], user: &ProcessUser) -> Result<Vec<Mount
             .build()
             .map_err(|e| format!("tmpfs {}: {e}", w.path))?;
         mounts.push(mount);
+    }
+    // After the tmpfs: a writable `/run` holds the mount point.
+    if let Some(dir) = secrets {
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(SECRETS_DIR))
+                .typ("bind")
+                .source(dir.to_path_buf())
+                .options(
+                    ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                )
+                .build()
+                .map_err(|e| format!("{SECRETS_DIR}: {e}"))?,
+        );
     }
     Ok(mounts)
 }
@@ -348,7 +374,7 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
             .build()
             .map_err(err("root"))?,
     ));
-    spec.set_mounts(Some(mounts(input.writable, input.user)?));
+    spec.set_mounts(Some(mounts(input.writable, input.user, input.secrets)?));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
     Ok(spec)
@@ -471,6 +497,7 @@ mod tests {
             capabilities: &NONE,
             seccomp: None,
             netns: None,
+            secrets: None,
         }
     }
 
@@ -529,6 +556,7 @@ mod tests {
             capabilities: &HashSet::new(),
             seccomp: Some(&seccomp),
             netns: None,
+            secrets: None,
         };
         let c = config(&input);
         // Read-only, nosuid and nodev by kiln's own mount (see `mounts`), not runc's remount.

@@ -282,6 +282,19 @@ impl LocalProvider {
         };
         let dir = self.dir(id);
         private_dir(&dir)?;
+        // With secrets, the whole bundle (the secrets, and `config.json`, which holds the
+        // exposed ones) is on a tmpfs: nothing of them reaches the disk.
+        if !spec.secrets.is_empty() {
+            let bundle = dir.join("bundle");
+            fs::create_dir_all(&bundle).map_err(ProviderError::io("create", &bundle))?;
+            self.mounter
+                .mount_tmpfs(&bundle, BUNDLE_TMPFS)
+                .map_err(|source| ProviderError::Mount {
+                    op: "mount tmpfs on",
+                    target: bundle.clone(),
+                    source,
+                })?;
+        }
         let rootfs = dir.join("bundle/rootfs");
         for d in [
             rootfs.clone(),
@@ -305,13 +318,17 @@ impl LocalProvider {
         // create that crashes in between leaves a directory without a record, which `list`
         // cleans up, mounts included.
         let paths = spec.writable_paths();
+        let mut destinations = paths.clone();
+        if !spec.secrets.is_empty() {
+            destinations.push(bundle::SECRETS_DIR.to_owned());
+        }
         self.mounter
             .mount_overlay(
                 &lower,
                 &dir.join("upper"),
                 &dir.join("work"),
                 &rootfs,
-                &bundle::rootfs_mount_points(&paths),
+                &bundle::rootfs_mount_points(&destinations),
             )
             .map_err(|source| ProviderError::Mount {
                 op: "mount overlay on",
@@ -342,12 +359,19 @@ impl LocalProvider {
             .process_user(&rootfs, spec, &resolved.config)
             .map_err(config_err)?;
         let caps = bundle::capabilities(&user, &spec.capabilities).map_err(config_err)?;
+        let secrets_dir = dir.join("bundle/secrets");
+        let env = if spec.secrets.is_empty() {
+            spec.env.clone()
+        } else {
+            write_secrets(&secrets_dir, &spec.secrets, &user)?;
+            with_exposed_secrets(&spec.env, &spec.secrets).map_err(config_err)?
+        };
         let seccomp = self.seccomp(spec, &caps).map_err(config_err)?;
         let config = bundle::config_json(&BundleInput {
             id: id.as_str(),
             image: &resolved.config,
             command: spec.command.as_deref(),
-            env: &spec.env,
+            env: &env,
             port,
             writable: &spec.writable,
             memory: spec.memory,
@@ -359,6 +383,7 @@ impl LocalProvider {
             capabilities: &caps,
             seccomp: seccomp.as_ref(),
             netns: netns.as_deref(),
+            secrets: (!spec.secrets.is_empty()).then_some(secrets_dir.as_path()),
         })
         .map_err(config_err)?;
         let config_digest = Digest::of(&config);
@@ -388,6 +413,7 @@ impl LocalProvider {
             labels: spec.labels.clone(),
             layer_roots,
             address,
+            secrets: spec.secrets.iter().map(|s| s.name.clone()).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),
@@ -488,7 +514,7 @@ impl LocalProvider {
             WatchedInstance {
                 upper: dir.join("upper"),
                 bundle: dir.join("bundle"),
-                mount_points: bundle::mount_points(&record.writable),
+                mount_points: bundle::mount_points(&record.mount_destinations()),
                 layers: with_trees.iter().map(|(c, _, _)| c.clone()).collect(),
                 config_digest: record.config_digest(),
             },
@@ -616,7 +642,7 @@ impl LocalProvider {
         let dir = self.dir(id);
         let upper = dir.join("upper");
         let mut findings: Vec<DriftFinding> =
-            scan_upper(&upper, &bundle::mount_points(&record.writable))
+            scan_upper(&upper, &bundle::mount_points(&record.mount_destinations()))
                 .map_err(ProviderError::io("scan", &upper))?
                 .into_iter()
                 .map(|path| DriftFinding::Write { path })
@@ -784,6 +810,64 @@ impl LocalProvider {
             }),
         }
     }
+}
+
+/// The size of the tmpfs an instance with secrets has its bundle on: `config.json` (with
+/// the seccomp filter, tens of KiB) and the secrets (64 KiB each at most).
+const BUNDLE_TMPFS: u64 = 16 << 20;
+
+/// Writes each secret to `dir` (on the bundle's tmpfs): the directory 0500 and the files
+/// 0400, owned by the instance's user, so only it reads them inside.
+fn write_secrets(
+    dir: &Path,
+    secrets: &[crate::types::Secret],
+    user: &crate::user::ProcessUser,
+) -> Result<(), ProviderError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    fs::create_dir_all(dir).map_err(ProviderError::io("create", dir))?;
+    for s in secrets {
+        let path = dir.join(&s.name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .map_err(ProviderError::io("create", &path))?;
+        f.write_all(s.value.expose())
+            .map_err(ProviderError::io("write", &path))?;
+        std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+            .map_err(ProviderError::io("chown", &path))?;
+    }
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
+        .map_err(ProviderError::io("chown", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o500))
+        .map_err(ProviderError::io("chmod", dir))
+}
+
+/// The service's environment plus the secrets exposed in it (text without NUL only: an
+/// environment cannot carry anything else).
+fn with_exposed_secrets(
+    env: &std::collections::BTreeMap<String, String>,
+    secrets: &[crate::types::Secret],
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = env.clone();
+    for s in secrets.iter().filter(|s| s.expose_env) {
+        let value = std::str::from_utf8(s.value.expose())
+            .ok()
+            .filter(|v| !v.contains('\0'))
+            .ok_or_else(|| {
+                format!(
+                    "secret {} is not text without NUL, so it cannot be in the environment \
+                     (expose_env); read it from {}/{}",
+                    s.name,
+                    bundle::SECRETS_DIR,
+                    s.name
+                )
+            })?;
+        out.insert(s.name.clone(), value.to_owned());
+    }
+    Ok(out)
 }
 
 /// `PORT` in an instance with its own network when the spec names no port.
@@ -1000,11 +1084,11 @@ impl Provider for LocalProvider {
             addr: record.addr(),
             // Only in its own namespace: the host's tables list every host socket.
             listening: match (state, health, pid) {
-                (InstanceState::Running, Health::Starting | Health::Failed, Some(pid))
-                    if record.address.is_some() =>
-                {
-                    network::listening(pid).ok()
-                }
+                (
+                    InstanceState::Running,
+                    Health::Starting | Health::Unhealthy | Health::Failed,
+                    Some(pid),
+                ) if record.address.is_some() => network::listening(pid).ok(),
                 _ => None,
             },
             pid,

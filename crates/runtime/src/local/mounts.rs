@@ -32,6 +32,11 @@ pub trait Mounter: Send + Sync {
         mount_points: &[String],
     ) -> io::Result<()>;
 
+    /// Mounts a `nosuid,nodev,noexec` tmpfs of `size` bytes, mode 0700, on `target`: memory
+    /// for what must never reach the disk (an instance's secrets and the bundle that holds
+    /// them).
+    fn mount_tmpfs(&self, target: &Path, size: u64) -> io::Result<()>;
+
     /// Detaches whatever is mounted on `target` (lazily, so a busy mount cannot block
     /// destroy); not mounted is not an error.
     fn unmount(&self, target: &Path) -> io::Result<()>;
@@ -75,6 +80,14 @@ impl Mounter for KernelMounter {
             let _ = self.unmount(target);
         }
         finished
+    }
+
+    fn mount_tmpfs(&self, target: &Path, size: u64) -> io::Result<()> {
+        let data = CString::new(format!("size={size},mode=0700"))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        rustix::mount::mount("tmpfs", target, "tmpfs", flags, Some(data.as_c_str()))?;
+        Ok(())
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {

@@ -46,6 +46,9 @@ pub(crate) struct InstanceRecord {
     /// (where it listens on 127.0.0.1:`port`), as in records written before namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<std::net::Ipv4Addr>,
+    /// The names of its secrets (never their values), mounted at `/run/secrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// `[service.health]` as recorded.
@@ -133,6 +136,16 @@ impl InstanceRecord {
 
     pub(crate) fn config_digest(&self) -> Digest {
         Digest::parse(&self.config_digest).unwrap_or_else(|_| Digest::of(b""))
+    }
+
+    /// Every path something is mounted on in the instance's root, besides the defaults: the
+    /// writable tmpfs, and `/run/secrets` when it has secrets.
+    pub(crate) fn mount_destinations(&self) -> Vec<String> {
+        let mut out = self.writable.clone();
+        if !self.secrets.is_empty() {
+            out.push(crate::local::bundle::SECRETS_DIR.to_owned());
+        }
+        out
     }
 
     /// Where the instance listens: its own address, else the host's loopback.
