@@ -37,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances/{instance}/logs"),
     ("GET", "/v1/events"),
     ("GET", "/v1/verify"),
+    ("POST", "/v1/fingerprints"),
     ("GET", "/metrics"),
 ];
 
@@ -225,6 +226,10 @@ async fn route(
             let app = query(&req, "app");
             let limit = query(&req, "limit").and_then(|l| l.parse().ok());
             ok(to_json(&c.events(app.as_deref(), limit)?)?)
+        }
+        (&Method::POST, ["v1", "fingerprints"]) => {
+            let r: crate::dto::FingerprintRequest = body(req).await?;
+            ok(to_json(&c.fingerprints(r).await?)?)
         }
         (&Method::GET, ["v1", "verify"]) => match c.verify()? {
             Ok(r) => {

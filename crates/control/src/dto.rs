@@ -127,3 +127,24 @@ pub struct RollbackOutcome {
     /// Microseconds from the request to the route swap (warm only).
     pub switch_us: Option<u64>,
 }
+
+/// `POST /v1/fingerprints`: secrets and env as `kiln plan` would apply them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FingerprintRequest {
+    /// Secrets by name (their fingerprints are ignored).
+    #[serde(default)]
+    pub secrets: BTreeMap<String, crate::config::SecretConfig>,
+    /// The service's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// The answer to a [`FingerprintRequest`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Fingerprints {
+    /// Each secret's fingerprint, as a release would record it.
+    pub secrets: BTreeMap<String, String>,
+    /// The env as `status` shows it: values of secret-looking names redacted.
+    pub env: BTreeMap<String, String>,
+}

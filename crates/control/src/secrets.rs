@@ -345,23 +345,43 @@ impl Secrets {
             let value = read(name, &s.source)?;
             prints.insert(name.clone(), key.fingerprint(name, value.expose()));
         }
-        Ok((prints, self.redacted_env(env)?))
+        Ok((prints, self.redacted_env(env)))
     }
 
-    /// `env` with the values of secret-looking names redacted.
-    pub fn redacted_env(&self, env: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
-        let key = self.key()?;
-        Ok(env
-            .iter()
+    /// `env` with the values of secret-looking names redacted (to `redacted:` and a short
+    /// keyed fingerprint, or only `redacted` without a key).
+    pub fn redacted_env(&self, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        env.iter()
             .map(|(k, v)| {
-                let shown = if looks_secret(k) {
-                    key.redact(k, v)
-                } else {
-                    v.clone()
+                let shown = match (&self.key, looks_secret(k)) {
+                    (_, false) => v.clone(),
+                    (Some(key), true) => key.redact(k, v),
+                    (None, true) => "redacted".to_owned(),
                 };
                 (k.clone(), shown)
             })
-            .collect())
+            .collect()
+    }
+
+    /// A release's stored configuration (JSON) with its env redacted as above.
+    pub fn redact_config_json(&self, config: &mut serde_json::Value) {
+        let Some(env) = config
+            .get_mut("service")
+            .and_then(|s| s.get_mut("env"))
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            return;
+        };
+        for (k, v) in env.iter_mut() {
+            if let Some(text) = v.as_str()
+                && looks_secret(k)
+            {
+                let shown = self.redacted_env(&BTreeMap::from([(k.clone(), text.to_owned())]));
+                if let Some(s) = shown.get(k) {
+                    *v = serde_json::Value::String(s.clone());
+                }
+            }
+        }
     }
 }
 

@@ -68,7 +68,11 @@ impl Controller {
             listen: a.listen.to_string(),
             unserved: a.unserved.clone(),
             image: a.image.to_string(),
-            config: a.config.clone(),
+            config: {
+                let mut config = a.config.clone();
+                config.service.env = self.exec.secrets.redacted_env(&config.service.env);
+                config
+            },
             instances,
             schema: a.schema.map(LiveSchema::from_domain),
         })
@@ -84,8 +88,33 @@ impl Controller {
     }
 
     /// Every release of `app`.
+    /// An app's releases, env values whose names look secret redacted.
     pub fn releases(&self, app: &str) -> Result<Vec<kiln_ledger::Release>> {
-        Ok(self.exec.ledger().releases(app)?)
+        let mut releases = self.exec.ledger().releases(app)?;
+        for r in &mut releases {
+            self.exec.secrets.redact_config_json(&mut r.body.config);
+        }
+        Ok(releases)
+    }
+
+    /// What `kiln plan` compares with the running release: the fingerprints `secrets`
+    /// would have now (read by this daemon, as an apply would) and `env` as `status` shows
+    /// it. No value leaves the daemon.
+    pub async fn fingerprints(
+        &self,
+        req: crate::dto::FingerprintRequest,
+    ) -> Result<crate::dto::Fingerprints> {
+        let secrets = self.exec.secrets.clone();
+        let (prints, env) =
+            tokio::task::spawn_blocking(move || secrets.fingerprints(&req.secrets, &req.env))
+                .await
+                .map_err(|e| {
+                    crate::error::ControlError::Internal(format!("reading secrets: {e}"))
+                })??;
+        Ok(crate::dto::Fingerprints {
+            secrets: prints,
+            env,
+        })
     }
 
     /// `kiln verify`.

@@ -109,7 +109,7 @@ impl fmt::Display for Change {
                  listening on {listen}"
             ),
             Change::Image { from, to } => write!(f, "~ image: {from} → {to}"),
-            Change::Config { key, from, to } => write!(f, "~ {key}: {from} → {to}"),
+            Change::Config { key, from, to } => config_line(f, key, from, to),
             Change::Schema {
                 live,
                 to,
@@ -137,6 +137,35 @@ impl fmt::Display for Change {
             }
         }
     }
+}
+
+/// A configuration change as `kiln plan` prints it. Secrets show their source, never a
+/// fingerprint or value; an env value whose name looks secret (the daemon shows it as
+/// `redacted:…`) shows only that it changed.
+fn config_line(f: &mut fmt::Formatter<'_>, key: &str, from: &str, to: &str) -> fmt::Result {
+    if let Some(rest) = key.strip_prefix("service.secrets.") {
+        let (name, field) = rest.split_once('.').unwrap_or((rest, ""));
+        let source = |json: &str| {
+            serde_json::from_str::<Value>(json)
+                .ok()
+                .map(|v| v["source"].to_string())
+                .unwrap_or_default()
+        };
+        return match (field, from, to) {
+            ("", "null", _) => write!(f, "+ secret {name} from {}", source(to)),
+            ("", _, "null") => write!(f, "- secret {name}"),
+            ("fingerprint", _, _) => write!(f, "~ secret {name} changed (the value is not shown)"),
+            _ => write!(f, "~ secret {name}: {field}: {from} → {to}"),
+        };
+    }
+    let redacted = |json: &str| json.starts_with("\"redacted:");
+    if redacted(from) || redacted(to) {
+        return write!(
+            f,
+            "~ {key} changed (not shown: the name looks secret; move it to [service.secrets])"
+        );
+    }
+    write!(f, "~ {key}: {from} → {to}")
 }
 
 /// The changes applying `next` would make to `current` (`None`: the app does not run), in

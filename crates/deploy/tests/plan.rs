@@ -234,3 +234,27 @@ fn config_diff_names_changed_keys() {
         &["a: 1 → 2", "z: 1 → 2"],
     );
 }
+
+#[test]
+fn secrets_and_secret_looking_env_show_no_value() {
+    let secret = |fp: &str| json!({"source": {"file": "/run/db"}, "fingerprint": fp});
+    let before = json!({"service": {
+        "env": {"DB_PASSWORD": "redacted:1111", "A": "1"},
+        "secrets": {"DB": secret("hmac-sha256:aa"), "OLD": secret("hmac-sha256:cc")},
+    }});
+    let after = json!({"service": {
+        "env": {"DB_PASSWORD": "redacted:2222", "A": "1"},
+        "secrets": {"DB": secret("hmac-sha256:bb"), "NEW": secret("hmac-sha256:dd")},
+    }});
+    check(
+        Some(current(before)),
+        next("sha256:aaa", after),
+        &[
+            "~ service.env.DB_PASSWORD changed (not shown: the name looks secret; move it to \
+             [service.secrets])",
+            "~ secret DB changed (the value is not shown)",
+            "+ secret NEW from {\"file\":\"/run/db\"}",
+            "- secret OLD",
+        ],
+    );
+}

@@ -226,9 +226,24 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let req = release_request_untested(&spec, state, out)?;
+    let mut req = release_request_untested(&spec, state, out)?;
     let current = block(async {
-        match client(state).get(&format!("/v1/apps/{}", spec.name)).await {
+        let c = client(state);
+        // The daemon reads the secrets (as an apply would) and redacts secret-looking env
+        // values: the running release shows them so, and values never come back.
+        let asked = kiln_control::dto::FingerprintRequest {
+            secrets: req.config.service.secrets.clone(),
+            env: req.config.service.env.clone(),
+        };
+        let prints: kiln_control::dto::Fingerprints = serde_json::from_value(
+            c.post("/v1/fingerprints", &serde_json::to_value(&asked)?)
+                .await?,
+        )?;
+        for (name, s) in &mut req.config.service.secrets {
+            s.fingerprint = prints.secrets.get(name).cloned();
+        }
+        req.config.service.env = prints.env;
+        match c.get(&format!("/v1/apps/{}", spec.name)).await {
             Ok(v) => Ok(Some(serde_json::from_value::<AppStatus>(v)?)),
             Err(ClientError::Api { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
                 Ok(None)
