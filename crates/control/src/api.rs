@@ -375,8 +375,8 @@ pub async fn serve_unix(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 // The kernel's word on who connected, taken once per connection.
-                let actor: Arc<str> = match stream.peer_cred() {
-                    Ok(cred) => Arc::from(crate::peer::unix_actor(cred.uid())),
+                let uid = match stream.peer_cred() {
+                    Ok(cred) => cred.uid(),
                     Err(e) => {
                         tracing::warn!(error = %e, "API connection refused: no peer credentials");
                         continue;
@@ -384,6 +384,8 @@ pub async fn serve_unix(
                 };
                 let c = Arc::clone(&c);
                 tokio::spawn(async move {
+                    // Named here, not in the accept loop: it reads /etc/passwd.
+                    let actor: Arc<str> = Arc::from(crate::peer::unix_actor(uid));
                     let svc = hyper::service::service_fn(move |req| {
                         let c = Arc::clone(&c);
                         let actor = Arc::clone(&actor);
