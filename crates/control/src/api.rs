@@ -3,18 +3,23 @@
 //! and the document list the same operations.
 //!
 //! **Invariant:** [`error_response`] is the one place errors become HTTP statuses, and a 5xx
-//! body never carries internals (they go to the daemon's log).
+//! body never carries internals (they go to the daemon's log). The actor the ledger records
+//! is the connection's (`peer.rs`: the socket peer's user, or the token), never a name the
+//! request carries; an `actor` a client still sends is accepted and ignored. A connection
+//! that sends no request head in [`HEADER_READ_TIMEOUT`] is closed.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
 use crate::controller::Controller;
@@ -43,6 +48,17 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
+
+/// How long a connection may take to send a whole request head, from its opening or from the
+/// end of its previous response; then it is closed. hyper runs the one timer for both waits, so
+/// this is also the keep-alive idle timeout: a client that connects and sends nothing, or a
+/// head a byte at a time, holds a connection (a file descriptor, a task) no longer than this.
+/// kiln's own client opens a connection per request, so a short keep-alive costs it nothing.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request body may take to arrive once its head has: a 408 after that, so a
+/// client that stops halfway through a body does not hold its connection either.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An API failure: a status and a message for the client.
 #[derive(Debug)]
@@ -117,11 +133,13 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
+/// The body of promote and abort. `actor` is what older clients claimed to be: accepted, so
+/// they keep working, and ignored (the connection says who acts).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ActorBody {
-    #[serde(default)]
-    actor: Option<String>,
+    #[serde(default, rename = "actor")]
+    _actor: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -131,22 +149,33 @@ struct RollbackBody {
     to: Option<u64>,
     #[serde(default)]
     force: bool,
-    #[serde(default)]
-    actor: Option<String>,
+    /// Ignored, as in [`ActorBody`].
+    #[serde(default, rename = "actor")]
+    _actor: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScaleBody {
     replicas: u32,
-    #[serde(default)]
-    actor: Option<String>,
+    /// Ignored, as in [`ActorBody`].
+    #[serde(default, rename = "actor")]
+    _actor: Option<IgnoredAny>,
 }
 
 async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, collect)
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })?
         .map_err(|e| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -180,13 +209,13 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
     })
 }
 
-fn actor(a: Option<String>) -> String {
-    a.unwrap_or_else(|| "api".to_owned())
-}
-
-/// Handles one request.
-pub async fn handle(c: Arc<Controller>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match route(c, req).await {
+/// Handles one request from `actor`, who the connection says sent it.
+pub async fn handle(
+    c: Arc<Controller>,
+    actor: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    match route(c, actor, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
@@ -194,6 +223,7 @@ pub async fn handle(c: Arc<Controller>, req: Request<Incoming>) -> Response<Full
 
 async fn route(
     c: Arc<Controller>,
+    actor: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();
@@ -209,7 +239,7 @@ async fn route(
             crate::gate::check_stored_name(app)?;
             let app = (*app).to_owned();
             let rest: Vec<String> = rest.iter().map(|s| (*s).to_owned()).collect();
-            app_operation(&c, req, &app, &rest).await
+            app_operation(&c, actor, req, &app, &rest).await
         }
         (&Method::GET, ["v1", "health"]) => {
             ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
@@ -254,6 +284,7 @@ async fn route(
 /// The operations on one app: `/v1/apps/{app}/…`.
 async fn app_operation(
     c: &Controller,
+    actor: &str,
     req: Request<Incoming>,
     app: &str,
     rest: &[String],
@@ -263,33 +294,34 @@ async fn app_operation(
     match (&method, rest.as_slice()) {
         (&Method::GET, []) => ok(to_json(&c.status(app).await?)?),
         (&Method::DELETE, []) => {
-            let who = actor(query(&req, "actor"));
-            let n = c.down(app, &who).await?;
+            // An `?actor=` older clients send is ignored, as in `ActorBody`.
+            let n = c.down(app, actor).await?;
             ok(json!({"app": app, "instances_destroyed": n}))
         }
         (&Method::GET, ["releases"]) => ok(to_json(&c.releases(app)?)?),
         (&Method::POST, ["releases"]) => {
-            let r: ApplyRequest = body(req).await?;
+            let mut r: ApplyRequest = body(req).await?;
+            r.actor = actor.to_owned();
             ok(to_json(&c.apply(app, r).await?)?)
         }
         (&Method::POST, ["rollback"]) => {
             let b: RollbackBody = body(req).await?;
-            let outcome = c.rollback(app, b.to, b.force, &actor(b.actor)).await?;
+            let outcome = c.rollback(app, b.to, b.force, actor).await?;
             ok(to_json(&outcome)?)
         }
         (&Method::POST, ["promote"]) => {
-            let b: ActorBody = body(req).await?;
-            c.promote(app, &actor(b.actor)).await?;
+            let _: ActorBody = body(req).await?;
+            c.promote(app, actor).await?;
             ok(json!({"app": app, "promote": "requested"}))
         }
         (&Method::POST, ["abort"]) => {
-            let b: ActorBody = body(req).await?;
-            c.abort(app, &actor(b.actor)).await?;
+            let _: ActorBody = body(req).await?;
+            c.abort(app, actor).await?;
             ok(json!({"app": app, "abort": "requested"}))
         }
         (&Method::POST, ["scale"]) => {
             let b: ScaleBody = body(req).await?;
-            c.scale(app, b.replicas, &actor(b.actor)).await?;
+            c.scale(app, b.replicas, actor).await?;
             ok(json!({"app": app, "replicas": b.replicas}))
         }
         (&Method::GET, ["instances"]) => ok(json!(c.instances(app).await?)),
@@ -349,15 +381,24 @@ pub async fn serve_unix(
             () = &mut stop => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // The kernel's word on who connected, taken once per connection.
+                let uid = match stream.peer_cred() {
+                    Ok(cred) => cred.uid(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "API connection refused: no peer credentials");
+                        continue;
+                    }
+                };
                 let c = Arc::clone(&c);
                 tokio::spawn(async move {
+                    // Named here, not in the accept loop: it reads /etc/passwd.
+                    let actor: Arc<str> = Arc::from(crate::peer::unix_actor(uid));
                     let svc = hyper::service::service_fn(move |req| {
                         let c = Arc::clone(&c);
-                        async move { Ok::<_, Infallible>(handle(c, req).await) }
+                        let actor = Arc::clone(&actor);
+                        async move { Ok::<_, Infallible>(handle(c, &actor, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ = http1().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         }
@@ -380,13 +421,15 @@ pub async fn serve_tcp(
         tokio::select! {
             () = &mut stop => return Ok(()),
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, client)) = accepted else { continue };
+                let actor: Arc<str> = Arc::from(crate::peer::tcp_actor(client.ip()));
                 let c = Arc::clone(&c);
                 let token = Arc::clone(&token);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let c = Arc::clone(&c);
                         let token = Arc::clone(&token);
+                        let actor = Arc::clone(&actor);
                         async move {
                             let authorized = req
                                 .headers()
@@ -399,16 +442,23 @@ pub async fn serve_tcp(
                                     "a bearer token is required (see --token-file)",
                                 )));
                             }
-                            Ok(handle(c, req).await)
+                            Ok(handle(c, &actor, req).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let _ = http1().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         }
     }
+}
+
+/// The HTTP/1.1 server of one API connection, with its timeouts.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -111,7 +111,9 @@ pub struct ApplyRequest {
     pub spec_digest: String,
     /// Git commit of the spec's tree.
     pub source_commit: Option<String>,
-    /// Who applies.
+    /// Who applies. The API sets it from the connection (the socket peer's user, or the TCP
+    /// token), whatever a client sends; only an in-process caller names it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub actor: String,
 }
 

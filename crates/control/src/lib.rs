@@ -10,8 +10,8 @@
 //! - [`gate`]: what every apply must pass, whichever client sent it.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
 //! - [`clock`]: the injected [`Clock`].
-//! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; [`client`]:
-//!   the CLI's side of it; [`dto`]: its data.
+//! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; `peer.rs`: who
+//!   its connections come from; [`client`]: the CLI's side of it; [`dto`]: its data.
 //!
 //! **API boundary:** no clap, no terminal output; the binary owns those. No decision is
 //! made here that `kiln_deploy` could make.
@@ -30,6 +30,7 @@ mod executor;
 pub mod gate;
 mod listeners;
 pub mod oneshot;
+mod peer;
 mod reconcile;
 mod rollback;
 pub mod secrets;

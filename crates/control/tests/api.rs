@@ -99,6 +99,11 @@ async fn every_operation_answers_as_documented() {
     });
     let release = client.post("/v1/apps/web/releases", &apply).await.unwrap();
     conforms("Release", &release);
+    // The actor is the socket's peer at this host, not the body's claim.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let actor = release["actor"].as_str().unwrap();
+    assert!(actor.ends_with(&format!("@{}", host.trim())), "{actor}");
+    assert_ne!(actor, "test");
     // Creates run in the background: pass until the rollout completes.
     for _ in 0..2000 {
         c.reconcile().await.unwrap();

@@ -1,7 +1,8 @@
 //! `kiln serve`: the daemon — the controller, its API on `<state>/kiln.sock` (and optional
 //! TCP with a bearer token), one router listener per app, and the reconciler. SIGTERM or
 //! Ctrl-C stops the daemon and its listeners; instances keep running and a restarted daemon
-//! adopts them (`kiln down APP` is the way to stop an app).
+//! adopts them (`kiln down APP` is the way to stop an app). It starts by raising its
+//! open-file limit to the hard limit (`raise_open_file_limit`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,7 @@ impl Daemon {
         router: WorkersConfig,
         tcp: Option<(SocketAddr, String)>,
     ) -> anyhow::Result<Daemon> {
+        raise_open_file_limit();
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
         let images = Arc::new(StoreImages::open(state)?);
@@ -154,6 +156,40 @@ impl Daemon {
             let _ = t.await;
         }
         self.controller.shutdown().await;
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, and logs the limit once. Every API and
+/// router connection, instance log and layer file is a descriptor, and the usual soft limit
+/// (1024) runs out under a few hundred clients long before the host's own limit would.
+/// Instances are unaffected: their bundle sets their own limit.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match (limit.current, limit.maximum) {
+        // Only a finite hard limit is a value to raise to: an unlimited one is beyond what
+        // the kernel takes for open files (`fs.nr_open`).
+        (Some(soft), Some(hard)) if soft < hard => {
+            let raised = Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+                Err(e) => tracing::warn!(
+                    limit = soft,
+                    hard,
+                    error = %e,
+                    "cannot raise the open-file limit"
+                ),
+            }
+        }
+        (soft, hard) => tracing::info!(
+            limit = %show(soft),
+            hard = %show(hard),
+            "the open-file limit is left as it is"
+        ),
     }
 }
 

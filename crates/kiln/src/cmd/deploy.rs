@@ -135,24 +135,6 @@ fn app_name(app: Option<&str>) -> anyhow::Result<String> {
         .context("name the app (./kiln.toml has no `name`)")
 }
 
-/// Who is acting, for the ledger: `user@host`.
-fn actor() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            use std::os::unix::fs::MetadataExt;
-            match std::fs::metadata("/proc/self").map(|m| m.uid()) {
-                Ok(0) => "root".to_owned(),
-                Ok(uid) => format!("uid{uid}"),
-                Err(_) => "unknown".to_owned(),
-            }
-        });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned());
-    format!("{user}@{host}")
-}
-
 /// The commit checked out in the git tree holding `dir`, read from `.git` directly.
 fn git_commit(dir: &Path) -> Option<String> {
     let abs = std::path::absolute(dir).ok()?;
@@ -217,7 +199,8 @@ fn release_request(
         } else {
             dir
         }),
-        actor: actor(),
+        // The daemon records who the connection says applies (the socket peer's user).
+        actor: String::new(),
     })
 }
 
@@ -322,7 +305,7 @@ fn release_request_untested(
         config: ReleaseConfig::from_spec(spec),
         spec_digest: String::new(),
         source_commit: None,
-        actor: actor(),
+        actor: String::new(),
     })
 }
 
@@ -608,7 +591,7 @@ pub fn rollback(args: &RollbackArgs, state: &Path, out: &Output) -> anyhow::Resu
         let v = c
             .post(
                 &format!("/v1/apps/{app}/rollback"),
-                &json!({"to": args.to, "force": args.force, "actor": actor()}),
+                &json!({"to": args.to, "force": args.force}),
             )
             .await?;
         if out.json {
@@ -660,7 +643,7 @@ pub fn promote(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<Exit
         state,
         out,
         format!("/v1/apps/{app}/promote"),
-        json!({"actor": actor()}),
+        json!({}),
         format!("{app}: promotion requested"),
     )
 }
@@ -671,7 +654,7 @@ pub fn abort(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCo
         state,
         out,
         format!("/v1/apps/{app}/abort"),
-        json!({"actor": actor()}),
+        json!({}),
         format!("{app}: abort requested; traffic returns to the stable release"),
     )
 }
@@ -682,7 +665,7 @@ pub fn scale(args: &ScaleArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         state,
         out,
         format!("/v1/apps/{app}/scale"),
-        json!({"replicas": args.replicas, "actor": actor()}),
+        json!({"replicas": args.replicas}),
         format!("{app}: scaling to {} instance(s)", args.replicas),
     )
 }
@@ -690,9 +673,7 @@ pub fn scale(args: &ScaleArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
 pub fn down(args: &AppArg, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     let app = app_name(args.app.as_deref())?;
     block(async {
-        let v = client(state)
-            .delete(&format!("/v1/apps/{app}?actor={}", actor()))
-            .await?;
+        let v = client(state).delete(&format!("/v1/apps/{app}")).await?;
         if out.json {
             out.data(&v)?;
         } else {
@@ -859,7 +840,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
                 "==> stopping {app} and the daemon (Ctrl-C again leaves {app} running)"
             ));
             let stopping = async {
-                let _ = c.delete(&format!("/v1/apps/{app}?actor={}", actor())).await;
+                let _ = c.delete(&format!("/v1/apps/{app}")).await;
                 d.stop().await;
             };
             tokio::select! {
