@@ -18,6 +18,7 @@ mod ports;
 mod private;
 pub mod provider;
 mod rescan;
+mod secrets;
 pub mod types;
 mod user;
 

@@ -40,6 +40,8 @@ pub(crate) struct Wanted<'a> {
     pub state_label: &'a str,
     /// The `User` the engine resolves in the container (`crate::user::docker_user`).
     pub user: &'a str,
+    /// The host directory (a tmpfs) bound read-only at `/run/secrets`, when it has secrets.
+    pub secrets: Option<&'a std::path::Path>,
 }
 
 /// `OomScoreAdj` of every instance, as on the local provider: out of memory, the kernel
@@ -114,6 +116,12 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
         host_config: Some(HostConfig {
             readonly_rootfs: Some(true),
             tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
+            binds: w.secrets.map(|dir| {
+                vec![format!(
+                    "{}:/run/secrets:ro,nosuid,nodev,noexec",
+                    dir.display()
+                )]
+            }),
             port_bindings: Some(bindings),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
@@ -311,6 +319,7 @@ mod tests {
             port: 41000,
             state_label: "abc",
             user: "65534:65534",
+            secrets: None,
         });
         assert_eq!(body.image.as_deref(), Some(image_id.as_str()));
         // kiln's PORT wins over one in the spec.
@@ -328,6 +337,7 @@ mod tests {
             port: 41000,
             state_label: "abc",
             user: "65534:65534",
+            secrets: None,
         });
         assert!(mapped.env.unwrap().contains(&"PORT=8080".to_owned()));
         assert_eq!(mapped.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
@@ -391,6 +401,7 @@ mod tests {
             port: 1,
             state_label: "abc",
             user: "0:0",
+            secrets: None,
         });
         assert_eq!(
             body.host_config.unwrap().security_opt,
@@ -418,6 +429,7 @@ mod tests {
             port: 1,
             state_label: "abc",
             user: "0:0",
+            secrets: None,
         });
         let h = body.host_config.unwrap();
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
@@ -443,6 +455,7 @@ mod tests {
             port: 1,
             state_label: "abc",
             user: "65534:65534",
+            secrets: None,
         });
         assert_eq!(
             body.entrypoint,

@@ -285,6 +285,57 @@ impl DockerProvider {
         self.cfg.state.join("docker").join(format!("{id}.json"))
     }
 
+    /// The tmpfs an instance's secrets are on, bound at `/run/secrets`.
+    fn secrets_path(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("docker").join(format!("{id}.secrets"))
+    }
+
+    /// Mounts the instance's secrets tmpfs and writes them, owned by its user when the
+    /// engine's `User` is numeric.
+    fn write_secrets(
+        &self,
+        id: &InstanceId,
+        dir: &std::path::Path,
+        secrets: &[crate::types::Secret],
+        user: &str,
+    ) -> Result<(), ProviderError> {
+        use crate::local::mounts::Mounter as _;
+        std::fs::create_dir_all(dir).map_err(ProviderError::io("create", dir))?;
+        let written = crate::local::mounts::KernelMounter
+            .mount_tmpfs(dir, crate::secrets::TMPFS_SIZE)
+            .map_err(|source| ProviderError::Mount {
+                op: "mount tmpfs on",
+                target: dir.to_path_buf(),
+                source,
+            })
+            .and_then(|()| crate::secrets::write_dir(dir, secrets, numeric_owner(user)));
+        if written.is_err() {
+            let _ = self.remove_secrets(id);
+        }
+        written
+    }
+
+    /// Unmounts and removes an instance's secrets; nothing there is not an error.
+    fn remove_secrets(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        use crate::local::mounts::Mounter as _;
+        let dir = self.secrets_path(id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        crate::local::mounts::KernelMounter
+            .unmount(&dir)
+            .map_err(|source| ProviderError::Mount {
+                op: "unmount",
+                target: dir.clone(),
+                source,
+            })?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::io("remove", &dir)(e)),
+        }
+    }
+
     fn taint_path(&self, id: &InstanceId) -> PathBuf {
         self.cfg.state.join("docker").join(format!("{id}.exec"))
     }
@@ -703,6 +754,13 @@ impl DockerProvider {
     }
 }
 
+/// `(uid, gid)` of a numeric docker `User` (`"1000"`, `"1000:1000"`); `None` for a name the
+/// engine resolves.
+fn numeric_owner(user: &str) -> Option<(u32, u32)> {
+    let (u, g) = user.split_once(':').unwrap_or((user, user));
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
 /// The seccomp profile an engine's `SecurityOptions` name (`name=seccomp,profile=default`);
 /// `None` when seccomp is not among them.
 fn engine_seccomp(options: &[String]) -> Option<String> {
@@ -841,6 +899,20 @@ impl Provider for DockerProvider {
                 }
             })?,
         };
+        let secrets_dir = self.secrets_path(&id);
+        if !spec.secrets.is_empty() {
+            if let Some(s) = spec.secrets.iter().find(|s| s.expose_env) {
+                return Err(ProviderError::Config {
+                    id,
+                    message: format!(
+                        "secret {} has expose_env, but the Docker Engine keeps a container's \
+                         environment on disk; read it from /run/secrets/{} instead",
+                        s.name, s.name
+                    ),
+                });
+            }
+            self.write_secrets(&id, &secrets_dir, &spec.secrets, &user)?;
+        }
         let body = create_body(&Wanted {
             id: &id,
             spec: &spec,
@@ -848,8 +920,9 @@ impl Provider for DockerProvider {
             port,
             state_label: &self.state_label,
             user: &user,
+            secrets: (!spec.secrets.is_empty()).then_some(secrets_dir.as_path()),
         });
-        let created = self
+        let created = match self
             .docker
             .create_container(
                 Some(CreateContainerOptions {
@@ -859,9 +932,16 @@ impl Provider for DockerProvider {
                 body,
             )
             .await
-            .map_err(|e| engine_err(format!("create instance {id}"), e))?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.remove_secrets(&id);
+                return Err(engine_err(format!("create instance {id}"), e));
+            }
+        };
         let cleanup = |e: ProviderError| async {
             let _ = self.remove(&id, &created.id).await;
+            let _ = self.remove_secrets(&id);
             e
         };
         let inspected = match self.docker.inspect_container(&created.id, None).await {
@@ -951,6 +1031,7 @@ impl Provider for DockerProvider {
                 // An unreadable record: the container still goes, by name.
                 Err(_) => self.remove(id, id.as_str()).await?,
             }
+            self.remove_secrets(id)?;
             for path in [self.record_path(id), self.taint_path(id)] {
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}

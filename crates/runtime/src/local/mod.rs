@@ -363,7 +363,7 @@ impl LocalProvider {
         let env = if spec.secrets.is_empty() {
             spec.env.clone()
         } else {
-            write_secrets(&secrets_dir, &spec.secrets, &user)?;
+            crate::secrets::write_dir(&secrets_dir, &spec.secrets, Some((user.uid, user.gid)))?;
             with_exposed_secrets(&spec.env, &spec.secrets).map_err(config_err)?
         };
         let seccomp = self.seccomp(spec, &caps).map_err(config_err)?;
@@ -815,35 +815,6 @@ impl LocalProvider {
 /// The size of the tmpfs an instance with secrets has its bundle on: `config.json` (with
 /// the seccomp filter, tens of KiB) and the secrets (64 KiB each at most).
 const BUNDLE_TMPFS: u64 = 16 << 20;
-
-/// Writes each secret to `dir` (on the bundle's tmpfs): the directory 0500 and the files
-/// 0400, owned by the instance's user, so only it reads them inside.
-fn write_secrets(
-    dir: &Path,
-    secrets: &[crate::types::Secret],
-    user: &crate::user::ProcessUser,
-) -> Result<(), ProviderError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    fs::create_dir_all(dir).map_err(ProviderError::io("create", dir))?;
-    for s in secrets {
-        let path = dir.join(&s.name);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&path)
-            .map_err(ProviderError::io("create", &path))?;
-        f.write_all(s.value.expose())
-            .map_err(ProviderError::io("write", &path))?;
-        std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
-            .map_err(ProviderError::io("chown", &path))?;
-    }
-    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
-        .map_err(ProviderError::io("chown", dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o500))
-        .map_err(ProviderError::io("chmod", dir))
-}
 
 /// The service's environment plus the secrets exposed in it (text without NUL only: an
 /// environment cannot carry anything else).
