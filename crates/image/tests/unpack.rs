@@ -485,8 +485,9 @@ fn a_pax_size_that_disagrees_with_the_header_is_refused() {
     let mut b = tar::Builder::new(Vec::new());
     b.append_pax_extensions([("size", b"999999".as_slice())])
         .unwrap();
-    b.append_data(&mut tar::Header::new_ustar(), "f", &b"abc"[..])
-        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(3);
+    b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
     let tar = b.into_inner().unwrap();
     let err = run(&s, &tar, &opts()).unwrap_err();
     assert!(matches!(err, UnpackError::Malformed { .. }), "{err}");
