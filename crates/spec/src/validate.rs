@@ -315,7 +315,7 @@ impl Validator<'_> {
                     self.error(t, "from", format!("{f:?} does not exist")).hint =
                         Some("paths are relative to the directory of kiln.toml; build the file first if it is a build output".to_owned());
                 } else if !t.bool("allow_outside")
-                    && let Some(resolved) = outside_of(&self.dir, &abs)
+                    && let Some(resolved) = outside_of(self.dir, &abs)
                 {
                     self.error(
                         t,
