@@ -819,6 +819,20 @@ fn split_oci_reference(rest: &str) -> Result<(&str, Option<OciReference>), Strin
     }
 }
 
+/// Where `path` resolves to (every symlink and `..` resolved) when that is outside `dir`
+/// (resolved the same way); `None` when it is inside. A build copies what `from` resolves
+/// to, so a project symlink to `/etc/shadow` is as far outside as `/etc/shadow` itself.
+fn outside_of(dir: &Path, path: &Path) -> Option<PathBuf> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let resolved = std::fs::canonicalize(path).ok()?;
+    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    (!resolved.starts_with(&root)).then_some(resolved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,18 +858,4 @@ mod tests {
         assert_eq!(CountOrPercent::Percent(25).resolve(10, false), 2);
         assert_eq!(CountOrPercent::Count(2).resolve(10, true), 2);
     }
-}
-
-/// Where `path` resolves to (every symlink and `..` resolved) when that is outside `dir`
-/// (resolved the same way); `None` when it is inside. A build copies what `from` resolves
-/// to, so a project symlink to `/etc/shadow` is as far outside as `/etc/shadow` itself.
-fn outside_of(dir: &Path, path: &Path) -> Option<PathBuf> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let resolved = std::fs::canonicalize(path).ok()?;
-    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    (!resolved.starts_with(&root)).then_some(resolved)
 }
