@@ -53,6 +53,7 @@ env = { HELLO_VERSION = "bench" }
 from = "$OUT/hello"
 to = "/hello"
 mode = "0755"
+allow_outside = true
 
 [service]
 port = 8080

@@ -33,6 +33,7 @@ entrypoint = ["/hello"]
 [[image.copy]]
 from = "$PWD/target/x86_64-unknown-linux-gnu/release/hello"
 to = "/hello"
+allow_outside = true
 [service]
 replicas = 2
 env = { HELLO_VERSION = "$1" }

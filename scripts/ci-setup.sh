@@ -7,7 +7,8 @@ export DEBIAN_FRONTEND=noninteractive
 # golang-github-containers-common: /usr/share/containers/seccomp.json, the seccomp allowlist
 # of every sealed local instance. containernetworking-plugins + iptables: each local
 # instance's own network namespace on kiln's bridge.
-packages=(runc golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+# time: /usr/bin/time -v measures the peak memory of kiln on hostile archives (tests/hostile.rs).
+packages=(runc time golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

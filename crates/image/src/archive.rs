@@ -2,19 +2,26 @@
 //! docker-archive tarballs (`docker save` / `docker load`), and plain root filesystems.
 //!
 //! Every blob that comes in is checked against its digest as it is copied (a mismatch is an
-//! error naming the blob); an uncompressed docker layer is also checked against its
-//! `diff_id`. Archives are read through [`crate::unpack`] or by seeking to entries, never by
-//! extracting with tar's own unpacker. Exported archives are written deterministically
-//! (sorted entries, zero mtimes, numeric owners 0:0).
+//! error naming the blob), and every new layer is read through once, decompressed, before it
+//! is stored: its content must match its `diff_id` and pass [`crate::unpack::check`], within
+//! the [`ImportLimits`] (so a hostile layer is refused at import, not when an instance first
+//! needs it). Archives are read by seeking to entries, never by extracting them; links inside
+//! an archive or a layout directory are never followed out of it, and what kiln reads there
+//! must be a regular file. Exported archives are written deterministically (sorted entries,
+//! zero mtimes, numeric owners 0:0).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use kiln_spec::OciReference;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::digest::{Digest, HashingReader};
+use crate::entries::{Bounded, Entries, stream_too_long};
+use crate::limits::{ImportLimits, is_compressed};
 use crate::oci::{self, Descriptor, Index, Manifest};
 use crate::store::{Store, StoreError};
 use crate::unpack::{self, UnpackError, UnpackOptions, WhiteoutMode};
@@ -53,6 +60,18 @@ pub enum ArchiveError {
         diff_id: Digest,
         /// What the content hashes to.
         actual: Digest,
+    },
+    /// A layer that unpacking would refuse, or that passes a limit.
+    #[error("layer {layer} in {path}: {source}{note}")]
+    Layer {
+        /// The archive or layout.
+        path: PathBuf,
+        /// The layer.
+        layer: String,
+        /// What is wrong with it.
+        source: Box<UnpackError>,
+        /// Which limit applied, when one did (`" (…)"`), else empty.
+        note: String,
     },
     /// Unpacking failed (hostile or malformed input).
     #[error(transparent)]
@@ -112,41 +131,195 @@ pub struct Imported {
 }
 
 // ---------------------------------------------------------------------------------------
-// OCI layout directories.
+// Reading layers.
 
-fn layout_blob(dir: &Path, d: &Digest) -> PathBuf {
-    dir.join("blobs").join("sha256").join(d.hex())
+/// What one import has spent of its [`ImportLimits`].
+struct Budget<'a> {
+    limits: &'a ImportLimits,
+    /// Uncompressed layer bytes read so far.
+    used: u64,
+}
+
+/// Reads a layer through once: decompressed within the budget, checked as [`unpack`] would,
+/// hashed. Returns its diff_id. `open` gives a fresh reader of the (compressed) blob.
+fn check_layer<'r>(
+    budget: &mut Budget<'_>,
+    path: &Path,
+    layer: &str,
+    size: u64,
+    mut open: impl FnMut() -> Result<Box<dyn Read + 'r>, ArchiveError>,
+) -> Result<Digest, ArchiveError> {
+    let mut head = Vec::with_capacity(4);
+    open()?
+        .take(4)
+        .read_to_end(&mut head)
+        .map_err(io_err("read", path))?;
+    let compressed = is_compressed(&head).then_some(size);
+    let limits = budget.limits.layer(compressed, budget.used);
+    let wrap = |source: UnpackError| {
+        let note = match source {
+            UnpackError::TooLarge { .. } | UnpackError::StreamTooLong { .. } => {
+                format!(" ({})", budget.limits.explain(compressed, budget.used))
+            }
+            _ => String::new(),
+        };
+        ArchiveError::Layer {
+            path: path.to_path_buf(),
+            layer: layer.to_owned(),
+            source: Box::new(source),
+            note,
+        }
+    };
+    let plain =
+        unpack::decompress(open()?).map_err(|source| wrap(UnpackError::Malformed { source }))?;
+    let mut plain = HashingReader::new(plain);
+    unpack::check(&mut plain, &limits).map_err(wrap)?;
+    budget.used = budget.used.saturating_add(plain.len);
+    Ok(crate::digest::finish(plain.hasher))
+}
+
+/// The `rootfs.diff_ids` of an image config.
+fn diff_ids(config: &serde_json::Value) -> Vec<Digest> {
+    config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().and_then(|s| Digest::parse(s).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// OCI layouts: a directory, or an oci-archive read by seeking.
+
+/// Where an OCI layout's files are read from. Nothing is followed out of it: in a
+/// directory, paths resolve beneath it with no symlinks at all; in a tarball, see
+/// [`TarIndex::locate`]. Either way what is read must be a regular file.
+enum Layout<'a> {
+    Dir { path: PathBuf, fd: OwnedFd },
+    Tar(&'a TarIndex),
+}
+
+impl Layout<'_> {
+    fn dir(path: &Path) -> Result<Layout<'static>, ArchiveError> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err("open", path)(e.into()))?;
+        Ok(Layout::Dir {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Layout::Dir { path, .. } => path,
+            Layout::Tar(t) => &t.path,
+        }
+    }
+
+    fn has(&self, rel: &str) -> bool {
+        match self {
+            Layout::Dir { .. } => self.open(rel).is_ok(),
+            Layout::Tar(t) => t.entries.contains_key(rel),
+        }
+    }
+
+    /// A regular file of the layout and its size.
+    fn open(&self, rel: &str) -> Result<(Box<dyn Read + '_>, u64), ArchiveError> {
+        match self {
+            Layout::Dir { path, fd } => {
+                // O_NONBLOCK: a FIFO planted in the layout must not hang the open; it is
+                // refused below like any file that is not regular.
+                let file = rustix::fs::openat2(
+                    fd,
+                    rel,
+                    OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+                    Mode::empty(),
+                    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+                )
+                .map_err(|e| match e {
+                    rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => invalid(
+                        path,
+                        format!("{rel:?} is a symlink or passes through one; links in an image layout are not followed"),
+                    ),
+                    e => io_err("open", &path.join(rel))(e.into()),
+                })?;
+                let st = rustix::fs::fstat(&file)
+                    .map_err(|e| io_err("stat", &path.join(rel))(e.into()))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    != rustix::fs::FileType::RegularFile
+                {
+                    return Err(invalid(path, format!("{rel:?} is not a regular file")));
+                }
+                let size = u64::try_from(st.st_size).unwrap_or(0);
+                Ok((
+                    Box::new(io::BufReader::with_capacity(1 << 20, File::from(file))),
+                    size,
+                ))
+            }
+            Layout::Tar(t) => {
+                let (off, size) = t.locate(rel)?;
+                Ok((Box::new(t.reader_at(off, size)?), size))
+            }
+        }
+    }
+
+    /// A whole file of at most `max` bytes.
+    fn read(&self, rel: &str, max: u64) -> Result<Vec<u8>, ArchiveError> {
+        let (r, size) = self.open(rel)?;
+        if size > max {
+            return Err(invalid(
+                self.path(),
+                format!("{rel:?} is {size} bytes, over the limit of {max} for a JSON document"),
+            ));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        r.take(max)
+            .read_to_end(&mut out)
+            .map_err(io_err("read", self.path()))?;
+        Ok(out)
+    }
+}
+
+fn blob_name(d: &Digest) -> String {
+    format!("blobs/sha256/{}", d.hex())
 }
 
 fn read_layout_json<T: serde::de::DeserializeOwned>(
-    dir: &Path,
+    layout: &Layout<'_>,
+    limits: &ImportLimits,
     d: &Digest,
     what: &str,
 ) -> Result<(T, Vec<u8>), ArchiveError> {
-    let path = layout_blob(dir, d);
-    let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+    let name = blob_name(d);
+    let bytes = layout.read(&name, limits.json_bytes)?;
     let actual = Digest::of(&bytes);
     if &actual != d {
         return Err(StoreError::Corrupt {
             digest: d.clone(),
             actual,
-            path,
+            path: layout.path().join(name),
         }
         .into());
     }
     let v = serde_json::from_slice(&bytes)
-        .map_err(|e| invalid(&path, format!("{what} {d} is not valid: {e}")))?;
+        .map_err(|e| invalid(layout.path(), format!("{what} {d} is not valid: {e}")))?;
     Ok((v, bytes))
 }
 
 /// Copies one blob from a layout into the store, verifying its digest on the way.
-fn copy_blob(store: &Store, dir: &Path, d: &Digest) -> Result<(), ArchiveError> {
+fn copy_blob(store: &Store, layout: &Layout<'_>, d: &Digest) -> Result<(), ArchiveError> {
     if store.has_blob(d) {
         return Ok(());
     }
-    let path = layout_blob(dir, d);
-    let mut f = File::open(&path).map_err(io_err("open", &path))?;
-    store.write_blob_from(&mut f, Some(d))?;
+    let (mut r, _) = layout.open(&blob_name(d))?;
+    store.write_blob_from(&mut r, Some(d))?;
     Ok(())
 }
 
@@ -155,11 +328,20 @@ fn media_is_index(m: &str) -> bool {
 }
 
 /// Picks the manifest for `arch`/linux out of an index entry, following nested indexes.
-fn pick_manifest(dir: &Path, d: &Descriptor, arch: &str) -> Result<Descriptor, ArchiveError> {
+fn pick_manifest(
+    layout: &Layout<'_>,
+    limits: &ImportLimits,
+    d: &Descriptor,
+    arch: &str,
+    depth: u32,
+) -> Result<Descriptor, ArchiveError> {
     if !media_is_index(&d.media_type) {
         return Ok(d.clone());
     }
-    let (idx, _): (Index, _) = read_layout_json(dir, &d.digest, "index")?;
+    if depth > 8 {
+        return Err(invalid(layout.path(), "indexes nest more than 8 deep"));
+    }
+    let (idx, _): (Index, _) = read_layout_json(layout, limits, &d.digest, "index")?;
     let chosen = idx
         .manifests
         .iter()
@@ -169,8 +351,13 @@ fn pick_manifest(dir: &Path, d: &Descriptor, arch: &str) -> Result<Descriptor, A
                 .is_some_and(|p| p.architecture == arch && p.os == "linux")
         })
         .or_else(|| (idx.manifests.len() == 1).then(|| &idx.manifests[0]))
-        .ok_or_else(|| invalid(dir, format!("index {} has no linux/{arch} image", d.digest)))?;
-    pick_manifest(dir, chosen, arch)
+        .ok_or_else(|| {
+            invalid(
+                layout.path(),
+                format!("index {} has no linux/{arch} image", d.digest),
+            )
+        })?;
+    pick_manifest(layout, limits, chosen, arch, depth + 1)
 }
 
 /// Docker media types name the same bytes as their OCI counterparts.
@@ -183,20 +370,27 @@ pub(crate) fn oci_layer_type(m: &str) -> String {
     }
 }
 
-/// Images in an OCI layout directory, selected by `reference` (all when `None`), each
-/// with the tags its `index.json` gives it.
+/// Images in an OCI layout, selected by `reference` (all when `None`), each with the tags
+/// its `index.json` gives it.
 fn layout_images(
-    dir: &Path,
+    layout: &Layout<'_>,
+    limits: &ImportLimits,
     reference: Option<&OciReference>,
     arch: &str,
 ) -> Result<Vec<(Descriptor, Vec<String>)>, ArchiveError> {
-    if !dir.join("oci-layout").is_file() {
-        return Err(invalid(dir, "not an OCI image layout (no oci-layout file)"));
+    if !layout.has("oci-layout") {
+        return Err(invalid(
+            layout.path(),
+            "not an OCI image layout (no oci-layout file)",
+        ));
     }
-    let index_path = dir.join("index.json");
-    let bytes = fs::read(&index_path).map_err(io_err("read", &index_path))?;
-    let index: Index = serde_json::from_slice(&bytes)
-        .map_err(|e| invalid(&index_path, format!("not a valid index: {e}")))?;
+    let bytes = layout.read("index.json", limits.json_bytes)?;
+    let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
+        invalid(
+            layout.path(),
+            format!("index.json is not a valid index: {e}"),
+        )
+    })?;
     let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
     for d in &index.manifests {
         let tag = d.annotations.get(oci::ANNOTATION_REF_NAME).cloned();
@@ -208,7 +402,7 @@ fn layout_images(
         if !selected {
             continue;
         }
-        let m = pick_manifest(dir, d, arch)?;
+        let m = pick_manifest(layout, limits, d, arch, 0)?;
         match out.iter_mut().find(|(x, _)| x.digest == m.digest) {
             Some((_, tags)) => tags.extend(tag),
             None => out.push((m, tag.into_iter().collect())),
@@ -220,22 +414,53 @@ fn layout_images(
             Some(OciReference::Digest(d)) => format!("no image {d}"),
             None => "no image".to_owned(),
         };
-        return Err(invalid(dir, what));
+        return Err(invalid(layout.path(), what));
     }
     Ok(out)
 }
 
 /// Copies one image (manifest, config, layers) from a layout into the store and returns
-/// its manifest descriptor in the store.
+/// its manifest descriptor in the store. A layer not in the store yet is checked first.
 fn import_layout_image(
     store: &Store,
-    dir: &Path,
+    layout: &Layout<'_>,
+    budget: &mut Budget<'_>,
     m: &Descriptor,
 ) -> Result<Descriptor, ArchiveError> {
-    let (manifest, bytes): (Manifest, _) = read_layout_json(dir, &m.digest, "manifest")?;
-    copy_blob(store, dir, &manifest.config.digest)?;
-    for l in &manifest.layers {
-        copy_blob(store, dir, &l.digest)?;
+    let (manifest, bytes): (Manifest, _) =
+        read_layout_json(layout, budget.limits, &m.digest, "manifest")?;
+    let (config, _): (serde_json::Value, _) =
+        read_layout_json(layout, budget.limits, &manifest.config.digest, "config")?;
+    let diff_ids = diff_ids(&config);
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(invalid(
+            layout.path(),
+            format!(
+                "config {} lists {} diff_ids for {} layers",
+                manifest.config.digest,
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
+        ));
+    }
+    copy_blob(store, layout, &manifest.config.digest)?;
+    for (l, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+        if store.has_blob(&l.digest) {
+            continue;
+        }
+        let name = blob_name(&l.digest);
+        let actual = check_layer(budget, layout.path(), &name, l.size, || {
+            Ok(layout.open(&name)?.0)
+        })?;
+        if &actual != diff_id {
+            return Err(ArchiveError::DiffIdMismatch {
+                path: layout.path().to_path_buf(),
+                layer: name,
+                diff_id: diff_id.clone(),
+                actual,
+            });
+        }
+        copy_blob(store, layout, &l.digest)?;
     }
     let digest = store.write_blob(&bytes)?;
     Ok(Descriptor {
@@ -250,14 +475,17 @@ fn import_layout_image(
     })
 }
 
-/// Brings the image `reference` selects (or the only one) from an OCI layout into the store.
+/// Brings the image `reference` selects (or the only one) from an OCI layout directory into
+/// the store.
 pub fn import_oci_base(
     store: &Store,
     dir: &Path,
     reference: Option<&OciReference>,
     arch: &str,
+    limits: &ImportLimits,
 ) -> Result<Descriptor, ArchiveError> {
-    let images = layout_images(dir, reference, arch)?;
+    let layout = Layout::dir(dir)?;
+    let images = layout_images(&layout, limits, reference, arch)?;
     if images.len() > 1 {
         return Err(invalid(
             dir,
@@ -268,18 +496,26 @@ pub fn import_oci_base(
         ));
     }
     let (m, _) = &images[0];
-    import_layout_image(store, dir, m)
+    let mut budget = Budget { limits, used: 0 };
+    import_layout_image(store, &layout, &mut budget, m)
 }
 
 // ---------------------------------------------------------------------------------------
 // Tarballs read by seeking.
 
+/// What a tarball entry is.
+enum Kind {
+    File,
+    Symlink(String),
+    Other(tar::EntryType),
+}
+
 /// An uncompressed tarball indexed by entry name, read by seeking.
 struct TarIndex {
     file: File,
     path: PathBuf,
-    /// Name → (data offset, size, symlink target if a symlink).
-    entries: BTreeMap<String, (u64, u64, Option<String>)>,
+    /// Name → (data offset, size, kind).
+    entries: BTreeMap<String, (u64, u64, Kind)>,
     _tmp: Option<tempfile::NamedTempFile>,
 }
 
@@ -290,40 +526,66 @@ fn clean_name(name: &str) -> String {
 }
 
 impl TarIndex {
-    fn open(path: &Path, tmp_dir: &Path) -> Result<TarIndex, ArchiveError> {
+    /// Indexes the tarball at `path`. A compressed one is first decompressed to a temp
+    /// file in `tmp_dir`, within the limits (so the temp file is bounded too).
+    fn open(path: &Path, tmp_dir: &Path, limits: &ImportLimits) -> Result<TarIndex, ArchiveError> {
         let mut file = File::open(path).map_err(io_err("open", path))?;
-        let mut magic = [0u8; 4];
-        let n = file.read(&mut magic).map_err(io_err("read", path))?;
+        let meta = file.metadata().map_err(io_err("stat", path))?;
+        if !meta.is_file() {
+            return Err(invalid(path, "is not a regular file"));
+        }
+        let mut head = Vec::with_capacity(4);
+        (&mut file)
+            .take(4)
+            .read_to_end(&mut head)
+            .map_err(io_err("read", path))?;
         file.seek(SeekFrom::Start(0))
             .map_err(io_err("seek", path))?;
-        let compressed =
-            (n >= 2 && magic[..2] == [0x1f, 0x8b]) || (n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd]);
         let mut tmp = None;
-        if compressed {
+        if is_compressed(&head) {
             // Seeking needs the plain tar: decompress it once to a temp file.
+            let max = limits.layer_max(Some(meta.len()), 0);
             let mut t = tempfile::Builder::new()
                 .prefix("import-")
                 .tempfile_in(tmp_dir)
                 .map_err(io_err("create temp file in", tmp_dir))?;
-            let mut r =
-                unpack::decompress(io::BufReader::new(file)).map_err(io_err("read", path))?;
-            io::copy(&mut r, t.as_file_mut()).map_err(io_err("decompress", path))?;
+            let r = unpack::decompress(io::BufReader::new(file)).map_err(io_err("read", path))?;
+            io::copy(&mut Bounded::new(r, max), t.as_file_mut()).map_err(
+                |e| match stream_too_long(&e) {
+                    Some(limit) => invalid(
+                        path,
+                        format!(
+                            "decompresses to more than {limit} bytes ({}); refused",
+                            limits.explain(Some(meta.len()), 0)
+                        ),
+                    ),
+                    None => io_err("decompress", path)(e),
+                },
+            )?;
             file = t.reopen().map_err(io_err("reopen", t.path()))?;
             tmp = Some(t);
         }
         let mut entries = BTreeMap::new();
         {
             let mut ar = tar::Archive::new(&file);
-            for e in ar.entries().map_err(io_err("read tar", path))? {
-                let e = e.map_err(io_err("read tar", path))?;
-                let name = clean_name(&String::from_utf8_lossy(&e.path_bytes()));
-                let link = (e.header().entry_type() == tar::EntryType::Symlink)
-                    .then(|| {
-                        e.link_name_bytes()
-                            .map(|l| String::from_utf8_lossy(&l).into_owned())
-                    })
-                    .flatten();
-                entries.insert(name, (e.raw_file_position(), e.size(), link));
+            let mut it =
+                Entries::new(&mut ar, limits.header_bytes).map_err(ArchiveError::Unpack)?;
+            while let Some(e) = it.next_entry()? {
+                if entries.len() as u64 >= limits.entries {
+                    return Err(UnpackError::TooManyEntries {
+                        limit: limits.entries,
+                    }
+                    .into());
+                }
+                let name = clean_name(&String::from_utf8_lossy(&e.name));
+                let kind = match e.header.entry_type() {
+                    tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
+                    tar::EntryType::Symlink => Kind::Symlink(
+                        String::from_utf8_lossy(e.link.as_deref().unwrap_or_default()).into_owned(),
+                    ),
+                    other => Kind::Other(other),
+                };
+                entries.insert(name, (e.offset, e.size, kind));
             }
         }
         Ok(TarIndex {
@@ -334,24 +596,45 @@ impl TarIndex {
         })
     }
 
-    /// Resolves `name` (following symlinked entries, as older `docker save` writes for
-    /// shared layers) to (offset, size).
+    /// Resolves `name` to (offset, size) of a regular file. Symlinked entries (older
+    /// `docker save` links shared layers) are followed only to other entries: a link
+    /// that is absolute or climbs out of the archive is refused, never read on the host.
     fn locate(&self, name: &str) -> Result<(u64, u64), ArchiveError> {
-        let mut name = clean_name(name);
+        let asked = clean_name(name);
+        let mut name = asked.clone();
         for _ in 0..8 {
-            let Some((off, size, link)) = self.entries.get(&name) else {
+            let Some((off, size, kind)) = self.entries.get(&name) else {
                 return Err(invalid(&self.path, format!("has no entry {name:?}")));
             };
-            match link {
-                None => return Ok((*off, *size)),
-                Some(target) => {
+            match kind {
+                Kind::File => return Ok((*off, *size)),
+                Kind::Other(t) => {
+                    return Err(invalid(
+                        &self.path,
+                        format!("entry {name:?} is not a regular file ({t:?}); refused"),
+                    ));
+                }
+                Kind::Symlink(target) => {
+                    let refuse = || {
+                        invalid(
+                            &self.path,
+                            format!(
+                                "entry {name:?} is a symlink to {target:?}, out of the archive; \
+                                 links are not followed out of an archive"
+                            ),
+                        )
+                    };
+                    if target.starts_with('/') {
+                        return Err(refuse());
+                    }
                     let base = Path::new(&name).parent().unwrap_or(Path::new(""));
                     let mut parts: Vec<String> = Vec::new();
                     for c in base.join(target).components() {
                         match c {
-                            std::path::Component::ParentDir => {
-                                parts.pop();
+                            std::path::Component::ParentDir if parts.pop().is_none() => {
+                                return Err(refuse());
                             }
+                            std::path::Component::ParentDir => {}
                             std::path::Component::Normal(p) => {
                                 parts.push(p.to_string_lossy().into_owned())
                             }
@@ -362,20 +645,34 @@ impl TarIndex {
                 }
             }
         }
-        Err(invalid(&self.path, format!("symlink loop at {name:?}")))
+        Err(invalid(&self.path, format!("symlink loop at {asked:?}")))
     }
 
-    fn reader(&self, name: &str) -> Result<impl Read + '_, ArchiveError> {
-        let (off, size) = self.locate(name)?;
+    fn reader_at(&self, off: u64, size: u64) -> Result<impl Read + '_, ArchiveError> {
         let mut f = &self.file;
         f.seek(SeekFrom::Start(off))
             .map_err(io_err("seek", &self.path))?;
         Ok(io::BufReader::with_capacity(1 << 20, f.take(size)))
     }
 
-    fn read(&self, name: &str) -> Result<Vec<u8>, ArchiveError> {
-        let mut out = Vec::new();
-        self.reader(name)?
+    fn reader(&self, name: &str) -> Result<(impl Read + '_, u64), ArchiveError> {
+        let (off, size) = self.locate(name)?;
+        Ok((self.reader_at(off, size)?, size))
+    }
+
+    /// A whole entry of at most `max` bytes.
+    fn read(&self, name: &str, max: u64) -> Result<Vec<u8>, ArchiveError> {
+        let (r, size) = self.reader(name)?;
+        if size > max {
+            return Err(invalid(
+                &self.path,
+                format!(
+                    "entry {name:?} is {size} bytes, over the limit of {max} for a JSON document"
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        r.take(max)
             .read_to_end(&mut out)
             .map_err(io_err("read", &self.path))?;
         Ok(out)
@@ -392,30 +689,32 @@ struct DockerManifestEntry {
 }
 
 /// Imports every image of a `docker save` tarball (plain or gzip).
-pub fn import_docker_archive(store: &Store, path: &Path) -> Result<Vec<Imported>, ArchiveError> {
+pub fn import_docker_archive(
+    store: &Store,
+    path: &Path,
+    limits: &ImportLimits,
+) -> Result<Vec<Imported>, ArchiveError> {
     let _writer = store.writer_guard()?;
-    let tar = TarIndex::open(path, &store.root().join("tmp"))?;
-    import_docker_from_index(store, &tar)
+    let tar = TarIndex::open(path, &store.root().join("tmp"), limits)?;
+    import_docker_from_index(store, &tar, limits)
 }
 
-fn import_docker_from_index(store: &Store, tar: &TarIndex) -> Result<Vec<Imported>, ArchiveError> {
+fn import_docker_from_index(
+    store: &Store,
+    tar: &TarIndex,
+    limits: &ImportLimits,
+) -> Result<Vec<Imported>, ArchiveError> {
     let path = tar.path.as_path();
-    let entries: Vec<DockerManifestEntry> = serde_json::from_slice(&tar.read("manifest.json")?)
-        .map_err(|e| invalid(path, format!("manifest.json is not valid: {e}")))?;
+    let entries: Vec<DockerManifestEntry> =
+        serde_json::from_slice(&tar.read("manifest.json", limits.json_bytes)?)
+            .map_err(|e| invalid(path, format!("manifest.json is not valid: {e}")))?;
+    let mut budget = Budget { limits, used: 0 };
     let mut out = Vec::new();
     for entry in entries {
-        let config_bytes = tar.read(&entry.config)?;
+        let config_bytes = tar.read(&entry.config, limits.json_bytes)?;
         let config: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| invalid(path, format!("{} is not valid JSON: {e}", entry.config)))?;
-        let diff_ids: Vec<Digest> = config
-            .pointer("/rootfs/diff_ids")
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|d| d.as_str().and_then(|s| Digest::parse(s).ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let diff_ids = diff_ids(&config);
         if diff_ids.len() != entry.layers.len() {
             return Err(invalid(
                 path,
@@ -430,7 +729,7 @@ fn import_docker_from_index(store: &Store, tar: &TarIndex) -> Result<Vec<Importe
         let config_digest = store.write_blob(&config_bytes)?;
         let mut layers = Vec::new();
         for (name, diff_id) in entry.layers.iter().zip(&diff_ids) {
-            layers.push(import_docker_layer(store, tar, name, diff_id)?);
+            layers.push(import_docker_layer(store, tar, &mut budget, name, diff_id)?);
         }
         let manifest = Manifest {
             schema_version: 2,
@@ -462,31 +761,32 @@ fn import_docker_from_index(store: &Store, tar: &TarIndex) -> Result<Vec<Importe
     Ok(out)
 }
 
-/// Stores one docker layer as-is (same bytes, so the same digest) after checking that its
-/// uncompressed content matches `diff_id`.
+/// Stores one docker layer as-is (same bytes, so the same digest) after checking it and
+/// that its uncompressed content matches `diff_id`.
 fn import_docker_layer(
     store: &Store,
     tar: &TarIndex,
+    budget: &mut Budget<'_>,
     name: &str,
     diff_id: &Digest,
 ) -> Result<Descriptor, ArchiveError> {
     let path = tar.path.as_path();
-    let mut head = [0u8; 4];
-    let n = tar
-        .reader(name)?
-        .read(&mut head)
+    let (mut r, size) = tar.reader(name)?;
+    let mut head = Vec::with_capacity(4);
+    (&mut r)
+        .take(4)
+        .read_to_end(&mut head)
         .map_err(io_err("read", path))?;
-    let media_type = if n >= 2 && head[..2] == [0x1f, 0x8b] {
+    let media_type = if head.starts_with(&[0x1f, 0x8b]) {
         oci::MEDIA_LAYER_GZIP
-    } else if n == 4 && head == [0x28, 0xb5, 0x2f, 0xfd] {
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         oci::MEDIA_LAYER_ZSTD
     } else {
         oci::MEDIA_LAYER_TAR
     };
-    let mut plain =
-        HashingReader::new(unpack::decompress(tar.reader(name)?).map_err(io_err("read", path))?);
-    io::copy(&mut plain, &mut io::sink()).map_err(io_err("decompress", path))?;
-    let actual = crate::digest::finish(plain.hasher);
+    let actual = check_layer(budget, path, name, size, || {
+        Ok(Box::new(tar.reader(name)?.0))
+    })?;
     if &actual != diff_id {
         return Err(ArchiveError::DiffIdMismatch {
             path: path.to_path_buf(),
@@ -495,7 +795,7 @@ fn import_docker_layer(
             actual,
         });
     }
-    let (digest, size) = store.write_blob_from(&mut tar.reader(name)?, None)?;
+    let (digest, size) = store.write_blob_from(&mut tar.reader(name)?.0, None)?;
     Ok(Descriptor {
         media_type: media_type.to_owned(),
         digest,
@@ -506,32 +806,29 @@ fn import_docker_layer(
 }
 
 /// Imports an OCI layout directory, an oci-archive, or a docker-archive, tagging each image
-/// as the input names it. Returns what was imported.
+/// as the input names it, within the default [`ImportLimits`] for the store's disk.
 pub fn import(store: &Store, path: &Path) -> Result<Vec<Imported>, ArchiveError> {
+    import_with(store, path, &ImportLimits::for_disk(store.root()))
+}
+
+/// [`import`] within `limits`.
+pub fn import_with(
+    store: &Store,
+    path: &Path,
+    limits: &ImportLimits,
+) -> Result<Vec<Imported>, ArchiveError> {
     let _writer = store.writer_guard()?;
     if path.is_dir() {
-        return import_layout_all(store, path);
+        return import_layout_all(store, &Layout::dir(path)?, limits);
     }
-    let tar = TarIndex::open(path, &store.root().join("tmp"))?;
+    let tar = TarIndex::open(path, &store.root().join("tmp"), limits)?;
     if tar.entries.contains_key("manifest.json") {
-        let imported = import_docker_from_index(store, &tar)?;
+        let imported = import_docker_from_index(store, &tar, limits)?;
         tag_all(store, &imported)?;
         return Ok(imported);
     }
     if tar.entries.contains_key("oci-layout") {
-        let tmp = tempfile::Builder::new()
-            .prefix("import-")
-            .tempdir_in(store.root().join("tmp"))
-            .map_err(io_err("create temp dir in", store.root()))?;
-        let mut f = &tar.file;
-        f.seek(SeekFrom::Start(0)).map_err(io_err("seek", path))?;
-        let opts = UnpackOptions {
-            whiteouts: WhiteoutMode::Record,
-            preserve_owners: false,
-            ..UnpackOptions::default()
-        };
-        unpack::unpack(io::BufReader::new(f), tmp.path(), &opts)?;
-        return import_layout_all(store, tmp.path());
+        return import_layout_all(store, &Layout::Tar(&tar), limits);
     }
     Err(invalid(
         path,
@@ -539,10 +836,15 @@ pub fn import(store: &Store, path: &Path) -> Result<Vec<Imported>, ArchiveError>
     ))
 }
 
-fn import_layout_all(store: &Store, dir: &Path) -> Result<Vec<Imported>, ArchiveError> {
+fn import_layout_all(
+    store: &Store,
+    layout: &Layout<'_>,
+    limits: &ImportLimits,
+) -> Result<Vec<Imported>, ArchiveError> {
+    let mut budget = Budget { limits, used: 0 };
     let mut out = Vec::new();
-    for (m, tags) in layout_images(dir, None, "amd64")? {
-        let desc = import_layout_image(store, dir, &m)?;
+    for (m, tags) in layout_images(layout, limits, None, "amd64")? {
+        let desc = import_layout_image(store, layout, &mut budget, &m)?;
         out.push(Imported {
             manifest: desc,
             tags,

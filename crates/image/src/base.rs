@@ -4,8 +4,10 @@
 //! byte-for-byte (same digests) and their config inherited. A `rootfs:` directory becomes a
 //! layer built like a copy to `/` (exact permission bits, owner 0:0); a `rootfs:` tarball is
 //! first unpacked with [`crate::unpack`] — which refuses or contains hostile entries — into
-//! a temp directory, then treated as a directory.
+//! a temp directory, then treated as a directory. Both are bounded by [`ImportLimits`] for
+//! the store's disk, so a hostile base fails the build with little memory and disk spent.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use kiln_spec::{BaseImage, Compression};
@@ -16,9 +18,10 @@ use crate::build::{BuildError, BuildOptions};
 use crate::cache::BuildCache;
 use crate::digest::Digest;
 use crate::layer::LayerReport;
+use crate::limits::{ImportLimits, is_compressed};
 use crate::oci::Descriptor;
 use crate::store::Store;
-use crate::unpack::{self, UnpackOptions, WhiteoutMode};
+use crate::unpack::{self, UnpackError, UnpackOptions, WhiteoutMode};
 
 /// A resolved base.
 pub(crate) struct Base {
@@ -51,6 +54,7 @@ pub(crate) fn load(
     _compression: Compression,
 ) -> Result<Base, BuildError> {
     let name = describe(base);
+    let limits = ImportLimits::for_disk(store.root());
     let arch_err = |e: archive::ArchiveError| match e {
         archive::ArchiveError::Store(s) => BuildError::Store(s),
         archive::ArchiveError::Unpack(u) => BuildError::BaseUnpack {
@@ -71,12 +75,19 @@ pub(crate) fn load(
             _tmp: None,
         }),
         BaseImage::Oci { path, reference } => {
-            let m = archive::import_oci_base(store, path, reference.as_ref(), &opts.architecture)
-                .map_err(arch_err)?;
+            let m = archive::import_oci_base(
+                store,
+                path,
+                reference.as_ref(),
+                &opts.architecture,
+                &limits,
+            )
+            .map_err(arch_err)?;
             from_manifest(store, &m.digest, &name)
         }
         BaseImage::DockerArchive(path) => {
-            let imported = archive::import_docker_archive(store, path).map_err(arch_err)?;
+            let imported =
+                archive::import_docker_archive(store, path, &limits).map_err(arch_err)?;
             match imported.as_slice() {
                 [one] => from_manifest(store, &one.manifest.digest, &name),
                 _ => Err(BuildError::Base {
@@ -98,7 +109,7 @@ pub(crate) fn load(
                     _tmp: None,
                 });
             }
-            let tmp = unpack_rootfs_tar(path, cache, &name)?;
+            let tmp = unpack_rootfs_tar(path, cache, &name, &limits)?;
             Ok(Base {
                 layers: Vec::new(),
                 reports: Vec::new(),
@@ -114,6 +125,7 @@ fn unpack_rootfs_tar(
     path: &Path,
     cache: &BuildCache,
     name: &str,
+    limits: &ImportLimits,
 ) -> Result<tempfile::TempDir, BuildError> {
     let tmp_root = cache.dir().join("tmp");
     std::fs::create_dir_all(&tmp_root).map_err(BuildError::io("create", &tmp_root))?;
@@ -121,18 +133,34 @@ fn unpack_rootfs_tar(
         .prefix("rootfs-")
         .tempdir_in(&tmp_root)
         .map_err(BuildError::io("create temp dir in", &tmp_root))?;
-    let file = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+    let mut file = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+    let size = file.metadata().map_err(BuildError::io("stat", path))?.len();
+    let mut head = Vec::with_capacity(4);
+    (&mut file)
+        .take(4)
+        .read_to_end(&mut head)
+        .map_err(BuildError::io("read", path))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(BuildError::io("seek", path))?;
+    // Unpacked to the disk: the same bounds as an imported layer, so the temp dir is too.
+    let compressed = is_compressed(&head).then_some(size);
     let reader =
         unpack::decompress(std::io::BufReader::new(file)).map_err(BuildError::io("read", path))?;
     let opts = UnpackOptions {
         whiteouts: WhiteoutMode::Record,
         // Owners are not kept: a rootfs base is owned by 0:0 like every copy.
         preserve_owners: false,
-        ..UnpackOptions::default()
+        limits: limits.layer(compressed, 0),
     };
-    unpack::unpack(reader, tmp.path(), &opts).map_err(|source| BuildError::BaseUnpack {
-        base: name.to_owned(),
-        source,
+    unpack::unpack(reader, tmp.path(), &opts).map_err(|source| match source {
+        UnpackError::TooLarge { .. } | UnpackError::StreamTooLong { .. } => BuildError::Base {
+            base: name.to_owned(),
+            reason: format!("{source} ({})", limits.explain(compressed, 0)),
+        },
+        source => BuildError::BaseUnpack {
+            base: name.to_owned(),
+            source,
+        },
     })?;
     Ok(tmp)
 }

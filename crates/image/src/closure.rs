@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use goblin::elf::Elf;
@@ -35,11 +36,21 @@ struct Object {
     runpath: Vec<String>,
 }
 
+/// Parses `path` as an ELF object; `None` when it is not one. Only a regular file (after
+/// symlinks) is read: a name that leads to `/dev/zero` or a FIFO is not an object.
 fn parse(path: &Path) -> Result<Option<Object>, BuildError> {
-    let bytes = fs::read(path).map_err(BuildError::io("read", path))?;
-    if !bytes.starts_with(b"\x7fELF") {
+    let meta = fs::metadata(path).map_err(BuildError::io("stat", path))?;
+    if !meta.is_file() {
         return Ok(None);
     }
+    let mut magic = Vec::with_capacity(4);
+    fs::File::open(path)
+        .and_then(|f| f.take(4).read_to_end(&mut magic))
+        .map_err(BuildError::io("read", path))?;
+    if magic != b"\x7fELF" {
+        return Ok(None);
+    }
+    let bytes = fs::read(path).map_err(BuildError::io("read", path))?;
     let elf = Elf::parse(&bytes).map_err(|e| BuildError::Closure {
         binary: path.to_path_buf(),
         reason: format!("not a valid ELF file: {e}"),
@@ -118,6 +129,7 @@ pub(crate) fn resolve(binary: &Path) -> Result<Vec<PathBuf>, BuildError> {
     let conf_dirs = ld_so_conf_dirs();
     let mut out: BTreeSet<PathBuf> = BTreeSet::new();
     if let Some(interp) = &exe.interpreter {
+        check_interpreter(binary, Path::new(interp), exe.is_64, exe.machine)?;
         out.insert(PathBuf::from(interp));
     }
     let exe_origin = binary.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -163,6 +175,37 @@ pub(crate) fn resolve(binary: &Path) -> Result<Vec<PathBuf>, BuildError> {
     Ok(out.into_iter().collect())
 }
 
+/// The loader the kernel runs for `binary` must be an ELF file of the same class and
+/// machine, symlinks resolved: a script, a device or a missing file named by `PT_INTERP`
+/// would otherwise be baked into the image (or read whole) as if it were the loader.
+fn check_interpreter(
+    binary: &Path,
+    interp: &Path,
+    is_64: bool,
+    machine: u16,
+) -> Result<(), BuildError> {
+    let refuse = |why: String| BuildError::Closure {
+        binary: binary.to_path_buf(),
+        reason: format!("its interpreter {}{why}", interp.display()),
+    };
+    if !interp.is_absolute() {
+        return Err(refuse(" is not an absolute path".to_owned()));
+    }
+    let resolved = fs::canonicalize(interp).map_err(|e| refuse(format!(": {e}")))?;
+    let shown = if resolved == interp {
+        String::new()
+    } else {
+        format!(" (resolved to {})", resolved.display())
+    };
+    match parse(&resolved)? {
+        Some(o) if o.is_64 == is_64 && o.machine == machine => Ok(()),
+        Some(_) => Err(refuse(format!(
+            "{shown} is an ELF file of another class or machine"
+        ))),
+        None => Err(refuse(format!("{shown} is not an ELF file"))),
+    }
+}
+
 fn find(
     name: &str,
     search: &[PathBuf],
@@ -182,4 +225,42 @@ fn find(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interpreter_must_be_an_elf_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("app");
+        let script = dir.path().join("loader.sh");
+        fs::write(&script, "#!/bin/sh\n").unwrap();
+        let link = dir.path().join("loader-link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        for (interp, says) in [
+            (script.as_path(), "is not an ELF file"),
+            (link.as_path(), "(resolved to /dev/zero) is not an ELF file"),
+            (Path::new("/nonexistent/ld.so"), "No such file"),
+            (Path::new("relative/ld.so"), "is not an absolute path"),
+        ] {
+            let err = check_interpreter(&bin, interp, true, goblin::elf::header::EM_X86_64)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+            assert!(err.contains(&interp.display().to_string()), "{err}");
+        }
+        // A real loader passes, when this host has one.
+        let ld = Path::new("/lib64/ld-linux-x86-64.so.2");
+        if ld.exists() {
+            check_interpreter(&bin, ld, true, goblin::elf::header::EM_X86_64).unwrap();
+        }
+    }
+
+    #[test]
+    fn only_regular_files_are_parsed() {
+        assert!(parse(Path::new("/dev/zero")).unwrap().is_none());
+    }
 }

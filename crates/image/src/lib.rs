@@ -20,7 +20,9 @@ mod build;
 mod cache;
 mod closure;
 mod digest;
+mod entries;
 mod layer;
+mod limits;
 pub mod oci;
 mod store;
 mod tree;
@@ -30,10 +32,12 @@ pub use build::{BuildError, BuildOptions, BuildOutput, Progress, build};
 pub use cache::BuildCache;
 pub use digest::{Digest, InvalidDigest};
 pub use layer::LayerReport;
+pub use limits::ImportLimits;
 pub use store::{
     BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
     VerifiedReader, normalize_tag,
 };
 pub use unpack::{
-    Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, decompress, unpack, unpack_blob,
+    Limits, UnpackError, UnpackOptions, UnpackReport, WhiteoutMode, check, decompress, unpack,
+    unpack_blob,
 };

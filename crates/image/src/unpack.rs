@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
+use crate::entries::{Bounded, Entries, Entry, read_error, stream_too_long};
+
 /// Why an unpack stopped. Every variant names the archive entry at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -73,6 +75,26 @@ pub enum UnpackError {
         /// The limit.
         limit: u64,
     },
+    /// A PAX or GNU extension header larger than the limit: refused before it is read.
+    #[error(
+        "a {kind} header of {size} bytes at byte {offset} exceeds the limit of {limit} bytes; refused"
+    )]
+    HeaderTooLarge {
+        /// Which extension.
+        kind: &'static str,
+        /// Where its header starts in the uncompressed archive.
+        offset: u64,
+        /// What it claims.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The (decompressed) stream is longer than the limit.
+    #[error("the archive decompresses to more than {limit} bytes; refused")]
+    StreamTooLong {
+        /// The limit.
+        limit: u64,
+    },
     /// The archive itself is malformed.
     #[error("malformed archive: {source}")]
     Malformed {
@@ -119,8 +141,11 @@ pub enum WhiteoutMode {
 pub struct Limits {
     /// Entries of any kind.
     pub max_entries: u64,
-    /// Bytes of file content.
+    /// Bytes of the uncompressed archive (headers and content): an entry whose size would
+    /// pass it is refused before it is written, and reading stops there.
     pub max_bytes: u64,
+    /// Bytes of one PAX or GNU extension header (long names, PAX records).
+    pub max_header_bytes: u64,
 }
 
 impl Default for Limits {
@@ -128,6 +153,9 @@ impl Default for Limits {
         Limits {
             max_entries: 1_000_000,
             max_bytes: 64 << 30,
+            // Real PAX records and long names take a few hundred bytes; 1 MiB leaves room
+            // for large xattrs while keeping a hostile header's cost small.
+            max_header_bytes: 1 << 20,
         }
     }
 }
@@ -279,6 +307,101 @@ fn empty_dir(dir: &OwnedFd, entry: &str, keep: &dyn Fn(&[u8]) -> bool) -> Result
     Ok(())
 }
 
+/// An entry that passed [`check_entry`]: its name, clean components and size.
+struct Checked {
+    name: String,
+    parts: Vec<Vec<u8>>,
+    size: u64,
+}
+
+/// What every entry must pass before anything is written for it, and all that [`check`]
+/// asks of an archive: within the limits, no `..`, no devices, only types kiln unpacks.
+/// `None` for entries with nothing to create (global headers, the root itself).
+fn check_entry<R: Read>(
+    entry: &Entry<'_, R>,
+    limits: &Limits,
+    report: &mut UnpackReport,
+) -> Result<Option<Checked>, UnpackError> {
+    report.entries += 1;
+    if report.entries > limits.max_entries {
+        return Err(UnpackError::TooManyEntries {
+            limit: limits.max_entries,
+        });
+    }
+    let name = String::from_utf8_lossy(&entry.name).into_owned();
+    let kind = entry.header.entry_type();
+    if matches!(kind, tar::EntryType::XGlobalHeader) {
+        return Ok(None);
+    }
+    let parts = components(&entry.name, &name)?;
+    let size = entry.size;
+    if report.bytes.saturating_add(size) > limits.max_bytes {
+        return Err(UnpackError::TooLarge {
+            entry: name,
+            limit: limits.max_bytes,
+        });
+    }
+    if let Some(last) = parts.last()
+        && let Some(victim) = last.strip_prefix(b".wh.")
+    {
+        if victim.is_empty() || victim == b"." || victim == b".." {
+            return Err(UnpackError::PathTraversal { entry: name });
+        }
+        return Ok(Some(Checked { name, parts, size }));
+    }
+    match kind {
+        tar::EntryType::Directory
+        | tar::EntryType::Regular
+        | tar::EntryType::Continuous
+        | tar::EntryType::Symlink
+        | tar::EntryType::Fifo => {}
+        tar::EntryType::Link => {
+            let target = entry.link.as_deref().unwrap_or_default();
+            if components(target, &name).is_err() {
+                return Err(UnpackError::LinkEscape {
+                    entry: name,
+                    target: String::from_utf8_lossy(target).into_owned(),
+                });
+            }
+        }
+        tar::EntryType::Char | tar::EntryType::Block => {
+            return Err(UnpackError::DeviceNode { entry: name });
+        }
+        other => {
+            return Err(UnpackError::Unsupported {
+                entry: name,
+                kind: format!("{other:?}"),
+            });
+        }
+    }
+    Ok(Some(Checked { name, parts, size }))
+}
+
+/// Reads the uncompressed tar stream `reader` to its end as [`unpack`] would, writing
+/// nothing, and fails where it would fail on the archive alone: a layer is refused when it
+/// comes in, not when an instance first needs it. Hardlink targets are not looked for: an
+/// earlier layer may hold them.
+pub fn check(reader: impl Read, limits: &Limits) -> Result<UnpackReport, UnpackError> {
+    let mut bounded = Bounded::new(reader, limits.max_bytes);
+    let mut report = UnpackReport::default();
+    {
+        let mut archive = tar::Archive::new(&mut bounded);
+        let mut entries = Entries::new(&mut archive, limits.max_header_bytes)?;
+        while let Some(mut entry) = entries.next_entry()? {
+            if check_entry(&entry, limits, &mut report)?.is_some() {
+                report.bytes += entry.size;
+            }
+            // Read the data through, so the stream's bound counts it.
+            io::copy(&mut (&mut entry.data).take(entry.size), &mut io::sink())
+                .map_err(read_error)?;
+        }
+    }
+    // What follows the end marker still counts against the bound (a caller hashing the
+    // stream reads it).
+    io::copy(&mut bounded, &mut io::sink()).map_err(read_error)?;
+    Ok(report)
+}
+
 /// Unpacks the uncompressed tar stream `reader` into `root` (which must exist).
 pub fn unpack(
     reader: impl Read,
@@ -292,41 +415,23 @@ pub fn unpack(
         Mode::empty(),
     )
     .map_err(io_err("open root", &root_name))?;
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(Bounded::new(reader, opts.limits.max_bytes));
     let mut report = UnpackReport::default();
     // Paths this archive created, which an opaque whiteout in the same layer must keep.
     let mut created: HashSet<Vec<u8>> = HashSet::new();
-    let entries = archive
-        .entries()
-        .map_err(|source| UnpackError::Malformed { source })?;
-    for entry in entries {
-        let mut entry = entry.map_err(|source| UnpackError::Malformed { source })?;
-        report.entries += 1;
-        if report.entries > opts.limits.max_entries {
-            return Err(UnpackError::TooManyEntries {
-                limit: opts.limits.max_entries,
-            });
-        }
-        let raw_name = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
-        let header = entry.header().clone();
-        let kind = header.entry_type();
-        if matches!(kind, tar::EntryType::XGlobalHeader) {
+    let mut entries = Entries::new(&mut archive, opts.limits.max_header_bytes)?;
+    while let Some(entry) = entries.next_entry()? {
+        let Some(checked) = check_entry(&entry, &opts.limits, &mut report)? else {
             continue;
-        }
-        let parts = components(&raw_name, &name)?;
-        let Some((last, parent)) = parts.split_last() else {
-            continue; // the root itself ("./"): nothing to create
         };
-        let size = header
-            .entry_size()
-            .map_err(|source| UnpackError::Malformed { source })?;
-        if report.bytes.saturating_add(size) > opts.limits.max_bytes {
-            return Err(UnpackError::TooLarge {
-                entry: name,
-                limit: opts.limits.max_bytes,
-            });
-        }
+        let Checked { name, parts, size } = checked;
+        let Some((last, parent)) = parts.split_last() else {
+            continue;
+        };
+        let header = entry.header.clone();
+        let kind = header.entry_type();
+        let link_bytes = entry.link.clone();
+        let mut entry = entry.data;
         // Whiteouts.
         if let Some(victim) = last.strip_prefix(b".wh.") {
             let parent_path =
@@ -436,10 +541,13 @@ pub fn unpack(
                 .map_err(io_err("create", &name))?;
                 let mut file = std::fs::File::from(fd);
                 let n = io::copy(&mut (&mut entry).take(size), &mut file).map_err(|source| {
-                    UnpackError::Io {
-                        op: "write",
-                        entry: name.clone(),
-                        source,
+                    match stream_too_long(&source) {
+                        Some(limit) => UnpackError::StreamTooLong { limit },
+                        None => UnpackError::Io {
+                            op: "write",
+                            entry: name.clone(),
+                            source,
+                        },
                     }
                 })?;
                 report.bytes += n;
@@ -457,10 +565,7 @@ pub fn unpack(
                 rustix::fs::futimens(&file, &t).map_err(io_err("set times of", &name))?;
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+                let target = link_bytes.clone().unwrap_or_default();
                 remove_all(&dir, leaf, &name)?;
                 rustix::fs::symlinkat(OsStr::from_bytes(&target), &dir, leaf)
                     .map_err(io_err("create symlink", &name))?;
@@ -476,10 +581,7 @@ pub fn unpack(
                 }
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
+                let target = link_bytes.clone().unwrap_or_default();
                 let target_str = String::from_utf8_lossy(&target).into_owned();
                 let tparts = components(&target, &name).map_err(|_| UnpackError::LinkEscape {
                     entry: name.clone(),

@@ -238,11 +238,20 @@ fn absurd_sizes_and_counts_are_refused() {
         limits: Limits {
             max_entries: 10,
             max_bytes: 1000,
+            ..Limits::default()
         },
         ..opts()
     };
     let many: Vec<Vec<u8>> = (0..11).map(|i| file(&format!("f{i}"), b"")).collect();
-    let err = run(&s, &archive(&many), &small).unwrap_err();
+    // The byte bound covers the whole stream, headers too: leave room for 11 headers.
+    let roomy = UnpackOptions {
+        limits: Limits {
+            max_bytes: 100_000,
+            ..small.limits
+        },
+        ..small
+    };
+    let err = run(&s, &archive(&many), &roomy).unwrap_err();
     assert!(
         matches!(err, UnpackError::TooManyEntries { limit: 10 }),
         "{err}"
@@ -402,4 +411,115 @@ fn unlisted_parents_are_0755_whatever_the_umask() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o7777, 0o644);
+}
+
+/// A PAX (`x`) or GNU long-name (`L`) header claiming `size` bytes, followed by `data`.
+fn extension(kind: tar::EntryType, size: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path("././@PaxHeader").unwrap();
+    h.set_size(size);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+#[test]
+fn an_extension_header_claiming_gigabytes_is_refused_before_it_is_read() {
+    let s = sandbox();
+    for kind in [
+        tar::EntryType::XHeader,
+        tar::EntryType::GNULongName,
+        tar::EntryType::XGlobalHeader,
+    ] {
+        // 2 GiB claimed, 1 KiB present: refused from the header alone (tar's own reader
+        // would allocate and read up to the claim).
+        let tar = archive(&[extension(kind, 2 << 30, &[b'a'; 1024])]);
+        let err = run(&s, &tar, &opts()).unwrap_err();
+        assert!(
+            matches!(err, UnpackError::HeaderTooLarge { size, limit, .. }
+                if size == 2 << 30 && limit == 1 << 20),
+            "{err}"
+        );
+        assert!(err.to_string().contains("2147483648"), "{err}");
+        let err = kiln_image::check(&tar[..], &Limits::default()).unwrap_err();
+        assert!(matches!(err, UnpackError::HeaderTooLarge { .. }), "{err}");
+    }
+    assert_outside_untouched(&s);
+}
+
+#[test]
+fn long_names_and_pax_records_still_apply() {
+    let s = sandbox();
+    let long = format!("{}/file", "d".repeat(150));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    // A GNU header: the builder writes an `L` entry for the long name.
+    b.append_data(&mut h, &long, &b"hi"[..]).unwrap();
+    // A PAX `path` record naming the next entry.
+    b.append_pax_extensions([("path", b"pax/named".as_slice())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("short").unwrap();
+    h.set_size(3);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b"pax"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    run(&s, &tar, &opts()).unwrap();
+    assert_eq!(fs::read(s.root.join(&long)).unwrap(), b"hi");
+    assert_eq!(fs::read(s.root.join("pax/named")).unwrap(), b"pax");
+    assert!(!s.root.join("short").exists());
+    let report = kiln_image::check(&tar[..], &Limits::default()).unwrap();
+    assert_eq!((report.entries, report.bytes), (2, 5));
+}
+
+#[test]
+fn a_pax_size_that_disagrees_with_the_header_is_refused() {
+    let s = sandbox();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("size", b"999999".as_slice())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(3);
+    b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let err = run(&s, &tar, &opts()).unwrap_err();
+    assert!(matches!(err, UnpackError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("PAX size"), "{err}");
+}
+
+#[test]
+fn a_stream_longer_than_the_bound_stops_there() {
+    // Trailing data after the end marker still counts: `check` reads a layer to its end
+    // (a caller hashes it), and a bomb may hide there.
+    let mut tar = archive(&[file("f", b"abc")]);
+    tar.extend_from_slice(&vec![0u8; 1 << 20]);
+    let limits = Limits {
+        max_bytes: 64 << 10,
+        ..Limits::default()
+    };
+    let err = kiln_image::check(&tar[..], &limits).unwrap_err();
+    assert!(
+        matches!(err, UnpackError::StreamTooLong { limit } if limit == 64 << 10),
+        "{err}"
+    );
+    // `check` refuses what `unpack` refuses, writing nothing.
+    let err = kiln_image::check(
+        &archive(&[entry("dev/sda", tar::EntryType::Block, "", b"")])[..],
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::DeviceNode { .. }), "{err}");
+    let err = kiln_image::check(
+        &archive(&[entry("l", tar::EntryType::Link, "../x", b"")])[..],
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::LinkEscape { .. }), "{err}");
 }

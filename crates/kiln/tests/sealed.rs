@@ -174,6 +174,7 @@ cmd = ["exec /bin/busybox httpd -f -p {listen}$PORT -h /www"]
 from = {BUSYBOX:?}
 to = "/suid/busybox"
 mode = "4755"
+allow_outside = true
 
 [service]
 writable = ["/tmp", {{ path = "/scratch", size = "1MiB" }}]

@@ -50,6 +50,9 @@ fn spec_with_copies(
         text.push_str(&format!(
             "\n[[image.copy]]\nfrom = {from:?}\nto = {to:?}\nmode = {mode:?}\n"
         ));
+        if !from.starts_with(dir) {
+            text.push_str("allow_outside = true\n");
+        }
     }
     std::fs::write(&spec, text).unwrap();
     spec

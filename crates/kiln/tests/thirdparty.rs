@@ -114,7 +114,7 @@ fn spec(dir: &Path, port: u16, n: u32) -> PathBuf {
     for path in ["/etc/nginx", "/usr/share/nginx", "/usr/lib/nginx"] {
         if Path::new(path).exists() {
             copies.push_str(&format!(
-                "[[image.copy]]\nfrom = {path:?}\nto = {path:?}\n\n"
+                "[[image.copy]]\nfrom = {path:?}\nto = {path:?}\nallow_outside = true\n\n"
             ));
         }
     }
@@ -139,6 +139,7 @@ entrypoint = ["{NGINX}", "-g", "daemon off;"]
 from = "{NGINX}"
 to = "{NGINX}"
 closure = true
+allow_outside = true
 
 {copies}[[image.copy]]
 from = "html-{n}"

@@ -188,7 +188,8 @@ const COPY: &[Field] = &[
     required(
         "from",
         Kind::String,
-        "A file or directory, relative to `kiln.toml`. It must exist.",
+        "A file or directory, relative to `kiln.toml`. It must exist, inside the directory of \
+         `kiln.toml` unless `allow_outside` is set.",
     ),
     required(
         "to",
@@ -218,6 +219,14 @@ const COPY: &[Field] = &[
         "false",
         "Also copy an ELF binary's shared-library closure (its `DT_NEEDED` libraries and the \
          dynamic loader), so a dynamically linked binary runs on `scratch`.",
+    ),
+    default(
+        "allow_outside",
+        Kind::Bool,
+        "false",
+        "Allow `from` to resolve (symlinks and `..` resolved) outside the directory of \
+         `kiln.toml`, e.g. `\"/bin/busybox\"`. Without it such a `from` is an error, so a spec \
+         cannot bake a host file such as `/etc/shadow` into an image unnoticed.",
     ),
 ];
 

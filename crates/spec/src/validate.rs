@@ -324,6 +324,22 @@ impl Validator<'_> {
                 if !abs.exists() {
                     self.error(t, "from", format!("{f:?} does not exist")).hint =
                         Some("paths are relative to the directory of kiln.toml; build the file first if it is a build output".to_owned());
+                } else if !t.bool("allow_outside")
+                    && let Some(resolved) = outside_of(self.dir, &abs)
+                {
+                    self.error(
+                        t,
+                        "from",
+                        format!(
+                            "{f:?} resolves to {}, outside the spec's directory",
+                            resolved.display()
+                        ),
+                    )
+                    .hint = Some(
+                        "copy from files of the project, or set `allow_outside = true` on this \
+                         [[image.copy]] to bake a host path into the image on purpose"
+                            .to_owned(),
+                    );
                 }
                 abs
             }
@@ -886,6 +902,20 @@ fn split_oci_reference(rest: &str) -> Result<(&str, Option<OciReference>), Strin
         }
         _ => Ok((rest, None)),
     }
+}
+
+/// Where `path` resolves to (every symlink and `..` resolved) when that is outside `dir`
+/// (resolved the same way); `None` when it is inside. A build copies what `from` resolves
+/// to, so a project symlink to `/etc/shadow` is as far outside as `/etc/shadow` itself.
+fn outside_of(dir: &Path, path: &Path) -> Option<PathBuf> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let resolved = std::fs::canonicalize(path).ok()?;
+    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    (!resolved.starts_with(&root)).then_some(resolved)
 }
 
 #[cfg(test)]

@@ -250,6 +250,7 @@ entrypoint = ["/hello"]
 [[image.copy]]
 from = {hello:?}
 to = "/hello"
+allow_outside = true
 
 [service]
 replicas = {replicas}
