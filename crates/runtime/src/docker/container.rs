@@ -116,12 +116,11 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
         host_config: Some(HostConfig {
             readonly_rootfs: Some(true),
             tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
-            binds: w.secrets.map(|dir| {
-                vec![format!(
-                    "{}:/run/secrets:ro,nosuid,nodev,noexec",
-                    dir.display()
-                )]
-            }),
+            // The engine takes only `ro` here; the tmpfs is mounted nosuid, nodev and
+            // noexec, and a bind keeps its mount's flags.
+            binds: w
+                .secrets
+                .map(|dir| vec![format!("{}:/run/secrets:ro", dir.display())]),
             port_bindings: Some(bindings),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
