@@ -158,6 +158,21 @@ pub fn read(name: &str, source: &SecretSourceConfig) -> Result<SecretBytes> {
     Ok(SecretBytes::new(chomp(value)))
 }
 
+/// Reads the secrets of a spec for a one-off instance this process starts itself (`kiln run`,
+/// `kiln test`): no release, so no fingerprint to check.
+pub fn read_spec(secrets: &[kiln_spec::Secret]) -> Result<Vec<Secret>> {
+    secrets
+        .iter()
+        .map(|s| {
+            Ok(Secret {
+                name: s.name.clone(),
+                value: read(&s.name, &(&s.source).into())?,
+                expose_env: s.expose_env,
+            })
+        })
+        .collect()
+}
+
 /// One trailing newline dropped (`echo`, editors and password managers add one).
 fn chomp(mut v: Vec<u8>) -> Vec<u8> {
     if v.last() == Some(&b'\n') {

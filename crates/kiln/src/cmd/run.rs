@@ -114,6 +114,7 @@ pub fn run(args: &RunArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCod
     let runtime = target.runtime.clone();
     let mut instance = InstanceSpec::from_service(digest, &app, &service);
     instance.target = target;
+    instance.secrets = kiln_control::secrets::read_spec(&service.secrets)?;
     // A one-off: a daemon managing the same app leaves it alone.
     instance
         .labels

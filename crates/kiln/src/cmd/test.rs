@@ -69,6 +69,7 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     let deadline = tokio::time::Instant::now() + test.timeout;
     let mut base = InstanceSpec::from_service(digest.clone(), spec.name.as_str(), &spec.service);
     base.target = spec.target.clone();
+    base.secrets = kiln_control::secrets::read_spec(&spec.service.secrets)?;
     // A one-off: a daemon managing the same app leaves it alone.
     base.labels
         .insert(kiln_control::ROLE_LABEL.to_owned(), "test".to_owned());
