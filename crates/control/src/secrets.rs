@@ -145,7 +145,7 @@ pub fn read(name: &str, source: &SecretSourceConfig) -> Result<SecretBytes> {
     let value = match source {
         SecretSourceConfig::File(path) => read_file(path).map_err(bad)?,
         SecretSourceConfig::Env(var) => std::env::var_os(var)
-            .map(|v| std::os::unix::ffi::OsStringExt::into_vec(v))
+            .map(std::os::unix::ffi::OsStringExt::into_vec)
             .ok_or_else(|| bad(format!("the daemon's environment has no {var}")))?,
         SecretSourceConfig::Command { argv, dir } => run(argv, dir).map_err(bad)?,
     };
@@ -243,12 +243,15 @@ fn run(argv: &[String], dir: &Path) -> std::result::Result<Vec<u8>, String> {
     Ok(value)
 }
 
+/// Secrets' values by (app, release).
+type Kept = HashMap<(String, u64), Vec<Secret>>;
+
 /// The daemon's secrets: the key, and the values of the releases applied since it started.
 #[derive(Clone)]
 pub(crate) struct Secrets {
     key: Option<SecretKey>,
     /// Values by (app, release).
-    values: Arc<Mutex<HashMap<(String, u64), Vec<Secret>>>>,
+    values: Arc<Mutex<Kept>>,
 }
 
 impl Secrets {
