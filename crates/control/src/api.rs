@@ -415,6 +415,17 @@ pub async fn serve_tcp(
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_tcp_on(listener, token, c, stop).await
+}
+
+/// [`serve_tcp`] on a listener already bound (so the caller knows the address is served,
+/// or why not, before it says the daemon is up).
+pub async fn serve_tcp_on(
+    listener: tokio::net::TcpListener,
+    token: String,
+    c: Arc<Controller>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let token: Arc<str> = Arc::from(format!("Bearer {token}"));
     tokio::pin!(stop);
     loop {

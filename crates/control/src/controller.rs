@@ -209,7 +209,9 @@ impl Controller {
         let image = crate::gate::check_apply(app, &req, self.attestations.as_deref())?;
         // The daemon reads every secret now (a command may take seconds: off the runtime's
         // threads) and records its fingerprint, whatever the client sent.
-        let secrets = {
+        let secrets = if req.config.service.secrets.is_empty() {
+            Vec::new()
+        } else {
             let (s, mut refs) = (
                 self.exec.secrets.clone(),
                 req.config.service.secrets.clone(),

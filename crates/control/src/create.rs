@@ -182,8 +182,11 @@ impl Executor {
         if self.creates.backing_off(app, release, self.clock.now_ms()) {
             return;
         }
-        // Read here, off the reconciler's pass: a secret's command may take seconds.
-        let read = {
+        // Read here, off the reconciler's pass and the runtime's threads: a secret's
+        // command may take seconds. Nothing to read, nothing to wait for.
+        let read = if secrets.is_empty() {
+            Ok(Ok(Vec::new()))
+        } else {
             let (s, app, secrets) = (self.secrets.clone(), app.to_owned(), secrets.clone());
             tokio::task::spawn_blocking(move || s.for_instance(&app, release, &secrets)).await
         };

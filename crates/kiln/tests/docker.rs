@@ -51,9 +51,9 @@ fn docker_spec(dir: &Path, port: u16, env: &str, replicas: u32, deploy: &str) ->
         &format!("{deploy}\n[target]\nprovider = \"docker\"\n"),
     );
     let text = std::fs::read_to_string(&spec).unwrap().replacen(
-        "to = \"/hello\"\n",
+        "to = \"/hello\"\nallow_outside = true\n",
         &format!(
-            "to = \"/hello\"\n\n[[image.copy]]\nfrom = {BUSYBOX:?}\nto = \"/bin/true\"\n\
+            "to = \"/hello\"\nallow_outside = true\n\n[[image.copy]]\nfrom = {BUSYBOX:?}\nto = \"/bin/true\"\n\
              allow_outside = true\n\n\
              [[image.copy]]\nfrom = {BUSYBOX:?}\nto = \"/bin/sh\"\nallow_outside = true\n"
         ),

@@ -128,8 +128,13 @@ impl Daemon {
         if let Some((addr, token)) = tcp {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
+            // Bound here: a client started once the daemon is up finds it, and an address
+            // that cannot be had stops the daemon with its reason instead of a log line.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the API on {addr}"))?;
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = kiln_control::api::serve_tcp(addr, token, c, stop).await {
+                if let Err(e) = kiln_control::api::serve_tcp_on(listener, token, c, stop).await {
                     tracing::error!(%addr, error = %e, "API stopped");
                 }
             }));
