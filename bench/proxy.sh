@@ -124,13 +124,17 @@ bridge() {
     kiln_proxy 18085 "$threads" "127.0.0.1:$BACKEND"; pid_lo=$LAST_PID
     kiln_proxy 18086 "$threads" "$BRIDGE_IP:$BRIDGE_BACKEND"; pid_br=$LAST_PID
     wait_port 18085; wait_port 18086
-    lo=(); br=()
+    lo=(); br=(); paired=(); lo_cpu=(); br_cpu=()
     for round in $(seq 1 "$BRIDGE_ROUNDS"); do
-      measure "kiln $threads, loopback" 18085 "$pid_lo"; lo+=("$RESULT_RPS")
-      measure "kiln $threads, bridge" 18086 "$pid_br"; br+=("$RESULT_RPS")
+      measure "kiln $threads, loopback" 18085 "$pid_lo"; lo+=("$RESULT_RPS"); lo_cpu+=("$RESULT_CPU")
+      measure "kiln $threads, bridge" 18086 "$pid_br"; br+=("$RESULT_RPS"); br_cpu+=("$RESULT_CPU")
+      paired+=("$(awk -v b="$RESULT_RPS" -v l="${lo[-1]}" 'BEGIN { printf "%.4f", b / l }')")
     done
+    # The ratio of each round's pair (measured back to back, so a load that drifts over the
+    # run weighs on both) is the steadier figure on a shared machine; CPU per request too.
     awk -v l="$(median "${lo[@]}")" -v b="$(median "${br[@]}")" -v t="$threads" -v n="$BRIDGE_ROUNDS" \
-      'BEGIN { printf "kiln at %d: median of %d, loopback %.0f req/s, bridge %.0f req/s: bridge/loopback %.2fx (target >= 0.90x)\n", t, n, l, b, b / l }'
+      -v p="$(median "${paired[@]}")" -v lc="$(median "${lo_cpu[@]}")" -v bc="$(median "${br_cpu[@]}")" \
+      'BEGIN { printf "kiln at %d, medians of %d: loopback %.0f req/s, bridge %.0f req/s: bridge/loopback %.2fx, per round %.2fx (target >= 0.90x); CPU per request %.2f vs %.2f us (%.2fx)\n", t, n, l, b, b / l, p, lc, bc, bc / lc }'
     stop_pid "$pid_lo"; stop_pid "$pid_br"
   done
 }
