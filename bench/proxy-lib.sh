@@ -1,6 +1,8 @@
 # Shared by bench/proxy.sh and bench/switch.sh: installing the peers, building kiln's router,
 # writing configs, starting and stopping processes, and reading wrk's output.
-# Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
+# Everything listens on 127.0.0.1 only (but for a backend in a network namespace on kiln's
+# bridge, bridge_netns_up); every process started here is stopped on exit, and the namespace
+# is torn down with CNI DEL.
 
 set -euo pipefail
 
@@ -15,6 +17,7 @@ cleanup() {
   for pid in "${PIDS[@]:-}"; do
     [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
   done
+  bridge_netns_down
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -143,7 +146,7 @@ CONF
 # kiln_proxy PORT THREADS BLUE [GREEN]: kiln's router with a control socket.
 kiln_proxy() {
   local port="$1" threads="$2" blue="$3" green="${4:-}"
-  KILN_SOCK="$WORK/kiln.sock"
+  KILN_SOCK="$WORK/kiln-$port.sock"
   local args=(proxy --listen "127.0.0.1:$port" --threads "$threads" --blue "$blue" --control "$KILN_SOCK")
   [ -n "$green" ] && args+=(--green "$green")
   start kiln "$ROUTER" "${args[@]}"
@@ -167,4 +170,51 @@ wrk_fields() {
   non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ { print $2 }' "$f")
   sockerr=$(awk '/Socket errors/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$f")
   echo "${rps:-0} ${p50:-0} ${p99:-0} $(( ${non2xx:-0} + ${sockerr:-0} ))"
+}
+
+# The network list kiln gives an instance by default (crates/runtime/src/local/network.rs):
+# bridge kiln0 with host-local IPAM, then the firewall plugin. One plugin's configuration per
+# line, as kiln runs them (the list's name and version in each).
+CNI_BIN=/usr/lib/cni
+kiln_cni_plugins() {
+  echo '{"cniVersion":"1.0.0","name":"kiln","type":"bridge","bridge":"kiln0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.209.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}}'
+  echo '{"cniVersion":"1.0.0","name":"kiln","type":"firewall","backend":"iptables"}'
+}
+
+# cni_exec COMMAND IFNAME CONF [PREV_RESULT]: runs one CNI plugin on the namespace
+# $BRIDGE_NETNS, as kiln does; prints its result.
+cni_exec() {
+  local conf="$3"
+  [ -n "${4:-}" ] && conf="${conf%\}},\"prevResult\":$4}"
+  local plugin
+  plugin=$(jq -r .type <<<"$conf")
+  CNI_COMMAND="$1" CNI_CONTAINERID="$BRIDGE_NETNS" CNI_NETNS="/run/netns/$BRIDGE_NETNS" \
+    CNI_IFNAME="$2" CNI_PATH="$CNI_BIN" "$CNI_BIN/$plugin" <<<"$conf"
+}
+
+# bridge_netns_up: a network namespace joined to kiln's bridge as kiln joins an instance
+# (lo up, then kiln's network list); sets BRIDGE_NETNS and BRIDGE_IP.
+bridge_netns_up() {
+  BRIDGE_NETNS="kiln-bench-$$"
+  ip netns add "$BRIDGE_NETNS"
+  cni_exec ADD lo '{"cniVersion":"1.0.0","name":"lo","type":"loopback"}' >/dev/null
+  local conf result=""
+  while read -r conf; do
+    result=$(cni_exec ADD eth0 "$conf" "$result")
+  done < <(kiln_cni_plugins)
+  BRIDGE_RESULT="$result"
+  BRIDGE_IP=$(jq -r '.ips[0].address' <<<"$result" | cut -d/ -f1)
+}
+
+# bridge_netns_down: CNI DEL in reverse (the address, the plugins' iptables rules), then the
+# namespace. Nothing to do without one.
+bridge_netns_down() {
+  [ -n "${BRIDGE_NETNS:-}" ] || return 0
+  local conf
+  while read -r conf; do
+    cni_exec DEL eth0 "$conf" "${BRIDGE_RESULT:-}" >/dev/null || true
+  done < <(kiln_cni_plugins | tac)
+  cni_exec DEL lo '{"cniVersion":"1.0.0","name":"lo","type":"loopback"}' >/dev/null || true
+  ip netns del "$BRIDGE_NETNS" 2>/dev/null || true
+  BRIDGE_NETNS=""
 }
