@@ -173,12 +173,12 @@ wrk_fields() {
 }
 
 # The network list kiln gives an instance by default (crates/runtime/src/local/network.rs):
-# bridge kiln0 with host-local IPAM, then the firewall plugin. One plugin's configuration per
-# line, as kiln runs them (the list's name and version in each).
+# bridge kiln0 with host-local IPAM (kiln's masquerade and forward rules are per subnet, not
+# per instance). One plugin's configuration per line, as kiln runs them (the list's name and
+# version in each).
 CNI_BIN=/usr/lib/cni
 kiln_cni_plugins() {
-  echo '{"cniVersion":"1.0.0","name":"kiln","type":"bridge","bridge":"kiln0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.209.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}}'
-  echo '{"cniVersion":"1.0.0","name":"kiln","type":"firewall","backend":"iptables"}'
+  echo '{"cniVersion":"1.0.0","name":"kiln","type":"bridge","bridge":"kiln0","isGateway":true,"ipMasq":false,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.209.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}}'
 }
 
 # cni_exec COMMAND IFNAME CONF [PREV_RESULT]: runs one CNI plugin on the namespace

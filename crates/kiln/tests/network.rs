@@ -440,11 +440,19 @@ fn each_instance_has_its_own_network() {
             .exists(),
         "{ip} is still reserved"
     );
-    let nat = sh(&["iptables", "-w", "-t", "nat", "-S"]);
-    assert!(!nat.contains(&id), "rules of {id} are left:\n{nat}");
-    let forward = sh(&["iptables", "-w", "-S", "CNI-FORWARD"]);
+    // kiln's host rules are per subnet: no instance leaves one behind.
+    let rules = sh(&["iptables-save"]);
+    assert!(!rules.contains(&id), "rules of {id} are left:\n{rules}");
     assert!(
-        !forward.contains(&format!("{ip}/32")),
-        "rules for {ip} are left:\n{forward}"
+        !rules.contains(&format!("{ip}/32")),
+        "rules for {ip} are left"
+    );
+    assert!(
+        rules
+            .lines()
+            .any(|l| l.contains("-s 10.209.0.0/16 ! -o kiln0")
+                && l.contains("kiln: connections from instances")
+                && l.ends_with("-j MASQUERADE")),
+        "the subnet is masqueraded:\n{rules}"
     );
 }

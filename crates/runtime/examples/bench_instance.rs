@@ -9,10 +9,9 @@
 //! - kiln: `Provider::create` (overlay mount, own network namespace on kiln's bridge through
 //!   CNI, bundle) + `start` until the provider's own health check reports healthy (its
 //!   probes back off from 5 ms).
-//! - bare runc + CNI: what kiln's network setup does, done directly: a network namespace
-//!   (unshare + bind mount, as kiln makes it), the `loopback` plugin, then the same network
-//!   list (`bridge` on `kiln0` with `host-local`, then `firewall`), then `runc run` of the
-//!   bundle kiln wrote, joined to that namespace by path, until `GET /healthz` on the
+//! - bare runc + CNI: kiln's own network setup (`local::network::Cni::attach`: a namespace,
+//!   the `loopback` plugin, then the `kiln` list, `bridge` on `kiln0` with `host-local`),
+//!   then `runc run` of the bundle kiln wrote, joined to that namespace by path, until `GET /healthz` on the
 //!   namespace's address answers 200, polled every millisecond. Torn down with `DEL` after
 //!   each run, outside the timing.
 //! - host network (`network = "host"`, the figure before instances had their own network):
@@ -26,7 +25,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,6 +34,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use kiln_runtime::health::http_get_status;
+use kiln_runtime::local::network::Cni;
 use kiln_runtime::{
     DirImageSource, Health, ImageConfig, InstanceId, InstanceSpec, LocalConfig, LocalProvider,
     Provider,
@@ -44,7 +43,6 @@ use kiln_spec::{HealthCheck, Network};
 
 /// The app's port inside its own network namespace (kiln's default `PORT`).
 const APP_PORT: u16 = 8080;
-const CNI_BIN: &str = "/usr/lib/cni";
 
 fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
@@ -79,107 +77,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// kiln's own network list (`crates/runtime/src/local/network.rs`, `kiln_list`), each
-/// plugin's configuration with the list's name and version, as kiln gives them.
-fn kiln_plugins() -> Vec<Value> {
-    let common = |mut p: Value| {
-        p["name"] = json!("kiln");
-        p["cniVersion"] = json!("1.0.0");
-        p
-    };
-    vec![
-        common(json!({
-            "type": "bridge",
-            "bridge": "kiln0",
-            "isGateway": true,
-            "ipMasq": true,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": "10.209.0.0/16"}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-            },
-        })),
-        common(json!({"type": "firewall", "backend": "iptables"})),
-    ]
+/// The bare side's network: made by kiln's own code (`local::network::Cni`, the namespace,
+/// `lo`, then the `kiln` list), so both sides pay exactly the same; its address.
+fn bare_attach(id: &str, dir: &Path) -> Ipv4Addr {
+    std::fs::create_dir_all(dir).unwrap();
+    Cni::default().attach(id, dir, &Network::Kiln).unwrap()
 }
 
-/// Runs one CNI plugin as the specification says (and as kiln does).
-fn cni(command: &str, id: &str, netns: &Path, ifname: &str, conf: &Value) -> Value {
-    let plugin = conf["type"].as_str().unwrap();
-    let mut child = Command::new(Path::new(CNI_BIN).join(plugin))
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", CNI_BIN)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&serde_json::to_vec(conf).unwrap())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "CNI {plugin} {command}: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if command == "DEL" || out.stdout.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-/// A network namespace bind-mounted at `path`, made as kiln makes one (from a thread of its
-/// own: `unshare` moves only the calling thread).
-fn new_netns(path: &Path) {
-    std::fs::File::create(path).unwrap();
-    let target = path.to_owned();
-    std::thread::spawn(move || {
-        #[allow(deprecated)]
-        rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET).unwrap();
-        rustix::mount::mount_bind("/proc/thread-self/ns/net", &target).unwrap();
-    })
-    .join()
-    .unwrap();
-}
-
-/// The bare side's network: the namespace, `lo`, then the list; returns the address and the
-/// last result (for `DEL`).
-fn bare_attach(id: &str, netns: &Path) -> (Ipv4Addr, Value) {
-    new_netns(netns);
-    let lo = json!({"cniVersion": "1.0.0", "name": "lo", "type": "loopback"});
-    cni("ADD", id, netns, "lo", &lo);
-    let mut prev = Value::Null;
-    for mut conf in kiln_plugins() {
-        if !prev.is_null() {
-            conf["prevResult"] = prev.clone();
-        }
-        prev = cni("ADD", id, netns, "eth0", &conf);
-    }
-    let addr = prev["ips"][0]["address"].as_str().unwrap();
-    (addr.split('/').next().unwrap().parse().unwrap(), prev)
-}
-
-fn bare_detach(id: &str, netns: &Path, result: &Value) {
-    for mut conf in kiln_plugins().into_iter().rev() {
-        conf["prevResult"] = result.clone();
-        cni("DEL", id, netns, "eth0", &conf);
-    }
-    rustix::mount::unmount(netns, rustix::mount::UnmountFlags::DETACH).unwrap();
-    std::fs::remove_file(netns).unwrap();
+fn bare_detach(id: &str, dir: &Path) {
+    Cni::default().detach(id, dir).unwrap();
 }
 
 /// A copy of the bundle kiln wrote for `instance`, with an absolute root and, when given,
@@ -374,7 +280,8 @@ async fn main() {
     let own = provider.create(spec.clone()).await.unwrap();
     let host = provider.create(host_spec.clone()).await.unwrap();
     let host_addr = provider.observe(&host).await.unwrap().addr;
-    let netns = work.path().join("bare-netns");
+    let net_dir = work.path().join("bare-net");
+    let netns = kiln_runtime::local::network::netns_path(&net_dir);
     let bare_cni_bundle = work.path().join("bare-cni-bundle");
     let bare_host_bundle = work.path().join("bare-host-bundle");
     bare_bundle(&keep(&own), &bare_cni_bundle, Some(&netns));
@@ -397,14 +304,14 @@ async fn main() {
 
         let name = format!("bare-{i}");
         let t0 = Instant::now();
-        let (ip, result) = bare_attach(&name, &netns);
+        let ip = bare_attach(&name, &net_dir);
         bare_net.push(t0.elapsed());
         let mut child = spawn_runc(&root, &bare_cni_bundle, &name);
         until_healthy(SocketAddr::from((ip, APP_PORT))).await;
         bare.push(t0.elapsed());
         runc_kill(&root, &name);
         child.wait().await.unwrap();
-        bare_detach(&name, &netns, &result);
+        bare_detach(&name, &net_dir);
 
         let (total, create, start) = kiln_once(&provider, &host_spec).await;
         kiln_host.push(total);

@@ -436,10 +436,8 @@ async fn a_tampered_layer_is_evicted_and_the_next_instance_runs_the_store_s_copy
     assert_eq!(mounts_under(&f.state), Vec::<String>::new());
 }
 
-// A destroy after the namespace went (unmounted behind kiln's back) still releases the
-// address and the firewall plugin's rules, and repeats harmlessly. The bridge plugin's
-// masquerade rule is the one thing it cannot remove: without the namespace, the plugin does
-// not know the address it is for (a reboot, the usual way a namespace goes, clears it).
+// A destroy after the namespace went (unmounted behind kiln's back, as a crash between the
+// steps of a destroy leaves it) still releases the address, and repeats harmlessly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_torn_down_network_is_finished_by_destroy() {
     if !prerequisites() {
@@ -455,20 +453,6 @@ async fn a_half_torn_down_network_is_finished_by_destroy() {
         reserved.exists(),
         "{ip} is reserved while the instance exists"
     );
-    let forward = || {
-        String::from_utf8(
-            std::process::Command::new("iptables")
-                .args(["-w", "-S", "CNI-FORWARD"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap()
-    };
-    assert!(
-        forward().contains(&format!("{ip}/32")),
-        "the firewall's rules"
-    );
     let umount = std::process::Command::new("umount")
         .arg(dir.join("netns"))
         .status()
@@ -477,10 +461,6 @@ async fn a_half_torn_down_network_is_finished_by_destroy() {
 
     p.destroy(&id).await.unwrap();
     assert!(!reserved.exists(), "{ip} is released");
-    assert!(
-        !forward().contains(&format!("{ip}/32")),
-        "the rules are gone"
-    );
     assert!(!dir.exists());
     p.destroy(&id).await.unwrap();
 }

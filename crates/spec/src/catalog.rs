@@ -264,8 +264,8 @@ const SERVICE: &[Field] = &[
         Kind::String,
         "\"kiln\"",
         "The network an instance joins. `kiln`: its own network namespace on kiln's bridge \
-         (`kiln0`, 10.209.0.0/16, made with the CNI plugins `bridge`, `host-local` and \
-         `firewall`; on docker, the engine's bridge). The instance cannot reach the host's \
+         (`kiln0`, 10.209.0.0/16, made with the CNI plugins `bridge` and `host-local`; on \
+         docker, the engine's bridge). The instance cannot reach the host's \
          loopback services, and what it listens on is reachable from this host only (the \
          router, health checks), never from other machines. `host`: the host's network, an \
          explicit weakening (local provider only). Any other name: its own \

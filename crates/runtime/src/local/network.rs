@@ -10,10 +10,13 @@
 //! without the namespace: the IP address and the host's rules go either way.
 //!
 //! The default network, `kiln`, is kiln's bridge (`bridge` + `host-local`, the address space
-//! shared by every kiln on the host through host-local's own lock) with the `firewall`
-//! plugin, plus one rule of kiln's own that refuses connections forwarded to the bridge from
-//! anywhere else, so nothing an instance binds is reachable from outside the host except
-//! through the router.
+//! shared by every kiln on the host through host-local's own lock). Its host rules are
+//! kiln's own and per subnet, not per instance, so a create runs no `iptables` (each call
+//! costs milliseconds, and per-instance rules are what a crash leaves behind): new
+//! connections forwarded into the bridge from anywhere else are dropped, so nothing an
+//! instance binds is reachable from outside the host except through the router; replies and
+//! the instances' own connections out are accepted and masqueraded. They are made once per
+//! kiln process, on its first instance.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -107,7 +110,7 @@ impl Default for Cni {
 }
 
 /// The namespace file of an instance whose directory is `dir`.
-pub(crate) fn netns_path(dir: &Path) -> PathBuf {
+pub fn netns_path(dir: &Path) -> PathBuf {
     dir.join("netns")
 }
 
@@ -118,7 +121,7 @@ fn record_path(dir: &Path) -> PathBuf {
 impl Cni {
     /// Gives the instance `id` (files in `dir`) its own namespace on `network` and returns
     /// its address. On failure, whatever was set up is torn down again.
-    pub(crate) fn attach(
+    pub fn attach(
         &self,
         id: &str,
         dir: &Path,
@@ -140,7 +143,7 @@ impl Cni {
             })
             .and_then(|()| {
                 if *network == Network::Kiln {
-                    refuse_forwarded_connections();
+                    host_rules();
                 }
                 self.loopback_up(id, &netns)?;
                 self.add(id, &netns, &record.list)
@@ -171,7 +174,7 @@ impl Cni {
     /// Tears down what `attach` set up, as far as it got: `DEL` through the list (the
     /// address and the host's rules), then the namespace. Safe to repeat; nothing to do
     /// when the instance never had a network.
-    pub(crate) fn detach(&self, id: &str, dir: &Path) -> Result<(), NetworkError> {
+    pub fn detach(&self, id: &str, dir: &Path) -> Result<(), NetworkError> {
         let path = record_path(dir);
         let record: NetworkRecord = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| NetworkError::Io {
@@ -383,7 +386,7 @@ impl Cni {
 }
 
 /// The plugins kiln's own network list runs (`loopback` first, for `lo`).
-pub const KILN_PLUGINS: &[&str] = &["loopback", "bridge", "host-local", "firewall"];
+pub const KILN_PLUGINS: &[&str] = &["loopback", "bridge", "host-local"];
 
 /// kiln's own network list.
 fn kiln_list() -> Value {
@@ -395,14 +398,14 @@ fn kiln_list() -> Value {
                 "type": "bridge",
                 "bridge": BRIDGE,
                 "isGateway": true,
-                "ipMasq": true,
+                // kiln's own rule masquerades the whole subnet (`host_rules`).
+                "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": SUBNET}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                 },
             },
-            {"type": "firewall", "backend": "iptables"},
         ],
     })
 }
@@ -498,50 +501,74 @@ fn is_netns(path: &Path) -> bool {
 /// `NSFS_MAGIC` from `linux/magic.h`.
 const NSFS_MAGIC: rustix::fs::FsWord = 0x6e73_6673;
 
-/// Makes sure the host refuses new connections forwarded into kiln's bridge from any other
-/// interface (the `firewall` plugin accepts only replies and the instances' own traffic, but
-/// a host whose FORWARD policy accepts would let a neighbour that routes to the bridge's
-/// subnet reach instances directly). Only logged when `iptables` fails: the bridge plugin
-/// needs it too, and says so.
-fn refuse_forwarded_connections() {
-    let rule = [
-        "FORWARD",
-        "-o",
-        BRIDGE,
-        "!",
-        "-i",
-        BRIDGE,
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW",
-        "-m",
-        "comment",
-        "--comment",
-        "kiln: instances only through the router",
-        "-j",
-        "DROP",
-    ];
-    let run = |op: &str| {
-        Command::new("iptables")
-            .args(["-w", op])
-            .args(rule)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-    };
-    // Check-then-insert is not atomic: one at a time in this process (two kiln processes
-    // may still both insert; a second identical DROP changes nothing).
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    match run("-C") {
-        Ok(s) if s.success() => {}
-        _ => match run("-I") {
-            Ok(s) if s.success() => {}
-            Ok(s) => tracing::warn!(status = %s, "iptables: cannot add kiln's forward rule"),
-            Err(e) => tracing::warn!(error = %e, "iptables: cannot add kiln's forward rule"),
-        },
+/// The host's rules for kiln's bridge, made once per process (each is checked first, so a
+/// rule another kiln made is not added twice): new connections forwarded into the bridge
+/// from elsewhere are dropped (a host whose FORWARD policy accepts would otherwise let a
+/// neighbour that routes to the subnet reach instances directly); replies into it and the
+/// instances' own connections out are accepted (a FORWARD policy of DROP, as Docker sets,
+/// would refuse them) and masqueraded. Only logged when `iptables` fails: an instance still
+/// starts, reachable from this host, and `kiln doctor` names the missing tool.
+fn host_rules() {
+    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return;
     }
+    let comment = |what: &'static str| ["-m", "comment", "--comment", what];
+    let forward_drop: Vec<&str> = ["!", "-i", BRIDGE, "-o", BRIDGE, "-m", "conntrack"]
+        .into_iter()
+        .chain(["--ctstate", "NEW"])
+        .chain(comment("kiln: instances only through the router"))
+        .chain(["-j", "DROP"])
+        .collect();
+    let forward_replies: Vec<&str> = ["-o", BRIDGE, "-m", "conntrack"]
+        .into_iter()
+        .chain(["--ctstate", "RELATED,ESTABLISHED"])
+        .chain(comment("kiln: replies to instances"))
+        .chain(["-j", "ACCEPT"])
+        .collect();
+    let forward_out: Vec<&str> = ["-i", BRIDGE, "!", "-o", BRIDGE]
+        .into_iter()
+        .chain(comment("kiln: connections from instances"))
+        .chain(["-j", "ACCEPT"])
+        .collect();
+    let masquerade: Vec<&str> = ["-s", SUBNET, "!", "-o", BRIDGE]
+        .into_iter()
+        .chain(comment("kiln: connections from instances"))
+        .chain(["-j", "MASQUERADE"])
+        .collect();
+    let rules: [(&str, &str, &[&str]); 4] = [
+        ("filter", "FORWARD", &forward_out),
+        ("filter", "FORWARD", &forward_replies),
+        // Inserted last, so it is first: nothing above it lets a new connection in.
+        ("filter", "FORWARD", &forward_drop),
+        ("nat", "POSTROUTING", &masquerade),
+    ];
+    let mut all = true;
+    for (table, chain, rule) in rules {
+        let run = |op: &str| {
+            Command::new("iptables")
+                .args(["-w", "-t", table, op, chain])
+                .args(rule)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        };
+        let made = match run("-C") {
+            Ok(s) if s.success() => true,
+            _ => run("-I").is_ok_and(|s| s.success()),
+        };
+        if !made {
+            all = false;
+            tracing::warn!(
+                table,
+                chain,
+                rule = rule.join(" "),
+                "iptables: cannot add kiln's rule"
+            );
+        }
+    }
+    *done = all;
 }
 
 /// What the processes in `pid`'s network namespace listen on (TCP, IPv4 and IPv6), from
@@ -604,14 +631,14 @@ mod tests {
     fn each_plugin_gets_the_list_s_name_and_version_and_the_previous_result() {
         let list = kiln_list();
         let confs = plugin_confs(&list);
-        assert_eq!(confs.len(), 2);
+        assert_eq!(confs.len(), 1);
         assert_eq!(confs[0]["type"], "bridge");
         assert_eq!(confs[0]["name"], "kiln");
-        assert_eq!(confs[1]["cniVersion"], CNI_VERSION);
+        assert_eq!(confs[0]["cniVersion"], CNI_VERSION);
         let prev = json!({"ips": [{"address": "10.209.0.7/16"}]});
-        let with = with_prev(confs[1].clone(), Some(&prev));
+        let with = with_prev(confs[0].clone(), Some(&prev));
         assert_eq!(with["prevResult"], prev);
-        assert!(with_prev(confs[1].clone(), Some(&Value::Null))["prevResult"].is_null());
+        assert!(with_prev(confs[0].clone(), Some(&Value::Null))["prevResult"].is_null());
     }
 
     #[test]
