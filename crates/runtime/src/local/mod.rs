@@ -43,6 +43,7 @@ pub(crate) mod seccomp;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -243,7 +244,30 @@ impl LocalProvider {
         }
     }
 
+    /// Makes everything an instance needs before it starts. Its network is made on a thread
+    /// of its own meanwhile (the CNI plugins are processes that mostly wait), joined before
+    /// the bundle is written; an error anywhere returns only once that thread is done, so
+    /// the cleanup finds the network whole or absent.
     fn prepare(&self, id: &InstanceId, spec: &InstanceSpec) -> Result<(), ProviderError> {
+        let dir = self.dir(id);
+        private_dir(&dir)?;
+        let own_network = spec.network != Network::Host;
+        std::thread::scope(|s| {
+            let attaching = own_network
+                .then(|| s.spawn(|| self.cfg.cni.attach(id.as_str(), &dir, &spec.network)));
+            self.prepare_in(id, spec, &dir, attaching)
+        })
+    }
+
+    fn prepare_in(
+        &self,
+        id: &InstanceId,
+        spec: &InstanceSpec,
+        dir: &Path,
+        attaching: Option<
+            std::thread::ScopedJoinHandle<'_, Result<Ipv4Addr, network::NetworkError>>,
+        >,
+    ) -> Result<(), ProviderError> {
         let resolved = self
             .images
             .resolve(&spec.image)
@@ -280,8 +304,7 @@ impl LocalProvider {
                 }
             })?,
         };
-        let dir = self.dir(id);
-        private_dir(&dir)?;
+        let dir = dir.to_path_buf();
         // With secrets, the whole bundle (the secrets, and `config.json`, which holds the
         // exposed ones) is on a tmpfs: nothing of them reaches the disk.
         if !spec.secrets.is_empty() {
@@ -335,20 +358,22 @@ impl LocalProvider {
                 target: rootfs.clone(),
                 source,
             })?;
-        // The namespace is made once the root is mounted: the record of what to tear down
-        // (`network.json`) is in the directory first, so `list` cleans up after a crash.
-        let address = if own_network {
-            let addr = self
-                .cfg
-                .cni
-                .attach(id.as_str(), &dir, &spec.network)
-                .map_err(|source| ProviderError::Network {
-                    id: id.clone(),
-                    source,
-                })?;
-            Some(addr)
-        } else {
-            None
+        // The namespace (made meanwhile): the record of what to tear down (`network.json`)
+        // is in the directory first, so `list` cleans up after a crash.
+        let address = match attaching {
+            Some(thread) => Some(
+                thread
+                    .join()
+                    .map_err(|_| ProviderError::Config {
+                        id: id.clone(),
+                        message: "the thread making its network panicked".to_owned(),
+                    })?
+                    .map_err(|source| ProviderError::Network {
+                        id: id.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
         };
         let netns = own_network.then(|| network::netns_path(&dir));
         let config_err = |message: String| ProviderError::Config {
