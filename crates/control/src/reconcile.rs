@@ -130,7 +130,7 @@ impl Controller {
         // says so: a restart must not forget it (rollback returns along the history).
         let mut history = a.history.clone();
         for e in &d.events {
-            if let RolloutEvent::Completed { release } = e {
+            if let RolloutEvent::Completed { release, .. } = e {
                 kiln_deploy::became_live(&mut history, *release);
             }
         }
