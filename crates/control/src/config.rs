@@ -761,7 +761,13 @@ impl ReleaseConfig {
         let h = &s.health;
         let d = &spec.deploy;
         let (strategy, promote, steps, analysis, scale_stable) = match &d.strategy {
-            Strategy::Rolling => (StrategyName::Rolling, Promote::Auto, Vec::new(), None, false),
+            Strategy::Rolling => (
+                StrategyName::Rolling,
+                Promote::Auto,
+                Vec::new(),
+                None,
+                false,
+            ),
             Strategy::BlueGreen { promote } => {
                 (StrategyName::BlueGreen, *promote, Vec::new(), None, false)
             }

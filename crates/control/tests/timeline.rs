@@ -441,7 +441,11 @@ async fn a_first_canary_release_goes_live_without_steps_and_says_why() {
         }),
         "{events:?}"
     );
-    assert!(!events.iter().any(|e| matches!(e, Event::StepStarted { .. })));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::StepStarted { .. }))
+    );
 }
 
 /// Without traffic, a step stays inconclusive: the rollout waits for a person, says why in
@@ -467,7 +471,10 @@ async fn an_inconclusive_step_waits_for_a_decision_and_promote_finishes_it() {
     tokio::time::advance(Duration::from_secs(600)).await;
     t.pass(kiln_control::TICK).await;
     let s = t.c.status("web").await.unwrap();
-    assert_eq!((s.phase.as_str(), s.weights.get(&2)), ("progressing", Some(&50)));
+    assert_eq!(
+        (s.phase.as_str(), s.weights.get(&2)),
+        ("progressing", Some(&50))
+    );
     t.c.promote("web", "test").await.unwrap();
     t.until(Duration::from_secs(5), |s| settled(s) && s.live == Some(2))
         .await;
@@ -482,7 +489,11 @@ async fn scale_stable_gives_capacity_back_to_stable_when_the_canary_aborts() {
     let t = Timeline::start(true).await;
     let port = free_port();
     let spec = format!("{CANARY}scale_stable = true\n");
-    let spec = spec.replacen("\n[[deploy.steps]]", "\nscale_stable = true\n[[deploy.steps]]", 1);
+    let spec = spec.replacen(
+        "\n[[deploy.steps]]",
+        "\nscale_stable = true\n[[deploy.steps]]",
+        1,
+    );
     let spec = spec.trim_end_matches("scale_stable = true\n");
     t.c.apply("web", request(port, "1", spec)).await.unwrap();
     t.until(Duration::from_secs(5), settled).await;

@@ -798,7 +798,8 @@ fn blue_green(
 fn await_promotion(d: &mut Decision) {
     if !d.state.awaiting_promotion {
         d.state.awaiting_promotion = true;
-        d.events.push(RolloutEvent::AwaitingPromotion { inconclusive: None });
+        d.events
+            .push(RolloutEvent::AwaitingPromotion { inconclusive: None });
     }
 }
 
@@ -984,7 +985,9 @@ pub fn stable_needed(replicas: u32, stable_weight: u32) -> u32 {
         return 0;
     }
     let share = u8::try_from(stable_weight.min(100)).unwrap_or(100);
-    CountOrPercent::Percent(share).resolve(replicas, true).max(1)
+    CountOrPercent::Percent(share)
+        .resolve(replicas, true)
+        .max(1)
 }
 
 /// `scale_stable`: keeps the stable instances the route needs at `stable_weight` (lowest ids

@@ -280,7 +280,11 @@ fn canary(promote: Promote) -> DeploySpec {
     canary_with(promote, OnInconclusive::Pause, false)
 }
 
-fn canary_with(promote: Promote, on_inconclusive: OnInconclusive, scale_stable: bool) -> DeploySpec {
+fn canary_with(
+    promote: Promote,
+    on_inconclusive: OnInconclusive,
+    scale_stable: bool,
+) -> DeploySpec {
     let step = |weight, pause: u64| CanaryStep {
         weight,
         pause: Some(Duration::from_secs(pause)),
@@ -492,7 +496,11 @@ fn canary_200ms_slower_aborts_on_latency() {
 
 #[test]
 fn canary_without_traffic_is_inconclusive_then_fails_under_abort() {
-    let mut sim = Sim::new(canary_with(Promote::Auto, OnInconclusive::Abort, false), 2, GOOD);
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Abort, false),
+        2,
+        GOOD,
+    );
     sim.behaviors.insert(2, GOOD);
     // No clients: drive decisions with empty metrics.
     let start = sim.now;
@@ -1140,7 +1148,11 @@ fn stable_alive(s: &Sim) -> usize {
 
 #[test]
 fn scale_stable_shrinks_stable_as_the_canary_grows_never_below_its_share() {
-    let mut sim = Sim::new(canary_with(Promote::Auto, OnInconclusive::Pause, true), 4, GOOD);
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Pause, true),
+        4,
+        GOOD,
+    );
     let mut seen = Vec::new();
     let phase = sim.run(120_000, |s| {
         let stable_weight = s.route.weights.get(&1).copied().unwrap_or(0);
@@ -1173,7 +1185,11 @@ fn scale_stable_off_keeps_every_stable_instance() {
 
 #[test]
 fn scale_stable_is_restored_when_the_canary_aborts() {
-    let mut sim = Sim::new(canary_with(Promote::Auto, OnInconclusive::Pause, true), 4, GOOD);
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Pause, true),
+        4,
+        GOOD,
+    );
     sim.run(7_000, |_| {});
     assert_eq!(sim.route.weights.get(&2), Some(&50));
     assert_eq!(sim.count(1), 2);
