@@ -1606,11 +1606,19 @@ exec = "allow"
     deploy.analysis.max_p99_ms: must be greater than zero
     deploy.analysis.min_requests: must be between 1 and 1000000000, got 0
 
+/deploy/analysis/on_inconclusive = "wait"
+    deploy.analysis.on_inconclusive: unknown variant "wait", expected "pause", "abort" or "promote"
+
+/deploy/scale_stable = "yes"
+    deploy.scale_stable: invalid type: string "yes", expected a boolean
+
 /deploy/strategy = "rolling"
 /deploy/max_surge = "0"
 /deploy/max_unavailable = "0%"
+/deploy/scale_stable = true
     deploy.steps: `steps` only applies to the canary strategy, but strategy is "rolling"
     deploy.analysis: `analysis` only applies to the canary strategy, but strategy is "rolling"
+    deploy.scale_stable: `scale_stable` only applies to the canary strategy, but strategy is "rolling"
     deploy.promote: `promote` only applies to blue-green and canary
     deploy.max_surge: `max_surge` and `max_unavailable` are both 0, so a rolling update could never make progress
 
@@ -1710,7 +1718,7 @@ exec = "allow"
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        assert_eq!(asked, ["steps", "analysis", "promote"]);
+        assert_eq!(asked, ["steps", "analysis", "scale_stable", "promote"]);
         let asked: Vec<&str> = rules::target_keys(ProviderKind::Local, |_| true)
             .into_iter()
             .map(|(key, _)| key)

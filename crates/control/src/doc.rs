@@ -195,4 +195,33 @@ mod tests {
             assert_eq!(&again[k], v, "{k}");
         }
     }
+
+    #[test]
+    fn a_rollout_awaiting_a_decision_keeps_why_across_a_restart() {
+        let goal = Goal {
+            release: 2,
+            stable: Some(1),
+            replicas: 2,
+            deploy: kiln_spec::DeploySpec {
+                strategy: kiln_spec::Strategy::Rolling,
+                max_surge: kiln_spec::CountOrPercent::Count(1),
+                max_unavailable: kiln_spec::CountOrPercent::Count(0),
+                progress_deadline: std::time::Duration::from_secs(60),
+                keep_previous: std::time::Duration::from_secs(60),
+                migrate: None,
+            },
+        };
+        let mut state = RolloutState::start(&goal, 1_000);
+        state.awaiting_promotion = true;
+        state.inconclusive = Some(Inconclusive {
+            step: 1,
+            weight: 10,
+            requests: 3,
+            min_requests: 50,
+            waited_ms: 15_000,
+        });
+        let json = serde_json::to_string(&StoredState::from(&state)).unwrap();
+        let back: StoredState = serde_json::from_str(&json).unwrap();
+        assert_eq!(RolloutState::from(back), state);
+    }
 }
