@@ -24,8 +24,8 @@ use std::time::Duration;
 use kiln_spec::rules::{self, Broken};
 use kiln_spec::{
     Analysis, CanaryStep, Capability, CountOrPercent, DeploySpec, ExecPolicy, HealthCheck, Migrate,
-    Network, Promote, ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy, TargetSpec,
-    Writable,
+    Network, OnInconclusive, Promote, ProviderKind, Seccomp, ServiceSpec, Spec, Sticky, Strategy,
+    TargetSpec, Writable,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -172,6 +172,51 @@ spelled! {
         Auto = "auto",
         /// `manual`: it waits for `kiln promote`.
         Manual = "manual",
+    }
+}
+
+spelled! {
+    /// `[deploy.analysis] on_inconclusive` as stored.
+    OnInconclusiveName {
+        /// `pause`: wait for `kiln promote` or `kiln abort`.
+        Pause = "pause",
+        /// `abort`: roll back.
+        Abort = "abort",
+        /// `promote`: proceed as if the step passed.
+        Promote = "promote",
+    }
+}
+
+impl Default for OnInconclusiveName {
+    /// Releases recorded before the key existed pause too: the spec's default.
+    fn default() -> OnInconclusiveName {
+        OnInconclusiveName::Pause
+    }
+}
+
+impl OnInconclusiveName {
+    fn is_default(&self) -> bool {
+        *self == OnInconclusiveName::default()
+    }
+}
+
+impl From<OnInconclusive> for OnInconclusiveName {
+    fn from(o: OnInconclusive) -> OnInconclusiveName {
+        match o {
+            OnInconclusive::Pause => OnInconclusiveName::Pause,
+            OnInconclusive::Abort => OnInconclusiveName::Abort,
+            OnInconclusive::Promote => OnInconclusiveName::Promote,
+        }
+    }
+}
+
+impl From<OnInconclusiveName> for OnInconclusive {
+    fn from(o: OnInconclusiveName) -> OnInconclusive {
+        match o {
+            OnInconclusiveName::Pause => OnInconclusive::Pause,
+            OnInconclusiveName::Abort => OnInconclusive::Abort,
+            OnInconclusiveName::Promote => OnInconclusive::Promote,
+        }
     }
 }
 
@@ -567,6 +612,10 @@ pub struct DeployConfig {
     pub steps: Vec<StepConfig>,
     /// Canary analysis.
     pub analysis: Option<AnalysisConfig>,
+    /// Canary: stable scales down as the canary scales up (absent, false, in releases
+    /// recorded before it existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scale_stable: bool,
     /// `3` or `25%`.
     pub max_surge: CountText,
     /// `0` or `25%`.
@@ -601,6 +650,10 @@ pub struct AnalysisConfig {
     pub min_requests: u64,
     /// Compare with stable.
     pub compare_to_stable: bool,
+    /// What a step that stays inconclusive leads to (absent, `pause`, in releases recorded
+    /// before it existed).
+    #[serde(default, skip_serializing_if = "OnInconclusiveName::is_default")]
+    pub on_inconclusive: OnInconclusiveName,
 }
 
 /// `[deploy.migrate]` as stored.
@@ -707,20 +760,28 @@ impl ReleaseConfig {
         let s = &spec.service;
         let h = &s.health;
         let d = &spec.deploy;
-        let (strategy, promote, steps, analysis) = match &d.strategy {
-            Strategy::Rolling => (StrategyName::Rolling, Promote::Auto, Vec::new(), None),
+        let (strategy, promote, steps, analysis, scale_stable) = match &d.strategy {
+            Strategy::Rolling => (
+                StrategyName::Rolling,
+                Promote::Auto,
+                Vec::new(),
+                None,
+                false,
+            ),
             Strategy::BlueGreen { promote } => {
-                (StrategyName::BlueGreen, *promote, Vec::new(), None)
+                (StrategyName::BlueGreen, *promote, Vec::new(), None, false)
             }
             Strategy::Canary {
                 promote,
                 steps,
                 analysis,
+                scale_stable,
             } => (
                 StrategyName::Canary,
                 *promote,
                 steps.clone(),
                 Some(analysis.clone()),
+                *scale_stable,
             ),
         };
         let r = &spec.route;
@@ -783,7 +844,9 @@ impl ReleaseConfig {
                     max_p99_ms: a.max_p99.map(ms),
                     min_requests: a.min_requests,
                     compare_to_stable: a.compare_to_stable,
+                    on_inconclusive: a.on_inconclusive.into(),
                 }),
+                scale_stable,
                 max_surge: CountText(d.max_surge),
                 max_unavailable: CountText(d.max_unavailable),
                 progress_deadline_ms: ms(d.progress_deadline),
@@ -859,13 +922,16 @@ impl ReleaseConfig {
                         max_p99: a.max_p99_ms.map(dur),
                         min_requests: a.min_requests,
                         compare_to_stable: a.compare_to_stable,
+                        on_inconclusive: a.on_inconclusive.into(),
                     })
                     .unwrap_or(Analysis {
                         max_error_rate: 0.01,
                         max_p99: None,
                         min_requests: 50,
                         compare_to_stable: true,
+                        on_inconclusive: OnInconclusive::Pause,
                     }),
+                scale_stable: d.scale_stable,
             },
         };
         DeploySpec {
@@ -1020,6 +1086,7 @@ impl DeployConfig {
         let set = |key: &str| match key {
             "steps" => !self.steps.is_empty(),
             "analysis" => self.analysis.is_some(),
+            "scale_stable" => self.scale_stable,
             "promote" => self.promote != PromoteName::Auto,
             _ => false,
         };
@@ -1539,11 +1606,19 @@ exec = "allow"
     deploy.analysis.max_p99_ms: must be greater than zero
     deploy.analysis.min_requests: must be between 1 and 1000000000, got 0
 
+/deploy/analysis/on_inconclusive = "wait"
+    deploy.analysis.on_inconclusive: unknown variant "wait", expected "pause", "abort" or "promote"
+
+/deploy/scale_stable = "yes"
+    deploy.scale_stable: invalid type: string "yes", expected a boolean
+
 /deploy/strategy = "rolling"
 /deploy/max_surge = "0"
 /deploy/max_unavailable = "0%"
+/deploy/scale_stable = true
     deploy.steps: `steps` only applies to the canary strategy, but strategy is "rolling"
     deploy.analysis: `analysis` only applies to the canary strategy, but strategy is "rolling"
+    deploy.scale_stable: `scale_stable` only applies to the canary strategy, but strategy is "rolling"
     deploy.promote: `promote` only applies to blue-green and canary
     deploy.max_surge: `max_surge` and `max_unavailable` are both 0, so a rolling update could never make progress
 
@@ -1643,7 +1718,7 @@ exec = "allow"
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        assert_eq!(asked, ["steps", "analysis", "promote"]);
+        assert_eq!(asked, ["steps", "analysis", "scale_stable", "promote"]);
         let asked: Vec<&str> = rules::target_keys(ProviderKind::Local, |_| true)
             .into_iter()
             .map(|(key, _)| key)

@@ -2,7 +2,7 @@
 //! planner's `RolloutState` can change without silently changing what is on disk, and a
 //! document written by an older kiln keeps decoding.
 
-use kiln_deploy::{Goal, Millis, Phase, RolloutState};
+use kiln_deploy::{Goal, Inconclusive, Millis, Phase, RolloutState};
 use serde::{Deserialize, Serialize};
 
 use crate::dto::LiveSchema;
@@ -56,6 +56,9 @@ pub(crate) struct StoredState {
     abort_requested: Option<String>,
     last_failure: Option<String>,
     awaiting_promotion: bool,
+    /// Why it awaits a decision, when a canary step was inconclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    inconclusive: Option<StoredInconclusive>,
     /// States written before migrations existed had nothing to run.
     #[serde(default = "yes")]
     migrated: bool,
@@ -70,6 +73,40 @@ enum StoredPhase {
     Progressing,
     Completed { at_ms: Millis },
     Aborted { at_ms: Millis, reason: String },
+}
+
+/// `Inconclusive` as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct StoredInconclusive {
+    step: usize,
+    weight: u8,
+    requests: u64,
+    min_requests: u64,
+    waited_ms: Millis,
+}
+
+impl From<Inconclusive> for StoredInconclusive {
+    fn from(i: Inconclusive) -> StoredInconclusive {
+        StoredInconclusive {
+            step: i.step,
+            weight: i.weight,
+            requests: i.requests,
+            min_requests: i.min_requests,
+            waited_ms: i.waited_ms,
+        }
+    }
+}
+
+impl From<StoredInconclusive> for Inconclusive {
+    fn from(i: StoredInconclusive) -> Inconclusive {
+        Inconclusive {
+            step: i.step,
+            weight: i.weight,
+            requests: i.requests,
+            min_requests: i.min_requests,
+            waited_ms: i.waited_ms,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -98,6 +135,7 @@ impl From<&RolloutState> for StoredState {
             abort_requested: s.abort_requested.clone(),
             last_failure: s.last_failure.clone(),
             awaiting_promotion: s.awaiting_promotion,
+            inconclusive: s.inconclusive.map(StoredInconclusive::from),
             migrated: s.migrated,
             migration_failed: s.migration_failed.clone(),
         }
@@ -123,6 +161,7 @@ impl From<StoredState> for RolloutState {
             abort_requested: s.abort_requested,
             last_failure: s.last_failure,
             awaiting_promotion: s.awaiting_promotion,
+            inconclusive: s.inconclusive.map(Inconclusive::from),
             migrated: s.migrated,
             migration_failed: s.migration_failed,
         }
@@ -155,5 +194,34 @@ mod tests {
         for (k, v) in before["state"].as_object().unwrap() {
             assert_eq!(&again[k], v, "{k}");
         }
+    }
+
+    #[test]
+    fn a_rollout_awaiting_a_decision_keeps_why_across_a_restart() {
+        let goal = Goal {
+            release: 2,
+            stable: Some(1),
+            replicas: 2,
+            deploy: kiln_spec::DeploySpec {
+                strategy: kiln_spec::Strategy::Rolling,
+                max_surge: kiln_spec::CountOrPercent::Count(1),
+                max_unavailable: kiln_spec::CountOrPercent::Count(0),
+                progress_deadline: std::time::Duration::from_secs(60),
+                keep_previous: std::time::Duration::from_secs(60),
+                migrate: None,
+            },
+        };
+        let mut state = RolloutState::start(&goal, 1_000);
+        state.awaiting_promotion = true;
+        state.inconclusive = Some(Inconclusive {
+            step: 1,
+            weight: 10,
+            requests: 3,
+            min_requests: 50,
+            waited_ms: 15_000,
+        });
+        let json = serde_json::to_string(&StoredState::from(&state)).unwrap();
+        let back: StoredState = serde_json::from_str(&json).unwrap();
+        assert_eq!(RolloutState::from(back), state);
     }
 }

@@ -78,8 +78,12 @@ pub struct AppStatus {
     pub strategy: String,
     /// Canary: 1-based step.
     pub step: Option<usize>,
-    /// Waiting for `kiln promote`.
+    /// Waiting for `kiln promote` (or `kiln abort`).
     pub awaiting_promotion: bool,
+    /// Why it waits, when a person must decide rather than merely promote: e.g. `step 1
+    /// (10%) inconclusive: 0 of 50 requests needed in 15s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_decision: Option<String>,
     /// Desired instances.
     pub replicas: u32,
     /// Percent of traffic per release.

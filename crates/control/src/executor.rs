@@ -376,10 +376,30 @@ fn rollout_event(e: &RolloutEvent, release: u64) -> Event {
             weight: *weight,
             verdict: verdict_record(verdict),
         },
-        RolloutEvent::AwaitingPromotion => Event::AwaitingPromotion {
-            release: Some(release),
+        RolloutEvent::StepInconclusive {
+            inconclusive,
+            metrics,
+            then,
+        } => Event::StepJudged {
+            step: inconclusive.step,
+            weight: inconclusive.weight,
+            verdict: kiln_ledger::Verdict {
+                reason: Some(format!(
+                    "{}; on_inconclusive = \"{}\"",
+                    inconclusive.numbers(),
+                    then.as_str()
+                )),
+                ..verdict_record(&Verdict::Inconclusive { metrics: *metrics })
+            },
         },
-        RolloutEvent::Completed { release } => Event::RolloutCompleted { release: *release },
+        RolloutEvent::AwaitingPromotion { inconclusive } => Event::AwaitingPromotion {
+            release: Some(release),
+            reason: inconclusive.map(|i| i.to_string()),
+        },
+        RolloutEvent::Completed { release, shortcut } => Event::RolloutCompleted {
+            release: *release,
+            reason: shortcut.map(|s| s.to_string()),
+        },
         RolloutEvent::Aborted { reason } => Event::RolloutAborted {
             reason: reason.clone(),
         },

@@ -130,7 +130,7 @@ impl Controller {
         // says so: a restart must not forget it (rollback returns along the history).
         let mut history = a.history.clone();
         for e in &d.events {
-            if let RolloutEvent::Completed { release } = e {
+            if let RolloutEvent::Completed { release, .. } = e {
                 kiln_deploy::became_live(&mut history, *release);
             }
         }
@@ -150,6 +150,9 @@ impl Controller {
         for action in others.into_iter().chain(destroys) {
             match action {
                 Action::Migrate { release } => self.exec.migrate(name, a, release)?,
+                Action::Create { release, count } if release != a.goal.release => {
+                    self.create_other(name, a, release, count)?;
+                }
                 Action::Create { release, count } => self.exec.create(name, a, release, count)?,
                 Action::Route(target) => self.exec.publish(name, a, target, &view.addrs)?,
                 Action::Destroy { instance, reason } => {
@@ -169,6 +172,20 @@ impl Controller {
             a.state.awaiting_promotion = false;
         }
         Ok(())
+    }
+
+    /// Creates instances of a release other than the goal's (a canary's `scale_stable`
+    /// restoring the stable release after an abort) from that release's own image and
+    /// configuration. `create` reads both from the app before it returns (what runs in the
+    /// background owns its copies), so the app holds them only for that call.
+    fn create_other(&self, name: &str, a: &mut AppCtl, release: u64, count: u32) -> Result<()> {
+        let (mut config, mut image) = self.load_release(name, release)?;
+        std::mem::swap(&mut a.config, &mut config);
+        std::mem::swap(&mut a.image, &mut image);
+        let created = self.exec.create(name, a, release, count);
+        std::mem::swap(&mut a.config, &mut config);
+        std::mem::swap(&mut a.image, &mut image);
+        created
     }
 
     /// The app's instances (not the one-shots, not those being destroyed) for the planner,

@@ -63,6 +63,11 @@ impl Controller {
             step: matches!(a.goal.deploy.strategy, kiln_spec::Strategy::Canary { .. })
                 .then_some(a.state.step + 1),
             awaiting_promotion: a.state.awaiting_promotion,
+            awaiting_decision: a
+                .state
+                .inconclusive
+                .filter(|_| a.state.awaiting_promotion)
+                .map(|i| i.to_string()),
             replicas: a.goal.replicas,
             weights: a.route.weights.clone(),
             listen: a.listen.to_string(),

@@ -420,3 +420,100 @@ async fn down_during_a_create_destroys_what_the_create_makes() {
     assert_eq!(slow.creates.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(slow.fake.list().await.unwrap(), Vec::new());
 }
+
+const CANARY: &str = "strategy = \"canary\"\n\
+    [[deploy.steps]]\nweight = 50\npause = \"2s\"\n\
+    [[deploy.steps]]\nweight = 100\n";
+
+/// A canary's first release has nothing to compare with: live without steps, and the
+/// event says why.
+#[tokio::test(start_paused = true)]
+async fn a_first_canary_release_goes_live_without_steps_and_says_why() {
+    let t = Timeline::start(true).await;
+    let port = free_port();
+    t.c.apply("web", request(port, "1", CANARY)).await.unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    let events = t.events();
+    assert!(
+        events.contains(&Event::RolloutCompleted {
+            release: 1,
+            reason: Some("first release: no live release to compare with".into()),
+        }),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::StepStarted { .. }))
+    );
+}
+
+/// Without traffic, a step stays inconclusive: the rollout waits for a person, says why in
+/// status, and `kiln promote` finishes it.
+#[tokio::test(start_paused = true)]
+async fn an_inconclusive_step_waits_for_a_decision_and_promote_finishes_it() {
+    let t = Timeline::start(true).await;
+    let port = free_port();
+    t.c.apply("web", request(port, "1", CANARY)).await.unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    t.c.apply("web", request(port, "2", CANARY)).await.unwrap();
+    t.until(Duration::from_secs(20), |s| s.awaiting_decision.is_some())
+        .await;
+    let s = t.c.status("web").await.unwrap();
+    assert!(s.awaiting_promotion);
+    assert_eq!(s.phase, "progressing");
+    let why = s.awaiting_decision.unwrap();
+    assert!(
+        why.starts_with("step 1 (50%) inconclusive: 0 of 50 requests needed in 6"),
+        "{why}"
+    );
+    // Well past the progress deadline it still waits, at the step's weights.
+    tokio::time::advance(Duration::from_secs(600)).await;
+    t.pass(kiln_control::TICK).await;
+    let s = t.c.status("web").await.unwrap();
+    assert_eq!(
+        (s.phase.as_str(), s.weights.get(&2)),
+        ("progressing", Some(&50))
+    );
+    t.c.promote("web", "test").await.unwrap();
+    t.until(Duration::from_secs(5), |s| settled(s) && s.live == Some(2))
+        .await;
+    let s = t.c.status("web").await.unwrap();
+    assert!(!s.awaiting_promotion && s.awaiting_decision.is_none());
+}
+
+/// `scale_stable`: release 1 gives up an instance while the canary holds half the traffic,
+/// and gets it back, from its own image, when the canary is aborted.
+#[tokio::test(start_paused = true)]
+async fn scale_stable_gives_capacity_back_to_stable_when_the_canary_aborts() {
+    let t = Timeline::start(true).await;
+    let port = free_port();
+    let spec = format!("{CANARY}scale_stable = true\n");
+    let spec = spec.replacen(
+        "\n[[deploy.steps]]",
+        "\nscale_stable = true\n[[deploy.steps]]",
+        1,
+    );
+    let spec = spec.trim_end_matches("scale_stable = true\n");
+    t.c.apply("web", request(port, "1", spec)).await.unwrap();
+    t.until(Duration::from_secs(5), settled).await;
+    t.c.apply("web", request(port, "2", spec)).await.unwrap();
+    let of = |s: &kiln_control::AppStatus, r: u64| {
+        s.instances.iter().filter(|i| i.release == Some(r)).count()
+    };
+    // 2 replicas at 50%: one stable instance carries stable's half.
+    t.until(Duration::from_secs(10), |s| {
+        s.weights.get(&2) == Some(&50) && of(s, 1) == 1
+    })
+    .await;
+    t.c.abort("web", "test").await.unwrap();
+    t.until(Duration::from_secs(10), |s| {
+        s.phase == "aborted" && of(s, 1) == 2 && of(s, 2) == 0
+    })
+    .await;
+    for i in t.fake.list().await.unwrap() {
+        let spec = t.fake.spec(&i.id).unwrap();
+        assert_eq!(spec.image.to_string(), format!("sha256:{}", "a".repeat(64)));
+        assert_eq!(spec.env.get("V").map(String::as_str), Some("1"));
+    }
+}

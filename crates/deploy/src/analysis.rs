@@ -169,6 +169,7 @@ mod tests {
             max_p99: Some(Duration::from_millis(300)),
             min_requests: 50,
             compare_to_stable: true,
+            on_inconclusive: kiln_spec::OnInconclusive::Pause,
         }
     }
 

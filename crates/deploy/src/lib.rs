@@ -34,6 +34,6 @@ pub use rollback::{
     RollbackTarget, TargetRelease, became_live, plan_rollback, rollback_target,
 };
 pub use rollout::{
-    Action, Condition, Decision, DestroyReason, Goal, InstanceObs, Millis, Observed, Phase,
-    RolloutEvent, RolloutState, RouteTarget, decide, steady_route,
+    Action, Condition, Decision, DestroyReason, Goal, Inconclusive, InstanceObs, Millis, Observed,
+    Phase, RolloutEvent, RolloutState, RouteTarget, Shortcut, decide, stable_needed, steady_route,
 };

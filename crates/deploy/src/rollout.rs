@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use kiln_spec::{CountOrPercent, DeploySpec, Promote, Strategy};
+use kiln_spec::{CountOrPercent, DeploySpec, OnInconclusive, Promote, Strategy};
 
 use crate::analysis::{Measurement, StepMetrics, Verdict, judge};
 
@@ -154,8 +154,12 @@ pub struct RolloutState {
     pub abort_requested: Option<String>,
     /// The last failure of a new instance, for the abort reason.
     pub last_failure: Option<String>,
-    /// Waiting for `kiln promote` (manual promotion), announced once.
+    /// Waiting for `kiln promote` (manual promotion, or an inconclusive step under
+    /// `on_inconclusive = "pause"`), announced once.
     pub awaiting_promotion: bool,
+    /// Why the rollout waits for a decision, when the reason is an inconclusive step rather
+    /// than manual promotion.
+    pub inconclusive: Option<Inconclusive>,
     /// `[deploy.migrate]` ran and exited 0 (or there is none to run). States written before
     /// migrations existed had nothing to run.
     pub migrated: bool,
@@ -179,8 +183,66 @@ impl RolloutState {
             abort_requested: None,
             last_failure: None,
             awaiting_promotion: false,
+            inconclusive: None,
             migrated: goal.deploy.migrate.is_none(),
             migration_failed: None,
+        }
+    }
+}
+
+/// A canary step that, after its extended window, still saw fewer than `min_requests`.
+/// `Display`: `step 1 (10%) inconclusive: 3 of 50 requests needed in 90s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inconclusive {
+    /// 1-based step.
+    pub step: usize,
+    /// Its canary weight.
+    pub weight: u8,
+    /// Canary requests seen over the step.
+    pub requests: u64,
+    /// `min_requests`.
+    pub min_requests: u64,
+    /// How long the step ran.
+    pub waited_ms: Millis,
+}
+
+impl Inconclusive {
+    /// The numbers alone: `3 of 50 requests needed in 90s`.
+    pub fn numbers(&self) -> String {
+        let waited = Duration::from_millis(u64::try_from(self.waited_ms).unwrap_or(0));
+        format!(
+            "{} of {} requests needed in {}",
+            self.requests,
+            self.min_requests,
+            humane(waited)
+        )
+    }
+}
+
+impl fmt::Display for Inconclusive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "step {} ({}%) inconclusive: {}",
+            self.step,
+            self.weight,
+            self.numbers()
+        )
+    }
+}
+
+/// Why a rollout completed other than by its strategy's own course.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortcut {
+    /// No release was live: blue-green and canary had nothing to compare with or protect,
+    /// so all traffic moved once the new instances were healthy.
+    FirstRelease,
+}
+
+impl fmt::Display for Shortcut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shortcut::FirstRelease => f.write_str("first release: no live release to compare with"),
         }
     }
 }
@@ -369,12 +431,27 @@ pub enum RolloutEvent {
         /// The verdict with its numbers.
         verdict: Verdict,
     },
-    /// Waiting for `kiln promote`.
-    AwaitingPromotion,
+    /// A canary step stayed inconclusive; `then` is what `on_inconclusive` made of it
+    /// (`abort` is recorded as a failed [`RolloutEvent::StepJudged`] instead).
+    StepInconclusive {
+        /// The step and its numbers.
+        inconclusive: Inconclusive,
+        /// The measurements it had.
+        metrics: StepMetrics,
+        /// `pause` or `promote`.
+        then: OnInconclusive,
+    },
+    /// Waiting for `kiln promote` (or `kiln abort`).
+    AwaitingPromotion {
+        /// Why, when it is an inconclusive step rather than manual promotion.
+        inconclusive: Option<Inconclusive>,
+    },
     /// All traffic is on the new release.
     Completed {
         /// The release.
         release: u64,
+        /// Why it got there by a shortcut, if it did.
+        shortcut: Option<Shortcut>,
     },
     /// Traffic went back to stable.
     Aborted {
@@ -393,8 +470,10 @@ impl RolloutEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             RolloutEvent::StepStarted { .. } => "rollout.step_started",
-            RolloutEvent::StepJudged { .. } => "rollout.step_judged",
-            RolloutEvent::AwaitingPromotion => "rollout.awaiting_promotion",
+            RolloutEvent::StepJudged { .. } | RolloutEvent::StepInconclusive { .. } => {
+                "rollout.step_judged"
+            }
+            RolloutEvent::AwaitingPromotion { .. } => "rollout.awaiting_promotion",
             RolloutEvent::Completed { .. } => "rollout.completed",
             RolloutEvent::Aborted { .. } => "rollout.aborted",
             RolloutEvent::PreviousRetired { .. } => "rollout.previous_retired",
@@ -587,12 +666,26 @@ fn progressing(goal: &Goal, split: &Split<'_>, obs: &Observed, now: Millis, d: &
     }
     let waiting_for_instances = match &goal.deploy.strategy {
         Strategy::Rolling => rolling(goal, split, obs, now, d),
+        // With nothing live there is nothing to compare a canary with, nor to keep serving
+        // during a preview: steps, analysis and promotion would only delay the first release.
+        Strategy::BlueGreen { .. } | Strategy::Canary { .. } if goal.stable.is_none() => {
+            first_release(goal, split, obs, now, d)
+        }
         Strategy::BlueGreen { promote } => blue_green(goal, split, obs, *promote, now, d),
         Strategy::Canary {
             promote,
             steps,
             analysis,
-        } => canary(goal, split, obs, *promote, steps, analysis, now, d),
+            scale_stable,
+        } => {
+            let canary = Canary {
+                promote: *promote,
+                steps,
+                analysis,
+                scale_stable: *scale_stable,
+            };
+            canary.run(goal, split, obs, now, d)
+        }
     };
     if !waiting_for_instances {
         // Time spent waiting on a pause or on `kiln promote` is not a lack of progress.
@@ -649,6 +742,30 @@ fn rolling(goal: &Goal, split: &Split<'_>, obs: &Observed, now: Millis, d: &mut 
     true
 }
 
+/// A first release (blue-green or canary with no live release): new instances take all
+/// traffic as they become ready; complete once `replicas` are. Returns whether it waits on
+/// instances.
+fn first_release(
+    goal: &Goal,
+    split: &Split<'_>,
+    obs: &Observed,
+    now: Millis,
+    d: &mut Decision,
+) -> bool {
+    let r = goal.replicas;
+    top_up(goal, split, r, d);
+    retire_drifted(split, d);
+    let ready = split.new_ready();
+    let serving = &ready[..ready.len().min(r as usize)];
+    let weight = if serving.is_empty() { 0 } else { 100 };
+    set_route(obs, route(goal, serving, weight, &[], 0), d);
+    if u32::try_from(serving.len()).unwrap_or(u32::MAX) >= r {
+        complete_by(goal, now, Some(Shortcut::FirstRelease), d);
+        return false;
+    }
+    true
+}
+
 /// Blue-green: a full new set beside the live one, then one switch.
 fn blue_green(
     goal: &Goal,
@@ -681,137 +798,236 @@ fn blue_green(
 fn await_promotion(d: &mut Decision) {
     if !d.state.awaiting_promotion {
         d.state.awaiting_promotion = true;
-        d.events.push(RolloutEvent::AwaitingPromotion);
+        d.events
+            .push(RolloutEvent::AwaitingPromotion { inconclusive: None });
     }
 }
 
-/// Canary: shift traffic in steps, judge each step, abort on a failed verdict.
-#[allow(clippy::too_many_arguments)]
-fn canary(
-    goal: &Goal,
-    split: &Split<'_>,
-    obs: &Observed,
+/// A canary strategy's settings, borrowed from the goal.
+struct Canary<'g> {
     promote: Promote,
-    steps: &[kiln_spec::CanaryStep],
-    analysis: &kiln_spec::Analysis,
-    now: Millis,
-    d: &mut Decision,
-) -> bool {
-    let r = goal.replicas;
-    let last = steps.len().saturating_sub(1);
-    if d.state.promote_requested && d.state.step < last {
-        // `kiln promote` skips the remaining steps.
-        d.state.step = last;
-        d.state.step_started_ms = None;
-        d.state.awaiting_promotion = false;
-    }
-    let Some(step) = steps.get(d.state.step).copied() else {
-        complete(goal, now, d);
-        return false;
-    };
-    let weight = u32::from(step.weight);
-    let need = if weight >= 100 {
-        r
-    } else {
-        CountOrPercent::Percent(step.weight).resolve(r, true).max(1)
-    };
-    top_up(goal, split, need, d);
-    retire_drifted(split, d);
-    let canaries = split.new_ready();
-    let stable = split.stable_ready();
-    if u32::try_from(canaries.len()).unwrap_or(u32::MAX) < need {
-        // Hold the previous step's table until this step's canaries are ready.
-        return true;
-    }
-    let canaries = &canaries[..need as usize];
-    if weight >= 100 {
-        set_route(obs, route(goal, canaries, 100, &[], 0), d);
-        complete(goal, now, d);
-        return false;
-    }
-    let table = route(goal, canaries, weight, &stable, 100 - weight);
-    let n = d.state.step + 1;
-    if d.state.awaiting_promotion {
-        // Every judged step passed; the last move waits for a person.
+    steps: &'g [kiln_spec::CanaryStep],
+    analysis: &'g kiln_spec::Analysis,
+    scale_stable: bool,
+}
+
+impl Canary<'_> {
+    /// Shift traffic in steps, judge each step, abort on a failed verdict. Returns whether it
+    /// waits on instances.
+    fn run(
+        &self,
+        goal: &Goal,
+        split: &Split<'_>,
+        obs: &Observed,
+        now: Millis,
+        d: &mut Decision,
+    ) -> bool {
+        let r = goal.replicas;
+        let last = self.steps.len().saturating_sub(1);
+        if d.state.promote_requested && d.state.step < last {
+            // `kiln promote` skips the remaining steps (and settles an inconclusive one).
+            d.state.step = last;
+            d.state.step_started_ms = None;
+            d.state.awaiting_promotion = false;
+            d.state.inconclusive = None;
+        }
+        let Some(step) = self.steps.get(d.state.step).copied() else {
+            complete(goal, now, d);
+            return false;
+        };
+        let weight = u32::from(step.weight);
+        let need = if weight >= 100 {
+            r
+        } else {
+            CountOrPercent::Percent(step.weight).resolve(r, true).max(1)
+        };
+        top_up(goal, split, need, d);
+        retire_drifted(split, d);
+        let canaries = split.new_ready();
+        let stable = split.stable_ready();
+        if u32::try_from(canaries.len()).unwrap_or(u32::MAX) < need {
+            // Hold the previous step's table until this step's canaries are ready.
+            return true;
+        }
+        let canaries = &canaries[..need as usize];
+        if weight >= 100 {
+            set_route(obs, route(goal, canaries, 100, &[], 0), d);
+            complete(goal, now, d);
+            return false;
+        }
+        let stable = if self.scale_stable {
+            scale_stable_to(goal, split, &stable, 100 - weight, d)
+        } else {
+            stable
+        };
+        let table = route(goal, canaries, weight, &stable, 100 - weight);
+        let n = d.state.step + 1;
+        if d.state.awaiting_promotion {
+            // Every judged step passed (or one was inconclusive); the next move waits for a
+            // person.
+            set_route(obs, table, d);
+            return false;
+        }
+        let Some(started) = d.state.step_started_ms else {
+            set_route(obs, table, d);
+            d.state.step_started_ms = Some(now);
+            d.events.push(RolloutEvent::StepStarted {
+                step: n,
+                weight: step.weight,
+            });
+            return false;
+        };
         set_route(obs, table, d);
-        return false;
-    }
-    let Some(started) = d.state.step_started_ms else {
-        set_route(obs, table, d);
-        d.state.step_started_ms = Some(now);
-        d.events.push(RolloutEvent::StepStarted {
-            step: n,
-            weight: step.weight,
+        let Some(pause) = step.pause else {
+            // A step without a pause holds until `kiln promote`.
+            return false;
+        };
+        let pause_ms = millis(pause);
+        let ran = now - started;
+        if ran < pause_ms {
+            return false;
+        }
+        let metrics = obs.metrics.unwrap_or(StepMetrics {
+            canary: Measurement {
+                requests: 0,
+                errors: 0,
+                p99_ms: 0.0,
+            },
+            stable: Measurement {
+                requests: 0,
+                errors: 0,
+                p99_ms: 0.0,
+            },
         });
-        return false;
-    };
-    set_route(obs, table, d);
-    let Some(pause) = step.pause else {
-        // A step without a pause holds until `kiln promote`.
-        return false;
-    };
-    let pause_ms = millis(pause);
-    if now - started < pause_ms {
-        return false;
-    }
-    let metrics = obs.metrics.unwrap_or(StepMetrics {
-        canary: Measurement {
-            requests: 0,
-            errors: 0,
-            p99_ms: 0.0,
-        },
-        stable: Measurement {
-            requests: 0,
-            errors: 0,
-            p99_ms: 0.0,
-        },
-    });
-    let verdict = match judge(analysis, metrics) {
-        Verdict::Inconclusive { metrics }
-            if now - started >= pause_ms * i64::from(INCONCLUSIVE_LIMIT) =>
-        {
-            Verdict::Fail {
-                metrics,
-                reason: format!(
-                    "inconclusive: {} requests in {}, fewer than min_requests = {}",
-                    metrics.canary.requests,
-                    humane(Duration::from_millis(
-                        u64::try_from(now - started).unwrap_or(0)
-                    )),
-                    analysis.min_requests
-                ),
-            }
-        }
-        Verdict::Inconclusive { .. } => return false,
-        v => v,
-    };
-    d.events.push(RolloutEvent::StepJudged {
-        step: n,
-        weight: step.weight,
-        verdict: verdict.clone(),
-    });
-    match verdict {
-        Verdict::Fail { reason, .. } => {
-            let reason = format!("aborted at step {n} ({}%): {reason}", step.weight);
-            abort(goal, split, obs, now, reason, d);
-        }
-        _ => {
-            let next = d.state.step + 1;
-            if next == last && promote == Promote::Manual && !d.state.promote_requested {
-                await_promotion(d);
+        let verdict = match judge(self.analysis, metrics) {
+            // Too few requests yet: the step extends, up to its limit.
+            Verdict::Inconclusive { .. }
+                if ran < pause_ms.saturating_mul(i64::from(INCONCLUSIVE_LIMIT)) =>
+            {
                 return false;
             }
-            d.state.step = next;
-            d.state.step_started_ms = None;
+            Verdict::Inconclusive { metrics } => {
+                let inconclusive = Inconclusive {
+                    step: n,
+                    weight: step.weight,
+                    requests: metrics.canary.requests,
+                    min_requests: self.analysis.min_requests,
+                    waited_ms: ran,
+                };
+                match self.analysis.on_inconclusive {
+                    OnInconclusive::Abort => Verdict::Fail {
+                        metrics,
+                        reason: format!(
+                            "inconclusive: {} requests in {}, fewer than min_requests = {}",
+                            metrics.canary.requests,
+                            humane(Duration::from_millis(u64::try_from(ran).unwrap_or(0))),
+                            self.analysis.min_requests
+                        ),
+                    },
+                    then @ OnInconclusive::Pause => {
+                        d.events.push(RolloutEvent::StepInconclusive {
+                            inconclusive,
+                            metrics,
+                            then,
+                        });
+                        d.state.awaiting_promotion = true;
+                        d.state.inconclusive = Some(inconclusive);
+                        d.events.push(RolloutEvent::AwaitingPromotion {
+                            inconclusive: Some(inconclusive),
+                        });
+                        return false;
+                    }
+                    then @ OnInconclusive::Promote => {
+                        d.events.push(RolloutEvent::StepInconclusive {
+                            inconclusive,
+                            metrics,
+                            then,
+                        });
+                        self.advance(last, d);
+                        return false;
+                    }
+                }
+            }
+            v => v,
+        };
+        d.events.push(RolloutEvent::StepJudged {
+            step: n,
+            weight: step.weight,
+            verdict: verdict.clone(),
+        });
+        match verdict {
+            Verdict::Fail { reason, .. } => {
+                let reason = format!("aborted at step {n} ({}%): {reason}", step.weight);
+                abort(goal, split, obs, now, reason, d);
+            }
+            _ => self.advance(last, d),
         }
+        false
     }
-    false
+
+    /// After a step passed: the next step, or (before the last under manual promotion) a
+    /// wait for `kiln promote`.
+    fn advance(&self, last: usize, d: &mut Decision) {
+        let next = d.state.step + 1;
+        if next == last && self.promote == Promote::Manual && !d.state.promote_requested {
+            await_promotion(d);
+            return;
+        }
+        d.state.step = next;
+        d.state.step_started_ms = None;
+    }
+}
+
+/// The stable instances a canary route with `stable_weight` percent needs under
+/// `scale_stable`: that share of `replicas`, rounded up, at least 1 while it has weight.
+pub fn stable_needed(replicas: u32, stable_weight: u32) -> u32 {
+    if stable_weight == 0 {
+        return 0;
+    }
+    let share = u8::try_from(stable_weight.min(100)).unwrap_or(100);
+    CountOrPercent::Percent(share)
+        .resolve(replicas, true)
+        .max(1)
+}
+
+/// `scale_stable`: keeps the stable instances the route needs at `stable_weight` (lowest ids
+/// first) and scales the rest down; returns the kept ones. Nothing is scaled down while fewer
+/// than needed are ready, so a route never loses capacity it needs.
+fn scale_stable_to<'a>(
+    goal: &Goal,
+    split: &Split<'a>,
+    ready: &[&'a InstanceObs],
+    stable_weight: u32,
+    d: &mut Decision,
+) -> Vec<&'a InstanceObs> {
+    let keep = stable_needed(goal.replicas, stable_weight) as usize;
+    if ready.len() < keep {
+        return ready.to_vec();
+    }
+    let kept = ready[..keep].to_vec();
+    for i in split.stable.iter().filter(|i| !kept.contains(i)) {
+        d.actions.push(Action::Destroy {
+            instance: i.id.clone(),
+            reason: DestroyReason::ScaledDown {
+                release: i.release,
+                replicas: u32::try_from(keep).unwrap_or(u32::MAX),
+            },
+        });
+    }
+    kept
 }
 
 fn complete(goal: &Goal, now: Millis, d: &mut Decision) {
+    complete_by(goal, now, None, d);
+}
+
+fn complete_by(goal: &Goal, now: Millis, shortcut: Option<Shortcut>, d: &mut Decision) {
     d.state.phase = Phase::Completed { at_ms: now };
+    d.state.awaiting_promotion = false;
+    d.state.inconclusive = None;
     d.events.push(RolloutEvent::Completed {
         release: goal.release,
+        shortcut,
     });
 }
 
@@ -827,14 +1043,28 @@ fn abort(
         at_ms: now,
         reason: reason.clone(),
     };
+    d.state.awaiting_promotion = false;
+    d.state.inconclusive = None;
     d.events.push(RolloutEvent::Aborted { reason });
     aborted(goal, split, obs, d);
 }
 
-/// After an abort: all traffic on stable (warm instances included), new instances destroyed.
+/// After an abort: all traffic on stable (warm instances included), new instances destroyed;
+/// under `scale_stable`, stable scaled back up to `replicas`.
 fn aborted(goal: &Goal, split: &Split<'_>, obs: &Observed, d: &mut Decision) {
     let stable = split.stable_ready();
     set_route(obs, route(goal, &[], 0, &stable, 100), d);
+    if let (Some(s), Strategy::Canary { scale_stable, .. }) = (goal.stable, &goal.deploy.strategy)
+        && *scale_stable
+    {
+        let live = count(split.stable.iter().filter(|i| !i.dead()));
+        if goal.replicas > live {
+            d.actions.push(Action::Create {
+                release: s,
+                count: goal.replicas - live,
+            });
+        }
+    }
     for i in &split.new {
         if !i.dead() {
             d.actions.push(Action::Destroy {

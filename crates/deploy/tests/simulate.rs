@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_deploy::*;
-use kiln_spec::{Analysis, CanaryStep, CountOrPercent, DeploySpec, Promote, Strategy};
+use kiln_spec::{
+    Analysis, CanaryStep, CountOrPercent, DeploySpec, OnInconclusive, Promote, Strategy,
+};
 
 const TICK: Millis = 100;
 
@@ -46,6 +48,8 @@ struct Sim {
     destroyed: u32,
     /// Migrate actions seen.
     migrations: u32,
+    /// Clients send requests; without them every step measures nothing.
+    traffic: bool,
 }
 
 impl Sim {
@@ -75,6 +79,7 @@ impl Sim {
             timeline: Vec::new(),
             destroyed: 0,
             migrations: 0,
+            traffic: true,
         };
         for _ in 0..replicas {
             let id = sim.spawn(1);
@@ -82,6 +87,17 @@ impl Sim {
             sim.route.members.insert(id);
         }
         sim.route.weights.insert(1, 100);
+        sim.state = RolloutState::start(&sim.goal, sim.now);
+        sim
+    }
+
+    /// An app's first release: release 1 with nothing live before it.
+    fn first(deploy: DeploySpec, replicas: u32) -> Sim {
+        let mut sim = Sim::new(deploy, 0, GOOD);
+        sim.route = RouteTarget::default();
+        sim.goal.release = 1;
+        sim.goal.stable = None;
+        sim.goal.replicas = replicas;
         sim.state = RolloutState::start(&sim.goal, sim.now);
         sim
     }
@@ -105,7 +121,11 @@ impl Sim {
         Observed {
             instances: self.instances.iter().map(|(i, _)| i.clone()).collect(),
             route: self.route.clone(),
-            metrics: self.state.step_started_ms.map(|start| self.metrics(start)),
+            metrics: self
+                .state
+                .step_started_ms
+                .filter(|_| self.traffic)
+                .map(|start| self.metrics(start)),
         }
     }
 
@@ -217,8 +237,21 @@ fn describe(e: &RolloutEvent) -> String {
     match e {
         RolloutEvent::StepStarted { step, weight } => format!("step {step} started at {weight}%"),
         RolloutEvent::StepJudged { step, verdict, .. } => format!("step {step} {verdict}"),
-        RolloutEvent::AwaitingPromotion => "awaiting kiln promote".into(),
-        RolloutEvent::Completed { release } => format!("completed release {release}"),
+        RolloutEvent::StepInconclusive {
+            inconclusive, then, ..
+        } => format!("{inconclusive}; then {}", then.as_str()),
+        RolloutEvent::AwaitingPromotion { inconclusive: None } => "awaiting kiln promote".into(),
+        RolloutEvent::AwaitingPromotion {
+            inconclusive: Some(why),
+        } => format!("awaiting a decision: {why}"),
+        RolloutEvent::Completed {
+            release,
+            shortcut: None,
+        } => format!("completed release {release}"),
+        RolloutEvent::Completed {
+            release,
+            shortcut: Some(why),
+        } => format!("completed release {release} ({why})"),
         RolloutEvent::Aborted { reason } => format!("aborted: {reason}"),
         RolloutEvent::PreviousRetired { release } => format!("retired release {release}"),
     }
@@ -244,6 +277,14 @@ fn rolling(surge: u32, unavailable: u32) -> DeploySpec {
 }
 
 fn canary(promote: Promote) -> DeploySpec {
+    canary_with(promote, OnInconclusive::Pause, false)
+}
+
+fn canary_with(
+    promote: Promote,
+    on_inconclusive: OnInconclusive,
+    scale_stable: bool,
+) -> DeploySpec {
     let step = |weight, pause: u64| CanaryStep {
         weight,
         pause: Some(Duration::from_secs(pause)),
@@ -256,7 +297,9 @@ fn canary(promote: Promote) -> DeploySpec {
             max_p99: Some(Duration::from_millis(300)),
             min_requests: 50,
             compare_to_stable: true,
+            on_inconclusive,
         },
+        scale_stable,
     })
 }
 
@@ -452,8 +495,12 @@ fn canary_200ms_slower_aborts_on_latency() {
 }
 
 #[test]
-fn canary_without_traffic_is_inconclusive_then_fails() {
-    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+fn canary_without_traffic_is_inconclusive_then_fails_under_abort() {
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Abort, false),
+        2,
+        GOOD,
+    );
     sim.behaviors.insert(2, GOOD);
     // No clients: drive decisions with empty metrics.
     let start = sim.now;
@@ -958,4 +1005,208 @@ fn steady_route_is_the_table_a_completed_rollout_publishes() {
     };
     let d = decide(&goal, &state, &obs, 1_000);
     assert!(!d.actions.iter().any(|a| matches!(a, Action::Route(_))));
+}
+
+#[test]
+fn a_first_release_goes_straight_to_100_whatever_the_strategy() {
+    let first = "completed release 1 (first release: no live release to compare with)";
+    for (deploy, done) in [
+        (canary(Promote::Auto), first),
+        (canary(Promote::Manual), first),
+        (
+            deploy(Strategy::BlueGreen {
+                promote: Promote::Manual,
+            }),
+            first,
+        ),
+        // Rolling has no steps to skip: it completes as it always did.
+        (rolling(1, 0), "completed release 1"),
+    ] {
+        let mut sim = Sim::first(deploy, 3);
+        sim.traffic = false;
+        let phase = sim.run(60_000, |s| {
+            // Nothing else serves: new instances are routed as soon as they are ready.
+            assert!(s.route.weights.values().all(|w| *w == 100 || *w == 0));
+        });
+        assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+        assert_eq!(sim.timeline, [format!("  0.3s {done}")]);
+        assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+        assert_eq!(sim.route.members.len(), 3);
+    }
+}
+
+/// The issue: with no traffic, a canary could never finish a step; it aborted.
+#[test]
+fn canary_without_traffic_pauses_for_a_decision_then_promote_finishes_it() {
+    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+    sim.traffic = false;
+    // Far past the progress deadline (10s): waiting for a person is not a lack of progress.
+    let phase = sim.run(60_000, |_| {}).clone();
+    assert_eq!(phase, Phase::Progressing);
+    assert_eq!(
+        sim.timeline,
+        [
+            "  0.3s step 1 started at 10%",
+            " 15.3s step 1 (10%) inconclusive: 0 of 50 requests needed in 15s; then pause",
+            " 15.3s awaiting a decision: step 1 (10%) inconclusive: 0 of 50 requests needed in 15s",
+        ]
+    );
+    assert!(sim.state.awaiting_promotion);
+    assert_eq!(
+        sim.state.inconclusive.map(|i| i.to_string()).as_deref(),
+        Some("step 1 (10%) inconclusive: 0 of 50 requests needed in 15s")
+    );
+    // It holds the step's table.
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 90), (2, 10)]));
+    sim.state.promote_requested = true;
+    assert!(matches!(sim.run(5_000, |_| {}), Phase::Completed { .. }));
+    assert_eq!(sim.route.weights, BTreeMap::from([(2, 100)]));
+    assert!(!sim.state.awaiting_promotion);
+    assert_eq!(sim.state.inconclusive, None);
+}
+
+#[test]
+fn canary_paused_on_inconclusive_aborts_on_kiln_abort() {
+    let mut sim = Sim::new(canary(Promote::Auto), 2, GOOD);
+    sim.traffic = false;
+    sim.run(20_000, |_| {});
+    assert!(sim.state.inconclusive.is_some());
+    sim.state.abort_requested = Some("alice".into());
+    let Phase::Aborted { reason, .. } = sim.run(1_000, |_| {}).clone() else {
+        panic!("expected abort");
+    };
+    assert_eq!(reason, "aborted by alice");
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+    assert_eq!(sim.state.inconclusive, None);
+}
+
+#[test]
+fn canary_promoted_on_inconclusive_walks_every_step_and_says_so() {
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Promote, false),
+        2,
+        GOOD,
+    );
+    sim.traffic = false;
+    assert!(matches!(sim.run(60_000, |_| {}), Phase::Completed { .. }));
+    assert_eq!(
+        sim.timeline,
+        [
+            "  0.3s step 1 started at 10%",
+            " 15.3s step 1 (10%) inconclusive: 0 of 50 requests needed in 15s; then promote",
+            " 15.4s step 2 started at 50%",
+            " 30.4s step 2 (50%) inconclusive: 0 of 50 requests needed in 15s; then promote",
+            " 30.8s completed release 2",
+        ]
+    );
+}
+
+#[test]
+fn a_step_short_of_requests_extends_until_it_has_them() {
+    // At 10% of 4 replicas the canary gets 20 requests a second: 150 take 7.5s, longer than
+    // the 5s pause but within three of them.
+    let mut sim = Sim::new(canary(Promote::Auto), 4, GOOD);
+    if let Strategy::Canary { analysis, .. } = &mut sim.goal.deploy.strategy {
+        analysis.min_requests = 150;
+    }
+    assert!(matches!(sim.run(120_000, |_| {}), Phase::Completed { .. }));
+    assert_eq!(
+        sim.timeline[..2],
+        [
+            "  0.3s step 1 started at 10%",
+            "  7.8s step 1 passed: error rate 0.0% over 150 requests, p99 4ms",
+        ]
+    );
+}
+
+#[test]
+fn stable_needed_follows_its_share_of_the_route() {
+    for (replicas, stable_weight, want) in [
+        (4, 100, 4),
+        (4, 90, 4),
+        (4, 50, 2),
+        (3, 50, 2),
+        (10, 1, 1),
+        (1, 50, 1),
+        (4, 0, 0),
+    ] {
+        assert_eq!(
+            stable_needed(replicas, stable_weight),
+            want,
+            "{replicas} replicas, stable at {stable_weight}%"
+        );
+    }
+}
+
+/// Stable instances of release 1 that are alive.
+fn stable_alive(s: &Sim) -> usize {
+    s.instances
+        .iter()
+        .filter(|(i, _)| i.release == 1 && i.health == Condition::Healthy)
+        .count()
+}
+
+#[test]
+fn scale_stable_shrinks_stable_as_the_canary_grows_never_below_its_share() {
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Pause, true),
+        4,
+        GOOD,
+    );
+    let mut seen = Vec::new();
+    let phase = sim.run(120_000, |s| {
+        let stable_weight = s.route.weights.get(&1).copied().unwrap_or(0);
+        let routed_stable = s
+            .instances
+            .iter()
+            .filter(|(i, _)| i.release == 1 && s.route.members.contains(&i.id))
+            .count();
+        assert!(
+            routed_stable >= stable_needed(4, stable_weight) as usize,
+            "{routed_stable} stable routed at {stable_weight}%"
+        );
+        if seen.last() != Some(&stable_alive(s)) {
+            seen.push(stable_alive(s));
+        }
+    });
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    // 4 at 90%, 2 at 50%; what is left stays warm for `keep_previous`.
+    assert_eq!(seen, [4, 2]);
+    assert_eq!(sim.count(1), 2);
+    assert_eq!(sim.count(2), 4);
+}
+
+#[test]
+fn scale_stable_off_keeps_every_stable_instance() {
+    let mut sim = Sim::new(canary(Promote::Auto), 4, GOOD);
+    sim.run(120_000, |s| assert_eq!(stable_alive(s), 4));
+    assert!(matches!(sim.state.phase, Phase::Completed { .. }));
+}
+
+#[test]
+fn scale_stable_is_restored_when_the_canary_aborts() {
+    let mut sim = Sim::new(
+        canary_with(Promote::Auto, OnInconclusive::Pause, true),
+        4,
+        GOOD,
+    );
+    sim.run(7_000, |_| {});
+    assert_eq!(sim.route.weights.get(&2), Some(&50));
+    assert_eq!(sim.count(1), 2);
+    sim.state.abort_requested = Some("alice".into());
+    sim.run(1_000, |_| {});
+    assert!(matches!(sim.state.phase, Phase::Aborted { .. }));
+    for _ in 0..10 {
+        let d = decide(&sim.goal, &sim.state, &sim.observe(), sim.now);
+        sim.state = d.state;
+        sim.apply(&d.actions);
+        sim.check_invariants();
+        // Never less than the two stable instances that carried its share.
+        assert!(sim.route.members.len() >= 2);
+        sim.advance();
+    }
+    assert_eq!(sim.count(1), 4);
+    assert_eq!(sim.count(2), 0);
+    assert_eq!(sim.route.weights, BTreeMap::from([(1, 100)]));
+    assert_eq!(sim.route.members.len(), 4);
 }

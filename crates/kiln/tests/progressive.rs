@@ -157,6 +157,107 @@ fn canary_200ms_slower_aborts_on_latency() {
     assert!(out.contains("aborted at step 1 (10%): p99"), "{out}");
 }
 
+/// A canary nobody sends traffic to: every step stays inconclusive.
+const QUIET_CANARY: &str = r#"[deploy]
+strategy = "canary"
+keep_previous = "10m"
+progress_deadline = "1m"
+
+[[deploy.steps]]
+weight = 50
+pause = "1s"
+
+[[deploy.steps]]
+weight = 100
+
+[deploy.analysis]
+min_requests = 50
+"#;
+
+/// The issue: a first canary release with no traffic walked its steps with nothing to compare
+/// to, found "0 requests, fewer than min_requests" and was aborted, leaving nothing live; and
+/// a later inconclusive step always aborted. Now the first release goes live at once, and the
+/// second waits at its step, saying why, until `kiln promote`.
+#[test]
+fn canary_without_traffic_goes_live_first_then_waits_for_a_decision() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = write_spec_with(dir.path(), port, r#"HELLO_VERSION = "v1""#, 2, QUIET_CANARY);
+    let image = build(&state, &spec);
+    let (code, out) = apply_code(&state, &spec, &image);
+    assert_eq!(code, 0, "{out}");
+    let s = status(&state);
+    assert_eq!(
+        (s["live"].as_u64(), s["phase"].as_str()),
+        (Some(1), Some("completed"))
+    );
+    assert_eq!(s["weights"], serde_json::json!({"1": 100}));
+    let events = history(&state);
+    assert!(
+        !events.iter().any(|e| e["kind"] == "rollout.step_started"),
+        "{events:#?}"
+    );
+    let completed = events
+        .iter()
+        .find(|e| e["kind"] == "rollout.completed")
+        .expect("rollout.completed");
+    assert_eq!(
+        completed["data"]["reason"],
+        "first release: no live release to compare with"
+    );
+
+    // Release 2, still without traffic: `kiln apply` follows the rollout while it waits.
+    let spec = write_spec_with(dir.path(), port, r#"HELLO_VERSION = "v2""#, 2, QUIET_CANARY);
+    let mut applying = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .arg("--state")
+        .arg(&state)
+        .args(["apply", "-f"])
+        .arg(&spec)
+        .args(["--image", &image])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(&state, Duration::from_secs(60), |s| {
+        s["awaiting_decision"].is_string()
+    });
+    let out = kiln(&state).args(["status", "web"]).assert().success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    assert!(
+        text.contains("awaiting a decision: step 1 (50%) inconclusive: 0 of 50 requests needed"),
+        "{text}"
+    );
+    let s = status(&state);
+    assert_eq!(s["phase"], "progressing");
+    assert_eq!(s["weights"], serde_json::json!({"1": 50, "2": 50}));
+
+    kiln(&state).args(["promote", "web"]).assert().success();
+    wait_until(&state, Duration::from_secs(60), |s| {
+        s["live"] == 2 && s["phase"] == "completed"
+    });
+    // The `kiln apply` that followed it ends with success.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = applying.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "kiln apply did not return");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let judged = history(&state)
+        .into_iter()
+        .find(|e| e["kind"] == "rollout.step_judged")
+        .expect("rollout.step_judged");
+    assert_eq!(judged["data"]["verdict"]["verdict"], "inconclusive");
+}
+
 const BLUE_GREEN: &str = r#"[deploy]
 strategy = "blue-green"
 keep_previous = "10m"

@@ -65,12 +65,20 @@ pub enum Event {
         /// The release waiting (absent in entries written before it was recorded).
         #[serde(default)]
         release: Option<u64>,
+        /// Why it waits when it is not manual promotion: an inconclusive canary step, with
+        /// the requests seen and needed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// All traffic is on `release`.
     #[serde(rename = "rollout.completed")]
     RolloutCompleted {
         /// The release.
         release: u64,
+        /// Why it completed by a shortcut (a first release skips steps, analysis and
+        /// promotion), when it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Traffic went back to the stable release.
     #[serde(rename = "rollout.aborted")]
@@ -508,8 +516,23 @@ impl std::fmt::Display for Event {
                     verdict.metrics.canary.p99_ms
                 )
             }
-            Event::AwaitingPromotion { .. } => f.write_str("waiting for `kiln promote`"),
-            Event::RolloutCompleted { release } => write!(f, "release {release} is live"),
+            Event::AwaitingPromotion { reason: None, .. } => {
+                f.write_str("waiting for `kiln promote`")
+            }
+            Event::AwaitingPromotion {
+                reason: Some(why), ..
+            } => write!(
+                f,
+                "awaiting a decision, `kiln promote` or `kiln abort`: {why}"
+            ),
+            Event::RolloutCompleted {
+                release,
+                reason: None,
+            } => write!(f, "release {release} is live"),
+            Event::RolloutCompleted {
+                release,
+                reason: Some(why),
+            } => write!(f, "release {release} is live ({why})"),
             Event::RolloutAborted { reason } => f.write_str(reason),
             Event::PreviousRetired { release } => write!(f, "release {release} retired"),
             Event::PromoteRequested { release, actor } => {
@@ -610,7 +633,18 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_stored_form() {
         let events = [
-            Event::AwaitingPromotion { release: Some(2) },
+            Event::AwaitingPromotion {
+                release: Some(2),
+                reason: None,
+            },
+            Event::AwaitingPromotion {
+                release: Some(2),
+                reason: Some("step 1 (10%) inconclusive: 0 of 50 requests needed in 3s".into()),
+            },
+            Event::RolloutCompleted {
+                release: 1,
+                reason: Some("first release: no live release to compare with".into()),
+            },
             Event::InstanceReplaced {
                 instance: "i1".into(),
                 release: Some(3),
@@ -634,8 +668,29 @@ mod tests {
         let old = serde_json::json!({"event": "awaiting_promotion"});
         assert_eq!(
             Event::decode("rollout.awaiting_promotion", &old).unwrap(),
-            Event::AwaitingPromotion { release: None }
+            Event::AwaitingPromotion {
+                release: None,
+                reason: None
+            }
         );
+    }
+
+    #[test]
+    fn entries_written_before_reasons_decode_and_keep_their_form() {
+        let old = serde_json::json!({"release": 2});
+        let e = Event::decode("rollout.completed", &old).unwrap();
+        assert_eq!(
+            e,
+            Event::RolloutCompleted {
+                release: 2,
+                reason: None
+            }
+        );
+        // Stored again without a reason, the same bytes: the hash chain of old entries holds.
+        assert_eq!(e.data(), old);
+        let old = serde_json::json!({"release": 2});
+        let e = Event::decode("rollout.awaiting_promotion", &old).unwrap();
+        assert_eq!(e.data(), old);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! it and fails when the committed file differs).
 
 use crate::rules::{self, Bounds};
+use crate::types::OnInconclusive;
 
 /// One key of a table.
 #[derive(Debug)]
@@ -468,7 +469,8 @@ const DEPLOY: &[Field] = &[
         "\"rolling\"",
         "`rolling` replaces instances a few at a time; `blue-green` starts a full new set and \
          switches all traffic at once; `canary` shifts traffic in `[[deploy.steps]]`, judged by \
-         `[deploy.analysis]`.",
+         `[deploy.analysis]`. A first release (none live yet) takes all traffic once healthy: no \
+         steps, analysis or wait for `kiln promote`.",
     ),
     default(
         "max_surge",
@@ -512,6 +514,14 @@ const DEPLOY: &[Field] = &[
         Kind::Table(ANALYSIS),
         "Canary only: how each step is judged from the router's live measurements.",
     ),
+    default(
+        "scale_stable",
+        Kind::Bool,
+        "false",
+        "Canary only: keep capacity neutral. The stable release scales down as the canary \
+         scales up, never below what its share of the route needs (its weight × `replicas`, \
+         rounded up, at least 1 while it has weight); an aborted canary restores it.",
+    ),
     field(
         "migrate",
         Kind::Table(MIGRATE),
@@ -550,7 +560,8 @@ const ANALYSIS: &[Field] = &[
         "min_requests",
         Kind::Integer(rules::MIN_REQUESTS),
         "50",
-        "Fewer requests than this in a step is inconclusive: the step extends.",
+        "Fewer canary requests than this in a step is inconclusive: the step extends, up to \
+         three times its `pause`, then `on_inconclusive` decides.",
     ),
     default(
         "compare_to_stable",
@@ -558,6 +569,14 @@ const ANALYSIS: &[Field] = &[
         "true",
         "Also fail the canary when its error rate or p99 is clearly worse than the stable \
          release's over the same window.",
+    ),
+    default(
+        "on_inconclusive",
+        Kind::Enum(OnInconclusive::NAMES),
+        "\"pause\"",
+        "What a step that stays inconclusive leads to: `pause` waits at the step for \
+         `kiln promote` or `kiln abort` (`kiln status` says why, with the requests seen and \
+         needed); `abort` rolls back; `promote` proceeds as if the step passed.",
     ),
 ];
 

@@ -466,7 +466,7 @@ pub fn normalised_absolute(p: &str) -> Option<String> {
 pub fn strategy_keys(strategy: &str, set: impl Fn(&str) -> bool) -> Vec<(&'static str, Broken)> {
     let mut problems = Vec::new();
     if strategy != "canary" {
-        for key in ["steps", "analysis"] {
+        for key in ["steps", "analysis", "scale_stable"] {
             if set(key) {
                 problems.push((
                     key,

@@ -434,6 +434,9 @@ pub enum Strategy {
         steps: Vec<CanaryStep>,
         /// How each step is judged.
         analysis: Analysis,
+        /// Stable scales down as the canary scales up, never below what its share of the
+        /// route needs.
+        scale_stable: bool,
     },
 }
 
@@ -477,6 +480,44 @@ pub struct Analysis {
     pub min_requests: u64,
     /// Also compare against the stable release.
     pub compare_to_stable: bool,
+    /// What a step that stays inconclusive leads to.
+    pub on_inconclusive: OnInconclusive,
+}
+
+/// `[deploy.analysis] on_inconclusive`: what a canary step leads to when, after its extended
+/// window, it still saw fewer than `min_requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInconclusive {
+    /// Wait at the step for `kiln promote` or `kiln abort`.
+    Pause,
+    /// Abort the rollout.
+    Abort,
+    /// Proceed as if the step passed.
+    Promote,
+}
+
+impl OnInconclusive {
+    /// Every value, as `kiln.toml` spells them.
+    pub const NAMES: &'static [&'static str] = &["pause", "abort", "promote"];
+
+    /// The name as written in `kiln.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnInconclusive::Pause => "pause",
+            OnInconclusive::Abort => "abort",
+            OnInconclusive::Promote => "promote",
+        }
+    }
+
+    /// The value a name spells, if any.
+    pub fn from_name(name: &str) -> Option<OnInconclusive> {
+        match name {
+            "pause" => Some(OnInconclusive::Pause),
+            "abort" => Some(OnInconclusive::Abort),
+            "promote" => Some(OnInconclusive::Promote),
+            _ => None,
+        }
+    }
 }
 
 /// `[deploy.migrate]`.

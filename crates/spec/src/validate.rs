@@ -666,6 +666,7 @@ impl Validator<'_> {
                         .cloned()
                         .unwrap_or_else(|| defaults_of("deploy.analysis")),
                 ),
+                scale_stable: t.bool("scale_stable"),
             },
             _ => Strategy::Rolling,
         };
@@ -740,6 +741,10 @@ impl Validator<'_> {
                 .and_then(|i| u64::try_from(i).ok())
                 .unwrap_or(50),
             compare_to_stable: t.bool("compare_to_stable"),
+            on_inconclusive: t
+                .str("on_inconclusive")
+                .and_then(|(name, _)| OnInconclusive::from_name(name))
+                .unwrap_or(OnInconclusive::Pause),
         }
     }
 

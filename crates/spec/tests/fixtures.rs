@@ -114,6 +114,7 @@ fn full_fixture_has_every_value() {
         promote,
         steps,
         analysis,
+        scale_stable,
     } = &spec.deploy.strategy
     else {
         panic!("expected canary, got {:?}", spec.deploy.strategy);
@@ -126,6 +127,8 @@ fn full_fixture_has_every_value() {
     assert_eq!(steps[2].pause, None);
     assert!((analysis.max_error_rate - 0.01).abs() < 1e-12);
     assert_eq!(analysis.max_p99.map(|d| d.as_millis()), Some(300));
+    assert_eq!(analysis.on_inconclusive, OnInconclusive::Abort);
+    assert!(*scale_stable);
     let m = spec.deploy.migrate.as_ref().unwrap();
     assert_eq!((m.schema, m.compatible_from), (3, 2));
     assert_eq!(spec.route.hosts, ["app.example.com", "*.app.example.com"]);
@@ -175,4 +178,22 @@ fn three_independent_mistakes_are_all_reported_with_positions() {
             (Some(20), Some(10), "deploy.steps[1].weight"),
         ]
     );
+}
+
+#[test]
+fn a_canary_pauses_when_inconclusive_and_keeps_stable_unless_told() {
+    use kiln_spec::*;
+    let source = "name = \"c\"\n[image]\n[service]\n[deploy]\nstrategy = \"canary\"\n\
+                  [[deploy.steps]]\nweight = 10\npause = \"30s\"\n[[deploy.steps]]\nweight = 100\n";
+    let spec = Spec::parse(source, "canary.toml", &fixtures()).unwrap();
+    let Strategy::Canary {
+        analysis,
+        scale_stable,
+        ..
+    } = &spec.deploy.strategy
+    else {
+        panic!("expected canary, got {:?}", spec.deploy.strategy);
+    };
+    assert_eq!(analysis.on_inconclusive, OnInconclusive::Pause);
+    assert!(!scale_stable);
 }

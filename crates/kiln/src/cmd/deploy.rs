@@ -413,8 +413,12 @@ fn progress_line(s: &AppStatus) -> String {
             weights.join(", ")
         }
     ));
-    if s.awaiting_promotion {
-        line.push_str(" · waiting for `kiln promote`");
+    match (&s.awaiting_decision, s.awaiting_promotion) {
+        (Some(why), _) => line.push_str(&format!(
+            " · awaiting a decision: {why}; `kiln promote` or `kiln abort`"
+        )),
+        (None, true) => line.push_str(" · waiting for `kiln promote`"),
+        (None, false) => {}
     }
     line
 }
