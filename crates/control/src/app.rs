@@ -77,6 +77,7 @@ impl AppCtl {
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: self.stop_grace(),
+            init: service.init,
             health,
             port: None,
             container_port: Some(service.port),

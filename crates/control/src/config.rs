@@ -445,6 +445,10 @@ pub struct ServiceConfig {
     pub cpus: Option<f64>,
     /// SIGTERM → SIGKILL.
     pub stop_grace_ms: u64,
+    /// `[service] init`. Releases recorded before it had none and keep running without one:
+    /// a release runs as it was recorded, so only new releases get the spec's default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
     /// Health check.
     pub health: HealthConfig,
     /// `[service] user`; `None` (and releases recorded before it): the image's, else 65534.
@@ -741,6 +745,7 @@ impl ReleaseConfig {
                 memory: s.memory,
                 cpus: s.cpus,
                 stop_grace_ms: ms(s.stop_grace),
+                init: s.init,
                 user: s.user.clone(),
                 pids: s.pids,
                 seccomp: s.seccomp.into(),

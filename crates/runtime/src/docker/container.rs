@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use kiln_spec::Seccomp;
 
-use crate::types::{Digest, InstanceId, InstanceSpec};
+use crate::types::{Digest, INIT_PATH, InstanceId, InstanceSpec};
 
 /// Labels every kiln container carries.
 pub(crate) const LABEL_APP: &str = "kiln.app";
@@ -42,6 +42,11 @@ pub(crate) struct Wanted<'a> {
     pub user: &'a str,
     /// The host directory (a tmpfs) bound read-only at `/run/secrets`, when it has secrets.
     pub secrets: Option<&'a std::path::Path>,
+    /// kiln's init on the host, bound read-only at `/.kiln/init` and made the entrypoint,
+    /// when the spec has `init`.
+    pub init: Option<&'a std::path::Path>,
+    /// The image's entrypoint followed by its cmd: what the init runs without a command.
+    pub image_argv: &'a [String],
 }
 
 /// `OomScoreAdj` of every instance, as on the local provider: out of memory, the kernel
@@ -100,10 +105,28 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let mut log = HashMap::new();
     log.insert("max-size".to_owned(), "10m".to_owned());
     log.insert("max-file".to_owned(), "2".to_owned());
-    let (entrypoint, cmd) = match &spec.command {
-        Some(command) => (Some(command.clone()), Some(Vec::new())),
-        None => (None, None),
+    // Setting the entrypoint clears the image's cmd, so under the init the whole argv is
+    // kiln's to give.
+    let (entrypoint, cmd) = match (w.init, &spec.command) {
+        (Some(_), command) => {
+            let argv = command.clone().unwrap_or_else(|| w.image_argv.to_vec());
+            (
+                Some(crate::types::with_init(argv)),
+                Some(Vec::new()),
+            )
+        }
+        (None, Some(command)) => (Some(command.clone()), Some(Vec::new())),
+        (None, None) => (None, None),
     };
+    let binds: Vec<String> = w
+        .secrets
+        .map(|dir| format!("{}:/run/secrets:ro", dir.display()))
+        .into_iter()
+        .chain(
+            w.init
+                .map(|binary| format!("{}:{INIT_PATH}:ro", binary.display())),
+        )
+        .collect();
     ContainerCreateBody {
         image: Some(w.image_id.to_string()),
         env: Some(env),
@@ -118,9 +141,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
             tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
             // The engine takes only `ro` here; the tmpfs is mounted nosuid, nodev and
             // noexec, and a bind keeps its mount's flags.
-            binds: w
-                .secrets
-                .map(|dir| vec![format!("{}:/run/secrets:ro", dir.display())]),
+            binds: (!binds.is_empty()).then_some(binds),
             port_bindings: Some(bindings),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
@@ -291,6 +312,7 @@ mod tests {
             memory: Some(64 << 20),
             cpus: Some(0.5),
             stop_grace: Duration::from_secs(3),
+            init: false,
             health: None,
             port: None,
             container_port: None,
@@ -319,6 +341,8 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(body.image.as_deref(), Some(image_id.as_str()));
         // kiln's PORT wins over one in the spec.
@@ -337,6 +361,8 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert!(mapped.env.unwrap().contains(&"PORT=8080".to_owned()));
         assert_eq!(mapped.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
@@ -401,6 +427,8 @@ mod tests {
             state_label: "abc",
             user: "0:0",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(
             body.host_config.unwrap().security_opt,
@@ -429,6 +457,8 @@ mod tests {
             state_label: "abc",
             user: "0:0",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         let h = body.host_config.unwrap();
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
@@ -455,6 +485,8 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(
             body.entrypoint,
