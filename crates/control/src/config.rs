@@ -1227,6 +1227,7 @@ mod tests {
         "memory": null,
         "cpus": null,
         "stop_grace_ms": 10000,
+        "init": true,
         "health": {
           "path": null,
           "interval_ms": 1000,
@@ -1353,6 +1354,21 @@ exec = "allow"
         assert_eq!(Seccomp::from(s.seccomp), Seccomp::Default);
         assert_eq!(s.capability_list(), []);
         assert!(!s.allow_dangerous_capabilities);
+    }
+
+    #[test]
+    fn a_release_recorded_before_init_keeps_running_without_one() {
+        let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let service = recorded["service"].as_object_mut().unwrap();
+        service.remove("init");
+        let c = ReleaseConfig::decode(&recorded).unwrap();
+        assert!(!c.service.init);
+        // And it is stored again as it was.
+        assert!(
+            serde_json::to_value(&c).unwrap()["service"]
+                .get("init")
+                .is_none()
+        );
     }
 
     #[test]

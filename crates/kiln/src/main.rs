@@ -21,7 +21,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // The init of an instance (`kiln_runtime::types::INIT_ARG`): before clap, so nothing in
     // the app's environment (`KILN_*` included) can change or break it.
-    if std::env::args_os().nth(1).is_some_and(|a| a == kiln_runtime::types::INIT_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == kiln_runtime::types::INIT_ARG)
+    {
         return init::run(std::env::args_os().skip(2));
     }
     let cli = cli::Cli::parse();

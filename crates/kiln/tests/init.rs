@@ -183,7 +183,11 @@ fn init_pid(state: &Path, id: &str) -> u32 {
         .args(["state", id])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["pid"].as_u64().unwrap() as u32
 }
@@ -335,7 +339,10 @@ fn orphans_are_reaped_under_the_init_and_left_as_zombies_without() {
             if sleeping <= 2 {
                 break procs;
             }
-            assert!(Instant::now() < deadline, "the sleeps never ended: {procs:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the sleeps never ended: {procs:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         let z = found.iter().filter(|(st, _)| *st == 'Z').count();

@@ -110,10 +110,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let (entrypoint, cmd) = match (w.init, &spec.command) {
         (Some(_), command) => {
             let argv = command.clone().unwrap_or_else(|| w.image_argv.to_vec());
-            (
-                Some(crate::types::with_init(argv)),
-                Some(Vec::new()),
-            )
+            (Some(crate::types::with_init(argv)), Some(Vec::new()))
         }
         (None, Some(command)) => (Some(command.clone()), Some(Vec::new())),
         (None, None) => (None, None),
@@ -493,6 +490,44 @@ mod tests {
             Some(vec!["/hello".to_owned(), "migrate".to_owned()])
         );
         assert_eq!(body.cmd, Some(Vec::new()));
+    }
+
+    #[test]
+    fn under_the_init_the_entrypoint_wraps_the_image_s_argv_and_binds_the_binary() {
+        let s = spec();
+        let id = InstanceId::new("web-0123").unwrap();
+        let image_id = Digest::of(b"config");
+        let argv = ["/hello".to_owned(), "--flag".to_owned()];
+        let body = create_body(&Wanted {
+            id: &id,
+            spec: &s,
+            image_id: &image_id,
+            port: 1,
+            state_label: "abc",
+            user: "65534:65534",
+            secrets: None,
+            init: Some(std::path::Path::new("/usr/bin/kiln")),
+            image_argv: &argv,
+        });
+        let want: Vec<String> = ["/.kiln/init", "instance-init", "--", "/hello", "--flag"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(body.entrypoint, Some(want));
+        assert_eq!(body.cmd, Some(Vec::new()));
+        assert_eq!(
+            body.host_config.unwrap().binds,
+            Some(vec!["/usr/bin/kiln:/.kiln/init:ro".to_owned()])
+        );
+        // The bind's mount point is the engine's doing, not drift.
+        let changes = [
+            "/.kiln".to_owned(),
+            "/.kiln/init".to_owned(),
+            "/etc".to_owned(),
+        ];
+        assert_eq!(
+            drifted_paths(&changes, &[INIT_PATH.to_owned()]),
+            ["/etc".to_owned()]
+        );
     }
 
     #[test]

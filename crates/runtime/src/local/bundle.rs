@@ -136,7 +136,6 @@ pub(crate) fn process_args(input: &BundleInput<'_>) -> Result<Vec<String>, Strin
     Ok(args)
 }
 
-
 /// The environment: the image's, then the service's (replacing same-named entries), then
 /// `PORT`; `PATH` is added when nothing set it.
 pub(crate) fn process_env(input: &BundleInput<'_>) -> Vec<String> {
@@ -230,7 +229,11 @@ pub(crate) fn mounts(
                 .destination(PathBuf::from(INIT_PATH))
                 .typ("bind")
                 .source(binary.to_path_buf())
-                .options(["bind", "ro", "nosuid", "nodev"].map(str::to_owned).to_vec())
+                .options(
+                    ["bind", "ro", "nosuid", "nodev"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                )
                 .build()
                 .map_err(|e| format!("{INIT_PATH}: {e}"))?,
         );
@@ -853,6 +856,36 @@ mod tests {
                 .unwrap_err()
                 .contains("no entrypoint")
         );
+    }
+
+    #[test]
+    fn under_the_init_the_process_is_the_init_and_the_binary_is_bound_read_only() {
+        let image = image();
+        let env = BTreeMap::new();
+        let u = user(65534);
+        let c = config(&BundleInput {
+            init: Some(Path::new("/usr/bin/kiln")),
+            ..input(&image, &env, &u)
+        });
+        assert_eq!(
+            c["process"]["args"],
+            serde_json::json!(["/.kiln/init", "instance-init", "--", "/hello", "--flag"])
+        );
+        let mounts = c["mounts"].as_array().unwrap();
+        let n = mounts.len();
+        assert_eq!(mounts[n - 2]["destination"], "/.kiln");
+        assert_eq!(mounts[n - 2]["type"], "tmpfs");
+        assert_eq!(
+            mounts[n - 1],
+            serde_json::json!({
+                "destination": "/.kiln/init",
+                "type": "bind",
+                "source": "/usr/bin/kiln",
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            })
+        );
+        // Its mount point is made before the root is sealed, and is no drift.
+        assert!(rootfs_mount_points(&["/.kiln".to_owned()]).contains(&"/.kiln".to_owned()));
     }
 
     #[test]
