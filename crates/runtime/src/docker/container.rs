@@ -522,11 +522,11 @@ mod tests {
         let changes = [
             "/.kiln".to_owned(),
             "/.kiln/init".to_owned(),
-            "/etc".to_owned(),
+            "/srv".to_owned(),
         ];
         assert_eq!(
             drifted_paths(&changes, &[INIT_PATH.to_owned()]),
-            ["/etc".to_owned()]
+            ["/srv".to_owned()]
         );
     }
 
