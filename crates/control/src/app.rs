@@ -20,6 +20,20 @@ pub const RELEASE_LABEL: &str = "kiln.release";
 /// release's count, and not the reconciler's to remove.
 pub const ROLE_LABEL: &str = "kiln.role";
 
+/// The role of the daemon's own one-shots: a release's migration, recorded in the app's
+/// history like the rest of the rollout (drift on it included).
+pub const MIGRATION_ROLE: &str = "migration";
+
+/// Whether an instance is the daemon's: a release's instance (no role) or its migration.
+/// Any other role (`kiln test`, `kiln run`) belongs to the command that made it, which
+/// destroys it: the daemon neither acts on it nor writes anything about it in the app's
+/// history, even when it shares the state directory and the app's name.
+pub fn daemons_own(labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get(ROLE_LABEL)
+        .is_none_or(|role| role == MIGRATION_ROLE)
+}
+
 /// One app the controller runs.
 pub(crate) struct AppCtl {
     pub proxy: Arc<kiln_proxy::App>,
@@ -77,6 +91,7 @@ impl AppCtl {
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: self.stop_grace(),
+            init: service.init,
             health,
             port: None,
             container_port: Some(service.port),

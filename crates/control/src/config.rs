@@ -490,6 +490,10 @@ pub struct ServiceConfig {
     pub cpus: Option<f64>,
     /// SIGTERM → SIGKILL.
     pub stop_grace_ms: u64,
+    /// `[service] init`. Releases recorded before it had none and keep running without one:
+    /// a release runs as it was recorded, so only new releases get the spec's default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
     /// Health check.
     pub health: HealthConfig,
     /// `[service] user`; `None` (and releases recorded before it): the image's, else 65534.
@@ -802,6 +806,7 @@ impl ReleaseConfig {
                 memory: s.memory,
                 cpus: s.cpus,
                 stop_grace_ms: ms(s.stop_grace),
+                init: s.init,
                 user: s.user.clone(),
                 pids: s.pids,
                 seccomp: s.seccomp.into(),
@@ -1289,6 +1294,7 @@ mod tests {
         "memory": null,
         "cpus": null,
         "stop_grace_ms": 10000,
+        "init": true,
         "health": {
           "path": null,
           "interval_ms": 1000,
@@ -1415,6 +1421,21 @@ exec = "allow"
         assert_eq!(Seccomp::from(s.seccomp), Seccomp::Default);
         assert_eq!(s.capability_list(), []);
         assert!(!s.allow_dangerous_capabilities);
+    }
+
+    #[test]
+    fn a_release_recorded_before_init_keeps_running_without_one() {
+        let mut recorded: serde_json::Value = serde_json::from_str(RECORDED).unwrap();
+        let service = recorded["service"].as_object_mut().unwrap();
+        service.remove("init");
+        let c = ReleaseConfig::decode(&recorded).unwrap();
+        assert!(!c.service.init);
+        // And it is stored again as it was.
+        assert!(
+            serde_json::to_value(&c).unwrap()["service"]
+                .get("init")
+                .is_none()
+        );
     }
 
     #[test]

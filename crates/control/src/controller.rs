@@ -20,7 +20,7 @@ use kiln_ledger::{Event, Ledger, NewRelease};
 use kiln_proxy::{RouteTable, WorkersConfig};
 use kiln_runtime::{Digest, InstanceId, Observation, Provider};
 
-use crate::app::{AppCtl, router_app};
+use crate::app::{AppCtl, daemons_own, router_app};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ReleaseConfig;
 use crate::doc::AppDoc;
@@ -107,7 +107,8 @@ impl Controller {
             }
         }
         // Drift that happened while no daemon was watching is found by a full check now.
-        for o in c.exec.provider.list().await? {
+        let own = c.exec.provider.list().await?;
+        for o in own.into_iter().filter(|o| daemons_own(&o.labels)) {
             if let Ok(Some(report)) = c.exec.provider.check_drift(&o.id).await
                 && let Err(e) = c.record_drift(&report).await
             {
@@ -488,18 +489,13 @@ impl Controller {
             .list()
             .await?
             .into_iter()
-            .filter(|o| o.app == app)
+            .filter(|o| o.app == app && daemons_own(&o.labels))
             .collect();
-        let mut requests_cut = 0;
-        let mut grace = Duration::from_secs(10);
-        if let Some(a) = &a {
-            requests_cut = drain_all(&a.proxy, &mine).await;
-            grace = a.stop_grace();
-        }
-        for o in &mine {
-            let _stopped = self.exec.provider.stop(&o.id, grace).await;
-            self.exec.provider.destroy(&o.id).await?;
-        }
+        let proxy = a.as_ref().map(|a| Arc::clone(&a.proxy));
+        let grace = a
+            .as_ref()
+            .map_or(Duration::from_secs(10), |a| a.stop_grace());
+        let requests_cut = stop_all(&self.exec.provider, proxy, &mine, grace).await?;
         self.exec.forget(app);
         let instances = mine.len();
         let actor = actor.to_owned();
@@ -532,20 +528,45 @@ impl Controller {
     }
 }
 
-/// Lets the requests in flight to `instances` finish (`drain_timeout` at most, all at once);
-/// returns how many were cut.
-async fn drain_all(proxy: &Arc<kiln_proxy::App>, instances: &[Observation]) -> usize {
-    let mut draining = tokio::task::JoinSet::new();
+/// Drains, stops and destroys `instances`, all at once: each lets its requests in flight
+/// finish (`drain_timeout` at most), then has its own `grace` to exit, so stopping an app
+/// takes as long as its slowest instance, not their sum. Returns how many requests were cut;
+/// the first destroy that failed is the error, once every instance had its turn.
+async fn stop_all(
+    provider: &Arc<dyn Provider>,
+    proxy: Option<Arc<kiln_proxy::App>>,
+    instances: &[Observation],
+    grace: Duration,
+) -> Result<usize> {
+    let mut stopping = tokio::task::JoinSet::new();
     for o in instances {
-        draining.spawn(proxy.drain(o.addr));
+        let provider = Arc::clone(provider);
+        let proxy = proxy.clone();
+        let (id, addr) = (o.id.clone(), o.addr);
+        stopping.spawn(async move {
+            let cut = match proxy {
+                Some(proxy) => match proxy.drain(addr).await {
+                    kiln_proxy::DrainOutcome::TimedOut { in_flight } => in_flight,
+                    _ => 0,
+                },
+                None => 0,
+            };
+            let _stopped = provider.stop(&id, grace).await;
+            provider.destroy(&id).await.map(|()| cut)
+        });
     }
-    draining
-        .join_all()
-        .await
-        .into_iter()
-        .map(|outcome| match outcome {
-            kiln_proxy::DrainOutcome::TimedOut { in_flight } => in_flight,
-            _ => 0,
-        })
-        .sum()
+    let mut cut = 0;
+    let mut failed = None;
+    for outcome in stopping.join_all().await {
+        match outcome {
+            Ok(n) => cut += n,
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(cut),
+    }
 }

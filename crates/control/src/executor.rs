@@ -150,7 +150,11 @@ impl Executor {
         if lock(&self.migrations).contains_key(app) {
             return Ok(());
         }
-        let mut spec = a.instance_spec(app, release, Some(("migration", m.command.clone())));
+        let mut spec = a.instance_spec(
+            app,
+            release,
+            Some((crate::app::MIGRATION_ROLE, m.command.clone())),
+        );
         spec.secrets = self
             .secrets
             .for_instance(app, release, &a.config.service.secrets)?;

@@ -36,7 +36,7 @@ mod rollback;
 pub mod secrets;
 mod status;
 
-pub use app::{RELEASE_LABEL, ROLE_LABEL};
+pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use config::{ConfigError, ReleaseConfig};
 pub use controller::{Controller, ControllerConfig};

@@ -16,7 +16,7 @@ use kiln_deploy::{
 use kiln_ledger::{Cause, Event};
 use kiln_runtime::{Health, InstanceState, Observation};
 
-use crate::app::{AppCtl, RELEASE_LABEL, ROLE_LABEL, release_name};
+use crate::app::{AppCtl, RELEASE_LABEL, ROLE_LABEL, daemons_own, release_name};
 use crate::clock::millis_since_epoch;
 use crate::controller::Controller;
 use crate::error::Result;
@@ -267,8 +267,16 @@ impl Controller {
 
     /// Records drift found on an instance (once per instance) for the next pass to act on.
     /// An instance that only vanished gets no drift event of its own: its replacement's
-    /// event names the drift, so a `docker rm -f` is one event.
+    /// event names the drift, so a `docker rm -f` is one event. Drift on an instance that is
+    /// not the daemon's (`kiln test`'s, `kiln run`'s: [`daemons_own`]) is not recorded: that
+    /// command removing its instance is no change behind kiln's back.
     pub(crate) async fn record_drift(&self, report: &kiln_runtime::DriftReport) -> Result<()> {
+        let observed = self.exec.provider.observe(&report.instance).await;
+        if let Ok(o) = &observed
+            && !daemons_own(&o.labels)
+        {
+            return Ok(());
+        }
         let findings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
         let first = self
             .exec
@@ -284,7 +292,7 @@ impl Controller {
         if !first || vanished {
             return Ok(());
         }
-        let Ok(o) = self.exec.provider.observe(&report.instance).await else {
+        let Ok(o) = observed else {
             return Ok(());
         };
         let instance = report.instance.to_string();

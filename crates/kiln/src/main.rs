@@ -4,6 +4,7 @@
 
 mod cli;
 mod cmd;
+mod init;
 mod output;
 mod state;
 
@@ -18,6 +19,14 @@ use tracing_subscriber::filter::LevelFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // The init of an instance (`kiln_runtime::types::INIT_ARG`): before clap, so nothing in
+    // the app's environment (`KILN_*` included) can change or break it.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == kiln_runtime::types::INIT_ARG)
+    {
+        return init::run(std::env::args_os().skip(2));
+    }
     let cli = cli::Cli::parse();
     let out = output::Output::new(&cli.global);
     match run(cli, &out) {

@@ -299,6 +299,7 @@ async fn main() {
         memory: Some(64 << 20),
         cpus: None,
         stop_grace: Duration::from_secs(1),
+        init: false,
         health: Some(HealthCheck {
             path: Some("/healthz".to_owned()),
             interval: Duration::from_millis(500),

@@ -35,6 +35,8 @@ pub struct Engines {
     local_active: AtomicBool,
     docker: OnceCell<Arc<DockerProvider>>,
     drift_tx: broadcast::Sender<DriftReport>,
+    /// kiln's init binary, for instances whose spec has `init` (both providers).
+    init: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -62,15 +64,19 @@ fn has_entries(dir: &std::path::Path, suffix: &str) -> bool {
 
 impl Engines {
     /// The providers of `state`: the local one with `runtime`, the docker one connected now
-    /// when docker instances are on record. Call inside a tokio runtime.
+    /// when docker instances are on record; `init` is the binary instances with `init` run
+    /// under (kiln itself). Call inside a tokio runtime.
     pub async fn new(
         state: impl Into<PathBuf>,
         runtime: &str,
         images: Arc<dyn ImageSource>,
+        init: Option<PathBuf>,
     ) -> Result<Arc<Engines>, ProviderError> {
         let state = state.into();
         let state = std::path::absolute(&state).map_err(ProviderError::io("resolve", &state))?;
-        let local = LocalProvider::new(LocalConfig::new(&state, runtime), Arc::clone(&images))?;
+        let mut local_cfg = LocalConfig::new(&state, runtime);
+        local_cfg.init = init.clone();
+        let local = LocalProvider::new(local_cfg, Arc::clone(&images))?;
         let (drift_tx, _) = broadcast::channel(256);
         let engines = Arc::new(Engines {
             local_active: AtomicBool::new(has_entries(&state.join("instances"), "")),
@@ -79,6 +85,7 @@ impl Engines {
             local,
             docker: OnceCell::new(),
             drift_tx,
+            init,
         });
         forward(engines.local.drift_events(), engines.drift_tx.clone());
         if has_entries(&engines.state.join("docker"), ".json") {
@@ -99,11 +106,9 @@ impl Engines {
         let provider = self
             .docker
             .get_or_try_init(|| async {
-                let p = DockerProvider::connect(
-                    DockerConfig::new(&self.state, host.map(str::to_owned)),
-                    Arc::clone(&self.images),
-                )
-                .await?;
+                let mut cfg = DockerConfig::new(&self.state, host.map(str::to_owned));
+                cfg.init = self.init.clone();
+                let p = DockerProvider::connect(cfg, Arc::clone(&self.images)).await?;
                 let file = engine_file(&self.state);
                 kiln_durable::write(&file, host.unwrap_or_default().as_bytes())
                     .map_err(ProviderError::io("write", &file))?;

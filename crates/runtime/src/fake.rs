@@ -291,6 +291,7 @@ mod tests {
             memory: None,
             cpus: None,
             stop_grace: Duration::from_secs(1),
+            init: false,
             health: Some(kiln_spec::HealthCheck {
                 path: Some("/healthz".to_owned()),
                 interval: Duration::from_millis(500),

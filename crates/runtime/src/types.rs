@@ -81,6 +81,25 @@ pub(crate) fn random_hex(n: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where an instance with `init` finds kiln's init: a directory of its own (a mount point
+/// no image is likely to use), holding the one binary.
+pub const INIT_DIR: &str = "/.kiln";
+
+/// The init binary in an instance with `init`.
+pub const INIT_PATH: &str = "/.kiln/init";
+
+/// The argument that makes the `kiln` binary the init: `/.kiln/init <INIT_ARG> -- argv…`.
+pub const INIT_ARG: &str = "instance-init";
+
+/// `argv` run by kiln's init: `/.kiln/init instance-init -- argv…`.
+pub(crate) fn with_init(argv: Vec<String>) -> Vec<String> {
+    [INIT_PATH, INIT_ARG, "--"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(argv)
+        .collect()
+}
+
 /// What to run: one image with one runtime configuration. This is the "runtime config" of a
 /// release; a provider turns it into an instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +119,9 @@ pub struct InstanceSpec {
     pub cpus: Option<f64>,
     /// Time between SIGTERM and SIGKILL when kiln stops the instance.
     pub stop_grace: Duration,
+    /// The process runs under kiln's init (the provider's init binary, bound read-only at
+    /// [`INIT_PATH`]): PID 1 forwards signals to it, reaps orphans and exits with its status.
+    pub init: bool,
     /// How the provider checks the instance; `None` means no check (one-off commands).
     pub health: Option<HealthCheck>,
     /// The port to give the instance in `PORT`; `None` lets the provider allocate one.
@@ -201,6 +223,7 @@ impl InstanceSpec {
             memory: service.memory,
             cpus: service.cpus,
             stop_grace: service.stop_grace,
+            init: service.init,
             health: Some(service.health.clone()),
             port: None,
             container_port: Some(service.port),

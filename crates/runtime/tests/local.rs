@@ -89,6 +89,7 @@ fn spec(f: &Fixture, command: Option<&str>) -> InstanceSpec {
         memory: Some(64 << 20),
         cpus: Some(0.5),
         stop_grace: Duration::from_secs(1),
+        init: false,
         health: command.is_none().then(|| HealthCheck {
             path: Some("/healthz".to_owned()),
             interval: Duration::from_millis(200),

@@ -316,6 +316,16 @@ const SERVICE: &[Field] = &[
         "\"10s\"",
         "How long an instance has to exit after SIGTERM before it is killed.",
     ),
+    default(
+        "init",
+        Kind::Bool,
+        "true",
+        "Runs the app under a tiny init as PID 1 (kiln's own binary, mounted read-only at \
+         `/.kiln/init`): it passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2 and SIGWINCH on \
+         to the app, reaps orphaned processes, and exits with the app's status. Without it \
+         the app is PID 1, which the kernel shields from every signal it has no handler for: \
+         many programs then ignore SIGTERM and are killed only after `stop_grace`.",
+    ),
     field(
         "user",
         Kind::String,

@@ -193,6 +193,8 @@ pub struct ServiceSpec {
     pub cpus: Option<f64>,
     /// Time between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// The app runs under kiln's init (PID 1 forwards signals and reaps zombies).
+    pub init: bool,
     /// The health check.
     pub health: HealthCheck,
     /// Who the process runs as (`root`, `UID[:GID]`, `NAME[:GROUP]`); `None` means the

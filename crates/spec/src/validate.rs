@@ -489,6 +489,7 @@ impl Validator<'_> {
                 _ => None,
             },
             stop_grace: t.duration("stop_grace").unwrap_or(Duration::from_secs(10)),
+            init: t.bool("init"),
             health: self.health(
                 &t.table("health")
                     .cloned()

@@ -114,7 +114,7 @@ fn gc_engine(
     keep.extend(store.index()?.manifests.into_iter().map(|m| m.digest));
     let images = std::sync::Arc::new(super::instance::StoreImages::open(state)?);
     super::instance::tokio_runtime()?.block_on(async {
-        let engines = kiln_runtime::Engines::new(state, "runc", images).await?;
+        let engines = kiln_runtime::Engines::new(state, "runc", images, None).await?;
         let docker = engines.docker(None).await?;
         docker
             .gc_images(&keep)

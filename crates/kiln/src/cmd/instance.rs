@@ -117,9 +117,22 @@ pub async fn engines(
     runtime: &str,
     images: Arc<StoreImages>,
 ) -> anyhow::Result<Arc<Engines>> {
-    Engines::new(state, runtime, images)
+    Engines::new(state, runtime, images, init_binary())
         .await
         .context("cannot set up the providers (see `kiln doctor`)")
+}
+
+/// kiln's own binary, which instances with `[service] init` run as their init (it is static,
+/// so it runs on any image). A binary replaced since it started (an upgrade, a rebuild) is
+/// still reachable through this process's `/proc/PID/exe`; `None` when neither resolves, and
+/// the providers then refuse such instances.
+fn init_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    if exe.is_file() {
+        return Some(exe);
+    }
+    let own = std::path::PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    own.is_file().then_some(own)
 }
 
 /// A tokio runtime for one command.

@@ -57,6 +57,7 @@ pub fn default_service() -> ServiceSpec {
         memory: None,
         cpus: None,
         stop_grace: Duration::from_secs(10),
+        init: true,
         health: HealthCheck {
             path: None,
             interval: Duration::from_secs(1),

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use kiln_spec::Seccomp;
 
-use crate::types::{Digest, InstanceId, InstanceSpec};
+use crate::types::{Digest, INIT_PATH, InstanceId, InstanceSpec};
 
 /// Labels every kiln container carries.
 pub(crate) const LABEL_APP: &str = "kiln.app";
@@ -42,6 +42,11 @@ pub(crate) struct Wanted<'a> {
     pub user: &'a str,
     /// The host directory (a tmpfs) bound read-only at `/run/secrets`, when it has secrets.
     pub secrets: Option<&'a std::path::Path>,
+    /// kiln's init on the host, bound read-only at `/.kiln/init` and made the entrypoint,
+    /// when the spec has `init`.
+    pub init: Option<&'a std::path::Path>,
+    /// The image's entrypoint followed by its cmd: what the init runs without a command.
+    pub image_argv: &'a [String],
 }
 
 /// `OomScoreAdj` of every instance, as on the local provider: out of memory, the kernel
@@ -100,10 +105,25 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     let mut log = HashMap::new();
     log.insert("max-size".to_owned(), "10m".to_owned());
     log.insert("max-file".to_owned(), "2".to_owned());
-    let (entrypoint, cmd) = match &spec.command {
-        Some(command) => (Some(command.clone()), Some(Vec::new())),
-        None => (None, None),
+    // Setting the entrypoint clears the image's cmd, so under the init the whole argv is
+    // kiln's to give.
+    let (entrypoint, cmd) = match (w.init, &spec.command) {
+        (Some(_), command) => {
+            let argv = command.clone().unwrap_or_else(|| w.image_argv.to_vec());
+            (Some(crate::types::with_init(argv)), Some(Vec::new()))
+        }
+        (None, Some(command)) => (Some(command.clone()), Some(Vec::new())),
+        (None, None) => (None, None),
     };
+    let binds: Vec<String> = w
+        .secrets
+        .map(|dir| format!("{}:/run/secrets:ro", dir.display()))
+        .into_iter()
+        .chain(
+            w.init
+                .map(|binary| format!("{}:{INIT_PATH}:ro", binary.display())),
+        )
+        .collect();
     ContainerCreateBody {
         image: Some(w.image_id.to_string()),
         env: Some(env),
@@ -118,9 +138,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
             tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
             // The engine takes only `ro` here; the tmpfs is mounted nosuid, nodev and
             // noexec, and a bind keeps its mount's flags.
-            binds: w
-                .secrets
-                .map(|dir| vec![format!("{}:/run/secrets:ro", dir.display())]),
+            binds: (!binds.is_empty()).then_some(binds),
             port_bindings: Some(bindings),
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
@@ -291,6 +309,7 @@ mod tests {
             memory: Some(64 << 20),
             cpus: Some(0.5),
             stop_grace: Duration::from_secs(3),
+            init: false,
             health: None,
             port: None,
             container_port: None,
@@ -319,6 +338,8 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(body.image.as_deref(), Some(image_id.as_str()));
         // kiln's PORT wins over one in the spec.
@@ -337,6 +358,8 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert!(mapped.env.unwrap().contains(&"PORT=8080".to_owned()));
         assert_eq!(mapped.exposed_ports, Some(vec!["8080/tcp".to_owned()]));
@@ -401,6 +424,8 @@ mod tests {
             state_label: "abc",
             user: "0:0",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(
             body.host_config.unwrap().security_opt,
@@ -429,6 +454,8 @@ mod tests {
             state_label: "abc",
             user: "0:0",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         let h = body.host_config.unwrap();
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_owned()]));
@@ -455,12 +482,52 @@ mod tests {
             state_label: "abc",
             user: "65534:65534",
             secrets: None,
+            init: None,
+            image_argv: &[],
         });
         assert_eq!(
             body.entrypoint,
             Some(vec!["/hello".to_owned(), "migrate".to_owned()])
         );
         assert_eq!(body.cmd, Some(Vec::new()));
+    }
+
+    #[test]
+    fn under_the_init_the_entrypoint_wraps_the_image_s_argv_and_binds_the_binary() {
+        let s = spec();
+        let id = InstanceId::new("web-0123").unwrap();
+        let image_id = Digest::of(b"config");
+        let argv = ["/hello".to_owned(), "--flag".to_owned()];
+        let body = create_body(&Wanted {
+            id: &id,
+            spec: &s,
+            image_id: &image_id,
+            port: 1,
+            state_label: "abc",
+            user: "65534:65534",
+            secrets: None,
+            init: Some(std::path::Path::new("/usr/bin/kiln")),
+            image_argv: &argv,
+        });
+        let want: Vec<String> = ["/.kiln/init", "instance-init", "--", "/hello", "--flag"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(body.entrypoint, Some(want));
+        assert_eq!(body.cmd, Some(Vec::new()));
+        assert_eq!(
+            body.host_config.unwrap().binds,
+            Some(vec!["/usr/bin/kiln:/.kiln/init:ro".to_owned()])
+        );
+        // The bind's mount point is the engine's doing, not drift.
+        let changes = [
+            "/.kiln".to_owned(),
+            "/.kiln/init".to_owned(),
+            "/srv".to_owned(),
+        ];
+        assert_eq!(
+            drifted_paths(&changes, &[INIT_PATH.to_owned()]),
+            ["/srv".to_owned()]
+        );
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct DockerConfig {
     pub host: Option<String>,
     /// Period of the full drift rescan that backs the event stream.
     pub rescan_interval: Duration,
+    /// kiln's init (a static binary: kiln itself), bound read-only into containers whose
+    /// spec has `init`; without it such an instance is refused. The engine must see the same
+    /// path (a local engine, as for secrets).
+    pub init: Option<PathBuf>,
 }
 
 impl DockerConfig {
@@ -81,6 +85,7 @@ impl DockerConfig {
             state: state.into(),
             host,
             rescan_interval: Duration::from_secs(5),
+            init: None,
         }
     }
 }
@@ -107,6 +112,10 @@ struct DockerRecord {
     labels: BTreeMap<String, String>,
     /// The container's runtime settings as the engine reported them right after create.
     settings: BTreeMap<String, Value>,
+    /// The container runs under kiln's init, whose mount point (`/.kiln/init`) is then no
+    /// drift; absent in records written before it, which had none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    init: bool,
 }
 
 impl DockerRecord {
@@ -544,7 +553,11 @@ impl DockerProvider {
             Err(e) => return Err(engine_err(format!("list the changes of {id}"), e)),
         };
         let paths: Vec<String> = changes.into_iter().map(|c| c.path).collect();
-        for path in drifted_paths(&paths, &record.writable) {
+        let mut expected = record.writable.clone();
+        if record.init {
+            expected.push(crate::types::INIT_PATH.to_owned());
+        }
+        for path in drifted_paths(&paths, &expected) {
             findings.push(DriftFinding::Write { path });
         }
         Ok(findings)
@@ -913,6 +926,36 @@ impl Provider for DockerProvider {
             }
             self.write_secrets(&id, &secrets_dir, &spec.secrets, &user)?;
         }
+        let image_argv: Vec<String> = resolved
+            .config
+            .entrypoint
+            .iter()
+            .chain(&resolved.config.cmd)
+            .cloned()
+            .collect();
+        let init = match (spec.init, &self.cfg.init) {
+            (false, _) => None,
+            (true, Some(binary)) if spec.command.is_some() || !image_argv.is_empty() => {
+                Some(binary.as_path())
+            }
+            (true, Some(_)) => {
+                let _ = self.remove_secrets(&id);
+                return Err(ProviderError::Config {
+                    id,
+                    message: "the image has no entrypoint or cmd and no command was given"
+                        .to_owned(),
+                });
+            }
+            (true, None) => {
+                let _ = self.remove_secrets(&id);
+                return Err(ProviderError::Config {
+                    id,
+                    message: "the instance runs under kiln's init, but this provider has no \
+                              init binary"
+                        .to_owned(),
+                });
+            }
+        };
         let body = create_body(&Wanted {
             id: &id,
             spec: &spec,
@@ -921,6 +964,8 @@ impl Provider for DockerProvider {
             state_label: &self.state_label,
             user: &user,
             secrets: (!spec.secrets.is_empty()).then_some(secrets_dir.as_path()),
+            init,
+            image_argv: &image_argv,
         });
         let created = match self
             .docker
@@ -962,6 +1007,7 @@ impl Provider for DockerProvider {
             created_unix_ms: unix_ms(SystemTime::now()),
             labels: spec.labels.clone(),
             settings: settings(&inspected),
+            init: spec.init,
         };
         let path = self.record_path(&id);
         let written = serde_json::to_vec_pretty(&record)

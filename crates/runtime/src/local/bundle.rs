@@ -25,7 +25,7 @@ use oci_spec::runtime::{
 
 use crate::image::ImageConfig;
 use crate::local::host::Controllers;
-use crate::types::Tmpfs;
+use crate::types::{INIT_DIR, INIT_PATH, Tmpfs};
 use crate::user::ProcessUser;
 
 /// The PATH an image without one gets, as Docker does.
@@ -88,6 +88,9 @@ pub(crate) struct BundleInput<'a> {
     /// The host directory (on a tmpfs) bound read-only at [`SECRETS_DIR`], when it has
     /// secrets.
     pub secrets: Option<&'a Path>,
+    /// kiln's init on the host, bound read-only at [`INIT_PATH`] and run as the process
+    /// (`init -- argv…`), when the instance has one.
+    pub init: Option<&'a Path>,
 }
 
 /// The capabilities an instance running as `user` holds: those `[service] capabilities`
@@ -112,9 +115,9 @@ pub(crate) fn capabilities(
 }
 
 /// The process arguments: the command override, or the image's entrypoint followed by its
-/// cmd.
+/// cmd; behind kiln's init when the instance has one.
 pub(crate) fn process_args(input: &BundleInput<'_>) -> Result<Vec<String>, String> {
-    let args: Vec<String> = match input.command {
+    let mut args: Vec<String> = match input.command {
         Some(command) => command.to_vec(),
         None => input
             .image
@@ -126,6 +129,9 @@ pub(crate) fn process_args(input: &BundleInput<'_>) -> Result<Vec<String>, Strin
     };
     if args.is_empty() {
         return Err("the image has no entrypoint or cmd and no command was given".to_owned());
+    }
+    if input.init.is_some() {
+        args = crate::types::with_init(args);
     }
     Ok(args)
 }
@@ -159,11 +165,13 @@ pub(crate) fn process_env(input: &BundleInput<'_>) -> Vec<String> {
 }
 
 /// The mounts: runc's defaults (`/proc`, `/dev`, `/sys`…) plus one tmpfs per writable path,
-/// capped at its size, owned by the instance's user and writable by anyone in it.
+/// capped at its size, owned by the instance's user and writable by anyone in it; the
+/// secrets, and kiln's init, read-only.
 pub(crate) fn mounts(
     writable: &[Tmpfs],
     user: &ProcessUser,
     secrets: Option<&Path>,
+    init: Option<&Path>,
 ) -> Result<Vec<Mount>, String> {
     let mut mounts = get_default_mounts();
     for w in writable {
@@ -197,6 +205,37 @@ pub(crate) fn mounts(
                 )
                 .build()
                 .map_err(|e| format!("{SECRETS_DIR}: {e}"))?,
+        );
+    }
+    if let Some(binary) = init {
+        // A file is bound onto a file: runc creates that one in a tiny tmpfs of its own (the
+        // root is read-only by then), so nothing of it is in the instance's upper dir. The
+        // tmpfs is `noexec`; the binary's own bind mount is not.
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(INIT_DIR))
+                .typ("tmpfs")
+                .source(PathBuf::from("tmpfs"))
+                .options(
+                    ["nosuid", "nodev", "noexec", "mode=0755", "size=4k"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                )
+                .build()
+                .map_err(|e| format!("{INIT_DIR}: {e}"))?,
+        );
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(INIT_PATH))
+                .typ("bind")
+                .source(binary.to_path_buf())
+                .options(
+                    ["bind", "ro", "nosuid", "nodev"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                )
+                .build()
+                .map_err(|e| format!("{INIT_PATH}: {e}"))?,
         );
     }
     Ok(mounts)
@@ -374,7 +413,12 @@ fn spec(input: &BundleInput<'_>) -> Result<Spec, String> {
             .build()
             .map_err(err("root"))?,
     ));
-    spec.set_mounts(Some(mounts(input.writable, input.user, input.secrets)?));
+    spec.set_mounts(Some(mounts(
+        input.writable,
+        input.user,
+        input.secrets,
+        input.init,
+    )?));
     spec.set_linux(Some(linux));
     spec.set_annotations(None);
     Ok(spec)
@@ -498,6 +542,7 @@ mod tests {
             seccomp: None,
             netns: None,
             secrets: None,
+            init: None,
         }
     }
 
@@ -557,6 +602,7 @@ mod tests {
             seccomp: Some(&seccomp),
             netns: None,
             secrets: None,
+            init: None,
         };
         let c = config(&input);
         // Read-only, nosuid and nodev by kiln's own mount (see `mounts`), not runc's remount.
@@ -810,6 +856,36 @@ mod tests {
                 .unwrap_err()
                 .contains("no entrypoint")
         );
+    }
+
+    #[test]
+    fn under_the_init_the_process_is_the_init_and_the_binary_is_bound_read_only() {
+        let image = image();
+        let env = BTreeMap::new();
+        let u = user(65534);
+        let c = config(&BundleInput {
+            init: Some(Path::new("/usr/bin/kiln")),
+            ..input(&image, &env, &u)
+        });
+        assert_eq!(
+            c["process"]["args"],
+            serde_json::json!(["/.kiln/init", "instance-init", "--", "/hello", "--flag"])
+        );
+        let mounts = c["mounts"].as_array().unwrap();
+        let n = mounts.len();
+        assert_eq!(mounts[n - 2]["destination"], "/.kiln");
+        assert_eq!(mounts[n - 2]["type"], "tmpfs");
+        assert_eq!(
+            mounts[n - 1],
+            serde_json::json!({
+                "destination": "/.kiln/init",
+                "type": "bind",
+                "source": "/usr/bin/kiln",
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            })
+        );
+        // Its mount point is made before the root is sealed, and is no drift.
+        assert!(rootfs_mount_points(&["/.kiln".to_owned()]).contains(&"/.kiln".to_owned()));
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct LocalConfig {
     pub seccomp_profile: PathBuf,
     /// The CNI plugins and network lists instances' own networks are made with.
     pub cni: network::Cni,
+    /// kiln's init (a static binary: kiln itself), bound read-only into instances whose spec
+    /// has `init`; without it such an instance is refused.
+    pub init: Option<PathBuf>,
 }
 
 impl LocalConfig {
@@ -104,6 +107,7 @@ impl LocalConfig {
             rescan_interval: Duration::from_secs(5),
             seccomp_profile: PathBuf::from(seccomp::HOST_PROFILE),
             cni: network::Cni::default(),
+            init: None,
         }
     }
 }
@@ -345,6 +349,9 @@ impl LocalProvider {
         if !spec.secrets.is_empty() {
             destinations.push(bundle::SECRETS_DIR.to_owned());
         }
+        if spec.init {
+            destinations.push(crate::types::INIT_DIR.to_owned());
+        }
         self.mounter
             .mount_overlay(
                 &lower,
@@ -380,6 +387,16 @@ impl LocalProvider {
             id: id.clone(),
             message,
         };
+        let init = match (spec.init, &self.cfg.init) {
+            (false, _) => None,
+            (true, Some(binary)) => Some(binary.as_path()),
+            (true, None) => {
+                return Err(config_err(
+                    "the instance runs under kiln's init, but this provider has no init binary"
+                        .to_owned(),
+                ));
+            }
+        };
         let user = self
             .process_user(&rootfs, spec, &resolved.config)
             .map_err(config_err)?;
@@ -409,6 +426,7 @@ impl LocalProvider {
             seccomp: seccomp.as_ref(),
             netns: netns.as_deref(),
             secrets: (!spec.secrets.is_empty()).then_some(secrets_dir.as_path()),
+            init,
         })
         .map_err(config_err)?;
         let config_digest = Digest::of(&config);
@@ -439,6 +457,7 @@ impl LocalProvider {
             layer_roots,
             address,
             secrets: spec.secrets.iter().map(|s| s.name.clone()).collect(),
+            init: spec.init,
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| ProviderError::Config {
             id: id.clone(),

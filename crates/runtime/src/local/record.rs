@@ -49,6 +49,10 @@ pub(crate) struct InstanceRecord {
     /// The names of its secrets (never their values), mounted at `/run/secrets`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// The process runs under kiln's init, bound at `/.kiln/init` (a mount point, so not
+    /// drift); absent in records written before it, which had none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
 }
 
 /// `[service.health]` as recorded.
@@ -139,11 +143,14 @@ impl InstanceRecord {
     }
 
     /// Every path something is mounted on in the instance's root, besides the defaults: the
-    /// writable tmpfs, and `/run/secrets` when it has secrets.
+    /// writable tmpfs, `/run/secrets` when it has secrets, `/.kiln` when it has kiln's init.
     pub(crate) fn mount_destinations(&self) -> Vec<String> {
         let mut out = self.writable.clone();
         if !self.secrets.is_empty() {
             out.push(crate::local::bundle::SECRETS_DIR.to_owned());
+        }
+        if self.init {
+            out.push(crate::types::INIT_DIR.to_owned());
         }
         out
     }
