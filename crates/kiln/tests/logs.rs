@@ -1,7 +1,7 @@
 //! End-to-end tests of kiln's log: the real `kiln` binary's `tracing` events on stderr, in the
 //! human format and as JSON lines, with stdout left to the command's own output. The event they
-//! watch for is a real one: `kiln serve` whose TCP API address is already taken logs
-//! "API stopped" and goes on serving its Unix socket until SIGTERM.
+//! watch for is a real one: `kiln serve` on a state directory others could read makes it
+//! private and warns so, then serves until SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -39,16 +39,17 @@ fn forward(
     })
 }
 
-/// Runs `kiln [global…] serve` with its TCP API on an address in use, waits until the daemon
-/// says it serves and has logged "API stopped", stops it with SIGTERM and returns what it
-/// wrote.
-fn serve_on_a_taken_port(global: &[&str]) -> Run {
+/// The warning `kiln serve` logs when it makes an open state directory private.
+const WARNING: &str = "the state directory was readable by other users";
+
+/// Runs `kiln [global…] serve` on a state directory made 0755, waits until the daemon says
+/// it serves and has logged the warning, stops it with SIGTERM and returns what it wrote.
+fn serve_on_an_open_state(global: &[&str]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
+    std::fs::create_dir(&state).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("kiln"))
         .env_remove("KILN_STATE")
         .env_remove("KILN_LOG")
@@ -57,8 +58,7 @@ fn serve_on_a_taken_port(global: &[&str]) -> Run {
         .arg("--state")
         .arg(&state)
         .args(global)
-        .args(["serve", "--api-listen", &addr, "--token-file"])
-        .arg(&token_file)
+        .arg("serve")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -76,14 +76,14 @@ fn serve_on_a_taken_port(global: &[&str]) -> Run {
     let deadline = Instant::now() + Duration::from_secs(30);
     // A SIGTERM before the daemon serves is a stop during start-up (exit 143): wait for both.
     while !(has(&seen, Stream::Stdout, "kiln daemon serving")
-        && has(&seen, Stream::Stderr, "API stopped"))
+        && has(&seen, Stream::Stderr, WARNING))
     {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) => seen.push(line),
             Err(e) => {
                 let _ = child.kill();
-                panic!("the daemon did not serve and log \"API stopped\" ({e}): {seen:#?}");
+                panic!("the daemon did not serve and warn ({e}): {seen:#?}");
             }
         }
     }
@@ -97,7 +97,6 @@ fn serve_on_a_taken_port(global: &[&str]) -> Run {
     }
     seen.extend(lines.try_iter());
     assert!(status.success(), "{status:?}: {seen:#?}");
-    drop(taken);
     let (mut stdout, mut stderr) = (String::new(), Vec::new());
     for (stream, line) in seen {
         match stream {
@@ -113,7 +112,7 @@ fn serve_on_a_taken_port(global: &[&str]) -> Run {
 
 #[test]
 fn json_logs_are_one_object_per_line_with_level_message_and_fields() {
-    let run = serve_on_a_taken_port(&["--log-format", "json"]);
+    let run = serve_on_an_open_state(&["--log-format", "json"]);
     let events: Vec<serde_json::Value> = run
         .stderr
         .iter()
@@ -122,43 +121,71 @@ fn json_logs_are_one_object_per_line_with_level_message_and_fields() {
                 .unwrap_or_else(|e| panic!("a stderr line is not JSON ({e}): {line}"))
         })
         .collect();
-    let stopped = events
+    let warned = events
         .iter()
-        .find(|e| e["message"] == "API stopped")
-        .unwrap_or_else(|| panic!("no \"API stopped\" event: {events:#?}"));
-    assert_eq!(stopped["level"], "ERROR", "{stopped}");
-    assert!(stopped["timestamp"].is_string(), "{stopped}");
-    assert!(stopped["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(WARNING))
+        })
+        .unwrap_or_else(|| panic!("no warning: {events:#?}"));
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert!(warned["timestamp"].is_string(), "{warned}");
     assert!(
-        stopped["error"].as_str().unwrap().contains("in use"),
-        "{stopped}"
+        warned["state"].as_str().unwrap().ends_with("/state"),
+        "{warned}"
     );
+    assert_eq!(warned["was"], "0755", "{warned}");
     for event in &events {
         assert!(event["level"].is_string(), "{event}");
         assert!(event["message"].is_string(), "{event}");
     }
     // The command's own output stays on stdout, and no log event goes there.
     assert!(run.stdout.contains("kiln daemon serving"), "{}", run.stdout);
-    assert!(!run.stdout.contains("API stopped"), "{}", run.stdout);
+    assert!(!run.stdout.contains(WARNING), "{}", run.stdout);
 }
 
 #[test]
 fn human_logs_are_text_lines_with_key_value_fields() {
-    let run = serve_on_a_taken_port(&[]);
-    let stopped = run
-        .stderr
-        .iter()
-        .find(|l| l.contains("API stopped"))
-        .unwrap();
-    assert!(stopped.contains("ERROR"), "{stopped}");
-    assert!(stopped.contains("addr=127.0.0.1:"), "{stopped}");
-    assert!(stopped.contains("error="), "{stopped}");
-    assert!(!stopped.starts_with('{'), "{stopped}");
+    let run = serve_on_an_open_state(&[]);
+    let warned = run.stderr.iter().find(|l| l.contains(WARNING)).unwrap();
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(warned.contains("state="), "{warned}");
+    assert!(warned.contains("was=\"0755\""), "{warned}");
+    assert!(!warned.starts_with('{'), "{warned}");
     // Not a terminal, and NO_COLOR is set: no escape codes.
-    assert!(!stopped.contains('\x1b'), "{stopped:?}");
-    // The target (kiln::cmd::daemon) is left out of the human format.
-    assert!(!stopped.contains("kiln::cmd"), "{stopped}");
-    assert!(!run.stdout.contains("API stopped"), "{}", run.stdout);
+    assert!(!warned.contains('\x1b'), "{warned:?}");
+    // The target (kiln::…) is left out of the human format.
+    assert!(!warned.contains("kiln::"), "{warned}");
+    assert!(!run.stdout.contains(WARNING), "{}", run.stdout);
+}
+
+// The TCP API's address is bound before the daemon says it serves: one in use stops it with
+// the address and the reason, rather than a log line behind a daemon that looks up.
+#[test]
+fn a_taken_api_address_stops_serve_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .env_remove("KILN_STATE")
+        .env("NO_COLOR", "1")
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .args(["serve", "--api-listen", &addr, "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen for the API on {addr}"))
+            && stderr.contains("in use"),
+        "{stderr}"
+    );
+    drop(taken);
 }
 
 #[test]

@@ -268,8 +268,8 @@ fn process(pid: u32) -> Option<Process> {
     })
 }
 
-/// The instance's nginx master (the container's process, by runc's record of it) and its
-/// children, the workers.
+/// The instance's nginx master (the child of kiln's init, the container's process by runc's
+/// record of it) and its children, the workers.
 fn processes_of(state: &Path, id: &str) -> (Process, Vec<Process>) {
     let out = std::process::Command::new("runc")
         .arg("--root")
@@ -283,7 +283,26 @@ fn processes_of(state: &Path, id: &str) -> (Process, Vec<Process>) {
         String::from_utf8_lossy(&out.stderr)
     );
     let runc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let pid = u32::try_from(runc["pid"].as_u64().unwrap()).unwrap();
+    let init = u32::try_from(runc["pid"].as_u64().unwrap()).unwrap();
+    let children = |parent: u32| -> Vec<Process> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(process)
+            .filter(|p| p.ppid == parent)
+            .collect()
+    };
+    // PID 1 is kiln's init ([service] init, the default); nginx's master is its one child.
+    let pid = match process(init) {
+        Some(p) if p.name == "init" => {
+            children(init)
+                .into_iter()
+                .find(|c| c.name == "nginx")
+                .unwrap_or_else(|| panic!("{id}: kiln's init {init} has no nginx child"))
+                .pid
+        }
+        _ => init,
+    };
     let master = process(pid).unwrap_or_else(|| panic!("{id}: no process {pid}"));
     // The process is the instance's: it sits in the instance's own cgroup.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -291,13 +310,7 @@ fn processes_of(state: &Path, id: &str) -> (Process, Vec<Process>) {
         cgroup.contains(&format!("/kiln/{id}")),
         "{id}: {pid} is not in its cgroup: {cgroup}"
     );
-    let workers = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(process)
-        .filter(|p| p.ppid == pid)
-        .collect();
-    (master, workers)
+    (master, children(pid))
 }
 
 /// The error log of an instance's nginx, read through its master's root, for failures.
