@@ -75,6 +75,7 @@ impl Controller {
             },
             instances,
             schema: a.schema.map(LiveSchema::from_domain),
+            gate: crate::pause::gate_status(&a.proxy),
         })
     }
 
