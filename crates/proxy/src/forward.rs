@@ -10,7 +10,8 @@
 //! instance. Bodies are never buffered to make a retry possible.
 //!
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
-//! tell the router's 404/502/503/504 from the app's.
+//! tell the router's 404/502/503/504 from the app's; the one exception is the maintenance
+//! page, whose body is the operator's message for the app's users.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
