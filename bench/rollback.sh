@@ -91,7 +91,7 @@ if command -v wrk >/dev/null; then
   for i in $(seq 10); do
     if [ $((i % 2)) = 1 ]; then to=2; else to=1; fi
     t0=$EPOCHREALTIME
-    out=$("$KILN" --state "$STATE" rollback bench --to "$to" --json)
+    out=$("$KILN" --state "$STATE" rollback bench --to "$to" --json -q)
     t1=$EPOCHREALTIME
     loaded+=($(python3 -c "print(round(($t1 - $t0) * 1000))"))
     swaps+=($(printf '%s' "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["switch_us"] / 1000, 1))'))
