@@ -38,6 +38,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/apps/{app}/promote"),
     ("POST", "/v1/apps/{app}/abort"),
     ("POST", "/v1/apps/{app}/scale"),
+    ("POST", "/v1/apps/{app}/pause"),
+    ("POST", "/v1/apps/{app}/resume"),
+    ("PUT", "/v1/apps/{app}/maintenance"),
+    ("DELETE", "/v1/apps/{app}/maintenance"),
     ("GET", "/v1/apps/{app}/instances"),
     ("GET", "/v1/instances/{instance}/logs"),
     ("GET", "/v1/events"),
@@ -162,6 +166,26 @@ struct ScaleBody {
     #[serde(default, rename = "actor")]
     _actor: Option<IgnoredAny>,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    #[serde(default)]
+    max_hold_ms: Option<u64>,
+    #[serde(default)]
+    max_held: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    message: String,
+    #[serde(default)]
+    retry_after_s: Option<u64>,
+}
+
+/// `Retry-After` of a maintenance page when the request names none.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
     let collect = Limited::new(req.into_body(), MAX_BODY).collect();
@@ -323,6 +347,28 @@ async fn app_operation(
             let b: ScaleBody = body(req).await?;
             c.scale(app, b.replicas, actor).await?;
             ok(json!({"app": app, "replicas": b.replicas}))
+        }
+        (&Method::POST, ["pause"]) => {
+            let b: PauseBody = body(req).await?;
+            let max_hold = b
+                .max_hold_ms
+                .map_or(crate::pause::DEFAULT_MAX_HOLD, Duration::from_millis);
+            let max_held = b.max_held.unwrap_or(crate::pause::DEFAULT_MAX_HELD);
+            let gate = c.pause(app, max_hold, max_held, actor).await?;
+            ok(json!({"app": app, "gate": to_json(&gate)?}))
+        }
+        (&Method::POST, ["resume"]) | (&Method::DELETE, ["maintenance"]) => {
+            let _: ActorBody = body(req).await?;
+            let released = c.resume(app, actor).await?;
+            ok(json!({"app": app, "gate": {"mode": "open"}, "released": released}))
+        }
+        (&Method::PUT, ["maintenance"]) => {
+            let b: MaintenanceBody = body(req).await?;
+            let retry_after = b
+                .retry_after_s
+                .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs);
+            let gate = c.maintenance(app, &b.message, retry_after, actor).await?;
+            ok(json!({"app": app, "gate": to_json(&gate)?}))
         }
         (&Method::GET, ["instances"]) => ok(json!(c.instances(app).await?)),
         _ => {

@@ -23,7 +23,7 @@ use kiln_runtime::{Digest, InstanceId, Observation, Provider};
 use crate::app::{AppCtl, daemons_own, router_app};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ReleaseConfig;
-use crate::doc::AppDoc;
+use crate::doc::{AppDoc, StoredGate};
 use crate::dto::{ApplyRequest, LiveSchema};
 use crate::error::{ControlError, Result};
 use crate::executor::Executor;
@@ -153,6 +153,10 @@ impl Controller {
         // was down) must not keep every other app down: the app is managed, and its
         // address is tried again on each reconcile pass.
         let proxy = router_app(name, &config);
+        // Paused or in maintenance before the restart: so again before any request arrives.
+        if doc.gate != StoredGate::Open {
+            proxy.set_gate(doc.gate.clone().into_mode());
+        }
         let route = &config.route;
         let unserved = match self
             .listeners
@@ -248,11 +252,14 @@ impl Controller {
                 (None, Some(self.bind_new(app, &req.config, &apps).await?))
             }
         };
-        let (schema, history) = apps
+        let (schema, history, gate) = apps
             .get(app)
-            .map(|a| (a.schema, a.history.clone()))
+            .map(|a| {
+                let gate = StoredGate::from_mode(&a.proxy.gate());
+                (a.schema, a.history.clone(), gate)
+            })
             .unwrap_or_default();
-        let started = self.start_rollout(app, &req, stable, schema, &history);
+        let started = self.start_rollout(app, &req, stable, schema, &history, gate);
         let (release, goal, state) = match started {
             Ok(started) => started,
             Err(e) => {
@@ -331,6 +338,7 @@ impl Controller {
         stable: Option<u64>,
         schema: Option<kiln_deploy::LiveSchema>,
         history: &[u64],
+        gate: StoredGate,
     ) -> Result<(kiln_ledger::Release, Goal, RolloutState)> {
         let now = self.exec.clock.now_ms();
         let holder = format!("apply by {}", req.actor);
@@ -357,7 +365,7 @@ impl Controller {
             deploy: req.config.deploy_spec(),
         };
         let state = RolloutState::start(&goal, now);
-        self.put_doc(app, &goal, &state, schema, history)?;
+        self.put_doc(app, &goal, &state, schema, history, gate)?;
         let event = Event::RolloutStarted {
             release: goal.release,
             stable: goal.stable,
@@ -370,7 +378,13 @@ impl Controller {
 
     /// Persists the app's document with `state`.
     pub(crate) fn persist(&self, app: &str, a: &AppCtl, state: &RolloutState) -> Result<()> {
-        self.put_doc(app, &a.goal, state, a.schema, &a.history)
+        let gate = StoredGate::from_mode(&a.proxy.gate());
+        self.put_doc(app, &a.goal, state, a.schema, &a.history, gate)
+    }
+
+    /// Persists the app's document with the router's gate to be `gate`.
+    pub(crate) fn persist_gate(&self, app: &str, a: &AppCtl, gate: StoredGate) -> Result<()> {
+        self.put_doc(app, &a.goal, &a.state, a.schema, &a.history, gate)
     }
 
     fn put_doc(
@@ -380,8 +394,9 @@ impl Controller {
         state: &RolloutState,
         schema: Option<kiln_deploy::LiveSchema>,
         history: &[u64],
+        gate: StoredGate,
     ) -> Result<()> {
-        let doc = AppDoc::new(goal, state, schema, history);
+        let doc = AppDoc::new(goal, state, schema, history, gate);
         let value = serde_json::to_value(&doc).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let now = self.exec.clock.now_ms();
         self.exec.ledger().put_rollout(app, &value, now)?;

@@ -20,6 +20,68 @@ pub(crate) struct AppDoc {
     /// The releases that became live, oldest first (absent in documents written before).
     #[serde(default)]
     pub history: Vec<u64>,
+    /// Paused or in maintenance (absent when open, and in documents written before).
+    #[serde(default, skip_serializing_if = "StoredGate::is_open")]
+    pub gate: StoredGate,
+}
+
+/// The router's gate as stored: what a restarted daemon sets again.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub(crate) enum StoredGate {
+    #[default]
+    Open,
+    Paused {
+        max_hold_ms: u64,
+        max_held: usize,
+    },
+    Maintenance {
+        message: String,
+        retry_after_s: u64,
+    },
+}
+
+impl StoredGate {
+    fn is_open(&self) -> bool {
+        *self == StoredGate::Open
+    }
+
+    pub fn from_mode(mode: &kiln_proxy::GateMode) -> StoredGate {
+        match mode {
+            kiln_proxy::GateMode::Open => StoredGate::Open,
+            kiln_proxy::GateMode::Paused { max_hold, max_held } => StoredGate::Paused {
+                max_hold_ms: u64::try_from(max_hold.as_millis()).unwrap_or(u64::MAX),
+                max_held: *max_held,
+            },
+            kiln_proxy::GateMode::Maintenance {
+                message,
+                retry_after,
+            } => StoredGate::Maintenance {
+                message: message.to_string(),
+                retry_after_s: retry_after.as_secs(),
+            },
+        }
+    }
+
+    pub fn into_mode(self) -> kiln_proxy::GateMode {
+        match self {
+            StoredGate::Open => kiln_proxy::GateMode::Open,
+            StoredGate::Paused {
+                max_hold_ms,
+                max_held,
+            } => kiln_proxy::GateMode::Paused {
+                max_hold: std::time::Duration::from_millis(max_hold_ms),
+                max_held,
+            },
+            StoredGate::Maintenance {
+                message,
+                retry_after_s,
+            } => kiln_proxy::GateMode::Maintenance {
+                message: message.into(),
+                retry_after: std::time::Duration::from_secs(retry_after_s),
+            },
+        }
+    }
 }
 
 impl AppDoc {
@@ -29,6 +91,7 @@ impl AppDoc {
         state: &RolloutState,
         schema: Option<kiln_deploy::LiveSchema>,
         history: &[u64],
+        gate: StoredGate,
     ) -> AppDoc {
         AppDoc {
             release: goal.release,
@@ -37,6 +100,7 @@ impl AppDoc {
             state: StoredState::from(state),
             schema: schema.map(LiveSchema::from_domain),
             history: history.to_vec(),
+            gate,
         }
     }
 }
@@ -188,6 +252,7 @@ mod tests {
         );
         assert!(state.migrated);
         assert!(doc.history.is_empty());
+        assert_eq!(doc.gate, StoredGate::Open);
         // Stored again, the same fields come back (plus the ones added since).
         let again = serde_json::to_value(StoredState::from(&state)).unwrap();
         let before: serde_json::Value = serde_json::from_str(WRITTEN_BEFORE).unwrap();

@@ -102,6 +102,35 @@ pub struct AppStatus {
     /// The live database schema, when migrations set one.
     #[serde(default)]
     pub schema: Option<LiveSchema>,
+    /// What the router does with new requests: forwards, holds or answers a maintenance page.
+    #[serde(default)]
+    pub gate: GateStatus,
+}
+
+/// What the router does with an app's new requests (`kiln pause`, `kiln maintenance`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum GateStatus {
+    /// Forwards them.
+    #[default]
+    Open,
+    /// Holds them.
+    Paused {
+        /// A request held longer is answered 503.
+        max_hold_ms: u64,
+        /// At most this many are held; past it the oldest is answered 503.
+        max_held: usize,
+        /// Held now.
+        #[serde(default)]
+        held: usize,
+    },
+    /// Answers them 503 with a message.
+    Maintenance {
+        /// The page's message.
+        message: String,
+        /// The 503's `Retry-After`, in seconds.
+        retry_after_s: u64,
+    },
 }
 
 /// What `apply` records.

@@ -1,7 +1,7 @@
 //! kiln's control plane: what `kiln serve` runs.
 //!
 //! - [`controller`]: the [`Controller`], the conductor: apps, apply, rollback, promote,
-//!   abort, scale, down; `reconcile.rs` is its loop (observe → decide → persist → act) and
+//!   abort, scale, down (`pause.rs`: pause, resume, maintenance); `reconcile.rs` is its loop (observe → decide → persist → act) and
 //!   `status.rs` what it reports.
 //! - `executor.rs`: carries the planner's actions out through the provider and records
 //!   typed events; `create.rs` its creates, in the background; [`oneshot`]: create → start → wait → output → destroy, for migrations and
@@ -30,6 +30,7 @@ mod executor;
 pub mod gate;
 mod listeners;
 pub mod oneshot;
+mod pause;
 mod peer;
 mod reconcile;
 mod rollback;
@@ -40,7 +41,7 @@ pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use config::{ConfigError, ReleaseConfig};
 pub use controller::{Controller, ControllerConfig};
-pub use dto::{AppStatus, ApplyRequest, InstanceStatus, LiveSchema, RollbackOutcome};
+pub use dto::{AppStatus, ApplyRequest, GateStatus, InstanceStatus, LiveSchema, RollbackOutcome};
 pub use error::ControlError;
 pub use gate::Attestations;
 pub use reconcile::TICK;

@@ -80,6 +80,7 @@ impl Controller {
             },
             instances,
             schema: a.schema.map(LiveSchema::from_domain),
+            gate: crate::pause::gate_status(&a.proxy),
         })
     }
 

@@ -141,6 +141,36 @@ async fn every_operation_answers_as_documented() {
         .await
         .unwrap();
 
+    let paused = client
+        .post("/v1/apps/web/pause", &json!({"max_hold_ms": 5000}))
+        .await
+        .unwrap();
+    conforms("GateChange", &paused);
+    assert_eq!(paused["gate"]["mode"], "paused");
+    conforms("AppStatus", &client.get("/v1/apps/web").await.unwrap());
+    conforms(
+        "GateChange",
+        &client
+            .post("/v1/apps/web/resume", &json!({}))
+            .await
+            .unwrap(),
+    );
+    let maintenance = client
+        .put(
+            "/v1/apps/web/maintenance",
+            &json!({"message": "back soon", "retry_after_s": 120}),
+        )
+        .await
+        .unwrap();
+    conforms("GateChange", &maintenance);
+    let status = client.get("/v1/apps/web").await.unwrap();
+    conforms("AppStatus", &status);
+    assert_eq!(status["gate"]["message"], "back soon");
+    conforms(
+        "GateChange",
+        &client.delete("/v1/apps/web/maintenance").await.unwrap(),
+    );
+
     // Errors: documented statuses and an {"error"} body.
     let status_of = |r: Result<Value, ClientError>| match r {
         Err(ClientError::Api { status, .. }) => status.as_u16(),
@@ -170,6 +200,22 @@ async fn every_operation_answers_as_documented() {
     assert_eq!(
         status_of(client.post("/v1/apps/web/rollback", &json!({})).await),
         409
+    );
+    assert_eq!(
+        status_of(
+            client
+                .put("/v1/apps/web/maintenance", &json!({"message": " "}))
+                .await
+        ),
+        400
+    );
+    assert_eq!(
+        status_of(
+            client
+                .post("/v1/apps/web/pause", &json!({"max_hold_ms": 0}))
+                .await
+        ),
+        400
     );
     assert_eq!(status_of(client.get("/v1/nothing").await), 404);
     assert_eq!(status_of(client.post("/v1/verify", &json!({})).await), 405);

@@ -56,6 +56,14 @@ pub enum StoreError {
         /// What was asked for.
         reference: String,
     },
+    /// A digest prefix names more than one image.
+    #[error("{reference:?} is the prefix of {count} images' digests; give more of it")]
+    Ambiguous {
+        /// The prefix asked for.
+        reference: String,
+        /// How many images it names.
+        count: usize,
+    },
     /// A JSON document in the store is malformed.
     #[error("{what} is not valid: {source}")]
     BadJson {
@@ -131,6 +139,9 @@ pub struct GcReport {
 pub struct Store {
     root: PathBuf,
 }
+
+/// The fewest hex digits of a digest that name an image (git's rule).
+const MIN_PREFIX: usize = 4;
 
 const LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
@@ -381,7 +392,7 @@ impl Store {
     }
 
     /// Finds an image by tag (`NAME` means `NAME:latest`) or by manifest digest (a full
-    /// `sha256:…`, or a unique prefix of at least 6 hex digits with or without `sha256:`).
+    /// `sha256:…`, or a unique prefix of at least 4 hex digits with or without `sha256:`).
     pub fn resolve(&self, reference: &str) -> Result<Descriptor, StoreError> {
         let index = self.index()?;
         let not_found = || StoreError::NotFound {
@@ -413,18 +424,25 @@ impl Store {
         {
             return Ok(untagged(d));
         }
+        // As git: four hex digits or more name the one image whose digest starts so.
         let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
-        if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if hex.len() >= MIN_PREFIX && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hex = hex.to_ascii_lowercase();
             let hits: BTreeMap<&Digest, &Descriptor> = index
                 .manifests
                 .iter()
-                .filter(|d| d.digest.hex().starts_with(hex))
+                .filter(|d| d.digest.hex().starts_with(&hex))
                 .map(|d| (&d.digest, d))
                 .collect();
-            if hits.len() == 1
-                && let Some(d) = hits.values().next()
-            {
-                return Ok(untagged(d));
+            match hits.values().next() {
+                Some(d) if hits.len() == 1 => return Ok(untagged(d)),
+                Some(_) => {
+                    return Err(StoreError::Ambiguous {
+                        reference: reference.to_owned(),
+                        count: hits.len(),
+                    });
+                }
+                None => {}
             }
         }
         Err(not_found())

@@ -127,6 +127,14 @@ pub enum Command {
     Abort(crate::cmd::deploy::AppArg),
     /// Change the number of instances of the live release
     Scale(crate::cmd::deploy::ScaleArgs),
+    /// Hold an app's new requests in the router while those in flight finish (e.g. around a
+    /// migration); past --max-hold, or past --max-held waiting, the oldest get 503
+    Pause(crate::cmd::pause::PauseArgs),
+    /// Let a paused app's requests through again, the held ones first
+    Resume(crate::cmd::deploy::AppArg),
+    /// Answer an app's requests with 503 and a message (HTML for browsers) and Retry-After;
+    /// --off restores traffic
+    Maintenance(crate::cmd::pause::MaintenanceArgs),
     /// Releases, route weights, instances with health and age, rollout progress
     Status(crate::cmd::deploy::AppArg),
     /// The ledger's events (releases, traffic changes, drift, replacements, rollbacks)

@@ -1,8 +1,14 @@
 //! How commands talk to the person or program that ran them: data on stdout (text or JSON),
 //! progress, errors and log events on stderr, colour only when wanted. Nothing here ever
 //! writes a log event to stdout, so `--json` data stays a clean JSON document.
+//!
+//! A reader that goes away (`kiln status | head -3`) is not an error: output stops quietly
+//! and the command finishes what it was doing (a command may hold an instance it must
+//! destroy), so `SIGPIPE` stays ignored, as Rust sets it; streaming commands ask
+//! [`Output::stdout_closed`] and end.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -30,6 +36,8 @@ pub struct Output {
     pub verbose: u8,
     /// Whether stderr gets colour.
     pub color: bool,
+    /// Whether stdout's reader went away (a closed pipe).
+    closed: AtomicBool,
 }
 
 impl Output {
@@ -45,6 +53,18 @@ impl Output {
             quiet: g.quiet,
             verbose: g.verbose,
             color,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The same settings with `-q`.
+    pub fn quieter(&self) -> Output {
+        Output {
+            json: self.json,
+            quiet: true,
+            verbose: self.verbose,
+            color: self.color,
+            closed: AtomicBool::new(self.stdout_closed()),
         }
     }
 
@@ -105,21 +125,50 @@ impl Output {
     /// A line of human-readable result on stdout (suppressed by `-q`).
     pub fn say(&self, line: &str) {
         if !self.quiet {
-            println!("{line}");
+            self.print(&format!("{line}\n"));
+        }
+    }
+
+    /// Text on stdout as it is (data: not suppressed by `-q`).
+    pub fn print(&self, text: &str) {
+        // Only a closed pipe is expected here; a full disk behind a redirect is not worth a
+        // panic either, and the command's own outcome still decides the exit code.
+        if let Err(e) = self.write_stdout(text.as_bytes()) {
+            tracing::warn!(error = %e, "cannot write to stdout");
         }
     }
 
     /// A JSON document on stdout.
     pub fn data(&self, value: &serde_json::Value) -> anyhow::Result<()> {
-        let mut stdout = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut stdout, value)?;
-        writeln!(stdout)?;
+        let mut text = serde_json::to_vec_pretty(value)?;
+        text.push(b'\n');
+        self.write_stdout(&text)?;
         Ok(())
+    }
+
+    /// Whether stdout's reader went away: there is no one left to print for.
+    pub fn stdout_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Writes `bytes` to stdout; once its reader has gone, writes nothing more.
+    fn write_stdout(&self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.stdout_closed() {
+            return Ok(());
+        }
+        let mut stdout = std::io::stdout().lock();
+        match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Text that is already formatted for stderr (diagnostics).
     pub fn report(&self, text: &str) {
-        eprint!("{text}");
+        let _ignored = std::io::stderr().write_all(text.as_bytes());
     }
 
     /// The one place an error chain is printed.
@@ -133,6 +182,7 @@ impl Output {
         for cause in e.chain().skip(1) {
             msg.push_str(&format!("\n  caused by: {cause}"));
         }
-        eprintln!("{msg}");
+        // A closed stderr leaves nowhere to say it: the exit code still does.
+        let _ignored = writeln!(std::io::stderr(), "{msg}");
     }
 }

@@ -262,6 +262,40 @@ pub enum Event {
         /// Requests still in flight when the drain timed out.
         requests_cut: usize,
     },
+    /// The router holds the app's new requests (`kiln pause`, or around a migration).
+    #[serde(rename = "app.paused")]
+    Paused {
+        /// Who asked (`kiln` for a migration's pause).
+        actor: String,
+        /// A request held longer is answered 503.
+        max_hold_ms: u64,
+        /// At most this many are held; past it the oldest is answered 503.
+        max_held: usize,
+        /// Why, when kiln paused it itself (`migration of release 3`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The router forwards the app's requests again (`kiln resume`, maintenance off).
+    #[serde(rename = "app.resumed")]
+    Resumed {
+        /// Who asked.
+        actor: String,
+        /// Held requests let go.
+        released: usize,
+        /// Why, when kiln resumed it itself.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// The router answers the app's requests with a maintenance page (`kiln maintenance`).
+    #[serde(rename = "app.maintenance")]
+    Maintenance {
+        /// Who asked.
+        actor: String,
+        /// The page's message.
+        message: String,
+        /// The 503's `Retry-After`, in seconds.
+        retry_after_s: u64,
+    },
     /// A stored release cannot be decoded; the app is not run until it is fixed or replaced.
     #[serde(rename = "release.corrupt")]
     ReleaseCorrupt {
@@ -393,6 +427,9 @@ impl Event {
             Event::RollbackForced { .. } => "rollback.forced",
             Event::Scaled { .. } => "app.scaled",
             Event::Down { .. } => "app.down",
+            Event::Paused { .. } => "app.paused",
+            Event::Resumed { .. } => "app.resumed",
+            Event::Maintenance { .. } => "app.maintenance",
             Event::ReleaseCorrupt { .. } => "release.corrupt",
         }
     }
@@ -621,6 +658,35 @@ impl std::fmt::Display for Event {
             Event::ReleaseCorrupt { release, error } => {
                 write!(f, "release {release} is corrupt: {error}")
             }
+            Event::Paused {
+                actor,
+                max_hold_ms,
+                max_held,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "by {actor}: requests held (at most {max_held}, {} s each)",
+                    max_hold_ms / 1000
+                )?;
+                reason.as_ref().map_or(Ok(()), |r| write!(f, " for {r}"))
+            }
+            Event::Resumed {
+                actor,
+                released,
+                reason,
+            } => {
+                write!(f, "by {actor}: {released} held request(s) let go")?;
+                reason.as_ref().map_or(Ok(()), |r| write!(f, " after {r}"))
+            }
+            Event::Maintenance {
+                actor,
+                message,
+                retry_after_s,
+            } => write!(
+                f,
+                "by {actor}: 503 {message:?}, retry after {retry_after_s} s"
+            ),
         }
     }
 }
@@ -654,6 +720,22 @@ mod tests {
                 actor: "a".into(),
                 instances: 2,
                 requests_cut: 0,
+            },
+            Event::Paused {
+                actor: "a".into(),
+                max_hold_ms: 30_000,
+                max_held: 10_000,
+                reason: Some("migration of release 2".into()),
+            },
+            Event::Resumed {
+                actor: "a".into(),
+                released: 3,
+                reason: None,
+            },
+            Event::Maintenance {
+                actor: "a".into(),
+                message: "back at 10:00".into(),
+                retry_after_s: 300,
             },
         ];
         for e in events {

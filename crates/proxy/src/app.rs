@@ -13,6 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::AppConfig;
+use crate::gate::{Gate, GateMode};
 use crate::instance::Backend;
 use crate::route::{LiveRelease, Published, RouteTable};
 use crate::stats::{ReleaseStats, Snapshot};
@@ -22,6 +23,8 @@ pub struct App {
     config: AppConfig,
     route: ArcSwap<Published>,
     control: Mutex<Control>,
+    /// Whether new requests are forwarded, held or answered with a maintenance page.
+    pub(crate) gate: Gate,
     /// Second zero of the sliding windows.
     epoch: tokio::time::Instant,
 }
@@ -68,6 +71,7 @@ impl App {
             config,
             route: ArcSwap::from_pointee(Published::new(Vec::new())),
             control: Mutex::new(Control::default()),
+            gate: Gate::default(),
             epoch: tokio::time::Instant::now(),
         })
     }
@@ -149,6 +153,27 @@ impl App {
             "route changed"
         );
         change
+    }
+
+    /// Opens, pauses or closes the app for maintenance. Requests in flight finish either way;
+    /// held ones go on when it opens, get the page when it closes for maintenance. Returns
+    /// how many held requests were let go.
+    pub fn set_gate(&self, mode: GateMode) -> usize {
+        let released = self.gate.set(mode.clone());
+        tracing::info!(app = %self.config.name, ?mode, released, "gate changed");
+        released
+    }
+
+    /// What the router does with the app's new requests now.
+    #[must_use]
+    pub fn gate(&self) -> GateMode {
+        self.gate.mode()
+    }
+
+    /// Requests the paused gate holds now.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.gate.held()
     }
 
     /// Waits until the instance at `addr` has no request in flight, or the app's drain timeout

@@ -10,7 +10,8 @@
 //! instance. Bodies are never buffered to make a retry possible.
 //!
 //! Every response the router writes itself says so in its body (`kiln: …`), so a client can
-//! tell the router's 404/502/503/504 from the app's.
+//! tell the router's 404/502/503/504 from the app's; the one exception is the maintenance
+//! page, whose body is the operator's message for the app's users.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::body::{ProxyBody, RequestBodyError, UpstreamBody};
 use crate::config::Sticky;
+use crate::gate::Admission;
 use crate::hosts::HostTable;
 use crate::instance::{Backend, InFlight};
 use crate::peer::Peer;
@@ -108,6 +110,18 @@ pub(crate) async fn handle(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("kiln: request body larger than {limit} bytes\n"),
             );
+        }
+    }
+    let mut start = start;
+    if !app.gate.is_open() {
+        match app.gate.admit().await {
+            // The request's timeout counts from when it goes on, not from its arrival.
+            Admission::Forward => start = Instant::now(),
+            Admission::Shed => return shed(),
+            Admission::Maintenance {
+                message,
+                retry_after,
+            } => return maintenance(&req, &message, retry_after),
         }
     }
     let ctx = Context {
@@ -823,10 +837,92 @@ fn local(status: StatusCode, text: String) -> Response<ProxyBody> {
     response
 }
 
+/// A request a paused app held too long, or pushed out by newer ones.
+fn shed() -> Response<ProxyBody> {
+    let mut response = local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "kiln: the app is paused; this request was held too long\n".to_owned(),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// The maintenance page: the operator's message, as HTML when the client accepts it (a
+/// browser), else as text; 503 with `Retry-After`.
+fn maintenance<B>(
+    req: &Request<B>,
+    message: &str,
+    retry_after: std::time::Duration,
+) -> Response<ProxyBody> {
+    let html = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/html"));
+    let (body, content_type) = if html {
+        (maintenance_html(message), "text/html; charset=utf-8")
+    } else {
+        (format!("{message}\n"), "text/plain; charset=utf-8")
+    };
+    let mut response = Response::new(ProxyBody::local(Bytes::from(body)));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after.as_secs()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn maintenance_html(message: &str) -> String {
+    let mut escaped = String::with_capacity(message.len());
+    for c in message.chars() {
+        match c {
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '&' => escaped.push_str("&amp;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n\
+         <body><main><h1>Down for maintenance</h1><p>{escaped}</p></main></body></html>\n"
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_maintenance_page_is_html_for_browsers_and_text_otherwise() {
+        let browser = Request::get("/")
+            .header("accept", "text/html,application/xhtml+xml;q=0.9")
+            .body(())
+            .unwrap();
+        let r = maintenance(&browser, "back <soon>", std::time::Duration::from_secs(120));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "120");
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        let curl = Request::get("/").header("accept", "*/*").body(()).unwrap();
+        let r = maintenance(&curl, "back <soon>", std::time::Duration::from_secs(120));
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+        assert!(maintenance_html("back <soon>").contains("<p>back &lt;soon&gt;</p>"));
+    }
 
     #[test]
     fn a_head_is_measured_as_it_is_sent() {

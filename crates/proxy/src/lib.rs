@@ -16,7 +16,8 @@
 //!    it, then [`Listener::serve`] on a task.
 //! 2. [`App::set_route`] publishes a new [`RouteTable`] atomically; it returns the instances
 //!    that left the route, and [`App::drain`] resolves when each one has no request in flight
-//!    (or its drain timeout passed), after which the provider may stop it.
+//!    (or its drain timeout passed), after which the provider may stop it. [`App::set_gate`]
+//!    pauses the app (new requests held) or closes it for maintenance.
 //! 3. [`App::snapshot`] reads a release's measurements over the last seconds;
 //!    [`render_prometheus`] writes every app's metrics in the Prometheus text format.
 
@@ -29,6 +30,7 @@ mod config;
 mod conn_timer;
 mod error;
 mod forward;
+mod gate;
 mod hosts;
 mod instance;
 mod listener;
@@ -44,6 +46,7 @@ mod yielding;
 pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};
 pub use error::{ConfigError, ListenerError, RouteError};
+pub use gate::GateMode;
 pub use listener::Listener;
 pub use route::{Instance, RouteRelease, RouteTable};
 pub use stats::{Snapshot, WINDOW_MAX_SECONDS, render_prometheus};

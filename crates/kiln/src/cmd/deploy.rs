@@ -107,16 +107,18 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
-fn client(state: &Path) -> Client {
+pub(super) fn client(state: &Path) -> Client {
     Client::new(&socket(state))
 }
 
-fn block<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(super) fn block<T>(
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     super::instance::tokio_runtime()?.block_on(f)
 }
 
 /// The app a command is about: as given, or the `name` of ./kiln.toml.
-fn app_name(app: Option<&str>) -> anyhow::Result<String> {
+pub(super) fn app_name(app: Option<&str>) -> anyhow::Result<String> {
     if let Some(a) = app {
         return Ok(a.to_owned());
     }
@@ -295,10 +297,7 @@ fn release_request_untested(
     state: &Path,
     out: &Output,
 ) -> anyhow::Result<ApplyRequest> {
-    let quiet = Output {
-        quiet: true,
-        ..*out
-    };
+    let quiet = out.quieter();
     let built = super::image::build_spec(spec, None, state, &quiet)?;
     Ok(ApplyRequest {
         image: built.digest.to_string(),
@@ -466,6 +465,9 @@ fn print_status(s: &AppStatus, out: &Output) {
         out.say(&format!(
             "  not served: {why} (tried again on each reconcile pass)"
         ));
+    }
+    if let Some(gate) = super::pause::gate_line(&s.gate) {
+        out.say(&format!("  {gate}"));
     }
     out.say(&format!("  {}", progress_line(s)));
     out.say(&format!(
@@ -718,17 +720,16 @@ pub fn logs(args: &LogsArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
                 let data = chunk["data"].as_str().unwrap_or("");
                 for line in data.lines() {
                     if many {
-                        println!("{id} | {line}");
+                        out.print(&format!("{id} | {line}\n"));
                     } else {
-                        println!("{line}");
+                        out.print(&format!("{line}\n"));
                     }
                 }
                 offsets.insert(id.clone(), chunk["next"].as_u64().unwrap_or(from));
             }
-            if !args.follow {
+            if !args.follow || out.stdout_closed() {
                 return Ok(ExitCode::SUCCESS);
             }
-            let _ = out;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     })
@@ -822,10 +823,16 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
                 } else {
                     "following (the app keeps running)"
                 };
+                // The spec's own keys, never an example's: what a person would change
+                // for a new release of this app.
+                let edit = match spec.service.env.keys().next() {
+                    Some(key) => format!("[service.env] {key} in {file}"),
+                    None => format!("[image] or [service] in {file}"),
+                };
                 out.say(&format!(
                     "\n{app} is up on http://{listen} — try, in another terminal:\n  \
                      kiln status {app}\n  \
-                     (edit {file}, e.g. HELLO_VERSION) then: kiln build -f {file}; \
+                     (edit {edit}) then: kiln build -f {file}; \
                      kiln test -f {file}; kiln apply -f {file}\n  \
                      kiln rollback {app}\n  \
                      kiln history {app}\n\

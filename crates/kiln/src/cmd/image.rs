@@ -179,7 +179,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 started.elapsed().as_secs_f64()
             );
         }
-        println!("{}", built.digest);
+        out.print(&format!("{}\n", built.digest));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,11 +31,13 @@ impl StoreImages {
 
     /// The manifest digest a tag or digest reference names.
     pub fn resolve_ref(&self, reference: &str) -> anyhow::Result<Digest> {
-        let desc = self
-            .store
-            .resolve(reference)
-            .with_context(|| format!("no image {reference:?} in the store (run `kiln build`)"))?;
-        Ok(desc.digest)
+        match self.store.resolve(reference) {
+            Ok(desc) => Ok(desc.digest),
+            Err(kiln_image::StoreError::NotFound { .. }) => Err(anyhow::anyhow!(
+                "no image {reference:?} in the store (run `kiln build`)"
+            )),
+            Err(e) => Err(e).with_context(|| format!("cannot look up image {reference:?}")),
+        }
     }
 
     /// The store, for attestations.

@@ -6,6 +6,7 @@ pub mod deploy;
 pub mod doctor;
 pub mod image;
 mod instance;
+pub mod pause;
 pub mod run;
 mod signals;
 mod spec;
@@ -33,7 +34,7 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => spec::validate(&args, out),
         Command::Schema(args) => spec::schema(&args, out),
         Command::Init(args) => spec::init(&args, out),
-        Command::Completions(args) => completions::print(&args),
+        Command::Completions(args) => completions::print(&args, out),
         Command::Build(args) => image::build(&args, &cli.global.state, out),
         Command::Images => image::images(&cli.global.state, out),
         Command::Image(args) => image::image(&args, &cli.global.state, out),
@@ -49,6 +50,9 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Promote(args) => deploy::promote(&args, &cli.global.state, out),
         Command::Abort(args) => deploy::abort(&args, &cli.global.state, out),
         Command::Scale(args) => deploy::scale(&args, &cli.global.state, out),
+        Command::Pause(args) => pause::pause(&args, &cli.global.state, out),
+        Command::Resume(args) => pause::resume(&args, &cli.global.state, out),
+        Command::Maintenance(args) => pause::maintenance(&args, &cli.global.state, out),
         Command::Status(args) => deploy::status(&args, &cli.global.state, out),
         Command::History(args) => deploy::history(&args, &cli.global.state, out),
         Command::Verify => deploy::verify(&cli.global.state, out),
@@ -80,6 +84,9 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Promote(_)
         | Command::Abort(_)
         | Command::Scale(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
+        | Command::Maintenance(_)
         | Command::Status(_)
         | Command::History(_)
         | Command::Verify

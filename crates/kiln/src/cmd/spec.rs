@@ -36,7 +36,7 @@ pub fn validate(args: &SpecFile, out: &Output) -> anyhow::Result<ExitCode> {
             Ok(spec) => {
                 out.say(&format!("{file}: ok ({})", summary(&spec)));
                 if out.verbose > 0 && !out.quiet {
-                    print!("{}", details(&spec));
+                    out.print(&details(&spec));
                 }
                 ExitCode::SUCCESS
             }
@@ -181,7 +181,7 @@ fn details(spec: &Spec) -> String {
 
 pub fn schema(args: &SchemaArgs, out: &Output) -> anyhow::Result<ExitCode> {
     if args.markdown {
-        print!("{}", kiln_spec::reference_markdown());
+        out.print(&kiln_spec::reference_markdown());
     } else {
         out.data(&kiln_spec::json_schema())?;
     }
