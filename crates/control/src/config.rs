@@ -670,6 +670,9 @@ pub struct MigrateConfig {
     pub schema: u32,
     /// Oldest compatible schema.
     pub compatible_from: u32,
+    /// Hold requests while it runs (releases recorded before it: no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause: bool,
 }
 
 /// `[route]` as stored.
@@ -860,6 +863,7 @@ impl ReleaseConfig {
                     command: m.command.clone(),
                     schema: m.schema,
                     compatible_from: m.compatible_from,
+                    pause: m.pause,
                 }),
             },
             route: RouteConfig {
@@ -949,6 +953,7 @@ impl ReleaseConfig {
                 command: m.command.clone(),
                 schema: m.schema,
                 compatible_from: m.compatible_from,
+                pause: m.pause,
             }),
         }
     }

@@ -207,6 +207,11 @@ impl Executor {
         }
     }
 
+    /// Whether a migration of `app` runs or has finished unread.
+    pub fn migrating(&self, app: &str) -> bool {
+        lock(&self.migrations).contains_key(app)
+    }
+
     /// A finished migration's outcome, once (`None` while none finished).
     pub fn take_migration(&self, app: &str) -> Option<std::result::Result<(), String>> {
         let mut m = lock(&self.migrations);

@@ -149,7 +149,10 @@ impl Controller {
             .partition(|a| matches!(a, Action::Destroy { .. }));
         for action in others.into_iter().chain(destroys) {
             match action {
-                Action::Migrate { release } => self.exec.migrate(name, a, release)?,
+                Action::Migrate { release } => {
+                    self.pause_for_migration(name, a, release)?;
+                    self.exec.migrate(name, a, release)?;
+                }
                 Action::Create { release, count } if release != a.goal.release => {
                     self.create_other(name, a, release, count)?;
                 }
@@ -232,12 +235,57 @@ impl Controller {
         })
     }
 
+    /// With `[deploy.migrate] pause`, the router holds the app's new requests from the start
+    /// of its migration: only when the migration is about to start and the app is open (a
+    /// person's pause or maintenance is theirs).
+    fn pause_for_migration(&self, name: &str, a: &AppCtl, release: u64) -> Result<()> {
+        let wanted = a.config.deploy.migrate.as_ref().is_some_and(|m| m.pause);
+        if !wanted || self.exec.migrating(name) || a.proxy.gate() != kiln_proxy::GateMode::Open {
+            return Ok(());
+        }
+        let (max_hold, max_held) = (
+            crate::pause::DEFAULT_MAX_HOLD,
+            crate::pause::DEFAULT_MAX_HELD,
+        );
+        let event = Event::Paused {
+            actor: "kiln".to_owned(),
+            max_hold_ms: u64::try_from(max_hold.as_millis()).unwrap_or(u64::MAX),
+            max_held,
+            reason: Some(format!("migration of release {release}")),
+        };
+        self.set_gate(
+            name,
+            a,
+            kiln_proxy::GateMode::Paused { max_hold, max_held },
+            &event,
+        )
+    }
+
+    /// Lets the held requests go once a migration with `pause` ended, whatever its outcome,
+    /// if the app is still paused (a pause made during it ends with it).
+    fn resume_after_migration(&self, name: &str, a: &AppCtl, release: u64, ok: bool) -> Result<()> {
+        let paused = matches!(a.proxy.gate(), kiln_proxy::GateMode::Paused { .. });
+        if !paused || !a.config.deploy.migrate.as_ref().is_some_and(|m| m.pause) {
+            return Ok(());
+        }
+        let event = Event::Resumed {
+            actor: "kiln".to_owned(),
+            released: a.proxy.held(),
+            reason: Some(format!(
+                "migration of release {release} {}",
+                if ok { "completed" } else { "failed" }
+            )),
+        };
+        self.set_gate(name, a, kiln_proxy::GateMode::Open, &event)
+    }
+
     /// Moves a finished migration's outcome into the rollout state (and the live schema).
     fn fold_migration(&self, name: &str, a: &mut AppCtl) -> Result<()> {
         let Some(outcome) = self.exec.take_migration(name) else {
             return Ok(());
         };
         let release = a.goal.release;
+        self.resume_after_migration(name, a, release, outcome.is_ok())?;
         match outcome {
             Ok(()) => {
                 a.state.migrated = true;

@@ -35,6 +35,7 @@ fn migrate(schema: u32, compatible_from: u32) -> Option<Migrate> {
         command: vec!["/app".into(), "migrate".into()],
         schema,
         compatible_from,
+        pause: false,
     })
 }
 

@@ -23,6 +23,7 @@ fn deploy(schema: Option<(u32, u32)>) -> DeploySpec {
             command: vec!["/app".into(), "migrate".into()],
             schema,
             compatible_from,
+            pause: false,
         }),
     }
 }

@@ -688,6 +688,7 @@ fn with_migration(mut d: DeploySpec) -> DeploySpec {
         command: vec!["/app".into(), "migrate".into()],
         schema: 3,
         compatible_from: 2,
+        pause: false,
     });
     d
 }

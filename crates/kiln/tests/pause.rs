@@ -112,6 +112,59 @@ fn pause_under_load_holds_requests_and_resume_lets_them_go_without_a_failure() {
     closed_stdout(&state, &["status", "web"]);
 }
 
+// `[deploy.migrate] pause = true`: the router holds the app's requests while the migration
+// runs and lets them go when it ends; nothing fails, and both are recorded with the reason.
+#[test]
+fn a_migration_with_pause_holds_requests_while_it_runs() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = common::free_port();
+    let _daemon = Daemon::start(&state);
+    up(dir.path(), &state, port);
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let spec = common::write_spec_with(
+        dir.path(),
+        port,
+        "HELLO_VERSION = \"v2\", HELLO_MIGRATION_MS = \"2000\"",
+        2,
+        "[deploy]\nkeep_previous = \"10m\"\nprogress_deadline = \"1m\"\n\n[deploy.migrate]\n\
+         command = [\"/hello\", \"migrate\"]\nschema = 1\npause = true\n",
+    );
+    let image = build(&state, &spec);
+    let started = Instant::now();
+    apply(&state, &spec, &image);
+    let (ok, failed) = load.finish();
+    eprintln!(
+        "a 2 s migration with pause: {ok} ok, {failed} failed, apply took {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(failed, 0, "a request failed across the migration's pause");
+    assert_eq!(status(&state)["gate"]["mode"], "open");
+    let history = common::history(&state);
+    let reason = |kind: &str| {
+        history
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .filter_map(|e| e["data"]["reason"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        reason("app.paused"),
+        ["migration of release 2"],
+        "{history:#?}"
+    );
+    assert_eq!(
+        reason("app.resumed"),
+        ["migration of release 2 completed"],
+        "{history:#?}"
+    );
+}
+
 #[test]
 fn past_max_hold_or_max_held_the_oldest_get_503() {
     if !runc_prerequisites() {

@@ -606,6 +606,14 @@ const MIGRATE: &[Field] = &[
         Kind::Integer(rules::SCHEMA_VERSION),
         "The oldest schema version this release still works with; default: `schema`.",
     ),
+    default(
+        "pause",
+        Kind::Bool,
+        "false",
+        "Hold the app's new requests in the router while the migration runs (as `kiln pause` \
+         does: at most 30 s each, the oldest shed with 503 past 10000), and let them go when it \
+         ends, whether it succeeded or failed. For a migration that cannot run under traffic.",
+    ),
 ];
 
 const ROUTE: &[Field] = &[

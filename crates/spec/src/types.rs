@@ -531,6 +531,8 @@ pub struct Migrate {
     pub schema: u32,
     /// Oldest schema this release works with (≤ `schema`).
     pub compatible_from: u32,
+    /// The router holds the app's new requests while it runs.
+    pub pause: bool,
 }
 
 /// A whole number or a percentage of `replicas`.

@@ -765,6 +765,7 @@ impl Validator<'_> {
             command: self.command(t, "command").unwrap_or_default(),
             schema,
             compatible_from,
+            pause: t.bool("pause"),
         }
     }
 

@@ -17,7 +17,8 @@
 //!   of the image that a test can tell apart from a tampered copy).
 //!
 //! `hello migrate` is a one-shot stand-in for a schema migration (kiln's `[deploy.migrate]`):
-//! it prints what it did and exits 0, or exits 1 when `HELLO_MIGRATION_FAILS=1`.
+//! it prints what it did and exits 0, or exits 1 when `HELLO_MIGRATION_FAILS=1`; it takes
+//! `HELLO_MIGRATION_MS` milliseconds first when that is set.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -167,6 +168,12 @@ async fn main() -> ExitCode {
 
 fn migrate() -> ExitCode {
     let version = std::env::var("HELLO_VERSION").unwrap_or_else(|_| "v1".to_owned());
+    if let Some(ms) = std::env::var("HELLO_MIGRATION_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     if std::env::var("HELLO_MIGRATION_FAILS").is_ok_and(|v| v == "1") {
         eprintln!("hello {version}: migration failed: column \"greeting\" already exists");
         return ExitCode::FAILURE;
