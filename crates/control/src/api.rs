@@ -282,6 +282,7 @@ async fn route(
             ok(to_json(&c.events(app.as_deref(), limit)?)?)
         }
         (&Method::POST, ["v1", "fingerprints"]) => {
+            refuse_secret_sources_over_tcp(actor, true)?;
             let r: crate::dto::FingerprintRequest = body(req).await?;
             ok(to_json(&c.fingerprints(r).await?)?)
         }
@@ -305,6 +306,21 @@ async fn route(
     }
 }
 
+/// Secret sources make the daemon read a file of its host, its own environment or run a
+/// command, as its user: only a user of this host (the unix socket, itself private to the
+/// daemon's user) may name them, never a holder of the TCP token.
+fn refuse_secret_sources_over_tcp(actor: &str, names_sources: bool) -> Result<(), ApiError> {
+    if names_sources && crate::peer::is_token(actor) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "secret sources ([service.secrets]) are read by the daemon as its own user: \
+             apply them over the daemon's unix socket, not with the TCP token"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// The operations on one app: `/v1/apps/{app}/…`.
 async fn app_operation(
     c: &Controller,
@@ -325,6 +341,7 @@ async fn app_operation(
         (&Method::GET, ["releases"]) => ok(to_json(&c.releases(app)?)?),
         (&Method::POST, ["releases"]) => {
             let mut r: ApplyRequest = body(req).await?;
+            refuse_secret_sources_over_tcp(actor, !r.config.service.secrets.is_empty())?;
             r.actor = actor.to_owned();
             ok(to_json(&c.apply(app, r).await?)?)
         }

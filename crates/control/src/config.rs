@@ -521,6 +521,28 @@ pub struct ServiceConfig {
     pub secrets: BTreeMap<String, SecretConfig>,
 }
 
+/// The rules a secret keeps on its own: a valid name, an absolute file or directory, an env
+/// variable's name, a command.
+pub fn check_secret(name: &str, s: &SecretConfig) -> std::result::Result<(), String> {
+    let broken = |r: std::result::Result<(), Broken>| r.map_err(|b| b.message);
+    broken(rules::secret_name(name, s.expose_env))?;
+    match &s.source {
+        SecretSourceConfig::File(f) if !f.is_absolute() => {
+            Err(format!("file {} is not absolute", f.display()))
+        }
+        SecretSourceConfig::File(_) => Ok(()),
+        SecretSourceConfig::Env(v) => broken(rules::env_var(v, "", false)),
+        SecretSourceConfig::Command { argv, dir } => {
+            broken(rules::command("command", argv.iter().map(String::as_str)))?;
+            if dir.is_absolute() {
+                Ok(())
+            } else {
+                Err(format!("dir {} is not absolute", dir.display()))
+            }
+        }
+    }
+}
+
 /// One secret as a release records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1055,30 +1077,16 @@ impl ServiceConfig {
         }
     }
 
-    /// The rules a stored secret keeps: a valid name, an absolute file or directory, an env
-    /// variable's name, a command.
+    /// The rules a stored secret keeps (`check_secret`), and a name exposed in the
+    /// environment not also in `env`.
     fn validate_secrets(&self, p: &mut Problems) {
         for (name, s) in &self.secrets {
             let field = format!("service.secrets.{name}");
-            p.check(&field, rules::secret_name(name, s.expose_env));
+            if let Err(message) = check_secret(name, s) {
+                p.add(&field, message);
+            }
             if s.expose_env && self.env.contains_key(name) {
                 p.add(&field, format!("{name} is also set in service.env"));
-            }
-            match &s.source {
-                SecretSourceConfig::File(f) if !f.is_absolute() => {
-                    p.add(&field, format!("file {} is not absolute", f.display()));
-                }
-                SecretSourceConfig::Env(v) => p.check(&field, rules::env_var(v, "", false)),
-                SecretSourceConfig::Command { argv, dir } => {
-                    p.check(
-                        &field,
-                        rules::command("command", argv.iter().map(String::as_str)),
-                    );
-                    if !dir.is_absolute() {
-                        p.add(&field, format!("dir {} is not absolute", dir.display()));
-                    }
-                }
-                SecretSourceConfig::File(_) => {}
             }
         }
     }

@@ -498,6 +498,8 @@ impl Controller {
         if !self.exec.creates_settled(app, CREATES_SETTLE).await {
             tracing::warn!(app = %app, "creates still running after {CREATES_SETTLE:?}: an instance they make may be left");
         }
+        // A create that began before the app went may have read its secrets again.
+        self.exec.secrets.forget(app);
         let mine: Vec<Observation> = self
             .exec
             .provider

@@ -155,9 +155,9 @@ impl Executor {
             release,
             Some((crate::app::MIGRATION_ROLE, m.command.clone())),
         );
-        spec.secrets = self
-            .secrets
-            .for_instance(app, release, &a.config.service.secrets)?;
+        // Read in the migration's task, off the reconciler's pass: a command may take seconds,
+        // and a failure there is the migration's, recorded once like any other.
+        let (secrets, refs) = (self.secrets.clone(), a.config.service.secrets.clone());
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(a.config.deploy.progress_deadline_ms);
         let event = Event::MigrationStarted {
@@ -172,23 +172,42 @@ impl Executor {
         let provider = Arc::clone(&self.provider);
         let migrations = Arc::clone(&self.migrations);
         let name = app.to_owned();
+        let app_name = app.to_owned();
         tokio::spawn(async move {
-            let ran = run_once(
-                provider.as_ref(),
-                spec,
-                deadline,
-                MIGRATION_OUTPUT,
-                std::future::pending(),
-            )
-            .await;
-            // Judged by its exit: a migration that ran and exited 0 changed the database,
-            // whether or not its instance could be removed afterwards.
-            let outcome = match ran {
-                Ok(one) => {
-                    if let Some(e) = &one.destroy_error {
-                        tracing::warn!(instance = %one.id, error = %e, "migration instance not removed");
+            let read = if refs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tokio::task::spawn_blocking(move || secrets.for_instance(&app_name, release, &refs))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ControlError::Internal(format!("reading secrets: {e}")))
+                    })
+            };
+            let outcome = match read {
+                Ok(values) => {
+                    spec.secrets = values.clone();
+                    let ran = run_once(
+                        provider.as_ref(),
+                        spec,
+                        deadline,
+                        MIGRATION_OUTPUT,
+                        std::future::pending(),
+                    )
+                    .await;
+                    // Judged by its exit: a migration that ran and exited 0 changed the
+                    // database, whether or not its instance could be removed afterwards.
+                    match ran {
+                        Ok(one) => {
+                            if let Some(e) = &one.destroy_error {
+                                tracing::warn!(instance = %one.id, error = %e, "migration instance not removed");
+                            }
+                            // Its output goes into the ledger, for good: no secret value
+                            // it printed (a DSN, say) goes with it.
+                            one.failure()
+                                .map_or(Ok(()), |f| Err(crate::secrets::scrub(&f, &values)))
+                        }
+                        Err(e) => Err(e.to_string()),
                     }
-                    one.failure().map_or(Ok(()), Err)
                 }
                 Err(e) => Err(e.to_string()),
             };

@@ -24,7 +24,16 @@ pub(crate) fn unix_actor(uid: u32) -> String {
 
 /// The actor of a request over TCP, which proved only that it holds the token.
 pub(crate) fn tcp_actor(client: IpAddr) -> String {
-    format!("token@{}", client.to_canonical())
+    format!("{TOKEN_PREFIX}{}", client.to_canonical())
+}
+
+const TOKEN_PREFIX: &str = "token@";
+
+/// Whether `actor` (made here) came over TCP with the token rather than from a user of this
+/// host on the unix socket: such a client must not make the daemon read its host's files or
+/// run commands (secret sources).
+pub(crate) fn is_token(actor: &str) -> bool {
+    actor.starts_with(TOKEN_PREFIX)
 }
 
 /// The name `/etc/passwd` (its text) gives `uid`, else `uid:N`.

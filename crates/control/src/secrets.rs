@@ -47,33 +47,51 @@ impl SecretKey {
     /// The key in `<state>/secrets.key`, made (32 random bytes, `0600`) if there is none.
     pub fn load_or_create(state: &Path) -> std::io::Result<SecretKey> {
         let path = state.join("secrets.key");
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} is not 32 bytes", path.display()),
-                    )
-                })?;
-                return Ok(SecretKey(key));
+        for _ in 0..2 {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("{} is not 32 bytes", path.display()),
+                        )
+                    })?;
+                    return Ok(SecretKey(key));
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                Err(_) => {}
             }
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            Err(_) => {}
+            // Made whole beside it, then linked into place: a crash leaves no partial key,
+            // and of two processes making one, the first link wins and both read it.
+            let mut key = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+            let tmp = state.join(format!(".secrets.key.{}", std::process::id()));
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&key)?;
+                f.sync_all()?;
+            }
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    std::fs::File::open(state)?.sync_all()?;
+                    return Ok(SecretKey(key));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
         }
-        let mut key = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            f.write_all(&key)?;
-            f.sync_all()?;
-        }
-        // Another process may have made it first: the file's key is the key.
-        SecretKey::load_or_create(state)
+        Err(std::io::Error::other(format!(
+            "{} could not be made or read",
+            path.display()
+        )))
     }
 
     /// HMAC-SHA-256 (RFC 2104) of `name`, a NUL, and `value`.
@@ -158,6 +176,20 @@ pub fn read(name: &str, source: &SecretSourceConfig) -> Result<SecretBytes> {
     Ok(SecretBytes::new(chomp(value)))
 }
 
+/// `text` with every value of `secrets` (of 4 bytes or more, as text) replaced by
+/// `<secret NAME>`: for output that is recorded or answered.
+pub fn scrub(text: &str, secrets: &[Secret]) -> String {
+    let mut out = text.to_owned();
+    for s in secrets {
+        if let Ok(value) = std::str::from_utf8(s.value.expose())
+            && value.len() >= 4
+        {
+            out = out.replace(value, &format!("<secret {}>", s.name));
+        }
+    }
+    out
+}
+
 /// Reads the secrets of a spec for a one-off instance this process starts itself (`kiln run`,
 /// `kiln test`): no release, so no fingerprint to check.
 pub fn read_spec(secrets: &[kiln_spec::Secret]) -> Result<Vec<Secret>> {
@@ -185,7 +217,18 @@ fn chomp(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 fn read_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // Non-blocking, so a FIFO cannot hang the open; then only a regular file is read.
+    const O_NONBLOCK: i32 = 0o4000;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if !regular {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
     let mut out = Vec::new();
     f.take(VALUE_CAP as u64 + 2)
         .read_to_end(&mut out)
@@ -193,46 +236,73 @@ fn read_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Runs a secret's command in a process group of its own, so that neither it nor anything
+/// it leaves behind outlives [`COMMAND_TIMEOUT`]: the whole group is killed when the command
+/// ends or times out, and its output is read with the same deadline.
 fn run(argv: &[String], dir: &Path) -> std::result::Result<Vec<u8>, String> {
+    use std::os::unix::process::CommandExt as _;
+    use std::sync::mpsc;
     let (program, args) = argv.split_first().ok_or("its command is empty")?;
     let mut child = Command::new(program)
         .args(args)
         .current_dir(dir)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    let group = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let kill_group = || {
+        if let Some(g) = group {
+            let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
+        }
+    };
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
     let mut stderr = child.stderr.take().ok_or("no stderr")?;
-    let out = std::thread::spawn(move || {
+    let (out_tx, out_rx) = mpsc::channel();
+    std::thread::spawn(move || {
         let mut v = Vec::new();
         let _ = (&mut stdout).take(VALUE_CAP as u64 + 2).read_to_end(&mut v);
-        v
+        let _ = out_tx.send(v);
     });
-    let err = std::thread::spawn(move || {
+    let (err_tx, err_rx) = mpsc::channel();
+    std::thread::spawn(move || {
         let mut v = Vec::new();
         let _ = (&mut stderr).take(2048).read_to_end(&mut v);
-        v
+        // The rest is read and dropped: a command writing more must not die of SIGPIPE.
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        let _ = err_tx.send(v);
     });
     let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let timed_out = || {
+        format!(
+            "{program:?} did not finish within {} s",
+            COMMAND_TIMEOUT.as_secs()
+        )
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
-                let _ = child.kill();
+                kill_group();
                 let _ = child.wait();
-                return Err(format!(
-                    "{program:?} did not finish within {} s",
-                    COMMAND_TIMEOUT.as_secs()
-                ));
+                return Err(timed_out());
             }
-            Err(e) => return Err(format!("{program:?}: {e}")),
+            Err(e) => {
+                kill_group();
+                return Err(format!("{program:?}: {e}"));
+            }
         }
     };
-    let value = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
+    // Whatever it started in the background goes with it, and the pipes close.
+    kill_group();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let value = out_rx.recv_timeout(left).map_err(|_| timed_out())?;
+    let stderr = err_rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .unwrap_or_default();
     if !status.success() {
         // Its stderr is the command's own words about why; its stdout is never shown.
         return Err(format!(
@@ -430,6 +500,23 @@ mod tests {
         assert_ne!(a, key.fingerprint("B", b"v"), "the name is part of it");
         assert_ne!(a, SecretKey([0x0c; 32]).fingerprint("A", b"v"));
         assert!(key.redact("DB_PASSWORD", "x").starts_with("redacted:"));
+    }
+
+    #[test]
+    fn scrub_replaces_values_and_leaves_short_ones() {
+        let s = |name: &str, v: &str| Secret {
+            name: name.to_owned(),
+            value: SecretBytes::new(v.as_bytes().to_vec()),
+            expose_env: false,
+        };
+        let out = scrub(
+            "connect postgres://app:hunter22@db failed; key abc",
+            &[s("DB_PASSWORD", "hunter22"), s("SHORT", "abc")],
+        );
+        assert_eq!(
+            out,
+            "connect postgres://app:<secret DB_PASSWORD>@db failed; key abc"
+        );
     }
 
     #[test]

@@ -110,6 +110,16 @@ impl Controller {
         &self,
         req: crate::dto::FingerprintRequest,
     ) -> Result<crate::dto::Fingerprints> {
+        // The sources a release may name, no more of them than a spec would.
+        if req.secrets.len() > MAX_SECRETS {
+            return Err(crate::error::ControlError::Invalid(format!(
+                "at most {MAX_SECRETS} secrets"
+            )));
+        }
+        for (name, s) in &req.secrets {
+            crate::config::check_secret(name, s)
+                .map_err(|e| crate::error::ControlError::Invalid(format!("secret {name}: {e}")))?;
+        }
         let secrets = self.exec.secrets.clone();
         let (prints, env) =
             tokio::task::spawn_blocking(move || secrets.fingerprints(&req.secrets, &req.env))
@@ -163,3 +173,6 @@ impl Controller {
         kiln_proxy::render_prometheus(&apps)
     }
 }
+
+/// The most secrets one fingerprint request may name.
+const MAX_SECRETS: usize = 256;

@@ -249,3 +249,30 @@ fn a_release_edited_in_the_ledger_is_reported_corrupt_by_name_not_deployed() {
     let (_, apps) = call(port, "GET", "/v1/apps", None);
     assert_eq!(apps, json!([]));
 }
+
+// A TCP token holder must not make the daemon read its host's files or run commands: a
+// release naming secret sources, and a fingerprint request, are refused over TCP.
+#[test]
+fn secret_sources_are_refused_over_the_tcp_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_daemon, port) = daemon(&state);
+    let mut body = apply_body(free_port(), "");
+    body["config"]["service"]["secrets"] = json!({
+        "SHADOW": {"source": {"file": "/etc/shadow"}}
+    });
+    let (status, answer) = call(port, "POST", "/v1/apps/web/releases", Some(&body));
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unix socket"),
+        "{answer}"
+    );
+    let asked = json!({"secrets": {"X": {"source": {"command": {"argv": ["id"], "dir": "/"}}}}});
+    let (status, answer) = call(port, "POST", "/v1/fingerprints", Some(&asked));
+    assert_eq!(status, 403, "{answer}");
+    let (_, events) = call(port, "GET", "/v1/events?app=web", None);
+    assert_eq!(events, json!([]), "nothing was recorded");
+}

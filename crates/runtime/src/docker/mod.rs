@@ -1192,7 +1192,26 @@ impl Provider for DockerProvider {
                 tracing::warn!(container = %cid, name = %name, "removing a container with kiln's labels that kiln did not create");
                 if let Ok(id) = InstanceId::new(&name) {
                     self.remove(&id, &cid).await?;
+                    self.remove_secrets(&id)?;
                 }
+            }
+        }
+        // Secrets mounted by a create that crashed before its record: nothing runs with them.
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".secrets")
+                .and_then(|n| InstanceId::new(n).ok())
+            else {
+                continue;
+            };
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok());
+            if !self.record_path(&id).exists() && age.is_some_and(|a| a > UNRECORDED_GRACE) {
+                self.remove_secrets(&id)?;
             }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));

@@ -813,13 +813,18 @@ impl LocalProvider {
     /// runtime). The network goes first: its record is what says how to tear it down.
     fn remove_files(&self, id: &InstanceId) -> Result<(), ProviderError> {
         let dir = self.dir(id);
-        self.cfg
-            .cni
-            .detach(id.as_str(), &dir)
-            .map_err(|source| ProviderError::Network {
-                id: id.clone(),
-                source,
-            })?;
+        // A network that cannot be torn down now (a plugin failing its `DEL`) keeps its
+        // namespace and record for the next try; everything else, the secrets' tmpfs first
+        // of all, goes anyway.
+        let detached =
+            self.cfg
+                .cni
+                .detach(id.as_str(), &dir)
+                .map_err(|source| ProviderError::Network {
+                    id: id.clone(),
+                    source,
+                });
+        let keep = detached.is_err().then(|| network::netns_path(&dir));
         let rootfs = dir.join("bundle/rootfs");
         self.mounter
             .unmount(&rootfs)
@@ -835,6 +840,7 @@ impl LocalProvider {
             .mounts_under(&dir)
             .map_err(ProviderError::io("read mounts under", &dir))?;
         others.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        others.retain(|m| Some(m) != keep.as_ref());
         for m in others {
             self.mounter
                 .unmount(&m)
@@ -844,6 +850,7 @@ impl LocalProvider {
                     source,
                 })?;
         }
+        detached?;
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
