@@ -57,6 +57,22 @@ pub struct Controller {
     attestations: Option<Arc<dyn Attestations>>,
 }
 
+/// Why a running app refuses a new release: a rollout in progress, or another `[route]`.
+fn refuse_apply(app: &str, a: &AppCtl, req: &ApplyRequest) -> Result<()> {
+    if a.state.phase == Phase::Progressing {
+        return Err(ControlError::Conflict(format!(
+            "a rollout of {app} release {} is in progress; wait for it, or `kiln abort {app}`",
+            a.goal.release
+        )));
+    }
+    if a.config.route != req.config.route {
+        return Err(ControlError::Invalid(format!(
+            "[route] of {app} changed; `kiln down {app}` first to move it (a running app keeps its listener)"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn not_running(app: &str) -> ControlError {
     ControlError::NotFound(format!("no app named {app} is running"))
 }
@@ -212,6 +228,11 @@ impl Controller {
     /// Records a new release of `app` and starts rolling it out.
     pub async fn apply(&self, app: &str, mut req: ApplyRequest) -> Result<kiln_ledger::Release> {
         let image = crate::gate::check_apply(app, &req, self.attestations.as_deref())?;
+        // What would refuse it anyway is said before a secret's command runs for nothing
+        // (and said again below, under the lock that makes it hold).
+        if let Some(a) = self.apps.lock().await.get(app) {
+            refuse_apply(app, a, &req)?;
+        }
         // The daemon reads every secret now (a command may take seconds: off the runtime's
         // threads) and records its fingerprint, whatever the client sent.
         let secrets = if req.config.service.secrets.is_empty() {
@@ -232,17 +253,7 @@ impl Controller {
         let mut apps = self.apps.lock().await;
         let (stable, fresh) = match apps.get(app) {
             Some(a) => {
-                if a.state.phase == Phase::Progressing {
-                    return Err(ControlError::Conflict(format!(
-                        "a rollout of {app} release {} is in progress; wait for it, or `kiln abort {app}`",
-                        a.goal.release
-                    )));
-                }
-                if a.config.route != req.config.route {
-                    return Err(ControlError::Invalid(format!(
-                        "[route] of {app} changed; `kiln down {app}` first to move it (a running app keeps its listener)"
-                    )));
-                }
+                refuse_apply(app, a, &req)?;
                 (a.live_release(), None)
             }
             None => {

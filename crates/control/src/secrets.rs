@@ -132,6 +132,18 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where the password of a URL with credentials (`scheme://user:password@host…`) is in
+/// `value`, if it has one.
+fn url_password(value: &str) -> Option<std::ops::Range<usize>> {
+    let start = value.find("://")? + 3;
+    let authority_end = value[start..]
+        .find(['/', '?', '#'])
+        .map_or(value.len(), |i| start + i);
+    let at = value[start..authority_end].rfind('@')? + start;
+    let colon = value[start..at].find(':')? + start;
+    (colon + 1 < at).then_some(colon + 1..at)
+}
+
 /// Whether an environment variable's name says it holds a secret (`DB_PASSWORD`,
 /// `API_TOKEN`, `AWS_SECRET_ACCESS_KEY`…), so its value is not shown.
 pub fn looks_secret(name: &str) -> bool {
@@ -442,9 +454,19 @@ impl Secrets {
         env.iter()
             .map(|(k, v)| {
                 let shown = match (&self.key, looks_secret(k)) {
-                    (_, false) => v.clone(),
                     (Some(key), true) => key.redact(k, v),
                     (None, true) => "redacted".to_owned(),
+                    (key, false) => match url_password(v) {
+                        // `postgres://app:PASSWORD@db/x` under any name.
+                        Some(range) => {
+                            let shown = match key {
+                                Some(key) => key.redact(k, &v[range.clone()]),
+                                None => "redacted".to_owned(),
+                            };
+                            format!("{}{shown}{}", &v[..range.start], &v[range.end..])
+                        }
+                        None => v.clone(),
+                    },
                 };
                 (k.clone(), shown)
             })
@@ -461,9 +483,7 @@ impl Secrets {
             return;
         };
         for (k, v) in env.iter_mut() {
-            if let Some(text) = v.as_str()
-                && looks_secret(k)
-            {
+            if let Some(text) = v.as_str() {
                 let shown = self.redacted_env(&BTreeMap::from([(k.clone(), text.to_owned())]));
                 if let Some(s) = shown.get(k) {
                     *v = serde_json::Value::String(s.clone());
@@ -517,6 +537,28 @@ mod tests {
             out,
             "connect postgres://app:<secret DB_PASSWORD>@db failed; key abc"
         );
+    }
+
+    #[test]
+    fn a_url_s_password_is_redacted_whatever_the_name() {
+        let s = Secrets::new(Some(SecretKey([7; 32])));
+        let env = BTreeMap::from([
+            (
+                "DATABASE_URL".to_owned(),
+                "postgres://app:hunter22@db:5432/x".to_owned(),
+            ),
+            ("HOME_PAGE".to_owned(), "https://example.com/a@b".to_owned()),
+        ]);
+        let shown = s.redacted_env(&env);
+        let db = &shown["DATABASE_URL"];
+        assert!(
+            db.starts_with("postgres://app:redacted:") && db.ends_with("@db:5432/x"),
+            "{db}"
+        );
+        assert!(!db.contains("hunter22"));
+        assert_eq!(shown["HOME_PAGE"], "https://example.com/a@b");
+        assert_eq!(url_password("redis://:pw@h"), Some(9..11));
+        assert_eq!(url_password("redis://user@h"), None);
     }
 
     #[test]

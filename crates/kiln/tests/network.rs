@@ -304,6 +304,12 @@ fn each_instance_has_its_own_network() {
                 ),
             ),
             ("addr", "/bin/busybox ip -4 -o addr show eth0".to_owned()),
+            (
+                "egress",
+                "printf 'GET /nothing-here HTTP/1.0\\r\\n\\r\\n' | \
+                 /bin/busybox nc -w 5 192.168.251.2 7777 2>&1; echo \"exit=$?\""
+                    .to_owned(),
+            ),
         ],
     );
     let _daemon = Daemon::start(&state);
@@ -363,6 +369,27 @@ fn each_instance_has_its_own_network() {
     let before = kiln_drops();
     assert!(!neighbour.connects(addr), "the neighbour reached {addr}");
     assert!(kiln_drops() > before, "kiln's FORWARD rule dropped nothing");
+    // The other way is open: an instance reaches a machine outside (forwarded, masqueraded),
+    // here the neighbour's web server, which answers 404.
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &neighbour.name, BUSYBOX, "httpd", "-f"])
+        .args(["-p", "192.168.251.2:7777", "-h", "/tmp"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let egress = loop {
+        let out = run(router, "egress");
+        if out.contains("404") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        egress.contains("404"),
+        "the instance did not reach outside: {egress}"
+    );
     drop(neighbour);
 
     // `network = "host"`: the host's network, loopback included: an explicit weakening.

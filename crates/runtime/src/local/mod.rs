@@ -429,7 +429,12 @@ impl LocalProvider {
             init,
         })
         .map_err(config_err)?;
-        let config_digest = Digest::of(&config);
+        if !spec.secrets.is_empty() {
+            let salt = dir.join("bundle").join(drift::CONFIG_SALT);
+            kiln_durable::write(&salt, crate::types::random_hex(32).as_bytes())
+                .map_err(ProviderError::io("write", &salt))?;
+        }
+        let config_digest = drift::config_digest(&dir.join("bundle"), &config);
         let config_path = dir.join("bundle/config.json");
         kiln_durable::write(&config_path, &config)
             .map_err(ProviderError::io("write", &config_path))?;

@@ -362,7 +362,7 @@ impl Cni {
             let bytes = serde_json::to_vec(conf).unwrap_or_default();
             io::Write::write_all(&mut stdin, &bytes).map_err(|e| fail(e.to_string()))?;
         }
-        let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+        let out = wait_bounded(child).map_err(fail)?;
         let stdout = &out.stdout[..out.stdout.len().min(OUTPUT_CAP)];
         if !out.status.success() {
             let reported = serde_json::from_slice::<Value>(stdout).ok().map(|v| {
@@ -385,8 +385,74 @@ impl Cni {
     }
 }
 
+/// kiln's chain for connections out of its bridge.
+const OUT_CHAIN: &str = "KILN-OUT";
+
 /// The plugins kiln's own network list runs (`loopback` first, for `lo`).
 pub const KILN_PLUGINS: &[&str] = &["loopback", "bridge", "host-local"];
+
+/// How long one plugin may run: a hung one must not hold creates and destroys for ever.
+const PLUGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for a plugin at most [`PLUGIN_TIMEOUT`] (then kills it), reading at most
+/// [`OUTPUT_CAP`] of its stdout and 4 KiB of its stderr (the rest is read and dropped).
+fn wait_bounded(mut child: std::process::Child) -> Result<std::process::Output, String> {
+    use std::io::Read as _;
+    let reader = |pipe: Option<Box<dyn io::Read + Send>>, cap: usize| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = (&mut pipe).take(cap as u64).read_to_end(&mut v);
+                let _ = io::copy(&mut pipe, &mut io::sink());
+            }
+            let _ = tx.send(v);
+        });
+        rx
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+        OUTPUT_CAP,
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+        4096,
+    );
+    let deadline = std::time::Instant::now() + PLUGIN_TIMEOUT;
+    // Polled from 100 µs up to 5 ms: a plugin takes a few milliseconds, and a create waits
+    // for three of them.
+    let mut pause = std::time::Duration::from_micros(100);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(5));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "it did not finish within {} s",
+                    PLUGIN_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    Ok(std::process::Output {
+        status,
+        stdout: out.recv_timeout(left).unwrap_or_default(),
+        stderr: err.recv_timeout(left).unwrap_or_default(),
+    })
+}
 
 /// kiln's own network list.
 fn kiln_list() -> Value {
@@ -527,9 +593,25 @@ fn host_rules() {
         .chain(comment("kiln: replies to instances"))
         .chain(["-j", "ACCEPT"])
         .collect();
+    // Out of the bridge: through `KILN-OUT`, which leaves traffic to Docker's bridges to
+    // Docker's own rules (its unpublished ports stay closed to instances) and accepts the rest.
     let forward_out: Vec<&str> = ["-i", BRIDGE, "!", "-o", BRIDGE]
         .into_iter()
         .chain(comment("kiln: connections from instances"))
+        .chain(["-j", OUT_CHAIN])
+        .collect();
+    let out_docker: Vec<&str> = ["-o", "docker+"]
+        .into_iter()
+        .chain(comment("kiln: Docker decides for its bridges"))
+        .chain(["-j", "RETURN"])
+        .collect();
+    let out_docker_networks: Vec<&str> = ["-o", "br-+"]
+        .into_iter()
+        .chain(comment("kiln: Docker decides for its bridges"))
+        .chain(["-j", "RETURN"])
+        .collect();
+    let out_accept: Vec<&str> = comment("kiln: connections from instances")
+        .into_iter()
         .chain(["-j", "ACCEPT"])
         .collect();
     let masquerade: Vec<&str> = ["-s", SUBNET, "!", "-o", BRIDGE]
@@ -537,15 +619,25 @@ fn host_rules() {
         .chain(comment("kiln: connections from instances"))
         .chain(["-j", "MASQUERADE"])
         .collect();
-    let rules: [(&str, &str, &[&str]); 4] = [
-        ("filter", "FORWARD", &forward_out),
-        ("filter", "FORWARD", &forward_replies),
+    // The chain first (an error when it exists is fine), its rules in order (`-A`), then
+    // the jumps into it and the others at the top of FORWARD (`-I`).
+    let _ = Command::new("iptables")
+        .args(["-w", "-t", "filter", "-N", OUT_CHAIN])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let rules: [(&str, &str, &str, &[&str]); 7] = [
+        ("filter", OUT_CHAIN, "-A", &out_docker),
+        ("filter", OUT_CHAIN, "-A", &out_docker_networks),
+        ("filter", OUT_CHAIN, "-A", &out_accept),
+        ("filter", "FORWARD", "-I", &forward_out),
+        ("filter", "FORWARD", "-I", &forward_replies),
         // Inserted last, so it is first: nothing above it lets a new connection in.
-        ("filter", "FORWARD", &forward_drop),
-        ("nat", "POSTROUTING", &masquerade),
+        ("filter", "FORWARD", "-I", &forward_drop),
+        ("nat", "POSTROUTING", "-I", &masquerade),
     ];
     let mut all = true;
-    for (table, chain, rule) in rules {
+    for (table, chain, add, rule) in rules {
         let run = |op: &str| {
             Command::new("iptables")
                 .args(["-w", "-t", table, op, chain])
@@ -556,7 +648,7 @@ fn host_rules() {
         };
         let made = match run("-C") {
             Ok(s) if s.success() => true,
-            _ => run("-I").is_ok_and(|s| s.success()),
+            _ => run(add).is_ok_and(|s| s.success()),
         };
         if !made {
             all = false;
