@@ -570,9 +570,10 @@ const NSFS_MAGIC: rustix::fs::FsWord = 0x6e73_6673;
 /// The host's rules for kiln's bridge, made once per process (each is checked first, so a
 /// rule another kiln made is not added twice): new connections forwarded into the bridge
 /// from elsewhere are dropped (a host whose FORWARD policy accepts would otherwise let a
-/// neighbour that routes to the subnet reach instances directly); replies into it and the
-/// instances' own connections out are accepted (a FORWARD policy of DROP, as Docker sets,
-/// would refuse them) and masqueraded. Only logged when `iptables` fails: an instance still
+/// neighbour that routes to the subnet reach instances directly); replies into it are
+/// accepted, and the instances' own connections out go through `KILN-OUT`, which accepts
+/// them (a FORWARD policy of DROP, as Docker sets, would refuse them) except towards
+/// Docker's bridges, left to Docker's own rules; they are masqueraded. Only logged when `iptables` fails: an instance still
 /// starts, reachable from this host, and `kiln doctor` names the missing tool.
 fn host_rules() {
     static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
