@@ -25,23 +25,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, free_port, history, kiln, runc_prerequisites, serial, wait_until};
+use common::{Daemon, free_port, history, kiln, serial, wait_until};
 
 const BUSYBOX: &str = "/bin/busybox";
 
 fn prerequisites() -> bool {
-    if !runc_prerequisites() {
-        return false;
-    }
-    if Path::new(BUSYBOX).exists() {
-        return true;
-    }
-    let why = "missing /bin/busybox (apt-get install busybox-static)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but the init test prerequisites are missing: {why}");
-    }
-    eprintln!("note: skipping init test ({why})");
-    false
+    common::busybox_prerequisites("init")
 }
 
 /// busybox `httpd` in the foreground, which installs no SIGTERM handler: as PID 1 the kernel
@@ -445,19 +434,7 @@ fn kiln_test_beside_a_daemon_serving_the_app_writes_nothing_to_its_history() {
 
 /// The Docker Engine is there (else skipped; with `CI=true`, a failure).
 fn docker_prerequisites() -> bool {
-    let engine = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if engine && common::is_root() && Path::new(BUSYBOX).exists() {
-        return true;
-    }
-    let why = format!("root={} docker engine={engine}", common::is_root());
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but the Docker prerequisites are missing: {why}");
-    }
-    eprintln!("note: skipping Docker Engine init test ({why})");
-    false
+    common::docker_busybox_prerequisites("init")
 }
 
 #[test]

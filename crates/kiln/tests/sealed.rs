@@ -22,41 +22,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, kiln, runc_prerequisites, serial};
+use common::{Daemon, kiln, serial};
 
 const BUSYBOX: &str = "/bin/busybox";
 
 fn prerequisites() -> bool {
-    if !runc_prerequisites() {
-        return false;
-    }
-    if Path::new(BUSYBOX).exists() {
-        return true;
-    }
-    let why = "/bin/busybox is missing (apt-get install busybox-static)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but the sealed-instance prerequisites are missing: {why}");
-    }
-    eprintln!("note: skipping sealed-instance test ({why})");
-    false
+    common::busybox_prerequisites("sealed-instance")
 }
 
 fn docker_prerequisites() -> bool {
-    if !prerequisites() {
-        return false;
-    }
-    let engine = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if engine {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but no Docker Engine answers");
-    }
-    eprintln!("note: skipping sealed docker test (no Docker Engine)");
-    false
+    common::docker_busybox_prerequisites("sealed-instance")
 }
 
 /// A CGI script: headers, then `body` (shell, busybox called by path).

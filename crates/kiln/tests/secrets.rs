@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, kiln, runc_prerequisites, serial};
+use common::{Daemon, kiln, serial};
 
 const BUSYBOX: &str = "/bin/busybox";
 /// The values: long and unlikely, so finding one anywhere means it leaked.
@@ -29,36 +29,11 @@ const COMMAND_VALUE: &str = "cmd-s3cr3t-0a7c44d91b2f";
 const ENV_VALUE: &str = "env-plain-token-5e2b9c1d";
 
 fn prerequisites() -> bool {
-    if !runc_prerequisites() {
-        return false;
-    }
-    if Path::new(BUSYBOX).exists() {
-        return true;
-    }
-    let why = "/bin/busybox is missing (apt-get install busybox-static)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but the secrets prerequisites are missing: {why}");
-    }
-    eprintln!("note: skipping secrets test ({why})");
-    false
+    common::busybox_prerequisites("secrets")
 }
 
 fn docker_prerequisites() -> bool {
-    if !prerequisites() {
-        return false;
-    }
-    let engine = std::process::Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if engine {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but no Docker Engine answers");
-    }
-    eprintln!("note: skipping the docker secrets test (no Docker Engine)");
-    false
+    common::docker_busybox_prerequisites("secrets")
 }
 
 /// The busybox rootfs, the secret sources, and `{name}.toml` for app `name`.

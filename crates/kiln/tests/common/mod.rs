@@ -51,6 +51,45 @@ pub fn runc_prerequisites() -> bool {
     false
 }
 
+/// Where the tests' busybox images take their binary from (busybox-static).
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// [`runc_prerequisites`] and `/bin/busybox`, for the tests of `what` that build busybox
+/// images: false with a note when missing, a panic under `CI=true`.
+pub fn busybox_prerequisites(what: &str) -> bool {
+    if !runc_prerequisites() {
+        return false;
+    }
+    if Path::new(BUSYBOX).exists() {
+        return true;
+    }
+    let why = "/bin/busybox is missing (apt-get install busybox-static)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but the {what} prerequisites are missing: {why}");
+    }
+    eprintln!("note: skipping {what} test ({why})");
+    false
+}
+
+/// [`busybox_prerequisites`] and a Docker Engine that answers.
+pub fn docker_busybox_prerequisites(what: &str) -> bool {
+    if !busybox_prerequisites(what) {
+        return false;
+    }
+    let engine = std::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if engine {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but no Docker Engine answers ({what})");
+    }
+    eprintln!("note: skipping the docker {what} test (no Docker Engine)");
+    false
+}
+
 /// The `kiln` binary with `--state state`.
 pub fn kiln(state: &Path) -> Command {
     let mut cmd = Command::cargo_bin("kiln").unwrap();
