@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -111,22 +111,7 @@ fn get(port: u16, path: &str) -> String {
 }
 
 fn get_at(addr: SocketAddr, path: &str) -> String {
-    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return e.to_string(),
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    if let Err(e) = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: net\r\nConnection: close\r\n\r\n"
-    ) {
-        return e.to_string();
-    }
-    let mut out = String::new();
-    match s.read_to_string(&mut out) {
-        Ok(_) => out,
-        Err(e) => format!("{out}{e}"),
-    }
+    common::raw_get(addr, "net", path)
 }
 
 fn body(resp: &str) -> &str {

@@ -196,23 +196,11 @@ fn apply(state: &Path, spec: &Path, image: &str) {
 
 /// One `GET path` through the router on `port`: the whole response, or what went wrong.
 fn get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = match std::net::TcpStream::connect(("127.0.0.1", port)) {
-        Ok(s) => s,
-        Err(e) => return e.to_string(),
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    if let Err(e) = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: sealed\r\nConnection: close\r\n\r\n"
-    ) {
-        return e.to_string();
-    }
-    let mut out = String::new();
-    match s.read_to_string(&mut out) {
-        Ok(_) => out,
-        Err(e) => format!("{out}{e}"),
-    }
+    common::raw_get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "sealed",
+        path,
+    )
 }
 
 /// The body of `GET /cgi-bin/{script}` through the router on `port`, once it answers 200.

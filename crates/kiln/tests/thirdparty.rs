@@ -21,7 +21,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -193,22 +192,7 @@ fn apply(state: &Path, spec: &Path, image: &str) {
 
 /// One `GET /` straight to an instance's own address: the whole response, or what went wrong.
 fn get_at(addr: SocketAddr) -> String {
-    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return e.to_string(),
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    if let Err(e) = write!(
-        s,
-        "GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
-    ) {
-        return e.to_string();
-    }
-    let mut out = String::new();
-    match s.read_to_string(&mut out) {
-        Ok(_) => out,
-        Err(e) => format!("{out}{e}"),
-    }
+    common::raw_get(addr, "web", "/")
 }
 
 /// The routed, healthy instances of release `n`: (id, address).

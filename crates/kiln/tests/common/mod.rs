@@ -90,6 +90,28 @@ pub fn docker_busybox_prerequisites(what: &str) -> bool {
     false
 }
 
+/// One `GET path` with `Host: host` to `addr`, the connection closed after it: the whole
+/// response, or what went wrong as text (so a wait can retry and a failure can show it).
+pub fn raw_get(addr: std::net::SocketAddr, host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    if let Err(e) = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    ) {
+        return e.to_string();
+    }
+    let mut out = String::new();
+    match s.read_to_string(&mut out) {
+        Ok(_) => out,
+        Err(e) => format!("{out}{e}"),
+    }
+}
+
 /// The `kiln` binary with `--state state`.
 pub fn kiln(state: &Path) -> Command {
     let mut cmd = Command::cargo_bin("kiln").unwrap();
