@@ -24,6 +24,7 @@ mod entries;
 mod layer;
 mod limits;
 pub mod oci;
+mod receive;
 mod store;
 mod tree;
 mod unpack;
@@ -33,6 +34,7 @@ pub use cache::BuildCache;
 pub use digest::{Digest, InvalidDigest};
 pub use layer::LayerReport;
 pub use limits::ImportLimits;
+pub use receive::{ReceiveError, ReceivedImage, UPLOAD_TTL, Upload};
 pub use store::{
     BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
     VerifiedReader, normalize_tag,

@@ -600,6 +600,65 @@ impl Store {
     }
 }
 
+/// Staged uploads (`uploads/`): blobs a remote client sent, kept apart from `blobs/` until a
+/// manifest naming them passes its checks (`receive.rs`), so nothing a client sends is part of
+/// the store before it is checked. Garbage collection never reads this directory.
+impl Store {
+    pub(crate) fn uploads_dir(&self) -> PathBuf {
+        self.root.join("uploads")
+    }
+
+    /// Where a staged upload named `digest` lives (whether or not it exists).
+    pub(crate) fn upload_path(&self, digest: &Digest) -> PathBuf {
+        self.uploads_dir().join(digest.hex())
+    }
+
+    /// A writer for a staged upload: [`BlobWriter::commit`] with the expected digest puts it
+    /// under `uploads/`, never under `blobs/`.
+    pub(crate) fn upload_writer(&self) -> Result<BlobWriter, StoreError> {
+        let dir = self.uploads_dir();
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let mut w = self.blob_writer()?;
+        w.blobs = dir;
+        Ok(w)
+    }
+
+    /// Opens a staged upload for streaming, verified against its name as blobs are.
+    pub(crate) fn open_upload(&self, digest: &Digest) -> Result<VerifiedReader, StoreError> {
+        let path = self.upload_path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::MissingBlob {
+                    digest: digest.clone(),
+                });
+            }
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        Ok(VerifiedReader {
+            inner: io::BufReader::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            expected: digest.clone(),
+            path,
+            done: false,
+        })
+    }
+
+    /// Moves a checked staged upload into `blobs/` (a rename on one file system; the blob
+    /// was fsynced when staged). A blob already there wins: the staged copy is dropped.
+    pub(crate) fn adopt_upload(&self, digest: &Digest) -> Result<(), StoreError> {
+        let from = self.upload_path(digest);
+        let to = self.blob_path(digest);
+        if to.exists() {
+            let _ = fs::remove_file(&from);
+            return Ok(());
+        }
+        fs::rename(&from, &to).map_err(io_err("rename into", &to))?;
+        let blobs = self.blobs_dir();
+        kiln_durable::sync_dir(&blobs).map_err(io_err("sync", &blobs))
+    }
+}
+
 fn untagged(d: &Descriptor) -> Descriptor {
     Descriptor {
         annotations: BTreeMap::new(),
