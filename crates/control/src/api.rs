@@ -47,6 +47,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("GET", "/v1/verify"),
     ("POST", "/v1/fingerprints"),
+    ("POST", "/v1/blobs/missing"),
+    ("PUT", "/v1/blobs/{digest}"),
+    ("PUT", "/v1/images/{digest}"),
+    ("PUT", "/v1/images/{digest}/attestation"),
     ("GET", "/metrics"),
 ];
 
@@ -57,7 +61,8 @@ const MAX_BODY: usize = 1 << 20;
 /// end of its previous response; then it is closed. hyper runs the one timer for both waits, so
 /// this is also the keep-alive idle timeout: a client that connects and sends nothing, or a
 /// head a byte at a time, holds a connection (a file descriptor, a task) no longer than this.
-/// kiln's own client opens a connection per request, so a short keep-alive costs it nothing.
+/// kiln's own client opens a connection per request on the unix socket; over SSH it keeps one
+/// and replaces it after `client::SSH_IDLE`, well under this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request body may take to arrive once its head has: a 408 after that, so a
@@ -286,6 +291,71 @@ async fn route(
             let r: crate::dto::FingerprintRequest = body(req).await?;
             ok(to_json(&c.fingerprints(r).await?)?)
         }
+        (&Method::POST, ["v1", "blobs", "missing"]) => {
+            let b: MissingBody = body(req).await?;
+            let store = image_store(&c)?;
+            if b.digests.len() > MAX_DIGESTS {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("at most {MAX_DIGESTS} digests per request"),
+                ));
+            }
+            let digests = b
+                .digests
+                .iter()
+                .map(|d| parse_digest(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let missing = tokio::task::spawn_blocking(move || store.missing(&digests))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            ok(json!({ "missing": missing }))
+        }
+        (&Method::PUT, ["v1", "blobs", digest]) => {
+            let digest = parse_digest(digest)?;
+            let store = image_store(&c)?;
+            let declared = req
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let stored = crate::blobs::receive(store, digest.clone(), declared, req.into_body())
+                .await
+                .map_err(upload_error)?;
+            ok(json!({ "digest": digest, "size": stored, "stored": stored.is_some() }))
+        }
+        (&Method::PUT, ["v1", "images", digest]) => {
+            let digest = parse_digest(digest)?;
+            let store = image_store(&c)?;
+            let tag = query(&req, "tag");
+            let bytes = body_bytes(req, MAX_MANIFEST).await?;
+            let received = tokio::task::spawn_blocking(move || {
+                store.receive_image(&digest, &bytes, tag.as_deref())
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(blob_error)?;
+            ok(received)
+        }
+        (&Method::PUT, ["v1", "images", digest, "attestation"]) => {
+            // An attestation is what lets an image past the tested-image gate: only a user
+            // of this host may hand one over (as they could write it into the store), never
+            // a holder of the TCP token.
+            if crate::peer::is_token(actor) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "test attestations are accepted over the daemon's unix socket (or SSH) \
+                     only, not with the TCP token: run `kiln test` where the daemon runs",
+                ));
+            }
+            let digest = parse_digest(digest)?;
+            let store = image_store(&c)?;
+            let attestation: Value = body(req).await?;
+            tokio::task::spawn_blocking(move || store.receive_attestation(&digest, &attestation))
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(blob_error)?;
+            ok(json!({ "recorded": true }))
+        }
         (&Method::GET, ["v1", "verify"]) => match c.verify()? {
             Ok(r) => {
                 ok(json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head}))
@@ -304,6 +374,87 @@ async fn route(
         }
         _ => Err(unknown(&method, &path, &parts)),
     }
+}
+
+/// The most digests one `POST /v1/blobs/missing` may ask about.
+const MAX_DIGESTS: usize = 4096;
+
+/// The largest manifest accepted (what the OCI distribution spec has registries accept).
+const MAX_MANIFEST: usize = 4 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MissingBody {
+    digests: Vec<String>,
+}
+
+fn parse_digest(d: &str) -> Result<kiln_runtime::Digest, ApiError> {
+    kiln_runtime::Digest::parse(d)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("digest: {e}")))
+}
+
+fn image_store(c: &Controller) -> Result<Arc<dyn crate::blobs::ImageStore>, ApiError> {
+    c.image_store().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this daemon has no image store to send images to",
+        )
+    })
+}
+
+fn blob_error(e: crate::blobs::BlobError) -> ApiError {
+    use crate::blobs::BlobError;
+    let status = match &e {
+        BlobError::Invalid(_) => StatusCode::BAD_REQUEST,
+        BlobError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        BlobError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
+}
+
+fn upload_error(e: crate::blobs::UploadError) -> ApiError {
+    use crate::blobs::UploadError;
+    match e {
+        UploadError::Store(e) => blob_error(e),
+        UploadError::Timeout => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the blob's body sent nothing for {} s; nothing was kept",
+                crate::blobs::BLOB_IDLE_TIMEOUT.as_secs()
+            ),
+        ),
+        UploadError::Body(why) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the blob's body broke: {why}; nothing was kept"),
+        ),
+        UploadError::Busy => ApiError::new(
+            StatusCode::CONFLICT,
+            "another image upload is in progress; try again",
+        ),
+    }
+}
+
+/// A raw request body of at most `max` bytes, within [`BODY_READ_TIMEOUT`].
+async fn body_bytes(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    let collect = Limited::new(req.into_body(), max).collect();
+    Ok(tokio::time::timeout(BODY_READ_TIMEOUT, collect)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the request body: {e}"),
+            )
+        })?
+        .to_bytes())
 }
 
 /// Secret sources make the daemon read a file of its host, its own environment or run a

@@ -550,6 +550,11 @@ impl Controller {
         self.listeners.shutdown().await;
     }
 
+    /// The store images are sent to (`blobs.rs`), behind the tested-image gate's.
+    pub(crate) fn image_store(&self) -> Option<Arc<dyn crate::blobs::ImageStore>> {
+        self.attestations.clone().and_then(|a| a.image_store())
+    }
+
     /// The names of the apps whose stored release is corrupt, with why.
     pub(crate) fn corrupt_apps(&self) -> BTreeMap<String, String> {
         self.corrupt().clone()

@@ -15,6 +15,14 @@ pub trait Attestations: Send + Sync {
     /// Whether `image` passed its `[image.test]`; `Err` when the image is unknown or its
     /// attestation unreadable.
     fn passed(&self, image: &Digest) -> std::result::Result<bool, String>;
+
+    /// The same store, as the API's image upload sees it (`blobs.rs`); `None` when images
+    /// cannot be sent to this daemon.
+    fn image_store(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<dyn crate::blobs::ImageStore>> {
+        None
+    }
 }
 
 /// An app name as the API and the spec allow it: `^[a-z][a-z0-9-]{0,39}$`.

@@ -8,6 +8,7 @@
 //!   `kiln test`.
 //! - `listeners.rs`: the router's listeners, one per address.
 //! - [`gate`]: what every apply must pass, whichever client sent it.
+//! - [`blobs`]: images sent by a remote client, streamed into the daemon's store.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
 //! - [`clock`]: the injected [`Clock`].
 //! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; `peer.rs`: who
@@ -18,6 +19,7 @@
 
 pub mod api;
 mod app;
+pub mod blobs;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -30,6 +30,15 @@ pub struct Global {
     )]
     pub state: PathBuf,
 
+    /// The daemon to talk to: ssh://[user@]host[:port][/remote/state] or unix:///path/kiln.sock
+    /// [default: the current context, else --state's socket]
+    ///
+    /// Over SSH, the system `ssh` runs `kiln dial-stdio` on the host (KILN_REMOTE_BIN names
+    /// the remote binary, KILN_SSH_COMMAND the ssh command); images are built here and sent
+    /// blob by blob, only those the host lacks.
+    #[arg(long, global = true, env = "KILN_HOST", value_name = "URL")]
+    pub host: Option<String>,
+
     /// Print data as JSON on stdout instead of text
     #[arg(long, global = true)]
     pub json: bool,
@@ -147,6 +156,11 @@ pub enum Command {
     Logs(crate::cmd::deploy::LogsArgs),
     /// Stop an app: destroy its instances and stop routing it
     Down(crate::cmd::deploy::AppArg),
+    /// Name daemons to talk to (like Docker contexts): create, ls, use, rm, show
+    Context(crate::cmd::context::ContextArgs),
+    /// Join the daemon's socket to stdin and stdout (what `--host ssh://…` runs on the host)
+    #[command(hide = true)]
+    DialStdio,
 }
 
 /// Which spec file to read.

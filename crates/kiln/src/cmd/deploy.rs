@@ -14,7 +14,7 @@ use kiln_ledger::{Entry, Event};
 use kiln_spec::Spec;
 use serde_json::{Value, json};
 
-use super::daemon::{Daemon, socket};
+use super::daemon::Daemon;
 use super::signals::StopSignals;
 use crate::cli::SpecFile;
 use crate::output::Output;
@@ -107,8 +107,9 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
+/// A client of the daemon this command talks to (`remote::choose`).
 pub(super) fn client(state: &Path) -> Client {
-    Client::new(&socket(state))
+    super::remote::client(state)
 }
 
 pub(super) fn block<T>(
@@ -316,7 +317,8 @@ pub fn apply(args: &ApplyArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     let req = release_request(&spec, &args.spec.file, args.image.as_deref(), state, out)?;
     block(async {
         let c = client(state);
-        let number = submit(&c, spec.name.as_str(), &req, out).await?;
+        let transfer = send_if_remote(&c, &spec, &req, state, out).await?;
+        let number = submit(&c, spec.name.as_str(), &req, transfer.as_ref(), out).await?;
         if args.no_wait {
             return Ok(ExitCode::SUCCESS);
         }
@@ -324,13 +326,46 @@ pub fn apply(args: &ApplyArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     })
 }
 
-async fn submit(c: &Client, app: &str, req: &ApplyRequest, out: &Output) -> anyhow::Result<u64> {
-    let v = c
+/// With a daemon elsewhere, sends it the release's image (only the blobs it lacks) and says
+/// what was sent; `None` with the local daemon, whose store is this one.
+async fn send_if_remote(
+    c: &Client,
+    spec: &Spec,
+    req: &ApplyRequest,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<Option<super::remote::Transfer>> {
+    if !super::remote::is_remote() {
+        return Ok(None);
+    }
+    let t = super::remote::send_image(
+        c,
+        state,
+        &req.image,
+        &format!("{}:latest", spec.name),
+        spec.image.test.is_some(),
+    )
+    .await?;
+    super::remote::report(&t, out);
+    Ok(Some(t))
+}
+
+async fn submit(
+    c: &Client,
+    app: &str,
+    req: &ApplyRequest,
+    transfer: Option<&super::remote::Transfer>,
+    out: &Output,
+) -> anyhow::Result<u64> {
+    let mut v = c
         .post(
             &format!("/v1/apps/{app}/releases"),
             &serde_json::to_value(req)?,
         )
         .await?;
+    if let Some(t) = transfer {
+        v["transfer"] = serde_json::to_value(t)?;
+    }
     let number = v["number"]
         .as_u64()
         .context("the daemon did not say the release number")?;
@@ -546,7 +581,8 @@ fn summary(e: &Entry) -> String {
 pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     let v = block(async {
         let c = client(state);
-        if c.alive().await {
+        // A daemon elsewhere is only asked: its ledger is not on this machine.
+        if super::remote::is_remote() || c.alive().await {
             return Ok(c.get("/v1/verify").await?);
         }
         // No daemon: read the ledger file directly.
@@ -790,6 +826,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
         }
     }
     let req = release_request(&spec, &args.spec.file, Some(&digest), state, out)?;
+    let spec_ref = &spec;
     block(async {
         // Caught from here on: Ctrl-C during the rollout or while following stops cleanly.
         let mut signals = StopSignals::new()?;
@@ -807,12 +844,12 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
                 if daemon.is_none() {
                     out.say(&format!(
                         "==> the kiln daemon on {} goes on with the rollout: kiln status {app}",
-                        socket(state).display()
+                        c.describe()
                     ));
                 }
                 Ok(stop.exit_code())
             }
-            r = roll_out(&c, &app, &req, out) => r,
+            r = roll_out(&c, spec_ref, &req, state, out) => r,
         };
         let outcome = match outcome {
             Ok(code) if code == ExitCode::SUCCESS => {
@@ -874,11 +911,12 @@ async fn connect_or_start(
     out: &Output,
 ) -> anyhow::Result<Option<Daemon>> {
     if c.alive().await {
-        out.say(&format!(
-            "==> using the kiln daemon on {}",
-            socket(state).display()
-        ));
+        out.say(&format!("==> using the kiln daemon on {}", c.describe()));
         return Ok(None);
+    }
+    // A daemon elsewhere is never started from here: say why it cannot be reached.
+    if super::remote::is_remote() {
+        c.get("/v1/health").await?;
     }
     out.say("==> starting a kiln daemon in this process");
     let daemon = Daemon::start(state, &args.runtime, args.router.workers(), None).await?;
@@ -888,12 +926,15 @@ async fn connect_or_start(
 /// Submits the release and waits for its end.
 async fn roll_out(
     c: &Client,
-    app: &str,
+    spec: &Spec,
     req: &ApplyRequest,
+    state: &Path,
     out: &Output,
 ) -> anyhow::Result<ExitCode> {
+    let app = spec.name.as_str();
+    let transfer = send_if_remote(c, spec, req, state, out).await?;
     out.say(&format!("==> rolling out {app}"));
-    let number = submit(c, app, req, out).await?;
+    let number = submit(c, app, req, transfer.as_ref(), out).await?;
     wait(c, app, number, out).await
 }
 

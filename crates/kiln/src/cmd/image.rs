@@ -123,7 +123,7 @@ fn gc_engine(
     })
 }
 
-fn store(state: &Path) -> anyhow::Result<Store> {
+pub(super) fn store(state: &Path) -> anyhow::Result<Store> {
     let root = state.join("images");
     Store::open(&root).with_context(|| format!("cannot open the image store at {}", root.display()))
 }

@@ -54,6 +54,11 @@ impl kiln_control::Attestations for StoreImages {
             .map_err(|e| format!("cannot read the test attestation of {image}: {e}"))?;
         Ok(attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed"))
     }
+
+    /// Images sent by a remote client land in this store (`remote.rs`).
+    fn image_store(self: Arc<Self>) -> Option<Arc<dyn kiln_control::blobs::ImageStore>> {
+        Some(self)
+    }
 }
 
 impl ImageSource for StoreImages {

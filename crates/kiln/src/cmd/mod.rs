@@ -1,12 +1,14 @@
 //! One module per group of commands; [`run`] dispatches.
 
 mod completions;
+pub mod context;
 pub mod daemon;
 pub mod deploy;
 pub mod doctor;
 pub mod image;
 mod instance;
 pub mod pause;
+pub mod remote;
 pub mod run;
 mod signals;
 mod spec;
@@ -25,7 +27,15 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
     cli.global.state = std::path::absolute(&cli.global.state).map_err(|e| {
         anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
     })?;
-    if let Some(need) = state_need(&cli.command) {
+    if talks_to_daemon(&cli.command) {
+        remote::choose(cli.global.host.as_deref(), cli.global.json)?;
+    }
+    // A command that only talks to a daemon elsewhere has no use for the local state.
+    let need = match state_need(&cli.command) {
+        Some(Need::Existing) if remote::is_remote() => None,
+        need => need,
+    };
+    if let Some(need) = need {
         // Before anything is created: every file from here on is the owner's alone.
         state::private_umask();
         state::prepare(&cli.global.state, need)?;
@@ -59,6 +69,32 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
         Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
         Command::Down(args) => deploy::down(&args, &cli.global.state, out),
+        Command::Context(args) => context::context(&args, out),
+        Command::DialStdio => remote::dial_stdio(&cli.global.state),
+    }
+}
+
+/// Whether a command talks to a daemon (and so to the one `--host` or a context names).
+fn talks_to_daemon(command: &Command) -> bool {
+    match command {
+        Command::Up(_)
+        | Command::Plan(_)
+        | Command::Apply(_)
+        | Command::Rollback(_)
+        | Command::Promote(_)
+        | Command::Abort(_)
+        | Command::Scale(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
+        | Command::Maintenance(_)
+        | Command::Status(_)
+        | Command::History(_)
+        | Command::Verify
+        | Command::Drift(_)
+        | Command::Logs(_)
+        | Command::Down(_) => true,
+        Command::Context(args) => matches!(args.command, context::ContextCommand::Show),
+        _ => false,
     }
 }
 
@@ -66,9 +102,13 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
 /// only talk to a daemon still check it: its socket is where they send their requests.
 fn state_need(command: &Command) -> Option<Need> {
     match command {
-        Command::Validate(_) | Command::Schema(_) | Command::Init(_) | Command::Completions(_) => {
-            None
-        }
+        Command::Validate(_)
+        | Command::Schema(_)
+        | Command::Init(_)
+        | Command::Completions(_)
+        | Command::Context(_)
+        // It only connects to the daemon's socket, which is private to the daemon's user.
+        | Command::DialStdio => None,
         Command::Build(_)
         | Command::Images
         | Command::Image(_)
