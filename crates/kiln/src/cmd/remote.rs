@@ -275,9 +275,11 @@ pub async fn send_image(
     Ok(t)
 }
 
-/// Says what a transfer sent (on stderr's progress lines; `--json` carries it in the data).
+/// Says what a transfer sent (`--json` carries it in the data instead).
 pub fn report(t: &Transfer, out: &Output) {
-    out.say(&format!("==> {}", t.line()));
+    if !out.json {
+        out.say(&format!("==> {}", t.line()));
+    }
 }
 
 impl ImageStore for StoreImages {

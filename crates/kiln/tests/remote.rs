@@ -1,0 +1,544 @@
+//! kiln driven from a "laptop" against a "server" daemon over real SSH: Debian's sshd, started
+//! here on a loopback port with its own host key and a client key made by the test; a
+//! `kiln serve` on the server's state; the laptop's commands with
+//! `KILN_HOST=ssh://root@127.0.0.1:PORT/<server state>`.
+//!
+//! Build → apply → status → a one-file change → build → apply (less than 5% of the image's
+//! bytes sent, printed) → rollback → logs → history → verify, the server's digest equal to the
+//! laptop's; contexts; and the one-line errors for a refused connection, a host key that does
+//! not match, a missing ssh and no daemon on the host.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, free_port, kiln, runc_prerequisites};
+use serde_json::Value;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// Root, runc, and OpenSSH's server and client: false with a note when missing, a panic under
+/// `CI=true`.
+fn ssh_prerequisites() -> bool {
+    if !runc_prerequisites() {
+        return false;
+    }
+    let have = |bin: &str| std::process::Command::new(bin).arg("-V").output().is_ok();
+    let sshd = Path::new(SSHD).exists();
+    let ssh = have("ssh");
+    let keygen = Path::new("/usr/bin/ssh-keygen").exists();
+    if sshd && ssh && keygen {
+        return true;
+    }
+    let why = format!(
+        "sshd={sshd} ssh={ssh} ssh-keygen={keygen} (apt-get install openssh-server openssh-client)"
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but the SSH test's prerequisites are missing: {why}");
+    }
+    eprintln!("note: skipping the remote (SSH) test ({why})");
+    false
+}
+
+/// A child `sshd -D -e` on 127.0.0.1:port, accepting the test's key for root.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn keygen(path: &Path) {
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test", "-f"])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ssh-keygen failed");
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        std::fs::create_dir_all(dir).unwrap();
+        keygen(&dir.join("host_ed25519"));
+        keygen(&dir.join("id_ed25519"));
+        std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
+        // sshd's privilege separation directory (Debian makes it in its init script).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 StrictModes no\nPidFile none\nLogLevel ERROR\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("ssh_config"),
+            format!(
+                "Host *\n  IdentityFile {d}/id_ed25519\n  IdentitiesOnly yes\n  \
+                 UserKnownHostsFile {d}/known_hosts\n  GlobalKnownHostsFile /dev/null\n  \
+                 StrictHostKeyChecking accept-new\n  LogLevel ERROR\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+        let child = std::process::Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sshd {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// `ssh -F <the test's client config>`, as KILN_SSH_COMMAND.
+    fn ssh_command(&self) -> String {
+        format!("ssh -F {}", self.dir.join("ssh_config").display())
+    }
+
+    fn url(&self, state: &Path) -> String {
+        format!("ssh://root@127.0.0.1:{}{}", self.port, state.display())
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default();
+            eprintln!("--- sshd log ---\n{log}--- end of sshd log ---");
+        }
+    }
+}
+
+/// The laptop's `kiln`: its own state, contexts under `config`, ssh through the test's config.
+fn laptop(state: &Path, config: &Path, sshd: &Sshd) -> assert_cmd::Command {
+    let mut cmd = kiln(state);
+    cmd.env("KILN_REMOTE_BIN", assert_cmd::cargo::cargo_bin("kiln"))
+        .env("KILN_SSH_COMMAND", sshd.ssh_command())
+        .env("XDG_CONFIG_HOME", config)
+        .env_remove("KILN_HOST")
+        .env_remove("KILN_CONTEXT")
+        .timeout(Duration::from_secs(180));
+    cmd
+}
+
+/// The first JSON document on stdout (`apply --json` says when the rollout completes after it).
+fn json_of(out: &[u8]) -> Value {
+    serde_json::Deserializer::from_slice(out)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("not JSON: {}", String::from_utf8_lossy(out)))
+}
+
+/// The example app's big binary in one layer, a small file in another.
+fn write_spec(dir: &Path, port: u16, note: &str) -> PathBuf {
+    std::fs::write(dir.join("note.txt"), note).unwrap();
+    let spec = dir.join("kiln.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "web"
+
+[image]
+entrypoint = ["/hello"]
+
+[[image.copy]]
+from = {hello:?}
+to = "/hello"
+allow_outside = true
+
+[[image.copy]]
+from = "note.txt"
+to = "/etc/note.txt"
+
+[service]
+replicas = 1
+writable = ["/tmp"]
+stop_grace = "2s"
+
+[service.health]
+path = "/healthz"
+interval = "100ms"
+timeout = "100ms"
+start_period = "10s"
+
+[route]
+listen = "127.0.0.1:{port}"
+drain_timeout = "5s"
+sticky = "none"
+
+[deploy]
+keep_previous = "10m"
+progress_deadline = "1m"
+"#,
+            hello = common::hello_binary()
+        ),
+    )
+    .unwrap();
+    spec
+}
+
+fn build(state: &Path, spec: &Path) -> String {
+    let out = kiln(state)
+        .args(["build", "-q", "-f"])
+        .arg(spec)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
+    if !ssh_prerequisites() {
+        return;
+    }
+    let _serial = common::serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = tmp.path().join("server");
+    let state = tmp.path().join("laptop");
+    let config = tmp.path().join("config");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let sshd = Sshd::start(&tmp.path().join("ssh"));
+    let _daemon = Daemon::start(&server);
+    let host = sshd.url(&server);
+    let port = free_port();
+    let spec = write_spec(&work, port, "one\n");
+
+    // Build here, apply there: everything travels the first time.
+    let first = build(&state, &spec);
+    let out = laptop(&state, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["apply", "--json", "-f"])
+        .arg(&spec)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let applied = json_of(&out.stdout);
+    let t = &applied["transfer"];
+    eprintln!("first apply: {t}");
+    assert_eq!(t["digest"], first.as_str());
+    assert_eq!(t["sent_blobs"], t["total_blobs"], "{t}");
+    assert_eq!(t["sent_blobs"], 4, "manifest, config and two layers: {t}");
+
+    let status = laptop(&state, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["status", "web", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let status = json_of(&status)[0].clone();
+    assert_eq!(status["live"], 1, "{status:#}");
+    assert_eq!(status["image"], first.as_str(), "{status:#}");
+
+    // One file changes: its layer, the config and the manifest travel, not the binary.
+    std::fs::write(work.join("note.txt"), "two\n").unwrap();
+    let second = build(&state, &spec);
+    assert_ne!(first, second);
+    let out = laptop(&state, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["apply", "-f"])
+        .arg(&spec)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let line = said
+        .lines()
+        .find(|l| l.contains("sent "))
+        .unwrap_or_else(|| panic!("apply did not say what it sent:\n{said}"));
+    assert!(line.contains("sent 3 of 4 blobs"), "{line}");
+    let server_store = kiln(&server)
+        .args(["image", "inspect", &second, "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let inspected = json_of(&server_store);
+    assert_eq!(
+        inspected["digest"],
+        second.as_str(),
+        "the server's digest is the laptop's"
+    );
+    let local = json_of(
+        &kiln(&state)
+            .args(["image", "inspect", &second, "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    let total = local["size"].as_u64().unwrap();
+    let layers = local["manifest"]["layers"].as_array().unwrap();
+    let changed = layers.last().unwrap()["size"].as_u64().unwrap();
+    let manifest_and_config = total
+        - layers
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum::<u64>();
+    let sent = changed + manifest_and_config;
+    let percent = sent as f64 * 100.0 / total as f64;
+    println!(
+        "second apply after a one-file change: {line}; {sent} of {total} bytes = {percent:.3}% of the image"
+    );
+    assert!(sent * 100 < total * 5, "sent {sent} of {total} bytes");
+    assert!(line.contains("sent 3 of 4 blobs"), "{line}");
+
+    let status = json_of(
+        &laptop(&state, &config, &sshd)
+            .env("KILN_HOST", &host)
+            .args(["status", "web", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    )[0]
+    .clone();
+    assert_eq!(status["image"], second.as_str(), "{status:#}");
+    assert_eq!(status["live"], 2, "{status:#}");
+
+    // Rollback, logs, history and verify, all through SSH.
+    laptop(&state, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["rollback", "web"])
+        .assert()
+        .success();
+    let status = json_of(
+        &laptop(&state, &config, &sshd)
+            .env("KILN_HOST", &host)
+            .args(["status", "web", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    )[0]
+    .clone();
+    assert_eq!(status["live"], 1, "{status:#}");
+    let logs = laptop(&state, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["logs", "web"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let logs = String::from_utf8_lossy(&logs);
+    assert!(logs.contains("listening on"), "{logs}");
+    let history = json_of(
+        &laptop(&state, &config, &sshd)
+            .env("KILN_HOST", &host)
+            .args(["history", "web", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"release.created"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k.starts_with("rollback")), "{kinds:?}");
+    let verify = json_of(
+        &laptop(&state, &config, &sshd)
+            .env("KILN_HOST", &host)
+            .args(["verify", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(verify["ok"], true, "{verify}");
+    // The laptop's own state never got a ledger: everything above was the server's.
+    assert!(!state.join("ledger.db").exists());
+
+    // A context names the server; `use` makes it the default for every command.
+    laptop(&state, &config, &sshd)
+        .args([
+            "context",
+            "create",
+            "srv",
+            "--host",
+            &host,
+            "--description",
+            "the test server",
+        ])
+        .assert()
+        .success();
+    let file = config.join("kiln/contexts.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    laptop(&state, &config, &sshd)
+        .args(["context", "use", "srv"])
+        .assert()
+        .success();
+    let ls = json_of(
+        &laptop(&state, &config, &sshd)
+            .args(["context", "ls", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    let current: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["current"] == true)
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(current, ["srv"], "{ls:#}");
+    let via_context = json_of(
+        &laptop(&state, &config, &sshd)
+            .args(["status", "web", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(via_context[0]["live"], 1);
+    // KILN_CONTEXT=default and --host both win over the current context.
+    let local = laptop(&state, &config, &sshd)
+        .env("KILN_CONTEXT", "default")
+        .args(["status", "web"])
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8_lossy(&local).contains("no kiln daemon is running on"),
+        "{}",
+        String::from_utf8_lossy(&local)
+    );
+    laptop(&state, &config, &sshd)
+        .args(["context", "rm", "srv"])
+        .assert()
+        .failure();
+    laptop(&state, &config, &sshd)
+        .args(["context", "use", "default"])
+        .assert()
+        .success();
+    laptop(&state, &config, &sshd)
+        .args(["context", "rm", "srv"])
+        .assert()
+        .success();
+
+    kiln(&server).args(["down", "web"]).assert().success();
+}
+
+/// Runs a laptop command expected to fail; returns its stderr, checked to be one line naming
+/// `host` and holding `why`, with exit code 1.
+fn fails_naming(mut cmd: assert_cmd::Command, host: &str, why: &str) {
+    let out = cmd
+        .args(["status", "--json"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].contains(host), "names {host}: {err}");
+    assert!(lines[0].contains(why), "says {why:?}: {err}");
+}
+
+#[test]
+fn unreachable_hosts_fail_with_one_line_naming_them() {
+    if !ssh_prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("laptop");
+    let config = tmp.path().join("config");
+    let sshd = Sshd::start(&tmp.path().join("ssh"));
+    let nothing = tmp.path().join("no-daemon");
+    std::fs::create_dir_all(&nothing).unwrap();
+
+    // sshd answers, the remote kiln finds no daemon on that state.
+    let host = sshd.url(&nothing);
+    let mut cmd = laptop(&state, &config, &sshd);
+    cmd.env("KILN_HOST", &host);
+    fails_naming(cmd, &host, "no kiln daemon is running");
+
+    // Nothing listens on the port.
+    let closed = format!("ssh://root@127.0.0.1:{}/srv", free_port());
+    let mut cmd = laptop(&state, &config, &sshd);
+    cmd.env("KILN_HOST", &closed);
+    fails_naming(cmd, &closed, "Connection refused");
+
+    // No ssh client at all.
+    let mut cmd = laptop(&state, &config, &sshd);
+    cmd.env("KILN_HOST", &host)
+        .env("KILN_SSH_COMMAND", "/nonexistent/ssh");
+    fails_naming(cmd, &host, "cannot run");
+
+    // The host's key is not the one known for it.
+    let other = tmp.path().join("other_host");
+    keygen(&other);
+    let key = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let key: Vec<&str> = key.split_whitespace().take(2).collect();
+    let known = tmp.path().join("known_hosts_wrong");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {} {}\n", sshd.port, key[0], key[1]),
+    )
+    .unwrap();
+    let mut cmd = laptop(&state, &config, &sshd);
+    cmd.env("KILN_HOST", &host).env(
+        "KILN_SSH_COMMAND",
+        format!(
+            "{} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+            sshd.ssh_command(),
+            known.display()
+        ),
+    );
+    fails_naming(cmd, &host, "Host key verification failed");
+
+    // The remote binary is not there.
+    let mut cmd = laptop(&state, &config, &sshd);
+    cmd.env("KILN_HOST", &host)
+        .env("KILN_REMOTE_BIN", "/nonexistent/kiln");
+    fails_naming(cmd, &host, "no kiln binary");
+}
