@@ -139,14 +139,30 @@ pub fn dial_stdio(state: &Path) -> anyhow::Result<ExitCode> {
     std::thread::Builder::new()
         .name("dial-stdin".to_owned())
         .spawn(move || {
-            let _ = std::io::copy(&mut stdin, &mut to_daemon);
+            let _ = pump(&mut stdin, &mut to_daemon);
             let _ = to_daemon.shutdown(std::net::Shutdown::Write);
         })?;
     // The daemon's side ending (it answered the last request and closed, or went away) ends
     // the command; a reader that went away (ssh gone) too.
-    let _ = std::io::copy(&mut from_daemon, &mut stdout);
+    let _ = pump(&mut from_daemon, &mut stdout);
     let _ = stdout.flush();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copies `from` to `to` until EOF with plain reads and writes. Not `std::io::copy`: between
+/// a pipe (sshd gives the remote command pipes) and a socket it uses `splice`, which was seen
+/// to end the copy early mid-body, cutting the request.
+fn pump(from: &mut impl std::io::Read, to: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+    }
 }
 
 /// What [`send_image`] sent.
