@@ -624,8 +624,7 @@ fn last_word(stderr: &str) -> Option<&str> {
     stderr
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
-        .next_back()
+        .rfind(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
         .map(|l| l.strip_prefix("error: ").unwrap_or(l))
 }
 
@@ -684,7 +683,7 @@ impl Body for ReaderBody {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 
