@@ -542,3 +542,192 @@ fn unreachable_hosts_fail_with_one_line_naming_them() {
         .env("KILN_REMOTE_BIN", "/nonexistent/kiln");
     fails_naming(cmd, &host, "no kiln binary");
 }
+
+/// One raw HTTP/1.1 request on `stream`, the connection closed after it: the status and body.
+fn raw_request(
+    mut stream: impl std::io::Read + std::io::Write,
+    head: &str,
+    body: &[u8],
+) -> (u16, String) {
+    stream
+        .write_all(format!("{head}Host: kiln\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    // The daemon may answer (and close) before reading a body it refuses.
+    let _ = stream.write_all(body);
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn put(sock: &Path, path: &str, extra: &str, body: &[u8]) -> (u16, String) {
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    raw_request(
+        s,
+        &format!(
+            "PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n{extra}",
+            body.len()
+        ),
+        body,
+    )
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    kiln_runtime::Digest::of(bytes).to_string()
+}
+
+/// What a hostile client of the upload endpoints gets: refusals naming the problem, and
+/// nothing of what it sent in the store.
+#[test]
+fn hostile_uploads_are_refused_and_nothing_is_kept() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = tmp.path().join("server");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "hostile-test-token\n").unwrap();
+    let api_port = free_port();
+    let _daemon = Daemon::start_with(
+        &server,
+        &[
+            "--api-listen",
+            &format!("127.0.0.1:{api_port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let sock = server.join("kiln.sock");
+    let blobs = server.join("images/blobs/sha256");
+    let uploads = server.join("images/uploads");
+    let held = |d: &str| blobs.join(d.trim_start_matches("sha256:")).exists();
+    let staged = || std::fs::read_dir(&uploads).map(|d| d.count()).unwrap_or(0);
+
+    // Content that does not hash to the digest it is sent as.
+    let claimed = sha256(b"what was promised");
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/blobs/{claimed}"),
+        "",
+        b"something else",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("hashes to"), "{body}");
+    assert!(!held(&claimed));
+    assert_eq!(staged(), 0);
+
+    // Paths and junk in place of a digest.
+    for bad in ["..%2F..%2Fetc%2Fpasswd", "sha256:..", "md5:abc"] {
+        let (status, body) = put(&sock, &format!("/v1/blobs/{bad}"), "", b"x");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("digest"), "{bad}: {body}");
+    }
+
+    // A body that says it is larger than the disk could hold is refused before it is read.
+    let huge = sha256(b"huge");
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let (status, body) = raw_request(
+        s,
+        &format!("PUT /v1/blobs/{huge} HTTP/1.1\r\nContent-Length: 1000000000000000\r\n"),
+        b"",
+    );
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(staged(), 0);
+
+    // A manifest naming a layer it never sent.
+    let config = br#"{"rootfs":{"type":"layers","diff_ids":["sha256:0000000000000000000000000000000000000000000000000000000000000000"]}}"#;
+    let config_digest = sha256(config);
+    let (status, body) = put(&sock, &format!("/v1/blobs/{config_digest}"), "", config);
+    assert_eq!(status, 200, "{body}");
+    let ghost = sha256(b"never sent");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ghost, "size": 10}],
+    }))
+    .unwrap();
+    let manifest_digest = sha256(&manifest);
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/images/{manifest_digest}?tag=evil"),
+        "",
+        &manifest,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(&ghost), "names the missing blob: {body}");
+    assert!(!held(&manifest_digest) && !held(&config_digest));
+
+    // A layer that climbs out of its root: staged, refused with its manifest, never stored.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..10].copy_from_slice(b"../escaped");
+    h.set_cksum();
+    b.append(&h, &b"hi"[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    let layer_digest = sha256(&layer);
+    let (status, body) = put(&sock, &format!("/v1/blobs/{layer_digest}"), "", &layer);
+    assert_eq!(status, 200, "{body}");
+    let config = serde_json::to_vec(
+        &serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [layer_digest]}}),
+    )
+    .unwrap();
+    let config_digest = sha256(&config);
+    put(&sock, &format!("/v1/blobs/{config_digest}"), "", &config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = sha256(&manifest);
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/images/{manifest_digest}?tag=evil"),
+        "",
+        &manifest,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(&layer_digest), "{body}");
+    assert!(!held(&layer_digest) && !held(&manifest_digest));
+    kiln(&server)
+        .args(["image", "inspect", "evil"])
+        .assert()
+        .failure();
+
+    // A manifest whose bytes are not its digest.
+    let (status, body) = put(&sock, &format!("/v1/images/{claimed}"), "", &manifest);
+    assert_eq!(status, 400, "{body}");
+
+    // With the TCP token, blobs may come but a test attestation may not: it would let an
+    // untested image past the gate.
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
+    let attestation =
+        format!(r#"{{"type":"kiln.test/v1","image":"{manifest_digest}","result":"passed"}}"#);
+    let (status, body) = raw_request(
+        tcp,
+        &format!(
+            "PUT /v1/images/{manifest_digest}/attestation HTTP/1.1\r\nAuthorization: Bearer hostile-test-token\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            attestation.len()
+        ),
+        attestation.as_bytes(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !server.join("images/attestations").exists()
+            || std::fs::read_dir(server.join("images/attestations"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}
