@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 # of every sealed local instance. containernetworking-plugins + iptables: each local
 # instance's own network namespace on kiln's bridge.
 # time: /usr/bin/time -v measures the peak memory of kiln on hostile archives (tests/hostile.rs).
-packages=(runc time golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
