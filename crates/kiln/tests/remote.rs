@@ -581,6 +581,27 @@ fn put(sock: &Path, path: &str, extra: &str, body: &[u8]) -> (u16, String) {
     )
 }
 
+/// Checks `value` against `#/components/schemas/{name}` of docs/openapi.json.
+fn conforms(name: &str, value: &Value) {
+    let path = common::root().join("docs/openapi.json");
+    let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["$id"] = serde_json::json!("https://kiln.invalid/openapi.json");
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("https://kiln.invalid/openapi.json", doc)
+        .unwrap();
+    let idx = compiler
+        .compile(
+            &format!("https://kiln.invalid/openapi.json#/components/schemas/{name}"),
+            &mut schemas,
+        )
+        .unwrap();
+    if let Err(e) = schemas.validate(value, idx) {
+        panic!("answer does not match schema {name}: {e:#}\n{value:#}");
+    }
+}
+
 fn sha256(bytes: &[u8]) -> String {
     kiln_runtime::Digest::of(bytes).to_string()
 }
@@ -709,6 +730,88 @@ fn hostile_uploads_are_refused_and_nothing_is_kept() {
     let (status, body) = put(&sock, &format!("/v1/images/{claimed}"), "", &manifest);
     assert_eq!(status, 400, "{body}");
 
+    // What an honest client sends is kept, and answered as documented.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("hello.txt").unwrap();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &b"hi"[..]).unwrap();
+    let good_layer = b.into_inner().unwrap();
+    let good_layer_digest = sha256(&good_layer);
+    let good_config = serde_json::to_vec(
+        &serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [good_layer_digest]}}),
+    )
+    .unwrap();
+    let good_config_digest = sha256(&good_config);
+    let good = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": good_config_digest, "size": good_config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": good_layer_digest, "size": good_layer.len()}],
+    }))
+    .unwrap();
+    let good_digest = sha256(&good);
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let ask = serde_json::to_vec(
+        &serde_json::json!({"digests": [good_digest, good_config_digest, good_layer_digest]}),
+    )
+    .unwrap();
+    let (status, body) = raw_request(
+        s,
+        &format!(
+            "POST /v1/blobs/missing HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            ask.len()
+        ),
+        &ask,
+    );
+    assert_eq!(status, 200, "{body}");
+    let missing: Value = serde_json::from_str(&body).unwrap();
+    conforms("MissingBlobs", &missing);
+    assert_eq!(missing["missing"].as_array().unwrap().len(), 3, "{missing}");
+    for (d, bytes) in [
+        (&good_layer_digest, &good_layer),
+        (&good_config_digest, &good_config),
+    ] {
+        let (status, body) = put(&sock, &format!("/v1/blobs/{d}"), "", bytes);
+        assert_eq!(status, 200, "{body}");
+        conforms("BlobStored", &serde_json::from_str(&body).unwrap());
+    }
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/images/{good_digest}?tag=good"),
+        "",
+        &good,
+    );
+    assert_eq!(status, 200, "{body}");
+    let received: Value = serde_json::from_str(&body).unwrap();
+    conforms("ImageReceived", &received);
+    assert_eq!(received["digest"], good_digest.as_str());
+    assert!(held(&good_layer_digest) && held(&good_digest));
+    assert_eq!(
+        staged(),
+        3,
+        "the refused images' configs and layer stay staged, never stored"
+    );
+    // An attestation of another image is refused; this image's is recorded.
+    let wrong = format!(r#"{{"type":"kiln.test/v1","image":"{claimed}","result":"passed"}}"#);
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/images/{good_digest}/attestation"),
+        "Content-Type: application/json\r\n",
+        wrong.as_bytes(),
+    );
+    assert_eq!(status, 400, "{body}");
+    let right = format!(r#"{{"type":"kiln.test/v1","image":"{good_digest}","result":"passed"}}"#);
+    let (status, body) = put(
+        &sock,
+        &format!("/v1/images/{good_digest}/attestation"),
+        "Content-Type: application/json\r\n",
+        right.as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    conforms("AttestationRecorded", &serde_json::from_str(&body).unwrap());
+
     // With the TCP token, blobs may come but a test attestation may not: it would let an
     // untested image past the gate.
     let tcp = std::net::TcpStream::connect(("127.0.0.1", api_port)).unwrap();
@@ -723,11 +826,8 @@ fn hostile_uploads_are_refused_and_nothing_is_kept() {
         attestation.as_bytes(),
     );
     assert_eq!(status, 403, "{body}");
-    assert!(
-        !server.join("images/attestations").exists()
-            || std::fs::read_dir(server.join("images/attestations"))
-                .unwrap()
-                .count()
-                == 0
-    );
+    let attested = std::fs::read_dir(server.join("images/attestations"))
+        .unwrap()
+        .count();
+    assert_eq!(attested, 1, "only the unix socket's attestation");
 }
