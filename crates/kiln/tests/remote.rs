@@ -178,6 +178,9 @@ allow_outside = true
 from = "note.txt"
 to = "/etc/note.txt"
 
+[image.test]
+http = "/healthz"
+
 [service]
 replicas = 1
 writable = ["/tmp"]
@@ -205,6 +208,8 @@ progress_deadline = "1m"
     spec
 }
 
+/// Builds and tests here (the spec has `[image.test]`: the server's gate wants the
+/// attestation, which apply sends along).
 fn build(state: &Path, spec: &Path) -> String {
     let out = kiln(state)
         .args(["build", "-q", "-f"])
@@ -214,7 +219,15 @@ fn build(state: &Path, spec: &Path) -> String {
         .get_output()
         .stdout
         .clone();
-    String::from_utf8(out).unwrap().trim().to_owned()
+    let digest = String::from_utf8(out).unwrap().trim().to_owned();
+    kiln(state)
+        .args(["test", "-q", "-f"])
+        .arg(spec)
+        .arg(&digest)
+        .timeout(Duration::from_secs(120))
+        .assert()
+        .success();
+    digest
 }
 
 #[test]
@@ -251,6 +264,7 @@ fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
     assert_eq!(t["digest"], first.as_str());
     assert_eq!(t["sent_blobs"], t["total_blobs"], "{t}");
     assert_eq!(t["sent_blobs"], 4, "manifest, config and two layers: {t}");
+    assert_eq!(t["attestation"], true, "{t}");
 
     let status = laptop(&state, &config, &sshd)
         .env("KILN_HOST", &host)
@@ -263,6 +277,18 @@ fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
     let status = json_of(&status)[0].clone();
     assert_eq!(status["live"], 1, "{status:#}");
     assert_eq!(status["image"], first.as_str(), "{status:#}");
+    // The server's own socket, named explicitly, is the same daemon.
+    let via_unix = json_of(
+        &kiln(&state)
+            .arg("--host")
+            .arg(format!("unix://{}", server.join("kiln.sock").display()))
+            .args(["status", "web", "--json"])
+            .assert()
+            .success()
+            .get_output()
+            .stdout,
+    );
+    assert_eq!(via_unix[0]["image"], first.as_str());
 
     // One file changes: its layer, the config and the manifest travel, not the binary.
     std::fs::write(work.join("note.txt"), "two\n").unwrap();
