@@ -857,3 +857,91 @@ fn hostile_uploads_are_refused_and_nothing_is_kept() {
         .count();
     assert_eq!(attested, 1, "only the unix socket's attestation");
 }
+
+/// Contexts without any daemon: stored privately, listed, chosen by precedence, and every
+/// bad name or host refused with what is wrong (exit 1). Needs neither root nor sshd.
+#[test]
+fn contexts_are_named_listed_and_chosen_by_precedence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config");
+    let state = tmp.path().join("state");
+    let ctx = |args: &[&str]| {
+        let mut cmd = kiln(&state);
+        cmd.env("XDG_CONFIG_HOME", &config)
+            .env_remove("KILN_HOST")
+            .env_remove("KILN_CONTEXT")
+            .args(args);
+        cmd
+    };
+    let err = |mut cmd: assert_cmd::Command| {
+        String::from_utf8(cmd.assert().code(1).get_output().stderr.clone()).unwrap()
+    };
+    assert!(err(ctx(&["context", "create", "a", "--host", "tcp://x"])).contains("unknown scheme"));
+    assert!(
+        err(ctx(&["context", "create", "a/b", "--host", "ssh://h"]))
+            .contains("invalid context name")
+    );
+    assert!(err(ctx(&["context", "create", "default", "--host", "ssh://h"])).contains("default"));
+    assert!(err(ctx(&["context", "use", "nope"])).contains("no context named nope"));
+    ctx(&[
+        "context",
+        "create",
+        "prod",
+        "--host",
+        "ssh://deploy@prod.example:2222/var/lib/kiln",
+    ])
+    .assert()
+    .success();
+    assert!(err(ctx(&["context", "create", "prod", "--host", "ssh://h"])).contains("exists"));
+    ctx(&["context", "use", "prod"]).assert().success();
+    let show = |mut cmd: assert_cmd::Command| -> Value {
+        json_of(&cmd.assert().success().get_output().stdout.clone())
+    };
+    let s = show(ctx(&["context", "show", "--json"]));
+    assert_eq!(s["name"], "prod", "{s}");
+    assert_eq!(
+        s["host"], "ssh://deploy@prod.example:2222/var/lib/kiln",
+        "{s}"
+    );
+    // KILN_CONTEXT beats the current context; --host (KILN_HOST) beats both.
+    let mut cmd = ctx(&["context", "show", "--json"]);
+    cmd.env("KILN_CONTEXT", "default");
+    assert_eq!(show(cmd)["name"], "default");
+    let mut cmd = ctx(&["context", "show", "--json"]);
+    cmd.env("KILN_CONTEXT", "default")
+        .env("KILN_HOST", "ssh://other:22");
+    let s = show(cmd);
+    assert_eq!(
+        (s["name"].as_str(), s["host"].as_str()),
+        (Some("(--host)"), Some("ssh://other:22"))
+    );
+    let mut cmd = ctx(&["status"]);
+    cmd.env("KILN_CONTEXT", "missing");
+    assert!(err(cmd).contains("\"missing\""));
+    let ls = show(ctx(&["context", "ls", "--json"]));
+    let names: Vec<(&str, bool)> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["current"] == true))
+        .collect();
+    assert_eq!(names, [("default", false), ("prod", true)]);
+    use std::os::unix::fs::PermissionsExt;
+    let file = config.join("kiln/contexts.json");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(err(ctx(&["context", "rm", "prod"])).contains("current"));
+    ctx(&["context", "use", "default"]).assert().success();
+    ctx(&["context", "rm", "prod"]).assert().success();
+    assert_eq!(
+        show(ctx(&["context", "ls", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // None of this touched the state directory.
+    assert!(!state.exists());
+}
