@@ -419,8 +419,9 @@ fn upload_error(e: crate::blobs::UploadError) -> ApiError {
         UploadError::Timeout => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             format!(
-                "the blob's body sent nothing for {} s; nothing was kept",
-                crate::blobs::BLOB_IDLE_TIMEOUT.as_secs()
+                "the blob's body stalled (nothing for {} s, or under {} bytes/s); nothing was kept",
+                crate::blobs::BLOB_IDLE_TIMEOUT.as_secs(),
+                crate::blobs::BLOB_MIN_RATE
             ),
         ),
         UploadError::Body(why) => ApiError::new(

@@ -4,7 +4,8 @@
 //!
 //! **Invariant:** a blob's body is never held whole in memory: it goes to a blocking writer a
 //! chunk at a time, bounded by [`BlobSink::max`]; a body that stalls for
-//! [`BLOB_IDLE_TIMEOUT`], breaks, or passes its bound leaves nothing behind. One upload runs
+//! [`BLOB_IDLE_TIMEOUT`], comes slower than [`BLOB_MIN_RATE`], breaks, or passes its bound
+//! leaves nothing behind. One upload runs
 //! at a time ([`UPLOADS`]), so the store's bound on staged bytes holds for all of them
 //! together.
 
@@ -63,7 +64,11 @@ pub trait BlobSink: Write + Send {
 /// How long a blob's body may send nothing before the upload is given up (408).
 pub const BLOB_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long an upload waits for the one before it to finish (then 503).
+/// The slowest a blob's body may come, judged over each [`BLOB_IDLE_TIMEOUT`]: a body that
+/// trickles holds the one upload slot, so it is cut off (408) rather than waited for.
+pub const BLOB_MIN_RATE: u64 = 1024;
+
+/// How long an upload waits for the one before it to finish (then 409).
 pub const UPLOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// One upload at a time, daemon-wide.
@@ -133,6 +138,7 @@ pub async fn receive(
     });
     let mut body = body;
     let mut failed = None;
+    let mut window = (tokio::time::Instant::now(), 0u64);
     loop {
         match tokio::time::timeout(BLOB_IDLE_TIMEOUT, body.frame()).await {
             Err(_) => {
@@ -145,9 +151,19 @@ pub async fn receive(
                 break;
             }
             Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data()
-                    && tx.send(data).await.is_err()
-                {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                window.1 += data.len() as u64;
+                let elapsed = window.0.elapsed();
+                if elapsed >= BLOB_IDLE_TIMEOUT {
+                    if window.1 < BLOB_MIN_RATE * elapsed.as_secs() {
+                        failed = Some(UploadError::Timeout);
+                        break;
+                    }
+                    window = (tokio::time::Instant::now(), 0);
+                }
+                if tx.send(data).await.is_err() {
                     // The writer stopped: its error says why.
                     break;
                 }
