@@ -76,7 +76,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 StrictModes no\nPidFile none\nLogLevel ERROR\n",
+                 StrictModes no\nPidFile none\nLogLevel INFO\n",
                 d = dir.display()
             ),
         )
@@ -118,6 +118,14 @@ impl Sshd {
     /// `ssh -F <the test's client config>`, as KILN_SSH_COMMAND.
     fn ssh_command(&self) -> String {
         format!("ssh -F {}", self.dir.join("ssh_config").display())
+    }
+
+    /// How many SSH sessions sshd has accepted so far.
+    fn sessions(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("sshd.log"))
+            .unwrap_or_default()
+            .matches("Accepted publickey")
+            .count()
     }
 
     fn url(&self, state: &Path) -> String {
@@ -294,6 +302,7 @@ fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
     std::fs::write(work.join("note.txt"), "two\n").unwrap();
     let second = build(&state, &spec);
     assert_ne!(first, second);
+    let sessions = sshd.sessions();
     let out = laptop(&state, &config, &sshd)
         .env("KILN_HOST", &host)
         .args(["apply", "-f"])
@@ -309,6 +318,13 @@ fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
         .find(|l| l.contains("sent "))
         .unwrap_or_else(|| panic!("apply did not say what it sent:\n{said}"));
     assert!(line.contains("sent 3 of 4 blobs"), "{line}");
+    // Every request of the apply (the blobs, the release, the rollout's progress) went over
+    // one SSH connection.
+    assert_eq!(
+        sshd.sessions() - sessions,
+        1,
+        "one SSH session for the whole apply"
+    );
     let server_store = kiln(&server)
         .args(["image", "inspect", &second, "--json"])
         .assert()
