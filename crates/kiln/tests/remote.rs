@@ -931,6 +931,13 @@ fn contexts_are_named_listed_and_chosen_by_precedence() {
         (s["name"].as_str(), s["host"].as_str()),
         (Some("(--host)"), Some("ssh://other:22"))
     );
+    // A malformed host is a usage error (2); an unknown context a failure (1).
+    let out = ctx(&["--host", "tcp://x", "status"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scheme"));
     let mut cmd = ctx(&["status"]);
     cmd.env("KILN_CONTEXT", "missing");
     assert!(err(cmd).contains("\"missing\""));

@@ -28,6 +28,13 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
     })?;
     if talks_to_daemon(&cli.command) {
+        // A malformed --host (or KILN_HOST) is a usage error, as clap's own are.
+        if let Some(h) = cli.global.host.as_deref().filter(|h| !h.is_empty())
+            && let Err(e) = kiln_control::client::Host::parse(h)
+        {
+            out.error(&e.into());
+            return Ok(ExitCode::from(2));
+        }
         remote::choose(cli.global.host.as_deref(), cli.global.json)?;
     }
     // A command that only talks to a daemon elsewhere has no use for the local state.
