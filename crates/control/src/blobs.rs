@@ -2,8 +2,8 @@
 //! binary backs [`ImageStore`] with `kiln_image::Store`, whose `receive.rs` stages and checks
 //! what comes in) and the streaming of one blob's body into it.
 //!
-//! **Invariant:** a blob's body is never held whole in memory: it goes to a blocking writer a
-//! chunk at a time, bounded by [`BlobSink::max`]; a body that stalls for
+//! **Invariant:** a blob's body is never held whole in memory: it goes to the store's writer a
+//! chunk at a time (on a blocking thread), bounded by [`BlobSink::max`]; a body that stalls for
 //! [`BLOB_IDLE_TIMEOUT`], comes slower than [`BLOB_MIN_RATE`], breaks, or passes its bound
 //! leaves nothing behind. One upload runs
 //! at a time ([`UPLOADS`]), so the store's bound on staged bytes holds for all of them
@@ -11,12 +11,10 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use kiln_runtime::Digest;
 use serde_json::Value;
 
@@ -89,12 +87,16 @@ pub enum UploadError {
 
 /// Streams `body` into a new blob `digest` of `store`. `Ok(None)` when the store held it
 /// already (the body is not read); else the bytes stored.
-pub async fn receive(
+pub async fn receive<B>(
     store: Arc<dyn ImageStore>,
     digest: Digest,
     declared: Option<u64>,
-    body: Incoming,
-) -> Result<Option<u64>, UploadError> {
+    body: B,
+) -> Result<Option<u64>, UploadError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let _permit = tokio::time::timeout(UPLOAD_WAIT, UPLOADS.acquire())
         .await
         .map_err(|_| UploadError::Busy)?
@@ -117,69 +119,255 @@ pub async fn receive(
             sink.max()
         ))));
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let aborted = Arc::new(AtomicBool::new(false));
-    let stop = Arc::clone(&aborted);
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64, BlobError> {
-        while let Some(chunk) = rx.blocking_recv() {
-            sink.write_all(&chunk).map_err(|e| {
+    let mut body = body;
+    let mut window = (tokio::time::Instant::now(), 0u64);
+    loop {
+        let data = match tokio::time::timeout(BLOB_IDLE_TIMEOUT, body.frame()).await {
+            Err(_) => return Err(UploadError::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(UploadError::Body(e.to_string())),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        window.1 += data.len() as u64;
+        let elapsed = window.0.elapsed();
+        if elapsed >= BLOB_IDLE_TIMEOUT {
+            if window.1 < BLOB_MIN_RATE * elapsed.as_secs() {
+                return Err(UploadError::Timeout);
+            }
+            window = (tokio::time::Instant::now(), 0);
+        }
+        // Each chunk on a blocking thread of its own; between chunks none is held, and a
+        // sink dropped on any early return (uncommitted) leaves nothing behind.
+        sink = tokio::task::spawn_blocking(move || {
+            sink.write_all(&data).map(|()| sink).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::FileTooLarge {
                     BlobError::TooLarge(e.to_string())
                 } else {
                     BlobError::Internal(format!("cannot write blob: {e}"))
                 }
-            })?;
-        }
-        if stop.load(Ordering::Acquire) {
-            // Dropped uncommitted: nothing stays.
-            return Err(BlobError::Invalid("the upload was cut short".to_owned()));
-        }
-        sink.commit()
-    });
-    let mut body = body;
-    let mut failed = None;
-    let mut window = (tokio::time::Instant::now(), 0u64);
-    loop {
-        match tokio::time::timeout(BLOB_IDLE_TIMEOUT, body.frame()).await {
-            Err(_) => {
-                failed = Some(UploadError::Timeout);
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                failed = Some(UploadError::Body(e.to_string()));
-                break;
-            }
-            Ok(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                window.1 += data.len() as u64;
-                let elapsed = window.0.elapsed();
-                if elapsed >= BLOB_IDLE_TIMEOUT {
-                    if window.1 < BLOB_MIN_RATE * elapsed.as_secs() {
-                        failed = Some(UploadError::Timeout);
-                        break;
-                    }
-                    window = (tokio::time::Instant::now(), 0);
-                }
-                if tx.send(data).await.is_err() {
-                    // The writer stopped: its error says why.
-                    break;
-                }
-            }
-        }
-    }
-    if failed.is_some() {
-        aborted.store(true, Ordering::Release);
-    }
-    drop(tx);
-    let written = writer
+            })
+        })
         .await
-        .map_err(|e| UploadError::Store(BlobError::Internal(e.to_string())))?;
-    match (failed, written) {
-        (Some(f), _) => Err(f),
-        (None, Ok(n)) => Ok(Some(n)),
-        (None, Err(e)) => Err(UploadError::Store(e)),
+        .map_err(|e| UploadError::Store(BlobError::Internal(e.to_string())))?
+        .map_err(UploadError::Store)?;
+    }
+    let n = tokio::task::spawn_blocking(move || sink.commit())
+        .await
+        .map_err(|e| UploadError::Store(BlobError::Internal(e.to_string())))?
+        .map_err(UploadError::Store)?;
+    Ok(Some(n))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use std::sync::Mutex;
+
+    use hyper::body::Frame;
+
+    use super::*;
+
+    /// A store that keeps blobs in memory, checking digests and a bound as the real one does.
+    #[derive(Default)]
+    struct Memory {
+        kept: Mutex<Vec<(Digest, Vec<u8>)>>,
+    }
+
+    struct MemorySink {
+        store: Arc<Memory>,
+        digest: Digest,
+        bytes: Vec<u8>,
+    }
+
+    const MAX: u64 = 1 << 20;
+
+    impl Write for MemorySink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.bytes.len() as u64 + buf.len() as u64 > MAX {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::FileTooLarge,
+                    "too large",
+                ));
+            }
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl BlobSink for MemorySink {
+        fn max(&self) -> u64 {
+            MAX
+        }
+        fn commit(self: Box<Self>) -> Result<u64, BlobError> {
+            if Digest::of(&self.bytes) != self.digest {
+                return Err(BlobError::Invalid("wrong digest".to_owned()));
+            }
+            let n = self.bytes.len() as u64;
+            self.store
+                .kept
+                .lock()
+                .unwrap()
+                .push((self.digest, self.bytes));
+            Ok(n)
+        }
+    }
+
+    struct Shared(Arc<Memory>);
+
+    impl ImageStore for Shared {
+        fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+            let kept = self.0.kept.lock().unwrap();
+            digests
+                .iter()
+                .filter(|d| !kept.iter().any(|(k, _)| k == *d))
+                .cloned()
+                .collect()
+        }
+        fn receive_blob(&self, digest: &Digest) -> Result<Option<Box<dyn BlobSink>>, BlobError> {
+            Ok(Some(Box::new(MemorySink {
+                store: Arc::clone(&self.0),
+                digest: digest.clone(),
+                bytes: Vec::new(),
+            })))
+        }
+        fn receive_image(&self, _: &Digest, _: &[u8], _: Option<&str>) -> Result<Value, BlobError> {
+            Err(BlobError::Internal("not here".to_owned()))
+        }
+        fn receive_attestation(&self, _: &Digest, _: &Value) -> Result<(), BlobError> {
+            Err(BlobError::Internal("not here".to_owned()))
+        }
+    }
+
+    /// A body whose chunks the test sends when it likes.
+    struct ChanBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>);
+
+    impl hyper::body::Body for ChanBody {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    fn body() -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+        ChanBody,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        (tx, ChanBody(rx))
+    }
+
+    /// One function, so the uploads (which take turns, daemon-wide) never wait on another
+    /// test's.
+    #[tokio::test(start_paused = true)]
+    async fn uploads_keep_only_whole_matching_bodies_that_keep_coming() {
+        let memory = Arc::new(Memory::default());
+        let store: Arc<dyn ImageStore> = Arc::new(Shared(Arc::clone(&memory)));
+        let data = Bytes::from_static(b"layer bytes");
+        let digest = Digest::of(&data);
+
+        // Whole and matching: kept.
+        let (tx, b) = body();
+        tx.send(Ok(Frame::data(data.clone()))).await.unwrap();
+        drop(tx);
+        let n = receive(Arc::clone(&store), digest.clone(), Some(11), b)
+            .await
+            .unwrap();
+        assert_eq!(n, Some(11));
+
+        // Not matching its digest: refused, nothing kept.
+        let other = Digest::of(b"promised");
+        let (tx, b) = body();
+        tx.send(Ok(Frame::data(data.clone()))).await.unwrap();
+        drop(tx);
+        let e = receive(Arc::clone(&store), other.clone(), None, b)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, UploadError::Store(BlobError::Invalid(_))),
+            "{e:?}"
+        );
+
+        // Declared larger than the bound: refused before a byte is read.
+        let (_tx, b) = body();
+        let e = receive(Arc::clone(&store), other.clone(), Some(MAX + 1), b)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, UploadError::Store(BlobError::TooLarge(_))),
+            "{e:?}"
+        );
+
+        // Larger than the bound as it comes: refused.
+        let (tx, b) = body();
+        let feed = tokio::spawn(async move {
+            for _ in 0..5 {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from(vec![0u8; 300 << 10]))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let e = receive(Arc::clone(&store), other.clone(), None, b)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, UploadError::Store(BlobError::TooLarge(_))),
+            "{e:?}"
+        );
+        feed.abort();
+
+        // A body that stops: cut off after the idle timeout, nothing kept.
+        let (tx, b) = body();
+        tx.send(Ok(Frame::data(data.slice(..4)))).await.unwrap();
+        let e = receive(Arc::clone(&store), digest.clone(), None, b)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UploadError::Timeout), "{e:?}");
+        drop(tx);
+
+        // A body that trickles (a byte every 20 s, never idle for 30): cut off too.
+        let (tx, b) = body();
+        let feed = tokio::spawn(async move {
+            loop {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        });
+        let e = receive(Arc::clone(&store), other.clone(), None, b)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UploadError::Timeout), "{e:?}");
+        feed.abort();
+
+        // A body that breaks: refused.
+        let (tx, b) = body();
+        tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
+        let e = receive(Arc::clone(&store), other.clone(), None, b)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UploadError::Body(_)), "{e:?}");
+
+        let kept = memory.kept.lock().unwrap();
+        assert_eq!(kept.len(), 1, "only the whole, matching body");
+        assert_eq!(kept[0].0, digest);
     }
 }
