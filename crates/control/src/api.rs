@@ -7,6 +7,10 @@
 //! is the connection's (`peer.rs`: the socket peer's user, or the token), never a name the
 //! request carries; an `actor` a client still sends is accepted and ignored. A connection
 //! that sends no request head in [`HEADER_READ_TIMEOUT`] is closed.
+//!
+//! Images reach a daemon elsewhere through `/v1/blobs/…` and `/v1/images/…` (`blobs.rs`
+//! streams a blob into the store, which stages it until its manifest passes an import's
+//! checks); a test attestation is taken over the unix socket only, as secret sources are.
 
 use std::convert::Infallible;
 use std::path::PathBuf;

@@ -507,6 +507,44 @@ fn a_laptop_deploys_to_a_server_over_ssh_sending_only_what_changed() {
         .assert()
         .success();
 
+    // `apply --image` of an image only the server has (a laptop with an empty store, a spec
+    // without [image.test]): nothing is sent, the release is recorded.
+    let untested = work.join("untested.toml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &untested,
+        text.replace("[image.test]\nhttp = \"/healthz\"\n", ""),
+    )
+    .unwrap();
+    let bare = tmp.path().join("bare");
+    let out = laptop(&bare, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["apply", "--json", "--no-wait", "--image", &second, "-f"])
+        .arg(&untested)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let applied = json_of(&out);
+    assert_eq!(applied["transfer"]["sent_blobs"], 0, "{applied}");
+    assert_eq!(applied["image"], second.as_str(), "{applied}");
+    let nowhere = format!("sha256:{}", "0".repeat(64));
+    let out = laptop(&bare, &config, &sshd)
+        .env("KILN_HOST", &host)
+        .args(["apply", "--image", &nowhere, "-f"])
+        .arg(&untested)
+        .assert()
+        .code(1)
+        .get_output()
+        .stderr
+        .clone();
+    assert!(
+        String::from_utf8_lossy(&out).contains("neither in the local store"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
     kiln(&server).args(["down", "web"]).assert().success();
 }
 

@@ -218,6 +218,22 @@ pub async fn send_image(
     let store = super::image::store(state)?;
     let digest =
         Digest::parse(digest).with_context(|| format!("{digest:?} is not an image digest"))?;
+    if !store.has_blob(&digest) {
+        // `apply --image` may name an image only the daemon has (built or sent earlier).
+        let answer = c
+            .post("/v1/blobs/missing", &json!({ "digests": [&digest] }))
+            .await?;
+        anyhow::ensure!(
+            answer["missing"].as_array().is_some_and(Vec::is_empty),
+            "image {digest} is neither in the local store ({}) nor on {}",
+            state.join("images").display(),
+            c.describe()
+        );
+        return Ok(Transfer {
+            digest: digest.to_string(),
+            ..Transfer::default()
+        });
+    }
     let manifest_bytes = store
         .read_blob(&digest)
         .with_context(|| format!("cannot read image {digest} from the local store"))?;
