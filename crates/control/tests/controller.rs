@@ -76,7 +76,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     let provider: Arc<dyn Provider> = fake.clone();
     let cfg = ControllerConfig {
         state_dir: dir.path().to_owned(),
-        router: kiln_proxy::WorkersConfig::new(2),
+        router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(2)),
         attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
@@ -231,7 +231,7 @@ async fn controller(
     let provider: Arc<dyn Provider> = Arc::new(FakeProvider::new(true));
     let cfg = ControllerConfig {
         state_dir: dir.to_owned(),
-        router: kiln_proxy::WorkersConfig::new(1),
+        router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
         attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))

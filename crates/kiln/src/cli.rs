@@ -108,6 +108,10 @@ pub enum Command {
     Doctor(crate::cmd::doctor::DoctorArgs),
     /// Run the daemon: API on <state>/kiln.sock, one router per app, the reconciler
     Serve(crate::cmd::daemon::ServeArgs),
+    /// Run the router alone, fed by the daemon on <state>/router.sock (`kiln serve` starts one
+    /// when none runs); run while one runs, it takes its sockets over and the old one exits
+    /// without refusing a connection
+    Router(crate::cmd::router::RouterCmdArgs),
     /// Build, test and roll out the spec with a daemon (started in-process if none runs)
     ///
     /// Ctrl-C (or SIGTERM) while it tests or rolls out stops what it started and exits 130

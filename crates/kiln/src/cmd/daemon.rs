@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_control::{Controller, ControllerConfig};
+use kiln_control::{Controller, ControllerConfig, RouterChoice};
 use kiln_proxy::WorkersConfig;
 use kiln_runtime::Provider;
 
@@ -52,6 +52,30 @@ pub struct RouterArgs {
 }
 
 impl RouterArgs {
+    /// The daemon's router: a process of its own (`kiln router`, started with these flags
+    /// when none serves `state`), so that traffic outlives the daemon.
+    pub fn choice(&self, state: &Path) -> anyhow::Result<RouterChoice> {
+        let program = std::env::current_exe().context("cannot find kiln's own binary")?;
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--state".into(), state.into(), "router".into()];
+        if let Some(n) = self.router_threads {
+            args.extend(["--router-threads".into(), n.to_string().into()]);
+        }
+        if let Some(pin) = self.router_pin {
+            args.extend(["--router-pin".into(), pin.to_string().into()]);
+        }
+        // Under systemd the journal takes its output as the daemon's; else a file of the
+        // state, since the terminal that started the daemon may be long gone.
+        let log = std::env::var_os("JOURNAL_STREAM")
+            .is_none()
+            .then(|| state.join("router.log"));
+        Ok(RouterChoice::Process(Some(kiln_dataplane::Spawn {
+            program,
+            args,
+            log,
+        })))
+    }
+
     /// The router's threads as the flags say.
     pub fn workers(&self) -> WorkersConfig {
         let mut config = match self.router_threads {
@@ -84,7 +108,7 @@ impl Daemon {
     pub async fn start(
         state: &Path,
         runtime: &str,
-        router: WorkersConfig,
+        router: RouterChoice,
         tcp: Option<(SocketAddr, String)>,
     ) -> anyhow::Result<Daemon> {
         raise_open_file_limit();
@@ -168,7 +192,7 @@ impl Daemon {
 /// router connection, instance log and layer file is a descriptor, and the usual soft limit
 /// (1024) runs out under a few hundred clients long before the host's own limit would.
 /// Instances are unaffected: their bundle sets their own limit.
-fn raise_open_file_limit() {
+pub(super) fn raise_open_file_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
@@ -221,11 +245,11 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             biased;
             // Nothing is served yet: stop here.
             stop = signals.recv() => return Ok(stop.exit_code()),
-            daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp) => daemon?,
+            daemon = Daemon::start(state, &args.runtime, args.router.choice(state)?, tcp) => daemon?,
         };
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
-            "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, instances keep running",
+            "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, the router and instances keep running",
             socket(state).display(),
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }

@@ -881,7 +881,7 @@ async fn connect_or_start(
         return Ok(None);
     }
     out.say("==> starting a kiln daemon in this process");
-    let daemon = Daemon::start(state, &args.runtime, args.router.workers(), None).await?;
+    let daemon = Daemon::start(state, &args.runtime, args.router.choice(state)?, None).await?;
     Ok(Some(daemon))
 }
 

@@ -7,6 +7,7 @@ pub mod doctor;
 pub mod image;
 mod instance;
 pub mod pause;
+pub mod router;
 pub mod run;
 mod signals;
 mod spec;
@@ -43,6 +44,7 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Test(args) => test::test(&args, &cli.global.state, out),
         Command::Doctor(args) => doctor::doctor(&args, &cli.global.state, out),
         Command::Serve(args) => daemon::serve(&args, &cli.global.state, out),
+        Command::Router(args) => router::router(&args, &cli.global.state, out),
         Command::Up(args) => deploy::up(&args, &cli.global.state, out),
         Command::Plan(args) => deploy::plan(&args, &cli.global.state, out),
         Command::Apply(args) => deploy::apply(&args, &cli.global.state, out),
@@ -76,6 +78,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Run(_)
         | Command::Test(_)
         | Command::Serve(_)
+        | Command::Router(_)
         | Command::Up(_)
         | Command::Plan(_)
         | Command::Apply(_) => Some(Need::Create),
