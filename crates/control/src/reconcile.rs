@@ -356,6 +356,10 @@ impl Controller {
     /// not the daemon's (`kiln test`'s, `kiln run`'s: [`daemons_own`]) is not recorded: that
     /// command removing its instance is no change behind kiln's back.
     pub(crate) async fn record_drift(&self, report: &kiln_runtime::DriftReport) -> Result<()> {
+        // Its own destroy removes its files: that is no drift.
+        if self.exec.destroying_now().contains(&report.instance) {
+            return Ok(());
+        }
         let observed = self.exec.provider.observe(&report.instance).await;
         if let Ok(o) = &observed
             && !daemons_own(&o.labels)

@@ -46,7 +46,7 @@ pub struct RemotePlane {
 impl RemotePlane {
     /// Attaches to the router serving `socket`, starting one with `spawn` when none answers,
     /// and replacing it (without a connection refused) when it runs another binary than
-    /// `binary`.
+    /// `binary`, or with other arguments than `spawn`'s.
     pub async fn attach(
         socket: &Path,
         spawn: Option<Spawn>,
@@ -61,9 +61,16 @@ impl RemotePlane {
             stop,
         });
         let mut info = plane.ensure_running().await?;
-        if info.binary != binary && plane.spawn.is_some() {
-            tracing::info!(pid = info.pid, old = %info.binary, new = %binary, "replacing the router: it runs another binary");
-            info = plane.replace(&info).await?;
+        if let Some(spawn) = &plane.spawn {
+            let args: Vec<String> = spawn
+                .args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            if info.binary != binary || info.args != args {
+                tracing::info!(pid = info.pid, old = %info.binary, new = %binary, old_args = ?info.args, new_args = ?args, "replacing the router: another binary or other flags");
+                info = plane.replace(&info).await?;
+            }
         }
         tracing::info!(
             pid = info.pid,

@@ -98,6 +98,7 @@ pub async fn run(
             pid: std::process::id(),
             boot: format!("{}-{}", std::process::id(), now_nanos()),
             binary: binary_identity(),
+            args: std::env::args().skip(1).collect(),
             apps: Vec::new(),
         },
         attached: AtomicUsize::new(0),
@@ -114,7 +115,8 @@ pub async fn run(
         cfg.state.join("router.pid"),
         format!("{}\n", std::process::id()),
     );
-    tracing::info!(socket = %path.display(), pid = std::process::id(), apps = shared.plane.app_names().await.len(), "router serving");
+    let apps = shared.plane.app_names().await.len();
+    tracing::info!(socket = %path.display(), pid = std::process::id(), apps, "router serving");
     let started = Instant::now();
     let mut idle_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -406,6 +406,9 @@ pub struct RouterInfo {
     /// The binary it runs (device, inode, size, modification time of its executable): a
     /// daemon running another one replaces the router.
     pub binary: String,
+    /// Its arguments after the program: a daemon that would start it with others replaces
+    /// it.
+    pub args: Vec<String>,
     /// The apps it serves.
     pub apps: Vec<String>,
 }

@@ -106,7 +106,8 @@ pub enum Command {
     Test(crate::cmd::test::TestArgs),
     /// Check that this host can run instances and say what to install or change
     Doctor(crate::cmd::doctor::DoctorArgs),
-    /// Run the daemon: API on <state>/kiln.sock, one router per app, the reconciler
+    /// Run the daemon: API on <state>/kiln.sock, the reconciler, and a router process it feeds
+    /// (which keeps serving while the daemon restarts)
     Serve(crate::cmd::daemon::ServeArgs),
     /// Run the router alone, fed by the daemon on <state>/router.sock (`kiln serve` starts one
     /// when none runs); run while one runs, it takes its sockets over and the old one exits

@@ -1,8 +1,9 @@
 //! `kiln serve`: the daemon — the controller, its API on `<state>/kiln.sock` (and optional
-//! TCP with a bearer token), one router listener per app, and the reconciler. SIGTERM or
-//! Ctrl-C stops the daemon and its listeners; instances keep running and a restarted daemon
-//! adopts them (`kiln down APP` is the way to stop an app). It starts by raising its
-//! open-file limit to the hard limit (`raise_open_file_limit`).
+//! TCP with a bearer token), and the reconciler, feeding a router process (`kiln router`,
+//! started when none serves the state). SIGTERM or Ctrl-C stops the daemon; the router and
+//! the instances keep running, and a restarted daemon adopts them (`kiln down APP` is the way
+//! to stop an app). It starts by raising its open-file limit to the hard limit
+//! (`raise_open_file_limit`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

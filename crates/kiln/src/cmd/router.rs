@@ -24,15 +24,32 @@ pub fn router(args: &RouterCmdArgs, state: &Path, out: &Output) -> anyhow::Resul
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
         let mut signals = StopSignals::new()?;
+        // The first signal stops it as a handover would (connections finish their
+        // requests); a second one stops it at once.
+        let (count, counted) = tokio::sync::watch::channel(0_u32);
+        tokio::spawn(async move {
+            loop {
+                signals.recv().await;
+                count.send_modify(|n| *n += 1);
+            }
+        });
+        let signalled = |n: u32| {
+            let mut counted = counted.clone();
+            async move {
+                let _ = counted.wait_for(|c| *c >= n).await;
+            }
+        };
         let cfg = kiln_dataplane::RouterConfig {
             state: state.to_owned(),
             workers: args.router.workers(),
         };
-        kiln_dataplane::run(cfg, async move {
-            signals.recv().await;
-        })
-        .await?;
-        out.say("kiln router stopped");
+        tokio::select! {
+            served = kiln_dataplane::run(cfg, signalled(1)) => {
+                served?;
+                out.say("kiln router stopped");
+            }
+            () = signalled(2) => out.say("kiln router stopped without waiting"),
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
