@@ -111,10 +111,12 @@ pub async fn run(
             .await
             .map_err(|e| PlaneError::Router(e.to_string()))??;
     }
-    let _ = std::fs::write(
-        cfg.state.join("router.pid"),
-        format!("{}\n", std::process::id()),
-    );
+    // Renamed into place: a reader never finds it half written.
+    let pid_file = cfg.state.join("router.pid");
+    let temporary = pid_file.with_extension(format!("pid.{}", std::process::id()));
+    if std::fs::write(&temporary, format!("{}\n", std::process::id())).is_ok() {
+        let _ = std::fs::rename(&temporary, &pid_file);
+    }
     let apps = shared.plane.app_names().await.len();
     tracing::info!(socket = %path.display(), pid = std::process::id(), apps, "router serving");
     let started = Instant::now();
