@@ -156,6 +156,20 @@ fn traffic_outlives_daemon_kills_and_router_replacements() {
     wait_until(&state, Duration::from_secs(30), |s| {
         s["phase"] == "completed" && routed(s).len() == 2
     });
+    // A second daemon on the same state is refused before it touches anything of it (the
+    // router's apps included).
+    let second = kiln(&state)
+        .arg("serve")
+        .timeout(Duration::from_secs(20))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already serves"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(raw_get(([127, 0, 0, 1], port).into(), "web", "/").contains("v1"));
     let first_router = router_pid(&state);
     let instances = instance_ids(&status(&state));
     let started = Instant::now();

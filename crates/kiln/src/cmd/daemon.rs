@@ -115,6 +115,12 @@ impl Daemon {
         raise_open_file_limit();
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+        // Before anything of the state is touched (the ledger's locks, the router's apps):
+        // a second daemon on one state stops here.
+        let sock = socket(state);
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            anyhow::bail!("a kiln daemon already serves {}", sock.display());
+        }
         let images = Arc::new(StoreImages::open(state)?);
         let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
         let controller = Controller::start(
@@ -135,14 +141,9 @@ impl Daemon {
         tasks.push(tokio::spawn(
             Arc::clone(&controller).run(wait(stopped.clone())),
         ));
-        let sock = socket(state);
-        // Bind now, so a second daemon on the same state fails here rather than later.
         let api = {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
-            if sock.exists() && tokio::net::UnixStream::connect(&sock).await.is_ok() {
-                anyhow::bail!("a kiln daemon already serves {}", sock.display());
-            }
             tokio::spawn(async move {
                 if let Err(e) = kiln_control::api::serve_unix(sock.clone(), c, stop).await {
                     tracing::error!(socket = %sock.display(), error = %e, "API stopped");
