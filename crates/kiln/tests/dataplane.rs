@@ -253,4 +253,29 @@ fn traffic_outlives_daemon_kills_and_router_replacements() {
     let body = raw_get(([127, 0, 0, 1], port).into(), "web", "/");
     assert!(body.contains("v2"), "{body}");
     kiln(&state).arg("verify").assert().success();
+
+    // A router that crashes is started again by the daemon and fed every app: the app is
+    // served again (its requests in flight at the crash are lost, as they would be with any
+    // proxy process).
+    let crashed = router_pid(&state);
+    Command::new("kill")
+        .args(["-KILL", &crashed.to_string()])
+        .status()
+        .unwrap();
+    let crash = Instant::now();
+    loop {
+        let served = raw_get(([127, 0, 0, 1], port).into(), "web", "/").contains("v2");
+        if served && router_pid(&state) != crashed {
+            break;
+        }
+        assert!(
+            crash.elapsed() < Duration::from_secs(30),
+            "no router serves the app again after a crash"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "a crashed router was replaced and fed in {:?}",
+        crash.elapsed()
+    );
 }
