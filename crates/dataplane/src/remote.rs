@@ -207,15 +207,15 @@ impl RemotePlane {
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if hello(&self.socket).await.is_err() {
-                if let Some(spawn) = &self.spawn {
-                    tracing::warn!(socket = %self.socket.display(), "no router answers: starting one");
-                    if let Err(e) = start(spawn) {
-                        tracing::error!(error = %e, "cannot start the router");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    } else {
-                        let _ = self.wait_for(|_| true).await;
-                    }
+            if hello(&self.socket).await.is_err()
+                && let Some(spawn) = &self.spawn
+            {
+                tracing::warn!(socket = %self.socket.display(), "no router answers: starting one");
+                if let Err(e) = start(spawn) {
+                    tracing::error!(error = %e, "cannot start the router");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    let _ = self.wait_for(|_| true).await;
                 }
             }
         }
