@@ -526,10 +526,14 @@ impl Controller {
             None if was_corrupt => None,
             None => return Err(not_running(app)),
         };
-        if a.is_some() {
-            // Out of the route now; served until its instances drained (new requests get
-            // 503), then no more.
-            self.exec.plane.set_route(app, &RouteTable::empty()).await?;
+        // Out of the route now; served until its instances drained (new requests get 503),
+        // then no more. The router's part never keeps an app up: one it does not serve (its
+        // address was taken) has nothing to empty, and one a router cannot be told about is
+        // left out of it when the next router is fed (`retain_apps`).
+        if a.is_some()
+            && let Err(e) = self.exec.plane.set_route(app, &RouteTable::empty()).await
+        {
+            tracing::warn!(app = %app, error = %e, "the router's table of the app not emptied");
         }
         let now = self.exec.clock.now_ms();
         self.exec
@@ -555,8 +559,10 @@ impl Controller {
             .as_ref()
             .map_or(Duration::from_secs(10), |a| a.stop_grace());
         let requests_cut = stop_all(&self.exec.provider, plane, &mine, grace).await;
-        if a.is_some() {
-            self.exec.plane.remove_app(app).await?;
+        if a.is_some()
+            && let Err(e) = self.exec.plane.remove_app(app).await
+        {
+            tracing::warn!(app = %app, error = %e, "the router still serves the app's address");
         }
         let requests_cut = requests_cut?;
         self.exec.forget(app);

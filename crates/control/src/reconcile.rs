@@ -112,8 +112,13 @@ impl Controller {
         for (name, a) in apps.iter_mut() {
             match self.serve(name, &a.spec, &a.gate).await {
                 Ok(true) => {}
-                Ok(false) => a.route = kiln_deploy::RouteTarget::default(),
+                // Nothing kept there to stand for: the table is published on this pass.
+                Ok(false) => {
+                    a.route = kiln_deploy::RouteTarget::default();
+                    a.adopted_until = None;
+                }
                 Err(e) => {
+                    a.adopted_until = None;
                     tracing::warn!(app = %name, error = %e, "the new router cannot serve the app yet");
                     a.route = kiln_deploy::RouteTarget::default();
                     a.unserved = Some(e.to_string());
@@ -129,7 +134,10 @@ impl Controller {
     /// Tries again to serve the address of an app whose address could not be bound.
     async fn serve_again(&self, name: &str, a: &mut AppCtl) -> Result<()> {
         match self.serve(name, &a.spec, &a.gate).await {
-            Ok(_) => {
+            Ok(had_table) => {
+                if !had_table {
+                    a.route = kiln_deploy::RouteTarget::default();
+                }
                 a.unserved = None;
                 let listen = a.config.route.listen.to_string();
                 self.exec.record(name, &Event::RouteServed { listen })?;
@@ -180,6 +188,8 @@ impl Controller {
                 // instances have been judged again (or for `ADOPTION` at most): one made
                 // from the first verdicts would leave the rest out.
                 Action::Route(_) if adopting(a, &view.observed, now) => {}
+                // Its address is not served: there is no table to publish to until it is.
+                Action::Route(_) if a.unserved.is_some() => {}
                 Action::Route(target) => self.exec.publish(name, a, target, &view.addrs).await?,
                 Action::Destroy { instance, reason } => {
                     let found = view.addrs.get(&instance).map(|(addr, _)| *addr);
@@ -443,6 +453,9 @@ impl Controller {
         let Some(started) = a.state.step_started_ms else {
             return Ok(None);
         };
+        if a.unserved.is_some() {
+            return Ok(None);
+        }
         let window = Duration::from_millis(u64::try_from(now - started).unwrap_or(0).max(1000));
         let mut measured = [None, None];
         for (slot, release) in measured

@@ -329,6 +329,29 @@ async fn a_restart_finding_its_address_taken_serves_it_once_freed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_whose_address_is_taken_still_goes_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, cfg, provider) = controller(dir.path()).await;
+    let port = free_port();
+    c.apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    settle(&c, "web", "completed").await;
+    c.shutdown().await;
+    drop(c);
+    let _other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    assert!(c.status("web").await.unwrap().unserved.is_some());
+    // Its passes go on without the router (nothing to publish to), and `down` stops it.
+    c.reconcile().await.unwrap();
+    assert_eq!(c.down("web", "test").await.unwrap(), 2);
+    assert!(c.status("web").await.is_err());
+    assert!(provider.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_on_one_address_share_its_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _, _) = controller(dir.path()).await;

@@ -23,6 +23,7 @@ pub use local::LocalPlane;
 pub use remote::{RemotePlane, Spawn, hello};
 pub use server::{RouterConfig, binary_identity, run, socket};
 
+use remote::unexpected;
 use wire::{Answer, AppSpec, Gate, Request, Table};
 
 /// Why the router could not do what was asked.
@@ -198,8 +199,4 @@ impl Plane {
             Plane::Process(p) => p.detach(),
         }
     }
-}
-
-fn unexpected(answer: &Answer) -> PlaneError {
-    PlaneError::Router(format!("unexpected answer from the router: {answer:?}"))
 }

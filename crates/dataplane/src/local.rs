@@ -261,8 +261,13 @@ impl LocalPlane {
             );
         }
         for (listen, (apps, tls)) in per_addr {
-            let socket = by_addr.remove(&listen);
-            self.serve(&mut inner, listen, apps, tls, socket).await?;
+            // Only ever the socket passed: one bound anew beside it would lose what the
+            // kernel queued on the old one when it closes.
+            let socket = by_addr.remove(&listen).ok_or_else(|| {
+                PlaneError::Router(format!("the old router passed no socket for {listen}"))
+            })?;
+            self.serve(&mut inner, listen, apps, tls, Some(socket))
+                .await?;
         }
         Ok(())
     }

@@ -8,14 +8,14 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::PlaneError;
-use crate::wire::{Answer, Request, RouterInfo};
+use crate::wire::{Answer, PROTOCOL, Request, RouterInfo};
 
 /// The longest answer line the daemon reads (metrics of many apps).
 const MAX_ANSWER: u64 = 64 << 20;
@@ -46,13 +46,14 @@ pub struct RemotePlane {
 impl RemotePlane {
     /// Attaches to the router serving `socket`, starting one with `spawn` when none answers,
     /// and replacing it (without a connection refused) when it runs another binary than
-    /// `binary`, or with other arguments than `spawn`'s.
+    /// `binary`, other arguments than `spawn`'s, or another protocol. A replacement that
+    /// fails leaves the running router attached to: it goes on serving.
     pub async fn attach(
         socket: &Path,
         spawn: Option<Spawn>,
         binary: &str,
     ) -> Result<Arc<RemotePlane>, PlaneError> {
-        let (stop, _) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let plane = Arc::new(RemotePlane {
             socket: socket.to_owned(),
             spawn,
@@ -60,25 +61,30 @@ impl RemotePlane {
             resync: AtomicBool::new(false),
             stop,
         });
-        let mut info = plane.ensure_running().await?;
+        let info = plane.ensure_running().await?;
         if let Some(spawn) = &plane.spawn {
             let args: Vec<String> = spawn
                 .args
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            if info.binary != binary || info.args != args {
-                tracing::info!(pid = info.pid, old = %info.binary, new = %binary, old_args = ?info.args, new_args = ?args, "replacing the router: another binary or other flags");
-                info = plane.replace(&info).await?;
+            if info.binary != binary || info.args != args || info.protocol != PROTOCOL {
+                tracing::info!(pid = info.pid, old = %info.binary, new = %binary, old_args = ?info.args, new_args = ?args, "replacing the router: another binary, other flags or another protocol");
+                if let Err(e) = plane.replace(&info).await {
+                    tracing::warn!(pid = info.pid, error = %e, "the router could not be replaced: the running one goes on serving");
+                }
             }
         }
+        // Attached before this returns: a router with nothing to serve stays for the daemon
+        // that is about to feed it.
+        let (stream, info) = plane.attach_once().await?;
         tracing::info!(
             pid = info.pid,
             apps = info.apps.len(),
             "attached to the router"
         );
-        *lock(&plane.boot) = Some(info.boot.clone());
-        tokio::spawn(Arc::clone(&plane).hold());
+        *lock(&plane.boot) = Some(info.boot);
+        tokio::spawn(hold(Arc::downgrade(&plane), stream, stopped));
         Ok(plane)
     }
 
@@ -99,13 +105,39 @@ impl RemotePlane {
         self.call(&Request::Shutdown).await.map(drop)
     }
 
-    /// Sends `request`, returns the router's answer (its `Error` as an error).
+    /// Sends `request`, returns the router's answer (its `Error` as an error). A change the
+    /// router refuses because it is handing over is asked again (of the new router, once it
+    /// has the socket's name). Every request but a drain (which waits for requests in
+    /// flight, up to its app's drain timeout) gets an answer within [`CALL_TIMEOUT`], so a
+    /// wedged router never holds the daemon up.
     pub(crate) async fn call(&self, request: &Request) -> Result<Answer, PlaneError> {
-        let mut stream = self.connect().await?;
-        match exchange(&mut stream, request).await? {
-            Answer::Error { message } => Err(PlaneError::Router(message)),
-            answer => Ok(answer),
+        for _ in 0..HANDOVER_RETRIES {
+            let asked = async {
+                let mut stream = self.connect().await?;
+                exchange(&mut stream, request).await
+            };
+            let answer = if matches!(request, Request::Drain { .. }) {
+                asked.await?
+            } else {
+                tokio::time::timeout(CALL_TIMEOUT, asked)
+                    .await
+                    .map_err(|_| {
+                        PlaneError::Unavailable(format!(
+                            "the router on {} did not answer within {CALL_TIMEOUT:?}",
+                            self.socket.display()
+                        ))
+                    })??
+            };
+            match answer {
+                Answer::HandingOver => tokio::time::sleep(Duration::from_millis(100)).await,
+                Answer::Error { message } => return Err(PlaneError::Router(message)),
+                answer => return Ok(answer),
+            }
         }
+        Err(PlaneError::Unavailable(format!(
+            "the router on {} kept handing over",
+            self.socket.display()
+        )))
     }
 
     /// A connection to the router; while a new router takes the socket's name over (a
@@ -124,6 +156,15 @@ impl RemotePlane {
             self.socket.display(),
             last.map_or_else(String::new, |e| e.to_string())
         )))
+    }
+
+    /// Opens the attachment: a connection the router keeps for as long as the daemon runs.
+    async fn attach_once(&self) -> Result<(UnixStream, RouterInfo), PlaneError> {
+        let mut stream = self.connect().await?;
+        match exchange(&mut stream, &Request::Hello { attach: true }).await? {
+            Answer::Hello(info) => Ok((stream, info)),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// The running router's identity, once one runs (started if none answers).
@@ -169,57 +210,82 @@ impl RemotePlane {
         )))
     }
 
-    /// The attachment: held open until the daemon detaches; when it breaks, the router is
-    /// looked for (started again if gone) and, if it is another one, marked for a resync.
-    async fn hold(self: Arc<Self>) {
-        let mut stopped = self.stop.subscribe();
-        loop {
-            if *stopped.borrow() {
-                return;
+    /// After the attachment broke: starts a router if none answers.
+    async fn revive(&self) {
+        if hello(&self.socket).await.is_ok() {
+            return;
+        }
+        let Some(spawn) = &self.spawn else { return };
+        tracing::warn!(socket = %self.socket.display(), "no router answers: starting one");
+        match start(spawn) {
+            Ok(()) => {
+                let _ = self.wait_for(|_| true).await;
             }
-            let attached = async {
-                let mut stream = self.connect().await?;
-                let info = match exchange(&mut stream, &Request::Hello { attach: true }).await? {
-                    Answer::Hello(info) => info,
-                    other => {
-                        return Err(PlaneError::Router(format!("unexpected answer {other:?}")));
-                    }
-                };
-                let changed = lock(&self.boot).replace(info.boot.clone()) != Some(info.boot);
-                if changed {
-                    tracing::info!(
-                        pid = info.pid,
-                        "the router changed: feeding it every app again"
-                    );
-                    self.resync.store(true, Ordering::Release);
-                }
-                // Nothing more is sent; the read ends when the router goes.
-                let mut rest = Vec::new();
-                let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
-                Ok::<(), PlaneError>(())
-            };
-            tokio::select! {
-                _ = stopped.wait_for(|s| *s) => return,
-                result = attached => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "router attachment lost");
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if hello(&self.socket).await.is_err()
-                && let Some(spawn) = &self.spawn
-            {
-                tracing::warn!(socket = %self.socket.display(), "no router answers: starting one");
-                if let Err(e) = start(spawn) {
-                    tracing::error!(error = %e, "cannot start the router");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                } else {
-                    let _ = self.wait_for(|_| true).await;
-                }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the router");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
+}
+
+/// How long a call (but a drain) may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a change refused during a handover is asked again (every 100 ms).
+const HANDOVER_RETRIES: usize = 100;
+
+/// The attachment: held open until the daemon detaches (or the plane is dropped); when it
+/// breaks, the router is looked for (started again if gone) and, if it is another one, the
+/// plane is marked for a resync.
+async fn hold(
+    plane: Weak<RemotePlane>,
+    first: UnixStream,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut current = Some(first);
+    loop {
+        let stream = match current.take() {
+            Some(s) => s,
+            None => {
+                let Some(p) = plane.upgrade() else { return };
+                match p.attach_once().await {
+                    Ok((s, info)) => {
+                        let changed = lock(&p.boot).replace(info.boot.clone()) != Some(info.boot);
+                        if changed {
+                            tracing::info!(
+                                pid = info.pid,
+                                "the router changed: feeding it every app again"
+                            );
+                            p.resync.store(true, Ordering::Release);
+                        }
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot attach to the router");
+                        drop(p);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let mut stream = stream;
+        // Nothing more is sent; the read ends when the router goes.
+        let mut rest = Vec::new();
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest) => {}
+        }
+        tracing::warn!("router attachment lost");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(p) = plane.upgrade() else { return };
+        p.revive().await;
+    }
+}
+
+pub(crate) fn unexpected(answer: &Answer) -> PlaneError {
+    PlaneError::Router(format!("unexpected answer from the router: {answer:?}"))
 }
 
 impl Drop for RemotePlane {
@@ -230,13 +296,23 @@ impl Drop for RemotePlane {
 
 /// The identity of the router on `socket`.
 pub async fn hello(socket: &Path) -> Result<RouterInfo, PlaneError> {
-    let mut stream = UnixStream::connect(socket).await.map_err(|e| {
-        PlaneError::Unavailable(format!("no router answers on {}: {e}", socket.display()))
-    })?;
-    match exchange(&mut stream, &Request::Hello { attach: false }).await? {
-        Answer::Hello(info) => Ok(info),
-        other => Err(PlaneError::Router(format!("unexpected answer {other:?}"))),
-    }
+    let asked = async {
+        let mut stream = UnixStream::connect(socket).await.map_err(|e| {
+            PlaneError::Unavailable(format!("no router answers on {}: {e}", socket.display()))
+        })?;
+        match exchange(&mut stream, &Request::Hello { attach: false }).await? {
+            Answer::Hello(info) => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, asked)
+        .await
+        .map_err(|_| {
+            PlaneError::Unavailable(format!(
+                "the router on {} did not answer within {CALL_TIMEOUT:?}",
+                socket.display()
+            ))
+        })?
 }
 
 /// One request and its answer on `stream`.
@@ -266,6 +342,8 @@ fn start(spawn: &Spawn) -> Result<(), PlaneError> {
     command
         .args(&spawn.args)
         .stdin(std::process::Stdio::null())
+        // Not the daemon's directory: it may go away while the router runs.
+        .current_dir("/")
         .process_group(0);
     if let Some(log) = &spawn.log {
         let file = std::fs::OpenOptions::new()

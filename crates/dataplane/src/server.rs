@@ -65,7 +65,20 @@ struct Shared {
     attached: AtomicUsize,
     handing_over: AtomicBool,
     exit: tokio::sync::watch::Sender<Exit>,
+    /// When the last control connection came: a router a daemon is about to attach to is
+    /// not idle.
+    last_contact: std::sync::Mutex<Instant>,
+    /// True once the router this one took over from has exited (at once without one): until
+    /// then its connections may still be finishing requests on an instance, so a drain
+    /// waits for it.
+    predecessor_gone: tokio::sync::watch::Receiver<bool>,
+    /// The connection to the router this one handed over to, kept until this one exits.
+    successor: std::sync::Mutex<Option<std::os::unix::net::UnixStream>>,
 }
+
+/// The longest a drain waits for the router handed over from to exit: its connections finish
+/// within their apps' drain timeouts.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(60);
 
 /// Why the router stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,31 +105,42 @@ pub async fn run(
     let listener = bind(&path)?;
     let ours = inode(&path);
     let (exit, mut exiting) = tokio::sync::watch::channel(Exit::Running);
+    let (gone, predecessor_gone) = tokio::sync::watch::channel(predecessor.is_none());
     let shared = Arc::new(Shared {
         plane,
         info: RouterInfo {
             pid: std::process::id(),
             boot: format!("{}-{}", std::process::id(), now_nanos()),
             binary: binary_identity(),
-            args: std::env::args().skip(1).collect(),
+            args: std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
             apps: Vec::new(),
+            protocol: crate::wire::PROTOCOL,
         },
         attached: AtomicUsize::new(0),
         handing_over: AtomicBool::new(false),
         exit,
+        last_contact: std::sync::Mutex::new(Instant::now()),
+        predecessor_gone,
+        successor: std::sync::Mutex::new(None),
     });
     if let Some(old) = predecessor {
-        // The name is ours now: the old router may stop accepting.
-        tokio::task::spawn_blocking(move || finish_handover(old))
-            .await
-            .map_err(|e| PlaneError::Router(e.to_string()))??;
+        // The name is ours now: the old router may stop accepting. It leaves by itself once
+        // it sees the name taken, so a "done" it cannot take any more is no failure; its
+        // exit (the connection closing) is when its last requests finished.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = finish_handover(&old) {
+                tracing::warn!(error = %e, "the old router did not take \"done\"; it leaves by itself");
+            }
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut &old, &mut rest);
+            let _ = gone.send(true);
+        });
     }
-    // Renamed into place: a reader never finds it half written.
     let pid_file = cfg.state.join("router.pid");
-    let temporary = pid_file.with_extension(format!("pid.{}", std::process::id()));
-    if std::fs::write(&temporary, format!("{}\n", std::process::id())).is_ok() {
-        let _ = std::fs::rename(&temporary, &pid_file);
-    }
+    write_pid(&pid_file, &path, ours);
     let apps = shared.plane.app_names().await.len();
     tracing::info!(socket = %path.display(), pid = std::process::id(), apps, "router serving");
     let started = Instant::now();
@@ -143,7 +167,12 @@ pub async fn run(
                     tracing::info!(socket = %path.display(), "the control socket's name is gone or taken: stopping");
                     break Exit::HandedOver;
                 }
-                let idle = shared.plane.app_names().await.is_empty()
+                let quiet = shared
+                    .last_contact
+                    .lock()
+                    .map_or(true, |t| t.elapsed() >= IDLE_EXIT);
+                let idle = quiet
+                    && shared.plane.app_names().await.is_empty()
                     && shared.attached.load(Ordering::Acquire) == 0;
                 idle_since = if idle { idle_since.or(Some(Instant::now())) } else { None };
                 if idle_since.is_some_and(|t| t.elapsed() >= IDLE_EXIT && started.elapsed() >= IDLE_EXIT) {
@@ -156,6 +185,10 @@ pub async fn run(
     drop(listener);
     if why != Exit::HandedOver && inode(&path) == ours {
         let _ = std::fs::remove_file(&path);
+    }
+    if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(&pid_file);
     }
     tracing::info!(reason = ?why, "router stopping: connections finish their requests");
     shared.plane.shutdown().await;
@@ -183,6 +216,19 @@ fn bind(path: &Path) -> Result<UnixListener, PlaneError> {
         ))
     })?;
     Ok(listener)
+}
+
+/// Writes this process's id to `pid_file` (renamed into place: a reader never finds it half
+/// written), while the control socket's name is still this router's.
+fn write_pid(pid_file: &Path, socket: &Path, ours: Option<(u64, u64)>) {
+    let temporary = pid_file.with_extension(format!("pid.{}", std::process::id()));
+    if let Err(e) = std::fs::write(&temporary, format!("{}\n", std::process::id())) {
+        tracing::warn!(file = %temporary.display(), error = %e, "cannot write the router's pid");
+        return;
+    }
+    if inode(socket) != ours || std::fs::rename(&temporary, pid_file).is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
 }
 
 fn inode(path: &Path) -> Option<(u64, u64)> {
@@ -236,14 +282,16 @@ fn ask(stream: std::os::unix::net::UnixStream) -> std::io::Result<Asked> {
     Ok((stream, handover, sockets))
 }
 
-fn finish_handover(stream: std::os::unix::net::UnixStream) -> Result<(), PlaneError> {
-    (&stream)
-        .write_all(b"done\n")
-        .map_err(|e| PlaneError::Router(format!("telling the old router to stop: {e}")))
+fn finish_handover(stream: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    let mut writer = stream;
+    writer.write_all(b"done\n")
 }
 
 /// One control connection: requests, one per line, each answered in turn.
 async fn connection(shared: Arc<Shared>, stream: UnixStream) {
+    if let Ok(mut t) = shared.last_contact.lock() {
+        *t = Instant::now();
+    }
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST));
     let mut line = String::new();
@@ -316,7 +364,7 @@ async fn answer(shared: &Shared, request: Request) -> Answer {
             | Request::Metrics
     );
     if changes && shared.handing_over.load(Ordering::Acquire) {
-        return error("the router is handing over to a new router process; try again".to_owned());
+        return Answer::HandingOver;
     }
     let done = |r: Result<(), PlaneError>| r.map_or_else(|e| error(e.to_string()), |()| Answer::Ok);
     let plane = &shared.plane;
@@ -334,12 +382,12 @@ async fn answer(shared: &Shared, request: Request) -> Answer {
             .held(&name)
             .await
             .map_or_else(|e| error(e.to_string()), |held| Answer::Held { held }),
-        Request::Drain { name, addr } => plane.drain(&name, addr).await.map_or_else(
-            |e| error(e.to_string()),
-            |o| Answer::Drained {
-                drain: crate::wire::Drain::of(o),
-            },
-        ),
+        Request::Drain { name, addr } => {
+            // The router handed over from may still be finishing requests on it.
+            let mut gone = shared.predecessor_gone.clone();
+            let _ = tokio::time::timeout(PREDECESSOR_WAIT, gone.wait_for(|g| *g)).await;
+            drain_answer(plane, &name, addr).await
+        }
         Request::Snapshot {
             name,
             release,
@@ -364,6 +412,15 @@ async fn answer(shared: &Shared, request: Request) -> Answer {
     }
 }
 
+async fn drain_answer(plane: &LocalPlane, name: &str, addr: std::net::SocketAddr) -> Answer {
+    plane.drain(name, addr).await.map_or_else(
+        |e| error(e.to_string()),
+        |o| Answer::Drained {
+            drain: crate::wire::Drain::of(o),
+        },
+    )
+}
+
 async fn reply(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     answer: &Answer,
@@ -385,16 +442,21 @@ async fn hand_over(shared: &Arc<Shared>, stream: UnixStream) {
         let (handover, sockets) = shared.plane.handover().await?;
         let stream = stream
             .into_std()
-            .map_err(|e| PlaneError::Router(e.to_string()))?;
-        tokio::task::spawn_blocking(move || give(&stream, &handover, &sockets))
+            .map_err(|e| PlaneError::Router(format!("the handover connection: {e}")))?;
+        tokio::task::spawn_blocking(move || give(&stream, &handover, &sockets).map(|()| stream))
             .await
-            .map_err(|e| PlaneError::Router(e.to_string()))?
+            .map_err(|e| PlaneError::Router(format!("the handover task: {e}")))?
             .map_err(|e| PlaneError::Router(format!("handing over: {e}")))
     }
     .await;
     match outcome {
-        Ok(()) => {
+        Ok(stream) => {
             tracing::info!("handed the sockets and apps to a new router process");
+            // Held open until this process exits: its end tells the successor that no
+            // request of this router's is in flight any more.
+            if let Ok(mut kept) = shared.successor.lock() {
+                *kept = Some(stream);
+            }
             let _ = shared.exit.send(Exit::HandedOver);
         }
         Err(e) => {

@@ -1,6 +1,11 @@
 //! What travels on the router's control socket: one JSON request per line, one JSON answer
 //! per line. These are wire types (serde); the router's own types (`kiln_proxy`) are not,
 //! so a change there never silently changes this format.
+//!
+//! **Invariant:** a daemon and a router of neighbouring versions understand each other (an
+//! upgrade runs the new daemon beside the old router, and hands the old router's state to the
+//! new one): unknown fields are ignored, and a field is only ever added with a default.
+//! [`PROTOCOL`] counts the changes that break that rule.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,9 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The format's version: a router answering another one is replaced rather than spoken to.
+pub const PROTOCOL: u32 = 1;
+
 /// One app as the router serves it: its listener and its `[route]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppSpec {
     /// The app's name.
     pub name: String,
@@ -81,7 +88,6 @@ impl AppSpec {
 
 /// A route table: releases, weights, instances.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Table {
     /// The releases, in order.
     pub releases: Vec<TableRelease>,
@@ -89,7 +95,6 @@ pub struct Table {
 
 /// One release of a [`Table`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TableRelease {
     /// Its name (`r12`).
     pub name: String,
@@ -148,7 +153,7 @@ impl Table {
 
 /// What the router does with an app's new requests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Gate {
     /// Forward them.
     #[default]
@@ -212,7 +217,6 @@ impl Gate {
 
 /// A release's measurements (see [`kiln_proxy::Snapshot`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Measurements {
     /// Responses.
     pub requests: u64,
@@ -254,7 +258,7 @@ impl Measurements {
 
 /// How a drain ended (see [`kiln_proxy::DrainOutcome`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Drain {
     /// No request in flight.
     Drained,
@@ -289,7 +293,7 @@ impl Drain {
 
 /// A request to the router.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Who are you? With `attach`, the connection stays open for as long as the daemon
     /// runs: the router knows a daemon feeds it.
@@ -357,7 +361,7 @@ pub enum Request {
 
 /// The router's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "answer", rename_all = "snake_case")]
 pub enum Answer {
     /// Done.
     Ok,
@@ -393,12 +397,17 @@ pub enum Answer {
         /// Why.
         message: String,
     },
+    /// The router is handing over to a new router process: the change is refused, and is to
+    /// be asked again of the new one.
+    HandingOver,
 }
 
 /// Who a router is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RouterInfo {
+    /// The format it speaks ([`PROTOCOL`]).
+    #[serde(default)]
+    pub protocol: u32,
     /// Its process.
     pub pid: u32,
     /// Different for every router process started.
@@ -408,15 +417,16 @@ pub struct RouterInfo {
     pub binary: String,
     /// Its arguments after the program: a daemon that would start it with others replaces
     /// it.
+    #[serde(default)]
     pub args: Vec<String>,
     /// The apps it serves.
+    #[serde(default)]
     pub apps: Vec<String>,
 }
 
 /// Everything a router hands to its successor, beside its listening sockets (passed with
 /// the message, in the order of `listeners`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Handover {
     /// The apps, with their tables and gates.
     pub apps: Vec<HandedApp>,
@@ -426,7 +436,6 @@ pub struct Handover {
 
 /// One app in a [`Handover`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HandedApp {
     /// The app.
     pub spec: AppSpec,
@@ -438,4 +447,73 @@ pub struct HandedApp {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_neighbouring_version_is_understood() {
+        // A newer router's hello, with a field this one does not know, and an older one's,
+        // without the fields added since.
+        let newer = r#"{"answer":"hello","protocol":1,"pid":7,"boot":"7-1","binary":"b","args":[],"apps":["web"],"uptime_ms":5}"#;
+        let Answer::Hello(info) = serde_json::from_str::<Answer>(newer).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(info.apps, vec!["web".to_owned()]);
+        let older = r#"{"answer":"hello","pid":7,"boot":"7-1","binary":"b"}"#;
+        let Answer::Hello(info) = serde_json::from_str::<Answer>(older).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!((info.protocol, info.args.len()), (0, 0));
+        let table =
+            r#"{"releases":[{"name":"r1","weight":1,"instances":["10.0.0.1:80"],"zone":"a"}]}"#;
+        let table: Table = serde_json::from_str(table).unwrap();
+        assert_eq!(table.route_table().unwrap().releases().len(), 1);
+    }
+
+    #[test]
+    fn tables_keep_health_across_the_wire() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let table = kiln_proxy::RouteTable::new(vec![kiln_proxy::RouteRelease {
+            name: "r1".to_owned(),
+            weight: 3,
+            instances: vec![
+                kiln_proxy::Instance::healthy(a),
+                kiln_proxy::Instance {
+                    addr: b,
+                    healthy: false,
+                },
+            ],
+        }])
+        .unwrap();
+        let wire: Table =
+            serde_json::from_str(&serde_json::to_string(&Table::of(&table)).unwrap()).unwrap();
+        assert_eq!(wire.route_table().unwrap(), table);
+    }
+
+    #[test]
+    fn an_invalid_table_is_refused_as_the_router_would() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let twice = Table {
+            releases: vec![
+                TableRelease {
+                    name: "r1".to_owned(),
+                    weight: 1,
+                    instances: vec![a],
+                    unhealthy: Vec::new(),
+                },
+                TableRelease {
+                    name: "r2".to_owned(),
+                    weight: 1,
+                    instances: vec![a],
+                    unhealthy: Vec::new(),
+                },
+            ],
+        };
+        assert!(twice.route_table().is_err());
+    }
 }

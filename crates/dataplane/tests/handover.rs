@@ -177,8 +177,15 @@ async fn a_new_router_takes_the_sockets_and_tables_over_without_a_failed_request
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
 
     // The daemon's attachment noticed the change: it feeds the new router again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(remote.take_resync());
+    let mut resync = false;
+    for _ in 0..500 {
+        resync = remote.take_resync();
+        if resync {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(resync, "the attachment did not notice the new router");
     // The table came with the handover: the new router already routes the app.
     assert!(plane.put_app(spec).await.unwrap());
     let text = plane.metrics().await.unwrap();

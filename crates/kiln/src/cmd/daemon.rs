@@ -101,6 +101,8 @@ pub struct Daemon {
     pub controller: Arc<Controller>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// `<state>/daemon.lock`, held while the daemon runs.
+    _lock: std::fs::File,
 }
 
 impl Daemon {
@@ -116,11 +118,8 @@ impl Daemon {
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
         // Before anything of the state is touched (the ledger's locks, the router's apps):
-        // a second daemon on one state stops here.
-        let sock = socket(state);
-        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-            anyhow::bail!("a kiln daemon already serves {}", sock.display());
-        }
+        // a second daemon on one state stops here, even one started at the same moment.
+        let lock = lock_state(state)?;
         let images = Arc::new(StoreImages::open(state)?);
         let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
         let controller = Controller::start(
@@ -141,6 +140,7 @@ impl Daemon {
         tasks.push(tokio::spawn(
             Arc::clone(&controller).run(wait(stopped.clone())),
         ));
+        let sock = socket(state);
         let api = {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
@@ -177,6 +177,7 @@ impl Daemon {
             controller,
             stop,
             tasks,
+            _lock: lock,
         })
     }
 
@@ -187,6 +188,27 @@ impl Daemon {
             let _ = t.await;
         }
         self.controller.shutdown().await;
+    }
+}
+
+/// Takes `<state>/daemon.lock` (an exclusive `flock`, released when the process ends however
+/// it ends): one daemon per state directory.
+fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
+            "a kiln daemon already serves {} (it holds {})",
+            socket(state).display(),
+            path.display()
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
     }
 }
 
