@@ -5,6 +5,7 @@
 mod cli;
 mod cmd;
 mod init;
+mod journal;
 mod output;
 mod state;
 

@@ -6,6 +6,7 @@ pub mod deploy;
 pub mod doctor;
 pub mod image;
 mod instance;
+mod man;
 pub mod pause;
 pub mod router;
 pub mod run;
@@ -23,9 +24,8 @@ use crate::state::{self, Need};
 pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
     // One absolute state directory for everything below: the daemon's socket, the store,
     // instance mounts and the runtime all outlive the current directory's meaning.
-    cli.global.state = std::path::absolute(&cli.global.state).map_err(|e| {
-        anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
-    })?;
+    let state_choice = state::choose(cli.global.state_flag.take())?;
+    cli.global.state.clone_from(&state_choice.dir);
     if let Some(need) = state_need(&cli.command) {
         // Before anything is created: every file from here on is the owner's alone.
         state::private_umask();
@@ -36,13 +36,14 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Schema(args) => spec::schema(&args, out),
         Command::Init(args) => spec::init(&args, out),
         Command::Completions(args) => completions::print(&args, out),
+        Command::Man(args) => man::write(&args, out),
         Command::Build(args) => image::build(&args, &cli.global.state, out),
         Command::Images => image::images(&cli.global.state, out),
         Command::Image(args) => image::image(&args, &cli.global.state, out),
         Command::Gc(args) => image::gc(&args, &cli.global.state, out),
         Command::Run(args) => run::run(&args, &cli.global.state, out),
         Command::Test(args) => test::test(&args, &cli.global.state, out),
-        Command::Doctor(args) => doctor::doctor(&args, &cli.global.state, out),
+        Command::Doctor(args) => doctor::doctor(&args, &state_choice, out),
         Command::Serve(args) => daemon::serve(&args, &cli.global.state, out),
         Command::Router(args) => router::router(&args, &cli.global.state, out),
         Command::Up(args) => deploy::up(&args, &cli.global.state, out),
@@ -68,9 +69,11 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
 /// only talk to a daemon still check it: its socket is where they send their requests.
 fn state_need(command: &Command) -> Option<Need> {
     match command {
-        Command::Validate(_) | Command::Schema(_) | Command::Init(_) | Command::Completions(_) => {
-            None
-        }
+        Command::Validate(_)
+        | Command::Schema(_)
+        | Command::Init(_)
+        | Command::Completions(_)
+        | Command::Man(_) => None,
         Command::Build(_)
         | Command::Images
         | Command::Image(_)
