@@ -8,7 +8,9 @@ export DEBIAN_FRONTEND=noninteractive
 # of every sealed local instance. containernetworking-plugins + iptables: each local
 # instance's own network namespace on kiln's bridge.
 # time: /usr/bin/time -v measures the peak memory of kiln on hostile archives (tests/hostile.rs).
-packages=(runc time golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps)
+# systemd (systemd-analyze verify), man-db and binutils (strip): scripts/package.sh and
+# scripts/package-check.sh build, install and check the .deb.
+packages=(runc time golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
