@@ -56,6 +56,7 @@ install -D -m 0644 packaging/kiln.service "$stage/lib/systemd/system/kiln.servic
 
 doc=$stage/usr/share/doc/kiln
 install -D -m 0644 packaging/debian/copyright "$doc/copyright"
+install -D -m 0644 packaging/debian/lintian-overrides "$stage/usr/share/lintian/overrides/kiln"
 {
   echo "kiln ($version) unstable; urgency=medium"
   echo
