@@ -29,10 +29,16 @@ if grep -rqs '^path-exclude.*/usr/share/man' /etc/dpkg/dpkg.cfg.d/; then
 fi
 
 daemon=
+router=
+# Whether $1 is a running `kiln router` (a pid from router.pid, which may have been reused).
+is_router() { [ -n "$1" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q ' router'; }
 cleanup() {
   if [ -n "$daemon" ]; then
     kill "$daemon" 2>/dev/null || true
     wait "$daemon" 2>/dev/null || true
+  fi
+  if is_router "$router"; then
+    kill -TERM "$router" 2>/dev/null || true
   fi
 }
 trap cleanup EXIT
@@ -105,6 +111,7 @@ away=$(mktemp -d)
 doctor=$(cd "$away" && env -u KILN_STATE kiln doctor --json 2>/dev/null || true)
 grep -q "\"dir\": \"$state\"" <<<"$doctor" || fail "kiln doctor outside a project did not choose $state: $doctor"
 (cd "$away" && env -u KILN_STATE kiln status >/dev/null) || fail "kiln status did not reach the daemon on $state"
+router=$(cat "$state/router.pid" 2>/dev/null || true)
 kill -TERM "$daemon"
 wait "$daemon" || fail "the daemon did not stop cleanly on SIGTERM: $(cat "$log")"
 daemon=
@@ -118,5 +125,12 @@ ok "apt-get remove kiln: binary gone, $state kept"
 
 apt-get purge -y -qq kiln >/dev/null
 [ ! -e "$state" ] || fail "apt-get purge kiln left $state"
-ok "apt-get purge kiln: $state gone"
+# The router the daemon started outlives it (traffic outlives the control plane); with its
+# state gone it stops by itself.
+for _ in $(seq 1 100); do
+  is_router "$router" || break
+  sleep 0.1
+done
+! is_router "$router" || fail "the router (pid $router) still runs after the purge"
+ok "apt-get purge kiln: $state gone${router:+, and the router it held (pid $router) stopped}"
 rm -f "$log"
