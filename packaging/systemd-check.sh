@@ -5,11 +5,12 @@
 # is installed with apt-get, pulling its dependencies from the archive; then the service is
 # checked the way an operator uses it:
 #   - postinst started it; `kiln` as root outside a project uses /var/lib/kiln;
-#   - the example app rolled out through the service; `systemctl restart kiln` and a package
-#     upgrade (reinstall) keep the same instance processes, and the new daemon adopts them;
+#   - the example app rolled out through the service; `systemctl restart kiln` keeps the
+#     same instance and router processes, a package upgrade (reinstall) the same instances,
+#     and the new daemon adopts them;
 #   - log lines reach the journal at their priority (warning 4, error 3);
-#   - `apt-get remove` stops the daemon but not the apps and keeps /var/lib/kiln; `purge`
-#     keeps it while instances have mounts in it.
+#   - `apt-get remove` stops the daemon but not the apps, which still answer through the
+#     router, and keeps /var/lib/kiln; `purge` keeps it while instances have mounts in it.
 # Needs root. Run scripts/package.sh and `cargo build --release -p hello` first.
 source "$(dirname "$0")/../scripts/lib.sh"
 out=${CARGO_TARGET_DIR:-$ROOT/target}/deb
@@ -91,7 +92,8 @@ instances() { inside 'runc --root /var/lib/kiln/runc list -q | sort | while read
 before=$(instances)
 [ "$(wc -l <<<"$before")" = 2 ] || fail "want 2 instances, have: $before"
 inside 'curl -fsS http://127.0.0.1:8080/' | grep -q 'hello from v1' || fail "the app does not answer"
-ok "the example app is live through the service: $(tr '\n' ' ' <<<"$before")"
+router=$(inside 'cat /var/lib/kiln/router.pid')
+ok "the example app is live through the service: $(tr '\n' ' ' <<<"$before")(router $router)"
 
 wait_ready() {
   for _ in $(seq 1 100); do
@@ -103,8 +105,9 @@ wait_ready() {
 inside 'systemctl restart kiln'
 wait_ready
 [ "$(instances)" = "$before" ] || fail "systemctl restart changed the instances: $(instances)"
+[ "$(inside 'cat /var/lib/kiln/router.pid')" = "$router" ] || fail "systemctl restart replaced the router"
 inside 'curl -fsS http://127.0.0.1:8080/' | grep -q 'hello from v1' || fail "the app does not answer after a restart"
-ok "systemctl restart kiln: the same instance processes, adopted and answering"
+ok "systemctl restart kiln: the same instance and router processes, adopted and answering"
 
 inside "apt-get install -y -qq --reinstall $deb >/dev/null 2>&1" || fail "the reinstall failed"
 wait_ready
@@ -124,6 +127,7 @@ ok "journal: a warning at priority 4, an error at priority 3"
 inside 'apt-get remove -y -qq kiln >/dev/null 2>&1' || fail "apt-get remove failed"
 [ "$(inside 'systemctl is-active kiln' || true)" = inactive ] || fail "kiln.service still runs after remove"
 [ "$(instances)" = "$before" ] || fail "apt-get remove stopped instances: $(instances)"
+inside 'curl -fsS http://127.0.0.1:8080/' | grep -q 'hello from v1' || fail "the app does not answer without its daemon"
 inside 'apt-get purge -y -qq kiln >/dev/null 2>&1' || fail "apt-get purge failed"
 inside 'test -d /var/lib/kiln/runc' || fail "purge deleted /var/lib/kiln under running instances"
-ok "remove: daemon stopped, apps running; purge: /var/lib/kiln kept while instances have mounts"
+ok "remove: daemon stopped, the app still answers; purge: /var/lib/kiln kept while instances have mounts"
