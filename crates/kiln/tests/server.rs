@@ -335,3 +335,39 @@ fn the_daemon_logs_priorities_without_times_when_stderr_is_the_journal() {
         "human lines: {text}"
     );
 }
+
+/// Under a `Type=notify` unit: `kiln serve` tells the service manager READY=1 once its API
+/// answers, and STOPPING=1 when SIGTERM stops it.
+#[test]
+fn serve_tells_the_service_manager_when_it_is_ready_and_when_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let notify = tmp.path().join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kiln"))
+        .arg("--state")
+        .arg(&state)
+        .arg("serve")
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = manager.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means its API answers.
+    assert!(std::os::unix::net::UnixStream::connect(state.join("kiln.sock")).is_ok());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let n = manager.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}

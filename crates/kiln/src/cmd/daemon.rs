@@ -57,6 +57,11 @@ impl RouterArgs {
     /// when none serves `state`), so that traffic outlives the daemon.
     pub fn choice(&self, state: &Path) -> anyhow::Result<RouterChoice> {
         let program = std::env::current_exe().context("cannot find kiln's own binary")?;
+        // Replaced by an upgrade while this daemon runs: the new binary is at the same path.
+        let program = match program.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(path) => std::path::PathBuf::from(path),
+            None => program,
+        };
         let mut args: Vec<std::ffi::OsString> =
             vec!["--state".into(), state.into(), "router".into()];
         if let Some(n) = self.router_threads {
@@ -191,6 +196,26 @@ impl Daemon {
     }
 }
 
+/// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`, a path or an abstract `@name`)
+/// where the daemon is: `READY=1` once its API answers, `STOPPING=1` when it stops. Without
+/// a service manager it does nothing; one that cannot be told is logged, never fatal.
+fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let told = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&socket),
+    }
+    .and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = told {
+        tracing::warn!(socket = ?socket, error = %e, "cannot tell the service manager {state}");
+    }
+}
+
 /// Takes `<state>/daemon.lock` (an exclusive `flock`, released when the process ends however
 /// it ends): one daemon per state directory.
 fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
@@ -278,7 +303,9 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }
         ));
+        notify_service_manager("READY=1");
         signals.recv().await;
+        notify_service_manager("STOPPING=1");
         out.say("kiln daemon stopping: requests in flight may finish (Ctrl-C again stops at once)");
         tokio::select! {
             () = daemon.stop() => out.say("kiln daemon stopped"),
