@@ -369,7 +369,7 @@ async fn route(
             ),
         },
         (&Method::GET, ["metrics"]) => {
-            let mut r = Response::new(Full::new(Bytes::from(c.metrics().await)));
+            let mut r = Response::new(Full::new(Bytes::from(c.metrics().await?)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

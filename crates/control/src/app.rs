@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_dataplane::wire::AppSpec;
 use kiln_deploy::{Goal, LiveSchema, Phase, RolloutState, RouteTarget};
-use kiln_proxy::AppConfig;
+use kiln_proxy::{AppConfig, GateMode};
 use kiln_runtime::{Digest, InstanceSpec, Tmpfs};
 use kiln_spec::Network;
 
@@ -36,7 +36,14 @@ pub fn daemons_own(labels: &BTreeMap<String, String>) -> bool {
 
 /// One app the controller runs.
 pub(crate) struct AppCtl {
-    pub proxy: Arc<kiln_proxy::App>,
+    /// What the router serves the app as.
+    pub spec: AppSpec,
+    /// The router's gate for the app, as last set (and persisted in its document).
+    pub gate: GateMode,
+    /// Set when the router already routed the app as the daemon started (a router process
+    /// that outlived the daemon before it): until then, its table stands while instances of
+    /// the app have no health verdict yet, rather than a table of the few judged so far.
+    pub adopted_until: Option<kiln_deploy::Millis>,
     pub listen: SocketAddr,
     pub goal: Goal,
     pub config: ReleaseConfig,
@@ -118,7 +125,7 @@ impl AppCtl {
 }
 
 /// The router's side of an app, as its release's `[route]` configures it.
-pub(crate) fn router_app(name: &str, config: &ReleaseConfig) -> Arc<kiln_proxy::App> {
+pub(crate) fn router_app(name: &str, config: &ReleaseConfig) -> AppSpec {
     let route = &config.route;
     let mut app = AppConfig::new(name);
     app.hosts = route.hosts.clone();
@@ -135,7 +142,7 @@ pub(crate) fn router_app(name: &str, config: &ReleaseConfig) -> Arc<kiln_proxy::
         .preview_header
         .as_deref()
         .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok());
-    kiln_proxy::App::new(app)
+    AppSpec::new(&app, route.listen, route.tls.clone())
 }
 
 /// The router's name for a release.

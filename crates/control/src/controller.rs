@@ -15,9 +15,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use kiln_dataplane::{Plane, wire::AppSpec};
 use kiln_deploy::{Goal, Phase, RolloutState, RouteTarget};
 use kiln_ledger::{Event, Ledger, NewRelease};
-use kiln_proxy::{RouteTable, WorkersConfig};
+use kiln_proxy::{GateMode, RouteTable, WorkersConfig};
 use kiln_runtime::{Digest, InstanceId, Observation, Provider};
 
 use crate::app::{AppCtl, daemons_own, router_app};
@@ -28,7 +29,6 @@ use crate::dto::{ApplyRequest, LiveSchema};
 use crate::error::{ControlError, Result};
 use crate::executor::Executor;
 use crate::gate::Attestations;
-use crate::listeners::Listeners;
 
 /// How long `down` waits for the app's creates in flight before it lists what to destroy (a
 /// Docker Engine loading an image takes seconds).
@@ -38,17 +38,25 @@ const CREATES_SETTLE: Duration = Duration::from_secs(30);
 pub struct ControllerConfig {
     /// The state directory (`--state`).
     pub state_dir: PathBuf,
-    /// The router's threads (`--router-threads`, `--router-pin`).
-    pub router: WorkersConfig,
+    /// Where the router runs.
+    pub router: RouterChoice,
     /// Where the tested-image gate reads attestations; without it, an apply whose spec has
     /// `[image.test]` is refused.
     pub attestations: Option<Arc<dyn Attestations>>,
 }
 
+/// Where the daemon's router runs.
+pub enum RouterChoice {
+    /// In the daemon's process, on these threads: it stops with the daemon.
+    Embedded(WorkersConfig),
+    /// A router process serving `<state>/router.sock`, started with this when none answers
+    /// (and replaced when it runs another binary); it keeps serving while the daemon is away.
+    Process(Option<kiln_dataplane::Spawn>),
+}
+
 /// The daemon's controller.
 pub struct Controller {
     pub(crate) exec: Executor,
-    pub(crate) listeners: Listeners,
     pub(crate) apps: tokio::sync::Mutex<BTreeMap<String, AppCtl>>,
     /// Apps whose stored release cannot be decoded, with why: not run, reported by name.
     corrupt: Mutex<BTreeMap<String, String>>,
@@ -105,9 +113,22 @@ impl Controller {
                 None
             }
         };
+        let plane = match &cfg.router {
+            RouterChoice::Embedded(workers) => {
+                Plane::Embedded(kiln_dataplane::LocalPlane::start(*workers)?)
+            }
+            RouterChoice::Process(spawn) => Plane::Process(
+                kiln_dataplane::RemotePlane::attach(
+                    &kiln_dataplane::socket(&cfg.state_dir),
+                    spawn.clone(),
+                    &kiln_dataplane::binary_identity(),
+                )
+                .await?,
+            ),
+        };
+        let secrets = crate::secrets::Secrets::new(key);
         let c = Arc::new(Controller {
-            exec: Executor::new(provider, ledger, clock, crate::secrets::Secrets::new(key)),
-            listeners: Listeners::start(cfg.router)?,
+            exec: Executor::new(provider, ledger, clock, secrets, Arc::new(plane)),
             apps: tokio::sync::Mutex::new(BTreeMap::new()),
             corrupt: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(Arc::new(Vec::new())),
@@ -122,6 +143,10 @@ impl Controller {
                 c.corrupt().insert(name.clone(), e.to_string());
             }
         }
+        // A router process that outlived a daemon serves what that daemon gave it: not the
+        // apps this one does not run.
+        let running: Vec<String> = c.apps.lock().await.keys().cloned().collect();
+        c.exec.plane.retain_apps(running).await?;
         // Drift that happened while no daemon was watching is found by a full check now.
         let own = c.exec.provider.list().await?;
         for o in own.into_iter().filter(|o| daemons_own(&o.labels)) {
@@ -168,29 +193,26 @@ impl Controller {
         // An address that cannot be bound now (another process took it while the daemon
         // was down) must not keep every other app down: the app is managed, and its
         // address is tried again on each reconcile pass.
-        let proxy = router_app(name, &config);
+        let spec = router_app(name, &config);
         // Paused or in maintenance before the restart: so again before any request arrives.
-        if doc.gate != StoredGate::Open {
-            proxy.set_gate(doc.gate.clone().into_mode());
-        }
+        let gate = doc.gate.clone().into_mode();
         let route = &config.route;
-        let unserved = match self
-            .listeners
-            .attach(route.listen, Arc::clone(&proxy), route.tls.clone())
-            .await
-        {
-            Ok(()) => None,
+        let (unserved, adopted) = match self.serve(name, &spec, &gate).await {
+            Ok(had_table) => (None, had_table),
             Err(e) => {
                 tracing::warn!(app = %name, error = %e, "address not served; retrying on each reconcile pass");
                 let listen = route.listen.to_string();
                 let error = e.to_string();
                 self.exec
                     .record(name, &Event::RouteUnserved { listen, error })?;
-                Some(e.to_string())
+                (Some(e.to_string()), false)
             }
         };
         let app = AppCtl {
-            proxy,
+            spec,
+            gate,
+            adopted_until: adopted
+                .then(|| self.exec.clock.now_ms() + crate::reconcile::ADOPTION_MS),
             listen: config.route.listen,
             goal,
             image,
@@ -203,6 +225,14 @@ impl Controller {
         };
         self.apps.lock().await.insert(name.to_owned(), app);
         Ok(())
+    }
+
+    /// Has the router serve app `name` as `spec` with `gate` (a router process that already
+    /// does keeps its table). Returns whether the router already routed the app somewhere.
+    pub(crate) async fn serve(&self, name: &str, spec: &AppSpec, gate: &GateMode) -> Result<bool> {
+        let had_table = self.exec.plane.put_app(spec.clone()).await?;
+        self.exec.plane.set_gate(name, gate).await?;
+        Ok(had_table)
     }
 
     fn corrupt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
@@ -266,7 +296,7 @@ impl Controller {
         let (schema, history, gate) = apps
             .get(app)
             .map(|a| {
-                let gate = StoredGate::from_mode(&a.proxy.gate());
+                let gate = StoredGate::from_mode(&a.gate);
                 (a.schema, a.history.clone(), gate)
             })
             .unwrap_or_default();
@@ -275,7 +305,7 @@ impl Controller {
             Ok(started) => started,
             Err(e) => {
                 if fresh.is_some()
-                    && let Err(undo) = self.listeners.detach(req.config.route.listen, app).await
+                    && let Err(undo) = self.exec.plane.remove_app(app).await
                 {
                     tracing::error!(app = %app, error = %undo, "apply failed, and unbinding its address too");
                 }
@@ -291,9 +321,11 @@ impl Controller {
                 a.image = image;
                 a.state = state;
             }
-            (Some(proxy), None) => {
+            (Some(spec), None) => {
                 let app_ctl = AppCtl {
-                    proxy,
+                    spec,
+                    gate: GateMode::Open,
+                    adopted_until: None,
                     listen: req.config.route.listen,
                     goal,
                     config: req.config,
@@ -320,7 +352,7 @@ impl Controller {
         app: &str,
         config: &ReleaseConfig,
         apps: &BTreeMap<String, AppCtl>,
-    ) -> Result<Arc<kiln_proxy::App>> {
+    ) -> Result<AppSpec> {
         let route = &config.route;
         // An app waiting for its address (taken while the daemon was down) keeps its claim.
         if let Some((waiting, _)) = apps
@@ -333,11 +365,9 @@ impl Controller {
                 route.listen
             )));
         }
-        let proxy = router_app(app, config);
-        self.listeners
-            .attach(route.listen, Arc::clone(&proxy), route.tls.clone())
-            .await?;
-        Ok(proxy)
+        let spec = router_app(app, config);
+        self.serve(app, &spec, &GateMode::Open).await?;
+        Ok(spec)
     }
 
     /// Records `req` as the app's next release and its rollout as started: the release, the
@@ -389,7 +419,7 @@ impl Controller {
 
     /// Persists the app's document with `state`.
     pub(crate) fn persist(&self, app: &str, a: &AppCtl, state: &RolloutState) -> Result<()> {
-        let gate = StoredGate::from_mode(&a.proxy.gate());
+        let gate = StoredGate::from_mode(&a.gate);
         self.put_doc(app, &a.goal, state, a.schema, &a.history, gate)
     }
 
@@ -496,9 +526,14 @@ impl Controller {
             None if was_corrupt => None,
             None => return Err(not_running(app)),
         };
-        if let Some(a) = &a {
-            a.proxy.set_route(&RouteTable::empty());
-            self.listeners.detach(a.listen, app).await?;
+        // Out of the route now; served until its instances drained (new requests get 503),
+        // then no more. The router's part never keeps an app up: one it does not serve (its
+        // address was taken) has nothing to empty, and one a router cannot be told about is
+        // left out of it when the next router is fed (`retain_apps`).
+        if a.is_some()
+            && let Err(e) = self.exec.plane.set_route(app, &RouteTable::empty()).await
+        {
+            tracing::warn!(app = %app, error = %e, "the router's table of the app not emptied");
         }
         let now = self.exec.clock.now_ms();
         self.exec
@@ -519,11 +554,17 @@ impl Controller {
             .into_iter()
             .filter(|o| o.app == app && daemons_own(&o.labels))
             .collect();
-        let proxy = a.as_ref().map(|a| Arc::clone(&a.proxy));
+        let plane = a.as_ref().map(|_| (Arc::clone(&self.exec.plane), app));
         let grace = a
             .as_ref()
             .map_or(Duration::from_secs(10), |a| a.stop_grace());
-        let requests_cut = stop_all(&self.exec.provider, proxy, &mine, grace).await?;
+        let requests_cut = stop_all(&self.exec.provider, plane, &mine, grace).await;
+        if a.is_some()
+            && let Err(e) = self.exec.plane.remove_app(app).await
+        {
+            tracing::warn!(app = %app, error = %e, "the router still serves the app's address");
+        }
+        let requests_cut = requests_cut?;
         self.exec.forget(app);
         let instances = mine.len();
         let actor = actor.to_owned();
@@ -544,10 +585,11 @@ impl Controller {
         Ok(self.exec.provider.logs(&id, from).await?)
     }
 
-    /// Stops every listener and waits for the requests they are serving to finish (each
-    /// app's `drain_timeout` at most). Instances keep running: a restarted daemon adopts them.
+    /// The daemon stops. An embedded router stops every listener and waits for the requests
+    /// they serve to finish (each app's `drain_timeout` at most); a router process keeps
+    /// serving. Instances keep running: a restarted daemon adopts them.
     pub async fn shutdown(&self) {
-        self.listeners.shutdown().await;
+        self.exec.plane.shutdown().await;
     }
 
     /// The store images are sent to (`blobs.rs`), behind the tested-image gate's.
@@ -567,18 +609,20 @@ impl Controller {
 /// the first destroy that failed is the error, once every instance had its turn.
 async fn stop_all(
     provider: &Arc<dyn Provider>,
-    proxy: Option<Arc<kiln_proxy::App>>,
+    plane: Option<(Arc<Plane>, &str)>,
     instances: &[Observation],
     grace: Duration,
 ) -> Result<usize> {
     let mut stopping = tokio::task::JoinSet::new();
     for o in instances {
         let provider = Arc::clone(provider);
-        let proxy = proxy.clone();
+        let plane = plane
+            .as_ref()
+            .map(|(p, app)| (Arc::clone(p), (*app).to_owned()));
         let (id, addr) = (o.id.clone(), o.addr);
         stopping.spawn(async move {
-            let cut = match proxy {
-                Some(proxy) => match proxy.drain(addr).await {
+            let cut = match plane {
+                Some((plane, app)) => match crate::executor::drain(&plane, &app, addr).await {
                     kiln_proxy::DrainOutcome::TimedOut { in_flight } => in_flight,
                     _ => 0,
                 },

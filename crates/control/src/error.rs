@@ -32,3 +32,15 @@ pub enum ControlError {
 
 /// A controller call's result.
 pub type Result<T> = std::result::Result<T, ControlError>;
+
+impl From<kiln_dataplane::PlaneError> for ControlError {
+    fn from(e: kiln_dataplane::PlaneError) -> ControlError {
+        match e {
+            kiln_dataplane::PlaneError::Invalid(m) => ControlError::Invalid(m),
+            kiln_dataplane::PlaneError::Router(m) | kiln_dataplane::PlaneError::Unavailable(m) => {
+                ControlError::Router(m)
+            }
+            e @ kiln_dataplane::PlaneError::NoApp(_) => ControlError::Router(e.to_string()),
+        }
+    }
+}

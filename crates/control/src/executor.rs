@@ -50,6 +50,22 @@ pub(crate) struct Executor {
     pub(crate) creates: Arc<crate::create::Creates>,
     /// Secrets' values for the instances of the releases applied (`secrets.rs`).
     pub(crate) secrets: crate::secrets::Secrets,
+    /// The router: in this process, or a router process the daemon feeds.
+    pub plane: Arc<kiln_dataplane::Plane>,
+}
+
+/// Waits for the router to have no request in flight on the instance at `addr`. A router
+/// that cannot say (a router process being replaced, or one that no longer serves the app)
+/// has nothing of it in flight that a wait here would let finish.
+pub(crate) async fn drain(
+    plane: &kiln_dataplane::Plane,
+    app: &str,
+    addr: SocketAddr,
+) -> kiln_proxy::DrainOutcome {
+    plane.drain(app, addr).await.unwrap_or_else(|e| {
+        tracing::warn!(app = %app, instance = %addr, error = %e, "drain not confirmed by the router");
+        kiln_proxy::DrainOutcome::Drained
+    })
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -62,9 +78,11 @@ impl Executor {
         ledger: Ledger,
         clock: Arc<dyn Clock>,
         secrets: crate::secrets::Secrets,
+        plane: Arc<kiln_dataplane::Plane>,
     ) -> Executor {
         Executor {
             secrets,
+            plane,
             provider,
             ledger: Arc::new(Mutex::new(ledger)),
             clock,
@@ -106,7 +124,7 @@ impl Executor {
     }
 
     /// Swaps the router's table to `target` (one atomic swap), recording a weight change.
-    pub fn publish(
+    pub async fn publish(
         &self,
         app: &str,
         a: &mut AppCtl,
@@ -130,7 +148,7 @@ impl Executor {
         }
         let table = RouteTable::new(releases).map_err(|e| ControlError::Router(e.to_string()))?;
         let changed = target.weights != a.route.weights;
-        a.proxy.set_route(&table);
+        self.plane.set_route(app, &table).await?;
         let event = Event::RouteChanged {
             weights: target.weights.clone(),
             instances: target.members.len(),
@@ -275,20 +293,21 @@ impl Executor {
             return Err(e);
         }
         let provider = Arc::clone(&self.provider);
-        let proxy = Arc::clone(&a.proxy);
+        let plane = Arc::clone(&self.plane);
+        let name = app.to_owned();
         let destroying = Arc::clone(&self.destroying);
         let drift = Arc::clone(&self.drift);
         let grace = a.stop_grace();
         tokio::spawn(async move {
             // The route that leaves it out was published in the same pass; a drain that
             // still finds it routed waits for that change a little before it gives up.
-            let mut outcome = proxy.drain(addr).await;
+            let mut outcome = drain(&plane, &name, addr).await;
             for _ in 0..20 {
                 if outcome != kiln_proxy::DrainOutcome::StillRouted {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                outcome = proxy.drain(addr).await;
+                outcome = drain(&plane, &name, addr).await;
             }
             if outcome == kiln_proxy::DrainOutcome::StillRouted {
                 // Not destroyed: let a later decision see it again.

@@ -6,7 +6,8 @@
 //! - `executor.rs`: carries the planner's actions out through the provider and records
 //!   typed events; `create.rs` its creates, in the background; [`oneshot`]: create → start → wait → output → destroy, for migrations and
 //!   `kiln test`.
-//! - `listeners.rs`: the router's listeners, one per address.
+//! - The router is `kiln_dataplane`'s [`kiln_dataplane::Plane`] (in this process, or a
+//!   router process the daemon feeds), held by the executor.
 //! - [`gate`]: what every apply must pass, whichever client sent it.
 //! - [`blobs`]: images sent by a remote client, streamed into the daemon's store.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
@@ -30,7 +31,6 @@ pub mod dto;
 mod error;
 mod executor;
 pub mod gate;
-mod listeners;
 pub mod oneshot;
 mod pause;
 mod peer;
@@ -42,7 +42,7 @@ mod status;
 pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use config::{ConfigError, ReleaseConfig};
-pub use controller::{Controller, ControllerConfig};
+pub use controller::{Controller, ControllerConfig, RouterChoice};
 pub use dto::{AppStatus, ApplyRequest, GateStatus, InstanceStatus, LiveSchema, RollbackOutcome};
 pub use error::ControlError;
 pub use gate::Attestations;

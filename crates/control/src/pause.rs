@@ -28,14 +28,15 @@ const MAX_HOLD_LIMIT: Duration = Duration::from_secs(3600);
 /// The longest maintenance message: a sentence or a paragraph, not a page.
 const MAX_MESSAGE_BYTES: usize = 4096;
 
-/// What the router does with `proxy`'s new requests, as the API reports it.
-pub(crate) fn gate_status(proxy: &kiln_proxy::App) -> GateStatus {
-    match proxy.gate() {
+/// What the router does with an app's new requests, as the API reports it (`held` of them
+/// held).
+pub(crate) fn gate_status(gate: &GateMode, held: usize) -> GateStatus {
+    match gate {
         GateMode::Open => GateStatus::Open,
         GateMode::Paused { max_hold, max_held } => GateStatus::Paused {
-            max_hold_ms: millis(max_hold),
-            max_held,
-            held: proxy.held(),
+            max_hold_ms: millis(*max_hold),
+            max_held: *max_held,
+            held,
         },
         GateMode::Maintenance {
             message,
@@ -72,34 +73,35 @@ impl Controller {
                 "max_held must be at least 1".to_owned(),
             ));
         }
-        let apps = self.apps.lock().await;
-        let a = apps.get(app).ok_or_else(|| not_running(app))?;
+        let mut apps = self.apps.lock().await;
+        let a = apps.get_mut(app).ok_or_else(|| not_running(app))?;
         let event = Event::Paused {
             actor: actor.to_owned(),
             max_hold_ms: millis(max_hold),
             max_held,
             reason: None,
         };
-        self.set_gate(app, a, GateMode::Paused { max_hold, max_held }, &event)?;
-        Ok(gate_status(&a.proxy))
+        self.set_gate(app, a, GateMode::Paused { max_hold, max_held }, &event)
+            .await?;
+        Ok(gate_status(&a.gate, self.held(app, &a.gate).await?))
     }
 
     /// `kiln resume APP` and `kiln maintenance APP --off`: the router forwards requests again,
     /// the held ones first. Returns how many held requests were let go; an app already open
     /// stays so, and nothing is recorded.
     pub async fn resume(&self, app: &str, actor: &str) -> Result<usize> {
-        let apps = self.apps.lock().await;
-        let a = apps.get(app).ok_or_else(|| not_running(app))?;
-        if a.proxy.gate() == GateMode::Open {
+        let mut apps = self.apps.lock().await;
+        let a = apps.get_mut(app).ok_or_else(|| not_running(app))?;
+        if a.gate == GateMode::Open {
             return Ok(0);
         }
-        let held = a.proxy.held();
+        let held = self.exec.plane.held(app).await?;
         let event = Event::Resumed {
             actor: actor.to_owned(),
             released: held,
             reason: None,
         };
-        self.set_gate(app, a, GateMode::Open, &event)?;
+        self.set_gate(app, a, GateMode::Open, &event).await?;
         Ok(held)
     }
 
@@ -123,8 +125,8 @@ impl Controller {
                 "a maintenance message must not hold control characters".to_owned(),
             ));
         }
-        let apps = self.apps.lock().await;
-        let a = apps.get(app).ok_or_else(|| not_running(app))?;
+        let mut apps = self.apps.lock().await;
+        let a = apps.get_mut(app).ok_or_else(|| not_running(app))?;
         let event = Event::Maintenance {
             actor: actor.to_owned(),
             message: message.to_owned(),
@@ -134,20 +136,30 @@ impl Controller {
             message: message.into(),
             retry_after,
         };
-        self.set_gate(app, a, mode, &event)?;
-        Ok(gate_status(&a.proxy))
+        self.set_gate(app, a, mode, &event).await?;
+        Ok(gate_status(&a.gate, self.held(app, &a.gate).await?))
+    }
+
+    /// How many of app's requests the router holds (none unless it is paused).
+    pub(crate) async fn held(&self, app: &str, gate: &GateMode) -> Result<usize> {
+        if matches!(gate, GateMode::Paused { .. }) {
+            Ok(self.exec.plane.held(app).await?)
+        } else {
+            Ok(0)
+        }
     }
 
     /// Persists `mode`, sets it on the router, records `event`.
-    pub(crate) fn set_gate(
+    pub(crate) async fn set_gate(
         &self,
         app: &str,
-        a: &AppCtl,
+        a: &mut AppCtl,
         mode: GateMode,
         event: &Event,
     ) -> Result<()> {
         self.persist_gate(app, a, StoredGate::from_mode(&mode))?;
-        a.proxy.set_gate(mode);
+        self.exec.plane.set_gate(app, &mode).await?;
+        a.gate = mode;
         self.exec.record(app, event)
     }
 }

@@ -91,6 +91,9 @@ impl Controller {
                 .retain(|id| listed.contains(id));
         }
         let mut apps = self.apps.lock().await;
+        if self.exec.plane.take_resync() {
+            self.resync(&mut apps).await;
+        }
         for (name, a) in apps.iter_mut() {
             if a.unserved.is_some() {
                 self.serve_again(name, a).await?;
@@ -102,17 +105,41 @@ impl Controller {
         Ok(())
     }
 
+    /// Feeds a router process that is not the one fed so far every app: one that took over
+    /// from the last (a handover) has their tables already; one started after a crash gets
+    /// them on this pass.
+    async fn resync(&self, apps: &mut BTreeMap<String, AppCtl>) {
+        for (name, a) in apps.iter_mut() {
+            match self.serve(name, &a.spec, &a.gate).await {
+                Ok(true) => {}
+                // Nothing kept there to stand for: the table is published on this pass.
+                Ok(false) => {
+                    a.route = kiln_deploy::RouteTarget::default();
+                    a.adopted_until = None;
+                }
+                Err(e) => {
+                    a.adopted_until = None;
+                    tracing::warn!(app = %name, error = %e, "the new router cannot serve the app yet");
+                    a.route = kiln_deploy::RouteTarget::default();
+                    a.unserved = Some(e.to_string());
+                }
+            }
+        }
+        let names = apps.keys().cloned().collect();
+        if let Err(e) = self.exec.plane.retain_apps(names).await {
+            tracing::warn!(error = %e, "the new router keeps apps this daemon does not run");
+        }
+    }
+
     /// Tries again to serve the address of an app whose address could not be bound.
     async fn serve_again(&self, name: &str, a: &mut AppCtl) -> Result<()> {
-        let route = &a.config.route;
-        match self
-            .listeners
-            .attach(route.listen, Arc::clone(&a.proxy), route.tls.clone())
-            .await
-        {
-            Ok(()) => {
+        match self.serve(name, &a.spec, &a.gate).await {
+            Ok(had_table) => {
+                if !had_table {
+                    a.route = kiln_deploy::RouteTarget::default();
+                }
                 a.unserved = None;
-                let listen = route.listen.to_string();
+                let listen = a.config.route.listen.to_string();
                 self.exec.record(name, &Event::RouteServed { listen })?;
             }
             Err(e) => a.unserved = Some(e.to_string()),
@@ -123,8 +150,8 @@ impl Controller {
     /// Observe → decide → persist → act, for one app.
     pub(crate) async fn tick(&self, name: &str, a: &mut AppCtl, all: &[Observation]) -> Result<()> {
         let now = self.exec.clock.now_ms();
-        self.fold_migration(name, a)?;
-        let view = self.observe(name, a, all)?;
+        self.fold_migration(name, a).await?;
+        let view = self.observe(name, a, all).await?;
         let d = decide(&a.goal, &a.state, &view.observed, now);
         // A release that became live joins the history in the same write as the state that
         // says so: a restart must not forget it (rollback returns along the history).
@@ -150,14 +177,20 @@ impl Controller {
         for action in others.into_iter().chain(destroys) {
             match action {
                 Action::Migrate { release } => {
-                    self.pause_for_migration(name, a, release)?;
+                    self.pause_for_migration(name, a, release).await?;
                     self.exec.migrate(name, a, release)?;
                 }
                 Action::Create { release, count } if release != a.goal.release => {
                     self.create_other(name, a, release, count)?;
                 }
                 Action::Create { release, count } => self.exec.create(name, a, release, count)?,
-                Action::Route(target) => self.exec.publish(name, a, target, &view.addrs)?,
+                // The table a router kept across a daemon restart stands until the app's
+                // instances have been judged again (or for `ADOPTION` at most): one made
+                // from the first verdicts would leave the rest out.
+                Action::Route(_) if adopting(a, &view.observed, now) => {}
+                // Its address is not served: there is no table to publish to until it is.
+                Action::Route(_) if a.unserved.is_some() => {}
+                Action::Route(target) => self.exec.publish(name, a, target, &view.addrs).await?,
                 Action::Destroy { instance, reason } => {
                     let found = view.addrs.get(&instance).map(|(addr, _)| *addr);
                     let id = kiln_runtime::InstanceId::new(&instance);
@@ -193,7 +226,12 @@ impl Controller {
 
     /// The app's instances (not the one-shots, not those being destroyed) for the planner,
     /// and the router's measurements of the current canary step.
-    pub(crate) fn observe(&self, name: &str, a: &AppCtl, all: &[Observation]) -> Result<AppView> {
+    pub(crate) async fn observe(
+        &self,
+        name: &str,
+        a: &AppCtl,
+        all: &[Observation],
+    ) -> Result<AppView> {
         let now = self.exec.clock.now_ms();
         let destroying = self.exec.destroying_now();
         let drift = self.exec.drift_now();
@@ -226,7 +264,7 @@ impl Controller {
         let observed = Observed {
             instances,
             route: a.route.clone(),
-            metrics: step_metrics(a, now),
+            metrics: self.step_metrics(name, a, now).await?,
         };
         Ok(AppView {
             observed,
@@ -238,9 +276,9 @@ impl Controller {
     /// With `[deploy.migrate] pause`, the router holds the app's new requests from the start
     /// of its migration: only when the migration is about to start and the app is open (a
     /// person's pause or maintenance is theirs).
-    fn pause_for_migration(&self, name: &str, a: &AppCtl, release: u64) -> Result<()> {
+    async fn pause_for_migration(&self, name: &str, a: &mut AppCtl, release: u64) -> Result<()> {
         let wanted = a.config.deploy.migrate.as_ref().is_some_and(|m| m.pause);
-        if !wanted || self.exec.migrating(name) || a.proxy.gate() != kiln_proxy::GateMode::Open {
+        if !wanted || self.exec.migrating(name) || a.gate != kiln_proxy::GateMode::Open {
             return Ok(());
         }
         let (max_hold, max_held) = (
@@ -259,33 +297,42 @@ impl Controller {
             kiln_proxy::GateMode::Paused { max_hold, max_held },
             &event,
         )
+        .await
     }
 
     /// Lets the held requests go once a migration with `pause` ended, whatever its outcome,
     /// if the app is still paused (a pause made during it ends with it).
-    fn resume_after_migration(&self, name: &str, a: &AppCtl, release: u64, ok: bool) -> Result<()> {
-        let paused = matches!(a.proxy.gate(), kiln_proxy::GateMode::Paused { .. });
+    async fn resume_after_migration(
+        &self,
+        name: &str,
+        a: &mut AppCtl,
+        release: u64,
+        ok: bool,
+    ) -> Result<()> {
+        let paused = matches!(a.gate, kiln_proxy::GateMode::Paused { .. });
         if !paused || !a.config.deploy.migrate.as_ref().is_some_and(|m| m.pause) {
             return Ok(());
         }
         let event = Event::Resumed {
             actor: "kiln".to_owned(),
-            released: a.proxy.held(),
+            released: self.held(name, &a.gate).await?,
             reason: Some(format!(
                 "migration of release {release} {}",
                 if ok { "completed" } else { "failed" }
             )),
         };
         self.set_gate(name, a, kiln_proxy::GateMode::Open, &event)
+            .await
     }
 
     /// Moves a finished migration's outcome into the rollout state (and the live schema).
-    fn fold_migration(&self, name: &str, a: &mut AppCtl) -> Result<()> {
+    async fn fold_migration(&self, name: &str, a: &mut AppCtl) -> Result<()> {
         let Some(outcome) = self.exec.take_migration(name) else {
             return Ok(());
         };
         let release = a.goal.release;
-        self.resume_after_migration(name, a, release, outcome.is_ok())?;
+        self.resume_after_migration(name, a, release, outcome.is_ok())
+            .await?;
         match outcome {
             Ok(()) => {
                 a.state.migrated = true;
@@ -319,6 +366,10 @@ impl Controller {
     /// not the daemon's (`kiln test`'s, `kiln run`'s: [`daemons_own`]) is not recorded: that
     /// command removing its instance is no change behind kiln's back.
     pub(crate) async fn record_drift(&self, report: &kiln_runtime::DriftReport) -> Result<()> {
+        // Its own destroy removes its files: that is no drift.
+        if self.exec.destroying_now().contains(&report.instance) {
+            return Ok(());
+        }
         let observed = self.exec.provider.observe(&report.instance).await;
         if let Ok(o) = &observed
             && !daemons_own(&o.labels)
@@ -349,6 +400,27 @@ impl Controller {
     }
 }
 
+/// How long after a daemon starts the table a router kept for an app may stand while its
+/// instances are being judged again.
+pub(crate) const ADOPTION_MS: kiln_deploy::Millis = 10_000;
+
+/// Whether the router's kept table still stands: the daemon has just started, and some of
+/// the app's instances have no health verdict yet. Ends for good the first time it is not.
+fn adopting(a: &mut AppCtl, observed: &kiln_deploy::Observed, now: kiln_deploy::Millis) -> bool {
+    let Some(until) = a.adopted_until else {
+        return false;
+    };
+    let judging = observed
+        .instances
+        .iter()
+        .any(|i| i.health == Planned::Starting);
+    if judging && now < until {
+        return true;
+    }
+    a.adopted_until = None;
+    false
+}
+
 /// The release an instance runs, from its label.
 pub(crate) fn release_of(o: &Observation) -> Option<u64> {
     o.labels.get(RELEASE_LABEL).and_then(|v| v.parse().ok())
@@ -371,13 +443,35 @@ pub(crate) fn planned_health(o: &Observation, now: kiln_deploy::Millis) -> Plann
 }
 
 /// The router's measurements of the canary and stable releases since the step started.
-fn step_metrics(a: &AppCtl, now: kiln_deploy::Millis) -> Option<StepMetrics> {
-    let started = a.state.step_started_ms?;
-    let window = Duration::from_millis(u64::try_from(now - started).unwrap_or(0).max(1000));
-    let snap = |release: Option<u64>| {
-        release
-            .and_then(|r| a.proxy.snapshot(&release_name(r), window))
-            .map_or(
+impl Controller {
+    async fn step_metrics(
+        &self,
+        name: &str,
+        a: &AppCtl,
+        now: kiln_deploy::Millis,
+    ) -> Result<Option<StepMetrics>> {
+        let Some(started) = a.state.step_started_ms else {
+            return Ok(None);
+        };
+        if a.unserved.is_some() {
+            return Ok(None);
+        }
+        let window = Duration::from_millis(u64::try_from(now - started).unwrap_or(0).max(1000));
+        let mut measured = [None, None];
+        for (slot, release) in measured
+            .iter_mut()
+            .zip([Some(a.goal.release), a.goal.stable])
+        {
+            let Some(r) = release else { continue };
+            // No decision is made on measurements the router could not give.
+            *slot = self
+                .exec
+                .plane
+                .snapshot(name, &release_name(r), window)
+                .await?;
+        }
+        let [canary, stable] = measured.map(|s| {
+            s.map_or(
                 Measurement {
                     requests: 0,
                     errors: 0,
@@ -389,9 +483,7 @@ fn step_metrics(a: &AppCtl, now: kiln_deploy::Millis) -> Option<StepMetrics> {
                     p99_ms: s.p99.as_secs_f64() * 1000.0,
                 },
             )
-    };
-    Some(StepMetrics {
-        canary: snap(Some(a.goal.release)),
-        stable: snap(a.goal.stable),
-    })
+        });
+        Ok(Some(StepMetrics { canary, stable }))
+    }
 }

@@ -55,7 +55,7 @@ impl Controller {
                     deploy: config.deploy_spec(),
                     same_route: config.route == a.config.route,
                 };
-                let view = self.observe(app, a, &observed)?;
+                let view = self.observe(app, a, &observed).await?;
                 let now = self.exec.clock.now_ms();
                 let plan =
                     plan_rollback(&a.goal, &target, from, &view.observed, a.schema, &req, now)
@@ -121,7 +121,7 @@ impl Controller {
         let state = a.state.clone();
         self.persist(app, a, &state)?;
         match plan.route {
-            Some(route) => self.exec.publish(app, a, route, addrs),
+            Some(route) => self.exec.publish(app, a, route, addrs).await,
             None => self.tick(app, a, observed).await,
         }
     }

@@ -47,6 +47,13 @@ impl Controller {
                 drift: drift.get(&o.id).cloned(),
             })
             .collect();
+        // A router process that cannot say how many requests it holds still has the gate
+        // the daemon set: status answers without the count rather than not at all.
+        let held = self.held(app, &a.gate).await.unwrap_or_else(|e| {
+            tracing::warn!(app = %app, error = %e, "gate status without the router's count");
+            0
+        });
+        let gate = crate::pause::gate_status(&a.gate, held);
         let (phase, reason) = match &a.state.phase {
             Phase::Progressing => ("progressing", None),
             Phase::Completed { .. } => ("completed", None),
@@ -80,7 +87,7 @@ impl Controller {
             },
             instances,
             schema: a.schema.map(LiveSchema::from_domain),
-            gate: crate::pause::gate_status(&a.proxy),
+            gate,
         })
     }
 
@@ -162,15 +169,8 @@ impl Controller {
     }
 
     /// The Prometheus text of every app's router metrics.
-    pub async fn metrics(&self) -> String {
-        let apps: Vec<Arc<kiln_proxy::App>> = self
-            .apps
-            .lock()
-            .await
-            .values()
-            .map(|a| Arc::clone(&a.proxy))
-            .collect();
-        kiln_proxy::render_prometheus(&apps)
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.exec.plane.metrics().await?)
     }
 }
 

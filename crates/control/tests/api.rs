@@ -62,7 +62,7 @@ async fn every_operation_answers_as_documented() {
     let c = Controller::start(
         &ControllerConfig {
             state_dir: dir.path().to_owned(),
-            router: kiln_proxy::WorkersConfig::new(2),
+            router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(2)),
             attestations: None,
         },
         provider,

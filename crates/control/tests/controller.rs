@@ -76,7 +76,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
     let provider: Arc<dyn Provider> = fake.clone();
     let cfg = ControllerConfig {
         state_dir: dir.path().to_owned(),
-        router: kiln_proxy::WorkersConfig::new(2),
+        router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(2)),
         attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
@@ -231,7 +231,7 @@ async fn controller(
     let provider: Arc<dyn Provider> = Arc::new(FakeProvider::new(true));
     let cfg = ControllerConfig {
         state_dir: dir.to_owned(),
-        router: kiln_proxy::WorkersConfig::new(1),
+        router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
         attestations: None,
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
@@ -326,6 +326,29 @@ async fn a_restart_finding_its_address_taken_serves_it_once_freed() {
         kinds.contains(&"route.unserved".to_owned()) && kinds.contains(&"route.served".to_owned()),
         "{kinds:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_whose_address_is_taken_still_goes_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, cfg, provider) = controller(dir.path()).await;
+    let port = free_port();
+    c.apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    settle(&c, "web", "completed").await;
+    c.shutdown().await;
+    drop(c);
+    let _other_process = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let c = Controller::start(&cfg, Arc::clone(&provider))
+        .await
+        .unwrap();
+    assert!(c.status("web").await.unwrap().unserved.is_some());
+    // Its passes go on without the router (nothing to publish to), and `down` stops it.
+    c.reconcile().await.unwrap();
+    assert_eq!(c.down("web", "test").await.unwrap(), 2);
+    assert!(c.status("web").await.is_err());
+    assert!(provider.list().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,7 +54,7 @@ impl Timeline {
         let provider: Arc<dyn Provider> = fake.clone();
         let cfg = ControllerConfig {
             state_dir: dir.path().to_owned(),
-            router: kiln_proxy::WorkersConfig::new(1),
+            router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
             attestations: None,
         };
         let clock = Arc::new(TokioClock::new());
@@ -359,7 +359,7 @@ async fn slow_controller(
     let provider: Arc<dyn Provider> = slow.clone();
     let cfg = ControllerConfig {
         state_dir: dir.path().to_owned(),
-        router: kiln_proxy::WorkersConfig::new(1),
+        router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
         attestations: None,
     };
     let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))

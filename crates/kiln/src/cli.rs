@@ -20,14 +20,19 @@ pub struct Cli {
 /// Options every command accepts.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Directory holding kiln's state: images, ledger, socket, instances, logs
-    #[arg(
-        long,
-        global = true,
-        env = "KILN_STATE",
-        default_value = ".kiln",
-        value_name = "DIR"
-    )]
+    /// Directory holding kiln's state: images, ledger, socket, instances, logs [env:
+    /// KILN_STATE] [default: ./.kiln, or /var/lib/kiln as root outside a project once the
+    /// kiln service made it]
+    ///
+    /// Without --state or KILN_STATE, kiln run as root in a directory with no kiln.toml and no
+    /// .kiln uses /var/lib/kiln when it exists (the kiln service's state); `kiln doctor`
+    /// prints the choice and why.
+    #[arg(long = "state", global = true, value_name = "DIR")]
+    pub state_flag: Option<PathBuf>,
+
+    /// The state directory commands use, absolute: `crate::state::choose`'s pick from
+    /// `state_flag`, `KILN_STATE` and the host, set by `cmd::run` before a command runs.
+    #[arg(skip)]
     pub state: PathBuf,
 
     /// The daemon to talk to: ssh://[user@]host[:port][/remote/state] or unix:///path/kiln.sock
@@ -54,7 +59,9 @@ pub struct Global {
     /// How log events are written to stderr: `human` lines, or one JSON object per line
     ///
     /// Logs go to stderr at warn level (info for `kiln serve`); -v and -q move that level, and
-    /// KILN_LOG sets it per crate (`kiln_proxy=debug,info`).
+    /// KILN_LOG sets it per crate (`kiln_proxy=debug,info`). When stderr is the systemd
+    /// journal (JOURNAL_STREAM names it), `human` lines start with their syslog priority
+    /// (`<3>` error … `<7>` debug) and carry no time: the journal keeps both.
     #[arg(
         long,
         global = true,
@@ -84,7 +91,8 @@ pub enum ColorChoice {
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
-    /// Time, level, message and key=value fields; coloured as `--color` says
+    /// Time, level, message and key=value fields; coloured as `--color` says (in the journal:
+    /// `<priority>`, message and fields)
     Human,
     /// One JSON object per line: timestamp, level, message, fields and target
     Json,
@@ -101,6 +109,9 @@ pub enum Command {
     Init(InitArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+    /// Write the manual pages (roff): kiln.1 and one per command, kiln-apply.1 …
+    #[command(hide = true)]
+    Man(ManArgs),
     /// Build the [image] section into a reproducible OCI image and tag it NAME:latest
     Build(crate::cmd::image::BuildArgs),
     /// List the images in the store
@@ -115,8 +126,13 @@ pub enum Command {
     Test(crate::cmd::test::TestArgs),
     /// Check that this host can run instances and say what to install or change
     Doctor(crate::cmd::doctor::DoctorArgs),
-    /// Run the daemon: API on <state>/kiln.sock, one router per app, the reconciler
+    /// Run the daemon: API on <state>/kiln.sock, the reconciler, and a router process it feeds
+    /// (which keeps serving while the daemon restarts)
     Serve(crate::cmd::daemon::ServeArgs),
+    /// Run the router alone, fed by the daemon on <state>/router.sock (`kiln serve` starts one
+    /// when none runs); run while one runs, it takes its sockets over and the old one exits
+    /// without refusing a connection
+    Router(crate::cmd::router::RouterCmdArgs),
     /// Build, test and roll out the spec with a daemon (started in-process if none runs)
     ///
     /// Ctrl-C (or SIGTERM) while it tests or rolls out stops what it started and exits 130
@@ -207,4 +223,12 @@ pub struct CompletionsArgs {
     /// The shell to print completions for
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+/// `kiln man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The directory to write the pages to (created when missing; pages there are replaced)
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
 }

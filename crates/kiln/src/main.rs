@@ -5,6 +5,7 @@
 mod cli;
 mod cmd;
 mod init;
+mod journal;
 mod output;
 mod state;
 
@@ -43,7 +44,7 @@ fn run(cli: cli::Cli, out: &output::Output) -> anyhow::Result<ExitCode> {
     // The daemon's log is its record of what it did, so it logs at info; other commands print
     // their own progress and log only what went wrong.
     let base = match cli.command {
-        cli::Command::Serve(_) => LevelFilter::INFO,
+        cli::Command::Serve(_) | cli::Command::Router(_) => LevelFilter::INFO,
         _ => LevelFilter::WARN,
     };
     out.install_logs(cli.global.log_format, base)?;

@@ -2,6 +2,9 @@
 //! progress, errors and log events on stderr, colour only when wanted. Nothing here ever
 //! writes a log event to stdout, so `--json` data stays a clean JSON document.
 //!
+//! Under systemd, when stderr is the journal's stream, log events and the error chain are
+//! written in the journal's format (`crate::journal`): a `<N>` priority first, no time.
+//!
 //! A reader that goes away (`kiln status | head -3`) is not an error: output stops quietly
 //! and the command finishes what it was doing (a command may hold an instance it must
 //! destroy), so `SIGPIPE` stays ignored, as Rust sets it; streaming commands ask
@@ -36,6 +39,8 @@ pub struct Output {
     pub verbose: u8,
     /// Whether stderr gets colour.
     pub color: bool,
+    /// Whether stderr is the systemd journal's stream.
+    journal: bool,
     /// Whether stdout's reader went away (a closed pipe).
     closed: AtomicBool,
 }
@@ -53,6 +58,7 @@ impl Output {
             quiet: g.quiet,
             verbose: g.verbose,
             color,
+            journal: crate::journal::stderr_is_journal(),
             closed: AtomicBool::new(false),
         }
     }
@@ -64,6 +70,7 @@ impl Output {
             quiet: true,
             verbose: self.verbose,
             color: self.color,
+            journal: self.journal,
             closed: AtomicBool::new(self.stdout_closed()),
         }
     }
@@ -72,7 +79,8 @@ impl Output {
     /// runtime, control plane) reach stderr in `format`. `base` is the level with neither `-v`
     /// nor `-q`; each `-v` is one level louder and `-q` is errors only. `KILN_LOG` (a list of
     /// `target=level` and an optional bare level) sets levels per crate; its bare level, when
-    /// it has one, replaces the flags'. Call once, before the command runs.
+    /// it has one, replaces the flags'. `human` becomes the journal's format when stderr is
+    /// the journal. Call once, before the command runs.
     pub fn install_logs(&self, format: LogFormat, base: LevelFilter) -> anyhow::Result<()> {
         let level = if self.quiet {
             LevelFilter::ERROR
@@ -90,9 +98,19 @@ impl Output {
             Some(_) => targets,
             None => targets.with_default(level),
         };
-        // The two formats are two optional layers rather than one boxed layer: a `None` layer
-        // costs nothing, and the subscriber keeps one concrete type.
-        let (human, json) = match format {
+        // The formats are optional layers rather than one boxed layer: a `None` layer costs
+        // nothing, and the subscriber keeps one concrete type.
+        let (human, journal, json) = match format {
+            LogFormat::Human if self.journal => (
+                None,
+                Some(
+                    tracing_subscriber::fmt::layer()
+                        .event_format(crate::journal::JournalFormat)
+                        .with_ansi(false)
+                        .with_writer(std::io::stderr),
+                ),
+                None,
+            ),
             LogFormat::Human => (
                 Some(
                     tracing_subscriber::fmt::layer()
@@ -102,8 +120,10 @@ impl Output {
                         .with_writer(std::io::stderr),
                 ),
                 None,
+                None,
             ),
             LogFormat::Json => (
+                None,
                 None,
                 Some(
                     tracing_subscriber::fmt::layer()
@@ -117,6 +137,7 @@ impl Output {
         tracing_subscriber::registry()
             .with(targets)
             .with(human)
+            .with(journal)
             .with(json)
             .try_init()
             .context("cannot install the log subscriber")
@@ -171,16 +192,22 @@ impl Output {
         let _ignored = std::io::stderr().write_all(text.as_bytes());
     }
 
-    /// The one place an error chain is printed.
+    /// The one place an error chain is printed; in the journal, each of its lines at
+    /// priority error.
     pub fn error(&self, e: &anyhow::Error) {
         let prefix = if self.color {
             "\x1b[1;31merror\x1b[0m"
         } else {
             "error"
         };
-        let mut msg = format!("{prefix}: {e}");
+        let line = if self.journal {
+            crate::journal::prefix(tracing::Level::ERROR)
+        } else {
+            String::new()
+        };
+        let mut msg = format!("{line}{prefix}: {e}");
         for cause in e.chain().skip(1) {
-            msg.push_str(&format!("\n  caused by: {cause}"));
+            msg.push_str(&format!("\n{line}  caused by: {cause}"));
         }
         // A closed stderr leaves nowhere to say it: the exit code still does.
         let _ignored = writeln!(std::io::stderr(), "{msg}");

@@ -1,6 +1,7 @@
-//! The state directory (`--state`, `KILN_STATE`, default `./.kiln`): the image store, the
-//! ledger (every release's configuration), the daemon's socket, the layer cache, instances
-//! and their logs. [`prepare`] is the one door every command that uses it goes through.
+//! The state directory: the image store, the ledger (every release's configuration), the
+//! daemon's socket, the layer cache, instances and their logs. [`choose`] says which
+//! directory a command uses (`--state`, else `KILN_STATE`, else a default) and why;
+//! [`prepare`] is the one door every command that uses it goes through.
 //!
 //! **Invariant:** kiln uses a state directory only when it is a directory owned by the
 //! effective user that no other user can write to (as sshd's `StrictModes` treats `~/.ssh`),
@@ -10,11 +11,122 @@
 //! Image layers keep their own modes inside the cache; the `0700` directory above them is
 //! what keeps their setuid files out of other users' reach.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+
+/// The state directory of the system service (`kiln.service`, which the Debian package
+/// installs and whose `StateDirectory=` makes it).
+pub const SYSTEM_STATE: &str = "/var/lib/kiln";
+
+/// For tests only: a directory that stands in for [`SYSTEM_STATE`], so a test can show the
+/// choice without touching the host's `/var/lib`.
+pub const SYSTEM_STATE_ENV: &str = "KILN_SYSTEM_STATE";
+
+/// The default state directory, relative to the current directory.
+const PROJECT_STATE: &str = ".kiln";
+
+/// The state directory a command uses, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// Absolute.
+    pub dir: PathBuf,
+    /// Why this one.
+    pub why: Why,
+}
+
+/// Why kiln uses the state directory it uses (`kiln doctor` prints it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// `--state DIR`.
+    Flag,
+    /// `KILN_STATE`.
+    Env,
+    /// Root, outside a project, and the system service's directory exists.
+    System,
+    /// The current directory is a project: it has this entry (`kiln.toml` or `.kiln`).
+    Project(&'static str),
+    /// Not root: the system service's directory is root's.
+    NotRoot,
+    /// Root outside a project, but no system service's directory (the package is not
+    /// installed, or it was purged).
+    NoSystem(PathBuf),
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Why::Flag => f.write_str("--state"),
+            Why::Env => f.write_str("KILN_STATE"),
+            Why::System => f.write_str("the system service's (root, outside a project)"),
+            Why::Project(entry) => write!(f, "the project's (./{entry} is here)"),
+            Why::NotRoot => f.write_str("the default (not root, so not the system service's)"),
+            Why::NoSystem(system) => write!(
+                f,
+                "the default ({} does not exist: no system service installed)",
+                system.display()
+            ),
+        }
+    }
+}
+
+/// What [`decide`] goes by, gathered by [`choose`].
+#[derive(Debug)]
+struct Facts {
+    flag: Option<PathBuf>,
+    env: Option<PathBuf>,
+    root: bool,
+    /// The first of `kiln.toml` and `.kiln` that the current directory has.
+    project: Option<&'static str>,
+    system: PathBuf,
+    system_exists: bool,
+}
+
+/// Which state directory to use: `--state`, else `KILN_STATE`, else `/var/lib/kiln` when
+/// kiln runs as root outside a project (no `kiln.toml` and no `.kiln` here) and the system
+/// service's directory exists, else `./.kiln`. The result is absolute.
+pub fn choose(flag: Option<PathBuf>) -> anyhow::Result<Choice> {
+    let non_empty = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    let system = non_empty(std::env::var_os(SYSTEM_STATE_ENV))
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_STATE));
+    let facts = Facts {
+        env: non_empty(std::env::var_os("KILN_STATE")),
+        root: rustix::process::geteuid().is_root(),
+        // Any entry counts, even one that is not a directory: `prepare` then refuses it with
+        // its reason, rather than kiln quietly using the system's state instead.
+        project: ["kiln.toml", PROJECT_STATE]
+            .into_iter()
+            .find(|entry| std::fs::symlink_metadata(entry).is_ok()),
+        system_exists: system.is_dir(),
+        system,
+        flag,
+    };
+    let Choice { dir, why } = decide(facts);
+    let shown = dir.display().to_string();
+    let dir = std::path::absolute(&dir).with_context(|| format!("cannot resolve {why} {shown}"))?;
+    Ok(Choice { dir, why })
+}
+
+/// [`choose`]'s rule, on the facts it gathered.
+fn decide(facts: Facts) -> Choice {
+    let (dir, why) = if let Some(dir) = facts.flag {
+        (dir, Why::Flag)
+    } else if let Some(dir) = facts.env {
+        (dir, Why::Env)
+    } else if let Some(entry) = facts.project {
+        (PathBuf::from(PROJECT_STATE), Why::Project(entry))
+    } else if !facts.root {
+        (PathBuf::from(PROJECT_STATE), Why::NotRoot)
+    } else if !facts.system_exists {
+        (PathBuf::from(PROJECT_STATE), Why::NoSystem(facts.system))
+    } else {
+        (facts.system, Why::System)
+    };
+    Choice { dir, why }
+}
 
 /// Whether a command may create the state directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +273,60 @@ mod tests {
                 "dir={is_dir} owner={owner} mode={mode:o} euid={euid}"
             );
         }
+    }
+
+    #[test]
+    fn the_system_state_is_roots_outside_a_project_once_the_service_made_it() {
+        let facts = |flag: Option<&str>, env: Option<&str>, root, project, system_exists| Facts {
+            flag: flag.map(PathBuf::from),
+            env: env.map(PathBuf::from),
+            root,
+            project,
+            system: PathBuf::from("/var/lib/kiln"),
+            system_exists,
+        };
+        let system = || Why::NoSystem(PathBuf::from("/var/lib/kiln"));
+        let cases = [
+            // (flag, env, root, project, system exists) → (dir, why)
+            (
+                (Some("/s"), Some("/e"), true, None, true),
+                ("/s", Why::Flag),
+            ),
+            ((None, Some("/e"), true, None, true), ("/e", Why::Env)),
+            (
+                (None, Some("/e"), false, Some("kiln.toml"), false),
+                ("/e", Why::Env),
+            ),
+            (
+                (None, None, true, None, true),
+                ("/var/lib/kiln", Why::System),
+            ),
+            (
+                (None, None, true, Some("kiln.toml"), true),
+                (".kiln", Why::Project("kiln.toml")),
+            ),
+            (
+                (None, None, true, Some(".kiln"), true),
+                (".kiln", Why::Project(".kiln")),
+            ),
+            ((None, None, false, None, true), (".kiln", Why::NotRoot)),
+            ((None, None, true, None, false), (".kiln", system())),
+        ];
+        for ((flag, env, root, project, exists), (dir, why)) in cases {
+            let choice = decide(facts(flag, env, root, project, exists));
+            assert_eq!(
+                choice,
+                Choice {
+                    dir: PathBuf::from(dir),
+                    why
+                },
+                "flag={flag:?} env={env:?} root={root} project={project:?} exists={exists}"
+            );
+        }
+        assert_eq!(
+            Why::System.to_string(),
+            "the system service's (root, outside a project)"
+        );
     }
 
     #[test]

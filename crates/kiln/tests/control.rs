@@ -38,7 +38,7 @@ fn router_threads(pid: u32) -> Vec<String> {
 }
 
 #[test]
-fn the_router_flags_set_the_daemons_threads_and_their_cores() {
+fn the_router_flags_set_the_router_process_threads_and_their_cores() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let out = kiln(&state)
@@ -49,7 +49,7 @@ fn the_router_flags_set_the_daemons_threads_and_their_cores() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--router-threads"));
 
     let daemon = Daemon::start_with(&state, &["--router-threads", "3", "--router-pin", "false"]);
-    let pid = daemon.child.as_ref().unwrap().id();
+    let pid = router_pid(&state);
     // A thread names itself once it runs: on a busy machine that may be a little after the
     // daemon answers.
     let mut unpinned = router_threads(pid);
@@ -74,8 +74,9 @@ fn the_router_flags_set_the_daemons_threads_and_their_cores() {
         eprintln!("one core: pinning two threads apart is not possible here");
         return;
     }
-    let daemon = Daemon::start_with(&state, &["--router-threads", "2", "--router-pin", "true"]);
-    let pid = daemon.child.as_ref().unwrap().id();
+    // Other flags than the running router's: the daemon replaces it with one of its own.
+    let _daemon = Daemon::start_with(&state, &["--router-threads", "2", "--router-pin", "true"]);
+    let pid = router_pid(&state);
     let mut pinned = router_threads(pid);
     let deadline = Instant::now() + Duration::from_secs(5);
     while (pinned.len() < 2 || pinned.iter().any(|a| a.contains(['-', ','])))
@@ -462,7 +463,7 @@ fn relative_state_dir_does_not_look_like_drift() {
 }
 
 #[test]
-fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
+fn a_stopped_daemon_leaves_the_router_serving_and_a_stopped_router_finishes_its_requests() {
     if !runc_prerequisites() {
         return;
     }
@@ -482,39 +483,66 @@ fn a_stopped_daemon_finishes_the_requests_it_is_serving() {
     let image = build(&state, &spec);
     apply(&state, &spec, &image);
 
+    // The daemon stops at once; the router it fed goes on serving, the request in flight and
+    // new ones.
     let client = slow_request(port);
     let mut child = daemon.child.take().unwrap();
-    let asked = Instant::now();
-    terminate(&child);
+    terminate(child.id());
     let status = wait_exit(&mut child);
+    assert!(status.success(), "the daemon exited with {status}");
+    let reply = client.join().unwrap().unwrap();
+    assert!(reply.ends_with("hello from v1\n"), "{reply:?}");
+    let reply = slow_request(port).join().unwrap().unwrap();
+    assert!(
+        reply.ends_with("hello from v1\n"),
+        "no daemon, still served: {reply:?}"
+    );
+
+    // SIGTERM stops the router: it stops accepting and answers what it took.
+    let router = router_pid(&state);
+    let client = slow_request(port);
+    let asked = Instant::now();
+    terminate(router);
+    wait_gone(router);
     let took = asked.elapsed();
     let reply = client.join().unwrap().unwrap();
     assert!(
         reply.starts_with("HTTP/1.1 200 OK\r\n") && reply.ends_with("hello from v1\n"),
         "{reply:?}"
     );
-    assert!(status.success(), "the daemon exited with {status}");
-    eprintln!("the daemon stopped {took:?} after SIGTERM, its request answered");
+    eprintln!("the router stopped {took:?} after SIGTERM, its request answered");
     // Stopped means stopped: nothing accepts on the app's address any more.
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 
     // A second signal stops it without waiting.
     daemon.spawn();
     wait_until(&state, Duration::from_secs(20), |s| routed(s).len() == 1);
+    let router = router_pid(&state);
     let client = slow_request(port);
-    let mut child = daemon.child.take().unwrap();
-    terminate(&child);
-    // Once the address refuses connections the daemon is stopping, and listens for another
+    terminate(router);
+    // Once the address refuses connections the router is stopping, and listens for another
     // signal.
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "the daemon kept accepting");
+        assert!(Instant::now() < deadline, "the router kept accepting");
         std::thread::sleep(Duration::from_millis(10));
     }
-    terminate(&child);
-    assert!(wait_exit(&mut child).success());
+    terminate(router);
+    wait_gone(router);
     let reply = client.join().unwrap().unwrap_or_default();
     assert!(!reply.contains("hello from v1"), "{reply:?}");
+}
+
+/// Waits up to 30 s for process `pid` (not a child of this one) to exit.
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !exited(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -579,9 +607,9 @@ fn slow_request(port: u16) -> std::thread::JoinHandle<std::io::Result<String>> {
     client
 }
 
-fn terminate(child: &std::process::Child) {
+fn terminate(pid: u32) {
     std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
 }

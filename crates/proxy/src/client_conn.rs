@@ -120,6 +120,8 @@ pub(crate) struct Activity {
     last_end_ms: AtomicU64,
     /// HTTP/2 requests that arrived.
     started: AtomicU64,
+    /// Requests that arrived, either protocol.
+    requests: AtomicU64,
     /// HTTP/2 requests dropped before their response head was given (the client reset the
     /// stream while the router was forwarding it).
     cancelled: AtomicU64,
@@ -133,6 +135,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(0),
             started: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
         })
     }
@@ -149,6 +152,7 @@ impl Activity {
         if !self.asked() {
             self.asked.store(true, Ordering::Relaxed);
         }
+        self.requests.fetch_add(1, Ordering::Relaxed);
         if version != Version::HTTP_2 {
             return None;
         }
@@ -158,6 +162,16 @@ impl Activity {
             activity: Arc::clone(self),
             answered: false,
         })
+    }
+
+    /// How many requests have arrived.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection speaks HTTP/2 (known once a request arrived).
+    pub(crate) fn http2(&self) -> bool {
+        self.started.load(Ordering::Relaxed) > 0
     }
 
     /// Whether an HTTP/2 connection has served its [`MAX_HTTP2_REQUESTS`].

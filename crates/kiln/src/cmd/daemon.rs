@@ -1,8 +1,9 @@
 //! `kiln serve`: the daemon — the controller, its API on `<state>/kiln.sock` (and optional
-//! TCP with a bearer token), one router listener per app, and the reconciler. SIGTERM or
-//! Ctrl-C stops the daemon and its listeners; instances keep running and a restarted daemon
-//! adopts them (`kiln down APP` is the way to stop an app). It starts by raising its
-//! open-file limit to the hard limit (`raise_open_file_limit`).
+//! TCP with a bearer token), and the reconciler, feeding a router process (`kiln router`,
+//! started when none serves the state). SIGTERM or Ctrl-C stops the daemon; the router and
+//! the instances keep running, and a restarted daemon adopts them (`kiln down APP` is the way
+//! to stop an app). It starts by raising its open-file limit to the hard limit
+//! (`raise_open_file_limit`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_control::{Controller, ControllerConfig};
+use kiln_control::{Controller, ControllerConfig, RouterChoice};
 use kiln_proxy::WorkersConfig;
 use kiln_runtime::Provider;
 
@@ -52,6 +53,35 @@ pub struct RouterArgs {
 }
 
 impl RouterArgs {
+    /// The daemon's router: a process of its own (`kiln router`, started with these flags
+    /// when none serves `state`), so that traffic outlives the daemon.
+    pub fn choice(&self, state: &Path) -> anyhow::Result<RouterChoice> {
+        let program = std::env::current_exe().context("cannot find kiln's own binary")?;
+        // Replaced by an upgrade while this daemon runs: the new binary is at the same path.
+        let program = match program.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(path) => std::path::PathBuf::from(path),
+            None => program,
+        };
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--state".into(), state.into(), "router".into()];
+        if let Some(n) = self.router_threads {
+            args.extend(["--router-threads".into(), n.to_string().into()]);
+        }
+        if let Some(pin) = self.router_pin {
+            args.extend(["--router-pin".into(), pin.to_string().into()]);
+        }
+        // Under systemd the journal takes its output as the daemon's; else a file of the
+        // state, since the terminal that started the daemon may be long gone.
+        let log = std::env::var_os("JOURNAL_STREAM")
+            .is_none()
+            .then(|| state.join("router.log"));
+        Ok(RouterChoice::Process(Some(kiln_dataplane::Spawn {
+            program,
+            args,
+            log,
+        })))
+    }
+
     /// The router's threads as the flags say.
     pub fn workers(&self) -> WorkersConfig {
         let mut config = match self.router_threads {
@@ -76,6 +106,8 @@ pub struct Daemon {
     pub controller: Arc<Controller>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// `<state>/daemon.lock`, held while the daemon runs.
+    _lock: std::fs::File,
 }
 
 impl Daemon {
@@ -84,12 +116,15 @@ impl Daemon {
     pub async fn start(
         state: &Path,
         runtime: &str,
-        router: WorkersConfig,
+        router: RouterChoice,
         tcp: Option<(SocketAddr, String)>,
     ) -> anyhow::Result<Daemon> {
         raise_open_file_limit();
         std::fs::create_dir_all(state)
             .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+        // Before anything of the state is touched (the ledger's locks, the router's apps):
+        // a second daemon on one state stops here, even one started at the same moment.
+        let lock = lock_state(state)?;
         let images = Arc::new(StoreImages::open(state)?);
         let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
         let controller = Controller::start(
@@ -111,13 +146,9 @@ impl Daemon {
             Arc::clone(&controller).run(wait(stopped.clone())),
         ));
         let sock = socket(state);
-        // Bind now, so a second daemon on the same state fails here rather than later.
         let api = {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
-            if sock.exists() && tokio::net::UnixStream::connect(&sock).await.is_ok() {
-                anyhow::bail!("a kiln daemon already serves {}", sock.display());
-            }
             tokio::spawn(async move {
                 if let Err(e) = kiln_control::api::serve_unix(sock.clone(), c, stop).await {
                     tracing::error!(socket = %sock.display(), error = %e, "API stopped");
@@ -151,6 +182,7 @@ impl Daemon {
             controller,
             stop,
             tasks,
+            _lock: lock,
         })
     }
 
@@ -164,11 +196,52 @@ impl Daemon {
     }
 }
 
+/// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`, a path or an abstract `@name`)
+/// where the daemon is: `READY=1` once its API answers, `STOPPING=1` when it stops. Without
+/// a service manager it does nothing; one that cannot be told is logged, never fatal.
+fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let told = match socket.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&socket),
+    }
+    .and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = told {
+        tracing::warn!(socket = ?socket, error = %e, "cannot tell the service manager {state}");
+    }
+}
+
+/// Takes `<state>/daemon.lock` (an exclusive `flock`, released when the process ends however
+/// it ends): one daemon per state directory.
+fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
+    let path = state.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
+            "a kiln daemon already serves {} (it holds {})",
+            socket(state).display(),
+            path.display()
+        ),
+        Err(e) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// Raises the soft open-file limit to the hard one, and logs the limit once. Every API and
 /// router connection, instance log and layer file is a descriptor, and the usual soft limit
 /// (1024) runs out under a few hundred clients long before the host's own limit would.
 /// Instances are unaffected: their bundle sets their own limit.
-fn raise_open_file_limit() {
+pub(super) fn raise_open_file_limit() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
@@ -221,16 +294,18 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             biased;
             // Nothing is served yet: stop here.
             stop = signals.recv() => return Ok(stop.exit_code()),
-            daemon = Daemon::start(state, &args.runtime, args.router.workers(), tcp) => daemon?,
+            daemon = Daemon::start(state, &args.runtime, args.router.choice(state)?, tcp) => daemon?,
         };
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
-            "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, instances keep running",
+            "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, the router and instances keep running",
             socket(state).display(),
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }
         ));
+        notify_service_manager("READY=1");
         signals.recv().await;
+        notify_service_manager("STOPPING=1");
         out.say("kiln daemon stopping: requests in flight may finish (Ctrl-C again stops at once)");
         tokio::select! {
             () = daemon.stop() => out.say("kiln daemon stopped"),

@@ -1,9 +1,8 @@
-//! `kiln doctor`: can this host run instances? Checks the OCI runtime binary, kernel
-//! overlayfs, the cgroup mode, privileges, the state directory, inotify and the Docker
-//! Engine (a warning only: the docker provider needs it), and for each
-//! problem prints exactly what to install or change. Exit 1 when a check fails.
+//! `kiln doctor`: can this host run instances? Says which state directory kiln uses and why,
+//! checks the OCI runtime binary, kernel overlayfs, the cgroup mode, privileges, the state
+//! directory, inotify and the Docker Engine (a warning only: the docker provider needs it),
+//! and for each problem prints exactly what to install or change. Exit 1 when a check fails.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -11,6 +10,7 @@ use kiln_runtime::CheckStatus;
 use serde_json::json;
 
 use crate::output::Output;
+use crate::state::Choice;
 
 /// `kiln doctor`.
 #[derive(Debug, Args)]
@@ -25,8 +25,22 @@ pub struct DoctorArgs {
 }
 
 /// Runs `kiln doctor`.
-pub fn doctor(args: &DoctorArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let mut checks = kiln_runtime::doctor(&args.runtime, state);
+pub fn doctor(args: &DoctorArgs, state: &Choice, out: &Output) -> anyhow::Result<ExitCode> {
+    let mut checks = kiln_runtime::doctor(&args.runtime, &state.dir);
+    // Which directory, next to whether it can hold instances.
+    let at = checks
+        .iter()
+        .position(|c| c.name == "state")
+        .unwrap_or(checks.len());
+    checks.insert(
+        at,
+        kiln_runtime::Check {
+            name: "state-dir",
+            status: CheckStatus::Ok,
+            detail: format!("{}: {}", state.dir.display(), state.why),
+            fix: None,
+        },
+    );
     checks.push(
         super::instance::tokio_runtime()?.block_on(kiln_runtime::docker::engine_check(
             args.docker_host.as_deref(),
@@ -36,6 +50,7 @@ pub fn doctor(args: &DoctorArgs, state: &Path, out: &Output) -> anyhow::Result<E
     if out.json {
         out.data(&json!({
             "ok": !failed,
+            "state": {"dir": state.dir, "why": state.why.to_string()},
             "checks": checks.iter().map(|c| json!({
                 "name": c.name,
                 "status": c.status.as_str(),

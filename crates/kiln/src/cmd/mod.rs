@@ -7,8 +7,10 @@ pub mod deploy;
 pub mod doctor;
 pub mod image;
 mod instance;
+mod man;
 pub mod pause;
 pub mod remote;
+pub mod router;
 pub mod run;
 mod signals;
 mod spec;
@@ -24,9 +26,8 @@ use crate::state::{self, Need};
 pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
     // One absolute state directory for everything below: the daemon's socket, the store,
     // instance mounts and the runtime all outlive the current directory's meaning.
-    cli.global.state = std::path::absolute(&cli.global.state).map_err(|e| {
-        anyhow::anyhow!("cannot resolve --state {}: {e}", cli.global.state.display())
-    })?;
+    let state_choice = state::choose(cli.global.state_flag.take())?;
+    cli.global.state.clone_from(&state_choice.dir);
     if talks_to_daemon(&cli.command) {
         // A malformed --host (or KILN_HOST) is a usage error, as clap's own are.
         if let Some(h) = cli.global.host.as_deref().filter(|h| !h.is_empty())
@@ -52,14 +53,16 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Schema(args) => spec::schema(&args, out),
         Command::Init(args) => spec::init(&args, out),
         Command::Completions(args) => completions::print(&args, out),
+        Command::Man(args) => man::write(&args, out),
         Command::Build(args) => image::build(&args, &cli.global.state, out),
         Command::Images => image::images(&cli.global.state, out),
         Command::Image(args) => image::image(&args, &cli.global.state, out),
         Command::Gc(args) => image::gc(&args, &cli.global.state, out),
         Command::Run(args) => run::run(&args, &cli.global.state, out),
         Command::Test(args) => test::test(&args, &cli.global.state, out),
-        Command::Doctor(args) => doctor::doctor(&args, &cli.global.state, out),
+        Command::Doctor(args) => doctor::doctor(&args, &state_choice, out),
         Command::Serve(args) => daemon::serve(&args, &cli.global.state, out),
+        Command::Router(args) => router::router(&args, &cli.global.state, out),
         Command::Up(args) => deploy::up(&args, &cli.global.state, out),
         Command::Plan(args) => deploy::plan(&args, &cli.global.state, out),
         Command::Apply(args) => deploy::apply(&args, &cli.global.state, out),
@@ -113,6 +116,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Schema(_)
         | Command::Init(_)
         | Command::Completions(_)
+        | Command::Man(_)
         | Command::Context(_)
         // It only connects to the daemon's socket, which is private to the daemon's user.
         | Command::DialStdio => None,
@@ -123,6 +127,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Run(_)
         | Command::Test(_)
         | Command::Serve(_)
+        | Command::Router(_)
         | Command::Up(_)
         | Command::Plan(_)
         | Command::Apply(_) => Some(Need::Create),

@@ -142,6 +142,25 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The router process serving `state`, as it wrote itself down.
+pub fn router_pid(state: &Path) -> u32 {
+    std::fs::read_to_string(state.join("router.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// A `kiln serve` child process on a state directory; dropping it kills the daemon and
 /// removes every instance it left (runc containers, mounts).
 pub struct Daemon {
