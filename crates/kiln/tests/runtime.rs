@@ -436,6 +436,7 @@ fn doctor_reports_every_check_as_json() {
             "seccomp",
             "network",
             "privileges",
+            "state-dir",
             "state",
             "inotify",
             "docker"
