@@ -183,12 +183,15 @@ pub async fn run(
         }
     };
     drop(listener);
+    // Both names are the successor's after a handover (its pid file may be written at any
+    // moment): only a router that stops for good removes them.
     if why != Exit::HandedOver && inode(&path) == ours {
         let _ = std::fs::remove_file(&path);
-    }
-    if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == std::process::id().to_string())
-    {
-        let _ = std::fs::remove_file(&pid_file);
+        if std::fs::read_to_string(&pid_file)
+            .is_ok_and(|p| p.trim() == std::process::id().to_string())
+        {
+            let _ = std::fs::remove_file(&pid_file);
+        }
     }
     tracing::info!(reason = ?why, "router stopping: connections finish their requests");
     shared.plane.shutdown().await;
