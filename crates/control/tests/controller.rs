@@ -352,6 +352,28 @@ async fn an_app_whose_address_is_taken_still_goes_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_kiln_cannot_take_a_share_of_an_address() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, _, _) = controller(one.path()).await;
+    let (second, _, _) = controller(two.path()).await;
+    let port = free_port();
+    first
+        .apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap();
+    // Another state's router binding the same address would split its connections with the
+    // first (SO_REUSEPORT); it is refused instead.
+    let err = second
+        .apply("web", apply_req(config(port, "1"), "a"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_on_one_address_share_its_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (c, _, _) = controller(dir.path()).await;

@@ -361,7 +361,11 @@ impl LocalPlane {
     ) -> Result<(), PlaneError> {
         let router = |e: std::io::Error| PlaneError::Router(e.to_string());
         let mut cfg = ListenerConfig::new(listen);
-        cfg.reuse_port = true;
+        // No SO_REUSEPORT: an address changes hands only as this very socket (a copy for a
+        // rebind, or passed to the next router process), so another process binding it (a
+        // kiln of another state included) fails instead of silently taking a share of its
+        // connections.
+        cfg.reuse_port = false;
         cfg.tls = tls
             .clone()
             .map(|(cert, key)| kiln_proxy::TlsFiles { cert, key });
