@@ -131,6 +131,13 @@ async fn a_new_router_takes_the_sockets_and_tables_over_without_a_failed_request
 
     let first = router(state);
     let info = wait_for_router(state, None).await;
+    // Only the daemon's user may feed the router (its state directory is private too).
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(kiln_dataplane::socket(state))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let remote = RemotePlane::attach(&kiln_dataplane::socket(state), None, "test")
         .await
         .unwrap();
