@@ -88,6 +88,9 @@ pub const INIT_DIR: &str = "/.kiln";
 /// The init binary in an instance with `init`.
 pub const INIT_PATH: &str = "/.kiln/init";
 
+/// Where an instance finds its secrets, one file per secret, on every provider.
+pub const SECRETS_DIR: &str = "/run/secrets";
+
 /// The argument that makes the `kiln` binary the init: `/.kiln/init <INIT_ARG> -- argv…`.
 pub const INIT_ARG: &str = "instance-init";
 

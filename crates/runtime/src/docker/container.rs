@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use kiln_spec::Seccomp;
 
-use crate::types::{Digest, INIT_PATH, InstanceId, InstanceSpec};
+use crate::types::{Digest, INIT_PATH, InstanceId, InstanceSpec, SECRETS_DIR};
 
 /// Labels every kiln container carries.
 pub(crate) const LABEL_APP: &str = "kiln.app";
@@ -117,7 +117,7 @@ pub(crate) fn create_body(w: &Wanted<'_>) -> ContainerCreateBody {
     };
     let binds: Vec<String> = w
         .secrets
-        .map(|dir| format!("{}:/run/secrets:ro", dir.display()))
+        .map(|dir| format!("{}:{SECRETS_DIR}:ro", dir.display()))
         .into_iter()
         .chain(
             w.init
@@ -259,6 +259,15 @@ const ENGINE_PATHS: &[&str] = &[
     "/etc/mtab",
     "/.dockerenv",
 ];
+
+/// The paths kiln itself mounts in an instance: its `writable` tmpfs, kiln's init when it
+/// runs under it, and the secrets directory when it has secrets.
+pub(crate) fn kiln_paths(writable: &[String], init: bool, secrets: bool) -> Vec<String> {
+    let mut out = writable.to_vec();
+    out.extend(init.then(|| INIT_PATH.to_owned()));
+    out.extend(secrets.then(|| SECRETS_DIR.to_owned()));
+    out
+}
 
 /// Which of the engine's reported filesystem changes (`GET /containers/{id}/changes`) are
 /// drift: anything but the engine's own mount points, the `writable` paths and what lies
@@ -525,8 +534,23 @@ mod tests {
             "/srv".to_owned(),
         ];
         assert_eq!(
-            drifted_paths(&changes, &[INIT_PATH.to_owned()]),
+            drifted_paths(&changes, &kiln_paths(&[], true, false)),
             ["/srv".to_owned()]
+        );
+    }
+
+    #[test]
+    fn the_secrets_mount_point_is_not_drift() {
+        // What the engine reported for an instance with secrets on an image without /run.
+        let changes = ["/run".to_owned(), "/run/secrets".to_owned()];
+        assert_eq!(
+            drifted_paths(&changes, &kiln_paths(&["/tmp".to_owned()], true, true)),
+            Vec::<String>::new()
+        );
+        // Without secrets, the same paths are somebody else's doing.
+        assert_eq!(
+            drifted_paths(&changes, &kiln_paths(&["/tmp".to_owned()], true, false)),
+            changes.to_vec()
         );
     }
 

@@ -60,7 +60,7 @@ use crate::types::{
 
 use self::container::{
     IMAGE_REPO, LABEL_INSTANCE, LABEL_STATE, Wanted, changed_settings, create_body, drifted_paths,
-    image_tag, settings,
+    image_tag, kiln_paths, settings,
 };
 
 /// How the docker provider is set up.
@@ -116,6 +116,11 @@ struct DockerRecord {
     /// drift; absent in records written before it, which had none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     init: bool,
+    /// Its secrets are bound at `/run/secrets`, whose mount point (and `/run`, when the image
+    /// has none) the engine creates in the writable layer: no drift. Absent in records
+    /// written before it, which reported that mount point as drift.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    secrets: bool,
 }
 
 impl DockerRecord {
@@ -553,10 +558,7 @@ impl DockerProvider {
             Err(e) => return Err(engine_err(format!("list the changes of {id}"), e)),
         };
         let paths: Vec<String> = changes.into_iter().map(|c| c.path).collect();
-        let mut expected = record.writable.clone();
-        if record.init {
-            expected.push(crate::types::INIT_PATH.to_owned());
-        }
+        let expected = kiln_paths(&record.writable, record.init, record.secrets);
         for path in drifted_paths(&paths, &expected) {
             findings.push(DriftFinding::Write { path });
         }
@@ -1008,6 +1010,7 @@ impl Provider for DockerProvider {
             labels: spec.labels.clone(),
             settings: settings(&inspected),
             init: spec.init,
+            secrets: !spec.secrets.is_empty(),
         };
         let path = self.record_path(&id);
         let written = serde_json::to_vec_pretty(&record)

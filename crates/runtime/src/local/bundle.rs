@@ -45,9 +45,6 @@ pub(crate) fn nofile_limit() -> u64 {
     hard.map_or(NOFILE, |h| h.min(NOFILE))
 }
 
-/// Where an instance finds its secrets.
-pub(crate) const SECRETS_DIR: &str = "/run/secrets";
-
 /// The CFS period the CPU quota is computed against (100 ms, the kernel default).
 const CPU_PERIOD: u64 = 100_000;
 
@@ -85,7 +82,7 @@ pub(crate) struct BundleInput<'a> {
     /// The instance's own network namespace (a bind mount kiln made); `None` means the
     /// host's network.
     pub netns: Option<&'a Path>,
-    /// The host directory (on a tmpfs) bound read-only at [`SECRETS_DIR`], when it has
+    /// The host directory (on a tmpfs) bound read-only at [`SECRETS_DIR`](crate::types::SECRETS_DIR), when it has
     /// secrets.
     pub secrets: Option<&'a Path>,
     /// kiln's init on the host, bound read-only at [`INIT_PATH`] and run as the process
@@ -195,7 +192,7 @@ pub(crate) fn mounts(
     if let Some(dir) = secrets {
         mounts.push(
             MountBuilder::default()
-                .destination(PathBuf::from(SECRETS_DIR))
+                .destination(PathBuf::from(crate::types::SECRETS_DIR))
                 .typ("bind")
                 .source(dir.to_path_buf())
                 .options(
@@ -204,7 +201,7 @@ pub(crate) fn mounts(
                         .to_vec(),
                 )
                 .build()
-                .map_err(|e| format!("{SECRETS_DIR}: {e}"))?,
+                .map_err(|e| format!("{}: {e}", crate::types::SECRETS_DIR))?,
         );
     }
     if let Some(binary) = init {

@@ -347,7 +347,7 @@ impl LocalProvider {
         let paths = spec.writable_paths();
         let mut destinations = paths.clone();
         if !spec.secrets.is_empty() {
-            destinations.push(bundle::SECRETS_DIR.to_owned());
+            destinations.push(crate::types::SECRETS_DIR.to_owned());
         }
         if spec.init {
             destinations.push(crate::types::INIT_DIR.to_owned());
@@ -888,7 +888,7 @@ fn with_exposed_secrets(
                     "secret {} is not text without NUL, so it cannot be in the environment \
                      (expose_env); read it from {}/{}",
                     s.name,
-                    bundle::SECRETS_DIR,
+                    crate::types::SECRETS_DIR,
                     s.name
                 )
             })?;

@@ -147,7 +147,7 @@ impl InstanceRecord {
     pub(crate) fn mount_destinations(&self) -> Vec<String> {
         let mut out = self.writable.clone();
         if !self.secrets.is_empty() {
-            out.push(crate::local::bundle::SECRETS_DIR.to_owned());
+            out.push(crate::types::SECRETS_DIR.to_owned());
         }
         if self.init {
             out.push(crate::types::INIT_DIR.to_owned());
