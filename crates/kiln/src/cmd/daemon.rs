@@ -216,6 +216,11 @@ fn notify_service_manager(state: &str) {
     }
 }
 
+/// How long a new daemon waits for the lock of one that just died. A process the old
+/// daemon was spawning when it was killed holds a copy of its descriptors (the lock's
+/// among them) until it executes its program, which on a loaded machine can take a while.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Takes `<state>/daemon.lock` (an exclusive `flock`, released when the process ends however
 /// it ends): one daemon per state directory.
 fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
@@ -226,14 +231,20 @@ fn lock_state(state: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
-            "a kiln daemon already serves {} (it holds {})",
-            socket(state).display(),
-            path.display()
-        ),
-        Err(e) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
+                "a kiln daemon already serves {} (it holds {})",
+                socket(state).display(),
+                path.display()
+            ),
+            Err(e) => return Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+        }
     }
 }
 
