@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 
+pub mod wrk;
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
