@@ -12,7 +12,7 @@
 //!
 //! [`ReleaseConfig::decode`] is the way in for JSON from outside (the API, the ledger): its
 //! [`ConfigError`] names the JSON path of the field that failed, e.g.
-//! `target.provider: unknown variant "dockr", expected "local" or "docker"`.
+//! `target.provider: unknown variant "dockr", expected "local", "docker" or "swarm"`.
 //! [`ReleaseConfig::validate`] then holds the values to the rules `kiln.toml` gets, calling
 //! the spec crate's own [`kiln_spec::rules`] so the two cannot disagree.
 
@@ -71,6 +71,9 @@ pub struct TargetConfig {
     pub docker_host: Option<String>,
     /// `taint` or `allow`.
     pub exec: ExecPolicyName,
+    /// Swarm placement constraints (absent in releases stored before them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<String>,
 }
 
 /// Declares a storage enum written in JSON as one of fixed strings. It serialises as its
@@ -122,7 +125,7 @@ macro_rules! spelled {
     };
 }
 
-/// `unknown variant "dockr", expected "local" or "docker"`.
+/// `unknown variant "dockr", expected "local", "docker" or "swarm"`.
 fn unknown_spelling<'a>(got: &str, known: impl Iterator<Item = &'a str>) -> String {
     let known: Vec<String> = known.map(|k| format!("{k:?}")).collect();
     let expected = match known.split_last() {
@@ -140,6 +143,8 @@ spelled! {
         Local = "local",
         /// `docker`: a Docker Engine.
         Docker = "docker",
+        /// `swarm`: a Docker Swarm.
+        Swarm = "swarm",
     }
 }
 
@@ -348,6 +353,7 @@ impl From<ProviderKind> for ProviderName {
         match p {
             ProviderKind::Local => ProviderName::Local,
             ProviderKind::Docker => ProviderName::Docker,
+            ProviderKind::Swarm => ProviderName::Swarm,
         }
     }
 }
@@ -357,6 +363,7 @@ impl From<ProviderName> for ProviderKind {
         match p {
             ProviderName::Local => ProviderKind::Local,
             ProviderName::Docker => ProviderKind::Docker,
+            ProviderName::Swarm => ProviderKind::Swarm,
         }
     }
 }
@@ -465,6 +472,7 @@ impl From<&TargetSpec> for TargetConfig {
             runtime: t.runtime.clone(),
             docker_host: t.docker_host.clone(),
             exec: t.exec.into(),
+            placement: t.placement.clone(),
         }
     }
 }
@@ -912,6 +920,7 @@ impl ReleaseConfig {
             runtime: t.runtime.clone(),
             docker_host: t.docker_host.clone(),
             exec: t.exec.into(),
+            placement: t.placement.clone(),
         }
     }
 
@@ -1216,10 +1225,14 @@ impl TargetConfig {
         let set = |key: &str| match key {
             "docker_host" => self.docker_host.is_some(),
             "exec" => self.exec != ExecPolicyName::Taint,
+            "placement" => !self.placement.is_empty(),
             _ => false,
         };
         for (key, b) in rules::target_keys(self.provider.into(), set) {
             p.check(&format!("target.{key}"), Err(b));
+        }
+        for c in &self.placement {
+            p.check("target.placement", rules::placement(c));
         }
         p.check("target.runtime", rules::runtime(&self.runtime));
     }
@@ -1484,7 +1497,11 @@ exec = "allow"
     fn names_spell_as_the_spec_does() {
         let strategies: Vec<&str> = StrategyName::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(strategies, kiln_spec::STRATEGIES);
-        for p in [ProviderKind::Local, ProviderKind::Docker] {
+        for p in [
+            ProviderKind::Local,
+            ProviderKind::Docker,
+            ProviderKind::Swarm,
+        ] {
             assert_eq!(ProviderName::from(p).as_str(), p.as_str());
             assert_eq!(ProviderKind::from(ProviderName::from(p)), p);
         }
@@ -1521,7 +1538,7 @@ exec = "allow"
     service.allow_dangerous_capabilities: `allow_dangerous_capabilities` is set, but no capability listed is dangerous
 
 /target/provider = "dockr"
-    target.provider: unknown variant "dockr", expected "local" or "docker"
+    target.provider: unknown variant "dockr", expected "local", "docker" or "swarm"
 
 /target/exec = "sometimes"
     target.exec: unknown variant "sometimes", expected "taint" or "allow"
@@ -1685,8 +1702,8 @@ exec = "allow"
 /target/provider = "local"
 /target/docker_host = "unix:///run/docker.sock"
 /target/runtime = ""
-    target.docker_host: `docker_host` only applies to provider = "docker"
-    target.exec: `exec` only applies to provider = "docker"
+    target.docker_host: `docker_host` only applies to provider = "docker" or "swarm"
+    target.exec: `exec` only applies to provider = "docker" or "swarm"
     target.runtime: `runtime` must name a program
 "#;
 
@@ -1757,7 +1774,7 @@ exec = "allow"
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        assert_eq!(asked, ["docker_host", "exec"]);
+        assert_eq!(asked, ["docker_host", "exec", "placement"]);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::docker::{DockerConfig, DockerProvider};
 use crate::image::ImageSource;
 use crate::local::{LocalConfig, LocalProvider};
 use crate::provider::{Provider, ProviderError};
+use crate::swarm::{SwarmConfig, SwarmProvider};
 use crate::types::{DriftReport, Health, InstanceId, InstanceSpec, LogChunk, Observation};
 
 /// The local provider and the docker provider of one state directory, as one provider.
@@ -34,6 +35,9 @@ pub struct Engines {
     local: Arc<LocalProvider>,
     local_active: AtomicBool,
     docker: OnceCell<Arc<DockerProvider>>,
+    swarm: OnceCell<Arc<SwarmProvider>>,
+    /// `ADDR:PORT` of the daemon's image registry, which Swarm nodes pull from.
+    registry: std::sync::OnceLock<String>,
     drift_tx: broadcast::Sender<DriftReport>,
     /// kiln's init binary, for instances whose spec has `init` (both providers).
     init: Option<PathBuf>,
@@ -84,6 +88,8 @@ impl Engines {
             images,
             local,
             docker: OnceCell::new(),
+            swarm: OnceCell::new(),
+            registry: std::sync::OnceLock::new(),
             drift_tx,
             init,
         });
@@ -91,7 +97,54 @@ impl Engines {
         if has_entries(&engines.state.join("docker"), ".json") {
             engines.docker(None).await?;
         }
+        if has_entries(&engines.state.join("swarm"), ".json") {
+            engines.swarm(None).await?;
+        }
         Ok(engines)
+    }
+
+    /// Where Swarm nodes pull kiln's images from: `ADDR:PORT` of the daemon's registry
+    /// endpoint. Set once, before the first swarm instance.
+    pub fn set_registry(&self, address: String) {
+        let _ = self.registry.set(address);
+    }
+
+    /// The swarm provider on the manager at `host` (or the one this state directory used
+    /// before, or `$DOCKER_HOST`), connected on first use; as for docker, one per state
+    /// directory. Swarm instances on record connect it at the first listing.
+    pub async fn swarm(&self, host: Option<&str>) -> Result<Arc<SwarmProvider>, ProviderError> {
+        let file = self.state.join("swarm").join("engine");
+        let remembered = std::fs::read_to_string(&file)
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty());
+        let host = host.or(remembered.as_deref());
+        let provider = self
+            .swarm
+            .get_or_try_init(|| async {
+                let mut cfg = SwarmConfig::new(&self.state, host.map(str::to_owned));
+                cfg.registry = self.registry.get().cloned();
+                let p = SwarmProvider::connect(cfg, Arc::clone(&self.images)).await?;
+                kiln_durable::write(&file, host.unwrap_or_default().as_bytes())
+                    .map_err(ProviderError::io("write", &file))?;
+                forward(p.drift_events(), self.drift_tx.clone());
+                Ok::<_, ProviderError>(p)
+            })
+            .await?;
+        let connected = std::fs::read_to_string(&file).unwrap_or_default();
+        if let Some(h) = host
+            && h != connected.trim()
+        {
+            return Err(ProviderError::Engine {
+                what: format!("use the Swarm manager at {h}"),
+                message: format!(
+                    "this state directory's swarm instances are on the manager at {}; one \
+                     manager per state directory",
+                    connected.trim()
+                ),
+            });
+        }
+        Ok(Arc::clone(provider))
     }
 
     /// The docker provider, connected to `host` (or the engine this state directory used
@@ -140,6 +193,11 @@ impl Engines {
 
     /// The provider that holds `id`.
     fn holder(&self, id: &InstanceId) -> Arc<dyn Provider> {
+        if let Some(s) = self.swarm.get()
+            && self.state.join("swarm").join(format!("{id}.json")).exists()
+        {
+            return Arc::clone(s) as Arc<dyn Provider>;
+        }
         if let Some(d) = self.docker.get()
             && self
                 .state
@@ -184,6 +242,10 @@ impl Provider for Engines {
                 let docker = self.docker(spec.target.docker_host.as_deref()).await?;
                 docker.create(spec).await
             }
+            ProviderKind::Swarm => {
+                let swarm = self.swarm(spec.target.docker_host.as_deref()).await?;
+                swarm.create(spec).await
+            }
         }
     }
 
@@ -210,6 +272,9 @@ impl Provider for Engines {
         }
         if let Some(d) = self.docker.get() {
             out.extend(d.list().await?);
+        }
+        if let Some(s) = self.swarm.get() {
+            out.extend(s.list().await?);
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
         Ok(out)

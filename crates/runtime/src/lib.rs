@@ -19,6 +19,7 @@ mod private;
 pub mod provider;
 mod rescan;
 mod secrets;
+pub mod swarm;
 pub mod types;
 mod user;
 
@@ -29,6 +30,7 @@ pub use image::{DirImageSource, ImageConfig, ImageSource, ResolvedImage};
 pub use local::host::{Check, CheckStatus, doctor};
 pub use local::{LocalConfig, LocalProvider};
 pub use provider::{Provider, ProviderError};
+pub use swarm::{SwarmConfig, SwarmProvider};
 pub use types::{
     Digest, DriftFinding, DriftReport, Health, InstanceId, InstancePaths, InstanceSpec,
     InstanceState, InvalidDigest, InvalidInstanceId, LogChunk, Observation, Secret, SecretBytes,

@@ -686,9 +686,12 @@ const TLS: &[Field] = &[
 const TARGET: &[Field] = &[
     default(
         "provider",
-        Kind::Enum(&["local", "docker"]),
+        Kind::Enum(&["local", "docker", "swarm"]),
         "\"local\"",
-        "`local` runs instances on this host with an OCI runtime; `docker` on a Docker Engine.",
+        "`local` runs instances on this host with an OCI runtime; `docker` on a Docker Engine; \
+         `swarm` as Swarm services placed by a Swarm manager over its nodes, each instance \
+         reached at its node's address (host-mode port), images pulled by digest from the \
+         daemon's registry (`kiln serve --registry-listen`).",
     ),
     default(
         "runtime",
@@ -699,8 +702,8 @@ const TARGET: &[Field] = &[
     field(
         "docker_host",
         Kind::String,
-        "The Docker Engine address for the docker provider; default: `$DOCKER_HOST` or the \
-         local socket.",
+        "The Docker Engine address for the docker provider, the Swarm manager's for the swarm \
+         provider; default: `$DOCKER_HOST` or the local socket.",
     ),
     default(
         "exec",
@@ -709,6 +712,13 @@ const TARGET: &[Field] = &[
         "What a `docker exec` into an instance means (docker provider): `taint` marks the \
          instance drifted and kiln replaces it (nobody patches a running instance); `allow` \
          lets it be.",
+    ),
+    field(
+        "placement",
+        Kind::StringList,
+        "Swarm placement constraints (swarm provider), in Swarm's syntax: \
+         `[\"node.role == worker\", \"node.labels.zone != b\"]`. Within them Swarm puts each \
+         new instance on the node running the fewest tasks, so an app's instances spread.",
     ),
 ];
 

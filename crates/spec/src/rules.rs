@@ -584,24 +584,65 @@ pub fn preview_header(h: &str) -> Result<(), Broken> {
         .hint("letters, digits and `-`, e.g. \"X-Kiln-Release\""))
 }
 
-/// Keys of `[target]` that only the docker provider reads, given whether each was set.
+/// Keys of `[target]` the provider does not read, given whether each was set.
 pub fn target_keys(
     provider: ProviderKind,
     set: impl Fn(&str) -> bool,
 ) -> Vec<(&'static str, Broken)> {
-    if provider == ProviderKind::Docker {
-        return Vec::new();
+    let engine = "provider = \"docker\" or \"swarm\"";
+    let swarm = "provider = \"swarm\"";
+    [
+        ("docker_host", engine),
+        ("exec", engine),
+        ("placement", swarm),
+    ]
+    .into_iter()
+    .filter(|(key, _)| set(key))
+    .filter(|(key, _)| match provider {
+        ProviderKind::Local => true,
+        ProviderKind::Docker => *key == "placement",
+        ProviderKind::Swarm => false,
+    })
+    .map(|(key, applies)| {
+        (
+            key,
+            Broken::new(format!("`{key}` only applies to {applies}")),
+        )
+    })
+    .collect()
+}
+
+/// One Swarm placement constraint: `ATTRIBUTE == VALUE` or `ATTRIBUTE != VALUE`, as Swarm
+/// itself parses them (an attribute of `node.` or `engine.labels.`).
+pub fn placement(c: &str) -> Result<(), Broken> {
+    let hint = "e.g. \"node.role == worker\" or \"node.labels.zone != b\"";
+    let Some((attr, value)) = c.split_once("==").or_else(|| c.split_once("!=")) else {
+        return Err(Broken::new(format!("placement {c:?} has no `==` or `!=`")).hint(hint));
+    };
+    let (attr, value) = (attr.trim(), value.trim());
+    let known = [
+        "node.id",
+        "node.hostname",
+        "node.role",
+        "node.platform.os",
+        "node.platform.arch",
+    ];
+    let labelled = ["node.labels.", "engine.labels."]
+        .iter()
+        .any(|p| attr.strip_prefix(p).is_some_and(|l| !l.is_empty()));
+    if !known.contains(&attr) && !labelled {
+        return Err(
+            Broken::new(format!("placement {c:?}: unknown attribute {attr:?}")).hint(
+                "node.id, node.hostname, node.role, node.platform.os, node.platform.arch, \
+             node.labels.NAME or engine.labels.NAME",
+            ),
+        );
     }
-    ["docker_host", "exec"]
-        .into_iter()
-        .filter(|key| set(key))
-        .map(|key| {
-            (
-                key,
-                Broken::new(format!("`{key}` only applies to provider = \"docker\"")),
-            )
-        })
-        .collect()
+    let bad = |ch: char| ch.is_control() || ch == '=' || ch == '!';
+    if value.is_empty() || value.chars().any(bad) {
+        return Err(Broken::new(format!("placement {c:?}: bad value {value:?}")).hint(hint));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -611,10 +611,12 @@ pub struct TargetSpec {
     pub provider: ProviderKind,
     /// OCI runtime binary for `local`.
     pub runtime: String,
-    /// Engine address for `docker`.
+    /// Engine address for `docker`; the Swarm manager's for `swarm`.
     pub docker_host: Option<String>,
-    /// What an exec into an instance means (`docker`).
+    /// What an exec into an instance means (`docker`, `swarm`).
     pub exec: ExecPolicy,
+    /// Swarm placement constraints (`swarm`): `node.role == worker`, `node.labels.zone != a`.
+    pub placement: Vec<String>,
 }
 
 impl Default for TargetSpec {
@@ -625,6 +627,7 @@ impl Default for TargetSpec {
             runtime: "runc".to_owned(),
             docker_host: None,
             exec: ExecPolicy::Taint,
+            placement: Vec::new(),
         }
     }
 }
@@ -635,6 +638,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Local => "local",
             ProviderKind::Docker => "docker",
+            ProviderKind::Swarm => "swarm",
         }
     }
 }
@@ -665,4 +669,6 @@ pub enum ProviderKind {
     Local,
     /// A Docker Engine.
     Docker,
+    /// A Docker Swarm, through its manager's Engine API.
+    Swarm,
 }

@@ -847,6 +847,7 @@ impl Validator<'_> {
     fn target(&mut self, t: &Table) -> TargetSpec {
         let provider = match t.str("provider") {
             Some(("docker", _)) => ProviderKind::Docker,
+            Some(("swarm", _)) => ProviderKind::Swarm,
             _ => ProviderKind::Local,
         };
         for (key, b) in rules::target_keys(provider, |key| t.written(key)) {
@@ -856,9 +857,18 @@ impl Validator<'_> {
         if let Err(b) = rules::runtime(&runtime) {
             self.broken(t, "runtime", b);
         }
+        let key = t.key_path("placement");
+        let mut placement = Vec::new();
+        for (c, span) in t.list("placement").unwrap_or_default() {
+            if let Err(b) = rules::placement(c) {
+                self.diags.push(broken_at(&key, span.clone(), b));
+            }
+            placement.push(c.clone());
+        }
         TargetSpec {
             provider,
             runtime,
+            placement,
             docker_host: t.string("docker_host"),
             exec: match t.str("exec") {
                 Some(("allow", _)) => ExecPolicy::Allow,

@@ -25,7 +25,7 @@
 //! directory's id>`; a container with that label and no record (a crashed create, or one
 //! made by hand) is removed by `list`.
 
-mod container;
+pub(crate) mod container;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -180,14 +180,14 @@ impl std::fmt::Debug for DockerProvider {
     }
 }
 
-fn engine_err(what: impl std::fmt::Display, e: DockerError) -> ProviderError {
+pub(crate) fn engine_err(what: impl std::fmt::Display, e: DockerError) -> ProviderError {
     ProviderError::Engine {
         what: what.to_string(),
         message: e.to_string(),
     }
 }
 
-fn is_not_found(e: &DockerError) -> bool {
+pub(crate) fn is_not_found(e: &DockerError) -> bool {
     matches!(
         e,
         DockerError::DockerResponseServerError {
@@ -197,14 +197,14 @@ fn is_not_found(e: &DockerError) -> bool {
     )
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(ms)
         .unwrap_or_default()
 }
 
 /// The engine address `host` names, or `$DOCKER_HOST`, or the local socket.
-fn engine_address(host: Option<&str>) -> String {
+pub(crate) fn engine_address(host: Option<&str>) -> String {
     host.map(str::to_owned)
         .or_else(|| std::env::var("DOCKER_HOST").ok())
         .unwrap_or_else(|| "unix:///var/run/docker.sock".to_owned())
@@ -778,7 +778,7 @@ fn numeric_owner(user: &str) -> Option<(u32, u32)> {
 
 /// The seccomp profile an engine's `SecurityOptions` name (`name=seccomp,profile=default`);
 /// `None` when seccomp is not among them.
-fn engine_seccomp(options: &[String]) -> Option<String> {
+pub(crate) fn engine_seccomp(options: &[String]) -> Option<String> {
     options.iter().find_map(|o| {
         let mut fields = o.split(',');
         (fields.next() == Some("name=seccomp")).then(|| {

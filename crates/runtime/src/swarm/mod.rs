@@ -1,0 +1,1044 @@
+//! The swarm provider: instances as Docker Swarm services placed by a Swarm manager over its
+//! nodes, driven through the manager's Engine API (bollard; Engine 20.10 speaks 1.41).
+//!
+//! - **An instance is a service of one task** (`service.rs`), so kiln's release model,
+//!   strategies and rollback stay kiln's and Swarm does placement only: within the spec's
+//!   `placement` constraints its scheduler puts each new task on the node running the fewest,
+//!   which spreads an app's instances. No restart policy: a task that ends, or whose node the
+//!   manager sees down, is an instance that ended, which kiln replaces through a new service
+//!   Swarm places on a live node.
+//! - **Reached directly**: the app's port is published in host mode on whichever node runs
+//!   the task; kiln reads the task's node address and published port from the manager, and
+//!   health checks and the router go there, never through Swarm's routing mesh.
+//! - **Images by digest from kiln's registry**: nodes pull `<registry>/kiln/<app>@sha256:…`
+//!   from the daemon's OCI Distribution endpoint (`kiln serve --registry-listen`), so the
+//!   digest every engine reports is the one kiln built; there is no load into each engine.
+//! - **Sealed as on docker**, with what Engine 20.10's service API lacks made explicit: no
+//!   per-service no-new-privileges (the engine must run with `no-new-privileges`, checked on
+//!   the manager), no unconfined seccomp, no OOM score; secrets are refused.
+//! - **Drift**: a service updated behind kiln's back (its settings compared with the ones the
+//!   manager reported right after create: `docker service update --env-add …`), a service
+//!   removed, and an `exec` into a task on the manager's node (the engine kiln reaches),
+//!   followed from the manager's event stream and a periodic rescan.
+//!
+//! Layout under the state directory: `swarm/<id>.json`, the record a new kiln adopts an
+//! instance from; `swarm/<id>.exec` marks an instance tainted by an exec.
+//!
+//! Lifecycle: `create` checks and records the service it will be; `start` creates it (the
+//! task is then scheduled, pulled and started by the Swarm); `stop` removes the service (the
+//! engine stops the task with the spec's grace) and waits until its task is gone.
+
+mod service;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{EventMessage, Node, ServiceSpec, Task};
+use bollard::query_parameters::{
+    EventsOptions, InspectServiceOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
+    LogsOptions,
+};
+use futures_util::StreamExt;
+use kiln_spec::{ExecPolicy, HealthCheck, Seccomp};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use crate::docker::container::{LABEL_INSTANCE, LABEL_STATE, changed_settings};
+use crate::docker::{engine_address, engine_err, is_not_found, unix_ms};
+use crate::health::{HealthMachine, Liveness, monitor, prober_for};
+use crate::image::ImageSource;
+use crate::local::record::HealthRecord;
+use crate::provider::{Provider, ProviderError};
+use crate::types::{
+    Digest, DriftFinding, DriftReport, Health, InstanceId, InstanceSpec, InstanceState, LogChunk,
+    Observation,
+};
+
+use self::service::{
+    Wanted, current_task, node_down, service_spec, settings, task_addr, task_message, task_state,
+};
+
+/// How the swarm provider is set up.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// kiln's state directory (records).
+    pub state: PathBuf,
+    /// The manager's engine: `unix:///…`, `tcp://…`; `None` means `$DOCKER_HOST` or the
+    /// local socket.
+    pub host: Option<String>,
+    /// Where nodes pull kiln's images from: `ADDR:PORT` of the daemon's registry endpoint.
+    /// Without it no instance can be created.
+    pub registry: Option<String>,
+    /// Period of the full drift rescan that backs the event stream.
+    pub rescan_interval: Duration,
+}
+
+impl SwarmConfig {
+    /// Defaults: the manager `$DOCKER_HOST` names (or the local socket), no registry, a
+    /// rescan every 5 s.
+    pub fn new(state: impl Into<PathBuf>, host: Option<String>) -> SwarmConfig {
+        SwarmConfig {
+            state: state.into(),
+            host,
+            registry: None,
+            rescan_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The image reference nodes pull an instance of `app` by.
+pub fn image_reference(registry: &str, app: &str, image: &Digest) -> String {
+    format!("{registry}/kiln/{app}@{image}")
+}
+
+/// What the provider records about an instance (a storage format, so its own serde type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwarmRecord {
+    version: u32,
+    id: String,
+    app: String,
+    /// The manifest digest kiln built.
+    image: String,
+    /// The service `start` creates (the manager's own serialisation of it).
+    spec: Value,
+    /// The service's ID once started.
+    #[serde(default)]
+    service: Option<String>,
+    health: Option<HealthRecord>,
+    exec: String,
+    created_unix_ms: u64,
+    labels: BTreeMap<String, String>,
+    /// The service's settings as the manager reported them right after it was created.
+    #[serde(default)]
+    settings: BTreeMap<String, Value>,
+    /// kiln stopped it (its service is gone on purpose).
+    #[serde(default)]
+    stopped: bool,
+}
+
+impl SwarmRecord {
+    fn image(&self) -> Result<Digest, ProviderError> {
+        Digest::parse(&self.image).map_err(|e| ProviderError::Record {
+            path: PathBuf::from(format!("swarm/{}.json", self.id)),
+            message: e.to_string(),
+        })
+    }
+
+    fn created(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(self.created_unix_ms)
+    }
+}
+
+/// What kiln holds in memory about an instance it started or adopted.
+struct Live {
+    health: watch::Receiver<Health>,
+    health_task: Option<AbortHandle>,
+    /// Where the task answers, once the manager reports it.
+    addr: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if let Some(task) = &self.health_task {
+            task.abort();
+        }
+    }
+}
+
+/// The service's task as the manager reports it now.
+struct TaskView {
+    state: InstanceState,
+    exit_code: Option<i32>,
+    addr: Option<SocketAddr>,
+    message: Option<String>,
+}
+
+/// The swarm provider.
+pub struct SwarmProvider {
+    cfg: SwarmConfig,
+    docker: Docker,
+    images: Arc<dyn ImageSource>,
+    state_label: String,
+    live: Mutex<HashMap<InstanceId, Live>>,
+    destroying: Mutex<HashSet<InstanceId>>,
+    reported: Mutex<HashMap<InstanceId, Vec<DriftFinding>>>,
+    drift_tx: broadcast::Sender<DriftReport>,
+    /// The manager's engine applies no-new-privileges to every container.
+    no_new_privileges: bool,
+    /// The manager's node list, at most `NODES_TTL` old.
+    nodes: tokio::sync::Mutex<(Option<tokio::time::Instant>, Vec<Node>)>,
+}
+
+impl std::fmt::Debug for SwarmProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwarmProvider")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a node listing stands for the observations of every instance.
+const NODES_TTL: Duration = Duration::from_millis(500);
+
+/// How long `stop` waits past the grace for the task to be gone.
+const STOP_SLACK: Duration = Duration::from_secs(15);
+
+impl SwarmProvider {
+    /// Connects to the manager, checks it is one, and starts following its events and the
+    /// periodic drift rescan. Call inside a tokio runtime.
+    pub async fn connect(
+        cfg: SwarmConfig,
+        images: Arc<dyn ImageSource>,
+    ) -> Result<Arc<SwarmProvider>, ProviderError> {
+        let mut cfg = cfg;
+        cfg.state =
+            std::path::absolute(&cfg.state).map_err(ProviderError::io("resolve", &cfg.state))?;
+        let host = engine_address(cfg.host.as_deref());
+        let docker = Docker::connect_with_host(&host)
+            .map_err(|e| engine_err(format!("connect to the Swarm manager at {host}"), e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| engine_err(format!("reach the Swarm manager at {host}"), e))?;
+        let info = docker
+            .info()
+            .await
+            .map_err(|e| engine_err(format!("ask the engine at {host} about itself"), e))?;
+        let manager = info
+            .swarm
+            .as_ref()
+            .and_then(|s| s.control_available)
+            .unwrap_or(false);
+        if !manager {
+            return Err(ProviderError::Engine {
+                what: format!("use the engine at {host} as a Swarm manager"),
+                message: "it is not a Swarm manager (docker swarm init, or point docker_host \
+                          at a manager)"
+                    .to_owned(),
+            });
+        }
+        let no_new_privileges = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o == "name=no-new-privileges");
+        crate::private::private_dir(&cfg.state.join("swarm"))?;
+        let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
+            .short()
+            .to_owned();
+        let (drift_tx, _) = broadcast::channel(256);
+        let provider = Arc::new(SwarmProvider {
+            cfg,
+            docker,
+            images,
+            state_label,
+            live: Mutex::new(HashMap::new()),
+            destroying: Mutex::new(HashSet::new()),
+            reported: Mutex::new(HashMap::new()),
+            drift_tx,
+            no_new_privileges,
+            nodes: tokio::sync::Mutex::new((None, Vec::new())),
+        });
+        tokio::spawn(follow_events(Arc::downgrade(&provider)));
+        tokio::spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
+        Ok(provider)
+    }
+
+    /// The manager's client (for tests and the benchmark).
+    pub fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
+    fn record_path(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("swarm").join(format!("{id}.json"))
+    }
+
+    fn taint_path(&self, id: &InstanceId) -> PathBuf {
+        self.cfg.state.join("swarm").join(format!("{id}.exec"))
+    }
+
+    fn record(&self, id: &InstanceId) -> Result<SwarmRecord, ProviderError> {
+        let path = self.record_path(id);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ProviderError::NotFound(id.clone()));
+            }
+            Err(e) => return Err(ProviderError::io("read", &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Record {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    fn write_record(&self, record: &SwarmRecord) -> Result<(), ProviderError> {
+        let id = InstanceId::new(&record.id).map_err(|e| ProviderError::Record {
+            path: PathBuf::from(format!("swarm/{}.json", record.id)),
+            message: e.to_string(),
+        })?;
+        let path = self.record_path(&id);
+        serde_json::to_vec_pretty(record)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| kiln_durable::write(&path, &bytes))
+            .map_err(ProviderError::io("write", &path))
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_destroying(&self, id: &InstanceId) -> bool {
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// The manager's nodes, listed at most every `NODES_TTL`.
+    async fn nodes(&self) -> Result<Vec<Node>, ProviderError> {
+        let mut cached = self.nodes.lock().await;
+        if let (Some(at), nodes) = &*cached
+            && at.elapsed() < NODES_TTL
+        {
+            return Ok(nodes.clone());
+        }
+        let nodes = self
+            .docker
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(|e| engine_err("list the Swarm's nodes", e))?;
+        *cached = (Some(tokio::time::Instant::now()), nodes.clone());
+        Ok(nodes)
+    }
+
+    /// The service's current task, or `None` when the service is gone.
+    async fn task_view(&self, record: &SwarmRecord) -> Result<Option<TaskView>, ProviderError> {
+        let Some(service) = &record.service else {
+            return Ok(None);
+        };
+        let nodes = self.nodes().await?;
+        view_of(&self.docker, service, &nodes).await
+    }
+
+    /// Starts (once) what kiln follows for a started instance: its health, probed at the
+    /// task's address once the manager reports one.
+    fn adopt(&self, id: &InstanceId, record: &SwarmRecord, long_running: bool) {
+        let mut live = self.lock_live();
+        if live.contains_key(id) {
+            return;
+        }
+        let addr = Arc::new(Mutex::new(None));
+        let (health, health_task) = match (&record.health, &record.service) {
+            (Some(h), Some(service)) if !record.stopped => {
+                let (tx, rx) = watch::channel(Health::Starting);
+                let started = if long_running {
+                    // An adopted instance may have been healthy for hours: no start period.
+                    tokio::time::Instant::now()
+                        .checked_sub(Duration::from_secs(86_400))
+                        .unwrap_or_else(tokio::time::Instant::now)
+                } else {
+                    tokio::time::Instant::now()
+                };
+                let task = tokio::spawn(follow_health(
+                    self.docker.clone(),
+                    service.clone(),
+                    HealthCheck::from(h),
+                    started,
+                    Arc::clone(&addr),
+                    tx,
+                ));
+                (rx, Some(task.abort_handle()))
+            }
+            _ => (watch::channel(Health::Unknown).1, None),
+        };
+        live.insert(
+            id.clone(),
+            Live {
+                health,
+                health_task,
+                addr,
+            },
+        );
+    }
+
+    /// The full drift check of one instance.
+    async fn drift_findings(
+        &self,
+        id: &InstanceId,
+        record: &SwarmRecord,
+    ) -> Result<Vec<DriftFinding>, ProviderError> {
+        let mut findings = Vec::new();
+        if let Ok(command) = std::fs::read_to_string(self.taint_path(id)) {
+            findings.push(DriftFinding::Exec { command });
+        }
+        let Some(service) = &record.service else {
+            return Ok(findings);
+        };
+        if record.stopped {
+            return Ok(findings);
+        }
+        let found = match self
+            .docker
+            .inspect_service(service, None::<InspectServiceOptions>)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if is_not_found(&e) => {
+                findings.push(DriftFinding::Vanished {
+                    what: format!("service {service} removed behind kiln's back"),
+                });
+                return Ok(findings);
+            }
+            Err(e) => return Err(engine_err(format!("inspect instance {id}"), e)),
+        };
+        let now = found.spec.as_ref().map(settings).unwrap_or_default();
+        for (name, expected, found) in changed_settings(&record.settings, &now) {
+            findings.push(DriftFinding::Setting {
+                name,
+                expected,
+                found,
+            });
+        }
+        Ok(findings)
+    }
+
+    /// Announces `findings` when they hold something not announced before; returns them as a
+    /// report (or `None` when clean).
+    fn publish(&self, id: &InstanceId, findings: Vec<DriftFinding>) -> Option<DriftReport> {
+        let mut findings = findings;
+        findings.sort_by_key(ToString::to_string);
+        findings.dedup();
+        if findings.is_empty() {
+            return None;
+        }
+        let report = DriftReport {
+            instance: id.clone(),
+            findings: findings.clone(),
+            at: SystemTime::now(),
+        };
+        let new = {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let before = reported.entry(id.clone()).or_default();
+            let new = findings.iter().any(|f| !before.contains(f));
+            *before = findings;
+            new
+        };
+        if new && !self.is_destroying(id) {
+            let _ = self.drift_tx.send(report.clone());
+        }
+        Some(report)
+    }
+
+    async fn check(&self, id: &InstanceId) {
+        if self.is_destroying(id) {
+            return;
+        }
+        let Ok(record) = self.record(id) else {
+            return;
+        };
+        match self.drift_findings(id, &record).await {
+            Ok(findings) => {
+                self.publish(id, findings);
+            }
+            Err(e) => tracing::warn!(instance = %id, error = %e, "drift check failed"),
+        }
+    }
+
+    /// Reacts to one event of the manager's engine about one of kiln's services or tasks.
+    async fn on_event(self: &Arc<Self>, event: EventMessage) {
+        let action = event.action.unwrap_or_default();
+        let attributes = event.actor.and_then(|a| a.attributes).unwrap_or_default();
+        let name = attributes
+            .get("name")
+            .cloned()
+            .or_else(|| attributes.get("com.docker.swarm.service.name").cloned());
+        let Some(id) = attributes
+            .get(LABEL_INSTANCE)
+            .cloned()
+            .or(name)
+            .and_then(|s| InstanceId::new(&s).ok())
+        else {
+            return;
+        };
+        let Ok(record) = self.record(&id) else {
+            return;
+        };
+        let verb = action.split(':').next().unwrap_or_default().trim();
+        match verb {
+            "exec_create" | "exec_start" => {
+                if record.exec != ExecPolicy::Taint.as_str() || self.is_destroying(&id) {
+                    return;
+                }
+                let command = action
+                    .split_once(':')
+                    .map(|(_, c)| c.trim().to_owned())
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| "(unknown command)".to_owned());
+                let path = self.taint_path(&id);
+                if !path.exists()
+                    && let Err(e) = kiln_durable::write(&path, command.as_bytes())
+                {
+                    tracing::warn!(instance = %id, error = %e, "cannot record an exec taint");
+                }
+                self.check(&id).await;
+            }
+            "update" | "remove" => self.check(&id).await,
+            _ => {}
+        }
+    }
+
+    /// Removes the service, whatever its state; gone already is fine.
+    async fn remove_service(&self, id: &InstanceId, service: &str) -> Result<(), ProviderError> {
+        match self.docker.delete_service(service).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(engine_err(format!("remove instance {id}"), e)),
+        }
+    }
+
+    /// Waits until the service's tasks are gone or ended, up to `limit`.
+    async fn wait_gone(&self, service: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            match tasks_of(&self.docker, service).await {
+                Ok(tasks)
+                    if tasks.iter().all(|t| {
+                        t.status
+                            .as_ref()
+                            .and_then(|s| s.state)
+                            .is_none_or(task_state_ended)
+                    }) =>
+                {
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn tasks_of(docker: &Docker, service: &str) -> Result<Vec<Task>, ProviderError> {
+    let mut filters = HashMap::new();
+    filters.insert("service".to_owned(), vec![service.to_owned()]);
+    docker
+        .list_tasks(Some(ListTasksOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .map_err(|e| engine_err(format!("list the tasks of service {service}"), e))
+}
+
+/// What the manager reports of `service`'s current task (`None`: the service is gone), with
+/// the swarm's nodes as `nodes` lists them.
+async fn view_of(
+    docker: &Docker,
+    service: &str,
+    nodes: &[Node],
+) -> Result<Option<TaskView>, ProviderError> {
+    match docker
+        .inspect_service(service, None::<InspectServiceOptions>)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(engine_err(format!("inspect service {service}"), e)),
+    }
+    let tasks = tasks_of(docker, service).await?;
+    let Some(task) = current_task(&tasks) else {
+        // Created, not yet given a task by the orchestrator.
+        return Ok(Some(TaskView {
+            state: InstanceState::Running,
+            exit_code: None,
+            addr: None,
+            message: None,
+        }));
+    };
+    let node = task
+        .node_id
+        .as_ref()
+        .and_then(|n| nodes.iter().find(|x| x.id.as_ref() == Some(n)));
+    let down = task.node_id.is_some() && node_down(node);
+    let (state, exit_code) = task_state(task, down);
+    Ok(Some(TaskView {
+        state,
+        exit_code,
+        addr: task_addr(task, node),
+        message: if down {
+            Some("its node is down".to_owned())
+        } else {
+            task_message(task)
+        },
+    }))
+}
+
+/// Follows one started instance's health: waits for the manager to report where its task
+/// answers, then probes it there until the task ends (or its node goes down).
+async fn follow_health(
+    docker: Docker,
+    service: String,
+    check: HealthCheck,
+    started: tokio::time::Instant,
+    addr: Arc<Mutex<Option<SocketAddr>>>,
+    tx: watch::Sender<Health>,
+) {
+    let view = |docker: Docker, service: String| async move {
+        let nodes = docker
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(|e| engine_err("list the Swarm's nodes", e))?;
+        view_of(&docker, &service, &nodes).await
+    };
+    let at = loop {
+        match view(docker.clone(), service.clone()).await {
+            Ok(Some(v)) if v.state == InstanceState::Running => {
+                if let Some(a) = v.addr {
+                    break a;
+                }
+            }
+            Ok(_) => {
+                tx.send_replace(Health::Failed);
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    *addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let alive: Liveness = {
+        let running = Arc::clone(&running);
+        Arc::new(move || running.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let watcher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match view(docker.clone(), service.clone()).await {
+                Ok(Some(v)) if v.state == InstanceState::Running => {}
+                Ok(_) => {
+                    running.store(false, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    let prober = prober_for(&check, at);
+    monitor(HealthMachine::new(check, started), prober, alive, tx).await;
+    watcher.abort();
+}
+
+fn task_state_ended(s: bollard::models::TaskState) -> bool {
+    use bollard::models::TaskState as T;
+    matches!(
+        s,
+        T::COMPLETE | T::SHUTDOWN | T::FAILED | T::REJECTED | T::REMOVE | T::ORPHANED
+    )
+}
+
+/// Follows the manager's engine events for as long as the provider lives, reconnecting
+/// after an error.
+async fn follow_events(provider: Weak<SwarmProvider>) {
+    loop {
+        let Some(p) = provider.upgrade() else { return };
+        let mut filters = HashMap::new();
+        filters.insert(
+            "type".to_owned(),
+            vec!["service".to_owned(), "container".to_owned()],
+        );
+        let mut stream = p.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..EventsOptions::default()
+        }));
+        drop(p);
+        while let Some(item) = stream.next().await {
+            let Some(p) = provider.upgrade() else { return };
+            match item {
+                Ok(event) => p.on_event(event).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the manager's event stream ended");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[async_trait]
+impl Provider for SwarmProvider {
+    fn name(&self) -> &'static str {
+        "swarm"
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<InstanceId, ProviderError> {
+        let id = InstanceId::generate(&spec.app);
+        let refuse = |message: String| ProviderError::Config {
+            id: id.clone(),
+            message,
+        };
+        let Some(registry) = self.cfg.registry.as_deref() else {
+            return Err(refuse(
+                "provider = \"swarm\" needs the daemon's image registry, from which every node \
+                 pulls: run kiln serve with --registry-listen ADDR (an address the nodes reach)"
+                    .to_owned(),
+            ));
+        };
+        if spec.network != kiln_spec::Network::Kiln {
+            return Err(refuse(format!(
+                "[service] network = {:?} is for the local provider",
+                spec.network.as_str()
+            )));
+        }
+        if spec.seccomp == Seccomp::Unconfined {
+            return Err(refuse(
+                "the Swarm service API (Engine 20.10) cannot switch seccomp off per service: \
+                 remove [service] seccomp = \"unconfined\" or use provider = \"docker\""
+                    .to_owned(),
+            ));
+        }
+        if !spec.secrets.is_empty() {
+            return Err(refuse(
+                "secrets are not delivered on provider = \"swarm\" yet (they would have to \
+                 pass through the Swarm's raft store): use provider = \"docker\" or \"local\""
+                    .to_owned(),
+            ));
+        }
+        if !self.no_new_privileges {
+            return Err(refuse(
+                "the Swarm manager's engine does not run with no-new-privileges, which Engine \
+                 20.10's service API cannot ask per service: set \"no-new-privileges\": true \
+                 in every node's /etc/docker/daemon.json"
+                    .to_owned(),
+            ));
+        }
+        let resolved = self
+            .images
+            .resolve(&spec.image)
+            .map_err(|e| ProviderError::Image {
+                digest: spec.image.clone(),
+                message: e.to_string(),
+            })?;
+        let user = crate::user::docker_user(spec.user.as_deref(), resolved.config.user.as_deref())
+            .and_then(|user| {
+                crate::user::docker_capabilities(&user, &spec.capabilities).map(|()| user)
+            })
+            .map_err(&refuse)?;
+        let port = spec.container_port.or(spec.port).unwrap_or(8080);
+        let image_ref = image_reference(registry, &spec.app, &spec.image);
+        let body = service_spec(&Wanted {
+            id: &id,
+            spec: &spec,
+            image_ref: &image_ref,
+            port,
+            state_label: &self.state_label,
+            user: &user,
+        });
+        let record = SwarmRecord {
+            version: 1,
+            id: id.to_string(),
+            app: spec.app.clone(),
+            image: spec.image.to_string(),
+            spec: serde_json::to_value(&body).map_err(|e| refuse(e.to_string()))?,
+            service: None,
+            health: spec.health.as_ref().map(HealthRecord::from),
+            exec: spec.target.exec.as_str().to_owned(),
+            created_unix_ms: unix_ms(SystemTime::now()),
+            labels: spec.labels.clone(),
+            settings: BTreeMap::new(),
+            stopped: false,
+        };
+        self.write_record(&record)?;
+        Ok(id)
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        let mut record = self.record(id)?;
+        if record.service.is_some() || record.stopped {
+            return Err(ProviderError::InvalidState {
+                id: id.clone(),
+                action: "start",
+                state: "started",
+            });
+        }
+        let spec: ServiceSpec =
+            serde_json::from_value(record.spec.clone()).map_err(|e| ProviderError::Record {
+                path: self.record_path(id),
+                message: e.to_string(),
+            })?;
+        let created = self
+            .docker
+            .create_service(spec, None)
+            .await
+            .map_err(|e| engine_err(format!("create the service of instance {id}"), e))?;
+        let Some(service) = created.id else {
+            return Err(ProviderError::Engine {
+                what: format!("create the service of instance {id}"),
+                message: "the manager returned no service ID".to_owned(),
+            });
+        };
+        let inspected = self
+            .docker
+            .inspect_service(&service, None::<InspectServiceOptions>)
+            .await;
+        record.settings = inspected
+            .ok()
+            .and_then(|s| s.spec)
+            .map(|s| settings(&s))
+            .unwrap_or_default();
+        record.service = Some(service.clone());
+        if let Err(e) = self.write_record(&record) {
+            let _ = self.remove_service(id, &service).await;
+            return Err(e);
+        }
+        self.adopt(id, &record, false);
+        Ok(())
+    }
+
+    async fn stop(&self, id: &InstanceId, grace: Duration) -> Result<(), ProviderError> {
+        let mut record = self.record(id)?;
+        if !record.stopped {
+            record.stopped = true;
+            self.write_record(&record)?;
+        }
+        let Some(service) = record.service.clone() else {
+            return Ok(());
+        };
+        self.remove_service(id, &service).await?;
+        self.wait_gone(&service, grace + STOP_SLACK).await;
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        let result = async {
+            match self.record(id) {
+                Ok(r) => {
+                    if let Some(service) = &r.service {
+                        self.remove_service(id, service).await?;
+                    }
+                }
+                // No or an unreadable record: the service still goes, by name.
+                Err(_) => self.remove_service(id, id.as_str()).await?,
+            }
+            for path in [self.record_path(id), self.taint_path(id)] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ProviderError::io("remove", &path)(e)),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.lock_live().remove(id);
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.destroying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        result
+    }
+
+    async fn observe(&self, id: &InstanceId) -> Result<Observation, ProviderError> {
+        let record = self.record(id)?;
+        let view = self.task_view(&record).await?;
+        let (state, exit_code, addr) = match (&record.service, view, record.stopped) {
+            (_, _, true) => (InstanceState::Exited, None, None),
+            (None, _, false) => (InstanceState::Created, None, None),
+            (Some(_), None, false) => (InstanceState::Vanished, None, None),
+            (Some(_), Some(v), false) => {
+                if v.state == InstanceState::Exited
+                    && let Some(m) = &v.message
+                {
+                    tracing::debug!(instance = %id, why = %m, "swarm task ended");
+                }
+                (v.state, v.exit_code, v.addr)
+            }
+        };
+        let live_addr = self
+            .lock_live()
+            .get(id)
+            .and_then(|l| *l.addr.lock().unwrap_or_else(|p| p.into_inner()));
+        let health = match state {
+            InstanceState::Exited | InstanceState::Vanished => Health::Failed,
+            InstanceState::Created => Health::Unknown,
+            InstanceState::Running => self
+                .lock_live()
+                .get(id)
+                .map_or(Health::Unknown, |l| *l.health.borrow()),
+        };
+        Ok(Observation {
+            id: id.clone(),
+            image: record.image()?,
+            app: record.app.clone(),
+            state,
+            exit_code,
+            health,
+            addr: addr
+                .or(live_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            pid: None,
+            listening: None,
+            created: record.created(),
+            labels: record.labels.clone(),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<Observation>, ProviderError> {
+        let dir = self.cfg.state.join("swarm");
+        let mut out = Vec::new();
+        let mut recorded = HashSet::new();
+        let entries = std::fs::read_dir(&dir).map_err(ProviderError::io("read", &dir))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".json")
+                .and_then(|n| InstanceId::new(n).ok())
+            else {
+                continue;
+            };
+            let record = match self.record(&id) {
+                Ok(r) => r,
+                Err(ProviderError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            recorded.insert(record.id.clone());
+            self.adopt(&id, &record, true);
+            match self.observe(&id).await {
+                Ok(o) => out.push(o),
+                Err(ProviderError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // A service with this state's label and no record: a crashed start, or one made by
+        // hand. It goes.
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_owned(),
+            vec![format!("{LABEL_STATE}={}", self.state_label)],
+        );
+        let services = self
+            .docker
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters),
+                ..ListServicesOptions::default()
+            }))
+            .await
+            .map_err(|e| engine_err("list kiln's services", e))?;
+        for s in services {
+            let name = s
+                .spec
+                .as_ref()
+                .and_then(|s| s.name.clone())
+                .unwrap_or_default();
+            if recorded.contains(&name) {
+                continue;
+            }
+            if let (Some(service), Ok(id)) = (s.id, InstanceId::new(&name)) {
+                tracing::warn!(service = %service, name = %name, "removing a service with kiln's labels that kiln did not record");
+                self.remove_service(&id, &service).await?;
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn logs(&self, id: &InstanceId, from: u64) -> Result<LogChunk, ProviderError> {
+        let record = self.record(id)?;
+        let Some(service) = record.service else {
+            return Ok(LogChunk {
+                data: Vec::new(),
+                next: 0,
+            });
+        };
+        let mut stream = self.docker.service_logs(
+            &service,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "all".to_owned(),
+                ..LogsOptions::default()
+            }),
+        );
+        let mut all = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(out) => all.extend_from_slice(&out.into_bytes()),
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => return Err(engine_err(format!("read the logs of {id}"), e)),
+            }
+        }
+        let total = all.len() as u64;
+        let from = if from > total { 0 } else { from };
+        let start = usize::try_from(from).unwrap_or(0);
+        Ok(LogChunk {
+            data: all.get(start..).unwrap_or_default().to_vec(),
+            next: total,
+        })
+    }
+
+    async fn check_drift(&self, id: &InstanceId) -> Result<Option<DriftReport>, ProviderError> {
+        let record = self.record(id)?;
+        let findings = self.drift_findings(id, &record).await?;
+        Ok(self.publish(id, findings))
+    }
+
+    fn drift_events(&self) -> broadcast::Receiver<DriftReport> {
+        self.drift_tx.subscribe()
+    }
+
+    async fn health(&self, id: &InstanceId) -> Result<watch::Receiver<Health>, ProviderError> {
+        if let Some(live) = self.lock_live().get(id) {
+            return Ok(live.health.clone());
+        }
+        let record = self.record(id)?;
+        self.adopt(id, &record, true);
+        self.lock_live()
+            .get(id)
+            .map(|l| l.health.clone())
+            .ok_or_else(|| ProviderError::NotFound(id.clone()))
+    }
+
+    async fn wait(&self, id: &InstanceId) -> Result<Option<i32>, ProviderError> {
+        loop {
+            let o = match self.observe(id).await {
+                Ok(o) => o,
+                Err(ProviderError::NotFound(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if matches!(o.state, InstanceState::Exited | InstanceState::Vanished) {
+                return Ok(o.exit_code);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+impl crate::rescan::Rescan for SwarmProvider {
+    fn interval(&self) -> Duration {
+        self.cfg.rescan_interval
+    }
+
+    async fn pass(&self) {
+        let ids: Vec<InstanceId> = self.lock_live().keys().cloned().collect();
+        for id in ids {
+            self.check(&id).await;
+        }
+    }
+}
