@@ -332,7 +332,11 @@ impl SwarmProvider {
     /// task's address once the manager reports one.
     fn adopt(&self, id: &InstanceId, record: &SwarmRecord, long_running: bool) {
         let mut live = self.lock_live();
-        if live.contains_key(id) {
+        let started = record.service.is_some() && !record.stopped;
+        if live
+            .get(id)
+            .is_some_and(|l| l.health_task.is_some() || !started || record.health.is_none())
+        {
             return;
         }
         let addr = Arc::new(Mutex::new(None));
