@@ -174,6 +174,8 @@ pub enum Command {
     Down(crate::cmd::deploy::AppArg),
     /// Name daemons to talk to (like Docker contexts): create, ls, use, rm, show
     Context(crate::cmd::context::ContextArgs),
+    /// Print the spec for another system: `kiln export kubernetes` writes its manifests
+    Export(crate::cmd::export::ExportArgs),
     /// Join the daemon's socket to stdin and stdout (what `--host ssh://…` runs on the host)
     #[command(hide = true)]
     DialStdio,

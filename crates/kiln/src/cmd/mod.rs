@@ -5,6 +5,7 @@ pub mod context;
 pub mod daemon;
 pub mod deploy;
 pub mod doctor;
+pub mod export;
 pub mod image;
 mod instance;
 mod man;
@@ -80,6 +81,7 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
         Command::Down(args) => deploy::down(&args, &cli.global.state, out),
         Command::Context(args) => context::context(&args, out),
+        Command::Export(args) => export::export(&args, &cli.global.state, out),
         Command::DialStdio => remote::dial_stdio(&cli.global.state),
     }
 }
@@ -118,6 +120,8 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Completions(_)
         | Command::Man(_)
         | Command::Context(_)
+        // It reads the store when one is there, and creates nothing.
+        | Command::Export(_)
         // It only connects to the daemon's socket, which is private to the daemon's user.
         | Command::DialStdio => None,
         Command::Build(_)
