@@ -13,6 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 # openssh-client: tests/remote.rs drives a daemon over a real sshd.
 packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils)
 missing=()
+missing_k8s=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
@@ -35,4 +36,32 @@ if ! docker info >/dev/null 2>&1; then
     exit 1
   fi
 fi
-echo "ci-setup: $(runc --version | head -n1); docker $(docker version --format '{{.Server.Version}}')"
+# The validator of `kiln export kubernetes` (crates/kiln/tests/kubernetes.rs), offline once
+# installed: kubernetes-validate (bundles the Kubernetes schemas) and its dependencies pinned
+# in a venv of Debian's python3, and Argo Rollouts' published API models (npm, pinned by
+# package-lock.json) for Rollouts. Reinstalled only when a pin changes.
+k8s_pins="$(cd "$(dirname "$0")" && pwd)/kubernetes-validate"
+for p in python3 python3-venv nodejs; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing_k8s+=("$p")
+done
+if [ ${#missing_k8s[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing_k8s[@]}" >/dev/null
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+if ! cmp -s "$k8s_pins/requirements.txt" /opt/kiln-ci/venv/kiln-requirements.txt; then
+  rm -rf /opt/kiln-ci/venv
+  /usr/bin/python3 -m venv /opt/kiln-ci/venv
+  /opt/kiln-ci/venv/bin/pip install -q --disable-pip-version-check --no-deps -r "$k8s_pins/requirements.txt"
+  cp "$k8s_pins/requirements.txt" /opt/kiln-ci/venv/kiln-requirements.txt
+fi
+if ! cmp -s "$k8s_pins/package-lock.json" /opt/kiln-ci/argo/package-lock.json; then
+  rm -rf /opt/kiln-ci/argo
+  mkdir -p /opt/kiln-ci/argo
+  cp "$k8s_pins/package.json" "$k8s_pins/package-lock.json" /opt/kiln-ci/argo/
+  (cd /opt/kiln-ci/argo && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
+echo "ci-setup: $(runc --version | head -n1); docker $(docker version --format '{{.Server.Version}}'); $(/opt/kiln-ci/venv/bin/kubernetes-validate --version)"

@@ -116,11 +116,7 @@ fn validate(v: &Validator, dir: &Path, name: &str, yaml: &str, json: &serde_json
     let objects = json["objects"].as_array().unwrap();
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        objects.len()
-            + objects
-                .iter()
-                .filter(|o| o["kind"] == "Rollout")
-                .count(),
+        objects.len() + objects.iter().filter(|o| o["kind"] == "Rollout").count(),
         "{name}: {text}"
     );
 }
@@ -199,7 +195,11 @@ fn every_example_and_fixture_spec_exports_manifests_kubernetes_accepts() {
     for spec in &specs {
         let name = format!(
             "{}-{}",
-            spec.parent().unwrap().file_name().unwrap().to_string_lossy(),
+            spec.parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy(),
             spec.file_stem().unwrap().to_string_lossy()
         );
         let (yaml, json) = export(&state, spec, &["--image", DIGEST]);
@@ -267,7 +267,14 @@ fn namespace_and_registry_reach_every_object() {
     let (_, json) = export(
         &tmp.path().join("state"),
         &spec,
-        &["--image", DIGEST, "--registry", "registry.example:5000/team", "-n", "shop"],
+        &[
+            "--image",
+            DIGEST,
+            "--registry",
+            "registry.example:5000/team",
+            "-n",
+            "shop",
+        ],
     );
     let objects = json["objects"].as_array().unwrap();
     assert_eq!(objects.len(), 3);
@@ -295,7 +302,10 @@ fn usage_mistakes_exit_2_naming_the_flag() {
         (&["--image", "sha256:abc"], "--image"),
         (&["--image", "r/min@sha256:abc"], "--image"),
         (&["--image", DIGEST, "-n", "Prod"], "--namespace"),
-        (&["--image", DIGEST, "--registry", "https://r.example"], "--registry"),
+        (
+            &["--image", DIGEST, "--registry", "https://r.example"],
+            "--registry",
+        ),
     ];
     for (args, flag) in cases {
         let out = kiln(&state)
@@ -335,7 +345,10 @@ fn without_image_the_last_build_is_exported() {
     let pod = &json["objects"][1]["spec"]["template"]["spec"];
     assert_eq!(pod["containers"][0]["image"], format!("site@{built}"));
     // No registry: said so, not guessed.
-    assert!(yaml.contains("# image: no registry given (--registry)"), "{yaml}");
+    assert!(
+        yaml.contains("# image: no registry given (--registry)"),
+        "{yaml}"
+    );
     // The image sets no User: kiln's unprivileged default, as the store's config says.
     assert_eq!(pod["securityContext"]["runAsUser"], 65534);
     if let Some(v) = validator() {

@@ -388,8 +388,13 @@ pub fn manifests(input: &Input<'_>) -> Manifests {
             notes.push(format!("not mapped: {key}{}: {why}", children(key)));
         }
     }
+    // What was mapped and how first, then what was not.
+    let (not_mapped, mapped): (Vec<String>, Vec<String>) = notes
+        .0
+        .into_iter()
+        .partition(|n| n.starts_with("not mapped: "));
     Manifests {
-        notes: notes.0,
+        notes: mapped.into_iter().chain(not_mapped).collect(),
         objects,
     }
 }
