@@ -468,7 +468,7 @@ fn seconds(d: Duration, min: u64, what: &str, notes: &mut Notes) -> u64 {
 /// A size in bytes as a Kubernetes quantity: exact binary units when they divide it.
 fn quantity(bytes: u64) -> String {
     for (shift, unit) in [(40, "Ti"), (30, "Gi"), (20, "Mi"), (10, "Ki")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
@@ -975,6 +975,7 @@ fn canary(
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
