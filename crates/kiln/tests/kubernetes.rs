@@ -333,10 +333,14 @@ fn without_image_the_last_build_is_exported() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     std::fs::write(tmp.path().join("index.html"), "hello\n").unwrap();
+    // A rootfs base: whether the image sets a User is known only from the image itself.
+    std::fs::create_dir_all(tmp.path().join("rootfs/etc")).unwrap();
+    std::fs::write(tmp.path().join("rootfs/etc/motd"), "hi\n").unwrap();
     let spec = tmp.path().join("kiln.toml");
     std::fs::write(
         &spec,
-        "name = \"site\"\n[image]\n[[image.copy]]\nfrom = \"index.html\"\nto = \"/index.html\"\n[service]\n",
+        "name = \"site\"\n[image]\nbase = \"rootfs:rootfs\"\n[[image.copy]]\nfrom = \"index.html\"\n\
+         to = \"/index.html\"\n[service]\n",
     )
     .unwrap();
     let built = common::build(&state, &spec);
@@ -349,8 +353,14 @@ fn without_image_the_last_build_is_exported() {
         yaml.contains("# image: no registry given (--registry)"),
         "{yaml}"
     );
-    // The image sets no User: kiln's unprivileged default, as the store's config says.
+    // The image's config, read from the store, sets no User: kiln's unprivileged default.
     assert_eq!(pod["securityContext"]["runAsUser"], 65534);
+    // An image not in this store: its User is unknown, so only non-root is required.
+    let (yaml, json) = export(&state, &spec, &["--image", DIGEST]);
+    let pod = &json["objects"][1]["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"].get("runAsUser"), None, "{yaml}");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert!(yaml.contains("the image's User is unknown here"), "{yaml}");
     if let Some(v) = validator() {
         validate(&v, tmp.path(), "built", &yaml, &json);
     }
