@@ -8,8 +8,9 @@ Usage: check.py --kubernetes-version 1.29.0 [--argo-models DIR] --json OBJECTS.j
 - Kubernetes objects are validated with kubernetes-validate (pinned in requirements.txt)
   against that Kubernetes version's schemas, strict: an unknown field is an error.
 - An Argo Rollouts Rollout: its pod template, inside a Deployment of the same metadata,
-  replicas and selector, is validated as above; the whole object by argo-check.mjs against
-  Argo Rollouts' published API (when --argo-models is given; else this is an error).
+  replicas and selector, is validated as above; an AnalysisTemplate's Job metrics as the Jobs
+  they make; the whole objects by argo-check.mjs against Argo Rollouts' published API (when
+  --argo-models is given; else this is an error).
 - Any other kind is an error: nothing passes for want of a schema.
 Exit 0 when everything passed, 1 otherwise.
 """
@@ -72,6 +73,27 @@ def main():
     argo = []
     for obj in docs:
         what = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        if obj.get("kind") == "AnalysisTemplate" and obj.get("apiVersion") == "argoproj.io/v1alpha1":
+            argo.append(obj)
+            # Each Job metric's Job, as the Job Argo creates from it.
+            for metric in obj.get("spec", {}).get("metrics", []):
+                job = metric.get("provider", {}).get("job")
+                if job is None:
+                    continue
+                wrapper = {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {"name": f"{obj['metadata']['name']}-{metric['name']}"},
+                    "spec": job.get("spec"),
+                }
+                err, v = kube(wrapper, a.kubernetes_version)
+                label = f"{what} job {metric['name']}"
+                if err:
+                    print(f"ERROR {label}: {err}")
+                    failed += 1
+                else:
+                    print(f"ok {label} (Kubernetes {v}, strict)")
+            continue
         if obj.get("apiVersion") == "argoproj.io/v1alpha1":
             argo.append(obj)
             spec = obj.get("spec", {})

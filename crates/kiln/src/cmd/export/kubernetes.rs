@@ -2,7 +2,8 @@
 //! reference to JSON values and the notes that say what did not map.
 //!
 //! Rolling specs become an `apps/v1` `Deployment`; blue-green and canary specs an Argo
-//! Rollouts `Rollout` (`argoproj.io/v1alpha1`), blue-green with a second, preview `Service`.
+//! Rollouts `Rollout` (`argoproj.io/v1alpha1`), blue-green with a second, preview `Service`;
+//! a Rollout's `[deploy.migrate]` is an `AnalysisTemplate` whose Job runs before traffic moves.
 //! The pod is sealed as kiln seals an instance: read-only root, no privilege escalation,
 //! every capability dropped but those the spec adds, `RuntimeDefault` seccomp unless the spec
 //! says `unconfined`, no service account token, a memory-backed `emptyDir` per `writable`
@@ -352,12 +353,23 @@ pub fn manifests(input: &Input<'_>) -> Manifests {
         spec.route.listen
     ));
     objects.push(service(name.to_owned()));
+    // A Rollout runs the migration before traffic moves, as an analysis whose one metric is
+    // a Job; a Deployment has no such step.
+    let migration = match (&spec.deploy.strategy, &spec.deploy.migrate) {
+        (Strategy::Rolling, _) | (_, None) => None,
+        (_, Some(m)) => {
+            let template = migration_template(input, &pod, m, &mut notes);
+            let template_name = template["metadata"]["name"].clone();
+            objects.push(template);
+            Some(json!({ "templates": [{ "templateName": template_name }] }))
+        }
+    };
     let workload = match &spec.deploy.strategy {
         Strategy::Rolling => deployment(input, pod, &mut notes),
         Strategy::BlueGreen { promote } => {
             let preview = format!("{name}-preview");
             objects.push(service(preview.clone()));
-            blue_green(input, pod, *promote, &preview, &mut notes)
+            blue_green(input, pod, *promote, &preview, migration, &mut notes)
         }
         Strategy::Canary {
             promote,
@@ -367,10 +379,13 @@ pub fn manifests(input: &Input<'_>) -> Manifests {
         } => canary(
             input,
             pod,
-            *promote,
-            steps,
-            analysis,
-            *scale_stable,
+            Canary {
+                promote: *promote,
+                steps,
+                analysis,
+                scale_stable: *scale_stable,
+                migration,
+            },
             &mut notes,
         ),
     };
@@ -815,22 +830,77 @@ fn workload_spec(input: &Input<'_>, pod: Value, notes: &mut Notes) -> Map<String
             notes
         )),
     );
+    s
+}
+
+/// `[deploy.migrate]` as an Argo Rollouts `AnalysisTemplate` whose one metric is a Job: the
+/// command in the new image, sealed as the app's pods, never retried. Its pods carry no
+/// label of the app's, so no Service sends them traffic.
+fn migration_template(
+    input: &Input<'_>,
+    pod: &Value,
+    m: &kiln_spec::Migrate,
+    notes: &mut Notes,
+) -> Value {
+    let spec = input.spec;
+    let name = format!("{}-migrate", spec.name);
+    let mut job_pod = pod["spec"].clone();
+    if let Some(c) = job_pod["containers"][0].as_object_mut() {
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe", "ports"] {
+            c.remove(probe);
+        }
+        c.insert("name".into(), json!("migrate"));
+        // `command` without `args`: the image's entrypoint and cmd both give way, as kiln's
+        // one-shot command replaces them.
+        c.insert("command".into(), json!(m.command));
+    }
+    if let Some(p) = job_pod.as_object_mut() {
+        p.insert("restartPolicy".into(), json!("Never"));
+    }
+    let job_labels = json!({
+        "app.kubernetes.io/part-of": spec.name.as_str(),
+        "app.kubernetes.io/component": "migration",
+    });
+    notes.push(format!(
+        "[deploy.migrate]: AnalysisTemplate {name} runs {:?} once as a Job (sealed as the \
+         pods) before traffic moves; its failure aborts the rollout",
+        m.command.join(" ")
+    ));
+    notes.push(format!(
+        "not mapped: deploy.migrate.schema = {}, compatible_from = {}, pause = {}: kiln's \
+         rollback refuses a release older than the schema, and its router holds requests \
+         during a paused migration; Argo Rollouts does neither",
+        m.schema, m.compatible_from, m.pause
+    ));
+    json!({
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "AnalysisTemplate",
+        "metadata": metadata(input, &name),
+        "spec": {
+            "metrics": [{
+                "name": "migrate",
+                "provider": { "job": { "spec": {
+                    "backoffLimit": 0,
+                    "template": { "metadata": { "labels": job_labels }, "spec": job_pod },
+                }}},
+            }],
+        },
+    })
+}
+
+fn deployment(input: &Input<'_>, pod: Value, notes: &mut Notes) -> Value {
+    let spec = input.spec;
+    let mut s = workload_spec(input, pod, notes);
     if let Some(m) = &spec.deploy.migrate {
         notes.push(format!(
-            "not mapped: [deploy.migrate] (command {:?}, schema {} from {}{}): Kubernetes has \
-             no step before traffic moves here; run it as a Job before applying",
+            "not mapped: [deploy.migrate] (command {:?}, schema {} from {}{}): a Deployment \
+             has no step before traffic moves; run it as a Job before applying",
             m.command.join(" "),
             m.schema,
             m.compatible_from,
             if m.pause { ", pause" } else { "" }
         ));
     }
-    s
-}
-
-fn deployment(input: &Input<'_>, pod: Value, notes: &mut Notes) -> Value {
-    let spec = input.spec;
-    let mut s = workload_spec(input, pod, notes);
     s.insert(
         "strategy".into(),
         json!({
@@ -872,6 +942,7 @@ fn blue_green(
     pod: Value,
     promote: Promote,
     preview: &str,
+    migration: Option<Value>,
     notes: &mut Notes,
 ) -> Value {
     let spec = input.spec;
@@ -891,32 +962,44 @@ fn blue_green(
          set, in kiln and in Argo Rollouts"
             .to_owned(),
     );
-    rollout(
-        input,
-        s,
-        json!({
-            "blueGreen": {
-                "activeService": spec.name.as_str(),
-                "previewService": preview,
-                "autoPromotionEnabled": promote == Promote::Auto,
-                "scaleDownDelaySeconds": keep,
-            },
-        }),
-    )
+    let mut strategy = json!({
+        "activeService": spec.name.as_str(),
+        "previewService": preview,
+        "autoPromotionEnabled": promote == Promote::Auto,
+        "scaleDownDelaySeconds": keep,
+    });
+    if let (Some(m), Some(o)) = (migration, strategy.as_object_mut()) {
+        // Before the switch, once the new set is up behind the preview Service.
+        o.insert("prePromotionAnalysis".into(), m);
+    }
+    rollout(input, s, json!({ "blueGreen": strategy }))
 }
 
-fn canary(
-    input: &Input<'_>,
-    pod: Value,
+/// A canary strategy's settings, as the spec has them.
+struct Canary<'a> {
     promote: Promote,
-    steps: &[CanaryStep],
-    analysis: &Analysis,
+    steps: &'a [CanaryStep],
+    analysis: &'a Analysis,
     scale_stable: bool,
-    notes: &mut Notes,
-) -> Value {
+    /// The migration's analysis, when the spec has one.
+    migration: Option<Value>,
+}
+
+fn canary(input: &Input<'_>, pod: Value, c: Canary<'_>, notes: &mut Notes) -> Value {
     let spec = input.spec;
+    let Canary {
+        promote,
+        steps,
+        analysis,
+        scale_stable,
+        migration,
+    } = c;
     let s = workload_spec(input, pod, notes);
     let mut out = Vec::new();
+    if let Some(m) = migration {
+        // The first step: before any traffic reaches a canary pod.
+        out.push(json!({ "analysis": m }));
+    }
     let last = steps.len().saturating_sub(1);
     for (i, step) in steps.iter().enumerate() {
         if i == last && promote == Promote::Manual {
@@ -975,7 +1058,7 @@ fn canary(
 }
 
 #[cfg(test)]
-#[allow(clippy::panic)]
+#[allow(clippy::panic, clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
@@ -1247,6 +1330,62 @@ mod tests {
             .map(|o| o["metadata"]["name"].clone())
             .collect();
         assert_eq!(names, [json!("app"), json!("app-preview")]);
+    }
+
+    #[test]
+    fn a_migration_runs_before_traffic_moves_and_gets_none() {
+        let migrate = "[deploy.migrate]\ncommand = [\"/app\", \"migrate\"]\nschema = 2\n";
+        let m = export(&format!(
+            "name = \"app\"\n[image]\n[service]\n[deploy]\nstrategy = \"canary\"\n\
+             [[deploy.steps]]\nweight = 100\n{migrate}"
+        ));
+        let kinds: Vec<_> = m.objects.iter().map(|o| o["kind"].clone()).collect();
+        assert_eq!(
+            kinds,
+            [
+                json!("Service"),
+                json!("AnalysisTemplate"),
+                json!("Rollout")
+            ]
+        );
+        let t = kind(&m, "AnalysisTemplate");
+        assert_eq!(t["metadata"]["name"], "app-migrate");
+        let job = &t["spec"]["metrics"][0]["provider"]["job"]["spec"];
+        assert_eq!(job["backoffLimit"], 0);
+        let c = &job["template"]["spec"]["containers"][0];
+        assert_eq!(c["command"], json!(["/app", "migrate"]));
+        assert_eq!(c.get("readinessProbe"), None);
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(job["template"]["spec"]["restartPolicy"], "Never");
+        // The Service never selects the migration's pod.
+        let labels = &job["template"]["metadata"]["labels"];
+        let selector = kind(&m, "Service")["spec"]["selector"].as_object().unwrap();
+        assert!(selector.iter().any(|(k, v)| labels.get(k) != Some(v)));
+        let steps = &kind(&m, "Rollout")["spec"]["strategy"]["canary"]["steps"];
+        assert_eq!(
+            steps[0],
+            json!({"analysis": {"templates": [{"templateName": "app-migrate"}]}})
+        );
+        let bg = export(&format!(
+            "name = \"app\"\n[image]\n[service]\n[deploy]\nstrategy = \"blue-green\"\n{migrate}"
+        ));
+        assert_eq!(
+            kind(&bg, "Rollout")["spec"]["strategy"]["blueGreen"]["prePromotionAnalysis"],
+            json!({"templates": [{"templateName": "app-migrate"}]})
+        );
+        let rolling = export(&format!("name = \"app\"\n[image]\n[service]\n{migrate}"));
+        assert!(
+            rolling
+                .objects
+                .iter()
+                .all(|o| o["kind"] != "AnalysisTemplate")
+        );
+        assert!(
+            rolling
+                .notes
+                .iter()
+                .any(|n| n.starts_with("not mapped: [deploy.migrate]"))
+        );
     }
 
     #[test]
