@@ -13,7 +13,6 @@ export DEBIAN_FRONTEND=noninteractive
 # openssh-client: tests/remote.rs drives a daemon over a real sshd.
 packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils)
 missing=()
-missing_k8s=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
@@ -41,6 +40,7 @@ fi
 # in a venv of Debian's python3, and Argo Rollouts' published API models (npm, pinned by
 # package-lock.json) for Rollouts. Reinstalled only when a pin changes.
 k8s_pins="$(cd "$(dirname "$0")" && pwd)/kubernetes-validate"
+missing_k8s=()
 for p in python3 python3-venv nodejs; do
   dpkg -s "$p" >/dev/null 2>&1 || missing_k8s+=("$p")
 done
@@ -49,6 +49,7 @@ if [ ${#missing_k8s[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing_k8s[@]}" >/dev/null
 fi
 if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
   apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 if ! cmp -s "$k8s_pins/requirements.txt" /opt/kiln-ci/venv/kiln-requirements.txt; then
