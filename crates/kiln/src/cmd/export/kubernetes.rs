@@ -238,23 +238,19 @@ pub const KEYS: &[(&str, Treatment)] = &[
         "route.listen",
         Treatment::Mapped("the Service's port (its address: see the notes)"),
     ),
-    (
-        "route.hosts",
-        Treatment::NotMapped(
-            "host routing is an Ingress or Gateway's, which this export does not write",
-        ),
-    ),
+    ("route.hosts", Treatment::Mapped("an Ingress rule per host")),
     (
         "route.tls",
-        Treatment::NotMapped(
-            "TLS is terminated by an Ingress or Gateway, which this export does not write",
-        ),
+        Treatment::Mapped("the Ingress's tls, from a Secret the operator creates"),
     ),
     (
         "route.tls.cert",
-        Treatment::NotMapped("part of [route.tls]"),
+        Treatment::Mapped("the TLS Secret's tls.crt"),
     ),
-    ("route.tls.key", Treatment::NotMapped("part of [route.tls]")),
+    (
+        "route.tls.key",
+        Treatment::Mapped("the TLS Secret's tls.key"),
+    ),
     (
         "route.sticky",
         Treatment::NotMapped(
@@ -390,6 +386,9 @@ pub fn manifests(input: &Input<'_>) -> Manifests {
         ),
     };
     objects.push(workload);
+    if let Some(ingress) = ingress(input, &mut notes) {
+        objects.push(ingress);
+    }
     for (key, treatment) in KEYS {
         // A table not mapped names its keys once, on its own line.
         let parent_named = key.rsplit_once('.').is_some_and(|(parent, _)| {
@@ -414,6 +413,60 @@ pub fn manifests(input: &Input<'_>) -> Manifests {
     }
 }
 
+/// An Ingress when `[route]` names hosts or TLS: a rule per host (one for any host without
+/// them) to the Service's `http` port, TLS from a Secret the operator creates from the
+/// spec's files. No class: the cluster's default ingress controller serves it.
+fn ingress(input: &Input<'_>, notes: &mut Notes) -> Option<Value> {
+    let spec = input.spec;
+    let route = &spec.route;
+    if route.hosts.is_empty() && route.tls.is_none() {
+        return None;
+    }
+    let name = spec.name.as_str();
+    let http = json!({ "paths": [{
+        "path": "/",
+        "pathType": "Prefix",
+        "backend": { "service": { "name": name, "port": { "name": "http" } } },
+    }]});
+    let rules: Vec<Value> = if route.hosts.is_empty() {
+        vec![json!({ "http": http })]
+    } else {
+        route
+            .hosts
+            .iter()
+            .map(|h| json!({ "host": h, "http": http }))
+            .collect()
+    };
+    let mut ingress_spec = Map::new();
+    if let Some(tls) = &route.tls {
+        let secret = format!("{name}-tls");
+        let mut entry = Map::new();
+        if !route.hosts.is_empty() {
+            entry.insert("hosts".into(), json!(route.hosts));
+        }
+        entry.insert("secretName".into(), json!(secret));
+        ingress_spec.insert("tls".into(), json!([entry]));
+        notes.push(format!(
+            "[route.tls]: create the TLS Secret {secret} (not written here): kubectl create \
+             secret tls {secret} --cert={} --key={}",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
+    ingress_spec.insert("rules".into(), Value::Array(rules));
+    notes.push(
+        "[route] hosts/tls: an Ingress for the cluster's default ingress controller (no \
+         ingressClassName)"
+            .to_owned(),
+    );
+    Some(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": metadata(input, name),
+        "spec": ingress_spec,
+    }))
+}
+
 /// ` (a, b)`: the keys under a table key, for its note.
 fn children(key: &str) -> String {
     let prefix = format!("{key}.");
@@ -435,11 +488,7 @@ fn is_set(spec: &Spec, key: &str) -> bool {
     if key.starts_with("image.test") {
         return spec.image.test.is_some();
     }
-    if key.starts_with("route.tls") {
-        return spec.route.tls.is_some();
-    }
     match key {
-        "route.hosts" => !spec.route.hosts.is_empty(),
         "route.sticky" => spec.route.sticky == kiln_spec::Sticky::Cookie,
         "route.max_body_size" => spec.route.max_body_size.is_some(),
         "route.preview_header" => spec.route.preview_header.is_some(),
@@ -1021,10 +1070,15 @@ fn canary(input: &Input<'_>, pod: Value, c: Canary<'_>, notes: &mut Notes) -> Va
          up"
         .to_owned(),
     );
-    notes.push(format!(
-        "not mapped: deploy.scale_stable = {scale_stable}: Argo's dynamicStableScale needs a \
-         traffic router; without one stable always scales down as above"
-    ));
+    notes.push(if scale_stable {
+        "deploy.scale_stable = true: as above, the total stays at replicas (kiln's \
+         capacity-neutral canary)"
+            .to_owned()
+    } else {
+        "not mapped: deploy.scale_stable = false: kiln keeps stable at full size while the \
+         canary runs; Argo without a traffic router always scales it down as above"
+            .to_owned()
+    });
     notes.push(format!(
         "not mapped: [deploy.analysis] (max_error_rate {}, max_p99 {}, min_requests {}, \
          compare_to_stable {}, on_inconclusive {}): kiln judges each step on its router's \
@@ -1145,7 +1199,6 @@ mod tests {
         );
         for key in [
             "image.test (command, http, timeout)",
-            "route.hosts",
             "route.sticky",
             "service.pids",
             "target (provider",
@@ -1158,8 +1211,10 @@ mod tests {
                 m.notes
             );
         }
+        // Defaults with no effect are not named: no stickiness, no body limit.
         let m = export(MINIMAL);
-        assert!(!m.notes.iter().any(|n| n.contains("route.tls")));
+        assert!(!m.notes.iter().any(|n| n.contains("route.sticky")));
+        assert!(!m.notes.iter().any(|n| n.contains("route.max_body_size")));
     }
 
     #[test]
@@ -1385,6 +1440,37 @@ mod tests {
                 .notes
                 .iter()
                 .any(|n| n.starts_with("not mapped: [deploy.migrate]"))
+        );
+    }
+
+    #[test]
+    fn hosts_and_tls_make_an_ingress() {
+        // The spec checks that the files exist; any will do.
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let m = export(&format!(
+            "name = \"app\"\n[image]\n[service]\n[route]\nlisten = \"0.0.0.0:443\"\n\
+             hosts = [\"a.example\", \"*.b.example\"]\n[route.tls]\ncert = {file:?}\nkey = {file:?}\n",
+        ));
+        let i = kind(&m, "Ingress");
+        assert_eq!(
+            i["spec"]["tls"],
+            json!([{"hosts": ["a.example", "*.b.example"], "secretName": "app-tls"}])
+        );
+        assert_eq!(i["spec"]["rules"][1]["host"], "*.b.example");
+        assert_eq!(
+            i["spec"]["rules"][0]["http"]["paths"][0]["backend"],
+            json!({"service": {"name": "app", "port": {"name": "http"}}})
+        );
+        assert!(
+            m.notes
+                .iter()
+                .any(|n| n.contains(&format!("secret tls app-tls --cert={file} --key={file}")))
+        );
+        assert!(
+            export(MINIMAL)
+                .objects
+                .iter()
+                .all(|o| o["kind"] != "Ingress")
         );
     }
 
