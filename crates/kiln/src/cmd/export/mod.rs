@@ -29,9 +29,11 @@ pub enum ExportCommand {
     /// Print Kubernetes manifests for the spec (YAML, `---` between objects): a Deployment
     /// (an Argo Rollouts Rollout for blue-green and canary specs) and its Service(s)
     ///
-    /// The pod is sealed as kiln seals an instance. A leading comment names every key with
-    /// no Kubernetes counterpart and the Secret to create for [service.secrets] (its values
-    /// are never printed). The image is referenced by digest.
+    /// The pod is sealed as kiln seals an instance; the image is referenced by digest.
+    /// [route] hosts or tls add an Ingress; a Rollout's [deploy.migrate] is an Argo
+    /// AnalysisTemplate whose Job runs before traffic moves. A leading comment names every
+    /// key with no Kubernetes counterpart, and the Secrets to create for [service.secrets]
+    /// and [route.tls] (their values are never printed). With --json: {notes, objects}.
     Kubernetes(KubernetesArgs),
 }
 
