@@ -156,7 +156,9 @@ fn extra_specs(dir: &Path) -> Vec<PathBuf> {
             "name = \"vault\"\n[image]\n[service]\nuser = \"root\"\nnetwork = \"host\"\n\
              init = false\ncapabilities = [\"NET_RAW\"]\nallow_dangerous_capabilities = true\n\
              env = { MODE = \"on\", OCTAL = \"0755\", VERSION = \"1.0\", NOTHING = \"null\", \
-             TALK = \"a: b # c\", EMPTY = \"\", MULTI = \"line1\\nline2\" }\n\
+             TALK = \"a: b # c\", EMPTY = \"\", MULTI = \"line1\\nline2\", \
+             ODD = \"tab\\there\\u0085nel\\u2028ls\\ufeffbom é ✓\", YES = \"Yes\", \
+             TILDE = \"~\", STAR = \"*ref\" }\n\
              [service.health]\ninterval = \"3s\"\nstart_period = \"1s\"\n\
              [service.secrets]\nDB_PASSWORD = { file = \"db.txt\", expose_env = true }\n\
              API_KEY = { env = \"API_KEY\" }\n",
