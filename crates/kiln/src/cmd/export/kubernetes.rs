@@ -303,6 +303,12 @@ pub const KEYS: &[(&str, Treatment)] = &[
             "who may `kubectl exec` is RBAC's (deny pods/exec to keep pods sealed)",
         ),
     ),
+    (
+        "target.placement",
+        Treatment::NotMapped(
+            "Swarm constraints; on Kubernetes placement is node affinity over the cluster's labels",
+        ),
+    ),
 ];
 
 /// The labels on every object and the selector of the pods.
