@@ -376,6 +376,9 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
 
+/// The media type of a zstd layer.
+const ZSTD_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
 /// The media type of `bytes` when they are a manifest or an index: the one it declares, or,
 /// for an OCI document without `mediaType`, the one its shape says.
 pub fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
@@ -444,6 +447,18 @@ async fn manifest(
             "{digest} is not a manifest or an image index (ask for it under blobs/)"
         )));
     };
+    // Served all the same (other clients read them); said once per pull, where the operator
+    // looks when a node's pull fails.
+    if bytes
+        .windows(ZSTD_LAYER.len())
+        .any(|w| w == ZSTD_LAYER.as_bytes())
+    {
+        tracing::warn!(
+            manifest = %digest,
+            "registry: this image has zstd layers, which Docker Engine 20.10 cannot pull \
+             (build it with [image] compression = \"gzip\")"
+        );
+    }
     let mut r = full(StatusCode::OK, Bytes::from(bytes), media_type, head);
     set_digest(&mut r, &digest);
     Ok(r)
