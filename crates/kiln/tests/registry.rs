@@ -664,3 +664,57 @@ fn hostile_requests_get_the_specs_errors_and_never_a_corrupt_blob() {
         "no internals: {text}"
     );
 }
+
+#[test]
+fn registry_flags_that_cannot_work_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    for (args, why) in [
+        (&["--registry-listen", "0.0.0.0:5000"][..], "unspecified"),
+        (&["--registry-listen", "[::]:5000"][..], "unspecified"),
+        (&["--registry-listen", "localhost"][..], "IP:PORT"),
+        (&["--registry-insecure"][..], "--registry-listen"),
+    ] {
+        let out = kiln(&state).arg("serve").args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    assert!(!state.join("kiln.sock").exists(), "no daemon started");
+}
+
+#[test]
+fn insecure_serves_plain_http_off_loopback_and_says_so() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ip = host_address();
+    let port = std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = SocketAddr::new(ip, port);
+    let _daemon = Daemon::start_with(
+        &state,
+        &[
+            "--registry-listen",
+            &addr.to_string(),
+            "--registry-insecure",
+        ],
+    );
+    let r = request(addr, "GET", "/v2/", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("docker-distribution-api-version").as_deref(),
+        Some("registry/2.0")
+    );
+    assert!(!state.join("registry/ca.key").exists(), "no CA without TLS");
+    let log = std::fs::read_to_string(state.with_extension("log")).unwrap();
+    assert!(
+        log.contains("plain HTTP on a non-loopback address"),
+        "{log}"
+    );
+}
