@@ -389,8 +389,24 @@ mod tests {
             assert!(is_name(good), "{good}");
         }
         for bad in [
-            "", "/", "a/", "/a", "A", "a..b", "a___b", "a-", "-a", "a.", "_a", "a b", "a/../b",
-            "a%2fb", "a._b",
+            "",
+            "/",
+            "a/",
+            "/a",
+            "A",
+            "a..b",
+            "a___b",
+            "a-",
+            "-a",
+            "a.",
+            "_a",
+            "a b",
+            "a/../b",
+            "a%2fb",
+            "a._b",
+            "a\u{e9}b",
+            "\u{e9}",
+            "a\u{2014}-b",
         ] {
             assert!(!is_name(bad), "{bad}");
         }
