@@ -10,6 +10,8 @@
 //!   router process the daemon feeds), held by the executor.
 //! - [`gate`]: what every apply must pass, whichever client sent it.
 //! - [`blobs`]: images sent by a remote client, streamed into the daemon's store.
+//! - [`registry`]: the store served read-only over the OCI Distribution API, for nodes to
+//!   pull from.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
 //! - [`clock`]: the injected [`Clock`].
 //! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; `peer.rs`: who
@@ -35,6 +37,7 @@ pub mod oneshot;
 mod pause;
 mod peer;
 mod reconcile;
+pub mod registry;
 mod rollback;
 pub mod secrets;
 mod status;

@@ -35,8 +35,64 @@ pub struct ServeArgs {
     #[arg(long, default_value = "runc", value_name = "BIN")]
     pub runtime: String,
 
+    /// Serve the image store read-only over the OCI Distribution API on this address, for
+    /// Docker Engines (Swarm nodes) to pull kiln's images by digest: plain HTTP on loopback,
+    /// else TLS with a CA kiln makes in <state>/registry/
+    #[arg(long, value_name = "ADDR", value_parser = registry_address)]
+    pub registry_listen: Option<SocketAddr>,
+
+    /// Serve the registry over plain HTTP on a non-loopback address too (each node's engine
+    /// must then list it in insecure-registries)
+    #[arg(long, requires = "registry_listen")]
+    pub registry_insecure: bool,
+
     #[command(flatten)]
     pub router: RouterArgs,
+}
+
+/// `--registry-listen`: an address nodes can reach, so not `0.0.0.0` or `::`, since image
+/// references name it.
+fn registry_address(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{e} (expected IP:PORT, e.g. 10.0.0.1:5000)"))?;
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "{addr} is unspecified: nodes pull from the address image references name, so give \
+             one they reach (e.g. this host's address on their network)"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Where the daemon serves its registry (`--registry-listen`, `--registry-insecure`).
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryListen {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Plain HTTP even off loopback.
+    pub insecure: bool,
+}
+
+impl ServeArgs {
+    /// The registry the flags ask for.
+    pub fn registry(&self) -> Option<RegistryListen> {
+        self.registry_listen.map(|addr| RegistryListen {
+            addr,
+            insecure: self.registry_insecure,
+        })
+    }
+}
+
+/// The store as the registry reads it: a blob's file by digest.
+impl kiln_control::registry::BlobFiles for StoreImages {
+    fn open_blob(&self, digest: &kiln_runtime::Digest) -> std::io::Result<Option<std::fs::File>> {
+        match std::fs::File::open(self.store().blob_path(digest)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// How the daemon runs its router (for `kiln serve` and the daemon `kiln up` starts).
@@ -104,6 +160,8 @@ pub fn socket(state: &Path) -> PathBuf {
 pub struct Daemon {
     /// The controller (for in-process use by `kiln up`).
     pub controller: Arc<Controller>,
+    /// Where nodes pull kiln's images from, when the daemon serves its registry.
+    pub registry: Option<kiln_control::registry::Endpoint>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// `<state>/daemon.lock`, held while the daemon runs.
@@ -118,6 +176,7 @@ impl Daemon {
         runtime: &str,
         router: RouterChoice,
         tcp: Option<(SocketAddr, String)>,
+        registry: Option<RegistryListen>,
     ) -> anyhow::Result<Daemon> {
         raise_open_file_limit();
         std::fs::create_dir_all(state)
@@ -126,12 +185,23 @@ impl Daemon {
         // a second daemon on one state stops here, even one started at the same moment.
         let lock = lock_state(state)?;
         let images = Arc::new(StoreImages::open(state)?);
+        // Bound before the providers are made: a provider whose nodes pull images (Swarm)
+        // takes `endpoint`, the reference prefix and whether TLS is on.
+        let registry = match registry {
+            Some(r) => Some(
+                kiln_control::registry::Registry::bind(r.addr, r.insecure, state)
+                    .await
+                    .context("cannot start the registry")?,
+            ),
+            None => None,
+        };
+        let endpoint = registry.as_ref().map(|r| r.endpoint().clone());
         let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
         let controller = Controller::start(
             &ControllerConfig {
                 state_dir: state.to_owned(),
                 router,
-                attestations: Some(images),
+                attestations: Some(images.clone()),
             },
             provider,
         )
@@ -156,6 +226,21 @@ impl Daemon {
             })
         };
         tasks.push(api);
+        if let Some(registry) = registry {
+            let e = registry.endpoint();
+            match &e.ca {
+                Some(ca) => tracing::info!(
+                    address = %e.addr,
+                    ca = %ca.display(),
+                    install_as = %e.docker_ca_path(),
+                    "registry serving over TLS: install the CA on each node"
+                ),
+                None => tracing::info!(address = %e.addr, "registry serving over plain HTTP"),
+            }
+            let files: Arc<dyn kiln_control::registry::BlobFiles> = images.clone();
+            let stop = wait(stopped.clone());
+            tasks.push(tokio::spawn(registry.serve(files, stop)));
+        }
         if let Some((addr, token)) = tcp {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
@@ -180,6 +265,7 @@ impl Daemon {
         }
         Ok(Daemon {
             controller,
+            registry: endpoint,
             stop,
             tasks,
             _lock: lock,
@@ -305,7 +391,13 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             biased;
             // Nothing is served yet: stop here.
             stop = signals.recv() => return Ok(stop.exit_code()),
-            daemon = Daemon::start(state, &args.runtime, args.router.choice(state)?, tcp) => daemon?,
+            daemon = Daemon::start(
+                state,
+                &args.runtime,
+                args.router.choice(state)?,
+                tcp,
+                args.registry(),
+            ) => daemon?,
         };
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
@@ -314,6 +406,22 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }
         ));
+        match &daemon.registry {
+            Some(e) if e.tls => out.say(&format!(
+                "registry: https://{} (images as {}/kiln/<app>@sha256:…); nodes trust its CA {} \
+                 installed as {}",
+                e.host(),
+                e.host(),
+                e.ca.as_deref().map_or_else(String::new, |p| p.display().to_string()),
+                e.docker_ca_path()
+            )),
+            Some(e) => out.say(&format!(
+                "registry: http://{} (images as {}/kiln/<app>@sha256:…)",
+                e.host(),
+                e.host()
+            )),
+            None => {}
+        }
         notify_service_manager("READY=1");
         signals.recv().await;
         notify_service_manager("STOPPING=1");

@@ -919,7 +919,8 @@ async fn connect_or_start(
         c.get("/v1/health").await?;
     }
     out.say("==> starting a kiln daemon in this process");
-    let daemon = Daemon::start(state, &args.runtime, args.router.choice(state)?, None).await?;
+    let daemon =
+        Daemon::start(state, &args.runtime, args.router.choice(state)?, None, None).await?;
     Ok(Some(daemon))
 }
 

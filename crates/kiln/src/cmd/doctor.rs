@@ -41,6 +41,21 @@ pub fn doctor(args: &DoctorArgs, state: &Choice, out: &Output) -> anyhow::Result
             fix: None,
         },
     );
+    // The registry's CA (`kiln serve --registry-listen` off loopback), for the operator to
+    // install on each node.
+    let ca = state.dir.join("registry").join("ca.crt");
+    if ca.exists() {
+        checks.push(kiln_runtime::Check {
+            name: "registry",
+            status: CheckStatus::Ok,
+            detail: format!(
+                "CA {}: install it on each node as /etc/docker/certs.d/ADDR/ca.crt (ADDR: \
+                 --registry-listen)",
+                ca.display()
+            ),
+            fix: None,
+        });
+    }
     checks.push(
         super::instance::tokio_runtime()?.block_on(kiln_runtime::docker::engine_check(
             args.docker_host.as_deref(),
