@@ -37,7 +37,7 @@ pub struct Engines {
     docker: OnceCell<Arc<DockerProvider>>,
     swarm: OnceCell<Arc<SwarmProvider>>,
     /// `ADDR:PORT` of the daemon's image registry, which Swarm nodes pull from.
-    registry: std::sync::OnceLock<String>,
+    registry: Arc<std::sync::OnceLock<String>>,
     drift_tx: broadcast::Sender<DriftReport>,
     /// kiln's init binary, for instances whose spec has `init` (both providers).
     init: Option<PathBuf>,
@@ -89,7 +89,7 @@ impl Engines {
             local,
             docker: OnceCell::new(),
             swarm: OnceCell::new(),
-            registry: std::sync::OnceLock::new(),
+            registry: Arc::default(),
             drift_tx,
             init,
         });
@@ -104,7 +104,7 @@ impl Engines {
     }
 
     /// Where Swarm nodes pull kiln's images from: `ADDR:PORT` of the daemon's registry
-    /// endpoint. Set once, before the first swarm instance.
+    /// endpoint. Set once; swarm instances are refused until it is.
     pub fn set_registry(&self, address: String) {
         let _ = self.registry.set(address);
     }
@@ -123,7 +123,7 @@ impl Engines {
             .swarm
             .get_or_try_init(|| async {
                 let mut cfg = SwarmConfig::new(&self.state, host.map(str::to_owned));
-                cfg.registry = self.registry.get().cloned();
+                cfg.registry = Arc::clone(&self.registry);
                 let p = SwarmProvider::connect(cfg, Arc::clone(&self.images)).await?;
                 kiln_durable::write(&file, host.unwrap_or_default().as_bytes())
                     .map_err(ProviderError::io("write", &file))?;

@@ -196,7 +196,11 @@ impl Daemon {
             None => None,
         };
         let endpoint = registry.as_ref().map(|r| r.endpoint().clone());
-        let provider: Arc<dyn Provider> = engines(state, runtime, images.clone()).await?;
+        let engines = engines(state, runtime, images.clone()).await?;
+        if let Some(e) = &endpoint {
+            engines.set_registry(e.host());
+        }
+        let provider: Arc<dyn Provider> = engines;
         let controller = Controller::start(
             &ControllerConfig {
                 state_dir: state.to_owned(),

@@ -73,9 +73,9 @@ pub struct SwarmConfig {
     /// The manager's engine: `unix:///…`, `tcp://…`; `None` means `$DOCKER_HOST` or the
     /// local socket.
     pub host: Option<String>,
-    /// Where nodes pull kiln's images from: `ADDR:PORT` of the daemon's registry endpoint.
-    /// Without it no instance can be created.
-    pub registry: Option<String>,
+    /// Where nodes pull kiln's images from: `ADDR:PORT` of the daemon's registry endpoint,
+    /// set once the daemon serves it. Without it no instance can be created.
+    pub registry: Arc<std::sync::OnceLock<String>>,
     /// Period of the full drift rescan that backs the event stream.
     pub rescan_interval: Duration,
 }
@@ -87,7 +87,7 @@ impl SwarmConfig {
         SwarmConfig {
             state: state.into(),
             host,
-            registry: None,
+            registry: Arc::default(),
             rescan_interval: Duration::from_secs(5),
         }
     }
@@ -690,7 +690,7 @@ impl Provider for SwarmProvider {
             id: id.clone(),
             message,
         };
-        let Some(registry) = self.cfg.registry.as_deref() else {
+        let Some(registry) = self.cfg.registry.get().map(String::as_str) else {
             return Err(refuse(
                 "provider = \"swarm\" needs the daemon's image registry, from which every node \
                  pulls: run kiln serve with --registry-listen ADDR (an address the nodes reach)"
