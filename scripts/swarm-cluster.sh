@@ -2,7 +2,7 @@
 # A 3-node Docker Swarm on one machine, for kiln's swarm tests, benchmarks and the README.
 #
 #   bash scripts/swarm-cluster.sh up | down | status | env
-#   bash scripts/swarm-cluster.sh kill-node N | start-node N
+#   bash scripts/swarm-cluster.sh kill-node N [--all] | start-node N
 #   bash scripts/swarm-cluster.sh trust-registry ADDR:PORT CA_FILE
 #   bash scripts/swarm-cluster.sh trust-registry ADDR:PORT --insecure
 #
@@ -37,9 +37,12 @@
 # node's insecure-registries and reloads the daemons (SIGHUP; the setting is reloadable).
 # Loopback does not help here: each node has its own loopback.
 #
-# Faults. `kill-node N` sends SIGKILL to node N's dockerd (its containerd dies with it; the
-# node's containers keep running, as they do on a real host whose engine crashed). `start-node
-# N` starts that dockerd again on its kept state: it rejoins the swarm by itself.
+# Faults. `kill-node N` sends SIGKILL to node N's dockerd: the manager marks the node Down after
+# a few missed heartbeats and reschedules its tasks, while the node's containerd and containers
+# keep running and answering (as on a real host whose engine crashed) until the engine comes
+# back and stops them. `kill-node N --all` kills every process of the node (engine, containerd,
+# shims, containers), as a machine that loses power. `start-node N` starts that dockerd again
+# on its kept state: it rejoins the swarm by itself.
 #
 # What this script changes outside its own directories: the bridge, veths and namespaces named
 # kiln-sw*, one iptables rule in the root namespace's FORWARD chain (the host's Docker sets its
@@ -97,13 +100,20 @@ print_env() {
   echo "KILN_SWARM_HOST_ADDR=$HOST_ADDR"
 }
 
+# Whether process $1 runs (a zombie nobody reaped yet does not).
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ "${stat##*) }" != Z* ]]
+}
+
 # The pid in node N's pidfile if that process is alive, else nothing.
 dockerd_pid() {
   local f pid
   f="$(node_dir "$1")/docker.pid"
   [ -r "$f" ] || return 0
   pid=$(cat "$f")
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+  if [ -n "$pid" ] && alive "$pid"; then echo "$pid"; fi
 }
 
 # How many nodes the manager reports Ready (0 when it does not answer).
@@ -169,8 +179,11 @@ EOF
 }
 
 # Runs inside node N's namespaces as `sh -c`: names the node, gives it a /sys of its own network
-# namespace (as `ip netns exec` would, but keeping the cgroup hierarchies that dockerd needs),
-# then becomes dockerd. $1 node name, $2 node directory, then dockerd's command line.
+# namespace (as `ip netns exec` would, but keeping the cgroup hierarchies that dockerd needs)
+# and a resolver that fails at once (the nodes have no way out, and Swarm tries to pull every
+# task's image before it falls back to a local one: with the host's resolver each such try
+# waits for a DNS timeout), then becomes dockerd. $1 node name, $2 node directory, then
+# dockerd's command line.
 # shellcheck disable=SC2016 # expanded by that sh
 readonly NODE_INIT='
 set -e
@@ -181,6 +194,8 @@ umount -l /sys
 mount -t sysfs sysfs /sys
 mount --rbind "$2/cgroup" /sys/fs/cgroup
 umount -l "$2/cgroup"
+echo "nameserver 127.0.0.1" >"$2/resolv.conf"
+mount --bind "$2/resolv.conf" /etc/resolv.conf
 shift 2
 exec "$@"
 '
@@ -198,7 +213,7 @@ start_dockerd() {
   pid=$!
   for ((i = 0; i < 600; i++)); do
     dk "$n" version >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || break
+    alive "$pid" || break
     sleep 0.1
   done
   tail -n 20 "$dir/dockerd.log" >&2 || true
@@ -256,27 +271,33 @@ cmd_up() {
   print_env
 }
 
+dead() { ! alive "$1"; }
 all_ready() { [ "$(ready_nodes)" -eq "${#NODES[@]}" ]; }
 
-# Every process of the cluster: those in a node's network namespace (dockerd, containerd, the
-# shims, docker-proxy) and those in a node's container cgroups.
-node_pids() {
-  local n ns inode p f
-  for n in "${NODES[@]}"; do
-    ns=$(netns "$n")
-    if [ -e "/run/netns/$ns" ]; then
-      inode=$(stat -L -c %i "/run/netns/$ns")
-      for p in /proc/[0-9]*; do
-        [ "$(readlink "$p/ns/net" 2>/dev/null)" = "net:[$inode]" ] && echo "${p#/proc/}"
-      done
-    fi
-    [ -d "/sys/fs/cgroup/pids/kiln-swarm-n$n" ] || continue
+# Every process of node N: those in its network namespace (dockerd, containerd, the shims,
+# docker-proxy) and those in its containers' cgroups.
+pids_of_node() {
+  local n=$1 ns inode p f
+  ns=$(netns "$n")
+  if [ -e "/run/netns/$ns" ]; then
+    inode=$(stat -L -c %i "/run/netns/$ns")
+    for p in /proc/[0-9]*; do
+      [ "$(readlink "$p/ns/net" 2>/dev/null)" = "net:[$inode]" ] && echo "${p#/proc/}"
+    done
+  fi
+  if [ -d "/sys/fs/cgroup/pids/kiln-swarm-n$n" ]; then
     while IFS= read -r f; do
       cat "$f" 2>/dev/null || true
     done < <(find "/sys/fs/cgroup/pids/kiln-swarm-n$n" -name cgroup.procs)
-  done
-  # Engines whose namespace is already gone still have their pidfile.
-  for n in "${NODES[@]}"; do dockerd_pid "$n"; done
+  fi
+  # An engine whose namespace is already gone still has its pidfile.
+  dockerd_pid "$n"
+}
+
+# Every process of the cluster.
+node_pids() {
+  local n
+  for n in "${NODES[@]}"; do pids_of_node "$n"; done
 }
 
 # Mount points under the cluster's directories, deepest first, as the root namespace sees them.
@@ -345,11 +366,20 @@ node_arg() {
 }
 
 cmd_kill_node() {
-  local pid
-  pid=$(dockerd_pid "$1")
-  [ -n "$pid" ] || die "node $1: dockerd is not running"
+  local n=$1 whole=${2:-} pid pids i
+  pid=$(dockerd_pid "$n")
+  [ -n "$pid" ] || die "node $n: dockerd is not running"
   kill -9 "$pid"
-  wait_for 10 sh -c "! kill -0 $pid" || die "node $1: dockerd $pid survived SIGKILL"
+  wait_for 10 dead "$pid" || die "node $n: dockerd $pid survived SIGKILL"
+  [ "$whole" = --all ] || return 0
+  for ((i = 0; i < 100; i++)); do
+    pids=$(pids_of_node "$n" | sort -u)
+    [ -z "$pids" ] && return 0
+    # shellcheck disable=SC2086 # one pid a word
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.1
+  done
+  die "node $n: processes survived SIGKILL: $pids"
 }
 
 cmd_start_node() {
@@ -399,7 +429,8 @@ case "${1:-}" in
     ;;
   kill-node)
     node_arg "${2:-}"
-    cmd_kill_node "$2"
+    case "${3:-}" in "" | --all) ;; *) usage ;; esac
+    cmd_kill_node "$2" "${3:-}"
     ;;
   start-node)
     node_arg "${2:-}"
