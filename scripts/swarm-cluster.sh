@@ -277,13 +277,13 @@ all_ready() { [ "$(ready_nodes)" -eq "${#NODES[@]}" ]; }
 # Every process of node N: those in its network namespace (dockerd, containerd, the shims,
 # docker-proxy) and those in its containers' cgroups.
 pids_of_node() {
-  local n=$1 ns inode p f
+  local n=$1 ns inode f
   ns=$(netns "$n")
   if [ -e "/run/netns/$ns" ]; then
     inode=$(stat -L -c %i "/run/netns/$ns")
-    for p in /proc/[0-9]*; do
-      [ "$(readlink "$p/ns/net" 2>/dev/null)" = "net:[$inode]" ] && echo "${p#/proc/}"
-    done
+    # One stat for all processes: "INODE /proc/PID/ns/net" each.
+    stat -L -c '%i %n' /proc/[0-9]*/ns/net 2>/dev/null |
+      awk -v i="$inode" '$1 == i { split($2, p, "/"); print p[3] }' || true
   fi
   if [ -d "/sys/fs/cgroup/pids/kiln-swarm-n$n" ]; then
     while IFS= read -r f; do
