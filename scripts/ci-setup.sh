@@ -10,8 +10,9 @@ export DEBIAN_FRONTEND=noninteractive
 # time: /usr/bin/time -v measures the peak memory of kiln on hostile archives (tests/hostile.rs).
 # systemd (systemd-analyze verify), man-db and binutils (strip): scripts/package.sh and
 # scripts/package-check.sh build, install and check the .deb. openssh-server and
-# openssh-client: tests/remote.rs drives a daemon over a real sshd.
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils)
+# openssh-client: tests/remote.rs drives a daemon over a real sshd. util-linux (nsenter,
+# unshare, setsid) and shellcheck: scripts/swarm-cluster.sh, the swarm tests' cluster.
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils util-linux shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
