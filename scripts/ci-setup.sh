@@ -11,8 +11,9 @@ export DEBIAN_FRONTEND=noninteractive
 # systemd (systemd-analyze verify), man-db and binutils (strip): scripts/package.sh and
 # scripts/package-check.sh build, install and check the .deb. openssh-server and
 # openssh-client: tests/remote.rs drives a daemon over a real sshd. curl: tests/registry.rs
-# fetches from kiln's registry over TLS trusting kiln's CA only.
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl)
+# fetches from kiln's registry over TLS trusting kiln's CA only. util-linux (nsenter,
+# unshare, setsid) and shellcheck: scripts/swarm-cluster.sh, the swarm tests' cluster.
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
