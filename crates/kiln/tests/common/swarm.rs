@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use super::root;
 
-/// The script, run from the repository's root.
+/// The script, run from the repository's root (`KILN_SWARM_SCRIPT` names another, e.g. a
+/// copy with other names and addresses, so two developers' clusters can coexist).
 pub fn script_path() -> PathBuf {
-    root().join("scripts/swarm-cluster.sh")
+    std::env::var_os("KILN_SWARM_SCRIPT")
+        .map_or_else(|| root().join("scripts/swarm-cluster.sh"), PathBuf::from)
 }
 
 /// `bash scripts/swarm-cluster.sh ARGS…`, its output whatever the outcome.

@@ -14,8 +14,9 @@
 //!   from the daemon's OCI Distribution endpoint (`kiln serve --registry-listen`), so the
 //!   digest every engine reports is the one kiln built; there is no load into each engine.
 //! - **Sealed as on docker**, with what Engine 20.10's service API lacks made explicit: no
-//!   per-service no-new-privileges (the engine must run with `no-new-privileges`, checked on
-//!   the manager), no unconfined seccomp, no OOM score; secrets are refused.
+//!   per-service no-new-privileges (asked for, but 20.10 drops the field: then every node's
+//!   engine must run with `no-new-privileges`, which no API shows, so kiln warns once), no
+//!   unconfined seccomp, no OOM score; secrets are refused.
 //! - **Drift**: a service updated behind kiln's back (its settings compared with the ones the
 //!   manager reported right after create: `docker service update --env-add …`), a service
 //!   removed, and an `exec` into a task on the manager's node (the engine kiln reaches),
@@ -171,8 +172,8 @@ pub struct SwarmProvider {
     destroying: Mutex<HashSet<InstanceId>>,
     reported: Mutex<HashMap<InstanceId, Vec<DriftFinding>>>,
     drift_tx: broadcast::Sender<DriftReport>,
-    /// The manager's engine applies no-new-privileges to every container.
-    no_new_privileges: bool,
+    /// Warned once that the engines take no no-new-privileges per service.
+    warned_privileges: std::sync::atomic::AtomicBool,
     /// The manager's node list, at most `NODES_TTL` old.
     nodes: tokio::sync::Mutex<(Option<tokio::time::Instant>, Vec<Node>)>,
 }
@@ -224,11 +225,6 @@ impl SwarmProvider {
                     .to_owned(),
             });
         }
-        let no_new_privileges = info
-            .security_options
-            .unwrap_or_default()
-            .iter()
-            .any(|o| o == "name=no-new-privileges");
         crate::private::private_dir(&cfg.state.join("swarm"))?;
         let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
             .short()
@@ -243,7 +239,7 @@ impl SwarmProvider {
             destroying: Mutex::new(HashSet::new()),
             reported: Mutex::new(HashMap::new()),
             drift_tx,
-            no_new_privileges,
+            warned_privileges: std::sync::atomic::AtomicBool::new(false),
             nodes: tokio::sync::Mutex::new((None, Vec::new())),
         });
         tokio::spawn(follow_events(Arc::downgrade(&provider)));
@@ -717,14 +713,6 @@ impl Provider for SwarmProvider {
                     .to_owned(),
             ));
         }
-        if !self.no_new_privileges {
-            return Err(refuse(
-                "the Swarm manager's engine does not run with no-new-privileges, which Engine \
-                 20.10's service API cannot ask per service: set \"no-new-privileges\": true \
-                 in every node's /etc/docker/daemon.json"
-                    .to_owned(),
-            ));
-        }
         let resolved = self
             .images
             .resolve(&spec.image)
@@ -794,11 +782,28 @@ impl Provider for SwarmProvider {
             .docker
             .inspect_service(&service, None::<InspectServiceOptions>)
             .await;
-        record.settings = inspected
-            .ok()
-            .and_then(|s| s.spec)
-            .map(|s| settings(&s))
-            .unwrap_or_default();
+        let stored = inspected.ok().and_then(|s| s.spec);
+        // An engine that kept the field applies it per service; one that dropped it (Engine
+        // 20.10) applies only its daemon-wide setting, which no API shows.
+        let per_service = stored
+            .as_ref()
+            .and_then(|s| s.task_template.as_ref())
+            .and_then(|t| t.container_spec.as_ref())
+            .and_then(|c| c.privileges.as_ref())
+            .and_then(|p| p.no_new_privileges)
+            == Some(true);
+        if !per_service
+            && !self
+                .warned_privileges
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "the Swarm's engines take no no-new-privileges per service (Engine 20.10): \
+                 every node's /etc/docker/daemon.json must say \"no-new-privileges\": true \
+                 for kiln's instances to be sealed"
+            );
+        }
+        record.settings = stored.map(|s| settings(&s)).unwrap_or_default();
         record.service = Some(service.clone());
         if let Err(e) = self.write_record(&record) {
             let _ = self.remove_service(id, &service).await;
