@@ -37,10 +37,11 @@
 # node's insecure-registries and reloads the daemons (SIGHUP; the setting is reloadable).
 # Loopback does not help here: each node has its own loopback.
 #
-# Faults. `kill-node N` sends SIGKILL to node N's dockerd: the manager marks the node Down after
-# a few missed heartbeats and reschedules its tasks, while the node's containerd and containers
-# keep running and answering (as on a real host whose engine crashed) until the engine comes
-# back and stops them. `kill-node N --all` kills every process of the node (engine, containerd,
+# Faults. `kill-node N` sends SIGKILL to node N's dockerd (its containerd dies with it, by the
+# parent-death signal dockerd gives it): the manager marks the node Down after a few missed
+# heartbeats and reschedules its tasks, while the node's containers (and their shims) keep
+# running and answering, as on a real host whose engine crashed, until the engine comes back
+# and stops them. `kill-node N --all` kills every process of the node (engine, containerd,
 # shims, containers), as a machine that loses power. `start-node N` starts that dockerd again
 # on its kept state: it rejoins the swarm by itself.
 #
@@ -204,6 +205,14 @@ start_dockerd() {
   local n=$1 dir pid i
   dir=$(node_dir "$n")
   write_config "$n"
+  # dockerd refuses a pidfile naming a process that still has a /proc entry, and waits for the
+  # containerd its containerd.pid names: a killed engine or containerd may stay a zombie for a
+  # while before it is reaped (by pid 1, whose pace is its own).
+  [ -n "$(dockerd_pid "$n")" ] || rm -f "$dir/docker.pid"
+  local containerd_pid="$dir/exec/containerd/containerd.pid"
+  if [ -r "$containerd_pid" ] && ! alive "$(cat "$containerd_pid")"; then
+    rm -f "$containerd_pid"
+  fi
   # setsid: the engine outlives the shell (and the test) that started it. Its own mount
   # namespace (a slave of the host's): what dockerd mounts goes away with its processes.
   setsid nsenter --net="/run/netns/$(netns "$n")" \
