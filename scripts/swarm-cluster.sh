@@ -139,8 +139,9 @@ cluster_up() {
 # Anything of a cluster on this machine, whole or a crash's leftovers.
 anything_left() {
   local n
-  [ -e "$RUN_ROOT" ] || [ -e "$DATA_ROOT" ] || ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
+  [ -e "$DATA_ROOT" ] || ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
   for n in "${NODES[@]}"; do
+    [ -e "$(node_dir "$n")" ] && return 0
     ip netns list | grep -qw "$(netns "$n")" && return 0
   done
   [ -n "$(node_pids)" ]
@@ -257,7 +258,7 @@ cmd_up() {
   fi
   if anything_left; then
     say "cleaning up what an earlier cluster left"
-    cmd_down
+    remove_nodes
   fi
   mkdir -p "$RUN_ROOT" "$DATA_ROOT"
   make_network
@@ -315,7 +316,9 @@ cluster_mounts() {
     awk '{ print length, $0 }' | sort -rn | cut -d' ' -f2-
 }
 
-cmd_down() {
+# Everything of the nodes (processes, mounts, namespaces, links, cgroups, files); what
+# trust-registry recorded stays.
+remove_nodes() {
   local n pids i m
   # Nothing is kept, so nothing needs a graceful stop: SIGKILL everything until none is left.
   for ((i = 0; i < 100; i++)); do
@@ -337,14 +340,21 @@ cmd_down() {
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   while iptables -C "${FORWARD_RULE[@]}" 2>/dev/null; do iptables -D "${FORWARD_RULE[@]}"; done
+  [ -z "$(cluster_mounts)" ] || die "mounts left under $RUN_ROOT or $DATA_ROOT: $(cluster_mounts | tr '\n' ' ')"
+  for n in "${NODES[@]}"; do rm -rf --one-file-system "$(node_dir "$n")"; done
+  rm -rf --one-file-system "$DATA_ROOT"
+}
+
+cmd_down() {
+  local m
+  remove_nodes
   if [ -r "$RUN_ROOT/trusted-registries" ]; then
     while IFS= read -r m; do
       rm -f "$CERTS_DIR/$m/ca.crt"
       rmdir "$CERTS_DIR/$m" 2>/dev/null || true
     done <"$RUN_ROOT/trusted-registries"
   fi
-  [ -z "$(cluster_mounts)" ] || die "mounts left under $RUN_ROOT or $DATA_ROOT: $(cluster_mounts | tr '\n' ' ')"
-  rm -rf --one-file-system "$RUN_ROOT" "$DATA_ROOT"
+  rm -rf --one-file-system "$RUN_ROOT"
 }
 
 cmd_status() {

@@ -126,8 +126,25 @@ fn up_after_a_crash_starts_afresh(c: &Cluster) {
     assert!(old.iter().all(|pid| !new.contains(pid)), "{old:?} {new:?}");
     assert!(shims.iter().all(|pid| common::exited(*pid)));
     assert!(c.nodes().iter().all(|n| n["Status"]["State"] == "ready"));
-    // A new swarm: the old service went with the old state.
+    // A new swarm: the old service went with the old state; what trust-registry installed
+    // stays until `down`.
     assert_eq!(c.docker_ok(1, &["service", "ls", "-q"]).trim(), "");
+    assert!(
+        !trusted_cas().is_empty(),
+        "up after a crash dropped the trusted CA"
+    );
+}
+
+/// The CAs installed for registries at the host's address.
+fn trusted_cas() -> Vec<String> {
+    std::fs::read_dir("/etc/docker/certs.d")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("10.89.0.1:"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
 }
 
 /// The engines' pids, from their pidfiles.
@@ -555,14 +572,7 @@ fn nothing_left() {
     }
     assert!(!Path::new("/run/kiln-swarm").exists());
     assert!(!Path::new("/var/lib/kiln-swarm").exists());
-    let certs = std::fs::read_dir("/etc/docker/certs.d")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("10.89.0.1:"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let certs = trusted_cas();
     assert!(certs.is_empty(), "registry CAs left: {certs:?}");
     let rules = std::process::Command::new("iptables")
         .args(["-S", "FORWARD"])
