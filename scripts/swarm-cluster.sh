@@ -74,7 +74,7 @@ die() {
   exit 1
 }
 usage() {
-  sed -n '3,7p' "$0" | sed 's/^#  //' >&2
+  sed -n '4,7p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
