@@ -37,10 +37,11 @@
 # node's insecure-registries and reloads the daemons (SIGHUP; the setting is reloadable).
 # Loopback does not help here: each node has its own loopback.
 #
-# Faults. `kill-node N` sends SIGKILL to node N's dockerd: the manager marks the node Down after
-# a few missed heartbeats and reschedules its tasks, while the node's containerd and containers
-# keep running and answering (as on a real host whose engine crashed) until the engine comes
-# back and stops them. `kill-node N --all` kills every process of the node (engine, containerd,
+# Faults. `kill-node N` sends SIGKILL to node N's dockerd (its containerd dies with it, by the
+# parent-death signal dockerd gives it): the manager marks the node Down after a few missed
+# heartbeats and reschedules its tasks, while the node's containers (and their shims) keep
+# running and answering, as on a real host whose engine crashed, until the engine comes back
+# and stops them. `kill-node N --all` kills every process of the node (engine, containerd,
 # shims, containers), as a machine that loses power. `start-node N` starts that dockerd again
 # on its kept state: it rejoins the swarm by itself.
 #
@@ -73,7 +74,7 @@ die() {
   exit 1
 }
 usage() {
-  sed -n '3,7p' "$0" | sed 's/^#  //' >&2
+  sed -n '4,7p' "$0" | sed 's/^#   /usage: /' >&2
   exit 2
 }
 
@@ -138,8 +139,9 @@ cluster_up() {
 # Anything of a cluster on this machine, whole or a crash's leftovers.
 anything_left() {
   local n
-  [ -e "$RUN_ROOT" ] || [ -e "$DATA_ROOT" ] || ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
+  [ -e "$DATA_ROOT" ] || ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
   for n in "${NODES[@]}"; do
+    [ -e "$(node_dir "$n")" ] && return 0
     ip netns list | grep -qw "$(netns "$n")" && return 0
   done
   [ -n "$(node_pids)" ]
@@ -204,6 +206,14 @@ start_dockerd() {
   local n=$1 dir pid i
   dir=$(node_dir "$n")
   write_config "$n"
+  # dockerd refuses a pidfile naming a process that still has a /proc entry, and waits for the
+  # containerd its containerd.pid names: a killed engine or containerd may stay a zombie for a
+  # while before it is reaped (by pid 1, whose pace is its own).
+  [ -n "$(dockerd_pid "$n")" ] || rm -f "$dir/docker.pid"
+  local containerd_pid="$dir/exec/containerd/containerd.pid"
+  if [ -r "$containerd_pid" ] && ! alive "$(cat "$containerd_pid")"; then
+    rm -f "$containerd_pid"
+  fi
   # setsid: the engine outlives the shell (and the test) that started it. Its own mount
   # namespace (a slave of the host's): what dockerd mounts goes away with its processes.
   setsid nsenter --net="/run/netns/$(netns "$n")" \
@@ -248,7 +258,7 @@ cmd_up() {
   fi
   if anything_left; then
     say "cleaning up what an earlier cluster left"
-    cmd_down
+    remove_nodes
   fi
   mkdir -p "$RUN_ROOT" "$DATA_ROOT"
   make_network
@@ -306,7 +316,9 @@ cluster_mounts() {
     awk '{ print length, $0 }' | sort -rn | cut -d' ' -f2-
 }
 
-cmd_down() {
+# Everything of the nodes (processes, mounts, namespaces, links, cgroups, files); what
+# trust-registry recorded stays.
+remove_nodes() {
   local n pids i m
   # Nothing is kept, so nothing needs a graceful stop: SIGKILL everything until none is left.
   for ((i = 0; i < 100; i++)); do
@@ -328,14 +340,21 @@ cmd_down() {
   done
   ip link del "$BRIDGE" 2>/dev/null || true
   while iptables -C "${FORWARD_RULE[@]}" 2>/dev/null; do iptables -D "${FORWARD_RULE[@]}"; done
+  [ -z "$(cluster_mounts)" ] || die "mounts left under $RUN_ROOT or $DATA_ROOT: $(cluster_mounts | tr '\n' ' ')"
+  for n in "${NODES[@]}"; do rm -rf --one-file-system "$(node_dir "$n")"; done
+  rm -rf --one-file-system "$DATA_ROOT"
+}
+
+cmd_down() {
+  local m
+  remove_nodes
   if [ -r "$RUN_ROOT/trusted-registries" ]; then
     while IFS= read -r m; do
       rm -f "$CERTS_DIR/$m/ca.crt"
       rmdir "$CERTS_DIR/$m" 2>/dev/null || true
     done <"$RUN_ROOT/trusted-registries"
   fi
-  [ -z "$(cluster_mounts)" ] || die "mounts left under $RUN_ROOT or $DATA_ROOT: $(cluster_mounts | tr '\n' ' ')"
-  rm -rf --one-file-system "$RUN_ROOT" "$DATA_ROOT"
+  rm -rf --one-file-system "$RUN_ROOT"
 }
 
 cmd_status() {

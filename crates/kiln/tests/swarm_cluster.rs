@@ -78,6 +78,7 @@ fn a_three_node_swarm_comes_up_serves_survives_a_dead_node_and_leaves_nothing() 
     a_dead_node_is_seen_and_its_task_rescheduled(&c, &tasks);
     a_node_killed_whole_stops_answering(&c);
     nodes_trust_a_registry_ca(&c);
+    up_after_a_crash_starts_afresh(&c);
 
     // `down` leaves nothing of the cluster.
     let start = Instant::now();
@@ -92,6 +93,58 @@ fn a_three_node_swarm_comes_up_serves_survives_a_dead_node_and_leaves_nothing() 
     nothing_left();
     // And again, with nothing up.
     script_ok(&["down"]);
+}
+
+/// Every engine killed (their containerd with them), their shims and containers left running:
+/// `up` cleans that and makes a new cluster.
+fn up_after_a_crash_starts_afresh(c: &Cluster) {
+    c.wait("3 web tasks running", Duration::from_secs(90), || {
+        c.task_addrs("web", 80).len() == 3
+    });
+    let old = dockerd_pids();
+    let shims: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| {
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            let pid = p.file_name().to_string_lossy().parse().ok()?;
+            (cmdline.contains("containerd-shim") && cmdline.contains("/run/kiln-swarm/"))
+                .then_some(pid)
+        })
+        .collect();
+    assert!(shims.len() >= 3, "the web tasks' shims: {shims:?}");
+    for n in 1..=3 {
+        c.kill_node(n, false);
+    }
+    assert!(shims.iter().all(|pid| !common::exited(*pid)));
+    let start = Instant::now();
+    let env = ClusterEnv::parse(&script_ok(&["up"]));
+    eprintln!("swarm-cluster up after a crash: {:?}", start.elapsed());
+    assert_eq!(env, c.env);
+    let new = dockerd_pids();
+    assert!(old.iter().all(|pid| !new.contains(pid)), "{old:?} {new:?}");
+    assert!(shims.iter().all(|pid| common::exited(*pid)));
+    assert!(c.nodes().iter().all(|n| n["Status"]["State"] == "ready"));
+    // A new swarm: the old service went with the old state; what trust-registry installed
+    // stays until `down`.
+    assert_eq!(c.docker_ok(1, &["service", "ls", "-q"]).trim(), "");
+    assert!(
+        !trusted_cas().is_empty(),
+        "up after a crash dropped the trusted CA"
+    );
+}
+
+/// The CAs installed for registries at the host's address.
+fn trusted_cas() -> Vec<String> {
+    std::fs::read_dir("/etc/docker/certs.d")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("10.89.0.1:"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
 }
 
 /// The engines' pids, from their pidfiles.
@@ -152,6 +205,8 @@ fn host_mode_service_answers_on_every_node(c: &Cluster) -> Vec<(String, usize, S
             "{{.Node.Hostname}}",
             "--stop-grace-period",
             "1s",
+            // busybox as pid 1 ignores SIGTERM; a restarting engine waits 10 s for such ones.
+            "--init",
             "--publish",
             "mode=host,target=80",
             IMAGE,
@@ -517,14 +572,7 @@ fn nothing_left() {
     }
     assert!(!Path::new("/run/kiln-swarm").exists());
     assert!(!Path::new("/var/lib/kiln-swarm").exists());
-    let certs = std::fs::read_dir("/etc/docker/certs.d")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("10.89.0.1:"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let certs = trusted_cas();
     assert!(certs.is_empty(), "registry CAs left: {certs:?}");
     let rules = std::process::Command::new("iptables")
         .args(["-S", "FORWARD"])

@@ -310,8 +310,9 @@ impl Cluster {
         start.elapsed()
     }
 
-    /// SIGKILL to node `n`'s dockerd (its containers keep running); `--all` with `whole`
-    /// kills every process of the node.
+    /// SIGKILL to node `n`'s dockerd (and so its containerd; its containers keep running and
+    /// answering until the engine is back); with `whole` (`--all`), to every process of the
+    /// node, containers included.
     pub fn kill_node(&self, n: usize, whole: bool) {
         let n = n.to_string();
         if whole {
