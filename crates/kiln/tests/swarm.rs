@@ -275,6 +275,34 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
     );
     c.start_node(3);
 
+    // A worker's engine dies alone (its containers keep answering, as on a host whose dockerd
+    // crashed): kiln learns it only from the manager, which marks the node down, and replaces
+    // the instances it ran while they still serve.
+    let s = status(&state);
+    let victim = (2..=3)
+        .max_by_key(|n| {
+            live_on(&s, 2)
+                .iter()
+                .filter(|(_, a)| a.ip() == c.addr(*n))
+                .count()
+        })
+        .unwrap();
+    let wrk = Wrk::start(port, 600);
+    let started = Instant::now();
+    c.kill_node(victim, false);
+    wait_until(&state, Duration::from_secs(180), |s| {
+        let live = live_on(s, 2);
+        live.len() == 3 && live.iter().all(|(_, a)| a.ip() != c.addr(victim))
+    });
+    let took = started.elapsed();
+    let report = wrk.finish();
+    eprintln!(
+        "node {victim}'s engine killed (its containers still up): its instances replaced on the other nodes {took:.1?} later; under wrk: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.text);
+    c.start_node(victim);
+
     // `kiln down` removes every service kiln made.
     run(&state, &["down", "web"]);
     let left = c.docker_ok(
