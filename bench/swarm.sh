@@ -19,7 +19,9 @@
 #          (parallelism 1, delay 0s, monitor 5s, failure action pause) but for the order, see
 #          below. The image has no shell, so there is no container HEALTHCHECK: Swarm counts a
 #          task as up once its container runs, and health is judged by the load balancer in
-#          front, as below.
+#          front, as below. SWARM_UPDATE_FLAGS adds flags to the measured updates (e.g.
+#          SWARM_UPDATE_FLAGS='--update-monitor 0s' drops the 5 s failure watch that Swarm's
+#          completion includes by default); the output's label shows them.
 #
 # What Swarm's side is reached through depends on this kernel:
 #   - with the ingress routing mesh (IPVS in the kernel: /proc/net/ip_vs exists, or a probe
@@ -292,15 +294,17 @@ CFG
   LABEL="swarm (no routing mesh here: HAProxy + host-mode ports, stop-first)"
 fi
 
+read -r -a EXTRA <<<"${SWARM_UPDATE_FLAGS:-}"
+[ ${#EXTRA[@]} = 0 ] || LABEL="${LABEL%)}, ${EXTRA[*]})"
 swarm_update() {
-  docker -H "$KILN_SWARM_MANAGER" service update -q --update-order "$ORDER" \
+  docker -H "$KILN_SWARM_MANAGER" service update -q --update-order "$ORDER" "${EXTRA[@]}" \
     --env-add "HELLO_VERSION=$1" "$SERVICE" || return
   local state
   state=$(docker -H "$KILN_SWARM_MANAGER" service inspect \
     -f '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "$SERVICE")
   [ "$state" = completed ] || { echo "update state: $state" >&2; return 1; }
 }
-echo "$LABEL: \`docker service update --update-order $ORDER\`, wrk -t2 -c16"
+echo "$LABEL: \`docker service update --update-order $ORDER ${EXTRA[*]}\`, wrk -t2 -c16"
 for n in $(seq "$ROUNDS"); do
   if [ $((n % 2)) = 1 ]; then v=v2; else v=v1; fi
   round swarm "$n" "$SWARM_URL" web swarm_update "$v"
