@@ -45,7 +45,8 @@
 # stops; failed requests are wrk's socket errors (connect, read, write, timeout) plus non-2xx/3xx
 # over that whole window. Printed: per-round times and failures, each side's median time and
 # total failed requests, and the ratio kiln/Swarm of the medians (the issue's goal: kiln 0
-# failed and ≤ 1.0× Swarm's time).
+# failed and ≤ 1.0× Swarm's time); also, for Swarm, the manager's own update time
+# (UpdateStatus.StartedAt to CompletedAt), which leaves out the CLI's polling.
 #
 # Needs root, wrk, haproxy, Docker Engine binaries (dockerd 20.10) and what
 # scripts/swarm-cluster.sh needs. Brings up the kiln-sw* cluster and refuses to run if one is
@@ -303,6 +304,11 @@ swarm_update() {
   state=$(docker -H "$KILN_SWARM_MANAGER" service inspect \
     -f '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "$SERVICE")
   [ "$state" = completed ] || { echo "update state: $state" >&2; return 1; }
+  # The manager's own account of the update, free of the CLI's polling.
+  local started completed
+  read -r started completed < <(docker -H "$KILN_SWARM_MANAGER" service inspect \
+    -f '{{.UpdateStatus.StartedAt}} {{.UpdateStatus.CompletedAt}}' "$SERVICE")
+  echo $(($(date -d "$completed" +%s%3N) - $(date -d "$started" +%s%3N))) >>"$WORK/swarm.manager"
 }
 echo "$LABEL: \`docker service update --update-order $ORDER ${EXTRA[*]}\`, wrk -t2 -c16"
 for n in $(seq "$ROUNDS"); do
@@ -322,6 +328,8 @@ printf '%-70s median %6.1f s   failed requests %5d  (%d updates)\n' \
   "kiln (rolling, kiln's router)" "$(awk -v m="$kiln_ms" 'BEGIN { print m / 1000 }')" "$kiln_failed" "$ROUNDS"
 printf '%-70s median %6.1f s   failed requests %5d  (%d updates)\n' \
   "$LABEL" "$(awk -v m="$swarm_ms" 'BEGIN { print m / 1000 }')" "$swarm_failed" "$ROUNDS"
+sort -n "$WORK/swarm.manager" | awk '{ t[NR] = $1 } END {
+  printf "  (Swarm'"'"'s own UpdateStatus, StartedAt to CompletedAt: median %.1f s)\n", t[int((NR + 1) / 2)] / 1000 }'
 awk -v k="$kiln_ms" -v s="$swarm_ms" -v kf="$kiln_failed" 'BEGIN {
   r = k / s
   printf "kiln / swarm time: %.2fx   goal (kiln 0 failed, <= 1.0x): %s\n", r,
