@@ -305,12 +305,17 @@ swarm_update() {
     -f '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "$SERVICE")
   [ "$state" = completed ] || { echo "update state: $state" >&2; return 1; }
   # The manager's own account of the update, free of the CLI's polling.
-  local started completed
-  read -r started completed < <(docker -H "$KILN_SWARM_MANAGER" service inspect \
-    -f '{{.UpdateStatus.StartedAt}} {{.UpdateStatus.CompletedAt}}' "$SERVICE")
-  echo $(($(date -d "$completed" +%s%3N) - $(date -d "$started" +%s%3N))) >>"$WORK/swarm.manager"
+  docker -H "$KILN_SWARM_MANAGER" service inspect -f '{{json .UpdateStatus}}' "$SERVICE" |
+    python3 -c 'import json, sys
+from datetime import datetime
+def t(s):  # RFC 3339 with nanoseconds: keep microseconds for fromisoformat
+    s = s.replace("Z", "+00:00"); head, _, tz = s.rpartition("+")
+    if "." in head: a, b = head.split("."); head = a + "." + b[:6].ljust(6, "0")
+    return datetime.fromisoformat(head + "+" + tz)
+u = json.load(sys.stdin)
+print(round((t(u["CompletedAt"]) - t(u["StartedAt"])).total_seconds() * 1000))' >>"$WORK/swarm.manager"
 }
-echo "$LABEL: \`docker service update --update-order $ORDER ${EXTRA[*]}\`, wrk -t2 -c16"
+echo "$LABEL: \`docker service update --update-order $ORDER${EXTRA[*]:+ ${EXTRA[*]}}\`, wrk -t2 -c16"
 for n in $(seq "$ROUNDS"); do
   if [ $((n % 2)) = 1 ]; then v=v2; else v=v1; fi
   round swarm "$n" "$SWARM_URL" web swarm_update "$v"
