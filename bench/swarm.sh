@@ -42,8 +42,8 @@
 #     says which variant ran.
 #
 # A round: wrk -t2 -c16 starts, 1 s of load, the update, 1 s of load after it returns, wrk
-# stops; failed requests are wrk's socket errors (connect, read, write, timeout) plus non-2xx/3xx
-# over that whole window. Printed: per-round times and failures, each side's median time and
+# stops, and 10 requests must then get the new version's answer. Failed requests are wrk's
+# socket errors (connect, read, write, timeout) plus non-2xx/3xx over that whole window. Printed: per-round times and failures, each side's median time and
 # total failed requests, and the ratio kiln/Swarm of the medians (the issue's goal: kiln 0
 # failed and ≤ 1.0× Swarm's time); also, for Swarm, the manager's own update time
 # (UpdateStatus.StartedAt to CompletedAt), which leaves out the CLI's polling.
@@ -143,6 +143,15 @@ round() {
     "$name" "$n" "$(echo "$((t1 - t0))" | awk '{ print $1 / 1000 }')" "$(requests "$out")" "$(failed "$out")"
 }
 
+# serving URL VERSION: checks that 10 requests in a row get the new release's answer.
+serving() {
+  local got
+  for _ in $(seq 10); do
+    got=$(curl -sS -m 5 -H "Host: web" "$1")
+    [ "$got" = "hello from $2" ] || { say "after the update $1 answered '$got', not $2"; exit 1; }
+  done
+}
+
 # summary NAME: "median_ms total_failed".
 summary() {
   sort -n "$WORK/$1.rounds" | awk '{ t[NR] = $1; f += $2 } END { print t[int((NR + 1) / 2)], f }'
@@ -208,6 +217,7 @@ echo "kiln: rolling update by \`kiln apply\`, kiln's router in front, wrk -t2 -c
 for n in $(seq "$ROUNDS"); do
   if [ $((n % 2)) = 1 ]; then v=v2; else v=v1; fi
   round kiln "$n" "http://127.0.0.1:$KILN_PORT/" web kiln_update "$v"
+  serving "http://127.0.0.1:$KILN_PORT/" "$v"
 done
 "$KILN" --state "$STATE" down web >/dev/null
 
@@ -319,6 +329,7 @@ echo "$LABEL: \`docker service update --update-order $ORDER${EXTRA[*]:+ ${EXTRA[
 for n in $(seq "$ROUNDS"); do
   if [ $((n % 2)) = 1 ]; then v=v2; else v=v1; fi
   round swarm "$n" "$SWARM_URL" web swarm_update "$v"
+  serving "$SWARM_URL" "$v"
 done
 
 # --- summary --------------------------------------------------------------------------------
