@@ -43,9 +43,10 @@
 #
 # A round: wrk -t2 -c16 starts, 1 s of load, the update, 1 s of load after it returns, wrk
 # stops, and 10 requests must then get the new version's answer. Failed requests are wrk's
-# socket errors (connect, read, write, timeout) plus non-2xx/3xx over that whole window. Printed: per-round times and failures, each side's median time and
-# total failed requests, and the ratio kiln/Swarm of the medians (the goal: kiln 0
-# failed and ≤ 1.0× Swarm's time); also, for Swarm, the manager's own update time
+# socket errors (connect, read, write, timeout) plus non-2xx/3xx over that whole window.
+# Printed: per-round times and failures, each side's median time and total failed requests,
+# and the ratio kiln/Swarm of the medians (the goal: kiln 0 failed and ≤ 1.0× Swarm's
+# time); also, for Swarm, the manager's own update time
 # (UpdateStatus.StartedAt to CompletedAt), which leaves out the CLI's polling.
 #
 # Needs root, wrk, haproxy, Docker Engine binaries (dockerd 20.10) and what
