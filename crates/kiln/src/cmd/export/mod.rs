@@ -56,7 +56,9 @@ pub struct KubernetesArgs {
     pub image: Option<String>,
 
     /// The registry a bare digest is pulled from, e.g. registry.example.com:5000/team; the
-    /// image becomes REGISTRY/NAME@sha256:… [default: none: the repository is the app's name]
+    /// image becomes REGISTRY/NAME@sha256:… [default: where `[target] registry` has kiln push
+    /// it (HOST[:PORT]/PATH, PATH defaulting to kiln); else none: the repository is the app's
+    /// name]
     #[arg(long, value_name = "REGISTRY")]
     pub registry: Option<String>,
 
@@ -226,7 +228,8 @@ fn image_reference(
             }
         }
     };
-    Ok(match &args.registry {
+    let pushed = (spec.target.registry.as_deref()).map(kiln_runtime::push::repository_prefix);
+    Ok(match args.registry.as_ref().or(pushed.as_ref()) {
         Some(r) => (format!("{r}/{app}@{digest}"), digest, None),
         None => (
             format!("{app}@{digest}"),
