@@ -1720,6 +1720,16 @@ exec = "allow"
     target.docker_host: `docker_host` only applies to provider = "docker" or "swarm"
     target.exec: `exec` only applies to provider = "docker" or "swarm"
     target.runtime: `runtime` must name a program
+
+/target/provider = "swarm"
+/target/registry = "registry.example.com/Team"
+    target.registry: registry "registry.example.com/Team": invalid path component "Team" (lowercase letters and digits, joined by `.`, `_`, `__` or `-`)
+
+/target/provider = "docker"
+/target/registry = "registry.example.com"
+/target/registry_insecure = true
+    target.registry: `registry` only applies to provider = "swarm"
+    target.registry_insecure: `registry_insecure` only applies to provider = "swarm"
 "#;
 
     /// What the daemon says of `RECORDED` after `edits` (see `REFUSED`).
@@ -1789,7 +1799,16 @@ exec = "allow"
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        assert_eq!(asked, ["docker_host", "exec", "placement"]);
+        assert_eq!(
+            asked,
+            [
+                "docker_host",
+                "exec",
+                "placement",
+                "registry",
+                "registry_insecure"
+            ]
+        );
     }
 
     #[test]

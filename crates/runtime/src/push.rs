@@ -51,6 +51,10 @@ pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The largest manifest pushed: what the distribution spec has registries accept.
 pub const MAX_MANIFEST: u64 = 4 << 20;
 
+/// Where, under kiln's state directory, an operator puts a CA certificate (PEM) to trust
+/// besides the system's roots when pushing (the swarm provider and `kiln image push` read it).
+pub const EXTRA_CA: &str = "push/ca.crt";
+
 /// How many redirects one request follows.
 pub const MAX_REDIRECTS: usize = 5;
 

@@ -727,8 +727,10 @@ const TARGET: &[Field] = &[
          instance of an image is created, kiln pushes the image there (OCI Distribution, only \
          the blobs it lacks, by digest) and the nodes pull `HOST[:PORT]/PATH/<app>@sha256:…` \
          (`PATH` defaults to `kiln`) instead of from the daemon's registry endpoint; digests \
-         stay the ones kiln built. HTTPS verified against the system's CA roots (plus the \
-         daemon's `--push-ca` file); plain HTTP only on loopback or with `registry_insecure`.",
+         stay the ones kiln built. HTTPS verified against the system's CA roots (plus \
+         `<state>/push/ca.crt` when the daemon's operator puts one there); plain HTTP only on \
+         loopback or with `registry_insecure`. kiln sends no credentials: the registry must \
+         take pushes from the daemon's address.",
     ),
     default(
         "registry_insecure",
