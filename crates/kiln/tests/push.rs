@@ -128,7 +128,7 @@ fn push_fails(state: &Path, image: &str, repository: &str) -> (Option<i32>, Stri
 }
 
 /// The distribution registry, serving a temporary directory on a free loopback port; killed
-/// on drop. Its access log (stderr) is kept in a file.
+/// on drop. Its log (stderr: a line per request answered) is kept in a file.
 struct Registry {
     child: Child,
     addr: SocketAddr,
@@ -138,7 +138,11 @@ struct Registry {
 impl Registry {
     fn start(dir: &Path) -> Registry {
         let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Registry::start_at(dir, format!("127.0.0.1:{port}").parse().unwrap(), "")
+    }
+
+    /// At `addr`, with `tls` (YAML lines under `http:`) added to its configuration.
+    fn start_at(dir: &Path, addr: SocketAddr, tls: &str) -> Registry {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage).unwrap();
         let config = dir.join("config.yml");
@@ -147,7 +151,7 @@ impl Registry {
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                 http:\n  addr: {addr}\n",
+                 http:\n  addr: {addr}\n{tls}",
                 storage.display()
             ),
         )
@@ -162,7 +166,11 @@ impl Registry {
             .unwrap();
         let mut registry = Registry { child, addr, log };
         for _ in 0..300 {
-            if raw_get(addr, &addr.to_string(), "/v2/").starts_with("HTTP/1.1 200") {
+            let answer = raw_get(addr, &addr.to_string(), "/v2/");
+            // Over TLS a plain request gets a 400 once the server is up.
+            if answer.starts_with("HTTP/1.1 200")
+                || (!tls.is_empty() && answer.starts_with("HTTP/1."))
+            {
                 return registry;
             }
             if let Ok(Some(status)) = registry.child.try_wait() {
@@ -181,7 +189,7 @@ impl Registry {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// How many access-log lines hold all of `parts`.
+    /// How many log lines (one per request answered) hold all of `parts`.
     fn requests(&self, parts: &[&str]) -> usize {
         self.log_text()
             .lines()
@@ -223,7 +231,9 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     let (config, layers) = parts(&state, &image);
     let host = registry.addr.to_string();
     let repository = format!("{host}/team/push{stamp}");
-    let name = format!("/v2/team/push{stamp}/");
+    // How the registry logs a request: `http.request.method=PUT … http.request.uri="/v2/…"`.
+    let put = "http.request.method=PUT";
+    let name = format!("http.request.uri=\"/v2/team/push{stamp}/");
 
     let first = push(&state, &image, &repository);
     assert_eq!(first["reference"], format!("{repository}@{image}"));
@@ -231,10 +241,10 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     assert_eq!(first["blobs_present"], 0, "{first}");
     assert_eq!(first["manifests_sent"], 1, "{first}");
     // The registry's own word: one upload per blob, each a single monolithic PUT by digest.
-    let uploads = registry.requests(&["\"PUT ", &name, "blobs/uploads/", "digest=sha256"]);
+    let uploads = registry.requests(&[put, &format!("{name}blobs/uploads/"), "digest=sha256"]);
     assert_eq!(uploads, 1 + layers.len(), "{}", registry.log_text());
     assert_eq!(
-        registry.requests(&["\"PUT ", &format!("{name}manifests/{image}")]),
+        registry.requests(&[put, &format!("{name}manifests/{image}")]),
         1
     );
 
@@ -260,7 +270,7 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     assert_eq!(again["blobs_sent"], 0, "{again}");
     assert_eq!(again["manifests_sent"], 0, "{again}");
     assert_eq!(
-        registry.requests(&["\"PUT ", &name, "blobs/uploads/"]),
+        registry.requests(&[put, &format!("{name}blobs/uploads/")]),
         uploads,
         "a blob was sent again"
     );
@@ -277,12 +287,12 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     assert_eq!(second["blobs_sent"], 1, "{second}");
     assert_eq!(second["blobs_present"], layers.len(), "{second}");
     assert_eq!(
-        registry.requests(&["\"PUT ", &name, "blobs/uploads/", &other_config]),
+        registry.requests(&[put, &format!("{name}blobs/uploads/"), &other_config]),
         1
     );
     for l in &layers {
         assert_eq!(
-            registry.requests(&["\"PUT ", &name, "blobs/uploads/", l]),
+            registry.requests(&[put, &format!("{name}blobs/uploads/"), l]),
             1,
             "layer {l} was uploaded twice"
         );
@@ -449,4 +459,115 @@ fn hostile_registries_give_clear_errors() {
     let (code, stderr) = push_fails(&state, &image, "https-only.invalid/a");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("registry https-only.invalid"), "{stderr}");
+}
+
+/// A global IPv4 address of this host (not loopback), where kiln must speak TLS.
+fn host_address() -> std::net::IpAddr {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("this host has no global IPv4 address: {text}"))
+}
+
+#[test]
+fn off_loopback_the_push_speaks_tls_and_trusts_only_known_cas() {
+    if !prerequisites("the TLS push test", false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let image = build(&state, &unique_spec(dir.path(), &stamp(), "t"));
+
+    // A CA of the test's own, and the registry's certificate for this host's address.
+    let ip = host_address();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let ca_pem = tls_dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(tls_dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(tls_dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let listener = TcpListener::bind((ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let registry = Registry::start_at(
+        &dir.path().join("registry"),
+        addr,
+        &format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            tls_dir.join("cert.pem").display(),
+            tls_dir.join("key.pem").display()
+        ),
+    );
+    let repository = format!("{addr}/tls/app");
+
+    // Not trusted by the system's roots: refused, naming the registry.
+    let (code, stderr) = push_fails(&state, &image, &repository);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("registry {addr}")) && stderr.contains("TLS handshake"),
+        "{stderr}"
+    );
+    assert_eq!(
+        registry.requests(&["http.request.method="]),
+        0,
+        "a request reached the registry without a trusted certificate"
+    );
+
+    // Trusted through --ca: pushed over TLS.
+    let out = kiln(&state)
+        .args(["image", "push", &image, &repository, "--json", "--ca"])
+        .arg(&ca_pem)
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pushed["manifests_sent"], 1, "{pushed}");
+    assert!(registry.requests(&["http.request.method=PUT", "/v2/tls/app/manifests/"]) == 1);
+
+    // Trusted through <state>/push/ca.crt, where the swarm provider looks too.
+    std::fs::create_dir_all(state.join("push")).unwrap();
+    std::fs::copy(&ca_pem, state.join("push/ca.crt")).unwrap();
+    let again = push(&state, &image, &format!("{addr}/tls/again"));
+    assert_eq!(again["manifests_sent"], 1, "{again}");
+
+    // --insecure sends plain HTTP, which a TLS server does not take.
+    let out = kiln(&state)
+        .args([
+            "image",
+            "push",
+            &image,
+            &format!("{addr}/tls/plain"),
+            "--insecure",
+        ])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("HTTP 400") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

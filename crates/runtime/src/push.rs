@@ -390,9 +390,7 @@ impl Run<'_> {
             StatusCode::NOT_FOUND => {}
             s => return Err(self.status(&what, s, error_message(answer).await)),
         }
-        if media_type == OCI_INDEX
-            || media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
-        {
+        if media_type == OCI_INDEX || media_type == MANIFEST_TYPES[3] {
             if depth > 0 {
                 return Err(PushError::Image {
                     digest: digest.clone(),
@@ -538,16 +536,18 @@ impl Run<'_> {
     }
 }
 
+/// The manifest media types kiln pushes (and accepts back).
+const MANIFEST_TYPES: [&str; 4] = [
+    OCI_MANIFEST,
+    OCI_INDEX,
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
 /// The media type a manifest declares, or its shape says.
 fn media_type(doc: &serde_json::Value) -> Option<&'static str> {
-    const KNOWN: [&str; 4] = [
-        OCI_MANIFEST,
-        OCI_INDEX,
-        "application/vnd.docker.distribution.manifest.v2+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    ];
     match doc.get("mediaType") {
-        Some(serde_json::Value::String(m)) => KNOWN.iter().find(|k| *k == m).copied(),
+        Some(serde_json::Value::String(m)) => MANIFEST_TYPES.iter().find(|k| *k == m).copied(),
         Some(_) => None,
         None if doc.get("manifests").is_some() => Some(OCI_INDEX),
         None if doc.get("config").is_some() => Some(OCI_MANIFEST),
@@ -908,6 +908,9 @@ impl Client {
         if let Some(t) = content_type {
             request = request.header(header::CONTENT_TYPE, t);
         }
+        // A registry answers a manifest only in a media type the client accepts: without
+        // this, distribution 2.x says an OCI manifest it holds is unknown.
+        request = request.header(header::ACCEPT, MANIFEST_TYPES.join(", "));
         if let Some(n) = hyper::body::Body::size_hint(&body).exact() {
             request = request.header(header::CONTENT_LENGTH, n);
         }
