@@ -571,3 +571,87 @@ fn off_loopback_the_push_speaks_tls_and_trusts_only_known_cas() {
         "{stderr}"
     );
 }
+
+/// The image every pod of `kiln export kubernetes` runs, for a spec whose `[target]` is
+/// `target` (plus `args`).
+fn exported_image(dir: &Path, target: &str, args: &[&str]) -> String {
+    let spec = dir.join("kiln.toml");
+    std::fs::write(
+        &spec,
+        format!("name = \"web\"\n\n[image]\n\n[service]\n\n[target]\n{target}"),
+    )
+    .unwrap();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let out = kiln(&dir.join("state"))
+        .args(["--json", "export", "kubernetes", "--image", &digest, "-f"])
+        .arg(&spec)
+        .args(args)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let images: Vec<String> = v["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["spec"]["template"]["spec"]["containers"][0]["image"].as_str())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(images.len(), 1, "{v}");
+    let image = images[0].clone();
+    let (repository, found) = image.split_once('@').unwrap();
+    assert_eq!(found, digest);
+    repository.to_owned()
+}
+
+#[test]
+fn kubernetes_export_pulls_from_where_target_registry_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm = "provider = \"swarm\"\n";
+    assert_eq!(
+        exported_image(
+            dir.path(),
+            &format!("{swarm}registry = \"registry.example.com:5000/team\"\n"),
+            &[]
+        ),
+        "registry.example.com:5000/team/web"
+    );
+    assert_eq!(
+        exported_image(
+            dir.path(),
+            &format!("{swarm}registry = \"registry.example.com\"\n"),
+            &[]
+        ),
+        "registry.example.com/kiln/web"
+    );
+    // The flag still wins.
+    assert_eq!(
+        exported_image(
+            dir.path(),
+            &format!("{swarm}registry = \"registry.example.com\"\n"),
+            &["--registry", "other.example/x"]
+        ),
+        "other.example/x/web"
+    );
+}
+
+#[test]
+fn target_registry_is_validated_with_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("kiln.toml");
+    std::fs::write(
+        &spec,
+        "name = \"web\"\n\n[image]\n\n[service]\n\n[target]\nprovider = \"swarm\"\n\
+         registry = \"registry.example.com/Team\"\n",
+    )
+    .unwrap();
+    kiln(dir.path())
+        .args(["validate", "-f"])
+        .arg(&spec)
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("invalid path component \"Team\""))
+        .stderr(predicates::str::contains("kiln.toml:9:12"));
+}
