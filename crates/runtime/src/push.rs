@@ -490,11 +490,12 @@ impl Run<'_> {
         let expected = digest.clone();
         let answer = self
             .client
-            .send(
+            .send_sized(
                 &what,
                 Method::PUT,
                 put,
                 Some(HeaderValue::from_static("application/octet-stream")),
+                Some(size),
                 &|| blob_body(&opened, expected.clone(), size),
             )
             .await?;
@@ -803,6 +804,21 @@ impl Client {
         content_type: Option<HeaderValue>,
         body: &(dyn Fn() -> Result<Body, std::io::Error> + Sync),
     ) -> Result<Response<Incoming>, PushError> {
+        self.send_sized(what, method, url, content_type, None, body)
+            .await
+    }
+
+    /// [`Client::send`] with the body's length given (a stream does not know its own), so
+    /// the registry gets `Content-Length` rather than chunks: some storage backends need it.
+    async fn send_sized(
+        &self,
+        what: &str,
+        method: Method,
+        url: Uri,
+        content_type: Option<HeaderValue>,
+        length: Option<u64>,
+        body: &(dyn Fn() -> Result<Body, std::io::Error> + Sync),
+    ) -> Result<Response<Incoming>, PushError> {
         let mut url = url;
         let mut method = method;
         for _ in 0..=MAX_REDIRECTS {
@@ -818,7 +834,7 @@ impl Client {
                 empty()
             };
             let answer = self
-                .once(&method, &url, content_type.as_ref(), b)
+                .once(&method, &url, content_type.as_ref(), length, b)
                 .await
                 .map_err(connect)?;
             let status = answer.status();
@@ -878,6 +894,7 @@ impl Client {
         method: &Method,
         url: &Uri,
         content_type: Option<&HeaderValue>,
+        length: Option<u64>,
         body: Body,
     ) -> Result<Response<Incoming>, String> {
         let authority = url.authority().ok_or("the URL has no host")?;
@@ -911,7 +928,7 @@ impl Client {
         // A registry answers a manifest only in a media type the client accepts: without
         // this, distribution 2.x says an OCI manifest it holds is unknown.
         request = request.header(header::ACCEPT, MANIFEST_TYPES.join(", "));
-        if let Some(n) = hyper::body::Body::size_hint(&body).exact() {
+        if let Some(n) = length.or_else(|| hyper::body::Body::size_hint(&body).exact()) {
             request = request.header(header::CONTENT_LENGTH, n);
         }
         let request = request
