@@ -455,6 +455,24 @@ fn hostile_registries_give_clear_errors() {
     );
     assert_eq!(seen.lock().unwrap().len(), 6, "one request and 5 redirects");
 
+    // A registry that wants credentials (its first answer, to a HEAD, has no body): kiln
+    // says it sends none.
+    let (addr, _) = hostile(Arc::new(|_, _| {
+        answer(
+            "401 Unauthorized",
+            &[("WWW-Authenticate", "Basic realm=\"r\"")],
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+        )
+    }));
+    let (code, stderr) = push_fails(&state, &image, &format!("{addr}/a"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("registry {addr}"))
+            && stderr.contains("HTTP 401")
+            && stderr.contains("kiln sends no credentials"),
+        "{stderr}"
+    );
+
     // A registry that cannot be reached is named.
     let (code, stderr) = push_fails(&state, &image, "https-only.invalid/a");
     assert_eq!(code, Some(1), "{stderr}");

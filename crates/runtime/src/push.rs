@@ -348,6 +348,15 @@ impl Run<'_> {
     }
 
     fn status(&self, what: &str, status: StatusCode, message: Option<String>) -> PushError {
+        let message = if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            Some(format!(
+                "{}kiln sends no credentials: the registry must take pushes from this host \
+                 without them",
+                message.map(|m| format!("{m}; ")).unwrap_or_default()
+            ))
+        } else {
+            message
+        };
         PushError::Status {
             registry: self.repo.host.clone(),
             what: what.to_owned(),
@@ -820,7 +829,6 @@ impl Client {
         body: &(dyn Fn() -> Result<Body, std::io::Error> + Sync),
     ) -> Result<Response<Incoming>, PushError> {
         let mut url = url;
-        let mut method = method;
         for _ in 0..=MAX_REDIRECTS {
             let registry = url.authority().map(|a| a.to_string()).unwrap_or_default();
             let connect = |message: String| PushError::Connect {
@@ -879,7 +887,6 @@ impl Client {
                 });
             }
             url = next;
-            method = method.clone();
         }
         Err(PushError::Protocol {
             registry: url.authority().map(|a| a.to_string()).unwrap_or_default(),
