@@ -230,3 +230,54 @@ async fn a_corrupt_stored_blob_is_never_delivered_whole() {
         "{log:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_goes_after_its_manifests_and_a_shared_layer_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Blobs(dir.path().to_owned());
+    let (amd64, layer) = image(&blobs, b"same layer");
+    // A second manifest with the same layer and config, told apart by an annotation.
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(amd64.hex())).unwrap()).unwrap();
+    doc["annotations"] = serde_json::json!({"variant": "b"});
+    let arm64 = blobs.add(&serde_json::to_vec(&doc).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd64, "size": 1},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm64, "size": 1},
+        ],
+    });
+    let index = blobs.add(&serde_json::to_vec(&index).unwrap());
+    let (host, log) = registry();
+    let repo = Repository::parse(&format!("{host}/multi")).unwrap();
+    let pushed = push(&blobs, &index, &repo, &PushOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            pushed.manifests_sent,
+            pushed.blobs_sent,
+            pushed.blobs_present
+        ),
+        (3, 2, 0),
+        "{pushed:?}"
+    );
+    let log = log.lock().unwrap().clone();
+    let manifests: Vec<&str> = log
+        .iter()
+        .filter_map(|l| l.strip_prefix("PUT /v2/multi/manifests/"))
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        manifests,
+        [amd64.as_str(), arm64.as_str(), index.as_str()],
+        "{log:?}"
+    );
+    let layer_uploads = log
+        .iter()
+        .filter(|l| l.starts_with("PUT /up/") && l.contains(layer.as_str()))
+        .count();
+    assert_eq!(layer_uploads, 1, "{log:?}");
+}
