@@ -20,10 +20,11 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::distribution::{Distribution, distribution_available, host_address};
 use common::*;
 
 fn works(program: &str, args: &[&str]) -> bool {
@@ -34,7 +35,7 @@ fn works(program: &str, args: &[&str]) -> bool {
 }
 
 fn prerequisites(what: &str, engine_needed: bool) -> bool {
-    let registry = works("docker-registry", &["--version"]);
+    let registry = distribution_available();
     let engine = !engine_needed || works("docker", &["info", "--format", "{{.ServerVersion}}"]);
     let hello = hello_binary().exists();
     if registry && engine && hello {
@@ -127,84 +128,6 @@ fn push_fails(state: &Path, image: &str, repository: &str) -> (Option<i32>, Stri
     (out.status.code(), stderr)
 }
 
-/// The distribution registry, serving a temporary directory on a free loopback port; killed
-/// on drop. Its log (stderr: a line per request answered) is kept in a file.
-struct Registry {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = free_port();
-        Registry::start_at(dir, format!("127.0.0.1:{port}").parse().unwrap(), "")
-    }
-
-    /// At `addr`, with `tls` (YAML lines under `http:`) added to its configuration.
-    fn start_at(dir: &Path, addr: SocketAddr, tls: &str) -> Registry {
-        let storage = dir.join("storage");
-        std::fs::create_dir_all(&storage).unwrap();
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: false\n\
-                 http:\n  addr: {addr}\n{tls}",
-                storage.display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("registry.log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut registry = Registry { child, addr, log };
-        for _ in 0..300 {
-            let answer = raw_get(addr, &addr.to_string(), "/v2/");
-            // Over TLS a plain request gets a 400 once the server is up.
-            if answer.starts_with("HTTP/1.1 200")
-                || (!tls.is_empty() && answer.starts_with("HTTP/1."))
-            {
-                return registry;
-            }
-            if let Ok(Some(status)) = registry.child.try_wait() {
-                panic!("docker-registry ended ({status}): {}", registry.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = registry.child.kill();
-        panic!(
-            "docker-registry never answered /v2/: {}",
-            registry.log_text()
-        );
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// How many log lines (one per request answered) hold all of `parts`.
-    fn requests(&self, parts: &[&str]) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().unwrap()
 }
@@ -225,7 +148,7 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let registry = Registry::start(&dir.path().join("registry"));
+    let registry = Distribution::start(&dir.path().join("registry"));
     let stamp = stamp();
     let image = build(&state, &unique_spec(dir.path(), &stamp, "a"));
     let (config, layers) = parts(&state, &image);
@@ -479,22 +402,6 @@ fn hostile_registries_give_clear_errors() {
     assert!(stderr.contains("registry https-only.invalid"), "{stderr}");
 }
 
-/// A global IPv4 address of this host (not loopback), where kiln must speak TLS.
-fn host_address() -> std::net::IpAddr {
-    let out = Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            words.find(|w| *w == "inet")?;
-            words.next()?.split('/').next()?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("this host has no global IPv4 address: {text}"))
-}
-
 #[test]
 fn off_loopback_the_push_speaks_tls_and_trusts_only_known_cas() {
     if !prerequisites("the TLS push test", false) {
@@ -505,34 +412,8 @@ fn off_loopback_the_push_speaks_tls_and_trusts_only_known_cas() {
     let image = build(&state, &unique_spec(dir.path(), &stamp(), "t"));
 
     // A CA of the test's own, and the registry's certificate for this host's address.
-    let ip = host_address();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let tls_dir = dir.path().join("tls");
-    std::fs::create_dir_all(&tls_dir).unwrap();
-    let ca_pem = tls_dir.join("ca.pem");
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    std::fs::write(tls_dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(tls_dir.join("key.pem"), key.serialize_pem()).unwrap();
-    let listener = TcpListener::bind((ip, 0)).unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let registry = Registry::start_at(
-        &dir.path().join("registry"),
-        addr,
-        &format!(
-            "  tls:\n    certificate: {}\n    key: {}\n",
-            tls_dir.join("cert.pem").display(),
-            tls_dir.join("key.pem").display()
-        ),
-    );
+    let (registry, ca_pem) = Distribution::start_tls(&dir.path().join("registry"), host_address());
+    let addr = registry.addr;
     let repository = format!("{addr}/tls/app");
 
     // Not trusted by the system's roots: refused, naming the registry.
