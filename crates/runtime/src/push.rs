@@ -7,8 +7,8 @@
 //!
 //! - `HEAD /v2/<name>/manifests/<digest>`: already there, nothing more is sent;
 //! - for each blob (config, layers): `HEAD /v2/<name>/blobs/<digest>`; when missing,
-//!   `POST /v2/<name>/blobs/uploads/` and one monolithic `PUT <Location>&digest=<digest>`,
-//!   the blob streamed from the store file (a chunk at a time, hashed as it goes: a stored
+//!   `POST /v2/<name>/blobs/uploads/` and one monolithic `PUT <Location>&digest=<digest>`
+//!   with its `Content-Length`, the blob streamed from the store file (a chunk at a time, hashed as it goes: a stored
 //!   blob that does not hash to its name ends the upload with an error before its last byte);
 //! - `PUT /v2/<name>/manifests/<digest>` with the manifest's exact bytes and media type.
 //!
@@ -21,7 +21,8 @@
 //!
 //! HTTPS by default, verified against the system's CA roots (Debian's `ca-certificates`
 //! bundle, [`SYSTEM_ROOTS`]) plus an optional extra CA file; plain HTTP only to a loopback
-//! host or when asked ([`PushOptions::insecure`]), and never after a redirect from HTTPS.
+//! host or when asked ([`PushOptions::insecure`]), and never after a redirect from HTTPS
+//! unless asked.
 //!
 //! **API boundary:** no image layout: blobs come from an [`ImageSource`] by digest. No
 //! authentication: the registry must take anonymous pushes from kiln's address (a 401 says
@@ -406,12 +407,12 @@ impl Run<'_> {
                     message: "an image index inside an image index is not pushed".to_owned(),
                 });
             }
-            for child in descriptors(digest, descriptors_of(doc.get("manifests")))? {
+            for child in descriptors(digest, as_list(doc.get("manifests")))? {
                 Box::pin(self.manifest(&child.0, depth + 1)).await?;
             }
         } else {
             let config = descriptors(digest, doc.get("config").map(std::slice::from_ref))?;
-            let layers = descriptors(digest, descriptors_of(doc.get("layers")))?;
+            let layers = descriptors(digest, as_list(doc.get("layers")))?;
             for (blob, size) in config.iter().chain(&layers) {
                 self.blob(blob, *size).await?;
             }
@@ -591,7 +592,7 @@ fn descriptors(
 }
 
 /// `value` as a slice of values (`manifests`, `layers`).
-fn descriptors_of(value: Option<&serde_json::Value>) -> Option<&[serde_json::Value]> {
+fn as_list(value: Option<&serde_json::Value>) -> Option<&[serde_json::Value]> {
     value.and_then(|v| v.as_array()).map(Vec::as_slice)
 }
 
