@@ -84,6 +84,22 @@ pub fn repository_prefix(registry: &str) -> String {
     }
 }
 
+/// `app` as one repository path component: lowercase alphanumerics joined by single `-`
+/// (`app` when nothing is left), the name an app's images are pushed and pulled under.
+pub fn app_component(app: &str) -> String {
+    let mut name = String::new();
+    for c in app.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            name.push(c);
+        } else if !name.is_empty() && !name.ends_with(['-', '.', '_']) {
+            name.push('-');
+        }
+    }
+    let name = name.trim_end_matches(['-', '.', '_']);
+    if name.is_empty() { "app" } else { name }.to_owned()
+}
+
 /// A repository of a registry: `HOST[:PORT]` and a name of path components.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Repository {
@@ -116,9 +132,14 @@ impl Repository {
     }
 
     /// The repository `app`'s images go to under `[target] registry` (`registry`):
-    /// `<registry>/<app>` when it has a path, `<registry>/kiln/<app>` when not.
+    /// `<registry>/<app>` when it has a path, `<registry>/kiln/<app>` when not (the app as
+    /// [`app_component`] makes it).
     pub fn for_app(registry: &str, app: &str) -> Result<Repository, PushError> {
-        Repository::parse(&format!("{}/{app}", repository_prefix(registry)))
+        Repository::parse(&format!(
+            "{}/{}",
+            repository_prefix(registry),
+            app_component(app)
+        ))
     }
 
     /// `HOST[:PORT]`.
@@ -1115,6 +1136,11 @@ mod tests {
         ] {
             assert!(Repository::parse(bad).is_err(), "{bad:?} accepted");
         }
+        assert_eq!(
+            Repository::for_app("r.io", "web-").unwrap().to_string(),
+            "r.io/kiln/web"
+        );
+        assert_eq!(app_component("a--b"), "a-b");
         assert_eq!(repository_prefix("r.io"), "r.io/kiln");
         assert_eq!(repository_prefix("r.io:5000/team"), "r.io:5000/team");
         assert_eq!(split_host("[::1]:5000"), ("::1", Some(5000)));

@@ -42,6 +42,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bollard::Docker;
+use bollard::errors::Error as DockerError;
 use bollard::models::{EventMessage, Node, ServiceSpec, Task};
 use bollard::query_parameters::{
     EventsOptions, InspectServiceOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions,
@@ -103,9 +104,12 @@ impl SwarmConfig {
     }
 }
 
-/// The image reference nodes pull an instance of `app` by.
+/// The image reference nodes pull an instance of `app` by: `<registry>/kiln/<app>@<digest>`,
+/// the app's name made a valid repository path component (lowercase alphanumerics joined by
+/// single separators), since kiln's registry serves any image under any valid `kiln/<name>`.
 pub fn image_reference(registry: &str, app: &str, image: &Digest) -> String {
-    format!("{registry}/kiln/{app}@{image}")
+    let name = crate::push::app_component(app);
+    format!("{registry}/kiln/{name}@{image}")
 }
 
 /// What the provider records about an instance (a storage format, so its own serde type).
@@ -132,6 +136,9 @@ struct SwarmRecord {
     /// kiln stopped it (its service is gone on purpose).
     #[serde(default)]
     stopped: bool,
+    /// `start` is creating its service (a service by the instance's name may exist).
+    #[serde(default)]
+    starting: bool,
 }
 
 impl SwarmRecord {
@@ -185,6 +192,12 @@ pub struct SwarmProvider {
     warned_privileges: std::sync::atomic::AtomicBool,
     /// The manager's node list, at most `NODES_TTL` old.
     nodes: tokio::sync::Mutex<(Option<tokio::time::Instant>, Vec<Node>)>,
+    /// Since when each node the manager reports down has been so.
+    down_since: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Services with this state's label and no record, since first seen.
+    unrecorded: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Itself, for the health tasks it spawns.
+    me: Weak<SwarmProvider>,
     /// Images pushed to `[target] registry` by this process.
     pushes: crate::push::PushOnce,
 }
@@ -203,6 +216,35 @@ const NODES_TTL: Duration = Duration::from_millis(500);
 /// How long `stop` waits past the grace for the task to be gone.
 const STOP_SLACK: Duration = Duration::from_secs(15);
 
+/// How long the manager must report a node down before its tasks count as ended: a node
+/// that misses a few heartbeats on a loaded machine comes back.
+const NODE_DOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a service with this state's label may have no record before `list` removes it:
+/// `start` records a service within milliseconds of creating it.
+const UNRECORDED_GRACE: Duration = Duration::from_secs(15);
+
+/// The longest any call to the manager may take (the event stream excepted).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// This state directory's id on the Swarm, made once at random: two kiln hosts with the same
+/// state path (`/var/lib/kiln`) on one Swarm never take each other's services for their own.
+fn state_label(dir: &std::path::Path) -> Result<String, ProviderError> {
+    let path = dir.join("state-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ProviderError::io("read", &path)(e)),
+    }
+    let id = crate::types::InstanceId::generate("s")
+        .as_str()
+        .trim_start_matches("s-")
+        .to_owned();
+    kiln_durable::write(&path, id.as_bytes()).map_err(ProviderError::io("write", &path))?;
+    Ok(id)
+}
+
 impl SwarmProvider {
     /// Connects to the manager, checks it is one, and starts following its events and the
     /// periodic drift rescan. Call inside a tokio runtime.
@@ -216,6 +258,7 @@ impl SwarmProvider {
         let host = engine_address(cfg.host.as_deref());
         let docker = Docker::connect_with_host(&host)
             .map_err(|e| engine_err(format!("connect to the Swarm manager at {host}"), e))?
+            .with_timeout(CALL_TIMEOUT)
             .negotiate_version()
             .await
             .map_err(|e| engine_err(format!("reach the Swarm manager at {host}"), e))?;
@@ -237,11 +280,9 @@ impl SwarmProvider {
             });
         }
         crate::private::private_dir(&cfg.state.join("swarm"))?;
-        let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
-            .short()
-            .to_owned();
+        let state_label = state_label(&cfg.state.join("swarm"))?;
         let (drift_tx, _) = broadcast::channel(256);
-        let provider = Arc::new(SwarmProvider {
+        let provider = Arc::new_cyclic(|me| SwarmProvider {
             cfg,
             docker,
             images,
@@ -252,9 +293,17 @@ impl SwarmProvider {
             drift_tx,
             warned_privileges: std::sync::atomic::AtomicBool::new(false),
             nodes: tokio::sync::Mutex::new((None, Vec::new())),
+            down_since: Mutex::new(HashMap::new()),
+            unrecorded: Mutex::new(HashMap::new()),
+            me: me.clone(),
             pushes: crate::push::PushOnce::new(),
         });
-        tokio::spawn(follow_events(Arc::downgrade(&provider)));
+        // The event stream lasts as long as the provider: no call timeout.
+        let events = provider
+            .docker
+            .clone()
+            .with_timeout(Duration::from_secs(u64::MAX >> 2));
+        tokio::spawn(follow_events(Arc::downgrade(&provider), events));
         tokio::spawn(crate::rescan::every_interval(Arc::downgrade(&provider)));
         Ok(provider)
     }
@@ -332,13 +381,72 @@ impl SwarmProvider {
         let Some(service) = &record.service else {
             return Ok(None);
         };
+        self.view(service).await
+    }
+
+    /// Whether the manager has reported `node` (by ID) down for longer than
+    /// `NODE_DOWN_GRACE`, given the node as listed now (`None`: gone from the list).
+    fn node_down_long(&self, id: &str, node: Option<&Node>) -> bool {
+        let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if !node_down(node) {
+            since.remove(id);
+            return false;
+        }
+        let first = *since
+            .entry(id.to_owned())
+            .or_insert_with(tokio::time::Instant::now);
+        first.elapsed() >= NODE_DOWN_GRACE
+    }
+
+    /// What the manager reports of `service`'s current task (`None`: the service is gone).
+    async fn view(&self, service: &str) -> Result<Option<TaskView>, ProviderError> {
+        match self
+            .docker
+            .inspect_service(service, None::<InspectServiceOptions>)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(engine_err(format!("inspect service {service}"), e)),
+        }
+        let tasks = tasks_of(&self.docker, service).await?;
+        let Some(task) = current_task(&tasks) else {
+            // Created, not yet given a task by the orchestrator.
+            return Ok(Some(TaskView {
+                state: InstanceState::Running,
+                exit_code: None,
+                addr: None,
+                message: None,
+            }));
+        };
         let nodes = self.nodes().await?;
-        view_of(&self.docker, service, &nodes).await
+        let node = task
+            .node_id
+            .as_ref()
+            .and_then(|n| nodes.iter().find(|x| x.id.as_ref() == Some(n)));
+        let down = task
+            .node_id
+            .as_deref()
+            .is_some_and(|n| self.node_down_long(n, node));
+        let (state, exit_code) = task_state(task, down);
+        Ok(Some(TaskView {
+            state,
+            exit_code,
+            addr: task_addr(task, node),
+            message: if down {
+                Some("its node is down".to_owned())
+            } else {
+                task_message(task)
+            },
+        }))
     }
 
     /// Starts (once) what kiln follows for a started instance: its health, probed at the
     /// task's address once the manager reports one.
     fn adopt(&self, id: &InstanceId, record: &SwarmRecord, long_running: bool) {
+        if self.is_destroying(id) {
+            return;
+        }
         let mut live = self.lock_live();
         let started = record.service.is_some() && !record.stopped;
         if live
@@ -351,19 +459,11 @@ impl SwarmProvider {
         let (health, health_task) = match (&record.health, &record.service) {
             (Some(h), Some(service)) if !record.stopped => {
                 let (tx, rx) = watch::channel(Health::Starting);
-                let started = if long_running {
-                    // An adopted instance may have been healthy for hours: no start period.
-                    tokio::time::Instant::now()
-                        .checked_sub(Duration::from_secs(86_400))
-                        .unwrap_or_else(tokio::time::Instant::now)
-                } else {
-                    tokio::time::Instant::now()
-                };
                 let task = tokio::spawn(follow_health(
-                    self.docker.clone(),
+                    self.me.clone(),
                     service.clone(),
                     HealthCheck::from(h),
-                    started,
+                    long_running,
                     Arc::clone(&addr),
                     tx,
                 ));
@@ -516,108 +616,98 @@ impl SwarmProvider {
         }
     }
 
-    /// Waits until the service's tasks are gone or ended, up to `limit`.
-    async fn wait_gone(&self, service: &str, limit: Duration) {
+    /// Waits until each of `tasks` ended or is gone, up to `limit`.
+    async fn wait_ended(&self, tasks: &[String], limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            match tasks_of(&self.docker, service).await {
-                Ok(tasks)
-                    if tasks.iter().all(|t| {
-                        t.status
+        for task in tasks {
+            while tokio::time::Instant::now() < deadline {
+                match self.docker.inspect_task(task).await {
+                    Ok(t)
+                        if !t
+                            .status
                             .as_ref()
                             .and_then(|s| s.state)
-                            .is_none_or(task_state_ended)
-                    }) =>
-                {
-                    return;
+                            .is_some_and(task_state_ended) => {}
+                    // Ended, gone, or the manager cannot say: nothing to wait for.
+                    _ => break,
                 }
-                Ok(_) => {}
-                Err(_) => return,
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Finds a service by the instance's name, made by a `start` that crashed before
+    /// recording it: its ID when it carries this instance's and this state's labels.
+    async fn orphan_service(&self, id: &InstanceId) -> Option<String> {
+        let s = self
+            .docker
+            .inspect_service(id.as_str(), None::<InspectServiceOptions>)
+            .await
+            .ok()?;
+        let labels = s.spec.as_ref()?.labels.as_ref()?;
+        (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(id.as_str())
+            && labels.get(LABEL_STATE) == Some(&self.state_label))
+        .then_some(s.id)
+        .flatten()
     }
 }
 
+/// The tasks of `service`; none once it is gone (the manager resolves the filter through
+/// the service, so a removed one is a 404).
 async fn tasks_of(docker: &Docker, service: &str) -> Result<Vec<Task>, ProviderError> {
     let mut filters = HashMap::new();
     filters.insert("service".to_owned(), vec![service.to_owned()]);
-    docker
+    match docker
         .list_tasks(Some(ListTasksOptions {
             filters: Some(filters),
         }))
         .await
-        .map_err(|e| engine_err(format!("list the tasks of service {service}"), e))
+    {
+        Ok(tasks) => Ok(tasks),
+        Err(e) if is_not_found(&e) => Ok(Vec::new()),
+        Err(e) => Err(engine_err(
+            format!("list the tasks of service {service}"),
+            e,
+        )),
+    }
 }
 
-/// What the manager reports of `service`'s current task (`None`: the service is gone), with
-/// the swarm's nodes as `nodes` lists them.
-async fn view_of(
-    docker: &Docker,
-    service: &str,
-    nodes: &[Node],
-) -> Result<Option<TaskView>, ProviderError> {
-    match docker
-        .inspect_service(service, None::<InspectServiceOptions>)
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if is_not_found(&e) => return Ok(None),
-        Err(e) => return Err(engine_err(format!("inspect service {service}"), e)),
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    let tasks = tasks_of(docker, service).await?;
-    let Some(task) = current_task(&tasks) else {
-        // Created, not yet given a task by the orchestrator.
-        return Ok(Some(TaskView {
-            state: InstanceState::Running,
-            exit_code: None,
-            addr: None,
-            message: None,
-        }));
-    };
-    let node = task
-        .node_id
-        .as_ref()
-        .and_then(|n| nodes.iter().find(|x| x.id.as_ref() == Some(n)));
-    let down = task.node_id.is_some() && node_down(node);
-    let (state, exit_code) = task_state(task, down);
-    Ok(Some(TaskView {
-        state,
-        exit_code,
-        addr: task_addr(task, node),
-        message: if down {
-            Some("its node is down".to_owned())
-        } else {
-            task_message(task)
-        },
-    }))
 }
 
 /// Follows one started instance's health: waits for the manager to report where its task
-/// answers, then probes it there until the task ends (or its node goes down).
+/// answers, then probes it there until the task ends (or its node is down). The start period
+/// runs from then, not from the service's creation (scheduling and the pull come first);
+/// an adopted instance (`long_running`) has none.
 async fn follow_health(
-    docker: Docker,
+    provider: Weak<SwarmProvider>,
     service: String,
     check: HealthCheck,
-    started: tokio::time::Instant,
+    long_running: bool,
     addr: Arc<Mutex<Option<SocketAddr>>>,
     tx: watch::Sender<Health>,
 ) {
-    let view = |docker: Docker, service: String| async move {
-        let nodes = docker
-            .list_nodes(None::<ListNodesOptions>)
-            .await
-            .map_err(|e| engine_err("list the Swarm's nodes", e))?;
-        view_of(&docker, &service, &nodes).await
+    let view = |provider: Weak<SwarmProvider>, service: String| async move {
+        match provider.upgrade() {
+            Some(p) => p.view(&service).await.map(Some),
+            None => Ok(None),
+        }
     };
     let at = loop {
-        match view(docker.clone(), service.clone()).await {
-            Ok(Some(v)) if v.state == InstanceState::Running => {
+        match view(provider.clone(), service.clone()).await {
+            Ok(None) => return,
+            Ok(Some(Some(v))) if v.state == InstanceState::Running => {
                 if let Some(a) = v.addr {
                     break a;
                 }
             }
-            Ok(_) => {
+            Ok(Some(_)) => {
                 tx.send_replace(Health::Failed);
                 return;
             }
@@ -626,27 +716,36 @@ async fn follow_health(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     *addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    let started = if long_running {
+        tokio::time::Instant::now()
+            .checked_sub(Duration::from_secs(86_400))
+            .unwrap_or_else(tokio::time::Instant::now)
+    } else {
+        tokio::time::Instant::now()
+    };
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let alive: Liveness = {
         let running = Arc::clone(&running);
         Arc::new(move || running.load(std::sync::atomic::Ordering::Relaxed))
     };
-    let watcher = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            match view(docker.clone(), service.clone()).await {
-                Ok(Some(v)) if v.state == InstanceState::Running => {}
-                Ok(_) => {
-                    running.store(false, std::sync::atomic::Ordering::Relaxed);
-                    return;
+    let _watcher = AbortOnDrop(
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match view(provider.clone(), service.clone()).await {
+                    Ok(Some(Some(v))) if v.state == InstanceState::Running => {}
+                    Ok(_) => {
+                        running.store(false, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
-        }
-    });
+        })
+        .abort_handle(),
+    );
     let prober = prober_for(&check, at);
     monitor(HealthMachine::new(check, started), prober, alive, tx).await;
-    watcher.abort();
 }
 
 fn task_state_ended(s: bollard::models::TaskState) -> bool {
@@ -659,19 +758,20 @@ fn task_state_ended(s: bollard::models::TaskState) -> bool {
 
 /// Follows the manager's engine events for as long as the provider lives, reconnecting
 /// after an error.
-async fn follow_events(provider: Weak<SwarmProvider>) {
+async fn follow_events(provider: Weak<SwarmProvider>, docker: Docker) {
     loop {
-        let Some(p) = provider.upgrade() else { return };
+        if provider.strong_count() == 0 {
+            return;
+        }
         let mut filters = HashMap::new();
         filters.insert(
             "type".to_owned(),
             vec!["service".to_owned(), "container".to_owned()],
         );
-        let mut stream = p.docker.events(Some(EventsOptions {
+        let mut stream = docker.events(Some(EventsOptions {
             filters: Some(filters),
             ..EventsOptions::default()
         }));
-        drop(p);
         while let Some(item) = stream.next().await {
             let Some(p) = provider.upgrade() else { return };
             match item {
@@ -797,6 +897,7 @@ impl Provider for SwarmProvider {
             labels: spec.labels.clone(),
             settings: BTreeMap::new(),
             stopped: false,
+            starting: false,
         };
         self.write_record(&record)?;
         Ok(id)
@@ -808,7 +909,7 @@ impl Provider for SwarmProvider {
             return Err(ProviderError::InvalidState {
                 id: id.clone(),
                 action: "start",
-                state: "started",
+                state: if record.stopped { "stopped" } else { "started" },
             });
         }
         let spec: ServiceSpec =
@@ -816,27 +917,58 @@ impl Provider for SwarmProvider {
                 path: self.record_path(id),
                 message: e.to_string(),
             })?;
-        let created = self
-            .docker
-            .create_service(spec, None)
-            .await
-            .map_err(|e| engine_err(format!("create the service of instance {id}"), e))?;
-        let Some(service) = created.id else {
+        // Recorded first, so a destroy that races this start, or follows a crash in it,
+        // removes the service by the instance's name.
+        record.starting = true;
+        self.write_record(&record)?;
+        let service = match self.docker.create_service(spec, None).await {
+            Ok(created) => created.id,
+            // A start that crashed after creating it: that service is this instance's.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => self.orphan_service(id).await,
+            Err(e) => {
+                return Err(engine_err(
+                    format!("create the service of instance {id}"),
+                    e,
+                ));
+            }
+        };
+        let Some(service) = service else {
             return Err(ProviderError::Engine {
                 what: format!("create the service of instance {id}"),
                 message: "the manager returned no service ID".to_owned(),
             });
         };
-        let inspected = self
-            .docker
-            .inspect_service(&service, None::<InspectServiceOptions>)
-            .await;
-        let stored = inspected.ok().and_then(|s| s.spec);
+        let mut stored = None;
+        for _ in 0..3 {
+            match self
+                .docker
+                .inspect_service(&service, None::<InspectServiceOptions>)
+                .await
+            {
+                Ok(s) => {
+                    stored = s.spec;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        // Without the settings the manager kept there is no baseline for drift.
+        let Some(stored) = stored else {
+            if let Err(e) = self.remove_service(id, &service).await {
+                tracing::warn!(instance = %id, error = %e, "the service of a failed start not removed");
+            }
+            return Err(ProviderError::Engine {
+                what: format!("inspect the service of instance {id}"),
+                message: "the manager does not show the service it created".to_owned(),
+            });
+        };
         // An engine that kept the field applies it per service; one that dropped it (Engine
         // 20.10) applies only its daemon-wide setting, which no API shows.
         let per_service = stored
+            .task_template
             .as_ref()
-            .and_then(|s| s.task_template.as_ref())
             .and_then(|t| t.container_spec.as_ref())
             .and_then(|c| c.privileges.as_ref())
             .and_then(|p| p.no_new_privileges)
@@ -852,10 +984,20 @@ impl Provider for SwarmProvider {
                  for kiln's instances to be sealed"
             );
         }
-        record.settings = stored.map(|s| settings(&s)).unwrap_or_default();
+        record.settings = settings(&stored);
         record.service = Some(service.clone());
+        record.starting = false;
+        // Destroyed while its service was being created: the service goes too.
+        if self.is_destroying(id) || !self.record_path(id).exists() {
+            if let Err(e) = self.remove_service(id, &service).await {
+                tracing::warn!(instance = %id, error = %e, "the service of a destroyed instance not removed");
+            }
+            return Err(ProviderError::NotFound(id.clone()));
+        }
         if let Err(e) = self.write_record(&record) {
-            let _ = self.remove_service(id, &service).await;
+            if let Err(e) = self.remove_service(id, &service).await {
+                tracing::warn!(instance = %id, error = %e, "the service of an unrecorded instance not removed");
+            }
             return Err(e);
         }
         self.adopt(id, &record, false);
@@ -868,11 +1010,19 @@ impl Provider for SwarmProvider {
             record.stopped = true;
             self.write_record(&record)?;
         }
-        let Some(service) = record.service.clone() else {
-            return Ok(());
+        let service = match (&record.service, record.starting) {
+            (Some(s), _) => s.clone(),
+            (None, true) => id.to_string(),
+            (None, false) => return Ok(()),
         };
+        // The manager forgets a removed service's tasks at once: remember them to wait.
+        let tasks: Vec<String> = tasks_of(&self.docker, &service)
+            .await?
+            .into_iter()
+            .filter_map(|t| t.id)
+            .collect();
         self.remove_service(id, &service).await?;
-        self.wait_gone(&service, grace + STOP_SLACK).await;
+        self.wait_ended(&tasks, grace + STOP_SLACK).await;
         Ok(())
     }
 
@@ -883,13 +1033,17 @@ impl Provider for SwarmProvider {
             .insert(id.clone());
         let result = async {
             match self.record(id) {
-                Ok(r) => {
-                    if let Some(service) = &r.service {
-                        self.remove_service(id, service).await?;
+                Ok(SwarmRecord {
+                    service: Some(service),
+                    ..
+                }) => self.remove_service(id, &service).await?,
+                // Not started, starting, or an unreadable record: a service by the instance's
+                // name still goes (only one this state made).
+                _ => {
+                    if let Some(service) = self.orphan_service(id).await {
+                        self.remove_service(id, &service).await?;
                     }
                 }
-                // No or an unreadable record: the service still goes, by name.
-                Err(_) => self.remove_service(id, id.as_str()).await?,
             }
             for path in [self.record_path(id), self.taint_path(id)] {
                 match std::fs::remove_file(&path) {
@@ -918,13 +1072,14 @@ impl Provider for SwarmProvider {
         let view = self.task_view(&record).await?;
         let (state, exit_code, addr) = match (&record.service, view, record.stopped) {
             (_, _, true) => (InstanceState::Exited, None, None),
+            (None, _, false) if record.starting => (InstanceState::Running, None, None),
             (None, _, false) => (InstanceState::Created, None, None),
             (Some(_), None, false) => (InstanceState::Vanished, None, None),
             (Some(_), Some(v), false) => {
                 if v.state == InstanceState::Exited
                     && let Some(m) = &v.message
                 {
-                    tracing::debug!(instance = %id, why = %m, "swarm task ended");
+                    tracing::info!(instance = %id, why = %m, "swarm task ended");
                 }
                 (v.state, v.exit_code, v.addr)
             }
@@ -999,20 +1154,35 @@ impl Provider for SwarmProvider {
             }))
             .await
             .map_err(|e| engine_err("list kiln's services", e))?;
+        let mut seen = HashSet::new();
         for s in services {
             let name = s
                 .spec
                 .as_ref()
                 .and_then(|s| s.name.clone())
                 .unwrap_or_default();
-            if recorded.contains(&name) {
+            let (Some(service), Ok(id)) = (s.id, InstanceId::new(&name)) else {
+                continue;
+            };
+            if recorded.contains(&name) || self.record_path(&id).exists() {
                 continue;
             }
-            if let (Some(service), Ok(id)) = (s.id, InstanceId::new(&name)) {
+            seen.insert(service.clone());
+            let first = *self
+                .unrecorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(service.clone())
+                .or_insert_with(tokio::time::Instant::now);
+            if first.elapsed() >= UNRECORDED_GRACE && !self.record_path(&id).exists() {
                 tracing::warn!(service = %service, name = %name, "removing a service with kiln's labels that kiln did not record");
                 self.remove_service(&id, &service).await?;
             }
         }
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s, _| seen.contains(s));
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
         Ok(out)
     }
@@ -1098,5 +1268,20 @@ impl crate::rescan::Rescan for SwarmProvider {
         for id in ids {
             self.check(&id).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_app_name_becomes_a_valid_repository_component() {
+        let d = Digest::of(b"x");
+        let r = |app: &str| image_reference("10.0.0.1:5000", app, &d);
+        assert_eq!(r("web"), format!("10.0.0.1:5000/kiln/web@{d}"));
+        assert_eq!(r("Web_API"), format!("10.0.0.1:5000/kiln/web-api@{d}"));
+        assert_eq!(r("web-"), format!("10.0.0.1:5000/kiln/web@{d}"));
+        assert_eq!(r("--"), format!("10.0.0.1:5000/kiln/app@{d}"));
     }
 }

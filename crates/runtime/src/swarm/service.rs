@@ -53,6 +53,9 @@ pub(crate) fn service_spec(w: &Wanted<'_>) -> ServiceSpec {
     labels.insert(LABEL_APP.to_owned(), spec.app.clone());
     labels.insert(LABEL_INSTANCE.to_owned(), w.id.to_string());
     labels.insert(LABEL_IMAGE.to_owned(), spec.image.to_string());
+    // The task's container carries these, not the state's label: a docker provider of the
+    // same state on a node's engine must never take it for one of its own containers.
+    let container_labels = labels.clone();
     labels.insert(LABEL_STATE.to_owned(), w.state_label.to_owned());
     let mounts: Vec<Mount> = spec
         .writable
@@ -85,7 +88,7 @@ pub(crate) fn service_spec(w: &Wanted<'_>) -> ServiceSpec {
         task_template: Some(TaskSpec {
             container_spec: Some(TaskSpecContainerSpec {
                 image: Some(w.image_ref.to_owned()),
-                labels: Some(labels),
+                labels: Some(container_labels),
                 command,
                 args,
                 env: Some(env),
@@ -265,12 +268,8 @@ pub(crate) fn settings(s: &ServiceSpec) -> BTreeMap<String, Value> {
 /// restart has one, unless somebody updated it).
 pub(crate) fn current_task(tasks: &[Task]) -> Option<&Task> {
     tasks.iter().max_by(|a, b| {
-        let key = |t: &Task| {
-            (
-                t.created_at.as_ref().map(ToString::to_string),
-                t.version.as_ref().and_then(|v| v.index),
-            )
-        };
+        // The manager's object versions only grow; timestamps compare badly as strings.
+        let key = |t: &Task| t.version.as_ref().and_then(|v| v.index);
         key(a).cmp(&key(b))
     })
 }
@@ -336,18 +335,28 @@ pub(crate) fn task_addr(task: &Task, node: Option<&Node>) -> Option<SocketAddr> 
 }
 
 /// A node's address as the manager knows it; a manager that advertised `0.0.0.0` is reached
-/// at the address its manager status names.
+/// at the address its manager status names. Never a loopback, link-local or unspecified
+/// address: a node claiming one would point kiln's router and probes at kiln's own host.
 pub(crate) fn node_ip(node: &Node) -> Option<IpAddr> {
+    let usable = |ip: &IpAddr| {
+        !ip.is_unspecified()
+            && !ip.is_loopback()
+            && !ip.is_multicast()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_broadcast(),
+                IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            }
+    };
     let status: Option<IpAddr> = node
         .status
         .as_ref()
         .and_then(|s| s.addr.as_deref())
         .and_then(|a| a.parse().ok())
-        .filter(|ip: &IpAddr| !ip.is_unspecified());
+        .filter(usable);
     status.or_else(|| {
         let addr = node.manager_status.as_ref()?.addr.as_deref()?;
         let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-        host.trim_matches(['[', ']']).parse().ok()
+        host.trim_matches(['[', ']']).parse().ok().filter(usable)
     })
 }
 
@@ -427,7 +436,8 @@ mod tests {
         assert_eq!(c["Mounts"][0]["Type"], "tmpfs");
         assert_eq!(c["Mounts"][0]["TmpfsOptions"]["SizeBytes"], 1 << 20);
         assert_eq!(c["Init"], true);
-        assert_eq!(c["Labels"]["kiln.state"], "st");
+        assert_eq!(v["Labels"]["kiln.state"], "st");
+        assert!(c["Labels"].get("kiln.state").is_none());
         let t = &v["TaskTemplate"];
         assert_eq!(t["RestartPolicy"]["Condition"], "none");
         assert_eq!(t["Resources"]["Limits"]["Pids"], 128);
@@ -528,8 +538,10 @@ mod tests {
         );
         assert_eq!(task_addr(&task(r, r, None), Some(&n)), None);
         assert_eq!(task_addr(&task(r, r, Some(30001)), None), None);
-        let unspecified = node("0.0.0.0", NodeState::READY);
-        assert_eq!(task_addr(&task(r, r, Some(1)), Some(&unspecified)), None);
+        for bad in ["0.0.0.0", "127.0.0.1", "169.254.1.1", "::1", "fe80::1"] {
+            let n = node(bad, NodeState::READY);
+            assert_eq!(task_addr(&task(r, r, Some(1)), Some(&n)), None, "{bad}");
+        }
         assert!(node_down(Some(&node("1.2.3.4", NodeState::DOWN))));
         assert!(node_down(None));
         assert!(!node_down(Some(&n)));

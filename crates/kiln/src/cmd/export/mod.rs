@@ -228,10 +228,13 @@ fn image_reference(
             }
         }
     };
-    let pushed = (spec.target.registry.as_deref()).map(kiln_runtime::push::repository_prefix);
-    Ok(match args.registry.as_ref().or(pushed.as_ref()) {
-        Some(r) => (format!("{r}/{app}@{digest}"), digest, None),
-        None => (
+    // Where the swarm provider pushes the app's images, when `[target] registry` names one.
+    let pushed = (spec.target.registry.as_deref())
+        .and_then(|r| kiln_runtime::push::Repository::for_app(r, app).ok());
+    Ok(match (&args.registry, pushed) {
+        (Some(r), _) => (format!("{r}/{app}@{digest}"), digest, None),
+        (None, Some(repo)) => (repo.reference(&digest), digest, None),
+        (None, None) => (
             format!("{app}@{digest}"),
             digest,
             Some(format!(
