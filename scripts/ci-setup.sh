@@ -13,7 +13,9 @@ export DEBIAN_FRONTEND=noninteractive
 # openssh-client: tests/remote.rs drives a daemon over a real sshd. curl: tests/registry.rs
 # fetches from kiln's registry over TLS trusting kiln's CA only. util-linux (nsenter,
 # unshare, setsid) and shellcheck: scripts/swarm-cluster.sh, the swarm tests' cluster.
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck)
+# docker-registry (the CNCF distribution registry) and ca-certificates: tests/push.rs pushes
+# kiln's images to a real registry it runs itself; kiln's push verifies HTTPS against the bundle.
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -24,6 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian starts nginx on install where it can; the benchmarks start their own.
 service nginx stop >/dev/null 2>&1 || true
+# Likewise docker-registry (on :5000, with htpasswd auth): tests/push.rs runs its own.
+service docker-registry stop >/dev/null 2>&1 || true
 
 if ! docker info >/dev/null 2>&1; then
   (dockerd >/tmp/kiln-ci-dockerd.log 2>&1 &)

@@ -74,6 +74,12 @@ pub struct TargetConfig {
     /// Swarm placement constraints (absent in releases stored before them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<String>,
+    /// The registry images are pushed to (absent in releases stored before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// Plain HTTP to `registry` off loopback.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registry_insecure: bool,
 }
 
 /// Declares a storage enum written in JSON as one of fixed strings. It serialises as its
@@ -473,6 +479,8 @@ impl From<&TargetSpec> for TargetConfig {
             docker_host: t.docker_host.clone(),
             exec: t.exec.into(),
             placement: t.placement.clone(),
+            registry: t.registry.clone(),
+            registry_insecure: t.registry_insecure,
         }
     }
 }
@@ -921,6 +929,8 @@ impl ReleaseConfig {
             docker_host: t.docker_host.clone(),
             exec: t.exec.into(),
             placement: t.placement.clone(),
+            registry: t.registry.clone(),
+            registry_insecure: t.registry_insecure,
         }
     }
 
@@ -1226,6 +1236,8 @@ impl TargetConfig {
             "docker_host" => self.docker_host.is_some(),
             "exec" => self.exec != ExecPolicyName::Taint,
             "placement" => !self.placement.is_empty(),
+            "registry" => self.registry.is_some(),
+            "registry_insecure" => self.registry_insecure,
             _ => false,
         };
         for (key, b) in rules::target_keys(self.provider.into(), set) {
@@ -1233,6 +1245,9 @@ impl TargetConfig {
         }
         for c in &self.placement {
             p.check("target.placement", rules::placement(c));
+        }
+        if let Some(r) = &self.registry {
+            p.check("target.registry", rules::registry(r).map(|_| ()));
         }
         p.check("target.runtime", rules::runtime(&self.runtime));
     }
@@ -1705,6 +1720,16 @@ exec = "allow"
     target.docker_host: `docker_host` only applies to provider = "docker" or "swarm"
     target.exec: `exec` only applies to provider = "docker" or "swarm"
     target.runtime: `runtime` must name a program
+
+/target/provider = "swarm"
+/target/registry = "registry.example.com/Team"
+    target.registry: registry "registry.example.com/Team": invalid path component "Team" (lowercase letters and digits, joined by `.`, `_`, `__` or `-`)
+
+/target/provider = "docker"
+/target/registry = "registry.example.com"
+/target/registry_insecure = true
+    target.registry: `registry` only applies to provider = "swarm"
+    target.registry_insecure: `registry_insecure` only applies to provider = "swarm"
 "#;
 
     /// What the daemon says of `RECORDED` after `edits` (see `REFUSED`).
@@ -1774,7 +1799,16 @@ exec = "allow"
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        assert_eq!(asked, ["docker_host", "exec", "placement"]);
+        assert_eq!(
+            asked,
+            [
+                "docker_host",
+                "exec",
+                "placement",
+                "registry",
+                "registry_insecure"
+            ]
+        );
     }
 
     #[test]

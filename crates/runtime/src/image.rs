@@ -34,6 +34,13 @@ pub trait ImageSource: Send + Sync {
         let _ = (tags, dest);
         Err(format!("image {image}: this image source cannot export docker archives").into())
     }
+
+    /// The file holding blob `digest` (a manifest, a config or a layer, as stored), for
+    /// pushing it to a registry; `Ok(None)` when the source has no such blob. Sources that
+    /// keep no blob files say so.
+    fn blob_path(&self, digest: &Digest) -> Result<Option<PathBuf>, SourceError> {
+        Err(format!("blob {digest}: this image source keeps no blob files").into())
+    }
 }
 
 /// What the runtime needs to know about one image.

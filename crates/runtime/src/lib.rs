@@ -17,6 +17,7 @@ pub mod local;
 mod ports;
 mod private;
 pub mod provider;
+pub mod push;
 mod rescan;
 mod secrets;
 pub mod swarm;

@@ -720,6 +720,26 @@ const TARGET: &[Field] = &[
          `[\"node.role == worker\", \"node.labels.zone != b\"]`. Within them Swarm puts each \
          new instance on the node running the fewest tasks, so an app's instances spread.",
     ),
+    field(
+        "registry",
+        Kind::String,
+        "A registry of your own for the swarm provider, `HOST[:PORT][/PATH]`: before an \
+         instance of an image is created, kiln pushes the image there (OCI Distribution, only \
+         the blobs it lacks, by digest) and the nodes pull `HOST[:PORT]/PATH/<app>@sha256:…` \
+         (`PATH` defaults to `kiln`) instead of from the daemon's registry endpoint; digests \
+         stay the ones kiln built. HTTPS verified against the system's CA roots (plus \
+         `<state>/push/ca.crt` when the daemon's operator puts one there); plain HTTP only on \
+         loopback or with `registry_insecure`. kiln sends no credentials: the registry must \
+         take pushes from the daemon's address.",
+    ),
+    default(
+        "registry_insecure",
+        Kind::Bool,
+        "false",
+        "Talk plain HTTP to `registry` even off loopback (warned): anyone on the path can read \
+         and alter what is pushed; each node's engine must then list the registry in its \
+         `insecure-registries`.",
+    ),
 ];
 
 /// The fields of the table at a dotted path such as `deploy.analysis`, if there is one.

@@ -595,12 +595,14 @@ pub fn target_keys(
         ("docker_host", engine),
         ("exec", engine),
         ("placement", swarm),
+        ("registry", swarm),
+        ("registry_insecure", swarm),
     ]
     .into_iter()
     .filter(|(key, _)| set(key))
     .filter(|(key, _)| match provider {
         ProviderKind::Local => true,
-        ProviderKind::Docker => *key == "placement",
+        ProviderKind::Docker => ["placement", "registry", "registry_insecure"].contains(key),
         ProviderKind::Swarm => false,
     })
     .map(|(key, applies)| {
@@ -610,6 +612,103 @@ pub fn target_keys(
         )
     })
     .collect()
+}
+
+/// `[target] registry`: `HOST[:PORT][/PATH]`, an OCI Distribution registry and an optional
+/// repository prefix, in the distribution reference grammar (a DNS name or `[IPv6]`, a port
+/// of digits, path components of lowercase letters and digits joined by `.`, `_`, `__` or
+/// runs of `-`). Returns the host (with its port) and the path.
+pub fn registry(r: &str) -> Result<(&str, Option<&str>), Broken> {
+    let hint = "HOST[:PORT][/PATH], e.g. \"registry.example.com\", \"10.0.0.5:5000/team\"";
+    let bad = |why: String| Broken::new(format!("registry {r:?}: {why}")).hint(hint);
+    if r.contains("://") {
+        return Err(bad(
+            "no scheme: kiln speaks HTTPS (plain HTTP only on loopback \
+                        or with registry_insecure = true)"
+                .to_owned(),
+        ));
+    }
+    // The repository name the engine pulls (`PATH/<app>`) must stay under the spec's 255.
+    if r.len() > 200 {
+        return Err(bad("longer than 200 characters".to_owned()));
+    }
+    let (host, path) = match r.split_once('/') {
+        Some((h, p)) => (h, Some(p)),
+        None => (r, None),
+    };
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return Err(bad("unclosed `[` in the host".to_owned()));
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad(format!("{v6:?} is not an IPv6 address")));
+        }
+        match after {
+            "" => (None, None),
+            p => match p.strip_prefix(':') {
+                Some(p) => (None, Some(p)),
+                None => return Err(bad(format!("unexpected {p:?} after the host"))),
+            },
+        }
+    } else {
+        match host.split_once(':') {
+            Some((n, p)) => (Some(n), Some(p)),
+            None => (Some(host), None),
+        }
+    };
+    if let Some(n) = name
+        && (n.starts_with("*.") || !valid_host(n))
+    {
+        return Err(bad(format!("invalid host {n:?}")));
+    }
+    if let Some(p) = port
+        && (p.is_empty()
+            || p.len() > 5
+            || !p.bytes().all(|b| b.is_ascii_digit())
+            || p.parse::<u16>().map_or(true, |n| n == 0))
+    {
+        return Err(bad(format!("invalid port {p:?}")));
+    }
+    if let Some(path) = path {
+        for c in path.split('/') {
+            if !path_component(c) {
+                return Err(bad(format!(
+                    "invalid path component {c:?} (lowercase letters and digits, joined by \
+                     `.`, `_`, `__` or `-`)"
+                )));
+            }
+        }
+    }
+    Ok((host, path))
+}
+
+/// One component of a repository name: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+pub fn path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    let (Some(&first), Some(&last)) = (b.first(), b.last()) else {
+        return false;
+    };
+    if !alnum(first) || !alnum(last) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: `.`, `_`, `__` or any number of `-`.
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return false;
+        }
+    }
+    true
 }
 
 /// One Swarm placement constraint: `ATTRIBUTE == VALUE` or `ATTRIBUTE != VALUE`, as Swarm
@@ -847,6 +946,53 @@ mod tests {
                 (2, "the root `/` cannot be writable".to_owned()),
                 (3, "\"/tmp\" is listed twice".to_owned()),
             ]
+        );
+    }
+
+    #[test]
+    fn registries_follow_the_distribution_grammar() {
+        for (ok, host, path) in [
+            ("registry.example.com", "registry.example.com", None),
+            ("localhost:5000", "localhost:5000", None),
+            ("10.0.0.5:5000/team", "10.0.0.5:5000", Some("team")),
+            ("[::1]:5000/a/b-c", "[::1]:5000", Some("a/b-c")),
+            ("[fd00::1]", "[fd00::1]", None),
+            (
+                "r.io/a__b/c.d/e---f/g_h",
+                "r.io",
+                Some("a__b/c.d/e---f/g_h"),
+            ),
+        ] {
+            assert_eq!(registry(ok).unwrap(), (host, path), "{ok}");
+        }
+        for bad in [
+            "",
+            "https://r.io",
+            "r.io/",
+            "r.io/Team",
+            "r.io/a//b",
+            "r.io/a___b",
+            "r.io/-a",
+            "r.io/a.",
+            "r.io/a._b",
+            "r.io:",
+            "r.io:0",
+            "r.io:65536",
+            "r.io:50x",
+            "-r.io",
+            "*.r.io",
+            "[::1",
+            "[nope]:5000",
+            "[::1]x",
+            "r.io/a b",
+        ] {
+            assert!(registry(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = registry("r.io/Team").unwrap_err();
+        assert_eq!(
+            e.message,
+            "registry \"r.io/Team\": invalid path component \"Team\" (lowercase letters and \
+             digits, joined by `.`, `_`, `__` or `-`)"
         );
     }
 }

@@ -617,6 +617,11 @@ pub struct TargetSpec {
     pub exec: ExecPolicy,
     /// Swarm placement constraints (`swarm`): `node.role == worker`, `node.labels.zone != a`.
     pub placement: Vec<String>,
+    /// The registry images are pushed to and nodes pull from (`swarm`): `HOST[:PORT][/PATH]`;
+    /// `None`: the daemon's own registry endpoint.
+    pub registry: Option<String>,
+    /// Plain HTTP to `registry` even off loopback.
+    pub registry_insecure: bool,
 }
 
 impl Default for TargetSpec {
@@ -628,6 +633,8 @@ impl Default for TargetSpec {
             docker_host: None,
             exec: ExecPolicy::Taint,
             placement: Vec::new(),
+            registry: None,
+            registry_insecure: false,
         }
     }
 }

@@ -865,10 +865,31 @@ impl Validator<'_> {
             }
             placement.push(c.clone());
         }
+        let registry = t.string("registry");
+        if let Some(r) = &registry
+            && let Err(b) = rules::registry(r)
+        {
+            self.broken(t, "registry", b);
+        }
+        let registry_insecure = t.bool("registry_insecure");
+        if registry_insecure && registry.is_none() && provider == ProviderKind::Swarm {
+            self.broken(
+                t,
+                "registry_insecure",
+                rules::Broken {
+                    message: "`registry_insecure` needs `registry`".to_owned(),
+                    hint: Some(
+                        "the daemon's own endpoint is set by kiln serve --registry-insecure",
+                    ),
+                },
+            );
+        }
         TargetSpec {
             provider,
             runtime,
             placement,
+            registry,
+            registry_insecure,
             docker_host: t.string("docker_host"),
             exec: match t.str("exec") {
                 Some(("allow", _)) => ExecPolicy::Allow,

@@ -1,4 +1,5 @@
-//! Image commands: `kiln build`, `kiln images`, `kiln image inspect|export|import`, `kiln gc`.
+//! Image commands: `kiln build`, `kiln images`, `kiln image inspect|export|import|push`,
+//! `kiln gc`.
 //!
 //! Thin over `kiln-image`: parse arguments, call the library, print. The store lives at
 //! `<state>/images` and the build cache at `<state>/cache/build`. `kiln gc` here has no
@@ -65,6 +66,27 @@ pub enum ImageCommand {
         /// The directory or tarball
         path: PathBuf,
     },
+    /// Push an image to a registry over the OCI Distribution API, by digest: only the blobs
+    /// the registry lacks are sent (what the swarm provider does for `[target] registry`)
+    Push(PushArgs),
+}
+
+/// `kiln image push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// A tag or a manifest digest
+    pub reference: String,
+    /// The repository: HOST[:PORT]/NAME, e.g. registry.example.com/team/app (no tag: the
+    /// image is pushed, and pulled, by digest)
+    pub repository: String,
+    /// Plain HTTP even to a host that is not loopback (anyone on the path can read or alter
+    /// the image)
+    #[arg(long)]
+    pub insecure: bool,
+    /// A CA certificate (PEM) to trust besides the system's roots [default: <state>/push/ca.crt
+    /// when there is one, as the swarm provider does]
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 /// `kiln gc`.
@@ -284,6 +306,9 @@ pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
 }
 
 pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    if let ImageCommand::Push(push) = &args.command {
+        return push_cmd(push, state, out);
+    }
     let store = store(state)?;
     match &args.command {
         ImageCommand::Inspect { reference } => {
@@ -348,6 +373,53 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 }
             }
         }
+        ImageCommand::Push(_) => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln image push`: the swarm provider's push, from the command line.
+fn push_cmd(args: &PushArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    use kiln_runtime::push::{PushOptions, Repository, push};
+    let repo = match Repository::parse(&args.repository) {
+        Ok(r) => r,
+        Err(e) => {
+            out.error(&anyhow::Error::new(e));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let images = super::instance::StoreImages::open(state)?;
+    let image = images.resolve_ref(&args.reference)?;
+    let opts = PushOptions {
+        insecure: args.insecure,
+        ca_file: args.ca.clone().or_else(|| {
+            let ca = state.join(kiln_runtime::push::EXTRA_CA);
+            ca.is_file().then_some(ca)
+        }),
+    };
+    let pushed = super::instance::tokio_runtime()?
+        .block_on(push(&images, &image, &repo, &opts))
+        .with_context(|| format!("cannot push {image} to {repo}"))?;
+    if out.json {
+        out.data(&json!({
+            "reference": pushed.reference,
+            "digest": image,
+            "manifests_sent": pushed.manifests_sent,
+            "manifests_present": pushed.manifests_present,
+            "blobs_sent": pushed.blobs_sent,
+            "blobs_present": pushed.blobs_present,
+            "bytes_sent": pushed.bytes_sent,
+        }))?;
+    } else if pushed.manifests_sent == 0 {
+        out.say(&format!("{} is already there", pushed.reference));
+    } else {
+        out.say(&format!(
+            "pushed {}: {} blobs sent ({}), {} already there",
+            pushed.reference,
+            pushed.blobs_sent,
+            human(pushed.bytes_sent),
+            pushed.blobs_present
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -88,6 +88,11 @@ impl ImageSource for StoreImages {
         )?)
     }
 
+    fn blob_path(&self, digest: &Digest) -> Result<Option<std::path::PathBuf>, SourceError> {
+        let path = self.store.blob_path(digest);
+        Ok(path.is_file().then_some(path))
+    }
+
     fn unpack_layer(
         &self,
         _image: &Digest,

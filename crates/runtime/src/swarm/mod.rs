@@ -13,6 +13,9 @@
 //! - **Images by digest from kiln's registry**: nodes pull `<registry>/kiln/<app>@sha256:…`
 //!   from the daemon's OCI Distribution endpoint (`kiln serve --registry-listen`), so the
 //!   digest every engine reports is the one kiln built; there is no load into each engine.
+//!   With `[target] registry` (a registry of the team's own), `create` first pushes the image
+//!   there (`crate::push`, once per image and repository however many creates ask at once)
+//!   and nodes pull `<HOST>/<PATH or kiln>/<app>@sha256:…` from it instead.
 //! - **Sealed as on docker**, with what Engine 20.10's service API lacks made explicit: no
 //!   per-service no-new-privileges (asked for, but 20.10 drops the field: then every node's
 //!   engine must run with `no-new-privileges`, which no API shows, so kiln warns once), no
@@ -80,14 +83,20 @@ pub struct SwarmConfig {
     pub registry: Arc<std::sync::OnceLock<String>>,
     /// Period of the full drift rescan that backs the event stream.
     pub rescan_interval: Duration,
+    /// A CA certificate trusted besides the system's roots when pushing to `[target]
+    /// registry`: `<state>/push/ca.crt` when the operator put one there.
+    pub push_ca: Option<PathBuf>,
 }
 
 impl SwarmConfig {
     /// Defaults: the manager `$DOCKER_HOST` names (or the local socket), no registry, a
     /// rescan every 5 s.
     pub fn new(state: impl Into<PathBuf>, host: Option<String>) -> SwarmConfig {
+        let state = state.into();
+        let ca = state.join(crate::push::EXTRA_CA);
         SwarmConfig {
-            state: state.into(),
+            push_ca: ca.is_file().then_some(ca),
+            state,
             host,
             registry: Arc::default(),
             rescan_interval: Duration::from_secs(5),
@@ -99,17 +108,7 @@ impl SwarmConfig {
 /// the app's name made a valid repository path component (lowercase alphanumerics joined by
 /// single separators), since kiln's registry serves any image under any valid `kiln/<name>`.
 pub fn image_reference(registry: &str, app: &str, image: &Digest) -> String {
-    let mut name = String::new();
-    for c in app.chars() {
-        let c = c.to_ascii_lowercase();
-        if c.is_ascii_lowercase() || c.is_ascii_digit() {
-            name.push(c);
-        } else if !name.is_empty() && !name.ends_with(['-', '.', '_']) {
-            name.push('-');
-        }
-    }
-    let name = name.trim_end_matches(['-', '.', '_']);
-    let name = if name.is_empty() { "app" } else { name };
+    let name = crate::push::app_component(app);
     format!("{registry}/kiln/{name}@{image}")
 }
 
@@ -199,6 +198,8 @@ pub struct SwarmProvider {
     unrecorded: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Itself, for the health tasks it spawns.
     me: Weak<SwarmProvider>,
+    /// Images pushed to `[target] registry` by this process.
+    pushes: crate::push::PushOnce,
 }
 
 impl std::fmt::Debug for SwarmProvider {
@@ -295,6 +296,7 @@ impl SwarmProvider {
             down_since: Mutex::new(HashMap::new()),
             unrecorded: Mutex::new(HashMap::new()),
             me: me.clone(),
+            pushes: crate::push::PushOnce::new(),
         });
         // The event stream lasts as long as the provider: no call timeout.
         let events = provider
@@ -796,13 +798,23 @@ impl Provider for SwarmProvider {
             id: id.clone(),
             message,
         };
-        let Some(registry) = self.cfg.registry.get().map(String::as_str) else {
+        // A registry of the team's own, or the daemon's endpoint.
+        let pushed = match &spec.target.registry {
+            Some(r) => Some(
+                crate::push::Repository::for_app(r, &spec.app)
+                    .map_err(|e| refuse(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let own = self.cfg.registry.get().map(String::as_str);
+        if pushed.is_none() && own.is_none() {
             return Err(refuse(
-                "provider = \"swarm\" needs the daemon's image registry, from which every node \
-                 pulls: run kiln serve with --registry-listen ADDR (an address the nodes reach)"
+                "provider = \"swarm\" needs a registry every node pulls from: run kiln serve \
+                 with --registry-listen ADDR (an address the nodes reach), or name one in \
+                 [target] registry"
                     .to_owned(),
             ));
-        };
+        }
         if spec.network != kiln_spec::Network::Kiln {
             return Err(refuse(format!(
                 "[service] network = {:?} is for the local provider",
@@ -836,7 +848,34 @@ impl Provider for SwarmProvider {
             })
             .map_err(&refuse)?;
         let port = spec.container_port.or(spec.port).unwrap_or(8080);
-        let image_ref = image_reference(registry, &spec.app, &spec.image);
+        let image_ref = match (&pushed, own) {
+            (Some(repo), _) => {
+                let opts = crate::push::PushOptions {
+                    insecure: spec.target.registry_insecure,
+                    ca_file: self.cfg.push_ca.clone(),
+                };
+                let sent = self
+                    .pushes
+                    .ensure(&*self.images, &spec.image, repo, &opts)
+                    .await
+                    .map_err(|e| ProviderError::Image {
+                        digest: spec.image.clone(),
+                        message: format!("cannot push it for instance {id}: {e}"),
+                    })?;
+                if let Some(p) = sent {
+                    tracing::info!(
+                        reference = %p.reference,
+                        blobs_sent = p.blobs_sent,
+                        bytes_sent = p.bytes_sent,
+                        blobs_present = p.blobs_present,
+                        "pushed the image to the target registry"
+                    );
+                }
+                repo.reference(&spec.image)
+            }
+            (None, Some(own)) => image_reference(own, &spec.app, &spec.image),
+            (None, None) => return Err(refuse("no registry".to_owned())),
+        };
         let body = service_spec(&Wanted {
             id: &id,
             spec: &spec,

@@ -309,6 +309,16 @@ pub const KEYS: &[(&str, Treatment)] = &[
             "Swarm constraints; on Kubernetes placement is node affinity over the cluster's labels",
         ),
     ),
+    (
+        "target.registry",
+        Treatment::Mapped("the image's repository (REGISTRY/NAME@sha256:…) unless --registry"),
+    ),
+    (
+        "target.registry_insecure",
+        Treatment::NotMapped(
+            "plain HTTP to a registry is each node's container runtime configuration",
+        ),
+    ),
 ];
 
 /// The labels on every object and the selector of the pods.

@@ -56,7 +56,9 @@ pub struct KubernetesArgs {
     pub image: Option<String>,
 
     /// The registry a bare digest is pulled from, e.g. registry.example.com:5000/team; the
-    /// image becomes REGISTRY/NAME@sha256:… [default: none: the repository is the app's name]
+    /// image becomes REGISTRY/NAME@sha256:… [default: where `[target] registry` has kiln push
+    /// it (HOST[:PORT]/PATH, PATH defaulting to kiln); else none: the repository is the app's
+    /// name]
     #[arg(long, value_name = "REGISTRY")]
     pub registry: Option<String>,
 
@@ -226,9 +228,13 @@ fn image_reference(
             }
         }
     };
-    Ok(match &args.registry {
-        Some(r) => (format!("{r}/{app}@{digest}"), digest, None),
-        None => (
+    // Where the swarm provider pushes the app's images, when `[target] registry` names one.
+    let pushed = (spec.target.registry.as_deref())
+        .and_then(|r| kiln_runtime::push::Repository::for_app(r, app).ok());
+    Ok(match (&args.registry, pushed) {
+        (Some(r), _) => (format!("{r}/{app}@{digest}"), digest, None),
+        (None, Some(repo)) => (repo.reference(&digest), digest, None),
+        (None, None) => (
             format!("{app}@{digest}"),
             digest,
             Some(format!(
