@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::distribution::{Distribution, distribution_available};
 use common::swarm::{Cluster, cluster, swarm_prerequisites};
 use common::wrk::{Wrk, wrk_available};
 use common::*;
@@ -35,14 +36,15 @@ max_p99 = "1s"
 min_requests = 50
 "#;
 
-/// The example app on the swarm: `replicas` instances, `HELLO_VERSION = version`, `deploy`
-/// the inside of `[deploy]`.
+/// The example app on the swarm: 3 instances, `HELLO_VERSION = version`, `deploy` the inside
+/// of `[deploy]`, `target` more lines of `[target]`.
 fn swarm_spec(
     dir: &Path,
     port: u16,
     manager: &str,
     version: &str,
     deploy: &str,
+    target: &str,
 ) -> std::path::PathBuf {
     write_spec_with(
         dir,
@@ -50,7 +52,7 @@ fn swarm_spec(
         &format!("HELLO_VERSION = \"{version}\""),
         3,
         &format!(
-            "[target]\nprovider = \"swarm\"\ndocker_host = \"{manager}\"\n\n[deploy]\n\
+            "[target]\nprovider = \"swarm\"\ndocker_host = \"{manager}\"\n{target}\n[deploy]\n\
              keep_previous = \"10m\"\nprogress_deadline = \"3m\"\n{deploy}"
         ),
     )
@@ -132,14 +134,14 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let registry = SocketAddr::new(c.env.host_addr, free_port());
-    let _daemon = Daemon::start_with(&state, &["--registry-listen", &registry.to_string()]);
+    let mut daemon = Daemon::start_with(&state, &["--registry-listen", &registry.to_string()]);
     c.trust_registry(registry, &state.join("registry/ca.crt"));
     let port = free_port();
     let manager = c.env.manager.clone();
 
     // Release 1: three instances, one per node (Swarm puts each new task on the node running
     // the fewest), every node pulled the image by kiln's digest from kiln's registry.
-    let spec = swarm_spec(dir.path(), port, &manager, "v1", "");
+    let spec = swarm_spec(dir.path(), port, &manager, "v1", "", "");
     let image = build(&state, &spec);
     let started = Instant::now();
     apply(&state, &spec, &image);
@@ -164,7 +166,7 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
     // load through kiln's router: no failed request.
     let phases: [(&str, &str, u64); 2] = [("v2", "", 2), ("v3", CANARY, 3)];
     for (version, deploy, release) in phases {
-        swarm_spec(dir.path(), port, &manager, version, deploy);
+        swarm_spec(dir.path(), port, &manager, version, deploy, "");
         let wrk = Wrk::start(port, 600);
         let started = Instant::now();
         apply(&state, &spec, &image);
@@ -301,6 +303,61 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
     );
     assert_eq!(report.failed, 0, "{}", report.text);
     c.start_node(victim);
+
+    // A restarted daemon adopts its swarm instances: the same three, still routed.
+    let before: BTreeSet<String> = live_on(&status(&state), 2)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // The team's own registry instead of kiln's (`[target] registry`, TLS with its own CA,
+    // which the daemon reads at start): `create` pushes the image there and the nodes pull it
+    // from there, by kiln's digest.
+    assert!(
+        distribution_available(),
+        "docker-registry is required (scripts/ci-setup.sh installs it)"
+    );
+    let (team, ca) = Distribution::start_tls(&dir.path().join("team"), c.env.host_addr);
+    c.trust_registry(team.addr, &ca);
+    std::fs::create_dir_all(state.join("push")).unwrap();
+    std::fs::copy(&ca, state.join("push/ca.crt")).unwrap();
+    daemon.kill();
+    daemon.spawn();
+    wait_until(&state, Duration::from_secs(60), |s| {
+        let live: BTreeSet<String> = live_on(s, 2).into_iter().map(|(id, _)| id).collect();
+        live == before
+    });
+    let release = status(&state)["release"].as_u64().unwrap();
+    swarm_spec(
+        dir.path(),
+        port,
+        &manager,
+        "v4",
+        "",
+        &format!("registry = \"{}\"", team.addr),
+    );
+    apply(&state, &spec, &image);
+    wait_until(&state, Duration::from_secs(180), |s| {
+        let r = s["release"].as_u64().unwrap_or(0);
+        s["phase"] == "completed" && r > release && live_on(s, r).len() == 3
+    });
+    assert!(raw_get(([127, 0, 0, 1], port).into(), "web", "/").contains("v4"));
+    assert_eq!(
+        team.requests(&["PUT", "/manifests/"]),
+        1,
+        "{}",
+        team.log_text()
+    );
+    let s = status(&state);
+    for n in live_on(&s, s["release"].as_u64().unwrap())
+        .iter()
+        .map(|(_, a)| c.env.node_addrs.iter().position(|x| *x == a.ip()).unwrap() + 1)
+    {
+        let digests = repo_digests(&c, n);
+        assert!(
+            digests.contains(&format!("{}/kiln/web@{image}", team.addr)),
+            "node {n} did not pull kiln's digest from the team's registry: {digests}"
+        );
+    }
 
     // `kiln down` removes every service kiln made.
     run(&state, &["down", "web"]);
