@@ -8,6 +8,7 @@
 //! by digest) and knows nothing of releases, routes or rollout strategies. It reports state,
 //! health and drift; deciding to replace an instance is the controller's job.
 
+mod announce;
 pub mod docker;
 pub mod engines;
 pub mod fake;

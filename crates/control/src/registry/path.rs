@@ -159,37 +159,7 @@ pub fn check_name(name: &str) -> Result<String, Refusal> {
 
 /// Whether `name` matches the distribution spec's `<name>` grammar.
 pub fn is_name(name: &str) -> bool {
-    !name.is_empty() && name.split('/').all(is_component)
-}
-
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
-fn is_component(c: &str) -> bool {
-    let b = c.as_bytes();
-    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
-    let (Some(&first), Some(&last)) = (b.first(), b.last()) else {
-        return false;
-    };
-    if !alnum(first) || !alnum(last) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator, between two alphanumerics (both ends are alphanumeric, checked above).
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
+    !name.is_empty() && name.split('/').all(kiln_spec::rules::path_component)
 }
 
 /// The repository an app's images are pulled as: `kiln/<app>`, with what the grammar does not

@@ -163,8 +163,7 @@ pub struct DockerProvider {
     /// Instances kiln is destroying: their disappearance is not drift.
     destroying: Mutex<HashSet<InstanceId>>,
     /// The findings last published per instance, so a finding is announced once.
-    reported: Mutex<HashMap<InstanceId, Vec<DriftFinding>>>,
-    drift_tx: broadcast::Sender<DriftReport>,
+    drift: crate::announce::Announcer,
     /// One image load at a time (two instances of a new release need it once).
     loading: tokio::sync::Mutex<()>,
     /// The engine's seccomp profile as its `SecurityOptions` name it (`default`, `builtin`,
@@ -272,7 +271,6 @@ impl DockerProvider {
         let state_label = Digest::of(cfg.state.as_os_str().as_encoded_bytes())
             .short()
             .to_owned();
-        let (drift_tx, _) = broadcast::channel(256);
         let provider = Arc::new(DockerProvider {
             cfg,
             docker,
@@ -280,8 +278,7 @@ impl DockerProvider {
             state_label,
             live: Mutex::new(HashMap::new()),
             destroying: Mutex::new(HashSet::new()),
-            reported: Mutex::new(HashMap::new()),
-            drift_tx,
+            drift: crate::announce::Announcer::new(),
             loading: tokio::sync::Mutex::new(()),
             seccomp_profile,
         });
@@ -568,28 +565,7 @@ impl DockerProvider {
     /// Announces `findings` when they hold something not announced before; returns them as a
     /// report (or `None` when clean).
     fn publish(&self, id: &InstanceId, findings: Vec<DriftFinding>) -> Option<DriftReport> {
-        let mut findings = findings;
-        findings.sort_by_key(ToString::to_string);
-        findings.dedup();
-        if findings.is_empty() {
-            return None;
-        }
-        let report = DriftReport {
-            instance: id.clone(),
-            findings: findings.clone(),
-            at: SystemTime::now(),
-        };
-        let new = {
-            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            let before = reported.entry(id.clone()).or_default();
-            let new = findings.iter().any(|f| !before.contains(f));
-            *before = findings;
-            new
-        };
-        if new && !self.is_destroying(id) {
-            let _ = self.drift_tx.send(report.clone());
-        }
-        Some(report)
+        self.drift.publish(id, findings, self.is_destroying(id))
     }
 
     async fn check(&self, id: &InstanceId) {
@@ -1092,10 +1068,7 @@ impl Provider for DockerProvider {
         }
         .await;
         self.lock_live().remove(id);
-        self.reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.drift.forget(id);
         self.destroying
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1257,7 +1230,7 @@ impl Provider for DockerProvider {
     }
 
     fn drift_events(&self) -> broadcast::Receiver<DriftReport> {
-        self.drift_tx.subscribe()
+        self.drift.subscribe()
     }
 
     async fn health(&self, id: &InstanceId) -> Result<watch::Receiver<Health>, ProviderError> {

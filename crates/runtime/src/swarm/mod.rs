@@ -186,8 +186,7 @@ pub struct SwarmProvider {
     state_label: String,
     live: Mutex<HashMap<InstanceId, Live>>,
     destroying: Mutex<HashSet<InstanceId>>,
-    reported: Mutex<HashMap<InstanceId, Vec<DriftFinding>>>,
-    drift_tx: broadcast::Sender<DriftReport>,
+    drift: crate::announce::Announcer,
     /// Warned once that the engines take no no-new-privileges per service.
     warned_privileges: std::sync::atomic::AtomicBool,
     /// The manager's node list, at most `NODES_TTL` old.
@@ -281,7 +280,6 @@ impl SwarmProvider {
         }
         crate::private::private_dir(&cfg.state.join("swarm"))?;
         let state_label = state_label(&cfg.state.join("swarm"))?;
-        let (drift_tx, _) = broadcast::channel(256);
         let provider = Arc::new_cyclic(|me| SwarmProvider {
             cfg,
             docker,
@@ -289,8 +287,7 @@ impl SwarmProvider {
             state_label,
             live: Mutex::new(HashMap::new()),
             destroying: Mutex::new(HashSet::new()),
-            reported: Mutex::new(HashMap::new()),
-            drift_tx,
+            drift: crate::announce::Announcer::new(),
             warned_privileges: std::sync::atomic::AtomicBool::new(false),
             nodes: tokio::sync::Mutex::new((None, Vec::new())),
             down_since: Mutex::new(HashMap::new()),
@@ -525,28 +522,7 @@ impl SwarmProvider {
     /// Announces `findings` when they hold something not announced before; returns them as a
     /// report (or `None` when clean).
     fn publish(&self, id: &InstanceId, findings: Vec<DriftFinding>) -> Option<DriftReport> {
-        let mut findings = findings;
-        findings.sort_by_key(ToString::to_string);
-        findings.dedup();
-        if findings.is_empty() {
-            return None;
-        }
-        let report = DriftReport {
-            instance: id.clone(),
-            findings: findings.clone(),
-            at: SystemTime::now(),
-        };
-        let new = {
-            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            let before = reported.entry(id.clone()).or_default();
-            let new = findings.iter().any(|f| !before.contains(f));
-            *before = findings;
-            new
-        };
-        if new && !self.is_destroying(id) {
-            let _ = self.drift_tx.send(report.clone());
-        }
-        Some(report)
+        self.drift.publish(id, findings, self.is_destroying(id))
     }
 
     async fn check(&self, id: &InstanceId) {
@@ -1056,10 +1032,7 @@ impl Provider for SwarmProvider {
         }
         .await;
         self.lock_live().remove(id);
-        self.reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.drift.forget(id);
         self.destroying
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1228,7 +1201,7 @@ impl Provider for SwarmProvider {
     }
 
     fn drift_events(&self) -> broadcast::Receiver<DriftReport> {
-        self.drift_tx.subscribe()
+        self.drift.subscribe()
     }
 
     async fn health(&self, id: &InstanceId) -> Result<watch::Receiver<Health>, ProviderError> {
