@@ -161,6 +161,9 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
         );
     }
     assert!(raw_get(([127, 0, 0, 1], port).into(), "web", "/").contains("v1"));
+    // Each instance's output, read from the manager's service logs.
+    let logs = run(&state, &["logs", "web"]);
+    assert!(logs.contains("| hello v1 listening on"), "{logs}");
 
     // A rolling update, a canary judged by analysis, and a warm rollback, each under wrk
     // load through kiln's router: no failed request.

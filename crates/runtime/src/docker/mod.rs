@@ -202,6 +202,31 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or_default()
 }
 
+/// Reads an engine's log stream of instance `id` whole and returns it from byte `from`. The
+/// engine rotates logs: an offset past the end means they were rotated, so it starts again.
+pub(crate) async fn log_chunk(
+    id: &InstanceId,
+    mut stream: impl futures_util::Stream<Item = Result<bollard::container::LogOutput, DockerError>>
+    + Unpin,
+    from: u64,
+) -> Result<LogChunk, ProviderError> {
+    let mut all = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(out) => all.extend_from_slice(&out.into_bytes()),
+            Err(e) if is_not_found(&e) => break,
+            Err(e) => return Err(engine_err(format!("read the logs of {id}"), e)),
+        }
+    }
+    let total = all.len() as u64;
+    let from = if from > total { 0 } else { from };
+    let start = usize::try_from(from).unwrap_or(0);
+    Ok(LogChunk {
+        data: all.get(start..).unwrap_or_default().to_vec(),
+        next: total,
+    })
+}
+
 /// The engine address `host` names, or `$DOCKER_HOST`, or the local socket.
 pub(crate) fn engine_address(host: Option<&str>) -> String {
     host.map(str::to_owned)
@@ -1196,7 +1221,7 @@ impl Provider for DockerProvider {
 
     async fn logs(&self, id: &InstanceId, from: u64) -> Result<LogChunk, ProviderError> {
         let record = self.record(id)?;
-        let mut stream = self.docker.logs(
+        let stream = self.docker.logs(
             &record.container,
             Some(LogsOptions {
                 stdout: true,
@@ -1205,22 +1230,7 @@ impl Provider for DockerProvider {
                 ..LogsOptions::default()
             }),
         );
-        let mut all = Vec::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(out) => all.extend_from_slice(&out.into_bytes()),
-                Err(e) if is_not_found(&e) => break,
-                Err(e) => return Err(engine_err(format!("read the logs of {id}"), e)),
-            }
-        }
-        let total = all.len() as u64;
-        // The engine rotates logs: an offset past the end means they were rotated.
-        let from = if from > total { 0 } else { from };
-        let start = usize::try_from(from).unwrap_or(0);
-        Ok(LogChunk {
-            data: all.get(start..).unwrap_or_default().to_vec(),
-            next: total,
-        })
+        log_chunk(id, stream, from).await
     }
 
     async fn check_drift(&self, id: &InstanceId) -> Result<Option<DriftReport>, ProviderError> {

@@ -56,7 +56,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
 use crate::docker::container::{LABEL_INSTANCE, LABEL_STATE, changed_settings};
-use crate::docker::{engine_address, engine_err, is_not_found, unix_ms};
+use crate::docker::{engine_address, engine_err, is_not_found, log_chunk, unix_ms};
 use crate::health::{HealthMachine, Liveness, monitor, prober_for};
 use crate::image::ImageSource;
 use crate::local::record::HealthRecord;
@@ -1168,7 +1168,7 @@ impl Provider for SwarmProvider {
                 next: 0,
             });
         };
-        let mut stream = self.docker.service_logs(
+        let stream = self.docker.service_logs(
             &service,
             Some(LogsOptions {
                 stdout: true,
@@ -1177,21 +1177,7 @@ impl Provider for SwarmProvider {
                 ..LogsOptions::default()
             }),
         );
-        let mut all = Vec::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(out) => all.extend_from_slice(&out.into_bytes()),
-                Err(e) if is_not_found(&e) => break,
-                Err(e) => return Err(engine_err(format!("read the logs of {id}"), e)),
-            }
-        }
-        let total = all.len() as u64;
-        let from = if from > total { 0 } else { from };
-        let start = usize::try_from(from).unwrap_or(0);
-        Ok(LogChunk {
-            data: all.get(start..).unwrap_or_default().to_vec(),
-            next: total,
-        })
+        log_chunk(id, stream, from).await
     }
 
     async fn check_drift(&self, id: &InstanceId) -> Result<Option<DriftReport>, ProviderError> {
