@@ -71,4 +71,16 @@ if ! cmp -s "$k8s_pins/package-lock.json" /opt/kiln-ci/argo/package-lock.json; t
   (cd /opt/kiln-ci/argo && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
+# Third-party checkers of kiln's supply-chain output (crates/kiln/tests/supply_chain*.rs):
+# the in-toto reference implementation and securesystemslib (DSSE envelopes, in-toto
+# statements) and spdx-tools (SPDX 2.3 validation), pinned in their own venv; reinstalled
+# only when a pin changes.
+attest_pins="$(cd "$(dirname "$0")" && pwd)/attest-tools"
+if ! cmp -s "$attest_pins/requirements.txt" /opt/kiln-ci/attest/kiln-requirements.txt; then
+  rm -rf /opt/kiln-ci/attest
+  /usr/bin/python3 -m venv /opt/kiln-ci/attest
+  /opt/kiln-ci/attest/bin/pip install -q --disable-pip-version-check --no-deps -r "$attest_pins/requirements.txt"
+  cp "$attest_pins/requirements.txt" /opt/kiln-ci/attest/kiln-requirements.txt
+fi
+
 echo "ci-setup: $(runc --version | head -n1); docker $(docker version --format '{{.Server.Version}}'); $(/opt/kiln-ci/venv/bin/kubernetes-validate --version)"
