@@ -121,6 +121,41 @@ pub const ROOT: &[Field] = &[
          `[route]`: to change it, `kiln down` the app first.",
     ),
     field("target", Kind::Table(TARGET), "Where instances run."),
+    field(
+        "policy",
+        Kind::Table(POLICY),
+        "What the daemon requires of an image before it runs a release of this app, checked \
+         at apply and again at every instance create. The daemon's own policy (`kiln serve \
+         --policy`) applies too: a release must pass both.",
+    ),
+];
+
+/// Proofs `[policy] require` accepts.
+pub const PROOFS: &[&str] = &["signature", "tested", "provenance", "sbom"];
+
+const POLICY: &[Field] = &[
+    field(
+        "keys",
+        Kind::StringList,
+        "Public keys trusted to sign this app's images and attestations: OpenSSH \
+         `ssh-ed25519 AAAA…` lines, or paths (relative to kiln.toml) of files of such lines \
+         (`.pub` files, `allowed_signers`-style lists without principals). With keys, an \
+         attestation counts only when one of them signed it.",
+    ),
+    field(
+        "require",
+        Kind::StringList,
+        "The proofs an image must carry: `signature` (`kiln sign` by one of `keys`), \
+         `tested` (a passed `kiln test`), `provenance` (the SLSA provenance `kiln build` \
+         writes), `sbom` (its SPDX SBOM).",
+    ),
+    default(
+        "source",
+        Kind::Enum(&["any", "git", "git-clean"]),
+        "\"any\"",
+        "What the image's provenance must say of its source: `git`, built from a git \
+         commit; `git-clean`, from a commit with a clean work tree; `any`, nothing.",
+    ),
 ];
 
 /// Strategies `[deploy] strategy` accepts.

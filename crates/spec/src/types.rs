@@ -24,6 +24,88 @@ pub struct Spec {
     pub route: RouteSpec,
     /// Where instances run.
     pub target: TargetSpec,
+    /// What an image must carry to be run.
+    pub policy: PolicySpec,
+}
+
+/// `[policy]`: the proofs an image must carry before the daemon runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySpec {
+    /// Trusted public keys, each an OpenSSH `ssh-ed25519 …` line (read from the files the
+    /// spec names).
+    pub keys: Vec<String>,
+    /// The proofs required, in the order written, without repeats.
+    pub require: Vec<Proof>,
+    /// What the provenance must say of the source.
+    pub source: SourceRule,
+}
+
+impl PolicySpec {
+    /// Whether the policy asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.require.is_empty() && self.source == SourceRule::Any
+    }
+}
+
+/// One proof `[policy] require` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proof {
+    /// An image signature by a trusted key.
+    Signature,
+    /// A passed test attestation.
+    Tested,
+    /// SLSA provenance.
+    Provenance,
+    /// An SPDX SBOM.
+    Sbom,
+}
+
+impl Proof {
+    /// Every proof, in the order the catalog lists them.
+    pub const ALL: [Proof; 4] = [
+        Proof::Signature,
+        Proof::Tested,
+        Proof::Provenance,
+        Proof::Sbom,
+    ];
+
+    /// The name as `require` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proof::Signature => "signature",
+            Proof::Tested => "tested",
+            Proof::Provenance => "provenance",
+            Proof::Sbom => "sbom",
+        }
+    }
+
+    /// The proof `require` spells `s`.
+    pub fn parse(s: &str) -> Option<Proof> {
+        Proof::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// `[policy] source`: what the provenance must say of the source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceRule {
+    /// Nothing.
+    #[default]
+    Any,
+    /// Built from a git commit.
+    Git,
+    /// Built from a git commit whose work tree was clean.
+    GitClean,
+}
+
+impl SourceRule {
+    /// The name as `source` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceRule::Any => "any",
+            SourceRule::Git => "git",
+            SourceRule::GitClean => "git-clean",
+        }
+    }
 }
 
 /// An app name: `[a-z][a-z0-9-]{0,39}`.

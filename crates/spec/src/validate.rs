@@ -210,6 +210,7 @@ impl Validator<'_> {
             deploy: self.deploy(&section("deploy"), &service),
             route: self.route(&section("route")),
             target: self.target(&section("target")),
+            policy: self.policy(&section("policy"), root),
             service,
         }
     }
@@ -842,6 +843,118 @@ impl Validator<'_> {
                 None => None,
             },
         }
+    }
+
+    fn policy(&mut self, t: &Table, root: &Table) -> PolicySpec {
+        let key_path = t.key_path("keys");
+        let mut keys = Vec::new();
+        for (k, span) in t.list("keys").unwrap_or_default() {
+            let inline = k.trim_start().starts_with("ssh-");
+            let found = if inline {
+                rules::trusted_key(k.trim()).map(|()| vec![k.trim().to_owned()])
+            } else {
+                self.key_file(k)
+            };
+            match found {
+                Ok(lines) => {
+                    for line in lines {
+                        if !keys.contains(&line) {
+                            keys.push(line);
+                        }
+                    }
+                }
+                Err(b) => self.diags.push(broken_at(&key_path, span.clone(), b)),
+            }
+        }
+        let require_path = t.key_path("require");
+        let mut require = Vec::new();
+        for (r, span) in t.list("require").unwrap_or_default() {
+            match Proof::parse(r) {
+                Some(p) if require.contains(&p) => self.diags.push(Diagnostic::new(
+                    &require_path,
+                    Some(span.clone()),
+                    format!("{r:?} is listed twice"),
+                )),
+                Some(p) => require.push(p),
+                None => self.diags.push(
+                    Diagnostic::new(
+                        &require_path,
+                        Some(span.clone()),
+                        format!("unknown proof {r:?}"),
+                    )
+                    .with_hint(format!("one of {}", crate::catalog::PROOFS.join(", "))),
+                ),
+            }
+        }
+        if require.contains(&Proof::Signature)
+            && keys.is_empty()
+            && t.list("keys").is_none_or(<[_]>::is_empty)
+        {
+            self.error(
+                t,
+                "require",
+                "`signature` needs at least one trusted key in `keys`".to_owned(),
+            )
+            .hint = Some(
+                "list the public keys whose signatures count, e.g. keys = [\"ci.pub\"]".to_owned(),
+            );
+        }
+        let has_test = root
+            .table("image")
+            .is_some_and(|i| i.table("test").is_some());
+        if require.contains(&Proof::Tested) && !has_test {
+            self.error(
+                t,
+                "require",
+                "`tested` needs an [image.test] to run".to_owned(),
+            )
+            .hint = Some("add [image.test], or leave `tested` to the daemon's policy".to_owned());
+        }
+        let source = match t.str("source") {
+            Some(("git", _)) => SourceRule::Git,
+            Some(("git-clean", _)) => SourceRule::GitClean,
+            _ => SourceRule::Any,
+        };
+        PolicySpec {
+            keys,
+            require,
+            source,
+        }
+    }
+
+    /// The key lines of a file `[policy] keys` names: every line that is not blank or a
+    /// `#` comment.
+    fn key_file(&self, path: &str) -> Result<Vec<String>, Broken> {
+        /// A public key file is a few lines; anything larger is not one.
+        const MAX_KEY_FILE: u64 = 64 * 1024;
+        let abs = self.dir.join(path);
+        let hint = "paths are relative to the directory of kiln.toml";
+        let meta = std::fs::metadata(&abs)
+            .map_err(|e| Broken::new(format!("cannot read key file {path:?}: {e}")).hint(hint))?;
+        if !meta.is_file() || meta.len() > MAX_KEY_FILE {
+            return Err(Broken::new(format!(
+                "key file {path:?} is not a public key file (a regular file of at most 64 KiB)"
+            ))
+            .hint(hint));
+        }
+        let text = std::fs::read_to_string(&abs)
+            .map_err(|e| Broken::new(format!("cannot read key file {path:?}: {e}")).hint(hint))?;
+        let mut lines = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            rules::trusted_key(line).map_err(|b| Broken {
+                message: format!("key file {path:?} line {}: {}", n + 1, b.message),
+                hint: b.hint,
+            })?;
+            lines.push(line.to_owned());
+        }
+        if lines.is_empty() {
+            return Err(Broken::new(format!("key file {path:?} holds no key")).hint(hint));
+        }
+        Ok(lines)
     }
 
     fn target(&mut self, t: &Table) -> TargetSpec {
