@@ -99,6 +99,7 @@ impl From<ControlError> for ApiError {
                 StatusCode::CONFLICT
             }
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ControlError::Forbidden(_) => StatusCode::FORBIDDEN,
             ControlError::Provider(kiln_runtime::ProviderError::NotFound(_)) => {
                 StatusCode::NOT_FOUND
             }

@@ -57,6 +57,83 @@ pub struct ReleaseConfig {
     /// says it passed (releases recorded before this field had no such gate).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub test_required: bool,
+    /// The spec's `[policy]` (absent in releases stored before it, and when empty).
+    #[serde(default, skip_serializing_if = "PolicyConfig::is_empty")]
+    pub policy: PolicyConfig,
+    /// The daemon's policy when the release was applied: set by the daemon, whatever a
+    /// client sent, so a later change of the daemon's policy never stops a release that runs.
+    #[serde(default, skip_serializing_if = "PolicyConfig::is_empty")]
+    pub daemon_policy: PolicyConfig,
+}
+
+/// A deploy policy as stored: the spec's `[policy]`, or the daemon's `--policy` file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Trusted keys, OpenSSH `ssh-ed25519` lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// The proofs required.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require: Vec<ProofName>,
+    /// What the provenance must say of the source.
+    #[serde(default, skip_serializing_if = "SourceName::is_any")]
+    pub source: SourceName,
+}
+
+impl PolicyConfig {
+    /// Whether the policy asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.require.is_empty() && self.source.is_any()
+    }
+
+    /// Whether `proof` is required.
+    pub fn requires(&self, proof: ProofName) -> bool {
+        self.require.contains(&proof)
+    }
+
+    fn validate(&self, field: &str, p: &mut Problems) {
+        for (i, k) in self.keys.iter().enumerate() {
+            p.check(&format!("{field}.keys[{i}]"), rules::trusted_key(k));
+        }
+        for (i, r) in self.require.iter().enumerate() {
+            if self.require[..i].contains(r) {
+                p.add(
+                    &format!("{field}.require[{i}]"),
+                    format!("{:?} is listed twice", r.as_str()),
+                );
+            }
+        }
+        if self.requires(ProofName::Signature) && self.keys.is_empty() {
+            p.add(
+                &format!("{field}.require"),
+                "`signature` needs at least one trusted key in `keys`".to_owned(),
+            );
+        }
+    }
+}
+
+impl From<&kiln_spec::PolicySpec> for PolicyConfig {
+    fn from(s: &kiln_spec::PolicySpec) -> PolicyConfig {
+        PolicyConfig {
+            keys: s.keys.clone(),
+            require: s
+                .require
+                .iter()
+                .map(|p| match p {
+                    kiln_spec::Proof::Signature => ProofName::Signature,
+                    kiln_spec::Proof::Tested => ProofName::Tested,
+                    kiln_spec::Proof::Provenance => ProofName::Provenance,
+                    kiln_spec::Proof::Sbom => ProofName::Sbom,
+                })
+                .collect(),
+            source: match s.source {
+                kiln_spec::SourceRule::Any => SourceName::Any,
+                kiln_spec::SourceRule::Git => SourceName::Git,
+                kiln_spec::SourceRule::GitClean => SourceName::GitClean,
+            },
+        }
+    }
 }
 
 /// `[target]` as stored.
@@ -151,6 +228,47 @@ spelled! {
         Docker = "docker",
         /// `swarm`: a Docker Swarm.
         Swarm = "swarm",
+    }
+}
+
+spelled! {
+    /// A proof `[policy] require` names, as stored.
+    ProofName {
+        /// An image signature by a trusted key.
+        Signature = "signature",
+        /// A passed test attestation.
+        Tested = "tested",
+        /// SLSA provenance.
+        Provenance = "provenance",
+        /// An SPDX SBOM.
+        Sbom = "sbom",
+    }
+}
+
+spelled! {
+    /// `[policy] source` as stored.
+    SourceName {
+        /// Nothing is required of the source.
+        Any = "any",
+        /// Built from a git commit.
+        Git = "git",
+        /// Built from a git commit with a clean work tree.
+        GitClean = "git-clean",
+    }
+}
+
+// `spelled!` fixes the derives of the enums it declares.
+#[allow(clippy::derivable_impls)]
+impl Default for SourceName {
+    fn default() -> SourceName {
+        SourceName::Any
+    }
+}
+
+impl SourceName {
+    /// Whether nothing is required.
+    pub fn is_any(&self) -> bool {
+        *self == SourceName::Any
     }
 }
 
@@ -797,6 +915,8 @@ impl ReleaseConfig {
         self.deploy.validate(self.service.replicas, &mut p);
         self.route.validate(&mut p);
         self.target.validate(&mut p);
+        self.policy.validate("policy", &mut p);
+        self.daemon_policy.validate("daemon_policy", &mut p);
         if p.0.is_empty() { Ok(()) } else { Err(p.0) }
     }
 
@@ -917,6 +1037,8 @@ impl ReleaseConfig {
             },
             target: TargetConfig::from(&spec.target),
             test_required: spec.image.test.is_some(),
+            policy: PolicyConfig::from(&spec.policy),
+            daemon_policy: PolicyConfig::default(),
         }
     }
 

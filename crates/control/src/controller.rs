@@ -43,6 +43,9 @@ pub struct ControllerConfig {
     /// Where the tested-image gate reads attestations; without it, an apply whose spec has
     /// `[image.test]` is refused.
     pub attestations: Option<Arc<dyn Attestations>>,
+    /// The daemon's own deploy policy (`kiln serve --policy`), recorded with each release
+    /// applied from now on.
+    pub policy: crate::config::PolicyConfig,
 }
 
 /// Where the daemon's router runs.
@@ -63,6 +66,7 @@ pub struct Controller {
     /// The last listing of the provider, taken by `reconcile` (at most a tick old).
     pub(crate) observed: Mutex<Arc<Vec<Observation>>>,
     attestations: Option<Arc<dyn Attestations>>,
+    daemon_policy: crate::config::PolicyConfig,
 }
 
 /// Why a running app refuses a new release: a rollout in progress, or another `[route]`.
@@ -128,11 +132,19 @@ impl Controller {
         };
         let secrets = crate::secrets::Secrets::new(key);
         let c = Arc::new(Controller {
-            exec: Executor::new(provider, ledger, clock, secrets, Arc::new(plane)),
+            exec: Executor::new(
+                provider,
+                ledger,
+                clock,
+                secrets,
+                Arc::new(plane),
+                cfg.attestations.clone(),
+            ),
             apps: tokio::sync::Mutex::new(BTreeMap::new()),
             corrupt: Mutex::new(BTreeMap::new()),
             observed: Mutex::new(Arc::new(Vec::new())),
             attestations: cfg.attestations.clone(),
+            daemon_policy: cfg.policy.clone(),
         });
         let names = c.exec.ledger().apps()?;
         for name in names {
@@ -255,9 +267,37 @@ impl Controller {
         Ok((config, image))
     }
 
+    /// Refuses an image that the spec's or the daemon's policy forbids, recording why.
+    async fn enforce_policy(&self, app: &str, image: &Digest, req: &ApplyRequest) -> Result<()> {
+        let (image, config, attestations) =
+            (image.clone(), req.config.clone(), self.attestations.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            crate::policy::enforce(&image, &config, attestations.as_deref())
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("checking the deploy policy: {e}")))?;
+        let Err(refusal) = checked else {
+            return Ok(());
+        };
+        self.exec.record(
+            app,
+            &Event::PolicyRefused {
+                release: None,
+                image: refusal.image.to_string(),
+                policy: refusal.policy.to_owned(),
+                missing: refusal.missing.clone(),
+                actor: req.actor.clone(),
+            },
+        )?;
+        Err(ControlError::Forbidden(refusal.to_string()))
+    }
+
     /// Records a new release of `app` and starts rolling it out.
     pub async fn apply(&self, app: &str, mut req: ApplyRequest) -> Result<kiln_ledger::Release> {
         let image = crate::gate::check_apply(app, &req, self.attestations.as_deref())?;
+        // The daemon's policy is the daemon's: whatever a client sent in its place.
+        req.config.daemon_policy = self.daemon_policy.clone();
+        self.enforce_policy(app, &image, &req).await?;
         // What would refuse it anyway is said before a secret's command runs for nothing
         // (and said again below, under the lock that makes it hold).
         if let Some(a) = self.apps.lock().await.get(app) {

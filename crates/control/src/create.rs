@@ -24,7 +24,7 @@ use kiln_ledger::Event;
 use kiln_runtime::{InstanceId, InstanceSpec};
 
 use crate::app::AppCtl;
-use crate::config::SecretConfig;
+use crate::config::{ReleaseConfig, SecretConfig};
 use crate::error::Result;
 use crate::executor::{Executor, lock};
 
@@ -141,8 +141,10 @@ impl Executor {
             let spec = a.instance_spec(app, release, None);
             let secrets = a.config.service.secrets.clone();
             let app = app.to_owned();
+            let policy = (!(a.config.policy.is_empty() && a.config.daemon_policy.is_empty()))
+                .then(|| a.config.clone());
             tokio::spawn(async move {
-                exec.create_in_background(ticket, &app, release, spec, &secrets)
+                exec.create_in_background(ticket, &app, release, spec, &secrets, policy)
                     .await;
                 exec.creates.finish(ticket);
             });
@@ -176,10 +178,28 @@ impl Executor {
         release: u64,
         mut spec: InstanceSpec,
         secrets: &BTreeMap<String, SecretConfig>,
+        policy: Option<ReleaseConfig>,
     ) {
         let _turn = self.creates.one_at_a_time.lock().await;
         // A create queued behind one that failed waits out the backoff like the next pass.
         if self.creates.backing_off(app, release, self.clock.now_ms()) {
+            return;
+        }
+        // The image is checked again before each instance of it starts: what it carries may
+        // have changed since the apply (a signature removed, a store replaced).
+        if let Some(config) = policy
+            && let Err(refusal) = self.check_policy(&spec.image, config).await
+        {
+            let first = Event::PolicyRefused {
+                release: Some(release),
+                image: refusal.image.to_string(),
+                policy: refusal.policy.to_owned(),
+                missing: refusal.missing.clone(),
+                actor: "reconciler".to_owned(),
+            };
+            if let Err(e) = self.create_failed(app, release, &refusal.to_string(), first) {
+                tracing::error!(app = %app, release, error = %e, "cannot record a policy refusal");
+            }
             return;
         }
         // Read here, off the reconciler's pass and the runtime's threads: a secret's
@@ -220,7 +240,13 @@ impl Executor {
                 let instance = id.to_string();
                 self.record(app, &Event::InstanceCreated { instance, release })
             }
-            Err(error) => self.create_failed(app, release, &error),
+            Err(error) => {
+                let first = Event::InstanceCreateFailed {
+                    release,
+                    error: error.clone(),
+                };
+                self.create_failed(app, release, &error, first)
+            }
         };
         if let Err(e) = recorded {
             // The instance exists (or not) as the provider says; the next pass sees it.
@@ -228,10 +254,30 @@ impl Executor {
         }
     }
 
+    /// The deploy policies `config` recorded, checked against what `image` carries now.
+    async fn check_policy(
+        &self,
+        image: &kiln_runtime::Digest,
+        config: ReleaseConfig,
+    ) -> std::result::Result<(), crate::policy::Refusal> {
+        let (owned, attestations) = (image.clone(), self.attestations.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            crate::policy::enforce(&owned, &config, attestations.as_deref())
+        })
+        .await;
+        checked.unwrap_or_else(|e| {
+            Err(crate::policy::Refusal {
+                policy: "daemon",
+                image: image.clone(),
+                missing: vec![format!("the policy check failed: {e}")],
+            })
+        })
+    }
+
     /// Backs the release's creates off and records the failure: the first one in a row as
-    /// itself, later ones only when the wait doubles, so a provider that keeps failing gives
+    /// `first`, later ones only when the wait doubles, so a provider that keeps failing gives
     /// a few events an hour, not ten a second.
-    fn create_failed(&self, app: &str, release: u64, error: &str) -> Result<()> {
+    fn create_failed(&self, app: &str, release: u64, error: &str, first: Event) -> Result<()> {
         let now = self.clock.now_ms();
         let b = {
             let mut all = lock(&self.creates.backoff);
@@ -246,7 +292,7 @@ impl Executor {
         };
         let error = error.to_owned();
         if b.failures == 1 {
-            return self.record(app, &Event::InstanceCreateFailed { release, error });
+            return self.record(app, &first);
         }
         if backoff_delay(b.failures) > backoff_delay(b.failures - 1) {
             let retry_in_ms = u64::try_from(b.next_ms - now).unwrap_or(0);

@@ -13,6 +13,9 @@ pub enum ControlError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The request is well-formed but not allowed: the deploy policy refuses the image.
+    #[error("{0}")]
+    Forbidden(String),
     /// A stored record cannot be decoded: the app is not run from it.
     #[error("{0}")]
     Corrupt(String),

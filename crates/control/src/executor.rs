@@ -52,6 +52,8 @@ pub(crate) struct Executor {
     pub(crate) secrets: crate::secrets::Secrets,
     /// The router: in this process, or a router process the daemon feeds.
     pub plane: Arc<kiln_dataplane::Plane>,
+    /// What images carry, for the deploy policy checked before each create (`policy.rs`).
+    pub(crate) attestations: Option<Arc<dyn crate::gate::Attestations>>,
 }
 
 /// Waits for the router to have no request in flight on the instance at `addr`. A router
@@ -79,8 +81,10 @@ impl Executor {
         clock: Arc<dyn Clock>,
         secrets: crate::secrets::Secrets,
         plane: Arc<kiln_dataplane::Plane>,
+        attestations: Option<Arc<dyn crate::gate::Attestations>>,
     ) -> Executor {
         Executor {
+            attestations,
             secrets,
             plane,
             provider,

@@ -36,6 +36,7 @@ pub mod gate;
 pub mod oneshot;
 mod pause;
 mod peer;
+pub mod policy;
 mod reconcile;
 pub mod registry;
 mod rollback;
@@ -44,7 +45,7 @@ mod status;
 
 pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
 pub use clock::{Clock, SystemClock, TokioClock};
-pub use config::{ConfigError, ReleaseConfig};
+pub use config::{ConfigError, PolicyConfig, ReleaseConfig};
 pub use controller::{Controller, ControllerConfig, RouterChoice};
 pub use dto::{AppStatus, ApplyRequest, GateStatus, InstanceStatus, LiveSchema, RollbackOutcome};
 pub use error::ControlError;

@@ -64,6 +64,7 @@ async fn every_operation_answers_as_documented() {
             state_dir: dir.path().to_owned(),
             router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(2)),
             attestations: None,
+            policy: Default::default(),
         },
         provider,
     )

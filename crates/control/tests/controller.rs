@@ -78,6 +78,7 @@ async fn apply_roll_rollback_heal_scale_down_and_restart() {
         state_dir: dir.path().to_owned(),
         router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(2)),
         attestations: None,
+        policy: Default::default(),
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
         .await
@@ -233,6 +234,7 @@ async fn controller(
         state_dir: dir.to_owned(),
         router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
         attestations: None,
+        policy: Default::default(),
     };
     let c = Controller::start(&cfg, Arc::clone(&provider))
         .await

@@ -56,6 +56,7 @@ impl Timeline {
             state_dir: dir.path().to_owned(),
             router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
             attestations: None,
+            policy: Default::default(),
         };
         let clock = Arc::new(TokioClock::new());
         Controller::start_with_clock(&cfg, provider, clock)
@@ -361,6 +362,7 @@ async fn slow_controller(
         state_dir: dir.path().to_owned(),
         router: kiln_control::RouterChoice::Embedded(kiln_proxy::WorkersConfig::new(1)),
         attestations: None,
+        policy: Default::default(),
     };
     let c = Controller::start_with_clock(&cfg, provider, Arc::new(TokioClock::new()))
         .await

@@ -159,6 +159,22 @@ pub enum Event {
         /// The last error.
         error: String,
     },
+    /// The deploy policy refused an image: at apply (`release` is `None`: nothing was
+    /// recorded) or when an instance of `release` was to be created (none was).
+    #[serde(rename = "policy.refused")]
+    PolicyRefused {
+        /// The release whose instance was refused; `None` at apply.
+        #[serde(default)]
+        release: Option<u64>,
+        /// The image refused.
+        image: String,
+        /// Whose policy: `spec` (the release's `[policy]`) or `daemon` (`kiln serve --policy`).
+        policy: String,
+        /// Each proof missing, as a sentence (`no signature by a trusted key`).
+        missing: Vec<String>,
+        /// Who asked: the apply's actor, or `reconciler`.
+        actor: String,
+    },
     /// A failed or drifted instance is being replaced.
     #[serde(rename = "instance.replaced")]
     InstanceReplaced {
@@ -417,6 +433,7 @@ impl Event {
             Event::InstanceCreated { .. } => "instance.created",
             Event::InstanceCreateFailed { .. } => "instance.create_failed",
             Event::CreateBackoff { .. } => "instance.create_backoff",
+            Event::PolicyRefused { .. } => "policy.refused",
             Event::InstanceReplaced { .. } => "instance.replaced",
             Event::InstanceDestroyed { .. } => "instance.destroyed",
             Event::DriftDetected { .. } => "drift.detected",
@@ -590,6 +607,23 @@ impl std::fmt::Display for Event {
             Event::InstanceCreateFailed { release, error } => {
                 write!(f, "release {release}: {error}")
             }
+            Event::PolicyRefused {
+                release,
+                image,
+                policy,
+                missing,
+                actor,
+            } => {
+                let what = match release {
+                    Some(r) => format!("an instance of release {r}"),
+                    None => "the apply".to_owned(),
+                };
+                write!(
+                    f,
+                    "{what} refused by the {policy} policy ({actor}): {image}: {}",
+                    missing.join("; ")
+                )
+            }
             Event::CreateBackoff {
                 release,
                 failures,
@@ -736,6 +770,13 @@ mod tests {
                 actor: "a".into(),
                 message: "back at 10:00".into(),
                 retry_after_s: 300,
+            },
+            Event::PolicyRefused {
+                release: None,
+                image: "sha256:00".into(),
+                policy: "daemon".into(),
+                missing: vec!["no signature by a trusted key".into()],
+                actor: "uid 0".into(),
             },
         ];
         for e in events {

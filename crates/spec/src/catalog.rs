@@ -130,6 +130,13 @@ pub const ROOT: &[Field] = &[
     ),
 ];
 
+/// The daemon's policy file (`kiln serve --policy`): a `[policy]` table as in `kiln.toml`.
+pub(crate) const DAEMON_POLICY: &[Field] = &[field(
+    "policy",
+    Kind::Table(POLICY),
+    "What the daemon requires of every image it runs, whatever the app's spec says.",
+)];
+
 /// Proofs `[policy] require` accepts.
 pub const PROOFS: &[&str] = &["signature", "tested", "provenance", "sbom"];
 

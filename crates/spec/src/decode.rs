@@ -80,6 +80,16 @@ impl Table {
 
 /// Parses `source` as TOML and checks it against the catalog.
 pub(crate) fn decode(source: &str, diags: &mut Vec<Diagnostic>) -> Option<Table> {
+    decode_with(source, ROOT, diags)
+}
+
+/// Parses `source` as TOML and checks it against the table `root` (a file other than
+/// `kiln.toml` that shares its syntax: the daemon's policy file).
+pub(crate) fn decode_with(
+    source: &str,
+    root: &'static [Field],
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Table> {
     let (doc, errors) = DeTable::parse_recoverable(source);
     if !errors.is_empty() {
         for e in errors {
@@ -93,7 +103,7 @@ pub(crate) fn decode(source: &str, diags: &mut Vec<Diagnostic>) -> Option<Table>
         return None;
     }
     let span = doc.span();
-    Some(decode_table("", ROOT, doc.get_ref(), span, diags))
+    Some(decode_table("", root, doc.get_ref(), span, diags))
 }
 
 fn decode_table(

@@ -66,6 +66,27 @@ impl std::error::Error for LoadError {
     }
 }
 
+impl PolicySpec {
+    /// Validates the daemon's policy file: `source`, shown as `file`, with key paths
+    /// relative to `dir`. A file without `[policy]` asks for nothing.
+    pub fn parse(source: &str, file: &str, dir: &Path) -> Result<PolicySpec, Report> {
+        let mut diags = Vec::new();
+        let policy = decode::decode_with(source, catalog::DAEMON_POLICY, &mut diags).map(|tree| {
+            let mut v = validate::Validator {
+                dir,
+                diags: Vec::new(),
+            };
+            let policy = v.daemon_policy(&tree);
+            diags.extend(v.diags);
+            policy
+        });
+        match policy {
+            Some(p) if diags.is_empty() => Ok(p),
+            _ => Err(Report::new(file.to_owned(), source.to_owned(), diags)),
+        }
+    }
+}
+
 impl Spec {
     /// Validates `source`, the text of the file shown to the user as `file`; relative paths
     /// in it are resolved against `dir`.

@@ -744,6 +744,43 @@ pub fn placement(c: &str) -> Result<(), Broken> {
     Ok(())
 }
 
+/// One trusted key as `[policy] keys` holds it: an OpenSSH `ssh-ed25519 BASE64 [comment]`
+/// line. The key bytes themselves are checked where they are used (`kiln-sign`).
+pub fn trusted_key(line: &str) -> Result<(), Broken> {
+    let hint = "write an OpenSSH public key line, `ssh-ed25519 AAAA… comment`, or the path of a \
+                .pub file";
+    let mut parts = line.split_ascii_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(Broken::new(format!("{:?} is not a public key line", shown(line))).hint(hint));
+    };
+    let ssh_kind = ["ssh-", "ecdsa-", "sk-"]
+        .iter()
+        .any(|p| kind.starts_with(p));
+    if !ssh_kind {
+        return Err(Broken::new(format!("{:?} is not a public key line", shown(line))).hint(hint));
+    }
+    if kind != "ssh-ed25519" {
+        return Err(Broken::new(format!(
+            "{kind:?} keys are not supported: kiln signs and verifies with ssh-ed25519 keys"
+        ))
+        .hint("make one with `kiln key generate` or `ssh-keygen -t ed25519`"));
+    }
+    let base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+    if !blob.starts_with("AAAAC3NzaC1lZDI1NTE5") || !blob.chars().all(base64) {
+        return Err(Broken::new(format!(
+            "{:?} is not an ssh-ed25519 public key",
+            shown(line)
+        ))
+        .hint(hint));
+    }
+    Ok(())
+}
+
+/// The first 60 characters of `s`, for a message.
+fn shown(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -995,41 +1032,4 @@ mod tests {
              digits, joined by `.`, `_`, `__` or `-`)"
         );
     }
-}
-
-/// One trusted key as `[policy] keys` holds it: an OpenSSH `ssh-ed25519 BASE64 [comment]`
-/// line. The key bytes themselves are checked where they are used (`kiln-sign`).
-pub fn trusted_key(line: &str) -> Result<(), Broken> {
-    let hint = "write an OpenSSH public key line, `ssh-ed25519 AAAA… comment`, or the path of a \
-                .pub file";
-    let mut parts = line.split_ascii_whitespace();
-    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return Err(Broken::new(format!("{:?} is not a public key line", shown(line))).hint(hint));
-    };
-    let ssh_kind = ["ssh-", "ecdsa-", "sk-"]
-        .iter()
-        .any(|p| kind.starts_with(p));
-    if !ssh_kind {
-        return Err(Broken::new(format!("{:?} is not a public key line", shown(line))).hint(hint));
-    }
-    if kind != "ssh-ed25519" {
-        return Err(Broken::new(format!(
-            "{kind:?} keys are not supported: kiln signs and verifies with ssh-ed25519 keys"
-        ))
-        .hint("make one with `kiln key generate` or `ssh-keygen -t ed25519`"));
-    }
-    let base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
-    if !blob.starts_with("AAAAC3NzaC1lZDI1NTE5") || !blob.chars().all(base64) {
-        return Err(Broken::new(format!(
-            "{:?} is not an ssh-ed25519 public key",
-            shown(line)
-        ))
-        .hint(hint));
-    }
-    Ok(())
-}
-
-/// The first 60 characters of `s`, for a message.
-fn shown(s: &str) -> String {
-    s.chars().take(60).collect()
 }

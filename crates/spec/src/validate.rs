@@ -210,7 +210,13 @@ impl Validator<'_> {
             deploy: self.deploy(&section("deploy"), &service),
             route: self.route(&section("route")),
             target: self.target(&section("target")),
-            policy: self.policy(&section("policy"), root),
+            policy: self.policy(
+                &section("policy"),
+                Some(
+                    root.table("image")
+                        .is_some_and(|i| i.table("test").is_some()),
+                ),
+            ),
             service,
         }
     }
@@ -845,7 +851,17 @@ impl Validator<'_> {
         }
     }
 
-    fn policy(&mut self, t: &Table, root: &Table) -> PolicySpec {
+    /// The daemon's policy file.
+    pub(crate) fn daemon_policy(&mut self, root: &Table) -> PolicySpec {
+        match root.table("policy") {
+            Some(t) => self.policy(t, None),
+            None => PolicySpec::default(),
+        }
+    }
+
+    /// `[policy]`; `has_test`: whether the spec has `[image.test]` (`None`: the daemon's
+    /// policy file, which has no image).
+    pub(crate) fn policy(&mut self, t: &Table, has_test: Option<bool>) -> PolicySpec {
         let key_path = t.key_path("keys");
         let mut keys = Vec::new();
         for (k, span) in t.list("keys").unwrap_or_default() {
@@ -899,10 +915,7 @@ impl Validator<'_> {
                 "list the public keys whose signatures count, e.g. keys = [\"ci.pub\"]".to_owned(),
             );
         }
-        let has_test = root
-            .table("image")
-            .is_some_and(|i| i.table("test").is_some());
-        if require.contains(&Proof::Tested) && !has_test {
+        if require.contains(&Proof::Tested) && has_test == Some(false) {
             self.error(
                 t,
                 "require",

@@ -46,8 +46,30 @@ pub struct ServeArgs {
     #[arg(long, requires = "registry_listen")]
     pub registry_insecure: bool,
 
+    /// The daemon's deploy policy: a TOML file with a [policy] table as in kiln.toml (keys,
+    /// require, source). Every release applied from now on must pass it as well as its own
+    /// spec's [policy]; releases already recorded keep the policy they were applied under
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
     #[command(flatten)]
     pub router: RouterArgs,
+}
+
+/// Reads and validates the daemon's policy file (`--policy`); none asks for nothing.
+pub fn load_policy(path: Option<&Path>) -> anyhow::Result<kiln_control::PolicyConfig> {
+    let Some(path) = path else {
+        return Ok(kiln_control::PolicyConfig::default());
+    };
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the policy file {}", path.display()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let policy = kiln_spec::PolicySpec::parse(&source, &path.display().to_string(), dir)
+        .map_err(|report| anyhow::anyhow!("invalid policy file:\n{report}"))?;
+    Ok(kiln_control::PolicyConfig::from(&policy))
 }
 
 /// `--registry-listen`: an address nodes can reach, so not `0.0.0.0` or `::`, since image
@@ -177,6 +199,7 @@ impl Daemon {
         router: RouterChoice,
         tcp: Option<(SocketAddr, String)>,
         registry: Option<RegistryListen>,
+        policy: kiln_control::PolicyConfig,
     ) -> anyhow::Result<Daemon> {
         raise_open_file_limit();
         std::fs::create_dir_all(state)
@@ -206,6 +229,7 @@ impl Daemon {
                 state_dir: state.to_owned(),
                 router,
                 attestations: Some(images.clone()),
+                policy,
             },
             provider,
         )
@@ -388,6 +412,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         }
         _ => None,
     };
+    let policy = load_policy(args.policy.as_deref())?;
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
         let mut signals = StopSignals::new()?;
@@ -401,6 +426,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 args.router.choice(state)?,
                 tcp,
                 args.registry(),
+                policy,
             ) => daemon?,
         };
         let apps = daemon.controller.app_names().await;

@@ -243,7 +243,12 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
             release: cur.release,
             live: cur.live,
             image: cur.image.clone(),
-            config: serde_json::to_value(&cur.config)?,
+            // The daemon's policy is the daemon's to record at apply, not a change the spec
+            // makes: compared as the spec sends it (absent).
+            config: serde_json::to_value(ReleaseConfig {
+                daemon_policy: Default::default(),
+                ..cur.config.clone()
+            })?,
             schema: cur.schema.map(kiln_control::LiveSchema::into_domain),
         }),
         None => None,
@@ -919,8 +924,15 @@ async fn connect_or_start(
         c.get("/v1/health").await?;
     }
     out.say("==> starting a kiln daemon in this process");
-    let daemon =
-        Daemon::start(state, &args.runtime, args.router.choice(state)?, None, None).await?;
+    let daemon = Daemon::start(
+        state,
+        &args.runtime,
+        args.router.choice(state)?,
+        None,
+        None,
+        kiln_control::PolicyConfig::default(),
+    )
+    .await?;
     Ok(Some(daemon))
 }
 
