@@ -309,6 +309,7 @@ fn finish(
             size: config_bytes.len() as u64,
             annotations: Default::default(),
             platform: None,
+            artifact_type: None,
         },
         layers: reports
             .iter()
@@ -318,9 +319,12 @@ fn finish(
                 size: r.size,
                 annotations: Default::default(),
                 platform: None,
+                artifact_type: None,
             })
             .collect(),
         annotations: Default::default(),
+        artifact_type: None,
+        subject: None,
     };
     let manifest_bytes = crate::store::canonical(&manifest, "manifest")?;
     let digest = store.write_blob(&manifest_bytes)?;
@@ -330,6 +334,7 @@ fn finish(
         size: manifest_bytes.len() as u64,
         annotations: Default::default(),
         platform: None,
+        artifact_type: None,
     };
     if let Some(tag) = &opts.tag {
         store.tag(tag, &desc)?;

@@ -315,9 +315,12 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             let info = store.inspect(reference)?;
             // The test attestation `kiln test` recorded next to the image, if any.
             let attestation = store.read_attestation(&info.digest)?;
+            // Signatures and attestations attached to it (OCI referrers).
+            let referrers = store.referrers(&info.digest)?;
             if out.json {
                 let mut v = serde_json::to_value(&info)?;
                 v["attestation"] = attestation.clone().unwrap_or(serde_json::Value::Null);
+                v["referrers"] = serde_json::to_value(&referrers)?;
                 out.data(&v)?;
             } else {
                 match &attestation {
@@ -346,6 +349,22 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 }
                 if let Some(c) = info.config.get("config") {
                     out.say(&format!("runtime: {}", serde_json::to_string(c)?));
+                }
+                for r in &referrers {
+                    let kind = r
+                        .annotations
+                        .get(kiln_image::attest::ANNOTATION_PREDICATE_TYPE)
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default();
+                    let key = r
+                        .annotations
+                        .get(kiln_image::attest::ANNOTATION_KEY)
+                        .map(|k| format!(" signed by {k}"))
+                        .unwrap_or_default();
+                    out.say(&format!(
+                        "referrer: {} {}{kind}{key}",
+                        r.manifest, r.artifact_type
+                    ));
                 }
             }
         }
