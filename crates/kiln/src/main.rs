@@ -2,6 +2,7 @@
 //! one command, prints the error chain once and maps the outcome to an exit code (0 ok,
 //! 1 failure, 2 usage).
 
+mod carried;
 mod cli;
 mod cmd;
 mod init;

@@ -55,6 +55,16 @@ impl kiln_control::Attestations for StoreImages {
         Ok(attestation.as_ref().and_then(|a| a["result"].as_str()) == Some("passed"))
     }
 
+    fn evidence(
+        &self,
+        image: &Digest,
+        keys: &[String],
+    ) -> Result<kiln_control::policy::Evidence, String> {
+        let trusted = crate::carried::parse_keys(keys)?;
+        let carried = crate::carried::read(&self.store, image, &trusted)?;
+        Ok(carried.evidence(!trusted.is_empty()))
+    }
+
     /// Images sent by a remote client land in this store (`remote.rs`).
     fn image_store(self: Arc<Self>) -> Option<Arc<dyn kiln_control::blobs::ImageStore>> {
         Some(self)

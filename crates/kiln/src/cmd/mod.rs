@@ -16,6 +16,7 @@ pub mod run;
 mod signals;
 mod spec;
 pub mod test;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -76,7 +77,7 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Maintenance(args) => pause::maintenance(&args, &cli.global.state, out),
         Command::Status(args) => deploy::status(&args, &cli.global.state, out),
         Command::History(args) => deploy::history(&args, &cli.global.state, out),
-        Command::Verify => deploy::verify(&cli.global.state, out),
+        Command::Verify(args) => verify::verify(&args, &cli.global.state, out),
         Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
         Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
         Command::Down(args) => deploy::down(&args, &cli.global.state, out),
@@ -101,10 +102,11 @@ fn talks_to_daemon(command: &Command) -> bool {
         | Command::Maintenance(_)
         | Command::Status(_)
         | Command::History(_)
-        | Command::Verify
         | Command::Drift(_)
         | Command::Logs(_)
         | Command::Down(_) => true,
+        // With an image it reads the local store.
+        Command::Verify(args) => args.image.is_none(),
         Command::Context(args) => matches!(args.command, context::ContextCommand::Show),
         _ => false,
     }
@@ -145,7 +147,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Maintenance(_)
         | Command::Status(_)
         | Command::History(_)
-        | Command::Verify
+        | Command::Verify(_)
         | Command::Drift(_)
         | Command::Logs(_)
         | Command::Down(_) => Some(Need::Existing),
