@@ -55,6 +55,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/blobs/{digest}"),
     ("PUT", "/v1/images/{digest}"),
     ("PUT", "/v1/images/{digest}/attestation"),
+    ("PUT", "/v1/images/{digest}/referrers"),
     ("GET", "/metrics"),
 ];
 
@@ -361,6 +362,23 @@ async fn route(
                 .map_err(blob_error)?;
             ok(json!({ "recorded": true }))
         }
+        (&Method::PUT, ["v1", "images", digest, "referrers"]) => {
+            let digest = parse_digest(digest)?;
+            let store = image_store(&c)?;
+            let bytes = body_bytes(req, MAX_REFERRER).await?;
+            let referrer: crate::blobs::ReferrerUpload = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body: {e}")))?;
+            // What no signature vouches for is taken from a user of this host only, as a
+            // test attestation is.
+            let local = !crate::peer::is_token(actor);
+            let recorded = tokio::task::spawn_blocking(move || {
+                store.receive_referrer(&digest, &referrer, local)
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(blob_error)?;
+            ok(recorded)
+        }
         (&Method::GET, ["v1", "verify"]) => match c.verify()? {
             Ok(r) => {
                 ok(json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head}))
@@ -387,6 +405,9 @@ const MAX_DIGESTS: usize = 4096;
 /// The largest manifest accepted (what the OCI distribution spec has registries accept).
 const MAX_MANIFEST: usize = 4 << 20;
 
+/// The largest referrer body accepted: an SBOM of a large tree, as JSON text in JSON.
+const MAX_REFERRER: usize = 32 << 20;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MissingBody {
@@ -411,6 +432,7 @@ fn blob_error(e: crate::blobs::BlobError) -> ApiError {
     use crate::blobs::BlobError;
     let status = match &e {
         BlobError::Invalid(_) => StatusCode::BAD_REQUEST,
+        BlobError::Forbidden(_) => StatusCode::FORBIDDEN,
         BlobError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         BlobError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

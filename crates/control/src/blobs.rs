@@ -24,6 +24,9 @@ pub enum BlobError {
     /// Wrong content (digest, manifest, layer): 400.
     #[error("{0}")]
     Invalid(String),
+    /// Not from this client: 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// Past the size the store accepts: 413.
     #[error("{0}")]
     TooLarge(String),
@@ -49,6 +52,31 @@ pub trait ImageStore: Send + Sync {
     ) -> Result<Value, BlobError>;
     /// Records the test attestation the client's `kiln test` wrote for a stored image.
     fn receive_attestation(&self, image: &Digest, attestation: &Value) -> Result<(), BlobError>;
+    /// Attaches what a client's store holds about a stored image (a signature, an in-toto
+    /// attestation) to it; `local`: the client is a user of this host (unix socket or SSH),
+    /// who alone may hand over what no signature vouches for. Answers the referrer recorded.
+    fn receive_referrer(
+        &self,
+        subject: &Digest,
+        referrer: &ReferrerUpload,
+        local: bool,
+    ) -> Result<Value, BlobError>;
+}
+
+/// One referrer of an image, as a client sends it with the image: the store's referrer
+/// manifest is made again from these, so the same content gives the same manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferrerUpload {
+    /// Its `artifactType`.
+    pub artifact_type: String,
+    /// The payload's media type.
+    pub payload_media_type: String,
+    /// The payload, text (an armored signature, an in-toto statement, a DSSE envelope).
+    pub payload: String,
+    /// The referrer manifest's annotations.
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// One blob being received.
@@ -238,6 +266,14 @@ mod tests {
         }
         fn receive_image(&self, _: &Digest, _: &[u8], _: Option<&str>) -> Result<Value, BlobError> {
             Err(BlobError::Internal("not here".to_owned()))
+        }
+        fn receive_referrer(
+            &self,
+            _: &Digest,
+            _: &ReferrerUpload,
+            _: bool,
+        ) -> Result<Value, BlobError> {
+            unreachable!()
         }
         fn receive_attestation(&self, _: &Digest, _: &Value) -> Result<(), BlobError> {
             Err(BlobError::Internal("not here".to_owned()))

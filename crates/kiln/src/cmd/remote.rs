@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use anyhow::Context;
-use kiln_control::blobs::{BlobError, BlobSink, ImageStore};
+use kiln_control::blobs::{BlobError, BlobSink, ImageStore, ReferrerUpload};
 use kiln_control::client::{Client, Host, SshTransport};
 use kiln_image::{ReceiveError, StoreError};
 use kiln_runtime::Digest;
@@ -178,6 +178,8 @@ pub struct Transfer {
     pub total_bytes: u64,
     /// Whether the test attestation was sent.
     pub attestation: bool,
+    /// Signatures and attestations sent with the image (its referrers here).
+    pub referrers: usize,
     /// The manifest digest the daemon computed (equal to the local one).
     pub digest: String,
 }
@@ -185,16 +187,26 @@ pub struct Transfer {
 impl Transfer {
     /// One line for a person.
     pub fn line(&self) -> String {
+        let mut with = Vec::new();
+        if self.attestation {
+            with.push("the test attestation".to_owned());
+        }
+        if self.referrers > 0 {
+            with.push(format!(
+                "{} signature(s) and attestation(s)",
+                self.referrers
+            ));
+        }
         format!(
             "sent {} of {} blobs ({} of {}){}",
             self.sent_blobs,
             self.total_blobs,
             human(self.sent_bytes),
             human(self.total_bytes),
-            if self.attestation {
-                " and the test attestation"
+            if with.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(" and {}", with.join(" and "))
             }
         )
     }
@@ -304,6 +316,40 @@ pub async fn send_image(
             .with_context(|| format!("cannot send the test attestation of {digest}"))?;
         t.attestation = true;
     }
+    // What the image carries goes with it: a daemon's policy judges the image by them.
+    for r in store
+        .referrers(&digest)
+        .with_context(|| format!("cannot read what image {digest} carries"))?
+    {
+        let payload = store.read_blob(&r.payload)?;
+        let Ok(payload) = String::from_utf8(payload) else {
+            anyhow::bail!(
+                "referrer {} of {digest} is not text: kiln sends signatures and attestations only",
+                r.manifest
+            );
+        };
+        let upload = kiln_control::blobs::ReferrerUpload {
+            artifact_type: r.artifact_type.clone(),
+            payload_media_type: r.payload_media_type.clone(),
+            payload,
+            annotations: r.annotations.clone(),
+        };
+        let answer = c
+            .put(
+                &format!("/v1/images/{digest}/referrers"),
+                &serde_json::to_value(&upload)?,
+            )
+            .await
+            .with_context(|| format!("cannot send referrer {} of {digest}", r.manifest))?;
+        // The daemon makes the same manifest from the same content.
+        anyhow::ensure!(
+            answer["referrer"] == r.manifest.as_str(),
+            "the daemon recorded referrer {} of {digest} as {}",
+            r.manifest,
+            answer["referrer"]
+        );
+        t.referrers += 1;
+    }
     Ok(t)
 }
 
@@ -338,6 +384,74 @@ impl ImageStore for StoreImages {
             .receive_image(digest, manifest, tag)
             .map_err(blob_error)?;
         serde_json::to_value(&got).map_err(|e| BlobError::Internal(e.to_string()))
+    }
+
+    fn receive_referrer(
+        &self,
+        subject: &Digest,
+        r: &ReferrerUpload,
+        local: bool,
+    ) -> Result<Value, BlobError> {
+        use kiln_image::attest::{
+            ARTIFACT_DSSE, ARTIFACT_IN_TOTO, ARTIFACT_SIGNATURE, STATEMENT_TYPE,
+        };
+        /// Annotations a referrer may carry: kiln's own have two.
+        const MAX_ANNOTATIONS: usize = 16;
+        let payload_ok = match r.artifact_type.as_str() {
+            ARTIFACT_SIGNATURE => r
+                .payload
+                .trim_start()
+                .starts_with("-----BEGIN SSH SIGNATURE-----"),
+            ARTIFACT_DSSE => kiln_sign::dsse::Envelope::from_json(r.payload.as_bytes()).is_ok(),
+            ARTIFACT_IN_TOTO => {
+                if !local {
+                    return Err(BlobError::Forbidden(
+                        "an unsigned attestation is accepted over the daemon's unix socket (or \
+                         SSH) only, not with the TCP token: sign it (`kiln sign`) to send it so"
+                            .to_owned(),
+                    ));
+                }
+                serde_json::from_str::<Value>(&r.payload)
+                    .is_ok_and(|s| s["_type"] == STATEMENT_TYPE)
+            }
+            other => {
+                return Err(BlobError::Invalid(format!(
+                    "artifact type {other:?} is not one kiln keeps (its signatures and in-toto \
+                     attestations)"
+                )));
+            }
+        };
+        if !payload_ok {
+            return Err(BlobError::Invalid(format!(
+                "the payload is not a {} as its artifact type says",
+                r.artifact_type
+            )));
+        }
+        let too_long = r
+            .annotations
+            .iter()
+            .any(|(k, v)| k.len() > 256 || v.len() > 1024);
+        if r.annotations.len() > MAX_ANNOTATIONS || too_long {
+            return Err(BlobError::Invalid(format!(
+                "at most {MAX_ANNOTATIONS} annotations, names up to 256 bytes, values up to 1 KiB"
+            )));
+        }
+        if !self.store().has_blob(subject) {
+            return Err(BlobError::Invalid(format!(
+                "image {subject} is not in the daemon's store: send it first"
+            )));
+        }
+        let manifest = self
+            .store()
+            .attach(
+                subject,
+                &r.artifact_type,
+                &r.payload_media_type,
+                r.payload.as_bytes(),
+                r.annotations.clone(),
+            )
+            .map_err(|e| BlobError::Invalid(e.to_string()))?;
+        Ok(json!({ "referrer": manifest.to_string() }))
     }
 
     fn receive_attestation(&self, image: &Digest, attestation: &Value) -> Result<(), BlobError> {
