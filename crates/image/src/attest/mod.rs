@@ -288,7 +288,9 @@ pub fn attach_statement(
 }
 
 /// Attaches the SBOM and the provenance of a build to its image; returns their referrer
-/// manifests' digests (SBOM first).
+/// manifests' digests (SBOM first). The SBOM's bytes depend only on the inputs, so a rebuild
+/// attaches the same one; an image that already has a provenance statement keeps it (it
+/// says how the image was first made here) rather than gaining one per rebuild.
 pub fn attach_build(
     store: &Store,
     record: &BuildRecord,
@@ -296,11 +298,16 @@ pub fn attach_build(
 ) -> Result<[Digest; 2], crate::StoreError> {
     let tool = format!("kiln-{}", invocation.kiln_version);
     let sbom = attach_statement(store, &record.image, &sbom::statement(record, &tool))?;
-    let prov = attach_statement(
-        store,
-        &record.image,
-        &provenance::statement(record, invocation),
-    )?;
+    let existing =
+        store.referrers_of_kind(&record.image, ARTIFACT_IN_TOTO, Some(PREDICATE_PROVENANCE))?;
+    let prov = match existing.first() {
+        Some(r) => r.manifest.clone(),
+        None => attach_statement(
+            store,
+            &record.image,
+            &provenance::statement(record, invocation),
+        )?,
+    };
     Ok([sbom, prov])
 }
 
@@ -346,5 +353,71 @@ impl TestOutcome {
             TestOutcome::Passed => "passed",
             TestOutcome::Failed => "failed",
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A record as a build with an image base and a closure would gather it.
+    pub(crate) fn fixture() -> BuildRecord {
+        let file = |path: &str, host: Option<&str>, package: Option<usize>| ImageFile {
+            path: path.to_owned(),
+            hashes: crate::digest::file_hashes(path.rsplit('/').next().unwrap().as_bytes()),
+            host: host.map(PathBuf::from),
+            package,
+        };
+        BuildRecord {
+            image: Digest::of(b"image"),
+            tag: Some("web:latest".to_owned()),
+            source_date_epoch: 1_700_000_000,
+            compression: "gzip".to_owned(),
+            architecture: "amd64".to_owned(),
+            os: "linux".to_owned(),
+            base: BaseRecord {
+                name: "oci:debian".to_owned(),
+                digest: Some(Digest::of(b"base")),
+            },
+            files: vec![
+                file("/app/main", None, None),
+                file("/etc/os-release", None, None),
+                file(
+                    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                    Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                    Some(0),
+                ),
+            ],
+            inputs: vec![InputTree {
+                source: "copy #1 → /app".to_owned(),
+                digest: Digest::of(b"tree"),
+            }],
+            packages: vec![DebPackage {
+                name: "libc6".to_owned(),
+                version: "2.36-9+deb12u10".to_owned(),
+                architecture: "amd64".to_owned(),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_test_statement_says_passed_or_failed() {
+        let s = test_statement(
+            &Digest::of(b"image"),
+            "web",
+            TestOutcome::Failed,
+            serde_json::json!([{"kind": "command", "passed": false, "output": "boom"}]),
+            "0.1.0",
+            "2026-01-01T00:00:00Z",
+            12,
+        );
+        assert_eq!(s["predicateType"], PREDICATE_TEST);
+        assert_eq!(s["predicate"]["result"], "failed");
+        assert_eq!(s["predicate"]["checks"][0]["output"], "boom");
+        assert_eq!(
+            s["subject"][0]["digest"]["sha256"],
+            Digest::of(b"image").hex()
+        );
     }
 }

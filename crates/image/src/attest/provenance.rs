@@ -130,3 +130,92 @@ pub fn statement(record: &BuildRecord, inv: &Invocation) -> Value {
         "predicate": predicate(record, inv),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::attest::tests::fixture;
+
+    fn invocation(source: Option<Source>) -> Invocation {
+        Invocation {
+            spec_path: "kiln.toml".to_owned(),
+            spec_digest: Digest::of(b"spec"),
+            source,
+            kiln_version: "0.1.0".to_owned(),
+            invocation_id: "id-1".to_owned(),
+            started_on: "2026-01-01T00:00:00Z".to_owned(),
+            finished_on: "2026-01-01T00:00:01Z".to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_input_is_a_resolved_dependency_by_digest() {
+        let r = fixture();
+        let source = Source {
+            uri: "https://example.invalid/team/web.git".to_owned(),
+            commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            clean: true,
+        };
+        let s = statement(&r, &invocation(Some(source)));
+        assert_eq!(s["_type"], STATEMENT_TYPE);
+        assert_eq!(s["predicateType"], PREDICATE_PROVENANCE);
+        let p = &s["predicate"];
+        assert_eq!(p["buildDefinition"]["buildType"], BUILD_TYPE);
+        assert_eq!(
+            p["buildDefinition"]["externalParameters"]["spec"]["digest"]["sha256"],
+            Digest::of(b"spec").hex()
+        );
+        let deps = p["buildDefinition"]["resolvedDependencies"]
+            .as_array()
+            .unwrap();
+        let base = Digest::of(b"base");
+        assert_eq!(deps[0]["digest"]["sha256"], base.hex());
+        assert_eq!(deps[1]["uri"], "file:///usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(
+            deps[1]["annotations"]["debianPackage"],
+            "pkg:deb/debian/libc6@2.36-9%2Bdeb12u10?arch=amd64"
+        );
+        assert_eq!(deps[2]["name"], "copy #1 → /app");
+        assert_eq!(
+            deps[3]["digest"]["gitCommit"],
+            "0123456789abcdef0123456789abcdef01234567"
+        );
+        assert_eq!(deps.len(), 4);
+        let run = &p["runDetails"];
+        assert_eq!(run["builder"]["version"]["kiln"], "0.1.0");
+        assert_eq!(run["metadata"]["invocationId"], "id-1");
+        assert_eq!(
+            run["byproducts"][0]["annotations"]["sourceDateEpoch"],
+            1_700_000_000
+        );
+    }
+
+    #[test]
+    fn two_invocations_differ_only_in_the_declared_build_time_fields() {
+        let r = fixture();
+        let a = statement(&r, &invocation(None));
+        let mut other = invocation(None);
+        other.invocation_id = "id-2".to_owned();
+        other.started_on = "2027-01-01T00:00:00Z".to_owned();
+        other.finished_on = "2027-01-01T00:00:09Z".to_owned();
+        let mut b = statement(&r, &other);
+        assert_ne!(a, b);
+        b["predicate"]["runDetails"]["metadata"] = a["predicate"]["runDetails"]["metadata"].clone();
+        assert_eq!(a, b);
+    }
+
+    /// The pins the provenance states are the ones the workspace compiles with.
+    #[test]
+    fn the_stated_compressor_pins_match_the_workspace() {
+        let manifest = include_str!("../../../../Cargo.toml");
+        for (name, pin) in PINNED_COMPRESSORS {
+            let version = pin.split_whitespace().next().unwrap();
+            let line = manifest
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} = ")))
+                .unwrap();
+            assert!(line.contains(&format!("\"{version}\"")), "{line} vs {pin}");
+        }
+    }
+}

@@ -168,3 +168,75 @@ pub fn statement(record: &BuildRecord, tool: &str) -> Value {
         "predicate": document(record, tool),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::attest::tests::fixture;
+
+    #[test]
+    fn the_document_lists_every_file_the_base_and_the_packages() {
+        let r = fixture();
+        let d = document(&r, "kiln-0.1.0");
+        assert_eq!(d["spdxVersion"], "SPDX-2.3");
+        assert_eq!(d["creationInfo"]["created"], "2023-11-14T22:13:20Z");
+        assert_eq!(
+            d["documentNamespace"],
+            format!("{NAMESPACE_PREFIX}web-sha256-{}", r.image.hex())
+        );
+        let files = d["files"].as_array().unwrap();
+        assert_eq!(files.len(), 3);
+        assert_eq!(files[0]["fileName"], "./app/main");
+        assert_eq!(files[0]["checksums"][0]["algorithm"], "SHA1");
+        assert_eq!(
+            files[0]["checksums"][0]["checksumValue"],
+            // sha1("main")
+            "b28b7af69320201d1cf206ebf28373980add1451"
+        );
+        let packages = d["packages"].as_array().unwrap();
+        let names: Vec<&str> = packages
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["web", "oci:debian", "libc6"]);
+        assert_eq!(
+            packages[0]["externalRefs"][0]["referenceLocator"],
+            format!("pkg:oci/web@sha256%3A{}", r.image.hex())
+        );
+        assert_eq!(
+            packages[2]["externalRefs"][0]["referenceLocator"],
+            "pkg:deb/debian/libc6@2.36-9%2Bdeb12u10?arch=amd64"
+        );
+        let rel = |a: &str, t: &str, b: &str| {
+            d["relationships"].as_array().unwrap().iter().any(|x| {
+                x["spdxElementId"] == a
+                    && x["relationshipType"] == t
+                    && x["relatedSpdxElement"] == b
+            })
+        };
+        assert!(rel("SPDXRef-DOCUMENT", "DESCRIBES", "SPDXRef-Image"));
+        assert!(rel("SPDXRef-Image", "DESCENDANT_OF", "SPDXRef-Base"));
+        assert!(rel("SPDXRef-Image", "CONTAINS", "SPDXRef-Package-deb-0"));
+        // The libc file (index 2 in path order) belongs to libc6.
+        assert!(rel("SPDXRef-Package-deb-0", "CONTAINS", "SPDXRef-File-2"));
+        assert!(!rel("SPDXRef-Package-deb-0", "CONTAINS", "SPDXRef-File-0"));
+        for i in 0..3 {
+            assert!(rel(
+                "SPDXRef-Image",
+                "CONTAINS",
+                &format!("SPDXRef-File-{i}")
+            ));
+        }
+    }
+
+    #[test]
+    fn the_same_record_gives_the_same_bytes() {
+        let a = crate::oci::canonical_json(&statement(&fixture(), "kiln-0.1.0")).unwrap();
+        let b = crate::oci::canonical_json(&statement(&fixture(), "kiln-0.1.0")).unwrap();
+        assert_eq!(a, b);
+        let s: serde_json::Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(s["predicateType"], PREDICATE_SBOM);
+        assert_eq!(s["subject"][0]["digest"]["sha256"], fixture().image.hex());
+    }
+}
