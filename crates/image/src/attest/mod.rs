@@ -169,13 +169,17 @@ impl BuildRecord {
                         format!("L {:o} {path} {}\n", e.mode, crate::digest::hex(target)),
                         None,
                     ),
-                    EntryKind::File { source, .. } => {
-                        let h = hashes(source).ok_or_else(|| BuildError::Internal {
-                            reason: format!(
-                                "the SBOM hashes of {} were not computed",
-                                source.display()
-                            ),
-                        })?;
+                    EntryKind::File { source, stat, .. } => {
+                        // An empty file has no content for the build to read.
+                        let empty = (stat.size == 0).then(|| crate::digest::file_hashes(b""));
+                        let h = hashes(source)
+                            .or(empty)
+                            .ok_or_else(|| BuildError::Internal {
+                                reason: format!(
+                                    "the SBOM hashes of {} were not computed",
+                                    source.display()
+                                ),
+                            })?;
                         let host = lc
                             .from
                             .as_ref()
