@@ -73,8 +73,9 @@ fi
 
 # Third-party checkers of kiln's supply-chain output (crates/kiln/tests/supply_chain*.rs):
 # the in-toto reference implementation and securesystemslib (DSSE envelopes, in-toto
-# statements) and spdx-tools (SPDX 2.3 validation), pinned in their own venv; reinstalled
-# only when a pin changes.
+# statements), in-toto-attestation (the Statement v1 and SLSA v1 provenance bindings,
+# crates/kiln/tests/attest.rs) and spdx-tools (SPDX 2.3 validation), pinned in their own
+# venv; reinstalled only when a pin changes.
 attest_pins="$(cd "$(dirname "$0")" && pwd)/attest-tools"
 if ! cmp -s "$attest_pins/requirements.txt" /opt/kiln-ci/attest/kiln-requirements.txt; then
   rm -rf /opt/kiln-ci/attest

@@ -33,6 +33,10 @@ pub struct BuildArgs {
     /// Worker threads (default: all cores; never changes the digest)
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// Attach no SBOM and no provenance to the image (the image's digest is the same)
+    #[arg(long)]
+    pub no_attest: bool,
 }
 
 /// `kiln image …`.
@@ -181,7 +185,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         Err(code) => return Ok(code),
     };
     let started = std::time::Instant::now();
-    let built = build_spec(&spec, args.threads, state, out)
+    let built = build_spec_with(&spec, &args.file, args.threads, !args.no_attest, state, out)
         .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
     if out.json {
         out.data(&json!({
@@ -206,14 +210,70 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds a validated spec's image into the store and tags it `NAME:latest`, showing
-/// per-layer progress on stderr (shared by `kiln build`, `plan`, `apply` and `up`).
+/// Builds a validated spec's image into the store, tags it `NAME:latest` and attaches its
+/// SBOM and provenance, showing per-layer progress on stderr (shared by `kiln build`,
+/// `plan`, `apply` and `up`). `file` is the spec file, as the user named it.
 pub fn build_spec(
     spec: &kiln_spec::Spec,
+    file: &Path,
     threads: Option<usize>,
     state: &Path,
     out: &Output,
 ) -> anyhow::Result<kiln_image::BuildOutput> {
+    build_spec_with(spec, file, threads, true, state, out)
+}
+
+/// RFC 3339 for a wall-clock instant, to the second.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    kiln_image::oci::rfc3339(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// What the provenance says of this invocation: the spec file (as named, or its file name
+/// when named by an absolute path, so two checkouts describe it alike), its digest, the
+/// source commit, kiln's version, a fresh id and the times.
+fn invocation(
+    file: &Path,
+    started: std::time::SystemTime,
+) -> anyhow::Result<kiln_image::attest::provenance::Invocation> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let spec_path = if file.is_absolute() {
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        file.display().to_string()
+    };
+    // The kernel's random UUID: a fresh id per build without a random-number dependency.
+    let invocation_id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_owned())
+        .context("cannot read /proc/sys/kernel/random/uuid for the build's invocation id")?;
+    Ok(kiln_image::attest::provenance::Invocation {
+        spec_path,
+        spec_digest: kiln_image::Digest::of(&bytes),
+        // LEAD(issue 18): wire the git source here once crates/git is merged:
+        // kiln_git::describe(file)? → provenance::Source { uri: origin URL (not the work
+        // tree's path, which differs between checkouts), commit, clean }.
+        source: None,
+        kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+        invocation_id,
+        started_on: rfc3339(started),
+        finished_on: rfc3339(std::time::SystemTime::now()),
+    })
+}
+
+/// [`build_spec`], with or without attestations.
+pub fn build_spec_with(
+    spec: &kiln_spec::Spec,
+    file: &Path,
+    threads: Option<usize>,
+    attest: bool,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<kiln_image::BuildOutput> {
+    let wall_started = std::time::SystemTime::now();
     let store = store(state)?;
     let cache_dir = state.join("cache").join("build");
     let mut cache = BuildCache::open(&cache_dir)
@@ -221,6 +281,7 @@ pub fn build_spec(
     let mut opts = BuildOptions {
         source_date_epoch: source_date_epoch()?,
         tag: Some(format!("{}:latest", spec.name)),
+        attest,
         ..BuildOptions::default()
     };
     if let Some(t) = threads {
@@ -274,13 +335,14 @@ pub fn build_spec(
             }
         }
     };
-    Ok(kiln_image::build(
-        &spec.image,
-        &store,
-        &mut cache,
-        &opts,
-        &mut progress,
-    )?)
+    let built = kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)?;
+    if let Some(record) = &built.record {
+        let inv = invocation(file, wall_started)?;
+        kiln_image::attest::attach_build(&store, record, &inv).with_context(|| {
+            format!("cannot attach the SBOM and provenance to {}", built.digest)
+        })?;
+    }
+    Ok(built)
 }
 
 pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
