@@ -33,6 +33,9 @@ pub struct BuildArgs {
     /// Worker threads (default: all cores; never changes the digest)
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    #[command(flatten)]
+    pub signing: super::sign::BuildSignArgs,
 }
 
 /// `kiln image …`.
@@ -180,9 +183,11 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         Ok(spec) => spec,
         Err(code) => return Ok(code),
     };
+    let signer = super::sign::build_signer(&args.signing)?;
     let started = std::time::Instant::now();
     let built = build_spec(&spec, args.threads, state, out)
         .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
+    super::sign::sign_built(signer.as_ref(), &built.digest, state, out)?;
     if out.json {
         out.data(&json!({
             "digest": built.digest,
