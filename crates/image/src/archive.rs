@@ -394,6 +394,10 @@ fn layout_images(
     let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
     for d in &index.manifests {
         let tag = d.annotations.get(oci::ANNOTATION_REF_NAME).cloned();
+        // Referrers come in with their subject (`import_referrers`), not as images.
+        if reference.is_none() && is_referrer_entry(d) {
+            continue;
+        }
         let selected = match reference {
             None => true,
             Some(OciReference::Digest(want)) => d.digest.as_str() == want,
@@ -472,6 +476,7 @@ fn import_layout_image(
         size: bytes.len() as u64,
         annotations: BTreeMap::new(),
         platform: None,
+        artifact_type: None,
     })
 }
 
@@ -740,9 +745,12 @@ fn import_docker_from_index(
                 size: config_bytes.len() as u64,
                 annotations: BTreeMap::new(),
                 platform: None,
+                artifact_type: None,
             },
             layers,
             annotations: BTreeMap::new(),
+            artifact_type: None,
+            subject: None,
         };
         let bytes = crate::store::canonical(&manifest, "manifest")?;
         let digest = store.write_blob(&bytes)?;
@@ -752,6 +760,7 @@ fn import_docker_from_index(
             size: bytes.len() as u64,
             annotations: BTreeMap::new(),
             platform: None,
+            artifact_type: None,
         };
         out.push(Imported {
             manifest: desc,
@@ -802,6 +811,7 @@ fn import_docker_layer(
         size,
         annotations: BTreeMap::new(),
         platform: None,
+        artifact_type: None,
     })
 }
 
@@ -850,8 +860,106 @@ fn import_layout_all(
             tags,
         });
     }
+    let subjects = out.iter().map(|i| i.manifest.digest.clone()).collect();
+    import_referrers(store, layout, limits, subjects)?;
     tag_all(store, &out)?;
     Ok(out)
+}
+
+/// Whether an `index.json` entry of a layout is a referrer or a referrers-tag index.
+fn is_referrer_entry(d: &Descriptor) -> bool {
+    d.artifact_type.is_some()
+        || d.annotations
+            .get(oci::ANNOTATION_REF_NAME)
+            .and_then(|t| crate::referrers::fallback_subject(t))
+            .is_some()
+}
+
+/// The most bytes one referrer's payload may have on import (an SBOM of a large image is a
+/// few MB; a signature a few hundred bytes).
+const MAX_REFERRER_PAYLOAD: u64 = 64 << 20;
+
+/// Brings the referrers of the images in `subjects` (and theirs, in turn) from a layout into
+/// the store: those its `index.json` lists untagged with `subject` naming an image, and
+/// those in an image's referrers-tag index (`sha256-<hex>`, as `skopeo copy --all` carries
+/// them). Each is checked as the store checks its own: one naming another image as its
+/// subject is refused, never attached to this one.
+fn import_referrers(
+    store: &Store,
+    layout: &Layout<'_>,
+    limits: &ImportLimits,
+    subjects: Vec<Digest>,
+) -> Result<(), ArchiveError> {
+    let bytes = layout.read("index.json", limits.json_bytes)?;
+    let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
+        invalid(
+            layout.path(),
+            format!("index.json is not a valid index: {e}"),
+        )
+    })?;
+    // Untagged referrers: which image each one names is in its manifest.
+    let mut loose: Vec<(Digest, Vec<u8>, Descriptor)> = Vec::new();
+    for d in index.manifests.iter().filter(|d| d.artifact_type.is_some()) {
+        let (m, bytes): (Manifest, _) = read_layout_json(layout, limits, &d.digest, "referrer")?;
+        if let Some(s) = m.subject {
+            loose.push((s.digest, bytes, d.clone()));
+        }
+    }
+    let mut work = subjects;
+    let mut done = std::collections::BTreeSet::new();
+    while let Some(subject) = work.pop() {
+        if !done.insert(subject.clone()) {
+            continue;
+        }
+        let mut found: BTreeMap<Digest, Vec<u8>> = BTreeMap::new();
+        for (s, bytes, d) in &loose {
+            if s == &subject {
+                found.insert(d.digest.clone(), bytes.clone());
+            }
+        }
+        let tag = crate::referrers::fallback_tag(&subject);
+        let fallback = index.manifests.iter().find(|d| {
+            d.annotations.get(oci::ANNOTATION_REF_NAME) == Some(&tag)
+                && media_is_index(&d.media_type)
+        });
+        if let Some(f) = fallback {
+            let (list, _): (Index, _) =
+                read_layout_json(layout, limits, &f.digest, "referrers index")?;
+            for child in list.manifests {
+                let (_, bytes): (serde_json::Value, _) =
+                    read_layout_json(layout, limits, &child.digest, "referrer")?;
+                found.insert(child.digest, bytes);
+            }
+        }
+        for (digest, bytes) in found {
+            let (manifest, referrer) = crate::referrers::parse_referrer(&subject, &digest, &bytes)?;
+            let (_, config_size) = layout.open(&blob_name(&manifest.config.digest))?;
+            if config_size > limits.json_bytes {
+                return Err(invalid(
+                    layout.path(),
+                    format!("referrer {digest}'s config is {config_size} bytes; refused"),
+                ));
+            }
+            copy_blob(store, layout, &manifest.config.digest)?;
+            let (_, payload_size) = layout.open(&blob_name(&referrer.payload))?;
+            if payload_size > MAX_REFERRER_PAYLOAD {
+                return Err(invalid(
+                    layout.path(),
+                    format!(
+                        "referrer {digest}'s payload is {payload_size} bytes, more than \
+                         {MAX_REFERRER_PAYLOAD}; refused"
+                    ),
+                ));
+            }
+            copy_blob(store, layout, &referrer.payload)?;
+            let stored = store.write_blob(&bytes)?;
+            let mut desc = Descriptor::new(oci::MEDIA_MANIFEST, stored, bytes.len() as u64);
+            desc.artifact_type = Some(referrer.artifact_type.clone());
+            store.add_referrer(&subject, desc, referrer.annotations)?;
+            work.push(digest);
+        }
+    }
+    Ok(())
 }
 
 fn tag_all(store: &Store, imported: &[Imported]) -> Result<(), ArchiveError> {
@@ -956,6 +1064,27 @@ fn export_layout(
         if !out.has_blob(d) {
             let mut r = store.open_blob(d)?;
             out.write_blob_from(&mut r, Some(d))?;
+        }
+    }
+    // The image's referrers (and theirs), so signatures and attestations travel with it.
+    let mut work = vec![desc.digest.clone()];
+    while let Some(subject) = work.pop() {
+        for r in store.referrers(&subject)? {
+            let (m, _) = store.read_referrer(&subject, &r.manifest)?;
+            for d in [&r.manifest, &m.config.digest, &r.payload] {
+                if !out.has_blob(d) {
+                    let mut rd = store.open_blob(d)?;
+                    out.write_blob_from(&mut rd, Some(d))?;
+                }
+            }
+            let mut rdesc = Descriptor::new(
+                oci::MEDIA_MANIFEST,
+                r.manifest.clone(),
+                store.blob_size(&r.manifest)?,
+            );
+            rdesc.artifact_type = Some(r.artifact_type.clone());
+            out.add_referrer(&subject, rdesc, r.annotations.clone())?;
+            work.push(r.manifest);
         }
     }
     for t in tags {

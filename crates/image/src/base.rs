@@ -35,6 +35,9 @@ pub(crate) struct Base {
     pub(crate) rootfs: Option<PathBuf>,
     /// Keeps an unpacked rootfs tarball alive for the build.
     pub(crate) _tmp: Option<tempfile::TempDir>,
+    /// What it is, by content: the manifest digest of an image base, the SHA-256 of a
+    /// rootfs tarball; `None` for scratch and a rootfs directory (whose files the SBOM lists).
+    pub(crate) identity: Option<Digest>,
 }
 
 fn describe(base: &BaseImage) -> String {
@@ -73,6 +76,7 @@ pub(crate) fn load(
             config: Value::Object(Default::default()),
             rootfs: None,
             _tmp: None,
+            identity: None,
         }),
         BaseImage::Oci { path, reference } => {
             let m = archive::import_oci_base(
@@ -107,15 +111,25 @@ pub(crate) fn load(
                     config: Value::Object(Default::default()),
                     rootfs: Some(path.clone()),
                     _tmp: None,
+                    identity: None,
                 });
             }
             let tmp = unpack_rootfs_tar(path, cache, &name, &limits)?;
+            let identity = if opts.attest {
+                let mut f = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+                let mut h = crate::digest::HashingWriter::new(std::io::sink());
+                std::io::copy(&mut f, &mut h).map_err(BuildError::io("read", path))?;
+                Some(crate::digest::finish(h.hasher))
+            } else {
+                None
+            };
             Ok(Base {
                 layers: Vec::new(),
                 reports: Vec::new(),
                 config: Value::Object(Default::default()),
                 rootfs: Some(tmp.path().to_path_buf()),
                 _tmp: Some(tmp),
+                identity,
             })
         }
     }
@@ -214,5 +228,6 @@ fn from_manifest(store: &Store, digest: &Digest, name: &str) -> Result<Base, Bui
         config,
         rootfs: None,
         _tmp: None,
+        identity: Some(digest.clone()),
     })
 }

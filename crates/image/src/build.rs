@@ -128,6 +128,12 @@ pub struct BuildOptions {
     pub architecture: String,
     /// `os` of a scratch image.
     pub os: String,
+    /// Whether to gather what the SBOM and the provenance need ([`BuildOutput::record`]):
+    /// every file's SHA1 and SHA-256 (read in the same pass as the cache's hash), the base's
+    /// identity and the host files of a closure.
+    pub attest: bool,
+    /// dpkg's database, read for the Debian packages a closure's host files came from.
+    pub dpkg_admin_dir: PathBuf,
 }
 
 impl Default for BuildOptions {
@@ -138,6 +144,8 @@ impl Default for BuildOptions {
             tag: None,
             architecture: "amd64".to_owned(),
             os: "linux".to_owned(),
+            attest: true,
+            dpkg_admin_dir: PathBuf::from(crate::attest::DPKG_ADMIN_DIR),
         }
     }
 }
@@ -155,6 +163,9 @@ pub struct BuildOutput {
     pub layers: Vec<LayerReport>,
     /// The tag pointed at the image, if any.
     pub tag: Option<String>,
+    /// What the attestations are made of, when [`BuildOptions::attest`] asked for it.
+    #[serde(skip)]
+    pub record: Option<crate::attest::BuildRecord>,
 }
 
 /// Progress events, in order, for a terminal or a log.
@@ -206,6 +217,8 @@ pub fn build(
         layers: base.layers.len(),
     });
     let mut planned = Vec::new();
+    // What each of our layers holds, kept for the SBOM and the provenance.
+    let mut contents: Vec<crate::attest::LayerContents> = Vec::new();
     if let Some(root) = &base.rootfs {
         let entries = tree::plan_rootfs(root)?;
         planned.push(layer::plan_layer(
@@ -215,6 +228,13 @@ pub fn build(
             "base rootfs".to_owned(),
             lineage(root, "/", spec.compression),
         )?);
+        if opts.attest {
+            contents.push(crate::attest::LayerContents {
+                source: "base rootfs".to_owned(),
+                from: None,
+                entries,
+            });
+        }
     }
     for (i, copy) in spec.copies.iter().enumerate() {
         let entries = tree::plan_copy(copy)?;
@@ -223,12 +243,21 @@ pub fn build(
             &entries,
             spec.compression,
             opts.source_date_epoch,
-            source,
+            source.clone(),
             lineage(&copy.from, &copy.to, spec.compression),
         )?);
+        if opts.attest {
+            let from =
+                std::path::absolute(&copy.from).map_err(BuildError::io("resolve", &copy.from))?;
+            contents.push(crate::attest::LayerContents {
+                source,
+                from: copy.closure.then_some(from),
+                entries,
+            });
+        }
     }
     let digests = hash_sources(&planned, cache, opts, scan_started, progress)?;
-    let digest_of = |p: &Path| digests.get(p).cloned();
+    let digest_of = |p: &Path| digests.get(p).map(|(c, _)| c.clone());
     let mut reports = base.reports.clone();
     let ours = layer::encode_layers(
         &mut planned,
@@ -239,7 +268,21 @@ pub fn build(
         progress,
     )?;
     reports.extend(ours);
-    finish(spec, store, opts, base, reports)
+    let record = if opts.attest {
+        let hashes = |p: &Path| digests.get(p).and_then(|(_, h)| h.clone());
+        Some(crate::attest::BuildRecord::gather(
+            spec, store, cache, opts, &base, &contents, &hashes,
+        )?)
+    } else {
+        None
+    };
+    let mut out = finish(spec, store, opts, base, reports)?;
+    if let Some(mut record) = record {
+        record.image = out.digest.clone();
+        record.tag = out.tag.clone();
+        out.record = Some(record);
+    }
+    Ok(out)
 }
 
 /// Names a layer across builds: the same source copied to the same place.
@@ -247,6 +290,9 @@ fn lineage(from: &Path, to: &str, c: kiln_spec::Compression) -> Digest {
     let from = std::path::absolute(from).unwrap_or_else(|_| from.to_path_buf());
     Digest::of(format!("{}\0{to}\0{c:?}", from.display()).as_bytes())
 }
+
+/// A file's cache identity and, when asked for, its SBOM hashes.
+type CachedHashes = (crate::digest::ContentId, Option<crate::digest::FileHashes>);
 
 /// Content digests for every source file: from the stat cache where it can vouch, else by
 /// reading the file (in parallel). Fresh digests are saved back to the cache.
@@ -256,7 +302,7 @@ fn hash_sources(
     opts: &BuildOptions,
     scan_started: i128,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<std::collections::HashMap<PathBuf, crate::digest::ContentId>, BuildError> {
+) -> Result<std::collections::HashMap<PathBuf, CachedHashes>, BuildError> {
     let mut digests = std::collections::HashMap::new();
     let mut todo: Vec<(PathBuf, StatKey)> = Vec::new();
     for l in planned {
@@ -265,6 +311,8 @@ fn hash_sources(
                 continue;
             }
             match cache.content_digest(&path, &stat) {
+                // A file the cache knows, but not its SBOM hashes, is read again for them.
+                Some((_, None)) if opts.attest => todo.push((path, stat)),
                 Some(d) => {
                     digests.insert(path, d);
                 }
@@ -277,12 +325,14 @@ fn hash_sources(
     if !todo.is_empty() {
         progress(Progress::Hashing { files: todo.len() });
     }
-    let hashed = layer::parallel(&todo, opts.threads, |(p, s)| layer::hash_file(p, s));
+    let hashed = layer::parallel(&todo, opts.threads, |(p, s)| {
+        layer::hash_file(p, s, opts.attest)
+    });
     let mut fresh = Vec::new();
     for ((path, stat), d) in todo.into_iter().zip(hashed) {
-        let d = d?;
-        digests.insert(path.clone(), d.clone());
-        fresh.push((path, stat, d));
+        let (content, hashes) = d?;
+        digests.insert(path.clone(), (content.clone(), hashes.clone()));
+        fresh.push((path, stat, content, hashes));
     }
     if !fresh.is_empty() {
         cache.save_digests(fresh, scan_started)?;
@@ -309,6 +359,7 @@ fn finish(
             size: config_bytes.len() as u64,
             annotations: Default::default(),
             platform: None,
+            artifact_type: None,
         },
         layers: reports
             .iter()
@@ -318,9 +369,12 @@ fn finish(
                 size: r.size,
                 annotations: Default::default(),
                 platform: None,
+                artifact_type: None,
             })
             .collect(),
         annotations: Default::default(),
+        artifact_type: None,
+        subject: None,
     };
     let manifest_bytes = crate::store::canonical(&manifest, "manifest")?;
     let digest = store.write_blob(&manifest_bytes)?;
@@ -330,6 +384,7 @@ fn finish(
         size: manifest_bytes.len() as u64,
         annotations: Default::default(),
         platform: None,
+        artifact_type: None,
     };
     if let Some(tag) = &opts.tag {
         store.tag(tag, &desc)?;
@@ -341,6 +396,7 @@ fn finish(
         config: config_digest,
         layers: reports,
         tag: opts.tag.clone(),
+        record: None,
     })
 }
 

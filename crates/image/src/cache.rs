@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::build::BuildError;
-use crate::digest::{ContentId, Digest};
+use crate::digest::{ContentId, Digest, FileHashes};
 use crate::tree::StatKey;
 
 /// A layer the cache has assembled before.
@@ -47,6 +47,9 @@ pub(crate) struct UnitMark {
 struct StatEntry {
     stat: StatKey,
     digest: ContentId,
+    /// The SBOM's hashes of the same content, when a build with attestations read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hashes: Option<FileHashes>,
     /// Nanoseconds since the epoch when the scan that recorded this entry started.
     scanned_at_ns: i128,
 }
@@ -86,26 +89,31 @@ impl BuildCache {
     }
 
     /// The content digest recorded for `path` if its stat is unchanged and not racy.
-    pub(crate) fn content_digest(&self, path: &Path, stat: &StatKey) -> Option<ContentId> {
+    pub(crate) fn content_digest(
+        &self,
+        path: &Path,
+        stat: &StatKey,
+    ) -> Option<(ContentId, Option<FileHashes>)> {
         let e = self.stat.entries.get(path)?;
         let safe = stat.mtime_ns + RACY_WINDOW_NS < e.scanned_at_ns
             && stat.ctime_ns + RACY_WINDOW_NS < e.scanned_at_ns;
-        (e.stat == *stat && safe).then(|| e.digest.clone())
+        (e.stat == *stat && safe).then(|| (e.digest.clone(), e.hashes.clone()))
     }
 
     /// Records digests freshly computed by a build whose scan started at `scanned_at_ns`
     /// (the content was read after that instant, so a later change moves mtime or ctime).
     pub(crate) fn save_digests(
         &mut self,
-        seen: impl IntoIterator<Item = (PathBuf, StatKey, ContentId)>,
+        seen: impl IntoIterator<Item = (PathBuf, StatKey, ContentId, Option<FileHashes>)>,
         scanned_at_ns: i128,
     ) -> Result<(), BuildError> {
-        for (path, stat, digest) in seen {
+        for (path, stat, digest, hashes) in seen {
             self.stat.entries.insert(
                 path,
                 StatEntry {
                     stat,
                     digest,
+                    hashes,
                     scanned_at_ns,
                 },
             );

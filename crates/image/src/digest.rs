@@ -31,6 +31,43 @@ impl ContentId {
     }
 }
 
+/// What an SBOM records of a file's content: SHA1 (SPDX requires it) and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FileHashes {
+    /// SHA1, lowercase hex.
+    pub sha1: String,
+    /// SHA-256.
+    pub sha256: Digest,
+}
+
+/// Both SBOM hashes, fed together so a file is read once.
+#[derive(Clone, Default)]
+pub(crate) struct SbomHasher {
+    sha1: sha1::Sha1,
+    sha256: Sha256,
+}
+
+impl SbomHasher {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.sha1.update(bytes);
+        self.sha256.update(bytes);
+    }
+
+    pub(crate) fn finish(self) -> FileHashes {
+        FileHashes {
+            sha1: hex(self.sha1.finalize().as_slice()),
+            sha256: finish(self.sha256),
+        }
+    }
+}
+
+/// The SBOM hashes of `bytes`.
+pub fn file_hashes(bytes: &[u8]) -> FileHashes {
+    let mut h = SbomHasher::default();
+    h.update(bytes);
+    h.finish()
+}
+
 /// A hasher's state as hex, to be resumed later by [`resume_hasher`].
 pub(crate) fn save_hasher(h: &Sha256) -> String {
     use sha2::digest::common::hazmat::SerializableState;
@@ -52,7 +89,7 @@ pub(crate) fn resume_hasher(s: &str) -> Option<Sha256> {
 }
 
 /// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

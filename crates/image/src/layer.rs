@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::build::BuildError;
 use crate::cache::{BuildCache, CachedLayer, UnitMark};
-use crate::digest::{ContentId, Digest};
+use crate::digest::{ContentId, Digest, FileHashes, SbomHasher};
 use crate::oci;
 use crate::store::Store;
 use crate::tree::{EntryKind, LayerEntry, StatKey};
@@ -476,9 +476,15 @@ pub(crate) fn layer_files(layer: &PlannedLayer) -> Vec<(PathBuf, StatKey)> {
 }
 
 /// Hashes a whole file's content, checking it did not change while read.
-pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<ContentId, BuildError> {
+pub(crate) fn hash_file(
+    source: &Path,
+    stat: &StatKey,
+    sbom: bool,
+) -> Result<(ContentId, Option<FileHashes>), BuildError> {
     let mut f = open_unchanged(source, stat)?;
     let mut h = blake3::Hasher::new();
+    // The SBOM's hashes in the same read: the file is read once, whatever is asked.
+    let mut s = sbom.then(SbomHasher::default);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(BuildError::io("read", source))?;
@@ -486,9 +492,12 @@ pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<ContentId, Buil
             break;
         }
         h.update(&buf[..n]);
+        if let Some(s) = &mut s {
+            s.update(&buf[..n]);
+        }
     }
     check_unchanged(&f, source, stat)?;
-    Ok(ContentId::from_hasher(&h))
+    Ok((ContentId::from_hasher(&h), s.map(SbomHasher::finish)))
 }
 
 /// Keys all units, compresses those the cache lacks (in parallel across all layers), then

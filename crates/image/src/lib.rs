@@ -15,6 +15,7 @@
 extern crate sha2_serializable as sha2;
 
 pub mod archive;
+pub mod attest;
 mod base;
 mod build;
 mod cache;
@@ -25,6 +26,7 @@ mod layer;
 mod limits;
 pub mod oci;
 mod receive;
+mod referrers;
 mod store;
 mod tree;
 mod unpack;
@@ -32,9 +34,11 @@ mod unpack;
 pub use build::{BuildError, BuildOptions, BuildOutput, Progress, build};
 pub use cache::BuildCache;
 pub use digest::{Digest, InvalidDigest};
+pub use digest::{FileHashes, file_hashes};
 pub use layer::LayerReport;
 pub use limits::ImportLimits;
 pub use receive::{ReceiveError, ReceivedImage, UPLOAD_TTL, Upload};
+pub use referrers::{MAX_REFERRER_MANIFEST, Referrer, fallback_tag};
 pub use store::{
     BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
     VerifiedReader, normalize_tag,

@@ -31,6 +31,10 @@ pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.man
 pub const MEDIA_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 /// The annotation holding a tag in `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The config of an artifact manifest that has none (OCI 1.1 "empty descriptor").
+pub const MEDIA_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The bytes the empty descriptor names: `{}`.
+pub const EMPTY_JSON: &[u8] = b"{}";
 
 /// Points at a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +52,27 @@ pub struct Descriptor {
     /// The platform, in an index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// The artifact type of the manifest it points at (OCI 1.1; set on referrers).
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub artifact_type: Option<String>,
+}
+
+impl Descriptor {
+    /// A descriptor with no annotations, platform or artifact type.
+    pub fn new(media_type: impl Into<String>, digest: Digest, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            annotations: BTreeMap::new(),
+            platform: None,
+            artifact_type: None,
+        }
+    }
 }
 
 /// `os`/`architecture` of an index entry.
@@ -78,6 +103,16 @@ pub struct Manifest {
     /// Free-form metadata.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// What kind of artifact this is (OCI 1.1; set on referrers, never on an image).
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub artifact_type: Option<String>,
+    /// The manifest this one refers to (OCI 1.1; set on referrers, never on an image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
 }
 
 /// An image index (`index.json`).

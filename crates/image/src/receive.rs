@@ -274,6 +274,7 @@ impl Store {
             size: bytes.len() as u64,
             annotations: Default::default(),
             platform: None,
+            artifact_type: None,
         };
         if let Some(t) = &tag {
             self.tag(t, &desc)?;

@@ -1,6 +1,7 @@
 //! The content-addressed image store: a standard OCI image layout at `<state>/images`.
 //!
-//! It owns `oci-layout`, `index.json` (tags), `blobs/sha256/…`, test attestations under
+//! It owns `oci-layout`, `index.json` (tags, and the referrers `referrers.rs` lists there),
+//! `blobs/sha256/…`, test attestations under
 //! `attestations/`, its lock files under `locks/` and temp files under `tmp/`. skopeo,
 //! umoci and crane read it directly because the layout is the standard one.
 //!
@@ -20,6 +21,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::digest::{Digest, HashingWriter, InvalidDigest};
 use crate::oci::{self, Descriptor, Index, Manifest};
+use crate::referrers::{fallback_entry, is_image_entry};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,17 @@ pub enum StoreError {
     /// A digest string was malformed.
     #[error(transparent)]
     Digest(#[from] InvalidDigest),
+    /// A referrer manifest (or an image's referrers index) is malformed, too large, or
+    /// names another image as its subject.
+    #[error("referrer {digest} of image {subject} {reason}")]
+    BadReferrer {
+        /// The referrer manifest (or referrers index).
+        digest: Digest,
+        /// The image it is listed for.
+        subject: Digest,
+        /// What is wrong.
+        reason: String,
+    },
     /// The directory is not an OCI image layout.
     #[error("{path} is not an OCI image layout: {reason}")]
     NotALayout {
@@ -328,7 +341,7 @@ impl Store {
         })
     }
 
-    fn lock_index(&self) -> Result<LockGuard, StoreError> {
+    pub(crate) fn lock_index(&self) -> Result<LockGuard, StoreError> {
         LockGuard::exclusive(&self.locks_dir().join("index.lock"))
     }
 
@@ -361,11 +374,6 @@ impl Store {
         let mut desc = manifest.clone();
         desc.annotations = BTreeMap::from([(oci::ANNOTATION_REF_NAME.to_owned(), tag)]);
         index.manifests.push(desc);
-        index.manifests.sort_by(|a, b| {
-            a.annotations
-                .get(oci::ANNOTATION_REF_NAME)
-                .cmp(&b.annotations.get(oci::ANNOTATION_REF_NAME))
-        });
         self.write_index(&index)
     }
 
@@ -385,9 +393,19 @@ impl Store {
         Ok(removed)
     }
 
-    fn write_index(&self, index: &Index) -> Result<(), StoreError> {
+    /// Writes `index.json` with its entries in one order: tagged ones by tag, then the
+    /// untagged ones (referrers) by digest.
+    pub(crate) fn write_index(&self, index: &Index) -> Result<(), StoreError> {
+        let mut index = index.clone();
+        index.manifests.sort_by(|a, b| {
+            let (ta, tb) = (
+                a.annotations.get(oci::ANNOTATION_REF_NAME),
+                b.annotations.get(oci::ANNOTATION_REF_NAME),
+            );
+            (ta.is_none(), ta, &a.digest).cmp(&(tb.is_none(), tb, &b.digest))
+        });
         let path = self.index_path();
-        let bytes = canonical(index, "index.json")?;
+        let bytes = canonical(&index, "index.json")?;
         kiln_durable::write(&path, &bytes).map_err(io_err("write", &path))
     }
 
@@ -398,27 +416,36 @@ impl Store {
         let not_found = || StoreError::NotFound {
             reference: reference.to_owned(),
         };
+        // Referrers and referrers indexes are listed too, but are not images.
+        let images: Vec<&Descriptor> = index
+            .manifests
+            .iter()
+            .filter(|d| is_image_entry(d))
+            .collect();
         if let Ok(digest) = Digest::parse(reference) {
-            if let Some(d) = index.manifests.iter().find(|d| d.digest == digest) {
+            if let Some(d) = images.iter().find(|d| d.digest == digest) {
                 return Ok(untagged(d));
             }
             // An untagged manifest still in the store (e.g. retained for rollback).
             if self.has_blob(&digest) {
                 let size = self.blob_size(&digest)?;
-                self.manifest(&digest)?;
+                let m = self.manifest(&digest)?;
+                if m.subject.is_some() || m.artifact_type.is_some() {
+                    return Err(not_found());
+                }
                 return Ok(Descriptor {
                     media_type: oci::MEDIA_MANIFEST.to_owned(),
                     digest,
                     size,
                     annotations: BTreeMap::new(),
                     platform: None,
+                    artifact_type: None,
                 });
             }
             return Err(not_found());
         }
         if let Ok(tag) = normalize_tag(reference)
-            && let Some(d) = index
-                .manifests
+            && let Some(d) = images
                 .iter()
                 .find(|d| d.annotations.get(oci::ANNOTATION_REF_NAME) == Some(&tag))
         {
@@ -428,11 +455,10 @@ impl Store {
         let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
         if hex.len() >= MIN_PREFIX && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             let hex = hex.to_ascii_lowercase();
-            let hits: BTreeMap<&Digest, &Descriptor> = index
-                .manifests
+            let hits: BTreeMap<&Digest, &Descriptor> = images
                 .iter()
                 .filter(|d| d.digest.hex().starts_with(&hex))
-                .map(|d| (&d.digest, d))
+                .map(|d| (&d.digest, *d))
                 .collect();
             match hits.values().next() {
                 Some(d) if hits.len() == 1 => return Ok(untagged(d)),
@@ -452,7 +478,7 @@ impl Store {
     pub fn images(&self) -> Result<Vec<ImageSummary>, StoreError> {
         let index = self.index()?;
         let mut out = Vec::new();
-        for d in &index.manifests {
+        for d in index.manifests.iter().filter(|d| is_image_entry(d)) {
             let Some(tag) = d.annotations.get(oci::ANNOTATION_REF_NAME) else {
                 continue;
             };
@@ -500,21 +526,51 @@ impl Store {
     pub fn gc(&self, retained: &BTreeSet<Digest>, dry_run: bool) -> Result<GcReport, StoreError> {
         let _gc = LockGuard::exclusive(&self.locks_dir().join("gc.lock"))?;
         let _index_lock = self.lock_index()?;
-        let index = self.index()?;
-        let mut live: BTreeSet<Digest> = BTreeSet::new();
-        let roots = index
+        let mut index = self.index()?;
+        // Images are the roots; a referrer lives while its subject does (and so on, for a
+        // signature on an attestation), reached through the subject's referrers index.
+        let fallbacks: BTreeMap<Digest, Descriptor> = index
             .manifests
             .iter()
+            .filter_map(|d| fallback_entry(d).map(|s| (s, d.clone())))
+            .collect();
+        let mut live: BTreeSet<Digest> = BTreeSet::new();
+        let mut work: Vec<Digest> = index
+            .manifests
+            .iter()
+            .filter(|d| is_image_entry(d))
             .map(|d| d.digest.clone())
-            .chain(retained.iter().cloned());
-        for root in roots {
-            if !self.has_blob(&root) {
+            .chain(retained.iter().cloned())
+            .collect();
+        let mut seen: BTreeSet<Digest> = BTreeSet::new();
+        while let Some(root) = work.pop() {
+            if !seen.insert(root.clone()) || !self.has_blob(&root) {
                 continue;
             }
             let manifest = self.manifest(&root)?;
+            if let Some(fb) = fallbacks.get(&root)
+                && let Some(referrers) = self.fallback_index(&index, &root)?
+            {
+                live.insert(fb.digest.clone());
+                for child in referrers.manifests {
+                    // Checked: a manifest listed for this image must name it.
+                    self.read_referrer(&root, &child.digest)?;
+                    work.push(child.digest);
+                }
+            }
             live.insert(root);
             live.insert(manifest.config.digest);
             live.extend(manifest.layers.into_iter().map(|l| l.digest));
+        }
+        // Referrers of collected images leave index.json with them.
+        let before = index.manifests.len();
+        index.manifests.retain(|d| {
+            is_image_entry(d)
+                || live.contains(&d.digest)
+                || (fallback_entry(d).is_none() && d.artifact_type.is_none())
+        });
+        if !dry_run && index.manifests.len() != before {
+            self.write_index(&index)?;
         }
         let mut report = GcReport {
             dry_run,
@@ -663,6 +719,7 @@ fn untagged(d: &Descriptor) -> Descriptor {
     Descriptor {
         annotations: BTreeMap::new(),
         platform: None,
+        artifact_type: None,
         ..d.clone()
     }
 }

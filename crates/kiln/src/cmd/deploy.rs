@@ -174,7 +174,7 @@ fn release_request(
 ) -> anyhow::Result<ApplyRequest> {
     let digest = match image {
         Some(d) => d.to_owned(),
-        None => super::image::build_spec(spec, None, state, out)?
+        None => super::image::build_spec(spec, file, None, state, out)?
             .digest
             .to_string(),
     };
@@ -212,7 +212,7 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let mut req = release_request_untested(&spec, state, out)?;
+    let mut req = release_request_untested(&spec, &args.spec.file, state, out)?;
     let current = block(async {
         let c = client(state);
         // The daemon reads the secrets (as an apply would) and redacts secret-looking env
@@ -295,11 +295,12 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
 /// For `plan`: the image digest and config apply would use, without requiring tests.
 fn release_request_untested(
     spec: &Spec,
+    file: &Path,
     state: &Path,
     out: &Output,
 ) -> anyhow::Result<ApplyRequest> {
     let quiet = out.quieter();
-    let built = super::image::build_spec(spec, None, state, &quiet)?;
+    let built = super::image::build_spec(spec, file, None, state, &quiet)?;
     Ok(ApplyRequest {
         image: built.digest.to_string(),
         config: ReleaseConfig::from_spec(spec),
@@ -809,7 +810,7 @@ pub fn up(args: &UpArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode>
     };
     let app = spec.name.to_string();
     out.say(&format!("==> building {app}"));
-    let built = super::image::build_spec(&spec, None, state, out)?;
+    let built = super::image::build_spec(&spec, &args.spec.file, None, state, out)?;
     let digest = built.digest.to_string();
     if spec.image.test.is_some() {
         out.say(&format!("==> testing {digest}"));

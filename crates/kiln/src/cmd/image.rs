@@ -34,6 +34,10 @@ pub struct BuildArgs {
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 
+    /// Attach no SBOM and no provenance to the image (the image's digest is the same)
+    #[arg(long)]
+    pub no_attest: bool,
+
     #[command(flatten)]
     pub signing: super::sign::BuildSignArgs,
 }
@@ -185,7 +189,7 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     };
     let signer = super::sign::build_signer(&args.signing)?;
     let started = std::time::Instant::now();
-    let built = build_spec(&spec, args.threads, state, out)
+    let built = build_spec_with(&spec, &args.file, args.threads, !args.no_attest, state, out)
         .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
     super::sign::sign_built(signer.as_ref(), &built.digest, state, out)?;
     if out.json {
@@ -211,14 +215,70 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds a validated spec's image into the store and tags it `NAME:latest`, showing
-/// per-layer progress on stderr (shared by `kiln build`, `plan`, `apply` and `up`).
+/// Builds a validated spec's image into the store, tags it `NAME:latest` and attaches its
+/// SBOM and provenance, showing per-layer progress on stderr (shared by `kiln build`,
+/// `plan`, `apply` and `up`). `file` is the spec file, as the user named it.
 pub fn build_spec(
     spec: &kiln_spec::Spec,
+    file: &Path,
     threads: Option<usize>,
     state: &Path,
     out: &Output,
 ) -> anyhow::Result<kiln_image::BuildOutput> {
+    build_spec_with(spec, file, threads, true, state, out)
+}
+
+/// RFC 3339 for a wall-clock instant, to the second.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    kiln_image::oci::rfc3339(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// What the provenance says of this invocation: the spec file (as named, or its file name
+/// when named by an absolute path, so two checkouts describe it alike), its digest, the
+/// source commit, kiln's version, a fresh id and the times.
+fn invocation(
+    file: &Path,
+    started: std::time::SystemTime,
+) -> anyhow::Result<kiln_image::attest::provenance::Invocation> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let spec_path = if file.is_absolute() {
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        file.display().to_string()
+    };
+    // The kernel's random UUID: a fresh id per build without a random-number dependency.
+    let invocation_id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|s| s.trim().to_owned())
+        .context("cannot read /proc/sys/kernel/random/uuid for the build's invocation id")?;
+    Ok(kiln_image::attest::provenance::Invocation {
+        spec_path,
+        spec_digest: kiln_image::Digest::of(&bytes),
+        // LEAD(issue 18): wire the git source here once crates/git is merged:
+        // kiln_git::describe(file)? → provenance::Source { uri: origin URL (not the work
+        // tree's path, which differs between checkouts), commit, clean }.
+        source: None,
+        kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+        invocation_id,
+        started_on: rfc3339(started),
+        finished_on: rfc3339(std::time::SystemTime::now()),
+    })
+}
+
+/// [`build_spec`], with or without attestations.
+pub fn build_spec_with(
+    spec: &kiln_spec::Spec,
+    file: &Path,
+    threads: Option<usize>,
+    attest: bool,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<kiln_image::BuildOutput> {
+    let wall_started = std::time::SystemTime::now();
     let store = store(state)?;
     let cache_dir = state.join("cache").join("build");
     let mut cache = BuildCache::open(&cache_dir)
@@ -226,6 +286,7 @@ pub fn build_spec(
     let mut opts = BuildOptions {
         source_date_epoch: source_date_epoch()?,
         tag: Some(format!("{}:latest", spec.name)),
+        attest,
         ..BuildOptions::default()
     };
     if let Some(t) = threads {
@@ -279,13 +340,14 @@ pub fn build_spec(
             }
         }
     };
-    Ok(kiln_image::build(
-        &spec.image,
-        &store,
-        &mut cache,
-        &opts,
-        &mut progress,
-    )?)
+    let built = kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)?;
+    if let Some(record) = &built.record {
+        let inv = invocation(file, wall_started)?;
+        kiln_image::attest::attach_build(&store, record, &inv).with_context(|| {
+            format!("cannot attach the SBOM and provenance to {}", built.digest)
+        })?;
+    }
+    Ok(built)
 }
 
 pub fn images(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
@@ -320,9 +382,12 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             let info = store.inspect(reference)?;
             // The test attestation `kiln test` recorded next to the image, if any.
             let attestation = store.read_attestation(&info.digest)?;
+            // Signatures and attestations attached to it (OCI referrers).
+            let referrers = store.referrers(&info.digest)?;
             if out.json {
                 let mut v = serde_json::to_value(&info)?;
                 v["attestation"] = attestation.clone().unwrap_or(serde_json::Value::Null);
+                v["referrers"] = serde_json::to_value(&referrers)?;
                 out.data(&v)?;
             } else {
                 match &attestation {
@@ -351,6 +416,22 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 }
                 if let Some(c) = info.config.get("config") {
                     out.say(&format!("runtime: {}", serde_json::to_string(c)?));
+                }
+                for r in &referrers {
+                    let kind = r
+                        .annotations
+                        .get(kiln_image::attest::ANNOTATION_PREDICATE_TYPE)
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default();
+                    let key = r
+                        .annotations
+                        .get(kiln_image::attest::ANNOTATION_KEY)
+                        .map(|k| format!(" signed by {k}"))
+                        .unwrap_or_default();
+                    out.say(&format!(
+                        "referrer: {} {}{kind}{key}",
+                        r.manifest, r.artifact_type
+                    ));
                 }
             }
         }

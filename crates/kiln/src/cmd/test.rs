@@ -1,7 +1,8 @@
 //! `kiln test [REF]`: the lifecycle's "test" step. Runs `[image.test]` against an image —
 //! `command` once in a one-off instance (it must exit 0), `http` on a started instance (it
 //! must answer 2xx) — all within `timeout`, and records a test attestation next to the image
-//! in the store, passed or failed, for `kiln image inspect` and later policy.
+//! in the store (`attestations/`, which the daemon's tested gate reads) and attached to it as
+//! an in-toto statement (an OCI referrer), passed or failed.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -124,6 +125,25 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         .store()
         .write_attestation(&digest, &attestation)
         .with_context(|| format!("cannot record the test attestation of {digest}"))?;
+    // The same result as an in-toto statement attached to the image (an OCI referrer), so
+    // it travels with the image and a signer can sign it; the file above stays what the
+    // daemon's tested gate reads.
+    let outcome = if passed {
+        kiln_image::attest::TestOutcome::Passed
+    } else {
+        kiln_image::attest::TestOutcome::Failed
+    };
+    let statement = kiln_image::attest::test_statement(
+        &digest,
+        spec.name.as_str(),
+        outcome,
+        attestation["tests"].clone(),
+        env!("CARGO_PKG_VERSION"),
+        &time,
+        millis(duration),
+    );
+    kiln_image::attest::attach_statement(images.store(), &digest, &statement)
+        .with_context(|| format!("cannot attach the test attestation to {digest}"))?;
     if out.json {
         out.data(&attestation)?;
     }

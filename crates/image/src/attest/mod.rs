@@ -1,0 +1,350 @@
+//! What a build or a test attaches to an image, and the names the attachments go by.
+//!
+//! The kinds (artifact types, payload media types, annotations, predicate types) are the
+//! ones issue 18's shared design fixes, so a signer, a verifier and the daemon's policy read
+//! the same attachments. This module defines the documents; the store ([`crate::Store`]
+//! `attach`/`referrers`) keeps them.
+
+/// An image signature: an armored SSHSIG (namespace `kiln-image`) over the manifest's bytes.
+pub const ARTIFACT_SIGNATURE: &str = "application/vnd.kiln.signature.v1+sshsig";
+/// The payload media type of an image signature.
+pub const MEDIA_SSHSIG: &str = "application/vnd.kiln.signature.v1+sshsig";
+/// An unsigned attestation: an in-toto Statement v1.
+pub const ARTIFACT_IN_TOTO: &str = "application/vnd.in-toto+json";
+/// A signed attestation: a DSSE envelope whose payload is an in-toto statement.
+pub const ARTIFACT_DSSE: &str = "application/vnd.dsse.envelope.v1+json";
+/// The annotation naming an attestation's predicate type.
+pub const ANNOTATION_PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
+/// The annotation naming the fingerprint of the key that signed.
+pub const ANNOTATION_KEY: &str = "dev.kiln.key";
+/// The in-toto Statement v1 type.
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+/// Predicate type of the SBOM (the predicate is an SPDX 2.3 JSON document).
+pub const PREDICATE_SBOM: &str = "https://spdx.dev/Document/v2.3";
+/// Predicate type of the build provenance.
+pub const PREDICATE_PROVENANCE: &str = "https://slsa.dev/provenance/v1";
+/// Predicate type of `kiln test`'s result.
+pub const PREDICATE_TEST: &str = "https://kiln.dev/attestation/test/v1";
+
+pub mod dpkg;
+mod layers;
+pub mod provenance;
+pub mod sbom;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_spec::{BaseImage, ImageSpec};
+use sha2::{Digest as _, Sha256};
+
+use crate::base::Base;
+use crate::build::{BuildError, BuildOptions};
+use crate::cache::BuildCache;
+use crate::digest::{Digest, FileHashes};
+use crate::store::Store;
+use crate::tree::{EntryKind, LayerEntry};
+
+pub use dpkg::DebPackage;
+
+/// What one of the build's own layers holds (the base rootfs or one copy), as planned.
+#[derive(Debug)]
+pub(crate) struct LayerContents {
+    /// `base rootfs` or `copy #N → /to`.
+    pub(crate) source: String,
+    /// For a copy with `closure = true`: its absolute `from`, so the host files the closure
+    /// added (outside it) can be told apart.
+    pub(crate) from: Option<PathBuf>,
+    /// The entries.
+    pub(crate) entries: Vec<LayerEntry>,
+}
+
+/// A regular file in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFile {
+    /// Its path in the image, absolute (`/app/hello`).
+    pub path: String,
+    /// Its content's SHA1 and SHA-256.
+    pub hashes: FileHashes,
+    /// The host file it was copied from, when a closure brought it in from outside the copy.
+    pub host: Option<PathBuf>,
+    /// The Debian package the host file belongs to (an index into
+    /// [`BuildRecord::packages`]), when dpkg's database names one.
+    pub package: Option<usize>,
+}
+
+/// One input tree of the build (a copy or the base rootfs) by one digest over its entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputTree {
+    /// `base rootfs` or `copy #N → /to`.
+    pub source: String,
+    /// SHA-256 over its sorted entries (kind, mode, path, content SHA-256 or link target).
+    pub digest: Digest,
+}
+
+/// The base image by name and content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRecord {
+    /// `scratch`, or the kind and file name of the base (`oci:debian`); no host directory,
+    /// so two checkouts at different paths describe it alike.
+    pub name: String,
+    /// The manifest digest of an image base, the SHA-256 of a rootfs tarball.
+    pub digest: Option<Digest>,
+}
+
+/// Everything the SBOM and the provenance say about one build, gathered while it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRecord {
+    /// The image (its manifest digest).
+    pub image: Digest,
+    /// The tag the build pointed at it.
+    pub tag: Option<String>,
+    /// `SOURCE_DATE_EPOCH`.
+    pub source_date_epoch: u64,
+    /// The layers' compression (`gzip`, `zstd`, `none`).
+    pub compression: String,
+    /// The image's architecture.
+    pub architecture: String,
+    /// The image's OS.
+    pub os: String,
+    /// The base.
+    pub base: BaseRecord,
+    /// Every regular file of the image, sorted by path.
+    pub files: Vec<ImageFile>,
+    /// The build's input trees, in layer order.
+    pub inputs: Vec<InputTree>,
+    /// Debian packages the closure's host files came from, sorted by name.
+    pub packages: Vec<DebPackage>,
+}
+
+/// Where dpkg keeps its database on a Debian host.
+pub const DPKG_ADMIN_DIR: &str = "/var/lib/dpkg";
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn base_name(base: &BaseImage) -> String {
+    match base {
+        BaseImage::Scratch => "scratch".to_owned(),
+        BaseImage::Oci { path, .. } => format!("oci:{}", file_name(path)),
+        BaseImage::DockerArchive(p) => format!("docker-archive:{}", file_name(p)),
+        BaseImage::Rootfs(p) => format!("rootfs:{}", file_name(p)),
+    }
+}
+
+impl BuildRecord {
+    /// Gathers the record from a build's planned layers and the hashes it computed.
+    pub(crate) fn gather(
+        spec: &ImageSpec,
+        store: &Store,
+        cache: &BuildCache,
+        opts: &BuildOptions,
+        base: &Base,
+        contents: &[LayerContents],
+        hashes: &dyn Fn(&Path) -> Option<FileHashes>,
+    ) -> Result<BuildRecord, BuildError> {
+        let mut files: BTreeMap<String, ImageFile> = BTreeMap::new();
+        for (path, h) in layers::base_files(store, cache, &base.reports)? {
+            files.insert(
+                path.clone(),
+                ImageFile {
+                    path,
+                    hashes: h,
+                    host: None,
+                    package: None,
+                },
+            );
+        }
+        let mut inputs = Vec::new();
+        for lc in contents {
+            let mut tree = Sha256::new();
+            let mut here: BTreeMap<&str, FileHashes> = BTreeMap::new();
+            for e in &lc.entries {
+                let path = format!("/{}", e.path);
+                let (line, file) = match &e.kind {
+                    EntryKind::Dir => (format!("D {:o} {path}\n", e.mode), None),
+                    EntryKind::Symlink { target } => (
+                        format!("L {:o} {path} {}\n", e.mode, crate::digest::hex(target)),
+                        None,
+                    ),
+                    EntryKind::File { source, .. } => {
+                        let h = hashes(source).ok_or_else(|| BuildError::Internal {
+                            reason: format!(
+                                "the SBOM hashes of {} were not computed",
+                                source.display()
+                            ),
+                        })?;
+                        let host = lc
+                            .from
+                            .as_ref()
+                            .filter(|from| {
+                                !source.starts_with(from) && *source == Path::new("/").join(&e.path)
+                            })
+                            .map(|_| source.clone());
+                        here.insert(&e.path, h.clone());
+                        (
+                            format!("F {:o} {path} {}\n", e.mode, h.sha256),
+                            Some((h, host)),
+                        )
+                    }
+                    EntryKind::Hardlink { target } => {
+                        let h = here.get(target.as_str()).cloned().ok_or_else(|| {
+                            BuildError::Internal {
+                                reason: format!("hardlink {path} to {target} precedes it"),
+                            }
+                        })?;
+                        (
+                            format!("H {:o} {path} {}\n", e.mode, h.sha256),
+                            Some((h, None)),
+                        )
+                    }
+                };
+                tree.update(line.as_bytes());
+                if let Some((h, host)) = file {
+                    files.insert(
+                        path.clone(),
+                        ImageFile {
+                            path,
+                            hashes: h,
+                            host,
+                            package: None,
+                        },
+                    );
+                }
+            }
+            inputs.push(InputTree {
+                source: lc.source.clone(),
+                digest: crate::digest::finish(tree),
+            });
+        }
+        let mut files: Vec<ImageFile> = files.into_values().collect();
+        let host: Vec<PathBuf> = files.iter().filter_map(|f| f.host.clone()).collect();
+        let mut packages = Vec::new();
+        if !host.is_empty() {
+            let owners =
+                dpkg::owners(&opts.dpkg_admin_dir, &host).map_err(|source| BuildError::Io {
+                    op: "read the dpkg database in",
+                    path: opts.dpkg_admin_dir.clone(),
+                    source,
+                })?;
+            let mut names: Vec<DebPackage> = owners.values().cloned().collect();
+            names.sort();
+            names.dedup();
+            for f in &mut files {
+                if let Some(pkg) = f.host.as_ref().and_then(|h| owners.get(h)) {
+                    f.package = names.iter().position(|p| p == pkg);
+                }
+            }
+            packages = names;
+        }
+        Ok(BuildRecord {
+            image: Digest::of(b""),
+            tag: None,
+            source_date_epoch: opts.source_date_epoch,
+            compression: format!("{:?}", spec.compression).to_ascii_lowercase(),
+            architecture: opts.architecture.clone(),
+            os: opts.os.clone(),
+            base: BaseRecord {
+                name: base_name(&spec.base),
+                digest: base.identity.clone(),
+            },
+            files,
+            inputs,
+            packages,
+        })
+    }
+
+    /// The image's name for documents: its tag's name, else `image`.
+    pub fn name(&self) -> String {
+        self.tag
+            .as_deref()
+            .and_then(|t| t.rsplit_once(':').map(|(n, _)| n.to_owned()))
+            .unwrap_or_else(|| "image".to_owned())
+    }
+}
+
+/// Attaches `statement` (an in-toto Statement v1) to `subject` as an unsigned attestation,
+/// annotated with its predicate type; returns the referrer manifest's digest.
+pub fn attach_statement(
+    store: &Store,
+    subject: &Digest,
+    statement: &serde_json::Value,
+) -> Result<Digest, crate::StoreError> {
+    let predicate_type = statement
+        .get("predicateType")
+        .and_then(|p| p.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = crate::store::canonical(statement, "in-toto statement")?;
+    store.attach(
+        subject,
+        ARTIFACT_IN_TOTO,
+        ARTIFACT_IN_TOTO,
+        &bytes,
+        BTreeMap::from([(ANNOTATION_PREDICATE_TYPE.to_owned(), predicate_type)]),
+    )
+}
+
+/// Attaches the SBOM and the provenance of a build to its image; returns their referrer
+/// manifests' digests (SBOM first).
+pub fn attach_build(
+    store: &Store,
+    record: &BuildRecord,
+    invocation: &provenance::Invocation,
+) -> Result<[Digest; 2], crate::StoreError> {
+    let tool = format!("kiln-{}", invocation.kiln_version);
+    let sbom = attach_statement(store, &record.image, &sbom::statement(record, &tool))?;
+    let prov = attach_statement(
+        store,
+        &record.image,
+        &provenance::statement(record, invocation),
+    )?;
+    Ok([sbom, prov])
+}
+
+/// The in-toto statement of a `kiln test` run on `subject` (predicate type
+/// [`PREDICATE_TEST`]): `result` (`passed` or `failed`), the `checks` as run (a failing
+/// one with its output), when and how long, and kiln's version.
+pub fn test_statement(
+    subject: &Digest,
+    name: &str,
+    result: TestOutcome,
+    checks: serde_json::Value,
+    kiln_version: &str,
+    started_on: &str,
+    duration_ms: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": subject.hex()}}],
+        "predicateType": PREDICATE_TEST,
+        "predicate": {
+            "result": result.as_str(),
+            "checks": checks,
+            "kilnVersion": kiln_version,
+            "startedOn": started_on,
+            "durationMs": duration_ms,
+        },
+    })
+}
+
+/// How a test run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestOutcome {
+    /// Every check passed.
+    Passed,
+    /// A check failed.
+    Failed,
+}
+
+impl TestOutcome {
+    /// `passed` or `failed`, as the attestations write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TestOutcome::Passed => "passed",
+            TestOutcome::Failed => "failed",
+        }
+    }
+}
