@@ -454,6 +454,11 @@ fn securesystemslib_verifies_the_signed_attestations() {
         .clone();
     let image = String::from_utf8(out).unwrap().trim().to_owned();
 
+    let other_line = generate(&state, &dir.path().join("other.key"))
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
     let all = referrers(&state, &image);
     assert_eq!(of_type(&all, SIGNATURE).len(), 1, "{all:?}");
     let statements = of_type(&all, IN_TOTO);
@@ -495,8 +500,6 @@ fn securesystemslib_verifies_the_signed_attestations() {
         let forged = serde_json::to_vec(&forged).unwrap();
         assert!(!sslib_verify(dir.path(), &forged, &pub_line, &fp));
         // … or another key is the trusted one.
-        let other = dir.path().join(format!("other-{}.key", predicate.len()));
-        let other_line = generate(&state, &other).lines().next().unwrap().to_owned();
         assert!(!sslib_verify(
             dir.path(),
             &envelope.payload,
