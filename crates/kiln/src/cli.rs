@@ -114,6 +114,10 @@ pub enum Command {
     Man(ManArgs),
     /// Build the [image] section into a reproducible OCI image and tag it NAME:latest
     Build(crate::cmd::image::BuildArgs),
+    /// Make a signing key (ed25519, OpenSSH format): `kiln key generate [PATH]`
+    Key(crate::cmd::sign::KeyArgs),
+    /// Sign an image and its attestations with an ed25519 key (attached as OCI referrers)
+    Sign(crate::cmd::sign::SignArgs),
     /// List the images in the store
     Images,
     /// Inspect, export or import images

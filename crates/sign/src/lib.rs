@@ -203,7 +203,7 @@ impl SigningKey {
         let private = key
             .to_openssh(LineEnding::LF)
             .map_err(|e| SignError::Signing(format!("encoding the private key: {e}")))?;
-        let public = format!("{}\n", self.public_with_comment(comment).to_openssh());
+        let public = format!("{}\n", self.public().with_comment(comment).to_openssh());
 
         let mut pub_path = path.as_os_str().to_owned();
         pub_path.push(".pub");
@@ -241,12 +241,6 @@ impl SigningKey {
         PublicKey {
             key: self.key.public_key().clone(),
         }
-    }
-
-    fn public_with_comment(&self, comment: &str) -> PublicKey {
-        let mut key = self.key.public_key().clone();
-        key.set_comment(comment);
-        PublicKey { key }
     }
 
     /// A raw 64-byte ed25519 signature of `msg` (deterministic: the same key and message give
@@ -375,6 +369,12 @@ impl PublicKey {
     /// `SHA256:<base64 without padding>` of the key's wire encoding, as `ssh-keygen -l` prints.
     pub fn fingerprint(&self) -> String {
         self.key.fingerprint(HashAlg::Sha256).to_string()
+    }
+
+    /// The same key with `comment` (what [`SigningKey::write`] puts in the `.pub` file).
+    pub fn with_comment(mut self, comment: &str) -> PublicKey {
+        self.key.set_comment(comment);
+        self
     }
 
     /// The key's comment (empty if none).

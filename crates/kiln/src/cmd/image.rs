@@ -37,6 +37,9 @@ pub struct BuildArgs {
     /// Attach no SBOM and no provenance to the image (the image's digest is the same)
     #[arg(long)]
     pub no_attest: bool,
+
+    #[command(flatten)]
+    pub signing: super::sign::BuildSignArgs,
 }
 
 /// `kiln image …`.
@@ -184,9 +187,11 @@ pub fn build(args: &BuildArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         Ok(spec) => spec,
         Err(code) => return Ok(code),
     };
+    let signer = super::sign::build_signer(&args.signing)?;
     let started = std::time::Instant::now();
     let built = build_spec_with(&spec, &args.file, args.threads, !args.no_attest, state, out)
         .with_context(|| format!("cannot build the image of {}", args.file.display()))?;
+    super::sign::sign_built(signer.as_ref(), &built.digest, state, out)?;
     if out.json {
         out.data(&json!({
             "digest": built.digest,

@@ -13,6 +13,7 @@ pub mod pause;
 pub mod remote;
 pub mod router;
 pub mod run;
+pub mod sign;
 mod signals;
 mod spec;
 pub mod test;
@@ -57,6 +58,8 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Completions(args) => completions::print(&args, out),
         Command::Man(args) => man::write(&args, out),
         Command::Build(args) => image::build(&args, &cli.global.state, out),
+        Command::Key(args) => sign::key(&args, out),
+        Command::Sign(args) => sign::sign(&args, &cli.global.state, out),
         Command::Images => image::images(&cli.global.state, out),
         Command::Image(args) => image::image(&args, &cli.global.state, out),
         Command::Gc(args) => image::gc(&args, &cli.global.state, out),
@@ -122,6 +125,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Completions(_)
         | Command::Man(_)
         | Command::Context(_)
+        | Command::Key(_)
         // It reads the store when one is there, and creates nothing.
         | Command::Export(_)
         // It only connects to the daemon's socket, which is private to the daemon's user.
@@ -138,6 +142,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Plan(_)
         | Command::Apply(_) => Some(Need::Create),
         Command::Doctor(_)
+        | Command::Sign(_)
         | Command::Rollback(_)
         | Command::Promote(_)
         | Command::Abort(_)
