@@ -58,14 +58,14 @@ fn refusals(state: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A raw apply over TCP with the token: the status and the body.
-fn raw_apply(port: u16, body: &Value) -> (u16, Value) {
+/// A raw API call over TCP with the token: the status and the body.
+fn raw_call(port: u16, method: &str, path: &str, body: &Value) -> (u16, Value) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.to_string();
     write!(
         s,
-        "POST /v1/apps/web/releases HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {TOKEN}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
@@ -162,12 +162,14 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
         serde_json::to_value(kiln_control::ReleaseConfig::from_spec(&spec_parsed)).unwrap();
     // A client cannot send its own daemon policy in place of the daemon's.
     config["daemon_policy"] = json!({});
-    let (status, answer) = raw_apply(
+    let (code, answer) = raw_call(
         api_port,
+        "POST",
+        "/v1/apps/web/releases",
         &json!({"image": image, "config": config, "spec_digest": "sha256:x",
                 "source_commit": null, "actor": "raw-api"}),
     );
-    assert_eq!(status, 403, "{answer}");
+    assert_eq!(code, 403, "{answer}");
     assert!(
         answer["error"]
             .as_str()
@@ -176,6 +178,25 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
         "{answer}"
     );
     assert_eq!(refusals(&state).len(), 2);
+
+    // Over TCP, what no signature vouches for cannot be handed to the daemon.
+    let store = kiln_image::Store::open(state.join("images")).unwrap();
+    let digest = kiln_image::Digest::parse(&image).unwrap();
+    let unsigned = store
+        .referrers(&digest)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.artifact_type == kiln_image::attest::ARTIFACT_IN_TOTO)
+        .unwrap();
+    let upload = json!({
+        "artifact_type": unsigned.artifact_type,
+        "payload_media_type": unsigned.payload_media_type,
+        "payload": String::from_utf8(store.read_blob(&unsigned.payload).unwrap()).unwrap(),
+        "annotations": unsigned.annotations,
+    });
+    let path = format!("/v1/images/{image}/referrers");
+    let (code, answer) = raw_call(api_port, "PUT", &path, &upload);
+    assert_eq!(code, 403, "{answer}");
 
     // Signed by a key the daemon does not trust: still refused.
     sign(&state, &image, &other_key);
@@ -204,33 +225,26 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
         shown.contains("signature: ok, by trusted key SHA256:"),
         "{shown}"
     );
-    assert!(shown.contains("provenance: present"), "{shown}");
-    assert!(shown.contains("sbom: present"), "{shown}");
+    assert!(shown.contains("provenance: signed by SHA256:"), "{shown}");
+    assert!(shown.contains("sbom: signed by SHA256:"), "{shown}");
     apply(&state, &spec, &image);
-    wait_until("release 1 serves", Duration::from_secs(60), || {
-        raw_get(format!("127.0.0.1:{port}").parse().unwrap(), "kiln", "/").contains("v1")
-    });
+    wait_until(&state, Duration::from_secs(60), |s| routed(s).len() == 1);
+    let served = raw_get(format!("127.0.0.1:{port}").parse().unwrap(), "kiln", "/");
+    assert!(served.contains("v1"), "{served}");
 
     // A stricter daemon policy (a key nobody used) takes effect with the next release: the
     // running one keeps running and is scaled as before.
     daemon.kill();
+    let third_key = dir.path().join("third.key");
+    key_generate(&state, &third_key);
     std::fs::write(
         &daemon_policy,
-        "[policy]\nkeys = [\"keys.pub\"]\nrequire = [\"signature\", \"sbom\"]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("keys.pub"),
-        std::fs::read_to_string(dir.path().join("other.key.pub")).unwrap(),
+        "[policy]\nkeys = [\"third.key.pub\"]\nrequire = [\"signature\", \"sbom\"]\n",
     )
     .unwrap();
     daemon.spawn();
     kiln(&state).args(["scale", "web", "2"]).assert().success();
-    wait_until("2 ready instances", Duration::from_secs(60), || {
-        status(&state)["instances"]
-            .as_array()
-            .is_some_and(|i| i.iter().filter(|i| i["routed"] == true).count() == 2)
-    });
+    wait_until(&state, Duration::from_secs(60), |s| routed(s).len() == 2);
     let (code, err) = try_apply(&state, &spec, &image);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no signature by a trusted key"), "{err}");
@@ -243,8 +257,6 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
         format!("[policy]\nkeys = [\"{ops_pub}\"]\nrequire = [\"signature\"]\n"),
     )
     .unwrap();
-    let store = kiln_image::Store::open(state.join("images")).unwrap();
-    let digest = kiln_image::Digest::parse(&image).unwrap();
     for r in store.referrers(&digest).unwrap() {
         if r.artifact_type == kiln_image::attest::ARTIFACT_SIGNATURE {
             std::fs::write(store.blob_path(&r.payload), b"tampered").unwrap();
@@ -252,11 +264,18 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
     }
     daemon.spawn();
     kiln(&state).args(["scale", "web", "3"]).assert().success();
-    wait_until("a refused create", Duration::from_secs(60), || {
-        refusals(&state)
-            .iter()
-            .any(|e| e["data"]["release"] == 1 && e["data"]["actor"] == "reconciler")
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !refusals(&state)
+        .iter()
+        .any(|e| e["data"]["release"] == 1 && e["data"]["actor"] == "reconciler")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no create was refused: {:#?}",
+            history(&state)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let instances = status(&state)["instances"].as_array().unwrap().len();
     assert_eq!(instances, 2, "no instance was made for the refused create");
 }

@@ -141,10 +141,13 @@ fn verify_image(
                 a.problem.as_deref().unwrap_or_default()
             ));
         }
-        if let Some(s) = &evidence.source {
-            let commit = s.commit.as_deref().unwrap_or("no git commit");
-            let tree = if s.clean { "clean" } else { "with changes" };
-            out.say(&format!("  source: {commit} ({tree})"));
+        match evidence.source.as_ref().map(|s| (&s.commit, s.clean)) {
+            Some((Some(commit), true)) => out.say(&format!("  source: git {commit}, clean")),
+            Some((Some(commit), false)) => {
+                out.say(&format!("  source: git {commit}, with uncommitted changes"));
+            }
+            Some((None, _)) => out.say("  source: not a git work tree"),
+            None => {}
         }
         for (name, missing) in &verdicts {
             if missing.is_empty() {
