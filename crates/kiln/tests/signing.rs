@@ -192,6 +192,25 @@ print("verified", payload["_type"], payload["predicateType"])
     out.status.success()
 }
 
+/// A private key file and its `.pub` beside it.
+struct SigningKeyFiles(PathBuf);
+
+impl SigningKeyFiles {
+    fn at(path: &Path) -> SigningKeyFiles {
+        SigningKeyFiles(path.to_owned())
+    }
+
+    /// Both files are there, the private one 0600 and in OpenSSH format.
+    fn complete(&self) -> bool {
+        let private = fs::read_to_string(&self.0).unwrap_or_default();
+        let mode = fs::metadata(&self.0).map_or(0, |m| m.permissions().mode() & 0o777);
+        let public = fs::read_to_string(format!("{}.pub", self.0.display())).unwrap_or_default();
+        private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+            && mode == 0o600
+            && public.starts_with("ssh-ed25519 ")
+    }
+}
+
 fn fingerprint_by_ssh_keygen(pub_path: &Path) -> String {
     let out = ssh_keygen(&["-l", "-f", pub_path.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
@@ -257,6 +276,16 @@ fn a_generated_key_is_an_openssh_key_and_is_never_overwritten() {
             .trim_end(),
         pub_line
     );
+
+    // Without a path: ./kiln-signing.key and ./kiln-signing.key.pub.
+    let cwd = dir.path().join("project");
+    fs::create_dir(&cwd).unwrap();
+    kiln(&state)
+        .current_dir(&cwd)
+        .args(["key", "generate"])
+        .assert()
+        .success();
+    assert!(SigningKeyFiles::at(&cwd.join("kiln-signing.key")).complete());
 
     // --json: the same facts, as data.
     let out = kiln(&state)
