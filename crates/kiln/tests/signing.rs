@@ -192,6 +192,25 @@ print("verified", payload["_type"], payload["predicateType"])
     out.status.success()
 }
 
+/// A private key file and its `.pub` beside it.
+struct SigningKeyFiles(PathBuf);
+
+impl SigningKeyFiles {
+    fn at(path: &Path) -> SigningKeyFiles {
+        SigningKeyFiles(path.to_owned())
+    }
+
+    /// Both files are there, the private one 0600 and in OpenSSH format.
+    fn complete(&self) -> bool {
+        let private = fs::read_to_string(&self.0).unwrap_or_default();
+        let mode = fs::metadata(&self.0).map_or(0, |m| m.permissions().mode() & 0o777);
+        let public = fs::read_to_string(format!("{}.pub", self.0.display())).unwrap_or_default();
+        private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----")
+            && mode == 0o600
+            && public.starts_with("ssh-ed25519 ")
+    }
+}
+
 fn fingerprint_by_ssh_keygen(pub_path: &Path) -> String {
     let out = ssh_keygen(&["-l", "-f", pub_path.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
@@ -257,6 +276,16 @@ fn a_generated_key_is_an_openssh_key_and_is_never_overwritten() {
             .trim_end(),
         pub_line
     );
+
+    // Without a path: ./kiln-signing.key and ./kiln-signing.key.pub.
+    let cwd = dir.path().join("project");
+    fs::create_dir(&cwd).unwrap();
+    kiln(&state)
+        .current_dir(&cwd)
+        .args(["key", "generate"])
+        .assert()
+        .success();
+    assert!(SigningKeyFiles::at(&cwd.join("kiln-signing.key")).complete());
 
     // --json: the same facts, as data.
     let out = kiln(&state)
@@ -569,7 +598,7 @@ fn bad_keys_are_refused_with_a_clear_error() {
         ("missing", &["missing", "No such file"]),
         ("rsa", &["rsa", "ssh-rsa", "only with ed25519"]),
         ("malformed", &["malformed", "not an OpenSSH key"]),
-        ("rsa.pub", &["rsa.pub", "public key"]),
+        ("rsa.pub", &["rsa.pub", "ssh-rsa", "only with ed25519"]),
     ];
     for (name, expected) in cases {
         let mut assert = kiln(&state)
@@ -607,4 +636,145 @@ fn bad_keys_are_refused_with_a_clear_error() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("--key"));
+}
+
+/// An `ssh-agent` on a socket of the test's own; killed (`ssh-agent -k`) when dropped.
+struct Agent {
+    pid: String,
+    socket: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path) -> Agent {
+        let socket = dir.join("agent.sock");
+        let out = Std::new("ssh-agent")
+            .arg("-s")
+            .arg("-a")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // "SSH_AUTH_SOCK=…; export SSH_AUTH_SOCK;\nSSH_AGENT_PID=1234; export SSH_AGENT_PID;"
+        let text = String::from_utf8(out.stdout).unwrap();
+        let pid = text
+            .split("SSH_AGENT_PID=")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap()
+            .to_owned();
+        Agent { pid, socket }
+    }
+
+    fn add(&self, key: &Path) {
+        let out = Std::new("ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Std::new("ssh-agent")
+            .arg("-k")
+            .env("SSH_AGENT_PID", &self.pid)
+            .output();
+    }
+}
+
+#[test]
+fn ssh_agent_signs_for_a_public_key_file() {
+    if !ssh_keygen_present("ssh-agent signing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (state, _, image) = built(dir.path());
+    let key = dir.path().join("id_ed25519");
+    let made = ssh_keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "agent@host",
+        "-f",
+        key.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    let pub_path = dir.path().join("id_ed25519.pub");
+    let pub_line = fs::read_to_string(&pub_path).unwrap();
+    let agent = Agent::start(dir.path());
+    agent.add(&key);
+
+    // The agent signs: kiln is given only the public half.
+    let sign = |key: &Path, sock: Option<&Path>| {
+        let mut cmd = kiln(&state);
+        cmd.args(["--json", "sign", &image, "--key"]).arg(key);
+        match sock {
+            Some(s) => cmd.env("SSH_AUTH_SOCK", s),
+            None => cmd.env_remove("SSH_AUTH_SOCK"),
+        };
+        cmd.assert()
+    };
+    let out = sign(&pub_path, Some(&agent.socket))
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let report: Value = serde_json::from_slice(&out).unwrap();
+    let attached = report["attached"].as_array().unwrap();
+    assert!(
+        attached.len() >= 3,
+        "a signature and the build's attestations: {report}"
+    );
+    assert!(attached.iter().all(|a| a["new"] == true), "{report}");
+    let all = referrers(&state, &image);
+    let sigs = of_type(&all, SIGNATURE);
+    assert_eq!(sigs.len(), 1, "{all:?}");
+    assert!(ssh_verify(
+        dir.path(),
+        pub_line.trim(),
+        "kiln-image",
+        &sigs[0].payload,
+        &blob(&state, &image)
+    ));
+
+    // The same key from its file makes the very same bytes: nothing new is attached.
+    let out = sign(&key, None).success().get_output().stdout.clone();
+    let again: Value = serde_json::from_slice(&out).unwrap();
+    assert!(
+        again["attached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["new"] == false),
+        "{again}"
+    );
+
+    // A key the agent does not hold, and no agent at all: clear errors, nothing signed.
+    let other = dir.path().join("other");
+    let made = ssh_keygen(&[
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "",
+        "-f",
+        other.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    let other_pub = dir.path().join("other.pub");
+    sign(&other_pub, Some(&agent.socket))
+        .code(1)
+        .stderr(predicate::str::contains("other.pub"))
+        .stderr(predicate::str::contains("does not hold"));
+    sign(&other_pub, None)
+        .code(1)
+        .stderr(predicate::str::contains("no SSH_AUTH_SOCK"));
+    assert_eq!(referrers(&state, &image).len(), all.len());
 }

@@ -71,9 +71,24 @@ fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, SignError> {
 }
 
 impl Envelope {
-    /// An envelope of `payload` signed by `key`.
+    /// An envelope of `payload` signed by `key` (see [`SigningKey::sign_raw`] for a key in
+    /// ssh-agent; [`Envelope::try_sign`] reports its failure).
     pub fn sign(payload_type: &str, payload: Vec<u8>, key: &SigningKey) -> Envelope {
         let sig = key.sign_raw(&pae(payload_type, &payload));
+        Envelope::signed(payload_type, payload, key, sig)
+    }
+
+    /// [`Envelope::sign`], with a signing failure (of an agent) as an error.
+    pub fn try_sign(
+        payload_type: &str,
+        payload: Vec<u8>,
+        key: &SigningKey,
+    ) -> Result<Envelope, SignError> {
+        let sig = key.try_sign_raw(&pae(payload_type, &payload))?;
+        Ok(Envelope::signed(payload_type, payload, key, sig))
+    }
+
+    fn signed(payload_type: &str, payload: Vec<u8>, key: &SigningKey, sig: Vec<u8>) -> Envelope {
         Envelope {
             payload_type: payload_type.to_owned(),
             payload,

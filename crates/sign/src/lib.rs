@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use signature::{Signer, Verifier};
 use ssh_key::{Algorithm, HashAlg, LineEnding};
 
+mod agent;
 pub mod dsse;
 pub mod sshsig;
 
@@ -46,7 +47,7 @@ pub enum SignError {
     #[error(
         "{path}: the private key is encrypted with a passphrase, which kiln does not read; \
          use an unencrypted ed25519 key (`ssh-keygen -t ed25519 -N ''`) kept where only the \
-         signer can read it"
+         signer can read it, or `ssh-add` it to ssh-agent and give its .pub file"
     )]
     Encrypted {
         /// The key file.
@@ -109,11 +110,20 @@ pub enum SignError {
     /// A signature could not be made (a fault in the signing library, not in the input).
     #[error("signing failed: {0}")]
     Signing(String),
+    /// Signing through `ssh-agent` failed: no agent, the key is not in it, or it refused.
+    #[error("{0}")]
+    Agent(String),
 }
 
-/// An ed25519 private key: it signs.
+/// An ed25519 key that signs: a private key in memory, or one held by `ssh-agent`.
 pub struct SigningKey {
-    key: ssh_key::PrivateKey,
+    signer: Held,
+}
+
+enum Held {
+    Local(ssh_key::PrivateKey),
+    /// The private half is in the agent; kiln holds the public half.
+    Agent(ssh_key::PublicKey, agent::AgentKey),
 }
 
 /// An ed25519 public key: it verifies, and its fingerprint names it.
@@ -129,12 +139,13 @@ impl SigningKey {
     pub fn generate() -> SigningKey {
         let keypair = ssh_key::private::Ed25519Keypair::random(&mut ssh_key::rand_core::OsRng);
         SigningKey {
-            key: ssh_key::PrivateKey::from(keypair),
+            signer: Held::Local(ssh_key::PrivateKey::from(keypair)),
         }
     }
 
     /// Reads an unencrypted OpenSSH ed25519 private key file (`-----BEGIN OPENSSH PRIVATE
-    /// KEY-----`).
+    /// KEY-----`), or a public key file (`ssh-ed25519 AAAA…`, a `.pub`) whose private half the
+    /// running `ssh-agent` (`SSH_AUTH_SOCK`) holds: then the agent signs.
     pub fn load(path: &Path) -> Result<SigningKey, SignError> {
         let text = std::fs::read_to_string(path).map_err(|source| SignError::Io {
             path: path.to_owned(),
@@ -143,10 +154,29 @@ impl SigningKey {
         let what = path.display().to_string();
         let trimmed = text.trim_start();
         if trimmed.starts_with("ssh-") || trimmed.starts_with("ecdsa-") {
-            return Err(SignError::WrongKind {
-                what,
-                reason: "a public key; signing needs the private key file (the path without .pub)"
-                    .to_owned(),
+            let public = PublicKey::parse_openssh(trimmed).map_err(|e| match e {
+                SignError::NotEd25519 { algorithm, .. } => SignError::NotEd25519 {
+                    what: what.clone(),
+                    algorithm,
+                },
+                SignError::MalformedKey { reason, .. } => SignError::MalformedKey {
+                    what: what.clone(),
+                    reason,
+                },
+                other => other,
+            })?;
+            let agent =
+                agent::AgentKey::find(public.wire_bytes(), &public.fingerprint()).map_err(|e| {
+                    SignError::WrongKind {
+                        what,
+                        reason: format!(
+                            "a public key, which signs only through ssh-agent (or give the private \
+                         key file, the path without .pub): {e}"
+                        ),
+                    }
+                })?;
+            return Ok(SigningKey {
+                signer: Held::Agent(public.key, agent),
             });
         }
         if trimmed.starts_with("-----BEGIN")
@@ -192,13 +222,22 @@ impl SigningKey {
                 reason: "the ed25519 key pair could not be read".to_owned(),
             });
         }
-        Ok(SigningKey { key })
+        Ok(SigningKey {
+            signer: Held::Local(key),
+        })
     }
 
     /// Writes the private key to `path` (mode 0600, OpenSSH format) and the public key line to
     /// `path.pub`, both with `comment`. Neither file may exist: a key is never overwritten.
     pub fn write(&self, path: &Path, comment: &str) -> Result<(), SignError> {
-        let mut key = self.key.clone();
+        let Held::Local(key) = &self.signer else {
+            return Err(SignError::WrongKind {
+                what: path.display().to_string(),
+                reason: "the key is held by ssh-agent: its private half cannot be written"
+                    .to_owned(),
+            });
+        };
+        let mut key = key.clone();
         key.set_comment(comment);
         let private = key
             .to_openssh(LineEnding::LF)
@@ -238,24 +277,37 @@ impl SigningKey {
 
     /// The public half, with this key's comment.
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            key: self.key.public_key().clone(),
-        }
+        let key = match &self.signer {
+            Held::Local(key) => key.public_key().clone(),
+            Held::Agent(public, _) => public.clone(),
+        };
+        PublicKey { key }
     }
 
     /// A raw 64-byte ed25519 signature of `msg` (deterministic: the same key and message give
     /// the same bytes).
+    ///
+    /// A key in memory cannot fail to sign. An agent can (it went away, or refused): then
+    /// this returns an empty signature, which verifies against nothing; code that may hold an
+    /// agent's key calls [`SigningKey::try_sign_raw`] to see why.
     pub fn sign_raw(&self, msg: &[u8]) -> Vec<u8> {
-        // `load` and `generate` only ever hold an ed25519 key pair, for which signing cannot
-        // fail; were it to, an empty signature verifies against nothing.
-        match self.key.try_sign(msg) {
-            Ok(sig) => sig.as_bytes().to_vec(),
-            Err(_) => Vec::new(),
+        self.try_sign_raw(msg).unwrap_or_default()
+    }
+
+    /// [`SigningKey::sign_raw`], with the agent's failure as an error.
+    pub fn try_sign_raw(&self, msg: &[u8]) -> Result<Vec<u8>, SignError> {
+        match &self.signer {
+            Held::Local(key) => key
+                .try_sign(msg)
+                .map(|sig| sig.as_bytes().to_vec())
+                .map_err(|e| SignError::Signing(e.to_string())),
+            Held::Agent(_, agent) => agent.sign(msg),
         }
     }
 
-    pub(crate) fn inner(&self) -> &ssh_key::PrivateKey {
-        &self.key
+    /// Whether `ssh-agent` holds the private half (and so signs).
+    pub fn is_agent(&self) -> bool {
+        matches!(self.signer, Held::Agent(..))
     }
 }
 
@@ -280,22 +332,14 @@ fn foreign_algorithm(text: &str) -> Option<String> {
     let mut rest = bytes.strip_prefix(b"openssh-key-v1\0")?;
     // cipher name, kdf name, kdf options, then the key count and the first public key blob.
     for _ in 0..3 {
-        take_string(&mut rest)?;
+        agent::take_string(&mut rest)?;
     }
     let (_count, tail) = rest.split_first_chunk::<4>()?;
     rest = tail;
-    let mut blob = take_string(&mut rest)?;
-    let name = std::str::from_utf8(take_string(&mut blob)?).ok()?;
+    let mut blob = agent::take_string(&mut rest)?;
+    let name = std::str::from_utf8(agent::take_string(&mut blob)?).ok()?;
     let known = name.bytes().all(|b| b.is_ascii_graphic()) && !name.is_empty();
     (known && name != "ssh-ed25519").then(|| name.to_owned())
-}
-
-fn take_string<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let (len, rest) = input.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    let value = rest.get(..len)?;
-    *input = rest.get(len..)?;
-    Some(value)
 }
 
 fn create_new(path: &Path, mode: u32) -> Result<std::fs::File, SignError> {
@@ -391,6 +435,8 @@ impl PublicKey {
             .unwrap_or_default()
     }
 
+    /// The key's SSH wire encoding (`string "ssh-ed25519", string key`): what its
+    /// fingerprint hashes and what an agent names it by.
     fn wire_bytes(&self) -> Vec<u8> {
         let raw = self.to_bytes();
         let mut out = Vec::with_capacity(51);

@@ -17,10 +17,20 @@ pub const NAMESPACE_LEDGER: &str = "kiln-ledger";
 /// Signs `msg` for `namespace` and returns the armored signature (LF line endings, ending in a
 /// newline).
 pub fn sign(key: &SigningKey, namespace: &str, msg: &[u8]) -> Result<String, SignError> {
-    let sig = key
-        .inner()
-        .sign(namespace, HashAlg::Sha512, msg)
+    let public = key.public();
+    let signed = SshSig::signed_data(namespace, HashAlg::Sha512, msg)
         .map_err(|e| SignError::Signing(e.to_string()))?;
+    // Raw ed25519 over the SSHSIG preamble, by the key in memory or by ssh-agent alike.
+    let raw = key.try_sign_raw(&signed)?;
+    let signature = ssh_key::Signature::new(ssh_key::Algorithm::Ed25519, raw)
+        .map_err(|e| SignError::Signing(e.to_string()))?;
+    let sig = SshSig::new(
+        public.inner().key_data().clone(),
+        namespace,
+        HashAlg::Sha512,
+        signature,
+    )
+    .map_err(|e| SignError::Signing(e.to_string()))?;
     let mut armored = sig
         .to_pem(LineEnding::LF)
         .map_err(|e| SignError::Signing(e.to_string()))?;
@@ -114,6 +124,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, SignError::MalformedSignature(_)), "{err}");
+    }
+
+    #[test]
+    fn the_signature_is_the_one_ssh_key_itself_makes() {
+        // kiln assembles the SSHSIG from a raw signature (so an agent can make it); the bytes
+        // must be those of ssh-key's own SshSig::sign with the same key.
+        let key = SigningKey::generate();
+        let crate::Held::Local(private) = &key.signer else {
+            panic!("a generated key is in memory")
+        };
+        let theirs = private
+            .sign(NAMESPACE_LEDGER, HashAlg::Sha512, b"checkpoint")
+            .unwrap()
+            .to_pem(LineEnding::LF)
+            .unwrap();
+        let ours = sign(&key, NAMESPACE_LEDGER, b"checkpoint").unwrap();
+        assert_eq!(ours.trim_end(), theirs.trim_end());
     }
 
     #[test]

@@ -211,7 +211,7 @@ pub fn sign_image(
             .annotations
             .get(ANNOTATION_PREDICATE_TYPE)
             .cloned();
-        let envelope = dsse::Envelope::sign(ARTIFACT_IN_TOTO, payload, key).to_json();
+        let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, payload, key)?.to_json();
         let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), fingerprint.clone())]);
         if let Some(p) = &predicate_type {
             annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.clone());
