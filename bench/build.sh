@@ -9,6 +9,8 @@
 # and prints the median of REPS runs and kiln/docker ratios. The Dockerfile is
 # `FROM scratch` + `COPY tree/ /data/`, the same content and destination as kiln.toml.
 # Targets (kiln/docker): clean <= 0.5, no-change <= 0.5, one-file <= 0.15, gzip layers.
+# kiln is measured as it ships (every build attaches its SBOM and provenance) and, side by
+# side in the same runs, with `--no-attest`: the attestations' cost, target <= 1.10 clean.
 #
 # Usage: bench/build.sh   (REPS=3 by default; WORK=/tmp/kiln-bench-build; needs dockerd)
 set -euo pipefail
@@ -113,8 +115,10 @@ cp -p "$SMALL" "$ORIGINAL"
 warm() { find "$WORK/tree" -type f -exec cat {} + >/dev/null; }
 now() { date +%s.%N; }
 t_kiln() { local s; s=$(now); "$KILN" --state "$WORK/state" build -f "$WORK/kiln.toml" >"$WORK/kiln.out" 2>"$WORK/kiln.err"; echo "$(now) - $s" | bc; }
+t_bare() { local s; s=$(now); "$KILN" --state "$WORK/state" build --no-attest -f "$WORK/kiln.toml" >"$WORK/kiln.out" 2>"$WORK/kiln.err"; echo "$(now) - $s" | bc; }
 t_docker() { local s; s=$(now); "$DOCKER" build -q -t kiln-bench:latest "$WORK" >"$WORK/docker.out" 2>"$WORK/docker.err"; echo "$(now) - $s" | bc; }
 clean_kiln() { rm -rf "$WORK/state"; }
+clean_bare() { rm -rf "$WORK/state"; }
 clean_docker() { "$DOCKER" rmi -f kiln-bench:latest >/dev/null 2>&1 || true; "$DOCKER" builder prune -af >/dev/null 2>&1 || true; }
 restore_small() { cp -p "$ORIGINAL" "$SMALL"; }
 change_small() { printf 'changed %s\n' "$1" >> "$SMALL"; }
@@ -122,12 +126,12 @@ change_small() { printf 'changed %s\n' "$1" >> "$SMALL"; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 declare -A T
-for tool in kiln docker; do
+for tool in kiln bare docker; do
   for phase in clean nochange onefile; do : > "$WORK/$tool.$phase"; done
 done
 for rep in $(seq 1 "$REPS"); do
   echo "run $rep/$REPS…" >&2
-  for tool in kiln docker; do
+  for tool in kiln bare docker; do
     restore_small
     "clean_$tool"; warm
     "t_$tool" >> "$WORK/$tool.clean"
@@ -137,7 +141,7 @@ for rep in $(seq 1 "$REPS"); do
   done
 done
 restore_small
-for tool in kiln docker; do
+for tool in kiln bare docker; do
   for phase in clean nochange onefile; do T[$tool.$phase]=$(median < "$WORK/$tool.$phase"); done
 done
 
@@ -154,5 +158,12 @@ for phase in clean nochange onefile; do
   target=0.5; [ "$phase" = onefile ] && target=0.15
   k=${T[kiln.$phase]}; d=${T[docker.$phase]}
   printf '%-10s %10.3f %10.3f %8.3f %8s\n' "$phase" "$k" "$d" "$(echo "$k / $d" | bc -l)" "$target"
+done
+echo "attestations (SBOM + provenance) against --no-attest, same runs:"
+printf '%-10s %10s %10s %8s %8s\n' phase "kiln s" "bare s" ratio target
+for phase in clean nochange onefile; do
+  k=${T[kiln.$phase]}; b=${T[bare.$phase]}
+  target=-; [ "$phase" = clean ] && target=1.10
+  printf '%-10s %10.3f %10.3f %8.3f %8s\n' "$phase" "$k" "$b" "$(echo "$k / $b" | bc -l)" "$target"
 done
 if [ "$d1" = "$d2" ]; then echo "reproducible: two clean kiln builds gave $d1"; else echo "NOT reproducible: $d1 vs $d2"; exit 1; fi

@@ -211,12 +211,13 @@ fn two_checkouts_build_to_one_digest_and_the_store_round_trips() {
         .assert()
         .success()
         .stdout(predicate::str::contains("would remove").and(predicate::str::contains(&da)));
-    // Retained (a release to roll back to): kept.
+    // Retained (a release to roll back to): kept. (What goes is only the superseded
+    // referrers indexes each attachment leaves behind.)
     kiln(&sa)
         .args(["gc", "--retain", &da])
         .assert()
         .success()
-        .stdout(predicate::str::contains("removed 0 blob"));
+        .stdout(predicate::str::contains(&da).not());
     kiln(&sa).args(["image", "inspect", &da]).assert().success();
     kiln(&sa).arg("gc").assert().success();
     kiln(&sa)
