@@ -239,7 +239,7 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
     key_generate(&state, &third_key);
     std::fs::write(
         &daemon_policy,
-        "[policy]\nkeys = [\"third.key.pub\"]\nrequire = [\"signature\", \"sbom\"]\n",
+        "[policy]\nkeys = [\"third.key.pub\"]\nrequire = [\"signature\", \"tested\"]\n",
     )
     .unwrap();
     daemon.spawn();
@@ -247,7 +247,10 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
     wait_until(&state, Duration::from_secs(60), |s| routed(s).len() == 2);
     let (code, err) = try_apply(&state, &spec, &image);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no signature by a trusted key"), "{err}");
+    assert!(
+        err.contains("no signature by a trusted key; no passed test attestation"),
+        "{err}"
+    );
 
     // The store's signature tampered with: the next create of the running release is
     // refused, with the release named, and no instance is made.
