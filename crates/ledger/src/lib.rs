@@ -16,6 +16,7 @@
 //! **API boundary:** no HTTP, no providers, no clocks: callers pass the time in (milliseconds
 //! since the Unix epoch), which keeps every function deterministic under test.
 
+pub mod anchor;
 mod chain;
 mod event;
 mod schema;
@@ -25,7 +26,12 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary};
 pub use chain::{GENESIS, VerifyError, VerifyReport};
+
+/// The `app` of the ledger's own entries (`ledger.anchored`, `ledger.broken_accepted`); no
+/// app can be named so (an app name starts with a letter or digit).
+pub const LEDGER_APP: &str = "_ledger";
 pub use event::{Cause, Event, Measurement, StepMetrics, Verdict};
 
 /// What can go wrong with the ledger.
@@ -191,6 +197,24 @@ impl Entry {
 /// The ledger file, open.
 pub struct Ledger {
     conn: Connection,
+    /// The daemon's signer, when attached: [`Ledger::verify`] then checks the checkpoints too.
+    notary: Option<Notary>,
+}
+
+/// How a daemon's start found the ledger ([`Ledger::start`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// It verified, checkpoints included.
+    Verified(VerifyReport),
+    /// It had no ledger key yet: one was made and the chain (which verified) checkpointed.
+    Anchored {
+        /// The new key's fingerprint.
+        key: String,
+        /// Entries taken as found.
+        entries: u64,
+    },
+    /// It failed verification, and the failure was accepted (and recorded).
+    Accepted(VerifyError),
 }
 
 impl Ledger {
@@ -218,7 +242,7 @@ impl Ledger {
                 known: schema::CURRENT,
             });
         }
-        Ok(Ledger { conn })
+        Ok(Ledger { conn, notary: None })
     }
 
     /// An in-memory ledger, for tests of code above it.
@@ -237,7 +261,7 @@ impl Ledger {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql("enable foreign keys"))?;
         schema::migrate(&mut conn)?;
-        Ok(Ledger { conn })
+        Ok(Ledger { conn, notary: None })
     }
 
     /// The schema version of the open file.
@@ -357,9 +381,261 @@ impl Ledger {
         chain::events(&self.conn, app, limit)
     }
 
-    /// Walks the whole chain and every release's digest.
+    /// Walks the whole chain, every release's digest and every rollout document; with a
+    /// notary attached ([`Ledger::attach_notary`]), the signed checkpoints too.
     pub fn verify(&self) -> Result<std::result::Result<VerifyReport, VerifyError>> {
-        chain::verify(&self.conn)
+        match &self.notary {
+            Some(n) => self.verify_anchored(n.files()),
+            None => chain::verify(&self.conn, 0),
+        }
+    }
+
+    /// [`Ledger::verify`] and the checkpoints of `files`: every signature with the ledger
+    /// key, every checkpointed entry present with its hash. A ledger with entries and no key
+    /// or no checkpoint file fails: nothing proves it.
+    pub fn verify_anchored(
+        &self,
+        files: &AnchorFiles,
+    ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+        let walked = chain::walk(&self.conn)?;
+        let entries = walked.hashes.len() as u64;
+        let anchored = self.check_anchor(files, &walked.hashes);
+        // A break accepted by someone (a `ledger.broken_accepted` entry) stands only when a
+        // signed reset checkpoint covers that entry: nobody without the key can add one.
+        let accepted_through = match (&anchored, walked.last_acceptance) {
+            (Ok(Some(report)), Some(a))
+                if report.last.as_ref().is_some_and(|h| h.seq >= a)
+                    && self.reset_covers(files, a) =>
+            {
+                a
+            }
+            _ => 0,
+        };
+        let mut report = match chain::verify(&self.conn, accepted_through)? {
+            Ok(r) => r,
+            // The chain's own break names the exact entry: it comes first.
+            Err(e) => return Ok(Err(e)),
+        };
+        match anchored {
+            Ok(a) => {
+                report.anchor = a;
+                Ok(Ok(report))
+            }
+            Err(e) if entries == 0 => {
+                // Nothing to prove yet; a malformed file is still reported.
+                if e.what == "ledger key" || (e.what == "checkpoints" && e.seq == 0) {
+                    Ok(Ok(report))
+                } else {
+                    Ok(Err(e))
+                }
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    fn check_anchor(
+        &self,
+        files: &AnchorFiles,
+        hashes: &[String],
+    ) -> std::result::Result<Option<AnchorReport>, VerifyError> {
+        let entries = hashes.len();
+        let problem = |what: &str, reason: String| VerifyError {
+            seq: 0,
+            what: what.to_owned(),
+            reason,
+        };
+        let key = match anchor::read_public(files) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                return Err(problem(
+                    "ledger key",
+                    format!(
+                        "no ledger key at {}: nothing signed the chain's {entries} entries (a daemon makes the key at its first start)",
+                        files.public.display()
+                    ),
+                ));
+            }
+            Err(e) => return Err(problem("ledger key", e)),
+        };
+        let checkpoints = match anchor::read_checkpoints(&files.checkpoints) {
+            Ok(Some(c)) if !c.is_empty() || entries == 0 => c,
+            Ok(_) => {
+                return Err(problem(
+                    "checkpoints",
+                    format!(
+                        "no checkpoint in {}: nothing signed the chain's {entries} entries",
+                        files.checkpoints.display()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(VerifyError {
+                    seq: 0,
+                    what: "checkpoint file".to_owned(),
+                    reason: e,
+                });
+            }
+        };
+        anchor::check(hashes, &key, &checkpoints, &files.checkpoints).map(Some)
+    }
+
+    /// Whether the last reset checkpoint of `files` (the one `check` starts from) covers
+    /// entry `seq`.
+    fn reset_covers(&self, files: &AnchorFiles, seq: u64) -> bool {
+        matches!(
+            anchor::read_checkpoints(&files.checkpoints),
+            Ok(Some(all)) if all.iter().rev().find(|c| c.head.reset).is_some_and(|c| c.head.seq >= seq)
+        )
+    }
+
+    /// The chain's head now: its last entry's number and hash (`0` and [`GENESIS`] when empty).
+    pub fn head(&self) -> Result<(u64, String)> {
+        let last: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read chain head"))?;
+        Ok(last.map_or_else(
+            || (0, GENESIS.to_owned()),
+            |(seq, hash)| (u64::try_from(seq).unwrap_or(0), hash),
+        ))
+    }
+
+    /// Gives the ledger the daemon's signer: [`Ledger::checkpoint`] signs with it and
+    /// [`Ledger::verify`] checks its checkpoints.
+    pub fn attach_notary(&mut self, notary: Notary) {
+        self.notary = Some(notary);
+    }
+
+    /// The attached signer's public key.
+    pub fn notary_key(&self) -> Option<&kiln_sign::PublicKey> {
+        self.notary.as_ref().map(Notary::public)
+    }
+
+    /// Signs the chain's head as of `now_ms` and appends the checkpoint, when a notary is
+    /// attached and the head moved since its last checkpoint. Returns what was written.
+    pub fn checkpoint(&mut self, now_ms: i64) -> Result<Option<Checkpoint>> {
+        let (seq, hash) = self.head()?;
+        let Some(notary) = self.notary.as_mut() else {
+            return Ok(None);
+        };
+        if notary
+            .last()
+            .is_some_and(|h| h.seq == seq && h.hash == hash)
+        {
+            return Ok(None);
+        }
+        notary
+            .sign(Head {
+                seq,
+                hash,
+                at_ms: now_ms,
+                reset: false,
+            })
+            .map(Some)
+    }
+
+    /// What a daemon does with its ledger before it acts on it: verify it, checkpoints
+    /// included, and attach the notary of `files`. A ledger without a key yet (a first start,
+    /// or one by an older kiln) gets one and a first checkpoint, recorded as
+    /// `ledger.anchored`, when its chain verifies. A ledger that fails is refused (`Err`
+    /// inside) unless `accept` names who accepts it: then a `ledger.broken_accepted` entry
+    /// records the problem and who, and a reset checkpoint is signed so later starts pass.
+    pub fn start(
+        &mut self,
+        files: &AnchorFiles,
+        accept: Option<&str>,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Start, VerifyError>> {
+        let notary = Notary::load(files)?;
+        let problem = match notary {
+            Some(n) => {
+                let verified = self.verify_anchored(files)?;
+                self.notary = Some(n);
+                match verified {
+                    Ok(report) => {
+                        self.checkpoint(now_ms)?;
+                        return Ok(Ok(Start::Verified(report)));
+                    }
+                    Err(e) => e,
+                }
+            }
+            None => {
+                let signed_before = matches!(
+                    anchor::read_checkpoints(&files.checkpoints),
+                    Ok(Some(c)) if !c.is_empty()
+                ) || self.anchored_before()?;
+                if signed_before {
+                    VerifyError {
+                        seq: 0,
+                        what: "ledger key".to_owned(),
+                        reason: format!(
+                            "the ledger key {} is missing, yet the ledger was signed with one: its checkpoints cannot be checked",
+                            files.key.display()
+                        ),
+                    }
+                } else {
+                    match chain::verify(&self.conn, 0)? {
+                        Ok(_) => {
+                            let mut n = Notary::create(files)?;
+                            let key = n.public().fingerprint();
+                            let entries = self.head()?.0;
+                            let event = Event::LedgerAnchored {
+                                key: key.clone(),
+                                entries,
+                            };
+                            self.append(LEDGER_APP, &event, now_ms)?;
+                            let (seq, hash) = self.head()?;
+                            n.sign(Head {
+                                seq,
+                                hash,
+                                at_ms: now_ms,
+                                reset: true,
+                            })?;
+                            self.notary = Some(n);
+                            return Ok(Ok(Start::Anchored { key, entries }));
+                        }
+                        Err(e) => e,
+                    }
+                }
+            }
+        };
+        let Some(actor) = accept else {
+            return Ok(Err(problem));
+        };
+        let mut n = match self.notary.take() {
+            Some(n) => n,
+            None => Notary::create(files)?,
+        };
+        let event = Event::BrokenAccepted {
+            problem: problem.to_string(),
+            actor: actor.to_owned(),
+            key: n.public().fingerprint(),
+        };
+        self.append(LEDGER_APP, &event, now_ms)?;
+        let (seq, hash) = self.head()?;
+        n.sign(Head {
+            seq,
+            hash,
+            at_ms: now_ms,
+            reset: true,
+        })?;
+        self.notary = Some(n);
+        Ok(Ok(Start::Accepted(problem)))
+    }
+
+    fn anchored_before(&self) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE app = ?1 AND kind = 'ledger.anchored')",
+                [LEDGER_APP],
+                |r| r.get(0),
+            )
+            .map_err(sql("read ledger entries"))
     }
 
     /// Takes the apply lock of `app` for `holder`, or says who has it.
@@ -411,15 +687,43 @@ impl Ledger {
     }
 
     /// Stores the current rollout state of `app` (a document owned by the deploy crate).
+    ///
+    /// A document that differs from the stored one is bound to the chain in the same
+    /// transaction: a `rollout.stored` event carries its digest and the row names that
+    /// event, so an edit behind kiln's back is caught by `verify`. Storing the same document
+    /// again writes nothing, so a caller that persists on every pass does not grow the log.
     pub fn put_rollout(&mut self, app: &str, state: &serde_json::Value, now_ms: i64) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT INTO rollouts (app, state, updated_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(app) DO UPDATE SET state = excluded.state, updated_ms = excluded.updated_ms",
-                params![app, encode(state)?, now_ms],
+        check_name("app", app)?;
+        let text = encode(state)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let stored: Option<(String, Option<i64>)> = tx
+            .query_row(
+                "SELECT state, chained_seq FROM rollouts WHERE app = ?1",
+                [app],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(|_| ())
-            .map_err(sql("store rollout state"))
+            .optional()
+            .map_err(sql("read rollout state"))?;
+        if let Some((old, Some(_))) = &stored
+            && *old == text
+        {
+            return Ok(());
+        }
+        let event = Event::RolloutStored {
+            sha256: chain::sha256_hex(text.as_bytes()),
+        };
+        let entry = chain::append(&tx, app, event.kind(), &event.data(), now_ms)?;
+        tx.execute(
+            "INSERT INTO rollouts (app, state, updated_ms, chained_seq) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(app) DO UPDATE SET state = excluded.state,
+                updated_ms = excluded.updated_ms, chained_seq = excluded.chained_seq",
+            params![app, text, now_ms, entry.seq as i64],
+        )
+        .map_err(sql("store rollout state"))?;
+        tx.commit().map_err(sql("commit rollout state"))
     }
 
     /// The current rollout state of `app`, if any.
@@ -439,9 +743,13 @@ impl Ledger {
     pub fn apps(&self) -> Result<Vec<String>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT app FROM releases UNION SELECT app FROM events ORDER BY 1")
+            .prepare(
+                "SELECT app FROM releases UNION SELECT app FROM events WHERE app != ?1 ORDER BY 1",
+            )
             .map_err(sql("prepare apps"))?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql("read apps"))?;
+        let rows = stmt
+            .query_map([LEDGER_APP], |r| r.get(0))
+            .map_err(sql("read apps"))?;
         rows.collect::<std::result::Result<Vec<String>, _>>()
             .map_err(sql("read apps"))
     }
