@@ -287,7 +287,8 @@ pub fn read_public(files: &AnchorFiles) -> std::result::Result<Option<PublicKey>
 }
 
 pub(crate) fn when(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -332,7 +333,10 @@ pub(crate) fn check(
             });
         }
         let trusted = match good {
-            Some(g) => format!("entries after {}, the last checkpoint that matches, cannot be trusted", g.head.seq),
+            Some(g) => format!(
+                "entries after {}, the last checkpoint that matches, cannot be trusted",
+                g.head.seq
+            ),
             None => "no earlier checkpoint matches, so no entry can be trusted".to_owned(),
         };
         if c.head.seq > head_seq {

@@ -59,6 +59,8 @@ pub(crate) struct Walked {
     pub hashes: Vec<String>,
     /// The last `ledger.broken_accepted` entry.
     pub last_acceptance: Option<u64>,
+    /// The entries every `ledger.broken_accepted` accepted as they are.
+    pub accepted_entries: std::collections::BTreeSet<u64>,
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -181,29 +183,40 @@ pub(crate) fn events(
 /// Reads the chain as stored (no checks), for the anchor's checks.
 pub(crate) fn walk(conn: &Connection) -> Result<Walked> {
     let all = rows(conn, None)?;
-    let last_acceptance = all
+    let acceptances: Vec<&Row> = all
         .iter()
-        .rev()
-        .find(|r| r.kind == "ledger.broken_accepted")
-        .and_then(|r| u64::try_from(r.seq).ok());
+        .filter(|r| r.kind == "ledger.broken_accepted")
+        .collect();
+    let last_acceptance = acceptances.last().and_then(|r| u64::try_from(r.seq).ok());
+    let accepted_entries = acceptances
+        .iter()
+        .filter_map(|r| serde_json::from_str::<serde_json::Value>(&r.data).ok())
+        .flat_map(|d| {
+            d["entries"]
+                .as_array()
+                .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+                .unwrap_or_else(Vec::new)
+        })
+        .collect();
     Ok(Walked {
         hashes: all.into_iter().map(|r| r.hash).collect(),
         last_acceptance,
+        accepted_entries,
     })
 }
 
 /// Checks the chain end to end, every release row and every rollout document. A problem at
-/// an entry up to `accepted_through` (a covered `ledger.broken_accepted`) is reported in
+/// an entry `accept` takes (one a covered `ledger.broken_accepted` lists) is reported in
 /// [`VerifyReport::accepted`] instead of failing.
 pub(crate) fn verify(
     conn: &Connection,
-    accepted_through: u64,
+    accept: &dyn Fn(u64) -> bool,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
     let mut accepted = Vec::new();
     // The first problem not accepted ends the check; an accepted one is noted and the walk
     // goes on from the entry as stored.
     let mut note = |e: VerifyError| -> std::result::Result<(), VerifyError> {
-        if e.seq != 0 && e.seq <= accepted_through {
+        if e.seq != 0 && accept(e.seq) {
             accepted.push(e);
             Ok(())
         } else {

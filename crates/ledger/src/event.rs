@@ -324,6 +324,10 @@ pub enum Event {
         actor: String,
         /// The key that signs checkpoints from here on.
         key: String,
+        /// The entries whose own check failed (edited, unlinked, out of place), accepted as
+        /// they are: `verify` reports them from here on instead of failing.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        entries: Vec<u64>,
     },
     /// A stored release cannot be decoded; the app is not run until it is fixed or replaced.
     #[serde(rename = "release.corrupt")]
@@ -721,13 +725,20 @@ impl std::fmt::Display for Event {
             ),
             Event::RolloutStored { sha256 } => write!(f, "rollout document sha256:{sha256}"),
             Event::LedgerAnchored { key, entries } => {
-                write!(f, "ledger key {key} made; {entries} earlier entries taken as found")
+                write!(
+                    f,
+                    "ledger key {key} made; {entries} earlier entries taken as found"
+                )
             }
             Event::BrokenAccepted {
                 problem,
                 actor,
                 key,
-            } => write!(f, "broken ledger accepted by {actor} (key {key}): {problem}"),
+                ..
+            } => write!(
+                f,
+                "broken ledger accepted by {actor} (key {key}): {problem}"
+            ),
         }
     }
 }

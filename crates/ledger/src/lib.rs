@@ -386,7 +386,7 @@ impl Ledger {
     pub fn verify(&self) -> Result<std::result::Result<VerifyReport, VerifyError>> {
         match &self.notary {
             Some(n) => self.verify_anchored(n.files()),
-            None => chain::verify(&self.conn, 0),
+            None => chain::verify(&self.conn, &|_| false),
         }
     }
 
@@ -402,16 +402,14 @@ impl Ledger {
         let anchored = self.check_anchor(files, &walked.hashes);
         // A break accepted by someone (a `ledger.broken_accepted` entry) stands only when a
         // signed reset checkpoint covers that entry: nobody without the key can add one.
-        let accepted_through = match (&anchored, walked.last_acceptance) {
-            (Ok(Some(report)), Some(a))
-                if report.last.as_ref().is_some_and(|h| h.seq >= a)
-                    && self.reset_covers(files, a) =>
-            {
-                a
+        let covered = match (&anchored, walked.last_acceptance) {
+            (Ok(Some(report)), Some(a)) => {
+                report.last.as_ref().is_some_and(|h| h.seq >= a) && self.reset_covers(files, a)
             }
-            _ => 0,
+            _ => false,
         };
-        let mut report = match chain::verify(&self.conn, accepted_through)? {
+        let accepted = |seq| covered && walked.accepted_entries.contains(&seq);
+        let mut report = match chain::verify(&self.conn, &accepted)? {
             Ok(r) => r,
             // The chain's own break names the exact entry: it comes first.
             Err(e) => return Ok(Err(e)),
@@ -579,7 +577,7 @@ impl Ledger {
                         ),
                     }
                 } else {
-                    match chain::verify(&self.conn, 0)? {
+                    match chain::verify(&self.conn, &|_| false)? {
                         Ok(_) => {
                             let mut n = Notary::create(files)?;
                             let key = n.public().fingerprint();
@@ -611,10 +609,17 @@ impl Ledger {
             Some(n) => n,
             None => Notary::create(files)?,
         };
+        // Every entry whose own check fails is listed, not only the first: the acceptance
+        // covers what was found, and nothing broken later.
+        let entries = match chain::verify(&self.conn, &|_| true)? {
+            Ok(report) => report.accepted.iter().map(|e| e.seq).collect(),
+            Err(_) => Vec::new(),
+        };
         let event = Event::BrokenAccepted {
             problem: problem.to_string(),
             actor: actor.to_owned(),
             key: n.public().fingerprint(),
+            entries,
         };
         self.append(LEDGER_APP, &event, now_ms)?;
         let (seq, hash) = self.head()?;
