@@ -153,6 +153,19 @@ fn rows(conn: &Connection, app: Option<&str>) -> Result<Vec<Row>> {
         .map_err(sql("read events"))
 }
 
+/// Every entry exactly as stored (its data as the text hashed), for an export.
+pub(crate) fn export_events(conn: &Connection) -> Result<Vec<serde_json::Value>> {
+    Ok(rows(conn, None)?
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "seq": r.seq, "at_ms": r.at_ms, "app": r.app, "kind": r.kind,
+                "data": r.data, "prev_hash": r.prev_hash, "hash": r.hash,
+            })
+        })
+        .collect())
+}
+
 pub(crate) fn events(
     conn: &Connection,
     app: Option<&str>,

@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary};
 pub use chain::{GENESIS, VerifyError, VerifyReport};
 
+/// The `format` of [`Ledger::export`]'s document.
+pub const EXPORT_FORMAT: &str = "kiln-ledger-export/v1";
+
 /// The `app` of the ledger's own entries (`ledger.anchored`, `ledger.broken_accepted`); no
 /// app can be named so (an app name starts with a letter or digit).
 pub const LEDGER_APP: &str = "_ledger";
@@ -633,6 +636,90 @@ impl Ledger {
         Ok(Ok(Start::Accepted(problem)))
     }
 
+    /// The anchor files of the attached notary.
+    pub fn anchor_files(&self) -> Option<&AnchorFiles> {
+        self.notary.as_ref().map(Notary::files)
+    }
+
+    /// The whole ledger as one JSON document for auditors (format [`EXPORT_FORMAT`]): every
+    /// release (its record as the exact text its `record_sha256` covers), every event as
+    /// stored (`data` is the exact text hashed, so the chain can be recomputed), every
+    /// rollout document's digest and the entry that recorded it, every checkpoint of `files`
+    /// with its signature, the ledger's public key, and the verification's result.
+    pub fn export(&self, files: &AnchorFiles, now_ms: i64) -> Result<serde_json::Value> {
+        use serde_json::json;
+        let mut releases = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT app, number, created_ms, body FROM releases ORDER BY app, number")
+                .map_err(sql("prepare releases"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(sql("read releases"))?;
+            for row in rows {
+                let (app, number, created_ms, body) = row.map_err(sql("read release"))?;
+                releases.push(json!({
+                    "app": app, "number": number, "created_ms": created_ms,
+                    "record": body, "record_sha256": chain::sha256_hex(body.as_bytes()),
+                }));
+            }
+        }
+        let mut rollouts = Vec::new();
+        if self.schema_version()? >= schema::ROLLOUTS_CHAINED {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT app, state, updated_ms, chained_seq FROM rollouts ORDER BY app")
+                .map_err(sql("prepare rollouts"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                    ))
+                })
+                .map_err(sql("read rollouts"))?;
+            for row in rows {
+                let (app, state, updated_ms, chained_seq) = row.map_err(sql("read rollout"))?;
+                rollouts.push(json!({
+                    "app": app, "updated_ms": updated_ms, "chained_seq": chained_seq,
+                    "sha256": chain::sha256_hex(state.as_bytes()),
+                }));
+            }
+        }
+        let checkpoints = match anchor::read_checkpoints(&files.checkpoints) {
+            Ok(c) => json!(c.unwrap_or_default()),
+            Err(e) => json!({ "error": e }),
+        };
+        let key = match anchor::read_public(files) {
+            Ok(k) => json!(k.map(|k| k.to_openssh())),
+            Err(e) => json!({ "error": e }),
+        };
+        Ok(json!({
+            "format": EXPORT_FORMAT,
+            "exported_ms": now_ms,
+            "schema": self.schema_version()?,
+            "genesis": GENESIS,
+            "hash": "sha256 over (8-byte big-endian length, bytes) of prev_hash, seq, at_ms, app, kind, data",
+            "checkpoint_namespace": anchor::NAMESPACE,
+            "ledger_key": key,
+            "releases": releases,
+            "events": chain::export_events(&self.conn)?,
+            "rollouts": rollouts,
+            "checkpoints": checkpoints,
+            "verify": verify_json(&self.verify_anchored(files)?),
+        }))
+    }
+
     fn anchored_before(&self) -> Result<bool> {
         self.conn
             .query_row(
@@ -757,6 +844,36 @@ impl Ledger {
             .map_err(sql("read apps"))?;
         rows.collect::<std::result::Result<Vec<String>, _>>()
             .map_err(sql("read apps"))
+    }
+}
+
+/// The result of a verification as the API and `kiln verify --json` give it: `ok`, and
+/// either what was checked (`events`, `releases`, `rollouts`, `head`, `accepted` problems,
+/// `anchor`: the key, checkpoints checked and set aside, the last one, entries after it) or
+/// the problem (`seq`, `what`, `reason`, `message`).
+pub fn verify_json(result: &std::result::Result<VerifyReport, VerifyError>) -> serde_json::Value {
+    use serde_json::json;
+    match result {
+        Ok(r) => json!({
+            "ok": true,
+            "events": r.events,
+            "releases": r.releases,
+            "rollouts": r.rollouts,
+            "head": r.head,
+            "accepted": r.accepted.iter().map(|e| json!({
+                "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string(),
+            })).collect::<Vec<_>>(),
+            "anchor": r.anchor.as_ref().map(|a| json!({
+                "key": a.key,
+                "checked": a.checked,
+                "set_aside": a.set_aside,
+                "last": a.last,
+                "unsigned": a.unsigned,
+            })),
+        }),
+        Err(e) => json!({
+            "ok": false, "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string(),
+        }),
     }
 }
 
