@@ -513,3 +513,26 @@ const SCHEMA_1: &str = "CREATE TABLE releases (
     CREATE INDEX events_app ON events (app, seq);
     CREATE TABLE locks (app TEXT PRIMARY KEY, holder TEXT NOT NULL, since_ms INTEGER NOT NULL) STRICT;
     CREATE TABLE rollouts (app TEXT PRIMARY KEY, state TEXT NOT NULL, updated_ms INTEGER NOT NULL) STRICT;";
+
+/// The last events cut include the entry of the current rollout document: the missing
+/// entries are named, not the document that lost its entry.
+#[test]
+fn deleted_last_events_with_a_rollout_document_among_them_are_named_as_missing() {
+    let s = anchored();
+    let mut l = Ledger::open(&s.db).unwrap();
+    l.start(&s.files, None, 6_000).unwrap().unwrap();
+    l.put_rollout("hello", &json!({"release": 2, "step": 1}), 6_001)
+        .unwrap();
+    l.append("hello", &routed(2), 6_002).unwrap();
+    l.append("hello", &routed(2), 6_003).unwrap();
+    l.checkpoint(6_004).unwrap().unwrap();
+    drop(l);
+    raw(&s.db)
+        .execute("DELETE FROM events WHERE seq > 10", [])
+        .unwrap();
+    let err = verify(&s).unwrap_err();
+    assert!(
+        err.to_string().contains("entries 11–13 are missing"),
+        "{err}"
+    );
+}

@@ -307,7 +307,10 @@ impl Daemon {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Signs a checkpoint every [`CHECKPOINT_EVERY`] when the head moved, until `stop`.
-async fn sign_checkpoints(controller: Arc<Controller>, stop: impl std::future::Future<Output = ()>) {
+async fn sign_checkpoints(
+    controller: Arc<Controller>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;

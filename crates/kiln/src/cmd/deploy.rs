@@ -633,7 +633,10 @@ fn export_ledger(to: &Path, state: &Path, out: &Output) -> anyhow::Result<ExitCo
             if doc["verify"]["ok"] == true {
                 "ok".to_owned()
             } else {
-                doc["verify"]["message"].as_str().unwrap_or("failed").to_owned()
+                doc["verify"]["message"]
+                    .as_str()
+                    .unwrap_or("failed")
+                    .to_owned()
             }
         ));
     }
@@ -1001,16 +1004,15 @@ async fn connect_or_start(
         c.get("/v1/health").await?;
     }
     out.say("==> starting a kiln daemon in this process");
-    let daemon =
-        Daemon::start(
-            state,
-            &args.runtime,
-            args.router.choice(state)?,
-            None,
-            None,
-            false,
-        )
-        .await?;
+    let daemon = Daemon::start(
+        state,
+        &args.runtime,
+        args.router.choice(state)?,
+        None,
+        None,
+        false,
+    )
+    .await?;
     Ok(Some(daemon))
 }
 
