@@ -266,10 +266,10 @@ pub(crate) fn verify(
         } else {
             Ok(())
         };
-        if let Err(e) = checked {
-            if let Err(e) = note(e) {
-                return Ok(Err(e));
-            }
+        if let Err(e) = checked
+            && let Err(e) = note(e)
+        {
+            return Ok(Err(e));
         }
         if r.kind == "release.created" {
             release_events.push((seq, r.app.clone(), r.data.clone()));
