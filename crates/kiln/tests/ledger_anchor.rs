@@ -151,6 +151,18 @@ fn deployed() -> Deployed {
         .stdout(contains("ledger ok"))
         .stdout(contains("signed by ledger key SHA256:"))
         .stdout(contains("0 entries since the last"));
+    let db = rusqlite::Connection::open(state.join("ledger.db")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let checkpoints = std::fs::read_to_string(state.join("ledger.checkpoints"))
+        .unwrap()
+        .lines()
+        .count();
+    eprintln!(
+        "two releases: {} entries, {} of them rollout.stored; {checkpoints} checkpoints",
+        count("SELECT COUNT(*) FROM events"),
+        count("SELECT COUNT(*) FROM events WHERE kind = 'rollout.stored'")
+    );
+    drop(db);
     let clean = dir.path().join("clean");
     snapshot(&state, &clean);
     Deployed {

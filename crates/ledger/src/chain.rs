@@ -119,14 +119,72 @@ pub(crate) fn append(
     })
 }
 
-struct Row {
-    seq: i64,
-    at_ms: i64,
-    app: String,
-    kind: String,
-    data: String,
-    prev_hash: String,
-    hash: String,
+/// One event row as stored.
+pub(crate) struct Row {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub app: String,
+    pub kind: String,
+    pub data: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Everything `verify` checks, as stored: read from the database ([`read`]) or from an
+/// export.
+pub(crate) struct Stored {
+    pub rows: Vec<Row>,
+    /// (app, number, the record's exact text).
+    pub releases: Vec<(String, i64, String)>,
+    /// (app, SHA-256 of the document's exact text, `chained_seq`); `None` before schema 2.
+    pub rollouts: Option<Vec<(String, String, Option<i64>)>>,
+}
+
+/// Reads what `verify` checks.
+pub(crate) fn read(conn: &Connection) -> Result<Stored> {
+    let rows = rows(conn, None)?;
+    let mut stmt = conn
+        .prepare("SELECT app, number, body FROM releases ORDER BY app, number")
+        .map_err(sql("prepare releases"))?;
+    let releases = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(sql("read releases"))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(sql("read releases"))?;
+    let rollouts = if crate::schema::version(conn)? >= crate::schema::ROLLOUTS_CHAINED {
+        let mut stmt = conn
+            .prepare("SELECT app, state, chained_seq FROM rollouts ORDER BY app")
+            .map_err(sql("prepare rollouts"))?;
+        let docs = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })
+            .map_err(sql("read rollouts"))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(sql("read rollouts"))?;
+        Some(
+            docs.into_iter()
+                .map(|(app, state, chained)| (app, sha256_hex(state.as_bytes()), chained))
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok(Stored {
+        rows,
+        releases,
+        rollouts,
+    })
 }
 
 fn rows(conn: &Connection, app: Option<&str>) -> Result<Vec<Row>> {
@@ -193,9 +251,9 @@ pub(crate) fn events(
         .collect()
 }
 
-/// Reads the chain as stored (no checks), for the anchor's checks.
-pub(crate) fn walk(conn: &Connection) -> Result<Walked> {
-    let all = rows(conn, None)?;
+/// The chain as stored (no checks), for the anchor's checks.
+pub(crate) fn walk(stored: &Stored) -> Walked {
+    let all = &stored.rows;
     let acceptances: Vec<&Row> = all
         .iter()
         .filter(|r| r.kind == "ledger.broken_accepted")
@@ -211,11 +269,11 @@ pub(crate) fn walk(conn: &Connection) -> Result<Walked> {
                 .unwrap_or_else(Vec::new)
         })
         .collect();
-    Ok(Walked {
-        hashes: all.into_iter().map(|r| r.hash).collect(),
+    Walked {
+        hashes: all.iter().map(|r| r.hash.clone()).collect(),
         last_acceptance,
         accepted_entries,
-    })
+    }
 }
 
 /// Checks the chain end to end, every release row and every rollout document. A problem at
@@ -225,6 +283,14 @@ pub(crate) fn verify(
     conn: &Connection,
     accept: &dyn Fn(u64) -> bool,
 ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
+    Ok(check(&read(conn)?, accept))
+}
+
+/// [`verify`] on what was read.
+pub(crate) fn check(
+    stored: &Stored,
+    accept: &dyn Fn(u64) -> bool,
+) -> std::result::Result<VerifyReport, VerifyError> {
     let mut accepted = Vec::new();
     // The first problem not accepted ends the check; an accepted one is noted and the walk
     // goes on from the entry as stored.
@@ -242,8 +308,7 @@ pub(crate) fn verify(
     // The last `rollout.stored` of each app: (seq, digest).
     let mut rollout_events: std::collections::BTreeMap<String, (u64, Option<String>)> =
         std::collections::BTreeMap::new();
-    let all = rows(conn, None)?;
-    for r in &all {
+    for r in &stored.rows {
         let seq = u64::try_from(r.seq).unwrap_or(0);
         let what = format!("event {} of {}", r.kind, r.app);
         let problem = |reason: String| VerifyError {
@@ -269,7 +334,7 @@ pub(crate) fn verify(
         if let Err(e) = checked
             && let Err(e) = note(e)
         {
-            return Ok(Err(e));
+            return Err(e);
         }
         if r.kind == "release.created" {
             release_events.push((seq, r.app.clone(), r.data.clone()));
@@ -285,36 +350,23 @@ pub(crate) fn verify(
     }
 
     // Every release row must match the digest its event recorded, and vice versa.
-    let mut stmt = conn
-        .prepare("SELECT app, number, body FROM releases ORDER BY app, number")
-        .map_err(sql("prepare releases"))?;
-    let releases = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })
-        .map_err(sql("read releases"))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(sql("read releases"))?;
+    let releases = &stored.releases;
     let number_of = |data: &str| {
         serde_json::from_str::<serde_json::Value>(data)
             .ok()
             .and_then(|d| d["number"].as_i64())
     };
-    for (app, number, body) in &releases {
+    for (app, number, body) in releases {
         let found = release_events
             .iter()
             .find(|(_, a, data)| a == app && number_of(data) == Some(*number));
         let Some((seq, _, data)) = found else {
-            return Ok(Err(VerifyError {
+            return Err(VerifyError {
                 seq: 0,
                 what: format!("release {app}#{number}"),
                 reason: "no release.created event records it: it was added behind kiln's back"
                     .to_owned(),
-            }));
+            });
         };
         let recorded = serde_json::from_str::<serde_json::Value>(data)
             .ok()
@@ -327,7 +379,7 @@ pub(crate) fn verify(
                     .to_owned(),
             })
         {
-            return Ok(Err(e));
+            return Err(e);
         }
     }
     for (seq, app, data) in &release_events {
@@ -346,28 +398,14 @@ pub(crate) fn verify(
                     .to_owned(),
             })
         {
-            return Ok(Err(e));
+            return Err(e);
         }
     }
 
     // Every rollout document must be the one the app's last `rollout.stored` recorded.
     let mut rollouts = 0;
-    if crate::schema::version(conn)? >= crate::schema::ROLLOUTS_CHAINED {
-        let mut stmt = conn
-            .prepare("SELECT app, state, chained_seq FROM rollouts ORDER BY app")
-            .map_err(sql("prepare rollouts"))?;
-        let docs = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                ))
-            })
-            .map_err(sql("read rollouts"))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(sql("read rollouts"))?;
-        for (app, state, chained) in &docs {
+    if let Some(docs) = &stored.rollouts {
+        for (app, sha256, chained) in docs {
             rollouts += 1;
             let what = format!("rollout document of {app}");
             let last = rollout_events.get(app);
@@ -392,7 +430,7 @@ pub(crate) fn verify(
                     reason: "it names no event: it was written behind kiln's back".to_owned(),
                 }),
                 (Some((seq, digest)), Some(_))
-                    if digest.as_deref() != Some(sha256_hex(state.as_bytes()).as_str()) =>
+                    if digest.as_deref() != Some(sha256.as_str()) =>
                 {
                     Some(VerifyError {
                         seq: *seq,
@@ -406,7 +444,7 @@ pub(crate) fn verify(
             if let Some(p) = problem
                 && let Err(e) = note(p)
             {
-                return Ok(Err(e));
+                return Err(e);
             }
         }
         for (app, (seq, _)) in &rollout_events {
@@ -418,16 +456,16 @@ pub(crate) fn verify(
                         .to_owned(),
                 })
             {
-                return Ok(Err(e));
+                return Err(e);
             }
         }
     }
-    Ok(Ok(VerifyReport {
+    Ok(VerifyReport {
         events: expected_seq - 1,
         releases: releases.len() as u64,
         rollouts,
         head: prev,
         accepted,
         anchor: None,
-    }))
+    })
 }

@@ -29,6 +29,204 @@ use serde::{Deserialize, Serialize};
 pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary};
 pub use chain::{GENESIS, VerifyError, VerifyReport};
 
+/// Where the key and checkpoints a verification reads come from, for its messages.
+struct Sources {
+    key: String,
+    checkpoints: std::path::PathBuf,
+}
+
+/// The whole verification on what was read: the chain, release records and rollout
+/// documents ([`chain::check`]), and the checkpoints against `key`.
+fn verify_stored(
+    stored: &chain::Stored,
+    key: std::result::Result<Option<kiln_sign::PublicKey>, String>,
+    checkpoints: std::result::Result<Option<Vec<Checkpoint>>, String>,
+    sources: &Sources,
+) -> std::result::Result<VerifyReport, VerifyError> {
+    let walked = chain::walk(stored);
+    let entries = walked.hashes.len() as u64;
+    let anchored = check_anchor(&walked.hashes, key, &checkpoints, sources);
+    // A break accepted by someone (a `ledger.broken_accepted` entry) stands only when a signed
+    // reset checkpoint covers that entry: nobody without the key can add one.
+    let covered = match (&anchored, walked.last_acceptance, &checkpoints) {
+        (Ok(Some(report)), Some(a), Ok(Some(all))) => {
+            report.last.as_ref().is_some_and(|h| h.seq >= a)
+                && all
+                    .iter()
+                    .rev()
+                    .find(|c| c.head.reset)
+                    .is_some_and(|c| c.head.seq >= a)
+        }
+        _ => false,
+    };
+    let accepted = |seq| covered && walked.accepted_entries.contains(&seq);
+    let mut report = match chain::check(stored, &accepted) {
+        Ok(r) => r,
+        // An entry's own break (edited, unlinked, out of place) names the exact entry: it
+        // comes first. A release or rollout document that no longer matches the chain is often
+        // the consequence of entries rewritten or cut, which the checkpoints name.
+        Err(e) if e.what.starts_with("event ") => return Err(e),
+        Err(e) => {
+            return Err(match anchored {
+                Err(a) if entries > 0 && a.seq != 0 => a,
+                _ => e,
+            });
+        }
+    };
+    match anchored {
+        Ok(a) => {
+            report.anchor = a;
+            Ok(report)
+        }
+        // Nothing to prove yet; a malformed file is still reported.
+        Err(e)
+            if entries == 0
+                && (e.what == "ledger key" || (e.what == "checkpoints" && e.seq == 0)) =>
+        {
+            Ok(report)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn check_anchor(
+    hashes: &[String],
+    key: std::result::Result<Option<kiln_sign::PublicKey>, String>,
+    checkpoints: &std::result::Result<Option<Vec<Checkpoint>>, String>,
+    sources: &Sources,
+) -> std::result::Result<Option<AnchorReport>, VerifyError> {
+    let entries = hashes.len();
+    let problem = |what: &str, reason: String| VerifyError {
+        seq: 0,
+        what: what.to_owned(),
+        reason,
+    };
+    let key = match key {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            return Err(problem(
+                "ledger key",
+                format!(
+                    "no ledger key at {}: nothing signed the chain's {entries} entries (a daemon makes the key at its first start)",
+                    sources.key
+                ),
+            ));
+        }
+        Err(e) => return Err(problem("ledger key", e)),
+    };
+    let checkpoints = match checkpoints {
+        Ok(Some(c)) if !c.is_empty() || entries == 0 => c,
+        Ok(_) => {
+            return Err(problem(
+                "checkpoints",
+                format!(
+                    "no checkpoint in {}: nothing signed the chain's {entries} entries",
+                    sources.checkpoints.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(problem("checkpoint file", e.clone())),
+    };
+    anchor::check(hashes, &key, checkpoints, &sources.checkpoints).map(Some)
+}
+
+/// Checks an export of [`Ledger::export`] offline, as `kiln verify` checks a ledger: the chain
+/// recomputed from the events' exact text, every release record and rollout document digest
+/// against it, every checkpoint with the export's ledger key, or with `key` when given (a
+/// copy kept elsewhere: then the export's own key must be that one).
+pub fn verify_export(
+    doc: &serde_json::Value,
+    key: Option<&kiln_sign::PublicKey>,
+) -> std::result::Result<VerifyReport, VerifyError> {
+    let bad = |reason: String| VerifyError {
+        seq: 0,
+        what: "export".to_owned(),
+        reason,
+    };
+    if doc["format"] != EXPORT_FORMAT {
+        return Err(bad(format!(
+            "its format is {}, not {EXPORT_FORMAT}",
+            doc["format"]
+        )));
+    }
+    let array = |field: &str| {
+        doc[field]
+            .as_array()
+            .ok_or_else(|| bad(format!("it has no {field} array")))
+    };
+    let text = |v: &serde_json::Value, field: &str| -> std::result::Result<String, VerifyError> {
+        v[field]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("a {field} is not a string: {v}")))
+    };
+    let int = |v: &serde_json::Value, field: &str| -> std::result::Result<i64, VerifyError> {
+        v[field]
+            .as_i64()
+            .ok_or_else(|| bad(format!("a {field} is not a number: {v}")))
+    };
+    let mut rows = Vec::new();
+    for e in array("events")? {
+        rows.push(chain::Row {
+            seq: int(e, "seq")?,
+            at_ms: int(e, "at_ms")?,
+            app: text(e, "app")?,
+            kind: text(e, "kind")?,
+            data: text(e, "data")?,
+            prev_hash: text(e, "prev_hash")?,
+            hash: text(e, "hash")?,
+        });
+    }
+    let mut releases = Vec::new();
+    for r in array("releases")? {
+        releases.push((text(r, "app")?, int(r, "number")?, text(r, "record")?));
+    }
+    let rollouts = if doc["schema"].as_i64().unwrap_or(0) >= schema::ROLLOUTS_CHAINED {
+        let mut docs = Vec::new();
+        for r in array("rollouts")? {
+            docs.push((text(r, "app")?, text(r, "sha256")?, r["chained_seq"].as_i64()));
+        }
+        Some(docs)
+    } else {
+        None
+    };
+    let stored = chain::Stored {
+        rows,
+        releases,
+        rollouts,
+    };
+    let exported_key = match &doc["ledger_key"] {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(k) => kiln_sign::PublicKey::parse_openssh(k)
+            .map(Some)
+            .map_err(|e| format!("the export's ledger_key is not a public key: {e}")),
+        other => Err(format!("the export's ledger_key is not a public key: {other}")),
+    };
+    let key = match (key, exported_key) {
+        (Some(given), Ok(Some(k))) if *given != k => {
+            return Err(VerifyError {
+                seq: 0,
+                what: "ledger key".to_owned(),
+                reason: format!(
+                    "the export was signed with {}, not the key given ({})",
+                    k.fingerprint(),
+                    given.fingerprint()
+                ),
+            });
+        }
+        (Some(given), _) => Ok(Some(given.clone())),
+        (None, exported) => exported,
+    };
+    let checkpoints = serde_json::from_value::<Vec<Checkpoint>>(doc["checkpoints"].clone())
+        .map(Some)
+        .map_err(|e| format!("the export's checkpoints do not read: {e}"));
+    let sources = Sources {
+        key: "the export's ledger_key".to_owned(),
+        checkpoints: std::path::PathBuf::from("the export's checkpoints"),
+    };
+    verify_stored(&stored, key, checkpoints, &sources)
+}
+
 /// The `format` of [`Ledger::export`]'s document.
 pub const EXPORT_FORMAT: &str = "kiln-ledger-export/v1";
 
@@ -400,101 +598,14 @@ impl Ledger {
         &self,
         files: &AnchorFiles,
     ) -> Result<std::result::Result<VerifyReport, VerifyError>> {
-        let walked = chain::walk(&self.conn)?;
-        let entries = walked.hashes.len() as u64;
-        let anchored = self.check_anchor(files, &walked.hashes);
-        // A break accepted by someone (a `ledger.broken_accepted` entry) stands only when a
-        // signed reset checkpoint covers that entry: nobody without the key can add one.
-        let covered = match (&anchored, walked.last_acceptance) {
-            (Ok(Some(report)), Some(a)) => {
-                report.last.as_ref().is_some_and(|h| h.seq >= a) && self.reset_covers(files, a)
-            }
-            _ => false,
+        let stored = chain::read(&self.conn)?;
+        let key = anchor::read_public(files);
+        let checkpoints = anchor::read_checkpoints(&files.checkpoints);
+        let sources = Sources {
+            key: files.public.display().to_string(),
+            checkpoints: files.checkpoints.clone(),
         };
-        let accepted = |seq| covered && walked.accepted_entries.contains(&seq);
-        let mut report = match chain::verify(&self.conn, &accepted)? {
-            Ok(r) => r,
-            // An entry's own break (edited, unlinked, out of place) names the exact entry: it
-            // comes first. A release or rollout document that no longer matches the chain is
-            // often the consequence of entries rewritten or cut, which the checkpoints name.
-            Err(e) if e.what.starts_with("event ") => return Ok(Err(e)),
-            Err(e) => {
-                return Ok(Err(match anchored {
-                    Err(a) if entries > 0 && a.seq != 0 => a,
-                    _ => e,
-                }));
-            }
-        };
-        match anchored {
-            Ok(a) => {
-                report.anchor = a;
-                Ok(Ok(report))
-            }
-            Err(e) if entries == 0 => {
-                // Nothing to prove yet; a malformed file is still reported.
-                if e.what == "ledger key" || (e.what == "checkpoints" && e.seq == 0) {
-                    Ok(Ok(report))
-                } else {
-                    Ok(Err(e))
-                }
-            }
-            Err(e) => Ok(Err(e)),
-        }
-    }
-
-    fn check_anchor(
-        &self,
-        files: &AnchorFiles,
-        hashes: &[String],
-    ) -> std::result::Result<Option<AnchorReport>, VerifyError> {
-        let entries = hashes.len();
-        let problem = |what: &str, reason: String| VerifyError {
-            seq: 0,
-            what: what.to_owned(),
-            reason,
-        };
-        let key = match anchor::read_public(files) {
-            Ok(Some(k)) => k,
-            Ok(None) => {
-                return Err(problem(
-                    "ledger key",
-                    format!(
-                        "no ledger key at {}: nothing signed the chain's {entries} entries (a daemon makes the key at its first start)",
-                        files.public.display()
-                    ),
-                ));
-            }
-            Err(e) => return Err(problem("ledger key", e)),
-        };
-        let checkpoints = match anchor::read_checkpoints(&files.checkpoints) {
-            Ok(Some(c)) if !c.is_empty() || entries == 0 => c,
-            Ok(_) => {
-                return Err(problem(
-                    "checkpoints",
-                    format!(
-                        "no checkpoint in {}: nothing signed the chain's {entries} entries",
-                        files.checkpoints.display()
-                    ),
-                ));
-            }
-            Err(e) => {
-                return Err(VerifyError {
-                    seq: 0,
-                    what: "checkpoint file".to_owned(),
-                    reason: e,
-                });
-            }
-        };
-        anchor::check(hashes, &key, &checkpoints, &files.checkpoints).map(Some)
-    }
-
-    /// Whether the last reset checkpoint of `files` (the one `check` starts from) covers
-    /// entry `seq`.
-    fn reset_covers(&self, files: &AnchorFiles, seq: u64) -> bool {
-        matches!(
-            anchor::read_checkpoints(&files.checkpoints),
-            Ok(Some(all)) if all.iter().rev().find(|c| c.head.reset).is_some_and(|c| c.head.seq >= seq)
-        )
+        Ok(verify_stored(&stored, key, checkpoints, &sources))
     }
 
     /// The chain's head now: its last entry's number and hash (`0` and [`GENESIS`] when empty).
