@@ -324,6 +324,58 @@ fn the_issues_attacks_on_the_ledger_are_caught_by_verify_and_at_daemon_start() {
         assert_eq!((&e["seq"], &e["hash"]), (&x["seq"], &x["hash"]));
     }
     ssh_keygen_verifies(&doc, d.state.parent().unwrap());
+    // Checked offline, against the key as kept elsewhere; an edit of the export is named.
+    let key = state.join("keys/ledger.pub");
+    kiln(&state)
+        .args(["verify", "--ledger-export"])
+        .arg(&export)
+        .arg("--ledger-key")
+        .arg(&key)
+        .assert()
+        .success()
+        .stdout(contains("ledger ok"));
+    let mut edited = doc.clone();
+    let data = edited["events"][1]["data"]
+        .as_str()
+        .unwrap()
+        .replace("sha256:", "sha256:0");
+    edited["events"][1]["data"] = serde_json::json!(data);
+    let edited_file = d.state.with_extension("edited.json");
+    std::fs::write(&edited_file, edited.to_string()).unwrap();
+    kiln(&state)
+        .args(["verify", "--ledger-export"])
+        .arg(&edited_file)
+        .arg("--ledger-key")
+        .arg(&key)
+        .assert()
+        .code(1)
+        .stderr(contains("ledger entry 2"))
+        .stderr(contains("edited"));
+    // Another key than the one kept: the whole ledger is refused, locally too.
+    let other = d.state.with_extension("other");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let other_pub = other.with_extension("other.pub");
+    for args in [
+        vec![
+            "verify".into(),
+            "--ledger-export".into(),
+            export.clone().into_os_string(),
+        ],
+        vec!["verify".into()],
+    ] {
+        kiln(&state)
+            .args(&args)
+            .arg("--ledger-key")
+            .arg(&other_pub)
+            .assert()
+            .code(1)
+            .stderr(contains("not the key given"));
+    }
 
     stop(&mut d.daemon);
     kiln(&state).arg("verify").assert().success();

@@ -429,9 +429,7 @@ pub(crate) fn check(
                     what,
                     reason: "it names no event: it was written behind kiln's back".to_owned(),
                 }),
-                (Some((seq, digest)), Some(_))
-                    if digest.as_deref() != Some(sha256.as_str()) =>
-                {
+                (Some((seq, digest)), Some(_)) if digest.as_deref() != Some(sha256.as_str()) => {
                     Some(VerifyError {
                         seq: *seq,
                         what,

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary};
 pub use chain::{GENESIS, VerifyError, VerifyReport};
+/// The ledger key's public half (`kiln_sign`'s), for callers that pin one.
+pub use kiln_sign::PublicKey;
 
 /// Where the key and checkpoints a verification reads come from, for its messages.
 struct Sources {
@@ -184,7 +186,11 @@ pub fn verify_export(
     let rollouts = if doc["schema"].as_i64().unwrap_or(0) >= schema::ROLLOUTS_CHAINED {
         let mut docs = Vec::new();
         for r in array("rollouts")? {
-            docs.push((text(r, "app")?, text(r, "sha256")?, r["chained_seq"].as_i64()));
+            docs.push((
+                text(r, "app")?,
+                text(r, "sha256")?,
+                r["chained_seq"].as_i64(),
+            ));
         }
         Some(docs)
     } else {
@@ -200,7 +206,9 @@ pub fn verify_export(
         serde_json::Value::String(k) => kiln_sign::PublicKey::parse_openssh(k)
             .map(Some)
             .map_err(|e| format!("the export's ledger_key is not a public key: {e}")),
-        other => Err(format!("the export's ledger_key is not a public key: {other}")),
+        other => Err(format!(
+            "the export's ledger_key is not a public key: {other}"
+        )),
     };
     let key = match (key, exported_key) {
         (Some(given), Ok(Some(k))) if *given != k => {

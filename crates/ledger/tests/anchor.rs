@@ -536,3 +536,49 @@ fn deleted_last_events_with_a_rollout_document_among_them_are_named_as_missing()
         "{err}"
     );
 }
+
+/// An export checks offline as the ledger does: intact, it verifies; an event edited in it,
+/// events cut from it, or a key other than the one kept elsewhere, and it does not.
+#[test]
+fn an_export_verifies_offline_and_its_tampering_is_named() {
+    let s = anchored();
+    let l = Ledger::open_read_only(&s.db).unwrap();
+    let doc = l.export(&s.files, 7_000).unwrap();
+    drop(l);
+    assert_eq!(doc["verify"]["ok"], true, "{:#}", doc["verify"]);
+    let key = kiln_ledger::PublicKey::parse_openssh(
+        std::fs::read_to_string(&s.files.public).unwrap().trim(),
+    )
+    .unwrap();
+    let report = kiln_ledger::verify_export(&doc, Some(&key)).unwrap();
+    assert_eq!(
+        (report.events, report.releases, report.rollouts),
+        (10, 2, 1)
+    );
+
+    let mut edited = doc.clone();
+    let data = edited["events"][3]["data"]
+        .as_str()
+        .unwrap()
+        .replace("100", "99");
+    edited["events"][3]["data"] = json!(data);
+    let err = kiln_ledger::verify_export(&edited, Some(&key)).unwrap_err();
+    assert_eq!(err.seq, 4, "{err}");
+    assert!(err.reason.contains("edited"), "{err}");
+
+    let mut cut = doc.clone();
+    cut["events"].as_array_mut().unwrap().truncate(7);
+    let err = kiln_ledger::verify_export(&cut, Some(&key)).unwrap_err();
+    assert!(
+        err.to_string().contains("entries 8–10 are missing"),
+        "{err}"
+    );
+
+    let other =
+        kiln_ledger::Notary::create(&AnchorFiles::in_state(tempfile::tempdir().unwrap().path()))
+            .unwrap()
+            .public()
+            .clone();
+    let err = kiln_ledger::verify_export(&doc, Some(&other)).unwrap_err();
+    assert!(err.reason.contains("not the key given"), "{err}");
+}

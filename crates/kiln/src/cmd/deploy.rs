@@ -82,6 +82,18 @@ pub struct HistoryArgs {
     pub export: Option<std::path::PathBuf>,
 }
 
+/// `kiln verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Check a `kiln history --export` document offline instead of this state's ledger
+    #[arg(long, value_name = "FILE")]
+    pub ledger_export: Option<std::path::PathBuf>,
+    /// The ledger's public key as kept elsewhere (an OpenSSH `ssh-ed25519 …` line): the
+    /// checkpoints must be signed with it
+    #[arg(long, value_name = "FILE")]
+    pub ledger_key: Option<std::path::PathBuf>,
+}
+
 /// `kiln rollback`.
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
@@ -643,7 +655,26 @@ fn export_ledger(to: &Path, state: &Path, out: &Output) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+pub fn verify(args: &VerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let pinned = match &args.ledger_key {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the ledger key {}", file.display()))?;
+            Some(
+                kiln_ledger::PublicKey::parse_openssh(text.trim())
+                    .with_context(|| format!("{} is not an OpenSSH public key", file.display()))?,
+            )
+        }
+        None => None,
+    };
+    if let Some(file) = &args.ledger_export {
+        let text = std::fs::read(file)
+            .with_context(|| format!("cannot read the export {}", file.display()))?;
+        let doc: Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        let v = kiln_ledger::verify_json(&kiln_ledger::verify_export(&doc, pinned.as_ref()));
+        return report_verify(&v, out);
+    }
     let v = block(async {
         let c = client(state);
         // A daemon elsewhere is only asked: its ledger is not on this machine.
@@ -661,8 +692,23 @@ pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
         let files = kiln_ledger::AnchorFiles::in_state(state);
         Ok(kiln_ledger::verify_json(&ledger.verify_anchored(&files)?))
     })?;
+    let v = match (&pinned, v["anchor"]["key"].as_str()) {
+        (Some(k), Some(used)) if k.fingerprint() != used => json!({
+            "ok": false,
+            "seq": 0,
+            "what": "ledger key",
+            "reason": format!("the checkpoints are signed with {used}, not the key given ({})", k.fingerprint()),
+            "message": format!("ledger key: the checkpoints are signed with {used}, not the key given ({})", k.fingerprint()),
+        }),
+        _ => v,
+    };
+    report_verify(&v, out)
+}
+
+/// Prints a verification (`kiln_ledger::verify_json`'s) and gives its exit code.
+fn report_verify(v: &Value, out: &Output) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.data(&v)?;
+        out.data(v)?;
     } else if v["ok"] == true {
         out.say(&format!(
             "ledger ok: {} events, {} releases and {} rollout documents verified; chain head {}",

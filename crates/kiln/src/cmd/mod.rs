@@ -76,7 +76,7 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Maintenance(args) => pause::maintenance(&args, &cli.global.state, out),
         Command::Status(args) => deploy::status(&args, &cli.global.state, out),
         Command::History(args) => deploy::history(&args, &cli.global.state, out),
-        Command::Verify => deploy::verify(&cli.global.state, out),
+        Command::Verify(args) => deploy::verify(&args, &cli.global.state, out),
         Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
         Command::Logs(args) => deploy::logs(&args, &cli.global.state, out),
         Command::Down(args) => deploy::down(&args, &cli.global.state, out),
@@ -101,7 +101,7 @@ fn talks_to_daemon(command: &Command) -> bool {
         | Command::Maintenance(_)
         | Command::Status(_)
         | Command::History(_)
-        | Command::Verify
+        | Command::Verify(_)
         | Command::Drift(_)
         | Command::Logs(_)
         | Command::Down(_) => true,
@@ -124,6 +124,8 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Export(_)
         // It only connects to the daemon's socket, which is private to the daemon's user.
         | Command::DialStdio => None,
+        // An export is checked offline, anywhere.
+        Command::Verify(args) if args.ledger_export.is_some() => None,
         Command::Build(_)
         | Command::Images
         | Command::Image(_)
@@ -145,7 +147,7 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Maintenance(_)
         | Command::Status(_)
         | Command::History(_)
-        | Command::Verify
+        | Command::Verify(_)
         | Command::Drift(_)
         | Command::Logs(_)
         | Command::Down(_) => Some(Need::Existing),
