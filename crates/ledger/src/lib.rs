@@ -680,7 +680,17 @@ impl Ledger {
         now_ms: i64,
     ) -> Result<std::result::Result<Start, VerifyError>> {
         let notary = Notary::load(files)?;
+        let signed_before = matches!(
+            anchor::read_checkpoints(&files.checkpoints),
+            Ok(Some(c)) if !c.is_empty()
+        ) || self.anchored_before()?;
         let problem = match notary {
+            // A first start cut short after the key was made and before anything was signed
+            // with it: it goes on with that key.
+            Some(n) if !signed_before => match self.anchor_first(n, now_ms)? {
+                Ok(start) => return Ok(Ok(start)),
+                Err(e) => e,
+            },
             Some(n) => {
                 let verified = self.verify_anchored(files)?;
                 self.notary = Some(n);
@@ -692,45 +702,24 @@ impl Ledger {
                     Err(e) => e,
                 }
             }
-            None => {
-                let signed_before = matches!(
-                    anchor::read_checkpoints(&files.checkpoints),
-                    Ok(Some(c)) if !c.is_empty()
-                ) || self.anchored_before()?;
-                if signed_before {
-                    VerifyError {
-                        seq: 0,
-                        what: "ledger key".to_owned(),
-                        reason: format!(
-                            "the ledger key {} is missing, yet the ledger was signed with one: its checkpoints cannot be checked",
-                            files.key.display()
-                        ),
-                    }
-                } else {
-                    match chain::verify(&self.conn, &|_| false)? {
-                        Ok(_) => {
-                            let mut n = Notary::create(files)?;
-                            let key = n.public().fingerprint();
-                            let entries = self.head()?.0;
-                            let event = Event::LedgerAnchored {
-                                key: key.clone(),
-                                entries,
-                            };
-                            self.append(LEDGER_APP, &event, now_ms)?;
-                            let (seq, hash) = self.head()?;
-                            n.sign(Head {
-                                seq,
-                                hash,
-                                at_ms: now_ms,
-                                reset: true,
-                            })?;
-                            self.notary = Some(n);
-                            return Ok(Ok(Start::Anchored { key, entries }));
-                        }
+            None if signed_before => VerifyError {
+                seq: 0,
+                what: "ledger key".to_owned(),
+                reason: format!(
+                    "the ledger key {} is missing, yet the ledger was signed with one: its checkpoints cannot be checked",
+                    files.key.display()
+                ),
+            },
+            None => match chain::verify(&self.conn, &|_| false)? {
+                Ok(_) => {
+                    let n = Notary::create(files)?;
+                    match self.anchor_first(n, now_ms)? {
+                        Ok(start) => return Ok(Ok(start)),
                         Err(e) => e,
                     }
                 }
-            }
+                Err(e) => e,
+            },
         };
         let Some(actor) = accept else {
             return Ok(Err(problem));
@@ -845,6 +834,35 @@ impl Ledger {
             "checkpoints": checkpoints,
             "verify": verify_json(&self.verify_anchored(files)?),
         }))
+    }
+
+    /// A ledger's first anchoring with `n`: when the chain verifies, a `ledger.anchored` entry
+    /// and a first (reset) checkpoint. `n` stays attached either way.
+    fn anchor_first(
+        &mut self,
+        mut n: Notary,
+        now_ms: i64,
+    ) -> Result<std::result::Result<Start, VerifyError>> {
+        if let Err(e) = chain::verify(&self.conn, &|_| false)? {
+            self.notary = Some(n);
+            return Ok(Err(e));
+        }
+        let key = n.public().fingerprint();
+        let entries = self.head()?.0;
+        let event = Event::LedgerAnchored {
+            key: key.clone(),
+            entries,
+        };
+        self.append(LEDGER_APP, &event, now_ms)?;
+        let (seq, hash) = self.head()?;
+        n.sign(Head {
+            seq,
+            hash,
+            at_ms: now_ms,
+            reset: true,
+        })?;
+        self.notary = Some(n);
+        Ok(Ok(Start::Anchored { key, entries }))
     }
 
     fn anchored_before(&self) -> Result<bool> {

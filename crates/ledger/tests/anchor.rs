@@ -582,3 +582,29 @@ fn an_export_verifies_offline_and_its_tampering_is_named() {
     let err = kiln_ledger::verify_export(&doc, Some(&other)).unwrap_err();
     assert!(err.reason.contains("not the key given"), "{err}");
 }
+
+/// A first start killed after the key was written and before anything was signed: the next
+/// start goes on with that key rather than refusing a ledger nothing ever signed.
+#[test]
+fn a_first_start_cut_short_after_the_key_was_made_goes_on_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let files = AnchorFiles::in_state(dir.path());
+    let mut l = Ledger::open(&db).unwrap();
+    l.record_release("hello", release("sha256:aaa"), 1_000)
+        .unwrap();
+    let made = kiln_ledger::Notary::create(&files).unwrap();
+    let key = made.public().fingerprint();
+    drop(made);
+    match l.start(&files, None, 2_000).unwrap().unwrap() {
+        Start::Anchored { key: used, entries } => assert_eq!((used, entries), (key, 1)),
+        other => panic!("expected Anchored, got {other:?}"),
+    }
+    drop(l);
+    let s = State {
+        _dir: dir,
+        db,
+        files,
+    };
+    assert_eq!(verify(&s).unwrap().anchor.unwrap().checked, 1);
+}
