@@ -50,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances/{instance}/logs"),
     ("GET", "/v1/events"),
     ("GET", "/v1/verify"),
+    ("GET", "/v1/ledger/export"),
     ("POST", "/v1/fingerprints"),
     ("POST", "/v1/blobs/missing"),
     ("PUT", "/v1/blobs/{digest}"),
@@ -379,14 +380,8 @@ async fn route(
             .map_err(blob_error)?;
             ok(recorded)
         }
-        (&Method::GET, ["v1", "verify"]) => match c.verify()? {
-            Ok(r) => {
-                ok(json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head}))
-            }
-            Err(e) => ok(
-                json!({"ok": false, "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string()}),
-            ),
-        },
+        (&Method::GET, ["v1", "verify"]) => ok(kiln_ledger::verify_json(&c.verify()?)),
+        (&Method::GET, ["v1", "ledger", "export"]) => ok(c.export_ledger()?),
         (&Method::GET, ["metrics"]) => {
             let mut r = Response::new(Full::new(Bytes::from(c.metrics().await?)));
             r.headers_mut().insert(

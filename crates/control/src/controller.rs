@@ -108,6 +108,12 @@ impl Controller {
         let mut ledger = Ledger::open(&cfg.state_dir.join("ledger.db"))?;
         // This daemon is the only writer of its state directory: older locks are stale.
         ledger.clear_locks()?;
+        // The ledger key the daemon's start checked the ledger with (`Ledger::start`) signs
+        // its checkpoints from here on; `verify` checks them.
+        let anchor = kiln_ledger::AnchorFiles::in_state(&cfg.state_dir);
+        if let Some(notary) = kiln_ledger::Notary::load(&anchor)? {
+            ledger.attach_notary(notary);
+        }
         // Only an app with secrets needs the key: a state where it cannot be made still runs
         // the others.
         let key = match crate::secrets::SecretKey::load_or_create(&cfg.state_dir) {
@@ -437,7 +443,13 @@ impl Controller {
             };
             let recorded = ledger.record_release(app, new, now);
             ledger.unlock(app, &holder)?;
-            recorded?
+            let release = recorded?;
+            // Every release is signed into a checkpoint; one that cannot be written leaves
+            // the release recorded and the next checkpoint covers it.
+            if let Err(e) = ledger.checkpoint(now) {
+                tracing::error!(app = %app, error = %e, "no ledger checkpoint for the release");
+            }
+            release
         };
         let goal = Goal {
             release: release.number,
@@ -481,6 +493,14 @@ impl Controller {
         let value = serde_json::to_value(&doc).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let now = self.exec.clock.now_ms();
         self.exec.ledger().put_rollout(app, &value, now)?;
+        Ok(())
+    }
+
+    /// Signs the ledger's head into a checkpoint when it moved since the last one (the
+    /// daemon calls it periodically and when it stops).
+    pub fn checkpoint(&self) -> Result<()> {
+        let now = self.exec.clock.now_ms();
+        self.exec.ledger().checkpoint(now)?;
         Ok(())
     }
 

@@ -50,4 +50,5 @@ pub use controller::{Controller, ControllerConfig, RouterChoice};
 pub use dto::{AppStatus, ApplyRequest, GateStatus, InstanceStatus, LiveSchema, RollbackOutcome};
 pub use error::ControlError;
 pub use gate::Attestations;
+pub use peer::local_actor;
 pub use reconcile::TICK;

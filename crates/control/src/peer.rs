@@ -22,6 +22,12 @@ pub(crate) fn unix_actor(uid: u32) -> String {
     )
 }
 
+/// This process's own user on this host (`root@vm`): the actor of what the daemon is told
+/// at its start, such as `--accept-broken-ledger`.
+pub fn local_actor() -> String {
+    unix_actor(rustix::process::getuid().as_raw())
+}
+
 /// The actor of a request over TCP, which proved only that it holds the token.
 pub(crate) fn tcp_actor(client: IpAddr) -> String {
     format!("{TOKEN_PREFIX}{}", client.to_canonical())

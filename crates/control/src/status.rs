@@ -147,6 +147,18 @@ impl Controller {
         Ok(self.exec.ledger().verify()?)
     }
 
+    /// `kiln history --export`: the whole ledger for auditors ([`kiln_ledger::Ledger::export`]).
+    pub fn export_ledger(&self) -> Result<serde_json::Value> {
+        let now = self.exec.clock.now_ms();
+        let ledger = self.exec.ledger();
+        let files = ledger.anchor_files().cloned().ok_or_else(|| {
+            crate::error::ControlError::NotFound(
+                "this daemon's ledger has no key: nothing to export checkpoints from".to_owned(),
+            )
+        })?;
+        Ok(ledger.export(&files, now)?)
+    }
+
     /// The reconciler's last listing (at most a tick old), or a fresh one before the first.
     /// Status calls read this instead of listing: listing costs a runtime call per request.
     async fn last_observed(&self) -> Result<Vec<Observation>> {

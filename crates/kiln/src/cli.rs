@@ -168,8 +168,9 @@ pub enum Command {
     Status(crate::cmd::deploy::AppArg),
     /// The ledger's events (releases, traffic changes, drift, replacements, rollbacks)
     History(crate::cmd::deploy::HistoryArgs),
-    /// Check the ledger's hash chain end to end (exit 1 naming the first bad entry), or with
-    /// IMAGE what the image carries and whether it passes the deploy policy
+    /// Check the ledger's hash chain end to end, its rollout documents and its signed
+    /// checkpoints (exit 1 naming the first bad or missing entry), or with IMAGE what the
+    /// image carries and whether it passes the deploy policy
     Verify(crate::cmd::verify::VerifyArgs),
     /// Drift found on instances and what was done about it
     Drift(crate::cmd::deploy::AppArg),

@@ -312,6 +312,39 @@ pub enum Event {
         /// The 503's `Retry-After`, in seconds.
         retry_after_s: u64,
     },
+    /// The app's rollout document (what a restarted daemon acts on) was stored; written by
+    /// [`Ledger::put_rollout`](crate::Ledger::put_rollout) in the same transaction as the
+    /// document, so `verify` catches a document edited behind kiln's back.
+    #[serde(rename = "rollout.stored")]
+    RolloutStored {
+        /// SHA-256 (hex) of the document exactly as stored.
+        sha256: String,
+    },
+    /// The daemon made its ledger key and signed its first checkpoint: entries up to here
+    /// were taken as they were found.
+    #[serde(rename = "ledger.anchored")]
+    LedgerAnchored {
+        /// The key's fingerprint (`SHA256:…`).
+        key: String,
+        /// Entries the ledger held before.
+        entries: u64,
+    },
+    /// A daemon was started on a ledger that failed verification because someone said so
+    /// (`kiln serve --accept-broken-ledger`); checkpoints before the one signed right after
+    /// this entry are set aside.
+    #[serde(rename = "ledger.broken_accepted")]
+    BrokenAccepted {
+        /// What verification found.
+        problem: String,
+        /// Who started the daemon (user@host).
+        actor: String,
+        /// The key that signs checkpoints from here on.
+        key: String,
+        /// The entries whose own check failed (edited, unlinked, out of place), accepted as
+        /// they are: `verify` reports them from here on instead of failing.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        entries: Vec<u64>,
+    },
     /// A stored release cannot be decoded; the app is not run until it is fixed or replaced.
     #[serde(rename = "release.corrupt")]
     ReleaseCorrupt {
@@ -448,6 +481,9 @@ impl Event {
             Event::Resumed { .. } => "app.resumed",
             Event::Maintenance { .. } => "app.maintenance",
             Event::ReleaseCorrupt { .. } => "release.corrupt",
+            Event::RolloutStored { .. } => "rollout.stored",
+            Event::LedgerAnchored { .. } => "ledger.anchored",
+            Event::BrokenAccepted { .. } => "ledger.broken_accepted",
         }
     }
 
@@ -720,6 +756,22 @@ impl std::fmt::Display for Event {
             } => write!(
                 f,
                 "by {actor}: 503 {message:?}, retry after {retry_after_s} s"
+            ),
+            Event::RolloutStored { sha256 } => write!(f, "rollout document sha256:{sha256}"),
+            Event::LedgerAnchored { key, entries } => {
+                write!(
+                    f,
+                    "ledger key {key} made; {entries} earlier entries taken as found"
+                )
+            }
+            Event::BrokenAccepted {
+                problem,
+                actor,
+                key,
+                ..
+            } => write!(
+                f,
+                "broken ledger accepted by {actor} (key {key}): {problem}"
             ),
         }
     }

@@ -177,7 +177,7 @@ fn rollout_state_is_replaced_not_appended() {
 fn reopening_keeps_everything_and_schema_is_current() {
     let (_d, path) = populated();
     let l = Ledger::open(&path).unwrap();
-    assert_eq!(l.schema_version().unwrap(), 1);
+    assert_eq!(l.schema_version().unwrap(), 2);
     assert_eq!(l.releases("hello").unwrap().len(), 2);
 }
 

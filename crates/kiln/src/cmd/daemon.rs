@@ -51,6 +51,11 @@ pub struct ServeArgs {
     /// spec's [policy]; releases already recorded keep the policy they were applied under
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Start on a ledger that fails verification (an edited, re-chained or cut chain, a
+    /// forged or missing checkpoint file, a lost ledger key): what failed and who accepted it
+    /// are recorded in the ledger, and a new checkpoint is signed so later starts pass
+    #[arg(long)]
+    pub accept_broken_ledger: bool,
 
     #[command(flatten)]
     pub router: RouterArgs,
@@ -200,6 +205,7 @@ impl Daemon {
         tcp: Option<(SocketAddr, String)>,
         registry: Option<RegistryListen>,
         policy: kiln_control::PolicyConfig,
+        accept_broken_ledger: bool,
     ) -> anyhow::Result<Daemon> {
         raise_open_file_limit();
         std::fs::create_dir_all(state)
@@ -207,6 +213,8 @@ impl Daemon {
         // Before anything of the state is touched (the ledger's locks, the router's apps):
         // a second daemon on one state stops here, even one started at the same moment.
         let lock = lock_state(state)?;
+        // Before anything acts on the ledger: a broken one is refused.
+        check_ledger(state, accept_broken_ledger)?;
         let images = Arc::new(StoreImages::open(state)?);
         // Bound before the providers are made: a provider whose nodes pull images (Swarm)
         // takes `endpoint`, the reference prefix and whether TLS is on.
@@ -243,6 +251,10 @@ impl Daemon {
         tasks.push(tokio::spawn(
             Arc::clone(&controller).run(wait(stopped.clone())),
         ));
+        tasks.push(tokio::spawn(sign_checkpoints(
+            Arc::clone(&controller),
+            wait(stopped.clone()),
+        )));
         let sock = socket(state);
         let api = {
             let c = Arc::clone(&controller);
@@ -306,8 +318,79 @@ impl Daemon {
         for t in self.tasks {
             let _ = t.await;
         }
+        // A clean stop leaves the head signed.
+        if let Err(e) = self.controller.checkpoint() {
+            tracing::error!(error = %e, "no ledger checkpoint at stop");
+        }
         self.controller.shutdown().await;
     }
+}
+
+/// How often the daemon signs the ledger's head when it moved (and on every release).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Signs a checkpoint every [`CHECKPOINT_EVERY`] when the head moved, until `stop`.
+async fn sign_checkpoints(
+    controller: Arc<Controller>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = every.tick() => {
+                if let Err(e) = controller.checkpoint() {
+                    tracing::error!(error = %e, "no ledger checkpoint");
+                }
+            }
+        }
+    }
+}
+
+/// Verifies the ledger, its checkpoints included, and gives it a key at its first start
+/// ([`kiln_ledger::Ledger::start`]). A ledger that fails is an error naming the first bad or
+/// missing entry, unless `accept` (`--accept-broken-ledger`): then the acceptance is recorded.
+fn check_ledger(state: &Path, accept: bool) -> anyhow::Result<()> {
+    let path = state.join("ledger.db");
+    let mut ledger = kiln_ledger::Ledger::open(&path)
+        .with_context(|| format!("cannot open the ledger {}", path.display()))?;
+    let files = kiln_ledger::AnchorFiles::in_state(state);
+    let actor = accept.then(kiln_control::local_actor);
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX);
+    match ledger
+        .start(&files, actor.as_deref(), now)
+        .context("cannot check the ledger")?
+    {
+        Ok(kiln_ledger::Start::Verified(r)) => {
+            tracing::info!(events = r.events, head = %r.head, "ledger verified");
+        }
+        Ok(kiln_ledger::Start::Anchored { key, entries }) => tracing::info!(
+            %key,
+            entries,
+            key_file = %files.key.display(),
+            "ledger key made; the ledger's head is signed from now on"
+        ),
+        Ok(kiln_ledger::Start::Accepted(problem)) => tracing::warn!(
+            %problem,
+            actor = actor.as_deref().unwrap_or(""),
+            "a broken ledger was accepted and recorded"
+        ),
+        Err(problem) => anyhow::bail!(
+            "{problem}\nthe daemon does not act on a ledger that fails verification: find what \
+             changed (`kiln verify`, `kiln history --export`), then start it with \
+             --accept-broken-ledger to record that you accept the ledger as it is"
+        ),
+    }
+    Ok(())
 }
 
 /// Tells systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`, a path or an abstract `@name`)
@@ -427,6 +510,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 tcp,
                 args.registry(),
                 policy,
+                args.accept_broken_ledger,
             ) => daemon?,
         };
         let apps = daemon.controller.app_names().await;

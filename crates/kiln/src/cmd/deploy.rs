@@ -69,6 +69,29 @@ pub struct HistoryArgs {
     /// Only the last N events
     #[arg(short = 'n', long, value_name = "N")]
     pub limit: Option<usize>,
+    /// The whole ledger as one JSON document for auditors (releases, events with their
+    /// hashes, rollout document digests, signed checkpoints, the ledger key), to FILE or
+    /// standard output (`-`)
+    #[arg(
+        long,
+        value_name = "FILE",
+        num_args = 0..=1,
+        default_missing_value = "-",
+        conflicts_with_all = ["app", "limit"]
+    )]
+    pub export: Option<std::path::PathBuf>,
+}
+
+/// `kiln verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Check a `kiln history --export` document offline instead of this state's ledger
+    #[arg(long, value_name = "FILE")]
+    pub ledger_export: Option<std::path::PathBuf>,
+    /// The ledger's public key as kept elsewhere (an OpenSSH `ssh-ed25519 …` line): the
+    /// checkpoints must be signed with it
+    #[arg(long, value_name = "FILE")]
+    pub ledger_key: Option<std::path::PathBuf>,
 }
 
 /// `kiln rollback`.
@@ -547,6 +570,9 @@ fn when(ms: i64) -> String {
 }
 
 pub fn history(args: &HistoryArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    if let Some(to) = &args.export {
+        return export_ledger(to, state, out);
+    }
     block(async {
         let mut path = "/v1/events?".to_owned();
         if let Some(a) = &args.app {
@@ -584,7 +610,77 @@ fn summary(e: &Entry) -> String {
     }
 }
 
-pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+/// `kiln history --export FILE`: asks the daemon, or reads the ledger when none runs here.
+fn export_ledger(to: &Path, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let doc = block(async {
+        let c = client(state);
+        if super::remote::is_remote() || c.alive().await {
+            return Ok(c.get("/v1/ledger/export").await?);
+        }
+        let path = state.join("ledger.db");
+        anyhow::ensure!(
+            path.exists(),
+            "no ledger at {}: nothing has been deployed with this --state",
+            path.display()
+        );
+        let ledger = kiln_ledger::Ledger::open_read_only(&path)?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Ok(ledger.export(
+            &kiln_ledger::AnchorFiles::in_state(state),
+            i64::try_from(now).unwrap_or(i64::MAX),
+        )?)
+    })?;
+    let mut text = serde_json::to_vec_pretty(&doc)?;
+    text.push(b'\n');
+    if to == Path::new("-") {
+        use std::io::Write;
+        std::io::stdout()
+            .write_all(&text)
+            .context("cannot write the export to standard output")?;
+    } else {
+        kiln_durable::write(to, &text)
+            .with_context(|| format!("cannot write the export to {}", to.display()))?;
+        out.say(&format!(
+            "ledger exported to {}: {} events, {} checkpoints; verification: {}",
+            to.display(),
+            doc["events"].as_array().map_or(0, Vec::len),
+            doc["checkpoints"].as_array().map_or(0, Vec::len),
+            if doc["verify"]["ok"] == true {
+                "ok".to_owned()
+            } else {
+                doc["verify"]["message"]
+                    .as_str()
+                    .unwrap_or("failed")
+                    .to_owned()
+            }
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(args: &VerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let pinned = match &args.ledger_key {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the ledger key {}", file.display()))?;
+            Some(
+                kiln_ledger::PublicKey::parse_openssh(text.trim())
+                    .with_context(|| format!("{} is not an OpenSSH public key", file.display()))?,
+            )
+        }
+        None => None,
+    };
+    if let Some(file) = &args.ledger_export {
+        let text = std::fs::read(file)
+            .with_context(|| format!("cannot read the export {}", file.display()))?;
+        let doc: Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        let v = kiln_ledger::verify_json(&kiln_ledger::verify_export(&doc, pinned.as_ref()));
+        return report_verify(&v, out);
+    }
     let v = block(async {
         let c = client(state);
         // A daemon elsewhere is only asked: its ledger is not on this machine.
@@ -599,24 +695,59 @@ pub fn verify(state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
             path.display()
         );
         let ledger = kiln_ledger::Ledger::open_read_only(&path)?;
-        Ok(match ledger.verify()? {
-            Ok(r) => {
-                json!({"ok": true, "events": r.events, "releases": r.releases, "head": r.head})
-            }
-            Err(e) => {
-                json!({"ok": false, "seq": e.seq, "what": e.what, "reason": e.reason, "message": e.to_string()})
-            }
-        })
+        let files = kiln_ledger::AnchorFiles::in_state(state);
+        Ok(kiln_ledger::verify_json(&ledger.verify_anchored(&files)?))
     })?;
+    let v = match (&pinned, v["anchor"]["key"].as_str()) {
+        (Some(k), Some(used)) if k.fingerprint() != used => json!({
+            "ok": false,
+            "seq": 0,
+            "what": "ledger key",
+            "reason": format!("the checkpoints are signed with {used}, not the key given ({})", k.fingerprint()),
+            "message": format!("ledger key: the checkpoints are signed with {used}, not the key given ({})", k.fingerprint()),
+        }),
+        _ => v,
+    };
+    report_verify(&v, out)
+}
+
+/// Prints a verification (`kiln_ledger::verify_json`'s) and gives its exit code.
+fn report_verify(v: &Value, out: &Output) -> anyhow::Result<ExitCode> {
     if out.json {
-        out.data(&v)?;
+        out.data(v)?;
     } else if v["ok"] == true {
         out.say(&format!(
-            "ledger ok: {} events and {} releases verified; chain head {}",
+            "ledger ok: {} events, {} releases and {} rollout documents verified; chain head {}",
             v["events"],
             v["releases"],
+            v["rollouts"],
             v["head"].as_str().unwrap_or("")
         ));
+        let a = &v["anchor"];
+        if let Some(key) = a["key"].as_str() {
+            let last = &a["last"];
+            out.say(&format!(
+                "signed by ledger key {key}: {} checkpoints match{}; {} entries since the last",
+                a["checked"],
+                last["seq"].as_u64().map_or_else(String::new, |seq| format!(
+                    ", the last at entry {seq} signed {}",
+                    when(last["at_ms"].as_i64().unwrap_or(0))
+                )),
+                a["unsigned"]
+            ));
+            if a["set_aside"].as_u64().unwrap_or(0) > 0 {
+                out.say(&format!(
+                    "{} older checkpoints set aside by an accepted break (see ledger.broken_accepted in kiln history)",
+                    a["set_aside"]
+                ));
+            }
+        }
+        for e in v["accepted"].as_array().into_iter().flatten() {
+            out.say(&format!(
+                "accepted earlier, not failing: {}",
+                e["message"].as_str().unwrap_or("")
+            ));
+        }
     } else {
         out.error(&anyhow::anyhow!(
             "{}",
@@ -932,6 +1063,7 @@ async fn connect_or_start(
         None,
         None,
         kiln_control::PolicyConfig::default(),
+        false,
     )
     .await?;
     Ok(Some(daemon))

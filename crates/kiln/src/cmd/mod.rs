@@ -130,6 +130,8 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Export(_)
         // It only connects to the daemon's socket, which is private to the daemon's user.
         | Command::DialStdio => None,
+        // An export is checked offline, anywhere.
+        Command::Verify(args) if args.ledger_export.is_some() => None,
         Command::Build(_)
         | Command::Images
         | Command::Image(_)

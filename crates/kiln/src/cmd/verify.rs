@@ -18,6 +18,7 @@ use crate::output::Output;
 pub struct VerifyArgs {
     /// An image (NAME[:TAG] or sha256:…) in this state's store: show what it carries and
     /// check it against the spec's [policy] and --policy. Without it, verify the ledger
+    #[arg(conflicts_with_all = ["ledger_export", "ledger_key"])]
     pub image: Option<String>,
 
     /// A trusted public key (an OpenSSH ssh-ed25519 line's file) to check signatures with,
@@ -32,11 +33,14 @@ pub struct VerifyArgs {
     /// The spec whose [policy] applies [default: ./kiln.toml when there is one]
     #[arg(long, short = 'f', value_name = "FILE", requires = "image")]
     pub file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub ledger: super::deploy::VerifyArgs,
 }
 
 pub fn verify(args: &VerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     match &args.image {
-        None => super::deploy::verify(state, out),
+        None => super::deploy::verify(&args.ledger, state, out),
         Some(image) => verify_image(args, image, state, out),
     }
 }
