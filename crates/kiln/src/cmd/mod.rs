@@ -131,7 +131,7 @@ fn state_need(command: &Command) -> Option<Need> {
         // It only connects to the daemon's socket, which is private to the daemon's user.
         | Command::DialStdio => None,
         // An export is checked offline, anywhere.
-        Command::Verify(args) if args.ledger_export.is_some() => None,
+        Command::Verify(args) if args.ledger.ledger_export.is_some() => None,
         Command::Build(_)
         | Command::Images
         | Command::Image(_)
