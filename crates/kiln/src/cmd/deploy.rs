@@ -82,9 +82,9 @@ pub struct HistoryArgs {
     pub export: Option<std::path::PathBuf>,
 }
 
-/// `kiln verify`.
+/// `kiln verify`'s ledger flags.
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub struct LedgerVerifyArgs {
     /// Check a `kiln history --export` document offline instead of this state's ledger
     #[arg(long, value_name = "FILE")]
     pub ledger_export: Option<std::path::PathBuf>,
@@ -661,7 +661,7 @@ fn export_ledger(to: &Path, state: &Path, out: &Output) -> anyhow::Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify(args: &VerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+pub fn verify(args: &LedgerVerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     let pinned = match &args.ledger_key {
         Some(file) => {
             let text = std::fs::read_to_string(file)

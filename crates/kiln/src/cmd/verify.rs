@@ -35,7 +35,7 @@ pub struct VerifyArgs {
     pub file: Option<PathBuf>,
 
     #[command(flatten)]
-    pub ledger: super::deploy::VerifyArgs,
+    pub ledger: super::deploy::LedgerVerifyArgs,
 }
 
 pub fn verify(args: &VerifyArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
