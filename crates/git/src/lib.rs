@@ -149,6 +149,9 @@ pub fn describe(path: &Path) -> Result<Option<Source>, GitError> {
         }
     };
 
+    // Read first (status would read it too, from the same cache) so that a damaged index is
+    // named as such.
+    repo.index_or_empty().map_err(read("index"))?;
     let changed = changed_paths(&repo).map_err(read("status"))?;
     Ok(Some(Source {
         root,

@@ -573,7 +573,7 @@ fn a_truncated_index_is_an_error_naming_the_repository() {
     std::fs::write(&index, &bytes[..bytes.len() / 2]).unwrap();
     let err = describe(&repo.dir).unwrap_err();
     assert!(
-        matches!(err, GitError::Read { what: "status", .. }),
+        matches!(err, GitError::Read { what: "index", .. }),
         "{err:?}"
     );
     let message = err.to_string();
@@ -581,7 +581,7 @@ fn a_truncated_index_is_an_error_naming_the_repository() {
     assert_eq!(
         message,
         format!(
-            "cannot read the status of the git repository at {}",
+            "cannot read the index of the git repository at {}",
             repo.dir.display()
         )
     );
@@ -675,4 +675,80 @@ fn garbage_in_head_or_a_missing_commit_is_an_error_not_a_panic() {
         err.to_string().contains(repo.dir.to_str().unwrap()),
         "{err}"
     );
+}
+
+#[test]
+fn files_converted_on_checkout_by_gitattributes_are_clean() {
+    if !git_available() {
+        return;
+    }
+    // Stored with LF, checked out with CRLF: the work tree's bytes differ from the blob's,
+    // and only applying the attributes' conversion shows that nothing changed.
+    let repo = Repo::init();
+    repo.write(".gitattributes", "*.txt text eol=crlf\n");
+    repo.write("crlf.txt", "one\ntwo\n");
+    repo.git(&["add", "."]);
+    repo.git(&["commit", "-q", "-m", "crlf"]);
+    std::fs::remove_file(repo.dir.join("crlf.txt")).unwrap();
+    repo.git(&["checkout", "--", "crlf.txt"]);
+    assert_eq!(
+        std::fs::read(repo.dir.join("crlf.txt")).unwrap(),
+        b"one\r\ntwo\r\n"
+    );
+    let source = repo.describe();
+    assert!(source.clean, "{:?}", source.dirty_paths);
+
+    repo.write("crlf.txt", "one\r\ntwo\r\nthree\r\n");
+    let source = repo.describe();
+    assert!(!source.clean);
+    assert_eq!(source.dirty_paths, ["crlf.txt"]);
+}
+
+#[test]
+fn a_repository_owned_by_another_user_is_still_described() {
+    if !git_available() {
+        return;
+    }
+    // The daemon may run as root over a developer's checkout (and a developer over a
+    // checkout root made): git refuses such a repository ("dubious ownership") unless it is
+    // listed in safe.directory; reading its commit and status needs no such trust.
+    let root_user = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root_user {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but this test needs root to hand a repository to another user");
+        }
+        eprintln!("skipping: needs root to hand a repository to another user");
+        return;
+    }
+    let repo = Repo::committed();
+    let head = repo.head();
+    repo.write("untracked.txt", "x\n");
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&repo.dir)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let source = describe(&repo.dir).unwrap().unwrap();
+    assert_eq!(source.commit.as_deref(), Some(head.as_str()));
+    assert!(!source.clean);
+    assert_eq!(source.dirty_paths, ["untracked.txt"]);
+}
+
+#[test]
+fn a_symlink_to_the_work_tree_describes_the_real_path() {
+    if !git_available() {
+        return;
+    }
+    let repo = Repo::committed();
+    let link = repo.dir.parent().unwrap().join("link");
+    std::os::unix::fs::symlink(&repo.dir, &link).unwrap();
+    let source = describe(&link.join("src")).unwrap().unwrap();
+    assert_eq!(source.root, repo.dir);
+    assert!(source.clean);
 }
