@@ -752,3 +752,31 @@ fn a_symlink_to_the_work_tree_describes_the_real_path() {
     assert_eq!(source.root, repo.dir);
     assert!(source.clean);
 }
+
+#[test]
+fn an_origin_url_gix_cannot_parse_is_an_error_naming_the_repository_not_a_panic() {
+    if !git_available() {
+        return;
+    }
+    let repo = Repo::committed();
+    // git stores any text; this one has a scheme and no host.
+    repo.git(&["config", "remote.origin.url", "https://"]);
+    let err = describe(&repo.dir).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GitError::Read {
+                what: "remote origin",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot read the remote origin of the git repository at {}",
+            repo.dir.display()
+        )
+    );
+}
