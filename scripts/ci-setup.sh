@@ -15,7 +15,8 @@ export DEBIAN_FRONTEND=noninteractive
 # unshare, setsid) and shellcheck: scripts/swarm-cluster.sh, the swarm tests' cluster.
 # docker-registry (the CNCF distribution registry) and ca-certificates: tests/push.rs pushes
 # kiln's images to a real registry it runs itself; kiln's push verifies HTTPS against the bundle.
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates)
+# git: crates/git's tests make real repositories with it (kiln itself reads them with gix).
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
