@@ -282,3 +282,92 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
     let instances = status(&state)["instances"].as_array().unwrap().len();
     assert_eq!(instances, 2, "no instance was made for the refused create");
 }
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "kiln test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "kiln test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// `kiln verify IMAGE -f SPEC`: its exit code and stdout.
+fn verify_image(state: &Path, image: &str, spec: &Path) -> (i32, String) {
+    let out = kiln(state)
+        .args(["verify", image, "-f"])
+        .arg(spec)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn the_source_rule_reads_the_git_work_tree_the_build_saw() {
+    if std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "git is missing under CI");
+        eprintln!("note: skipped, no git");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let spec = write_spec_with(
+        &project,
+        free_port(),
+        "HELLO_VERSION = \"v1\"",
+        1,
+        "[policy]\nsource = \"git-clean\"\n",
+    );
+
+    // Not a git work tree: the provenance names no commit.
+    let state = dir.path().join("state-plain");
+    let image = build(&state, &spec);
+    let (code, shown) = verify_image(&state, &image, &spec);
+    assert_eq!(code, 1, "{shown}");
+    assert!(shown.contains("source: not a git work tree"), "{shown}");
+    assert!(
+        shown.contains("source must be git-clean: the provenance names no git commit"),
+        "{shown}"
+    );
+
+    // A clean commit passes.
+    git(&project, &["init", "-q", "-b", "main"]);
+    git(&project, &["add", "-A"]);
+    git(&project, &["commit", "-q", "-m", "v1"]);
+    let commit = git(&project, &["rev-parse", "HEAD"]);
+    let state = dir.path().join("state-clean");
+    let image = build(&state, &spec);
+    let (code, shown) = verify_image(&state, &image, &spec);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains(&format!("source: git {commit}, clean")),
+        "{shown}"
+    );
+
+    // An untracked file makes the same commit's build dirty, and the policy says so.
+    std::fs::write(project.join("notes.txt"), "todo\n").unwrap();
+    let state = dir.path().join("state-dirty");
+    let image = build(&state, &spec);
+    let (code, shown) = verify_image(&state, &image, &spec);
+    assert_eq!(code, 1, "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "source must be git-clean: commit {commit} was built from a work tree with changes"
+        )),
+        "{shown}"
+    );
+}

@@ -228,6 +228,38 @@ pub fn build_spec(
     build_spec_with(spec, file, threads, true, state, out)
 }
 
+/// The git commit the spec's directory is checked out at, for the provenance: `origin`'s URL
+/// (else the work tree's path), the commit, and whether the work tree was clean. `None`
+/// outside a git work tree or before its first commit; a repository git cannot read is said
+/// (a warning) and left out, so a policy that wants the source refuses the image.
+fn git_source(file: &Path) -> Option<kiln_image::attest::provenance::Source> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let found = match kiln_git::describe(dir) {
+        Ok(found) => found?,
+        Err(e) => {
+            tracing::warn!(error = %e, "the provenance names no source: cannot read the spec's git work tree");
+            return None;
+        }
+    };
+    if !found.clean {
+        tracing::info!(
+            changed = found.dirty_count,
+            first = ?found.dirty_paths.first(),
+            "the work tree has uncommitted changes: the provenance says so"
+        );
+    }
+    Some(kiln_image::attest::provenance::Source {
+        uri: found
+            .remote
+            .unwrap_or_else(|| format!("file://{}", found.root.display())),
+        commit: found.commit?,
+        clean: found.clean,
+    })
+}
+
 /// RFC 3339 for a wall-clock instant, to the second.
 fn rfc3339(t: std::time::SystemTime) -> String {
     kiln_image::oci::rfc3339(
@@ -242,6 +274,7 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 fn invocation(
     file: &Path,
     started: std::time::SystemTime,
+    source: Option<kiln_image::attest::provenance::Source>,
 ) -> anyhow::Result<kiln_image::attest::provenance::Invocation> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let spec_path = if file.is_absolute() {
@@ -258,10 +291,7 @@ fn invocation(
     Ok(kiln_image::attest::provenance::Invocation {
         spec_path,
         spec_digest: kiln_image::Digest::of(&bytes),
-        // LEAD(issue 18): wire the git source here once crates/git is merged:
-        // kiln_git::describe(file)? → provenance::Source { uri: origin URL (not the work
-        // tree's path, which differs between checkouts), commit, clean }.
-        source: None,
+        source,
         kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
         invocation_id,
         started_on: rfc3339(started),
@@ -340,9 +370,11 @@ pub fn build_spec_with(
             }
         }
     };
+    // The work tree as the build starts: a change made while it runs is the next build's.
+    let source = if attest { git_source(file) } else { None };
     let built = kiln_image::build(&spec.image, &store, &mut cache, &opts, &mut progress)?;
     if let Some(record) = &built.record {
-        let inv = invocation(file, wall_started)?;
+        let inv = invocation(file, wall_started, source)?;
         kiln_image::attest::attach_build(&store, record, &inv).with_context(|| {
             format!("cannot attach the SBOM and provenance to {}", built.digest)
         })?;
