@@ -177,8 +177,8 @@ fn a_staged_change_that_the_work_tree_undoes_is_still_dirty() {
     if !git_available() {
         return;
     }
-    // Index differs from HEAD, work tree differs from the index, the work tree equals HEAD:
-    // only the HEAD-to-index comparison sees it.
+    // The work tree equals HEAD again, but the index holds the staged change (git: `MM`):
+    // comparing the work tree with HEAD alone would call this clean.
     let repo = Repo::committed();
     repo.write("a.txt", "changed\n");
     repo.git(&["add", "a.txt"]);
