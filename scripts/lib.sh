@@ -6,8 +6,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu
 
 need_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then
-    echo "kiln needs a Rust toolchain (1.85 or newer) to build: install it with rustup" >&2
-    echo "  (https://rustup.rs) or Debian's 'apt-get install -y cargo' on Debian 13 or later" >&2
+    echo "kiln needs a Rust toolchain (1.95 or newer) to build: install it with rustup" >&2
+    echo "  (https://rustup.rs); Debian's own cargo is older" >&2
     exit 1
   fi
 }

@@ -161,26 +161,13 @@ pub(super) fn app_name(app: Option<&str>) -> anyhow::Result<String> {
         .context("name the app (./kiln.toml has no `name`)")
 }
 
-/// The commit checked out in the git tree holding `dir`, read from `.git` directly.
+/// The commit checked out in the git work tree holding `dir` (none outside one, before its
+/// first commit, or when the repository cannot be read: the release records no source then).
 fn git_commit(dir: &Path) -> Option<String> {
-    let abs = std::path::absolute(dir).ok()?;
-    let git = abs
-        .ancestors()
-        .map(|d| d.join(".git"))
-        .find(|g| g.is_dir())?;
-    let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
-    let head = head.trim();
-    let Some(reference) = head.strip_prefix("ref: ") else {
-        return Some(head.to_owned());
-    };
-    if let Ok(id) = std::fs::read_to_string(git.join(reference)) {
-        return Some(id.trim().to_owned());
-    }
-    let packed = std::fs::read_to_string(git.join("packed-refs")).ok()?;
-    packed.lines().find_map(|l| {
-        let (id, name) = l.split_once(' ')?;
-        (name == reference).then(|| id.to_owned())
-    })
+    kiln_git::describe(dir)
+        .ok()
+        .flatten()
+        .and_then(|s| s.commit)
 }
 
 fn load(file: &Path, out: &Output) -> anyhow::Result<Result<Spec, ExitCode>> {
