@@ -255,7 +255,7 @@ impl Executor {
     }
 
     /// The deploy policies `config` recorded, checked against what `image` carries now.
-    async fn check_policy(
+    pub(crate) async fn check_policy(
         &self,
         image: &kiln_runtime::Digest,
         config: ReleaseConfig,

@@ -195,7 +195,28 @@ impl Executor {
         let migrations = Arc::clone(&self.migrations);
         let name = app.to_owned();
         let app_name = app.to_owned();
+        // A migration's instance runs the release's image like any other: the policy is
+        // checked before it is created.
+        let policy = (!(a.config.policy.is_empty() && a.config.daemon_policy.is_empty()))
+            .then(|| a.config.clone());
+        let exec = self.clone();
         tokio::spawn(async move {
+            if let Some(config) = policy
+                && let Err(refusal) = exec.check_policy(&spec.image, config).await
+            {
+                let event = Event::PolicyRefused {
+                    release: Some(release),
+                    image: refusal.image.to_string(),
+                    policy: refusal.policy.to_owned(),
+                    missing: refusal.missing.clone(),
+                    actor: "reconciler".to_owned(),
+                };
+                if let Err(e) = exec.record(&name, &event) {
+                    tracing::error!(app = %name, release, error = %e, "cannot record a policy refusal");
+                }
+                lock(&migrations).insert(name, Migration::Done(Err(refusal.to_string())));
+                return;
+            }
             let read = if refs.is_empty() {
                 Ok(Vec::new())
             } else {

@@ -38,7 +38,7 @@ pub use digest::{FileHashes, file_hashes};
 pub use layer::LayerReport;
 pub use limits::ImportLimits;
 pub use receive::{ReceiveError, ReceivedImage, UPLOAD_TTL, Upload};
-pub use referrers::{MAX_REFERRER_MANIFEST, Referrer, fallback_tag};
+pub use referrers::{MAX_REFERRER_MANIFEST, MAX_REFERRERS, Referrer, fallback_tag};
 pub use store::{
     BlobWriter, CorruptBlob, GcReport, ImageInfo, ImageSummary, LockGuard, Store, StoreError,
     VerifiedReader, normalize_tag,

@@ -23,6 +23,10 @@ use crate::store::{Store, StoreError, canonical};
 /// usual manifest bound. A larger one is refused unread.
 pub const MAX_REFERRER_MANIFEST: u64 = 4 << 20;
 
+/// The most referrers one image may carry: its referrers index stays far below
+/// [`MAX_REFERRER_MANIFEST`], and each policy check reads them all.
+pub const MAX_REFERRERS: usize = 128;
+
 /// One manifest attached to an image.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Referrer {
@@ -177,6 +181,16 @@ impl Store {
             None => Index::empty(),
         };
         if !fallback.manifests.iter().any(|d| d.digest == desc.digest) {
+            if fallback.manifests.len() >= MAX_REFERRERS {
+                return Err(StoreError::BadReferrer {
+                    digest: desc.digest,
+                    subject: subject.clone(),
+                    reason: format!(
+                        "is refused: the image already carries {MAX_REFERRERS} referrers, the most \
+                         kiln keeps for one image"
+                    ),
+                });
+            }
             let mut child = desc;
             child.annotations = annotations;
             fallback.manifests.push(child);

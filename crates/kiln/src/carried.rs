@@ -83,7 +83,7 @@ pub fn read(store: &Store, image: &Digest, trusted: &[PublicKey]) -> Result<Carr
         test_record: store
             .read_attestation(image)
             .map_err(|e| format!("cannot read the test record of {image}: {e}"))?
-            .map(|a| test_passed(&a)),
+            .map(|a| a["result"].as_str() == Some("passed")),
         ..Carried::default()
     };
     for r in referrers {
@@ -207,10 +207,9 @@ fn names_subject(statement: &Value, image: &Digest) -> bool {
     })
 }
 
-/// Whether a test attestation (the store's record or an in-toto statement's predicate) says
-/// the image passed.
-fn test_passed(a: &Value) -> bool {
-    a["result"].as_str() == Some("passed") || a["predicate"]["result"].as_str() == Some("passed")
+/// Whether a test statement's predicate says the image passed.
+fn test_passed(statement: &Value) -> bool {
+    statement["predicate"]["result"].as_str() == Some("passed")
 }
 
 impl Carried {
@@ -257,8 +256,12 @@ impl Carried {
         }
         let passed = |a: &AttestationFound| a.statement.as_ref().is_some_and(test_passed);
         let mut tested = self.attested(PREDICATE_TEST, passed);
-        if tested == Attested::Absent && self.test_record == Some(true) {
-            tested = Attested::Unsigned;
+        match (&tested, self.test_record) {
+            (Attested::Absent, Some(true)) => tested = Attested::Unsigned,
+            // The store's record is the last `kiln test` here: a failure since a pass that
+            // nobody signed takes it back (a signed pass stands on its signer's word).
+            (Attested::Unsigned, Some(false)) => tested = Attested::Absent,
+            _ => {}
         }
         let source = self
             .valid(PREDICATE_PROVENANCE)

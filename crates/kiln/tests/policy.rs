@@ -197,6 +197,22 @@ fn the_daemon_runs_only_what_its_policy_and_the_specs_allow() {
     let path = format!("/v1/images/{image}/referrers");
     let (code, answer) = raw_call(api_port, "PUT", &path, &upload);
     assert_eq!(code, 403, "{answer}");
+    // Nor in an envelope, signed by no key (or by the client's own): a policy without keys
+    // would count it on the store's word (regression, review of issue 18).
+    let statement = store.read_blob(&unsigned.payload).unwrap();
+    let envelope = kiln_sign::dsse::Envelope {
+        payload_type: "application/vnd.in-toto+json".to_owned(),
+        payload: statement,
+        signatures: Vec::new(),
+    };
+    let upload = json!({
+        "artifact_type": kiln_image::attest::ARTIFACT_DSSE,
+        "payload_media_type": kiln_image::attest::ARTIFACT_DSSE,
+        "payload": String::from_utf8(envelope.to_json()).unwrap(),
+        "annotations": unsigned.annotations,
+    });
+    let (code, answer) = raw_call(api_port, "PUT", &path, &upload);
+    assert_eq!(code, 403, "{answer}");
 
     // Signed by a key the daemon does not trust: still refused.
     sign(&state, &image, &other_key);

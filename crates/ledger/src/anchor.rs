@@ -286,9 +286,13 @@ pub fn read_public(files: &AnchorFiles) -> std::result::Result<Option<PublicKey>
         .map_err(|e| format!("{} is not a public key: {e}", files.public.display()))
 }
 
-pub(crate) fn when(ms: i64) -> String {
-    let t =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+/// A ledger time (ms since the epoch) as RFC 3339. Clamped to 0000–9999 years: a hostile
+/// checkpoint line or export may carry any number, and a later year cannot be formatted.
+pub fn when(ms: i64) -> String {
+    /// 9999-12-31T23:59:59.999Z.
+    const LAST: u64 = 253_402_300_799_999;
+    let ms = u64::try_from(ms).unwrap_or(0).min(LAST);
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 

@@ -26,7 +26,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary};
+pub use anchor::{AnchorFiles, AnchorReport, Checkpoint, Head, Notary, when};
 pub use chain::{GENESIS, VerifyError, VerifyReport};
 /// The ledger key's public half (`kiln_sign`'s), for callers that pin one.
 pub use kiln_sign::PublicKey;
@@ -692,7 +692,22 @@ impl Ledger {
                 Err(e) => e,
             },
             Some(n) => {
-                let verified = self.verify_anchored(files)?;
+                // The checkpoints are checked with the public file; it must be the half of the
+                // key this daemon signs with, or whoever can write it (and not read the key)
+                // could re-sign a rewritten chain.
+                let published = anchor::read_public(files);
+                let verified = match published {
+                    Ok(Some(k)) if &k != n.public() => Err(VerifyError {
+                        seq: 0,
+                        what: "ledger key".to_owned(),
+                        reason: format!(
+                            "{} is not the public half of {}: the checkpoints cannot be checked",
+                            files.public.display(),
+                            files.key.display()
+                        ),
+                    }),
+                    _ => self.verify_anchored(files)?,
+                };
                 self.notary = Some(n);
                 match verified {
                     Ok(report) => {

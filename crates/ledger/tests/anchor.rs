@@ -448,6 +448,30 @@ fn a_lost_key_is_refused_once_the_ledger_was_signed() {
     assert_eq!(anchor.checked, 1);
 }
 
+/// Regression (review of issue 18): a public key file swapped for another key's, which anyone
+/// who can write the state but not read the private key could do to re-sign a rewritten
+/// chain, is refused at start.
+#[test]
+fn a_swapped_public_key_file_is_refused_at_start() {
+    let s = anchored();
+    let other = kiln_sign::SigningKey::generate();
+    std::fs::write(&s.files.public, other.public().to_openssh()).unwrap();
+    let mut l = Ledger::open(&s.db).unwrap();
+    let refused = l.start(&s.files, None, 9_000).unwrap().unwrap_err();
+    assert!(
+        refused.reason.contains("is not the public half"),
+        "{refused}"
+    );
+}
+
+/// Regression (review of issue 18): a checkpoint time past the year 9999 is shown clamped,
+/// not a panic in `kiln verify` or at daemon start.
+#[test]
+fn a_time_past_the_year_9999_is_shown_not_a_panic() {
+    assert_eq!(kiln_ledger::when(i64::MAX), "9999-12-31T23:59:59.999Z");
+    assert_eq!(kiln_ledger::when(-5), "1970-01-01T00:00:00.000Z");
+}
+
 /// A ledger written by the kiln before this change (schema 1: rollout documents outside the
 /// chain) opens, is migrated, binds its documents as found, and verifies; an edit of a
 /// document after that is caught.

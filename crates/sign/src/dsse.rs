@@ -31,6 +31,9 @@ pub struct Signature {
     pub sig: Vec<u8>,
 }
 
+/// The most signatures an envelope may carry.
+pub const MAX_SIGNATURES: usize = 16;
+
 /// The pre-authentication encoding that is signed:
 /// `DSSEv1 <len(type)> <type> <len(payload)> <payload>`, lengths in ASCII decimal.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
@@ -121,6 +124,14 @@ impl Envelope {
     pub fn from_json(bytes: &[u8]) -> Result<Envelope, SignError> {
         let json: EnvelopeJson = serde_json::from_slice(bytes)
             .map_err(|e| SignError::MalformedEnvelope(e.to_string()))?;
+        // Each signature is tried against each trusted key on every check: an envelope with
+        // thousands would make each check costly.
+        if json.signatures.len() > MAX_SIGNATURES {
+            return Err(SignError::MalformedEnvelope(format!(
+                "{} signatures; at most {MAX_SIGNATURES} are read",
+                json.signatures.len()
+            )));
+        }
         let signatures = json
             .signatures
             .into_iter()

@@ -552,8 +552,7 @@ fn age(ms: u64) -> String {
 }
 
 fn when(ms: i64) -> String {
-    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
+    kiln_ledger::when(ms)
 }
 
 pub fn history(args: &HistoryArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {

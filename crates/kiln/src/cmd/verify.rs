@@ -103,6 +103,20 @@ fn verify_image(
             .collect();
         verdicts.push((name.clone(), missing));
     }
+    // Without a policy, `--key` alone asks for a signature by one of those keys.
+    if policies.is_empty() && !extra.is_empty() {
+        let keys = carried::parse_keys(&extra).map_err(anyhow::Error::msg)?;
+        let signed = carried::read(&store, &image, &keys)
+            .map_err(anyhow::Error::msg)?
+            .evidence(true)
+            .signatures;
+        let missing = if signed.is_empty() {
+            vec!["no signature by a key given with --key".to_owned()]
+        } else {
+            Vec::new()
+        };
+        verdicts.push(("--key".to_owned(), missing));
+    }
     let passes = verdicts.iter().all(|(_, m)| m.is_empty());
     if out.json {
         out.data(&json!({
@@ -152,6 +166,9 @@ fn verify_image(
             }
             Some((None, _)) => out.say("  source: not a git work tree"),
             None => {}
+        }
+        if verdicts.is_empty() {
+            out.say("no policy checked: give -f kiln.toml, --policy FILE or --key FILE");
         }
         for (name, missing) in &verdicts {
             if missing.is_empty() {
