@@ -66,7 +66,7 @@ pub struct Controller {
     /// The last listing of the provider, taken by `reconcile` (at most a tick old).
     pub(crate) observed: Mutex<Arc<Vec<Observation>>>,
     attestations: Option<Arc<dyn Attestations>>,
-    daemon_policy: crate::config::PolicyConfig,
+    pub(crate) daemon_policy: crate::config::PolicyConfig,
 }
 
 /// Why a running app refuses a new release: a rollout in progress, or another `[route]`.
@@ -273,10 +273,18 @@ impl Controller {
         Ok((config, image))
     }
 
-    /// Refuses an image that the spec's or the daemon's policy forbids, recording why.
-    async fn enforce_policy(&self, app: &str, image: &Digest, req: &ApplyRequest) -> Result<()> {
+    /// Refuses an image that the spec's or the daemon's policy forbids, recording why:
+    /// an apply (`release` `None`: nothing is recorded), or a cold rollback to `release`.
+    pub(crate) async fn enforce_policy(
+        &self,
+        app: &str,
+        image: &Digest,
+        config: &ReleaseConfig,
+        release: Option<u64>,
+        actor: &str,
+    ) -> Result<()> {
         let (image, config, attestations) =
-            (image.clone(), req.config.clone(), self.attestations.clone());
+            (image.clone(), config.clone(), self.attestations.clone());
         let checked = tokio::task::spawn_blocking(move || {
             crate::policy::enforce(&image, &config, attestations.as_deref())
         })
@@ -288,11 +296,11 @@ impl Controller {
         self.exec.record(
             app,
             &Event::PolicyRefused {
-                release: None,
+                release,
                 image: refusal.image.to_string(),
                 policy: refusal.policy.to_owned(),
                 missing: refusal.missing.clone(),
-                actor: req.actor.clone(),
+                actor: actor.to_owned(),
             },
         )?;
         Err(ControlError::Forbidden(refusal.to_string()))
@@ -303,7 +311,8 @@ impl Controller {
         let image = crate::gate::check_apply(app, &req, self.attestations.as_deref())?;
         // The daemon's policy is the daemon's: whatever a client sent in its place.
         req.config.daemon_policy = self.daemon_policy.clone();
-        self.enforce_policy(app, &image, &req).await?;
+        self.enforce_policy(app, &image, &req.config, None, &req.actor)
+            .await?;
         // What would refuse it anyway is said before a secret's command runs for nothing
         // (and said again below, under the lock that makes it hold).
         if let Some(a) = self.apps.lock().await.get(app) {

@@ -61,6 +61,17 @@ impl Controller {
                     plan_rollback(&a.goal, &target, from, &view.observed, a.schema, &req, now)
                         .map_err(refused)?;
                 let warm = plan.warm;
+                if !warm {
+                    // A cold rollback starts the release again: the daemon's policy of now
+                    // applies, as it would to an apply of that image (a warm one only moves
+                    // traffic back to what still runs).
+                    let now_policy = ReleaseConfig {
+                        daemon_policy: self.daemon_policy.clone(),
+                        ..config.clone()
+                    };
+                    self.enforce_policy(app, &image, &now_policy, Some(to), actor)
+                        .await?;
+                }
                 let loaded = (config, image);
                 self.roll_back_to(app, a, plan, loaded, actor, &view.addrs, &observed)
                     .await?;

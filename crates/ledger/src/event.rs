@@ -160,7 +160,8 @@ pub enum Event {
         error: String,
     },
     /// The deploy policy refused an image: at apply (`release` is `None`: nothing was
-    /// recorded) or when an instance of `release` was to be created (none was).
+    /// recorded), at a cold rollback to `release`, or when an instance of `release` was to be
+    /// created (none was; `actor` is `reconciler`).
     #[serde(rename = "policy.refused")]
     PolicyRefused {
         /// The release whose instance was refused; `None` at apply.

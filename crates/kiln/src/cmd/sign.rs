@@ -211,6 +211,24 @@ pub fn sign_image(
             .annotations
             .get(ANNOTATION_PREDICATE_TYPE)
             .cloned();
+        // The key vouches only for statements about this image that say what their
+        // annotation says they are: one imported with the image about another, or dressed
+        // as another kind, is left unsigned.
+        let parsed: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+        let about_image = parsed["subject"].as_array().is_some_and(|subjects| {
+            subjects
+                .iter()
+                .any(|s| s["digest"]["sha256"].as_str() == Some(image.hex()))
+        });
+        let typed = parsed["_type"].as_str() == Some(kiln_image::attest::STATEMENT_TYPE)
+            && parsed["predicateType"].as_str() == predicate_type.as_deref();
+        if !(about_image && typed) {
+            tracing::warn!(
+                referrer = %statement.manifest,
+                "not signed: the attestation is not an in-toto statement about this image of the kind its annotation says"
+            );
+            continue;
+        }
         let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, payload, key)?.to_json();
         let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), fingerprint.clone())]);
         if let Some(p) = &predicate_type {
