@@ -256,59 +256,17 @@ pub fn build(
             });
         }
     }
-    let Hashed {
-        mut digests,
-        fresh,
-        sbom_todo,
-    } = hash_sources(&planned, cache, opts, progress)?;
+    let digests = hash_sources(&planned, cache, opts, scan_started, progress)?;
+    let digest_of = |p: &Path| digests.get(p).map(|(c, _)| c.clone());
     let mut reports = base.reports.clone();
-    let (ours, sbom) = {
-        let digest_of = |p: &Path| digests.get(p).map(|(c, _)| c.clone());
-        let cache_ref: &BuildCache = cache;
-        std::thread::scope(|scope| {
-            // The SBOM's hashes on a thread of their own, beside the encoding.
-            let sbom = (!sbom_todo.is_empty()).then(|| scope.spawn(|| sbom_hashes(&sbom_todo)));
-            let ours = layer::encode_layers(
-                &mut planned,
-                &digest_of,
-                cache_ref,
-                store,
-                opts.threads,
-                progress,
-            );
-            let sbom = match sbom {
-                Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(BuildError::Internal {
-                        reason: "the SBOM hashing thread panicked".to_owned(),
-                    })
-                }),
-                None => Ok(Vec::new()),
-            };
-            (ours, sbom)
-        })
-    };
-    let ours = ours?;
-    let sbom = sbom?;
-    for ((path, _), h) in sbom_todo.iter().zip(sbom) {
-        if let Some(entry) = digests.get_mut(path) {
-            entry.1 = Some(h);
-        }
-    }
-    // Save what this build learnt: fresh digests, and SBOM hashes of files the cache knew.
-    let mut save: Vec<(PathBuf, StatKey)> = fresh;
-    save.extend(sbom_todo);
-    save.sort();
-    save.dedup();
-    let learnt: Vec<_> = save
-        .into_iter()
-        .filter_map(|(path, stat)| {
-            let (content, hashes) = digests.get(&path)?.clone();
-            Some((path, stat, content, hashes))
-        })
-        .collect();
-    if !learnt.is_empty() {
-        cache.save_digests(learnt, scan_started)?;
-    }
+    let ours = layer::encode_layers(
+        &mut planned,
+        &digest_of,
+        cache,
+        store,
+        opts.threads,
+        progress,
+    )?;
     reports.extend(ours);
     let record = if opts.attest {
         let hashes = |p: &Path| digests.get(p).and_then(|(_, h)| h.clone());
@@ -337,27 +295,25 @@ fn lineage(from: &Path, to: &str, c: kiln_spec::Compression) -> Digest {
 type CachedHashes = (crate::digest::ContentId, Option<crate::digest::FileHashes>);
 
 /// Content digests for every source file: from the stat cache where it can vouch, else by
-/// reading the file (in parallel). Returns them, the fresh ones to save back to the cache,
-/// and (with attestations) the files whose SBOM hashes are still to compute.
+/// reading the file (in parallel). Fresh digests are saved back to the cache.
 fn hash_sources(
     planned: &[layer::PlannedLayer],
-    cache: &BuildCache,
+    cache: &mut BuildCache,
     opts: &BuildOptions,
+    scan_started: i128,
     progress: &mut dyn FnMut(Progress<'_>),
-) -> Result<Hashed, BuildError> {
+) -> Result<std::collections::HashMap<PathBuf, CachedHashes>, BuildError> {
     let mut digests = std::collections::HashMap::new();
     let mut todo: Vec<(PathBuf, StatKey)> = Vec::new();
-    let mut sbom_todo: Vec<(PathBuf, StatKey)> = Vec::new();
     for l in planned {
         for (path, stat) in layer::layer_files(l) {
             if digests.contains_key(&path) {
                 continue;
             }
             match cache.content_digest(&path, &stat) {
+                // A file the cache knows, but not its SBOM hashes, is read again for them.
+                Some((_, None)) if opts.attest => todo.push((path, stat)),
                 Some(d) => {
-                    if opts.attest && d.1.is_none() {
-                        sbom_todo.push((path.clone(), stat));
-                    }
                     digests.insert(path, d);
                 }
                 None => todo.push((path, stat)),
@@ -369,40 +325,19 @@ fn hash_sources(
     if !todo.is_empty() {
         progress(Progress::Hashing { files: todo.len() });
     }
-    let hashed = layer::parallel(&todo, opts.threads, |(p, s)| layer::hash_file(p, s));
+    let hashed = layer::parallel(&todo, opts.threads, |(p, s)| {
+        layer::hash_file(p, s, opts.attest)
+    });
     let mut fresh = Vec::new();
     for ((path, stat), d) in todo.into_iter().zip(hashed) {
-        let content = d?;
-        digests.insert(path.clone(), (content.clone(), None));
-        if opts.attest {
-            sbom_todo.push((path.clone(), stat));
-        }
-        fresh.push((path, stat));
+        let (content, hashes) = d?;
+        digests.insert(path.clone(), (content.clone(), hashes.clone()));
+        fresh.push((path, stat, content, hashes));
     }
-    sbom_todo.sort();
-    Ok(Hashed {
-        digests,
-        fresh,
-        sbom_todo,
-    })
-}
-
-/// What [`hash_sources`] found.
-struct Hashed {
-    digests: std::collections::HashMap<PathBuf, CachedHashes>,
-    /// Files hashed by this build (not vouched for by the cache).
-    fresh: Vec<(PathBuf, StatKey)>,
-    /// Files whose SBOM hashes neither the cache nor this build has yet.
-    sbom_todo: Vec<(PathBuf, StatKey)>,
-}
-
-/// The SBOM hashes of `files`, in order, read on one thread: it runs beside the layer
-/// encoding, whose assembly leaves a core idle.
-fn sbom_hashes(files: &[(PathBuf, StatKey)]) -> Result<Vec<crate::digest::FileHashes>, BuildError> {
-    files
-        .iter()
-        .map(|(p, s)| layer::sbom_hash_file(p, s))
-        .collect()
+    if !fresh.is_empty() {
+        cache.save_digests(fresh, scan_started)?;
+    }
+    Ok(digests)
 }
 
 fn finish(

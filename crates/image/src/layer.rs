@@ -476,36 +476,40 @@ pub(crate) fn layer_files(layer: &PlannedLayer) -> Vec<(PathBuf, StatKey)> {
 }
 
 /// Hashes a whole file's content, checking it did not change while read.
-pub(crate) fn hash_file(source: &Path, stat: &StatKey) -> Result<ContentId, BuildError> {
+pub(crate) fn hash_file(
+    source: &Path,
+    stat: &StatKey,
+    sbom: bool,
+) -> Result<(ContentId, Option<FileHashes>), BuildError> {
     let mut f = open_unchanged(source, stat)?;
-    let mut h = blake3::Hasher::new();
+    // With attestations the SBOM's SHA-256 is the content identity too, so each byte is
+    // hashed twice (SHA1 and SHA-256, both SPDX's), not three times.
+    let mut blake = (!sbom).then(blake3::Hasher::new);
+    let mut s = sbom.then(SbomHasher::default);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(BuildError::io("read", source))?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
-    }
-    check_unchanged(&f, source, stat)?;
-    Ok(ContentId::from_hasher(&h))
-}
-
-/// The SBOM's hashes of a whole file (SHA1 and SHA-256 in one read), checking it did not
-/// change while read.
-pub(crate) fn sbom_hash_file(source: &Path, stat: &StatKey) -> Result<FileHashes, BuildError> {
-    let mut f = open_unchanged(source, stat)?;
-    let mut h = SbomHasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(BuildError::io("read", source))?;
-        if n == 0 {
-            break;
+        if let Some(h) = &mut blake {
+            h.update(&buf[..n]);
         }
-        h.update(&buf[..n]);
+        if let Some(s) = &mut s {
+            s.update(&buf[..n]);
+        }
     }
     check_unchanged(&f, source, stat)?;
-    Ok(h.finish())
+    match (blake, s) {
+        (_, Some(s)) => {
+            let hashes = s.finish();
+            Ok((ContentId::from_sha256(&hashes.sha256), Some(hashes)))
+        }
+        (Some(h), None) => Ok((ContentId::from_hasher(&h), None)),
+        (None, None) => Err(BuildError::Internal {
+            reason: "no hasher for a file's content".to_owned(),
+        }),
+    }
 }
 
 /// Keys all units, compresses those the cache lacks (in parallel across all layers), then
