@@ -13,6 +13,8 @@
 # side in the same runs, with `--no-attest`: the attestations' cost, target <= 1.10 clean.
 #
 # Usage: bench/build.sh   (REPS=3 by default; WORK=/tmp/kiln-bench-build; needs dockerd)
+#        PEER=none bench/build.sh   (kiln with and without attestations only: no docker, so
+#        no `docker builder prune` on a shared engine)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,6 +29,12 @@ DOCKER="${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}"
 echo "building kiln (release)…" >&2
 (cd "$ROOT" && cargo build --release -q -p kiln)
 
+PEER="${PEER:-docker}"
+TOOLS="kiln bare docker"
+mkdir -p "$WORK"
+if [ "$PEER" = none ]; then
+  TOOLS="kiln bare"
+else
 [ -S /var/run/docker.sock ] || { echo "dockerd is not running (start it: dockerd &)" >&2; exit 1; }
 BUILDER="BuildKit"
 export DOCKER_BUILDKIT=1
@@ -38,6 +46,7 @@ if ! "$DOCKER" build -q -f "$WORK/probe.Dockerfile" -t kiln-bench-probe "$WORK" 
   BUILDER="classic builder"
 fi
 "$DOCKER" rmi -f kiln-bench-probe >/dev/null 2>&1 || true
+fi
 
 # --- the reference tree -------------------------------------------------------------------
 if [ ! -f "$WORK/tree.v2" ]; then
@@ -126,12 +135,12 @@ change_small() { printf 'changed %s\n' "$1" >> "$SMALL"; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 declare -A T
-for tool in kiln bare docker; do
+for tool in $TOOLS; do
   for phase in clean nochange onefile; do : > "$WORK/$tool.$phase"; done
 done
 for rep in $(seq 1 "$REPS"); do
   echo "run $rep/$REPS…" >&2
-  for tool in kiln bare docker; do
+  for tool in $TOOLS; do
     restore_small
     "clean_$tool"; warm
     "t_$tool" >> "$WORK/$tool.clean"
@@ -141,7 +150,7 @@ for rep in $(seq 1 "$REPS"); do
   done
 done
 restore_small
-for tool in kiln bare docker; do
+for tool in $TOOLS; do
   for phase in clean nochange onefile; do T[$tool.$phase]=$(median < "$WORK/$tool.$phase"); done
 done
 
@@ -152,6 +161,7 @@ layer_mb=$(du -sm "$WORK/state/images/blobs" | cut -f1)
 
 echo
 echo "tree: $(find "$WORK/tree" -type f | wc -l) files, $(du -sm "$WORK/tree" | cut -f1) MB; kiln layer store ${layer_mb} MB (gzip); median of $REPS"
+if [ "$PEER" != none ]; then
 echo "peer: docker build ($BUILDER, $("$DOCKER" version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"
 printf '%-10s %10s %10s %8s %8s\n' phase "kiln s" "docker s" ratio target
 for phase in clean nochange onefile; do
@@ -159,6 +169,7 @@ for phase in clean nochange onefile; do
   k=${T[kiln.$phase]}; d=${T[docker.$phase]}
   printf '%-10s %10.3f %10.3f %8.3f %8s\n' "$phase" "$k" "$d" "$(echo "$k / $d" | bc -l)" "$target"
 done
+fi
 echo "attestations (SBOM + provenance) against --no-attest, same runs:"
 printf '%-10s %10s %10s %8s %8s\n' phase "kiln s" "bare s" ratio target
 for phase in clean nochange onefile; do

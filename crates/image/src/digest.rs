@@ -15,8 +15,9 @@ pub(crate) fn finish(hasher: Sha256) -> Digest {
     Digest::from_sha256(hasher.finalize().into())
 }
 
-/// What the build cache knows a file's content by: `blake3:<hex>`. Never part of an image —
-/// only a cache key — so it can use the fastest sound hash.
+/// What the build cache knows a file's content by: `blake3:<hex>`, or the `sha256:<hex>` a
+/// build with attestations computes for the SBOM anyway (one hash fewer per byte). Never
+/// part of an image — only a cache key — so it can use the fastest sound hash at hand.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub(crate) struct ContentId(String);
@@ -24,6 +25,11 @@ pub(crate) struct ContentId(String);
 impl ContentId {
     pub(crate) fn from_hasher(h: &blake3::Hasher) -> ContentId {
         ContentId(format!("blake3:{}", h.finalize().to_hex()))
+    }
+
+    /// The SBOM's SHA-256 as the content identity.
+    pub(crate) fn from_sha256(d: &Digest) -> ContentId {
+        ContentId(d.as_str().to_owned())
     }
 
     pub(crate) fn as_str(&self) -> &str {

@@ -482,8 +482,9 @@ pub(crate) fn hash_file(
     sbom: bool,
 ) -> Result<(ContentId, Option<FileHashes>), BuildError> {
     let mut f = open_unchanged(source, stat)?;
-    let mut h = blake3::Hasher::new();
-    // The SBOM's hashes in the same read: the file is read once, whatever is asked.
+    // With attestations the SBOM's SHA-256 is the content identity too, so each byte is
+    // hashed twice (SHA1 and SHA-256, both SPDX's), not three times.
+    let mut blake = (!sbom).then(blake3::Hasher::new);
     let mut s = sbom.then(SbomHasher::default);
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -491,13 +492,24 @@ pub(crate) fn hash_file(
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        if let Some(h) = &mut blake {
+            h.update(&buf[..n]);
+        }
         if let Some(s) = &mut s {
             s.update(&buf[..n]);
         }
     }
     check_unchanged(&f, source, stat)?;
-    Ok((ContentId::from_hasher(&h), s.map(SbomHasher::finish)))
+    match (blake, s) {
+        (_, Some(s)) => {
+            let hashes = s.finish();
+            Ok((ContentId::from_sha256(&hashes.sha256), Some(hashes)))
+        }
+        (Some(h), None) => Ok((ContentId::from_hasher(&h), None)),
+        (None, None) => Err(BuildError::Internal {
+            reason: "no hasher for a file's content".to_owned(),
+        }),
+    }
 }
 
 /// Keys all units, compresses those the cache lacks (in parallel across all layers), then

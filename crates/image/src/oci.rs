@@ -150,7 +150,7 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Er
 /// Rebuilds every object with keys inserted in sorted order: with serde_json's default map
 /// this is a no-op, and with `preserve_order` (which another crate could switch on through
 /// feature unification) it still yields sorted keys.
-fn sorted(v: serde_json::Value) -> serde_json::Value {
+pub(crate) fn sorted(v: serde_json::Value) -> serde_json::Value {
     match v {
         serde_json::Value::Object(map) => {
             let entries: BTreeMap<String, serde_json::Value> =

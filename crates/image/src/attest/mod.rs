@@ -282,12 +282,25 @@ pub fn attach_statement(
         .unwrap_or_default()
         .to_owned();
     let bytes = crate::store::canonical(statement, "in-toto statement")?;
+    attach_statement_bytes(store, subject, &predicate_type, &bytes)
+}
+
+/// [`attach_statement`] for a statement already serialized (canonical JSON).
+pub fn attach_statement_bytes(
+    store: &Store,
+    subject: &Digest,
+    predicate_type: &str,
+    bytes: &[u8],
+) -> Result<Digest, crate::StoreError> {
     store.attach(
         subject,
         ARTIFACT_IN_TOTO,
         ARTIFACT_IN_TOTO,
-        &bytes,
-        BTreeMap::from([(ANNOTATION_PREDICATE_TYPE.to_owned(), predicate_type)]),
+        bytes,
+        BTreeMap::from([(
+            ANNOTATION_PREDICATE_TYPE.to_owned(),
+            predicate_type.to_owned(),
+        )]),
     )
 }
 
@@ -301,7 +314,12 @@ pub fn attach_build(
     invocation: &provenance::Invocation,
 ) -> Result<[Digest; 2], crate::StoreError> {
     let tool = format!("kiln-{}", invocation.kiln_version);
-    let sbom = attach_statement(store, &record.image, &sbom::statement(record, &tool))?;
+    let bytes =
+        sbom::statement_bytes(record, &tool).map_err(|source| crate::StoreError::BadJson {
+            what: format!("the SBOM of {}", record.image),
+            source,
+        })?;
+    let sbom = attach_statement_bytes(store, &record.image, PREDICATE_SBOM, &bytes)?;
     let existing =
         store.referrers_of_kind(&record.image, ARTIFACT_IN_TOTO, Some(PREDICATE_PROVENANCE))?;
     let prov = match existing.first() {

@@ -8,6 +8,8 @@
 //! `SOURCE_DATE_EPOCH` and `documentNamespace` derives from the image digest, so the same
 //! inputs give the same bytes. Pure: no I/O.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
 
 use super::{BuildRecord, PREDICATE_SBOM, STATEMENT_TYPE};
@@ -21,13 +23,6 @@ fn purl_oci(name: &str, digest: &crate::Digest) -> String {
     format!("pkg:oci/{name}@sha256%3A{}", digest.hex())
 }
 
-fn checksums(h: &crate::digest::FileHashes) -> Value {
-    json!([
-        {"algorithm": "SHA1", "checksumValue": h.sha1},
-        {"algorithm": "SHA256", "checksumValue": h.sha256.hex()},
-    ])
-}
-
 /// SPDX's package verification code: SHA1 over the sorted SHA1s of the package's files.
 fn verification_code<'a>(files: impl Iterator<Item = &'a super::ImageFile>) -> String {
     let mut sha1s: Vec<&str> = files.map(|f| f.hashes.sha1.as_str()).collect();
@@ -39,8 +34,7 @@ fn verification_code<'a>(files: impl Iterator<Item = &'a super::ImageFile>) -> S
     h.finish().sha1
 }
 
-/// The SPDX 2.3 document for `record`; `tool` is the creator (`kiln-0.1.0`).
-pub fn document(record: &BuildRecord, tool: &str) -> Value {
+fn build<'a>(record: &'a BuildRecord, tool: &str) -> Document<'a> {
     let name = record.name();
     let image_id = "SPDXRef-Image";
     let mut packages = vec![json!({
@@ -63,11 +57,11 @@ pub fn document(record: &BuildRecord, tool: &str) -> Value {
         "licenseDeclared": "NOASSERTION",
         "copyrightText": "NOASSERTION",
     })];
-    let mut relationships = vec![json!({
-        "spdxElementId": "SPDXRef-DOCUMENT",
-        "relationshipType": "DESCRIBES",
-        "relatedSpdxElement": image_id,
-    })];
+    let mut relationships = vec![Relationship {
+        related: image_id.to_owned(),
+        kind: "DESCRIBES",
+        element: "SPDXRef-DOCUMENT".to_owned(),
+    }];
     if let Some(digest) = &record.base.digest {
         packages.push(json!({
             "SPDXID": "SPDXRef-Base",
@@ -86,11 +80,11 @@ pub fn document(record: &BuildRecord, tool: &str) -> Value {
             "licenseDeclared": "NOASSERTION",
             "copyrightText": "NOASSERTION",
         }));
-        relationships.push(json!({
-            "spdxElementId": image_id,
-            "relationshipType": "DESCENDANT_OF",
-            "relatedSpdxElement": "SPDXRef-Base",
-        }));
+        relationships.push(Relationship {
+            related: "SPDXRef-Base".to_owned(),
+            kind: "DESCENDANT_OF",
+            element: image_id.to_owned(),
+        });
     }
     for (i, p) in record.packages.iter().enumerate() {
         let id = format!("SPDXRef-Package-deb-{i}");
@@ -113,49 +107,153 @@ pub fn document(record: &BuildRecord, tool: &str) -> Value {
             "licenseDeclared": "NOASSERTION",
             "copyrightText": "NOASSERTION",
         }));
-        relationships.push(json!({
-            "spdxElementId": image_id,
-            "relationshipType": "CONTAINS",
-            "relatedSpdxElement": id,
-        }));
+        relationships.push(Relationship {
+            related: id,
+            kind: "CONTAINS",
+            element: image_id.to_owned(),
+        });
     }
     let mut files = Vec::with_capacity(record.files.len());
     for (i, f) in record.files.iter().enumerate() {
         let id = format!("SPDXRef-File-{i}");
-        files.push(json!({
-            "SPDXID": id,
-            "fileName": format!(".{}", f.path),
-            "checksums": checksums(&f.hashes),
-            "licenseConcluded": "NOASSERTION",
-            "copyrightText": "NOASSERTION",
-        }));
-        relationships.push(json!({
-            "spdxElementId": image_id,
-            "relationshipType": "CONTAINS",
-            "relatedSpdxElement": id,
-        }));
+        relationships.push(Relationship {
+            related: id.clone(),
+            kind: "CONTAINS",
+            element: image_id.to_owned(),
+        });
         if let Some(p) = f.package {
-            relationships.push(json!({
-                "spdxElementId": format!("SPDXRef-Package-deb-{p}"),
-                "relationshipType": "CONTAINS",
-                "relatedSpdxElement": id,
-            }));
+            relationships.push(Relationship {
+                related: id.clone(),
+                kind: "CONTAINS",
+                element: format!("SPDXRef-Package-deb-{p}"),
+            });
         }
+        files.push(File {
+            id,
+            checksums: [
+                Checksum {
+                    algorithm: "SHA1",
+                    value: &f.hashes.sha1,
+                },
+                Checksum {
+                    algorithm: "SHA256",
+                    value: f.hashes.sha256.hex(),
+                },
+            ],
+            copyright: "NOASSERTION",
+            name: format!(".{}", f.path),
+            license: "NOASSERTION",
+        });
     }
-    json!({
-        "spdxVersion": "SPDX-2.3",
-        "dataLicense": "CC0-1.0",
-        "SPDXID": "SPDXRef-DOCUMENT",
-        "name": format!("{name}@{}", record.image),
-        "documentNamespace": format!("{NAMESPACE_PREFIX}{name}-sha256-{}", record.image.hex()),
-        "creationInfo": {
-            "created": oci::rfc3339(record.source_date_epoch),
-            "creators": [format!("Tool: {tool}")],
+    Document {
+        id: "SPDXRef-DOCUMENT",
+        creation: Creation {
+            created: oci::rfc3339(record.source_date_epoch),
+            creators: [format!("Tool: {tool}")],
         },
-        "documentDescribes": [image_id],
-        "packages": packages,
-        "files": files,
-        "relationships": relationships,
+        data_license: "CC0-1.0",
+        describes: [image_id],
+        namespace: format!("{NAMESPACE_PREFIX}{name}-sha256-{}", record.image.hex()),
+        files,
+        name: format!("{name}@{}", record.image),
+        packages: packages.into_iter().map(crate::oci::sorted).collect(),
+        relationships,
+        version: "SPDX-2.3",
+    }
+}
+
+/// The SPDX 2.3 document for `record`, as a JSON value; `tool` is the creator (`kiln-0.1.0`).
+pub fn document(record: &BuildRecord, tool: &str) -> Value {
+    serde_json::to_value(build(record, tool)).unwrap_or(Value::Null)
+}
+
+// The document's own types, their fields declared in sorted key order so that serde writes
+// canonical JSON (sorted keys, compact) straight away: an SBOM lists thousands of files, and
+// a round trip through `serde_json::Value` to sort them costs more than the rest together.
+
+#[derive(serde::Serialize)]
+struct Checksum<'a> {
+    algorithm: &'static str,
+    #[serde(rename = "checksumValue")]
+    value: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct File<'a> {
+    #[serde(rename = "SPDXID")]
+    id: String,
+    checksums: [Checksum<'a>; 2],
+    #[serde(rename = "copyrightText")]
+    copyright: &'static str,
+    #[serde(rename = "fileName")]
+    name: String,
+    #[serde(rename = "licenseConcluded")]
+    license: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct Relationship {
+    #[serde(rename = "relatedSpdxElement")]
+    related: String,
+    #[serde(rename = "relationshipType")]
+    kind: &'static str,
+    #[serde(rename = "spdxElementId")]
+    element: String,
+}
+
+#[derive(serde::Serialize)]
+struct Creation {
+    created: String,
+    creators: [String; 1],
+}
+
+#[derive(serde::Serialize)]
+struct Document<'a> {
+    #[serde(rename = "SPDXID")]
+    id: &'static str,
+    #[serde(rename = "creationInfo")]
+    creation: Creation,
+    #[serde(rename = "dataLicense")]
+    data_license: &'static str,
+    #[serde(rename = "documentDescribes")]
+    describes: [&'static str; 1],
+    #[serde(rename = "documentNamespace")]
+    namespace: String,
+    files: Vec<File<'a>>,
+    name: String,
+    packages: Vec<Value>,
+    relationships: Vec<Relationship>,
+    #[serde(rename = "spdxVersion")]
+    version: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct Subject<'a> {
+    digest: BTreeMap<&'static str, &'a str>,
+    name: String,
+}
+
+#[derive(serde::Serialize)]
+struct Statement<'a> {
+    #[serde(rename = "_type")]
+    kind: &'static str,
+    predicate: Document<'a>,
+    #[serde(rename = "predicateType")]
+    predicate_type: &'static str,
+    subject: [Subject<'a>; 1],
+}
+
+/// The in-toto statement carrying the SBOM of `record`, as canonical JSON bytes (what
+/// [`crate::oci::canonical_json`] would write for [`statement`]).
+pub fn statement_bytes(record: &BuildRecord, tool: &str) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Statement {
+        kind: STATEMENT_TYPE,
+        predicate: build(record, tool),
+        predicate_type: PREDICATE_SBOM,
+        subject: [Subject {
+            digest: BTreeMap::from([("sha256", record.image.hex())]),
+            name: record.name(),
+        }],
     })
 }
 
@@ -232,9 +330,12 @@ mod tests {
 
     #[test]
     fn the_same_record_gives_the_same_bytes() {
-        let a = crate::oci::canonical_json(&statement(&fixture(), "kiln-0.1.0")).unwrap();
-        let b = crate::oci::canonical_json(&statement(&fixture(), "kiln-0.1.0")).unwrap();
+        let a = statement_bytes(&fixture(), "kiln-0.1.0").unwrap();
+        let b = statement_bytes(&fixture(), "kiln-0.1.0").unwrap();
         assert_eq!(a, b);
+        // Written canonical as is: sorted keys, compact.
+        let canonical = crate::oci::canonical_json(&statement(&fixture(), "kiln-0.1.0")).unwrap();
+        assert_eq!(a, canonical);
         let s: serde_json::Value = serde_json::from_slice(&a).unwrap();
         assert_eq!(s["predicateType"], PREDICATE_SBOM);
         assert_eq!(s["subject"][0]["digest"]["sha256"], fixture().image.hex());
