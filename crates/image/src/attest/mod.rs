@@ -320,10 +320,27 @@ pub fn attach_build(
             source,
         })?;
     let sbom = attach_statement_bytes(store, &record.image, PREDICATE_SBOM, &bytes)?;
+    // One provenance per source: a rebuild of the same image from the same commit (or from
+    // no repository) adds nothing, but one from another commit, or from a clean work tree
+    // after a dirty one, is a new fact about the image and is kept beside the first.
     let existing =
         store.referrers_of_kind(&record.image, ARTIFACT_IN_TOTO, Some(PREDICATE_PROVENANCE))?;
-    let prov = match existing.first() {
-        Some(r) => r.manifest.clone(),
+    let mut same = None;
+    for r in &existing {
+        let statement: serde_json::Value =
+            serde_json::from_slice(&store.read_blob(&r.payload)?).unwrap_or_default();
+        if git_source(&statement)
+            == invocation
+                .source
+                .as_ref()
+                .map(|s| (s.commit.as_str(), s.clean))
+        {
+            same = Some(r.manifest.clone());
+            break;
+        }
+    }
+    let prov = match same {
+        Some(manifest) => manifest,
         None => attach_statement(
             store,
             &record.image,
@@ -331,6 +348,18 @@ pub fn attach_build(
         )?,
     };
     Ok([sbom, prov])
+}
+
+/// The git commit and cleanliness a provenance statement records, if any.
+fn git_source(statement: &serde_json::Value) -> Option<(&str, bool)> {
+    statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()?
+        .iter()
+        .find(|d| d["uri"].as_str().is_some_and(|u| u.starts_with("git+")))
+        .and_then(|d| {
+            let commit = d["digest"]["gitCommit"].as_str()?;
+            Some((commit, d["annotations"]["clean"].as_bool() == Some(true)))
+        })
 }
 
 /// The in-toto statement of a `kiln test` run on `subject` (predicate type
