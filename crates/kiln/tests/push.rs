@@ -278,7 +278,10 @@ fn a_push_carries_the_signatures_and_attestations_as_referrers() {
     }
     if !works("skopeo", &["--version"]) || !works("curl", &["--version"]) {
         let why = "skopeo and curl are needed (apt-get install skopeo curl)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: {why}");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: {why}"
+        );
         eprintln!("note: skipping the referrers push test ({why})");
         return;
     }
@@ -333,8 +336,7 @@ fn a_push_carries_the_signatures_and_attestations_as_referrers() {
     let hex = image.strip_prefix("sha256:").unwrap();
     let base = format!("http://{host}/v2/team/signed{stamp}");
     let tag: serde_json::Value =
-        serde_json::from_slice(&registry_get(&format!("{base}/manifests/sha256-{hex}")))
-            .unwrap();
+        serde_json::from_slice(&registry_get(&format!("{base}/manifests/sha256-{hex}"))).unwrap();
     assert_eq!(tag["mediaType"], "application/vnd.oci.image.index.v1+json");
     let mut listed: Vec<(String, String)> = tag["manifests"]
         .as_array()

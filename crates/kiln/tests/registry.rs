@@ -727,7 +727,10 @@ fn the_referrers_api_lists_the_signatures_kiln_sign_attached() {
         "",
     );
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("oci-filters-applied").as_deref(), Some("artifactType"));
+    assert_eq!(
+        r.header("oci-filters-applied").as_deref(),
+        Some("artifactType")
+    );
     let only: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(only["manifests"].as_array().unwrap().len(), 1, "{only}");
     assert_eq!(only["manifests"][0]["digest"], signature.as_str());
@@ -768,14 +771,21 @@ fn the_referrers_api_lists_the_signatures_kiln_sign_attached() {
     // A malformed digest: 400 in the registry's error format.
     let r = request(addr, "GET", &format!("{repo}/referrers/sha256:abc"), "");
     assert_eq!((r.status, r.code()), (400, "DIGEST_INVALID".to_owned()));
-    assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
 
     // curl, a client that follows the spec, reads the same.
     let out = curl(&[
         "-fsS",
         &format!("http://{addr}{repo}/referrers/{image}?artifactType={encoded}"),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
         only

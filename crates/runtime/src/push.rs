@@ -491,12 +491,7 @@ impl Run<'_> {
             let manifest = read_manifest(self.source, child)?;
             let subject = serde_json::from_slice::<serde_json::Value>(&manifest)
                 .ok()
-                .and_then(|d| {
-                    d.get("subject")?
-                        .get("digest")?
-                        .as_str()
-                        .map(str::to_owned)
-                });
+                .and_then(|d| d.get("subject")?.get("digest")?.as_str().map(str::to_owned));
             if subject.as_deref() != Some(image.as_str()) {
                 return Err(PushError::Image {
                     digest: child.clone(),
@@ -569,11 +564,8 @@ impl Run<'_> {
         }
         let theirs: serde_json::Value = serde_json::from_slice(&theirs)
             .map_err(|e| self.protocol(&what, format!("not an image index: {e}")))?;
-        let digest_of = |d: &serde_json::Value| {
-            d.get("digest")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
+        let digest_of =
+            |d: &serde_json::Value| d.get("digest").and_then(|v| v.as_str()).map(str::to_owned);
         let listed: HashSet<String> = as_list(theirs.get("manifests"))
             .unwrap_or_default()
             .iter()
