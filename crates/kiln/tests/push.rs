@@ -400,6 +400,97 @@ fn a_push_carries_the_signatures_and_attestations_as_referrers() {
     );
 }
 
+/// The referrer manifests of `image` in the state's store, sorted, read without kiln.
+fn local_referrers(state: &Path, image: &str) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("images/index.json")).unwrap()).unwrap();
+    let mut out: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_owned())
+        .filter(|d| {
+            let m: serde_json::Value = serde_json::from_slice(&stored_blob(state, d)).unwrap();
+            m["subject"]["digest"].as_str() == Some(image)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The manifests the registry's referrers tag of `image` lists, sorted.
+fn tag_lists(base: &str, image: &str) -> Vec<String> {
+    let hex = image.strip_prefix("sha256:").unwrap();
+    let tag: serde_json::Value =
+        serde_json::from_slice(&registry_get(&format!("{base}/manifests/sha256-{hex}"))).unwrap();
+    let mut out: Vec<String> = tag["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_push_keeps_the_referrers_another_host_pushed() {
+    if !prerequisites("the referrers merge test", false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Distribution::start(&dir.path().join("registry"));
+    let stamp = stamp();
+    // Host A builds the image; host B gets it (with its attestations) by archive.
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let image = build(&a, &unique_spec(dir.path(), &stamp, "merged"));
+    let archive = dir.path().join("image.tar");
+    kiln(&a)
+        .args(["image", "export", &image, "--format", "oci-archive", "-o"])
+        .arg(&archive)
+        .assert()
+        .success();
+    kiln(&b)
+        .args(["image", "import"])
+        .arg(&archive)
+        .assert()
+        .success();
+    assert_eq!(local_referrers(&b, &image), local_referrers(&a, &image));
+    // Each signs it with a key of its own.
+    for (state, name) in [(&a, "a.key"), (&b, "b.key")] {
+        let key = dir.path().join(name);
+        kiln(state)
+            .args(["key", "generate"])
+            .arg(&key)
+            .assert()
+            .success();
+        kiln(state)
+            .args(["sign", &image, "--key"])
+            .arg(&key)
+            .assert()
+            .success();
+    }
+    let (of_a, of_b) = (local_referrers(&a, &image), local_referrers(&b, &image));
+    assert_ne!(of_a, of_b);
+    let mut union: Vec<String> = of_a.iter().chain(&of_b).cloned().collect();
+    union.sort();
+    union.dedup();
+
+    let repository = format!("{}/team/merged{stamp}", registry.addr);
+    let base = format!("http://{}/v2/team/merged{stamp}", registry.addr);
+    push(&b, &image, &repository);
+    assert_eq!(tag_lists(&base, &image), of_b);
+    // A's push adds its signature to the tag and keeps B's.
+    let from_a = push(&a, &image, &repository);
+    assert!(from_a["manifests_sent"].as_u64().unwrap() >= 2, "{from_a}");
+    assert_eq!(tag_lists(&base, &image), union);
+    // B again: the tag lists all of B's already, so nothing is sent and A's stay.
+    let again = push(&b, &image, &repository);
+    assert_eq!(again["manifests_sent"], 0, "{again}");
+    assert_eq!(tag_lists(&base, &image), union);
+}
+
 #[test]
 fn bad_repositories_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
