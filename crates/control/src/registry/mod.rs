@@ -826,6 +826,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn artifact_type_filters_are_percent_decoded() {
+        let sig = Some("application/vnd.kiln.signature.v1+sshsig".to_owned());
+        assert_eq!(
+            artifact_type_filter(Some(
+                "artifactType=application%2Fvnd.kiln.signature.v1%2Bsshsig"
+            )),
+            sig
+        );
+        assert_eq!(
+            artifact_type_filter(Some(
+                "n=1&artifactType=application/vnd.kiln.signature.v1+sshsig"
+            )),
+            sig
+        );
+        assert_eq!(artifact_type_filter(None), None);
+        assert_eq!(artifact_type_filter(Some("last=10")), None);
+        // A broken escape is kept as sent (it then matches nothing).
+        assert_eq!(
+            artifact_type_filter(Some("artifactType=a%2")).as_deref(),
+            Some("a%2")
+        );
+        assert_eq!(
+            artifact_type_filter(Some("artifactType=%e2%82%ac")).as_deref(),
+            Some("€")
+        );
+    }
+
+    #[test]
     fn manifest_media_types() {
         let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
         assert_eq!(manifest_media_type(oci), Some(MANIFEST_TYPES[0]));
