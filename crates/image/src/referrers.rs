@@ -264,6 +264,24 @@ impl Store {
         parse_referrer(subject, digest, &bytes)
     }
 
+    /// The digest of `subject`'s referrers-tag index (the image index the tag
+    /// `sha256-<hex>` names), after checking every referrer it lists; `None` when the image
+    /// carries none. What a registry push sends as that tag, and what kiln's registry
+    /// endpoint serves for it.
+    pub fn referrers_index(&self, subject: &Digest) -> Result<Option<Digest>, StoreError> {
+        let index = self.index()?;
+        let Some(entry) = index
+            .manifests
+            .iter()
+            .find(|d| fallback_entry(d).as_ref() == Some(subject))
+        else {
+            return Ok(None);
+        };
+        let digest = entry.digest.clone();
+        self.referrers(subject)?;
+        Ok(Some(digest))
+    }
+
     /// The referrers attached to `subject`, sorted by manifest digest. Each one is checked
     /// (size, JSON, subject); a bad one is an error naming it.
     pub fn referrers(&self, subject: &Digest) -> Result<Vec<Referrer>, StoreError> {

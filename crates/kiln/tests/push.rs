@@ -4,11 +4,13 @@
 //! `docker-registry`, run by the test on a free loopback port with a storage directory of its
 //! own; then the host's Docker Engine pulls the image back by digest and reports kiln's config
 //! digest as its ID. A second push of the same image sends nothing (the registry's access log
-//! says so), an image that shares its layer sends only its config, and hostile registries (a
+//! says so), an image that shares its layer sends only its config, a signed image's
+//! signature and attestations go along as referrers under the OCI referrers-tag fallback (which
+//! `skopeo copy --all` then carries by tag), and hostile registries (a
 //! wrong `Docker-Content-Digest`, a 500, a redirect loop, an upload `Location` with a query of
 //! its own) give clear errors, never a panic.
 //!
-//! Needs root, a Docker Engine answering on its socket, `docker-registry` (installed by
+//! Needs root, a Docker Engine answering on its socket, `docker-registry`, skopeo, curl (installed by
 //! scripts/ci-setup.sh) and the example binary built (`cargo build --release -p hello`); with
 //! `CI=true` a missing prerequisite fails the test. Every image the engine pulls is unique to
 //! the test (a layer path of its own) and removed by its exact reference afterwards.
@@ -76,6 +78,19 @@ fn stamp() -> String {
         .unwrap()
         .subsec_nanos();
     format!("{}x{nanos}", std::process::id())
+}
+
+/// `kiln build --no-attest`: an image without referrers, so a push sends the image alone.
+fn build_bare(state: &Path, spec: &Path) -> String {
+    let out = kiln(state)
+        .args(["build", "-q", "--no-attest", "-f"])
+        .arg(spec)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out).unwrap().trim().to_owned()
 }
 
 /// The config and layer digests of a stored image.
@@ -150,7 +165,7 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     let state = dir.path().join("state");
     let registry = Distribution::start(&dir.path().join("registry"));
     let stamp = stamp();
-    let image = build(&state, &unique_spec(dir.path(), &stamp, "a"));
+    let image = build_bare(&state, &unique_spec(dir.path(), &stamp, "a"));
     let (config, layers) = parts(&state, &image);
     let host = registry.addr.to_string();
     let repository = format!("{host}/team/push{stamp}");
@@ -199,7 +214,7 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
     );
 
     // An image sharing the layer: only its config travels.
-    let other = build(&state, &unique_spec(dir.path(), &stamp, "b"));
+    let other = build_bare(&state, &unique_spec(dir.path(), &stamp, "b"));
     let (other_config, other_layers) = parts(&state, &other);
     assert_eq!(
         other_layers, layers,
@@ -227,6 +242,253 @@ fn push_to_a_real_registry_then_the_engine_pulls_it_by_digest() {
         .assert()
         .success()
         .stdout(predicates::str::contains("is already there"));
+}
+
+/// `curl` a registry path asking for OCI manifests and indexes: the body, or what failed.
+fn registry_get(url: &str) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args(["-fsS", "--max-time", "30", "-H"])
+        .arg(
+            "Accept: application/vnd.oci.image.index.v1+json, \
+             application/vnd.oci.image.manifest.v1+json",
+        )
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The stored blob `digest` of the state's image store, read without kiln.
+fn stored_blob(state: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::read(state.join("images/blobs/sha256").join(hex)).unwrap()
+}
+
+const SIGNATURE: &str = "application/vnd.kiln.signature.v1+sshsig";
+
+#[test]
+fn a_push_carries_the_signatures_and_attestations_as_referrers() {
+    if !prerequisites("the referrers push test", false) {
+        return;
+    }
+    if !works("skopeo", &["--version"]) || !works("curl", &["--version"]) {
+        let why = "skopeo and curl are needed (apt-get install skopeo curl)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: {why}"
+        );
+        eprintln!("note: skipping the referrers push test ({why})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let registry = Distribution::start(&dir.path().join("registry"));
+    let stamp = stamp();
+    let image = build(&state, &unique_spec(dir.path(), &stamp, "signed"));
+    let key = dir.path().join("signing.key");
+    kiln(&state)
+        .args(["key", "generate"])
+        .arg(&key)
+        .assert()
+        .success();
+    kiln(&state)
+        .args(["sign", &image, "--key"])
+        .arg(&key)
+        .assert()
+        .success();
+    // The referrers kiln holds: the manifests whose subject is the image, read without kiln.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("images/index.json")).unwrap()).unwrap();
+    let mut local: Vec<(String, String, String)> = Vec::new(); // (manifest, type, payload)
+    for d in index["manifests"].as_array().unwrap() {
+        let digest = d["digest"].as_str().unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&stored_blob(&state, digest)).unwrap();
+        if m["subject"]["digest"].as_str() == Some(image.as_str()) {
+            local.push((
+                digest.to_owned(),
+                m["artifactType"].as_str().unwrap().to_owned(),
+                m["layers"][0]["digest"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    local.sort();
+    assert!(
+        local.iter().any(|r| r.1 == SIGNATURE),
+        "kiln sign attached no signature: {local:?}"
+    );
+    assert!(
+        local.iter().any(|r| r.1 != SIGNATURE),
+        "the image carries no attestation: {local:?}"
+    );
+
+    let host = registry.addr.to_string();
+    let repository = format!("{host}/team/signed{stamp}");
+    let pushed = push(&state, &image, &repository);
+    // The image, each referrer and the referrers tag.
+    assert_eq!(pushed["manifests_sent"], 2 + local.len(), "{pushed}");
+
+    // The registry (distribution 2.8: no referrers API) lists them under the fallback tag.
+    let hex = image.strip_prefix("sha256:").unwrap();
+    let base = format!("http://{host}/v2/team/signed{stamp}");
+    let tag: serde_json::Value =
+        serde_json::from_slice(&registry_get(&format!("{base}/manifests/sha256-{hex}"))).unwrap();
+    assert_eq!(tag["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let mut listed: Vec<(String, String)> = tag["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["digest"].as_str().unwrap().to_owned(),
+                d["artifactType"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let expected: Vec<(String, String)> =
+        local.iter().map(|r| (r.0.clone(), r.1.clone())).collect();
+    assert_eq!(listed, expected, "{tag}");
+
+    // The signature's manifest and payload come back byte for byte.
+    let signature = local.iter().find(|r| r.1 == SIGNATURE).unwrap();
+    let manifest = registry_get(&format!("{base}/manifests/{}", signature.0));
+    assert_eq!(manifest, stored_blob(&state, &signature.0));
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(m["subject"]["digest"], image.as_str());
+    let payload = registry_get(&format!("{base}/blobs/{}", signature.2));
+    assert!(!payload.is_empty());
+    assert_eq!(payload, stored_blob(&state, &signature.2));
+
+    // Pushed again: everything is there, nothing is sent.
+    let again = push(&state, &image, &repository);
+    assert_eq!(again["manifests_sent"], 0, "{again}");
+    assert_eq!(again["blobs_sent"], 0, "{again}");
+
+    // A tool that knows only tags carries them by the fallback tag.
+    let copied = dir.path().join("copied");
+    let out = Command::new("skopeo")
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{repository}:sha256-{hex}"))
+        .arg(format!("oci:{}:sha256-{hex}", copied.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copied.join("index.json")).unwrap()).unwrap();
+    let copied_index = layout["manifests"][0]["digest"].as_str().unwrap();
+    let hex_of = |d: &str| d.strip_prefix("sha256:").unwrap().to_owned();
+    for r in &local {
+        for blob in [&r.0, &r.2] {
+            assert!(
+                copied.join("blobs/sha256").join(hex_of(blob)).is_file(),
+                "skopeo did not carry {blob} (index {copied_index})"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read(copied.join("blobs/sha256").join(hex_of(&signature.2))).unwrap(),
+        stored_blob(&state, &signature.2)
+    );
+}
+
+/// The referrer manifests of `image` in the state's store, sorted, read without kiln.
+fn local_referrers(state: &Path, image: &str) -> Vec<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("images/index.json")).unwrap()).unwrap();
+    let mut out: Vec<String> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_owned())
+        .filter(|d| {
+            let m: serde_json::Value = serde_json::from_slice(&stored_blob(state, d)).unwrap();
+            m["subject"]["digest"].as_str() == Some(image)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The manifests the registry's referrers tag of `image` lists, sorted.
+fn tag_lists(base: &str, image: &str) -> Vec<String> {
+    let hex = image.strip_prefix("sha256:").unwrap();
+    let tag: serde_json::Value =
+        serde_json::from_slice(&registry_get(&format!("{base}/manifests/sha256-{hex}"))).unwrap();
+    let mut out: Vec<String> = tag["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_push_keeps_the_referrers_another_host_pushed() {
+    if !prerequisites("the referrers merge test", false) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Distribution::start(&dir.path().join("registry"));
+    let stamp = stamp();
+    // Host A builds the image; host B gets it (with its attestations) by archive.
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let image = build(&a, &unique_spec(dir.path(), &stamp, "merged"));
+    let archive = dir.path().join("image.tar");
+    kiln(&a)
+        .args(["image", "export", &image, "--format", "oci-archive", "-o"])
+        .arg(&archive)
+        .assert()
+        .success();
+    kiln(&b)
+        .args(["image", "import"])
+        .arg(&archive)
+        .assert()
+        .success();
+    assert_eq!(local_referrers(&b, &image), local_referrers(&a, &image));
+    // Each signs it with a key of its own.
+    for (state, name) in [(&a, "a.key"), (&b, "b.key")] {
+        let key = dir.path().join(name);
+        kiln(state)
+            .args(["key", "generate"])
+            .arg(&key)
+            .assert()
+            .success();
+        kiln(state)
+            .args(["sign", &image, "--key"])
+            .arg(&key)
+            .assert()
+            .success();
+    }
+    let (of_a, of_b) = (local_referrers(&a, &image), local_referrers(&b, &image));
+    assert_ne!(of_a, of_b);
+    let mut union: Vec<String> = of_a.iter().chain(&of_b).cloned().collect();
+    union.sort();
+    union.dedup();
+
+    let repository = format!("{}/team/merged{stamp}", registry.addr);
+    let base = format!("http://{}/v2/team/merged{stamp}", registry.addr);
+    push(&b, &image, &repository);
+    assert_eq!(tag_lists(&base, &image), of_b);
+    // A's push adds its signature to the tag and keeps B's.
+    let from_a = push(&a, &image, &repository);
+    assert!(from_a["manifests_sent"].as_u64().unwrap() >= 2, "{from_a}");
+    assert_eq!(tag_lists(&base, &image), union);
+    // B again: the tag lists all of B's already, so nothing is sent and A's stay.
+    let again = push(&b, &image, &repository);
+    assert_eq!(again["manifests_sent"], 0, "{again}");
+    assert_eq!(tag_lists(&base, &image), union);
 }
 
 #[test]
@@ -409,7 +671,7 @@ fn off_loopback_the_push_speaks_tls_and_trusts_only_known_cas() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let image = build(&state, &unique_spec(dir.path(), &stamp(), "t"));
+    let image = build_bare(&state, &unique_spec(dir.path(), &stamp(), "t"));
 
     // A CA of the test's own, and the registry's certificate for this host's address.
     let (registry, ca_pem) = Distribution::start_tls(&dir.path().join("registry"), host_address());

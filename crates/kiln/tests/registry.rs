@@ -666,6 +666,133 @@ fn hostile_requests_get_the_specs_errors_and_never_a_corrupt_blob() {
 }
 
 #[test]
+fn the_referrers_api_lists_the_signatures_kiln_sign_attached() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let stamp = stamp();
+    let image = build(&state, &unique_spec(dir.path(), &stamp));
+    let key = dir.path().join("signing.key");
+    kiln(&state)
+        .args(["key", "generate"])
+        .arg(&key)
+        .assert()
+        .success();
+    kiln(&state)
+        .args(["sign", &image, "--key"])
+        .arg(&key)
+        .assert()
+        .success();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _daemon = Daemon::start_with(&state, &["--registry-listen", &addr.to_string()]);
+    let repo = format!("/v2/kiln/reg{stamp}");
+    const SIGNATURE: &str = "application/vnd.kiln.signature.v1+sshsig";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    // The referrers API lists the signature, with its artifact type and annotations.
+    let r = request(addr, "GET", &format!("{repo}/referrers/{image}"), "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type").as_deref(), Some(INDEX));
+    assert_eq!(r.header("oci-filters-applied"), None);
+    let all: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(all["schemaVersion"], 2);
+    assert_eq!(all["mediaType"], INDEX);
+    let listed = all["manifests"].as_array().unwrap();
+    let signatures: Vec<&serde_json::Value> = listed
+        .iter()
+        .filter(|d| d["artifactType"] == SIGNATURE)
+        .collect();
+    assert_eq!(signatures.len(), 1, "{all}");
+    let signature = signatures[0]["digest"].as_str().unwrap().to_owned();
+    assert!(
+        signatures[0]["annotations"]["dev.kiln.key"].is_string(),
+        "{all}"
+    );
+    // What it lists is the store's: the manifest names the image as its subject.
+    let r = request(addr, "GET", &format!("{repo}/manifests/{signature}"), "");
+    assert_eq!(r.status, 200);
+    assert_eq!(sha256_of(&r.body), signature);
+    let m: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(m["subject"]["digest"], image.as_str());
+    assert_eq!(m["artifactType"], SIGNATURE);
+
+    // Filtered by artifact type (percent-encoded, as a client sends it).
+    let encoded = SIGNATURE.replace('/', "%2F").replace('+', "%2B");
+    let r = request(
+        addr,
+        "GET",
+        &format!("{repo}/referrers/{image}?artifactType={encoded}"),
+        "",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("oci-filters-applied").as_deref(),
+        Some("artifactType")
+    );
+    let only: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(only["manifests"].as_array().unwrap().len(), 1, "{only}");
+    assert_eq!(only["manifests"][0]["digest"], signature.as_str());
+    let r = request(
+        addr,
+        "GET",
+        &format!("{repo}/referrers/{image}?artifactType=application%2Fnone"),
+        "",
+    );
+    assert_eq!(r.status, 200);
+    let none: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(none["manifests"], serde_json::json!([]), "{none}");
+
+    // The referrers tag serves the index the store keeps, by its own digest.
+    let hex = image.strip_prefix("sha256:").unwrap();
+    let r = request(addr, "GET", &format!("{repo}/manifests/sha256-{hex}"), "");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type").as_deref(), Some(INDEX));
+    assert_eq!(r.header("docker-content-digest"), Some(sha256_of(&r.body)));
+    let tagged: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(tagged["manifests"], all["manifests"]);
+
+    // An image with no referrers: an empty index; its tag is unknown.
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let r = request(addr, "GET", &format!("{repo}/referrers/{unknown}"), "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some(INDEX));
+    let empty: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(empty["manifests"], serde_json::json!([]), "{empty}");
+    let r = request(
+        addr,
+        "GET",
+        &format!("{repo}/manifests/sha256-{}", "0".repeat(64)),
+        "",
+    );
+    assert_eq!((r.status, r.code()), (404, "MANIFEST_UNKNOWN".to_owned()));
+
+    // A malformed digest: 400 in the registry's error format.
+    let r = request(addr, "GET", &format!("{repo}/referrers/sha256:abc"), "");
+    assert_eq!((r.status, r.code()), (400, "DIGEST_INVALID".to_owned()));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+
+    // curl, a client that follows the spec, reads the same.
+    let out = curl(&[
+        "-fsS",
+        &format!("http://{addr}{repo}/referrers/{image}?artifactType={encoded}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        only
+    );
+}
+
+#[test]
 fn registry_flags_that_cannot_work_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

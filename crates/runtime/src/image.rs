@@ -41,6 +41,15 @@ pub trait ImageSource: Send + Sync {
     fn blob_path(&self, digest: &Digest) -> Result<Option<PathBuf>, SourceError> {
         Err(format!("blob {digest}: this image source keeps no blob files").into())
     }
+
+    /// The digest of the referrers-tag index of `image` (the OCI image index of its
+    /// signatures and attestations, tagged `sha256-<hex>`), its referrers checked; `Ok(None)`
+    /// when it has none. A push sends its manifests and then it as that tag. Sources that
+    /// keep no referrers have none.
+    fn referrers_index(&self, image: &Digest) -> Result<Option<Digest>, SourceError> {
+        let _ = image;
+        Ok(None)
+    }
 }
 
 /// What the runtime needs to know about one image.

@@ -10,7 +10,11 @@
 //!   `POST /v2/<name>/blobs/uploads/` and one monolithic `PUT <Location>&digest=<digest>`
 //!   with its `Content-Length`, the blob streamed from the store file (a chunk at a time, hashed as it goes: a stored
 //!   blob that does not hash to its name ends the upload with an error before its last byte);
-//! - `PUT /v2/<name>/manifests/<digest>` with the manifest's exact bytes and media type.
+//! - `PUT /v2/<name>/manifests/<digest>` with the manifest's exact bytes and media type;
+//! - then the image's referrers (signatures, attestations: `kiln sign`), each pushed as
+//!   above, and the OCI referrers-tag fallback: `PUT /v2/<name>/manifests/sha256-<hex>` with
+//!   the image index of them (merged with the one the registry has, if any), so a registry
+//!   without the referrers API (distribution 2.x) lists them and `skopeo copy` carries them.
 //!
 //! Every `Docker-Content-Digest` the registry answers must be kiln's digest, so the image
 //! nodes pull is the one kiln built, byte for byte.
@@ -307,6 +311,7 @@ pub async fn push(
         },
     };
     run.manifest(image, 0).await?;
+    run.referrers(image).await?;
     Ok(run.pushed)
 }
 
@@ -457,6 +462,140 @@ impl Run<'_> {
         self.check_digest(&what, &answer, digest, true)?;
         self.pushed.manifests_sent += 1;
         Ok(())
+    }
+
+    /// Pushes the referrers of `image` (its signatures and attestations: each one's blobs,
+    /// then its manifest), then the referrers-tag index as the tag `sha256-<hex>`, so a
+    /// registry without the referrers API still lists them. A tag the registry has already
+    /// keeps the referrers it lists that kiln lacks (another host's signatures): kiln's are
+    /// added to it, never put in their place.
+    async fn referrers(&mut self, image: &Digest) -> Result<(), PushError> {
+        let index = match self.source.referrers_index(image) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(PushError::Image {
+                    digest: image.clone(),
+                    message: format!("cannot read its referrers: {e}"),
+                });
+            }
+        };
+        let bytes = read_manifest(self.source, &index)?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| PushError::Image {
+                digest: index.clone(),
+                message: format!("the referrers index of {image} is not JSON: {e}"),
+            })?;
+        let children = descriptors(&index, as_list(doc.get("manifests")))?;
+        for (child, _) in &children {
+            let manifest = read_manifest(self.source, child)?;
+            let subject = serde_json::from_slice::<serde_json::Value>(&manifest)
+                .ok()
+                .and_then(|d| d.get("subject")?.get("digest")?.as_str().map(str::to_owned));
+            if subject.as_deref() != Some(image.as_str()) {
+                return Err(PushError::Image {
+                    digest: child.clone(),
+                    message: format!("listed as a referrer of {image}, but not its subject"),
+                });
+            }
+            Box::pin(self.manifest(child, 1)).await?;
+        }
+        let tag = format!("sha256-{}", image.hex());
+        let Some(body) = self.merged_tag(&tag, &index, doc).await? else {
+            self.pushed.manifests_present += 1;
+            return Ok(());
+        };
+        let digest = Digest::of(&body);
+        let what = format!("put referrers tag {tag}");
+        let url = self.url(&format!("manifests/{tag}"))?;
+        let body = Bytes::from(body);
+        let answer = self
+            .client
+            .send(
+                &what,
+                Method::PUT,
+                url,
+                Some(HeaderValue::from_static(OCI_INDEX)),
+                &|| {
+                    Ok(Full::new(body.clone())
+                        .map_err(|never| match never {})
+                        .boxed())
+                },
+            )
+            .await?;
+        if answer.status() != StatusCode::CREATED {
+            let s = answer.status();
+            return Err(self.status(&what, s, error_message(answer).await));
+        }
+        self.check_digest(&what, &answer, &digest, true)?;
+        self.pushed.manifests_sent += 1;
+        Ok(())
+    }
+
+    /// The bytes to put as the referrers tag `tag`: kiln's index (`ours`, digest `index`)
+    /// when the registry has no such tag; kiln's with the registry's other referrers added
+    /// when it lists some kiln lacks; `None` when it lists all of kiln's already.
+    async fn merged_tag(
+        &self,
+        tag: &str,
+        index: &Digest,
+        mut ours: serde_json::Value,
+    ) -> Result<Option<Vec<u8>>, PushError> {
+        let what = format!("get referrers tag {tag}");
+        let url = self.url(&format!("manifests/{tag}"))?;
+        let answer = self
+            .client
+            .send(&what, Method::GET, url, None, &|| Ok(empty()))
+            .await?;
+        match answer.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => {
+                return read_manifest(self.source, index).map(Some);
+            }
+            s => return Err(self.status(&what, s, error_message(answer).await)),
+        }
+        let theirs = http_body_util::Limited::new(answer.into_body(), MAX_MANIFEST as usize)
+            .collect()
+            .await
+            .map_err(|e| self.protocol(&what, format!("cannot read the answer: {e}")))?
+            .to_bytes();
+        if Digest::of(&theirs) == *index {
+            return Ok(None);
+        }
+        let theirs: serde_json::Value = serde_json::from_slice(&theirs)
+            .map_err(|e| self.protocol(&what, format!("not an image index: {e}")))?;
+        let digest_of =
+            |d: &serde_json::Value| d.get("digest").and_then(|v| v.as_str()).map(str::to_owned);
+        let listed: HashSet<String> = as_list(theirs.get("manifests"))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(digest_of)
+            .collect();
+        let Some(mine) = ours.get_mut("manifests").and_then(|m| m.as_array_mut()) else {
+            return Err(PushError::Image {
+                digest: index.clone(),
+                message: "a referrers index without manifests".to_owned(),
+            });
+        };
+        let missing = mine
+            .iter()
+            .filter_map(digest_of)
+            .any(|d| !listed.contains(&d));
+        if !missing {
+            return Ok(None);
+        }
+        let known: HashSet<String> = mine.iter().filter_map(digest_of).collect();
+        for other in as_list(theirs.get("manifests")).unwrap_or_default() {
+            if digest_of(other).is_some_and(|d| !known.contains(&d)) {
+                mine.push(other.clone());
+            }
+        }
+        serde_json::to_vec(&ours)
+            .map(Some)
+            .map_err(|e| PushError::Image {
+                digest: index.clone(),
+                message: format!("cannot encode the merged referrers index: {e}"),
+            })
     }
 
     /// Sends blob `digest` (`size` bytes, as its descriptor says) unless the registry has it.

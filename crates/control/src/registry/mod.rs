@@ -3,8 +3,14 @@
 //!
 //! - `GET /v2/`: 200, `Docker-Distribution-API-Version: registry/2.0`.
 //! - `GET|HEAD /v2/kiln/<app>/manifests/sha256:…`: the manifest's (or image index's) exact
-//!   bytes with its media type. By digest only: a tag is `MANIFEST_UNKNOWN`.
+//!   bytes with its media type. By digest only: a tag (but the referrers tag below) is
+//!   `MANIFEST_UNKNOWN`.
 //! - `GET|HEAD /v2/kiln/<app>/blobs/sha256:…`: the blob, streamed; one `Range` honoured.
+//! - `GET|HEAD /v2/kiln/<app>/referrers/sha256:…`: the OCI referrers API, an image index of
+//!   the image's signatures and attestations (each with its `artifactType` and annotations;
+//!   empty when it has none), filtered by `?artifactType=` (then `OCI-Filters-Applied`).
+//! - `GET|HEAD /v2/kiln/<app>/manifests/sha256-<hex>`: the referrers-tag fallback, the one
+//!   tag served: the same index as the store keeps it, for clients without the API.
 //! - Anything else: the spec's error JSON (`{"errors":[{"code","message"}]}`), from
 //!   [`error_response`], the one place a failure becomes a status and a code.
 //!
@@ -61,6 +67,14 @@ pub use self::tls::{Ca, TlsError};
 pub trait BlobFiles: Send + Sync {
     /// Opens the stored blob `digest` (read-only); `Ok(None)` when the store has none.
     fn open_blob(&self, digest: &Digest) -> std::io::Result<Option<File>>;
+
+    /// The digest of the referrers-tag index of image `subject` (the OCI image index of its
+    /// signatures and attestations, tagged `sha256-<hex>` in the store), its referrers
+    /// checked; `Ok(None)` when it has none. A store that keeps no referrers has none.
+    fn referrers_index(&self, subject: &Digest) -> Result<Option<Digest>, String> {
+        let _ = subject;
+        Ok(None)
+    }
 }
 
 /// Where nodes pull kiln's images from: what the daemon hands the providers that need it
@@ -351,6 +365,20 @@ pub async fn handle(files: Arc<dyn BlobFiles>, req: hyper::Request<Incoming>) ->
             head,
         )),
         Ok(Request::Manifest { digest, .. }) => manifest(files, digest, head).await,
+        Ok(Request::ReferrersTag { subject, .. }) => {
+            match referrers_index(&files, &subject).await {
+                Ok(Some(index)) => manifest(files, index, head).await,
+                Ok(None) => Err(Failure::ManifestUnknown(format!(
+                    "image {subject} has no referrers in kiln's image store (no tag {})",
+                    shown_tag(&subject)
+                ))),
+                Err(f) => Err(f),
+            }
+        }
+        Ok(Request::Referrers { subject, .. }) => {
+            let filter = artifact_type_filter(req.uri().query());
+            referrers(files, subject, filter, head).await
+        }
         Ok(Request::Blob { digest, .. }) => {
             let range = req
                 .headers()
@@ -404,13 +432,14 @@ pub fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
-async fn manifest(
+/// The stored manifest `digest`, read whole (at most [`MAX_MANIFEST`]) and verified;
+/// `None` when the store has no such blob.
+async fn read_manifest(
     files: Arc<dyn BlobFiles>,
-    digest: Digest,
-    head: bool,
-) -> Result<Response<Body>, Failure> {
+    digest: &Digest,
+) -> Result<Option<Vec<u8>>, Failure> {
     let d = digest.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, Failure> {
+    tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, Failure> {
         let Some(file) = files.open_blob(&d).map_err(|e| internal(&d, &e))? else {
             return Ok(None);
         };
@@ -436,7 +465,15 @@ async fn manifest(
         Ok(Some(bytes))
     })
     .await
-    .map_err(|e| Failure::Internal(format!("reading manifest {digest}: {e}")))??;
+    .map_err(|e| Failure::Internal(format!("reading manifest {digest}: {e}")))?
+}
+
+async fn manifest(
+    files: Arc<dyn BlobFiles>,
+    digest: Digest,
+    head: bool,
+) -> Result<Response<Body>, Failure> {
+    let bytes = read_manifest(files, &digest).await?;
     let Some(bytes) = bytes else {
         return Err(Failure::ManifestUnknown(format!(
             "manifest {digest} is not in kiln's image store"
@@ -517,6 +554,95 @@ async fn blob(
         h.insert(header::CONTENT_RANGE, v);
     }
     set_digest(&mut r, &digest);
+    Ok(r)
+}
+
+/// The media type of an image index, which the referrers API answers.
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// `sha256-<hex>`: the referrers tag of `subject`.
+fn shown_tag(subject: &Digest) -> String {
+    format!("sha256-{}", subject.hex())
+}
+
+/// The digest of `subject`'s referrers index in the store, read on a blocking thread.
+async fn referrers_index(
+    files: &Arc<dyn BlobFiles>,
+    subject: &Digest,
+) -> Result<Option<Digest>, Failure> {
+    let (f, s) = (Arc::clone(files), subject.clone());
+    let failed = |e: String| Failure::Internal(format!("reading the referrers of {subject}: {e}"));
+    tokio::task::spawn_blocking(move || f.referrers_index(&s))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)
+}
+
+/// The `artifactType` a referrers request filters by (`?artifactType=…`, percent-decoded;
+/// the first one when several are given).
+pub fn artifact_type_filter(query: Option<&str>) -> Option<String> {
+    let value = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("artifactType="))?;
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = value.get(i + 1..i + 3).filter(|_| bytes[i] == b'%');
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The OCI referrers API: an image index of `subject`'s referrers (empty when it has none),
+/// only those of artifact type `filter` when one is given.
+async fn referrers(
+    files: Arc<dyn BlobFiles>,
+    subject: Digest,
+    filter: Option<String>,
+    head: bool,
+) -> Result<Response<Body>, Failure> {
+    let mut listed = Vec::new();
+    if let Some(index) = referrers_index(&files, &subject).await? {
+        let Some(bytes) = read_manifest(files, &index).await? else {
+            return Err(Failure::Internal(format!(
+                "the referrers index {index} of {subject} is not in the store"
+            )));
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::Internal(format!(
+                "the referrers index {index} of {subject} is not JSON: {e}"
+            ))
+        })?;
+        if let Some(serde_json::Value::Array(manifests)) = doc.get("manifests") {
+            listed.clone_from(manifests);
+        }
+    }
+    if let Some(t) = &filter {
+        listed.retain(|d| d.get("artifactType").and_then(|v| v.as_str()) == Some(t.as_str()));
+    }
+    let body = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": listed,
+    }))
+    .map_err(|e| Failure::Internal(format!("encoding the referrers of {subject}: {e}")))?;
+    let mut r = full(StatusCode::OK, Bytes::from(body), OCI_INDEX, head);
+    if filter.is_some() {
+        r.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
     Ok(r)
 }
 
@@ -698,6 +824,34 @@ impl hyper::body::Body for Body {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn artifact_type_filters_are_percent_decoded() {
+        let sig = Some("application/vnd.kiln.signature.v1+sshsig".to_owned());
+        assert_eq!(
+            artifact_type_filter(Some(
+                "artifactType=application%2Fvnd.kiln.signature.v1%2Bsshsig"
+            )),
+            sig
+        );
+        assert_eq!(
+            artifact_type_filter(Some(
+                "n=1&artifactType=application/vnd.kiln.signature.v1+sshsig"
+            )),
+            sig
+        );
+        assert_eq!(artifact_type_filter(None), None);
+        assert_eq!(artifact_type_filter(Some("last=10")), None);
+        // A broken escape is kept as sent (it then matches nothing).
+        assert_eq!(
+            artifact_type_filter(Some("artifactType=a%2")).as_deref(),
+            Some("a%2")
+        );
+        assert_eq!(
+            artifact_type_filter(Some("artifactType=%e2%82%ac")).as_deref(),
+            Some("€")
+        );
+    }
 
     #[test]
     fn manifest_media_types() {

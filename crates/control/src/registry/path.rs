@@ -29,12 +29,27 @@ pub enum Request {
         /// The blob asked for.
         digest: Digest,
     },
+    /// `GET|HEAD /v2/<name>/referrers/<digest>`: the OCI referrers API.
+    Referrers {
+        /// The repository name, checked.
+        name: String,
+        /// The image whose referrers are asked for.
+        subject: Digest,
+    },
+    /// `GET|HEAD /v2/<name>/manifests/sha256-<hex>`: the OCI referrers-tag fallback, the one
+    /// tag kiln's registry resolves.
+    ReferrersTag {
+        /// The repository name, checked.
+        name: String,
+        /// The image the tag names.
+        subject: Digest,
+    },
 }
 
 /// Why a request cannot be served: each becomes the distribution spec's error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// Not under `/v2/` at all, or an endpoint kiln does not serve (tag lists, referrers…).
+    /// Not under `/v2/` at all, or an endpoint kiln does not serve (tag lists, the catalog…).
     NotFound(String),
     /// A method that would write (push, delete) or is not HTTP's read.
     Unsupported(String),
@@ -78,16 +93,25 @@ pub fn parse(read: bool, path: &str) -> Result<Request, Refusal> {
         (Some(r), Some(k), Some(n)) => (r, k, n),
         _ => return Err(unserved(path)),
     };
-    if kind != "manifests" && kind != "blobs" {
+    if kind != "manifests" && kind != "blobs" && kind != "referrers" {
         return Err(unserved(path));
     }
     let name = check_name(name)?;
     match kind {
+        "referrers" => Ok(Request::Referrers {
+            name,
+            subject: digest(reference)?,
+        }),
         "manifests" => {
+            if let Some(hex) = reference.strip_prefix("sha256-")
+                && let Ok(subject) = Digest::parse(&format!("sha256:{hex}"))
+            {
+                return Ok(Request::ReferrersTag { name, subject });
+            }
             if !reference.contains(':') && is_tag(reference) {
                 return Err(Refusal::ManifestByTag(format!(
                     "manifest {} asked for by tag: kiln's registry serves manifests by \
-                     digest only (NAME@sha256:…)",
+                     digest only (NAME@sha256:…), and referrers by their tag sha256-<hex>",
                     shown(reference)
                 )));
             }
@@ -105,8 +129,8 @@ pub fn parse(read: bool, path: &str) -> Result<Request, Refusal> {
 
 fn unserved(path: &str) -> Refusal {
     Refusal::NotFound(format!(
-        "kiln's registry serves only /v2/, /v2/<name>/manifests/<digest> and \
-         /v2/<name>/blobs/<digest>, not {}",
+        "kiln's registry serves only /v2/, /v2/<name>/manifests/<digest>, \
+         /v2/<name>/blobs/<digest> and /v2/<name>/referrers/<digest>, not {}",
         shown(path)
     ))
 }
@@ -259,6 +283,12 @@ mod tests {
             Ok(Request::Base) => "base".to_owned(),
             Ok(Request::Manifest { name, digest }) => format!("manifest {name} {}", digest.short()),
             Ok(Request::Blob { name, digest }) => format!("blob {name} {}", digest.short()),
+            Ok(Request::Referrers { name, subject }) => {
+                format!("referrers {name} {}", subject.short())
+            }
+            Ok(Request::ReferrersTag { name, subject }) => {
+                format!("referrers tag {name} {}", subject.short())
+            }
             Err(Refusal::NotFound(_)) => "404 not found".to_owned(),
             Err(Refusal::Unsupported(_)) => "405 UNSUPPORTED".to_owned(),
             Err(Refusal::NameInvalid(_)) => "400 NAME_INVALID".to_owned(),
@@ -295,6 +325,32 @@ mod tests {
                 "400 DIGEST_INVALID",
             ),
             (true, "/v2/kiln/web/blobs/latest", "400 DIGEST_INVALID"),
+            (
+                true,
+                &format!("/v2/kiln/web/referrers/{D}"),
+                "referrers kiln/web 0123456789ab",
+            ),
+            (
+                true,
+                "/v2/kiln/web/referrers/sha256:abc",
+                "400 DIGEST_INVALID",
+            ),
+            (true, "/v2/kiln/web/referrers/latest", "400 DIGEST_INVALID"),
+            (
+                true,
+                &format!("/v2/kiln/web/manifests/{}", D.replace(':', "-")),
+                "referrers tag kiln/web 0123456789ab",
+            ),
+            (
+                true,
+                "/v2/kiln/web/manifests/sha256-abc",
+                "404 MANIFEST_UNKNOWN",
+            ),
+            (
+                false,
+                &format!("/v2/kiln/web/manifests/{}", D.replace(':', "-")),
+                "405 UNSUPPORTED",
+            ),
             (
                 true,
                 "/v2/kiln/web/blobs/sha256:../../../etc/passwd",

@@ -111,7 +111,7 @@ impl ServeArgs {
     }
 }
 
-/// The store as the registry reads it: a blob's file by digest.
+/// The store as the registry reads it: a blob's file by digest, an image's referrers index.
 impl kiln_control::registry::BlobFiles for StoreImages {
     fn open_blob(&self, digest: &kiln_runtime::Digest) -> std::io::Result<Option<std::fs::File>> {
         match std::fs::File::open(self.store().blob_path(digest)) {
@@ -119,6 +119,14 @@ impl kiln_control::registry::BlobFiles for StoreImages {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+    fn referrers_index(
+        &self,
+        subject: &kiln_runtime::Digest,
+    ) -> Result<Option<kiln_runtime::Digest>, String> {
+        self.store()
+            .referrers_index(subject)
+            .map_err(|e| e.to_string())
     }
 }
 

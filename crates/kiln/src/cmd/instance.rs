@@ -103,6 +103,10 @@ impl ImageSource for StoreImages {
         Ok(path.is_file().then_some(path))
     }
 
+    fn referrers_index(&self, image: &Digest) -> Result<Option<Digest>, SourceError> {
+        Ok(self.store.referrers_index(image)?)
+    }
+
     fn unpack_layer(
         &self,
         _image: &Digest,
