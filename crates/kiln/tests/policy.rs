@@ -389,8 +389,15 @@ fn the_source_rule_reads_the_git_work_tree_the_build_saw() {
 
     // The same image built again from the clean tree gains a clean provenance beside it.
     std::fs::remove_file(project.join("notes.txt")).unwrap();
-    assert_eq!(build(&state, &spec), image, "the image does not depend on the notes");
+    assert_eq!(
+        build(&state, &spec),
+        image,
+        "the image does not depend on the notes"
+    );
     let (code, shown) = verify_image(&state, &image, &spec);
     assert_eq!(code, 0, "{shown}");
-    assert!(shown.contains(&format!("source: git {commit}, clean")), "{shown}");
+    assert!(
+        shown.contains(&format!("source: git {commit}, clean")),
+        "{shown}"
+    );
 }

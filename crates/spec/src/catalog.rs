@@ -769,7 +769,9 @@ const TARGET: &[Field] = &[
          instance of an image is created, kiln pushes the image there (OCI Distribution, only \
          the blobs it lacks, by digest) and the nodes pull `HOST[:PORT]/PATH/<app>@sha256:…` \
          (`PATH` defaults to `kiln`) instead of from the daemon's registry endpoint; digests \
-         stay the ones kiln built. HTTPS verified against the system's CA roots (plus \
+         stay the ones kiln built. The image's signatures and attestations go along as OCI \
+         referrers, listed under the referrers tag `sha256-<hex>` (the daemon pushes an image \
+         once per run: one signed after that goes with `kiln image push`). HTTPS verified against the system's CA roots (plus \
          `<state>/push/ca.crt` when the daemon's operator puts one there); plain HTTP only on \
          loopback or with `registry_insecure`. kiln sends no credentials: the registry must \
          take pushes from the daemon's address.",

@@ -319,6 +319,24 @@ pub const KEYS: &[(&str, Treatment)] = &[
             "plain HTTP to a registry is each node's container runtime configuration",
         ),
     ),
+    (
+        "policy.keys",
+        Treatment::NotMapped(
+            "kiln's daemon checks signatures; on Kubernetes an admission controller's image policy does",
+        ),
+    ),
+    (
+        "policy.require",
+        Treatment::NotMapped(
+            "kiln's daemon checks the image's proofs; on Kubernetes an admission controller's image policy does",
+        ),
+    ),
+    (
+        "policy.source",
+        Treatment::NotMapped(
+            "kiln's daemon reads the provenance; on Kubernetes an admission controller's image policy does",
+        ),
+    ),
 ];
 
 /// The labels on every object and the selector of the pods.
