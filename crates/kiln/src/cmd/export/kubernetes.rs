@@ -320,6 +320,12 @@ pub const KEYS: &[(&str, Treatment)] = &[
         ),
     ),
     (
+        "policy",
+        Treatment::NotMapped(
+            "kiln's daemon enforces the deploy policy; on Kubernetes an admission controller's image policy does",
+        ),
+    ),
+    (
         "policy.keys",
         Treatment::NotMapped(
             "kiln's daemon checks signatures; on Kubernetes an admission controller's image policy does",
