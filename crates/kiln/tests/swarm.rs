@@ -344,8 +344,18 @@ fn a_3_replica_app_on_a_3_node_swarm_behind_kiln_s_router() {
         s["phase"] == "completed" && r > release && live_on(s, r).len() == 3
     });
     assert!(raw_get(([127, 0, 0, 1], port).into(), "web", "/").contains("v4"));
+    // The image went once, not once per instance, and its signatures and attestations
+    // with it (their referrers tag, once).
     assert_eq!(
-        team.requests(&["PUT", "/manifests/"]),
+        team.requests(&["method=PUT", &format!("/manifests/{image}\"")]),
+        1,
+        "{}",
+        team.log_text()
+    );
+    // (The registry's log quotes a URI only when it has a `:`.)
+    let referrers_tag = format!("/manifests/sha256-{} ", image.trim_start_matches("sha256:"));
+    assert_eq!(
+        team.requests(&["method=PUT", &referrers_tag]),
         1,
         "{}",
         team.log_text()
