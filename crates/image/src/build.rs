@@ -129,7 +129,7 @@ pub struct BuildOptions {
     /// `os` of a scratch image.
     pub os: String,
     /// Whether to gather what the SBOM and the provenance need ([`BuildOutput::record`]):
-    /// every file's SHA1 and SHA-256 (read in the same pass as the cache's hash), the base's
+    /// every file's SHA1 and BLAKE3 (the BLAKE3 is the cache's hash, read in one pass), the base's
     /// identity and the host files of a closure.
     pub attest: bool,
     /// dpkg's database, read for the Debian packages a closure's host files came from.

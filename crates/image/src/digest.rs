@@ -15,9 +15,9 @@ pub(crate) fn finish(hasher: Sha256) -> Digest {
     Digest::from_sha256(hasher.finalize().into())
 }
 
-/// What the build cache knows a file's content by: `blake3:<hex>`, or the `sha256:<hex>` a
-/// build with attestations computes for the SBOM anyway (one hash fewer per byte). Never
-/// part of an image — only a cache key — so it can use the fastest sound hash at hand.
+/// What the build cache knows a file's content by: `blake3:<hex>`, with or without
+/// attestations (the SBOM lists the same BLAKE3, so a file's bytes are hashed once for both).
+/// Never part of an image — only a cache key — so it can use the fastest sound hash at hand.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub(crate) struct ContentId(String);
@@ -27,9 +27,11 @@ impl ContentId {
         ContentId(format!("blake3:{}", h.finalize().to_hex()))
     }
 
-    /// The SBOM's SHA-256 as the content identity.
-    pub(crate) fn from_sha256(d: &Digest) -> ContentId {
-        ContentId(d.as_str().to_owned())
+    /// The SBOM's BLAKE3 as the content identity (the same string [`from_hasher`] makes).
+    ///
+    /// [`from_hasher`]: ContentId::from_hasher
+    pub(crate) fn from_hashes(h: &FileHashes) -> ContentId {
+        ContentId(format!("blake3:{}", h.blake3))
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -37,32 +39,34 @@ impl ContentId {
     }
 }
 
-/// What an SBOM records of a file's content: SHA1 (SPDX requires it) and SHA-256.
+/// What an SBOM records of a file's content: SHA1 (SPDX requires it) and BLAKE3 (one of
+/// SPDX 2.3's checksum algorithms, and the build cache's content identity, so a build with
+/// attestations hashes each byte twice, not three times).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FileHashes {
     /// SHA1, lowercase hex.
     pub sha1: String,
-    /// SHA-256.
-    pub sha256: Digest,
+    /// BLAKE3 (256-bit), lowercase hex.
+    pub blake3: String,
 }
 
 /// Both SBOM hashes, fed together so a file is read once.
 #[derive(Clone, Default)]
 pub(crate) struct SbomHasher {
     sha1: sha1::Sha1,
-    sha256: Sha256,
+    blake3: blake3::Hasher,
 }
 
 impl SbomHasher {
     pub(crate) fn update(&mut self, bytes: &[u8]) {
         self.sha1.update(bytes);
-        self.sha256.update(bytes);
+        self.blake3.update(bytes);
     }
 
     pub(crate) fn finish(self) -> FileHashes {
         FileHashes {
             sha1: hex(self.sha1.finalize().as_slice()),
-            sha256: finish(self.sha256),
+            blake3: self.blake3.finalize().to_hex().to_string(),
         }
     }
 }
@@ -164,6 +168,17 @@ impl<R: Read> Read for HashingReader<R> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sboms_blake3_is_the_caches_content_identity() {
+        let h = file_hashes(b"kiln");
+        assert_eq!(h.blake3, blake3::hash(b"kiln").to_hex().as_str());
+        // `printf kiln | sha1sum`
+        assert_eq!(h.sha1, "7908ea50dacbb9a91898af51d70a054211d46dee");
+        let mut b = blake3::Hasher::new();
+        b.update(b"kiln");
+        assert_eq!(ContentId::from_hashes(&h), ContentId::from_hasher(&b));
+    }
 
     #[test]
     fn a_finished_hasher_is_the_digest_of_what_it_hashed() {

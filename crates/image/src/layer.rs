@@ -482,8 +482,8 @@ pub(crate) fn hash_file(
     sbom: bool,
 ) -> Result<(ContentId, Option<FileHashes>), BuildError> {
     let mut f = open_unchanged(source, stat)?;
-    // With attestations the SBOM's SHA-256 is the content identity too, so each byte is
-    // hashed twice (SHA1 and SHA-256, both SPDX's), not three times.
+    // With attestations the SBOM's BLAKE3 is the content identity too, so each byte is
+    // hashed twice (SPDX's SHA1 and BLAKE3), not three times.
     let mut blake = (!sbom).then(blake3::Hasher::new);
     let mut s = sbom.then(SbomHasher::default);
     let mut buf = vec![0u8; 1 << 20];
@@ -503,7 +503,7 @@ pub(crate) fn hash_file(
     match (blake, s) {
         (_, Some(s)) => {
             let hashes = s.finish();
-            Ok((ContentId::from_sha256(&hashes.sha256), Some(hashes)))
+            Ok((ContentId::from_hashes(&hashes), Some(hashes)))
         }
         (Some(h), None) => Ok((ContentId::from_hasher(&h), None)),
         (None, None) => Err(BuildError::Internal {

@@ -130,7 +130,7 @@ fn statement(state: &Path, image: &str, predicate: &str) -> Value {
     serde_json::from_slice(&statement_bytes(state, image, predicate)).unwrap()
 }
 
-/// Every regular file of the image, by path, with its SHA-256 (from a rootfs export).
+/// Every regular file of the image, by path, with its BLAKE3 (from a rootfs export).
 fn image_files(state: &Path, image: &str, scratch: &Path) -> Vec<(String, String)> {
     let rootfs = scratch.join("rootfs");
     kiln(state)
@@ -153,8 +153,8 @@ fn image_files(state: &Path, image: &str, scratch: &Path) -> Vec<(String, String
                     .unwrap()
                     .display()
                     .to_string();
-                let digest = kiln_image::Digest::of(&fs::read(e.path()).unwrap());
-                out.push((format!("./{rel}"), digest.hex().to_owned()));
+                let digest = blake3::hash(&fs::read(e.path()).unwrap());
+                out.push((format!("./{rel}"), digest.to_hex().to_string()));
             }
         }
     }
@@ -174,7 +174,7 @@ fn a_build_carries_an_sbom_spdx_tools_accepts_and_slsa_provenance() {
     let image = build_in(&app, &state, "1700000000");
 
     // The SBOM: SPDX 2.3 that spdx-tools validates, every file of the image with SHA1 and
-    // SHA-256, the image as the described package, libc6 for the closure's host files.
+    // BLAKE3, the image as the described package, libc6 for the closure's host files.
     let sbom = statement(&state, &image, SBOM);
     assert_eq!(sbom["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(
@@ -203,7 +203,7 @@ fn a_build_carries_an_sbom_spdx_tools_accepts_and_slsa_provenance() {
             let sums = f["checksums"].as_array().unwrap();
             assert_eq!(sums[0]["algorithm"], "SHA1");
             assert_eq!(sums[0]["checksumValue"].as_str().unwrap().len(), 40);
-            assert_eq!(sums[1]["algorithm"], "SHA256");
+            assert_eq!(sums[1]["algorithm"], "BLAKE3");
             (
                 f["fileName"].as_str().unwrap().to_owned(),
                 sums[1]["checksumValue"].as_str().unwrap().to_owned(),
@@ -290,6 +290,22 @@ print(len(p.build_definition.resolved_dependencies))
             .count(),
         3
     );
+    // A host file is named by its SHA-256 (and SHA1, BLAKE3) of the file as it is on the host.
+    for d in deps {
+        if let Some(host) = d["uri"].as_str().and_then(|u| u.strip_prefix("file://")) {
+            let bytes = fs::read(host).unwrap();
+            assert_eq!(
+                d["digest"]["sha256"],
+                kiln_image::Digest::of(&bytes).hex(),
+                "{host}"
+            );
+            assert_eq!(
+                d["digest"]["blake3"],
+                blake3::hash(&bytes).to_hex().as_str(),
+                "{host}"
+            );
+        }
+    }
     assert!(deps.iter().any(|d| {
         d["uri"].as_str().is_some_and(|u| u.ends_with("/libc.so.6"))
             && d["annotations"]["debianPackage"]

@@ -1,6 +1,6 @@
 //! The regular files of a base image's layers, with their SBOM hashes, after whiteouts.
 //!
-//! A base layer is read once, decompressed, for its files' SHA1 and SHA-256; the list is
+//! A base layer is read once, decompressed, for its files' SHA1 and BLAKE3; the list is
 //! kept in the build cache under `sbom/<diff_id>.json` (rebuildable: deleting it costs one
 //! more read). Layers were checked within the import limits when they came in.
 

@@ -63,10 +63,13 @@ pub(crate) struct LayerContents {
 pub struct ImageFile {
     /// Its path in the image, absolute (`/app/hello`).
     pub path: String,
-    /// Its content's SHA1 and SHA-256.
+    /// Its content's SHA1 and BLAKE3.
     pub hashes: FileHashes,
     /// The host file it was copied from, when a closure brought it in from outside the copy.
     pub host: Option<PathBuf>,
+    /// The host file's SHA-256 (the provenance names a host file by it), read again when the
+    /// record is made and checked against [`ImageFile::hashes`]; `None` without a host file.
+    pub host_sha256: Option<Digest>,
     /// The Debian package the host file belongs to (an index into
     /// [`BuildRecord::packages`]), when dpkg's database names one.
     pub package: Option<usize>,
@@ -77,7 +80,7 @@ pub struct ImageFile {
 pub struct InputTree {
     /// `base rootfs` or `copy #N → /to`.
     pub source: String,
-    /// SHA-256 over its sorted entries (kind, mode, path, content SHA-256 or link target).
+    /// SHA-256 over its sorted entries (kind, mode, path, content BLAKE3 or link target).
     pub digest: Digest,
 }
 
@@ -153,6 +156,7 @@ impl BuildRecord {
                     path,
                     hashes: h,
                     host: None,
+                    host_sha256: None,
                     package: None,
                 },
             );
@@ -189,7 +193,7 @@ impl BuildRecord {
                             .map(|_| source.clone());
                         here.insert(&e.path, h.clone());
                         (
-                            format!("F {:o} {path} {}\n", e.mode, h.sha256),
+                            format!("F {:o} {path} blake3:{}\n", e.mode, h.blake3),
                             Some((h, host)),
                         )
                     }
@@ -200,19 +204,24 @@ impl BuildRecord {
                             }
                         })?;
                         (
-                            format!("H {:o} {path} {}\n", e.mode, h.sha256),
+                            format!("H {:o} {path} blake3:{}\n", e.mode, h.blake3),
                             Some((h, None)),
                         )
                     }
                 };
                 tree.update(line.as_bytes());
                 if let Some((h, host)) = file {
+                    let host_sha256 = match &host {
+                        Some(p) => Some(host_sha256(p, &h)?),
+                        None => None,
+                    };
                     files.insert(
                         path.clone(),
                         ImageFile {
                             path,
                             hashes: h,
                             host,
+                            host_sha256,
                             package: None,
                         },
                     );
@@ -407,6 +416,30 @@ impl TestOutcome {
     }
 }
 
+/// A closure's host file's SHA-256, for the provenance: the file is read again (closures are
+/// a few libraries, so this costs little) and its BLAKE3 must match the one the build
+/// hashed, or the file changed while the image was being built.
+fn host_sha256(path: &Path, built: &FileHashes) -> Result<Digest, BuildError> {
+    let mut f = std::fs::File::open(path).map_err(BuildError::io("open", path))?;
+    let mut sha256 = Sha256::new();
+    let mut blake = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).map_err(BuildError::io("read", path))?;
+        if n == 0 {
+            break;
+        }
+        sha256.update(&buf[..n]);
+        blake.update(&buf[..n]);
+    }
+    if blake.finalize().to_hex().as_str() != built.blake3 {
+        return Err(BuildError::ChangedDuringBuild {
+            path: path.to_owned(),
+        });
+    }
+    Ok(crate::digest::finish(sha256))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub(crate) mod tests {
@@ -418,6 +451,7 @@ pub(crate) mod tests {
             path: path.to_owned(),
             hashes: crate::digest::file_hashes(path.rsplit('/').next().unwrap().as_bytes()),
             host: host.map(PathBuf::from),
+            host_sha256: host.map(|h| Digest::of(h.as_bytes())),
             package,
         };
         BuildRecord {

@@ -60,10 +60,10 @@ pub fn predicate(record: &BuildRecord, inv: &Invocation) -> Value {
         );
     }
     for f in &record.files {
-        if let Some(host) = &f.host {
+        if let (Some(host), Some(sha256)) = (&f.host, &f.host_sha256) {
             let mut rd = json!({
                 "uri": format!("file://{}", host.display()),
-                "digest": {"sha256": f.hashes.sha256.hex(), "sha1": f.hashes.sha1},
+                "digest": {"sha256": sha256.hex(), "sha1": f.hashes.sha1, "blake3": f.hashes.blake3},
             });
             if let Some(p) = f.package.and_then(|i| record.packages.get(i)) {
                 rd["annotations"] = json!({"debianPackage": p.purl()});
