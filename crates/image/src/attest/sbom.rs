@@ -293,6 +293,11 @@ mod tests {
             // sha1("main")
             "b28b7af69320201d1cf206ebf28373980add1451"
         );
+        assert_eq!(files[0]["checksums"][1]["algorithm"], "BLAKE3");
+        assert_eq!(
+            files[0]["checksums"][1]["checksumValue"],
+            blake3::hash(b"main").to_hex().as_str()
+        );
         let packages = d["packages"].as_array().unwrap();
         let names: Vec<&str> = packages
             .iter()
