@@ -34,7 +34,7 @@ mod unpack;
 pub use build::{BuildError, BuildOptions, BuildOutput, Progress, build};
 pub use cache::BuildCache;
 pub use digest::{Digest, InvalidDigest};
-pub use digest::{FileHashes, file_hashes};
+pub use digest::{FileHashes, blake3_hex, file_hashes};
 pub use layer::LayerReport;
 pub use limits::ImportLimits;
 pub use receive::{ReceiveError, ReceivedImage, UPLOAD_TTL, Upload};

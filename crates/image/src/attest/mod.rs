@@ -432,7 +432,7 @@ fn host_sha256(path: &Path, built: &FileHashes) -> Result<Digest, BuildError> {
         sha256.update(&buf[..n]);
         blake.update(&buf[..n]);
     }
-    if blake.finalize().to_hex().as_str() != built.blake3 {
+    if crate::digest::blake3_hex(&blake) != built.blake3 {
         return Err(BuildError::ChangedDuringBuild {
             path: path.to_owned(),
         });

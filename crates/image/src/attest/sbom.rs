@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(files[0]["checksums"][1]["algorithm"], "BLAKE3");
         assert_eq!(
             files[0]["checksums"][1]["checksumValue"],
-            blake3::hash(b"main").to_hex().as_str()
+            crate::digest::blake3_hex(blake3::Hasher::new().update(b"main"))
         );
         let packages = d["packages"].as_array().unwrap();
         let names: Vec<&str> = packages
