@@ -5,18 +5,36 @@
 //! tree is clean. `kiln build` records that in an image's provenance; a build from a dirty
 //! tree is not the commit it names, so cleanliness is part of the answer, not an option.
 //!
-//! It reads the repository with `gix` (gitoxide), never the `git` program: the answer must not
-//! depend on which git, if any, is installed, and `gix` is also what the GitOps follower will
-//! fetch (`file://`, `https`, `ssh`) and check out with.
+//! For the GitOps follower, [`fetch`] brings a branch of a followed repository into a bare
+//! mirror kiln owns and [`checkout`] makes a clean work tree of one of its commits, the build
+//! context; [`validate_url`] refuses a source URL kiln cannot follow before it is stored.
 //!
-//! **API boundary:** read-only. Nothing here writes to a repository, not even the index stat
-//! refresh `git status` does; no network, no `git` process. Credentials never leave this crate:
-//! a remote URL is returned without its password (and, for HTTP, without user or query).
+//! It works with `gix` (gitoxide), never the `git` program: the answer must not depend on
+//! which git, if any, is installed. A local source (a path or `file://`) is read directly,
+//! with no process at all; `ssh://` runs the `ssh` program, as git does.
+//!
+//! **API boundary:** [`describe`] is read-only: it writes nothing to a repository, not even
+//! the index stat refresh `git status` does. Only [`fetch`] (into its mirror) and
+//! [`checkout`] (into its destination) write, and only there. Credentials never leave this
+//! crate: a URL in an error or a [`Source`] is shown without its password (and, for HTTP,
+//! without user or query).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use gix::bstr::{BString, ByteSlice};
+
+mod checkout;
+mod fetch;
+mod url;
+
+pub use checkout::checkout;
+pub use fetch::{Commit, MESSAGE_BYTES, fetch};
+pub use url::validate_url;
+
+/// The cause of an error from gix, the file system or kiln's own checks, kept for the chain
+/// the binary prints.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// How many dirty paths a [`Source`] names; enough for a message, bounded for a huge tree.
 pub const DIRTY_PATHS_SHOWN: usize = 10;
@@ -83,6 +101,96 @@ pub enum GitError {
         /// gix's error.
         #[source]
         source: gix::Error,
+    },
+    /// A source URL kiln cannot follow (see [`validate_url`]).
+    #[error("invalid source url {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, without credentials.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A URL of a kind this build of kiln cannot fetch.
+    #[error("{scheme}:// sources are not supported by this build (source {url})")]
+    Unsupported {
+        /// The URL, without credentials.
+        url: String,
+        /// The URL's scheme.
+        scheme: &'static str,
+    },
+    /// A branch name git would not accept.
+    #[error("invalid branch name {branch:?}")]
+    InvalidBranch {
+        /// The name given.
+        branch: String,
+    },
+    /// A commit id that is not 40 hex digits.
+    #[error("invalid commit id {commit:?}: expected 40 hex digits")]
+    InvalidCommit {
+        /// The id given (at most 80 characters of it).
+        commit: String,
+    },
+    /// A local source URL that names no repository.
+    #[error("{url} is not a git repository")]
+    NotARepository {
+        /// The URL, without credentials.
+        url: String,
+        /// Why it could not be opened.
+        #[source]
+        source: Cause,
+    },
+    /// The repository has no such branch.
+    #[error("branch {branch} does not exist in {url}")]
+    NoBranch {
+        /// The URL, without credentials.
+        url: String,
+        /// The branch asked for.
+        branch: String,
+    },
+    /// Fetching a branch failed: reading the source, the network, or writing its objects.
+    #[error("cannot fetch branch {branch} of {url}")]
+    Fetch {
+        /// The URL, without credentials.
+        url: String,
+        /// The branch being fetched.
+        branch: String,
+        /// What failed, with any credentials of the URL taken out.
+        #[source]
+        source: Cause,
+    },
+    /// kiln's mirror of a source could not be made, opened or written.
+    #[error("cannot use the {what} of the mirror at {}", path.display())]
+    Mirror {
+        /// What part of it.
+        what: &'static str,
+        /// The mirror.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: Cause,
+    },
+    /// [`checkout`] was given a commit the mirror does not have, or an object that is no
+    /// commit.
+    #[error("commit {commit} cannot be checked out of the mirror at {}", mirror.display())]
+    UnknownCommit {
+        /// The commit asked for.
+        commit: String,
+        /// The mirror.
+        mirror: PathBuf,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// Writing a work tree failed (including a path in the commit that would escape it).
+    #[error("cannot check out commit {commit} into {}", path.display())]
+    Checkout {
+        /// The commit being checked out.
+        commit: String,
+        /// The destination.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: Cause,
     },
 }
 
@@ -251,4 +359,45 @@ fn without_credentials(mut url: gix::Url) -> String {
         }
     }
     url.to_bstring().to_str_lossy().into_owned()
+}
+
+/// `path` with `.<suffix>` added to its last component: a sibling on the same file system, so
+/// a rename between the two is atomic.
+fn sibling(path: &Path, suffix: &str) -> std::io::Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} has no final component", path.display()),
+        )
+    })?;
+    let mut name = name.to_os_string();
+    name.push(".");
+    name.push(suffix);
+    Ok(path.with_file_name(name))
+}
+
+/// Removes `path` whatever it is (a directory tree, a file, a symlink, which is not followed);
+/// nothing there is not an error.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    }
+}
+
+/// Replaces the file at `path` with `bytes`: temporary file, fsync, rename, fsync directory.
+fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = sibling(path, "kiln-tmp")?;
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
