@@ -133,6 +133,9 @@ fn write_tree(
     let config_path = git_dir.join("config");
     let mut config =
         gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)?;
+    // No reflog: a build context has no history of its own, and writing one would need a
+    // committer identity the daemon does not have.
+    config.set_raw_value_by("core", None, "logAllRefUpdates", "false")?;
     if let Some(url) = url {
         config.set_raw_value_by("remote", Some(REMOTE.into()), "url", url)?;
         config.set_raw_value_by(
@@ -171,7 +174,7 @@ fn write_tree(
     )?;
     if let Some(collision) = outcome.collisions.first() {
         return Err(format!(
-            "{} paths collide on this file system, the first {:?}",
+            "{} of the commit's paths collide with another (the first: {:?})",
             outcome.collisions.len(),
             collision.path
         )

@@ -16,7 +16,7 @@
 //! **Invariant:** no error and no [`Commit`] carries a URL's password (or an HTTP user).
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use gix::ObjectId;
@@ -149,7 +149,7 @@ fn fetch_local(
     mirror: &gix::Repository,
 ) -> Result<ObjectId, GitError> {
     let path = gix::path::from_bstr(parsed.path.as_bstr())
-        .map(|path| PathBuf::from(path.into_owned()))
+        .map(std::borrow::Cow::into_owned)
         .map_err(|e| GitError::NotARepository {
             url: redact(url),
             source: e.into(),
