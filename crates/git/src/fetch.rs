@@ -46,9 +46,6 @@ pub struct Commit {
     pub time: i64,
 }
 
-/// Whether this build can fetch over HTTPS.
-const HTTPS: bool = false;
-
 /// The name of the remote whose URL the mirror records, so that a checkout can name it.
 pub(crate) const REMOTE: &str = "origin";
 
@@ -281,11 +278,8 @@ fn fetch_remote(
     branch_ref: &gix::refs::FullName,
     mirror: &gix::Repository,
 ) -> Result<ObjectId, GitError> {
-    if kind == Kind::Https && !HTTPS {
-        return Err(GitError::Unsupported {
-            url: redact(url),
-            scheme: "https",
-        });
+    if kind == Kind::Https {
+        https_ready(url)?;
     }
     let fetch_err = |source: Box<dyn std::error::Error + Send + Sync>| GitError::Fetch {
         url: redact(url),
@@ -326,6 +320,26 @@ fn fetch_remote(
         .peel_to_id()
         .map_err(|e| fetch_err(e.into()))?
         .detach())
+}
+
+/// Makes sure reqwest's rustls has a crypto provider: ring, installed as the process default
+/// unless the process already chose one.
+#[cfg(feature = "https")]
+fn https_ready(_url: &str) -> Result<(), GitError> {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another thread installing one is fine: there is one then.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    Ok(())
+}
+
+/// Without the `https` feature, an `https://` source is refused plainly.
+#[cfg(not(feature = "https"))]
+fn https_ready(url: &str) -> Result<(), GitError> {
+    Err(GitError::Unsupported {
+        url: redact(url),
+        scheme: "https",
+    })
 }
 
 /// A network error's text with the URL's password (and user, for HTTP) taken out: gix's
