@@ -11,8 +11,9 @@
 //! symlinks, never followed when later files are written), with `.gitattributes` filters
 //! applied as git would so the tree is clean to `describe`. Every path component is
 //! validated (`..`, `.git` and its NTFS/HFS aliases, `/` inside a name are refused), so a
-//! hostile tree cannot write outside `dest`. Submodules are not checked out: a gitlink
-//! becomes an empty directory, as `git clone` without `--recurse-submodules` leaves it.
+//! hostile tree cannot write outside `dest`. Submodules are neither fetched nor checked out:
+//! a gitlink becomes an empty directory, as `git clone` without `--recurse-submodules`
+//! leaves it.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;

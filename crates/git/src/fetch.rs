@@ -456,6 +456,18 @@ mod tests {
         assert_eq!(bounded("abc", 10), "abc");
     }
 
+    #[cfg(not(feature = "https"))]
+    #[test]
+    fn without_the_https_feature_an_https_source_is_refused_plainly() {
+        let tmp = std::env::temp_dir().join("kiln-git-no-https-mirror");
+        let err = fetch("https://tok@example.com/app.git", "main", &tmp).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "https:// sources are not supported by this build (source https://example.com/app.git)"
+        );
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+
     #[test]
     fn network_errors_lose_the_password_and_http_user() {
         let err: Box<dyn std::error::Error + Send + Sync> =

@@ -427,6 +427,47 @@ fn a_long_message_is_bounded() {
     assert!(message.starts_with(&commit.message));
 }
 
+#[test]
+fn a_submodule_is_left_an_empty_directory_and_the_tree_is_still_clean() {
+    if !git_available() {
+        return;
+    }
+    // Submodules are not fetched nor checked out: the gitlink's commit belongs to another
+    // repository. git leaves such a submodule an empty directory, and so does kiln.
+    let forge = Forge::new();
+    forge.write("a.txt", "a\n");
+    forge.write(
+        ".gitmodules",
+        "[submodule \"lib\"]\n\tpath = vendor/lib\n\turl = https://example.invalid/lib.git\n",
+    );
+    git(
+        &forge.dev,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            "160000,1234567890123456789012345678901234567890,vendor/lib",
+        ],
+    );
+    // Not `commit_and_push`: its `add -A` would stage the missing directory as a deletion.
+    git(&forge.dev, &["add", "a.txt", ".gitmodules"]);
+    git(&forge.dev, &["commit", "-q", "-m", "with a submodule"]);
+    git(&forge.dev, &["push", "-q", "origin", "HEAD:main"]);
+    let id = git(&forge.dev, &["rev-parse", "HEAD"]).trim().to_owned();
+    assert!(git(&forge.dev, &["ls-tree", "-r", &id]).contains("160000 commit"));
+    let mirror = forge.path("mirror");
+    fetch(&forge.file_url(), "main", &mirror).unwrap();
+    git(&mirror, &["fsck", "--strict", "--no-dangling"]);
+    let dest = forge.path("work");
+    checkout(&mirror, &id, &dest).unwrap();
+    let lib = dest.join("vendor/lib");
+    assert!(std::fs::symlink_metadata(&lib).unwrap().is_dir());
+    assert_eq!(std::fs::read_dir(&lib).unwrap().count(), 0);
+    let source = describe(&dest).unwrap().unwrap();
+    assert!(source.clean, "{:?}", source.dirty_paths);
+    assert_eq!(git(&dest, &["status", "--porcelain"]), "");
+}
+
 /// A tree entry as written raw: mode, name, object id.
 type RawEntry<'a> = (&'a str, &'a str, &'a str);
 
