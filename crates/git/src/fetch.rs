@@ -53,7 +53,15 @@ pub(crate) const REMOTE: &str = "origin";
 /// created on first use, parent directories included) and returns the commit the branch now
 /// points at. The mirror records `url` as its `origin`, for [`crate::checkout`].
 ///
-/// Blocking: call it from a thread that may block.
+/// A local source is read directly; for `ssh://` and scp-like URLs gix runs `ssh` (honouring
+/// the mirror's `core.sshCommand`, and otherwise the `ssh` configuration of the user kiln runs
+/// as); `https://` verifies the server against the system's roots (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` are honoured). The mirror is opened isolated: no global or system git
+/// configuration and no `GIT_*` variable changes what is fetched.
+///
+/// Blocking: call it from a thread that may block. One fetch per mirror at a time (the
+/// caller serializes them); a network fetch cannot be interrupted and ends only when the
+/// transport gives up.
 pub fn fetch(url: &str, branch: &str, mirror: &Path) -> Result<Commit, GitError> {
     let (parsed, kind) = parse(url)?;
     let branch_ref = branch_ref(branch)?;
@@ -64,7 +72,7 @@ pub fn fetch(url: &str, branch: &str, mirror: &Path) -> Result<Commit, GitError>
     };
     set_origin(&repo, url)?;
     commit_info(&repo, id).map_err(|source| GitError::Mirror {
-        what: "the fetched commit",
+        what: "fetched commit",
         path: mirror.to_path_buf(),
         source,
     })
@@ -91,7 +99,13 @@ fn open_or_init_mirror(mirror: &Path) -> Result<gix::Repository, GitError> {
             source,
         }
     };
-    if std::fs::symlink_metadata(mirror).is_err() {
+    // Missing, or an empty directory someone made for it: make the repository. (A rename
+    // onto an empty directory replaces it.)
+    let absent = match std::fs::read_dir(mirror) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => std::fs::symlink_metadata(mirror).is_err(),
+    };
+    if absent {
         let staging = crate::sibling(mirror, "init").map_err(|e| err("path")(e.into()))?;
         if let Some(parent) = staging.parent() {
             std::fs::create_dir_all(parent).map_err(|e| err("parent directory")(e.into()))?;

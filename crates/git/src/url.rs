@@ -42,8 +42,14 @@ pub(crate) fn parse(url: &str) -> Result<(gix::Url, Kind), GitError> {
     if url.chars().any(char::is_control) {
         return Err(invalid("it has a control character".into()));
     }
-    let parsed = gix::url::parse(url.as_bytes().as_bstr())
-        .map_err(|err| invalid(err.to_string().to_lowercase()))?;
+    let parsed = gix::url::parse(url.as_bytes().as_bstr()).map_err(|err| {
+        // gix's message may quote the URL, credentials and all.
+        let mut reason = err.to_string();
+        if let Some(userinfo) = userinfo(url).filter(|u| !u.is_empty()) {
+            reason = reason.replace(userinfo, "***");
+        }
+        invalid(reason.to_lowercase())
+    })?;
     let kind = match parsed.scheme {
         gix::url::Scheme::File => Kind::Local,
         gix::url::Scheme::Https => Kind::Https,
@@ -87,15 +93,19 @@ pub(crate) fn redact(url: &str) -> String {
 }
 
 fn redact_unparsed(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}{}", &url[..start], &rest[at + 1..]),
+    match userinfo(url) {
+        Some(userinfo) => url.replacen(&format!("{userinfo}@"), "", 1),
         None => url.to_owned(),
     }
+}
+
+/// What stands between `://` and the last `@` of the authority, if anything does.
+fn userinfo(url: &str) -> Option<&str> {
+    let start = url.find("://")? + 3;
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some(&rest[..at])
 }
 
 #[cfg(test)]
@@ -154,6 +164,11 @@ mod tests {
             "https://example.com/a"
         );
         assert_eq!(redact_unparsed("weird://u:p@h/x@y"), "weird://h/x@y");
+        // A URL gix cannot parse: its message must not carry the password either.
+        let err = validate_url("https://alice:s3cret@exa mple.com:x/a")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cret") && !err.contains("alice"), "{err}");
         assert_eq!(redact_unparsed("/plain/path"), "/plain/path");
     }
 }

@@ -146,6 +146,8 @@ fn fetch_from_a_path_and_from_a_file_url_returns_the_branch_commit() {
     let forge = Forge::new();
     forge.write("kiln.toml", "[app]\n");
     let first = forge.commit_and_push("First commit\n\nWith a body.");
+    // An empty directory made for a mirror is as good as none.
+    std::fs::create_dir(forge.path("m2")).unwrap();
 
     for (url, mirror) in [
         (forge.bare.to_str().unwrap().to_owned(), forge.path("m1")),
