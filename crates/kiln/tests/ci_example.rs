@@ -241,21 +241,123 @@ fn the_ci_script_refuses_bad_arguments_with_exit_2() {
     }
 }
 
+/// The GitHub Actions example as data (JSON of its YAML, read by PyYAML from the venv
+/// `scripts/ci-setup.sh` makes for kubernetes-validate), or `None` with a note when that is
+/// missing outside CI.
+fn workflow() -> Option<serde_json::Value> {
+    let python = std::env::var_os("KILN_CI_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/kiln-ci"))
+        .join("venv/bin/python");
+    // YAML 1.1 reads the key `on` as true: put it back under its name.
+    let program = "import json, sys, yaml\n\
+                   d = yaml.safe_load(open(sys.argv[1]))\n\
+                   d['on'] = d.pop(True)\n\
+                   print(json.dumps(d))";
+    let out = std::process::Command::new(&python)
+        .args(["-c", program])
+        .arg(root().join("examples/ci/github-actions.yml"))
+        .output();
+    match out {
+        Ok(out) if out.status.success() => Some(serde_json::from_slice(&out.stdout).unwrap()),
+        Ok(out) if python.exists() => panic!(
+            "the workflow is not YAML PyYAML reads: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but {} is missing (bash scripts/ci-setup.sh makes it)",
+                python.display()
+            );
+            eprintln!(
+                "note: not reading the workflow ({} is missing)",
+                python.display()
+            );
+            None
+        }
+    }
+}
+
+/// The workflow deploys on a push to main, one run at a time, with the script and the
+/// secrets its comments name; each `run:` is shellcheck-clean as the bash GitHub runs it.
+#[test]
+fn the_github_workflow_runs_the_script_on_a_push_to_main() {
+    let Some(w) = workflow() else {
+        return;
+    };
+    assert_eq!(w["on"]["push"]["branches"], serde_json::json!(["main"]));
+    assert_eq!(w["concurrency"]["cancel-in-progress"], false);
+    let job = &w["jobs"]["deploy"];
+    assert_eq!(job["env"]["KILN_HOST"], "${{ secrets.KILN_HOST }}");
+    let steps = job["steps"].as_array().unwrap();
+    let runs: Vec<&str> = steps.iter().filter_map(|s| s["run"].as_str()).collect();
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("bash ci/deploy.sh \"$KILN_SPEC\"")),
+        "{runs:#?}"
+    );
+    let env: Vec<&serde_json::Value> = steps.iter().map(|s| &s["env"]).collect();
+    for secret in ["KILN_SSH_KEY", "KILN_KNOWN_HOSTS"] {
+        assert!(
+            env.iter()
+                .any(|e| e[secret] == format!("${{{{ secrets.{secret} }}}}")),
+            "no step takes {secret} from its secret: {env:#?}"
+        );
+    }
+    if !shellcheck_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, run) in runs.iter().enumerate() {
+        // What GitHub runs: `bash --noprofile --norc -eo pipefail {0}`.
+        let file = dir.path().join(format!("step{i}.sh"));
+        std::fs::write(
+            &file,
+            format!("#!/usr/bin/env bash\nset -eo pipefail\n{run}"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("shellcheck")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{run}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Whether shellcheck is here: a failure under `CI=true` when not (`scripts/ci-setup.sh`
+/// installs it), else a note.
+fn shellcheck_present() -> bool {
+    if std::process::Command::new("shellcheck")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but shellcheck is missing (apt-get install shellcheck)"
+    );
+    eprintln!("note: skipping the shellcheck check (no shellcheck)");
+    false
+}
+
 /// The script is shellcheck-clean (shellcheck comes with `scripts/ci-setup.sh`; missing under
 /// `CI=true` is a failure, elsewhere a note).
 #[test]
 fn the_ci_script_is_shellcheck_clean() {
-    let Ok(out) = std::process::Command::new("shellcheck")
+    if !shellcheck_present() {
+        return;
+    }
+    let out = std::process::Command::new("shellcheck")
         .arg(script())
         .output()
-    else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but shellcheck is missing (apt-get install shellcheck)"
-        );
-        eprintln!("note: skipping the shellcheck check (no shellcheck)");
-        return;
-    };
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
