@@ -12,9 +12,12 @@
 # image's [image.test], the plan or the rollout: a rollout that fails is rolled back by the
 # daemon and the release live before keeps serving); 2 usage.
 #
+# Keep the runner's state (KILN_STATE) outside the checkout, or .kiln/ in .gitignore: an
+# untracked .kiln/ makes the image's provenance say the work tree had uncommitted changes.
+#
 # Needs bash >= 4.4 and kiln on PATH (or KILN=/path/to/kiln); no jq: kiln's --json output is
 # pretty-printed with two spaces per level, so a top-level field is one line at a known
-# indentation, which sed reads.
+# indentation, which sed reads. docs/ci.md says more.
 set -euo pipefail
 
 kiln_bin="${KILN:-kiln}"
@@ -38,7 +41,7 @@ while [ $# -gt 0 ]; do
       shift
       ;;
     -h | --help)
-      sed -n '2,16s/^# \{0,1\}//p' "$0"
+      sed -n '/^set -euo/q; 2,$s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     -*) usage ;;
