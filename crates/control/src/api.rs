@@ -57,6 +57,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/images/{digest}"),
     ("PUT", "/v1/images/{digest}/attestation"),
     ("PUT", "/v1/images/{digest}/referrers"),
+    ("GET", "/v1/sources"),
+    ("POST", "/v1/sources"),
+    ("DELETE", "/v1/sources/{name}"),
+    ("POST", "/v1/sources/{name}/webhook"),
+    ("POST", "/v1/apps/{app}/sync"),
+    ("GET", "/v1/apps/{app}/plan"),
     ("GET", "/metrics"),
 ];
 
@@ -102,6 +108,7 @@ impl From<ControlError> for ApiError {
             }
             ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
             ControlError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ControlError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ControlError::Provider(kiln_runtime::ProviderError::NotFound(_)) => {
                 StatusCode::NOT_FOUND
             }
@@ -380,6 +387,32 @@ async fn route(
             .map_err(blob_error)?;
             ok(recorded)
         }
+        (&Method::GET, ["v1", "sources"]) => ok(to_json(&c.list_sources().await?)?),
+        (&Method::POST, ["v1", "sources"]) => {
+            refuse_over_tcp(actor, "sources are added")?;
+            let config: crate::sources::SourceConfig = body(req).await?;
+            ok(to_json(&c.add_source(config).await?)?)
+        }
+        (&Method::DELETE, ["v1", "sources", name]) => {
+            refuse_over_tcp(actor, "sources are removed")?;
+            c.remove_source(name).await?;
+            ok(json!({"source": name, "removed": true}))
+        }
+        (&Method::POST, ["v1", "sources", name, "webhook"]) => {
+            let signature = crate::sources::webhook::SIGNATURE_HEADERS
+                .iter()
+                .find_map(|h| req.headers().get(*h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let name = (*name).to_owned();
+            let bytes = body_bytes(req, crate::sources::webhook::MAX_BODY).await?;
+            c.source_webhook(&name, signature.as_deref(), &bytes)
+                .await?;
+            Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({"source": name, "fetch": "requested"}),
+            ))
+        }
         (&Method::GET, ["v1", "verify"]) => ok(kiln_ledger::verify_json(&c.verify()?)),
         (&Method::GET, ["v1", "ledger", "export"]) => ok(c.export_ledger()?),
         (&Method::GET, ["metrics"]) => {
@@ -495,9 +528,21 @@ fn refuse_secret_sources_over_tcp(actor: &str, names_sources: bool) -> Result<()
     Ok(())
 }
 
+/// What a holder of the TCP token may not do: what makes the daemon read, run or fetch as
+/// its own user on a repository's word.
+fn refuse_over_tcp(actor: &str, what: &str) -> Result<(), ApiError> {
+    if crate::peer::is_token(actor) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{what} over the daemon's unix socket (or SSH) only, not with the TCP token"),
+        ));
+    }
+    Ok(())
+}
+
 /// The operations on one app: `/v1/apps/{app}/…`.
 async fn app_operation(
-    c: &Controller,
+    c: &Arc<Controller>,
     actor: &str,
     req: Request<Incoming>,
     app: &str,
@@ -562,6 +607,11 @@ async fn app_operation(
             ok(json!({"app": app, "gate": to_json(&gate)?}))
         }
         (&Method::GET, ["instances"]) => ok(json!(c.instances(app).await?)),
+        (&Method::POST, ["sync"]) => {
+            let _: ActorBody = body(req).await?;
+            ok(c.sync(app, actor).await?)
+        }
+        (&Method::GET, ["plan"]) => ok(c.waiting_plan(app).await?),
         _ => {
             let path = req.uri().path().to_owned();
             let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -679,7 +729,14 @@ pub async fn serve_tcp_on(
                         let token = Arc::clone(&token);
                         let actor = Arc::clone(&actor);
                         async move {
-                            let authorized = req
+                            // A forge cannot hold the token: a webhook proves itself by its
+                            // signature, which the operation checks.
+                            let webhook = req.method() == Method::POST
+                                && matches_pattern(
+                                    "/v1/sources/{name}/webhook",
+                                    &req.uri().path().trim_matches('/').split('/').collect::<Vec<_>>(),
+                                );
+                            let authorized = webhook || req
                                 .headers()
                                 .get(hyper::header::AUTHORIZATION)
                                 .and_then(|v| v.to_str().ok())

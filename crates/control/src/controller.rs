@@ -67,6 +67,8 @@ pub struct Controller {
     pub(crate) observed: Mutex<Arc<Vec<Observation>>>,
     attestations: Option<Arc<dyn Attestations>>,
     pub(crate) daemon_policy: crate::config::PolicyConfig,
+    /// The git sources followed (`kiln source`), once the daemon starts following them.
+    pub(crate) sources: std::sync::OnceLock<Arc<crate::sources::Sources>>,
 }
 
 /// Why a running app refuses a new release: a rollout in progress, or another `[route]`.
@@ -151,6 +153,7 @@ impl Controller {
             observed: Mutex::new(Arc::new(Vec::new())),
             attestations: cfg.attestations.clone(),
             daemon_policy: cfg.policy.clone(),
+            sources: std::sync::OnceLock::new(),
         });
         let names = c.exec.ledger().apps()?;
         for name in names {

@@ -105,6 +105,96 @@ pub struct AppStatus {
     /// What the router does with new requests: forwards, holds or answers a maintenance page.
     #[serde(default)]
     pub gate: GateStatus,
+    /// The git source that follows this app (`kiln source`), when one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceStatus>,
+}
+
+/// A commit, as the git follower names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitBrief {
+    /// 40 hex digits.
+    pub id: String,
+    /// `Name <email>`.
+    pub author: String,
+    /// The message's first line.
+    pub summary: String,
+    /// Author time, seconds since the epoch.
+    pub time: i64,
+}
+
+/// A step the follower took for a commit (also the `source.step` event).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStep {
+    /// The commit.
+    pub commit: CommitBrief,
+    /// `seen`, `build`, `test`, `plan`, `apply` or `rollout`.
+    pub step: String,
+    /// `passed`, `failed`, `skipped` or `waiting`.
+    pub result: String,
+    /// What it made or found (an image, a release, the changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Why it failed: the output's tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// A planned commit waiting for `kiln sync` (`sync = "manual"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceWaiting {
+    /// The commit.
+    pub commit: CommitBrief,
+    /// Its image, built and tested.
+    pub image: String,
+    /// What applying it changes, as `kiln plan` lists it.
+    pub changes: Vec<String>,
+}
+
+/// A followed git source, as `kiln source list` and `kiln status` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// Its name.
+    pub name: String,
+    /// The repository, without credentials.
+    pub url: String,
+    /// The branch followed.
+    pub branch: String,
+    /// The spec's path in the repository.
+    pub path: String,
+    /// Milliseconds between polls.
+    pub interval_ms: u64,
+    /// `auto` or `manual`.
+    pub sync: String,
+    /// `new-commit` or `manual`.
+    pub resume: String,
+    /// Whether its spec may use secret sources and copy from outside the checkout.
+    pub trusted: bool,
+    /// Whether a webhook secret is set.
+    pub webhook: bool,
+    /// The app its spec names (once built).
+    pub app: Option<String>,
+    /// The branch's head at the last fetch.
+    pub latest: Option<CommitBrief>,
+    /// The commit of the app's live release.
+    pub live_commit: Option<String>,
+    /// The head is not what runs.
+    pub differs: bool,
+    /// Why the follower holds the app back after a rollback, while it does.
+    pub pinned: Option<String>,
+    /// Commits rolled back from, never applied again.
+    #[serde(default)]
+    pub bad: Vec<String>,
+    /// A commit planned and waiting for `kiln sync`.
+    pub waiting: Option<SourceWaiting>,
+    /// The step running now.
+    pub busy: Option<String>,
+    /// Why the last fetch failed.
+    pub error: Option<String>,
+    /// The last step taken.
+    pub last: Option<SourceStep>,
+    /// Webhook calls refused since the daemon started (all sources).
+    pub webhook_refused: u64,
 }
 
 /// What the router does with an app's new requests (`kiln pause`, `kiln maintenance`).

@@ -13,6 +13,9 @@ pub enum ControlError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The caller could not be authenticated (a webhook's signature does not verify).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The request is well-formed but not allowed: the deploy policy refuses the image.
     #[error("{0}")]
     Forbidden(String),

@@ -41,6 +41,7 @@ mod reconcile;
 pub mod registry;
 mod rollback;
 pub mod secrets;
+pub mod sources;
 mod status;
 
 pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
@@ -52,3 +53,4 @@ pub use error::ControlError;
 pub use gate::Attestations;
 pub use peer::local_actor;
 pub use reconcile::TICK;
+pub use status::{plan_current, plan_next};

@@ -80,17 +80,19 @@ impl Controller {
         };
         let switch_us =
             warm.then(|| u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-        let actor = actor.to_owned();
         self.exec.record(
             app,
             &Event::Rollback {
                 from,
                 to,
                 warm,
-                actor,
+                actor: actor.to_owned(),
                 switch_us,
             },
         )?;
+        // A followed app is pinned before the rollback answers: the follower never applies
+        // the commit rolled back from again.
+        self.notice_rollback(app, from, actor).await;
         Ok(RollbackOutcome {
             from,
             to,

@@ -59,7 +59,7 @@ impl Controller {
             Phase::Completed { .. } => ("completed", None),
             Phase::Aborted { reason, .. } => ("aborted", Some(reason.clone())),
         };
-        Ok(AppStatus {
+        let mut status = AppStatus {
             app: app.to_owned(),
             live: a.live_release(),
             release: a.goal.release,
@@ -88,7 +88,12 @@ impl Controller {
             instances,
             schema: a.schema.map(LiveSchema::from_domain),
             gate,
-        })
+            source: None,
+        };
+        drop(apps);
+        // After the apps' lock: the source's live commit takes it again.
+        status.source = self.source_of(app).await;
+        Ok(status)
     }
 
     /// Events, oldest first.
@@ -188,3 +193,75 @@ impl Controller {
 
 /// The most secrets one fingerprint request may name.
 const MAX_SECRETS: usize = 256;
+
+/// What `kiln plan` compares a spec with: the app's release as its status shows it (the
+/// daemon's policy left out: the daemon records it at apply, it is no change a spec makes).
+pub fn plan_current(s: &AppStatus) -> serde_json::Result<kiln_deploy::PlanCurrent> {
+    Ok(kiln_deploy::PlanCurrent {
+        release: s.release,
+        live: s.live,
+        image: s.image.clone(),
+        config: serde_json::to_value(crate::config::ReleaseConfig {
+            daemon_policy: Default::default(),
+            ..s.config.clone()
+        })?,
+        schema: s.schema.map(LiveSchema::into_domain),
+    })
+}
+
+/// What `kiln plan` compares with it: the release `spec` would make of `image` and `config`.
+pub fn plan_next(
+    spec: &kiln_spec::Spec,
+    image: &str,
+    config: &crate::config::ReleaseConfig,
+) -> serde_json::Result<kiln_deploy::PlanNext> {
+    Ok(kiln_deploy::PlanNext {
+        app: spec.name.to_string(),
+        image: image.to_owned(),
+        config: serde_json::to_value(config)?,
+        replicas: spec.service.replicas,
+        strategy: spec.deploy.strategy.name().to_owned(),
+        listen: spec.route.listen.to_string(),
+        migrate: spec.deploy.migrate.clone(),
+    })
+}
+
+impl Controller {
+    /// What applying `req` (made from `spec`) to `app` would change, as `kiln plan` lists it.
+    pub async fn plan_changes(
+        &self,
+        app: &str,
+        spec: &kiln_spec::Spec,
+        req: &crate::dto::ApplyRequest,
+    ) -> Result<Vec<String>> {
+        let mut config = req.config.clone();
+        // Secrets and secret-looking env values as a release shows them (fingerprints,
+        // redactions), so an unchanged one is no change.
+        let prints = self
+            .fingerprints(crate::dto::FingerprintRequest {
+                secrets: config.service.secrets.clone(),
+                env: config.service.env.clone(),
+            })
+            .await?;
+        for (name, s) in &mut config.service.secrets {
+            s.fingerprint = prints.secrets.get(name).cloned();
+        }
+        config.service.env = prints.env;
+        let current = match self.status(app).await {
+            Ok(s) => Some(s),
+            Err(ControlError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let internal = |e: serde_json::Error| ControlError::Internal(format!("plan: {e}"));
+        let current = current
+            .as_ref()
+            .map(plan_current)
+            .transpose()
+            .map_err(internal)?;
+        let next = plan_next(spec, &req.image, &config).map_err(internal)?;
+        Ok(kiln_deploy::plan(current.as_ref(), &next)
+            .iter()
+            .map(ToString::to_string)
+            .collect())
+    }
+}

@@ -17,12 +17,16 @@
 //! [`plan::plan`] lists what `kiln apply` would change (image, configuration key by key,
 //! schema and the rollbacks it would block); `kiln plan` prints each [`plan::Change`].
 //!
+//! [`follow::next`] decides what the git follower does with its branch's head, and
+//! [`follow::rolled_back`] what a rollback of a followed app means to it.
+//!
 //! Reasons are types ([`rollout::DestroyReason`], [`rollback::RollbackRefused`]) whose
 //! `Display` is the text for people; callers match on the variants, never on the text.
 //!
 //! **API boundary:** no clocks (time is a parameter), no providers, no router, no ledger.
 
 pub mod analysis;
+pub mod follow;
 pub mod plan;
 pub mod rollback;
 pub mod rollout;

@@ -182,11 +182,41 @@ fn write_tree(
         return Err(format!("cannot write {:?}: {}", failed.path, failed.error).into());
     }
     index.write(Default::default(), Default::default())?;
+    git_modes(dir, true)?;
 
     // One sync of the file system rather than one per file: the tree must be whole on disk
     // before the rename makes it the tree, or a power cut could leave empty files in it.
     let dir_fd = std::fs::File::open(dir)?;
     rustix::fs::syncfs(&dir_fd)?;
+    Ok(())
+}
+
+/// Gives every file and directory under `dir` (its `.git` aside) the mode git means: 0644, or
+/// 0755 when executable, and 0755 for a directory, whatever the process's umask made of them.
+/// A build copies modes into the image, so a daemon with umask 077 would otherwise build a
+/// commit into another image than a person's checkout of it (and one an unprivileged
+/// instance user cannot run). Symlinks are left alone, never followed.
+fn git_modes(dir: &Path, top: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if top {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if top && entry.file_name() == ".git" {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        let path = entry.path();
+        if kind.is_dir() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+            git_modes(&path, false)?;
+        } else if kind.is_file() {
+            let executable = entry.metadata()?.permissions().mode() & 0o111 != 0;
+            let mode = if executable { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
     Ok(())
 }
 

@@ -30,7 +30,7 @@ mod url;
 
 pub use checkout::checkout;
 pub use fetch::{Commit, MESSAGE_BYTES, fetch};
-pub use url::validate_url;
+pub use url::{redact, validate_url};
 
 /// The cause of an error from gix, the file system or kiln's own checks, kept for the chain
 /// the binary prints.

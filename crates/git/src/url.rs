@@ -85,7 +85,7 @@ pub(crate) fn parse(url: &str) -> Result<(gix::Url, Kind), GitError> {
 /// `url` as it may be shown in an error or a log: no password, and for HTTP(S) no user (often
 /// a token) and no query. A URL that does not parse is shown without anything between
 /// `://` and the last `@` of its authority.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match gix::url::parse(url.as_bytes().as_bstr()) {
         Ok(parsed) => crate::without_credentials(parsed),
         Err(_) => redact_unparsed(url),

@@ -166,6 +166,10 @@ pub enum Command {
     Maintenance(crate::cmd::pause::MaintenanceArgs),
     /// Releases, route weights, instances with health and age, rollout progress
     Status(crate::cmd::deploy::AppArg),
+    /// The git branches the daemon follows: each new commit built, tested, planned, applied
+    Source(crate::cmd::source::SourceArgs),
+    /// Apply the commit a followed app's source holds (sync = manual), or resume a pinned app
+    Sync(crate::cmd::source::SyncArgs),
     /// The ledger's events (releases, traffic changes, drift, replacements, rollbacks)
     History(crate::cmd::deploy::HistoryArgs),
     /// Check the ledger's hash chain end to end, its rollout documents and its signed

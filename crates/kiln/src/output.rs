@@ -63,6 +63,19 @@ impl Output {
         }
     }
 
+    /// Nothing but errors, no colour: for work the daemon does on its own (a git source's
+    /// build), whose outcome it records itself.
+    pub fn silent() -> Output {
+        Output {
+            json: false,
+            quiet: true,
+            verbose: 0,
+            color: false,
+            journal: false,
+            closed: AtomicBool::new(false),
+        }
+    }
+
     /// The same settings with `-q`.
     pub fn quieter(&self) -> Output {
         Output {

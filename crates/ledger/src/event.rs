@@ -346,6 +346,55 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         entries: Vec<u64>,
     },
+    /// A step the git follower took for a commit of the branch it follows (`kiln source`):
+    /// `seen` a new commit, then `build`, `test`, `plan`, `apply`, `rollout`, each `passed`,
+    /// `failed` (with the output's tail) or, for a plan in manual mode, `waiting`.
+    #[serde(rename = "source.step")]
+    SourceStep {
+        /// The source's name.
+        source: String,
+        /// The commit, 40 hex digits.
+        commit: String,
+        /// Its author, `Name <email>`.
+        author: String,
+        /// The first line of its message.
+        summary: String,
+        /// `seen`, `build`, `test`, `plan`, `apply` or `rollout`.
+        step: String,
+        /// `passed`, `failed`, `skipped` or `waiting`.
+        result: String,
+        /// What the step made or found: an image digest, a release, the plan's changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        /// Why it failed: the tail of the output.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+    },
+    /// A rollback of a followed app pinned it: `commit` is marked bad and never applied by
+    /// the follower again.
+    #[serde(rename = "source.pinned")]
+    SourcePinned {
+        /// The source's name.
+        source: String,
+        /// The commit rolled back from.
+        commit: String,
+        /// Its release.
+        release: u64,
+        /// Who rolled back.
+        actor: String,
+        /// When following resumes: `new-commit` or `manual` (`kiln sync`).
+        resume: String,
+    },
+    /// A pinned app follows its branch again.
+    #[serde(rename = "source.resumed")]
+    SourceResumed {
+        /// The source's name.
+        source: String,
+        /// The commit it resumes with.
+        commit: String,
+        /// Why: `new commit`, or who ran `kiln sync`.
+        by: String,
+    },
     /// A stored release cannot be decoded; the app is not run until it is fixed or replaced.
     #[serde(rename = "release.corrupt")]
     ReleaseCorrupt {
@@ -482,6 +531,9 @@ impl Event {
             Event::Resumed { .. } => "app.resumed",
             Event::Maintenance { .. } => "app.maintenance",
             Event::ReleaseCorrupt { .. } => "release.corrupt",
+            Event::SourceStep { .. } => "source.step",
+            Event::SourcePinned { .. } => "source.pinned",
+            Event::SourceResumed { .. } => "source.resumed",
             Event::RolloutStored { .. } => "rollout.stored",
             Event::LedgerAnchored { .. } => "ledger.anchored",
             Event::BrokenAccepted { .. } => "ledger.broken_accepted",
@@ -729,6 +781,48 @@ impl std::fmt::Display for Event {
             Event::ReleaseCorrupt { release, error } => {
                 write!(f, "release {release} is corrupt: {error}")
             }
+            Event::SourceStep {
+                source,
+                commit,
+                author,
+                summary,
+                step,
+                result,
+                detail,
+                output,
+            } => {
+                let short = commit.get(..12).unwrap_or(commit);
+                write!(f, "{source} {short} {step} {result}")?;
+                if step == "seen" {
+                    write!(f, ": {summary:?} by {author}")?;
+                }
+                if let Some(d) = detail {
+                    write!(f, " ({d})")?;
+                }
+                match output
+                    .as_deref()
+                    .and_then(|o| o.lines().rfind(|l| !l.trim().is_empty()))
+                {
+                    Some(last) => write!(f, ": {}", last.trim()),
+                    None => Ok(()),
+                }
+            }
+            Event::SourcePinned {
+                source,
+                commit,
+                release,
+                actor,
+                resume,
+            } => write!(
+                f,
+                "{source} pinned by {actor}'s rollback: commit {} (release {release}) marked bad; resumes on {resume}",
+                commit.get(..12).unwrap_or(commit)
+            ),
+            Event::SourceResumed { source, commit, by } => write!(
+                f,
+                "{source} follows its branch again at {} ({by})",
+                commit.get(..12).unwrap_or(commit)
+            ),
             Event::Paused {
                 actor,
                 max_hold_ms,

@@ -252,6 +252,17 @@ impl Daemon {
         .await
         .context("cannot start the controller")?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        // The git branches it follows (`kiln source`), built and tested as `kiln build` and
+        // `kiln test` would.
+        controller
+            .follow_sources(
+                state.join("sources"),
+                Arc::new(super::source::DaemonPipeline {
+                    state: state.to_owned(),
+                }),
+                stopped.clone(),
+            )
+            .context("cannot follow the git sources")?;
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };

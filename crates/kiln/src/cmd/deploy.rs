@@ -22,6 +22,10 @@ use crate::output::Output;
 /// `kiln plan`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
+    /// A followed app: show the plan of the commit its source holds for `kiln sync`
+    /// (instead of building ./kiln.toml)
+    #[arg(conflicts_with = "file")]
+    pub app: Option<String>,
     #[command(flatten)]
     pub spec: SpecFile,
     /// Exit 0 when nothing would change, 2 when something would (1 on errors)
@@ -218,6 +222,9 @@ fn release_request(
 }
 
 pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    if let Some(app) = &args.app {
+        return super::source::waiting_plan(app, state, out);
+    }
     let spec = match load(&args.spec.file, out)? {
         Ok(s) => s,
         Err(code) => return Ok(code),
@@ -248,30 +255,11 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         }
     })?;
     let strategy = spec.deploy.strategy.name();
-    let current_plan = match &current {
-        Some(cur) => Some(kiln_deploy::PlanCurrent {
-            release: cur.release,
-            live: cur.live,
-            image: cur.image.clone(),
-            // The daemon's policy is the daemon's to record at apply, not a change the spec
-            // makes: compared as the spec sends it (absent).
-            config: serde_json::to_value(ReleaseConfig {
-                daemon_policy: Default::default(),
-                ..cur.config.clone()
-            })?,
-            schema: cur.schema.map(kiln_control::LiveSchema::into_domain),
-        }),
-        None => None,
-    };
-    let next = kiln_deploy::PlanNext {
-        app: spec.name.to_string(),
-        image: req.image.clone(),
-        config: serde_json::to_value(&req.config)?,
-        replicas: spec.service.replicas,
-        strategy: strategy.to_owned(),
-        listen: spec.route.listen.to_string(),
-        migrate: spec.deploy.migrate.clone(),
-    };
+    let current_plan = current
+        .as_ref()
+        .map(kiln_control::plan_current)
+        .transpose()?;
+    let next = kiln_control::plan_next(&spec, &req.image, &req.config)?;
     let changes: Vec<String> = kiln_deploy::plan(current_plan.as_ref(), &next)
         .iter()
         .map(ToString::to_string)
@@ -521,6 +509,9 @@ fn print_status(s: &AppStatus, out: &Output) {
         out.say(&format!("  {gate}"));
     }
     out.say(&format!("  {}", progress_line(s)));
+    if let Some(source) = &s.source {
+        super::source::print_source(source, out);
+    }
     out.say(&format!(
         "  {:<20} {:>3} {:<8} {:<9} {:<21} {:>7} routed",
         "instance", "rel", "state", "health", "address", "age"

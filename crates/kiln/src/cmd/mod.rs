@@ -15,6 +15,7 @@ pub mod router;
 pub mod run;
 pub mod sign;
 mod signals;
+pub mod source;
 mod spec;
 pub mod test;
 pub mod verify;
@@ -79,6 +80,8 @@ pub fn run(mut cli: Cli, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Resume(args) => pause::resume(&args, &cli.global.state, out),
         Command::Maintenance(args) => pause::maintenance(&args, &cli.global.state, out),
         Command::Status(args) => deploy::status(&args, &cli.global.state, out),
+        Command::Source(args) => source::source(&args, &cli.global.state, out),
+        Command::Sync(args) => source::sync(&args, &cli.global.state, out),
         Command::History(args) => deploy::history(&args, &cli.global.state, out),
         Command::Verify(args) => verify::verify(&args, &cli.global.state, out),
         Command::Drift(args) => deploy::drift(&args, &cli.global.state, out),
@@ -104,6 +107,8 @@ fn talks_to_daemon(command: &Command) -> bool {
         | Command::Resume(_)
         | Command::Maintenance(_)
         | Command::Status(_)
+        | Command::Source(_)
+        | Command::Sync(_)
         | Command::History(_)
         | Command::Drift(_)
         | Command::Logs(_)
@@ -153,6 +158,8 @@ fn state_need(command: &Command) -> Option<Need> {
         | Command::Resume(_)
         | Command::Maintenance(_)
         | Command::Status(_)
+        | Command::Source(_)
+        | Command::Sync(_)
         | Command::History(_)
         | Command::Verify(_)
         | Command::Drift(_)

@@ -47,22 +47,93 @@ struct TestResult {
     failure: Option<String>,
 }
 
+/// What a test run found, its attestation recorded.
+pub struct Tested {
+    /// The image tested.
+    pub digest: kiln_image::Digest,
+    /// Every test passed.
+    pub passed: bool,
+    /// Each failed test's explanation, with its output's tail.
+    pub failures: Vec<String>,
+    /// The attestation recorded.
+    pub attestation: serde_json::Value,
+    /// Where it was recorded.
+    pub path: PathBuf,
+    /// How long the tests took.
+    pub duration: Duration,
+}
+
 /// Runs `kiln test`.
 pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     let spec = match super::spec::load(&args.file, out)? {
         Ok(spec) => spec,
         Err(code) => return Ok(code),
     };
-    let Some(test) = spec.image.test.clone() else {
-        anyhow::bail!(
-            "{} has no [image.test]: add `command` or `http` to say how to test the image",
-            args.file.display()
-        );
-    };
     let reference = args
         .reference
         .clone()
         .unwrap_or_else(|| format!("{}:latest", spec.name));
+    let tested = match run_tests(&spec, &args.file, &reference, state) {
+        Err(e) => match e.downcast_ref::<Interrupted>() {
+            Some(Interrupted(stop)) => {
+                out.say(&format!("{e}: the test instance is destroyed"));
+                return Ok(stop.exit_code());
+            }
+            None => return Err(e),
+        },
+        Ok(tested) => tested,
+    };
+    let Tested {
+        digest,
+        passed,
+        failures,
+        attestation,
+        path,
+        duration,
+    } = tested;
+    if out.json {
+        out.data(&attestation)?;
+    }
+    for failure in &failures {
+        out.report(&format!("{failure}\n"));
+    }
+    if passed {
+        if !out.json {
+            out.say(&format!(
+                "image {} passed its tests in {} (attestation {})",
+                digest.short(),
+                humantime::format_duration(Duration::from_millis(millis(duration))),
+                path.display()
+            ));
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        out.error(&anyhow::anyhow!(
+            "image {} failed its tests (attestation {})",
+            digest.short(),
+            path.display()
+        ));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Runs `spec`'s `[image.test]` on the image `reference` names and records the attestation
+/// (the file the tested gate reads, and an in-toto statement attached to the image): what
+/// `kiln test` and the daemon's git follower both do. A stop signal destroys the test
+/// instance and ends it with [`Interrupted`].
+pub fn run_tests(
+    spec: &kiln_spec::Spec,
+    file: &Path,
+    reference: &str,
+    state: &Path,
+) -> anyhow::Result<Tested> {
+    let Some(test) = spec.image.test.clone() else {
+        anyhow::bail!(
+            "{} has no [image.test]: add `command` or `http` to say how to test the image",
+            file.display()
+        );
+    };
+    let reference = reference.to_owned();
     let images = Arc::new(StoreImages::open(state)?);
     let digest = images.resolve_ref(&reference)?;
     let started_at = SystemTime::now();
@@ -94,16 +165,7 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         }
         anyhow::Ok(results)
     });
-    let results = match results {
-        Err(e) => match e.downcast_ref::<Interrupted>() {
-            Some(Interrupted(stop)) => {
-                out.say(&format!("{e}: the test instance is destroyed"));
-                return Ok(stop.exit_code());
-            }
-            None => return Err(e),
-        },
-        Ok(results) => results,
-    };
+    let results = results?;
     let passed = results.iter().all(|r| r.passed);
     let duration = t0.elapsed();
     let time = started_at
@@ -144,32 +206,14 @@ pub fn test(args: &TestArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
     );
     kiln_image::attest::attach_statement(images.store(), &digest, &statement)
         .with_context(|| format!("cannot attach the test attestation to {digest}"))?;
-    if out.json {
-        out.data(&attestation)?;
-    }
-    for r in &results {
-        if let Some(failure) = &r.failure {
-            out.report(&format!("{failure}\n"));
-        }
-    }
-    if passed {
-        if !out.json {
-            out.say(&format!(
-                "image {} passed its tests in {} (attestation {})",
-                digest.short(),
-                humantime::format_duration(Duration::from_millis(millis(duration))),
-                path.display()
-            ));
-        }
-        Ok(ExitCode::SUCCESS)
-    } else {
-        out.error(&anyhow::anyhow!(
-            "image {} failed its tests (attestation {})",
-            digest.short(),
-            path.display()
-        ));
-        Ok(ExitCode::FAILURE)
-    }
+    Ok(Tested {
+        digest,
+        passed,
+        failures: results.into_iter().filter_map(|r| r.failure).collect(),
+        attestation,
+        path,
+        duration,
+    })
 }
 
 fn millis(d: Duration) -> u64 {
