@@ -58,7 +58,7 @@ pub fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), GitError
     })?;
     drop(mirror_repo);
 
-    let err = |source: Box<dyn std::error::Error + Send + Sync>| GitError::Checkout {
+    let err = |source: crate::Cause| GitError::Checkout {
         commit: commit.to_owned(),
         path: dest.to_path_buf(),
         source,
@@ -93,10 +93,7 @@ fn parse_commit_id(commit: &str) -> Result<ObjectId, GitError> {
 }
 
 /// The tree of commit `id` in `repo`, which must have it.
-fn commit_tree(
-    repo: &gix::Repository,
-    id: ObjectId,
-) -> Result<ObjectId, Box<dyn std::error::Error + Send + Sync>> {
+fn commit_tree(repo: &gix::Repository, id: ObjectId) -> Result<ObjectId, crate::Cause> {
     let object = repo
         .try_find_object(id)?
         .ok_or("the mirror does not have it (fetch it first)")?;
@@ -114,7 +111,7 @@ fn write_tree(
     url: Option<&str>,
     commit: ObjectId,
     tree: ObjectId,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), crate::Cause> {
     std::fs::create_dir(dir)?;
     let repo = gix::init(dir)?;
     let git_dir = repo.git_dir().to_path_buf();
@@ -226,11 +223,7 @@ fn git_modes(dir: &Path, top: bool) -> std::io::Result<()> {
 /// Puts `staging` at `dest` and removes whatever `dest` held. With an existing `dest` the two
 /// are exchanged atomically; where the file system cannot exchange, `dest` is moved to `old`
 /// first (a crash between the two renames leaves no `dest`; the next checkout makes it).
-fn swap_into_place(
-    staging: &Path,
-    dest: &Path,
-    old: &Path,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn swap_into_place(staging: &Path, dest: &Path, old: &Path) -> Result<(), crate::Cause> {
     let exists = std::fs::symlink_metadata(dest).is_ok();
     if !exists {
         std::fs::rename(staging, dest)?;

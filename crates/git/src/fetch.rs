@@ -93,7 +93,7 @@ fn branch_ref(branch: &str) -> Result<gix::refs::FullName, GitError> {
 /// so a crash never leaves a half-made mirror under the real name.
 fn open_or_init_mirror(mirror: &Path) -> Result<gix::Repository, GitError> {
     let err = |what: &'static str| {
-        move |source: Box<dyn std::error::Error + Send + Sync>| GitError::Mirror {
+        move |source: crate::Cause| GitError::Mirror {
             what,
             path: mirror.to_path_buf(),
             source,
@@ -128,7 +128,7 @@ fn open_or_init_mirror(mirror: &Path) -> Result<gix::Repository, GitError> {
 /// whole so a crash leaves the old one or the new one.
 fn set_origin(repo: &gix::Repository, url: &str) -> Result<(), GitError> {
     let path = repo.git_dir().join("config");
-    let err = |source: Box<dyn std::error::Error + Send + Sync>| GitError::Mirror {
+    let err = |source: crate::Cause| GitError::Mirror {
         what: "config",
         path: path.clone(),
         source,
@@ -166,7 +166,7 @@ fn fetch_local(
             source: e.into(),
         })?;
     let source = open_local(&path, url)?;
-    let fetch_err = |source: Box<dyn std::error::Error + Send + Sync>| GitError::Fetch {
+    let fetch_err = |source: crate::Cause| GitError::Fetch {
         url: redact(url),
         branch: branch.to_owned(),
         source,
@@ -200,11 +200,10 @@ fn fetch_local(
 
 /// The local repository at `path`: a bare repository, a `.git` directory or a work tree.
 fn open_local(path: &Path, url: &str) -> Result<gix::Repository, GitError> {
-    let not_a_repository =
-        |source: Box<dyn std::error::Error + Send + Sync>| GitError::NotARepository {
-            url: redact(url),
-            source,
-        };
+    let not_a_repository = |source: crate::Cause| GitError::NotARepository {
+        url: redact(url),
+        source,
+    };
     // `gix::open` would take a path inside a work tree's `.git`, or follow a `.git` file;
     // kiln wants exactly the repository named, and a missing path said plainly.
     std::fs::metadata(path).map_err(|e| not_a_repository(e.into()))?;
@@ -220,7 +219,7 @@ fn copy_reachable(
     source: &gix::Repository,
     mirror: &gix::Repository,
     tip: ObjectId,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), crate::Cause> {
     let hash = source.object_hash();
     // Depth-first with an explicit stack, an object pushed again once its children are
     // done: history and trees may be deep, the thread's stack is not.
@@ -248,8 +247,14 @@ fn copy_reachable(
             gix::objs::Kind::Tree => {
                 for entry in gix::objs::TreeRefIter::from_bytes(&object.data, hash) {
                     let entry = entry.map_err(|e| format!("cannot decode tree {id}: {e}"))?;
-                    if !entry.mode.is_commit() {
-                        stack.push((entry.oid.to_owned(), false));
+                    let child = entry.oid.to_owned();
+                    if entry.mode.is_blob_or_symlink() {
+                        // A blob references nothing: copied at once, read once.
+                        if seen.insert(child) && !mirror.has_object(child) {
+                            copy_object(source, mirror, child)?;
+                        }
+                    } else if entry.mode.is_tree() {
+                        stack.push((child, false));
                     }
                 }
             }
@@ -270,7 +275,7 @@ fn copy_object(
     source: &gix::Repository,
     mirror: &gix::Repository,
     id: ObjectId,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), crate::Cause> {
     let object = source
         .find_object(id)
         .map_err(|e| format!("cannot read object {id}: {e}"))?;
@@ -295,7 +300,7 @@ fn fetch_remote(
     if kind == Kind::Https {
         https_ready(url)?;
     }
-    let fetch_err = |source: Box<dyn std::error::Error + Send + Sync>| GitError::Fetch {
+    let fetch_err = |source: crate::Cause| GitError::Fetch {
         url: redact(url),
         branch: branch.to_owned(),
         source: redact_source(source, url),
@@ -358,10 +363,7 @@ fn https_ready(url: &str) -> Result<(), GitError> {
 
 /// A network error's text with the URL's password (and user, for HTTP) taken out: gix's
 /// transport errors may quote the URL as given.
-fn redact_source(
-    source: Box<dyn std::error::Error + Send + Sync>,
-    url: &str,
-) -> Box<dyn std::error::Error + Send + Sync> {
+fn redact_source(source: crate::Cause, url: &str) -> crate::Cause {
     let Ok(parsed) = gix::url::parse(url.as_bytes().as_bstr()) else {
         return source;
     };
@@ -394,10 +396,7 @@ fn redact_source(
 }
 
 /// What the follower reports of commit `id`, read from `repo`.
-pub(crate) fn commit_info(
-    repo: &gix::Repository,
-    id: ObjectId,
-) -> Result<Commit, Box<dyn std::error::Error + Send + Sync>> {
+pub(crate) fn commit_info(repo: &gix::Repository, id: ObjectId) -> Result<Commit, crate::Cause> {
     let object = repo
         .find_object(id)
         .map_err(|e| format!("cannot read commit {id}: {e}"))?;
@@ -484,8 +483,7 @@ mod tests {
 
     #[test]
     fn network_errors_lose_the_password_and_http_user() {
-        let err: Box<dyn std::error::Error + Send + Sync> =
-            "cannot connect to https://alice:s3cret@example.com/x".into();
+        let err: crate::Cause = "cannot connect to https://alice:s3cret@example.com/x".into();
         let text = redact_source(err, "https://alice:s3cret@example.com/x").to_string();
         assert_eq!(text, "cannot connect to https://***:***@example.com/x");
     }
