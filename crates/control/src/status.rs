@@ -187,7 +187,18 @@ impl Controller {
 
     /// The Prometheus text of every app's router metrics.
     pub async fn metrics(&self) -> Result<String> {
-        Ok(self.exec.plane.metrics().await?)
+        let mut text = self.exec.plane.metrics().await?;
+        if let Some(sources) = self.sources.get() {
+            text.push_str(
+                "# HELP kiln_source_webhook_refused_total Webhook calls refused (bad or missing signature, unknown source).\n\
+                 # TYPE kiln_source_webhook_refused_total counter\n",
+            );
+            text.push_str(&format!(
+                "kiln_source_webhook_refused_total {}\n",
+                sources.refused()
+            ));
+        }
+        Ok(text)
     }
 }
 

@@ -61,11 +61,12 @@ impl Repo {
 
     /// Commits a spec serving `version` (`extra_env` added to its env) and pushes it.
     fn push(&self, version: &str, extra_env: &str, message: &str) -> String {
-        std::fs::write(
-            self.work.join("kiln.toml"),
-            spec(self.port, version, extra_env),
-        )
-        .unwrap();
+        self.push_file("kiln.toml", &spec(self.port, version, extra_env), message)
+    }
+
+    /// Commits `text` as `name` and pushes it.
+    fn push_file(&self, name: &str, text: &str, message: &str) -> String {
+        std::fs::write(self.work.join(name), text).unwrap();
         git(&self.work, &["add", "-A"]);
         git(&self.work, &["commit", "-q", "-m", message]);
         git(&self.work, &["push", "-q", "origin", "main"]);
@@ -265,6 +266,22 @@ fn the_daemon_follows_a_branch_and_agrees_with_rollback() {
     assert_eq!(live_commit(&s), Some(c1.as_str()));
     assert!(get(port).contains("hello from v1"));
 
+    // A pusher cannot build the host's files into an image (nor name a program to run).
+    let hostile = spec(port, "v2", "").replace(
+        "[image.test]",
+        "[[image.copy]]\nfrom = \"/etc/hostname\"\nto = \"/stolen\"\nallow_outside = true\n\n[image.test]",
+    );
+    let c2b = repo.push_file("kiln.toml", &hostile, "take the host's files");
+    wait_until(&state, long, |s| {
+        source(s)["last"]["commit"]["id"] == c2b.as_str()
+    });
+    let s = common::status(&state);
+    assert_eq!(source(&s)["last"]["step"], "build", "{s:#}");
+    assert_eq!(source(&s)["last"]["result"], "failed", "{s:#}");
+    let why = source(&s)["last"]["output"].as_str().unwrap();
+    assert!(why.contains("outside the repository"), "{why}");
+    assert_eq!(s["release"].as_u64(), Some(release_1));
+
     // The next good commit goes live.
     let c3 = repo.push("v3", "", "fix the migration");
     wait_until(&state, long, |s| {
@@ -308,6 +325,16 @@ fn the_daemon_follows_a_branch_and_agrees_with_rollback() {
         .clone();
     let text = String::from_utf8(text).unwrap();
     assert!(text.contains("pinned"), "{text}");
+
+    // A commit that changes nothing the release is made of (a README) does not bring the
+    // rolled-back release back.
+    let readme = repo.push_file("README.md", "v3 again\n", "docs only");
+    wait_until(&state, long, |s| {
+        source(s)["last"]["commit"]["id"] == readme.as_str() && source(s)["last"]["step"] == "apply"
+    });
+    let s = common::status(&state);
+    assert_eq!(source(&s)["last"]["result"], "skipped", "{s:#}");
+    assert_eq!(live_commit(&s), Some(c1.as_str()));
 
     // A newer commit resumes following.
     let c4 = repo.push("v4", "", "after the rollback");

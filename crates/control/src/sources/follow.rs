@@ -1,5 +1,8 @@
 //! One source's follower: the loop (poll or webhook), and the steps it takes a commit
-//! through. One pass at a time per source; a pass never holds a lock across a step.
+//! through. One pass at a time per source (the `pass` lock, held for the whole pass: a
+//! poll, a webhook's wake-up or `kiln sync`); what the follower remembers is changed under
+//! its own short lock, so a rollback pins the app while a pass runs, and the pass looks
+//! again before it applies.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -45,8 +48,11 @@ enum Outcome {
     Done,
     /// Waiting for `kiln sync`.
     Waiting,
-    /// A step failed (recorded).
+    /// A step failed (recorded); the commit is not tried again.
     Failed,
+    /// Cut short (the daemon or the source stopping, someone else's rollout in progress):
+    /// the commit is tried again on the next pass.
+    Retry,
 }
 
 impl Follower {
@@ -124,6 +130,63 @@ impl Follower {
         lock(&self.stored).app.clone()
     }
 
+    /// The last commit whose plan found nothing to change.
+    pub(super) fn in_sync(&self) -> Option<String> {
+        lock(&self.stored).in_sync.clone()
+    }
+
+    /// Stops following: the pass running (if any) ends at its next step, then what the
+    /// source kept (mirror, checkout, memory) is removed, so a source added again under the
+    /// same name starts afresh.
+    pub(super) async fn retire(&self) {
+        self.stop();
+        let _one = self.pass.lock().await;
+        let dir = self.dir.clone();
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!(source = %self.config.name, error = %e, "the removed source's files stay");
+        }
+    }
+
+    /// A first look, for `kiln source add` to say at once what is wrong (the URL, the
+    /// branch, the spec, an app another source follows) and to bind the source to its app
+    /// before anything else happens to it.
+    pub(super) async fn first_look(&self, sources: &Sources) -> Result<()> {
+        let _one = self.pass.lock().await;
+        let head = self.fetch().await?;
+        let spec = self.prepare(&head.id).await?.map_err(|(_, why)| {
+            ControlError::Invalid(format!("commit {}: {why}", short(&head.id)))
+        })?;
+        self.claim(sources, spec.name.as_str())
+            .await
+            .map_err(ControlError::Invalid)
+    }
+
+    /// Checks `commit` out and reads its spec, refusing what an untrusted source may not
+    /// do: the spec, or the step that failed and why.
+    async fn prepare(
+        &self,
+        commit: &str,
+    ) -> Result<std::result::Result<kiln_spec::Spec, (&'static str, String)>> {
+        let (mirror, id, dest) = (
+            self.dir.join("mirror"),
+            commit.to_owned(),
+            self.dir.join("tree"),
+        );
+        let (path, trusted) = (self.config.path.clone(), self.config.trusted);
+        tokio::task::spawn_blocking(move || {
+            kiln_git::checkout(&mirror, &id, &dest)
+                .map_err(|e| ("seen", format!("checkout: {e}")))?;
+            let spec = read_spec(&dest, &path).map_err(|why| ("build", why))?;
+            if !trusted {
+                untrusted_refusal(&spec, &dest).map_err(|why| ("build", why))?;
+            }
+            Ok(spec)
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("checkout: {e}")))
+    }
+
     /// What `kiln status` and `kiln source list` show (the controller adds the live commit).
     pub(super) fn status(&self) -> SourceStatus {
         let stored = lock(&self.stored).clone();
@@ -189,18 +252,29 @@ impl Follower {
     }
 
     /// A rollback away from `commit` (release `release`): marked bad, the app pinned.
-    pub(super) fn pin(&self, c: &Controller, app: &str, commit: &str, release: u64, actor: &str) {
-        let saved = self.remember(|s| {
-            let mut m = s.memory();
-            decide::rolled_back(&mut m, commit);
-            s.bad = m.bad;
-            s.pinned = m.pinned;
-            s.pinned_by = Some(actor.to_owned());
-            s.waiting = None;
-        });
-        if let Err(e) = saved {
-            tracing::error!(source = %self.config.name, error = %e, "the rollback's pin is not remembered");
+    /// Held in memory even when it cannot be saved; what the release ran is marked bad too,
+    /// so a commit that changes nothing it is made of (a README) does not bring it back.
+    pub(super) fn pin(
+        &self,
+        c: &Controller,
+        app: &str,
+        (commit, release, identity): (&str, u64, &str),
+        actor: &str,
+    ) {
+        let mut stored = lock(&self.stored);
+        let mut m = stored.memory();
+        decide::rolled_back(&mut m, commit);
+        stored.bad = m.bad;
+        stored.pinned = m.pinned;
+        stored.pinned_by = Some(actor.to_owned());
+        if !identity.is_empty() {
+            stored.bad_releases.insert(identity.to_owned());
         }
+        stored.waiting = None;
+        if let Err(e) = self.save(&stored) {
+            tracing::error!(source = %self.config.name, error = %e, "the rollback's pin is held but not saved: a restart forgets it");
+        }
+        drop(stored);
         let event = Event::SourcePinned {
             source: self.config.name.clone(),
             commit: commit.to_owned(),
@@ -226,12 +300,9 @@ impl Follower {
                 self.remember(|s| s.attempted = Some(head.id.clone()))
             }
             Next::Run { resumes } => {
-                if resumes {
-                    self.resume(c, &head, "a new commit")?;
-                }
                 let apply =
                     self.config.sync_mode().map_err(ControlError::Invalid)? == SyncMode::Auto;
-                self.take(c, sources, &head, apply).await
+                self.take(c, sources, &head, apply, resumes).await
             }
         }
     }
@@ -263,11 +334,15 @@ impl Follower {
         let outcome = match waiting {
             Some(w) if w.commit.id == head.id => {
                 let app = self.app().unwrap_or_default();
-                self.apply(c, &head, &app, w.request).await?
+                self.apply(c, &head, &app, w.request, Some(actor)).await
             }
-            _ => self.steps(c, sources, &head, true).await?,
+            _ => self.steps(c, sources, &head, true, false).await,
         };
-        self.remember(|s| s.attempted = Some(head.id.clone()))?;
+        lock(&self.live).busy = None;
+        let outcome = outcome?;
+        if !matches!(outcome, Outcome::Retry) {
+            self.remember(|s| s.attempted = Some(head.id.clone()))?;
+        }
         Ok(serde_json::json!({
             "source": self.config.name,
             "commit": head.id,
@@ -275,6 +350,7 @@ impl Follower {
                 Outcome::Done => "applied",
                 Outcome::Waiting => "waiting",
                 Outcome::Failed => "failed",
+                Outcome::Retry => "interrupted",
             },
             "last": lock(&self.stored).last,
         }))
@@ -328,64 +404,46 @@ impl Follower {
         sources: &Sources,
         head: &kiln_git::Commit,
         apply: bool,
+        resumes: bool,
     ) -> Result<()> {
-        let outcome = self.steps(c, sources, head, apply).await;
+        let outcome = self.steps(c, sources, head, apply, resumes).await;
         lock(&self.live).busy = None;
-        self.remember(|s| s.attempted = Some(head.id.clone()))?;
-        outcome.map(|_| ())
+        match outcome? {
+            Outcome::Retry => Ok(()),
+            _ => self.remember(|s| s.attempted = Some(head.id.clone())),
+        }
     }
 
-    /// Check out, build, test, plan, then apply (or wait for `kiln sync`).
+    /// Check out, build, test, plan, then apply (or wait for `kiln sync`); `resumes` ends the
+    /// app's pin when the commit is applied.
     async fn steps(
         &self,
         c: &Arc<Controller>,
         sources: &Sources,
         head: &kiln_git::Commit,
         apply: bool,
+        resumes: bool,
     ) -> Result<Outcome> {
+        let pinned_before = lock(&self.stored).pinned.clone();
         self.busy("checkout");
-        let tree = self.dir.join("tree");
-        let (mirror, id, dest) = (self.dir.join("mirror"), head.id.clone(), tree.clone());
-        let checked = tokio::task::spawn_blocking(move || kiln_git::checkout(&mirror, &id, &dest))
-            .await
-            .map_err(|e| ControlError::Internal(format!("checkout: {e}")))?;
-        if let Err(e) = checked {
-            self.step(
-                c,
-                head,
-                "seen",
-                "failed",
-                None,
-                Some(format!("checkout: {e}")),
-            );
-            return Ok(Outcome::Failed);
-        }
-        let file = tree.join(&self.config.path);
-        let spec = match read_spec(&file, &tree) {
+        let spec = match self.prepare(&head.id).await? {
             Ok(spec) => spec,
-            Err(why) => {
-                self.step(c, head, "build", "failed", None, Some(why));
+            Err((step, why)) => {
+                self.step(c, head, step, "failed", None, Some(why));
                 return Ok(Outcome::Failed);
             }
         };
+        let tree = self.dir.join("tree");
+        let file = tree.join(&self.config.path);
         let app = spec.name.to_string();
-        if self.app().as_deref() != Some(app.as_str()) {
-            self.remember(|s| s.app = Some(app.clone()))?;
-        }
-        self.step(
-            c,
-            head,
-            "seen",
-            "passed",
-            Some(self.config.branch.clone()),
-            None,
-        );
-        if !self.config.trusted
-            && let Err(why) = untrusted_refusal(&spec, &tree)
-        {
+        // A source follows one app: the first its spec names. Another app's name in a later
+        // commit, or an app another source follows, is refused, never taken over.
+        if let Err(why) = self.claim(sources, &app).await {
             self.step(c, head, "build", "failed", None, Some(why));
             return Ok(Outcome::Failed);
         }
+        let branch = Some(self.config.branch.clone());
+        self.step(c, head, "seen", "passed", branch, None);
         // Build.
         self.busy("build");
         let pipeline = Arc::clone(&sources.pipeline);
@@ -393,6 +451,9 @@ impl Follower {
         let built = tokio::task::spawn_blocking(move || pipeline.build(&s, &f))
             .await
             .map_err(|e| ControlError::Internal(format!("build: {e}")))?;
+        if self.stopping(sources) {
+            return Ok(Outcome::Retry);
+        }
         let image = match built {
             Ok(image) => image,
             Err(why) => {
@@ -409,9 +470,15 @@ impl Follower {
             let tested = tokio::task::spawn_blocking(move || pipeline.test(&s, &f, &i))
                 .await
                 .map_err(|e| ControlError::Internal(format!("test: {e}")))?;
-            if let Err(output) = tested {
-                self.step(c, head, "test", "failed", Some(image.clone()), Some(output));
-                return Ok(Outcome::Failed);
+            match tested {
+                Ok(()) => {}
+                Err(super::StepError::Interrupted) => return Ok(Outcome::Retry),
+                Err(_) if self.stopping(sources) => return Ok(Outcome::Retry),
+                Err(super::StepError::Failed(output)) => {
+                    let detail = Some(image.clone());
+                    self.step(c, head, "test", "failed", detail, Some(output));
+                    return Ok(Outcome::Failed);
+                }
             }
             self.step(c, head, "test", "passed", Some(image.clone()), None);
         }
@@ -433,15 +500,12 @@ impl Follower {
             }
         };
         if changes.is_empty() {
-            self.step(
-                c,
-                head,
-                "plan",
-                "passed",
-                Some("no changes".to_owned()),
-                None,
-            );
-            self.remember(|s| s.waiting = None)?;
+            let detail = Some("no changes".to_owned());
+            self.step(c, head, "plan", "passed", detail, None);
+            self.remember(|s| {
+                s.waiting = None;
+                s.in_sync = Some(head.id.clone());
+            })?;
             return Ok(Outcome::Done);
         }
         let listed = changes.join("; ");
@@ -456,7 +520,71 @@ impl Follower {
             return Ok(Outcome::Waiting);
         }
         self.step(c, head, "plan", "passed", Some(listed), None);
-        self.apply(c, head, &app, request).await
+        // A rollback while this commit was built and tested stands.
+        let identity = super::release_identity(&image, &request.config);
+        if let Some(why) = self.held_now(&head.id, &identity, pinned_before.as_deref()) {
+            self.step(c, head, "apply", "skipped", Some(why), None);
+            return Ok(Outcome::Failed);
+        }
+        if self.stopping(sources) {
+            return Ok(Outcome::Retry);
+        }
+        if resumes {
+            self.resume(c, head, "a new commit")?;
+        }
+        self.apply(c, head, &app, request, None).await
+    }
+
+    /// Why `commit` (making the release `identity`) may not be applied now: a rollback
+    /// marked it, or that very release, bad, or pinned the app since the pass decided (when
+    /// it was `pinned_before`).
+    fn held_now(
+        &self,
+        commit: &str,
+        identity: &str,
+        pinned_before: Option<&str>,
+    ) -> Option<String> {
+        let now = lock(&self.stored);
+        if now.bad.contains(commit) || now.pinned.as_deref() != pinned_before {
+            return Some("a rollback pinned the app while this commit was built".to_owned());
+        }
+        if now.bad_releases.contains(identity) {
+            return Some(
+                "it makes the same release (image and configuration) as one rolled back from"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
+    /// Whether the daemon or this source is stopping.
+    fn stopping(&self, sources: &Sources) -> bool {
+        *self.stop.borrow() || *sources.stop.borrow()
+    }
+
+    /// Binds this source to `app`, unless it follows another or another source follows it.
+    async fn claim(&self, sources: &Sources, app: &str) -> std::result::Result<(), String> {
+        if let Some(bound) = self.app()
+            && bound != app
+        {
+            return Err(format!(
+                "this commit names app {app}, but source {} follows app {bound}: add another source for {app}",
+                self.config.name
+            ));
+        }
+        let followers = sources.followers.lock().await;
+        let other = followers
+            .values()
+            .find(|f| f.config.name != self.config.name && f.app().as_deref() == Some(app))
+            .map(|f| f.config.name.clone());
+        drop(followers);
+        if let Some(other) = other {
+            return Err(format!(
+                "app {app} is followed by source {other}: one source per app"
+            ));
+        }
+        self.remember(|s| s.app = Some(app.to_owned()))
+            .map_err(|e| e.to_string())
     }
 
     /// Applies `request` and waits for its rollout's outcome.
@@ -466,24 +594,27 @@ impl Follower {
         head: &kiln_git::Commit,
         app: &str,
         request: ApplyRequest,
+        synced_by: Option<&str>,
     ) -> Result<Outcome> {
         self.busy("apply");
-        self.remember(|s| s.waiting = None)?;
         let release = match c.apply(app, request).await {
             Ok(r) => r.number,
+            // Someone else's rollout in progress: this commit's turn comes on a later pass.
+            Err(ControlError::Conflict(why)) if why.contains("in progress") => {
+                self.step(c, head, "apply", "waiting", None, Some(why));
+                return Ok(Outcome::Retry);
+            }
             Err(e) => {
                 self.step(c, head, "apply", "failed", None, Some(e.to_string()));
                 return Ok(Outcome::Failed);
             }
         };
-        self.step(
-            c,
-            head,
-            "apply",
-            "passed",
-            Some(format!("release {release}")),
-            None,
-        );
+        self.remember(|s| s.waiting = None)?;
+        let detail = match synced_by {
+            Some(by) => format!("release {release}, `kiln sync` by {by}"),
+            None => format!("release {release}"),
+        };
+        self.step(c, head, "apply", "passed", Some(detail), None);
         self.busy("rollout");
         let mut stop = self.stop.subscribe();
         loop {
@@ -494,26 +625,14 @@ impl Follower {
             }
             match status.phase.as_str() {
                 "completed" => {
-                    self.step(
-                        c,
-                        head,
-                        "rollout",
-                        "passed",
-                        Some(format!("release {release} is live")),
-                        None,
-                    );
+                    let detail = Some(format!("release {release} is live"));
+                    self.step(c, head, "rollout", "passed", detail, None);
                     return Ok(Outcome::Done);
                 }
                 "aborted" => {
                     let why = status.reason.unwrap_or_else(|| "aborted".to_owned());
-                    self.step(
-                        c,
-                        head,
-                        "rollout",
-                        "failed",
-                        Some(format!("release {release}")),
-                        Some(why),
-                    );
+                    let detail = Some(format!("release {release}"));
+                    self.step(c, head, "rollout", "failed", detail, Some(why));
                     return Ok(Outcome::Failed);
                 }
                 _ => {}
@@ -601,39 +720,118 @@ fn tail(s: &str, max: usize) -> String {
     s[start..].to_owned()
 }
 
-/// The checkout's spec, validated; the diagnostics when it is not valid.
-fn read_spec(file: &Path, tree: &Path) -> std::result::Result<kiln_spec::Spec, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", in_repo(file, tree)))?;
-    let dir = file.parent().unwrap_or(tree);
-    kiln_spec::Spec::parse(&text, &in_repo(file, tree), dir).map_err(|report| report.render(false))
-}
+/// The largest spec file a source may hold.
+const MAX_SPEC: u64 = 1 << 20;
 
-/// Why a spec from a source not `trusted` may not be built by the daemon: secret sources
-/// (read, or run, as the daemon's user) or a copy from outside the checkout.
-fn untrusted_refusal(spec: &kiln_spec::Spec, tree: &Path) -> std::result::Result<(), String> {
-    if !spec.service.secrets.is_empty() {
-        return Err(
-            "[service.secrets] names secret sources, which the daemon reads (or runs) as its \
-             own user: a source must be added with --trusted to use them"
-                .to_owned(),
-        );
-    }
+/// The checkout's spec (at `path` in the repository), read without following a link out of
+/// the checkout, validated; the diagnostics when it is not valid. Blocking.
+fn read_spec(tree: &Path, path: &str) -> std::result::Result<kiln_spec::Spec, String> {
     let root = tree
         .canonicalize()
         .map_err(|e| format!("cannot read the checkout: {e}"))?;
+    let file = root.join(path);
+    let real = file
+        .canonicalize()
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !real.starts_with(&root) {
+        return Err(format!("{path} is a link out of the repository"));
+    }
+    let meta = std::fs::metadata(&real).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_SPEC {
+        return Err(format!(
+            "{path} is not a regular file of at most {} KiB",
+            MAX_SPEC / 1024
+        ));
+    }
+    let text = std::fs::read_to_string(&real).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let dir = real.parent().unwrap_or(&root);
+    kiln_spec::Spec::parse(&text, path, dir).map_err(|report| report.render(false))
+}
+
+/// Whether `path` (as the spec resolved it) is inside the checkout `root`, links resolved.
+fn inside(path: &Path, root: &Path) -> bool {
+    path.canonicalize().is_ok_and(|p| p.starts_with(root))
+}
+
+/// Why a spec from a source not `trusted` may not be built, tested or applied by the
+/// daemon: everything that would reach the host beyond the sealed instance kiln makes of a
+/// checkout's files. The repository's writers could otherwise read the daemon's files into
+/// an image (a base or copy outside the checkout, a closure, TLS files), run a program as
+/// the daemon (secret commands, an OCI runtime of their choosing) or weaken the seal.
+/// Every reason is listed, one per line.
+fn untrusted_refusal(spec: &kiln_spec::Spec, tree: &Path) -> std::result::Result<(), String> {
+    let root = tree
+        .canonicalize()
+        .map_err(|e| format!("cannot read the checkout: {e}"))?;
+    let mut why = Vec::new();
+    if !spec.service.secrets.is_empty() {
+        why.push(
+            "[service.secrets] names secret sources the daemon reads (or runs) as its own user"
+                .to_owned(),
+        );
+    }
     for copy in &spec.image.copies {
-        let from = copy
-            .from
-            .canonicalize()
-            .map_err(|e| format!("[[image.copy]] from {}: {e}", in_repo(&copy.from, tree)))?;
-        if !from.starts_with(&root) {
-            return Err(format!(
-                "[[image.copy]] from {} is outside the repository: a source must be added \
-                 with --trusted to copy the host's files",
-                in_repo(&copy.from, tree)
+        if !inside(&copy.from, &root) {
+            why.push(format!(
+                "[[image.copy]] from {} is outside the repository",
+                in_repo(&copy.from, &root)
+            ));
+        }
+        if copy.closure {
+            why.push(format!(
+                "[[image.copy]] from {} copies its libraries from the host (closure)",
+                in_repo(&copy.from, &root)
             ));
         }
     }
-    Ok(())
+    match &spec.image.base {
+        kiln_spec::BaseImage::Scratch => {}
+        kiln_spec::BaseImage::Oci { path, .. }
+        | kiln_spec::BaseImage::DockerArchive(path)
+        | kiln_spec::BaseImage::Rootfs(path) => {
+            if !inside(path, &root) {
+                why.push(format!(
+                    "[image] base {} is outside the repository",
+                    in_repo(path, &root)
+                ));
+            }
+        }
+    }
+    let t = &spec.target;
+    if t.runtime.contains('/') {
+        why.push(format!(
+            "[target] runtime {:?} is a program path",
+            t.runtime
+        ));
+    }
+    if t.docker_host.is_some() || t.registry.is_some() {
+        why.push("[target] docker_host or registry names a host".to_owned());
+    }
+    if spec.route.tls.is_some() {
+        why.push("[route.tls] names the host's certificate and key files".to_owned());
+    }
+    let s = &spec.service;
+    if s.user.as_deref().is_some_and(|u| {
+        u.split(':')
+            .next()
+            .is_some_and(|u| u == "root" || u.parse::<u32>() == Ok(0))
+    }) {
+        why.push("[service] user is root".to_owned());
+    }
+    if s.seccomp == kiln_spec::Seccomp::Unconfined {
+        why.push("[service] seccomp is unconfined".to_owned());
+    }
+    if s.network == kiln_spec::Network::Host {
+        why.push("[service] network is the host's".to_owned());
+    }
+    if s.allow_dangerous_capabilities {
+        why.push("[service] allows dangerous capabilities".to_owned());
+    }
+    if why.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the source is not trusted with the daemon's user (`kiln source add --trusted` if its writers are):\n  {}",
+        why.join("\n  ")
+    ))
 }

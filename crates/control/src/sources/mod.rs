@@ -47,6 +47,15 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// How many sources one daemon follows at most.
 pub const MAX_SOURCES: usize = 64;
 
+/// Why a test step did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// It failed: the output's tail.
+    Failed(String),
+    /// A stop signal cut it short: not the commit's fault, tried again.
+    Interrupted,
+}
+
 /// The build and test steps, as `kiln build` and `kiln test` do them (the binary's).
 pub trait Pipeline: Send + Sync {
     /// Builds the spec at `file` into the daemon's store: the image's digest, or why not.
@@ -58,7 +67,7 @@ pub trait Pipeline: Send + Sync {
         spec: &kiln_spec::Spec,
         file: &Path,
         image: &str,
-    ) -> std::result::Result<(), String>;
+    ) -> std::result::Result<(), StepError>;
 }
 
 /// One followed source, as `kiln source add` gives it and `sources.json` keeps it.
@@ -190,6 +199,13 @@ struct Stored {
     /// A planned commit waiting for `kiln sync` (manual mode).
     #[serde(default)]
     waiting: Option<Waiting>,
+    /// What releases rolled back from run ([`release_identity`]): a commit that would
+    /// make the same release again is not applied.
+    #[serde(default)]
+    bad_releases: std::collections::BTreeSet<String>,
+    /// The last commit whose plan had no changes: what runs is what it describes.
+    #[serde(default)]
+    in_sync: Option<String>,
     /// The last step taken, for `kiln status`.
     #[serde(default)]
     last: Option<crate::dto::SourceStep>,
@@ -218,6 +234,8 @@ pub struct Sources {
     dir: PathBuf,
     pipeline: Arc<dyn Pipeline>,
     followers: tokio::sync::Mutex<BTreeMap<String, Arc<Follower>>>,
+    /// Held while a source is added.
+    adding: tokio::sync::Mutex<()>,
     /// Webhook calls refused (bad or missing signature, unknown source).
     refused: std::sync::atomic::AtomicU64,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -267,6 +285,7 @@ impl Controller {
             dir,
             pipeline,
             followers: tokio::sync::Mutex::new(BTreeMap::new()),
+            adding: tokio::sync::Mutex::new(()),
             refused: std::sync::atomic::AtomicU64::new(0),
             stop,
         });
@@ -300,9 +319,16 @@ impl Controller {
                 tracing::error!(source = %config.name, error = %why, "source not followed");
                 continue;
             }
-            let f = Follower::open(config, &sources.dir)?;
-            f.clone().spawn(weak.clone(), Arc::clone(&sources));
-            followers.insert(f.config.name.clone(), f);
+            let name = config.name.clone();
+            match Follower::open(config, &sources.dir) {
+                Ok(f) => {
+                    f.clone().spawn(weak.clone(), Arc::clone(&sources));
+                    followers.insert(name, f);
+                }
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "source not followed");
+                }
+            }
         }
         Ok(())
     }
@@ -317,21 +343,31 @@ impl Controller {
     pub async fn add_source(self: &Arc<Self>, config: SourceConfig) -> Result<SourceStatus> {
         config.validate().map_err(ControlError::Invalid)?;
         let sources = Arc::clone(self.sources()?);
-        let mut followers = sources.followers.lock().await;
-        if followers.contains_key(&config.name) {
-            return Err(ControlError::Conflict(format!(
-                "a source named {} exists: `kiln source remove {}` first",
-                config.name, config.name
-            )));
+        // One add at a time (a fetch may take a while; other calls go on meanwhile).
+        let _adding = sources.adding.lock().await;
+        {
+            let followers = sources.followers.lock().await;
+            if followers.contains_key(&config.name) {
+                return Err(ControlError::Conflict(format!(
+                    "a source named {} exists: `kiln source remove {}` first",
+                    config.name, config.name
+                )));
+            }
+            if followers.len() >= MAX_SOURCES {
+                return Err(ControlError::Invalid(format!(
+                    "at most {MAX_SOURCES} sources"
+                )));
+            }
         }
-        if followers.len() >= MAX_SOURCES {
-            return Err(ControlError::Invalid(format!(
-                "at most {MAX_SOURCES} sources"
-            )));
-        }
-        let mut list: Vec<SourceConfig> = followers.values().map(|f| f.config.clone()).collect();
-        list.push(config.clone());
         let f = Follower::open(config, &sources.dir)?;
+        // A URL or branch that cannot be fetched is said now, not found later in a log.
+        if let Err(e) = f.first_look(&sources).await {
+            f.retire().await;
+            return Err(e);
+        }
+        let mut followers = sources.followers.lock().await;
+        let mut list: Vec<SourceConfig> = followers.values().map(|f| f.config.clone()).collect();
+        list.push(f.config.clone());
         sources.save_list(&list)?;
         f.clone().spawn(Arc::downgrade(self), Arc::clone(&sources));
         followers.insert(f.config.name.clone(), Arc::clone(&f));
@@ -348,7 +384,8 @@ impl Controller {
         };
         let list: Vec<SourceConfig> = followers.values().map(|f| f.config.clone()).collect();
         sources.save_list(&list)?;
-        f.stop();
+        drop(followers);
+        f.retire().await;
         Ok(())
     }
 
@@ -377,10 +414,13 @@ impl Controller {
         if let Some(app) = &s.app {
             s.live_commit = self.live_commit(app).await;
         }
+        let in_sync = f.in_sync();
         s.differs = match (&s.latest, &s.live_commit) {
-            (Some(latest), Some(live)) => latest.id != *live,
-            (Some(_), None) => true,
-            _ => false,
+            (Some(latest), live) => {
+                live.as_deref() != Some(latest.id.as_str())
+                    && in_sync.as_deref() != Some(latest.id.as_str())
+            }
+            (None, _) => false,
         };
         s
     }
@@ -404,7 +444,11 @@ impl Controller {
         let f = sources.of_app(app).await.ok_or_else(|| {
             ControlError::NotFound(format!("no source follows {app}: `kiln source list`"))
         })?;
-        f.sync(self, &sources, actor).await
+        // On a task of its own: a client that goes away does not cut a sync short.
+        let (c, actor) = (Arc::clone(self), actor.to_owned());
+        tokio::spawn(async move { f.sync(&c, &sources, &actor).await })
+            .await
+            .map_err(|e| ControlError::Internal(format!("sync: {e}")))?
     }
 
     /// `kiln plan APP`: the plan of the commit waiting for `kiln sync`.
@@ -431,15 +475,24 @@ impl Controller {
         signature: Option<&str>,
         body: &[u8],
     ) -> Result<()> {
-        let sources = self.sources()?;
+        let refused = || {
+            ControlError::Unauthorized(
+                "the signature does not verify (X-Hub-Signature-256)".to_owned(),
+            )
+        };
+        let Some(sources) = self.sources.get() else {
+            return Err(refused());
+        };
         let f = sources.followers.lock().await.get(name).cloned();
-        let valid = f.as_ref().is_some_and(|f| {
-            f.config
-                .webhook_secret
-                .as_deref()
-                .is_some_and(|key| webhook::verify(key.as_bytes(), signature, body))
-        });
-        match (valid, f) {
+        let key = f.as_ref().and_then(|f| f.config.webhook_secret.clone());
+        // The MAC is computed whether or not the source exists and has a key, so how long
+        // a refusal takes says nothing of which sources there are.
+        let verified = webhook::verify(
+            key.as_deref().unwrap_or(webhook::NO_KEY).as_bytes(),
+            signature,
+            body,
+        );
+        match (verified && key.is_some(), f) {
             (true, Some(f)) => {
                 f.wake();
                 Ok(())
@@ -449,9 +502,7 @@ impl Controller {
                     .refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(source = %name, "webhook call refused: its signature does not verify");
-                Err(ControlError::Unauthorized(
-                    "the signature does not verify (X-Hub-Signature-256)".to_owned(),
-                ))
+                Err(refused())
             }
         }
     }
@@ -475,8 +526,26 @@ impl Controller {
         let Some(commit) = release.body.source_commit else {
             return;
         };
-        f.pin(self, app, &commit, from, actor);
+        let identity = serde_json::from_value::<crate::config::ReleaseConfig>(release.body.config)
+            .map(|config| release_identity(&release.body.image, &config))
+            .unwrap_or_default();
+        f.pin(self, app, (&commit, from, &identity), actor);
     }
+}
+
+/// What a release runs, as one string: its image and its configuration as a spec makes it
+/// (the daemon's policy and the secrets' fingerprints, which the daemon adds, left out).
+pub(crate) fn release_identity(image: &str, config: &crate::config::ReleaseConfig) -> String {
+    let mut config = config.clone();
+    config.daemon_policy = Default::default();
+    for s in config.service.secrets.values_mut() {
+        s.fingerprint = None;
+    }
+    let json = serde_json::to_vec(&config).unwrap_or_default();
+    let mut bytes = image.as_bytes().to_vec();
+    bytes.push(0);
+    bytes.extend_from_slice(&json);
+    kiln_runtime::Digest::of(&bytes).to_string()
 }
 
 /// `path`'s display with the source's checkout dir shown as the repository's.

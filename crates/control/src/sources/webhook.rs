@@ -10,6 +10,9 @@ use sha2::Sha256;
 /// The largest body taken (GitHub caps its payloads at 25 MB; a push's is far smaller).
 pub const MAX_BODY: usize = 1 << 20;
 
+/// The key a call for a source without one is checked against (and always refused).
+pub const NO_KEY: &str = "kiln: this source has no webhook secret";
+
 /// The headers a signature may come in, in the order they are looked at.
 pub const SIGNATURE_HEADERS: [&str; 2] = ["x-hub-signature-256", "x-gitea-signature"];
 

@@ -327,15 +327,24 @@ impl kiln_control::sources::Pipeline for DaemonPipeline {
             .map_err(|e| format!("{e:#}"))
     }
 
-    fn test(&self, spec: &kiln_spec::Spec, file: &Path, image: &str) -> Result<(), String> {
+    fn test(
+        &self,
+        spec: &kiln_spec::Spec,
+        file: &Path,
+        image: &str,
+    ) -> Result<(), kiln_control::sources::StepError> {
+        use kiln_control::sources::StepError;
         match super::test::run_tests(spec, file, image, &self.state) {
             Ok(t) if t.passed => Ok(()),
-            Ok(t) => Err(format!(
+            Ok(t) => Err(StepError::Failed(format!(
                 "image {} failed its tests:\n{}",
                 t.digest.short(),
                 t.failures.join("\n")
-            )),
-            Err(e) => Err(format!("{e:#}")),
+            ))),
+            Err(e) if e.downcast_ref::<super::signals::Interrupted>().is_some() => {
+                Err(StepError::Interrupted)
+            }
+            Err(e) => Err(StepError::Failed(format!("{e:#}"))),
         }
     }
 }
