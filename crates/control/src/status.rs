@@ -205,9 +205,30 @@ impl Controller {
 /// The most secrets one fingerprint request may name.
 const MAX_SECRETS: usize = 256;
 
-/// What `kiln plan` compares a spec with: the app's release as its status shows it (the
-/// daemon's policy left out: the daemon records it at apply, it is no change a spec makes).
-pub fn plan_current(s: &AppStatus) -> serde_json::Result<kiln_deploy::PlanCurrent> {
+/// What `kiln plan` compares a spec with: the app's release as its status shows it, or,
+/// after an aborted rollout, the live release among `releases` (the daemon's policy left
+/// out: the daemon records it at apply, it is no change a spec makes).
+pub fn plan_current(
+    s: &AppStatus,
+    releases: &[kiln_ledger::Release],
+) -> serde_json::Result<kiln_deploy::PlanCurrent> {
+    let live = s
+        .live
+        .filter(|l| s.phase == "aborted" && *l != s.release)
+        .and_then(|l| releases.iter().find(|r| r.number == l));
+    if let Some(r) = live {
+        let config: crate::config::ReleaseConfig = serde_json::from_value(r.body.config.clone())?;
+        return Ok(kiln_deploy::PlanCurrent {
+            release: r.number,
+            live: s.live,
+            image: r.body.image.clone(),
+            config: serde_json::to_value(crate::config::ReleaseConfig {
+                daemon_policy: Default::default(),
+                ..config
+            })?,
+            schema: s.schema.map(LiveSchema::into_domain),
+        });
+    }
     Ok(kiln_deploy::PlanCurrent {
         release: s.release,
         live: s.live,
@@ -264,9 +285,13 @@ impl Controller {
             Err(e) => return Err(e),
         };
         let internal = |e: serde_json::Error| ControlError::Internal(format!("plan: {e}"));
+        let releases = match &current {
+            Some(s) if s.phase == "aborted" => self.releases(app)?,
+            _ => Vec::new(),
+        };
         let current = current
             .as_ref()
-            .map(plan_current)
+            .map(|s| plan_current(s, &releases))
             .transpose()
             .map_err(internal)?;
         let next = plan_next(spec, &req.image, &config).map_err(internal)?;

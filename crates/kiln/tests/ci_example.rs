@@ -138,7 +138,7 @@ fn the_ci_script_deploys_changes_skips_no_change_and_fails_on_a_failing_test_or_
     let run = deploy(dir.path(), &state, &[file]);
     assert_eq!(run.code, Some(0), "{}", run.show());
     assert!(
-        run.stdout.contains("deploy: nothing to do: web release 1"),
+        run.stdout.contains("deploy: nothing to do: web already runs"),
         "{}",
         run.show()
     );
@@ -208,20 +208,17 @@ fn the_ci_script_deploys_changes_skips_no_change_and_fails_on_a_failing_test_or_
     assert_eq!((&s["release"], &s["live"]), (&3.into(), &2.into()), "{s:#}");
     assert_eq!(body(port), "hello from v2");
 
-    // 6. The same commit again (a retried job) must not pass as "nothing to do".
-    // FIXME: `kiln plan` compares with the app's latest release, here the rolled-back 3, and
-    // says "no changes"; the script catches it by comparing the latest release with the live
-    // one. Once the plan compares with the live release, this run applies release 4 and
-    // fails in its rollout instead.
+    // 6. The same commit again (a retried job) must not pass as "nothing to do": the plan
+    // compares with the live release 2, so it is applied again and fails again.
     let run = deploy(dir.path(), &runner, &["--host", &host, file]);
     assert_eq!(run.code, Some(1), "{}", run.show());
     assert!(
-        run.stderr.contains("release 3 is what /") && run.stderr.contains("but release 2 is live"),
+        run.stderr.contains("release 4 was rolled back"),
         "{}",
         run.show()
     );
     let s = status(&state);
-    assert_eq!((&s["release"], &s["live"]), (&3.into(), &2.into()), "{s:#}");
+    assert_eq!((&s["release"], &s["live"]), (&4.into(), &2.into()), "{s:#}");
     assert_eq!(body(port), "hello from v2");
 }
 

@@ -255,9 +255,21 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         }
     })?;
     let strategy = spec.deploy.strategy.name();
+    // After an aborted rollout the live release is what a spec is compared with.
+    let live_release = match &current {
+        Some(cur) if cur.phase == "aborted" && cur.live.is_some_and(|l| l != cur.release) => {
+            block(async {
+                let v = client(state)
+                    .get(&format!("/v1/apps/{}/releases", spec.name))
+                    .await?;
+                Ok(serde_json::from_value::<Vec<kiln_ledger::Release>>(v)?)
+            })?
+        }
+        _ => Vec::new(),
+    };
     let current_plan = current
         .as_ref()
-        .map(kiln_control::plan_current)
+        .map(|cur| kiln_control::plan_current(cur, &live_release))
         .transpose()?;
     let next = kiln_control::plan_next(&spec, &req.image, &req.config)?;
     let changes: Vec<String> = kiln_deploy::plan(current_plan.as_ref(), &next)
@@ -268,9 +280,10 @@ pub fn plan(args: &PlanArgs, state: &Path, out: &Output) -> anyhow::Result<ExitC
         out.data(&json!({"app": spec.name.as_str(), "changes": changes, "current_release": current.as_ref().map(|c| c.release)}))?;
     } else if changes.is_empty() {
         out.say(&format!(
-            "{}: no changes; release {} is what kiln.toml describes",
+            "{}: no changes; release {} is what {} describes",
             spec.name,
-            current.as_ref().map_or(0, |c| c.release)
+            current_plan.as_ref().map_or(0, |c| c.release),
+            args.spec.file.display()
         ));
     } else {
         let next = current.as_ref().map_or(1, |c| c.release + 1);
@@ -401,10 +414,12 @@ async fn wait(c: &Client, app: &str, release: u64, out: &Output) -> anyhow::Resu
         if s.release == release {
             match s.phase.as_str() {
                 "completed" => {
-                    out.say(&format!(
-                        "{app}: release {release} is live on http://{}",
-                        s.listen
-                    ));
+                    if !out.json {
+                        out.say(&format!(
+                            "{app}: release {release} is live on http://{}",
+                            s.listen
+                        ));
+                    }
                     return Ok(ExitCode::SUCCESS);
                 }
                 "aborted" => {
