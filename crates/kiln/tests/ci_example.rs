@@ -138,7 +138,8 @@ fn the_ci_script_deploys_changes_skips_no_change_and_fails_on_a_failing_test_or_
     let run = deploy(dir.path(), &state, &[file]);
     assert_eq!(run.code, Some(0), "{}", run.show());
     assert!(
-        run.stdout.contains("deploy: nothing to do: web already runs"),
+        run.stdout
+            .contains("deploy: nothing to do: web already runs"),
         "{}",
         run.show()
     );

@@ -835,3 +835,71 @@ fn untrusted_refusal(spec: &kiln_spec::Spec, tree: &Path) -> std::result::Result
         why.join("\n  ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A checkout holding `hello` and `link -> /etc`, and a minimal spec copying `hello`
+    /// with `service` lines in `[service]` and `tail` after it.
+    fn checkout(service: &str, tail: &str) -> (tempfile::TempDir, std::result::Result<(), String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("hello"), b"\x7fELF").unwrap();
+        std::os::unix::fs::symlink("/etc", tree.join("link")).unwrap();
+        let text = format!(
+            "name = \"web\"\n\n[image]\nentrypoint = [\"/hello\"]\n\n[[image.copy]]\nfrom = \"hello\"\nto = \"/hello\"\n\n\
+             [service]\nport = 8080\n{service}\n\n[route]\nlisten = \"127.0.0.1:8080\"\n\n{tail}"
+        );
+        std::fs::write(tree.join("kiln.toml"), text).unwrap();
+        let result = read_spec(&tree, "kiln.toml").and_then(|spec| untrusted_refusal(&spec, &tree));
+        (dir, result)
+    }
+
+    #[test]
+    fn a_spec_within_its_checkout_is_taken() {
+        let (_dir, result) = checkout("", "");
+        assert_eq!(result, Ok(()));
+    }
+
+    #[test]
+    fn what_reaches_the_host_is_refused_each_named() {
+        for (service, tail, says) in [
+            (
+                "",
+                "[[image.copy]]\nfrom = \"/etc/hostname\"\nto = \"/x\"\nallow_outside = true\n",
+                "outside the repository",
+            ),
+            (
+                "",
+                "[[image.copy]]\nfrom = \"link\"\nto = \"/x\"\nallow_outside = true\n",
+                "outside the repository",
+            ),
+            ("", "[target]\nruntime = \"/tmp/pwn\"\n", "program path"),
+            ("user = \"root\"", "", "user is root"),
+            ("network = \"host\"", "", "network is the host's"),
+            ("seccomp = \"unconfined\"", "", "seccomp is unconfined"),
+        ] {
+            let (_dir, result) = checkout(service, tail);
+            let why = result.expect_err(tail);
+            assert!(why.contains(says), "{service}{tail}: {why}");
+            assert!(why.contains("--trusted"), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_spec_that_links_out_of_the_checkout_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", tree.join("kiln.toml")).unwrap();
+        let why = read_spec(&tree, "kiln.toml").unwrap_err();
+        assert!(why.contains("link out of the repository"), "{why}");
+        std::fs::create_dir(tree.join("dir")).unwrap();
+        let why = read_spec(&tree, "dir").unwrap_err();
+        assert!(why.contains("not a regular file"), "{why}");
+    }
+}
