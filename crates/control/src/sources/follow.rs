@@ -838,7 +838,7 @@ fn untrusted_refusal(spec: &kiln_spec::Spec, tree: &Path) -> std::result::Result
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
 
