@@ -473,3 +473,74 @@ fn a_source_is_refused_with_a_reason() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_sources_file_declares_what_the_daemon_follows() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = common::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let repo = Repo::new(dir.path(), port);
+    let c1 = repo.push("v1", "", "declared");
+    // Relative to the file: the repository next to it.
+    let file = dir.path().join("sources.toml");
+    std::fs::write(
+        &file,
+        "[[source]]\nname = \"web\"\ngit = \"origin.git\"\ninterval = \"2s\"\n",
+    )
+    .unwrap();
+    let _daemon = Daemon::start_with(&state, &["--sources", file.to_str().unwrap()]);
+    wait_until(&state, Duration::from_secs(180), |s| {
+        live_commit(s) == Some(c1.as_str()) && s["phase"] == "completed"
+    });
+    assert!(get(port).contains("hello from v1"));
+    let listed = kiln(&state)
+        .args(["source", "list"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    assert!(String::from_utf8_lossy(&listed).contains("source web"));
+    kiln(&state).args(["down", "web"]).assert().success();
+}
+
+#[test]
+fn a_bad_sources_file_stops_the_daemon_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    for (text, says) in [
+        (
+            "[[source]]\nname = \"web\"\ngit = \"/tmp\"\nbranchh = \"x\"\n",
+            "branchh",
+        ),
+        (
+            "[[source]]\nname = \"web\"\ngit = \"/tmp\"\ninterval = \"soon\"\n",
+            "interval",
+        ),
+        (
+            "[[source]]\nname = \"Web!\"\ngit = \"/tmp\"\n",
+            "source Web!: name",
+        ),
+    ] {
+        let file = dir.path().join("sources.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = kiln(&state)
+            .args(["serve", "--sources"])
+            .arg(&file)
+            .timeout(Duration::from_secs(30))
+            .assert()
+            .failure()
+            .get_output()
+            .clone();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("sources.toml") && err.contains(says),
+            "{says}: {err}"
+        );
+    }
+}

@@ -375,6 +375,54 @@ impl Controller {
         Ok(self.source_status(&f, &sources).await)
     }
 
+    /// The sources a daemon's `--sources` file declares: each added (on a task of its own,
+    /// retried every interval until its first look works), or replaced when it is followed
+    /// with another configuration. Sources the file does not name are left alone.
+    pub async fn declare_sources(self: &Arc<Self>, configs: Vec<SourceConfig>) {
+        for config in configs {
+            let c = Arc::clone(self);
+            tokio::spawn(async move {
+                let Ok(sources) = c.sources().map(Arc::clone) else {
+                    return;
+                };
+                let mut stop = sources.stop.clone();
+                let name = config.name.clone();
+                let current = sources
+                    .followers
+                    .lock()
+                    .await
+                    .get(&name)
+                    .map(|f| f.config.clone());
+                match current {
+                    Some(same) if same == config => return,
+                    Some(_) => {
+                        tracing::info!(source = %name, "the sources file changed this source: replacing it");
+                        if let Err(e) = c.remove_source(&name).await {
+                            tracing::error!(source = %name, error = %e, "cannot replace the source");
+                            return;
+                        }
+                    }
+                    None => {}
+                }
+                loop {
+                    match c.add_source(config.clone()).await {
+                        Ok(_) => {
+                            tracing::info!(source = %name, "following the source the sources file declares");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::error!(source = %name, error = %e, "cannot follow the source yet; trying again")
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(config.interval()) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+    }
+
     /// `kiln source remove`: stops following; what it applied keeps running.
     pub async fn remove_source(&self, name: &str) -> Result<()> {
         let sources = self.sources()?;

@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// are recorded in the ledger, and a new checkpoint is signed so later starts pass
     #[arg(long)]
     pub accept_broken_ledger: bool,
+    /// The git sources to follow, declared in a TOML file (`[[source]]` tables with the
+    /// keys of `kiln source add`): each is added at start (retried until its first fetch
+    /// works) and replaced when the file says otherwise; sources added with `kiln source
+    /// add` are left alone
+    #[arg(long, value_name = "FILE")]
+    pub sources: Option<PathBuf>,
 
     #[command(flatten)]
     pub router: RouterArgs,
@@ -515,6 +521,10 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
         _ => None,
     };
     let policy = load_policy(args.policy.as_deref())?;
+    let sources = match &args.sources {
+        Some(file) => super::source::load_file(file)?,
+        None => Vec::new(),
+    };
     let rt = super::instance::tokio_runtime()?;
     rt.block_on(async {
         let mut signals = StopSignals::new()?;
@@ -532,6 +542,9 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 args.accept_broken_ledger,
             ) => daemon?,
         };
+        if !sources.is_empty() {
+            daemon.controller.declare_sources(sources).await;
+        }
         let apps = daemon.controller.app_names().await;
         out.say(&format!(
             "kiln daemon serving {} ({} app{} restored); Ctrl-C or SIGTERM stops it, the router and instances keep running",

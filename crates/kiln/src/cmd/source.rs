@@ -153,6 +153,103 @@ fn add(a: &AddArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// One `[[source]]` of a `kiln serve --sources` file.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSource {
+    name: String,
+    git: String,
+    #[serde(default = "main_branch")]
+    branch: String,
+    #[serde(default = "spec_path")]
+    path: String,
+    #[serde(default = "thirty_seconds")]
+    interval: String,
+    #[serde(default = "auto")]
+    sync: String,
+    #[serde(default = "new_commit")]
+    resume: String,
+    #[serde(default)]
+    webhook_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    trusted: bool,
+}
+
+fn main_branch() -> String {
+    "main".to_owned()
+}
+fn spec_path() -> String {
+    "kiln.toml".to_owned()
+}
+fn thirty_seconds() -> String {
+    "30s".to_owned()
+}
+fn auto() -> String {
+    "auto".to_owned()
+}
+fn new_commit() -> String {
+    "new-commit".to_owned()
+}
+
+/// `kiln serve --sources FILE`'s sources (`[[source]]` tables), each checked as `kiln source
+/// add` checks it; a relative path (a local repository, a webhook secret file) is the file's
+/// directory's. The error names the file, and the source or the line and column.
+pub fn load_file(file: &Path) -> anyhow::Result<Vec<SourceConfig>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        #[serde(default)]
+        source: Vec<FileSource>,
+    }
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the sources file {}", file.display()))?;
+    let doc: Doc = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid sources file {}:\n{e}", file.display()))?;
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut out: Vec<SourceConfig> = Vec::new();
+    for s in doc.source {
+        let at = |what: String| format!("{} source {}: {what}", file.display(), s.name);
+        let interval = humantime::parse_duration(&s.interval)
+            .map_err(|e| anyhow::anyhow!(at(format!("interval: {e}"))))?;
+        let webhook_secret = match &s.webhook_secret_file {
+            Some(f) => {
+                let f = dir.join(f);
+                let v = std::fs::read_to_string(&f).with_context(|| {
+                    at(format!("cannot read the webhook secret {}", f.display()))
+                })?;
+                Some(v.trim().to_owned())
+            }
+            None => None,
+        };
+        let url =
+            if !s.git.contains("://") && !is_scp_like(&s.git) && Path::new(&s.git).is_relative() {
+                dir.join(&s.git).display().to_string()
+            } else {
+                s.git.clone()
+            };
+        let config = SourceConfig {
+            name: s.name.clone(),
+            url,
+            branch: s.branch,
+            path: s.path,
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            sync: s.sync,
+            resume: s.resume,
+            trusted: s.trusted,
+            webhook_secret,
+        };
+        config.validate().map_err(|why| anyhow::anyhow!(at(why)))?;
+        if out.iter().any(|c| c.name == config.name) {
+            anyhow::bail!(at("named twice".to_owned()));
+        }
+        out.push(config);
+    }
+    Ok(out)
+}
+
 /// `user@host:path`, git's scp-like syntax.
 fn is_scp_like(url: &str) -> bool {
     match url.split_once(':') {
