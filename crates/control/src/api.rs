@@ -252,16 +252,34 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
     })
 }
 
-/// Handles one request from `actor`, who the connection says sent it.
+/// Handles one request from `actor`, who the connection says sent it, and counts it
+/// (`kiln_api_requests_total`) by its route pattern and status.
 pub async fn handle(
     c: Arc<Controller>,
     actor: &str,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    match route(c, actor, req).await {
+    let metrics = Arc::clone(&c.exec.metrics);
+    let pattern = route_pattern(req.method(), req.uri().path());
+    let response = match route(c, actor, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
-    }
+    };
+    metrics.api_request(pattern, response.status().as_u16());
+    response
+}
+
+/// The operation of [`ROUTES`] a request is for, as its pattern (`/v1/apps/{app}`): that of
+/// its method and path, else the first with its path (a 405), else `other`. Never the path
+/// itself: that would make a metric series of every name a client sends.
+fn route_pattern(method: &Method, path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut on_path = ROUTES.iter().filter(|(_, p)| matches_pattern(p, &parts));
+    let first = on_path.clone().next();
+    on_path
+        .find(|(m, _)| *m == method.as_str())
+        .or(first)
+        .map_or(crate::metrics::OTHER_ROUTE, |(_, p)| p)
 }
 
 async fn route(
@@ -742,6 +760,8 @@ pub async fn serve_tcp_on(
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|v| constant_time_eq(v.as_bytes(), token.as_bytes()));
                             if !authorized {
+                                let pattern = route_pattern(req.method(), req.uri().path());
+                                c.exec.metrics.api_request(pattern, StatusCode::UNAUTHORIZED.as_u16());
                                 return Ok::<_, Infallible>(error_response(&ApiError::new(
                                     StatusCode::UNAUTHORIZED,
                                     "a bearer token is required (see --token-file)",
@@ -768,4 +788,31 @@ fn http1() -> hyper::server::conn::http1::Builder {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_counted_by_its_route_pattern_never_its_path() {
+        let check = |method: Method, path: &str, want: &str| {
+            assert_eq!(route_pattern(&method, path), want, "{method} {path}");
+        };
+        check(Method::GET, "/v1/apps/web", "/v1/apps/{app}");
+        check(Method::DELETE, "/v1/apps/web/", "/v1/apps/{app}");
+        check(
+            Method::GET,
+            "/v1/apps/web/releases",
+            "/v1/apps/{app}/releases",
+        );
+        check(Method::GET, "/metrics", "/metrics");
+        // A literal segment wins where a parameter would match too, as in `route`.
+        check(Method::POST, "/v1/blobs/missing", "/v1/blobs/missing");
+        check(Method::PUT, "/v1/blobs/missing", "/v1/blobs/{digest}");
+        // A 405 still names the operation's path.
+        check(Method::PATCH, "/v1/apps/web", "/v1/apps/{app}");
+        check(Method::GET, "/v1/apps/web/nothing/here", "other");
+        check(Method::GET, "/secret-name-a-client-made-up", "other");
+    }
 }

@@ -54,6 +54,8 @@ pub(crate) struct Executor {
     pub plane: Arc<kiln_dataplane::Plane>,
     /// What images carry, for the deploy policy checked before each create (`policy.rs`).
     pub(crate) attestations: Option<Arc<dyn crate::gate::Attestations>>,
+    /// The daemon's own metrics (`metrics.rs`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Waits for the router to have no request in flight on the instance at `addr`. A router
@@ -94,6 +96,7 @@ impl Executor {
             destroying: Arc::default(),
             migrations: Arc::default(),
             creates: Arc::default(),
+            metrics: Arc::default(),
         }
     }
 
@@ -119,10 +122,18 @@ impl Executor {
         Ok(())
     }
 
-    /// Records a decision's events.
-    pub fn record_rollout(&self, app: &str, events: &[RolloutEvent], release: u64) -> Result<()> {
+    /// Records a decision's events, of a rollout with `strategy`; each is counted in the
+    /// metrics once recorded (the planner emits an outcome or a verdict once).
+    pub fn record_rollout(
+        &self,
+        app: &str,
+        events: &[RolloutEvent],
+        release: u64,
+        strategy: &'static str,
+    ) -> Result<()> {
         for e in events {
             self.record(app, &rollout_event(e, release))?;
+            self.metrics.rollout_event(strategy, e);
         }
         Ok(())
     }

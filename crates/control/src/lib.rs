@@ -14,6 +14,8 @@
 //!   pull from.
 //! - [`config`]: [`ReleaseConfig`], a release's runtime configuration as stored.
 //! - [`clock`]: the injected [`Clock`].
+//! - `metrics.rs`: the daemon's own Prometheus counters, served after the router's on
+//!   `/metrics`.
 //! - [`api`]: the HTTP/JSON API, the one place errors map to HTTP statuses; `peer.rs`: who
 //!   its connections come from; [`client`]: the CLI's side of it; [`dto`]: its data.
 //!
@@ -33,6 +35,7 @@ pub mod dto;
 mod error;
 mod executor;
 pub mod gate;
+mod metrics;
 pub mod oneshot;
 mod pause;
 mod peer;

@@ -74,8 +74,16 @@ impl Controller {
     }
 
     /// One pass of the reconciler over every app. An app whose pass fails is logged and
-    /// retried on the next pass; it never stops the others.
+    /// retried on the next pass; it never stops the others. Its duration, failed or not, goes
+    /// to `kiln_reconcile_seconds`.
     pub async fn reconcile(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let pass = self.reconcile_pass().await;
+        self.exec.metrics.reconcile_pass(started.elapsed());
+        pass
+    }
+
+    async fn reconcile_pass(&self) -> Result<()> {
         // Listed before taking the apps lock, so API calls never wait on the runtime. Creates
         // in flight that this listing cannot show yet are counted by `Creates` (create.rs).
         let listing = self.exec.creates.listing_begins();
@@ -84,6 +92,7 @@ impl Controller {
         {
             let listed: BTreeSet<_> = observed.iter().map(|o| &o.id).collect();
             self.exec.creates.listing_shows(listing, &listed);
+            self.exec.metrics.retain_instances(&listed);
             self.exec
                 .destroying
                 .lock()
@@ -166,7 +175,9 @@ impl Controller {
             self.persist(name, a, &d.state)?;
             a.state = d.state.clone();
         }
-        self.exec.record_rollout(name, &d.events, a.goal.release)?;
+        let strategy = a.goal.deploy.strategy.name();
+        self.exec
+            .record_rollout(name, &d.events, a.goal.release, strategy)?;
         let drift = self.exec.drift_now();
         // Destroys go last: an instance leaves the route (this pass's route change) before
         // its drain starts, so the drain does not find it still routed.
@@ -375,6 +386,14 @@ impl Controller {
             && !daemons_own(&o.labels)
         {
             return Ok(());
+        }
+        // Counted on an instance known to be the daemon's (not one of `kiln test`'s that its
+        // command removed), whether or not this report is its first (a later one adds
+        // findings) or only says it vanished.
+        if observed.is_ok() {
+            self.exec
+                .metrics
+                .drift_findings(&report.instance, &report.findings);
         }
         let findings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
         let first = self

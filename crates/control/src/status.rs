@@ -185,7 +185,8 @@ impl Controller {
             .collect())
     }
 
-    /// The Prometheus text of every app's router metrics.
+    /// The Prometheus text of every app's router metrics, then the daemon's own
+    /// (`metrics.rs`), the instances from the reconciler's last listing.
     pub async fn metrics(&self) -> Result<String> {
         let mut text = self.exec.plane.metrics().await?;
         if let Some(sources) = self.sources.get() {
@@ -198,6 +199,8 @@ impl Controller {
                 sources.refused()
             ));
         }
+        let observed = Arc::clone(&self.observed.lock().unwrap_or_else(PoisonError::into_inner));
+        self.exec.metrics.render(&mut text, &observed);
         Ok(text)
     }
 }

@@ -1,0 +1,202 @@
+//! End-to-end test of the daemon's own Prometheus metrics on `GET /metrics`: a real `kiln
+//! serve` on runc, the example app, `/metrics` read over the daemon's unix socket as a local
+//! scraper (or a `socat` bridge) would. Needs root, runc and the release build of `hello`;
+//! skipped with a note without them, except in CI where it must run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// One `GET path` over the daemon's unix socket: the status, the head and the body.
+fn unix_get(state: &Path, path: &str) -> (u16, String, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(state.join("kiln.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The daemon's `/metrics` text.
+fn scrape(state: &Path) -> String {
+    let (status, head, body) = unix_get(state, "/metrics");
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body
+}
+
+/// The value of the one sample named exactly `series` (name and labels as rendered).
+fn value(text: &str, series: &str) -> f64 {
+    let found: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(found.len(), 1, "{series} in\n{text}");
+    found[0]
+}
+
+/// Scrapes until `ok` holds for the text, or fails after `limit` with the last text.
+fn scrape_until(state: &Path, limit: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let text = scrape(state);
+        if ok(&text) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const COMPLETED: &str = r#"kiln_rollouts_total{strategy="rolling",outcome="completed"}"#;
+const PASSES: &str = "kiln_reconcile_seconds_count";
+const DRIFT_WRITES: &str = r#"kiln_drift_findings_total{kind="write"}"#;
+const STATUS_OK: &str = r#"kiln_api_requests_total{route="/v1/apps/{app}",status="200"}"#;
+const HEALTHY: &str = r#"kiln_instances{state="running",health="healthy"}"#;
+
+#[test]
+fn the_daemon_counts_rollouts_passes_drift_and_api_requests() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+
+    // Before anything ran: every family declared, the counters at zero.
+    let text = scrape(&state);
+    for family in [
+        "kiln_reconcile_seconds histogram",
+        "kiln_rollouts_total counter",
+        "kiln_analysis_verdicts_total counter",
+        "kiln_drift_findings_total counter",
+        "kiln_instances gauge",
+        "kiln_api_requests_total counter",
+    ] {
+        assert!(
+            text.contains(&format!("\n# TYPE {family}\n")),
+            "{family}\n{text}"
+        );
+    }
+    assert_eq!(value(&text, COMPLETED), 0.0);
+    assert_eq!(value(&text, DRIFT_WRITES), 0.0);
+
+    let spec = write_spec(dir.path(), port, "v1", 2);
+    let image = build(&state, &spec);
+    // `kiln apply` returns once the rollout completed.
+    apply(&state, &spec, &image);
+    let text = scrape(&state);
+    assert_eq!(value(&text, COMPLETED), 1.0, "{text}");
+    assert_eq!(
+        value(
+            &text,
+            r#"kiln_rollouts_total{strategy="rolling",outcome="aborted"}"#
+        ),
+        0.0
+    );
+    let passes = value(&text, PASSES);
+    assert!(passes > 0.0, "{text}");
+    assert_eq!(
+        value(&text, r#"kiln_reconcile_seconds_bucket{le="+Inf"}"#),
+        passes,
+        "the +Inf bucket is the count"
+    );
+    assert!(value(&text, "kiln_reconcile_seconds_sum") > 0.0, "{text}");
+
+    // More passes: the pass count grows, the rollout is still counted once (not per tick).
+    let text = scrape_until(
+        &state,
+        Duration::from_secs(10),
+        "more reconcile passes",
+        |t| value(t, PASSES) >= passes + 10.0,
+    );
+    assert_eq!(value(&text, COMPLETED), 1.0, "{text}");
+    let text = scrape_until(
+        &state,
+        Duration::from_secs(10),
+        "two healthy instances",
+        |t| value(t, HEALTHY) == 2.0,
+    );
+    assert_eq!(value(&text, DRIFT_WRITES), 0.0, "{text}");
+
+    // `kiln status web` is one GET /v1/apps/web, counted under its route's pattern.
+    let before = value(&text, STATUS_OK);
+    kiln(&state).args(["status", "web"]).assert().success();
+    let text = scrape(&state);
+    assert_eq!(value(&text, STATUS_OK), before + 1.0, "{text}");
+    // A path that is no operation is `other`, never itself.
+    let (status, _, _) = unix_get(&state, "/v1/made-up-by-a-client");
+    assert_eq!(status, 404);
+    let text = scrape(&state);
+    assert_eq!(
+        value(
+            &text,
+            r#"kiln_api_requests_total{route="other",status="404"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(!text.contains("made-up-by-a-client"), "{text}");
+    assert!(
+        value(
+            &text,
+            r#"kiln_api_requests_total{route="/metrics",status="200"}"#
+        ) >= 1.0,
+        "{text}"
+    );
+
+    // Drift injected: a file written from the host into an instance's read-only area.
+    let victim = routed(&status(&state))[0].clone();
+    std::fs::write(
+        state.join("instances").join(&victim).join("upper/evil"),
+        "x",
+    )
+    .unwrap();
+    scrape_until(&state, Duration::from_secs(10), "the drift counted", |t| {
+        value(t, DRIFT_WRITES) >= 1.0
+    });
+    // Replaced; the finding was counted once, however many times it was reported (the
+    // watcher, the periodic rescan).
+    wait_until(&state, Duration::from_secs(20), |s| {
+        let r = routed(s);
+        r.len() == 2 && !r.contains(&victim)
+    });
+    let text = scrape_until(
+        &state,
+        Duration::from_secs(10),
+        "two healthy instances",
+        |t| value(t, HEALTHY) == 2.0,
+    );
+    assert_eq!(value(&text, DRIFT_WRITES), 1.0, "{text}");
+    assert!(value(&text, PASSES) > passes, "{text}");
+    // A replacement is no rollout.
+    assert_eq!(value(&text, COMPLETED), 1.0, "{text}");
+
+    // A second release: one more completed rollout.
+    write_spec(dir.path(), port, "v2", 2);
+    apply(&state, &spec, &image);
+    let text = scrape(&state);
+    assert_eq!(value(&text, COMPLETED), 2.0, "{text}");
+}
