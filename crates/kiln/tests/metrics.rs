@@ -147,8 +147,8 @@ fn the_daemon_counts_rollouts_passes_drift_and_api_requests() {
     let text = scrape(&state);
     assert_eq!(value(&text, STATUS_OK), before + 1.0, "{text}");
     // A path that is no operation is `other`, never itself.
-    let (status, _, _) = unix_get(&state, "/v1/made-up-by-a-client");
-    assert_eq!(status, 404);
+    let (code, _, _) = unix_get(&state, "/v1/made-up-by-a-client");
+    assert_eq!(code, 404);
     let text = scrape(&state);
     assert_eq!(
         value(
