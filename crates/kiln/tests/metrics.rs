@@ -200,3 +200,89 @@ fn the_daemon_counts_rollouts_passes_drift_and_api_requests() {
     let text = scrape(&state);
     assert_eq!(value(&text, COMPLETED), 2.0, "{text}");
 }
+
+/// A canary nobody sends traffic to: its first release goes live at once, a later one stays
+/// inconclusive at its step until someone decides.
+const QUIET_CANARY: &str = r#"[deploy]
+strategy = "canary"
+keep_previous = "10m"
+progress_deadline = "1m"
+
+[[deploy.steps]]
+weight = 50
+pause = "1s"
+
+[[deploy.steps]]
+weight = 100
+
+[deploy.analysis]
+min_requests = 50
+"#;
+
+/// How many events of `kind` the app's history holds.
+fn events_of(state: &Path, kind: &str) -> f64 {
+    history(state).iter().filter(|e| e["kind"] == kind).count() as f64
+}
+
+#[test]
+fn canary_verdicts_and_outcomes_are_counted_once_as_the_ledger_records_them() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let _daemon = Daemon::start(&state);
+    let spec = write_spec_with(dir.path(), port, r#"HELLO_VERSION = "v1""#, 1, QUIET_CANARY);
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    let canary =
+        |outcome: &str| format!(r#"kiln_rollouts_total{{strategy="canary",outcome="{outcome}"}}"#);
+    let inconclusive = r#"kiln_analysis_verdicts_total{verdict="inconclusive"}"#;
+    let text = scrape(&state);
+    assert_eq!(value(&text, &canary("completed")), 1.0, "{text}");
+    assert_eq!(value(&text, COMPLETED), 0.0, "{text}");
+
+    // Release 2 waits at its step, judged inconclusive, for many passes.
+    let spec = write_spec_with(dir.path(), port, r#"HELLO_VERSION = "v2""#, 1, QUIET_CANARY);
+    kiln(&state)
+        .args(["apply", "--no-wait", "-f"])
+        .arg(&spec)
+        .args(["--image", &image])
+        .assert()
+        .success();
+    wait_until(&state, Duration::from_secs(60), |s| {
+        s["awaiting_decision"].is_string()
+    });
+    let text = scrape(&state);
+    let judged = value(&text, inconclusive);
+    assert!(judged >= 1.0, "{text}");
+    let passes = value(&text, PASSES);
+    let text = scrape_until(
+        &state,
+        Duration::from_secs(10),
+        "more reconcile passes",
+        |t| value(t, PASSES) >= passes + 10.0,
+    );
+    assert_eq!(
+        value(&text, inconclusive),
+        judged,
+        "counted per tick:\n{text}"
+    );
+    assert_eq!(judged, events_of(&state, "rollout.step_judged"));
+    assert_eq!(
+        value(&text, r#"kiln_analysis_verdicts_total{verdict="pass"}"#)
+            + value(&text, r#"kiln_analysis_verdicts_total{verdict="fail"}"#),
+        0.0,
+        "{text}"
+    );
+
+    kiln(&state).args(["abort", "web"]).assert().success();
+    wait_until(&state, Duration::from_secs(60), |s| s["phase"] == "aborted");
+    let text = scrape(&state);
+    assert_eq!(value(&text, &canary("aborted")), 1.0, "{text}");
+    assert_eq!(value(&text, &canary("completed")), 1.0, "{text}");
+    assert_eq!(events_of(&state, "rollout.aborted"), 1.0);
+    assert_eq!(events_of(&state, "rollout.completed"), 1.0);
+}
