@@ -193,6 +193,15 @@ fn the_daemon_counts_rollouts_passes_drift_and_api_requests() {
     assert!(value(&text, PASSES) > passes, "{text}");
     // A replacement is no rollout.
     assert_eq!(value(&text, COMPLETED), 1.0, "{text}");
+    let (count, sum) = (
+        value(&text, PASSES),
+        value(&text, "kiln_reconcile_seconds_sum"),
+    );
+    eprintln!(
+        "{count} reconcile passes, {:.2} ms each on average; /metrics is {} bytes",
+        sum / count * 1000.0,
+        text.len()
+    );
 
     // A second release: one more completed rollout.
     write_spec(dir.path(), port, "v2", 2);
