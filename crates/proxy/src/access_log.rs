@@ -366,7 +366,7 @@ fn render_head(f: &Fields<'_>) -> (Vec<u8>, usize) {
     let cut = line.len();
     line.extend_from_slice(b",\"request_id\":");
     json_str(&mut line, f.request_id);
-    let _ = write!(line, ",\"client\":\"{}\"}}\n", f.client);
+    let _ = writeln!(line, ",\"client\":\"{}\"}}", f.client);
     (line, cut)
 }
 
