@@ -184,3 +184,23 @@ fn responses_are_logged_with_the_request_id_that_reached_the_instance() {
     }
     assert_eq!(std::fs::read_to_string(&log).unwrap(), before);
 }
+
+#[test]
+fn a_sampling_rate_outside_0_to_1_or_without_a_log_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let log = dir.path().join("access.log");
+    let log = log.to_str().unwrap();
+    for args in [
+        vec!["serve", "--access-log", log, "--access-log-sample", "1.5"],
+        vec!["serve", "--access-log", log, "--access-log-sample=-0.1"],
+        vec!["serve", "--access-log-sample", "0.5"],
+        vec!["router", "--access-log", log, "--access-log-sample", "x"],
+    ] {
+        let out = kiln(&state).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("access-log"), "{args:?}: {stderr}");
+    }
+    assert!(!state.exists(), "a usage error touched the state");
+}
