@@ -47,16 +47,27 @@ struct Inner {
 /// The router, in this process.
 pub struct LocalPlane {
     router: Workers,
+    /// Where every listener logs its responses, if anywhere.
+    access_log: Option<kiln_proxy::AccessLog>,
     inner: tokio::sync::Mutex<Inner>,
 }
 
 impl LocalPlane {
     /// Starts the router's threads; no address is served yet.
     pub fn start(cfg: WorkersConfig) -> Result<LocalPlane, PlaneError> {
+        LocalPlane::start_logged(cfg, None)
+    }
+
+    /// As [`LocalPlane::start`], every listener logging its responses to `access_log`.
+    pub fn start_logged(
+        cfg: WorkersConfig,
+        access_log: Option<kiln_proxy::AccessLog>,
+    ) -> Result<LocalPlane, PlaneError> {
         let router = Workers::start(cfg)
             .map_err(|e| PlaneError::Router(format!("cannot start the router's threads: {e}")))?;
         Ok(LocalPlane {
             router,
+            access_log,
             inner: tokio::sync::Mutex::new(Inner::default()),
         })
     }
@@ -172,6 +183,13 @@ impl LocalPlane {
             inner.apps.values().map(|s| Arc::clone(&s.app)).collect()
         };
         kiln_proxy::render_prometheus(&apps)
+    }
+
+    /// Writes the access log's buffered lines now (the router is about to exit).
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
     }
 
     /// The apps served.
@@ -366,6 +384,7 @@ impl LocalPlane {
         // kiln of another state included) fails instead of silently taking a share of its
         // connections.
         cfg.reuse_port = false;
+        cfg.access_log.clone_from(&self.access_log);
         cfg.tls = tls
             .clone()
             .map(|(cert, key)| kiln_proxy::TlsFiles { cert, key });

@@ -57,6 +57,8 @@ pub struct RouterConfig {
     pub state: PathBuf,
     /// Its threads.
     pub workers: kiln_proxy::WorkersConfig,
+    /// Its access log; none when `None`.
+    pub access_log: Option<kiln_proxy::AccessLogConfig>,
 }
 
 struct Shared {
@@ -96,7 +98,13 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), PlaneError> {
     let path = socket(&cfg.state);
-    let plane = LocalPlane::start(cfg.workers)?;
+    let access_log = cfg
+        .access_log
+        .as_ref()
+        .map(kiln_proxy::AccessLog::open)
+        .transpose()
+        .map_err(|e| PlaneError::Router(e.to_string()))?;
+    let plane = LocalPlane::start_logged(cfg.workers, access_log)?;
     // Another router serving this state hands everything over; else this one starts empty.
     let predecessor = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(stream) => Some(receive(stream, &plane).await?),
@@ -195,6 +203,8 @@ pub async fn run(
     }
     tracing::info!(reason = ?why, "router stopping: connections finish their requests");
     shared.plane.shutdown().await;
+    // The process exits next: lines still in the threads' buffers are written first.
+    shared.plane.flush_access_log();
     Ok(())
 }
 

@@ -51,6 +51,7 @@ fn router(state: &Path) -> tokio::task::JoinHandle<()> {
     let cfg = RouterConfig {
         state: state.to_owned(),
         workers: kiln_proxy::WorkersConfig::new(1),
+        access_log: None,
     };
     tokio::spawn(async move {
         kiln_dataplane::run(cfg, std::future::pending())

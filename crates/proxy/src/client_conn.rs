@@ -46,6 +46,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::Pending;
 use crate::batch::Socket;
 use crate::closing::Finish;
 
@@ -233,18 +234,28 @@ impl Drop for OpenRequest {
 }
 
 /// A response body that keeps its request open (if it is counted) until it is sent whole or
-/// dropped.
+/// dropped, and counts the bytes sent for its access log line (if it is logged), which is
+/// written when it is dropped.
 pub(crate) struct Tracked<B> {
     body: B,
     _open: Option<OpenRequest>,
+    logged: Option<Box<Pending>>,
 }
 
 impl<B> Tracked<B> {
-    pub(crate) fn new(body: B, mut open: Option<OpenRequest>) -> Tracked<B> {
+    pub(crate) fn new(
+        body: B,
+        mut open: Option<OpenRequest>,
+        logged: Option<Box<Pending>>,
+    ) -> Tracked<B> {
         if let Some(open) = &mut open {
             open.answered = true;
         }
-        Tracked { body, _open: open }
+        Tracked {
+            body,
+            _open: open,
+            logged,
+        }
     }
 }
 
@@ -256,7 +267,15 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(logged) = &mut this.logged
+            && let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            logged.sent(data.len());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -553,7 +572,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_has_had_enough_after_many_resets_or_its_request_cap() {
         let answer = |activity: &Arc<Activity>| {
-            drop(Tracked::new((), activity.start(Version::HTTP_2)));
+            drop(Tracked::new((), activity.start(Version::HTTP_2), None));
         };
         let reset = |activity: &Arc<Activity>| drop(activity.start(Version::HTTP_2));
         // 99 resets among 99 requests: tolerated; the 100th is not.

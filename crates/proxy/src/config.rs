@@ -28,6 +28,8 @@ pub struct ListenerConfig {
     /// this one serves (the daemon rebinds an address this way when the apps sharing it
     /// change). The router's threads serve copies of one socket instead (`Listener::try_clone`).
     pub reuse_port: bool,
+    /// Where its responses are logged; not at all when `None`.
+    pub access_log: Option<crate::AccessLog>,
 }
 
 impl ListenerConfig {
@@ -40,6 +42,7 @@ impl ListenerConfig {
             header_read_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(60),
             reuse_port: false,
+            access_log: None,
         }
     }
 }

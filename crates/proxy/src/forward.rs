@@ -56,6 +56,19 @@ pub(crate) struct Shared {
     pub(crate) hosts: HostTable,
     /// `http` or `https`, for `X-Forwarded-Proto` and `Forwarded`.
     pub(crate) scheme: &'static str,
+    /// Where responses are logged, if anywhere.
+    pub(crate) access_log: Option<crate::AccessLog>,
+}
+
+/// Where a request went, noted for the access log (only when `wanted`: the release's name is
+/// a reference count shared by every router thread).
+#[derive(Default)]
+pub(crate) struct Routed {
+    pub(crate) wanted: bool,
+    /// The app, as an index into the listener's.
+    pub(crate) app: Option<usize>,
+    pub(crate) release: Option<Arc<str>>,
+    pub(crate) instance: Option<SocketAddr>,
 }
 
 /// Serves one client request.
@@ -63,6 +76,7 @@ pub(crate) async fn handle(
     shared: &Shared,
     peer: &Peer,
     req: Request<Incoming>,
+    routed: &mut Routed,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let host = match request_host(&req) {
@@ -76,11 +90,10 @@ pub(crate) async fn handle(
             "kiln: a transfer coding other than chunked\n".to_owned(),
         );
     }
-    let Some(app) = shared
+    let index = shared
         .hosts
-        .lookup(host.as_ref().and_then(|h| h.to_str().ok()))
-        .and_then(|i| shared.apps.get(i))
-    else {
+        .lookup(host.as_ref().and_then(|h| h.to_str().ok()));
+    let Some(app) = index.and_then(|i| shared.apps.get(i)) else {
         return local(
             StatusCode::NOT_FOUND,
             match host {
@@ -89,6 +102,9 @@ pub(crate) async fn handle(
             },
         );
     };
+    if routed.wanted {
+        routed.app = index;
+    }
     // The listener reads heads up to the largest limit of its apps, and only roughly (in
     // chunks): this app's own limit is checked here, on the head's size as sent.
     let max_header_bytes = app.config().max_header_bytes;
@@ -132,7 +148,7 @@ pub(crate) async fn handle(
         start,
         max_body_bytes,
     };
-    ctx.forward(req).await
+    ctx.forward(req, routed).await
 }
 
 struct Context<'a> {
@@ -179,7 +195,11 @@ enum Failure {
 }
 
 impl Context<'_> {
-    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        routed: &mut Routed,
+    ) -> Response<ProxyBody> {
         let table = self.app.current();
         let choice = match self.choose(&table, &req) {
             Ok(choice) => choice,
@@ -223,6 +243,12 @@ impl Context<'_> {
         let end = Instant::now();
         let now = self.app.second_at(end);
         let latency = end.saturating_duration_since(self.start);
+        if routed.wanted {
+            routed.release = table
+                .releases
+                .get(choice.release)
+                .map(|r| Arc::clone(&r.name));
+        }
         let failure = |status: StatusCode, text: &str| {
             if let Some(stats) = &chosen_stats {
                 stats.record(now, status.as_u16(), latency);
@@ -276,6 +302,10 @@ impl Context<'_> {
         } = answer;
         live.stats.record(now, response.status().as_u16(), latency);
         live.stats.saw_response(end);
+        if routed.wanted {
+            routed.release = Some(Arc::clone(&live.name));
+            routed.instance = Some(in_flight.instance().addr);
+        }
 
         if framing == ResponseFraming::Upgrade {
             let Some(client_upgrade) = client_upgrade else {

@@ -18,9 +18,15 @@
 //!    that left the route, and [`App::drain`] resolves when each one has no request in flight
 //!    (or its drain timeout passed), after which the provider may stop it. [`App::set_gate`]
 //!    pauses the app (new requests held) or closes it for maintenance.
+//!
+//! Every request reaches its instance with an `X-Request-Id` (the client's if well-formed,
+//! else a new one; `request_id.rs`), returned on its response; an [`AccessLog`] given in a
+//! listener's config logs responses as JSON lines.
+//!
 //! 3. [`App::snapshot`] reads a release's measurements over the last seconds;
 //!    [`render_prometheus`] writes every app's metrics in the Prometheus text format.
 
+mod access_log;
 mod app;
 mod batch;
 mod body;
@@ -35,6 +41,7 @@ mod hosts;
 mod instance;
 mod listener;
 mod peer;
+mod request_id;
 mod route;
 mod spread;
 mod stats;
@@ -43,6 +50,7 @@ mod upstream;
 mod workers;
 mod yielding;
 
+pub use access_log::{AccessLog, AccessLogConfig, AccessLogError, AccessLogTarget};
 pub use app::{App, DrainOutcome, RouteChange};
 pub use config::{AppConfig, ListenerConfig, Sticky, TlsFiles};
 pub use error::{ConfigError, ListenerError, RouteError};

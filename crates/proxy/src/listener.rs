@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::access_log;
 use crate::app::App;
 use crate::batch::Socket;
 use crate::client_conn::{Activity, Builders, ChooseProtocol, ClientConnection, Tracked};
@@ -28,9 +29,10 @@ use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
 use crate::conn_timer::ConnectionTimer;
 use crate::error::{ConfigError, ListenerError};
-use crate::forward::{self, Shared};
+use crate::forward::{self, Routed, Shared};
 use crate::hosts::HostTable;
 use crate::peer::Peer;
+use crate::request_id;
 use crate::spread::{Counted, Group, Handed, Membership};
 
 /// A bound listen address serving its apps.
@@ -119,6 +121,7 @@ impl Listener {
                 apps,
                 hosts,
                 scheme: if tls.is_some() { "https" } else { "http" },
+                access_log: config.access_log.clone(),
             }),
             tls,
             header_read_timeout: config.header_read_timeout,
@@ -346,19 +349,54 @@ where
     let peer = Peer::new(peer, shared.scheme);
     let activity = Activity::new();
     let client = Arc::new((shared, peer, Arc::clone(&activity), sent_body));
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
         // Noted when the request arrives, not when its future first runs: HTTP/2 runs it as a
         // task of its own, later.
-        let (_, _, activity, sent_body) = &*client;
+        let (shared, _, activity, sent_body) = &*client;
         let open = activity.start(req.version());
         if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
             sent_body.store(true, Ordering::Relaxed);
         }
+        let id = request_id::ensure(req.headers_mut());
+        // What the access log needs of the request, taken before it is forwarded.
+        let arrived = shared.access_log.is_some().then(|| {
+            (
+                std::time::Instant::now(),
+                req.method().clone(),
+                req.uri().clone(),
+            )
+        });
         let client = Arc::clone(&client);
         async move {
             let (shared, peer, _, _) = &*client;
-            let response = forward::handle(shared, peer, req).await;
-            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open)))
+            let mut routed = Routed {
+                wanted: arrived.is_some(),
+                ..Routed::default()
+            };
+            let mut response = forward::handle(shared, peer, req, &mut routed).await;
+            let logged = match (&shared.access_log, arrived) {
+                (Some(log), Some((at, method, uri))) if log.logs(response.status().as_u16()) => {
+                    let fields = access_log::Fields {
+                        app: routed
+                            .app
+                            .and_then(|i| shared.apps.get(i))
+                            .map(|a| a.name()),
+                        release: routed.release.as_deref(),
+                        instance: routed.instance,
+                        method: method.as_str(),
+                        path: uri.path(),
+                        status: response.status().as_u16(),
+                        request_id: id.to_str().unwrap_or_default(),
+                        client: peer.addr(),
+                    };
+                    Some(log.begin(&fields, at))
+                }
+                _ => None,
+            };
+            response
+                .headers_mut()
+                .insert(request_id::X_REQUEST_ID.clone(), id);
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, open, logged)))
         }
     });
     let connection = AnswerFirst {

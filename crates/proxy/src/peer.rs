@@ -14,6 +14,8 @@ use hyper::header::HeaderValue;
 
 /// One client connection's forwarding identity.
 pub(crate) struct Peer {
+    /// The client's address.
+    addr: IpAddr,
     /// The client's address as `X-Forwarded-For` lists it (`10.1.2.3`, `::1`).
     ip: HeaderValue,
     /// This hop's `Forwarded` element without a host: `for=10.1.2.3;proto=http`.
@@ -31,10 +33,16 @@ impl Peer {
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
         Peer {
+            addr: ip,
             ip: value(ip.to_string().into_bytes()),
             forwarded: value(format!("for={node};proto={scheme}").into_bytes()),
             last_host: Mutex::new(None),
         }
+    }
+
+    /// The client's address (IPv4-mapped IPv6 as IPv4).
+    pub(crate) fn addr(&self) -> IpAddr {
+        self.addr
     }
 
     /// The `X-Forwarded-For` value to send: the client's own list, if any, with this client

@@ -120,11 +120,25 @@ async fn many_small_chunks_reach_a_slow_client_whole() {
         let mut tail = Vec::new();
         let mut piece = [0_u8; 2048];
         let mut reads = 0_u32;
+        // The head (whose `x-request-id` has an x of its own) is not counted.
+        let mut head = Vec::new();
         // The chunked body ends with a zero-size chunk.
         while !tail.ends_with(b"\r\n0\r\n\r\n") {
             let n = client.read(&mut piece).await.unwrap();
             assert!(n > 0, "the router closed the connection");
-            xs += piece[..n].iter().filter(|&&b| b == b'x').count();
+            let mut body = &piece[..n];
+            if head.len() < 4 || !head.ends_with(b"\r\n\r\n") {
+                let mut taken = 0;
+                for &b in body {
+                    head.push(b);
+                    taken += 1;
+                    if head.ends_with(b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                body = &body[taken..];
+            }
+            xs += body.iter().filter(|&&b| b == b'x').count();
             tail.extend_from_slice(&piece[..n]);
             let keep = tail.len().saturating_sub(16);
             tail.drain(..keep);

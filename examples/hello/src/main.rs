@@ -4,7 +4,9 @@
 //!
 //! - `GET /` with `hello from <version>` where the version is `$HELLO_VERSION` (default `v1`);
 //! - `GET /healthz` with `ok` (or 503 when `HELLO_NEVER_HEALTHY=1`);
-//! - `GET /version` with just the version.
+//! - `GET /version` with just the version;
+//! - `GET /request-id` with the `X-Request-Id` it was sent (empty when none), to show what
+//!   kiln's router passes on.
 //!
 //! Knobs that later rollout tests turn, all read once at start:
 //!
@@ -112,6 +114,14 @@ impl App {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".to_owned()),
             (&Method::GET | &Method::HEAD, "/version") => {
                 text(StatusCode::OK, format!("{}\n", self.knobs.version))
+            }
+            (&Method::GET | &Method::HEAD, "/request-id") => {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default();
+                text(StatusCode::OK, format!("{id}\n"))
             }
             (_, "/") => {
                 let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;

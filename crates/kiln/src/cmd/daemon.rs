@@ -147,6 +147,24 @@ pub struct RouterArgs {
     /// core]
     #[arg(long, value_name = "BOOL")]
     pub router_pin: Option<bool>,
+
+    /// Log each response the router sends as one JSON line, appended to FILE, or to the
+    /// router's standard output (its log) with `-` [default: no access log]
+    #[arg(long, value_name = "FILE|-")]
+    pub access_log: Option<std::path::PathBuf>,
+
+    /// The share of responses the access log keeps, from 0 to 1; 5xx responses are always
+    /// logged [default: 1]
+    #[arg(long, value_name = "RATE", requires = "access_log", value_parser = sample_rate)]
+    pub access_log_sample: Option<f64>,
+}
+
+/// `--access-log-sample`: a number from 0 to 1.
+fn sample_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
+    }
 }
 
 impl RouterArgs {
@@ -167,6 +185,28 @@ impl RouterArgs {
         if let Some(pin) = self.router_pin {
             args.extend(["--router-pin".into(), pin.to_string().into()]);
         }
+        if let Some(path) = &self.access_log {
+            // The router runs in `/`: a relative path is the daemon's. Opened here first, so a
+            // path the router could not write is this command's error, not a router that
+            // never comes up.
+            let path = if path.as_os_str() == "-" {
+                path.clone()
+            } else {
+                let path = std::path::absolute(path).with_context(|| {
+                    format!("cannot resolve the access log path {}", path.display())
+                })?;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open the access log {}", path.display()))?;
+                path
+            };
+            args.extend(["--access-log".into(), path.into_os_string()]);
+        }
+        if let Some(rate) = self.access_log_sample {
+            args.extend(["--access-log-sample".into(), rate.to_string().into()]);
+        }
         // Under systemd the journal takes its output as the daemon's; else a file of the
         // state, since the terminal that started the daemon may be long gone.
         let log = std::env::var_os("JOURNAL_STREAM")
@@ -177,6 +217,19 @@ impl RouterArgs {
             args,
             log,
         })))
+    }
+
+    /// The access log the flags ask for.
+    pub fn access_log(&self) -> Option<kiln_proxy::AccessLogConfig> {
+        let path = self.access_log.as_ref()?;
+        Some(kiln_proxy::AccessLogConfig {
+            target: if path.as_os_str() == "-" {
+                kiln_proxy::AccessLogTarget::Stdout
+            } else {
+                kiln_proxy::AccessLogTarget::File(path.clone())
+            },
+            sample: self.access_log_sample.unwrap_or(1.0),
+        })
     }
 
     /// The router's threads as the flags say.

@@ -42,6 +42,7 @@ pub fn router(args: &RouterCmdArgs, state: &Path, out: &Output) -> anyhow::Resul
         let cfg = kiln_dataplane::RouterConfig {
             state: state.to_owned(),
             workers: args.router.workers(),
+            access_log: args.router.access_log(),
         };
         tokio::select! {
             served = kiln_dataplane::run(cfg, signalled(1)) => {

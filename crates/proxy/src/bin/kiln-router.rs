@@ -2,7 +2,7 @@
 //! separate process. It is a tool for this crate's bench scripts and tests, not kiln's CLI.
 //!
 //! ```text
-//! kiln-router proxy   --listen ADDR [--threads N] [--pin true|false] --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH]
+//! kiln-router proxy   --listen ADDR [--threads N] [--pin true|false] --blue ADDR[,ADDR…] [--green ADDR[,ADDR…]] [--control PATH] [--access-log FILE|- [--access-log-sample RATE]]
 //! kiln-router backend --listen ADDR --name NAME
 //! kiln-router probe   --addr ADDR --expect TEXT (--unix PATH --send LINE | --exec COMMAND)
 //! ```
@@ -34,7 +34,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use kiln_proxy::{
-    App, AppConfig, Listener, ListenerConfig, RouteRelease, RouteTable, Workers, WorkersConfig,
+    AccessLog, AccessLogConfig, AccessLogTarget, App, AppConfig, Listener, ListenerConfig,
+    RouteRelease, RouteTable, Workers, WorkersConfig,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -166,14 +167,27 @@ fn proxy(flags: &Flags, threads: usize) -> Result<(), String> {
             runtime.block_on(control_loop(control, app, to_blue, to_green));
         });
     }
+    let mut listener_config = ListenerConfig::new(listen);
+    if let Some(path) = flags.get("access-log") {
+        let sample = match flags.get("access-log-sample") {
+            Some(rate) => rate
+                .parse()
+                .map_err(|_| format!("--access-log-sample must be a number, not {rate:?}"))?,
+            None => 1.0,
+        };
+        let target = if path == "-" {
+            AccessLogTarget::Stdout
+        } else {
+            AccessLogTarget::File(path.into())
+        };
+        listener_config.access_log =
+            Some(AccessLog::open(&AccessLogConfig { target, sample }).map_err(|e| e.to_string())?);
+    }
     let listener = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?
-        .block_on(Listener::bind(
-            ListenerConfig::new(listen),
-            vec![Arc::clone(&app)],
-        ))
+        .block_on(Listener::bind(listener_config, vec![Arc::clone(&app)]))
         .map_err(|e| e.to_string())?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
     let mut config = WorkersConfig::new(threads);
