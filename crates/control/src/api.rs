@@ -272,7 +272,7 @@ pub async fn handle(
 /// The operation of [`ROUTES`] a request is for, as its pattern (`/v1/apps/{app}`): that of
 /// its method and path, else the first with its path (a 405), else `other`. Never the path
 /// itself: that would make a metric series of every name a client sends.
-fn route_pattern(method: &Method, path: &str) -> &'static str {
+pub(crate) fn route_pattern(method: &Method, path: &str) -> &'static str {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mut on_path = ROUTES.iter().filter(|(_, p)| matches_pattern(p, &parts));
     let first = on_path.clone().next();
@@ -650,7 +650,7 @@ fn unknown(method: &Method, path: &str, parts: &[&str]) -> ApiError {
     }
 }
 
-fn matches_pattern(pattern: &str, parts: &[&str]) -> bool {
+pub(crate) fn matches_pattern(pattern: &str, parts: &[&str]) -> bool {
     let p: Vec<&str> = pattern.trim_matches('/').split('/').collect();
     p.len() == parts.len()
         && p.iter()
@@ -778,7 +778,7 @@ pub async fn serve_tcp_on(
 }
 
 /// The HTTP/1.1 server of one API connection, with its timeouts.
-fn http1() -> hyper::server::conn::http1::Builder {
+pub(crate) fn http1() -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -786,7 +786,7 @@ fn http1() -> hyper::server::conn::http1::Builder {
     builder
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -46,6 +46,7 @@ mod rollback;
 pub mod secrets;
 pub mod sources;
 mod status;
+pub mod ui;
 
 pub use app::{MIGRATION_ROLE, RELEASE_LABEL, ROLE_LABEL, daemons_own};
 pub use clock::{Clock, SystemClock, TokioClock};

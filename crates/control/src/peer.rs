@@ -33,6 +33,12 @@ pub(crate) fn tcp_actor(client: IpAddr) -> String {
     format!("{TOKEN_PREFIX}{}", client.to_canonical())
 }
 
+/// The actor of an action taken on the dashboard, which proved it holds the token: a token
+/// actor as far as [`is_token`] goes.
+pub(crate) fn dashboard_actor(client: IpAddr) -> String {
+    format!("{} (dashboard)", tcp_actor(client))
+}
+
 const TOKEN_PREFIX: &str = "token@";
 
 /// Whether `actor` (made here) came over TCP with the token rather than from a user of this

@@ -27,9 +27,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", requires = "token_file")]
     pub api_listen: Option<SocketAddr>,
 
-    /// File holding the bearer token TCP clients must send
+    /// File holding the bearer token TCP clients must send (on --api-listen, and for the
+    /// dashboard's actions)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// Serve the dashboard on this TCP address (plain HTTP; keep it on loopback or behind a
+    /// TLS proxy): anyone reaching it may look, actions need the --token-file token
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<SocketAddr>,
+
+    /// A host name the dashboard may be reached by, besides its address and localhost
+    /// (requests naming another host are refused, against DNS rebinding); repeatable
+    #[arg(long, value_name = "NAME", requires = "ui_listen")]
+    pub ui_host: Vec<String>,
 
     /// The OCI runtime binary of the local provider
     #[arg(long, default_value = "runc", value_name = "BIN")]
@@ -269,7 +280,7 @@ impl Daemon {
         state: &Path,
         runtime: &str,
         router: RouterChoice,
-        tcp: Option<(SocketAddr, String)>,
+        listen: Listen,
         registry: Option<RegistryListen>,
         policy: kiln_control::PolicyConfig,
         accept_broken_ledger: bool,
@@ -359,7 +370,27 @@ impl Daemon {
             let stop = wait(stopped.clone());
             tasks.push(tokio::spawn(registry.serve(files, stop)));
         }
-        if let Some((addr, token)) = tcp {
+        if let Some(ui) = listen.ui {
+            let c = Arc::clone(&controller);
+            let stop = wait(stopped.clone());
+            let addr = ui.addr;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the dashboard on {addr}"))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the dashboard is served over plain HTTP off loopback: its token crosses the network in clear unless a TLS proxy fronts it");
+            }
+            let config = kiln_control::ui::UiConfig {
+                token: ui.token,
+                hosts: ui.hosts,
+            };
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = kiln_control::ui::serve_ui_on(listener, config, c, stop).await {
+                    tracing::error!(%addr, error = %e, "dashboard stopped");
+                }
+            }));
+        }
+        if let Some((addr, token)) = listen.api {
             let c = Arc::clone(&controller);
             let stop = wait(stopped.clone());
             // Bound here: a client started once the daemon is up finds it, and an address
@@ -557,9 +588,28 @@ pub(super) fn raise_open_file_limit() {
     }
 }
 
+/// The TCP listeners of a daemon: the API (address and token), the dashboard.
+#[derive(Default)]
+pub struct Listen {
+    /// `--api-listen` with the token.
+    pub api: Option<(SocketAddr, String)>,
+    /// `--ui-listen`.
+    pub ui: Option<UiListen>,
+}
+
+/// Where and how the dashboard is served.
+pub struct UiListen {
+    /// `--ui-listen`.
+    pub addr: SocketAddr,
+    /// The token its actions need; none makes it read-only.
+    pub token: Option<String>,
+    /// `--ui-host`.
+    pub hosts: Vec<String>,
+}
+
 pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let tcp = match (&args.api_listen, &args.token_file) {
-        (Some(addr), Some(file)) => {
+    let token = match &args.token_file {
+        Some(file) => {
             let token = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the token file {}", file.display()))?
                 .trim()
@@ -569,10 +619,19 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 "the token file {} is empty",
                 file.display()
             );
-            Some((*addr, token))
+            Some(token)
         }
-        _ => None,
+        None => None,
     };
+    let listen = Listen {
+        api: args.api_listen.zip(token.clone()),
+        ui: args.ui_listen.map(|addr| UiListen {
+            addr,
+            token: token.clone(),
+            hosts: args.ui_host.clone(),
+        }),
+    };
+    let ui_address = args.ui_listen;
     let policy = load_policy(args.policy.as_deref())?;
     let sources = match &args.sources {
         Some(file) => super::source::load_file(file)?,
@@ -589,7 +648,7 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 state,
                 &args.runtime,
                 args.router.choice(state)?,
-                tcp,
+                listen,
                 args.registry(),
                 policy,
                 args.accept_broken_ledger,
@@ -605,6 +664,16 @@ pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             apps.len(),
             if apps.len() == 1 { "" } else { "s" }
         ));
+        if let Some(addr) = ui_address {
+            out.say(&format!(
+                "dashboard: http://{addr}/ ({})",
+                if args.token_file.is_some() {
+                    "actions need the token of --token-file"
+                } else {
+                    "read-only: no --token-file"
+                }
+            ));
+        }
         match &daemon.registry {
             Some(e) if e.tls => out.say(&format!(
                 "registry: https://{} (images as {}/kiln/<app>@sha256:…); nodes trust its CA {} \

@@ -1052,7 +1052,7 @@ async fn connect_or_start(
         state,
         &args.runtime,
         args.router.choice(state)?,
-        None,
+        super::daemon::Listen::default(),
         None,
         kiln_control::PolicyConfig::default(),
         false,
