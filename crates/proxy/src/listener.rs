@@ -308,11 +308,13 @@ impl Listener {
             // when the connection ends is given a lingering close.
             let sent_body = Arc::new(AtomicBool::new(false));
             let stream = Socket::client(stream, Arc::clone(&sent_body));
+            // Only the access log asks (a reference count per connection otherwise).
+            let watch = shared.access_log.is_some().then(|| stream.watch());
             let client = Client {
                 peer,
                 shared,
                 sent_body,
-                watch: stream.watch(),
+                watch,
             };
             match tls {
                 None => serve_io(stream, client, builders, &closing).await,
@@ -334,8 +336,8 @@ struct Client {
     shared: Arc<Shared>,
     /// Set once a request with a body arrives (see [`Socket::client`]).
     sent_body: Arc<AtomicBool>,
-    /// Whether the client is still there, for the access log.
-    watch: ClientWatch,
+    /// Whether the client is still there, for the access log (when there is one).
+    watch: Option<ClientWatch>,
 }
 
 async fn serve_io<I>(io: I, client: Client, builders: Builders, closing: &Arc<Closing>)
@@ -383,7 +385,7 @@ where
                 id,
             };
             let mut response = forward::handle(shared, peer, req, &mut request.routed).await;
-            let (logged, id) = request.answered(response.status().as_u16(), watch);
+            let (logged, id) = request.answered(response.status().as_u16(), watch.as_ref());
             response
                 .headers_mut()
                 .insert(request_id::X_REQUEST_ID.clone(), id);
@@ -442,12 +444,15 @@ impl Unanswered<'_> {
     fn answered(
         mut self,
         status: u16,
-        watch: &ClientWatch,
+        watch: Option<&ClientWatch>,
     ) -> (Option<Box<access_log::Pending>>, hyper::header::HeaderValue) {
         let arrived = self.arrived.take();
         let logged = match (&self.shared.access_log, arrived) {
             (Some(log), Some(arrived)) => {
-                if arrived.http1 && arrived.at.elapsed() >= GAVE_UP_AFTER && watch.closed() {
+                if arrived.http1
+                    && arrived.at.elapsed() >= GAVE_UP_AFTER
+                    && watch.is_some_and(ClientWatch::closed)
+                {
                     drop(self.begin(log, CLIENT_CLOSED_REQUEST, &arrived));
                     None
                 } else if log.logs(status) {
