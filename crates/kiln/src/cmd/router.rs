@@ -2,6 +2,9 @@
 //! `<state>/router.sock`. `kiln serve` starts one when none runs; started while one runs, it
 //! takes that one's sockets and apps over and the old one exits without refusing a
 //! connection (how kiln's binary is upgraded under load).
+//!
+//! SIGINT or SIGTERM stops it (a second one at once); SIGHUP opens its access log's file anew,
+//! for logrotate's `postrotate` (`kill -HUP $(cat <state>/router.pid)`).
 
 use std::path::Path;
 use std::process::ExitCode;
