@@ -192,6 +192,15 @@ impl LocalPlane {
         }
     }
 
+    /// Opens the access log's file anew at its path (logrotate renamed it); nothing without
+    /// an access log or with one on standard output.
+    pub fn reopen_access_log(&self) -> Result<(), kiln_proxy::AccessLogError> {
+        match &self.access_log {
+            Some(log) => log.reopen(),
+            None => Ok(()),
+        }
+    }
+
     /// The apps served.
     pub async fn app_names(&self) -> Vec<String> {
         self.inner.lock().await.apps.keys().cloned().collect()

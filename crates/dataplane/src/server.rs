@@ -59,6 +59,9 @@ pub struct RouterConfig {
     pub workers: kiln_proxy::WorkersConfig,
     /// Its access log; none when `None`.
     pub access_log: Option<kiln_proxy::AccessLogConfig>,
+    /// Marked changed to open the access log's file anew (the process's SIGHUP, after
+    /// logrotate renamed it): lines from then on go to a file at the same path.
+    pub reopen_access_log: tokio::sync::watch::Receiver<()>,
 }
 
 struct Shared {
@@ -94,7 +97,7 @@ enum Exit {
 
 /// Runs the router until it is told to stop (`stop`, a `shutdown` request, a handover).
 pub async fn run(
-    cfg: RouterConfig,
+    mut cfg: RouterConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), PlaneError> {
     let path = socket(&cfg.state);
@@ -164,6 +167,12 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "router control accept failed"),
             },
             () = &mut stop => break Exit::Drain,
+            Ok(()) = cfg.reopen_access_log.changed() => {
+                match shared.plane.reopen_access_log() {
+                    Ok(()) => tracing::info!("access log reopened"),
+                    Err(e) => tracing::warn!(error = %e, "cannot reopen the access log: lines go on to the file it had"),
+                }
+            }
             _ = exiting.changed() => {
                 let why = *exiting.borrow();
                 if why != Exit::Running {

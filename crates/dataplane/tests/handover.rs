@@ -52,6 +52,8 @@ fn router(state: &Path) -> tokio::task::JoinHandle<()> {
         state: state.to_owned(),
         workers: kiln_proxy::WorkersConfig::new(1),
         access_log: None,
+        // Its sender dropped: never reopened.
+        reopen_access_log: tokio::sync::watch::channel(()).1,
     };
     tokio::spawn(async move {
         kiln_dataplane::run(cfg, std::future::pending())

@@ -204,3 +204,167 @@ fn a_sampling_rate_outside_0_to_1_or_without_a_log_is_a_usage_error() {
     }
     assert!(!state.exists(), "a usage error touched the state");
 }
+
+/// `GET /` (slow: the example waits before answering) with `id` as its request id, the
+/// connection closed by the client before the answer.
+fn give_up(addr: SocketAddr, id: &str) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: web\r\nX-Request-Id: {id}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.flush().unwrap();
+    drop(s);
+}
+
+#[test]
+fn a_request_the_client_gave_up_on_is_logged_with_499_even_when_sampled_away() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let log = dir.path().join("access.log");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // A sampling rate of 0: only what is always logged is.
+    let _daemon = Daemon::start_with(
+        &state,
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-sample",
+            "0",
+        ],
+    );
+    let spec = write_spec_with(
+        dir.path(),
+        port,
+        "HELLO_VERSION = \"v1\", HELLO_LATENCY_MS = \"1500\"",
+        1,
+        "[deploy]\nprogress_deadline = \"1m\"\n",
+    );
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    wait_until(&state, Duration::from_secs(30), |s| routed(s).len() == 1);
+
+    // Answered: sampled away.
+    let (answered, _) = request_id(addr, None);
+    let started = Instant::now();
+    give_up(addr, "gave-up-early");
+    let line = wait_for_lines(&log, &["gave-up-early"]).remove(0);
+    eprintln!(
+        "the 499 line came {:?} after the request",
+        started.elapsed()
+    );
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes"], 0, "{line}");
+    assert_eq!(line["app"], "web", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["path"], "/", "{line}");
+    assert!(
+        line["instance"]
+            .as_str()
+            .is_some_and(|i| i.parse::<SocketAddr>().is_ok()),
+        "{line}"
+    );
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
+    let all = lines(&log);
+    assert_eq!(all.len(), 1, "only the 499 is logged: {all:#?}");
+    assert!(all.iter().all(|l| l["request_id"] != answered.as_str()));
+}
+
+#[test]
+fn sighup_reopens_the_access_log_after_it_is_renamed_and_no_line_is_lost_or_doubled() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let log = dir.path().join("access.log");
+    let rotated = dir.path().join("access.log.1");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _daemon = Daemon::start_with(&state, &["--access-log", log.to_str().unwrap()]);
+    let spec = write_spec(dir.path(), port, "v1", 1);
+    let image = build(&state, &spec);
+    apply(&state, &spec, &image);
+    wait_until(&state, Duration::from_secs(30), |s| routed(s).len() == 1);
+    let router = router_pid(&state);
+
+    // A client sends requests one after another while the log is rotated under it.
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let client = {
+        let sending = std::sync::Arc::clone(&sending);
+        std::thread::spawn(move || {
+            let mut n = 0_u32;
+            while sending.load(std::sync::atomic::Ordering::Relaxed) || n < 20 {
+                let id = format!("during-{n}");
+                let (returned, _) = request_id(addr, Some(&id));
+                assert_eq!(returned, id);
+                n += 1;
+            }
+            n
+        })
+    };
+    // Some lines reach the file before the rename.
+    wait_for_lines(&log, &["during-0", "during-5"]);
+    std::fs::rename(&log, &rotated).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &router.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // The router opens a new file at the path.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log.exists() {
+        assert!(Instant::now() < deadline, "no new access log after SIGHUP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Requests after the reopen are logged in the new file.
+    let (after, _) = request_id(addr, Some("after-the-reopen"));
+    assert_eq!(after, "after-the-reopen");
+    wait_for_lines(&log, &["after-the-reopen"]);
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = client.join().unwrap();
+
+    // Every request of the client is in exactly one of the two files, once.
+    let ids: Vec<String> = (0..sent).map(|n| format!("during-{n}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (old, new) = loop {
+        let (old, new) = (lines(&rotated), lines(&log));
+        let seen = old.len() + new.len();
+        if seen > sent as usize || Instant::now() >= deadline {
+            break (old, new);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let count = |id: &str| {
+        old.iter()
+            .chain(&new)
+            .filter(|l| l["request_id"] == id)
+            .count()
+    };
+    for id in &ids {
+        assert_eq!(count(id), 1, "{id}: old {old:#?}\nnew {new:#?}");
+    }
+    assert_eq!(count("after-the-reopen"), 1);
+    assert!(new.iter().any(|l| l["request_id"] == "after-the-reopen"));
+    assert_eq!(old.len() + new.len(), ids.len() + 1);
+    assert!(
+        old.iter().any(|l| l["request_id"] == "during-0"),
+        "{old:#?}"
+    );
+    eprintln!(
+        "{sent} requests during the rotation: {} lines in the old file, {} in the new",
+        old.len(),
+        new.len()
+    );
+    // The signal reopened the log; it did not stop or replace the router.
+    assert_eq!(router_pid(&state), router);
+    assert!(!exited(router));
+}

@@ -295,3 +295,90 @@ fn canary_verdicts_and_outcomes_are_counted_once_as_the_ledger_records_them() {
     assert_eq!(events_of(&state, "rollout.aborted"), 1.0);
     assert_eq!(events_of(&state, "rollout.completed"), 1.0);
 }
+
+/// The value of the one sample named exactly `series`, 0 while it has none (a counter's
+/// labels appear with their first count).
+fn value_or_zero(text: &str, series: &str) -> f64 {
+    if text.lines().any(|l| l.starts_with(&format!("{series} "))) {
+        value(text, series)
+    } else {
+        0.0
+    }
+}
+
+/// One GET to the daemon's TCP API listener on `port`, with `auth` as the whole
+/// `Authorization` header when given: the status.
+fn tcp_status(port: u16, path: &str, auth: Option<&str>) -> u16 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = auth.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kiln\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out[9..12].parse().unwrap()
+}
+
+#[test]
+fn tcp_requests_refused_for_want_of_the_token_are_counted_as_401_by_route() {
+    if !runc_prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let port = free_port();
+    let _daemon = Daemon::start_with(
+        &state,
+        &[
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the TCP API did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    const APPS_401: &str = r#"kiln_api_requests_total{route="/v1/apps",status="401"}"#;
+    const APP_401: &str = r#"kiln_api_requests_total{route="/v1/apps/{app}",status="401"}"#;
+    const METRICS_401: &str = r#"kiln_api_requests_total{route="/metrics",status="401"}"#;
+    const OTHER_401: &str = r#"kiln_api_requests_total{route="other",status="401"}"#;
+    const APPS_200: &str = r#"kiln_api_requests_total{route="/v1/apps",status="200"}"#;
+    let before = scrape(&state);
+    for series in [APPS_401, APP_401, METRICS_401, OTHER_401, APPS_200] {
+        assert_eq!(value_or_zero(&before, series), 0.0, "{series}\n{before}");
+    }
+
+    // No token, a wrong one, a token not sent as a bearer: each refused and counted under
+    // its route's pattern (a path that is no operation as `other`), never its path.
+    assert_eq!(tcp_status(port, "/v1/apps", None), 401);
+    assert_eq!(tcp_status(port, "/v1/apps", Some("Bearer wrong")), 401);
+    assert_eq!(
+        tcp_status(port, "/v1/apps/secret-name", Some("s3cret-token")),
+        401
+    );
+    assert_eq!(tcp_status(port, "/metrics", None), 401);
+    assert_eq!(tcp_status(port, "/v1/made-up-by-a-scanner", None), 401);
+    // The token: served and counted as such.
+    assert_eq!(
+        tcp_status(port, "/v1/apps", Some("Bearer s3cret-token")),
+        200
+    );
+
+    let text = scrape(&state);
+    assert_eq!(value(&text, APPS_401), 2.0, "{text}");
+    assert_eq!(value(&text, APP_401), 1.0, "{text}");
+    assert_eq!(value(&text, METRICS_401), 1.0, "{text}");
+    assert_eq!(value(&text, OTHER_401), 1.0, "{text}");
+    assert_eq!(value(&text, APPS_200), 1.0, "{text}");
+    assert!(!text.contains("secret-name"), "{text}");
+    assert!(!text.contains("made-up-by-a-scanner"), "{text}");
+}

@@ -6,10 +6,23 @@
 //! (without the query, which may carry secrets), `status`, `bytes` (response body bytes sent
 //! to the client), `duration_ms` (from the request's arrival to its response's end),
 //! `request_id`, `client` (the peer's address). A response is logged when its body has been
-//! sent or dropped; a request the client gave up before its response head is not.
+//! sent or dropped.
 //!
-//! Sampling: a rate between 0 and 1 of responses is logged, drawn per response; a 5xx is
-//! always logged, so that failures are never sampled away.
+//! A request its client gave up on before its response head is logged with status 499 (nginx's
+//! "client closed request") and 0 bytes: at once when its future is dropped (an HTTP/2 stream
+//! reset, a connection gone); an HTTP/1.1 client's socket is not watched while its request
+//! waits (the listener's `half_close`: a probe per request costs), so a client that left is
+//! noticed when the answer is ready, by one peek at the socket for a request that waited at
+//! least 100 ms (`duration_ms` then runs to the answer). A quicker one is logged as answered,
+//! as is one whose client's last words were a TLS `close_notify`; and a client that shut down
+//! only its sending side after a slow request counts as gone, as nginx counts it.
+//!
+//! Sampling: a rate between 0 and 1 of responses is logged, drawn per response; a 5xx and a
+//! 499 are always logged, so that failures are never sampled away.
+//!
+//! Rotation: [`AccessLog::reopen`] (the router process calls it on SIGHUP, logrotate's
+//! `postrotate` convention) opens the file at its path anew. Lines taken before it go to the
+//! file it had (renamed, say), every line after to the new one: none is lost or written twice.
 //!
 //! **Hot path:** off, it costs a branch per request (and one per body frame). On, a logged
 //! response renders its line into its thread's own buffer (a mutex no other router thread
@@ -41,7 +54,7 @@ const MAX_BUFFERED: usize = 8 << 20;
 pub enum AccessLogTarget {
     /// The process's standard output.
     Stdout,
-    /// A file, created if missing and appended to.
+    /// A file, created if missing and appended to; opened anew by [`AccessLog::reopen`].
     File(PathBuf),
 }
 
@@ -159,16 +172,7 @@ impl AccessLog {
         let sampler = Sampler::new(config.sample)?;
         let out: Box<dyn Write + Send> = match &config.target {
             AccessLogTarget::Stdout => Box::new(std::io::stdout()),
-            AccessLogTarget::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| AccessLogError::Open {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
+            AccessLogTarget::File(path) => Box::new(open_file(path)?),
         };
         let sink = Arc::new(Sink {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -197,6 +201,24 @@ impl AccessLog {
     pub fn flush(&self) {
         let mut spare = Vec::new();
         write_out(&self.handle.sink, &mut spare, &mut false);
+    }
+
+    /// Opens the file at its path anew (after logrotate renamed it): the lines buffered until
+    /// now are written to the file the log had, every later one to the new file. Standard
+    /// output has nothing to reopen. On an error the log goes on writing to the file it had.
+    pub fn reopen(&self) -> Result<(), AccessLogError> {
+        let sink = &self.handle.sink;
+        let AccessLogTarget::File(path) = &sink.target else {
+            return Ok(());
+        };
+        // Held from the last write to the old file to the swap, and the new file made only
+        // after that write: a line is taken either before (the old file) or after (the new
+        // one), once, and every line rendered once the new file exists is written to it. The
+        // router's threads never take this lock.
+        let mut out = lock(&sink.out);
+        write_buffers(sink, &mut **out, &mut Vec::new(), &mut false);
+        *out = Box::new(open_file(path)?);
+        Ok(())
     }
 
     /// Whether a response with `status` is logged (drawn anew per call).
@@ -265,11 +287,28 @@ fn write_until_closed(sink: &Sink) {
     }
 }
 
+/// Opens `path` for appending, creating it if missing.
+fn open_file(path: &std::path::Path) -> Result<std::fs::File, AccessLogError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| AccessLogError::Open {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Takes every buffer's lines (swapped with `spare`, so no allocation in the steady state)
 /// and writes them. A failure is warned about once until a write succeeds again.
 fn write_out(sink: &Sink, spare: &mut Vec<u8>, failing: &mut bool) {
-    let buffers: Vec<Arc<Buffer>> = lock(&sink.buffers).clone();
     let mut out = lock(&sink.out);
+    write_buffers(sink, &mut **out, spare, failing);
+}
+
+/// [`write_out`] to `out`, which the caller holds locked.
+fn write_buffers(sink: &Sink, out: &mut dyn Write, spare: &mut Vec<u8>, failing: &mut bool) {
+    let buffers: Vec<Arc<Buffer>> = lock(&sink.buffers).clone();
     let mut dropped = 0;
     let mut result = Ok(());
     for buffer in buffers {
@@ -535,6 +574,57 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(value["app"], "shop");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reopen_writes_what_was_taken_to_the_old_file_and_every_later_line_to_the_new() {
+        let dir = std::env::temp_dir().join(format!("kiln-access-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let rotated = dir.join("access.log.1");
+        let _ = std::fs::remove_file(&path);
+        let log = AccessLog::open(&AccessLogConfig {
+            target: AccessLogTarget::File(path.clone()),
+            sample: 1.0,
+        })
+        .unwrap();
+        let line = |request_id: &'static str| {
+            drop(log.begin(
+                &Fields {
+                    request_id,
+                    ..fields()
+                },
+                Instant::now(),
+            ));
+        };
+        line("written");
+        log.flush();
+        std::fs::rename(&path, &rotated).unwrap();
+        // Still buffered when the log is reopened: it belongs to the old file.
+        line("buffered");
+        log.reopen().unwrap();
+        line("after");
+        drop(log);
+        let ids = |p: &std::path::Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["request_id"].as_str().unwrap().to_owned()
+                })
+                .collect()
+        };
+        assert_eq!(ids(&rotated), ["written", "buffered"]);
+        assert_eq!(ids(&path), ["after"]);
+        // Standard output has nothing to reopen.
+        let stdout = AccessLog::open(&AccessLogConfig {
+            target: AccessLogTarget::Stdout,
+            sample: 0.0,
+        })
+        .unwrap();
+        stdout.reopen().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -100,6 +100,11 @@ impl Socket {
         Socket::wrap(stream, OnDrop::Send, Some(sent_body))
     }
 
+    /// A watch on this client's connection for its requests (see [`ClientWatch`]).
+    pub(crate) fn watch(&self) -> ClientWatch {
+        ClientWatch(Arc::downgrade(&self.outbox))
+    }
+
     fn wrap(stream: TcpStream, on_drop: OnDrop, sent_body: Option<Arc<AtomicBool>>) -> Socket {
         let (read, write) = stream.into_split();
         Socket {
@@ -251,6 +256,34 @@ impl AsyncWrite for Socket {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.outbox.poll_shutdown(cx)
+    }
+}
+
+/// Whether a client is still there, asked by its requests while hyper holds its [`Socket`]
+/// ([`Socket::watch`]).
+#[derive(Clone)]
+pub(crate) struct ClientWatch(Weak<Outbox>);
+
+impl ClientWatch {
+    /// Whether the client closed its side of the connection, or the connection broke: one
+    /// non-blocking peek at the socket, which reads nothing. A client that shut down only its
+    /// sending side looks the same as one that went away.
+    pub(crate) fn closed(&self) -> bool {
+        let Some(outbox) = self.0.upgrade() else {
+            return true;
+        };
+        let out = outbox.lock();
+        if out.detached || out.error.is_some() {
+            return true;
+        }
+        let stream: &TcpStream = out.socket.as_ref();
+        let mut probe = [0_u8; 1];
+        match rustix::net::recv(stream, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            // The end of the stream; bytes waiting are the client's next request.
+            Ok((n, _)) => n == 0,
+            Err(rustix::io::Errno::WOULDBLOCK) => false,
+            Err(_) => true,
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::access_log;
 use crate::app::App;
-use crate::batch::Socket;
+use crate::batch::{ClientWatch, Socket};
 use crate::client_conn::{Activity, Builders, ChooseProtocol, ClientConnection, Tracked};
 use crate::closing::{Closing, Finish};
 use crate::config::{ListenerConfig, TlsFiles};
@@ -308,10 +308,13 @@ impl Listener {
             // when the connection ends is given a lingering close.
             let sent_body = Arc::new(AtomicBool::new(false));
             let stream = Socket::client(stream, Arc::clone(&sent_body));
+            // Only the access log asks (a reference count per connection otherwise).
+            let watch = shared.access_log.is_some().then(|| stream.watch());
             let client = Client {
                 peer,
                 shared,
                 sent_body,
+                watch,
             };
             match tls {
                 None => serve_io(stream, client, builders, &closing).await,
@@ -333,6 +336,8 @@ struct Client {
     shared: Arc<Shared>,
     /// Set once a request with a body arrives (see [`Socket::client`]).
     sent_body: Arc<AtomicBool>,
+    /// Whether the client is still there, for the access log (when there is one).
+    watch: Option<ClientWatch>,
 }
 
 async fn serve_io<I>(io: I, client: Client, builders: Builders, closing: &Arc<Closing>)
@@ -343,56 +348,44 @@ where
         peer,
         shared,
         sent_body,
+        watch,
     } = client;
     // The client's forwarding identity is worked out once for the connection's life.
     let addr = peer;
     let peer = Peer::new(peer, shared.scheme);
     let activity = Activity::new();
-    let client = Arc::new((shared, peer, Arc::clone(&activity), sent_body));
+    let client = Arc::new((shared, peer, Arc::clone(&activity), sent_body, watch));
     let service = service_fn(move |mut req: Request<Incoming>| {
         // Noted when the request arrives, not when its future first runs: HTTP/2 runs it as a
         // task of its own, later.
-        let (shared, _, activity, sent_body) = &*client;
+        let (shared, _, activity, sent_body, _) = &*client;
         let open = activity.start(req.version());
         if !hyper::body::Body::is_end_stream(req.body()) && !sent_body.load(Ordering::Relaxed) {
             sent_body.store(true, Ordering::Relaxed);
         }
         let id = request_id::ensure(req.headers_mut());
         // What the access log needs of the request, taken before it is forwarded.
-        let arrived = shared.access_log.is_some().then(|| {
-            (
-                std::time::Instant::now(),
-                req.method().clone(),
-                req.uri().clone(),
-            )
+        let arrived = shared.access_log.is_some().then(|| Arrived {
+            at: std::time::Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            http1: req.version() < hyper::Version::HTTP_2,
         });
         let client = Arc::clone(&client);
         async move {
-            let (shared, peer, _, _) = &*client;
-            let mut routed = Routed {
-                wanted: arrived.is_some(),
-                ..Routed::default()
+            let (shared, peer, _, _, watch) = &*client;
+            let mut request = Unanswered {
+                shared,
+                client: peer.addr(),
+                routed: Routed {
+                    wanted: arrived.is_some(),
+                    ..Routed::default()
+                },
+                arrived,
+                id,
             };
-            let mut response = forward::handle(shared, peer, req, &mut routed).await;
-            let logged = match (&shared.access_log, arrived) {
-                (Some(log), Some((at, method, uri))) if log.logs(response.status().as_u16()) => {
-                    let fields = access_log::Fields {
-                        app: routed
-                            .app
-                            .and_then(|i| shared.apps.get(i))
-                            .map(|a| a.name()),
-                        release: routed.release.as_deref(),
-                        instance: routed.instance,
-                        method: method.as_str(),
-                        path: uri.path(),
-                        status: response.status().as_u16(),
-                        request_id: id.to_str().unwrap_or_default(),
-                        client: peer.addr(),
-                    };
-                    Some(log.begin(&fields, at))
-                }
-                _ => None,
-            };
+            let mut response = forward::handle(shared, peer, req, &mut request.routed).await;
+            let (logged, id) = request.answered(response.status().as_u16(), watch.as_ref());
             response
                 .headers_mut()
                 .insert(request_id::X_REQUEST_ID.clone(), id);
@@ -411,6 +404,98 @@ where
     };
     if let Err(error) = closing.watch(connection).await {
         tracing::debug!(peer = %addr, %error, "client connection ended");
+    }
+}
+
+/// A logged HTTP/1.1 request that waited this long for its answer is looked at once before
+/// it (one peek at the client's socket): its client may have given up. A quicker one is not:
+/// the peek is a system call per response, the cost that `half_close` saves.
+const GAVE_UP_AFTER: Duration = Duration::from_millis(100);
+
+/// What the access log needs of a request, noted when it arrives.
+struct Arrived {
+    at: std::time::Instant,
+    method: hyper::Method,
+    uri: hyper::Uri,
+    http1: bool,
+}
+
+/// A request until its response head is given. Dropped before that (its client reset the
+/// HTTP/2 stream or the connection went, and hyper dropped the request's future), it is
+/// logged with status 499, nginx's "client closed request", and 0 bytes: always, like a 5xx,
+/// never sampled away.
+struct Unanswered<'a> {
+    shared: &'a Shared,
+    client: std::net::IpAddr,
+    routed: Routed,
+    /// `None` when the access log is off, or once answered.
+    arrived: Option<Arrived>,
+    id: hyper::header::HeaderValue,
+}
+
+/// nginx's status for a request its client gave up on before the answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Unanswered<'_> {
+    /// The response's head is given with `status`: its access log line to come (if it is
+    /// logged), and the request's id. An HTTP/1.1 client that left while a slow request waited
+    /// is noticed here (the router does not watch its socket meanwhile, see `half_close`) and
+    /// logged with 499 at once; its answer goes to a closed connection, as before.
+    fn answered(
+        mut self,
+        status: u16,
+        watch: Option<&ClientWatch>,
+    ) -> (Option<Box<access_log::Pending>>, hyper::header::HeaderValue) {
+        let arrived = self.arrived.take();
+        let logged = match (&self.shared.access_log, arrived) {
+            (Some(log), Some(arrived)) => {
+                if arrived.http1
+                    && arrived.at.elapsed() >= GAVE_UP_AFTER
+                    && watch.is_some_and(ClientWatch::closed)
+                {
+                    drop(self.begin(log, CLIENT_CLOSED_REQUEST, &arrived));
+                    None
+                } else if log.logs(status) {
+                    Some(self.begin(log, status, &arrived))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let id = std::mem::replace(&mut self.id, hyper::header::HeaderValue::from_static(""));
+        (logged, id)
+    }
+
+    fn begin(
+        &self,
+        log: &crate::AccessLog,
+        status: u16,
+        arrived: &Arrived,
+    ) -> Box<access_log::Pending> {
+        let routed = &self.routed;
+        let fields = access_log::Fields {
+            app: routed
+                .app
+                .and_then(|i| self.shared.apps.get(i))
+                .map(|a| a.name()),
+            release: routed.release.as_deref(),
+            instance: routed.instance,
+            method: arrived.method.as_str(),
+            path: arrived.uri.path(),
+            status,
+            request_id: self.id.to_str().unwrap_or_default(),
+            client: self.client,
+        };
+        log.begin(&fields, arrived.at)
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let (Some(log), Some(arrived)) = (&self.shared.access_log, self.arrived.take()) {
+            drop(self.begin(log, CLIENT_CLOSED_REQUEST, &arrived));
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Request ids and the access log on real sockets: the id an instance gets is the one the
-//! client gets back and the one logged; with a sampling rate of 0 only 5xx responses are.
+//! client gets back and the one logged; with a sampling rate of 0 only 5xx responses, and
+//! requests their clients gave up on (499), are.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -132,5 +133,73 @@ async fn sampled_at_zero_only_5xx_responses_are_logged() {
     assert_eq!(lines[0]["release"], "r9");
     assert!(lines[0]["instance"].is_null(), "{:?}", lines[0]);
     assert_eq!(lines[0]["status"], 502);
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+/// An instance that reads requests and never answers; counts the heads it got.
+async fn silent_backend() -> (std::net::SocketAddr, std::sync::Arc<tokio::sync::Notify>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got_head = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = std::sync::Arc::clone(&got_head);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let notify = std::sync::Arc::clone(&notify);
+            tokio::spawn(async move {
+                if common::read_head(&mut stream).await {
+                    notify.notify_one();
+                }
+                // Held open, unanswered, until the router closes it.
+                let mut rest = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest).await;
+            });
+        }
+    });
+    (addr, got_head)
+}
+
+#[tokio::test]
+async fn an_http2_stream_reset_before_its_answer_is_logged_at_once_with_499() {
+    let path = log_file("reset");
+    let log = AccessLog::open(&AccessLogConfig {
+        target: AccessLogTarget::File(path.clone()),
+        sample: 0.0,
+    })
+    .unwrap();
+    let (instance, got_head) = silent_backend().await;
+    let shop = App::new(app("shop"));
+    shop.set_route(&RouteTable::new(vec![RouteRelease::new("r1", 1, &[instance])]).unwrap());
+    let mut config = ListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.access_log = Some(log.clone());
+    let router = router_with(config, vec![shop]).await;
+    let tcp = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get("http://shop/wait")
+        .header("x-request-id", "reset-1")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = client.send_request(request, true).unwrap();
+    // The instance has the request: the router is waiting for its answer.
+    tokio::time::timeout(Duration::from_secs(10), got_head.notified())
+        .await
+        .unwrap();
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+
+    // The request would wait 30 s for its instance (the app's request timeout), longer than
+    // this waits: it is logged when its client gives up.
+    let lines = wait_for_line(&log, &path, "reset-1").await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["bytes"], 0, "{line}");
+    assert_eq!(line["app"], "shop", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["path"], "/wait", "{line}");
     std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }

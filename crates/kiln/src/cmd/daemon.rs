@@ -160,12 +160,14 @@ pub struct RouterArgs {
     pub router_pin: Option<bool>,
 
     /// Log each response the router sends as one JSON line, appended to FILE, or to the
-    /// router's standard output (its log) with `-` [default: no access log]
+    /// router's standard output (its log) with `-`; SIGHUP to the router process (its pid is
+    /// in `<state>/router.pid`) opens FILE anew after logrotate renamed it [default: no access
+    /// log]
     #[arg(long, value_name = "FILE|-")]
     pub access_log: Option<std::path::PathBuf>,
 
-    /// The share of responses the access log keeps, from 0 to 1; 5xx responses are always
-    /// logged [default: 1]
+    /// The share of responses the access log keeps, from 0 to 1; 5xx responses, and 499
+    /// (the client gave up before the answer), are always logged [default: 1]
     #[arg(long, value_name = "RATE", requires = "access_log", value_parser = sample_rate)]
     pub access_log_sample: Option<f64>,
 }
