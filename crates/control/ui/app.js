@@ -91,11 +91,17 @@ function appOf(name) {
   return ((S.state && S.state.apps) || []).find((a) => a.app === name);
 }
 
-function releaseColor(app, release) {
-  if (!app) return COLORS[4];
-  if (release === app.release && app.stable !== null && app.stable !== undefined && release !== app.stable) return COLORS[0];
-  if (release === app.stable || release === app.live) return COLORS[1];
-  return COLORS[(release % 3) + 2];
+// What a release is to its app now: the canary of a rollout (in progress or aborted), the
+// stable or live release, or an earlier one.
+function roleOf(a, r) {
+  if (!a) return 'previous';
+  if (r === a.release && r !== a.live && a.phase !== 'completed') return 'canary';
+  if (r === a.live || (a.phase === 'progressing' && r === a.stable)) return a.phase === 'progressing' ? 'stable' : 'live';
+  return 'previous';
+}
+
+function releaseColor(a, r) {
+  return { canary: COLORS[0], stable: COLORS[1], live: COLORS[1] }[roleOf(a, r)] || COLORS[4];
 }
 
 // ---- the token ----------------------------------------------------------------------------
@@ -362,7 +368,7 @@ function renderApp() {
   $('#reason').textContent = reason || '';
   $('#steps').replaceChildren(...steps.map((s, i) => el('li', {
     class: a.phase === 'progressing' && a.step === i + 1 ? 'current' : (a.step > i + 1 || a.phase === 'completed' ? 'done' : ''),
-  }, `${s.weight}%${s.pause_ms ? ` for ${age(s.pause_ms)}` : ' until promoted'}`)));
+  }, `${s.weight}%${s.pause_ms ? ` for ${age(s.pause_ms)}` : (i + 1 < steps.length ? ' until promoted' : '')}`)));
   if (!steps.length) $('#steps').replaceChildren(el('li', { class: 'muted', text: `${a.strategy}: no canary steps` }));
   renderInstances(a);
   renderActionsEnabled();
@@ -394,10 +400,9 @@ function renderCharts() {
   const a = appOf(S.app);
   const releases = Object.keys(S.series).map(Number).sort((x, y) => x - y);
   $('#legend').replaceChildren(...releases.map((r) => {
-    const role = a && r === a.release && a.stable && r !== a.stable ? 'canary' : (a && r === a.stable ? 'stable' : '');
     const sw = el('i', { class: 'swatch' });
     sw.style.background = releaseColor(a, r);
-    return el('span', {}, sw, `r${r}${role ? ` (${role})` : ''}`);
+    return el('span', { 'data-release': r }, sw, `r${r} (${roleOf(a, r)})`);
   }));
   drawChart('#chart-rps', releases, 1, (v) => v.toFixed(1));
   drawChart('#chart-errors', releases, 2, (v) => `${v.toFixed(1)}%`);

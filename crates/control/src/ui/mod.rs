@@ -155,6 +155,12 @@ impl Ui {
                 "/" | "/index.html" => return Ok(asset(INDEX_HTML, "text/html; charset=utf-8")),
                 "/ui/app.js" => return Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
                 "/ui/app.css" => return Ok(asset(APP_CSS, "text/css; charset=utf-8")),
+                // Browsers ask; there is none.
+                "/favicon.ico" => {
+                    let mut r = Response::new(UiBody::Full(Full::new(Bytes::new())));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    return Ok(r);
+                }
                 "/ui/session" => {
                     let authorized = self.authorized(&req);
                     return Ok(json_body(&json!({

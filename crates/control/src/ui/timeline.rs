@@ -13,12 +13,18 @@ use crate::error::Result;
 /// Events sent when the page asks for no number.
 pub(crate) const DEFAULT_EVENTS: usize = 200;
 
+/// The kind of a rollout document's entry, left out of the timeline.
+const ROLLOUT_STORED: &str = "rollout.stored";
+
 /// The most events one request gets.
 pub(crate) const MAX_EVENTS: usize = 2000;
 
-/// `app`'s last `limit` events and their verdicts.
+/// `app`'s last `limit` events but its rollout documents' (bookkeeping a rollout writes on
+/// each change of state), and their verdicts.
 pub(crate) fn of_app(c: &Controller, app: &str, limit: usize) -> Result<Value> {
-    let entries = c.events(Some(app), Some(limit))?;
+    let mut entries = c.events(Some(app), None)?;
+    entries.retain(|e| e.kind != ROLLOUT_STORED);
+    let entries = &entries[entries.len().saturating_sub(limit)..];
     let analyses: BTreeMap<u64, Value> = c
         .releases(app)?
         .into_iter()
@@ -33,7 +39,7 @@ pub(crate) fn of_app(c: &Controller, app: &str, limit: usize) -> Result<Value> {
             (r.number, analysis)
         })
         .collect();
-    Ok(render(&entries, &analyses))
+    Ok(render(entries, &analyses))
 }
 
 /// The pure part of [`of_app`].
