@@ -269,7 +269,7 @@ function renderReleasesSelect() {
   if (!select) return;
   const a = appOf(S.app);
   const current = select.value;
-  const options = S.releases.slice().reverse().filter((n) => !a || n !== a.live);
+  const options = S.releases.slice().reverse().filter((n) => !a || (n !== a.live && !(a.phase === 'progressing' && n === a.release)));
   select.replaceChildren(...options.map((n) => el('option', { value: n, text: `release ${n}` })));
   if (options.map(String).includes(current)) select.value = current;
 }
