@@ -482,9 +482,9 @@ function thresholdsText(t) {
   if (!t) return 'no [deploy.analysis]: judged by health only';
   const parts = [`max error rate ${pct(t.max_error_rate, 1)}`];
   if (t.max_p99_ms !== null && t.max_p99_ms !== undefined) {
-    parts.push(t.compare_to_stable ? `max p99 stable +${t.max_p99_ms} ms` : `max p99 ${t.max_p99_ms} ms`);
+    parts.push(`max p99 ${t.max_p99_ms} ms`);
   }
-  if (t.compare_to_stable) parts.push('compared with stable');
+  if (t.compare_to_stable) parts.push('and not clearly worse than stable');
   parts.push(`at least ${t.min_requests} requests`);
   return parts.join(', ');
 }

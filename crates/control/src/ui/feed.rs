@@ -125,7 +125,7 @@ async fn sample(feed: Arc<Feed>, c: Arc<Controller>) {
     let mut ticks = 0u32;
     loop {
         every.tick().await;
-        if ticks % VERIFY_EVERY == 0 {
+        if ticks.is_multiple_of(VERIFY_EVERY) {
             chain = verify(&c).await;
         }
         ticks = ticks.wrapping_add(1);
