@@ -403,51 +403,16 @@ fn dashboard_follows_a_canary_aborts_it_with_the_token_and_stays_light() {
     let listed: Vec<String> = serde_json::from_str(&body).unwrap();
     assert_eq!(listed.len(), APPS, "{listed:?}");
 
-    browser.goto("about:blank");
-    browser.clear_cache();
-    browser.goto(&format!("http://{ui}/"));
-    browser.wait_css("body[data-ready=\"1\"]", WAIT);
-    let measured = browser.execute(
-        "const nav = performance.getEntriesByType('navigation')[0]; \
-         const own = performance.getEntriesByType('resource') \
-           .filter(r => { const u = new URL(r.name); \
-             return u.origin === location.origin && /\\.(js|css)$/.test(u.pathname); }) \
-           .map(r => [new URL(r.name).pathname, r.decodedBodySize]); \
-         const linked = Array.from(document.querySelectorAll('script[src]')).map(s => s.src) \
-           .concat(Array.from(document.querySelectorAll('link[rel=stylesheet]')).map(l => l.href)) \
-           .map(u => new URL(u, location.href)) \
-           .filter(u => u.origin === location.origin).map(u => u.pathname); \
-         return { first_render_ms: window.kilnFirstRenderMs, html: nav.decodedBodySize, \
-                  own: own, linked: linked };",
-        &[],
-    );
-    let html = measured["html"].as_u64().unwrap();
-    let own: Vec<(String, u64)> = measured["own"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].as_u64().unwrap()))
-        .collect();
-    for path in measured["linked"].as_array().unwrap() {
-        let path = path.as_str().unwrap();
-        assert!(
-            own.iter().any(|(p, size)| p == path && *size > 0),
-            "{path} was not fetched and measured: {measured:#}"
-        );
-    }
-    assert!(html > 0, "{measured:#}");
-    let total = html + own.iter().map(|(_, size)| size).sum::<u64>();
-    let first_render = measured["first_render_ms"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("window.kilnFirstRenderMs is not a number: {measured:#}"));
+    let page = PageLoad::measure(&browser, &format!("http://{ui}/"));
+    let total = page.total();
     eprintln!(
         "dashboard with {APPS} apps and {events} ledger events: first view rendered \
-         {first_render:.0} ms after navigation; the page's own load is {total} bytes \
-         (HTML {html}, {own:?})"
+         {:.0} ms after navigation; the page's own load is {total} bytes (HTML {}, {:?})",
+        page.first_render_ms, page.html, page.assets
     );
     assert!(
         total < PAGE_BUDGET,
-        "the page's own HTML+JS+CSS is {total} bytes, over {PAGE_BUDGET}: {own:?}"
+        "the page's own HTML+JS+CSS is {total} bytes, over {PAGE_BUDGET}: {page:?}"
     );
 
     // The overview lists every app with its phase; a click opens the app.
@@ -477,6 +442,71 @@ fn dashboard_follows_a_canary_aborts_it_with_the_token_and_stays_light() {
     browser.wait_css("section#app[data-app=\"web\"]", WAIT);
     let hash = browser.execute("return location.hash", &[]);
     assert_eq!(hash, json!("#/apps/web"));
+}
+
+/// What a fresh load of the page weighed, as the browser measured it, and when it
+/// first rendered.
+#[derive(Debug)]
+struct PageLoad {
+    /// `window.kilnFirstRenderMs`: `performance.now()` when the first view was drawn.
+    first_render_ms: f64,
+    /// The document, decoded.
+    html: u64,
+    /// Each same-origin script and stylesheet fetched (its path), decoded.
+    assets: Vec<(String, u64)>,
+}
+
+impl PageLoad {
+    /// Navigates to `url` with an empty cache, waits for `body[data-ready="1"]` and reads
+    /// the navigation and resource timing entries; checks that every script and stylesheet
+    /// the page links to was measured, so that nothing escapes the sum.
+    fn measure(browser: &Browser, url: &str) -> PageLoad {
+        browser.goto("about:blank");
+        browser.clear_cache();
+        browser.goto(url);
+        browser.wait_css("body[data-ready=\"1\"]", WAIT);
+        let measured = browser.execute(
+            "const nav = performance.getEntriesByType('navigation')[0]; \
+             const assets = performance.getEntriesByType('resource') \
+               .filter(r => { const u = new URL(r.name); \
+                 return u.origin === location.origin && /\\.(js|css)$/.test(u.pathname); }) \
+               .map(r => [new URL(r.name).pathname, r.decodedBodySize]); \
+             const linked = Array.from(document.querySelectorAll('script[src]')).map(s => s.src) \
+               .concat(Array.from(document.querySelectorAll('link[rel=stylesheet]')) \
+                 .map(l => l.href)) \
+               .map(u => new URL(u, location.href)) \
+               .filter(u => u.origin === location.origin).map(u => u.pathname); \
+             return { first_render_ms: window.kilnFirstRenderMs, html: nav.decodedBodySize, \
+                      assets: assets, linked: linked };",
+            &[],
+        );
+        let page = PageLoad {
+            first_render_ms: measured["first_render_ms"].as_f64().unwrap_or_else(|| {
+                panic!("window.kilnFirstRenderMs is not a number: {measured:#}")
+            }),
+            html: measured["html"].as_u64().unwrap(),
+            assets: measured["assets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].as_u64().unwrap()))
+                .collect(),
+        };
+        assert!(page.html > 0, "{measured:#}");
+        for path in measured["linked"].as_array().unwrap() {
+            let path = path.as_str().unwrap();
+            assert!(
+                page.assets.iter().any(|(p, size)| p == path && *size > 0),
+                "{path} was not fetched and measured: {measured:#}"
+            );
+        }
+        page
+    }
+
+    /// HTML, scripts and stylesheets together.
+    fn total(&self) -> u64 {
+        self.html + self.assets.iter().map(|(_, size)| size).sum::<u64>()
+    }
 }
 
 /// `count` more apps of the example (`app01`…), one instance each and a slower health
@@ -620,29 +650,20 @@ fn webdriver_drives_a_static_page() {
     browser.wait_css("#done[data-action=\"abort\"]", WAIT);
 
     // A fresh load after emptying the cache measures every resource again.
-    browser.goto("about:blank");
-    browser.clear_cache();
-    browser.goto(&format!("http://{}/", server.addr));
-    browser.wait_css("body[data-ready=\"1\"]", WAIT);
-    let sizes = browser.execute(
-        "return [performance.getEntriesByType('navigation')[0].decodedBodySize] \
-           .concat(performance.getEntriesByType('resource') \
-             .filter(r => /\\.(js|css)$/.test(new URL(r.name).pathname)) \
-             .map(r => r.decodedBodySize)); ",
-        &[],
-    );
+    let page = PageLoad::measure(&browser, &format!("http://{}/", server.addr));
+    assert_eq!(page.html, StaticSite::HTML.len() as u64, "{page:?}");
     assert_eq!(
-        sizes,
-        json!([
-            StaticSite::HTML.len(),
-            StaticSite::CSS.len(),
-            StaticSite::JS.len()
-        ]),
-        "after a cleared cache"
+        page.assets,
+        [
+            ("/ui/app.css".to_owned(), StaticSite::CSS.len() as u64),
+            ("/ui/app.js".to_owned(), StaticSite::JS.len() as u64)
+        ],
     );
-    let first_render = browser.execute("return window.kilnFirstRenderMs", &[]);
-    assert!(first_render.as_f64().is_some(), "{first_render}");
-    eprintln!("static page: first render at {first_render} ms");
+    assert!(page.first_render_ms > 0.0, "{page:?}");
+    eprintln!(
+        "static page: first render at {:.1} ms",
+        page.first_render_ms
+    );
 
     let shot = tempfile::tempdir().unwrap();
     let png = shot.path().join("static.png");
