@@ -352,25 +352,40 @@ fn dashboard_follows_a_canary_aborts_it_with_the_token_and_stays_light() {
     let verdict = &judged["data"]["verdict"];
     assert_eq!(verdict["verdict"], "fail", "{judged:#}");
     let failed = browser.wait_css(".verdict[data-verdict=\"fail\"]", WAIT);
-    // Numbers may be grouped (12,345 or 12 345): compare digits only.
-    let digits: String = failed
-        .text
-        .chars()
-        .filter(|c| !matches!(c, ',' | ' ' | '\u{202f}' | '\u{a0}'))
-        .collect();
+    // Each side's requests, error rate (%) and p99 (ms), as the ledger has them.
     for side in ["canary", "stable"] {
-        let requests = verdict["metrics"][side]["requests"].as_u64().unwrap();
-        assert!(
-            digits.contains(&requests.to_string()),
-            "the verdict lacks the {side}'s {requests} requests: {}",
-            failed.text
-        );
+        let m = &verdict["metrics"][side];
+        let requests = m["requests"].as_u64().unwrap();
+        let rate = m["errors"].as_f64().unwrap() * 100.0 / requests as f64;
+        let p99 = m["p99_ms"].as_f64().unwrap();
+        for (what, value) in [
+            ("requests", requests as f64),
+            ("error rate", rate),
+            ("p99", p99),
+        ] {
+            assert!(
+                shows(&failed.text, value),
+                "the verdict lacks the {side}'s {what} ({value}): {}",
+                failed.text
+            );
+        }
     }
+    // The thresholds of CANARY: max_error_rate = "1%", max_p99 = "1s".
     let lower = failed.text.to_lowercase();
-    for part in ["error rate", "p99", "1%"] {
+    for (what, forms) in [
+        ("error rate", &["error rate"][..]),
+        ("p99", &["p99"][..]),
+        ("max error rate", &["1%", "1.0%", "1 %"][..]),
+        (
+            "max p99",
+            &[
+                "1s", "1 s", "1000ms", "1000 ms", "1,000 ms", "1.0s", "1.0 s",
+            ][..],
+        ),
+    ] {
         assert!(
-            lower.contains(part),
-            "the verdict lacks {part:?}: {}",
+            forms.iter().any(|f| has_number(&lower, f)),
+            "the verdict lacks its {what} (one of {forms:?}): {}",
             failed.text
         );
     }
@@ -442,6 +457,42 @@ fn dashboard_follows_a_canary_aborts_it_with_the_token_and_stays_light() {
     browser.wait_css("section#app[data-app=\"web\"]", WAIT);
     let hash = browser.execute("return location.hash", &[]);
     assert_eq!(hash, json!("#/apps/web"));
+}
+
+/// Whether `text` shows `value`, rounded to 0 to 3 decimals, its thousands perhaps grouped
+/// (`12,664`, `12 664`).
+fn shows(text: &str, value: f64) -> bool {
+    // Thousands separators go: a comma or space between a digit and three more that end.
+    let chars: Vec<char> = text.chars().collect();
+    let plain: String = chars
+        .iter()
+        .enumerate()
+        .filter(|&(i, c)| {
+            let grouping = matches!(c, ',' | ' ' | '\u{202f}' | '\u{a0}')
+                && i > 0
+                && chars[i - 1].is_ascii_digit()
+                && chars.len() > i + 3
+                && chars[i + 1..=i + 3].iter().all(char::is_ascii_digit)
+                && !chars.get(i + 4).is_some_and(char::is_ascii_digit);
+            !grouping
+        })
+        .map(|(_, c)| c)
+        .collect();
+    (0..=3).any(|decimals| {
+        let number = format!("{value:.decimals$}");
+        has_number(text, &number) || has_number(&plain, &number)
+    })
+}
+
+/// Whether `text` holds `number` as a whole number, not as the end of a longer one (`1%`
+/// is not in `21%` nor in `0.1%`) nor as the start of one (`12` is not in `123`).
+fn has_number(text: &str, number: &str) -> bool {
+    text.match_indices(number).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + number.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_digit() || c == '.')
+            && !after.is_some_and(|c| c.is_ascii_digit())
+    })
 }
 
 /// What a fresh load of the page weighed, as the browser measured it, and when it
@@ -593,6 +644,7 @@ fn webdriver_drives_a_static_page() {
     if !webdriver::prerequisites() {
         return;
     }
+    let _serial = serial();
     let server = StaticSite::start();
     let browser = Browser::start();
     browser.goto(&format!("http://{}/#/start", server.addr));
@@ -768,4 +820,25 @@ window.kilnFirstRenderMs = performance.now();
         });
         StaticSite { addr }
     }
+}
+
+/// The matching of the failed verdict's numbers: whole numbers, grouped or not, at any of
+/// the roundings a page might choose.
+#[test]
+fn verdict_numbers_are_matched_whole() {
+    let text = "step 1 (10%): fail — canary 1,407 requests, error rate 19.97%, p99 15.5 ms; \
+                stable 12 664 requests, error rate 0.0%, p99 9.8 ms (max error rate 1%, max p99 1 s)";
+    assert!(shows(text, 1407.0));
+    assert!(shows(text, 12664.0));
+    assert!(shows(text, 19.9716));
+    assert!(shows(text, 15.487));
+    assert!(shows(text, 9.791));
+    assert!(shows(text, 0.0));
+    assert!(!shows(text, 140.0));
+    assert!(!shows(text, 21.0));
+    assert!(has_number("max 1%", "1%"));
+    assert!(!has_number("rate 21%", "1%"));
+    assert!(!has_number("rate 20.1%", "1%"));
+    assert!(!has_number("123", "12"));
+    assert!(shows("p99 150 ms", 150.0));
 }
