@@ -390,7 +390,7 @@ fn dashboard_follows_a_canary_aborts_it_with_the_token_and_stays_light() {
         );
     }
     browser.execute(
-        "document.querySelector('.verdict[data-verdict=\"fail\"]').scrollIntoView()",
+        "document.querySelector('.verdict[data-verdict=\"fail\"]').scrollIntoView({block: 'center'})",
         &[],
     );
     let failed_png = shots.join("failed-canary.png");
