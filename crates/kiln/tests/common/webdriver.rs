@@ -125,19 +125,13 @@ pub struct WebDriverError {
     pub message: String,
 }
 
+/// The key of an element reference in WebDriver's JSON (the spec's "web element identifier").
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+
 /// A reference to an element of the current page.
 #[derive(Debug, Clone)]
 pub struct Element {
-    /// The W3C web element identifier key, as the driver sent it.
-    key: String,
     id: String,
-}
-
-impl Element {
-    /// The element as a script argument.
-    pub fn as_arg(&self) -> Value {
-        json!({ &self.key: &self.id })
-    }
 }
 
 /// What [`Browser::query`] returns for one matching element.
@@ -549,10 +543,9 @@ impl Browser {
 }
 
 fn element(v: &Value) -> Element {
-    let (key, id) = v.as_object().unwrap().iter().next().unwrap();
-    Element {
-        key: key.clone(),
-        id: id.as_str().unwrap().to_owned(),
+    match v[ELEMENT_KEY].as_str() {
+        Some(id) => Element { id: id.to_owned() },
+        None => panic!("not an element reference: {v}"),
     }
 }
 
