@@ -208,8 +208,8 @@ impl Browser {
         let (w, h) = WINDOW;
         let mut options = json!({
             "args": [
-                // Root in CI: Chromium's sandbox needs user namespaces it may not get.
                 "--headless=new",
+                // CI runs as root, where Chromium refuses to start sandboxed.
                 "--no-sandbox",
                 "--disable-gpu",
                 format!("--window-size={w},{h}"),
