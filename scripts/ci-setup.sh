@@ -16,7 +16,9 @@ export DEBIAN_FRONTEND=noninteractive
 # docker-registry (the CNCF distribution registry) and ca-certificates: tests/push.rs pushes
 # kiln's images to a real registry it runs itself; kiln's push verifies HTTPS against the bundle.
 # git: crates/git's tests make real repositories with it (kiln itself reads them with gix).
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git)
+# chromium and chromium-driver: crates/kiln/tests/dashboard.rs drives the dashboard in a real
+# headless Chromium through chromedriver (W3C WebDriver).
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -4,6 +4,7 @@
 
 pub mod distribution;
 pub mod swarm;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
