@@ -196,7 +196,7 @@ fn the_dashboard_reads_for_anyone_and_acts_only_with_the_token() {
     let mut saw_type = false;
     let state = loop {
         let line = lines.next().expect("the feed ended").unwrap();
-        saw_type |= line.to_ascii_lowercase() == "content-type: text/event-stream";
+        saw_type |= line.eq_ignore_ascii_case("content-type: text/event-stream");
         if let Some(data) = line.strip_prefix("data: ") {
             break serde_json::from_str::<Value>(data).unwrap();
         }
