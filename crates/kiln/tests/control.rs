@@ -791,6 +791,11 @@ impl Up {
 
     /// With `edit` applied to the spec's text.
     fn spawn_with(port: u16, edit: impl Fn(String) -> String) -> Self {
+        Self::spawn_full(port, edit, &[])
+    }
+
+    /// With `edit` applied to the spec's text and `args` after `up -f SPEC`.
+    fn spawn_full(port: u16, edit: impl Fn(String) -> String, args: &[&str]) -> Self {
         use std::io::{BufRead, BufReader};
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -806,6 +811,7 @@ impl Up {
             .arg(&state)
             .args(["up", "-f"])
             .arg(&spec)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -874,13 +880,29 @@ fn up_builds_tests_rolls_out_and_ctrl_c_stops_everything() {
     }
     let _serial = serial();
     let port = free_port();
-    let mut up = Up::spawn(port);
+    // With the dashboard, read-only (no token file).
+    let ui = free_port();
+    let ui_listen = format!("127.0.0.1:{ui}");
+    let mut up = Up::spawn_full(port, |spec| spec, &["--ui-listen", &ui_listen]);
     up.wait_for("is up on http://");
     assert!(
         up.seen.iter().any(|l| l.contains("==> testing")),
         "{:#?}",
         up.seen
     );
+    assert!(
+        up.seen
+            .iter()
+            .any(|l| l.contains(&format!("==> dashboard: http://{ui_listen}/"))),
+        "{:#?}",
+        up.seen
+    );
+    let session = raw_get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], ui)),
+        &ui_listen,
+        "/ui/session",
+    );
+    assert!(session.contains(r#""actions":false"#), "{session}");
     let body = {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

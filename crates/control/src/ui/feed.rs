@@ -25,8 +25,9 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(5);
 /// How many points a release's series keeps: five minutes.
 const KEEP: usize = 300;
 
-/// How often the ledger's chain is verified for the dashboard.
-const VERIFY_EVERY: u32 = 5;
+/// How often (in samples) the ledger's chain is verified for the dashboard when its head has
+/// not moved; a head that moved is verified at the next sample.
+const VERIFY_EVERY: u32 = 30;
 
 /// One measurement of one release.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -122,20 +123,27 @@ async fn sample(feed: Arc<Feed>, c: Arc<Controller>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut chain = Value::Null;
+    let mut verified_at = None;
     let mut ticks = 0u32;
     loop {
         every.tick().await;
-        if ticks.is_multiple_of(VERIFY_EVERY) {
-            chain = verify(&c).await;
+        let head = c
+            .events(None, Some(1))
+            .ok()
+            .and_then(|e| e.last().map(|e| e.seq))
+            .unwrap_or(0);
+        if verified_at != Some(head) || ticks.is_multiple_of(VERIFY_EVERY) {
+            chain = verify(&c);
+            verified_at = Some(head);
         }
         ticks = ticks.wrapping_add(1);
-        let state = take(&feed, &c, &chain).await;
+        let state = take(&feed, &c, &chain, head).await;
         feed.latest
             .send_replace(Bytes::from(serde_json::to_vec(&state).unwrap_or_default()));
     }
 }
 
-async fn take(feed: &Feed, c: &Controller, chain: &Value) -> Value {
+async fn take(feed: &Feed, c: &Controller, chain: &Value, head: u64) -> Value {
     let now = c.exec.clock.now_ms();
     let names = c.app_names().await;
     let mut apps = Vec::with_capacity(names.len());
@@ -180,11 +188,6 @@ async fn take(feed: &Feed, c: &Controller, chain: &Value) -> Value {
         apps.push(brief(&status));
     }
     feed.forget(&names.iter().cloned().collect(), now);
-    let head = c
-        .events(None, Some(1))
-        .ok()
-        .and_then(|e| e.last().map(|e| e.seq))
-        .unwrap_or(0);
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "at_ms": now,
@@ -213,7 +216,7 @@ fn brief(status: &crate::dto::AppStatus) -> Value {
 }
 
 /// The ledger's verification, in short: ok or what broke where.
-async fn verify(c: &Controller) -> Value {
+fn verify(c: &Controller) -> Value {
     let result = c.verify();
     match result {
         Ok(Ok(r)) => json!({

@@ -609,22 +609,22 @@ pub struct UiListen {
     pub hosts: Vec<String>,
 }
 
+/// The bearer token in `file` (`--token-file`), trimmed; an empty one is an error.
+pub fn read_token(file: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the token file {}", file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        file.display()
+    );
+    Ok(token)
+}
+
 pub fn serve(args: &ServeArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
-    let token = match &args.token_file {
-        Some(file) => {
-            let token = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the token file {}", file.display()))?
-                .trim()
-                .to_owned();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "the token file {} is empty",
-                file.display()
-            );
-            Some(token)
-        }
-        None => None,
-    };
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
     let listen = Listen {
         api: args.api_listen.zip(token.clone()),
         ui: args.ui_listen.map(|addr| UiListen {

@@ -54,6 +54,14 @@ pub struct UpArgs {
     /// The OCI runtime binary (when `up` starts the daemon)
     #[arg(long, default_value = "runc", value_name = "BIN")]
     pub runtime: String,
+    /// Serve the dashboard on this TCP address (when `up` starts the daemon), as `kiln serve
+    /// --ui-listen` does
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token the dashboard's actions need; without it the dashboard
+    /// is read-only
+    #[arg(long, value_name = "FILE", requires = "ui_listen")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub router: super::daemon::RouterArgs,
 }
@@ -1041,6 +1049,11 @@ async fn connect_or_start(
 ) -> anyhow::Result<Option<Daemon>> {
     if c.alive().await {
         out.say(&format!("==> using the kiln daemon on {}", c.describe()));
+        if args.ui_listen.is_some() {
+            out.say(
+                "==> --ui-listen is left to that daemon: start it with `kiln serve --ui-listen`",
+            );
+        }
         return Ok(None);
     }
     // A daemon elsewhere is never started from here: say why it cannot be reached.
@@ -1052,12 +1065,29 @@ async fn connect_or_start(
         state,
         &args.runtime,
         args.router.choice(state)?,
-        super::daemon::Listen::default(),
+        super::daemon::Listen {
+            api: None,
+            ui: match args.ui_listen {
+                Some(addr) => Some(super::daemon::UiListen {
+                    addr,
+                    token: args
+                        .token_file
+                        .as_deref()
+                        .map(super::daemon::read_token)
+                        .transpose()?,
+                    hosts: Vec::new(),
+                }),
+                None => None,
+            },
+        },
         None,
         kiln_control::PolicyConfig::default(),
         false,
     )
     .await?;
+    if let Some(addr) = args.ui_listen {
+        out.say(&format!("==> dashboard: http://{addr}/"));
+    }
     Ok(Some(daemon))
 }
 
