@@ -816,6 +816,17 @@ pub struct AnalysisConfig {
     pub on_inconclusive: OnInconclusiveName,
 }
 
+/// How a canary release without `[deploy.analysis]` is judged.
+pub(crate) fn default_analysis() -> AnalysisConfig {
+    AnalysisConfig {
+        max_error_rate: 0.01,
+        max_p99_ms: None,
+        min_requests: 50,
+        compare_to_stable: true,
+        on_inconclusive: OnInconclusiveName::Pause,
+    }
+}
+
 /// `[deploy.migrate]` as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1086,23 +1097,16 @@ impl ReleaseConfig {
                         pause: s.pause_ms.map(dur),
                     })
                     .collect(),
-                analysis: d
-                    .analysis
-                    .as_ref()
-                    .map(|a| Analysis {
+                analysis: {
+                    let a = d.analysis.clone().unwrap_or_else(default_analysis);
+                    Analysis {
                         max_error_rate: a.max_error_rate,
                         max_p99: a.max_p99_ms.map(dur),
                         min_requests: a.min_requests,
                         compare_to_stable: a.compare_to_stable,
                         on_inconclusive: a.on_inconclusive.into(),
-                    })
-                    .unwrap_or(Analysis {
-                        max_error_rate: 0.01,
-                        max_p99: None,
-                        min_requests: 50,
-                        compare_to_stable: true,
-                        on_inconclusive: OnInconclusive::Pause,
-                    }),
+                    }
+                },
                 scale_stable: d.scale_stable,
             },
         };

@@ -12,6 +12,8 @@ const S = {
   series: {},           // release -> [[at_ms, rps, error %, p99 ms], ...] of S.app
   timeline: null,       // {events, verdicts} of S.app
   timelineHead: -1,     // the ledger head the timeline was read at
+  timelineNext: 0,      // no timeline read before this time (ms)
+  timelineAsked: 0,     // timeline reads asked, so a late answer is known
   releases: [],         // release numbers of S.app
   rendered: false,
   view: null,           // what #view holds: 'overview' or 'app:NAME'
@@ -127,8 +129,14 @@ async function checkSession() {
 function setupToken() {
   $('#token-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
-    S.token = $('#token').value.trim();
+    const token = $('#token').value.trim();
     $('#token').value = '';
+    // What a header cannot carry would make every request of the page fail.
+    if (token && !/^[\x21-\x7e]+$/.test(token)) {
+      $('#auth-state').textContent = 'a token is printable ASCII without spaces';
+      return;
+    }
+    S.token = token;
     if (S.token) sessionStorage.setItem('kiln-token', S.token);
     else sessionStorage.removeItem('kiln-token');
     await checkSession();
@@ -144,7 +152,12 @@ function setupToken() {
 
 function route() {
   const m = /^#\/apps\/([^/]+)$/.exec(location.hash);
-  const app = m ? decodeURIComponent(m[1]) : null;
+  let app = null;
+  try {
+    app = m ? decodeURIComponent(m[1]) : null;
+  } catch (e) {
+    app = null;
+  }
   const view = app ? `app:${app}` : 'overview';
   if (view !== S.view) {
     S.view = view;
@@ -178,7 +191,8 @@ function renderOverview() {
   if (!box) return;
   const apps = S.state.apps || [];
   if (apps.length === 0) {
-    box.replaceChildren(el('p', { class: 'muted', text: 'No apps yet: `kiln apply` one.' }));
+    const text = S.state.starting ? 'The daemon is taking its first look…' : 'No apps yet: `kiln apply` one.';
+    box.replaceChildren(el('p', { class: 'muted', text }));
     return;
   }
   box.replaceChildren(...apps.map((a) => {
@@ -347,9 +361,14 @@ function renderApp() {
   const section = $('#app');
   if (!section) return;
   if (!a) {
+    if (S.state.starting) return;
     $('#phase').textContent = 'gone';
+    $('#step').textContent = '-';
+    $('#weights').replaceChildren();
     $('#reason').hidden = false;
     $('#reason').textContent = `No app named ${S.app} is running.`;
+    $('#instances tbody').replaceChildren();
+    for (const b of document.querySelectorAll('button[data-action]')) b.disabled = true;
     return;
   }
   $('#phase').textContent = a.phase;
@@ -376,11 +395,16 @@ function renderApp() {
   for (const [r, p] of Object.entries(points)) {
     const list = S.series[r] || (S.series[r] = []);
     if (!list.length || list[list.length - 1][0] < p[0]) list.push(p);
-    if (list.length > 300) list.shift();
+  }
+  // Five minutes, as the daemon keeps: a release gone that long leaves the charts.
+  const horizon = (S.state.at_ms || Date.now()) - 300000;
+  for (const r of Object.keys(S.series)) {
+    S.series[r] = S.series[r].filter((p) => p[0] >= horizon);
+    if (!S.series[r].length) delete S.series[r];
   }
   $('#window').textContent = `(each point: the last ${S.state.window_s || 5} s)`;
   renderCharts();
-  if (S.state.head !== S.timelineHead) loadTimeline(S.app, S.state.head);
+  if (S.state.head !== S.timelineHead && Date.now() >= S.timelineNext) loadTimeline(S.app, S.state.head);
 }
 
 function renderInstances(a) {
@@ -459,28 +483,29 @@ function drawChart(sel, releases, column, fmt) {
 }
 
 async function loadTimeline(app, head) {
+  // At most one read in flight and one every 2 s; an answer older than the last is dropped.
   S.timelineHead = head;
+  S.timelineNext = Date.now() + 2000;
+  const asked = ++S.timelineAsked;
   try {
-    const [t, releases] = await Promise.all([
-      getJSON(`/ui/events?app=${encodeURIComponent(app)}&limit=200`),
-      getJSON(`/v1/apps/${encodeURIComponent(app)}/releases`),
-    ]);
-    if (S.app !== app) return;
+    const t = await getJSON(`/ui/events?app=${encodeURIComponent(app)}&limit=200`);
+    if (S.app !== app || asked !== S.timelineAsked) return;
     S.timeline = t;
-    S.releases = releases.map((r) => r.number);
+    S.releases = t.releases || [];
     renderTimeline();
     renderReleasesSelect();
     renderActionsEnabled();
   } catch (e) {
     S.timelineHead = -1;
+    S.timelineNext = Date.now() + 5000;
     const v = $('#verdicts');
     if (v) v.replaceChildren(el('p', { class: 'error', text: `cannot read the ledger: ${e.message}` }));
   }
 }
 
 function thresholdsText(t) {
-  if (!t) return 'no [deploy.analysis]: judged by health only';
-  const parts = [`max error rate ${pct(t.max_error_rate, 1)}`];
+  if (!t) return 'unknown: the release that was judged is not in the timeline';
+  const parts = [`${t.default ? 'defaults (no [deploy.analysis]): ' : ''}max error rate ${pct(t.max_error_rate, 1)}`];
   if (t.max_p99_ms !== null && t.max_p99_ms !== undefined) {
     parts.push(`max p99 ${t.max_p99_ms} ms`);
   }
@@ -527,6 +552,9 @@ function renderChain() {
 function render() {
   if (!S.state) return;
   renderChain();
+  // A view an error replaced is built again once there is a state to show.
+  if (S.app && !$('#app')) openApp(S.app);
+  if (!S.app && !$('#apps')) buildOverview();
   if (S.app) renderApp();
   else renderOverview();
   if (!S.rendered) {
@@ -552,6 +580,9 @@ function connect() {
   feed.addEventListener('error', () => {
     conn.dataset.state = 'lost';
     conn.textContent = 'reconnecting…';
+    // A browser gives up on a feed answered with an error (the daemon full, or restarting):
+    // try again a little later.
+    if (feed.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
   });
 }
 
@@ -559,12 +590,14 @@ async function start() {
   setupToken();
   window.addEventListener('hashchange', route);
   const session = checkSession();
+  let failed = null;
   try {
     S.state = await getJSON('/ui/state');
   } catch (e) {
-    $('#view').replaceChildren(el('p', { class: 'error', text: `cannot read the daemon's state: ${e.message}` }));
+    failed = e.message;
   }
   route();
+  if (failed) $('#view').replaceChildren(el('p', { class: 'error', text: `cannot read the daemon's state: ${failed}` }));
   connect();
   await session;
 }

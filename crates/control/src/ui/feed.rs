@@ -25,9 +25,14 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(5);
 /// How many points a release's series keeps: five minutes.
 const KEEP: usize = 300;
 
-/// How often (in samples) the ledger's chain is verified for the dashboard when its head has
-/// not moved; a head that moved is verified at the next sample.
-const VERIFY_EVERY: u32 = 30;
+/// How often (in seconds) the ledger's chain is verified for the dashboard: when its head
+/// moved, at most every [`VERIFY_MOVED`]; else every [`VERIFY_EVERY`]. A walk of the whole
+/// chain, on a blocking thread.
+const VERIFY_MOVED: u32 = 10;
+const VERIFY_EVERY: u32 = 60;
+
+/// With no page watching, one sample in this many seconds.
+const IDLE_EVERY: u32 = 10;
 
 /// One measurement of one release.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,25 +123,38 @@ impl Feed {
     }
 }
 
-/// The sampler: takes the state every [`SAMPLE_EVERY`].
+/// The sampler: takes the state every [`SAMPLE_EVERY`] while a page watches the feed, every
+/// [`IDLE_EVERY`] samples otherwise (so a page opening finds a recent state and history).
 async fn sample(feed: Arc<Feed>, c: Arc<Controller>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut chain = Value::Null;
-    let mut verified_at = None;
+    let mut verified: Option<(u64, u32)> = None;
     let mut ticks = 0u32;
+    let mut idle = 0u32;
     loop {
         every.tick().await;
-        let head = c
-            .events(None, Some(1))
-            .ok()
-            .and_then(|e| e.last().map(|e| e.seq))
-            .unwrap_or(0);
-        if verified_at != Some(head) || ticks.is_multiple_of(VERIFY_EVERY) {
-            chain = verify(&c);
-            verified_at = Some(head);
-        }
         ticks = ticks.wrapping_add(1);
+        if feed.latest.receiver_count() == 0 && idle > 0 && idle < IDLE_EVERY {
+            idle += 1;
+            continue;
+        }
+        idle = 1;
+        let head = c.exec.ledger().head().map_or(0, |(seq, _)| seq);
+        let due = match verified {
+            None => true,
+            Some((at, when)) => {
+                let since = ticks.wrapping_sub(when);
+                (at != head && since >= VERIFY_MOVED) || since >= VERIFY_EVERY
+            }
+        };
+        if due {
+            let ledger = Arc::clone(&c);
+            chain = tokio::task::spawn_blocking(move || verify(&ledger))
+                .await
+                .unwrap_or(Value::Null);
+            verified = Some((head, ticks));
+        }
         let state = take(&feed, &c, &chain, head).await;
         feed.latest
             .send_replace(Bytes::from(serde_json::to_vec(&state).unwrap_or_default()));
@@ -200,9 +218,17 @@ async fn take(feed: &Feed, c: &Controller, chain: &Value, head: u64) -> Value {
 }
 
 /// An app's status as the dashboard shows it: all of it but the release's configuration,
-/// of which it keeps `[deploy]` (the steps and the analysis' thresholds).
+/// of which it keeps `[deploy]` (the steps and the analysis' thresholds), and its source's
+/// last build or test output, which anyone reaching the dashboard would read.
 fn brief(status: &crate::dto::AppStatus) -> Value {
     let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
+    if let Some(last) = v
+        .get_mut("source")
+        .and_then(|s| s.get_mut("last"))
+        .and_then(Value::as_object_mut)
+    {
+        last.remove("output");
+    }
     if let Some(o) = v.as_object_mut() {
         let deploy = o
             .get("config")

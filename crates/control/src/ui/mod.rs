@@ -46,12 +46,13 @@ pub const READS: &[&str] = &[
     "/v1/apps/{app}",
     "/v1/apps/{app}/releases",
     "/v1/apps/{app}/instances",
-    "/v1/events",
-    "/v1/verify",
 ];
 
 /// The most feeds (server-sent event streams) served at once.
 const MAX_FEEDS: usize = 64;
+
+/// How long a feed may wait for its client to take an event before it is ended.
+const FEED_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 const INDEX_HTML: &str = include_str!("../../ui/index.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
@@ -83,6 +84,8 @@ pub async fn serve_ui_on(
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (feed, sampler) = Feed::start(Arc::clone(&c));
+    // The sampler stops with the listener, however this future ends.
+    let _sampler = AbortOnDrop(sampler);
     let ui = Arc::new(Ui {
         c,
         feed,
@@ -91,9 +94,9 @@ pub async fn serve_ui_on(
         feeds: Arc::new(tokio::sync::Semaphore::new(MAX_FEEDS)),
     });
     tokio::pin!(stop);
-    let result = loop {
+    loop {
         tokio::select! {
-            () = &mut stop => break Ok(()),
+            () = &mut stop => return Ok(()),
             accepted = listener.accept() => {
                 let Ok((stream, client)) = accepted else { continue };
                 let ui = Arc::clone(&ui);
@@ -108,9 +111,15 @@ pub async fn serve_ui_on(
                 });
             }
         }
-    };
-    sampler.abort();
-    result
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Ui {
@@ -182,7 +191,8 @@ impl Ui {
                         .and_then(|l| l.parse().ok())
                         .unwrap_or(timeline::DEFAULT_EVENTS)
                         .min(timeline::MAX_EVENTS);
-                    let body = timeline::of_app(&self.c, &app, limit).map_err(|e| {
+                    let detailed = self.authorized(&req);
+                    let body = timeline::of_app(&self.c, &app, limit, detailed).map_err(|e| {
                         let e = crate::api::ApiError::from(e);
                         (e.status, e.message)
                     })?;
@@ -252,7 +262,10 @@ impl Ui {
             let _permit = permit;
             loop {
                 let state = states.borrow_and_update().clone();
-                if tx.send(feed::sse_event("state", &state)).await.is_err() {
+                // A client that stopped reading gives its place back.
+                let sent =
+                    tokio::time::timeout(FEED_STALL, tx.send(feed::sse_event("state", &state)));
+                if !matches!(sent.await, Ok(Ok(()))) {
                     return;
                 }
                 tokio::select! {
@@ -268,6 +281,8 @@ impl Ui {
             HeaderValue::from_static("text/event-stream"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // nginx in front would otherwise hold the events back.
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         Ok(r)
     }
 }
@@ -302,9 +317,16 @@ fn check_host(host: Option<&HeaderValue>, hosts: &[String]) -> Result<(), (Statu
 
 fn host_allowed(host: &str, hosts: &[String]) -> bool {
     let name = strip_port(host);
-    if name.is_empty() {
+    let port = &host[name.len()..];
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if name.is_empty() || !port_ok {
         return false;
     }
+    // A fully qualified name may end with a dot.
+    let name = name.strip_suffix('.').unwrap_or(name);
     let bare = name.trim_start_matches('[').trim_end_matches(']');
     bare.parse::<IpAddr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
@@ -460,6 +482,7 @@ mod tests {
         }
         let named = ["kiln.internal".to_owned()];
         assert!(host_allowed("kiln.internal:7070", &named));
+        assert!(host_allowed("kiln.internal.", &named));
         assert!(!host_allowed("other.internal:7070", &named));
     }
 

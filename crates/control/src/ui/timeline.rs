@@ -20,62 +20,89 @@ const ROLLOUT_STORED: &str = "rollout.stored";
 pub(crate) const MAX_EVENTS: usize = 2000;
 
 /// `app`'s last `limit` events but its rollout documents' (bookkeeping a rollout writes on
-/// each change of state), and their verdicts.
-pub(crate) fn of_app(c: &Controller, app: &str, limit: usize) -> Result<Value> {
+/// each change of state), their verdicts, and the numbers of its releases. For a reader
+/// without the token (`detailed` false), an event that carries a program's output, an error
+/// or a command line says only what it is.
+pub(crate) fn of_app(c: &Controller, app: &str, limit: usize, detailed: bool) -> Result<Value> {
     let mut entries = c.events(Some(app), None)?;
     entries.retain(|e| e.kind != ROLLOUT_STORED);
-    let entries = &entries[entries.len().saturating_sub(limit)..];
+    let mut numbers = Vec::new();
     let analyses: BTreeMap<u64, Value> = c
         .releases(app)?
         .into_iter()
         .map(|r| {
-            let analysis = r
-                .body
-                .config
-                .get("deploy")
-                .and_then(|d| d.get("analysis"))
-                .cloned()
-                .unwrap_or(Value::Null);
-            (r.number, analysis)
+            numbers.push(r.number);
+            (r.number, thresholds(&r.body.config))
         })
         .collect();
-    Ok(render(entries, &analyses))
+    let mut out = render(&entries, &analyses, limit, detailed);
+    out["releases"] = json!(numbers);
+    Ok(out)
 }
 
-/// The pure part of [`of_app`].
-fn render(entries: &[kiln_ledger::Entry], analyses: &BTreeMap<u64, Value>) -> Value {
-    let mut events = Vec::with_capacity(entries.len());
-    let mut verdicts = Vec::new();
-    // The release a step belongs to: the last rollout started before it.
-    let mut rolling: Option<u64> = None;
-    for e in entries {
-        let event = e.event().ok();
-        let text = event
-            .as_ref()
-            .map_or_else(|| e.kind.clone(), ToString::to_string);
-        match &event {
-            Some(kiln_ledger::Event::RolloutStarted { release, .. }) => rolling = Some(*release),
-            Some(kiln_ledger::Event::StepJudged {
-                step,
-                weight,
-                verdict,
-            }) => {
-                let m = &verdict.metrics;
-                verdicts.push(json!({
-                    "seq": e.seq,
-                    "at_ms": e.at_ms,
-                    "release": rolling,
-                    "step": step,
-                    "weight": weight,
-                    "verdict": verdict.verdict,
-                    "reason": verdict.reason,
-                    "canary": measurement(&m.canary),
-                    "stable": measurement(&m.stable),
-                    "thresholds": rolling.and_then(|r| analyses.get(&r)).cloned().unwrap_or(Value::Null),
-                }));
-            }
-            _ => {}
+/// The analysis a release's recorded configuration judges a canary step by: its own
+/// `[deploy.analysis]`, else the defaults (marked `"default": true`).
+fn thresholds(config: &Value) -> Value {
+    match config.get("deploy").and_then(|d| d.get("analysis")) {
+        Some(a) if !a.is_null() => a.clone(),
+        _ => {
+            let mut v =
+                serde_json::to_value(crate::config::default_analysis()).unwrap_or(Value::Null);
+            v["default"] = json!(true);
+            v
         }
+    }
+}
+
+/// Keys of an event's data that hold what a program printed, an error or a command line.
+const DETAIL_KEYS: &[&str] = &["output", "error", "command", "stderr"];
+
+/// The pure part of [`of_app`]: every entry is walked (a verdict's release is that of the
+/// last rollout started before it, however far back), the last `limit` are returned.
+fn render(
+    entries: &[kiln_ledger::Entry],
+    analyses: &BTreeMap<u64, Value>,
+    limit: usize,
+    detailed: bool,
+) -> Value {
+    let first = entries.len().saturating_sub(limit);
+    let mut events = Vec::with_capacity(entries.len() - first);
+    let mut verdicts = Vec::new();
+    let mut rolling: Option<u64> = None;
+    for (i, e) in entries.iter().enumerate() {
+        let event = e.event().ok();
+        if let Some(kiln_ledger::Event::RolloutStarted { release, .. }) = &event {
+            rolling = Some(*release);
+        }
+        if i < first {
+            continue;
+        }
+        if let Some(kiln_ledger::Event::StepJudged {
+            step,
+            weight,
+            verdict,
+        }) = &event
+        {
+            let m = &verdict.metrics;
+            verdicts.push(json!({
+                "seq": e.seq,
+                "at_ms": e.at_ms,
+                "release": rolling,
+                "step": step,
+                "weight": weight,
+                "verdict": verdict.verdict,
+                "reason": verdict.reason,
+                "canary": measurement(&m.canary),
+                "stable": measurement(&m.stable),
+                "thresholds": rolling.and_then(|r| analyses.get(&r)).cloned().unwrap_or(Value::Null),
+            }));
+        }
+        let withheld = !detailed && DETAIL_KEYS.iter().any(|k| e.data.get(*k).is_some());
+        let text = match &event {
+            _ if withheld => format!("{} (details with the token)", e.kind),
+            Some(event) => event.to_string(),
+            None => e.kind.clone(),
+        };
         events.push(json!({
             "seq": e.seq,
             "at_ms": e.at_ms,
@@ -157,8 +184,12 @@ mod tests {
             (2, json!({"max_error_rate": 0.5})),
             (3, json!({"max_error_rate": 0.01, "max_p99_ms": 200})),
         ]);
-        let out = render(&entries, &analyses);
+        let out = render(&entries, &analyses, 100, true);
         assert_eq!(out["events"].as_array().unwrap().len(), 2);
+        // The rollout that started it is out of the window, and still names the release.
+        let last = render(&entries, &analyses, 1, true);
+        assert_eq!(last["events"].as_array().unwrap().len(), 1);
+        assert_eq!(last["verdicts"][0]["release"], 3);
         assert!(
             out["events"][1]["text"].as_str().unwrap().contains("fail"),
             "{out}"
@@ -170,5 +201,33 @@ mod tests {
         assert_eq!(v["stable"]["requests"], 450);
         assert_eq!(v["thresholds"]["max_error_rate"], 0.01);
         assert_eq!(v["thresholds"]["max_p99_ms"], 200);
+    }
+
+    #[test]
+    fn a_release_without_analysis_is_judged_by_the_defaults_and_says_so() {
+        let t = thresholds(&json!({"deploy": {"analysis": null}}));
+        assert_eq!(t["max_error_rate"], 0.01);
+        assert_eq!(t["min_requests"], 50);
+        assert_eq!(t["compare_to_stable"], true);
+        assert_eq!(t["default"], true);
+        let own = thresholds(&json!({"deploy": {"analysis": {"max_error_rate": 0.05}}}));
+        assert_eq!(own, json!({"max_error_rate": 0.05}));
+    }
+
+    #[test]
+    fn output_and_errors_are_withheld_from_a_reader_without_the_token() {
+        let e = kiln_ledger::Entry {
+            seq: 7,
+            at_ms: 0,
+            app: "web".to_owned(),
+            kind: "migration.failed".to_owned(),
+            data: json!({"error": "cannot reach postgres://app:hunter2@db"}),
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        let anonymous = render(std::slice::from_ref(&e), &BTreeMap::new(), 10, false);
+        let text = anonymous["events"][0]["text"].as_str().unwrap();
+        assert_eq!(text, "migration.failed (details with the token)");
+        assert!(!anonymous.to_string().contains("hunter2"), "{anonymous}");
     }
 }
