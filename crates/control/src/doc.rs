@@ -113,6 +113,9 @@ pub(crate) struct StoredState {
     phase: StoredPhase,
     started_ms: Millis,
     last_progress_ms: Millis,
+    /// States written before it was kept: it starts again at the next pass that waits.
+    #[serde(default)]
+    waiting_for_instances: bool,
     best_ready: u32,
     step: usize,
     step_started_ms: Option<Millis>,
@@ -192,6 +195,7 @@ impl From<&RolloutState> for StoredState {
             },
             started_ms: s.started_ms,
             last_progress_ms: s.last_progress_ms,
+            waiting_for_instances: s.waiting_for_instances,
             best_ready: s.best_ready,
             step: s.step,
             step_started_ms: s.step_started_ms,
@@ -218,6 +222,7 @@ impl From<StoredState> for RolloutState {
             },
             started_ms: s.started_ms,
             last_progress_ms: s.last_progress_ms,
+            waiting_for_instances: s.waiting_for_instances,
             best_ready: s.best_ready,
             step: s.step,
             step_started_ms: s.step_started_ms,

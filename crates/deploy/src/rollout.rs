@@ -140,8 +140,14 @@ pub struct RolloutState {
     pub phase: Phase,
     /// When it started.
     pub started_ms: Millis,
-    /// The last time it made progress (the progress deadline counts from here).
+    /// The last time it made progress, or began to wait for new instances (the progress
+    /// deadline counts from here while it waits for them).
     pub last_progress_ms: Millis,
+    /// It waits for new instances to become ready: only then does the progress deadline
+    /// run. Kept so that the state changes when the waiting starts or ends, not on every
+    /// pass spent on a step's pause, a migration or `kiln promote` (each change of state is
+    /// a `rollout.stored` entry in the ledger).
+    pub waiting_for_instances: bool,
     /// The most new instances seen ready at once (progress = this grows).
     pub best_ready: u32,
     /// Canary: index of the current step.
@@ -176,6 +182,7 @@ impl RolloutState {
             phase: Phase::Progressing,
             started_ms: now,
             last_progress_ms: now,
+            waiting_for_instances: true,
             best_ready: 0,
             step: 0,
             step_started_ms: None,
@@ -543,7 +550,7 @@ pub fn decide(goal: &Goal, state: &RolloutState, obs: &Observed, now: Millis) ->
             } else if !state.migrated {
                 // The migration runs before any instance of the new release exists; its
                 // duration is not a lack of progress.
-                d.state.last_progress_ms = now;
+                d.state.waiting_for_instances = false;
                 d.actions.push(Action::Migrate {
                     release: goal.release,
                 });
@@ -687,12 +694,17 @@ fn progressing(goal: &Goal, split: &Split<'_>, obs: &Observed, now: Millis, d: &
             canary.run(goal, split, obs, now, d)
         }
     };
-    if !waiting_for_instances {
-        // Time spent waiting on a pause or on `kiln promote` is not a lack of progress.
+    // Time spent waiting on a pause or on `kiln promote` is not a lack of progress: the
+    // deadline counts from when the waiting for instances began.
+    if waiting_for_instances && !d.state.waiting_for_instances {
         d.state.last_progress_ms = now;
     }
+    d.state.waiting_for_instances = waiting_for_instances;
     let deadline = millis(goal.deploy.progress_deadline);
-    if d.state.phase == Phase::Progressing && now - d.state.last_progress_ms > deadline {
+    if d.state.phase == Phase::Progressing
+        && waiting_for_instances
+        && now - d.state.last_progress_ms > deadline
+    {
         let why = d.state.last_failure.clone().unwrap_or_else(|| {
             format!("{ready} of {} new instances became healthy", goal.replicas)
         });

@@ -50,6 +50,9 @@ struct Sim {
     migrations: u32,
     /// Clients send requests; without them every step measures nothing.
     traffic: bool,
+    /// Passes whose decision changed the state: each is a document the controller stores
+    /// and a `rollout.stored` entry in the ledger.
+    changes: u32,
 }
 
 impl Sim {
@@ -80,6 +83,7 @@ impl Sim {
             destroyed: 0,
             migrations: 0,
             traffic: true,
+            changes: 0,
         };
         for _ in 0..replicas {
             let id = sim.spawn(1);
@@ -213,6 +217,9 @@ impl Sim {
             for e in &d.events {
                 let at = (self.now - start) as f64 / 1000.0;
                 self.timeline.push(format!("{at:>5.1}s {}", describe(e)));
+            }
+            if d.state != self.state {
+                self.changes += 1;
             }
             self.state = d.state;
             self.apply(&d.actions);
@@ -455,6 +462,22 @@ fn canary_of_a_good_version_promotes_through_every_step() {
         ]
     );
     assert_eq!(sim.count(2), 4);
+}
+
+/// A canary's state changes when something happens (an instance ready, a step started or
+/// judged, the end), not on each of the hundred passes spent in its pauses: each change is a
+/// `rollout.stored` entry in the ledger, which grew by ten a second during a pause before.
+#[test]
+fn a_canary_pausing_between_steps_leaves_its_state_alone() {
+    let mut sim = Sim::new(canary(Promote::Auto), 4, GOOD);
+    let phase = sim.run(120_000, |_| {});
+    assert!(matches!(phase, Phase::Completed { .. }), "{phase:?}");
+    // 111 passes of 100 ms; the changes are the events above and instances becoming ready.
+    assert!(
+        sim.changes <= 20,
+        "the state changed on {} passes",
+        sim.changes
+    );
 }
 
 #[test]
