@@ -2,14 +2,15 @@
 //! and 2, 1 MiB-aligned partitions, then the backup entries and header in the last 33
 //! sectors, with 512-byte logical sectors and the CRC-32s the UEFI specification asks for.
 //!
-//! The disk is planned first ([`layout`]: pure arithmetic, no content) and then streamed
+//! Partitions start and end on 1 MiB boundaries. The disk is planned first ([`layout`]: pure arithmetic, no content) and then streamed
 //! front to back ([`Layout::write`]) to any `Write`, each partition's content copied from
 //! its own `Read`, gaps written as zeros: a disk is never held in memory and the output
 //! needs no seeking, so it can go to a file, a pipe or a hasher alike.
 //!
 //! Every GUID is derived from a caller's seed (see [`Guid::derive`]), never random, so the
 //! same inputs give the same bytes. The disk is sized to the next whole MiB after its last
-//! partition and the backup structures.
+//! partition and the backup structures (the backup's 33 sectors cost one more MiB after
+//! the last partition).
 //!
 //! **API boundary:** no files, no ioctl, no partition-table re-reading: the caller decides
 //! where the bytes go.
@@ -217,8 +218,8 @@ pub struct Partition {
     pub type_guid: Guid,
     /// Its name (GPT's label), at most 36 UTF-16 units.
     pub name: String,
-    /// Its content's length in bytes; the partition is that rounded up to whole sectors,
-    /// the rest zero.
+    /// Its content's length in bytes; the partition is that rounded up to whole MiB, the
+    /// rest zero.
     pub len: u64,
     /// Its unique GUID when the caller must choose it (the Discoverable Partitions
     /// Specification derives a verity pair's from the root hash); `None` derives one from
@@ -237,7 +238,7 @@ pub struct Placed {
     pub unique_guid: Guid,
     /// Its first sector (a multiple of [`ALIGN`]).
     pub first_lba: u64,
-    /// Its size in sectors.
+    /// Its size in sectors (a multiple of [`ALIGN`]).
     pub sectors: u64,
     /// Its content's length in bytes.
     pub len: u64,
@@ -301,7 +302,9 @@ pub fn layout(seed: &[u8], partitions: &[Partition]) -> Result<Layout, Error> {
             });
         }
         let first_lba = next.next_multiple_of(ALIGN);
-        let sectors = p.len.div_ceil(SECTOR);
+        // Whole MiB, so every partition also ends on a boundary (`sgdisk -v` cautions
+        // otherwise); the space would be a gap before the next partition anyway.
+        let sectors = p.len.div_ceil(ALIGN * SECTOR) * ALIGN;
         next = first_lba + sectors;
         placed.push(Placed {
             type_guid: p.type_guid,
@@ -556,20 +559,18 @@ mod tests {
             &[part("a", 1), part("b", (1 << 20) + 1), part("c", 4096)],
         )
         .unwrap();
-        let starts: Vec<(u64, u64)> = l
+        let placed: Vec<(u64, u64)> = l
             .partitions
             .iter()
             .map(|p| (p.first_lba, p.sectors))
             .collect();
-        // a: 1 sector at 1 MiB; b: 2049 sectors at 2 MiB, so c starts at 4 MiB.
-        assert_eq!(starts, [(2048, 1), (4096, 2049), (8192, 8)]);
-        // c ends at sector 8199; the backup needs 33 more; the disk rounds to 5 MiB.
-        assert_eq!(l.total_sectors, 10240);
-        assert_eq!(l.last_usable_lba(), 10240 - 34);
+        // a: 1 MiB at 1 MiB; b: 2 MiB at 2 MiB; c: 1 MiB at 4 MiB.
+        assert_eq!(placed, [(2048, 2048), (4096, 4096), (8192, 2048)]);
+        // c ends at sector 10239; the backup's 33 sectors take one more MiB.
+        assert_eq!(l.total_sectors, 12288);
+        assert_eq!(l.size(), 6 << 20);
+        assert_eq!(l.last_usable_lba(), 12288 - 34);
         assert_eq!(l.first_usable_lba(), 34);
-        // A partition that leaves exactly the backup's 33 sectors fills the first 2 MiB.
-        let l = layout(b"s", &[part("a", (1 << 20) - 33 * 512)]).unwrap();
-        assert_eq!(l.total_sectors, 4096);
-        assert_eq!(l.partitions[0].last_lba(), l.last_usable_lba());
+        assert_eq!(l.partitions[2].last_lba(), 10239);
     }
 }
