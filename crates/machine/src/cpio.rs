@@ -326,6 +326,7 @@ fn check_mode(path: &str, mode: u32) -> Result<u32, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

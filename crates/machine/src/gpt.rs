@@ -463,7 +463,7 @@ impl<W: Write> Counting<'_, W> {
     }
 
     fn zeros_to(&mut self, end: u64) -> Result<(), Error> {
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         while self.offset < end {
             let n = (end - self.offset).min(ZEROS.len() as u64) as usize;
             self.put(&ZEROS[..n])?;
@@ -502,6 +502,7 @@ fn copy_exact<W: Write>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

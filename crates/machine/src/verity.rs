@@ -79,7 +79,7 @@ pub fn data_blocks(len: u64) -> Result<u64, Error> {
     if len == 0 {
         return Err(Error::Empty);
     }
-    if len % BLOCK_SIZE != 0 {
+    if !len.is_multiple_of(BLOCK_SIZE) {
         return Err(Error::PartialBlock {
             len,
             padded: len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE,
@@ -248,6 +248,7 @@ fn pad_to_block(level: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
