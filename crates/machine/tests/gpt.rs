@@ -161,6 +161,25 @@ fn sfdisk_and_sgdisk_read_back_the_layout() {
             .collect::<Vec<_>>()
     );
 
+    // util-linux's own table names our type GUIDs as the Discoverable Partitions
+    // Specification does.
+    let types = Command::new("sfdisk")
+        .args(["--label", "gpt", "--list-types"])
+        .output()
+        .unwrap();
+    let types = String::from_utf8_lossy(&types.stdout);
+    for (guid, name) in [
+        (gpt::ESP, "EFI System"),
+        (gpt::ROOT_X86_64, "Linux root (x86-64)"),
+        (gpt::ROOT_VERITY_X86_64, "Linux root verity (x86-64)"),
+    ] {
+        let line = format!("{guid}  {name}");
+        assert!(
+            types.lines().any(|l| l.trim() == line),
+            "{line} not in {types}"
+        );
+    }
+
     let sgdisk = run("sgdisk", &["-v"], &path);
     let said = String::from_utf8_lossy(&sgdisk.stdout);
     eprintln!("sgdisk -v: {said}");
