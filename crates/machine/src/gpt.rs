@@ -57,6 +57,16 @@ pub enum Error {
         /// Its name.
         name: String,
     },
+    /// Partitions too large for a 64-bit sector count.
+    #[error("partition {index} ({name:?}) of {len} bytes does not fit on a disk")]
+    TooLarge {
+        /// The partition's position.
+        index: usize,
+        /// Its name.
+        name: String,
+        /// Its length.
+        len: u64,
+    },
     /// More partitions than one entry array holds.
     #[error("{0} partitions is more than the {ENTRIES} a GPT entry array holds")]
     TooManyPartitions(usize),
@@ -305,7 +315,20 @@ pub fn layout(seed: &[u8], partitions: &[Partition]) -> Result<Layout, Error> {
         // Whole MiB, so every partition also ends on a boundary (`sgdisk -v` cautions
         // otherwise); the space would be a gap before the next partition anyway.
         let sectors = p.len.div_ceil(ALIGN * SECTOR) * ALIGN;
-        next = first_lba + sectors;
+        // The disk's size in bytes, with this partition and the backup after it, must fit
+        // in 64 bits.
+        next = first_lba
+            .checked_add(sectors)
+            .filter(|n| {
+                n.checked_add(2 * ALIGN)
+                    .and_then(|n| n.checked_mul(SECTOR))
+                    .is_some()
+            })
+            .ok_or_else(|| Error::TooLarge {
+                index,
+                name: p.name.clone(),
+                len: p.len,
+            })?;
         placed.push(Placed {
             type_guid: p.type_guid,
             name: p.name.clone(),

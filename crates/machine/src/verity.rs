@@ -46,6 +46,9 @@ pub enum Error {
     /// A tree over nothing.
     #[error("verity data must have at least one block")]
     Empty,
+    /// More blocks than a 64-bit byte count (and a device-mapper sector count) can hold.
+    #[error("verity data of {0} blocks is too large")]
+    TooLarge(u64),
     /// A salt longer than the kernel takes.
     #[error("verity salt of {len} bytes is longer than {MAX_SALT}")]
     SaltTooLong {
@@ -183,12 +186,17 @@ pub fn hash_tree(data: &mut impl Read, data_blocks: u64, salt: &[u8]) -> Result<
     if data_blocks == 0 {
         return Err(Error::Empty);
     }
+    if data_blocks > u64::MAX / BLOCK_SIZE {
+        return Err(Error::TooLarge(data_blocks));
+    }
     if salt.len() > MAX_SALT {
         return Err(Error::SaltTooLong { len: salt.len() });
     }
     let mut block = vec![0u8; BLOCK_SIZE as usize];
-    // The lowest level: one hash per data block, read as it goes.
-    let mut level = Vec::with_capacity(level_len(data_blocks));
+    // The lowest level: one hash per data block, read as it goes. Reserved up to 64 MiB
+    // (an 8 GiB root's) so a wrong block count fails at its first missing block rather than
+    // in the allocator.
+    let mut level = Vec::with_capacity(level_len(data_blocks).min(64 << 20));
     let mut single = None;
     for n in 0..data_blocks {
         data.read_exact(&mut block).map_err(|source| {
@@ -311,6 +319,14 @@ mod tests {
                 block: 1,
                 data_blocks: 2
             })
+        ));
+        assert!(matches!(
+            hash_tree(&mut data.as_slice(), u64::MAX, b""),
+            Err(Error::TooLarge(u64::MAX))
+        ));
+        assert!(matches!(
+            hash_tree(&mut data.as_slice(), 1 << 40, b""),
+            Err(Error::ShortData { block: 1, .. })
         ));
         assert!(matches!(
             hash_tree(&mut data.as_slice(), 1, &[0; 257]),

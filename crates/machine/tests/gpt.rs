@@ -254,6 +254,10 @@ fn refuses_what_gpt_cannot_hold() {
             ..
         })
     ));
+    assert!(matches!(
+        gpt::layout(b"s", &[p("a", u64::MAX / 2), p("b", u64::MAX / 2)]),
+        Err(gpt::Error::TooLarge { index: 1, .. })
+    ));
     let layout = gpt::layout(b"s", &[p("a", 600)]).unwrap();
     let mut short: &[u8] = &[1u8; 599];
     let err = layout
