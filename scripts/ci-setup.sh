@@ -18,7 +18,9 @@ export DEBIAN_FRONTEND=noninteractive
 # git: crates/git's tests make real repositories with it (kiln itself reads them with gix).
 # chromium and chromium-driver: crates/kiln/tests/dashboard.rs drives the dashboard in a real
 # headless Chromium through chromedriver (W3C WebDriver).
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver)
+# cryptsetup-bin (veritysetup), fdisk (sfdisk), gdisk (sgdisk) and cpio: crates/machine's
+# tests check its verity trees, GPT disks and initramfs archives with the tools that read them.
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver cryptsetup-bin fdisk gdisk cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
