@@ -6,7 +6,9 @@
 //! - `GET /healthz` with `ok` (or 503 when `HELLO_NEVER_HEALTHY=1`);
 //! - `GET /version` with just the version;
 //! - `GET /request-id` with the `X-Request-Id` it was sent (empty when none), to show what
-//!   kiln's router passes on.
+//!   kiln's router passes on;
+//! - `POST /write?path=P` by writing a file at `P` (200), or why it cannot (500): a sealed
+//!   instance or machine image writes only under its `writable` paths.
 //!
 //! Knobs that later rollout tests turn, all read once at start:
 //!
@@ -122,6 +124,22 @@ impl App {
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                     .unwrap_or_default();
                 text(StatusCode::OK, format!("{id}\n"))
+            }
+            // Tries to write a file: how a test shows that a sealed instance or machine
+            // image keeps its root read-only and only its `writable` paths writable.
+            (&Method::POST, "/write") => {
+                let path = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.strip_prefix("path="))
+                    .unwrap_or("");
+                match std::fs::write(path, b"written by hello\n") {
+                    Ok(()) => text(StatusCode::OK, format!("wrote {path}\n")),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot write {path}: {e}\n"),
+                    ),
+                }
             }
             (_, "/") => {
                 let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
