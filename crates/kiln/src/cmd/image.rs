@@ -589,7 +589,9 @@ fn machine_app(
     let mut argv = strings(&c["Entrypoint"]);
     argv.extend(strings(&c["Cmd"]));
     if argv.is_empty() {
-        anyhow::bail!("the image has no Entrypoint or Cmd: a machine disk needs a program to start");
+        anyhow::bail!(
+            "the image has no Entrypoint or Cmd: a machine disk needs a program to start"
+        );
     }
     let mut env = strings(&c["Env"]);
     let cwd = match c["WorkingDir"].as_str() {
@@ -623,7 +625,11 @@ fn machine_app(
         let s = &spec.service;
         app.writable = s.writable.iter().map(|w| w.path.clone()).collect();
         // One size for every tmpfs in the guest's contract: the largest the spec gives.
-        app.tmpfs_size_bytes = s.tmpfs().map(|(_, size)| size).max().unwrap_or(s.tmpfs_size);
+        app.tmpfs_size_bytes = s
+            .tmpfs()
+            .map(|(_, size)| size)
+            .max()
+            .unwrap_or(s.tmpfs_size);
         app.stop_grace_ms = u64::try_from(s.stop_grace.as_millis()).unwrap_or(u64::MAX);
         for (k, v) in &s.env {
             env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
@@ -661,7 +667,10 @@ fn export_disk(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if args.output.exists() {
-        anyhow::bail!("{} already exists; choose a new path", args.output.display());
+        anyhow::bail!(
+            "{} already exists; choose a new path",
+            args.output.display()
+        );
     }
     // Scratch space beside the output: the rootfs and the partitions are as big as the disk.
     let work = tempfile::Builder::new()
@@ -682,14 +691,15 @@ fn export_disk(
     let disk_work = work.path().join("disk");
     std::fs::create_dir_all(&disk_work)
         .with_context(|| format!("cannot create {}", disk_work.display()))?;
-    let done = kiln_machine::disk::export(&input, format, &args.output, &disk_work)
-        .with_context(|| {
+    let done = kiln_machine::disk::export(&input, format, &args.output, &disk_work).with_context(
+        || {
             format!(
                 "cannot export {} as a disk to {}",
                 info.digest,
                 args.output.display()
             )
-        })?;
+        },
+    )?;
     let secs = started.elapsed().as_secs_f64();
     if out.json {
         out.data(&json!({
