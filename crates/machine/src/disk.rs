@@ -283,10 +283,12 @@ pub fn export(
     uki::build(
         tools.get(Tool::Objdump),
         tools.get(Tool::Objcopy),
-        tools.get(Tool::Stub),
-        &vmlinuz,
-        &initrd,
-        &cmdline,
+        &uki::Parts {
+            stub: tools.get(Tool::Stub),
+            kernel: &vmlinuz,
+            initrd: &initrd,
+            cmdline: &cmdline,
+        },
         &uki_work,
         &efi,
     )?;

@@ -218,7 +218,6 @@ pub fn depends_of(modinfo: &[u8]) -> Vec<String> {
         .filter_map(|entry| entry.strip_prefix(b"depends="))
         .flat_map(|v| {
             String::from_utf8_lossy(v)
-                .into_owned()
                 .split(',')
                 .map(str::to_owned)
                 .collect::<Vec<_>>()

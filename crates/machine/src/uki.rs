@@ -113,18 +113,34 @@ fn pe_checksum(pe: &[u8], field: usize) -> u32 {
 /// The os-release the image carries (`.osrel`), which boot menus show.
 pub const OS_RELEASE: &str = "ID=kiln\nNAME=\"kiln\"\nPRETTY_NAME=\"kiln machine image\"\n";
 
-/// Writes the unified kernel image at `out` from the stub, `kernel`, `initrd` and
-/// `cmdline`, with scratch files in `work`.
+/// What a unified kernel image is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts<'a> {
+    /// The EFI stub ([`crate::tools::STUB`]).
+    pub stub: &'a Path,
+    /// The kernel (`vmlinuz`).
+    pub kernel: &'a Path,
+    /// The initramfs.
+    pub initrd: &'a Path,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+}
+
+/// Writes the unified kernel image of `parts` at `out` with `objdump` and `objcopy`, with
+/// scratch files in `work`.
 pub fn build(
     objdump: &Path,
     objcopy: &Path,
-    stub: &Path,
-    kernel: &Path,
-    initrd: &Path,
-    cmdline: &str,
+    parts: &Parts<'_>,
     work: &Path,
     out: &Path,
 ) -> Result<(), Error> {
+    let Parts {
+        stub,
+        kernel,
+        initrd,
+        cmdline,
+    } = *parts;
     let io = |what: &'static str, path: &Path| {
         let path = path.display().to_string();
         move |source| Error::Io { what, path, source }
