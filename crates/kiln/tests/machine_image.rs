@@ -343,5 +343,20 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
         .stderr(predicates::str::contains(
             "--kernel is for --format raw or qcow2",
         ));
+    kiln(&state)
+        .args([
+            "image",
+            "export",
+            "web:latest",
+            "--format",
+            "qcow2",
+            "--kernel",
+            "/boot/vmlinuz",
+        ])
+        .args(["--ip", "10.0.2.15/24,10.0.2.2 init=/bin/sh", "-o"])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("is not ADDR/PREFIX,GATEWAY"));
     assert!(!out.exists());
 }

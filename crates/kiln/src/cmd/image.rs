@@ -546,9 +546,21 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
             if args.file.is_some() {
                 return disk_only("-f/--file");
             }
+            if args.ip != kiln_machine::disk::DEFAULT_IP {
+                return disk_only("--ip");
+            }
             format
         }
         ExportTo::Disk(format) => {
+            // It goes into the kernel command line: nothing but an address may get there.
+            if !valid_guest_ip(&args.ip) {
+                out.error(&anyhow::anyhow!(
+                    "--ip {:?} is not ADDR/PREFIX,GATEWAY (IPv4, e.g. {})",
+                    args.ip,
+                    kiln_machine::disk::DEFAULT_IP
+                ));
+                return Ok(ExitCode::from(2));
+            }
             let Some(kernel) = &args.kernel else {
                 out.error(&anyhow::anyhow!(
                     "--format raw and qcow2 need --kernel PATH: a vmlinuz-<release> file or a Debian linux-image-<release>_*.deb (apt-get download linux-image-<release>)"
@@ -568,6 +580,20 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
         out.say(&format!("exported {} to {}", desc.digest, output.display()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `ip` is `ADDR/PREFIX,GATEWAY` in IPv4, what the guest init reads from `kiln.ip`.
+fn valid_guest_ip(ip: &str) -> bool {
+    use std::net::Ipv4Addr;
+    let Some((cidr, gateway)) = ip.split_once(',') else {
+        return false;
+    };
+    let Some((addr, prefix)) = cidr.split_once('/') else {
+        return false;
+    };
+    addr.parse::<Ipv4Addr>().is_ok()
+        && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+        && gateway.parse::<Ipv4Addr>().is_ok()
 }
 
 /// The app of a machine disk: argv, env, cwd and user from the image's OCI config; writable
