@@ -245,6 +245,16 @@ fn example_disk_is_reproducible_and_verity_sealed() {
             .output()
             .unwrap()
     };
+    // The root filesystem: `/` and the app open to the app's user (65534), owned by root.
+    for (path, mode) in [("/", "0755"), ("/hello", "0755")] {
+        let info = run(Command::new("dump.erofs")
+            .arg(format!("--path={path}"))
+            .arg(&root));
+        assert!(
+            info.contains(&format!("Uid: 0   Gid: 0  Access: {mode}/")),
+            "{path}: {info}"
+        );
+    }
     let ok = verify(&root);
     assert!(
         ok.status.success(),

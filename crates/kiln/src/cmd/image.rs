@@ -706,6 +706,10 @@ fn export_disk(
     let rootfs = work.path().join("rootfs");
     archive::export(&store, info.digest.as_str(), ExportFormat::Rootfs, &rootfs)
         .with_context(|| format!("cannot unpack {}", info.digest))?;
+    // The guest's `/`: made under kiln's umask 077, it would shut out an app that is not
+    // root; layers give modes to what they hold, never to the root itself.
+    std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("cannot chmod {}", rootfs.display()))?;
     let input = kiln_machine::disk::Input {
         rootfs: &rootfs,
         image_digest: info.digest.as_str(),
