@@ -20,7 +20,11 @@ export DEBIAN_FRONTEND=noninteractive
 # headless Chromium through chromedriver (W3C WebDriver).
 # cryptsetup-bin (veritysetup), fdisk (sfdisk), gdisk (sgdisk) and cpio: crates/machine's
 # tests check its verity trees, GPT disks and initramfs archives with the tools that read them.
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver cryptsetup-bin fdisk gdisk cpio)
+# erofs-utils (mkfs.erofs), dosfstools (mkfs.vfat), mtools (mcopy), systemd-boot-efi (the EFI
+# stub), binutils (objcopy, objdump) and qemu-utils (qemu-img): `kiln image export --format
+# raw|qcow2` drives them; tests/machine_image.rs checks its disks (its kernel comes from
+# `apt-get download`, so the package lists must be current).
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver cryptsetup-bin fdisk gdisk cpio erofs-utils dosfstools mtools systemd-boot-efi qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -28,6 +32,10 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# tests/machine_image.rs asks apt for the current kernel package: it needs package lists.
+if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then
+  apt-get update -qq
 fi
 # Debian starts nginx on install where it can; the benchmarks start their own.
 service nginx stop >/dev/null 2>&1 || true

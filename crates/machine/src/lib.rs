@@ -11,18 +11,28 @@
 //!   disk GUIDs derived from a seed (`sfdisk`, `sgdisk`).
 //! - [`cpio`]: a `newc` cpio archive, the format of a Linux initramfs (GNU `cpio`).
 //! - [`crc32`]: the CRC-32 GPT's headers carry.
+//! - [`modules`]: the kernel modules the guest init loads, dependencies first.
+//! - [`uki`]: the unified kernel image (systemd-boot's stub + kernel + initramfs + command
+//!   line), its PE time stamp zeroed.
+//! - [`disk`]: the whole disk (`kiln image export --format raw|qcow2`): erofs root,
+//!   verity tree, initramfs, UKI on an ESP, GPT, qcow2; [`tools`] finds and runs the
+//!   standard programs it drives.
 //!
 //! **Still missing** (the next sessions): the guest init (`kiln` as PID 1 that sets up the
-//! verity root and starts the app), the EFI system partition and its unified kernel image
-//! (kernel + initramfs + command line with the root hash), the root filesystem image itself
-//! (erofs or squashfs), the `kiln image export --format raw|qcow2` command that assembles
-//! them, and the test that boots the disk under QEMU.
+//! verity root and starts the app) and the test that boots the disk under QEMU.
 //!
-//! **API boundary:** pure writers over `Read`/`Write`: no files opened, no processes run, no
-//! clock read. Nothing holds a whole disk or partition in memory; only a verity tree
-//! (1/128 of its data) is kept whole.
+//! **API boundary:** [`verity`], [`gpt`], [`cpio`] and [`crc32`] are pure writers over
+//! `Read`/`Write`: no files opened, no processes run, no clock read; nothing holds a whole
+//! disk or partition in memory (only a verity tree, 1/128 of its data). [`disk`], [`uki`]
+//! and [`tools`] are the one place that runs programs (`mkfs.erofs`, `mkfs.vfat`, `mcopy`,
+//! `objcopy`, `objdump`, `qemu-img`, `dpkg-deb`) and writes files: under the work directory
+//! and the output path their caller gives.
 
 pub mod cpio;
 pub mod crc32;
+pub mod disk;
 pub mod gpt;
+pub mod modules;
+pub mod tools;
+pub mod uki;
 pub mod verity;

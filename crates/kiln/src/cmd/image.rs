@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_image::archive::{self, ExportFormat};
 use kiln_image::{BuildCache, BuildOptions, Progress, Store};
+use kiln_machine::disk::Format as DiskFormat;
 use serde_json::json;
 
 use crate::output::Output;
@@ -57,17 +58,9 @@ pub enum ImageCommand {
         /// A tag (NAME or NAME:TAG) or a manifest digest (sha256:…, or a unique prefix)
         reference: String,
     },
-    /// Write an image out as an OCI layout, an oci-archive, a docker-archive or a rootfs
-    Export {
-        /// A tag or a manifest digest
-        reference: String,
-        /// Output format: oci, oci-archive, docker-archive or rootfs
-        #[arg(long, value_name = "FORMAT")]
-        format: ExportFormat,
-        /// Where to write (must not exist, except an OCI layout to add to)
-        #[arg(short = 'o', long = "output", value_name = "PATH")]
-        output: PathBuf,
-    },
+    /// Write an image out as an OCI layout, an oci-archive, a docker-archive, a rootfs, or a
+    /// bootable machine disk (raw or qcow2: kiln as the init, the root sealed by dm-verity)
+    Export(ExportArgs),
     /// Bring images in from an OCI layout directory, an oci-archive or a docker-archive
     Import {
         /// The directory or tarball
@@ -76,6 +69,55 @@ pub enum ImageCommand {
     /// Push an image to a registry over the OCI Distribution API, by digest: only the blobs
     /// the registry lacks are sent (what the swarm provider does for `[target] registry`)
     Push(PushArgs),
+}
+
+/// `kiln image export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A tag or a manifest digest
+    pub reference: String,
+    /// Output format: oci, oci-archive, docker-archive, rootfs, raw or qcow2 (a bootable
+    /// disk: needs --kernel)
+    #[arg(long, value_name = "FORMAT")]
+    pub format: ExportTo,
+    /// Where to write (must not exist, except an OCI layout to add to)
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    pub output: PathBuf,
+    /// The disk's kernel: a vmlinuz-<release> file (its modules in ../lib/modules/<release>
+    /// or /lib/modules/<release>) or a Debian linux-image-<release>_*.deb (raw and qcow2 only)
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The spec whose [service] writable paths, tmpfs_size, stop_grace and env the disk's
+    /// app gets [default: writable /tmp, 64 MiB, 5s] (raw and qcow2 only)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The guest's address, prefix and gateway (raw and qcow2 only)
+    #[arg(long, value_name = "ADDR/PREFIX,GATEWAY", default_value = kiln_machine::disk::DEFAULT_IP)]
+    pub ip: String,
+}
+
+/// What `kiln image export` writes: an image format, or a machine disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportTo {
+    /// An OCI layout, archive or rootfs.
+    Image(ExportFormat),
+    /// A bootable disk.
+    Disk(DiskFormat),
+}
+
+impl std::str::FromStr for ExportTo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(ExportTo::Disk(DiskFormat::Raw)),
+            "qcow2" => Ok(ExportTo::Disk(DiskFormat::Qcow2)),
+            other => other.parse().map(ExportTo::Image).map_err(|_: String| {
+                format!(
+                    "unknown format {other:?}: expected oci, oci-archive, docker-archive, rootfs, raw or qcow2"
+                )
+            }),
+        }
+    }
 }
 
 /// `kiln image push`.
@@ -408,6 +450,9 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
     if let ImageCommand::Push(push) = &args.command {
         return push_cmd(push, state, out);
     }
+    if let ImageCommand::Export(export) = &args.command {
+        return export_cmd(export, state, out);
+    }
     let store = store(state)?;
     match &args.command {
         ImageCommand::Inspect { reference } => {
@@ -467,19 +512,7 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
                 }
             }
         }
-        ImageCommand::Export {
-            reference,
-            format,
-            output,
-        } => {
-            let desc = archive::export(&store, reference, *format, output)
-                .with_context(|| format!("cannot export {reference} to {}", output.display()))?;
-            if out.json {
-                out.data(&json!({"digest": desc.digest, "output": output}))?;
-            } else {
-                out.say(&format!("exported {} to {}", desc.digest, output.display()));
-            }
-        }
+        ImageCommand::Export(_) => {}
         ImageCommand::Import { path } => {
             let imported = archive::import(&store, path)
                 .with_context(|| format!("cannot import {}", path.display()))?;
@@ -492,6 +525,239 @@ pub fn image(args: &ImageArgs, state: &Path, out: &Output) -> anyhow::Result<Exi
             }
         }
         ImageCommand::Push(_) => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln image export`: an image format through `kiln_image::archive`, or a machine disk
+/// through `kiln_machine::disk` ([`export_disk`]).
+fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<ExitCode> {
+    let disk_only = |flag: &str| {
+        out.error(&anyhow::anyhow!(
+            "{flag} is for --format raw or qcow2 (a machine disk) only"
+        ));
+        Ok(ExitCode::from(2))
+    };
+    let format = match args.format {
+        ExportTo::Image(format) => {
+            if args.kernel.is_some() {
+                return disk_only("--kernel");
+            }
+            if args.file.is_some() {
+                return disk_only("-f/--file");
+            }
+            if args.ip != kiln_machine::disk::DEFAULT_IP {
+                return disk_only("--ip");
+            }
+            format
+        }
+        ExportTo::Disk(format) => {
+            // It goes into the kernel command line: nothing but an address may get there.
+            if !valid_guest_ip(&args.ip) {
+                out.error(&anyhow::anyhow!(
+                    "--ip {:?} is not ADDR/PREFIX,GATEWAY (IPv4, e.g. {})",
+                    args.ip,
+                    kiln_machine::disk::DEFAULT_IP
+                ));
+                return Ok(ExitCode::from(2));
+            }
+            let Some(kernel) = &args.kernel else {
+                out.error(&anyhow::anyhow!(
+                    "--format raw and qcow2 need --kernel PATH: a vmlinuz-<release> file or a Debian linux-image-<release>_*.deb (apt-get download linux-image-<release>)"
+                ));
+                return Ok(ExitCode::from(2));
+            };
+            return export_disk(args, format, kernel, state, out);
+        }
+    };
+    let store = store(state)?;
+    let (reference, output) = (&args.reference, &args.output);
+    let desc = archive::export(&store, reference, format, output)
+        .with_context(|| format!("cannot export {reference} to {}", output.display()))?;
+    if out.json {
+        out.data(&json!({"digest": desc.digest, "output": output}))?;
+    } else {
+        out.say(&format!("exported {} to {}", desc.digest, output.display()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `ip` is `ADDR/PREFIX,GATEWAY` in IPv4, what the guest init reads from `kiln.ip`.
+fn valid_guest_ip(ip: &str) -> bool {
+    use std::net::Ipv4Addr;
+    let Some((cidr, gateway)) = ip.split_once(',') else {
+        return false;
+    };
+    let Some((addr, prefix)) = cidr.split_once('/') else {
+        return false;
+    };
+    addr.parse::<Ipv4Addr>().is_ok()
+        && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+        && gateway.parse::<Ipv4Addr>().is_ok()
+}
+
+/// The app of a machine disk: argv, env, cwd and user from the image's OCI config; writable
+/// paths, tmpfs size, stop grace and env on top from the spec when one is named.
+fn machine_app(
+    config: &serde_json::Value,
+    spec: Option<&kiln_spec::Spec>,
+) -> anyhow::Result<kiln_machine::disk::App> {
+    let c = &config["config"];
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut argv = strings(&c["Entrypoint"]);
+    argv.extend(strings(&c["Cmd"]));
+    if argv.is_empty() {
+        anyhow::bail!(
+            "the image has no Entrypoint or Cmd: a machine disk needs a program to start"
+        );
+    }
+    let mut env = strings(&c["Env"]);
+    let cwd = match c["WorkingDir"].as_str() {
+        Some(d) if !d.is_empty() => d.to_owned(),
+        _ => "/".to_owned(),
+    };
+    // As a sealed instance: the image's user, else 65534 (never root by default).
+    let (uid, gid) = match c["User"].as_str().unwrap_or("") {
+        "" => (65534, 65534),
+        user => {
+            let (u, g) = user.split_once(':').unwrap_or((user, "0"));
+            match (u.parse::<u32>(), g.parse::<u32>()) {
+                (Ok(u), Ok(g)) => (u, g),
+                _ => anyhow::bail!(
+                    "the image's user {user:?} is not a numeric UID[:GID]: machine disks do not read account names yet"
+                ),
+            }
+        }
+    };
+    let mut app = kiln_machine::disk::App {
+        argv,
+        env: Vec::new(),
+        cwd,
+        uid,
+        gid,
+        writable: vec!["/tmp".to_owned()],
+        tmpfs_size_bytes: kiln_spec::ServiceSpec::DEFAULT_TMPFS_SIZE,
+        stop_grace_ms: 5000,
+    };
+    if let Some(spec) = spec {
+        let s = &spec.service;
+        app.writable = s.writable.iter().map(|w| w.path.clone()).collect();
+        // One size for every tmpfs in the guest's contract: the largest the spec gives.
+        app.tmpfs_size_bytes = s
+            .tmpfs()
+            .map(|(_, size)| size)
+            .max()
+            .unwrap_or(s.tmpfs_size);
+        app.stop_grace_ms = u64::try_from(s.stop_grace.as_millis()).unwrap_or(u64::MAX);
+        for (k, v) in &s.env {
+            env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
+            env.push(format!("{k}={v}"));
+        }
+    }
+    app.env = env;
+    Ok(app)
+}
+
+/// `kiln image export --format raw|qcow2`: the image's rootfs as a bootable, verity-sealed
+/// disk with this kiln binary as its init.
+fn export_disk(
+    args: &ExportArgs,
+    format: DiskFormat,
+    kernel: &Path,
+    state: &Path,
+    out: &Output,
+) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let spec = match &args.file {
+        Some(file) => match super::spec::load(file, out)? {
+            Ok(spec) => Some(spec),
+            Err(code) => return Ok(code),
+        },
+        None => None,
+    };
+    let store = store(state)?;
+    let info = store.inspect(&args.reference)?;
+    let app = machine_app(&info.config, spec.as_ref())?;
+    let init = std::env::current_exe().context("cannot find this kiln binary, the disk's init")?;
+    let parent = args
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if args.output.exists() {
+        anyhow::bail!(
+            "{} already exists; choose a new path",
+            args.output.display()
+        );
+    }
+    // Scratch space beside the output: the rootfs and the partitions are as big as the disk.
+    let work = tempfile::Builder::new()
+        .prefix(".kiln-export-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a work directory in {}", parent.display()))?;
+    let rootfs = work.path().join("rootfs");
+    archive::export(&store, info.digest.as_str(), ExportFormat::Rootfs, &rootfs)
+        .with_context(|| format!("cannot unpack {}", info.digest))?;
+    // The guest's `/`: made under kiln's umask 077, it would shut out an app that is not
+    // root; layers give modes to what they hold, never to the root itself.
+    std::fs::set_permissions(&rootfs, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .with_context(|| format!("cannot chmod {}", rootfs.display()))?;
+    let input = kiln_machine::disk::Input {
+        rootfs: &rootfs,
+        image_digest: info.digest.as_str(),
+        kernel,
+        init: &init,
+        app: &app,
+        ip: &args.ip,
+    };
+    let disk_work = work.path().join("disk");
+    std::fs::create_dir_all(&disk_work)
+        .with_context(|| format!("cannot create {}", disk_work.display()))?;
+    let done = kiln_machine::disk::export(&input, format, &args.output, &disk_work).with_context(
+        || {
+            format!(
+                "cannot export {} as a disk to {}",
+                info.digest,
+                args.output.display()
+            )
+        },
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    if out.json {
+        out.data(&json!({
+            "digest": info.digest,
+            "output": args.output,
+            "format": match format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
+            "sha256": done.sha256,
+            "size": done.size,
+            "disk_size": done.disk_size,
+            "root_hash": done.root_hash,
+            "salt": done.salt,
+            "data_blocks": done.data_blocks,
+            "cmdline": done.cmdline,
+            "kernel": done.kernel_release,
+            "modules": done.modules,
+            "seconds": secs,
+        }))?;
+    } else {
+        out.say(&format!(
+            "exported {} to {} ({}, kernel {}, {} modules) in {secs:.2}s",
+            info.digest,
+            args.output.display(),
+            human(done.size),
+            done.kernel_release,
+            done.modules.len()
+        ));
+        out.say(&format!("sha256:    {}", done.sha256));
+        out.say(&format!("root hash: {}", done.root_hash));
     }
     Ok(ExitCode::SUCCESS)
 }

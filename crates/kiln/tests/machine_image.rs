@@ -1,0 +1,372 @@
+//! `kiln image export --format raw|qcow2`: the example image as a bootable disk, checked with
+//! the tools that read each part: two exports give the same bytes, `qemu-img` accepts the
+//! qcow2 (and finds the raw disk's content in it), `sfdisk` sees the three partitions,
+//! `veritysetup` verifies the root against the printed root hash (and refuses it with one
+//! byte flipped), and the unified kernel image on the ESP carries the command line and an
+//! initramfs with kiln as `/init` and the app's `machine.json`.
+//!
+//! Booting the disk is another test's (it needs the guest init). The kernel is
+//! `/tmp/kern/x/boot/vmlinuz-*` when a developer unpacked one there, else the package
+//! Debian's `linux-image-amd64` depends on, downloaded once with `apt-get download` into
+//! `target/machine-kernel/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{hello_binary, kiln};
+use sha2::{Digest as _, Sha256};
+
+/// The programs this test and the export drive, with their Debian packages.
+const TOOLS: &[(&str, &str)] = &[
+    ("mkfs.erofs", "erofs-utils"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("objcopy", "binutils"),
+    ("qemu-img", "qemu-utils"),
+    ("veritysetup", "cryptsetup-bin"),
+    ("sfdisk", "fdisk"),
+    ("cpio", "cpio"),
+];
+const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|d| d.join(program).is_file())
+}
+
+/// Skips (with a note) outside CI when something is missing; panics under `CI=true`.
+fn skip(why: &str) -> bool {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but the machine image prerequisites are missing: {why}");
+    }
+    eprintln!("note: skipping the machine image test ({why})");
+    true
+}
+
+/// A kernel: the developer's unpacked one, else Debian's current amd64 kernel package.
+fn kernel() -> Result<PathBuf, String> {
+    if let Ok(entries) = std::fs::read_dir("/tmp/kern/x/boot") {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .collect();
+        found.sort();
+        if let Some(k) = found.pop() {
+            return Ok(k);
+        }
+    }
+    let cache = common::root().join("target/machine-kernel");
+    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    let cached = || {
+        std::fs::read_dir(&cache).ok().and_then(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        })
+    };
+    if let Some(deb) = cached() {
+        return Ok(deb);
+    }
+    // The metapackage's one linux-image-<release> dependency.
+    let depends = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .map_err(|e| format!("apt-cache: {e}"))?;
+    let text = String::from_utf8_lossy(&depends.stdout);
+    let package = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && !p.contains('<'))
+        .ok_or_else(|| format!("apt-cache depends linux-image-amd64 names no kernel: {text}"))?
+        .to_owned();
+    let status = Command::new("apt-get")
+        .args(["download", &package])
+        .current_dir(&cache)
+        .status()
+        .map_err(|e| format!("apt-get: {e}"))?;
+    if !status.success() {
+        return Err(format!("apt-get download {package} failed ({status})"));
+    }
+    cached().ok_or_else(|| format!("apt-get download {package} left no .deb"))
+}
+
+fn prerequisites() -> Option<PathBuf> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(p, _)| !on_path(p))
+        .map(|(_, pkg)| *pkg)
+        .chain((!Path::new(STUB).is_file()).then_some("systemd-boot-efi"))
+        .collect();
+    if !missing.is_empty() {
+        skip(&format!("apt-get install {}", missing.join(" ")));
+        return None;
+    }
+    if !hello_binary().exists() {
+        skip("the example is not built (cargo build --release -p hello)");
+        return None;
+    }
+    match kernel() {
+        Ok(k) => Some(k),
+        Err(why) => {
+            skip(&format!("no kernel: {why}"));
+            None
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn export(
+    state: &Path,
+    image: &str,
+    kernel: &Path,
+    spec: &Path,
+    format: &str,
+    out: &Path,
+) -> serde_json::Value {
+    let stdout = kiln(state)
+        .args([
+            "--json", "image", "export", image, "--format", format, "--kernel",
+        ])
+        .arg(kernel)
+        .arg("-f")
+        .arg(spec)
+        .arg("-o")
+        .arg(out)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice(&stdout).unwrap()
+}
+
+fn sha256_file(path: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Bytes `start..start + len` (in 512-byte sectors) of `disk`, as a file.
+fn extract(disk: &Path, start: u64, sectors: u64, to: &Path) {
+    let bytes = std::fs::read(disk).unwrap();
+    let at = (start * 512) as usize;
+    std::fs::write(to, &bytes[at..at + (sectors * 512) as usize]).unwrap();
+}
+
+#[test]
+fn example_disk_is_reproducible_and_verity_sealed() {
+    let Some(kernel) = prerequisites() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = common::write_spec(dir.path(), common::free_port(), "v1", 1);
+    let image = common::build(&state, &spec);
+
+    let started = std::time::Instant::now();
+    let a = dir.path().join("a.raw");
+    let first = export(&state, &image, &kernel, &spec, "raw", &a);
+    eprintln!(
+        "exported the example disk in {:.2}s (kiln's own {:.2}s, {} bytes)",
+        started.elapsed().as_secs_f64(),
+        first["seconds"].as_f64().unwrap(),
+        first["size"]
+    );
+    let b = dir.path().join("b.raw");
+    let second = export(&state, &image, &kernel, &spec, "raw", &b);
+    assert_eq!(first["sha256"], second["sha256"], "two exports differ");
+    assert_eq!(first["sha256"].as_str().unwrap(), sha256_file(&a));
+    assert_eq!(sha256_file(&a), sha256_file(&b));
+
+    // qcow2: qemu-img accepts it and finds the raw disk's content in it.
+    let q = dir.path().join("d.qcow2");
+    let third = export(&state, &image, &kernel, &spec, "qcow2", &q);
+    assert_eq!(third["root_hash"], first["root_hash"]);
+    run(Command::new("qemu-img").arg("check").arg(&q));
+    run(Command::new("qemu-img").arg("compare").arg(&a).arg(&q));
+
+    // The three partitions, by type and name.
+    let table: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&a))).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    let shape: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|p| (p["type"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "esp"),
+            ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "root"),
+            ("2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5", "root-verity"),
+        ]
+    );
+    let part = |i: usize, name: &str| {
+        let p = &parts[i];
+        let to = dir.path().join(name);
+        extract(
+            &a,
+            p["start"].as_u64().unwrap(),
+            p["size"].as_u64().unwrap(),
+            &to,
+        );
+        to
+    };
+    let (esp, root, hash) = (part(0, "esp.img"), part(1, "root.img"), part(2, "hash.img"));
+
+    // dm-verity: the root verifies against the printed root hash; one flipped byte does not.
+    let root_hash = first["root_hash"].as_str().unwrap();
+    let verify = |data: &Path| {
+        Command::new("veritysetup")
+            .args(["verify", "--no-superblock"])
+            .arg(format!("--data-blocks={}", first["data_blocks"]))
+            .arg(format!("--salt={}", first["salt"].as_str().unwrap()))
+            .arg(data)
+            .arg(&hash)
+            .arg(root_hash)
+            .output()
+            .unwrap()
+    };
+    // The root filesystem: `/` and the app open to the app's user (65534), owned by root.
+    for (path, mode) in [("/", "0755"), ("/hello", "0755")] {
+        let info = run(Command::new("dump.erofs")
+            .arg(format!("--path={path}"))
+            .arg(&root));
+        assert!(
+            info.contains(&format!("Uid: 0   Gid: 0  Access: {mode}/")),
+            "{path}: {info}"
+        );
+    }
+    let ok = verify(&root);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let mut bytes = std::fs::read(&root).unwrap();
+    bytes[5000] ^= 1;
+    let flipped = dir.path().join("flipped.img");
+    std::fs::write(&flipped, &bytes).unwrap();
+    assert!(
+        !verify(&flipped).status.success(),
+        "a flipped byte verified"
+    );
+
+    // The ESP's unified kernel image: the command line with the root hash, and the
+    // initramfs with kiln as /init, the modules and the app's machine.json.
+    let uki = dir.path().join("uki.efi");
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(&esp)
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&uki));
+    let cmdline = dir.path().join("cmdline");
+    let initrd = dir.path().join("initrd");
+    run(Command::new("objcopy")
+        .arg(format!("--dump-section=.cmdline={}", cmdline.display()))
+        .arg(format!("--dump-section=.initrd={}", initrd.display()))
+        .arg(&uki)
+        .arg(dir.path().join("uki.out")));
+    let cmdline = std::fs::read_to_string(&cmdline).unwrap();
+    assert_eq!(cmdline, first["cmdline"].as_str().unwrap());
+    assert!(
+        cmdline.contains(&format!("kiln.verity={root_hash} ")),
+        "{cmdline}"
+    );
+    let listing = run(Command::new("cpio")
+        .args(["-t", "--quiet", "-F"])
+        .arg(&initrd));
+    for entry in [
+        "init",
+        "dev/console",
+        "kiln/machine.json",
+        "lib/modules/virtio_blk.ko",
+        "lib/modules/dm-verity.ko",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == entry),
+            "{entry} not in the initramfs: {listing}"
+        );
+    }
+    let json = run(Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", "-F"])
+        .arg(&initrd)
+        .arg("kiln/machine.json"));
+    let machine: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(machine["argv"], serde_json::json!(["/hello"]));
+    assert!(
+        machine["env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("HELLO_VERSION=v1")),
+        "{machine}"
+    );
+    assert_eq!(machine["writable"], serde_json::json!(["/tmp"]));
+    assert_eq!(machine["stop_grace_ms"], 2000);
+    assert_eq!(machine["modules"], first["modules"]);
+}
+
+#[test]
+fn disk_formats_need_a_kernel_and_others_refuse_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = dir.path().join("d.raw");
+    kiln(&state)
+        .args(["image", "export", "web:latest", "--format", "raw", "-o"])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("need --kernel"));
+    kiln(&state)
+        .args([
+            "image",
+            "export",
+            "web:latest",
+            "--format",
+            "oci",
+            "--kernel",
+            "/boot/vmlinuz",
+            "-o",
+        ])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "--kernel is for --format raw or qcow2",
+        ));
+    kiln(&state)
+        .args([
+            "image",
+            "export",
+            "web:latest",
+            "--format",
+            "qcow2",
+            "--kernel",
+            "/boot/vmlinuz",
+        ])
+        .args(["--ip", "10.0.2.15/24,10.0.2.2 init=/bin/sh", "-o"])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("is not ADDR/PREFIX,GATEWAY"));
+    assert!(!out.exists());
+}
