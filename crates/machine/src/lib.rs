@@ -11,18 +11,22 @@
 //!   disk GUIDs derived from a seed (`sfdisk`, `sgdisk`).
 //! - [`cpio`]: a `newc` cpio archive, the format of a Linux initramfs (GNU `cpio`).
 //! - [`crc32`]: the CRC-32 GPT's headers carry.
+//! - [`guest`] (Linux only): the guest init, `kiln` as PID 1 of the machine: it sets up the
+//!   verity root and runs the app. The one module here that does I/O (and the one with
+//!   `unsafe`, in its `sys`).
 //!
-//! **Still missing** (the next sessions): the guest init (`kiln` as PID 1 that sets up the
-//! verity root and starts the app), the EFI system partition and its unified kernel image
+//! **Still missing** (the next sessions): the EFI system partition and its unified kernel image
 //! (kernel + initramfs + command line with the root hash), the root filesystem image itself
 //! (erofs or squashfs), the `kiln image export --format raw|qcow2` command that assembles
 //! them, and the test that boots the disk under QEMU.
 //!
-//! **API boundary:** pure writers over `Read`/`Write`: no files opened, no processes run, no
+//! **API boundary:** except [`guest`], pure writers over `Read`/`Write`: no files opened, no processes run, no
 //! clock read. Nothing holds a whole disk or partition in memory; only a verity tree
 //! (1/128 of its data) is kept whole.
 
 pub mod cpio;
 pub mod crc32;
 pub mod gpt;
+#[cfg(target_os = "linux")]
+pub mod guest;
 pub mod verity;
