@@ -361,6 +361,26 @@ mod tests {
     }
 
     #[test]
+    fn table_from_the_command_lines_values() {
+        // The guest has no tree, only what the command line carries; the line must be the
+        // host's.
+        let data = vec![7u8; 3 * 4096];
+        let tree = hash_tree(&mut data.as_slice(), 3, &[1, 2]).unwrap();
+        assert_eq!(
+            table("/dev/vda2", "/dev/vda3", 3, &tree.root_hash(), &[1, 2]).unwrap(),
+            tree.table("/dev/vda2", "/dev/vda3").unwrap()
+        );
+        assert!(matches!(
+            table("a", "b", 0, &[0; 32], &[]),
+            Err(Error::Empty)
+        ));
+        assert!(matches!(
+            table("a", "b", u64::MAX / 4, &[0; 32], &[]),
+            Err(Error::TooLarge(_))
+        ));
+    }
+
+    #[test]
     fn table_line() {
         let data = vec![0u8; 3 * 4096];
         let tree = hash_tree(&mut data.as_slice(), 3, &[0xab, 0xcd]).unwrap();
