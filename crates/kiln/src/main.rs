@@ -21,6 +21,13 @@ use tracing_subscriber::filter::LevelFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A machine image's init (issue 21): the kernel runs `/init` from the initramfs as
+    // process 1. Both checked, so running a copy named `/init` by hand is still the CLI.
+    if std::env::args_os().next().is_some_and(|a| a == "/init")
+        && rustix::process::getpid().is_init()
+    {
+        kiln_machine::guest::main();
+    }
     // The init of an instance (`kiln_runtime::types::INIT_ARG`): before clap, so nothing in
     // the app's environment (`KILN_*` included) can change or break it.
     if std::env::args_os()

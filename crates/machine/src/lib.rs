@@ -17,21 +17,23 @@
 //! - [`disk`]: the whole disk (`kiln image export --format raw|qcow2`): erofs root,
 //!   verity tree, initramfs, UKI on an ESP, GPT, qcow2; [`tools`] finds and runs the
 //!   standard programs it drives.
-//!
-//! **Still missing** (the next sessions): the guest init (`kiln` as PID 1 that sets up the
-//! verity root and starts the app) and the test that boots the disk under QEMU.
+//! - [`guest`] (Linux only): the guest init, `kiln` as PID 1 of the machine: it loads the
+//!   modules, sets up and reads the whole verity root, mounts it, brings up the network,
+//!   runs the app and powers off. The one module with `unsafe` (in its `sys`).
 //!
 //! **API boundary:** [`verity`], [`gpt`], [`cpio`] and [`crc32`] are pure writers over
 //! `Read`/`Write`: no files opened, no processes run, no clock read; nothing holds a whole
 //! disk or partition in memory (only a verity tree, 1/128 of its data). [`disk`], [`uki`]
 //! and [`tools`] are the one place that runs programs (`mkfs.erofs`, `mkfs.vfat`, `mcopy`,
 //! `objcopy`, `objdump`, `qemu-img`, `dpkg-deb`) and writes files: under the work directory
-//! and the output path their caller gives.
+//! and the output path their caller gives. [`guest`] runs only as PID 1 of a machine.
 
 pub mod cpio;
 pub mod crc32;
 pub mod disk;
 pub mod gpt;
+#[cfg(target_os = "linux")]
+pub mod guest;
 pub mod modules;
 pub mod tools;
 pub mod uki;

@@ -145,31 +145,57 @@ impl Tree {
     }
 
     /// The device-mapper table line for this tree with the hash device starting at its
-    /// block 0: `0 <sectors> verity 1 <data_dev> <hash_dev> 4096 4096 <data_blocks> 0
-    /// sha256 <root> <salt>` (the salt `-` when empty), for `dmsetup create` or the
-    /// kernel's `dm-mod.create=`.
+    /// block 0 (see [`table`]), for `dmsetup create` or the kernel's `dm-mod.create=`.
     pub fn table(&self, data_dev: &str, hash_dev: &str) -> Result<String, Error> {
-        for dev in [data_dev, hash_dev] {
-            if dev.is_empty() || dev.chars().any(char::is_whitespace) {
-                return Err(Error::DeviceName(dev.to_owned()));
-            }
-        }
-        let salt = if self.salt.is_empty() {
-            "-".to_owned()
-        } else {
-            hex::encode(&self.salt)
-        };
-        let mut line = String::new();
-        // A String's fmt::Write cannot fail.
-        let _ = write!(
-            line,
-            "0 {sectors} verity 1 {data_dev} {hash_dev} {BLOCK_SIZE} {BLOCK_SIZE} {blocks} 0 sha256 {root} {salt}",
-            sectors = self.data_blocks * (BLOCK_SIZE / 512),
-            blocks = self.data_blocks,
-            root = self.root_hex(),
-        );
-        Ok(line)
+        table(
+            data_dev,
+            hash_dev,
+            self.data_blocks,
+            &self.root_hash,
+            &self.salt,
+        )
     }
+}
+
+/// The device-mapper table line of a verity device over `data_blocks` blocks whose hash
+/// device starts at its block 0: `0 <sectors> verity 1 <data_dev> <hash_dev> 4096 4096
+/// <data_blocks> 0 sha256 <root> <salt>` (the salt `-` when empty). The host builds it from
+/// a [`Tree`]; the guest init from the root hash, salt and block count its command line
+/// carries, so both sides write the same line.
+pub fn table(
+    data_dev: &str,
+    hash_dev: &str,
+    data_blocks: u64,
+    root_hash: &[u8; 32],
+    salt: &[u8],
+) -> Result<String, Error> {
+    for dev in [data_dev, hash_dev] {
+        if dev.is_empty() || dev.chars().any(char::is_whitespace) {
+            return Err(Error::DeviceName(dev.to_owned()));
+        }
+    }
+    if data_blocks == 0 {
+        return Err(Error::Empty);
+    }
+    let sectors = data_blocks
+        .checked_mul(BLOCK_SIZE / 512)
+        .ok_or(Error::TooLarge(data_blocks))?;
+    if salt.len() > MAX_SALT {
+        return Err(Error::SaltTooLong { len: salt.len() });
+    }
+    let salt = if salt.is_empty() {
+        "-".to_owned()
+    } else {
+        hex::encode(salt)
+    };
+    let mut line = String::new();
+    // A String's fmt::Write cannot fail.
+    let _ = write!(
+        line,
+        "0 {sectors} verity 1 {data_dev} {hash_dev} {BLOCK_SIZE} {BLOCK_SIZE} {data_blocks} 0 sha256 {root} {salt}",
+        root = hex::encode(root_hash),
+    );
+    Ok(line)
 }
 
 /// Hashes one block (or one hash block) the way format version 1 does: salt first.
@@ -331,6 +357,26 @@ mod tests {
         assert!(matches!(
             hash_tree(&mut data.as_slice(), 1, &[0; 257]),
             Err(Error::SaltTooLong { len: 257 })
+        ));
+    }
+
+    #[test]
+    fn table_from_the_command_lines_values() {
+        // The guest has no tree, only what the command line carries; the line must be the
+        // host's.
+        let data = vec![7u8; 3 * 4096];
+        let tree = hash_tree(&mut data.as_slice(), 3, &[1, 2]).unwrap();
+        assert_eq!(
+            table("/dev/vda2", "/dev/vda3", 3, &tree.root_hash(), &[1, 2]).unwrap(),
+            tree.table("/dev/vda2", "/dev/vda3").unwrap()
+        );
+        assert!(matches!(
+            table("a", "b", 0, &[0; 32], &[]),
+            Err(Error::Empty)
+        ));
+        assert!(matches!(
+            table("a", "b", u64::MAX / 4, &[0; 32], &[]),
+            Err(Error::TooLarge(_))
         ));
     }
 
