@@ -62,14 +62,6 @@ pub struct App {
     pub stop_grace_ms: u64,
 }
 
-/// `/kiln/machine.json`: the modules in load order, then the app.
-#[derive(Serialize)]
-struct MachineJson<'a> {
-    modules: &'a [String],
-    #[serde(flatten)]
-    app: &'a App,
-}
-
 /// The guest's network: QEMU user-mode networking's address and gateway.
 pub const DEFAULT_IP: &str = "10.0.2.15/24,10.0.2.2";
 
@@ -148,6 +140,9 @@ pub enum Error {
     /// The output exists.
     #[error("{0} already exists; choose a new path")]
     Exists(PathBuf),
+    /// A path the guest mounts on is a file or a symbolic link in the image.
+    #[error("{0} is a file or a symbolic link in the image: the machine mounts a directory there")]
+    MountPoint(String),
     /// A file could not be read or written.
     #[error("cannot {what} {path}")]
     Io {
@@ -230,6 +225,7 @@ pub fn export(
 
     // The root: erofs, then its verity tree.
     let root = work.join("root.erofs");
+    add_mount_points(input.rootfs, &input.app.writable)?;
     mkfs_erofs(&tools, input, &root)?;
     let root_len = std::fs::metadata(&root)
         .map_err(io_err("stat", &root))?
@@ -261,15 +257,13 @@ pub fn export(
                 .unwrap_or_default()
         })
         .collect();
-    let json = serde_json::to_vec(&MachineJson {
-        modules: &module_names,
-        app: input.app,
-    })
-    .map_err(|e| Error::Io {
-        what: "encode",
-        path: PathBuf::from("/kiln/machine.json"),
-        source: e.into(),
-    })?;
+    // The guest init's own type: what it reads is what is written.
+    let json =
+        serde_json::to_vec(&machine_json(&module_names, input.app)).map_err(|e| Error::Io {
+            what: "encode",
+            path: PathBuf::from("/kiln/machine.json"),
+            source: e.into(),
+        })?;
     let initrd = work.join("initrd.cpio");
     write_initramfs(&initrd, &init, &json, &moddir, &order, &module_names)?;
     let cmdline = format!(
@@ -526,6 +520,58 @@ fn mkfs_erofs(tools: &Tools, input: &Input<'_>, out: &Path) -> Result<(), Error>
     Ok(())
 }
 
+/// `/kiln/machine.json` as the guest init reads it: the modules in load order, then the app.
+fn machine_json(modules: &[String], app: &App) -> crate::guest::config::MachineJson {
+    crate::guest::config::MachineJson {
+        modules: modules.to_vec(),
+        argv: app.argv.clone(),
+        env: app.env.clone(),
+        cwd: app.cwd.clone(),
+        uid: app.uid,
+        gid: app.gid,
+        writable: app.writable.clone(),
+        tmpfs_size_bytes: app.tmpfs_size_bytes,
+        stop_grace_ms: app.stop_grace_ms,
+    }
+}
+
+/// The directories the guest init mounts on, which a read-only root cannot gain once sealed:
+/// `/dev`, `/proc` and each writable path, made in `rootfs` where the image has none. A
+/// component that is a symbolic link is refused, never followed (it would lead out of
+/// `rootfs`, into the host's own tree); one that is a file is refused too.
+fn add_mount_points(rootfs: &Path, writable: &[String]) -> Result<(), Error> {
+    let mut paths: Vec<&str> = vec!["/dev", "/proc"];
+    paths.extend(writable.iter().map(String::as_str));
+    for path in paths {
+        let mut at = rootfs.to_path_buf();
+        for part in Path::new(path).components() {
+            let std::path::Component::Normal(name) = part else {
+                continue;
+            };
+            at.push(name);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(Error::MountPoint(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&at).map_err(io_err("create", &at))?;
+                    let mode = if path == "/tmp" || path == "/var/tmp" {
+                        0o1777
+                    } else {
+                        0o755
+                    };
+                    std::fs::set_permissions(
+                        &at,
+                        std::os::unix::fs::PermissionsExt::from_mode(mode),
+                    )
+                    .map_err(io_err("chmod", &at))?;
+                }
+                Err(e) => return Err(io_err("stat", &at)(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()
@@ -659,20 +705,41 @@ mod tests {
             tmpfs_size_bytes: 64 << 20,
             stop_grace_ms: 5000,
         };
-        let json = serde_json::to_string(&MachineJson {
-            modules: &["virtio.ko".to_owned()],
-            app: &app,
-        })
-        .unwrap();
+        let json = serde_json::to_string(&machine_json(&["virtio.ko".to_owned()], &app)).unwrap();
         assert_eq!(
             json,
             r#"{"modules":["virtio.ko"],"argv":["/hello"],"env":["PORT=8080"],"cwd":"/","uid":65534,"gid":65534,"writable":["/tmp"],"tmpfs_size_bytes":67108864,"stop_grace_ms":5000}"#
         );
+        // What the guest init accepts.
+        let parsed: crate::guest::config::MachineJson = serde_json::from_str(&json).unwrap();
+        assert!(crate::guest::config::Machine::try_from(parsed).is_ok());
     }
 
     #[test]
     fn verity_pair_guids_are_uuid_shaped() {
         let g = uuid_shaped([0xff; 16]).to_string();
         assert_eq!(g, "FFFFFFFF-FFFF-4FFF-BFFF-FFFFFFFFFFFF");
+    }
+
+    #[test]
+    fn mount_points_are_made_and_a_symlink_is_never_followed() {
+        let root = tempfile::tempdir().unwrap();
+        add_mount_points(
+            root.path(),
+            &["/tmp".to_owned(), "/var/cache/app".to_owned()],
+        )
+        .unwrap();
+        for made in ["dev", "proc", "tmp", "var/cache/app"] {
+            assert!(root.path().join(made).is_dir(), "{made}");
+        }
+        let outside = tempfile::tempdir().unwrap();
+        let hostile = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), hostile.path().join("data")).unwrap();
+        let e = add_mount_points(hostile.path(), &["/data/x".to_owned()]).unwrap_err();
+        assert!(e.to_string().contains("/data/x"), "{e}");
+        assert!(
+            !outside.path().join("x").exists(),
+            "followed the link out of the rootfs"
+        );
     }
 }
