@@ -16,6 +16,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{hello_binary, kiln};
 use sha2::{Digest as _, Sha256};
@@ -369,4 +370,222 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
         .code(2)
         .stderr(predicates::str::contains("is not ADDR/PREFIX,GATEWAY"));
     assert!(!out.exists());
+}
+
+/// The accelerator QEMU boots with: TCG unless `KILN_QEMU_ACCEL` names another (`kvm`):
+/// `/dev/kvm` can exist where KVM is nested and crawls (this project's CI machines).
+fn accel() -> String {
+    std::env::var("KILN_QEMU_ACCEL").unwrap_or_else(|_| "tcg".to_owned())
+}
+
+/// A QEMU booting a disk, its serial console in a file, its monitor on a socket.
+struct Vm {
+    child: std::process::Child,
+    console: PathBuf,
+    monitor: PathBuf,
+    started: std::time::Instant,
+}
+
+impl Vm {
+    fn boot(disk: &Path, dir: &Path, name: &str, port: u16) -> Vm {
+        let console = dir.join(format!("{name}.console"));
+        let monitor = dir.join(format!("{name}.monitor"));
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "q35",
+                "-accel",
+                &accel(),
+                "-m",
+                "512",
+                "-smp",
+                "1",
+            ])
+            .args(["-bios", OVMF, "-display", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                disk.display()
+            ))
+            .args([
+                "-netdev",
+                &format!("user,id=n,hostfwd=tcp:127.0.0.1:{port}-:8080"),
+            ])
+            .args(["-device", "virtio-net-pci,netdev=n"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Vm {
+            child,
+            console,
+            monitor,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until `done` says yes about the console (or the VM stops, or `limit` passes).
+    fn wait_console(&mut self, limit: Duration, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let text = self.console();
+            if done(&text) {
+                return;
+            }
+            let exited = self.child.try_wait().unwrap().is_some();
+            assert!(
+                !exited && std::time::Instant::now() < deadline,
+                "{what}: not seen on the console ({}):\n{text}",
+                if exited {
+                    "the VM stopped"
+                } else {
+                    "timed out"
+                }
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for QEMU to exit, at most `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    }
+
+    fn monitor(&self, command: &str) {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.monitor).unwrap();
+        writeln!(s, "{command}").unwrap();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request through the VM's forwarded port: the status and the body, or `None`
+/// while nothing answers.
+fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: vm\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    let (_, body) = out.split_once("\r\n\r\n")?;
+    Some((status, body.to_owned()))
+}
+
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+#[test]
+fn example_disk_boots_serves_stays_sealed_and_powers_off() {
+    let Some(kernel) = prerequisites() else {
+        return;
+    };
+    if !on_path("qemu-system-x86_64") || !Path::new(OVMF).is_file() {
+        skip("apt-get install qemu-system-x86 ovmf");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let spec = common::write_spec(dir.path(), common::free_port(), "v1", 1);
+    let image = common::build(&state, &spec);
+    let disk = dir.path().join("disk.raw");
+    let exported = export(&state, &image, &kernel, &spec, "raw", &disk);
+
+    // It boots, through OVMF and the unified kernel image, and the app answers.
+    let port = common::free_port();
+    let mut vm = Vm::boot(&disk, dir.path(), "good", port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let answered = loop {
+        if let Some((200, body)) = http(port, "GET", "/") {
+            break body;
+        }
+        assert!(
+            vm.child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline,
+            "the app never answered:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "machine image ({} accel): first 200 {:.1}s after qemu started",
+        accel(),
+        vm.started.elapsed().as_secs_f64()
+    );
+    assert_eq!(answered, "hello from v1\n");
+
+    // Sealed: the root is read-only, the writable paths are not.
+    let (status, body) = http(port, "POST", "/write?path=/etc-was-written").unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("Read-only file system"), "{body}");
+    let (status, body) = http(port, "POST", "/write?path=/tmp/scratch").unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // An ACPI shutdown stops the app and powers the machine off.
+    vm.monitor("system_powerdown");
+    assert!(
+        vm.wait_exit(Duration::from_secs(120)),
+        "no power off:\n{}",
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(console.contains("kiln:"), "{console}");
+    drop(vm);
+
+    // One byte flipped in the root partition: the boot refuses the root.
+    let layout: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&disk))).unwrap();
+    let root = &layout["partitiontable"]["partitions"][1];
+    let start = root["start"].as_u64().unwrap() * 512;
+    let tampered = dir.path().join("tampered.raw");
+    std::fs::copy(&disk, &tampered).unwrap();
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&tampered)
+            .unwrap();
+        let at = start + 4096 * 3 + 17;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[b[0] ^ 0x01]).unwrap();
+    }
+    let mut vm = Vm::boot(&tampered, dir.path(), "tampered", common::free_port());
+    vm.wait_console(Duration::from_secs(300), "the verity refusal", |c| {
+        c.contains("does not match its root hash")
+    });
+    assert!(
+        vm.wait_exit(Duration::from_secs(60)),
+        "it did not power off:\n{}",
+        vm.console()
+    );
+    let _ = exported;
 }
