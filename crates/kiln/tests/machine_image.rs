@@ -467,10 +467,39 @@ impl Vm {
         false
     }
 
+    /// Sends `command` to QEMU's monitor and waits for its prompt to come back, so that the
+    /// command was read before the connection closes (QEMU can drop what a client wrote just
+    /// before hanging up).
     fn monitor(&self, command: &str) {
-        use std::io::Write;
+        use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&self.monitor).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut seen = Vec::new();
+        let mut prompts = |s: &mut std::os::unix::net::UnixStream, want: usize| {
+            let mut buf = [0u8; 4096];
+            while seen.windows(7).filter(|w| w == b"(qemu) ").count() < want {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        prompts(&mut s, 1);
         writeln!(s, "{command}").unwrap();
+        prompts(&mut s, 2);
+    }
+
+    /// Presses the ACPI power button until QEMU exits (a press the guest takes before it
+    /// listens is lost), for at most `limit`.
+    fn power_off(&mut self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            self.monitor("system_powerdown");
+            if self.wait_exit(Duration::from_secs(15)) {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -547,9 +576,8 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     assert_eq!(status, 200, "{body}");
 
     // An ACPI shutdown stops the app and powers the machine off.
-    vm.monitor("system_powerdown");
     assert!(
-        vm.wait_exit(Duration::from_secs(120)),
+        vm.power_off(Duration::from_secs(120)),
         "no power off:\n{}",
         vm.console()
     );
