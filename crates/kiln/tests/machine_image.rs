@@ -368,7 +368,18 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
         .arg(&out)
         .assert()
         .code(2)
-        .stderr(predicates::str::contains("is not ADDR/PREFIX,GATEWAY"));
+        .stderr(predicates::str::contains(
+            "is not dhcp or ADDR/PREFIX,GATEWAY",
+        ));
+    kiln(&state)
+        .args(["image", "export", "web:latest", "--format", "oci"])
+        .args(["--status-port", "80", "-o"])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "--status-port is for --format raw or qcow2",
+        ));
     assert!(!out.exists());
 }
 
@@ -387,7 +398,9 @@ struct Vm {
 }
 
 impl Vm {
-    fn boot(disk: &Path, dir: &Path, name: &str, port: u16) -> Vm {
+    /// Boots `disk` with the guest's port 8080 at `port` and its status port 9901 at
+    /// `status` on the host's loopback, and `extra` arguments for QEMU.
+    fn boot(disk: &Path, dir: &Path, name: &str, port: u16, status: u16, extra: &[String]) -> Vm {
         let console = dir.join(format!("{name}.console"));
         let monitor = dir.join(format!("{name}.monitor"));
         let child = Command::new("qemu-system-x86_64")
@@ -413,9 +426,12 @@ impl Vm {
             ))
             .args([
                 "-netdev",
-                &format!("user,id=n,hostfwd=tcp:127.0.0.1:{port}-:8080"),
+                &format!(
+                    "user,id=n,hostfwd=tcp:127.0.0.1:{port}-:8080,hostfwd=tcp:127.0.0.1:{status}-:9901"
+                ),
             ])
             .args(["-device", "virtio-net-pci,netdev=n"])
+            .args(extra)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
@@ -541,14 +557,39 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let spec = common::write_spec(dir.path(), common::free_port(), "v1", 1);
+    // The app as a sealed machine: limits, a health check, and two secrets the platform
+    // gives at boot (the page it serves from /run/secrets, and its version in its env).
+    let spec = common::write_spec_with(
+        dir.path(),
+        common::free_port(),
+        r#"HELLO_PAGE = "/run/secrets/GREETING""#,
+        1,
+        "[deploy]\nkeep_previous = \"10m\"\n",
+    );
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "[service]\n",
+        "[service]\nmemory = \"48MiB\"\ncpus = 0.5\npids = 64\n",
+    );
+    let text = format!(
+        "{text}\n[service.secrets]\nGREETING = {{ env = \"KILN_TEST_GREETING\" }}\nHELLO_VERSION = {{ env = \"KILN_TEST_VERSION\", expose_env = true }}\n"
+    );
+    std::fs::write(&spec, text).unwrap();
     let image = common::build(&state, &spec);
     let disk = dir.path().join("disk.raw");
     let exported = export(&state, &image, &kernel, &spec, "raw", &disk);
+    let greeting = dir.path().join("greeting");
+    std::fs::write(&greeting, "a secret greeting\n").unwrap();
+    let secrets = [
+        "-fw_cfg".to_owned(),
+        format!("name=opt/kiln/secrets/GREETING,file={}", greeting.display()),
+        "-fw_cfg".to_owned(),
+        "name=opt/kiln/secrets/HELLO_VERSION,string=v-from-fw-cfg".to_owned(),
+    ];
 
-    // It boots, through OVMF and the unified kernel image, and the app answers.
-    let port = common::free_port();
-    let mut vm = Vm::boot(&disk, dir.path(), "good", port);
+    // It boots, through OVMF and the unified kernel image, gets its address from QEMU's
+    // DHCP server, and the app answers with the page its secret holds.
+    let (port, status_port) = (common::free_port(), common::free_port());
+    let mut vm = Vm::boot(&disk, dir.path(), "good", port, status_port, &secrets);
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let answered = loop {
         if let Some((200, body)) = http(port, "GET", "/") {
@@ -566,14 +607,68 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         accel(),
         vm.started.elapsed().as_secs_f64()
     );
-    assert_eq!(answered, "hello from v1\n");
+    assert_eq!(
+        answered, "a secret greeting",
+        "one trailing newline dropped"
+    );
+    let (status, version) = http(port, "GET", "/version").unwrap();
+    assert_eq!(
+        (status, version.as_str()),
+        (200, "v-from-fw-cfg\n"),
+        "expose_env"
+    );
+    let console = vm.console();
+    assert!(
+        console.contains("kiln: eth0 10.0.2.15/24 via 10.0.2.2 (dhcp, DNS 10.0.2.3)"),
+        "{console}"
+    );
 
-    // Sealed: the root is read-only, the writable paths are not.
+    // Sealed: the root is read-only, the writable paths are not, the secrets are not.
     let (status, body) = http(port, "POST", "/write?path=/etc-was-written").unwrap();
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("Read-only file system"), "{body}");
     let (status, body) = http(port, "POST", "/write?path=/tmp/scratch").unwrap();
     assert_eq!(status, 200, "{body}");
+    let (status, body) = http(port, "POST", "/write?path=/run/secrets/GREETING").unwrap();
+    assert_eq!(status, 500, "{body}");
+
+    // The init's status endpoint: healthy once the spec's check passes, the image and root
+    // hash it booted, and the limits as the kernel holds them for the app's cgroup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let report: serde_json::Value = loop {
+        match http(status_port, "GET", "/health") {
+            Some((200, body)) => break serde_json::from_str(&body).unwrap(),
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the status endpoint never said healthy: {other:?}\n{}",
+                vm.console()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(report["health"], "healthy", "{report}");
+    assert_eq!(report["image"], image_digest(&state, &image), "{report}");
+    assert_eq!(report["root_hash"], exported["root_hash"], "{report}");
+    assert_eq!(report["network"], "dhcp", "{report}");
+    assert_eq!(report["address"], "10.0.2.15/24", "{report}");
+    assert_eq!(
+        report["cgroup"]["memory.max"],
+        (48u64 << 20).to_string(),
+        "{report}"
+    );
+    assert_eq!(report["cgroup"]["pids.max"], "64", "{report}");
+    assert_eq!(report["cgroup"]["cpu.max"], "50000 100000", "{report}");
+    let used: u64 = report["cgroup"]["memory.current"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(used > 0 && used < 48 << 20, "{report}");
+    assert_eq!(
+        http(status_port, "GET", "/").map(|(s, _)| s),
+        Some(404),
+        "only /health"
+    );
 
     // An ACPI shutdown stops the app and powers the machine off.
     assert!(
@@ -606,7 +701,14 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         f.seek(SeekFrom::Start(at)).unwrap();
         f.write_all(&[b[0] ^ 0x01]).unwrap();
     }
-    let mut vm = Vm::boot(&tampered, dir.path(), "tampered", common::free_port());
+    let mut vm = Vm::boot(
+        &tampered,
+        dir.path(),
+        "tampered",
+        common::free_port(),
+        common::free_port(),
+        &secrets,
+    );
     vm.wait_console(Duration::from_secs(300), "the verity refusal", |c| {
         c.contains("does not match its root hash")
     });
@@ -615,5 +717,36 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         "it did not power off:\n{}",
         vm.console()
     );
-    let _ = exported;
+    drop(vm);
+
+    // A secret the platform does not give: the boot stops, naming it and how to give it.
+    let mut vm = Vm::boot(
+        &disk,
+        dir.path(),
+        "no-secret",
+        common::free_port(),
+        common::free_port(),
+        &secrets[..2],
+    );
+    vm.wait_console(Duration::from_secs(300), "the missing secret", |c| {
+        c.contains("kiln: reading the secrets: secret HELLO_VERSION: not given (run the machine with -fw_cfg name=opt/kiln/secrets/HELLO_VERSION,file=PATH)")
+    });
+    assert!(
+        vm.wait_exit(Duration::from_secs(60)),
+        "it did not power off:\n{}",
+        vm.console()
+    );
+}
+
+/// The manifest digest of `reference` in the store, as `kiln image inspect` says it.
+fn image_digest(state: &Path, reference: &str) -> String {
+    let out = kiln(state)
+        .args(["--json", "image", "inspect", reference])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    v["digest"].as_str().unwrap().to_owned()
 }

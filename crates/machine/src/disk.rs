@@ -60,10 +60,22 @@ pub struct App {
     pub tmpfs_size_bytes: u64,
     /// Time between SIGTERM and SIGKILL at power-off.
     pub stop_grace_ms: u64,
+    /// The app's cgroup limits.
+    pub limits: crate::guest::config::Limits,
+    /// The secrets the platform must give at boot (names only).
+    pub secrets: Vec<crate::guest::config::Secret>,
+    /// The app's health check.
+    pub health: Option<crate::guest::config::HealthJson>,
+    /// The guest init's status endpoint's port.
+    pub status_port: Option<u16>,
 }
 
-/// The guest's network: QEMU user-mode networking's address and gateway.
-pub const DEFAULT_IP: &str = "10.0.2.15/24,10.0.2.2";
+/// The port of the guest init's status endpoint (`GET /health`) unless the export says
+/// another.
+pub const DEFAULT_STATUS_PORT: u16 = 9901;
+
+/// The guest's network unless the export says otherwise: an address from DHCP.
+pub const DEFAULT_IP: &str = "dhcp";
 
 /// Everything a disk is made of.
 #[derive(Debug, Clone)]
@@ -78,7 +90,7 @@ pub struct Input<'a> {
     pub init: &'a Path,
     /// The app.
     pub app: &'a App,
-    /// `kiln.ip`: `ADDR/PREFIX,GATEWAY`.
+    /// `kiln.ip`: `dhcp` or `ADDR/PREFIX,GATEWAY`.
     pub ip: &'a str,
 }
 
@@ -221,11 +233,17 @@ pub fn export(
 
     let (vmlinuz, moddir, kernel_release) = locate_kernel(input.kernel, &tools, work)?;
     let catalog = Catalog::scan(&moddir)?;
-    let order = modules::resolve(modules::ROOTS, &mut |n| catalog.depends(n), &catalog)?;
+    let mut roots = modules::ROOTS.to_vec();
+    let mut mount_points = input.app.writable.clone();
+    if !input.app.secrets.is_empty() {
+        roots.push(modules::FW_CFG);
+        mount_points.push(crate::guest::secrets::DIR.to_owned());
+    }
+    let order = modules::resolve(&roots, &mut |n| catalog.depends(n), &catalog)?;
 
     // The root: erofs, then its verity tree.
     let root = work.join("root.erofs");
-    add_mount_points(input.rootfs, &input.app.writable)?;
+    add_mount_points(input.rootfs, &mount_points)?;
     mkfs_erofs(&tools, input, &root)?;
     let root_len = std::fs::metadata(&root)
         .map_err(io_err("stat", &root))?
@@ -258,8 +276,8 @@ pub fn export(
         })
         .collect();
     // The guest init's own type: what it reads is what is written.
-    let json =
-        serde_json::to_vec(&machine_json(&module_names, input.app)).map_err(|e| Error::Io {
+    let json = serde_json::to_vec(&machine_json(&module_names, input.app, input.image_digest))
+        .map_err(|e| Error::Io {
             what: "encode",
             path: PathBuf::from("/kiln/machine.json"),
             source: e.into(),
@@ -521,7 +539,7 @@ fn mkfs_erofs(tools: &Tools, input: &Input<'_>, out: &Path) -> Result<(), Error>
 }
 
 /// `/kiln/machine.json` as the guest init reads it: the modules in load order, then the app.
-fn machine_json(modules: &[String], app: &App) -> crate::guest::config::MachineJson {
+fn machine_json(modules: &[String], app: &App, image: &str) -> crate::guest::config::MachineJson {
     crate::guest::config::MachineJson {
         modules: modules.to_vec(),
         argv: app.argv.clone(),
@@ -532,11 +550,17 @@ fn machine_json(modules: &[String], app: &App) -> crate::guest::config::MachineJ
         writable: app.writable.clone(),
         tmpfs_size_bytes: app.tmpfs_size_bytes,
         stop_grace_ms: app.stop_grace_ms,
+        image: image.to_owned(),
+        limits: app.limits,
+        secrets: app.secrets.clone(),
+        health: app.health.clone(),
+        status_port: app.status_port,
     }
 }
 
 /// The directories the guest init mounts on, which a read-only root cannot gain once sealed:
-/// `/dev`, `/proc` and each writable path, made in `rootfs` where the image has none. A
+/// `/dev`, `/proc` and each path given (the writable ones, `/run/secrets`), made in
+/// `rootfs` where the image has none. A
 /// component that is a symbolic link is refused, never followed (it would lead out of
 /// `rootfs`, into the host's own tree); one that is a file is refused too.
 fn add_mount_points(rootfs: &Path, writable: &[String]) -> Result<(), Error> {
@@ -704,11 +728,23 @@ mod tests {
             writable: vec!["/tmp".into()],
             tmpfs_size_bytes: 64 << 20,
             stop_grace_ms: 5000,
+            limits: crate::guest::config::Limits {
+                memory_bytes: Some(64 << 20),
+                cpu_millis: None,
+                pids: Some(512),
+            },
+            secrets: vec![crate::guest::config::Secret {
+                name: "DB_PASSWORD".into(),
+                expose_env: false,
+            }],
+            health: None,
+            status_port: Some(DEFAULT_STATUS_PORT),
         };
-        let json = serde_json::to_string(&machine_json(&["virtio.ko".to_owned()], &app)).unwrap();
+        let json = machine_json(&["virtio.ko".to_owned()], &app, "sha256:ab");
+        let json = serde_json::to_string(&json).unwrap();
         assert_eq!(
             json,
-            r#"{"modules":["virtio.ko"],"argv":["/hello"],"env":["PORT=8080"],"cwd":"/","uid":65534,"gid":65534,"writable":["/tmp"],"tmpfs_size_bytes":67108864,"stop_grace_ms":5000}"#
+            r#"{"modules":["virtio.ko"],"argv":["/hello"],"env":["PORT=8080"],"cwd":"/","uid":65534,"gid":65534,"writable":["/tmp"],"tmpfs_size_bytes":67108864,"stop_grace_ms":5000,"image":"sha256:ab","limits":{"memory_bytes":67108864,"cpu_millis":null,"pids":512},"secrets":[{"name":"DB_PASSWORD","expose_env":false}],"health":null,"status_port":9901}"#
         );
         // What the guest init accepts.
         let parsed: crate::guest::config::MachineJson = serde_json::from_str(&json).unwrap();

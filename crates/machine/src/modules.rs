@@ -29,6 +29,10 @@ pub const ROOTS: &[&str] = &[
     "button",
 ];
 
+/// The module that reads QEMU's firmware configuration device, where the guest finds its
+/// secrets: a root only when the app has secrets.
+pub const FW_CFG: &str = "qemu_fw_cfg";
+
 /// Why the modules could not be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -87,13 +87,21 @@ pub struct ExportArgs {
     /// or /lib/modules/<release>) or a Debian linux-image-<release>_*.deb (raw and qcow2 only)
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// The spec whose [service] writable paths, tmpfs_size, stop_grace and env the disk's
-    /// app gets [default: writable /tmp, 64 MiB, 5s] (raw and qcow2 only)
+    /// The spec whose [service] the disk's app gets: writable paths, tmpfs_size,
+    /// stop_grace, env, memory, cpus, pids, user, [service.health] (checked by the guest's
+    /// init) and [service.secrets] (names only: the machine is given the values at boot,
+    /// with QEMU's -fw_cfg name=opt/kiln/secrets/NAME,file=PATH) [default: writable /tmp,
+    /// 64 MiB, 5s, no limits, no health check] (raw and qcow2 only)
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
-    /// The guest's address, prefix and gateway (raw and qcow2 only)
-    #[arg(long, value_name = "ADDR/PREFIX,GATEWAY", default_value = kiln_machine::disk::DEFAULT_IP)]
+    /// How the guest's eth0 gets its address: dhcp, or ADDR/PREFIX,GATEWAY (raw and qcow2
+    /// only)
+    #[arg(long, value_name = "dhcp|ADDR/PREFIX,GATEWAY", default_value = kiln_machine::disk::DEFAULT_IP)]
     pub ip: String,
+    /// The TCP port of the guest init's status endpoint (GET /health: 200 while the app
+    /// runs and is healthy, 503 otherwise, with JSON); 0 for none (raw and qcow2 only)
+    #[arg(long, value_name = "PORT", default_value_t = kiln_machine::disk::DEFAULT_STATUS_PORT)]
+    pub status_port: u16,
 }
 
 /// What `kiln image export` writes: an image format, or a machine disk.
@@ -549,15 +557,17 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
             if args.ip != kiln_machine::disk::DEFAULT_IP {
                 return disk_only("--ip");
             }
+            if args.status_port != kiln_machine::disk::DEFAULT_STATUS_PORT {
+                return disk_only("--status-port");
+            }
             format
         }
         ExportTo::Disk(format) => {
             // It goes into the kernel command line: nothing but an address may get there.
             if !valid_guest_ip(&args.ip) {
                 out.error(&anyhow::anyhow!(
-                    "--ip {:?} is not ADDR/PREFIX,GATEWAY (IPv4, e.g. {})",
+                    "--ip {:?} is not dhcp or ADDR/PREFIX,GATEWAY (IPv4, e.g. 10.0.2.15/24,10.0.2.2)",
                     args.ip,
-                    kiln_machine::disk::DEFAULT_IP
                 ));
                 return Ok(ExitCode::from(2));
             }
@@ -582,9 +592,13 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether `ip` is `ADDR/PREFIX,GATEWAY` in IPv4, what the guest init reads from `kiln.ip`.
+/// Whether `ip` is `dhcp` or `ADDR/PREFIX,GATEWAY` in IPv4, what the guest init reads from
+/// `kiln.ip`.
 fn valid_guest_ip(ip: &str) -> bool {
     use std::net::Ipv4Addr;
+    if ip == "dhcp" {
+        return true;
+    }
     let Some((cidr, gateway)) = ip.split_once(',') else {
         return false;
     };
@@ -597,11 +611,14 @@ fn valid_guest_ip(ip: &str) -> bool {
 }
 
 /// The app of a machine disk: argv, env, cwd and user from the image's OCI config; writable
-/// paths, tmpfs size, stop grace and env on top from the spec when one is named.
+/// paths, tmpfs size, stop grace, env, user, limits, health check and secrets' names on top
+/// from the spec when one is named.
 fn machine_app(
     config: &serde_json::Value,
     spec: Option<&kiln_spec::Spec>,
+    status_port: u16,
 ) -> anyhow::Result<kiln_machine::disk::App> {
+    use kiln_machine::guest::config::{HealthJson, Limits, Secret};
     let c = &config["config"];
     let strings = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
@@ -624,15 +641,21 @@ fn machine_app(
         Some(d) if !d.is_empty() => d.to_owned(),
         _ => "/".to_owned(),
     };
-    // As a sealed instance: the image's user, else 65534 (never root by default).
-    let (uid, gid) = match c["User"].as_str().unwrap_or("") {
+    // As a sealed instance: the spec's user, else the image's, else 65534 (never root by
+    // default).
+    let (user, whose) = match spec.and_then(|s| s.service.user.as_deref()) {
+        Some(user) => (user, "[service] user"),
+        None => (c["User"].as_str().unwrap_or(""), "the image's user"),
+    };
+    let (uid, gid) = match user {
         "" => (65534, 65534),
+        "root" => (0, 0),
         user => {
             let (u, g) = user.split_once(':').unwrap_or((user, "0"));
             match (u.parse::<u32>(), g.parse::<u32>()) {
                 (Ok(u), Ok(g)) => (u, g),
                 _ => anyhow::bail!(
-                    "the image's user {user:?} is not a numeric UID[:GID]: machine disks do not read account names yet"
+                    "{whose} {user:?} is not a numeric UID[:GID]: machine disks do not read account names yet"
                 ),
             }
         }
@@ -646,6 +669,10 @@ fn machine_app(
         writable: vec!["/tmp".to_owned()],
         tmpfs_size_bytes: kiln_spec::ServiceSpec::DEFAULT_TMPFS_SIZE,
         stop_grace_ms: 5000,
+        limits: Limits::default(),
+        secrets: Vec::new(),
+        health: None,
+        status_port: (status_port != 0).then_some(status_port),
     };
     if let Some(spec) = spec {
         let s = &spec.service;
@@ -656,14 +683,48 @@ fn machine_app(
             .map(|(_, size)| size)
             .max()
             .unwrap_or(s.tmpfs_size);
-        app.stop_grace_ms = u64::try_from(s.stop_grace.as_millis()).unwrap_or(u64::MAX);
+        app.stop_grace_ms = millis(s.stop_grace);
         for (k, v) in &s.env {
             env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != k);
             env.push(format!("{k}={v}"));
         }
+        app.limits = Limits {
+            memory_bytes: s.memory,
+            // Validated finite and positive by the spec; thousandths of a core.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            cpu_millis: s.cpus.map(|c| (c * 1000.0).round().max(1.0) as u64),
+            pids: Some(s.pids),
+        };
+        app.secrets = s
+            .secrets
+            .iter()
+            .map(|x| Secret {
+                name: x.name.clone(),
+                expose_env: x.expose_env,
+            })
+            .collect();
+        let h = &s.health;
+        app.health = Some(HealthJson {
+            port: s.port,
+            path: h.path.clone(),
+            interval_ms: millis(h.interval),
+            timeout_ms: millis(h.timeout),
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+            start_period_ms: millis(h.start_period),
+        });
+        if app.status_port == Some(s.port) {
+            anyhow::bail!(
+                "--status-port {status_port} is the app's own port ([service] port): choose another"
+            );
+        }
     }
     app.env = env;
     Ok(app)
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `kiln image export --format raw|qcow2`: the image's rootfs as a bootable, verity-sealed
@@ -685,7 +746,7 @@ fn export_disk(
     };
     let store = store(state)?;
     let info = store.inspect(&args.reference)?;
-    let app = machine_app(&info.config, spec.as_ref())?;
+    let app = machine_app(&info.config, spec.as_ref(), args.status_port)?;
     let init = std::env::current_exe().context("cannot find this kiln binary, the disk's init")?;
     let parent = args
         .output

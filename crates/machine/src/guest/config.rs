@@ -53,8 +53,17 @@ pub struct Cmdline {
     pub salt: Vec<u8>,
     /// `kiln.data_blocks`: the root partition's size in 4096-byte blocks.
     pub data_blocks: u64,
-    /// `kiln.ip`: `eth0`'s address and default route; `None` leaves `eth0` down.
-    pub ip: Option<Ip>,
+    /// `kiln.ip`: how `eth0` gets its address; `None` leaves `eth0` down.
+    pub ip: Option<Network>,
+}
+
+/// `kiln.ip=dhcp` or `kiln.ip=<addr>/<prefix>[,<gateway>]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Ask the network's DHCP server (`super::dhcp`).
+    Dhcp,
+    /// This address and gateway.
+    Static(Ip),
 }
 
 /// `kiln.ip=<addr>/<prefix>[,<gateway>]`.
@@ -122,7 +131,12 @@ impl Cmdline {
                     "not a positive block count",
                 )
             })?;
-        let ip = ip.map(parse_ip).transpose()?;
+        let ip = ip
+            .map(|v| match v {
+                "dhcp" => Ok(Network::Dhcp),
+                v => parse_ip(v).map(Network::Static),
+            })
+            .transpose()?;
         Ok(Cmdline {
             root_hash,
             salt,
@@ -157,7 +171,7 @@ fn bad(key: &'static str, value: &str, why: &'static str) -> Error {
 }
 
 fn parse_ip(value: &str) -> Result<Ip, Error> {
-    const WHY: &str = "not <addr>/<prefix>[,<gateway>] (IPv4)";
+    const WHY: &str = "not dhcp or <addr>/<prefix>[,<gateway>] (IPv4)";
     let (net, gateway) = match value.split_once(',') {
         Some((net, gw)) => (net, Some(gw)),
         None => (value, None),
@@ -205,6 +219,77 @@ pub struct MachineJson {
     pub tmpfs_size_bytes: u64,
     /// How long the app has between SIGTERM and SIGKILL at power-off.
     pub stop_grace_ms: u64,
+    /// The image's manifest digest (`sha256:…`), as the status endpoint reports it.
+    pub image: String,
+    /// The app's cgroup limits.
+    pub limits: Limits,
+    /// The secrets the platform must give, by name (values never reach the disk).
+    pub secrets: Vec<Secret>,
+    /// The app's health check, as `[service.health]` says it.
+    pub health: Option<HealthJson>,
+    /// The init's status endpoint's TCP port; `None` for no endpoint.
+    pub status_port: Option<u16>,
+}
+
+/// The app's cgroup (v2) limits; `None` leaves one unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// `memory.max`, bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU time in thousandths of a core (`cpu.max`).
+    pub cpu_millis: Option<u64>,
+    /// `pids.max`: processes and threads.
+    pub pids: Option<u32>,
+}
+
+/// A secret the app finds at `/run/secrets/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    /// Its name: the file under `/run/secrets/`, and the variable with `expose_env`.
+    pub name: String,
+    /// Also in the app's environment.
+    pub expose_env: bool,
+}
+
+/// `[service.health]` in `machine.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthJson {
+    /// The app's port, on the guest's loopback.
+    pub port: u16,
+    /// HTTP path; `None` for a TCP connect.
+    pub path: Option<String>,
+    /// Time between checks.
+    pub interval_ms: u64,
+    /// Bound on one check.
+    pub timeout_ms: u64,
+    /// Consecutive passes to become healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Grace period after start, during which failures do not count.
+    pub start_period_ms: u64,
+}
+
+/// The validated health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The app's port, on the guest's loopback.
+    pub port: u16,
+    /// HTTP path (visible ASCII, starting with `/`); `None` for a TCP connect.
+    pub path: Option<String>,
+    /// Time between checks (not zero).
+    pub interval: Duration,
+    /// Bound on one check (not zero).
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy (at least 1).
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy (at least 1).
+    pub unhealthy_threshold: u32,
+    /// Grace period after start.
+    pub start_period: Duration,
 }
 
 /// The directory the modules are in.
@@ -233,6 +318,16 @@ pub struct Machine {
     pub tmpfs_size_bytes: u64,
     /// SIGTERM to SIGKILL at power-off.
     pub stop_grace: Duration,
+    /// The image's manifest digest.
+    pub image: String,
+    /// The app's cgroup limits (each one given is above zero).
+    pub limits: Limits,
+    /// Secrets, each name a valid environment variable name, each once.
+    pub secrets: Vec<Secret>,
+    /// The health check.
+    pub health: Option<Health>,
+    /// The status endpoint's port (not 0, not the app's).
+    pub status_port: Option<u16>,
 }
 
 impl Machine {
@@ -285,6 +380,30 @@ impl TryFrom<MachineJson> for Machine {
         if j.tmpfs_size_bytes == 0 {
             return Err(field("tmpfs_size_bytes", "is zero".to_owned()));
         }
+        let l = j.limits;
+        if l.memory_bytes == Some(0) || l.cpu_millis == Some(0) || l.pids == Some(0) {
+            return Err(field("limits", "a limit of zero".to_owned()));
+        }
+        for (i, s) in j.secrets.iter().enumerate() {
+            if !is_env_name(&s.name) {
+                return Err(field(
+                    "secrets",
+                    format!("{:?} is not an environment variable name", s.name),
+                ));
+            }
+            if j.secrets[..i].iter().any(|t| t.name == s.name) {
+                return Err(field("secrets", format!("{:?} is given twice", s.name)));
+            }
+        }
+        let health = j.health.map(Health::try_from).transpose()?;
+        if let Some(port) = j.status_port
+            && (port == 0 || health.as_ref().is_some_and(|h| h.port == port))
+        {
+            return Err(field(
+                "status_port",
+                format!("{port} is not a port of its own"),
+            ));
+        }
         Ok(Machine {
             modules: j.modules,
             argv: j.argv,
@@ -295,8 +414,56 @@ impl TryFrom<MachineJson> for Machine {
             writable: j.writable,
             tmpfs_size_bytes: j.tmpfs_size_bytes,
             stop_grace: Duration::from_millis(j.stop_grace_ms),
+            image: j.image,
+            limits: j.limits,
+            secrets: j.secrets,
+            health,
+            status_port: j.status_port,
         })
     }
+}
+
+impl TryFrom<HealthJson> for Health {
+    type Error = Error;
+
+    fn try_from(h: HealthJson) -> Result<Health, Error> {
+        let field = |why: String| Error::BadField {
+            field: "health",
+            why,
+        };
+        if let Some(path) = &h.path {
+            // It goes into a request line: nothing but a visible path.
+            if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(field(format!("path {path:?} is not an HTTP path")));
+            }
+        }
+        if h.port == 0 || h.interval_ms == 0 || h.timeout_ms == 0 {
+            return Err(field(
+                "port, interval_ms and timeout_ms must be above zero".to_owned(),
+            ));
+        }
+        if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+            return Err(field("thresholds must be at least 1".to_owned()));
+        }
+        Ok(Health {
+            port: h.port,
+            path: h.path,
+            interval: Duration::from_millis(h.interval_ms),
+            timeout: Duration::from_millis(h.timeout_ms),
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+            start_period: Duration::from_millis(h.start_period_ms),
+        })
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, as `[service.secrets]` names are.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// `/a/b`: absolute, not `/` itself, no empty, `.` or `..` component, no trailing `/`.
@@ -325,10 +492,12 @@ mod tests {
     #[test]
     fn the_contracts_command_line() {
         let c = cmdline("kiln.ip=10.0.2.15/24,10.0.2.2\n").unwrap();
+        let Some(Network::Static(ip)) = c.ip else {
+            panic!("{:?}", c.ip);
+        };
         assert_eq!(hex::encode(c.root_hash), ROOT);
         assert_eq!(c.salt, [1, 2]);
         assert_eq!(c.data_blocks, 485);
-        let ip = c.ip.unwrap();
         assert_eq!(ip.addr, Ipv4Addr::new(10, 0, 2, 15));
         assert_eq!(ip.netmask(), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(ip.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
@@ -341,9 +510,14 @@ mod tests {
     #[test]
     fn no_ip_no_gateway_no_salt() {
         assert_eq!(cmdline("").unwrap().ip, None);
-        let ip = cmdline("kiln.ip=192.168.1.9/32").unwrap().ip.unwrap();
+        assert_eq!(cmdline("kiln.ip=dhcp").unwrap().ip, Some(Network::Dhcp));
+        let fixed = |line| match cmdline(line).unwrap().ip {
+            Some(Network::Static(ip)) => ip,
+            other => panic!("{other:?}"),
+        };
+        let ip = fixed("kiln.ip=192.168.1.9/32");
         assert_eq!((ip.netmask(), ip.gateway), (Ipv4Addr::BROADCAST, None));
-        let ip = cmdline("kiln.ip=192.168.1.9/0").unwrap().ip.unwrap();
+        let ip = fixed("kiln.ip=192.168.1.9/0");
         assert_eq!(ip.netmask(), Ipv4Addr::UNSPECIFIED);
         let c = Cmdline::parse(&format!(
             "kiln.verity={ROOT} kiln.salt=- kiln.data_blocks=1"
@@ -366,19 +540,19 @@ mod tests {
             ),
             (
                 "kiln.ip=10.0.2.15",
-                "kernel command line kiln.ip=\"10.0.2.15\": not <addr>/<prefix>[,<gateway>] (IPv4)",
+                "kernel command line kiln.ip=\"10.0.2.15\": not dhcp or <addr>/<prefix>[,<gateway>] (IPv4)",
             ),
             (
                 "kiln.ip=10.0.2.15/33",
-                "kernel command line kiln.ip=\"10.0.2.15/33\": not <addr>/<prefix>[,<gateway>] (IPv4)",
+                "kernel command line kiln.ip=\"10.0.2.15/33\": not dhcp or <addr>/<prefix>[,<gateway>] (IPv4)",
             ),
             (
                 "kiln.ip=10.0.2.15/24,gw",
-                "kernel command line kiln.ip=\"10.0.2.15/24,gw\": not <addr>/<prefix>[,<gateway>] (IPv4)",
+                "kernel command line kiln.ip=\"10.0.2.15/24,gw\": not dhcp or <addr>/<prefix>[,<gateway>] (IPv4)",
             ),
             (
                 "kiln.ip",
-                "kernel command line kiln.ip=\"\": not <addr>/<prefix>[,<gateway>] (IPv4)",
+                "kernel command line kiln.ip=\"\": not dhcp or <addr>/<prefix>[,<gateway>] (IPv4)",
             ),
             (
                 "kiln.data_blocks=0",
@@ -417,7 +591,12 @@ mod tests {
     const JSON: &str = r#"{"modules": ["virtio_ring.ko", "virtio.ko"],
         "argv": ["/hello"], "env": ["HELLO_VERSION=v1", "PORT=8080", "EMPTY="], "cwd": "/",
         "uid": 0, "gid": 0, "writable": ["/tmp", "/var/cache"], "tmpfs_size_bytes": 67108864,
-        "stop_grace_ms": 5000}"#;
+        "stop_grace_ms": 5000, "image": "sha256:ab",
+        "limits": {"memory_bytes": 67108864, "cpu_millis": 500, "pids": 64},
+        "secrets": [{"name": "DB_PASSWORD", "expose_env": false}],
+        "health": {"port": 8080, "path": "/healthz", "interval_ms": 500, "timeout_ms": 400,
+            "healthy_threshold": 1, "unhealthy_threshold": 2, "start_period_ms": 10000},
+        "status_port": 9901}"#;
 
     #[test]
     fn the_contracts_machine_json() {
@@ -435,6 +614,13 @@ mod tests {
         assert_eq!(m.writable, ["/tmp", "/var/cache"]);
         assert_eq!(m.stop_grace, Duration::from_secs(5));
         assert_eq!(m.tmpfs_size_bytes, 64 << 20);
+        assert_eq!(m.limits.memory_bytes, Some(64 << 20));
+        assert_eq!(m.limits.cpu_millis, Some(500));
+        assert_eq!(m.secrets[0].name, "DB_PASSWORD");
+        let h = m.health.unwrap();
+        assert_eq!((h.port, h.path.as_deref()), (8080, Some("/healthz")));
+        assert_eq!(h.start_period, Duration::from_secs(10));
+        assert_eq!(m.status_port, Some(9901));
     }
 
     #[test]
@@ -481,7 +667,33 @@ mod tests {
                 "/dev/shm",
                 "writable: \"/dev/shm\" is the init's own mount",
             ),
-            ("67108864", "0", "tmpfs_size_bytes: is zero"),
+            (
+                "\"tmpfs_size_bytes\": 67108864",
+                "\"tmpfs_size_bytes\": 0",
+                "tmpfs_size_bytes: is zero",
+            ),
+            ("\"pids\": 64", "\"pids\": 0", "limits: a limit of zero"),
+            (
+                "DB_PASSWORD",
+                "DB-PASSWORD",
+                "secrets: \"DB-PASSWORD\" is not an environment variable name",
+            ),
+            (
+                "[{\"name\": \"DB_PASSWORD\", \"expose_env\": false}]",
+                "[{\"name\": \"A\", \"expose_env\": false}, {\"name\": \"A\", \"expose_env\": true}]",
+                "secrets: \"A\" is given twice",
+            ),
+            (
+                "\"/healthz\"",
+                "\"/healthz HTTP/1.0\\r\\nX: y\"",
+                "health: path \"/healthz HTTP/1.0\\r\\nX: y\" is not an HTTP path",
+            ),
+            (
+                "\"unhealthy_threshold\": 2",
+                "\"unhealthy_threshold\": 0",
+                "health: thresholds must be at least 1",
+            ),
+            ("9901", "8080", "status_port: 8080 is not a port of its own"),
         ];
         for (from, to, want) in cases {
             assert_eq!(

@@ -28,12 +28,16 @@
 //! and [`net`]) are tested on the host; the rest is proved by booting a disk under QEMU.
 //! All `unsafe` (the raw ioctls) is in `sys`.
 
+pub mod cgroup;
 pub mod config;
+pub mod dhcp;
 pub mod dm;
 pub mod modules;
 pub mod mounts;
 pub mod net;
 pub mod run;
+pub mod secrets;
+pub mod status;
 #[allow(unsafe_code)]
 mod sys;
 

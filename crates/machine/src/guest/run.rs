@@ -1,20 +1,26 @@
 //! The init's sequence, from the kernel's hand-over to power-off (see the module doc of
 //! [`super`]); the app's supervision and the ACPI power button.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
 
-use super::config::{self, Cmdline, Machine};
-use super::{dm, modules, mounts, net};
+use super::cgroup::Cgroup;
+use super::config::{self, Cmdline, Machine, Network};
+use super::status::{self, Status, Verdict};
+use super::{dm, modules, mounts, net, secrets};
 
 /// How long the disk's partitions and the verity device may take to appear.
 const DEVICES_WITHIN: Duration = Duration::from_secs(10);
@@ -82,6 +88,7 @@ pub fn main() -> ! {
 }
 
 fn boot() -> Result<Infallible, Failure> {
+    let booted = Instant::now();
     mounts::early().map_err(step("mounting /dev, /proc and /sys"))?;
     let line = std::fs::read_to_string("/proc/cmdline").map_err(step("reading /proc/cmdline"))?;
     let cmdline = Cmdline::parse(&line).map_err(step("the kernel command line"))?;
@@ -98,24 +105,72 @@ fn boot() -> Result<Infallible, Failure> {
     wait_for(&[root.as_str()]).map_err(step("waiting for the verity root"))?;
     check_all(&root)?;
 
-    // Found before the switch: sysfs names the devices, and the app gets no sysfs.
+    // Read before the switch, from sysfs, which the app does not get.
+    let secrets = secrets::read_all(&machine.secrets).map_err(step("reading the secrets"))?;
+    let cgroup = Cgroup::setup(&machine.limits).map_err(step("setting up the app's cgroup"))?;
     let power_button = find_power_button();
-    mounts::root(&root, &machine).map_err(step("mounting the root"))?;
+    mounts::root(&root, &machine, &secrets).map_err(step("mounting the root"))?;
     mounts::switch_root().map_err(step("switching to the root"))?;
-    net::up(cmdline.ip.as_ref()).map_err(step("configuring the network"))?;
+    let mut address = net::up(cmdline.ip.as_ref()).map_err(step("configuring the network"))?;
+    let network = match cmdline.ip {
+        Some(Network::Dhcp) => "dhcp",
+        Some(Network::Static(_)) => "static",
+        None => "none",
+    };
+    if let Some(a) = &address {
+        let via = a.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        let dns = if a.dns.is_empty() {
+            String::new()
+        } else {
+            let servers: Vec<String> = a.dns.iter().map(ToString::to_string).collect();
+            format!(", DNS {}", servers.join(" "))
+        };
+        say(&format!(
+            "{} {}/{}{via} ({network}{dns})",
+            net::INTERFACE,
+            a.addr,
+            a.prefix
+        ));
+    }
 
     let app = machine.argv[0].clone();
-    let child = Command::new(&app)
+    let mut command = Command::new(&app);
+    command
         .args(&machine.argv[1..])
         .env_clear()
         .envs(machine.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&machine.cwd)
         .uid(machine.uid)
-        .gid(machine.gid)
-        .spawn()
+        .gid(machine.gid);
+    for s in machine.secrets.iter().filter(|s| s.expose_env) {
+        if let Some((_, value)) = secrets.iter().find(|(name, _)| *name == s.name) {
+            command.env(&s.name, OsStr::from_bytes(value));
+        }
+    }
+    let child = cgroup
+        .spawn_in(&mut command)
         .map_err(step("starting the app"))?;
+    drop(command);
+    drop(secrets);
     let pid = child.id();
     say(&format!("{app} started (pid {pid})"));
+    let status = Arc::new(Mutex::new(Status {
+        image: machine.image.clone(),
+        root_hash: hex::encode(cmdline.root_hash),
+        address: address.as_ref().map(|a| format!("{}/{}", a.addr, a.prefix)),
+        network,
+        app: app.clone(),
+        pid: Some(pid),
+        state: "running".to_owned(),
+        health: if machine.health.is_some() {
+            Verdict::Starting
+        } else {
+            Verdict::Unchecked
+        },
+        uptime_ms: 0,
+        booted,
+        cgroup: BTreeMap::new(),
+    }));
     let pid = i32::try_from(pid)
         .ok()
         .and_then(Pid::from_raw)
@@ -123,15 +178,39 @@ fn boot() -> Result<Infallible, Failure> {
             what: "starting the app",
             why: format!("pid {pid} out of range"),
         })?;
+    if let Some(renewal) = address.as_mut().and_then(|a| a.renewal.take()) {
+        std::thread::spawn(move || renewal.keep());
+    }
+    let cgroup = Arc::new(cgroup);
+    if let Some(port) = machine.status_port {
+        match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(listener) => {
+                say(&format!("status: http://<address>:{port}/health"));
+                let (status, cgroup) = (Arc::clone(&status), Arc::clone(&cgroup));
+                std::thread::spawn(move || status::serve(listener, &status, &cgroup));
+            }
+            Err(e) => say(&format!("status endpoint on port {port}: {e}")),
+        }
+    }
+    if let Some(health) = machine.health.clone() {
+        let status = Arc::clone(&status);
+        let started = Instant::now();
+        std::thread::spawn(move || status::watch(&health, started, &status, say));
+    }
     let exited = Arc::new(AtomicBool::new(false));
     if let Some(button) = power_button {
         let exited = Arc::clone(&exited);
         let (app, grace) = (app.clone(), machine.stop_grace);
         std::thread::spawn(move || watch_power_button(button, pid, &app, grace, &exited));
     }
-    let status = reap_until(pid);
+    let ended = reap_until(pid);
     exited.store(true, Ordering::SeqCst);
-    say(&match status {
+    {
+        let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+        s.pid = None;
+        s.state = ended.map_or_else(|| "gone".to_owned(), describe);
+    }
+    say(&match ended {
         Some(s) => format!("{app} {}; powering off", describe(s)),
         None => format!("{app} is gone; powering off"),
     });

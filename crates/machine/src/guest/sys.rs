@@ -1,6 +1,8 @@
 //! The guest init's one `unsafe` door: the ioctls no safe crate wraps (device-mapper's
-//! control device; an inet socket's interface addresses, flags and routes). Every other
-//! system call goes through rustix.
+//! control device; an inet socket's interface addresses, flags, hardware address and
+//! routes) and the one socket option rustix lacks (`SO_BINDTODEVICE`, which DHCP needs to
+//! broadcast from an interface that has no address yet). Every other system call goes
+//! through rustix.
 //!
 //! Each request names the size of the structure the kernel reads and writes through its
 //! pointer, and [`ioctl`] refuses a buffer shorter than that, so no request can reach past
@@ -28,6 +30,8 @@ pub enum Request {
     SetIfAddr,
     /// `SIOCSIFNETMASK`.
     SetIfNetmask,
+    /// `SIOCGIFHWADDR`.
+    GetIfHwAddr,
     /// `SIOCADDRT`.
     AddRoute,
 }
@@ -44,6 +48,7 @@ impl Request {
             Request::SetIfFlags => 0x8914,
             Request::SetIfAddr => 0x8916,
             Request::SetIfNetmask => 0x891c,
+            Request::GetIfHwAddr => 0x8927,
             Request::AddRoute => 0x890b,
         }
     }
@@ -66,7 +71,8 @@ impl Request {
             Request::GetIfFlags
             | Request::SetIfFlags
             | Request::SetIfAddr
-            | Request::SetIfNetmask => super::net::IFREQ_LEN,
+            | Request::SetIfNetmask
+            | Request::GetIfHwAddr => super::net::IFREQ_LEN,
             Request::AddRoute => super::net::RTENTRY_LEN,
         }
     }
@@ -93,6 +99,28 @@ pub fn ioctl(fd: impl AsFd, request: Request, buf: &mut [u8]) -> io::Result<()> 
             fd.as_fd().as_raw_fd(),
             request.code() as _,
             buf.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `setsockopt(SOL_SOCKET, SO_BINDTODEVICE, name)`: the socket sends and receives through
+/// the interface `name` only.
+pub fn bind_to_device(fd: impl AsFd, name: &str) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(name.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `fd` is an open descriptor borrowed for the call; the kernel reads at most
+    // `len` bytes from `name`, which outlives the call, and keeps no pointer to it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            name.as_ptr().cast(),
+            len,
         )
     };
     if r < 0 {
