@@ -23,8 +23,10 @@ export DEBIAN_FRONTEND=noninteractive
 # erofs-utils (mkfs.erofs), dosfstools (mkfs.vfat), mtools (mcopy), systemd-boot-efi (the EFI
 # stub), binutils (objcopy, objdump) and qemu-utils (qemu-img): `kiln image export --format
 # raw|qcow2` drives them; tests/machine_image.rs checks its disks (its kernel comes from
-# `apt-get download`, so the package lists must be current).
-packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver cryptsetup-bin fdisk gdisk cpio erofs-utils dosfstools mtools systemd-boot-efi qemu-utils qemu-system-x86 ovmf)
+# `apt-get download`, so the package lists must be current). sbsigntool (sbverify) and openssl:
+# it checks the Secure Boot signature of a signed disk's kernel image and makes test keys;
+# ovmf's snakeoil firmware is the Secure Boot machine it boots.
+packages=(runc time openssh-server openssh-client golang-github-containers-common containernetworking-plugins iptables busybox-static docker.io skopeo umoci wrk nginx-light haproxy socat iproute2 procps systemd man-db binutils curl util-linux shellcheck docker-registry ca-certificates git chromium chromium-driver cryptsetup-bin fdisk gdisk cpio erofs-utils dosfstools mtools systemd-boot-efi qemu-utils qemu-system-x86 ovmf sbsigntool openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -144,6 +144,19 @@ fn export(
     format: &str,
     out: &Path,
 ) -> serde_json::Value {
+    export_with(state, image, kernel, spec, format, out, &[])
+}
+
+/// `kiln --json image export` of `image` as `format` with the spec and `extra` arguments.
+fn export_with(
+    state: &Path,
+    image: &str,
+    kernel: &Path,
+    spec: &Path,
+    format: &str,
+    out: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
     let stdout = kiln(state)
         .args([
             "--json", "image", "export", image, "--format", format, "--kernel",
@@ -151,6 +164,7 @@ fn export(
         .arg(kernel)
         .arg("-f")
         .arg(spec)
+        .args(extra)
         .arg("-o")
         .arg(out)
         .assert()
@@ -399,14 +413,38 @@ struct Vm {
 
 impl Vm {
     /// Boots `disk` with the guest's port 8080 at `port` and its status port 9901 at
-    /// `status` on the host's loopback, and `extra` arguments for QEMU.
-    fn boot(disk: &Path, dir: &Path, name: &str, port: u16, status: u16, extra: &[String]) -> Vm {
+    /// `status` on the host's loopback, and `extra` arguments for QEMU. With `secure_boot`,
+    /// the firmware is Debian's OVMF with Secure Boot on and its snakeoil key enrolled
+    /// (PK, KEK and db), so only an image signed with that key boots.
+    fn boot(
+        disk: &Path,
+        dir: &Path,
+        name: &str,
+        (port, status): (u16, u16),
+        secure_boot: bool,
+        extra: &[String],
+    ) -> Vm {
         let console = dir.join(format!("{name}.console"));
         let monitor = dir.join(format!("{name}.monitor"));
+        let firmware: Vec<String> = if secure_boot {
+            let vars = dir.join(format!("{name}.vars.fd"));
+            std::fs::copy(SNAKEOIL_VARS, &vars).unwrap();
+            vec![
+                "-machine".into(),
+                "q35,smm=on".into(),
+                "-global".into(),
+                "driver=cfi.pflash01,property=secure,value=on".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={SNAKEOIL_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]
+        } else {
+            vec!["-machine".into(), "q35".into(), "-bios".into(), OVMF.into()]
+        };
         let child = Command::new("qemu-system-x86_64")
+            .args(&firmware)
             .args([
-                "-machine",
-                "q35",
                 "-accel",
                 &accel(),
                 "-m",
@@ -414,7 +452,7 @@ impl Vm {
                 "-smp",
                 "1",
             ])
-            .args(["-bios", OVMF, "-display", "none", "-no-reboot"])
+            .args(["-display", "none", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-monitor")
@@ -545,14 +583,26 @@ fn http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
 }
 
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// Debian's OVMF for Secure Boot with its test ("snakeoil") key enrolled, and that key.
+const SNAKEOIL_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+const SNAKEOIL_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
+const SNAKEOIL_KEY: &str = "/usr/share/ovmf/PkKek-1-snakeoil.key";
+const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
 
 #[test]
 fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     let Some(kernel) = prerequisites() else {
         return;
     };
-    if !on_path("qemu-system-x86_64") || !Path::new(OVMF).is_file() {
+    if !on_path("qemu-system-x86_64")
+        || !Path::new(OVMF).is_file()
+        || !Path::new(SNAKEOIL_VARS).is_file()
+    {
         skip("apt-get install qemu-system-x86 ovmf");
+        return;
+    }
+    if !on_path("sbverify") || !on_path("openssl") {
+        skip("apt-get install sbsigntool openssl");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -576,7 +626,67 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     std::fs::write(&spec, text).unwrap();
     let image = common::build(&state, &spec);
     let disk = dir.path().join("disk.raw");
-    let exported = export(&state, &image, &kernel, &spec, "raw", &disk);
+    export(&state, &image, &kernel, &spec, "raw", &disk);
+
+    // Signed for Secure Boot with the key Debian's test firmware trusts (its snakeoil key,
+    // decrypted here: kiln takes an unencrypted PEM key). Signed twice: the same bytes.
+    let key = dir.path().join("db.key");
+    run(Command::new("openssl")
+        .args(["pkey", "-passin", "pass:snakeoil", "-in", SNAKEOIL_KEY, "-out"])
+        .arg(&key));
+    let signed = dir.path().join("signed.raw");
+    let exported = export_with(
+        &state,
+        &image,
+        &kernel,
+        &spec,
+        "raw",
+        &signed,
+        &["--secure-boot-key", path_str(&key), "--secure-boot-cert", SNAKEOIL_CERT],
+    );
+    let again = dir.path().join("signed-again.raw");
+    let second = export_with(
+        &state,
+        &image,
+        &kernel,
+        &spec,
+        "raw",
+        &again,
+        &["--secure-boot-key", path_str(&key), "--secure-boot-cert", SNAKEOIL_CERT],
+    );
+    assert_eq!(exported["sha256"], second["sha256"], "a signed export is reproducible");
+    assert_eq!(sha256_file(&signed), sha256_file(&again));
+    std::fs::remove_file(&again).unwrap();
+    // sbsigntool's verifier accepts the unified kernel image's signature with that
+    // certificate, and not with another.
+    let uki = dir.path().join("BOOTX64.EFI");
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(format!("{}@@1048576", signed.display()))
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .arg(&uki));
+    let ok = Command::new("sbverify")
+        .args(["--cert", SNAKEOIL_CERT])
+        .arg(&uki)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let other_key = dir.path().join("other.key");
+    let other_cert = dir.path().join("other.pem");
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=not the db key", "-keyout"])
+        .arg(&other_key)
+        .arg("-out")
+        .arg(&other_cert));
+    let wrong = Command::new("sbverify")
+        .arg("--cert")
+        .arg(&other_cert)
+        .arg(&uki)
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "verified with another certificate");
+
     let greeting = dir.path().join("greeting");
     std::fs::write(&greeting, "a secret greeting\n").unwrap();
     let secrets = [
@@ -586,10 +696,11 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         "name=opt/kiln/secrets/HELLO_VERSION,string=v-from-fw-cfg".to_owned(),
     ];
 
-    // It boots, through OVMF and the unified kernel image, gets its address from QEMU's
-    // DHCP server, and the app answers with the page its secret holds.
+    // It boots under Secure Boot, through OVMF and the signed unified kernel image, gets its
+    // address from QEMU's DHCP server, and the app answers with the page its secret holds.
     let (port, status_port) = (common::free_port(), common::free_port());
-    let mut vm = Vm::boot(&disk, dir.path(), "good", port, status_port, &secrets);
+    let ports = (port, status_port);
+    let mut vm = Vm::boot(&signed, dir.path(), "good", ports, true, &secrets);
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let answered = loop {
         if let Some((200, body)) = http(port, "GET", "/") {
@@ -647,6 +758,7 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(report["health"], "healthy", "{report}");
+    assert_eq!(report["secure_boot"], true, "{report}");
     assert_eq!(report["image"], image_digest(&state, &image), "{report}");
     assert_eq!(report["root_hash"], exported["root_hash"], "{report}");
     assert_eq!(report["network"], "dhcp", "{report}");
@@ -682,11 +794,11 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
 
     // One byte flipped in the root partition: the boot refuses the root.
     let layout: serde_json::Value =
-        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&disk))).unwrap();
+        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&signed))).unwrap();
     let root = &layout["partitiontable"]["partitions"][1];
     let start = root["start"].as_u64().unwrap() * 512;
     let tampered = dir.path().join("tampered.raw");
-    std::fs::copy(&disk, &tampered).unwrap();
+    std::fs::copy(&signed, &tampered).unwrap();
     {
         use std::io::{Read, Seek, SeekFrom, Write};
         let mut f = std::fs::OpenOptions::new()
@@ -701,14 +813,8 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         f.seek(SeekFrom::Start(at)).unwrap();
         f.write_all(&[b[0] ^ 0x01]).unwrap();
     }
-    let mut vm = Vm::boot(
-        &tampered,
-        dir.path(),
-        "tampered",
-        common::free_port(),
-        common::free_port(),
-        &secrets,
-    );
+    let free = || (common::free_port(), common::free_port());
+    let mut vm = Vm::boot(&tampered, dir.path(), "tampered", free(), true, &secrets);
     vm.wait_console(Duration::from_secs(300), "the verity refusal", |c| {
         c.contains("does not match its root hash")
     });
@@ -719,15 +825,13 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     );
     drop(vm);
 
-    // A secret the platform does not give: the boot stops, naming it and how to give it.
-    let mut vm = Vm::boot(
-        &disk,
-        dir.path(),
-        "no-secret",
-        common::free_port(),
-        common::free_port(),
-        &secrets[..2],
-    );
+    std::fs::remove_file(&tampered).unwrap();
+
+    // Two machines at once: the unsigned disk under Secure Boot, which the firmware refuses
+    // to start; and the signed one without one of its secrets, whose boot stops naming it
+    // and how to give it.
+    let mut unsigned = Vm::boot(&disk, dir.path(), "unsigned", free(), true, &secrets);
+    let mut vm = Vm::boot(&signed, dir.path(), "no-secret", free(), true, &secrets[..2]);
     vm.wait_console(Duration::from_secs(300), "the missing secret", |c| {
         c.contains("kiln: reading the secrets: secret HELLO_VERSION: not given (run the machine with -fw_cfg name=opt/kiln/secrets/HELLO_VERSION,file=PATH)")
     });
@@ -736,6 +840,14 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         "it did not power off:\n{}",
         vm.console()
     );
+    unsigned.wait_console(Duration::from_secs(300), "the firmware's refusal", |c| {
+        c.contains("Access Denied")
+    });
+    assert!(!unsigned.console().contains("kiln:"), "{}", unsigned.console());
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// The manifest digest of `reference` in the store, as `kiln image inspect` says it.

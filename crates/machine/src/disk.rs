@@ -92,6 +92,8 @@ pub struct Input<'a> {
     pub app: &'a App,
     /// `kiln.ip`: `dhcp` or `ADDR/PREFIX,GATEWAY`.
     pub ip: &'a str,
+    /// Signs the unified kernel image for UEFI Secure Boot.
+    pub secure_boot: Option<&'a crate::authenticode::Signer>,
 }
 
 /// What was written.
@@ -301,6 +303,7 @@ pub fn export(
             initrd: &initrd,
             cmdline: &cmdline,
         },
+        input.secure_boot,
         &uki_work,
         &efi,
     )?;

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 /// The modules the machine init needs, by what they give it. `virtio_pci` is the bus the
 /// virtio disk and network devices sit on (no module depends on it: the kernel loads it
 /// by alias, which an init without udev does not do); `crc32c_generic` is the `crc32c`
-/// that `libcrc32c` (erofs) asks the crypto API for (a soft dependency, not in `depends=`).
+/// that `libcrc32c` (erofs) asks the crypto API for (a soft dependency, not in `depends=`);
+/// `efivarfs` is how the init reads whether Secure Boot was on.
 pub const ROOTS: &[&str] = &[
     "crc32c_generic",
     "virtio_pci",
@@ -27,6 +28,7 @@ pub const ROOTS: &[&str] = &[
     "virtio_net",
     "evdev",
     "button",
+    "efivarfs",
 ];
 
 /// The module that reads QEMU's firmware configuration device, where the guest finds its

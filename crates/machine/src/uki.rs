@@ -39,6 +39,9 @@ pub enum Error {
     /// `objcopy` wrote something that is not a PE image.
     #[error("{0} is not a PE image")]
     NotPe(String),
+    /// The Secure Boot signature could not be made.
+    #[error("signing the unified kernel image for Secure Boot")]
+    Sign(#[from] crate::authenticode::Error),
 }
 
 /// The end (VMA + size) of the last section in `objdump -h` output.
@@ -127,11 +130,13 @@ pub struct Parts<'a> {
 }
 
 /// Writes the unified kernel image of `parts` at `out` with `objdump` and `objcopy`, with
-/// scratch files in `work`.
+/// scratch files in `work`; signed for Secure Boot by `signer` when one is given (the
+/// signature covers the kernel, the initramfs and the command line with its root hash).
 pub fn build(
     objdump: &Path,
     objcopy: &Path,
     parts: &Parts<'_>,
+    signer: Option<&crate::authenticode::Signer>,
     work: &Path,
     out: &Path,
 ) -> Result<(), Error> {
@@ -175,6 +180,9 @@ pub fn build(
     tools::run(objcopy, &args, &[])?;
     let mut pe = std::fs::read(out).map_err(io("read", out))?;
     reproducible(&mut pe).map_err(|_| Error::NotPe(out.display().to_string()))?;
+    if let Some(signer) = signer {
+        pe = crate::authenticode::sign(&pe, signer)?;
+    }
     std::fs::write(out, &pe).map_err(io("write", out))?;
     Ok(())
 }

@@ -102,6 +102,14 @@ pub struct ExportArgs {
     /// runs and is healthy, 503 otherwise, with JSON); 0 for none (raw and qcow2 only)
     #[arg(long, value_name = "PORT", default_value_t = kiln_machine::disk::DEFAULT_STATUS_PORT)]
     pub status_port: u16,
+    /// Sign the unified kernel image for UEFI Secure Boot with this RSA key (unencrypted
+    /// PEM, PKCS#8 or PKCS#1): firmware whose db trusts --secure-boot-cert then boots only
+    /// this kernel, initramfs and command line, root hash included (raw and qcow2 only)
+    #[arg(long, value_name = "KEY.pem", requires = "secure_boot_cert")]
+    pub secure_boot_key: Option<PathBuf>,
+    /// The X.509 certificate (PEM) of --secure-boot-key, carried in the signature
+    #[arg(long, value_name = "CERT.pem", requires = "secure_boot_key")]
+    pub secure_boot_cert: Option<PathBuf>,
 }
 
 /// What `kiln image export` writes: an image format, or a machine disk.
@@ -560,6 +568,9 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
             if args.status_port != kiln_machine::disk::DEFAULT_STATUS_PORT {
                 return disk_only("--status-port");
             }
+            if args.secure_boot_key.is_some() {
+                return disk_only("--secure-boot-key");
+            }
             format
         }
         ExportTo::Disk(format) => {
@@ -747,6 +758,10 @@ fn export_disk(
     let store = store(state)?;
     let info = store.inspect(&args.reference)?;
     let app = machine_app(&info.config, spec.as_ref(), args.status_port)?;
+    let signer = match (&args.secure_boot_key, &args.secure_boot_cert) {
+        (Some(key), Some(cert)) => Some(secure_boot_signer(key, cert)?),
+        _ => None,
+    };
     let init = std::env::current_exe().context("cannot find this kiln binary, the disk's init")?;
     let parent = args
         .output
@@ -778,6 +793,7 @@ fn export_disk(
         init: &init,
         app: &app,
         ip: &args.ip,
+        secure_boot: signer.as_ref(),
     };
     let disk_work = work.path().join("disk");
     std::fs::create_dir_all(&disk_work)
@@ -806,6 +822,7 @@ fn export_disk(
             "cmdline": done.cmdline,
             "kernel": done.kernel_release,
             "modules": done.modules,
+            "secure_boot_signed": signer.is_some(),
             "seconds": secs,
         }))?;
     } else {
@@ -821,6 +838,25 @@ fn export_disk(
         out.say(&format!("root hash: {}", done.root_hash));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The Secure Boot signer of `--secure-boot-key` and `--secure-boot-cert`.
+fn secure_boot_signer(key: &Path, cert: &Path) -> anyhow::Result<kiln_machine::authenticode::Signer> {
+    let read = |path: &Path, flag: &str| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let (key_pem, cert_pem) = (
+        read(key, "--secure-boot-key")?,
+        read(cert, "--secure-boot-cert")?,
+    );
+    kiln_machine::authenticode::Signer::from_pem(&key_pem, &cert_pem).with_context(|| {
+        format!(
+            "--secure-boot-key {} with --secure-boot-cert {}",
+            key.display(),
+            cert.display()
+        )
+    })
 }
 
 /// `kiln image push`: the swarm provider's push, from the command line.

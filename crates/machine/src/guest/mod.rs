@@ -32,6 +32,7 @@ pub mod cgroup;
 pub mod config;
 pub mod dhcp;
 pub mod dm;
+pub mod efi;
 pub mod modules;
 pub mod mounts;
 pub mod net;

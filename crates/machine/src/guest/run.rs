@@ -20,7 +20,7 @@ use rustix::process::{Pid, Signal, WaitOptions, WaitStatus};
 use super::cgroup::Cgroup;
 use super::config::{self, Cmdline, Machine, Network};
 use super::status::{self, Status, Verdict};
-use super::{dm, modules, mounts, net, secrets};
+use super::{dm, efi, modules, mounts, net, secrets};
 
 /// How long the disk's partitions and the verity device may take to appear.
 const DEVICES_WITHIN: Duration = Duration::from_secs(10);
@@ -109,6 +109,15 @@ fn boot() -> Result<Infallible, Failure> {
     let secrets = secrets::read_all(&machine.secrets).map_err(step("reading the secrets"))?;
     let cgroup = Cgroup::setup(&machine.limits).map_err(step("setting up the app's cgroup"))?;
     let power_button = find_power_button();
+    let secure_boot = efi::secure_boot();
+    say(&format!(
+        "Secure Boot: {}",
+        match secure_boot {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
+        }
+    ));
     mounts::root(&root, &machine, &secrets).map_err(step("mounting the root"))?;
     mounts::switch_root().map_err(step("switching to the root"))?;
     let mut address = net::up(cmdline.ip.as_ref()).map_err(step("configuring the network"))?;
@@ -133,6 +142,19 @@ fn boot() -> Result<Infallible, Failure> {
         ));
     }
 
+    // Bound before the app starts, so the app cannot take the port first.
+    let status_listener = machine.status_port.and_then(|port| {
+        match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(listener) => {
+                say(&format!("status: GET /health on port {port}"));
+                Some(listener)
+            }
+            Err(e) => {
+                say(&format!("status endpoint on port {port}: {e}"));
+                None
+            }
+        }
+    });
     let app = machine.argv[0].clone();
     let mut command = Command::new(&app);
     command
@@ -157,6 +179,7 @@ fn boot() -> Result<Infallible, Failure> {
     let status = Arc::new(Mutex::new(Status {
         image: machine.image.clone(),
         root_hash: hex::encode(cmdline.root_hash),
+        secure_boot,
         address: address.as_ref().map(|a| format!("{}/{}", a.addr, a.prefix)),
         network,
         app: app.clone(),
@@ -182,15 +205,9 @@ fn boot() -> Result<Infallible, Failure> {
         std::thread::spawn(move || renewal.keep());
     }
     let cgroup = Arc::new(cgroup);
-    if let Some(port) = machine.status_port {
-        match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-            Ok(listener) => {
-                say(&format!("status: http://<address>:{port}/health"));
-                let (status, cgroup) = (Arc::clone(&status), Arc::clone(&cgroup));
-                std::thread::spawn(move || status::serve(listener, &status, &cgroup));
-            }
-            Err(e) => say(&format!("status endpoint on port {port}: {e}")),
-        }
+    if let Some(listener) = status_listener {
+        let (status, cgroup) = (Arc::clone(&status), Arc::clone(&cgroup));
+        std::thread::spawn(move || status::serve(listener, &status, &cgroup));
     }
     if let Some(health) = machine.health.clone() {
         let status = Arc::clone(&status);

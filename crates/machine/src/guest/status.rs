@@ -129,6 +129,9 @@ pub struct Status {
     pub image: String,
     /// The verity root hash the root was checked against.
     pub root_hash: String,
+    /// Whether UEFI Secure Boot was on (the firmware checked the kernel image's signature,
+    /// so the root hash is the signer's); `None` when the firmware does not say.
+    pub secure_boot: Option<bool>,
     /// `eth0`'s address (`ADDR/PREFIX`), if it has one.
     pub address: Option<String>,
     /// How it got it: `dhcp`, `static` or `none`.
@@ -355,6 +358,7 @@ mod tests {
         Status {
             image: "sha256:ab".to_owned(),
             root_hash: "12bf".to_owned(),
+            secure_boot: Some(true),
             address: Some("10.0.2.15/24".to_owned()),
             network: "dhcp",
             app: "/hello".to_owned(),
