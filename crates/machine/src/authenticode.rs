@@ -341,7 +341,7 @@ fn security_entry(pe: &[u8], layout: &Layout) -> (u32, u32) {
 /// when there are no gaps). Gaps between sections are not hashed.
 pub fn digest(pe: &[u8]) -> Result<[u8; 32], Error> {
     let layout = layout(pe)?;
-    Ok(digest_of(pe, &layout)?)
+    digest_of(pe, &layout)
 }
 
 fn digest_of(pe: &[u8], layout: &Layout) -> Result<[u8; 32], Error> {
@@ -642,14 +642,17 @@ mod tests {
         let expected: [u8; 32] = expected.finalize().into();
         assert_eq!(digest(&pe).unwrap(), expected);
 
-        // The checksum and the security entry are not covered; any other header byte is.
+        // The checksum, the security entry and the certificate table it points at are not
+        // covered; any other header byte is.
         let mut changed = pe.clone();
         changed[CHECKSUM] ^= 1;
-        changed[SECURITY_ENTRY + 3] ^= 1;
-        changed.extend_from_slice(&[0; 0x1000_0]); // a table of 0x10000 bytes
-        changed[SECURITY_ENTRY + 4..SECURITY_ENTRY + 8].copy_from_slice(&0x1000_0u32.to_le_bytes());
-        changed[SECURITY_ENTRY + 3] ^= 1;
+        changed.extend_from_slice(&[0x5a; 0x1000]);
+        changed[SECURITY_ENTRY..SECURITY_ENTRY + 4].copy_from_slice(&0x520u32.to_le_bytes());
+        changed[SECURITY_ENTRY + 4..SECURITY_ENTRY + 8].copy_from_slice(&0x1000u32.to_le_bytes());
         assert_eq!(digest(&changed).unwrap(), expected);
+        // A table larger than what follows the sections is refused.
+        changed[SECURITY_ENTRY + 4..SECURITY_ENTRY + 8].copy_from_slice(&0x1200u32.to_le_bytes());
+        assert!(digest(&changed).is_err());
         let mut changed = pe.clone();
         changed[0x30] ^= 1;
         assert_ne!(digest(&changed).unwrap(), expected);
