@@ -379,3 +379,127 @@ fn keys_pkcs1_and_pkcs8_and_refused() {
         .to_string();
     assert!(err.contains("not a `CERTIFICATE`"), "{err}");
 }
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
+
+/// What the firmware did with the image on the disk.
+#[derive(Debug, PartialEq, Eq)]
+enum Boot {
+    /// It loaded the image (the signature was accepted) and started it.
+    Started,
+    /// It refused to load it.
+    Refused,
+}
+
+/// Boots OVMF with Secure Boot on and Debian's snakeoil certificate in `db` from an ESP
+/// whose `EFI/BOOT/BOOTX64.EFI` is `image`, and reads from its serial console whether the
+/// firmware's boot manager loaded the image.
+fn firmware(image: &[u8], dir: &Path) -> Boot {
+    let esp = dir.join("esp");
+    std::fs::create_dir_all(esp.join("EFI/BOOT")).unwrap();
+    std::fs::write(esp.join("EFI/BOOT/BOOTX64.EFI"), image).unwrap();
+    let vars = dir.join("vars.fd");
+    std::fs::copy(OVMF_VARS, &vars).unwrap();
+    let serial = dir.join("serial.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35,smm=on", "-m", "256", "-nodefaults"])
+        .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,file={OVMF_CODE},readonly=on"
+        ))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=1,file={}", s(&vars)))
+        .arg("-drive")
+        // vvfat: the directory as a FAT disk (`rw`, as an IDE disk cannot be read-only).
+        .arg(format!("format=raw,file=fat:rw:{}", s(&esp)))
+        .args(["-net", "none", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", s(&serial)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("qemu.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The boot manager says "loading BootNNNN" for the disk, then "starting" once
+    // LoadImage (which checks the signature) succeeded, or "failed to load" if not.
+    let verdict = loop {
+        let log = std::fs::read(&serial).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        let disk = |what: &str| {
+            log.lines()
+                .any(|l| l.contains(what) && l.contains("HARDDISK"))
+        };
+        if disk("BdsDxe: starting") {
+            break Some(Boot::Started);
+        }
+        if disk("BdsDxe: failed to load") {
+            break Some(Boot::Refused);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(300)
+            || qemu.try_wait().unwrap().is_some()
+        {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    verdict.unwrap_or_else(|| {
+        panic!(
+            "no verdict from the firmware: {}{}",
+            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()),
+            String::from_utf8_lossy(&std::fs::read(dir.join("qemu.stderr")).unwrap_or_default())
+        )
+    })
+}
+
+#[test]
+fn secure_boot_firmware_starts_only_what_its_key_signed() {
+    if !present() {
+        return;
+    }
+    if !Path::new(OVMF_CODE).exists()
+        || run("sh", &["-c", "command -v qemu-system-x86_64"])
+            .stdout
+            .is_empty()
+    {
+        let why = "apt-get install qemu-system-x86 ovmf";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but the Secure Boot test's firmware is missing: {why}");
+        }
+        eprintln!("note: skipping the Secure Boot firmware test ({why})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys(dir.path());
+    let snakeoil = signer(&keys.snakeoil_key, Path::new(SNAKEOIL_CERT));
+    let fresh = signer(&keys.fresh_key, &keys.fresh_cert);
+    let uki = std::fs::read(unified_kernel_image(dir.path())).unwrap();
+    let cases = [
+        (
+            "snakeoil",
+            authenticode::sign(&uki, &snakeoil).unwrap(),
+            Boot::Started,
+        ),
+        (
+            "gap",
+            authenticode::sign(&with_gap(&uki), &snakeoil).unwrap(),
+            Boot::Started,
+        ),
+        (
+            "fresh",
+            authenticode::sign(&uki, &fresh).unwrap(),
+            Boot::Refused,
+        ),
+        ("unsigned", uki.clone(), Boot::Refused),
+    ];
+    for (name, image, expected) in cases {
+        let case = dir.path().join(name);
+        std::fs::create_dir_all(&case).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(firmware(&image, &case), expected, "{name}");
+        eprintln!("{name}: {:?} in {:?}", expected, t.elapsed());
+    }
+}
