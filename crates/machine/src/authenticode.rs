@@ -9,7 +9,7 @@
 //! signature covers, computed the way EDK2's `DxeImageVerificationLib` (the firmware side)
 //! does.
 //!
-//! The PKCS#7 structure is written by a small DER writer in this module ([`tlv`]): it is a
+//! The PKCS#7 structure is written by a small DER writer in this module (`tlv`): it is a
 //! fixed shape with three variable leaves (the digest, the certificate, the signature), and
 //! the RustCrypto `cms`/`x509-cert` crates would add several crates to the build for it. The
 //! certificate is read with `der`'s reader; the key and the signature are `rsa`'s.
@@ -133,6 +133,14 @@ impl Signer {
     /// be a pair.
     pub fn from_pem(key_pem: &str, cert_pem: &str) -> Result<Signer, Error> {
         let key = private_key(key_pem)?;
+        // A chain would need its intermediates in the signature; kiln's use is a `db`
+        // certificate that the firmware trusts directly, so one certificate is the contract.
+        let count = cert_pem.matches("-----BEGIN CERTIFICATE-----").count();
+        if count > 1 {
+            return Err(Error::Certificate(format!(
+                "the PEM holds {count} certificates: give only the signing certificate"
+            )));
+        }
         let (label, certificate) = der::pem::decode_vec(cert_pem.trim().as_bytes())
             .map_err(|e| Error::Certificate(format!("not a PEM certificate: {e}")))?;
         if label != "CERTIFICATE" {
@@ -516,6 +524,10 @@ fn signed_data(image_digest: &[u8; 32], signer: &Signer) -> Result<Vec<u8>, Erro
     let indirect = indirect_data(image_digest);
     let attributes = attributes(&indirect).concat();
     // The signature is over the attributes as a SET; in SignerInfo they are [0] IMPLICIT.
+    // No random number generator: the PKCS#1 v1.5 signature is the same with or without
+    // one, and this module reads nothing. Without one `rsa` does not blind the private-key
+    // operation (RUSTSEC-2023-0071's timing channel), which matters only to an attacker who
+    // can time many signings on the build host.
     let signature = signer
         .key
         .try_sign(&tlv(0x31, &attributes))

@@ -2,7 +2,9 @@
 //! with the signing certificate and refuses them with another, `osslsigncode` computes the
 //! digest we sign and finds the PE checksum right, and our `digest()` is the one `sbsign`
 //! embeds — for systemd-boot's stub and for a unified kernel image built the way kiln
-//! builds it. Signing is deterministic.
+//! builds it, with and without a gap between sections. Signing is deterministic. And the
+//! judge that counts: OVMF with Secure Boot on and Debian's snakeoil certificate enrolled
+//! starts our signed image and refuses one signed by another key.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -371,6 +373,12 @@ fn keys_pkcs1_and_pkcs8_and_refused() {
         Signer::from_pem(&snakeoil_key, &cert),
         Err(Error::KeyMismatch)
     ));
+    // A chain: one certificate is the contract.
+    let chain = format!("{snakeoil_cert}{cert}");
+    let err = Signer::from_pem(&snakeoil_key, &chain)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the PEM holds 2 certificates"), "{err}");
     // A certificate where the key should be, and the other way round.
     let err = Signer::from_pem(&cert, &cert).unwrap_err().to_string();
     assert!(err.contains("PEM `CERTIFICATE`"), "{err}");
