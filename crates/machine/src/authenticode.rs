@@ -433,6 +433,7 @@ pub fn sign(pe: &[u8], signer: &Signer) -> Result<Vec<u8>, Error> {
     out.resize(out.len().next_multiple_of(8), 0);
     let table_size =
         u32::try_from(out.len() - table as usize).map_err(|_| Error::TooLarge("signature"))?;
+    // The PE checksum adds the file's length as a 32-bit number.
     u32::try_from(out.len()).map_err(|_| Error::TooLarge("signed image"))?;
     out[entry..entry + 4].copy_from_slice(&table.to_le_bytes());
     out[entry + 4..entry + 8].copy_from_slice(&table_size.to_le_bytes());
@@ -771,7 +772,7 @@ mod tests {
     }
 
     #[test]
-    fn certificate_fields_of_a_real_certificate() {
+    fn certificate_reader_refuses_garbage() {
         // Too little for a certificate: refused by the reader, not a panic.
         assert!(certificate_fields(&[]).is_err());
         assert!(certificate_fields(&[0x30, 0x03, 0x30, 0x01, 0x02]).is_err());
