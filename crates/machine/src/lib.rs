@@ -14,6 +14,8 @@
 //! - [`modules`]: the kernel modules the guest init loads, dependencies first.
 //! - [`uki`]: the unified kernel image (systemd-boot's stub + kernel + initramfs + command
 //!   line), its PE time stamp zeroed.
+//! - [`authenticode`]: the UKI's Secure Boot signature (PKCS#7, SHA-256, RSA), reproducible
+//!   (no signing time), and the image digest UEFI firmware checks it against.
 //! - [`disk`]: the whole disk (`kiln image export --format raw|qcow2`): erofs root,
 //!   verity tree, initramfs, UKI on an ESP, GPT, qcow2; [`tools`] finds and runs the
 //!   standard programs it drives.
@@ -21,13 +23,14 @@
 //!   modules, sets up and reads the whole verity root, mounts it, brings up the network,
 //!   runs the app and powers off. The one module with `unsafe` (in its `sys`).
 //!
-//! **API boundary:** [`verity`], [`gpt`], [`cpio`] and [`crc32`] are pure writers over
+//! **API boundary:** [`verity`], [`gpt`], [`cpio`], [`crc32`] and [`authenticode`] are pure writers over
 //! `Read`/`Write`: no files opened, no processes run, no clock read; nothing holds a whole
 //! disk or partition in memory (only a verity tree, 1/128 of its data). [`disk`], [`uki`]
 //! and [`tools`] are the one place that runs programs (`mkfs.erofs`, `mkfs.vfat`, `mcopy`,
 //! `objcopy`, `objdump`, `qemu-img`, `dpkg-deb`) and writes files: under the work directory
 //! and the output path their caller gives. [`guest`] runs only as PID 1 of a machine.
 
+pub mod authenticode;
 pub mod cpio;
 pub mod crc32;
 pub mod disk;

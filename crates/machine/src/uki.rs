@@ -97,8 +97,9 @@ pub fn reproducible(pe: &mut [u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The PE checksum of `pe`, skipping the 4 bytes of the field at `field`.
-fn pe_checksum(pe: &[u8], field: usize) -> u32 {
+/// The PE checksum of `pe`, skipping the 4 bytes of the field at `field` (also the checksum
+/// of a signed image, [`crate::authenticode::sign`]).
+pub(crate) fn pe_checksum(pe: &[u8], field: usize) -> u32 {
     let mut sum: u64 = 0;
     for (i, chunk) in pe.chunks(2).enumerate() {
         let at = i * 2;
