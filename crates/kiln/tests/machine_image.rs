@@ -632,7 +632,14 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     // decrypted here: kiln takes an unencrypted PEM key). Signed twice: the same bytes.
     let key = dir.path().join("db.key");
     run(Command::new("openssl")
-        .args(["pkey", "-passin", "pass:snakeoil", "-in", SNAKEOIL_KEY, "-out"])
+        .args([
+            "pkey",
+            "-passin",
+            "pass:snakeoil",
+            "-in",
+            SNAKEOIL_KEY,
+            "-out",
+        ])
         .arg(&key));
     let signed = dir.path().join("signed.raw");
     let exported = export_with(
@@ -642,7 +649,12 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         &spec,
         "raw",
         &signed,
-        &["--secure-boot-key", path_str(&key), "--secure-boot-cert", SNAKEOIL_CERT],
+        &[
+            "--secure-boot-key",
+            path_str(&key),
+            "--secure-boot-cert",
+            SNAKEOIL_CERT,
+        ],
     );
     let again = dir.path().join("signed-again.raw");
     let second = export_with(
@@ -652,9 +664,17 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         &spec,
         "raw",
         &again,
-        &["--secure-boot-key", path_str(&key), "--secure-boot-cert", SNAKEOIL_CERT],
+        &[
+            "--secure-boot-key",
+            path_str(&key),
+            "--secure-boot-cert",
+            SNAKEOIL_CERT,
+        ],
     );
-    assert_eq!(exported["sha256"], second["sha256"], "a signed export is reproducible");
+    assert_eq!(
+        exported["sha256"], second["sha256"],
+        "a signed export is reproducible"
+    );
     assert_eq!(sha256_file(&signed), sha256_file(&again));
     std::fs::remove_file(&again).unwrap();
     // sbsigntool's verifier accepts the unified kernel image's signature with that
@@ -670,11 +690,17 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         .arg(&uki)
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let other_key = dir.path().join("other.key");
     let other_cert = dir.path().join("other.pem");
     run(Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=not the db key", "-keyout"])
         .arg(&other_key)
         .arg("-out")
@@ -831,7 +857,14 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     // to start; and the signed one without one of its secrets, whose boot stops naming it
     // and how to give it.
     let mut unsigned = Vm::boot(&disk, dir.path(), "unsigned", free(), true, &secrets);
-    let mut vm = Vm::boot(&signed, dir.path(), "no-secret", free(), true, &secrets[..2]);
+    let mut vm = Vm::boot(
+        &signed,
+        dir.path(),
+        "no-secret",
+        free(),
+        true,
+        &secrets[..2],
+    );
     vm.wait_console(Duration::from_secs(300), "the missing secret", |c| {
         c.contains("kiln: reading the secrets: secret HELLO_VERSION: not given (run the machine with -fw_cfg name=opt/kiln/secrets/HELLO_VERSION,file=PATH)")
     });
@@ -843,7 +876,11 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
     unsigned.wait_console(Duration::from_secs(300), "the firmware's refusal", |c| {
         c.contains("Access Denied")
     });
-    assert!(!unsigned.console().contains("kiln:"), "{}", unsigned.console());
+    assert!(
+        !unsigned.console().contains("kiln:"),
+        "{}",
+        unsigned.console()
+    );
 }
 
 fn path_str(p: &Path) -> &str {

@@ -841,7 +841,10 @@ fn export_disk(
 }
 
 /// The Secure Boot signer of `--secure-boot-key` and `--secure-boot-cert`.
-fn secure_boot_signer(key: &Path, cert: &Path) -> anyhow::Result<kiln_machine::authenticode::Signer> {
+fn secure_boot_signer(
+    key: &Path,
+    cert: &Path,
+) -> anyhow::Result<kiln_machine::authenticode::Signer> {
     let read = |path: &Path, flag: &str| {
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {flag} {}", path.display()))
