@@ -229,19 +229,15 @@ pub fn sign_image(
             );
             continue;
         }
-        let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, payload, key)?.to_json();
-        let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), fingerprint.clone())]);
-        if let Some(p) = &predicate_type {
-            annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.clone());
-        }
-        let referrer = store
-            .attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, &envelope, annotations)
-            .with_context(|| {
-                format!(
-                    "cannot attach the signed copy of attestation {}",
-                    statement.manifest
-                )
-            })?;
+        let (envelope, referrer) =
+            attach_envelope(store, image, key, payload, predicate_type.as_deref()).with_context(
+                || {
+                    format!(
+                        "cannot attach the signed copy of attestation {}",
+                        statement.manifest
+                    )
+                },
+            )?;
         attached.push(Attached {
             kind: "attestation",
             artifact_type: ARTIFACT_DSSE.to_owned(),
@@ -252,6 +248,26 @@ pub fn sign_image(
         });
     }
     Ok(attached)
+}
+
+/// Signs `statement` (an in-toto statement's bytes) into a DSSE envelope with `key` and
+/// attaches the envelope to `image`, annotated with the key's fingerprint and the
+/// statement's predicate type; returns the envelope's bytes and the referrer's digest.
+/// ed25519 is deterministic, so the same statement and key attach the same referrer.
+pub fn attach_envelope(
+    store: &Store,
+    image: &Digest,
+    key: &SigningKey,
+    statement: Vec<u8>,
+    predicate_type: Option<&str>,
+) -> anyhow::Result<(Vec<u8>, Digest)> {
+    let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, statement, key)?.to_json();
+    let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), key.public().fingerprint())]);
+    if let Some(p) = predicate_type {
+        annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.to_owned());
+    }
+    let referrer = store.attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, &envelope, annotations)?;
+    Ok((envelope, referrer))
 }
 
 fn summary(image: &Digest, key: &SigningKey, attached: &[Attached]) -> Vec<String> {
