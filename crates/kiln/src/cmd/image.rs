@@ -938,8 +938,8 @@ struct DiskAttestation {
     new: bool,
 }
 
-/// Writes the disk's provenance and SBOM to `paths` (DSSE envelopes when `key` is given)
-/// and attaches them to `image`: the statements as an image's own are, and the envelopes
+/// Writes the disk's provenance and SBOM to `paths` (DSSE envelopes when `key` is given),
+/// then attaches them to `image`: the statements as an image's own are, and the envelopes
 /// beside them. The same inputs give the same bytes, so exporting twice attaches nothing
 /// new.
 fn attest_disk(
@@ -957,14 +957,40 @@ fn attest_disk(
         (PREDICATE_PROVENANCE, disk::provenance_statement(record)),
         (PREDICATE_SBOM, disk::sbom_statement(record, &tool)),
     ];
+    // Everything is made before anything is written or attached: a failure to sign leaves
+    // neither a file nor a referrer behind.
+    let mut made = Vec::with_capacity(2);
+    for (predicate_type, statement) in statements {
+        let bytes = kiln_image::oci::canonical_json(&statement)?;
+        let envelope = match key {
+            Some(key) => Some(
+                kiln_sign::dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, bytes.clone(), key)?
+                    .to_json(),
+            ),
+            None => None,
+        };
+        made.push((predicate_type, bytes, envelope));
+    }
+    for ((_, bytes, envelope), path) in made.iter().zip(paths) {
+        // `-o disk.raw` names no directory: the statements go beside it, here.
+        let at = match path.parent() {
+            Some(p) if p.as_os_str().is_empty() => Path::new(".").join(path),
+            _ => path.clone(),
+        };
+        kiln_durable::write(&at, envelope.as_ref().unwrap_or(bytes))
+            .and_then(|()| {
+                // Public documents, as readable as the disk beside them.
+                std::fs::set_permissions(&at, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            })
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let before: BTreeSet<kiln_image::Digest> = store
         .referrers(image)?
         .into_iter()
         .map(|r| r.manifest)
         .collect();
     let mut attached = Vec::new();
-    for ((predicate_type, statement), path) in statements.into_iter().zip(paths) {
-        let bytes = kiln_image::oci::canonical_json(&statement)?;
+    for (predicate_type, bytes, envelope) in made {
         let manifest =
             kiln_image::attest::attach_statement_bytes(store, image, predicate_type, &bytes)?;
         attached.push(DiskAttestation {
@@ -973,22 +999,16 @@ fn attest_disk(
             new: !before.contains(&manifest),
             manifest,
         });
-        let written = match key {
-            Some(key) => {
-                let (envelope, manifest) =
-                    super::sign::attach_envelope(store, image, key, bytes, Some(predicate_type))?;
-                attached.push(DiskAttestation {
-                    predicate_type,
-                    artifact_type: ARTIFACT_DSSE,
-                    new: !before.contains(&manifest),
-                    manifest,
-                });
-                envelope
-            }
-            None => bytes,
-        };
-        kiln_durable::write(path, &written)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        if let (Some(envelope), Some(key)) = (envelope, key) {
+            let manifest =
+                super::sign::attach_envelope(store, image, key, &envelope, Some(predicate_type))?;
+            attached.push(DiskAttestation {
+                predicate_type,
+                artifact_type: ARTIFACT_DSSE,
+                new: !before.contains(&manifest),
+                manifest,
+            });
+        }
     }
     Ok(attached)
 }

@@ -211,15 +211,12 @@ pub fn sign_image(
             .annotations
             .get(ANNOTATION_PREDICATE_TYPE)
             .cloned();
-        // The key vouches only for statements about this image that say what their
-        // annotation says they are: one imported with the image about another, or dressed
-        // as another kind, is left unsigned.
+        // The key vouches only for statements about this image (or a disk exported from
+        // it) that say what their annotation says they are: one imported with the image
+        // about another, or dressed as another kind, is left unsigned.
         let parsed: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        let about_image = parsed["subject"].as_array().is_some_and(|subjects| {
-            subjects
-                .iter()
-                .any(|s| s["digest"]["sha256"].as_str() == Some(image.hex()))
-        });
+        let about_image = kiln_image::attest::names_subject(&parsed, image)
+            || kiln_image::attest::disk::made_from(&parsed).as_ref() == Some(image);
         let typed = parsed["_type"].as_str() == Some(kiln_image::attest::STATEMENT_TYPE)
             && parsed["predicateType"].as_str() == predicate_type.as_deref();
         if !(about_image && typed) {
@@ -229,15 +226,14 @@ pub fn sign_image(
             );
             continue;
         }
-        let (envelope, referrer) =
-            attach_envelope(store, image, key, payload, predicate_type.as_deref()).with_context(
-                || {
-                    format!(
-                        "cannot attach the signed copy of attestation {}",
-                        statement.manifest
-                    )
-                },
-            )?;
+        let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, payload, key)?.to_json();
+        let referrer = attach_envelope(store, image, key, &envelope, predicate_type.as_deref())
+            .with_context(|| {
+                format!(
+                    "cannot attach the signed copy of attestation {}",
+                    statement.manifest
+                )
+            })?;
         attached.push(Attached {
             kind: "attestation",
             artifact_type: ARTIFACT_DSSE.to_owned(),
@@ -250,24 +246,21 @@ pub fn sign_image(
     Ok(attached)
 }
 
-/// Signs `statement` (an in-toto statement's bytes) into a DSSE envelope with `key` and
-/// attaches the envelope to `image`, annotated with the key's fingerprint and the
-/// statement's predicate type; returns the envelope's bytes and the referrer's digest.
-/// ed25519 is deterministic, so the same statement and key attach the same referrer.
+/// Attaches `envelope` (a DSSE envelope `key` signed) to `image`, annotated with the key's
+/// fingerprint and the statement's predicate type; returns the referrer's digest. ed25519
+/// is deterministic, so the same statement and key attach the same referrer.
 pub fn attach_envelope(
     store: &Store,
     image: &Digest,
     key: &SigningKey,
-    statement: Vec<u8>,
+    envelope: &[u8],
     predicate_type: Option<&str>,
-) -> anyhow::Result<(Vec<u8>, Digest)> {
-    let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, statement, key)?.to_json();
+) -> Result<Digest, kiln_image::StoreError> {
     let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), key.public().fingerprint())]);
     if let Some(p) = predicate_type {
         annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.to_owned());
     }
-    let referrer = store.attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, &envelope, annotations)?;
-    Ok((envelope, referrer))
+    store.attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, envelope, annotations)
 }
 
 fn summary(image: &Digest, key: &SigningKey, attached: &[Attached]) -> Vec<String> {
