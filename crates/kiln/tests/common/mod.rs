@@ -637,3 +637,48 @@ pub fn events_about(state: &Path, instance: &str) -> Vec<serde_json::Value> {
         .filter(|e| e["kind"] != "instance.created")
         .collect()
 }
+
+/// The Python of the pinned venv `scripts/ci-setup.sh` installs for the attestation checkers
+/// (spdx-tools, the in-toto attestation bindings, securesystemslib).
+pub const ATTEST_PYTHON: &str = "/opt/kiln-ci/attest/bin/python";
+
+/// securesystemslib's `Envelope.verify` of `envelope` against one ed25519 key, given as its
+/// OpenSSH public key line; the key's id is kiln's keyid, the fingerprint. The payload
+/// when it verifies (decoded by Python), else `None`.
+pub fn sslib_verify(dir: &Path, envelope: &[u8], pub_line: &str, keyid: &str) -> Option<Vec<u8>> {
+    let env_path = dir.join("envelope.json");
+    std::fs::write(&env_path, envelope).unwrap();
+    let script = r#"
+import base64, json, sys
+from securesystemslib.dsse import Envelope
+from securesystemslib.signer import SSlibKey
+env = Envelope.from_dict(json.load(open(sys.argv[1])))
+# The OpenSSH wire form of an ed25519 key: string "ssh-ed25519", string <32 raw bytes>.
+blob = base64.b64decode(sys.argv[2].split()[1])
+assert blob[:15] == b"\x00\x00\x00\x0bssh-ed25519", blob[:15]
+raw = blob[-32:]
+key = SSlibKey(keyid=sys.argv[3], keytype="ed25519", scheme="ed25519", keyval={"public": raw.hex()})
+try:
+    env.verify([key], 1)
+except Exception as e:
+    print(f"not verified: {type(e).__name__}: {e}")
+    sys.exit(1)
+payload = json.loads(env.payload)
+print("verified", payload["_type"], payload["predicateType"], file=sys.stderr)
+print(env.payload.hex())
+"#;
+    let out = std::process::Command::new(ATTEST_PYTHON)
+        .arg("-c")
+        .arg(script)
+        .arg(&env_path)
+        .arg(pub_line)
+        .arg(keyid)
+        .output()
+        .unwrap();
+    eprintln!("securesystemslib: {}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        return None;
+    }
+    hex::decode(String::from_utf8_lossy(&out.stdout).trim()).ok()
+}
