@@ -661,6 +661,40 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
         .assert()
         .code(2)
         .stderr(predicates::str::contains("is not ADDR/PREFIX,GATEWAY"));
+    // Signing is the disk's attestations': an image format has none to sign.
+    kiln(&state)
+        .args([
+            "image",
+            "export",
+            "web:latest",
+            "--format",
+            "oci",
+            "--sign",
+            "--key",
+            "k",
+            "-o",
+        ])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "--sign is for --format raw or qcow2",
+        ));
+    kiln(&state)
+        .env_remove("KILN_SIGNING_KEY")
+        .args([
+            "image",
+            "export",
+            "web:latest",
+            "--format",
+            "raw",
+            "--sign",
+            "-o",
+        ])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("--key <PATH>"));
     assert!(!out.exists());
 }
 
