@@ -229,6 +229,42 @@ fn uri_safe(s: &str) -> String {
         .collect()
 }
 
+/// The last component of a path.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A package made of one input file: named by its Debian package when there is one (and
+/// its purl), else by `fallback` (name, version); its SHA-256 and file name either way.
+fn file_package(
+    id: &str,
+    package: Option<&DebPackage>,
+    fallback: (&str, &str),
+    input: &DiskInput,
+    purpose: &str,
+) -> Value {
+    let mut p = match package {
+        Some(p) => sbom::package(
+            id,
+            &p.name,
+            &p.version,
+            Some(&input.sha256),
+            Some(&p.purl()),
+            purpose,
+        ),
+        None => sbom::package(
+            id,
+            fallback.0,
+            fallback.1,
+            Some(&input.sha256),
+            None,
+            purpose,
+        ),
+    };
+    p["packageFileName"] = json!(file_name(&input.name));
+    p
+}
+
 /// The SPDX 2.3 document of the disk.
 pub fn sbom_document(r: &DiskRecord, tool: &str) -> Value {
     let disk_id = "SPDXRef-Disk";
@@ -255,64 +291,31 @@ pub fn sbom_document(r: &DiskRecord, tool: &str) -> Value {
         Some(&sbom::purl_oci(&r.image_name, &r.image)),
         "CONTAINER",
     );
-    let mut kernel = match &r.kernel_package {
-        Some(p) => sbom::package(
-            "SPDXRef-Kernel",
-            &p.name,
-            &p.version,
-            Some(&r.kernel.sha256),
-            Some(&p.purl()),
-            "OPERATING-SYSTEM",
-        ),
-        None => sbom::package(
-            "SPDXRef-Kernel",
-            &format!("linux-{}", r.kernel_release),
-            &r.kernel_release,
-            Some(&r.kernel.sha256),
-            None,
-            "OPERATING-SYSTEM",
-        ),
-    };
-    kernel["packageFileName"] = json!(r.kernel.name);
-    let mut init = sbom::package(
+    let kernel = file_package(
+        "SPDXRef-Kernel",
+        r.kernel_package.as_ref(),
+        (&format!("linux-{}", r.kernel_release), &r.kernel_release),
+        &r.kernel,
+        "OPERATING-SYSTEM",
+    );
+    let mut init = file_package(
         "SPDXRef-Init",
-        "kiln",
-        &r.kiln_version,
-        Some(&r.init.sha256),
         None,
+        ("kiln", &r.kiln_version),
+        &r.init,
         "APPLICATION",
     );
-    init["packageFileName"] = json!(r.init.name);
     init["comment"] = json!(format!(
         "the machine's init; /init in the initramfs is this binary stripped, {}",
         r.init_stripped
     ));
-    let stub_name = r
-        .stub
-        .name
-        .rsplit('/')
-        .next()
-        .unwrap_or(&r.stub.name)
-        .to_owned();
-    let mut stub = match &r.stub_package {
-        Some(p) => sbom::package(
-            "SPDXRef-Stub",
-            &p.name,
-            &p.version,
-            Some(&r.stub.sha256),
-            Some(&p.purl()),
-            "APPLICATION",
-        ),
-        None => sbom::package(
-            "SPDXRef-Stub",
-            &stub_name,
-            "NOASSERTION",
-            Some(&r.stub.sha256),
-            None,
-            "APPLICATION",
-        ),
-    };
-    stub["packageFileName"] = json!(stub_name);
+    let stub = file_package(
+        "SPDXRef-Stub",
+        r.stub_package.as_ref(),
+        (file_name(&r.stub.name), "NOASSERTION"),
+        &r.stub,
+        "APPLICATION",
+    );
     let rel = |a: &str, kind: &str, b: &str| json!({"spdxElementId": a, "relationshipType": kind, "relatedSpdxElement": b});
     let mut relationships = vec![rel("SPDXRef-DOCUMENT", "DESCRIBES", disk_id)];
     for part in [
