@@ -113,7 +113,8 @@ pub struct Exported {
 /// A file a disk was made from: its name and its content's SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashed {
-    /// Its file name (no directory: two checkouts describe it alike).
+    /// Its file name (no directory: two checkouts describe it alike), except for the host's
+    /// own files, named by their full path ([`Inputs::stub`]).
     pub name: String,
     /// Its SHA-256, hex.
     pub sha256: String,
