@@ -138,3 +138,60 @@ fn the_record_lists_every_file_after_the_base_whiteouts() {
         .unwrap();
     assert_ne!(changed.inputs[0].digest, record.inputs[0].digest);
 }
+
+/// Regression: a disk exported from an image attaches its provenance to the image, under
+/// the same predicate type; the image's own build, looking for a provenance of the same
+/// source to reuse, took the disk's for its own and attached none.
+#[test]
+fn a_disks_provenance_is_never_taken_for_the_images_own() {
+    use kiln_image::attest::{self, PREDICATE_PROVENANCE, STATEMENT_TYPE, provenance};
+    let mut env = Env::new();
+    let src = env.path().join("src");
+    write(&src.join("main"), b"main", 0o755);
+    let spec = spec(
+        BaseImage::Scratch,
+        vec![copy(&src, "/app")],
+        Compression::Gzip,
+    );
+    let out = env.build(&spec, "web:latest");
+    let record = out.record.unwrap();
+    let disk = serde_json::json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": "web.raw", "digest": {"sha256": "d".repeat(64)}}],
+        "predicateType": PREDICATE_PROVENANCE,
+        "predicate": {"buildDefinition": {
+            "buildType": attest::disk::BUILD_TYPE,
+            "resolvedDependencies": [{"name": "image", "digest": {"sha256": out.digest.hex()}}],
+        }},
+    });
+    let disk_referrer = attest::attach_statement(&env.store, &out.digest, &disk).unwrap();
+    let invocation = provenance::Invocation {
+        spec_path: "kiln.toml".to_owned(),
+        spec_digest: Digest::of(b"spec"),
+        source: None,
+        kiln_version: "0.1.0".to_owned(),
+        invocation_id: "id".to_owned(),
+        started_on: "2026-01-01T00:00:00Z".to_owned(),
+        finished_on: "2026-01-01T00:00:01Z".to_owned(),
+    };
+    let [_, prov] = attest::attach_build(&env.store, &record, &invocation).unwrap();
+    assert_ne!(prov, disk_referrer);
+    let statement: serde_json::Value = serde_json::from_slice(
+        &env.store
+            .read_blob(
+                &env.store
+                    .referrers(&out.digest)
+                    .unwrap()
+                    .into_iter()
+                    .find(|r| r.manifest == prov)
+                    .unwrap()
+                    .payload,
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        attest::names_subject(&statement, &out.digest),
+        "{statement}"
+    );
+}

@@ -11,7 +11,7 @@ use kiln_control::policy::{Attested, Evidence, SourceFacts};
 use kiln_image::Store;
 use kiln_image::attest::{
     ARTIFACT_DSSE, ARTIFACT_IN_TOTO, ARTIFACT_SIGNATURE, PREDICATE_PROVENANCE, PREDICATE_SBOM,
-    PREDICATE_TEST, STATEMENT_TYPE,
+    PREDICATE_TEST, STATEMENT_TYPE, names_subject,
 };
 use kiln_runtime::Digest;
 use kiln_sign::PublicKey;
@@ -42,6 +42,11 @@ pub struct AttestationFound {
     pub signed_by: Vec<String>,
     /// Why it does not count, when it does not.
     pub problem: Option<String>,
+    /// When it is about a machine disk exported from the image (`kiln image export
+    /// --format raw|qcow2`) rather than the image: the disk's name and digest. It is the
+    /// disk's evidence, never the image's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
     /// The statement, when it could be read.
     #[serde(skip)]
     pub statement: Option<Value>,
@@ -161,6 +166,7 @@ fn broken(referrer: String, problem: String) -> AttestationFound {
         enveloped: true,
         signed_by: Vec::new(),
         problem: Some(problem),
+        disk: None,
         statement: None,
     }
 }
@@ -179,13 +185,25 @@ fn attestation(
         .and_then(|s| s["predicateType"].as_str())
         .unwrap_or_default()
         .to_owned();
+    let mut disk = None;
     let problem = match &statement {
         None => Some("the statement is not JSON".to_owned()),
         Some(s) if s["_type"].as_str() != Some(STATEMENT_TYPE) => {
             Some(format!("not an in-toto statement ({STATEMENT_TYPE})"))
         }
         Some(s) if !names_subject(s, image) => {
-            Some(format!("the statement's subject is not {image}"))
+            if kiln_image::attest::disk::made_from(s).as_ref() == Some(image) {
+                disk = Some(format!(
+                    "{} sha256:{}",
+                    s["subject"][0]["name"].as_str().unwrap_or_default(),
+                    s["subject"][0]["digest"]["sha256"]
+                        .as_str()
+                        .unwrap_or_default()
+                ));
+                None
+            } else {
+                Some(format!("the statement's subject is not {image}"))
+            }
         }
         Some(_) => None,
     };
@@ -195,16 +213,9 @@ fn attestation(
         enveloped,
         signed_by,
         problem,
+        disk,
         statement,
     }
-}
-
-fn names_subject(statement: &Value, image: &Digest) -> bool {
-    statement["subject"].as_array().is_some_and(|subjects| {
-        subjects
-            .iter()
-            .any(|s| s["digest"]["sha256"].as_str() == Some(image.hex()))
-    })
 }
 
 /// Whether a test statement's predicate says the image passed.
@@ -213,11 +224,12 @@ fn test_passed(statement: &Value) -> bool {
 }
 
 impl Carried {
-    /// The attestations of `predicate_type` that count: well-formed, about this image.
+    /// The attestations of `predicate_type` that count: well-formed, about this image (a
+    /// disk's are about the disk).
     fn valid(&self, predicate_type: &str) -> impl Iterator<Item = &AttestationFound> {
-        self.attestations
-            .iter()
-            .filter(move |a| a.problem.is_none() && a.predicate_type == predicate_type)
+        self.attestations.iter().filter(move |a| {
+            a.problem.is_none() && a.disk.is_none() && a.predicate_type == predicate_type
+        })
     }
 
     /// How `predicate_type` is attested: signed by trusted keys, present unsigned, or not.
@@ -343,5 +355,42 @@ mod tests {
             ..Carried::default()
         };
         assert_eq!(carried.evidence(false).sbom, Attested::Absent);
+    }
+
+    /// A disk exported from the image carries its provenance on the image: it is shown as
+    /// the disk's, not counted as the image's and not reported as a problem.
+    #[test]
+    fn a_disk_provenance_is_the_disks_not_the_images() {
+        let image = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        let disk = json!({"_type": STATEMENT_TYPE, "predicateType": PREDICATE_PROVENANCE,
+        "subject": [{"name": "web.raw", "digest": {"sha256": "d".repeat(64)}}],
+        "predicate": {"buildDefinition": {
+            "buildType": kiln_image::attest::disk::BUILD_TYPE,
+            "resolvedDependencies": [{"name": "image", "digest": {"sha256": "a".repeat(64)}}],
+        }}});
+        let a = attestation(
+            &image,
+            "r".into(),
+            disk.to_string().as_bytes(),
+            vec![],
+            false,
+        );
+        assert_eq!(a.problem, None);
+        assert_eq!(a.disk, Some(format!("web.raw sha256:{}", "d".repeat(64))));
+        let carried = Carried {
+            attestations: vec![a],
+            ..Carried::default()
+        };
+        assert_eq!(carried.evidence(false).provenance, Attested::Absent);
+        // Made from another image: a problem, as any statement about something else.
+        let other = Digest::parse(&format!("sha256:{}", "b".repeat(64))).unwrap();
+        let a = attestation(
+            &other,
+            "r".into(),
+            disk.to_string().as_bytes(),
+            vec![],
+            false,
+        );
+        assert!(a.problem.unwrap().contains("subject"));
     }
 }

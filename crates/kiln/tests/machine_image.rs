@@ -155,8 +155,9 @@ fn export_with(
     spec: &Path,
     format: &str,
     out: &Path,
-    extra: &[&str],
+    extra: &[&std::ffi::OsStr],
 ) -> serde_json::Value {
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let stdout = kiln(state)
         .args([
             "--json", "image", "export", image, "--format", format, "--kernel",
@@ -167,6 +168,7 @@ fn export_with(
         .args(extra)
         .arg("-o")
         .arg(out)
+        .args(extra)
         .assert()
         .success()
         .get_output()
@@ -186,6 +188,217 @@ fn extract(disk: &Path, start: u64, sectors: u64, to: &Path) {
     std::fs::write(to, &bytes[at..at + (sectors * 512) as usize]).unwrap();
 }
 
+/// Whether spdx-tools and the in-toto bindings are there (a failure under `CI=true`).
+fn attest_venv() -> bool {
+    let there = [common::ATTEST_PYSPDXTOOLS, common::ATTEST_PYTHON]
+        .iter()
+        .all(|t| Path::new(t).is_file());
+    if !there {
+        skip_part("the attestation checkers (scripts/ci-setup.sh makes their venv)");
+    }
+    there
+}
+
+/// Skips one part of a test (with a note) outside CI; panics under `CI=true`.
+fn skip_part(what: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but {what} is missing"
+    );
+    eprintln!("note: not checked: {what} is missing");
+}
+
+/// The image's referrers, as `kiln image inspect` lists them.
+fn referrers(state: &Path, image: &str) -> serde_json::Value {
+    let out = kiln(state)
+        .args(["--json", "image", "inspect", image])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    serde_json::from_slice::<serde_json::Value>(&out).unwrap()["referrers"].clone()
+}
+
+/// The statement files an export wrote beside `disk` (`kind`: `intoto` or `dsse`).
+fn statement_files(disk: &Path, kind: &str) -> [PathBuf; 2] {
+    ["provenance", "sbom"].map(|what| {
+        let mut p = disk.as_os_str().to_owned();
+        p.push(format!(".{what}.{kind}.json"));
+        PathBuf::from(p)
+    })
+}
+
+/// The provenance and SBOM two raw exports `a` and `b` wrote: the same bytes, about the
+/// disk's own digest, naming what it was made from; the same statements attached to the
+/// image; accepted by spdx-tools and the in-toto bindings.
+fn check_attestations(
+    state: &Path,
+    image: &str,
+    kernel: &Path,
+    spec: &Path,
+    a: &Path,
+    first: &serde_json::Value,
+    second: &serde_json::Value,
+) {
+    let files = statement_files(a, "intoto");
+    assert_eq!(first["provenance"].as_str(), files[0].to_str());
+    assert_eq!(first["sbom"].as_str(), files[1].to_str());
+    for (x, y) in files.iter().zip(statement_files(
+        Path::new(second["output"].as_str().unwrap()),
+        "intoto",
+    )) {
+        assert_eq!(
+            std::fs::read(x).unwrap(),
+            std::fs::read(&y).unwrap(),
+            "two exports wrote different {}",
+            x.display()
+        );
+    }
+    // The second export attached nothing new.
+    for att in second["attached"].as_array().unwrap() {
+        assert_eq!(att["new"], false, "{att}");
+    }
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (prov, sbom) = (read(&files[0]), read(&files[1]));
+    let disk_sha256 = sha256_file(a);
+    for s in [&prov, &sbom] {
+        assert_eq!(s["subject"][0]["name"], "web.raw");
+        assert_eq!(s["subject"][0]["digest"]["sha256"], disk_sha256.as_str());
+    }
+    // The provenance: the image, the kernel file, kiln as the init, the stub and every
+    // module by digest; the command line and the verity root hash.
+    let def = &prov["predicate"]["buildDefinition"];
+    assert_eq!(def["buildType"], "https://kiln.dev/machine-export/v1");
+    assert_eq!(def["externalParameters"]["format"], "raw");
+    assert_eq!(
+        def["externalParameters"]["spec"]["digest"]["sha256"],
+        sha256_file(spec)
+    );
+    assert_eq!(def["internalParameters"]["cmdline"], first["cmdline"]);
+    assert_eq!(
+        def["internalParameters"]["verity"]["rootHash"],
+        first["root_hash"]
+    );
+    let deps = def["resolvedDependencies"].as_array().unwrap();
+    let dep = |name: &str| {
+        deps.iter()
+            .find(|d| d["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {deps:?}"))
+    };
+    assert_eq!(
+        dep("image")["digest"]["sha256"],
+        image.trim_start_matches("sha256:")
+    );
+    let kernel_name = kernel.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        dep(&format!("kernel:{kernel_name}"))["digest"]["sha256"],
+        sha256_file(kernel)
+    );
+    if kernel_name.ends_with(".deb") {
+        assert!(
+            dep(&format!("kernel:{kernel_name}"))["annotations"]["debianPackage"]
+                .as_str()
+                .unwrap()
+                .starts_with("pkg:deb/debian/linux-image-")
+        );
+    }
+    // The init is the kiln binary that ran the export, named by the digest of the file as
+    // given (the disk holds it stripped).
+    assert_eq!(
+        dep("init:kiln")["digest"]["sha256"],
+        sha256_file(Path::new(env!("CARGO_BIN_EXE_kiln")))
+    );
+    assert_eq!(
+        dep("stub")["digest"]["sha256"],
+        sha256_file(Path::new(STUB))
+    );
+    let modules: Vec<&str> = deps
+        .iter()
+        .filter_map(|d| d["name"].as_str()?.strip_prefix("module:"))
+        .collect();
+    let loaded: Vec<&str> = first["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(modules, loaded);
+    // The SBOM: the disk by its digest, containing the image, whose own SBOM it names.
+    let doc = &sbom["predicate"];
+    assert_eq!(
+        doc["packages"][0]["checksums"][0]["checksumValue"],
+        disk_sha256
+    );
+    assert_eq!(doc["packages"][1]["versionInfo"], image);
+    assert!(
+        doc["externalDocumentRefs"][0]["spdxDocument"]
+            .as_str()
+            .unwrap()
+            .ends_with(image.trim_start_matches("sha256:")),
+        "{doc}"
+    );
+    // Both attached to the image, as the statements written.
+    let attached = referrers(state, image);
+    for (att, file) in first["attached"].as_array().unwrap().iter().zip(&files) {
+        let r = attached
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["manifest"] == att["manifest"])
+            .unwrap_or_else(|| panic!("{att} is not among {attached}"));
+        assert_eq!(r["payload"], format!("sha256:{}", sha256_file(file)));
+    }
+    if attest_venv() {
+        let doc = a.parent().unwrap().join("disk.spdx.json");
+        std::fs::write(&doc, serde_json::to_vec_pretty(&sbom["predicate"]).unwrap()).unwrap();
+        common::assert_spdx_tools_accept(&doc);
+        // No run metadata: the disk's provenance has no time and no invocation id.
+        common::assert_in_toto_accepts_provenance(&files[0], false);
+    }
+}
+
+/// A signed qcow2 export's envelopes: securesystemslib verifies each with the key, and the
+/// provenance inside names the qcow2 file by digest and the raw disk as a byproduct.
+fn check_signed_qcow2(q: &Path, out: &serde_json::Value, public: &str, raw_sha256: &str) {
+    let fingerprint = out["signed_by"].as_str().unwrap();
+    let files = statement_files(q, "dsse");
+    assert!(!statement_files(q, "intoto")[0].exists());
+    let dir = q.parent().unwrap();
+    let payloads: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| {
+            let payload =
+                common::sslib_verify(dir, &std::fs::read(f).unwrap(), public, fingerprint)
+                    .unwrap_or_else(|| panic!("securesystemslib refused {}", f.display()));
+            serde_json::from_slice(&payload).unwrap()
+        })
+        .collect();
+    for p in &payloads {
+        assert_eq!(p["subject"][0]["digest"]["sha256"], sha256_file(q));
+    }
+    let byproduct = &payloads[0]["predicate"]["runDetails"]["byproducts"][0];
+    assert_eq!(byproduct["digest"]["sha256"], raw_sha256);
+    // Attached too: each statement and its envelope.
+    let kinds: Vec<&str> = out["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["artifact_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "application/vnd.in-toto+json",
+            "application/vnd.dsse.envelope.v1+json",
+            "application/vnd.in-toto+json",
+            "application/vnd.dsse.envelope.v1+json"
+        ]
+    );
+}
+
 #[test]
 fn example_disk_is_reproducible_and_verity_sealed() {
     let Some(kernel) = prerequisites() else {
@@ -197,24 +410,50 @@ fn example_disk_is_reproducible_and_verity_sealed() {
     let image = common::build(&state, &spec);
 
     let started = std::time::Instant::now();
-    let a = dir.path().join("a.raw");
+    // Two exports under one file name in two directories: the statements name the disk
+    // by its file name, so these must be byte for byte the same.
+    let a = dir.path().join("a/web.raw");
     let first = export(&state, &image, &kernel, &spec, "raw", &a);
     eprintln!(
-        "exported the example disk in {:.2}s (kiln's own {:.2}s, {} bytes)",
+        "exported the example disk in {:.2}s (kiln's own {:.2}s, of which the disk {:.2}s; {} bytes)",
         started.elapsed().as_secs_f64(),
         first["seconds"].as_f64().unwrap(),
+        first["export_seconds"].as_f64().unwrap(),
         first["size"]
     );
-    let b = dir.path().join("b.raw");
+    let referrers_after_one = referrers(&state, &image);
+    let b = dir.path().join("b/web.raw");
     let second = export(&state, &image, &kernel, &spec, "raw", &b);
     assert_eq!(first["sha256"], second["sha256"], "two exports differ");
     assert_eq!(first["sha256"].as_str().unwrap(), sha256_file(&a));
     assert_eq!(sha256_file(&a), sha256_file(&b));
+    check_attestations(&state, &image, &kernel, &spec, &a, &first, &second);
+    // The same bytes attached again are the same referrers: the store does not grow.
+    assert_eq!(referrers(&state, &image), referrers_after_one);
 
-    // qcow2: qemu-img accepts it and finds the raw disk's content in it.
+    // qcow2, signed: qemu-img accepts it and finds the raw disk's content in it; its
+    // provenance names the raw disk by digest, and the envelopes verify.
     let q = dir.path().join("d.qcow2");
-    let third = export(&state, &image, &kernel, &spec, "qcow2", &q);
+    let third = if attest_venv() {
+        let key = dir.path().join("signing.key");
+        let public = kiln(&state)
+            .args(["key", "generate"])
+            .arg(&key)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        let public = String::from_utf8(public).unwrap();
+        let extra = ["--sign".as_ref(), "--key".as_ref(), key.as_os_str()];
+        let third = export_with(&state, &image, &kernel, &spec, "qcow2", &q, &extra);
+        check_signed_qcow2(&q, &third, public.trim(), &sha256_file(&a));
+        third
+    } else {
+        export(&state, &image, &kernel, &spec, "qcow2", &q)
+    };
     assert_eq!(third["root_hash"], first["root_hash"]);
+    assert_eq!(third["raw_sha256"], first["sha256"]);
     run(Command::new("qemu-img").arg("check").arg(&q));
     run(Command::new("qemu-img").arg("compare").arg(&a).arg(&q));
 
@@ -345,55 +584,68 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let out = dir.path().join("d.raw");
-    kiln(&state)
-        .args(["image", "export", "web:latest", "--format", "raw", "-o"])
-        .arg(&out)
-        .assert()
-        .code(2)
-        .stderr(predicates::str::contains("need --kernel"));
-    kiln(&state)
-        .args([
-            "image",
-            "export",
-            "web:latest",
-            "--format",
-            "oci",
-            "--kernel",
-            "/boot/vmlinuz",
-            "-o",
-        ])
-        .arg(&out)
-        .assert()
-        .code(2)
-        .stderr(predicates::str::contains(
+    // (the arguments after `image export web:latest`, what the usage error says)
+    let refused: &[(&[&str], &str)] = &[
+        (&["--format", "raw"], "need --kernel"),
+        (
+            &["--format", "oci", "--kernel", "/boot/vmlinuz"],
             "--kernel is for --format raw or qcow2",
-        ));
-    kiln(&state)
-        .args([
-            "image",
-            "export",
-            "web:latest",
-            "--format",
-            "qcow2",
-            "--kernel",
-            "/boot/vmlinuz",
-        ])
-        .args(["--ip", "10.0.2.15/24,10.0.2.2 init=/bin/sh", "-o"])
-        .arg(&out)
-        .assert()
-        .code(2)
-        .stderr(predicates::str::contains(
+        ),
+        (
+            &[
+                "--format",
+                "qcow2",
+                "--kernel",
+                "/boot/vmlinuz",
+                "--ip",
+                "10.0.2.15/24,10.0.2.2 init=/bin/sh",
+            ],
             "is not dhcp or ADDR/PREFIX,GATEWAY",
-        ));
-    kiln(&state)
-        .args(["image", "export", "web:latest", "--format", "oci"])
-        .args(["--status-port", "80", "-o"])
-        .arg(&out)
-        .assert()
-        .code(2)
-        .stderr(predicates::str::contains(
+        ),
+        (
+            &["--format", "oci", "--status-port", "80"],
             "--status-port is for --format raw or qcow2",
-        ));
+        ),
+        (
+            &[
+                "--format",
+                "oci",
+                "--secure-boot-key",
+                "k",
+                "--secure-boot-cert",
+                "c",
+            ],
+            "--secure-boot-key is for --format raw or qcow2",
+        ),
+        (
+            &[
+                "--format",
+                "raw",
+                "--kernel",
+                "/boot/vmlinuz",
+                "--secure-boot-key",
+                "k",
+            ],
+            "--secure-boot-cert <CERT.pem>",
+        ),
+        // Signing is of a disk's attestations: an image format has none to sign.
+        (
+            &["--format", "oci", "--sign", "--key", "k"],
+            "--sign is for --format raw or qcow2",
+        ),
+        (&["--format", "raw", "--sign"], "--key <PATH>"),
+    ];
+    for (args, says) in refused {
+        kiln(&state)
+            .env_remove("KILN_SIGNING_KEY")
+            .args(["image", "export", "web:latest"])
+            .args(*args)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .code(2)
+            .stderr(predicates::str::contains(*says));
+    }
     assert!(!out.exists());
 }
 
@@ -651,36 +903,16 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
             "-out",
         ])
         .arg(&key));
+    let sign_with = [
+        "--secure-boot-key".as_ref(),
+        key.as_os_str(),
+        "--secure-boot-cert".as_ref(),
+        SNAKEOIL_CERT.as_ref(),
+    ];
     let signed = dir.path().join("signed.raw");
-    let exported = export_with(
-        &state,
-        &image,
-        &kernel,
-        &spec,
-        "raw",
-        &signed,
-        &[
-            "--secure-boot-key",
-            path_str(&key),
-            "--secure-boot-cert",
-            SNAKEOIL_CERT,
-        ],
-    );
+    let exported = export_with(&state, &image, &kernel, &spec, "raw", &signed, &sign_with);
     let again = dir.path().join("signed-again.raw");
-    let second = export_with(
-        &state,
-        &image,
-        &kernel,
-        &spec,
-        "raw",
-        &again,
-        &[
-            "--secure-boot-key",
-            path_str(&key),
-            "--secure-boot-cert",
-            SNAKEOIL_CERT,
-        ],
-    );
+    let second = export_with(&state, &image, &kernel, &spec, "raw", &again, &sign_with);
     assert_eq!(
         exported["sha256"], second["sha256"],
         "a signed export is reproducible"
@@ -881,8 +1113,4 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         "{}",
         unsigned.console()
     );
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
 }

@@ -101,6 +101,9 @@ pub struct Input<'a> {
 pub struct Exported {
     /// The output file's SHA-256, hex.
     pub sha256: String,
+    /// The raw disk's SHA-256, hex: [`Exported::sha256`] for a raw export, the disk inside
+    /// the qcow2 file for a qcow2 one (what `qemu-img convert -O raw` gives back).
+    pub raw_sha256: String,
     /// Its size in bytes.
     pub size: u64,
     /// The raw disk's size in bytes.
@@ -117,6 +120,52 @@ pub struct Exported {
     pub kernel_release: String,
     /// The module files, in load order.
     pub modules: Vec<String>,
+    /// What the disk was made from, by SHA-256, for its provenance and SBOM.
+    pub inputs: Inputs,
+}
+
+/// A file a disk was made from: its name and its content's SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    /// Its file name (no directory: two checkouts describe it alike), except for the host's
+    /// own files, named by their full path ([`Inputs::stub`]).
+    pub name: String,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+}
+
+/// A Debian package by its control fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebControl {
+    /// `Package`.
+    pub package: String,
+    /// `Version`.
+    pub version: String,
+    /// `Architecture`.
+    pub architecture: String,
+}
+
+/// The inputs of a disk, each hashed as the export read it (the modules while they were
+/// copied into the initramfs; the kernel, the init and the stub once each, files of a few
+/// MiB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inputs {
+    /// The file `--kernel` named: a `vmlinuz-<release>` or a `.deb`.
+    pub kernel: Hashed,
+    /// For a `.deb`, its package (`dpkg-deb --field`).
+    pub kernel_package: Option<DebControl>,
+    /// The kernel image in the unified kernel image (the `.deb`'s `vmlinuz-*`, or the file
+    /// `--kernel` named).
+    pub vmlinuz: Hashed,
+    /// The init as given ([`Input::init`], the `kiln` binary), before `objcopy
+    /// --strip-all`.
+    pub init: Hashed,
+    /// The stripped init, `/init` in the initramfs, hex.
+    pub init_stripped_sha256: String,
+    /// systemd-boot's EFI stub (its full path as `name`: it is the host's file).
+    pub stub: Hashed,
+    /// The modules in the initramfs, in load order.
+    pub modules: Vec<Hashed>,
 }
 
 /// Why a disk could not be made.
@@ -234,6 +283,11 @@ pub fn export(
     };
 
     let (vmlinuz, moddir, kernel_release) = locate_kernel(input.kernel, &tools, work)?;
+    let kernel_package = if is_deb(input.kernel) {
+        Some(deb_control(&tools, input.kernel)?)
+    } else {
+        None
+    };
     let catalog = Catalog::scan(&moddir)?;
     let mut roots = modules::ROOTS.to_vec();
     let mut mount_points = input.app.writable.clone();
@@ -285,7 +339,8 @@ pub fn export(
             source: e.into(),
         })?;
     let initrd = work.join("initrd.cpio");
-    write_initramfs(&initrd, &init, &json, &moddir, &order, &module_names)?;
+    let (init_stripped, module_sha256s) =
+        write_initramfs(&initrd, &init, &json, &moddir, &order, &module_names)?;
     let cmdline = format!(
         "console=ttyS0 panic=-1 kiln.verity={root_hash} kiln.salt={} kiln.data_blocks={data_blocks} kiln.ip={}",
         hex::encode(salt),
@@ -356,14 +411,21 @@ pub fn export(
         Format::Raw => tmp.path().to_owned(),
         Format::Qcow2 => work.join("disk.raw"),
     };
+    let raw_sha256;
     {
         let file = File::create(&raw_path).map_err(io_err("create", &raw_path))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        // Hashed as it is written: a raw export's digest costs no second read of the disk.
+        let mut w = Hashing {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            sha256: Sha256::new(),
+        };
         let mut esp_r = BufReader::new(File::open(&esp).map_err(io_err("open", &esp))?);
         let mut root_r = BufReader::new(File::open(&root).map_err(io_err("open", &root))?);
         let mut hash_r = hash_bytes.as_slice();
         layout.write(&mut w, &mut [&mut esp_r, &mut root_r, &mut hash_r])?;
+        raw_sha256 = hex::encode(w.sha256.finalize());
         let file = w
+            .inner
             .into_inner()
             .map_err(|e| io_err("write", &raw_path)(e.into_error()))?;
         file.sync_all().map_err(io_err("sync", &raw_path))?;
@@ -387,7 +449,35 @@ pub fn export(
             .and_then(|f| f.sync_all())
             .map_err(io_err("sync", tmp.path()))?;
     }
-    let sha256 = hex::encode(sha256_file(tmp.path())?);
+    let sha256 = match format {
+        Format::Raw => raw_sha256.clone(),
+        Format::Qcow2 => hex::encode(sha256_file(tmp.path())?),
+    };
+    let kernel = hashed(input.kernel)?;
+    let inputs = Inputs {
+        // The file `--kernel` named is the kernel image itself unless it is a package.
+        vmlinuz: if kernel_package.is_some() {
+            hashed(&vmlinuz)?
+        } else {
+            kernel.clone()
+        },
+        kernel,
+        kernel_package,
+        init: hashed(input.init)?,
+        init_stripped_sha256: init_stripped,
+        stub: Hashed {
+            name: tools.get(Tool::Stub).display().to_string(),
+            sha256: hex::encode(sha256_file(tools.get(Tool::Stub))?),
+        },
+        modules: module_names
+            .iter()
+            .zip(module_sha256s)
+            .map(|(name, sha256)| Hashed {
+                name: name.clone(),
+                sha256,
+            })
+            .collect(),
+    };
     let size = std::fs::metadata(tmp.path())
         .map_err(io_err("stat", tmp.path()))?
         .len();
@@ -405,6 +495,7 @@ pub fn export(
     }
     Ok(Exported {
         sha256,
+        raw_sha256,
         size,
         disk_size: layout.size(),
         root_hash,
@@ -413,6 +504,80 @@ pub fn export(
         cmdline,
         kernel_release,
         modules: module_names,
+        inputs,
+    })
+}
+
+/// A writer that hashes what goes through it.
+struct Hashing<W> {
+    inner: W,
+    sha256: Sha256,
+}
+
+impl<W: io::Write> io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha256.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes what comes through it.
+struct HashingReader<R> {
+    inner: R,
+    sha256: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha256.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// `path` by file name and SHA-256.
+fn hashed(path: &Path) -> Result<Hashed, Error> {
+    Ok(Hashed {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        sha256: hex::encode(sha256_file(path)?),
+    })
+}
+
+/// A `.deb`'s package, version and architecture (`dpkg-deb --field`).
+fn deb_control(tools: &Tools, deb: &Path) -> Result<DebControl, Error> {
+    let out = tools::run(
+        tools.get(Tool::DpkgDeb),
+        [
+            Path::new("--field").as_os_str(),
+            deb.as_os_str(),
+            "Package".as_ref(),
+            "Version".as_ref(),
+            "Architecture".as_ref(),
+        ],
+        &[],
+    )?;
+    let text = String::from_utf8_lossy(&out);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::Kernel {
+                path: deb.to_owned(),
+                why: format!("the package's control file has no {name} field"),
+            })
+    };
+    Ok(DebControl {
+        package: field("Package")?,
+        version: field("Version")?,
+        architecture: field("Architecture")?,
     })
 }
 
@@ -607,7 +772,8 @@ fn is_root() -> bool {
 }
 
 /// The initramfs: the directories the init mounts on, `/dev/console`, `/init`, its
-/// configuration and the modules, in that order.
+/// configuration and the modules, in that order. Returns the SHA-256 (hex) of `/init` and
+/// of each module, hashed as they were copied in.
 fn write_initramfs(
     out: &Path,
     init: &Path,
@@ -615,7 +781,7 @@ fn write_initramfs(
     moddir: &Path,
     order: &[PathBuf],
     names: &[String],
-) -> Result<(), Error> {
+) -> Result<(String, Vec<String>), Error> {
     let file = File::create(out).map_err(io_err("create", out))?;
     let mut w = cpio::Writer::new(BufWriter::with_capacity(1 << 20, file));
     for dir in [
@@ -631,33 +797,39 @@ fn write_initramfs(
         w.dir(dir, 0o755)?;
     }
     w.device("dev/console", 0o600, cpio::Device::Char, 5, 1)?;
-    let add = |w: &mut cpio::Writer<_>, name: &str, mode: u32, path: &Path| -> Result<(), Error> {
-        let f = File::open(path).map_err(io_err("open", path))?;
-        let len = f.metadata().map_err(io_err("stat", path))?.len();
-        w.file(name, mode, len, &mut BufReader::new(f))?;
-        Ok(())
-    };
-    add(&mut w, "init", 0o755, init)?;
+    let add =
+        |w: &mut cpio::Writer<_>, name: &str, mode: u32, path: &Path| -> Result<String, Error> {
+            let f = File::open(path).map_err(io_err("open", path))?;
+            let len = f.metadata().map_err(io_err("stat", path))?.len();
+            let mut r = HashingReader {
+                inner: BufReader::new(f),
+                sha256: Sha256::new(),
+            };
+            w.file(name, mode, len, &mut r)?;
+            Ok(hex::encode(r.sha256.finalize()))
+        };
+    let init_sha256 = add(&mut w, "init", 0o755, init)?;
     w.file(
         "kiln/machine.json",
         0o644,
         json.len() as u64,
         &mut &json[..],
     )?;
+    let mut module_sha256s = Vec::with_capacity(order.len());
     for (rel, name) in order.iter().zip(names) {
-        add(
+        module_sha256s.push(add(
             &mut w,
             &format!("lib/modules/{name}"),
             0o644,
             &moddir.join(rel),
-        )?;
+        )?);
     }
     let buf = w.finish()?;
     let file = buf
         .into_inner()
         .map_err(|e| io_err("write", out)(e.into_error()))?;
     file.sync_all().map_err(io_err("sync", out))?;
-    Ok(())
+    Ok((init_sha256, module_sha256s))
 }
 
 /// The EFI system partition: FAT32 (`mkfs.vfat --invariant`), the image at

@@ -26,6 +26,7 @@ pub const PREDICATE_PROVENANCE: &str = "https://slsa.dev/provenance/v1";
 /// Predicate type of `kiln test`'s result.
 pub const PREDICATE_TEST: &str = "https://kiln.dev/attestation/test/v1";
 
+pub mod disk;
 pub mod dpkg;
 mod layers;
 pub mod provenance;
@@ -338,6 +339,10 @@ pub fn attach_build(
     for r in &existing {
         let statement: serde_json::Value =
             serde_json::from_slice(&store.read_blob(&r.payload)?).unwrap_or_default();
+        // A disk exported from the image carries its own provenance here too: not this one.
+        if !names_subject(&statement, &record.image) {
+            continue;
+        }
         if git_source(&statement)
             == invocation
                 .source
@@ -357,6 +362,46 @@ pub fn attach_build(
         )?,
     };
     Ok([sbom, prov])
+}
+
+/// An in-toto Statement v1 about one subject, by name and SHA-256.
+pub(crate) fn statement(
+    name: &str,
+    sha256: &Digest,
+    predicate_type: &str,
+    predicate: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": sha256.hex()}}],
+        "predicateType": predicate_type,
+        "predicate": predicate,
+    })
+}
+
+/// Whether `statement`'s subjects include `digest` (by SHA-256).
+pub fn names_subject(statement: &serde_json::Value, digest: &Digest) -> bool {
+    statement["subject"].as_array().is_some_and(|subjects| {
+        subjects
+            .iter()
+            .any(|s| s["digest"]["sha256"].as_str() == Some(digest.hex()))
+    })
+}
+
+/// The image's own SBOM in `store` (an attached SPDX statement whose subject is the
+/// image, the first by referrer digest), as another document refers to it.
+pub fn image_sbom(
+    store: &Store,
+    image: &Digest,
+) -> Result<Option<disk::ExternalSbom>, crate::StoreError> {
+    for r in store.referrers_of_kind(image, ARTIFACT_IN_TOTO, Some(PREDICATE_SBOM))? {
+        let statement: serde_json::Value =
+            serde_json::from_slice(&store.read_blob(&r.payload)?).unwrap_or_default();
+        if let Some(found) = disk::ExternalSbom::of(&statement, image) {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 /// The git commit and cleanliness a provenance statement records, if any.
@@ -383,18 +428,18 @@ pub fn test_statement(
     started_on: &str,
     duration_ms: u64,
 ) -> serde_json::Value {
-    serde_json::json!({
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": name, "digest": {"sha256": subject.hex()}}],
-        "predicateType": PREDICATE_TEST,
-        "predicate": {
+    statement(
+        name,
+        subject,
+        PREDICATE_TEST,
+        serde_json::json!({
             "result": result.as_str(),
             "checks": checks,
             "kilnVersion": kiln_version,
             "startedOn": started_on,
             "durationMs": duration_ms,
-        },
-    })
+        }),
+    )
 }
 
 /// How a test run ended.

@@ -9,7 +9,7 @@
 
 use serde_json::{Value, json};
 
-use super::{BuildRecord, PREDICATE_PROVENANCE, STATEMENT_TYPE};
+use super::{BuildRecord, PREDICATE_PROVENANCE};
 use crate::digest::Digest;
 
 /// kiln's build type URI.
@@ -123,18 +123,19 @@ pub fn predicate(record: &BuildRecord, inv: &Invocation) -> Value {
 
 /// The in-toto statement carrying the provenance of `record`.
 pub fn statement(record: &BuildRecord, inv: &Invocation) -> Value {
-    json!({
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": record.name(), "digest": {"sha256": record.image.hex()}}],
-        "predicateType": PREDICATE_PROVENANCE,
-        "predicate": predicate(record, inv),
-    })
+    super::statement(
+        &record.name(),
+        &record.image,
+        PREDICATE_PROVENANCE,
+        predicate(record, inv),
+    )
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::attest::STATEMENT_TYPE;
     use crate::attest::tests::fixture;
 
     fn invocation(source: Option<Source>) -> Invocation {

@@ -20,8 +20,43 @@ use crate::oci;
 /// Where the documents' namespaces live (a URI prefix, never fetched).
 pub const NAMESPACE_PREFIX: &str = "https://kiln.dev/spdx/";
 
-fn purl_oci(name: &str, digest: &crate::Digest) -> String {
+/// An OCI image's package URL: `pkg:oci/NAME@sha256%3A<hex>`.
+pub(crate) fn purl_oci(name: &str, digest: &crate::Digest) -> String {
     format!("pkg:oci/{name}@sha256%3A{}", digest.hex())
+}
+
+/// A package whose files are not analysed: its id, name, version, SHA-256 and purl when
+/// known, and its primary purpose; no license or copyright asserted.
+pub(crate) fn package(
+    id: &str,
+    name: &str,
+    version: &str,
+    sha256: Option<&crate::Digest>,
+    purl: Option<&str>,
+    purpose: &str,
+) -> Value {
+    let mut p = json!({
+        "SPDXID": id,
+        "name": name,
+        "versionInfo": version,
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": false,
+        "primaryPackagePurpose": purpose,
+        "licenseConcluded": "NOASSERTION",
+        "licenseDeclared": "NOASSERTION",
+        "copyrightText": "NOASSERTION",
+    });
+    if let Some(d) = sha256 {
+        p["checksums"] = json!([{"algorithm": "SHA256", "checksumValue": d.hex()}]);
+    }
+    if let Some(purl) = purl {
+        p["externalRefs"] = json!([{
+            "referenceCategory": "PACKAGE-MANAGER",
+            "referenceType": "purl",
+            "referenceLocator": purl,
+        }]);
+    }
+    p
 }
 
 /// SPDX's package verification code: SHA1 over the sorted SHA1s of the package's files.
@@ -64,23 +99,14 @@ fn build<'a>(record: &'a BuildRecord, tool: &str) -> Document<'a> {
         element: "SPDXRef-DOCUMENT".to_owned(),
     }];
     if let Some(digest) = &record.base.digest {
-        packages.push(json!({
-            "SPDXID": "SPDXRef-Base",
-            "name": record.base.name,
-            "versionInfo": digest.as_str(),
-            "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": false,
-            "checksums": [{"algorithm": "SHA256", "checksumValue": digest.hex()}],
-            "externalRefs": [{
-                "referenceCategory": "PACKAGE-MANAGER",
-                "referenceType": "purl",
-                "referenceLocator": purl_oci("base", digest),
-            }],
-            "primaryPackagePurpose": "CONTAINER",
-            "licenseConcluded": "NOASSERTION",
-            "licenseDeclared": "NOASSERTION",
-            "copyrightText": "NOASSERTION",
-        }));
+        packages.push(package(
+            "SPDXRef-Base",
+            &record.base.name,
+            digest.as_str(),
+            Some(digest),
+            Some(&purl_oci("base", digest)),
+            "CONTAINER",
+        ));
         relationships.push(Relationship {
             related: "SPDXRef-Base".to_owned(),
             kind: "DESCENDANT_OF",
@@ -260,12 +286,12 @@ pub fn statement_bytes(record: &BuildRecord, tool: &str) -> Result<Vec<u8>, serd
 
 /// The in-toto statement carrying the SBOM of `record` as its predicate.
 pub fn statement(record: &BuildRecord, tool: &str) -> Value {
-    json!({
-        "_type": STATEMENT_TYPE,
-        "subject": [{"name": record.name(), "digest": {"sha256": record.image.hex()}}],
-        "predicateType": PREDICATE_SBOM,
-        "predicate": document(record, tool),
-    })
+    super::statement(
+        &record.name(),
+        &record.image,
+        PREDICATE_SBOM,
+        document(record, tool),
+    )
 }
 
 #[cfg(test)]

@@ -77,7 +77,8 @@ pub struct ExportArgs {
     /// A tag or a manifest digest
     pub reference: String,
     /// Output format: oci, oci-archive, docker-archive, rootfs, raw or qcow2 (a bootable
-    /// disk: needs --kernel)
+    /// disk: needs --kernel; its provenance and SBOM, in-toto statements, are written to
+    /// PATH.provenance.intoto.json and PATH.sbom.intoto.json and attached to the image)
     #[arg(long, value_name = "FORMAT")]
     pub format: ExportTo,
     /// Where to write (must not exist, except an OCI layout to add to)
@@ -110,6 +111,15 @@ pub struct ExportArgs {
     /// The X.509 certificate (PEM) of --secure-boot-key, carried in the signature
     #[arg(long, value_name = "CERT.pem", requires = "secure_boot_key")]
     pub secure_boot_cert: Option<PathBuf>,
+    /// Sign the disk's provenance and SBOM with --key: DSSE envelopes, written to
+    /// PATH.provenance.dsse.json and PATH.sbom.dsse.json instead of the bare statements and
+    /// attached to the image beside them, as `kiln build --sign` signs an image's (raw and
+    /// qcow2 only)
+    #[arg(long, requires = "key")]
+    pub sign: bool,
+    /// The signing key for --sign (OpenSSH ed25519 private key, unencrypted)
+    #[arg(long, env = "KILN_SIGNING_KEY", value_name = "PATH")]
+    pub key: Option<PathBuf>,
 }
 
 /// What `kiln image export` writes: an image format, or a machine disk.
@@ -326,6 +336,18 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     )
 }
 
+/// The spec file as a provenance names it: as given, or its file name when given by an
+/// absolute path, so two checkouts describe it alike.
+fn spec_path(file: &Path) -> String {
+    if file.is_absolute() {
+        file.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        file.display().to_string()
+    }
+}
+
 /// What the provenance says of this invocation: the spec file (as named, or its file name
 /// when named by an absolute path, so two checkouts describe it alike), its digest, the
 /// source commit, kiln's version, a fresh id and the times.
@@ -335,13 +357,7 @@ fn invocation(
     source: Option<kiln_image::attest::provenance::Source>,
 ) -> anyhow::Result<kiln_image::attest::provenance::Invocation> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let spec_path = if file.is_absolute() {
-        file.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    } else {
-        file.display().to_string()
-    };
+    let spec_path = spec_path(file);
     // The kernel's random UUID: a fresh id per build without a random-number dependency.
     let invocation_id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
         .map(|s| s.trim().to_owned())
@@ -571,6 +587,9 @@ fn export_cmd(args: &ExportArgs, state: &Path, out: &Output) -> anyhow::Result<E
             if args.secure_boot_key.is_some() {
                 return disk_only("--secure-boot-key");
             }
+            if args.sign {
+                return disk_only("--sign");
+            }
             format
         }
         ExportTo::Disk(format) => {
@@ -755,10 +774,21 @@ fn export_disk(
         },
         None => None,
     };
+    // A bad key fails now, not after the disk is written.
+    let signer = super::sign::build_signer(&super::sign::BuildSignArgs {
+        sign: args.sign,
+        key: args.key.clone(),
+    })?;
+    let attestation_paths = attestation_paths(&args.output, signer.is_some());
+    for p in std::iter::once(&args.output).chain(&attestation_paths) {
+        if p.exists() {
+            anyhow::bail!("{} already exists; choose a new path", p.display());
+        }
+    }
     let store = store(state)?;
     let info = store.inspect(&args.reference)?;
     let app = machine_app(&info.config, spec.as_ref(), args.status_port)?;
-    let signer = match (&args.secure_boot_key, &args.secure_boot_cert) {
+    let secure_boot = match (&args.secure_boot_key, &args.secure_boot_cert) {
         (Some(key), Some(cert)) => Some(secure_boot_signer(key, cert)?),
         _ => None,
     };
@@ -768,12 +798,6 @@ fn export_disk(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if args.output.exists() {
-        anyhow::bail!(
-            "{} already exists; choose a new path",
-            args.output.display()
-        );
-    }
     // Scratch space beside the output: the rootfs and the partitions are as big as the disk.
     let work = tempfile::Builder::new()
         .prefix(".kiln-export-")
@@ -793,7 +817,7 @@ fn export_disk(
         init: &init,
         app: &app,
         ip: &args.ip,
-        secure_boot: signer.as_ref(),
+        secure_boot: secure_boot.as_ref(),
     };
     let disk_work = work.path().join("disk");
     std::fs::create_dir_all(&disk_work)
@@ -807,11 +831,32 @@ fn export_disk(
             )
         },
     )?;
+    let exported_secs = started.elapsed().as_secs_f64();
+    let record = disk_record(&store, &info, args, format, &done)?;
+    let attested = attest_disk(
+        &store,
+        &info.digest,
+        &record,
+        signer.as_ref(),
+        &attestation_paths,
+    )
+    .with_context(|| {
+        format!(
+            "cannot write or attach the provenance and SBOM of {}",
+            args.output.display()
+        )
+    })?;
     let secs = started.elapsed().as_secs_f64();
     if out.json {
         out.data(&json!({
             "digest": info.digest,
             "output": args.output,
+            "provenance": attestation_paths[0],
+            "sbom": attestation_paths[1],
+            "signed_by": signer.as_ref().map(|k| k.public().fingerprint()),
+            "attached": attested,
+            "export_seconds": exported_secs,
+            "raw_sha256": done.raw_sha256,
             "format": match format { DiskFormat::Raw => "raw", DiskFormat::Qcow2 => "qcow2" },
             "sha256": done.sha256,
             "size": done.size,
@@ -822,7 +867,7 @@ fn export_disk(
             "cmdline": done.cmdline,
             "kernel": done.kernel_release,
             "modules": done.modules,
-            "secure_boot_signed": signer.is_some(),
+            "secure_boot_signed": secure_boot.is_some(),
             "seconds": secs,
         }))?;
     } else {
@@ -836,6 +881,16 @@ fn export_disk(
         ));
         out.say(&format!("sha256:    {}", done.sha256));
         out.say(&format!("root hash: {}", done.root_hash));
+        let signed = signer
+            .as_ref()
+            .map(|k| format!(", signed by {}", k.public().fingerprint()))
+            .unwrap_or_default();
+        out.say(&format!(
+            "provenance and SBOM{signed}: {} and {}, attached to {}",
+            attestation_paths[0].display(),
+            attestation_paths[1].display(),
+            info.digest
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -860,6 +915,202 @@ fn secure_boot_signer(
             cert.display()
         )
     })
+}
+
+/// Where a disk's provenance and SBOM go: beside it, `PATH.provenance.intoto.json` and
+/// `PATH.sbom.intoto.json`, or `.dsse.json` when signed.
+fn attestation_paths(disk: &Path, signed: bool) -> [PathBuf; 2] {
+    let kind = if signed { "dsse" } else { "intoto" };
+    ["provenance", "sbom"].map(|what| {
+        let mut p = disk.as_os_str().to_owned();
+        p.push(format!(".{what}.{kind}.json"));
+        PathBuf::from(p)
+    })
+}
+
+/// The Debian package dpkg says installed `path`, if any; a dpkg database that cannot be
+/// read names none (the documents say less, the export goes on).
+fn dpkg_owner(path: &Path) -> Option<kiln_image::attest::DebPackage> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let admin = Path::new(kiln_image::attest::DPKG_ADMIN_DIR);
+    match kiln_image::attest::dpkg::owners(admin, std::slice::from_ref(&path)) {
+        Ok(mut found) => found.remove(&path),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot read the dpkg database: the disk's documents name no package for this file");
+            None
+        }
+    }
+}
+
+/// What the disk's provenance and SBOM say, from the export and the store.
+fn disk_record(
+    store: &Store,
+    info: &kiln_image::ImageInfo,
+    args: &ExportArgs,
+    format: DiskFormat,
+    done: &kiln_machine::disk::Exported,
+) -> anyhow::Result<kiln_image::attest::disk::DiskRecord> {
+    use kiln_image::Digest;
+    use kiln_image::attest::disk::{DiskInput, DiskRecord, SpecFile};
+    let sha256 = |hex: &str| {
+        Digest::parse(&format!("sha256:{hex}"))
+            .with_context(|| format!("the export's digest {hex:?} is not SHA-256 hex"))
+    };
+    let input = |h: &kiln_machine::disk::Hashed| -> anyhow::Result<DiskInput> {
+        Ok(DiskInput {
+            name: h.name.clone(),
+            sha256: sha256(&h.sha256)?,
+        })
+    };
+    let inputs = &done.inputs;
+    let spec = match &args.file {
+        Some(file) => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            Some(SpecFile {
+                path: spec_path(file),
+                digest: Digest::of(&bytes),
+            })
+        }
+        None => None,
+    };
+    let kernel_package = match &inputs.kernel_package {
+        Some(c) => Some(kiln_image::attest::DebPackage {
+            name: c.package.clone(),
+            version: c.version.clone(),
+            architecture: c.architecture.clone(),
+        }),
+        None => args.kernel.as_deref().and_then(dpkg_owner),
+    };
+    Ok(DiskRecord {
+        file_name: args
+            .output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        format: match format {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+        .to_owned(),
+        sha256: sha256(&done.sha256)?,
+        raw_sha256: sha256(&done.raw_sha256)?,
+        image: info.digest.clone(),
+        image_name: info
+            .tags
+            .iter()
+            .find_map(|t| t.rsplit_once(':').map(|(n, _)| n.to_owned()))
+            .unwrap_or_else(|| "image".to_owned()),
+        image_sbom: kiln_image::attest::image_sbom(store, &info.digest)?,
+        // The image's own creation time (its build's SOURCE_DATE_EPOCH), never the clock.
+        created: info
+            .config
+            .get("created")
+            .and_then(|c| c.as_str())
+            .map_or_else(|| kiln_image::oci::rfc3339(0), str::to_owned),
+        ip: args.ip.clone(),
+        spec,
+        kernel: input(&inputs.kernel)?,
+        kernel_release: done.kernel_release.clone(),
+        kernel_package,
+        vmlinuz: input(&inputs.vmlinuz)?,
+        init: input(&inputs.init)?,
+        init_stripped: sha256(&inputs.init_stripped_sha256)?,
+        stub: input(&inputs.stub)?,
+        stub_package: dpkg_owner(Path::new(&inputs.stub.name)),
+        modules: inputs.modules.iter().map(input).collect::<Result<_, _>>()?,
+        root_hash: done.root_hash.clone(),
+        salt: done.salt.clone(),
+        data_blocks: done.data_blocks,
+        cmdline: done.cmdline.clone(),
+        disk_size: done.disk_size,
+        kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+/// One attestation of a disk, as attached to its image.
+#[derive(Debug, serde::Serialize)]
+struct DiskAttestation {
+    predicate_type: &'static str,
+    artifact_type: &'static str,
+    manifest: kiln_image::Digest,
+    /// False when the same bytes were attached before (an export of the same inputs).
+    new: bool,
+}
+
+/// Writes the disk's provenance and SBOM to `paths` (DSSE envelopes when `key` is given),
+/// then attaches them to `image`: the statements as an image's own are, and the envelopes
+/// beside them. The same inputs give the same bytes, so exporting twice attaches nothing
+/// new.
+fn attest_disk(
+    store: &Store,
+    image: &kiln_image::Digest,
+    record: &kiln_image::attest::disk::DiskRecord,
+    key: Option<&kiln_sign::SigningKey>,
+    paths: &[PathBuf; 2],
+) -> anyhow::Result<Vec<DiskAttestation>> {
+    use kiln_image::attest::{
+        ARTIFACT_DSSE, ARTIFACT_IN_TOTO, PREDICATE_PROVENANCE, PREDICATE_SBOM, disk,
+    };
+    let tool = format!("kiln-{}", record.kiln_version);
+    let statements = [
+        (PREDICATE_PROVENANCE, disk::provenance_statement(record)),
+        (PREDICATE_SBOM, disk::sbom_statement(record, &tool)),
+    ];
+    // Everything is made before anything is written or attached: a failure to sign leaves
+    // neither a file nor a referrer behind.
+    let mut made = Vec::with_capacity(2);
+    for (predicate_type, statement) in statements {
+        let bytes = kiln_image::oci::canonical_json(&statement)?;
+        let envelope = match key {
+            Some(key) => Some(
+                kiln_sign::dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, bytes.clone(), key)?
+                    .to_json(),
+            ),
+            None => None,
+        };
+        made.push((predicate_type, bytes, envelope));
+    }
+    for ((_, bytes, envelope), path) in made.iter().zip(paths) {
+        // `-o disk.raw` names no directory: the statements go beside it, here.
+        let at = match path.parent() {
+            Some(p) if p.as_os_str().is_empty() => Path::new(".").join(path),
+            _ => path.clone(),
+        };
+        kiln_durable::write(&at, envelope.as_ref().unwrap_or(bytes))
+            .and_then(|()| {
+                // Public documents, as readable as the disk beside them.
+                std::fs::set_permissions(&at, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            })
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let before: BTreeSet<kiln_image::Digest> = store
+        .referrers(image)?
+        .into_iter()
+        .map(|r| r.manifest)
+        .collect();
+    let mut attached = Vec::new();
+    for (predicate_type, bytes, envelope) in made {
+        let manifest =
+            kiln_image::attest::attach_statement_bytes(store, image, predicate_type, &bytes)?;
+        attached.push(DiskAttestation {
+            predicate_type,
+            artifact_type: ARTIFACT_IN_TOTO,
+            new: !before.contains(&manifest),
+            manifest,
+        });
+        if let (Some(envelope), Some(key)) = (envelope, key) {
+            let manifest =
+                super::sign::attach_envelope(store, image, key, &envelope, Some(predicate_type))?;
+            attached.push(DiskAttestation {
+                predicate_type,
+                artifact_type: ARTIFACT_DSSE,
+                new: !before.contains(&manifest),
+                manifest,
+            });
+        }
+    }
+    Ok(attached)
 }
 
 /// `kiln image push`: the swarm provider's push, from the command line.

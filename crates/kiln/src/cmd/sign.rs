@@ -211,15 +211,12 @@ pub fn sign_image(
             .annotations
             .get(ANNOTATION_PREDICATE_TYPE)
             .cloned();
-        // The key vouches only for statements about this image that say what their
-        // annotation says they are: one imported with the image about another, or dressed
-        // as another kind, is left unsigned.
+        // The key vouches only for statements about this image (or a disk exported from
+        // it) that say what their annotation says they are: one imported with the image
+        // about another, or dressed as another kind, is left unsigned.
         let parsed: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        let about_image = parsed["subject"].as_array().is_some_and(|subjects| {
-            subjects
-                .iter()
-                .any(|s| s["digest"]["sha256"].as_str() == Some(image.hex()))
-        });
+        let about_image = kiln_image::attest::names_subject(&parsed, image)
+            || kiln_image::attest::disk::made_from(&parsed).as_ref() == Some(image);
         let typed = parsed["_type"].as_str() == Some(kiln_image::attest::STATEMENT_TYPE)
             && parsed["predicateType"].as_str() == predicate_type.as_deref();
         if !(about_image && typed) {
@@ -230,12 +227,7 @@ pub fn sign_image(
             continue;
         }
         let envelope = dsse::Envelope::try_sign(ARTIFACT_IN_TOTO, payload, key)?.to_json();
-        let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), fingerprint.clone())]);
-        if let Some(p) = &predicate_type {
-            annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.clone());
-        }
-        let referrer = store
-            .attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, &envelope, annotations)
+        let referrer = attach_envelope(store, image, key, &envelope, predicate_type.as_deref())
             .with_context(|| {
                 format!(
                     "cannot attach the signed copy of attestation {}",
@@ -252,6 +244,23 @@ pub fn sign_image(
         });
     }
     Ok(attached)
+}
+
+/// Attaches `envelope` (a DSSE envelope `key` signed) to `image`, annotated with the key's
+/// fingerprint and the statement's predicate type; returns the referrer's digest. ed25519
+/// is deterministic, so the same statement and key attach the same referrer.
+pub fn attach_envelope(
+    store: &Store,
+    image: &Digest,
+    key: &SigningKey,
+    envelope: &[u8],
+    predicate_type: Option<&str>,
+) -> Result<Digest, kiln_image::StoreError> {
+    let mut annotations = BTreeMap::from([(ANNOTATION_KEY.to_owned(), key.public().fingerprint())]);
+    if let Some(p) = predicate_type {
+        annotations.insert(ANNOTATION_PREDICATE_TYPE.to_owned(), p.to_owned());
+    }
+    store.attach(image, ARTIFACT_DSSE, ARTIFACT_DSSE, envelope, annotations)
 }
 
 fn summary(image: &Digest, key: &SigningKey, attached: &[Attached]) -> Vec<String> {

@@ -152,6 +152,19 @@ fn verify_image(
             };
             out.say(&format!("  {name}: {line}"));
         }
+        for a in &shown.attestations {
+            if let Some(disk) = &a.disk {
+                let signed = if a.signed_by.is_empty() {
+                    String::new()
+                } else {
+                    format!(", signed by {}", a.signed_by.join(", "))
+                };
+                out.say(&format!(
+                    "  attestation {}: {} of disk {disk}, exported from this image{signed}",
+                    a.referrer, a.predicate_type
+                ));
+            }
+        }
         for a in shown.attestations.iter().filter(|a| a.problem.is_some()) {
             out.say(&format!(
                 "  attestation {} does not count: {}",

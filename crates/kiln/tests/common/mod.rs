@@ -637,3 +637,99 @@ pub fn events_about(state: &Path, instance: &str) -> Vec<serde_json::Value> {
         .filter(|e| e["kind"] != "instance.created")
         .collect()
 }
+
+/// The Python of the pinned venv `scripts/ci-setup.sh` installs for the attestation checkers
+/// (spdx-tools, the in-toto attestation bindings, securesystemslib).
+pub const ATTEST_PYTHON: &str = "/opt/kiln-ci/attest/bin/python";
+/// spdx-tools' command line, in the same venv.
+pub const ATTEST_PYSPDXTOOLS: &str = "/opt/kiln-ci/attest/bin/pyspdxtools";
+
+/// spdx-tools on the SPDX JSON document `doc`: a panic with its words when it refuses it
+/// (a warning on stderr counts as a refusal).
+pub fn assert_spdx_tools_accept(doc: &Path) {
+    let check = std::process::Command::new(ATTEST_PYSPDXTOOLS)
+        .arg("-i")
+        .arg(doc)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success() && check.stderr.is_empty(),
+        "spdx-tools refused {}: {}{}",
+        doc.display(),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// The in-toto attestation reference bindings on the provenance statement in `path`: the
+/// statement parsed and validated, the predicate parsed strictly as SLSA v1 Provenance (an
+/// unknown field fails); with `run_metadata`, `startedOn` and `invocationId` are required.
+pub fn assert_in_toto_accepts_provenance(path: &Path, run_metadata: bool) {
+    let script = r#"
+import json, sys
+from google.protobuf import json_format
+from in_toto_attestation.v1 import statement_pb2
+from in_toto_attestation.v1.statement import Statement
+from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+doc = json.load(open(sys.argv[1]))
+Statement.copy_from_pb(json_format.Parse(json.dumps(doc), statement_pb2.Statement())).validate()
+p = json_format.Parse(json.dumps(doc["predicate"]), provenance_pb2.Provenance())
+assert doc["predicateType"] == "https://slsa.dev/provenance/v1"
+if sys.argv[2] == "run-metadata":
+    assert p.run_details.metadata.HasField("started_on") and p.run_details.metadata.invocation_id
+print(len(p.build_definition.resolved_dependencies))
+"#;
+    let check = std::process::Command::new(ATTEST_PYTHON)
+        .args(["-c", script])
+        .arg(path)
+        .arg(if run_metadata { "run-metadata" } else { "-" })
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "the in-toto bindings refused the provenance {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// securesystemslib's `Envelope.verify` of `envelope` against one ed25519 key, given as its
+/// OpenSSH public key line; the key's id is kiln's keyid, the fingerprint. The payload
+/// when it verifies (decoded by Python), else `None`.
+pub fn sslib_verify(dir: &Path, envelope: &[u8], pub_line: &str, keyid: &str) -> Option<Vec<u8>> {
+    let env_path = dir.join("envelope.json");
+    std::fs::write(&env_path, envelope).unwrap();
+    let script = r#"
+import base64, json, sys
+from securesystemslib.dsse import Envelope
+from securesystemslib.signer import SSlibKey
+env = Envelope.from_dict(json.load(open(sys.argv[1])))
+# The OpenSSH wire form of an ed25519 key: string "ssh-ed25519", string <32 raw bytes>.
+blob = base64.b64decode(sys.argv[2].split()[1])
+assert blob[:15] == b"\x00\x00\x00\x0bssh-ed25519", blob[:15]
+raw = blob[-32:]
+key = SSlibKey(keyid=sys.argv[3], keytype="ed25519", scheme="ed25519", keyval={"public": raw.hex()})
+try:
+    env.verify([key], 1)
+except Exception as e:
+    print(f"not verified: {type(e).__name__}: {e}")
+    sys.exit(1)
+payload = json.loads(env.payload)
+print("verified", payload["_type"], payload["predicateType"], file=sys.stderr)
+print(env.payload.hex())
+"#;
+    let out = std::process::Command::new(ATTEST_PYTHON)
+        .arg("-c")
+        .arg(script)
+        .arg(&env_path)
+        .arg(pub_line)
+        .arg(keyid)
+        .output()
+        .unwrap();
+    eprintln!("securesystemslib: {}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        return None;
+    }
+    hex::decode(String::from_utf8_lossy(&out.stdout).trim()).ok()
+}
