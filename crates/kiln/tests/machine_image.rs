@@ -168,7 +168,6 @@ fn export_with(
         .args(extra)
         .arg("-o")
         .arg(out)
-        .args(extra)
         .assert()
         .success()
         .get_output()
