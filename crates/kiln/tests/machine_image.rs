@@ -648,10 +648,65 @@ fn disk_formats_need_a_kernel_and_others_refuse_one() {
     assert!(!out.exists());
 }
 
-/// The accelerator QEMU boots with: TCG unless `KILN_QEMU_ACCEL` names another (`kvm`):
-/// `/dev/kvm` can exist where KVM is nested and crawls (this project's CI machines).
+/// The accelerator QEMU boots with: `KILN_QEMU_ACCEL` when set; else KVM where `/dev/kvm`
+/// exists and a probe shows it works; else TCG. `/dev/kvm` alone proves nothing: where
+/// KVM is nested (this project's CI machines are Firecracker guests) QEMU aborts setting
+/// an MSR, or the guest crawls, so the probe must see the firmware print within 10 s.
 fn accel() -> String {
-    std::env::var("KILN_QEMU_ACCEL").unwrap_or_else(|_| "tcg".to_owned())
+    static CHOSEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHOSEN
+        .get_or_init(|| {
+            if let Ok(a) = std::env::var("KILN_QEMU_ACCEL") {
+                return a;
+            }
+            let works = Path::new("/dev/kvm").exists() && kvm_boots_firmware();
+            let chosen = if works { "kvm" } else { "tcg" };
+            eprintln!("machine image: /dev/kvm usable: {works}; booting with {chosen}");
+            chosen.to_owned()
+        })
+        .clone()
+}
+
+/// Whether OVMF under KVM writes to its serial console within 10 s.
+fn kvm_boots_firmware() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("probe.console");
+    let Ok(mut child) = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256",
+        ])
+        .args([
+            "-bios",
+            OVMF,
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut printed = false;
+    while std::time::Instant::now() < deadline {
+        if std::fs::metadata(&console).is_ok_and(|m| m.len() > 0) {
+            printed = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    printed
 }
 
 /// A QEMU booting a disk, its serial console in a file, its monitor on a socket.
@@ -695,14 +750,13 @@ impl Vm {
         };
         let child = Command::new("qemu-system-x86_64")
             .args(&firmware)
-            .args([
-                "-accel",
-                &accel(),
-                "-m",
-                "512",
-                "-smp",
-                "1",
-            ])
+            .args(["-accel", &accel(), "-m", "512", "-smp", "1"])
+            // KVM's default CPU model lacks features the host has; TCG keeps QEMU's.
+            .args(if accel() == "kvm" {
+                &["-cpu", "host"][..]
+            } else {
+                &[]
+            })
             .args(["-display", "none", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
