@@ -971,6 +971,29 @@ fn example_disk_boots_serves_stays_sealed_and_powers_off() {
         "a signed export is reproducible"
     );
     assert_eq!(sha256_file(&signed), sha256_file(&again));
+    // The disk's provenance names the certificate whose key signed it.
+    let der = Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in", SNAKEOIL_CERT])
+        .output()
+        .unwrap();
+    assert!(der.status.success());
+    let provenance = |disk: &Path| -> serde_json::Value {
+        let mut path = disk.as_os_str().to_owned();
+        path.push(".provenance.intoto.json");
+        let text = std::fs::read_to_string(PathBuf::from(path)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let internal = |p: &serde_json::Value| {
+        p["predicate"]["buildDefinition"]["internalParameters"]["secureBoot"].clone()
+    };
+    assert_eq!(
+        internal(&provenance(&signed)),
+        serde_json::json!({"signed": true, "certificateSha256": hex::encode(Sha256::digest(&der.stdout))})
+    );
+    assert_eq!(
+        internal(&provenance(&disk)),
+        serde_json::json!({"signed": false})
+    );
     std::fs::remove_file(&again).unwrap();
     // sbsigntool's verifier accepts the unified kernel image's signature with that
     // certificate, and not with another.

@@ -129,6 +129,11 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
+    /// The SHA-256 of the certificate (DER), hex: how a provenance names the key that signed.
+    pub fn certificate_sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.certificate))
+    }
+
     /// The signer of `key_pem` (a private key) and `cert_pem` (one `CERTIFICATE`), checked to
     /// be a pair.
     pub fn from_pem(key_pem: &str, cert_pem: &str) -> Result<Signer, Error> {

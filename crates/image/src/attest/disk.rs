@@ -126,6 +126,9 @@ pub struct DiskRecord {
     pub cmdline: String,
     /// The raw disk's size in bytes.
     pub disk_size: u64,
+    /// The SHA-256 (hex) of the certificate whose key signed the unified kernel image for
+    /// Secure Boot, when it is signed.
+    pub secure_boot_certificate: Option<String>,
     /// kiln's version.
     pub kiln_version: String,
 }
@@ -199,6 +202,10 @@ pub fn provenance_predicate(r: &DiskRecord) -> Value {
                     "salt": r.salt,
                     "dataBlocks": r.data_blocks,
                 },
+                "secureBoot": r.secure_boot_certificate.as_ref().map(|c| json!({
+                    "signed": true,
+                    "certificateSha256": c,
+                })).unwrap_or_else(|| json!({"signed": false})),
             },
             "resolvedDependencies": deps,
         },
@@ -436,6 +443,7 @@ pub(crate) mod tests {
             data_blocks: 1234,
             cmdline: "console=ttyS0 kiln.verity=cc".to_owned(),
             disk_size: 80 << 20,
+            secure_boot_certificate: Some("e".repeat(64)),
             kiln_version: "0.1.0".to_owned(),
         }
     }
@@ -489,6 +497,10 @@ pub(crate) mod tests {
         assert_eq!(modules, ["virtio.ko", "dm-verity.ko"]);
         let internal = &p["buildDefinition"]["internalParameters"];
         assert_eq!(internal["verity"]["rootHash"], r.root_hash);
+        assert_eq!(
+            internal["secureBoot"],
+            json!({"signed": true, "certificateSha256": "e".repeat(64)})
+        );
         assert_eq!(internal["cmdline"], r.cmdline);
         // The qcow2's raw disk, by its own digest.
         assert_eq!(

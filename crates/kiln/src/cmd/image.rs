@@ -832,7 +832,7 @@ fn export_disk(
         },
     )?;
     let exported_secs = started.elapsed().as_secs_f64();
-    let record = disk_record(&store, &info, args, format, &done)?;
+    let record = disk_record(&store, &info, args, format, &done, secure_boot.as_ref())?;
     let attested = attest_disk(
         &store,
         &info.digest,
@@ -949,6 +949,7 @@ fn disk_record(
     args: &ExportArgs,
     format: DiskFormat,
     done: &kiln_machine::disk::Exported,
+    secure_boot: Option<&kiln_machine::authenticode::Signer>,
 ) -> anyhow::Result<kiln_image::attest::disk::DiskRecord> {
     use kiln_image::Digest;
     use kiln_image::attest::disk::{DiskInput, DiskRecord, SpecFile};
@@ -1024,6 +1025,8 @@ fn disk_record(
         data_blocks: done.data_blocks,
         cmdline: done.cmdline.clone(),
         disk_size: done.disk_size,
+        secure_boot_certificate: secure_boot
+            .map(kiln_machine::authenticode::Signer::certificate_sha256),
         kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }
